@@ -1,0 +1,61 @@
+// Shared device helpers: bf16 <-> f32 loads/stores, and warp / block reductions.
+//
+// Every kernel computes in fp32 and converts at the load/store boundary, so the same
+// kernel body serves f32 and bf16 tensors through the `load`/`store` overloads.
+#pragma once
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ float load(const float* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float load(const bf16* p, int64_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ void store(float* p, int64_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void store(bf16* p, int64_t i, float v) { p[i] = __float2bfloat16(v); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the whole block (blockDim.x a multiple of 32, at most 1024). `scratch` holds
+// 32 floats of shared memory. Every thread receives the total.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    const int nwarps = (blockDim.x + 31) >> 5;
+    float t = (threadIdx.x < nwarps) ? scratch[threadIdx.x] : 0.f;
+    if (warp == 0) t = warp_sum(t);
+    if (threadIdx.x == 0) scratch[0] = t;
+    __syncthreads();
+    return scratch[0];
+}
+
+// Broadcast description of a binary op, up to rank 6: output shape and the element
+// strides of each input (0 along broadcast dimensions). Mirrors `cuda::Bcast` in Rust.
+struct Bcast {
+    int32_t rank;
+    int64_t shape[6];
+    int64_t sa[6];
+    int64_t sb[6];
+};
+
+__device__ __forceinline__ void bcast_offsets(const Bcast& b, int64_t i, int64_t& ia, int64_t& ib) {
+    ia = 0; ib = 0;
+    for (int d = b.rank - 1; d >= 0; --d) {
+        const int64_t c = i % b.shape[d];
+        i /= b.shape[d];
+        ia += c * b.sa[d];
+        ib += c * b.sb[d];
+    }
+}

@@ -1,0 +1,119 @@
+//! Launchers of `kernels/elementwise.cu`.
+
+use cudarc::driver::PushKernelArg;
+
+use super::{grid_1d, suffix, Bcast, CudaBuf, CudaStorage};
+use crate::{bail, Result};
+
+/// Binary elementwise op with broadcasting: `kernel` is `add`, `sub` or `mul`.
+/// Both inputs must have the output's dtype.
+pub fn binary(kernel: &'static str, a: &CudaStorage, b: &CudaStorage, bc: &Bcast, n: usize, same: bool) -> Result<CudaBuf> {
+    let dev = &a.dev;
+    let dtype = a.buf.dtype();
+    if b.buf.dtype() != dtype {
+        bail!("{kernel}: dtype mismatch {} vs {}", dtype, b.buf.dtype());
+    }
+    let name: &'static str = match (kernel, dtype) {
+        ("add", crate::DType::F32) => "add_f32",
+        ("add", crate::DType::BF16) => "add_bf16",
+        ("sub", crate::DType::F32) => "sub_f32",
+        ("sub", crate::DType::BF16) => "sub_bf16",
+        ("mul", crate::DType::F32) => "mul_f32",
+        ("mul", crate::DType::BF16) => "mul_bf16",
+        _ => bail!("unknown binary kernel {kernel}_{}", suffix(dtype)),
+    };
+    let f = dev.func("elementwise", name)?;
+    let mut out = dev.alloc(n, dtype)?;
+    let (n64, same32) = (n as i64, same as i32);
+    let cfg = grid_1d(n, 256);
+    let mut lb = dev.stream.launch_builder(&f);
+    match (&a.buf, &b.buf, &mut out) {
+        (CudaBuf::F32(x), CudaBuf::F32(y), CudaBuf::F32(o)) => {
+            lb.arg(x).arg(y).arg(o);
+        }
+        (CudaBuf::BF16(x), CudaBuf::BF16(y), CudaBuf::BF16(o)) => {
+            lb.arg(x).arg(y).arg(o);
+        }
+        _ => bail!("{kernel}: dtype mismatch"),
+    }
+    lb.arg(bc).arg(&n64).arg(&same32);
+    // SAFETY: the kernel reads n elements through the broadcast offsets (in range of
+    // both inputs by construction of `bc`) and writes n elements of `out`.
+    unsafe { lb.launch(cfg) }?;
+    Ok(out)
+}
+
+/// Launches a unary kernel of signature `(const T* x, U* out, [float extra,] int64 n)`.
+fn unary_launch(
+    x: &CudaStorage,
+    base: &'static str,
+    out_dtype: crate::DType,
+    n: usize,
+    extra: Option<f32>,
+) -> Result<CudaBuf> {
+    let dev = &x.dev;
+    let name = kernel_name(base, x.buf.dtype(), out_dtype)?;
+    let f = dev.func("elementwise", name)?;
+    let mut out = dev.alloc(n, out_dtype)?;
+    let n64 = n as i64;
+    let mut lb = dev.stream.launch_builder(&f);
+    match &x.buf {
+        CudaBuf::F32(s) => lb.arg(s),
+        CudaBuf::BF16(s) => lb.arg(s),
+    };
+    match &mut out {
+        CudaBuf::F32(s) => lb.arg(s),
+        CudaBuf::BF16(s) => lb.arg(s),
+    };
+    if let Some(e) = extra.as_ref() {
+        lb.arg(e);
+    }
+    lb.arg(&n64);
+    // SAFETY: the kernels read and write exactly n elements of their buffers.
+    unsafe { lb.launch(grid_1d(n, 256)) }?;
+    Ok(out)
+}
+
+/// Static entry-point names (cudarc caches functions by `&'static str`).
+fn kernel_name(base: &str, input: crate::DType, output: crate::DType) -> Result<&'static str> {
+    use crate::DType::{BF16, F32};
+    Ok(match (base, input, output) {
+        ("scale", F32, F32) => "scale_f32",
+        ("scale", BF16, BF16) => "scale_bf16",
+        ("bcast_copy", F32, F32) => "bcast_copy_f32",
+        ("bcast_copy", BF16, BF16) => "bcast_copy_bf16",
+        ("cast", F32, BF16) => "cast_f32_bf16",
+        ("cast", BF16, F32) => "cast_bf16_f32",
+        _ => bail!("no kernel {base} for {input} -> {output}"),
+    })
+}
+
+/// `s · x`.
+pub fn scale(x: &CudaStorage, s: f32, n: usize) -> Result<CudaBuf> {
+    unary_launch(x, "scale", x.buf.dtype(), n, Some(s))
+}
+
+/// Materialises the broadcast of `x` to the output of `bc` (uses `bc.sa`).
+pub fn broadcast(x: &CudaStorage, bc: &Bcast, n: usize) -> Result<CudaBuf> {
+    let bc = *bc;
+    let dev = &x.dev;
+    let dtype = x.buf.dtype();
+    let f = dev.func("elementwise", kernel_name("bcast_copy", dtype, dtype)?)?;
+    let mut out = dev.alloc(n, dtype)?;
+    let n64 = n as i64;
+    let mut lb = dev.stream.launch_builder(&f);
+    match (&x.buf, &mut out) {
+        (CudaBuf::F32(s), CudaBuf::F32(o)) => lb.arg(s).arg(o),
+        (CudaBuf::BF16(s), CudaBuf::BF16(o)) => lb.arg(s).arg(o),
+        _ => bail!("broadcast: dtype mismatch"),
+    };
+    lb.arg(&bc).arg(&n64);
+    // SAFETY: offsets computed from `bc` stay inside `x`; n writes into `out`.
+    unsafe { lb.launch(grid_1d(n, 256)) }?;
+    Ok(out)
+}
+
+/// Converts between f32 and bf16.
+pub fn cast(x: &CudaStorage, to: crate::DType, n: usize) -> Result<CudaBuf> {
+    unary_launch(x, "cast", to, n, None)
+}

@@ -1,0 +1,298 @@
+//! The CUDA side: device contexts, the embedded kernel modules, cuBLASLt, and the
+//! launchers of our kernels (one submodule per kernel family, mirroring `kernels/*.cu`).
+//!
+//! Everything here is reached only through `ops/`, which dispatches on the device.
+//! A missing driver, a missing GPU or a build without kernels is an [`Error`] that says
+//! what to install, never a panic: the driver library's presence is checked before the
+//! first driver call because cudarc's dynamic loader panics otherwise.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::cublaslt::CudaBlasLT;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig};
+use half::bf16;
+
+use crate::{bail, DType, Error, Result};
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+pub use embedded::{KERNEL_ARCHS, KERNEL_MODULES};
+
+/// A device buffer of one element type.
+pub enum CudaBuf {
+    /// fp32 elements.
+    F32(CudaSlice<f32>),
+    /// bf16 elements.
+    BF16(CudaSlice<bf16>),
+}
+
+impl CudaBuf {
+    /// Element type of the buffer.
+    pub fn dtype(&self) -> DType {
+        match self {
+            CudaBuf::F32(_) => DType::F32,
+            CudaBuf::BF16(_) => DType::BF16,
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            CudaBuf::F32(s) => s.len(),
+            CudaBuf::BF16(s) => s.len(),
+        }
+    }
+
+    /// True when the buffer holds no element.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A tensor's storage on a GPU: the buffer and the device that owns it.
+pub struct CudaStorage {
+    /// The owning device.
+    pub dev: Arc<CudaDevice>,
+    /// The elements.
+    pub buf: CudaBuf,
+}
+
+/// One initialised GPU: context, the stream every op runs on, the loaded kernel
+/// modules and a cuBLASLt handle.
+pub struct CudaDevice {
+    /// Device ordinal.
+    pub ordinal: usize,
+    /// The primary context.
+    pub ctx: Arc<CudaContext>,
+    /// The stream all work is issued on (in order, so no extra synchronisation is needed).
+    pub stream: Arc<CudaStream>,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
+    blaslt: OnceLock<std::result::Result<Arc<CudaBlasLT>, String>>,
+}
+
+static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<CudaDevice>>>> = OnceLock::new();
+
+fn driver_present() -> bool {
+    // SAFETY: only tries to open the driver library; no driver call is made.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Number of usable GPUs (0 when no driver is installed).
+pub fn device_count() -> usize {
+    if !driver_present() {
+        return 0;
+    }
+    CudaContext::device_count().map(|n| n.max(0) as usize).unwrap_or(0)
+}
+
+/// True when `Cuda(ordinal)` can be opened and this build carries kernels.
+pub fn is_usable(ordinal: usize) -> bool {
+    !KERNEL_MODULES.is_empty() && ordinal < device_count()
+}
+
+/// Opens (once) and returns the GPU `ordinal`.
+pub fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
+    let devices = DEVICES.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut map = devices.lock().map_err(|_| Error::msg("CUDA device registry poisoned"))?;
+    if let Some(d) = map.get(&ordinal) {
+        return Ok(d.clone());
+    }
+    if KERNEL_MODULES.is_empty() {
+        bail!(
+            "this synthos-engine was built without CUDA kernels (nvcc was not found at build time); \
+             run scripts/install-cuda-toolchain.sh and rebuild, or use --device cpu"
+        );
+    }
+    if !driver_present() {
+        bail!("no NVIDIA driver found (libcuda.so could not be loaded): install the NVIDIA driver or use --device cpu");
+    }
+    let count = device_count();
+    if ordinal >= count {
+        bail!("CUDA device {ordinal} requested but {count} GPU(s) are visible");
+    }
+    let ctx = CudaContext::new(ordinal).map_err(|e| Error::msg(format!("cannot open CUDA device {ordinal}: {e:?}")))?;
+    let stream = ctx.default_stream();
+    let dev = Arc::new(CudaDevice {
+        ordinal,
+        ctx,
+        stream,
+        modules: Mutex::new(HashMap::new()),
+        functions: Mutex::new(HashMap::new()),
+        blaslt: OnceLock::new(),
+    });
+    map.insert(ordinal, dev.clone());
+    Ok(dev)
+}
+
+impl CudaDevice {
+    /// The kernel `name` of module `module` (the `.cu` file's stem), loaded once.
+    pub fn func(&self, module: &'static str, name: &'static str) -> Result<CudaFunction> {
+        let mut fns = self.functions.lock().map_err(|_| Error::msg("CUDA function cache poisoned"))?;
+        if let Some(f) = fns.get(&(module, name)) {
+            return Ok(f.clone());
+        }
+        let m = {
+            let mut mods = self.modules.lock().map_err(|_| Error::msg("CUDA module cache poisoned"))?;
+            match mods.get(module) {
+                Some(m) => m.clone(),
+                None => {
+                    let bytes = KERNEL_MODULES
+                        .iter()
+                        .find(|(n, _)| *n == module)
+                        .map(|(_, b)| *b)
+                        .ok_or_else(|| Error::msg(format!("kernel module {module:?} is not embedded in this build")))?;
+                    let m = self
+                        .ctx
+                        .load_module(cudarc::nvrtc::Ptx::from_binary(bytes.to_vec()))
+                        .map_err(|e| Error::msg(format!("cannot load kernel module {module:?}: {e:?}")))?;
+                    mods.insert(module, m.clone());
+                    m
+                }
+            }
+        };
+        let f = m
+            .load_function(name)
+            .map_err(|e| Error::msg(format!("kernel {name:?} not found in module {module:?}: {e:?}")))?;
+        fns.insert((module, name), f.clone());
+        Ok(f)
+    }
+
+    /// The cuBLASLt handle of this device (created once).
+    pub fn blaslt(&self) -> Result<Arc<CudaBlasLT>> {
+        self.blaslt
+            .get_or_init(|| CudaBlasLT::new(self.stream.clone()).map(Arc::new).map_err(|e| format!("{e:?}")))
+            .clone()
+            .map_err(|e| Error::msg(format!("cannot create a cuBLASLt handle: {e}")))
+    }
+
+    /// Allocates `n` uninitialised elements of `dtype`.
+    pub fn alloc(&self, n: usize, dtype: DType) -> Result<CudaBuf> {
+        // SAFETY: every kernel that receives a fresh buffer writes all of its elements
+        // before anything reads them (tests poison outputs to check this).
+        unsafe {
+            Ok(match dtype {
+                DType::F32 => CudaBuf::F32(self.stream.alloc::<f32>(n.max(1))?),
+                DType::BF16 => CudaBuf::BF16(self.stream.alloc::<bf16>(n.max(1))?),
+            })
+        }
+    }
+
+    /// Allocates `n` zeroed elements of `dtype`.
+    pub fn zeros(&self, n: usize, dtype: DType) -> Result<CudaBuf> {
+        Ok(match dtype {
+            DType::F32 => CudaBuf::F32(self.stream.alloc_zeros::<f32>(n.max(1))?),
+            DType::BF16 => CudaBuf::BF16(self.stream.alloc_zeros::<bf16>(n.max(1))?),
+        })
+    }
+
+    /// Copies host f32 data to a new buffer of `dtype` (rounding to nearest for bf16).
+    pub fn upload(&self, data: &[f32], dtype: DType) -> Result<CudaBuf> {
+        Ok(match dtype {
+            DType::F32 => CudaBuf::F32(self.stream.clone_htod(data)?),
+            DType::BF16 => {
+                let v: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                CudaBuf::BF16(self.stream.clone_htod(&v)?)
+            }
+        })
+    }
+
+    /// Copies a buffer back to the host as f32 (the first `n` elements).
+    pub fn download(&self, buf: &CudaBuf, n: usize) -> Result<Vec<f32>> {
+        let mut v = match buf {
+            CudaBuf::F32(s) => self.stream.clone_dtoh(s)?,
+            CudaBuf::BF16(s) => self.stream.clone_dtoh(s)?.into_iter().map(|x| x.to_f32()).collect(),
+        };
+        v.truncate(n);
+        Ok(v)
+    }
+
+    /// Blocks until all issued work is done.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize()?;
+        Ok(())
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        Ok(self.ctx.mem_get_info()?)
+    }
+}
+
+/// A 1-D launch covering `n` elements with `block` threads per block.
+pub fn grid_1d(n: usize, block: u32) -> LaunchConfig {
+    let blocks = n.div_ceil(block as usize).max(1) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// One block of `block` threads per row, `rows` rows.
+pub fn grid_rows(rows: usize, block: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// The kernel-name suffix of a dtype (`f32` / `bf16`), for `<op>_<dtype>` entry points.
+pub fn suffix(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+    }
+}
+
+pub mod adamw;
+pub mod attention;
+pub mod elementwise;
+pub mod loss;
+pub mod matmul;
+pub mod norm;
+pub mod reduce;
+pub mod rope;
+pub mod shape;
+
+/// Broadcast description of a binary op (rank ≤ 6), passed by value to kernels;
+/// mirrors `struct Bcast` in `kernels/common.cuh`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Bcast {
+    /// Number of dimensions used.
+    pub rank: i32,
+    /// Output shape.
+    pub shape: [i64; 6],
+    /// Element strides of input a (0 along broadcast dimensions).
+    pub sa: [i64; 6],
+    /// Element strides of input b (0 along broadcast dimensions).
+    pub sb: [i64; 6],
+}
+
+// SAFETY: plain-old-data with the same C layout as the kernel-side struct.
+unsafe impl cudarc::driver::DeviceRepr for Bcast {}
+
+impl Bcast {
+    /// Describes broadcasting `a` and `b` (each right-aligned) to `out`.
+    pub fn new(out: &[usize], a: &[usize], b: &[usize]) -> Result<Bcast> {
+        if out.len() > 6 {
+            bail!("broadcasting supports at most 6 dimensions, got shape {out:?}");
+        }
+        let mut bc = Bcast { rank: out.len() as i32, ..Default::default() };
+        let strides = |s: &[usize]| -> Vec<i64> {
+            let r = out.len();
+            let mut st = vec![0i64; r];
+            let mut acc = 1i64;
+            for k in (0..s.len()).rev() {
+                let d = r - s.len() + k;
+                st[d] = if s[k] == 1 { 0 } else { acc };
+                acc *= s[k] as i64;
+            }
+            st
+        };
+        let (sa, sb) = (strides(a), strides(b));
+        for d in 0..out.len() {
+            bc.shape[d] = out[d] as i64;
+            bc.sa[d] = sa[d];
+            bc.sb[d] = sb[d];
+        }
+        Ok(bc)
+    }
+}

@@ -1,0 +1,27 @@
+//! synthos-engine: a hand-written CUDA kernel engine with a thin Rust host that trains and
+//! samples Synthos-I2I (Wan2.1 DiT + umT5 + CLIP ViT-H/14 + Wan VAE) and trains CLIP on
+//! synthetic data, in bf16 on NVIDIA GPUs, with a plain f32 CPU reference path.
+//!
+//! The layers, bottom up:
+//! - [`Tensor`] on a [`Device`] (`Cpu` f32 reference or `Cuda(i)` bf16),
+//! - [`ops`]: every differentiable op once, dispatching to `cpu` or `cuda`,
+//! - [`autograd`]: the tape, `backward`, `no_grad`, per-block `checkpoint`,
+//! - [`optim`]: fused AdamW with fp32 master weights, gradient-norm clipping,
+//! - [`weights`]: safetensors in and out.
+
+pub mod autograd;
+pub mod cpu;
+pub mod cuda;
+mod device;
+mod error;
+pub mod ops;
+pub mod optim;
+pub mod rng;
+mod tensor;
+pub mod weights;
+
+pub use autograd::{backward, no_grad, Gradients};
+pub use device::{DType, Device};
+pub use error::{Error, Result, ResultExt};
+pub use rng::Rng;
+pub use tensor::{numel, Storage, Tensor, TensorId};
