@@ -99,7 +99,7 @@ pub fn clear_tape() {
 }
 
 /// Gradients by tensor identity.
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct Gradients {
     map: HashMap<TensorId, Tensor>,
 }
