@@ -74,6 +74,14 @@ pub struct CudaDevice {
     blaslt: OnceLock<std::result::Result<Arc<CudaBlasLT>, String>>,
 }
 
+static POISON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// When on, every fresh device allocation is filled with NaN before a kernel writes it
+/// (tests turn this on to catch unwritten output elements).
+pub fn set_poison(on: bool) {
+    POISON.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<CudaDevice>>>> = OnceLock::new();
 
 fn driver_present() -> bool {
@@ -169,16 +177,43 @@ impl CudaDevice {
             .map_err(|e| Error::msg(format!("cannot create a cuBLASLt handle: {e}")))
     }
 
-    /// Allocates `n` uninitialised elements of `dtype`.
+    /// Allocates `n` uninitialised elements of `dtype` (filled with NaN when
+    /// [`set_poison`] is on, so that tests catch elements a kernel failed to write).
     pub fn alloc(&self, n: usize, dtype: DType) -> Result<CudaBuf> {
         // SAFETY: every kernel that receives a fresh buffer writes all of its elements
         // before anything reads them (tests poison outputs to check this).
-        unsafe {
-            Ok(match dtype {
+        let mut buf = unsafe {
+            match dtype {
                 DType::F32 => CudaBuf::F32(self.stream.alloc::<f32>(n.max(1))?),
                 DType::BF16 => CudaBuf::BF16(self.stream.alloc::<bf16>(n.max(1))?),
-            })
+            }
+        };
+        if POISON.load(std::sync::atomic::Ordering::Relaxed) {
+            self.poison(&mut buf)?;
         }
+        Ok(buf)
+    }
+
+    /// Fills a buffer with 0xFF bytes (a NaN in both f32 and bf16).
+    pub fn poison(&self, buf: &mut CudaBuf) -> Result<()> {
+        use cudarc::driver::DevicePtrMut;
+        let stream = &self.stream;
+        let (ptr, bytes, _rec) = match buf {
+            CudaBuf::F32(s) => {
+                let b = s.num_bytes();
+                let (p, r) = s.device_ptr_mut(stream);
+                (p, b, r)
+            }
+            CudaBuf::BF16(s) => {
+                let b = s.num_bytes();
+                let (p, r) = s.device_ptr_mut(stream);
+                (p, b, r)
+            }
+        };
+        // SAFETY: the pointer and byte count come from a live allocation on this stream;
+        // 0xFF bytes are a valid (NaN) pattern for f32 and bf16.
+        unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xFF, bytes, stream.cu_stream()) }?;
+        Ok(())
     }
 
     /// Allocates `n` zeroed elements of `dtype`.

@@ -80,9 +80,10 @@ pub fn gradcheck(name: &str, f: impl Fn(&[Tensor]) -> Result<Tensor>, inputs: &[
     }
 }
 
-/// The GPU to test on, or `None` (test prints that it skipped) when none is usable.
+/// The GPU to test on (with output poisoning switched on), or `None` (test prints that it skipped) when none is usable.
 pub fn gpu() -> Option<Device> {
     if synthos_engine::cuda::is_usable(0) {
+        synthos_engine::cuda::set_poison(true);
         Some(Device::Cuda(0))
     } else {
         eprintln!("no usable CUDA device: GPU check skipped");
