@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (from the repository root, with .gpu-bundle carried):
+# device info, every test executable (the GPU tests are active there), the criterion
+# kernel benches, and prints a short table last. Logs go to $OUT when set.
+set -uo pipefail
+B=.gpu-bundle
+OUTDIR="${OUT:-/tmp/gpu-check}"
+mkdir -p "$OUTDIR"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$OUTDIR/nvidia-smi.txt"
+"$B/synthos-engine" info | tee "$OUTDIR/info.txt"
+declare -a rows
+for t in "$B"/tests/*; do
+  name=$(basename "$t")
+  if "$t" --test-threads=1 >"$OUTDIR/test-$name.log" 2>&1; then status=PASS; else status=FAIL; fi
+  summary=$(grep -E "^test result" "$OUTDIR/test-$name.log" | tail -1)
+  rows+=("$(printf '%-24s %s  %s' "$name" "$status" "$summary")")
+done
+if [ "${SKIP_BENCH:-0}" != 1 ] && [ -x "$B/bench-kernels" ]; then
+  "$B/bench-kernels" --bench 2>&1 | tee "$OUTDIR/bench.txt" | grep -E "^(GPU|CPU)|thrpt|time:" | tail -80
+fi
+echo "=== GPU test summary ==="
+printf '%s\n' "${rows[@]}"
