@@ -281,7 +281,8 @@ pub fn grad_norm(grads: &Gradients, params: &[Tensor]) -> Result<f32> {
             acc
         }
         Device::Cuda(_) => {
-            let xs = guards.iter().zip(&present).map(|(s, g)| Ok((s.as_cuda()?, g.numel()))).collect::<Result<Vec<_>>>()?;
+            let xs =
+                guards.iter().zip(&present).map(|(s, g)| Ok((s.as_cuda()?, g.numel()))).collect::<Result<Vec<_>>>()?;
             cuda::adamw::sum_squares(&xs)? as f64
         }
     };

@@ -211,7 +211,8 @@ fn bad_shapes_are_errors() {
 /// (rounded) values, then backward from one random seed; compares outputs and every
 /// input gradient with a tolerance for the GPU dtype: `|Δ| ≤ atol·rms(ref) + rtol·|ref|`.
 fn gpu_vs_cpu(name: &str, dev: Device, inputs: &[Tensor], dtypes: &[DType], f: impl Fn(&[Tensor]) -> Result<Tensor>) {
-    let gpu: Vec<Tensor> = inputs.iter().zip(dtypes).map(|(t, d)| t.to_device(dev, *d).unwrap().requires_grad()).collect();
+    let gpu: Vec<Tensor> =
+        inputs.iter().zip(dtypes).map(|(t, d)| t.to_device(dev, *d).unwrap().requires_grad()).collect();
     let cpu: Vec<Tensor> = gpu.iter().map(|t| t.to_device(Device::Cpu, DType::F32).unwrap().requires_grad()).collect();
     let yg = f(&gpu).unwrap_or_else(|e| panic!("{name}: GPU forward: {e}"));
     let yc = f(&cpu).unwrap();

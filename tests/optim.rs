@@ -88,8 +88,20 @@ fn adamw_matches_the_formulas() {
         for (i, p) in params.iter().enumerate() {
             let what = format!("wd={wd} p{i}");
             assert_close(&p.to_vec().unwrap(), &f32s(&refs[i].w), 1e-6, 1e-5, &format!("{what} weights"));
-            assert_close(&state_of(&opt, &format!("p{i}.exp_avg")), &f32s(&refs[i].m), 1e-9, 1e-5, &format!("{what} m"));
-            assert_close(&state_of(&opt, &format!("p{i}.exp_avg_sq")), &f32s(&refs[i].v), 1e-12, 1e-5, &format!("{what} v"));
+            assert_close(
+                &state_of(&opt, &format!("p{i}.exp_avg")),
+                &f32s(&refs[i].m),
+                1e-9,
+                1e-5,
+                &format!("{what} m"),
+            );
+            assert_close(
+                &state_of(&opt, &format!("p{i}.exp_avg_sq")),
+                &f32s(&refs[i].v),
+                1e-12,
+                1e-5,
+                &format!("{what} v"),
+            );
             assert_eq!(state_of(&opt, &format!("p{i}.step")), [refs[i].t as f32], "{what} step count");
         }
         assert_eq!(params[2].to_vec().unwrap(), initial[2], "a parameter without gradient is untouched");
@@ -120,7 +132,8 @@ fn state_round_trip_continues_identically() {
     }
     // Save (copied, as a checkpoint would) and restore into a fresh optimizer over
     // fresh copies of the parameters.
-    let saved: Vec<(String, Tensor)> = a.state_tensors().unwrap().into_iter().map(|(k, t)| (k, t.deep_copy().unwrap())).collect();
+    let saved: Vec<(String, Tensor)> =
+        a.state_tensors().unwrap().into_iter().map(|(k, t)| (k, t.deep_copy().unwrap())).collect();
     let pb: Vec<Tensor> = pa.iter().map(|p| p.deep_copy().unwrap().requires_grad()).collect();
     let mut b = AdamW::new(cfg);
     for (i, p) in pb.iter().enumerate() {
@@ -268,7 +281,13 @@ fn gpu_adamw_matches_cpu() {
         for k in ["exp_avg", "exp_avg_sq"] {
             let key = format!("p{i}.{k}");
             let cpu_state = cpu_opt.state_tensors().unwrap().into_iter().find(|(n, _)| *n == key).unwrap().1;
-            assert_close(&get(&key).unwrap().to_vec().unwrap(), &cpu_state.to_vec().unwrap(), 1e-9, 1e-5, &format!("{what}: {k}"));
+            assert_close(
+                &get(&key).unwrap().to_vec().unwrap(),
+                &cpu_state.to_vec().unwrap(),
+                1e-9,
+                1e-5,
+                &format!("{what}: {k}"),
+            );
         }
         if *pd == DType::BF16 {
             let rounded: Vec<f32> = mv.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
@@ -282,10 +301,8 @@ fn gpu_adamw_matches_cpu() {
     let saved: Vec<(String, Tensor)> =
         gst.iter().map(|(k, t)| (k.clone(), t.to_device(Device::Cpu, DType::F32).unwrap())).collect();
     let mut restored = AdamW::new(cfg);
-    let fresh: Vec<Tensor> = pairs
-        .iter()
-        .map(|(g, _)| Tensor::zeros(g.shape(), g.dtype(), dev).unwrap().requires_grad())
-        .collect();
+    let fresh: Vec<Tensor> =
+        pairs.iter().map(|(g, _)| Tensor::zeros(g.shape(), g.dtype(), dev).unwrap().requires_grad()).collect();
     for (i, p) in fresh.iter().enumerate() {
         restored.add_param(&format!("p{i}"), p, i % 2 == 0).unwrap();
     }
@@ -308,12 +325,8 @@ fn gpu_grad_norm_matches_cpu() {
     let grads: Vec<Tensor> = specs.iter().map(|(s, d)| randn(s, &mut rng).to_device(dev, *d).unwrap()).collect();
     let pairs: Vec<(&Tensor, Tensor)> = params.iter().zip(grads.iter().cloned()).collect();
     let g = inject(&pairs);
-    let direct: f64 = grads
-        .iter()
-        .flat_map(|t| t.to_vec().unwrap())
-        .map(|x| (x as f64) * (x as f64))
-        .sum::<f64>()
-        .sqrt();
+    let direct: f64 =
+        grads.iter().flat_map(|t| t.to_vec().unwrap()).map(|x| (x as f64) * (x as f64)).sum::<f64>().sqrt();
     let norm = grad_norm(&g, &params).unwrap();
     assert!((norm as f64 - direct).abs() <= 1e-5 * direct, "GPU norm {norm} vs {direct}");
     assert_eq!(grad_norm(&g, &params).unwrap().to_bits(), norm.to_bits(), "deterministic");

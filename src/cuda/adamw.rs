@@ -100,7 +100,11 @@ pub fn sum_squares(xs: &[(&CudaStorage, usize)]) -> Result<f32> {
             CudaBuf::BF16(s) => lb.arg(s),
         };
         lb.arg(&n64).arg(&mut *parts).arg(&offset);
-        let cfg = cudarc::driver::LaunchConfig { grid_dim: (*nb as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (*nb as u32, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: reads n elements of x; block b writes partials[offset + b] with
         // b < nb, and offset + nb ≤ total.
         unsafe { lb.launch(cfg) }?;

@@ -41,11 +41,7 @@ fn plan(a: &[usize], b: &[usize], trans_a: bool, trans_b: bool) -> Result<(Gemm,
     let (kb, n) = if trans_b { (b[rb - 1], b[rb - 2]) } else { (b[rb - 2], b[rb - 1]) };
     let t = |on: bool| if on { "ᵀ" } else { "" };
     if ka != kb {
-        bail!(
-            "matmul: inner dimensions differ: a{} {a:?} · b{} {b:?} ({ka} vs {kb})",
-            t(trans_a),
-            t(trans_b)
-        );
+        bail!("matmul: inner dimensions differ: a{} {a:?} · b{} {b:?} ({ka} vs {kb})", t(trans_a), t(trans_b));
     }
     if ka == 0 {
         bail!("matmul: empty inner dimension in a {a:?} · b {b:?}");
