@@ -7,7 +7,6 @@ use synthos_engine::{autograd, ops, DType, Device, Result, Rng, Tensor};
 
 /// `C[b] = op(A[b])·op(B[b])` by the definition, in f64. `a_batched`/`b_batched` say
 /// whether the operand has one matrix per batch or one for all.
-#[allow(clippy::too_many_arguments)]
 fn naive(
     a: &[f32],
     b: &[f32],
