@@ -1,1 +1,302 @@
-//! (being written)
+//! AdamW with fp32 master weights, and global gradient-norm clipping.
+//!
+//! [`AdamW`] follows `torch.optim.AdamW`: decoupled weight decay (`w -= lr·wd·w`),
+//! bias-corrected moments, and one step count per parameter (a parameter that had no
+//! gradient in some steps gets the bias correction of the steps it actually took). Each
+//! parameter may opt out of weight decay (SynthCLIP excludes biases and norm weights).
+//!
+//! State per parameter: fp32 first and second moments, and for a bf16 parameter an fp32
+//! master copy that the update runs on; the bf16 parameter is rewritten as the rounded
+//! master in the same fused pass (`kernels/adamw.cu`). An f32 parameter (every CPU
+//! parameter, or an f32 one on the GPU) is its own master. Parameters are updated in
+//! place, so every handle to them (the model's) sees the new values.
+//!
+//! Clipping: [`grad_norm`] gives the global L2 norm, [`clip_coefficient`] turns it into a
+//! factor that [`AdamW::step`] multiplies into every gradient inside the update kernel,
+//! together with any accumulation averaging — the gradients are never rewritten.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::cpu::adamw::AdamWStep;
+use crate::{autograd, bail, cpu, cuda, ops, DType, Device, Error, Gradients, Result, Tensor};
+
+/// AdamW hyper-parameters (defaults: PyTorch's `AdamW`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWConfig {
+    /// Base learning rate (schedules scale it; [`AdamW::step`] takes the value to use).
+    pub lr: f32,
+    /// First-moment decay (0.9).
+    pub beta1: f32,
+    /// Second-moment decay (0.999).
+    pub beta2: f32,
+    /// Denominator epsilon (1e-8).
+    pub eps: f32,
+    /// Decoupled weight decay (0.01), applied to parameters added with `decay = true`.
+    pub weight_decay: f32,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+    }
+}
+
+struct ParamState {
+    name: String,
+    param: Tensor,
+    decay: bool,
+    /// fp32 master of a bf16 parameter; `None` when the parameter is f32 itself.
+    master: Option<Tensor>,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    steps: u64,
+}
+
+/// The AdamW optimizer over a set of named parameters.
+pub struct AdamW {
+    cfg: AdamWConfig,
+    params: Vec<ParamState>,
+    steps: u64,
+}
+
+/// Key of the global step count in [`AdamW::state_tensors`].
+const STEP_KEY: &str = "step";
+
+impl AdamW {
+    /// An optimizer with no parameters yet.
+    pub fn new(cfg: AdamWConfig) -> AdamW {
+        AdamW { cfg, params: Vec::new(), steps: 0 }
+    }
+
+    /// The hyper-parameters.
+    pub fn config(&self) -> &AdamWConfig {
+        &self.cfg
+    }
+
+    /// Registers `param` under `name` (used for the state's keys), with weight decay
+    /// when `decay`. Allocates its zero moments, and its fp32 master when it is bf16.
+    pub fn add_param(&mut self, name: &str, param: &Tensor, decay: bool) -> Result<()> {
+        if name == STEP_KEY || self.params.iter().any(|p| p.name == name) {
+            bail!("AdamW: parameter name {name:?} is already in use");
+        }
+        if let Some(p) = self.params.iter().find(|p| p.param.same_storage(param)) {
+            bail!("AdamW: parameter {name:?} is the same tensor as {:?}", p.name);
+        }
+        let master = match param.dtype() {
+            DType::F32 => None,
+            DType::BF16 => Some(autograd::no_grad(|| ops::cast(param, DType::F32))?),
+        };
+        let zeros = || Tensor::zeros(param.shape(), DType::F32, param.device());
+        self.params.push(ParamState {
+            name: name.to_string(),
+            param: param.clone(),
+            decay,
+            master,
+            exp_avg: zeros()?,
+            exp_avg_sq: zeros()?,
+            steps: 0,
+        });
+        Ok(())
+    }
+
+    /// Number of [`step`](AdamW::step) calls so far (including restored ones).
+    pub fn step_count(&self) -> u64 {
+        self.steps
+    }
+
+    /// The registered parameters, in registration order.
+    pub fn params(&self) -> Vec<Tensor> {
+        self.params.iter().map(|p| p.param.clone()).collect()
+    }
+
+    /// One update of every parameter that has a gradient in `grads` (others are left
+    /// untouched, state included), with learning rate `lr`; every gradient is multiplied
+    /// by `grad_scale` first (a clipping coefficient times 1/accumulation steps). A
+    /// non-finite `grad_scale` or gradient poisons the weights: skip such steps.
+    pub fn step(&mut self, grads: &Gradients, lr: f32, grad_scale: f32) -> Result<()> {
+        // Check everything before the first parameter changes.
+        for p in &self.params {
+            if let Some(g) = grads.get(&p.param) {
+                if g.shape() != p.param.shape() || g.device() != p.param.device() {
+                    bail!(
+                        "AdamW: gradient of {} is {:?} on {}, the parameter {:?} on {}",
+                        p.name,
+                        g.shape(),
+                        g.device(),
+                        p.param.shape(),
+                        p.param.device()
+                    );
+                }
+                if g.same_storage(&p.param) {
+                    bail!("AdamW: the gradient of {} shares the parameter's storage", p.name);
+                }
+            }
+        }
+        self.steps += 1;
+        let cfg = self.cfg;
+        for p in &mut self.params {
+            let Some(g) = grads.get(&p.param) else { continue };
+            p.steps += 1;
+            let t = p.steps as f64;
+            let lr64 = lr as f64;
+            let s = AdamWStep {
+                lr,
+                beta1: cfg.beta1,
+                beta2: cfg.beta2,
+                eps: cfg.eps,
+                decay: if p.decay { (1.0 - lr64 * cfg.weight_decay as f64) as f32 } else { 1.0 },
+                bias_correction1: (1.0 - (cfg.beta1 as f64).powf(t)) as f32,
+                bias_correction2_sqrt: (1.0 - (cfg.beta2 as f64).powf(t)).sqrt() as f32,
+                grad_scale,
+            };
+            update(p, g, &s).map_err(|e| e.context(format!("AdamW step of {}", p.name)))?;
+        }
+        Ok(())
+    }
+
+    /// Global L2 norm of the gradients of the registered parameters (see [`grad_norm`]).
+    pub fn grad_norm(&self, grads: &Gradients) -> Result<f32> {
+        grad_norm(grads, &self.params())
+    }
+
+    /// The optimizer state to save: `step` (global count, a CPU scalar) and per parameter
+    /// `<name>.exp_avg`, `<name>.exp_avg_sq`, `<name>.step` (CPU scalar) and, for bf16
+    /// parameters, `<name>.master`. The tensors are handles to the live state (fp32, on
+    /// the parameters' devices): save them before the next step.
+    pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![(STEP_KEY.to_string(), Tensor::scalar(self.steps as f32, Device::Cpu)?)];
+        for p in &self.params {
+            out.push((format!("{}.exp_avg", p.name), p.exp_avg.clone()));
+            out.push((format!("{}.exp_avg_sq", p.name), p.exp_avg_sq.clone()));
+            if let Some(m) = &p.master {
+                out.push((format!("{}.master", p.name), m.clone()));
+            }
+            out.push((format!("{}.step", p.name), Tensor::scalar(p.steps as f32, Device::Cpu)?));
+        }
+        Ok(out)
+    }
+
+    /// Restores a state written by [`state_tensors`](AdamW::state_tensors) (from any
+    /// device). Every key of the registered parameters must be present with its shape and
+    /// no other key may appear; nothing changes unless all checks pass. A restored master
+    /// also rewrites its bf16 parameter (as the rounded master).
+    pub fn load_state(&mut self, state: &[(String, Tensor)]) -> Result<()> {
+        let mut map: HashMap<&str, &Tensor> = HashMap::new();
+        for (k, t) in state {
+            if map.insert(k.as_str(), t).is_some() {
+                bail!("AdamW state: key {k:?} appears twice");
+            }
+        }
+        let mut used = HashSet::new();
+        let mut get = |key: String, shape: &[usize]| -> Result<Tensor> {
+            let t = map.get(key.as_str()).ok_or_else(|| Error::msg(format!("AdamW state: missing {key:?}")))?;
+            if t.shape() != shape {
+                bail!("AdamW state: {key:?} has shape {:?}, expected {shape:?}", t.shape());
+            }
+            used.insert(key);
+            Ok((*t).clone())
+        };
+        let count = |key: &str, t: &Tensor| -> Result<u64> {
+            let v = t.item()?;
+            if !(v >= 0.0 && v.fract() == 0.0) {
+                bail!("AdamW state: {key:?} = {v} is not a step count");
+            }
+            Ok(v as u64)
+        };
+        let steps = count(STEP_KEY, &get(STEP_KEY.to_string(), &[])?)?;
+        let mut loads = Vec::new();
+        for p in &self.params {
+            let shape = p.param.shape();
+            let m = get(format!("{}.exp_avg", p.name), shape)?;
+            let v = get(format!("{}.exp_avg_sq", p.name), shape)?;
+            let master = match p.master {
+                Some(_) => Some(get(format!("{}.master", p.name), shape)?),
+                None => None,
+            };
+            let key = format!("{}.step", p.name);
+            let n = count(&key, &get(key.clone(), &[])?)?;
+            loads.push((m, v, master, n));
+        }
+        if let Some(k) = map.keys().find(|k| !used.contains(**k)) {
+            bail!("AdamW state: unexpected key {k:?} (no such parameter registered)");
+        }
+        for (p, (m, v, master, n)) in self.params.iter_mut().zip(loads) {
+            p.exp_avg.assign(&m)?;
+            p.exp_avg_sq.assign(&v)?;
+            if let (Some(dst), Some(src)) = (&p.master, master) {
+                dst.assign(&src)?;
+                p.param.assign(&src)?;
+            }
+            p.steps = n;
+        }
+        self.steps = steps;
+        Ok(())
+    }
+}
+
+/// Runs one fused update of parameter `p` with gradient `g` on their device.
+fn update(p: &ParamState, g: &Tensor, s: &AdamWStep) -> Result<()> {
+    let gs = g.storage();
+    let mut ms = p.exp_avg.storage_mut();
+    let mut vs = p.exp_avg_sq.storage_mut();
+    match p.param.device() {
+        Device::Cpu => {
+            let mut ws = p.param.storage_mut();
+            cpu::adamw::step(ws.as_cpu_mut()?, gs.as_cpu()?, ms.as_cpu_mut()?, vs.as_cpu_mut()?, s)
+        }
+        Device::Cuda(_) => {
+            let n = p.param.numel();
+            let (g, m, v) = (gs.as_cuda()?, ms.as_cuda_mut()?, vs.as_cuda_mut()?);
+            match &p.master {
+                Some(master) => {
+                    let mut ws = master.storage_mut();
+                    let mut cs = p.param.storage_mut();
+                    cuda::adamw::step(g, ws.as_cuda_mut()?, m, v, Some(cs.as_cuda_mut()?), s, n)
+                }
+                None => {
+                    let mut ws = p.param.storage_mut();
+                    cuda::adamw::step(g, ws.as_cuda_mut()?, m, v, None, s, n)
+                }
+            }
+        }
+    }
+}
+
+/// Global L2 norm `sqrt(Σ g²)` over the gradients in `grads` of `params` (parameters
+/// without a gradient are skipped), accumulated in fp32 on the GPU with a deterministic
+/// reduction order (f64 on the CPU). 0 when no parameter has a gradient.
+pub fn grad_norm(grads: &Gradients, params: &[Tensor]) -> Result<f32> {
+    let present: Vec<&Tensor> = params.iter().filter_map(|p| grads.get(p)).collect();
+    if present.is_empty() {
+        return Ok(0.0);
+    }
+    let device = ops::same_device("grad_norm", &present)?;
+    let guards: Vec<_> = present.iter().map(|g| g.storage()).collect();
+    let sum = match device {
+        Device::Cpu => {
+            let mut acc = 0f64;
+            for s in &guards {
+                acc += cpu::adamw::sum_squares(s.as_cpu()?);
+            }
+            acc
+        }
+        Device::Cuda(_) => {
+            let xs =
+                guards.iter().zip(&present).map(|(s, g)| Ok((s.as_cuda()?, g.numel()))).collect::<Result<Vec<_>>>()?;
+            cuda::adamw::sum_squares(&xs)? as f64
+        }
+    };
+    Ok(sum.sqrt() as f32)
+}
+
+/// The gradient factor that clips the global norm to `max_norm`:
+/// `min(1, max_norm / (norm + 1e-6))`, as `torch.nn.utils.clip_grad_norm_`. Pass it as
+/// `grad_scale` to [`AdamW::step`]. A NaN norm gives NaN (skip that step).
+pub fn clip_coefficient(norm: f32, max_norm: f32) -> f32 {
+    let c = max_norm / (norm + 1e-6);
+    if c.is_nan() {
+        c
+    } else {
+        c.min(1.0)
+    }
+}

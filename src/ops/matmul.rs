@@ -1,1 +1,187 @@
-//! (being written)
+//! Matrix products, each one tape node: [`matmul`], [`matmul_t`] (transposed operands
+//! read in place, which is what the backward passes use) and [`linear`] (`x·wᵀ + b`,
+//! the bias fused into the GEMM's epilogue on the GPU).
+//!
+//! Every product is described by one [`Gemm`] and runs through `cpu::matmul::gemm`
+//! (matrixmultiply) or `cuda::matmul::gemm` (cuBLASLt). A 2-D right operand shared by
+//! all batches is folded into one big 2-D product (`[batch·m, k] · [k, n]`), which is
+//! both faster and makes its gradient's sum over batches part of the product.
+
+use super::{cast, common_dtype, cpu_tensor, cuda_tensor, same_device, sum_to};
+use crate::autograd::record;
+use crate::cpu::matmul::Gemm;
+use crate::{bail, cpu, cuda, Device, Result, Tensor};
+
+/// Runs `g` (plus `bias` along every output row) on the operands' device; operands and
+/// bias already share one dtype.
+fn run(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, g: &Gemm, out_shape: &[usize]) -> Result<Tensor> {
+    let (sa, sb) = (a.storage(), b.storage());
+    let sbias = bias.map(|t| t.storage());
+    match a.device() {
+        Device::Cpu => {
+            let bias = sbias.as_ref().map(|s| s.as_cpu()).transpose()?;
+            cpu_tensor(cpu::matmul::gemm(sa.as_cpu()?, sb.as_cpu()?, bias, g)?, out_shape)
+        }
+        Device::Cuda(_) => {
+            let bias = sbias.as_ref().map(|s| s.as_cuda()).transpose()?;
+            let x = sa.as_cuda()?;
+            cuda_tensor(&x.dev, cuda::matmul::gemm(x, sb.as_cuda()?, bias, g)?, out_shape)
+        }
+    }
+}
+
+/// Checks the shapes of `op(a)·op(b)` and describes the product; returns it with the
+/// output shape.
+fn plan(a: &[usize], b: &[usize], trans_a: bool, trans_b: bool) -> Result<(Gemm, Vec<usize>)> {
+    let (ra, rb) = (a.len(), b.len());
+    if ra < 2 || rb < 2 {
+        bail!("matmul: operands need at least 2 dimensions, got a {a:?} and b {b:?}");
+    }
+    let (m, ka) = if trans_a { (a[ra - 1], a[ra - 2]) } else { (a[ra - 2], a[ra - 1]) };
+    let (kb, n) = if trans_b { (b[rb - 1], b[rb - 2]) } else { (b[rb - 2], b[rb - 1]) };
+    let t = |on: bool| if on { "ᵀ" } else { "" };
+    if ka != kb {
+        bail!("matmul: inner dimensions differ: a{} {a:?} · b{} {b:?} ({ka} vs {kb})", t(trans_a), t(trans_b));
+    }
+    if ka == 0 {
+        bail!("matmul: empty inner dimension in a {a:?} · b {b:?}");
+    }
+    let batch_dims = &a[..ra - 2];
+    let batch: usize = batch_dims.iter().product();
+    let gemm = if rb == 2 {
+        if trans_a && ra > 2 {
+            bail!("matmul: a transposed batched a {a:?} with a shared 2-D b {b:?} is not supported");
+        }
+        // One B for every batch: the batches of A are just more rows.
+        Gemm { batch: 1, m: batch * m, k: ka, n, trans_a, trans_b }
+    } else {
+        if &b[..rb - 2] != batch_dims {
+            bail!("matmul: batch dimensions differ: a {a:?}, b {b:?} (b must have a's batch dimensions or be 2-D)");
+        }
+        Gemm { batch, m, k: ka, n, trans_a, trans_b }
+    };
+    let mut out = batch_dims.to_vec();
+    out.extend([m, n]);
+    Ok((gemm, out))
+}
+
+/// `t` viewed as a 2-D matrix `[rows, last dimension]`.
+fn rows_view(t: &Tensor) -> Result<Tensor> {
+    let r = t.rank();
+    t.view_as(&[t.shape()[..r - 1].iter().product(), t.shape()[r - 1]])
+}
+
+/// Matrix product `a · b`: a `[..., M, K]`, b `[..., K, N]` with the same batch
+/// dimensions, or b `[K, N]` shared by every batch → `[..., M, N]`.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    matmul_t(a, b, false, false)
+}
+
+/// Matrix product `op(a) · op(b)` where `op(x)` is `x`, or `xᵀ` (last two dimensions
+/// swapped) when its flag is set, without materialising the transpose. Batch rules as
+/// in [`matmul`]; a transposed batched `a` needs a batched `b`. On the GPU, operands of
+/// different dtypes are both cast to bf16.
+pub fn matmul_t(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
+    let device = same_device("matmul", &[a, b])?;
+    let (g, out_shape) = plan(a.shape(), b.shape(), trans_a, trans_b)?;
+    let (a, b) = if device.is_cuda() { common_dtype(a, b)? } else { (a.clone(), b.clone()) };
+    let out = run(&a, &b, None, &g, &out_shape)?;
+    let (sa, sb) = (a.clone(), b.clone());
+    Ok(record(
+        "matmul",
+        out,
+        &[&a, &b],
+        Box::new(move |grad| {
+            let ga = if sa.is_tracked() { Some(matmul_grad_a(grad, &sb, trans_a, trans_b)?) } else { None };
+            let gb = if sb.is_tracked() { Some(matmul_grad_b(grad, &sa, &sb, trans_a, trans_b)?) } else { None };
+            Ok(vec![ga, gb])
+        }),
+    ))
+}
+
+/// Gradient of A in `C = op(A)·op(B)`: `d op(A) = dC·op(B)ᵀ`, transposed back when A
+/// is stored transposed.
+fn matmul_grad_a(grad: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
+    if trans_a {
+        // dA = (dC·op(B)ᵀ)ᵀ = op(B)·dCᵀ
+        matmul_t(b, grad, trans_b, true)
+    } else {
+        // A shared-B product keeps the batch folded: dC [..., M, N] · op(B)ᵀ [N, K].
+        matmul_t(grad, b, false, !trans_b)
+    }
+}
+
+/// Gradient of B in `C = op(A)·op(B)`: `d op(B) = op(A)ᵀ·dC`. A 2-D B shared by all
+/// batches gets the sum over batches, which is the same product with the batches folded
+/// into the rows of A and dC.
+fn matmul_grad_b(grad: &Tensor, a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
+    let (a, grad) = if b.rank() == 2 && a.rank() > 2 {
+        // `plan` only allows this with an untransposed A, whose rows fold cleanly.
+        (rows_view(a)?, rows_view(grad)?)
+    } else {
+        (a.clone(), grad.clone())
+    };
+    if trans_b {
+        // dB = (op(A)ᵀ·dC)ᵀ = dCᵀ·op(A)
+        matmul_t(&grad, &a, true, trans_a)
+    } else {
+        matmul_t(&a, &grad, !trans_a, false)
+    }
+}
+
+/// Affine map `x·wᵀ + bias`: x `[..., in]`, w `[out, in]` (PyTorch layout), bias `[out]`
+/// → `[..., out]`. One tape node; on the GPU the bias is added in the GEMM epilogue and
+/// x, w (and bias) of different dtypes are brought to bf16.
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let mut all = vec![x, w];
+    all.extend(bias);
+    let device = same_device("linear", &all)?;
+    if w.rank() != 2 || x.rank() < 1 || x.shape()[x.rank() - 1] != w.shape()[1] {
+        bail!(
+            "linear: input {:?} and weight {:?} do not fit (weight must be [out, in] with in = the input's last dimension)",
+            x.shape(),
+            w.shape()
+        );
+    }
+    let (out_f, in_f) = (w.shape()[0], w.shape()[1]);
+    if in_f == 0 {
+        bail!("linear: weight {:?} has no input features", w.shape());
+    }
+    if let Some(b) = bias {
+        if b.shape() != [out_f] {
+            bail!("linear: bias of shape {:?} for weight {:?} (expected [{out_f}])", b.shape(), w.shape());
+        }
+    }
+    let (x, w) = if device.is_cuda() { common_dtype(x, w)? } else { (x.clone(), w.clone()) };
+    let bias = match bias {
+        Some(b) if device.is_cuda() => Some(cast(b, x.dtype())?),
+        other => other.cloned(),
+    };
+    let rows = x.numel() / in_f;
+    let g = Gemm { batch: 1, m: rows, k: in_f, n: out_f, trans_a: false, trans_b: true };
+    let mut out_shape = x.shape()[..x.rank() - 1].to_vec();
+    out_shape.push(out_f);
+    let out = run(&x, &w, bias.as_ref(), &g, &out_shape)?;
+
+    let mut inputs = vec![&x, &w];
+    inputs.extend(bias.as_ref());
+    let (sx, sw, has_bias) = (x.clone(), w.clone(), bias.is_some());
+    let bias_tracked = bias.as_ref().is_some_and(|b| b.is_tracked());
+    Ok(record(
+        "linear",
+        out,
+        &inputs,
+        Box::new(move |grad| {
+            let g2 = rows_view(grad)?;
+            // dx = dy·w
+            let gx = if sx.is_tracked() { Some(matmul_t(&g2, &sw, false, false)?.view_as(sx.shape())?) } else { None };
+            // dw = dyᵀ·x over all rows
+            let gw = if sw.is_tracked() { Some(matmul_t(&g2, &rows_view(&sx)?, true, false)?) } else { None };
+            let mut grads = vec![gx, gw];
+            if has_bias {
+                grads.push(if bias_tracked { Some(sum_to(&g2, &[out_f])?) } else { None });
+            }
+            Ok(grads)
+        }),
+    ))
+}

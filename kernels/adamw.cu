@@ -1,0 +1,164 @@
+// Fused AdamW on fp32 master weights, and the sum of squares behind the global
+// gradient norm.
+//
+// AdamW (decoupled weight decay, as torch.optim.AdamW), per element at step t:
+//     g = grad_scale · grad                      (clipping and accumulation averaging)
+//     m = β1·m + (1−β1)·g
+//     v = β2·v + (1−β2)·g²
+//     w = decay·w − (lr / bc1) · m / (sqrt(v) / sqrt(bc2) + eps)
+// with decay = 1 − lr·wd (1 for parameters excluded from decay), bc1 = 1 − β1^t and
+// bc2 = 1 − β2^t computed on the host in f64. `cpu::adamw::update` is the same
+// expression in the same order.
+//
+// Layout: w (fp32 weights), m and v are fp32; the gradient is bf16 or f32 (entry points
+// `adamw_<grad dtype>`). A bf16 parameter keeps its fp32 master in w and its compute copy
+// is rewritten in the same pass as round-to-nearest-even(w) (`adamw_master_<grad>`); an
+// f32 parameter is its own master.
+//
+// Launch: 1-D grid-stride, 256 threads, 8 consecutive elements per thread per iteration.
+// One pass per tensor is the whole point: the update is memory bound (per element it
+// reads 12 bytes of state plus the gradient and writes 12 bytes plus the copy), so every
+// access is a 16-byte vector (2×float4 for fp32 arrays, 8 bf16 in one uint4) when all
+// pointers are 16-byte aligned — fresh allocations are — with a scalar tail for the last
+// n mod 8 elements, and a scalar loop for everything if a pointer is not aligned.
+//
+// Sum of squares: `sum_squares_<dtype>` runs a grid whose size depends only on n; block
+// b writes the fp32 sum of its grid-stride elements to partials[offset + b]. The host
+// packs the partials of every gradient tensor into one buffer and `sum_partials` (one
+// block) adds them in a fixed order, so the global norm is deterministic run to run.
+#include "common.cuh"
+
+// Mirrors `cpu::adamw::AdamWStep`.
+struct AdamWStep {
+    float lr;
+    float beta1;
+    float beta2;
+    float eps;
+    float decay;
+    float bias_correction1;
+    float bias_correction2_sqrt;
+    float grad_scale;
+};
+
+constexpr int VEC = 8;
+
+__device__ __forceinline__ void load8(const float* p, int64_t i, float* out) {
+    const float4 a = *reinterpret_cast<const float4*>(p + i);
+    const float4 b = *reinterpret_cast<const float4*>(p + i + 4);
+    out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
+    out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+}
+
+__device__ __forceinline__ void load8(const bf16* p, int64_t i, float* out) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p + i);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const float2 f = __bfloat1622float2(h[k]);
+        out[2 * k] = f.x;
+        out[2 * k + 1] = f.y;
+    }
+}
+
+__device__ __forceinline__ void store8(float* p, int64_t i, const float* v) {
+    *reinterpret_cast<float4*>(p + i) = make_float4(v[0], v[1], v[2], v[3]);
+    *reinterpret_cast<float4*>(p + i + 4) = make_float4(v[4], v[5], v[6], v[7]);
+}
+
+__device__ __forceinline__ void store8(bf16* p, int64_t i, const float* v) {
+    uint4 raw;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) h[k] = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
+    *reinterpret_cast<uint4*>(p + i) = raw;
+}
+
+__device__ __forceinline__ float adamw_update(float w, float& m, float& v, float grad, const AdamWStep& s) {
+    const float g = grad * s.grad_scale;
+    m = s.beta1 * m + (1.f - s.beta1) * g;
+    v = s.beta2 * v + (1.f - s.beta2) * g * g;
+    const float denom = sqrtf(v) / s.bias_correction2_sqrt + s.eps;
+    return s.decay * w - (s.lr / s.bias_correction1) * (m / denom);
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+    return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
+// COPY: also write the bf16 compute copy of the weights.
+template <typename G, bool COPY>
+__device__ void adamw_impl(const G* __restrict__ grad, float* __restrict__ w, float* __restrict__ m,
+                           float* __restrict__ v, bf16* __restrict__ copy, AdamWStep s, int64_t n) {
+    const int64_t tid = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    const bool vec = aligned16(grad) && aligned16(w) && aligned16(m) && aligned16(v) && (!COPY || aligned16(copy));
+    const int64_t n_vec = vec ? n / VEC : 0;
+    for (int64_t i = tid; i < n_vec; i += stride) {
+        const int64_t o = i * VEC;
+        float g[VEC], p[VEC], mm[VEC], vv[VEC];
+        load8(grad, o, g);
+        load8(w, o, p);
+        load8(m, o, mm);
+        load8(v, o, vv);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) p[k] = adamw_update(p[k], mm[k], vv[k], g[k], s);
+        store8(w, o, p);
+        store8(m, o, mm);
+        store8(v, o, vv);
+        if constexpr (COPY) store8(copy, o, p);
+    }
+    for (int64_t i = n_vec * VEC + tid; i < n; i += stride) {
+        float mi = m[i], vi = v[i];
+        const float p = adamw_update(w[i], mi, vi, load(grad, i), s);
+        w[i] = p;
+        m[i] = mi;
+        v[i] = vi;
+        if constexpr (COPY) copy[i] = __float2bfloat16(p);
+    }
+}
+
+// f32 parameter: w is the parameter itself.
+extern "C" __global__ void adamw_f32(const float* grad, float* w, float* m, float* v, AdamWStep s, int64_t n) {
+    adamw_impl<float, false>(grad, w, m, v, nullptr, s, n);
+}
+extern "C" __global__ void adamw_bf16(const bf16* grad, float* w, float* m, float* v, AdamWStep s, int64_t n) {
+    adamw_impl<bf16, false>(grad, w, m, v, nullptr, s, n);
+}
+// bf16 parameter: w is its fp32 master, `param` its compute copy.
+extern "C" __global__ void adamw_master_f32(const float* grad, float* w, float* m, float* v, bf16* param,
+                                            AdamWStep s, int64_t n) {
+    adamw_impl<float, true>(grad, w, m, v, param, s, n);
+}
+extern "C" __global__ void adamw_master_bf16(const bf16* grad, float* w, float* m, float* v, bf16* param,
+                                             AdamWStep s, int64_t n) {
+    adamw_impl<bf16, true>(grad, w, m, v, param, s, n);
+}
+
+template <typename T>
+__device__ void sum_squares_impl(const T* x, int64_t n, float* partials, int64_t offset) {
+    __shared__ float scratch[32];
+    float acc = 0.f;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        const float g = load(x, i);
+        acc += g * g;
+    }
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) partials[offset + blockIdx.x] = acc;
+}
+
+extern "C" __global__ void sum_squares_f32(const float* x, int64_t n, float* partials, int64_t offset) {
+    sum_squares_impl(x, n, partials, offset);
+}
+extern "C" __global__ void sum_squares_bf16(const bf16* x, int64_t n, float* partials, int64_t offset) {
+    sum_squares_impl(x, n, partials, offset);
+}
+
+// One block: out[0] = Σ partials[0..count), each thread a fixed strided subset, then a
+// fixed tree.
+extern "C" __global__ void sum_partials(const float* partials, int64_t count, float* out) {
+    __shared__ float scratch[32];
+    float acc = 0.f;
+    for (int64_t i = threadIdx.x; i < count; i += blockDim.x) acc += partials[i];
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) out[0] = acc;
+}

@@ -1,0 +1,296 @@
+//! Matrix products: `matmul`, `matmul_t` and `linear` against a naive f64 triple loop,
+//! finite-difference gradients of every input, shape errors, and (with a GPU) cuBLASLt
+//! against the CPU reference in bf16 and f32, forward and backward.
+mod common;
+use common::*;
+use synthos_engine::{autograd, ops, DType, Device, Result, Rng, Tensor};
+
+/// `C[b] = op(A[b])·op(B[b])` by the definition, in f64. `a_batched`/`b_batched` say
+/// whether the operand has one matrix per batch or one for all.
+fn naive(
+    a: &[f32],
+    b: &[f32],
+    batch: usize,
+    (m, k, n): (usize, usize, usize),
+    trans_a: bool,
+    trans_b: bool,
+    b_batched: bool,
+) -> Vec<f32> {
+    let mut c = vec![0f32; batch * m * n];
+    for bi in 0..batch {
+        let a0 = bi * m * k;
+        let b0 = if b_batched { bi * k * n } else { 0 };
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = 0f64;
+                for p in 0..k {
+                    let av = if trans_a { a[a0 + p * m + i] } else { a[a0 + i * k + p] };
+                    let bv = if trans_b { b[b0 + j * k + p] } else { b[b0 + p * n + j] };
+                    acc += av as f64 * bv as f64;
+                }
+                c[bi * m * n + i * n + j] = acc as f32;
+            }
+        }
+    }
+    c
+}
+
+fn vals(t: &Tensor) -> Vec<f32> {
+    t.to_vec().unwrap()
+}
+
+const M: usize = 7;
+const K: usize = 13;
+const N: usize = 5;
+const B: usize = 3;
+
+#[test]
+fn matmul_forward_matches_naive() {
+    let mut rng = Rng::new(11);
+    // 2-D
+    let (a, b) = (randn(&[M, K], &mut rng), randn(&[K, N], &mut rng));
+    let c = ops::matmul(&a, &b).unwrap();
+    assert_eq!(c.shape(), [M, N]);
+    assert_close(&vals(&c), &naive(&vals(&a), &vals(&b), 1, (M, K, N), false, false, true), 1e-5, 1e-5, "2-D");
+    // batched with batched b, two batch dimensions
+    let (a, b) = (randn(&[2, B, M, K], &mut rng), randn(&[2, B, K, N], &mut rng));
+    let c = ops::matmul(&a, &b).unwrap();
+    assert_eq!(c.shape(), [2, B, M, N]);
+    assert_close(&vals(&c), &naive(&vals(&a), &vals(&b), 2 * B, (M, K, N), false, false, true), 1e-5, 1e-5, "batched");
+    // batched with a shared 2-D b
+    let (a, b) = (randn(&[B, M, K], &mut rng), randn(&[K, N], &mut rng));
+    let c = ops::matmul(&a, &b).unwrap();
+    assert_eq!(c.shape(), [B, M, N]);
+    assert_close(&vals(&c), &naive(&vals(&a), &vals(&b), B, (M, K, N), false, false, false), 1e-5, 1e-5, "shared b");
+}
+
+#[test]
+fn matmul_t_forward_matches_naive() {
+    let mut rng = Rng::new(12);
+    for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+        let ash = |batch: &[usize]| [batch, &(if ta { [K, M] } else { [M, K] })[..]].concat();
+        let bsh = |batch: &[usize]| [batch, &(if tb { [N, K] } else { [K, N] })[..]].concat();
+        // batched
+        let (a, b) = (randn(&ash(&[B]), &mut rng), randn(&bsh(&[B]), &mut rng));
+        let c = ops::matmul_t(&a, &b, ta, tb).unwrap();
+        assert_eq!(c.shape(), [B, M, N]);
+        let want = naive(&vals(&a), &vals(&b), B, (M, K, N), ta, tb, true);
+        assert_close(&vals(&c), &want, 1e-5, 1e-5, &format!("batched ta={ta} tb={tb}"));
+        // 2-D
+        let (a, b) = (randn(&ash(&[]), &mut rng), randn(&bsh(&[]), &mut rng));
+        let c = ops::matmul_t(&a, &b, ta, tb).unwrap();
+        assert_eq!(c.shape(), [M, N]);
+        let want = naive(&vals(&a), &vals(&b), 1, (M, K, N), ta, tb, true);
+        assert_close(&vals(&c), &want, 1e-5, 1e-5, &format!("2-D ta={ta} tb={tb}"));
+        // shared b (a untransposed only)
+        if !ta {
+            let (a, b) = (randn(&ash(&[B]), &mut rng), randn(&bsh(&[]), &mut rng));
+            let c = ops::matmul_t(&a, &b, ta, tb).unwrap();
+            let want = naive(&vals(&a), &vals(&b), B, (M, K, N), ta, tb, false);
+            assert_close(&vals(&c), &want, 1e-5, 1e-5, &format!("shared b tb={tb}"));
+        }
+    }
+}
+
+#[test]
+fn linear_forward_matches_naive() {
+    let mut rng = Rng::new(13);
+    let x = randn(&[B, M, K], &mut rng);
+    let w = randn(&[N, K], &mut rng);
+    let bias = randn(&[N], &mut rng);
+    let plain = naive(&vals(&x), &vals(&w), 1, (B * M, K, N), false, true, true);
+    let y = ops::linear(&x, &w, None).unwrap();
+    assert_eq!(y.shape(), [B, M, N]);
+    assert_close(&vals(&y), &plain, 1e-5, 1e-5, "linear");
+    let y = ops::linear(&x, &w, Some(&bias)).unwrap();
+    let bv = vals(&bias);
+    let want: Vec<f32> = plain.iter().enumerate().map(|(i, v)| v + bv[i % N]).collect();
+    assert_close(&vals(&y), &want, 1e-5, 1e-5, "linear+bias");
+    // a single vector
+    let x1 = randn(&[K], &mut rng);
+    let y1 = ops::linear(&x1, &w, Some(&bias)).unwrap();
+    assert_eq!(y1.shape(), [N]);
+    let want: Vec<f32> =
+        naive(&vals(&x1), &vals(&w), 1, (1, K, N), false, true, true).iter().zip(&bv).map(|(v, b)| v + b).collect();
+    assert_close(&vals(&y1), &want, 1e-5, 1e-5, "linear vector");
+}
+
+#[test]
+fn matmul_gradients() {
+    let mut rng = Rng::new(14);
+    let mm = |x: &[Tensor]| ops::matmul(&x[0], &x[1]);
+    gradcheck("matmul 2-D", mm, &[randn(&[M, K], &mut rng), randn(&[K, N], &mut rng)], 1e-2, 1e-2);
+    gradcheck("matmul batched", mm, &[randn(&[B, M, K], &mut rng), randn(&[B, K, N], &mut rng)], 1e-2, 1e-2);
+    gradcheck("matmul shared b", mm, &[randn(&[B, M, K], &mut rng), randn(&[K, N], &mut rng)], 1e-2, 1e-2);
+    gradcheck("matmul 4-D", mm, &[randn(&[2, B, M, K], &mut rng), randn(&[2, B, K, N], &mut rng)], 1e-2, 1e-2);
+    gradcheck("matmul 4-D shared b", mm, &[randn(&[2, B, M, K], &mut rng), randn(&[K, N], &mut rng)], 1e-2, 1e-2);
+}
+
+#[test]
+fn matmul_t_gradients() {
+    let mut rng = Rng::new(15);
+    for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+        let a2 = if ta { [K, M] } else { [M, K] };
+        let b2 = if tb { [N, K] } else { [K, N] };
+        let f = move |x: &[Tensor]| ops::matmul_t(&x[0], &x[1], ta, tb);
+        let name = format!("matmul_t ta={ta} tb={tb}");
+        gradcheck(&format!("{name} 2-D"), f, &[randn(&a2, &mut rng), randn(&b2, &mut rng)], 1e-2, 1e-2);
+        let (a3, b3) = ([&[B][..], &a2].concat(), [&[B][..], &b2].concat());
+        gradcheck(&format!("{name} batched"), f, &[randn(&a3, &mut rng), randn(&b3, &mut rng)], 1e-2, 1e-2);
+        if !ta {
+            gradcheck(&format!("{name} shared b"), f, &[randn(&a3, &mut rng), randn(&b2, &mut rng)], 1e-2, 1e-2);
+        }
+    }
+}
+
+#[test]
+fn linear_gradients() {
+    let mut rng = Rng::new(16);
+    let with_bias = |x: &[Tensor]| ops::linear(&x[0], &x[1], Some(&x[2]));
+    let without = |x: &[Tensor]| ops::linear(&x[0], &x[1], None);
+    let (x, w, b) = (randn(&[B, M, K], &mut rng), randn(&[N, K], &mut rng), randn(&[N], &mut rng));
+    gradcheck("linear+bias", with_bias, &[x.clone(), w.clone(), b.clone()], 1e-2, 1e-2);
+    gradcheck("linear", without, &[x, w.clone()], 1e-2, 1e-2);
+    gradcheck("linear 2-D", with_bias, &[randn(&[M, K], &mut rng), w.clone(), b.clone()], 1e-2, 1e-2);
+    gradcheck("linear vector", with_bias, &[randn(&[K], &mut rng), w, b], 1e-2, 1e-2);
+}
+
+#[test]
+fn frozen_inputs_get_no_gradient_and_one_node_is_recorded() {
+    let mut rng = Rng::new(17);
+    let x = randn(&[B, M, K], &mut rng);
+    let w = randn(&[N, K], &mut rng).requires_grad();
+    let b = randn(&[N], &mut rng);
+    let y = ops::linear(&x, &w, Some(&b)).unwrap();
+    assert_eq!(autograd::tape_len(), 1, "linear is one tape node");
+    let g = autograd::backward_with(&y, randn(&[B, M, N], &mut rng)).unwrap();
+    assert!(g.get(&w).is_some());
+    assert!(g.get(&x).is_none() && g.get(&b).is_none());
+    let a = randn(&[B, M, K], &mut rng).requires_grad();
+    let c = ops::matmul(&a, &randn(&[K, N], &mut rng)).unwrap();
+    assert_eq!(autograd::tape_len(), 1, "matmul is one tape node");
+    let g = autograd::backward_with(&c, randn(&[B, M, N], &mut rng)).unwrap();
+    assert_eq!(g.get(&a).unwrap().shape(), [B, M, K]);
+}
+
+fn err(r: Result<Tensor>) -> String {
+    r.expect_err("expected an error").to_string()
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    let mut rng = Rng::new(18);
+    let e = err(ops::matmul(&randn(&[M, K], &mut rng), &randn(&[K + 1, N], &mut rng)));
+    assert!(e.contains("matmul") && e.contains("[7, 13]") && e.contains("[14, 5]"), "{e}");
+    let e = err(ops::matmul_t(&randn(&[M, K], &mut rng), &randn(&[K, N], &mut rng), false, true));
+    assert!(e.contains("inner dimensions") && e.contains("13 vs 5"), "{e}");
+    let e = err(ops::matmul(&randn(&[B, M, K], &mut rng), &randn(&[B + 1, K, N], &mut rng)));
+    assert!(e.contains("batch dimensions") && e.contains("[4, 13, 5]"), "{e}");
+    let e = err(ops::matmul(&randn(&[K], &mut rng), &randn(&[K, N], &mut rng)));
+    assert!(e.contains("at least 2 dimensions"), "{e}");
+    let e = err(ops::matmul(&randn(&[M, K], &mut rng), &randn(&[B, K, N], &mut rng)));
+    assert!(e.contains("batch dimensions"), "{e}");
+    let e = err(ops::matmul_t(&randn(&[B, K, M], &mut rng), &randn(&[K, N], &mut rng), true, false));
+    assert!(e.contains("not supported"), "{e}");
+    let e = err(ops::matmul(&randn(&[M, 0], &mut rng), &randn(&[0, N], &mut rng)));
+    assert!(e.contains("empty inner dimension"), "{e}");
+
+    let (x, w) = (randn(&[B, M, K], &mut rng), randn(&[N, K], &mut rng));
+    let e = err(ops::linear(&x, &w, Some(&randn(&[N + 2], &mut rng))));
+    assert!(e.contains("linear") && e.contains("bias") && e.contains("[7]") && e.contains("[5]"), "{e}");
+    let e = err(ops::linear(&x, &randn(&[N, K + 1], &mut rng), None));
+    assert!(e.contains("linear") && e.contains("[3, 7, 13]") && e.contains("[5, 14]"), "{e}");
+    let e = err(ops::linear(&x, &randn(&[K], &mut rng), None));
+    assert!(e.contains("linear"), "{e}");
+}
+
+// ---------------------------------------------------------------- GPU vs CPU
+
+/// Runs `f` on GPU copies of `inputs` (in `dtypes`) and on CPU copies of the *same*
+/// (rounded) values, then backward from one random seed; compares outputs and every
+/// input gradient with a tolerance for the GPU dtype: `|Δ| ≤ atol·rms(ref) + rtol·|ref|`.
+fn gpu_vs_cpu(name: &str, dev: Device, inputs: &[Tensor], dtypes: &[DType], f: impl Fn(&[Tensor]) -> Result<Tensor>) {
+    let gpu: Vec<Tensor> =
+        inputs.iter().zip(dtypes).map(|(t, d)| t.to_device(dev, *d).unwrap().requires_grad()).collect();
+    let cpu: Vec<Tensor> = gpu.iter().map(|t| t.to_device(Device::Cpu, DType::F32).unwrap().requires_grad()).collect();
+    let yg = f(&gpu).unwrap_or_else(|e| panic!("{name}: GPU forward: {e}"));
+    let yc = f(&cpu).unwrap();
+    assert_eq!(yg.shape(), yc.shape(), "{name}");
+    // bf16 results round to 8 significant bits; f32 products run in TF32 on cuBLASLt
+    // (inputs rounded to 11 bits, so the sum's error grows like sqrt(K)·2⁻¹¹).
+    let out_dtype = yg.dtype();
+    let (atol, rtol) = match out_dtype {
+        DType::BF16 => (2f32.powi(-8), 2f32.powi(-7)),
+        DType::F32 => (2f32.powi(-7), 2f32.powi(-9)),
+    };
+    let check = |got: &Tensor, want: &Tensor, what: &str| {
+        let (g, w) = (vals(got), vals(want));
+        let rms = (w.iter().map(|v| v * v).sum::<f32>() / w.len() as f32).sqrt();
+        assert_close(&g, &w, atol * rms, rtol, &format!("{name}: {what}"));
+        assert!(rel_err(&g, &w) < 4.0 * rtol as f64, "{name}: {what}: relative error {}", rel_err(&g, &w));
+    };
+    check(&yg, &yc, "forward");
+    let mut rng = Rng::new(99);
+    let seed = randn(yc.shape(), &mut rng);
+    let seed_gpu = seed.to_device(dev, out_dtype).unwrap();
+    let seed_cpu = seed_gpu.to_device(Device::Cpu, DType::F32).unwrap();
+    let gg = autograd::backward_with(&yg, seed_gpu).unwrap_or_else(|e| panic!("{name}: GPU backward: {e}"));
+    let gc = autograd::backward_with(&yc, seed_cpu).unwrap();
+    for (i, (tg, tc)) in gpu.iter().zip(&cpu).enumerate() {
+        let dg = gg.get(tg).unwrap_or_else(|| panic!("{name}: no GPU gradient for input {i}"));
+        assert_eq!(dg.dtype(), tg.dtype(), "{name}: gradient {i} comes back in its input's dtype");
+        check(dg, gc.get(tc).unwrap(), &format!("grad {i}"));
+    }
+}
+
+/// A CPU tensor whose values are exactly representable in bf16, so that a GPU cast of
+/// its f32 copy to bf16 loses nothing and the CPU reference sees the same operands.
+fn bf16_exact(t: Tensor) -> Tensor {
+    let v: Vec<f32> = vals(&t).iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
+    Tensor::from_vec(v, t.shape(), Device::Cpu).unwrap()
+}
+
+const GM: usize = 77;
+const GK: usize = 131;
+const GN: usize = 97;
+
+#[test]
+fn gpu_matmul_matches_cpu() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng::new(21);
+    for dt in [DType::BF16, DType::F32] {
+        let mm = |x: &[Tensor]| ops::matmul(&x[0], &x[1]);
+        let ins = [randn(&[GM, GK], &mut rng), randn(&[GK, GN], &mut rng)];
+        gpu_vs_cpu(&format!("matmul 2-D {dt}"), dev, &ins, &[dt, dt], mm);
+        let ins = [randn(&[B, GM, GK], &mut rng), randn(&[B, GK, GN], &mut rng)];
+        gpu_vs_cpu(&format!("matmul batched {dt}"), dev, &ins, &[dt, dt], mm);
+        let ins = [randn(&[B, GM, GK], &mut rng), randn(&[GK, GN], &mut rng)];
+        gpu_vs_cpu(&format!("matmul shared b {dt}"), dev, &ins, &[dt, dt], mm);
+        for (ta, tb) in [(false, true), (true, false), (true, true)] {
+            let a = if ta { [B, GK, GM] } else { [B, GM, GK] };
+            let b = if tb { [B, GN, GK] } else { [B, GK, GN] };
+            let f = move |x: &[Tensor]| ops::matmul_t(&x[0], &x[1], ta, tb);
+            let ins = [randn(&a, &mut rng), randn(&b, &mut rng)];
+            gpu_vs_cpu(&format!("matmul_t ta={ta} tb={tb} {dt}"), dev, &ins, &[dt, dt], f);
+        }
+    }
+    // Mixed dtypes compute in bf16; each gradient returns in its input's dtype.
+    let ins = [randn(&[B, GM, GK], &mut rng), bf16_exact(randn(&[GK, GN], &mut rng))];
+    gpu_vs_cpu("matmul bf16·f32", dev, &ins, &[DType::BF16, DType::F32], |x| ops::matmul(&x[0], &x[1]));
+}
+
+#[test]
+fn gpu_linear_matches_cpu() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng::new(22);
+    let with_bias = |x: &[Tensor]| ops::linear(&x[0], &x[1], Some(&x[2]));
+    let without = |x: &[Tensor]| ops::linear(&x[0], &x[1], None);
+    for dt in [DType::BF16, DType::F32] {
+        let ins = [randn(&[B, GM, GK], &mut rng), randn(&[GN, GK], &mut rng), randn(&[GN], &mut rng)];
+        gpu_vs_cpu(&format!("linear+bias {dt}"), dev, &ins, &[dt, dt, dt], with_bias);
+        gpu_vs_cpu(&format!("linear {dt}"), dev, &ins[..2], &[dt, dt], without);
+    }
+    // bf16 activations with f32 master-style weight and bias.
+    let ins = [randn(&[GM, GK], &mut rng), bf16_exact(randn(&[GN, GK], &mut rng)), bf16_exact(randn(&[GN], &mut rng))];
+    gpu_vs_cpu("linear bf16 x, f32 w/b", dev, &ins, &[DType::BF16, DType::F32, DType::F32], with_bias);
+}
