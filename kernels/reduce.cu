@@ -1,10 +1,23 @@
 // Reductions: sum of a tensor onto a broadcast-compatible smaller shape (the backward
-// of broadcasting), and full sums.
+// of broadcasting), sums of contiguous rows (full sums, sums over the last dimension)
+// and sums over a middle dimension. fp32 accumulation everywhere.
 //
 // sum_to: one thread per output element; it walks the reduced positions (mixed-radix
 // over `red_shape`) at the input strides. With the common (B,N,D) -> (B,1,D) reduction,
-// consecutive threads read consecutive addresses, so reads are coalesced. fp32
-// accumulation.
+// consecutive threads read consecutive addresses, so reads are coalesced.
+//
+// Row sums (x viewed as [rows, len], out[r] = scale·Σ x[r, :]) run in two passes so that
+// a full sum of tens of millions of elements uses the whole GPU and is deterministic
+// (no atomics; the split depends only on the sizes):
+//   row_partial: rows·bpr blocks of 256 threads; block b sums chunk b % bpr of row
+//                b / bpr (a grid-stride walk over the row) into partials[b];
+//   row_finish:  one 256-thread block per row adds its bpr partials, scales, stores.
+// Each thread adds ~len/(bpr·256) values and the tree of warp/block sums adds the rest,
+// so the rounding error grows far slower than in a serial sum.
+//
+// col_sum: x viewed as [outer, len, inner] with inner > 1, out[o, i] = scale·Σ_r x[o, r, i].
+// A 32×8 block covers 32 consecutive i (coalesced reads) while its 8 rows of threads
+// split r; one shared-memory step adds the 8 partial sums.
 #include "common.cuh"
 
 // Mirrors `cuda::reduce::ReduceDesc`.
@@ -43,4 +56,66 @@ extern "C" __global__ void sum_to_f32(const float* x, float* o, ReduceDesc d, in
 }
 extern "C" __global__ void sum_to_bf16(const bf16* x, bf16* o, ReduceDesc d, int64_t n_out, int64_t n_red) {
     sum_to_impl(x, o, d, n_out, n_red);
+}
+
+template <typename T>
+__device__ void row_partial_impl(const T* x, float* partials, int64_t len, int64_t bpr) {
+    __shared__ float scratch[32];
+    const int64_t row = blockIdx.x / bpr, chunk = blockIdx.x % bpr;
+    const T* xr = x + row * len;
+    float acc = 0.f;
+    for (int64_t i = chunk * blockDim.x + threadIdx.x; i < len; i += bpr * blockDim.x) acc += load(xr, i);
+    const float total = block_sum(acc, scratch);
+    if (threadIdx.x == 0) partials[blockIdx.x] = total;
+}
+extern "C" __global__ void row_partial_f32(const float* x, float* partials, int64_t len, int64_t bpr) {
+    row_partial_impl(x, partials, len, bpr);
+}
+extern "C" __global__ void row_partial_bf16(const bf16* x, float* partials, int64_t len, int64_t bpr) {
+    row_partial_impl(x, partials, len, bpr);
+}
+
+template <typename T>
+__device__ void row_finish_impl(const float* partials, T* out, int64_t bpr, float scale) {
+    __shared__ float scratch[32];
+    const float* p = partials + blockIdx.x * bpr;
+    float acc = 0.f;
+    for (int64_t i = threadIdx.x; i < bpr; i += blockDim.x) acc += p[i];
+    const float total = block_sum(acc, scratch);
+    if (threadIdx.x == 0) store(out, blockIdx.x, total * scale);
+}
+extern "C" __global__ void row_finish_f32(const float* partials, float* out, int64_t bpr, float scale) {
+    row_finish_impl(partials, out, bpr, scale);
+}
+extern "C" __global__ void row_finish_bf16(const float* partials, bf16* out, int64_t bpr, float scale) {
+    row_finish_impl(partials, out, bpr, scale);
+}
+
+// blockDim must be (32, COL_ROWS).
+#define COL_ROWS 8
+template <typename T>
+__device__ void col_sum_impl(const T* x, T* out, int64_t len, int64_t inner, float scale) {
+    __shared__ float tile[COL_ROWS][33];
+    const int64_t tiles = (inner + 31) / 32;
+    const int64_t o = blockIdx.x / tiles;
+    const int64_t i = (blockIdx.x % tiles) * 32 + threadIdx.x;
+    float acc = 0.f;
+    if (i < inner) {
+        const T* base = x + o * len * inner + i;
+        for (int64_t r = threadIdx.y; r < len; r += COL_ROWS) acc += load(base, r * inner);
+    }
+    tile[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && i < inner) {
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < COL_ROWS; ++k) s += tile[k][threadIdx.x];
+        store(out, o * inner + i, s * scale);
+    }
+}
+extern "C" __global__ void col_sum_f32(const float* x, float* out, int64_t len, int64_t inner, float scale) {
+    col_sum_impl(x, out, len, inner, scale);
+}
+extern "C" __global__ void col_sum_bf16(const bf16* x, bf16* out, int64_t len, int64_t inner, float scale) {
+    col_sum_impl(x, out, len, inner, scale);
 }

@@ -5,8 +5,16 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let r = a.len().max(b.len());
     let mut out = vec![0; r];
     for (i, o) in out.iter_mut().enumerate() {
-        let da = if i + a.len() >= r { a[i + a.len() - r] } else { 1 };
-        let db = if i + b.len() >= r { b[i + b.len() - r] } else { 1 };
+        let da = if i + a.len() >= r {
+            a[i + a.len() - r]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= r {
+            b[i + b.len() - r]
+        } else {
+            1
+        };
         *o = if da == db || db == 1 {
             da
         } else if da == 1 {
@@ -32,12 +40,22 @@ pub fn broadcast_strides(out: &[usize], s: &[usize]) -> Vec<usize> {
 }
 
 /// `out[i] = f(a[ia], b[ib])` with broadcasting to `out_shape`.
-pub fn binary(a: &[f32], sa: &[usize], b: &[f32], sb: &[usize], out_shape: &[usize], f: impl Fn(f32, f32) -> f32) -> Vec<f32> {
+pub fn binary(
+    a: &[f32],
+    sa: &[usize],
+    b: &[f32],
+    sb: &[usize],
+    out_shape: &[usize],
+    f: impl Fn(f32, f32) -> f32,
+) -> Vec<f32> {
     let n: usize = out_shape.iter().product();
     if sa == out_shape && sb == out_shape {
         return a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect();
     }
-    let (ta, tb) = (broadcast_strides(out_shape, sa), broadcast_strides(out_shape, sb));
+    let (ta, tb) = (
+        broadcast_strides(out_shape, sa),
+        broadcast_strides(out_shape, sb),
+    );
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let (mut rem, mut ia, mut ib) = (i, 0, 0);
@@ -48,6 +66,103 @@ pub fn binary(a: &[f32], sa: &[usize], b: &[f32], sb: &[usize], out_shape: &[usi
             ib += c * tb[d];
         }
         out.push(f(a[ia], b[ib]));
+    }
+    out
+}
+
+/// The error function in f64: Maclaurin series for |x| < 3.5 (the terms stay small
+/// enough there that f64 cancellation costs under 1e-12), and the asymptotic expansion
+/// of erfc beyond, where erfc < 1e-6 and a few terms are exact to f32 precision.
+pub fn erf(x: f64) -> f64 {
+    let a = x.abs();
+    let v = if a < 3.5 {
+        // erf(x) = 2/√π Σ (-1)^n x^(2n+1) / (n! (2n+1))
+        let x2 = a * a;
+        let (mut term, mut sum, mut n) = (a, a, 0.0f64);
+        while term.abs() > 1e-17 * sum.abs() {
+            n += 1.0;
+            term *= -x2 / n;
+            sum += term / (2.0 * n + 1.0);
+        }
+        sum * std::f64::consts::FRAC_2_SQRT_PI
+    } else {
+        // erfc(x) ≈ e^(-x²)/(x√π) Σ (-1)^n (2n-1)!! / (2x²)^n
+        let inv = 1.0 / (2.0 * a * a);
+        let (mut term, mut series) = (1.0f64, 1.0f64);
+        for n in 1..6 {
+            term *= -((2 * n - 1) as f64) * inv;
+            series += term;
+        }
+        1.0 - (-a * a).exp() / (a * std::f64::consts::PI.sqrt()) * series
+    };
+    v.copysign(x)
+}
+
+/// √(2/π), the slope of the tanh argument in GELU's tanh form.
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+/// The cubic coefficient of GELU's tanh form.
+const GELU_CUBIC: f64 = 0.044_715;
+
+/// GELU in PyTorch's `approximate='tanh'` form: ½x(1 + tanh(√(2/π)(x + 0.044715x³))).
+pub fn gelu_tanh(x: f32) -> f32 {
+    let x = x as f64;
+    let t = (SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)).tanh();
+    (0.5 * x * (1.0 + t)) as f32
+}
+
+/// d/dx of [`gelu_tanh`].
+pub fn gelu_tanh_grad(x: f32) -> f32 {
+    let x = x as f64;
+    let t = (SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)).tanh();
+    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x);
+    (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du) as f32
+}
+
+/// Exact GELU: x·Φ(x) = ½x(1 + erf(x/√2)).
+pub fn gelu_exact(x: f32) -> f32 {
+    let x = x as f64;
+    (0.5 * x * (1.0 + erf(x * std::f64::consts::FRAC_1_SQRT_2))) as f32
+}
+
+/// d/dx of [`gelu_exact`]: Φ(x) + x·φ(x).
+pub fn gelu_exact_grad(x: f32) -> f32 {
+    let x = x as f64;
+    let cdf = 0.5 * (1.0 + erf(x * std::f64::consts::FRAC_1_SQRT_2));
+    let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+    (cdf + x * pdf) as f32
+}
+
+/// SiLU (swish): x·σ(x).
+pub fn silu(x: f32) -> f32 {
+    let x = x as f64;
+    (x / (1.0 + (-x).exp())) as f32
+}
+
+/// d/dx of [`silu`]: σ(x)(1 + x(1 − σ(x))).
+pub fn silu_grad(x: f32) -> f32 {
+    let x = x as f64;
+    let s = 1.0 / (1.0 + (-x).exp());
+    (s * (1.0 + x * (1.0 - s))) as f32
+}
+
+/// `x + gate·y` where `x` and `y` have `shape` and `gate` (shape `gate_shape`)
+/// broadcasts to it.
+pub fn gated_residual(
+    x: &[f32],
+    gate: &[f32],
+    gate_shape: &[usize],
+    y: &[f32],
+    shape: &[usize],
+) -> Vec<f32> {
+    let strides = broadcast_strides(shape, gate_shape);
+    let mut out = Vec::with_capacity(x.len());
+    for (i, (&xv, &yv)) in x.iter().zip(y).enumerate() {
+        let (mut rem, mut g) = (i, 0);
+        for d in (0..shape.len()).rev() {
+            g += (rem % shape[d]) * strides[d];
+            rem /= shape[d];
+        }
+        out.push(xv + gate[g] * yv);
     }
     out
 }

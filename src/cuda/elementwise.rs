@@ -7,7 +7,14 @@ use crate::{bail, Result};
 
 /// Binary elementwise op with broadcasting: `kernel` is `add`, `sub` or `mul`.
 /// Both inputs must have the output's dtype.
-pub fn binary(kernel: &'static str, a: &CudaStorage, b: &CudaStorage, bc: &Bcast, n: usize, same: bool) -> Result<CudaBuf> {
+pub fn binary(
+    kernel: &'static str,
+    a: &CudaStorage,
+    b: &CudaStorage,
+    bc: &Bcast,
+    n: usize,
+    same: bool,
+) -> Result<CudaBuf> {
     let dev = &a.dev;
     let dtype = a.buf.dtype();
     if b.buf.dtype() != dtype {
@@ -84,6 +91,22 @@ fn kernel_name(base: &str, input: crate::DType, output: crate::DType) -> Result<
         ("bcast_copy", BF16, BF16) => "bcast_copy_bf16",
         ("cast", F32, BF16) => "cast_f32_bf16",
         ("cast", BF16, F32) => "cast_bf16_f32",
+        ("add_scalar", F32, F32) => "add_scalar_f32",
+        ("add_scalar", BF16, BF16) => "add_scalar_bf16",
+        ("gelu_tanh", F32, F32) => "gelu_tanh_f32",
+        ("gelu_tanh", BF16, BF16) => "gelu_tanh_bf16",
+        ("gelu_exact", F32, F32) => "gelu_exact_f32",
+        ("gelu_exact", BF16, BF16) => "gelu_exact_bf16",
+        ("silu", F32, F32) => "silu_f32",
+        ("silu", BF16, BF16) => "silu_bf16",
+        ("gelu_tanh_bwd", F32, F32) => "gelu_tanh_bwd_f32",
+        ("gelu_tanh_bwd", BF16, BF16) => "gelu_tanh_bwd_bf16",
+        ("gelu_exact_bwd", F32, F32) => "gelu_exact_bwd_f32",
+        ("gelu_exact_bwd", BF16, BF16) => "gelu_exact_bwd_bf16",
+        ("silu_bwd", F32, F32) => "silu_bwd_f32",
+        ("silu_bwd", BF16, BF16) => "silu_bwd_bf16",
+        ("gated_residual", F32, F32) => "gated_residual_f32",
+        ("gated_residual", BF16, BF16) => "gated_residual_bf16",
         _ => bail!("no kernel {base} for {input} -> {output}"),
     })
 }
@@ -116,4 +139,83 @@ pub fn broadcast(x: &CudaStorage, bc: &Bcast, n: usize) -> Result<CudaBuf> {
 /// Converts between f32 and bf16.
 pub fn cast(x: &CudaStorage, to: crate::DType, n: usize) -> Result<CudaBuf> {
     unary_launch(x, "cast", to, n, None)
+}
+
+/// `x + c`.
+pub fn add_scalar(x: &CudaStorage, c: f32, n: usize) -> Result<CudaBuf> {
+    unary_launch(x, "add_scalar", x.buf.dtype(), n, Some(c))
+}
+
+/// An activation: `kernel` is `gelu_tanh`, `gelu_exact` or `silu`.
+pub fn activation(x: &CudaStorage, kernel: &'static str, n: usize) -> Result<CudaBuf> {
+    unary_launch(x, kernel, x.buf.dtype(), n, None)
+}
+
+/// The gradient `g·f'(x)` of the activation `kernel` (`x` and `g` of one dtype).
+pub fn activation_backward(
+    x: &CudaStorage,
+    g: &CudaStorage,
+    kernel: &'static str,
+    n: usize,
+) -> Result<CudaBuf> {
+    let bwd = match kernel {
+        "gelu_tanh" => "gelu_tanh_bwd",
+        "gelu_exact" => "gelu_exact_bwd",
+        "silu" => "silu_bwd",
+        _ => bail!("no backward kernel for activation {kernel}"),
+    };
+    let dev = &x.dev;
+    let dtype = x.buf.dtype();
+    let f = dev.func("elementwise", kernel_name(bwd, dtype, g.buf.dtype())?)?;
+    let mut out = dev.alloc(n, dtype)?;
+    let n64 = n as i64;
+    let mut lb = dev.stream.launch_builder(&f);
+    match (&x.buf, &g.buf, &mut out) {
+        (CudaBuf::F32(a), CudaBuf::F32(b), CudaBuf::F32(o)) => lb.arg(a).arg(b).arg(o),
+        (CudaBuf::BF16(a), CudaBuf::BF16(b), CudaBuf::BF16(o)) => lb.arg(a).arg(b).arg(o),
+        _ => bail!("{bwd}: dtype mismatch {} vs {}", dtype, g.buf.dtype()),
+    };
+    lb.arg(&n64);
+    // SAFETY: the kernel reads n elements of x and g and writes n elements of `out`.
+    unsafe { lb.launch(grid_1d(n, 256)) }?;
+    Ok(out)
+}
+
+/// `x + gate·y` over `n` elements, the gate read at `(i / period)·inner + i % inner`
+/// (both at least 1). All three inputs must have one dtype.
+pub fn gated_residual(
+    x: &CudaStorage,
+    gate: &CudaStorage,
+    y: &CudaStorage,
+    period: usize,
+    inner: usize,
+    n: usize,
+) -> Result<CudaBuf> {
+    let dev = &x.dev;
+    let dtype = x.buf.dtype();
+    if n == 0 {
+        return dev.alloc(0, dtype);
+    }
+    if period == 0 || inner == 0 {
+        bail!("gated_residual: bad gate layout (period {period}, inner {inner})");
+    }
+    let f = dev.func("elementwise", kernel_name("gated_residual", dtype, dtype)?)?;
+    let mut out = dev.alloc(n, dtype)?;
+    let (p64, i64_, n64) = (period as i64, inner as i64, n as i64);
+    let mut lb = dev.stream.launch_builder(&f);
+    match (&x.buf, &gate.buf, &y.buf, &mut out) {
+        (CudaBuf::F32(a), CudaBuf::F32(g), CudaBuf::F32(b), CudaBuf::F32(o)) => {
+            lb.arg(a).arg(g).arg(b).arg(o)
+        }
+        (CudaBuf::BF16(a), CudaBuf::BF16(g), CudaBuf::BF16(b), CudaBuf::BF16(o)) => {
+            lb.arg(a).arg(g).arg(b).arg(o)
+        }
+        _ => bail!("gated_residual: dtype mismatch"),
+    };
+    lb.arg(&p64).arg(&i64_).arg(&n64);
+    // SAFETY: x, y and out hold n elements; the gate index (i / period)·inner + i % inner
+    // is below the gate's element count because the op checked that the gate collapses
+    // to [n / period, 1, inner] over x.
+    unsafe { lb.launch(grid_1d(n, 256)) }?;
+    Ok(out)
 }

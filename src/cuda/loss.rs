@@ -1,1 +1,211 @@
-//! (being written)
+//! Launchers of `kernels/loss.cu`. Losses come out in f32 whatever the input dtype.
+
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+use super::reduce::blocks_per_row;
+use super::{grid_1d, grid_rows, CudaBuf, CudaDevice, CudaStorage};
+use crate::{bail, DType, Result};
+
+/// Threads per block of the loss kernels.
+const THREADS: u32 = 256;
+
+fn f32_of<'a>(b: &'a CudaBuf, what: &str) -> Result<&'a CudaSlice<f32>> {
+    match b {
+        CudaBuf::F32(s) => Ok(s),
+        CudaBuf::BF16(_) => bail!("{what} must be f32 on the GPU"),
+    }
+}
+
+/// Adds each row of `partials` (`rows × per_row`) into `out[row]`, times `scale`.
+fn rows_finish(
+    dev: &CudaDevice,
+    partials: &CudaSlice<f32>,
+    rows: usize,
+    per_row: usize,
+    scale: f32,
+) -> Result<CudaBuf> {
+    let mut out = dev.alloc(rows, DType::F32)?;
+    let CudaBuf::F32(o) = &mut out else {
+        bail!("loss: output buffer is not f32");
+    };
+    let per_row64 = per_row as i64;
+    let f = dev.func("loss", "rows_finish")?;
+    let mut lb = dev.stream.launch_builder(&f);
+    lb.arg(partials).arg(&mut *o).arg(&per_row64).arg(&scale);
+    // SAFETY: block r reads partials[r·per_row .. (r+1)·per_row] and writes out[r].
+    unsafe { lb.launch(grid_rows(rows, THREADS)) }?;
+    Ok(out)
+}
+
+/// Mean of `(p − t)²` over each of `rows` rows of `len` elements: f32 `[rows]`.
+pub fn sq_err_rows(p: &CudaStorage, t: &CudaStorage, rows: usize, len: usize) -> Result<CudaBuf> {
+    let dev = &p.dev;
+    let dtype = p.buf.dtype();
+    if rows == 0 {
+        return dev.alloc(0, DType::F32);
+    }
+    let bpr = blocks_per_row(rows, len);
+    if rows * bpr > i32::MAX as usize {
+        bail!("mse: {rows} rows exceed one launch");
+    }
+    let mut partials = dev.alloc(rows * bpr, DType::F32)?;
+    let CudaBuf::F32(part) = &mut partials else {
+        bail!("mse: partials buffer is not f32");
+    };
+    let (len64, bpr64) = (len as i64, bpr as i64);
+    let f = dev.func(
+        "loss",
+        if dtype == DType::F32 {
+            "sq_err_partial_f32"
+        } else {
+            "sq_err_partial_bf16"
+        },
+    )?;
+    let mut lb = dev.stream.launch_builder(&f);
+    match (&p.buf, &t.buf) {
+        (CudaBuf::F32(a), CudaBuf::F32(b)) => lb.arg(a).arg(b),
+        (CudaBuf::BF16(a), CudaBuf::BF16(b)) => lb.arg(a).arg(b),
+        _ => bail!("mse: dtype mismatch"),
+    };
+    lb.arg(&mut *part).arg(&len64).arg(&bpr64);
+    // SAFETY: block b reads row b / bpr of p and t (rows·len elements each) and writes
+    // partials[b], b < rows·bpr.
+    unsafe { lb.launch(grid_rows(rows * bpr, THREADS)) }?;
+    rows_finish(dev, part, rows, bpr, 1.0 / len.max(1) as f32)
+}
+
+/// Gradient of [`sq_err_rows`] with respect to `p`: `2·g[row]·(p − t)/len`, in `p`'s
+/// dtype; `g` is f32 with one value per row.
+pub fn sq_err_backward(
+    p: &CudaStorage,
+    t: &CudaStorage,
+    g: &CudaStorage,
+    len: usize,
+    n: usize,
+) -> Result<CudaBuf> {
+    let dev = &p.dev;
+    let dtype = p.buf.dtype();
+    let g = f32_of(&g.buf, "mse: incoming gradient")?;
+    if n > 0 && g.len() * len < n {
+        bail!(
+            "mse backward: {} gradient rows for {n} elements in rows of {len}",
+            g.len()
+        );
+    }
+    let mut out = dev.alloc(n, dtype)?;
+    let (len64, n64) = (len.max(1) as i64, n as i64);
+    let coef = 2.0 / len.max(1) as f32;
+    let f = dev.func(
+        "loss",
+        if dtype == DType::F32 {
+            "sq_err_bwd_f32"
+        } else {
+            "sq_err_bwd_bf16"
+        },
+    )?;
+    let mut lb = dev.stream.launch_builder(&f);
+    match (&p.buf, &t.buf, &mut out) {
+        (CudaBuf::F32(a), CudaBuf::F32(b), CudaBuf::F32(o)) => lb.arg(a).arg(b).arg(g).arg(o),
+        (CudaBuf::BF16(a), CudaBuf::BF16(b), CudaBuf::BF16(o)) => lb.arg(a).arg(b).arg(g).arg(o),
+        _ => bail!("mse backward: dtype mismatch"),
+    };
+    lb.arg(&len64).arg(&coef).arg(&n64);
+    // SAFETY: n elements of p, t and out; g[i / len] with i < n is below g's length
+    // (checked above).
+    unsafe { lb.launch(grid_1d(n, THREADS)) }?;
+    Ok(out)
+}
+
+/// Class indices on the device (the op has checked them against the class count).
+pub fn upload_targets(dev: &CudaDevice, targets: &[usize]) -> Result<CudaSlice<i64>> {
+    let v: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
+    Ok(dev.stream.clone_htod(&v)?)
+}
+
+/// Mean cross-entropy of `logits` (`[rows, classes]`) against `targets`: the f32 scalar
+/// loss and each row's log-sum-exp (f32 `[rows]`, for the backward pass).
+pub fn cross_entropy(
+    logits: &CudaStorage,
+    targets: &CudaSlice<i64>,
+    rows: usize,
+    classes: usize,
+) -> Result<(CudaBuf, CudaBuf)> {
+    let dev = &logits.dev;
+    let dtype = logits.buf.dtype();
+    if rows == 0 || classes == 0 || targets.len() != rows {
+        bail!(
+            "cross_entropy: {rows} rows of {classes} classes with {} targets",
+            targets.len()
+        );
+    }
+    let mut loss_rows = dev.alloc(rows, DType::F32)?;
+    let mut lse = dev.alloc(rows, DType::F32)?;
+    let (CudaBuf::F32(lr), CudaBuf::F32(ls)) = (&mut loss_rows, &mut lse) else {
+        bail!("cross_entropy: row buffers are not f32");
+    };
+    let classes64 = classes as i64;
+    let f = dev.func(
+        "loss",
+        if dtype == DType::F32 {
+            "ce_fwd_f32"
+        } else {
+            "ce_fwd_bf16"
+        },
+    )?;
+    let mut lb = dev.stream.launch_builder(&f);
+    match &logits.buf {
+        CudaBuf::F32(a) => lb.arg(a),
+        CudaBuf::BF16(a) => lb.arg(a),
+    };
+    lb.arg(targets).arg(&mut *lr).arg(&mut *ls).arg(&classes64);
+    // SAFETY: block r reads row r of logits (classes elements) and targets[r] (< classes,
+    // checked by the op), and writes loss_rows[r] and lse[r], r < rows.
+    unsafe { lb.launch(grid_rows(rows, THREADS)) }?;
+    let loss = rows_finish(dev, lr, 1, rows, 1.0 / rows as f32)?;
+    Ok((loss, lse))
+}
+
+/// Gradient of [`cross_entropy`] with respect to the logits: `g·(softmax − onehot)/rows`
+/// in the logits' dtype; `g` is the f32 scalar incoming gradient.
+pub fn cross_entropy_backward(
+    logits: &CudaStorage,
+    targets: &CudaSlice<i64>,
+    lse: &CudaStorage,
+    g: &CudaStorage,
+    rows: usize,
+    classes: usize,
+) -> Result<CudaBuf> {
+    let dev = &logits.dev;
+    let dtype = logits.buf.dtype();
+    let lse = f32_of(&lse.buf, "cross_entropy: saved log-sum-exp")?;
+    let g = f32_of(&g.buf, "cross_entropy: incoming gradient")?;
+    if targets.len() != rows || lse.len() < rows || rows == 0 {
+        bail!(
+            "cross_entropy backward: {rows} rows with {} targets and {} saved rows",
+            targets.len(),
+            lse.len()
+        );
+    }
+    let mut out = dev.alloc(rows * classes, dtype)?;
+    let classes64 = classes as i64;
+    let inv_rows = 1.0 / rows as f32;
+    let f = dev.func(
+        "loss",
+        if dtype == DType::F32 {
+            "ce_bwd_f32"
+        } else {
+            "ce_bwd_bf16"
+        },
+    )?;
+    let mut lb = dev.stream.launch_builder(&f);
+    match (&logits.buf, &mut out) {
+        (CudaBuf::F32(a), CudaBuf::F32(o)) => lb.arg(a).arg(targets).arg(lse).arg(g).arg(o),
+        (CudaBuf::BF16(a), CudaBuf::BF16(o)) => lb.arg(a).arg(targets).arg(lse).arg(g).arg(o),
+        _ => bail!("cross_entropy backward: dtype mismatch"),
+    };
+    lb.arg(&classes64).arg(&inv_rows);
+    // SAFETY: block r reads and writes row r (classes elements) of logits and out, and
+    // reads targets[r], lse[r] and g[0].
+    unsafe { lb.launch(grid_rows(rows, THREADS)) }?;
+    Ok(out)
+}

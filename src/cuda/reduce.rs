@@ -2,8 +2,21 @@
 
 use cudarc::driver::PushKernelArg;
 
-use super::{grid_1d, CudaBuf, CudaStorage};
+use cudarc::driver::LaunchConfig;
+
+use super::{grid_1d, grid_rows, CudaBuf, CudaStorage};
 use crate::{bail, DType, Result};
+
+/// Threads per block of the row kernels.
+const ROW_THREADS: u32 = 256;
+/// Elements a row-partial block should cover at least (8 per thread), so that small rows
+/// take one block and the finish pass has little to add.
+const MIN_PER_BLOCK: usize = 2048;
+/// Upper bound on the partial blocks of one launch: enough to fill any current GPU
+/// several times over while the finish pass stays one short block per row.
+const MAX_PARTIAL_BLOCKS: usize = 4096;
+/// The largest grid.x a launch may use.
+const MAX_GRID: usize = i32::MAX as usize;
 
 /// Reduction description passed by value; mirrors `struct ReduceDesc` in `reduce.cu`.
 #[repr(C)]
@@ -24,7 +37,10 @@ pub fn sum_to(x: &CudaStorage, in_shape: &[usize], out_shape: &[usize]) -> Resul
     if in_shape.len() > 6 || in_shape.len() != out_shape.len() {
         bail!("sum_to: unsupported shapes {in_shape:?} -> {out_shape:?}");
     }
-    let mut d = ReduceDesc { rank: in_shape.len() as i32, ..Default::default() };
+    let mut d = ReduceDesc {
+        rank: in_shape.len() as i32,
+        ..Default::default()
+    };
     let mut stride = 1i64;
     for k in (0..in_shape.len()).rev() {
         let reduced = out_shape[k] == 1 && in_shape[k] != 1;
@@ -38,7 +54,14 @@ pub fn sum_to(x: &CudaStorage, in_shape: &[usize], out_shape: &[usize]) -> Resul
     let n_red = (in_shape.iter().product::<usize>() / n_out.max(1)) as i64;
     let dev = &x.dev;
     let dtype = x.buf.dtype();
-    let f = dev.func("reduce", if dtype == DType::F32 { "sum_to_f32" } else { "sum_to_bf16" })?;
+    let f = dev.func(
+        "reduce",
+        if dtype == DType::F32 {
+            "sum_to_f32"
+        } else {
+            "sum_to_bf16"
+        },
+    )?;
     let mut out = dev.alloc(n_out, dtype)?;
     let n_out64 = n_out as i64;
     let mut lb = dev.stream.launch_builder(&f);
@@ -54,5 +77,114 @@ pub fn sum_to(x: &CudaStorage, in_shape: &[usize], out_shape: &[usize]) -> Resul
     lb.arg(&d).arg(&n_out64).arg(&n_red);
     // SAFETY: offsets stay inside `x` (strides from its contiguous shape); n_out writes.
     unsafe { lb.launch(grid_1d(n_out, 256)) }?;
+    Ok(out)
+}
+
+/// Blocks per row of the two-pass row sums (depends only on the sizes, so results are
+/// reproducible run to run). Shared with the loss kernels, which use the same split.
+pub fn blocks_per_row(rows: usize, len: usize) -> usize {
+    len.div_ceil(MIN_PER_BLOCK)
+        .clamp(1, (MAX_PARTIAL_BLOCKS / rows.max(1)).max(1))
+}
+
+/// `x` viewed as `[rows, len]`: `out[r] = scale · Σ x[r, :]`, in `x`'s dtype.
+pub fn row_sum(x: &CudaStorage, rows: usize, len: usize, scale: f32) -> Result<CudaBuf> {
+    let dev = &x.dev;
+    let dtype = x.buf.dtype();
+    if rows == 0 {
+        return dev.alloc(0, dtype);
+    }
+    let bpr = blocks_per_row(rows, len);
+    if rows * bpr > MAX_GRID {
+        bail!("sum: {rows} rows exceed one launch");
+    }
+    let mut partials = dev.alloc(rows * bpr, DType::F32)?;
+    let CudaBuf::F32(part) = &mut partials else {
+        bail!("sum: partials buffer is not f32");
+    };
+    let (len64, bpr64) = (len as i64, bpr as i64);
+    let f = dev.func(
+        "reduce",
+        if dtype == DType::F32 {
+            "row_partial_f32"
+        } else {
+            "row_partial_bf16"
+        },
+    )?;
+    let mut lb = dev.stream.launch_builder(&f);
+    match &x.buf {
+        CudaBuf::F32(a) => lb.arg(a),
+        CudaBuf::BF16(a) => lb.arg(a),
+    };
+    lb.arg(&mut *part).arg(&len64).arg(&bpr64);
+    // SAFETY: block b reads row b / bpr (len elements, inside x's rows·len) and writes
+    // partials[b], b < rows·bpr.
+    unsafe { lb.launch(grid_rows(rows * bpr, ROW_THREADS)) }?;
+
+    let mut out = dev.alloc(rows, dtype)?;
+    let f = dev.func(
+        "reduce",
+        if dtype == DType::F32 {
+            "row_finish_f32"
+        } else {
+            "row_finish_bf16"
+        },
+    )?;
+    let mut lb = dev.stream.launch_builder(&f);
+    lb.arg(&*part);
+    match &mut out {
+        CudaBuf::F32(o) => lb.arg(o),
+        CudaBuf::BF16(o) => lb.arg(o),
+    };
+    lb.arg(&bpr64).arg(&scale);
+    // SAFETY: block r reads partials[r·bpr .. (r+1)·bpr] and writes out[r], r < rows.
+    unsafe { lb.launch(grid_rows(rows, ROW_THREADS)) }?;
+    Ok(out)
+}
+
+/// `x` viewed as `[outer, len, inner]` (inner > 1): `out[o, i] = scale · Σ_r x[o, r, i]`,
+/// in `x`'s dtype.
+pub fn col_sum(
+    x: &CudaStorage,
+    outer: usize,
+    len: usize,
+    inner: usize,
+    scale: f32,
+) -> Result<CudaBuf> {
+    let dev = &x.dev;
+    let dtype = x.buf.dtype();
+    if outer * inner == 0 {
+        return dev.alloc(0, dtype);
+    }
+    let blocks = outer * inner.div_ceil(32);
+    if blocks > MAX_GRID {
+        bail!("sum_dim: {outer}x{inner} outputs exceed one launch");
+    }
+    let mut out = dev.alloc(outer * inner, dtype)?;
+    let (len64, inner64) = (len as i64, inner as i64);
+    let f = dev.func(
+        "reduce",
+        if dtype == DType::F32 {
+            "col_sum_f32"
+        } else {
+            "col_sum_bf16"
+        },
+    )?;
+    let mut lb = dev.stream.launch_builder(&f);
+    match (&x.buf, &mut out) {
+        (CudaBuf::F32(a), CudaBuf::F32(o)) => lb.arg(a).arg(o),
+        (CudaBuf::BF16(a), CudaBuf::BF16(o)) => lb.arg(a).arg(o),
+        _ => bail!("sum_dim: dtype mismatch"),
+    };
+    lb.arg(&len64).arg(&inner64).arg(&scale);
+    // The kernel's shared tile is sized for exactly 32×8 threads.
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: block b covers o = b / tiles and 32 columns of tile b % tiles; reads stay
+    // in row o (len·inner elements), writes go to out[o·inner + i] with i < inner.
+    unsafe { lb.launch(cfg) }?;
     Ok(out)
 }
