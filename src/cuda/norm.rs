@@ -1,1 +1,354 @@
-//! (being written)
+//! Launchers of `kernels/norm.cu`: row normalisations forward and backward, and the
+//! second stage of the parameter-gradient reduction.
+
+use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
+
+use super::{grid_1d, CudaBuf, CudaStorage};
+use crate::cpu::norm::RowNorm;
+use crate::{bail, DType, Result};
+
+/// Threads per block at most (`NORM_MAX_THREADS`, the kernels' launch bound).
+const MAX_THREADS: usize = 256;
+/// Vectors per thread kept in registers by the forward (`FWD_CACHE`).
+const FWD_CACHE: usize = 4;
+/// Vectors per thread kept in registers by the backward (`BWD_CACHE`).
+const BWD_CACHE: usize = 2;
+/// Blocks that share the rows when parameter gradients are reduced: enough to fill
+/// an H100 (132 SMs) a few times over while keeping the partial buffers small
+/// (512·D floats each).
+const PARAM_GRAD_BLOCKS: usize = 512;
+/// Cap on the grid size of the row loops (the kernels stride over the rest).
+const MAX_GRID: usize = 1 << 20;
+
+/// A null device pointer for absent optional arguments (the kernels test for it).
+static NULL_PTR: u64 = 0;
+
+/// Elements per vector: 16 bytes of `dtype` when `d` is a multiple of that, else 1.
+fn vec_width(dtype: DType, d: usize) -> usize {
+    let v = match dtype {
+        DType::F32 => 4,
+        DType::BF16 => 8,
+    };
+    if d % v == 0 {
+        v
+    } else {
+        1
+    }
+}
+
+/// Threads (a multiple of 32, at most [`MAX_THREADS`]) so that each thread holds at most
+/// `cache` of the row's `nvec` vectors where the row fits.
+fn threads_for(nvec: usize, cache: usize) -> u32 {
+    (nvec.div_ceil(cache).div_ceil(32) * 32).clamp(32, MAX_THREADS) as u32
+}
+
+fn fwd_name(t: DType, p: DType, vectorised: bool) -> &'static str {
+    use DType::{BF16, F32};
+    match (t, p, vectorised) {
+        (F32, F32, false) => "norm_fwd_f32_f32_v1",
+        (F32, F32, true) => "norm_fwd_f32_f32_vec",
+        (F32, BF16, false) => "norm_fwd_f32_bf16_v1",
+        (F32, BF16, true) => "norm_fwd_f32_bf16_vec",
+        (BF16, F32, false) => "norm_fwd_bf16_f32_v1",
+        (BF16, F32, true) => "norm_fwd_bf16_f32_vec",
+        (BF16, BF16, false) => "norm_fwd_bf16_bf16_v1",
+        (BF16, BF16, true) => "norm_fwd_bf16_bf16_vec",
+    }
+}
+
+fn bwd_name(t: DType, p: DType, vectorised: bool) -> &'static str {
+    use DType::{BF16, F32};
+    match (t, p, vectorised) {
+        (F32, F32, false) => "norm_bwd_f32_f32_v1",
+        (F32, F32, true) => "norm_bwd_f32_f32_vec",
+        (F32, BF16, false) => "norm_bwd_f32_bf16_v1",
+        (F32, BF16, true) => "norm_bwd_f32_bf16_vec",
+        (BF16, F32, false) => "norm_bwd_bf16_f32_v1",
+        (BF16, F32, true) => "norm_bwd_bf16_f32_vec",
+        (BF16, BF16, false) => "norm_bwd_bf16_bf16_v1",
+        (BF16, BF16, true) => "norm_bwd_bf16_bf16_vec",
+    }
+}
+
+fn push<'a>(lb: &mut LaunchArgs<'a>, buf: &'a CudaBuf) {
+    match buf {
+        CudaBuf::F32(s) => lb.arg(s),
+        CudaBuf::BF16(s) => lb.arg(s),
+    };
+}
+
+fn push_mut<'a>(lb: &mut LaunchArgs<'a>, buf: &'a mut CudaBuf) {
+    match buf {
+        CudaBuf::F32(s) => lb.arg(s),
+        CudaBuf::BF16(s) => lb.arg(s),
+    };
+}
+
+fn push_opt<'a>(lb: &mut LaunchArgs<'a>, buf: Option<&'a CudaBuf>) {
+    match buf {
+        Some(b) => push(lb, b),
+        None => {
+            lb.arg(&NULL_PTR);
+        }
+    }
+}
+
+fn push_opt_mut<'a>(lb: &mut LaunchArgs<'a>, buf: Option<&'a mut CudaBuf>) {
+    match buf {
+        Some(b) => push_mut(lb, b),
+        None => {
+            lb.arg(&NULL_PTR);
+        }
+    }
+}
+
+/// The kernels' parameter dtype: that of `w` and `b`, which must agree; with neither,
+/// any (the activations' dtype).
+fn param_dtype(t: DType, w: Option<&CudaStorage>, b: Option<&CudaStorage>) -> Result<DType> {
+    match (w, b) {
+        (Some(w), Some(b)) if w.buf.dtype() != b.buf.dtype() => {
+            bail!(
+                "norm: weight and bias dtypes differ ({} vs {})",
+                w.buf.dtype(),
+                b.buf.dtype()
+            )
+        }
+        (Some(p), _) | (None, Some(p)) => Ok(p.buf.dtype()),
+        (None, None) => Ok(t),
+    }
+}
+
+/// The kernels index rows by `row / rows_per_group`, so groups must tile the rows.
+fn check_spec(spec: &RowNorm) -> Result<()> {
+    if spec.rows == 0
+        || spec.d == 0
+        || spec.rows_per_group == 0
+        || spec.rows % spec.rows_per_group != 0
+    {
+        bail!("norm: bad launch shape {spec:?} (empty, or groups that do not tile the rows)");
+    }
+    if spec.d > i32::MAX as usize {
+        bail!(
+            "norm: rows of {} elements exceed the kernels' 32-bit column index",
+            spec.d
+        );
+    }
+    Ok(())
+}
+
+fn check_stats(s: &CudaStorage, rows: usize) -> Result<()> {
+    if s.buf.dtype() != DType::F32 || s.buf.len() < rows {
+        bail!(
+            "norm: saved statistics must be {rows} f32 values, got {} {}",
+            s.buf.len(),
+            s.buf.dtype()
+        );
+    }
+    Ok(())
+}
+
+/// Checks that a buffer holds at least `n` elements (what the kernels will touch).
+fn check_len(what: &str, s: Option<&CudaStorage>, n: usize) -> Result<()> {
+    match s {
+        Some(s) if s.buf.len() < n => {
+            bail!("norm: {what} holds {} elements, {n} needed", s.buf.len())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Forward of `spec` on `x` with optional parameters `w` (multiplicative) and `b`
+/// (additive), `[groups, d]` each. Returns the output (in `x`'s dtype) and, when
+/// `keep_stats`, each row's mean and rstd (f32) for the backward.
+pub fn forward(
+    x: &CudaStorage,
+    w: Option<&CudaStorage>,
+    b: Option<&CudaStorage>,
+    spec: &RowNorm,
+    keep_stats: bool,
+) -> Result<(CudaBuf, Option<(CudaBuf, CudaBuf)>)> {
+    check_spec(spec)?;
+    let dev = &x.dev;
+    let t = x.buf.dtype();
+    let p = param_dtype(t, w, b)?;
+    check_len("x", Some(x), spec.rows * spec.d)?;
+    check_len("weight", w, spec.groups() * spec.d)?;
+    check_len("bias", b, spec.groups() * spec.d)?;
+    let vec = vec_width(t, spec.d);
+    let f = dev.func("norm", fwd_name(t, p, vec > 1))?;
+    let mut y = dev.alloc(spec.rows * spec.d, t)?;
+    let mut stats = if keep_stats {
+        Some((
+            dev.alloc(spec.rows, DType::F32)?,
+            dev.alloc(spec.rows, DType::F32)?,
+        ))
+    } else {
+        None
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (spec.rows.min(MAX_GRID) as u32, 1, 1),
+        block_dim: (threads_for(spec.d / vec, FWD_CACHE), 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (rows, d, rpg, rms) = (
+        spec.rows as i64,
+        spec.d as i32,
+        spec.rows_per_group as i64,
+        spec.rms as i32,
+    );
+    let mut lb = dev.stream.launch_builder(&f);
+    push(&mut lb, &x.buf);
+    push_mut(&mut lb, &mut y);
+    push_opt(&mut lb, w.map(|s| &s.buf));
+    push_opt(&mut lb, b.map(|s| &s.buf));
+    match &mut stats {
+        Some((m, r)) => {
+            push_mut(&mut lb, m);
+            push_mut(&mut lb, r);
+        }
+        None => {
+            lb.arg(&NULL_PTR).arg(&NULL_PTR);
+        }
+    }
+    lb.arg(&rows)
+        .arg(&d)
+        .arg(&rpg)
+        .arg(&spec.w_offset)
+        .arg(&spec.eps)
+        .arg(&rms);
+    // SAFETY: x and y hold rows·d elements of their dtypes; w and b (when present) hold
+    // groups·d elements of `p` and are read at row/rows_per_group < groups; mean and rstd
+    // hold `rows` f32 values. With a vector width > 1, d is a multiple of it, so every
+    // vector access is 16-byte aligned (allocations are 256-byte aligned).
+    unsafe { lb.launch(cfg) }?;
+    Ok((y, stats))
+}
+
+/// Gradients computed by [`backward`]; `None` where not asked for.
+pub struct NormGrads {
+    /// Gradient of the input, in its dtype.
+    pub dx: Option<CudaBuf>,
+    /// Gradient of the multiplicative parameter, `[groups, d]`.
+    pub dw: Option<CudaBuf>,
+    /// Gradient of the additive parameter, `[groups, d]`.
+    pub db: Option<CudaBuf>,
+}
+
+/// What [`backward`] computes: the input gradient, and the parameter gradients in the
+/// given dtypes.
+#[derive(Clone, Copy, Debug)]
+pub struct Wanted {
+    /// Compute `dx`.
+    pub dx: bool,
+    /// Compute `dw` in this dtype.
+    pub dw: Option<DType>,
+    /// Compute `db` in this dtype.
+    pub db: Option<DType>,
+}
+
+/// Backward of `spec`: `dy` has `x`'s dtype; `mean`/`rstd` are the forward's statistics.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    x: &CudaStorage,
+    dy: &CudaStorage,
+    w: Option<&CudaStorage>,
+    mean: &CudaStorage,
+    rstd: &CudaStorage,
+    spec: &RowNorm,
+    want: Wanted,
+) -> Result<NormGrads> {
+    check_spec(spec)?;
+    let dev = &x.dev;
+    let t = x.buf.dtype();
+    if dy.buf.dtype() != t {
+        bail!(
+            "norm backward: gradient dtype {} differs from the input's {t}",
+            dy.buf.dtype()
+        );
+    }
+    check_stats(mean, spec.rows)?;
+    check_stats(rstd, spec.rows)?;
+    check_len("x", Some(x), spec.rows * spec.d)?;
+    check_len("dy", Some(dy), spec.rows * spec.d)?;
+    check_len("weight", w, spec.groups() * spec.d)?;
+    let p = param_dtype(t, w, None)?;
+    let groups = spec.groups();
+    if groups > 65535 {
+        bail!("norm backward: {groups} parameter groups exceed the grid limit of 65535");
+    }
+    let params = want.dw.is_some() || want.db.is_some();
+    let rpg = spec.rows_per_group;
+    let nblk = if params {
+        PARAM_GRAD_BLOCKS.div_ceil(groups).clamp(1, rpg)
+    } else {
+        rpg.min(MAX_GRID)
+    };
+    let n_part = groups * nblk * spec.d;
+    let mut dx = if want.dx {
+        Some(dev.alloc(spec.rows * spec.d, t)?)
+    } else {
+        None
+    };
+    let mut part_w = if want.dw.is_some() {
+        Some(dev.alloc(n_part, DType::F32)?)
+    } else {
+        None
+    };
+    let mut part_b = if want.db.is_some() {
+        Some(dev.alloc(n_part, DType::F32)?)
+    } else {
+        None
+    };
+
+    if want.dx || params {
+        let vec = vec_width(t, spec.d);
+        let f = dev.func("norm", bwd_name(t, p, vec > 1))?;
+        let cfg = LaunchConfig {
+            grid_dim: (nblk as u32, groups as u32, 1),
+            block_dim: (threads_for(spec.d / vec, BWD_CACHE), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rpg64, d, rms) = (rpg as i64, spec.d as i32, spec.rms as i32);
+        let mut lb = dev.stream.launch_builder(&f);
+        push(&mut lb, &x.buf);
+        push(&mut lb, &dy.buf);
+        push_opt(&mut lb, w.map(|s| &s.buf));
+        push(&mut lb, &mean.buf);
+        push(&mut lb, &rstd.buf);
+        push_opt_mut(&mut lb, dx.as_mut());
+        push_opt_mut(&mut lb, part_w.as_mut());
+        push_opt_mut(&mut lb, part_b.as_mut());
+        lb.arg(&rpg64).arg(&d).arg(&spec.w_offset).arg(&rms);
+        // SAFETY: block (j, g) reads rows g·rows_per_group + j + k·nblk < rows of x and dy
+        // (rows·d elements each) and of mean/rstd (rows values), parameter row g < groups
+        // of w, and writes those rows of dx and its own partial rows (g·nblk + j)·d of
+        // the partial buffers (groups·nblk·d floats). Vector accesses are aligned as in
+        // the forward.
+        unsafe { lb.launch(cfg) }?;
+    }
+
+    let reduce = |part: Option<CudaBuf>, dtype: Option<DType>| -> Result<Option<CudaBuf>> {
+        let (Some(part), Some(dtype)) = (part, dtype) else {
+            return Ok(None);
+        };
+        let mut out = dev.alloc(groups * spec.d, dtype)?;
+        let f = dev.func(
+            "norm",
+            match dtype {
+                DType::F32 => "norm_reduce_partials_f32",
+                DType::BF16 => "norm_reduce_partials_bf16",
+            },
+        )?;
+        let (g64, nblk64, d) = (groups as i64, nblk as i64, spec.d as i32);
+        let mut lb = dev.stream.launch_builder(&f);
+        push(&mut lb, &part);
+        push_mut(&mut lb, &mut out);
+        lb.arg(&g64).arg(&nblk64).arg(&d);
+        // SAFETY: reads groups·nblk·d partials and writes groups·d outputs.
+        unsafe { lb.launch(grid_1d(groups * spec.d, 256)) }?;
+        Ok(Some(out))
+    };
+    let dw = reduce(part_w, want.dw)?;
+    let db = reduce(part_b, want.db)?;
+    Ok(NormGrads { dx, dw, db })
+}

@@ -1,0 +1,342 @@
+// Row normalisations: LayerNorm (optional affine), LayerNorm fused with the adaLN
+// modulation of the Wan DiT, and RMSNorm; forward and backward.
+//
+// Math, per row r of D elements (statistics in fp32, biased variance), with the row's
+// parameter group g = r / rows_per_group:
+//   mean = Σx/D            (0 for RMSNorm)
+//   rstd = 1/sqrt(Σ(x − mean)²/D + eps)
+//   xhat = (x − mean)·rstd
+//   y    = xhat·(w_offset + w[g,c]) + b[g,c]      (absent w or b count as 0)
+// One formula covers the three ops: LayerNorm (w_offset 0 with a weight, 1 without),
+// adaLN modulate `LN(x)·(1+scale)+shift` (w = scale, b = shift, w_offset 1, one group per
+// batch element) and RMSNorm (mean 0, no b).
+// Backward, with gh = dy·(w_offset + w[g,c]):
+//   dx      = rstd·(gh − mean_c(gh) − xhat·mean_c(gh·xhat))   (no mean_c(gh) for RMSNorm)
+//   dw[g,c] = Σ_{r∈g} dy·xhat,   db[g,c] = Σ_{r∈g} dy.
+//
+// Layout: x, y, dy, dx are [rows, D] in T (f32 or bf16); w, b are [groups, D] in P (f32
+// or bf16, independent of T so that fp32 modulation vectors and master weights can be
+// used with bf16 activations); mean and rstd are [rows] f32, saved by the forward for
+// the backward.
+//
+// Launch: one block per row (grid-stride over rows). Thread t owns the vectors
+// t, t+blockDim, ... of VEC contiguous elements (VEC = 16 bytes of T when D allows, so
+// a bf16 row is read with 16-byte loads); the first CACHE of them stay in registers, so
+// x is read from global memory once and y written once. Vectors past CACHE·blockDim (a
+// row too long for the register cache: only odd D above 256·CACHE) are re-read on each
+// pass, which is correct but slower. Blocks have at most 256 threads (launch bounds), so
+// every instantiation fits the register file whatever its register count.
+//
+// The backward's parameter gradients are a deterministic two-stage reduction: the grid is
+// (J, groups); block (j, g) handles rows j, j+J, ... of group g, accumulates dy·xhat and
+// dy for its columns in registers and writes one partial row; `norm_reduce_partials` then
+// sums the J partials of each (g, c) in a fixed order. No atomics, so results are
+// bitwise reproducible.
+#include "common.cuh"
+
+#define NORM_MAX_THREADS 256
+#define FWD_CACHE 4
+#define BWD_CACHE 2
+
+// Loads VEC consecutive elements starting at p[i] as fp32. When VEC elements span whole
+// 16-byte words the caller guarantees 16-byte alignment of p + i and they are loaded as
+// such; otherwise element by element.
+template <int VEC, typename T>
+__device__ __forceinline__ void load_vec(const T* p, int64_t i, float (&v)[VEC]) {
+    if constexpr ((VEC * sizeof(T)) % 16 == 0) {
+        constexpr int PER_WORD = 16 / sizeof(T);
+#pragma unroll
+        for (int q = 0; q < VEC / PER_WORD; ++q) {
+            const uint4 raw = reinterpret_cast<const uint4*>(p + i)[q];
+            const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+            for (int k = 0; k < PER_WORD; ++k) v[q * PER_WORD + k] = load(e, k);
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) v[k] = load(p, i + k);
+    }
+}
+
+// Stores VEC fp32 values to p[i..i+VEC) in T, with 16-byte stores when they fit.
+template <int VEC, typename T>
+__device__ __forceinline__ void store_vec(T* p, int64_t i, const float (&v)[VEC]) {
+    if constexpr ((VEC * sizeof(T)) % 16 == 0) {
+        constexpr int PER_WORD = 16 / sizeof(T);
+#pragma unroll
+        for (int q = 0; q < VEC / PER_WORD; ++q) {
+            uint4 raw;
+            T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+            for (int k = 0; k < PER_WORD; ++k) store(e, k, v[q * PER_WORD + k]);
+            reinterpret_cast<uint4*>(p + i)[q] = raw;
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) store(p, i + k, v[k]);
+    }
+}
+
+// The per-column factor w_offset + w[c] and shift b[c] of VEC columns from column c
+// (p points at the row's parameter group).
+template <int VEC, typename P>
+__device__ __forceinline__ void load_affine(const P* w, const P* b, int64_t c, float w_offset, float (&f)[VEC],
+                                            float (&s)[VEC]) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+        f[e] = w_offset;
+        s[e] = 0.f;
+    }
+    if (w != nullptr) {
+        float t[VEC];
+        load_vec(w, c, t);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) f[e] += t[e];
+    }
+    if (b != nullptr) load_vec(b, c, s);
+}
+
+template <int VEC, typename T, typename P>
+__device__ __forceinline__ void write_normed(T* yr, const P* w, const P* b, int64_t c, const float (&v)[VEC],
+                                             float mean, float rstd, float w_offset) {
+    float f[VEC], s[VEC], o[VEC];
+    load_affine(w, b, c, w_offset, f, s);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) o[e] = (v[e] - mean) * rstd * f[e] + s[e];
+    store_vec(yr, c, o);
+}
+
+template <typename T, typename P, int VEC>
+__device__ void norm_fwd(const T* __restrict__ x, T* __restrict__ y, const P* __restrict__ w,
+                         const P* __restrict__ b, float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                         int64_t rows, int d, int64_t rows_per_group, float w_offset, float eps, int rms) {
+    __shared__ float scratch[32];
+    const int nvec = d / VEC;
+    const int tid = threadIdx.x, bd = blockDim.x;
+    for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+        const T* xr = x + row * d;
+        float v[FWD_CACHE][VEC];
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < FWD_CACHE; ++k) {
+            const int i = tid + k * bd;
+            if (i < nvec) {
+                load_vec(xr, (int64_t)i * VEC, v[k]);
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) s += v[k][e];
+            }
+        }
+        for (int i = tid + FWD_CACHE * bd; i < nvec; i += bd) {
+            float t[VEC];
+            load_vec(xr, (int64_t)i * VEC, t);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) s += t[e];
+        }
+        // `rms` is uniform over the grid, so either every thread reaches block_sum or none.
+        const float mean = rms ? 0.f : block_sum(s, scratch) / (float)d;
+
+        // Second pass over the centred values (not E[x²] − mean², which cancels badly
+        // when |mean| ≫ std).
+        float s2 = 0.f;
+#pragma unroll
+        for (int k = 0; k < FWD_CACHE; ++k) {
+            const int i = tid + k * bd;
+            if (i < nvec) {
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) {
+                    const float c = v[k][e] - mean;
+                    s2 += c * c;
+                }
+            }
+        }
+        for (int i = tid + FWD_CACHE * bd; i < nvec; i += bd) {
+            float t[VEC];
+            load_vec(xr, (int64_t)i * VEC, t);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+                const float c = t[e] - mean;
+                s2 += c * c;
+            }
+        }
+        const float rstd = rsqrtf(block_sum(s2, scratch) / (float)d + eps);
+        if (mean_out != nullptr && tid == 0) {
+            mean_out[row] = mean;
+            rstd_out[row] = rstd;
+        }
+
+        const int64_t poff = (row / rows_per_group) * d;
+        const P* wg = w != nullptr ? w + poff : nullptr;
+        const P* bg = b != nullptr ? b + poff : nullptr;
+        T* yr = y + row * d;
+#pragma unroll
+        for (int k = 0; k < FWD_CACHE; ++k) {
+            const int i = tid + k * bd;
+            if (i < nvec) write_normed(yr, wg, bg, (int64_t)i * VEC, v[k], mean, rstd, w_offset);
+        }
+        for (int i = tid + FWD_CACHE * bd; i < nvec; i += bd) {
+            float t[VEC];
+            load_vec(xr, (int64_t)i * VEC, t);
+            write_normed(yr, wg, bg, (int64_t)i * VEC, t, mean, rstd, w_offset);
+        }
+    }
+}
+
+// One row's backward quantities for VEC columns from c: xhat, gh = dy·factor, and dy.
+template <int VEC, typename T, typename P>
+__device__ __forceinline__ void bwd_load(const T* xr, const T* gr, const P* wg, int64_t c, float mu, float rs,
+                                         float w_offset, float (&xh)[VEC], float (&gh)[VEC], float (&dyv)[VEC]) {
+    float f[VEC], unused[VEC];
+    load_vec(xr, c, xh);
+    load_vec(gr, c, dyv);
+    load_affine<VEC, P>(wg, nullptr, c, w_offset, f, unused);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+        xh[e] = (xh[e] - mu) * rs;
+        gh[e] = dyv[e] * f[e];
+    }
+}
+
+template <typename T, typename P, int VEC>
+__device__ void norm_bwd(const T* __restrict__ x, const T* __restrict__ dy, const P* __restrict__ w,
+                         const float* __restrict__ mean, const float* __restrict__ rstd, T* __restrict__ dx,
+                         float* __restrict__ part_w, float* __restrict__ part_b, int64_t rows_per_group, int d,
+                         float w_offset, int rms) {
+    __shared__ float scratch[32];
+    const int nvec = d / VEC;
+    const int tid = threadIdx.x, bd = blockDim.x;
+    const int64_t g = blockIdx.y, nblk = gridDim.x;
+    const P* wg = w != nullptr ? w + g * d : nullptr;
+    // This block's partial rows: part[(g·J + j)·D + c], owned by this block alone.
+    const int64_t part_off = (g * nblk + blockIdx.x) * d;
+
+    float aw[BWD_CACHE][VEC], ab[BWD_CACHE][VEC];
+#pragma unroll
+    for (int k = 0; k < BWD_CACHE; ++k)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) aw[k][e] = ab[k][e] = 0.f;
+    // Columns past the register cache accumulate in place in the partial rows; each is
+    // touched only by its owning thread, so no synchronisation is needed.
+    for (int i = tid + BWD_CACHE * bd; i < nvec; i += bd)
+        for (int e = 0; e < VEC; ++e) {
+            if (part_w != nullptr) part_w[part_off + (int64_t)i * VEC + e] = 0.f;
+            if (part_b != nullptr) part_b[part_off + (int64_t)i * VEC + e] = 0.f;
+        }
+
+    for (int64_t rl = blockIdx.x; rl < rows_per_group; rl += nblk) {
+        const int64_t row = g * rows_per_group + rl;
+        const float mu = mean[row], rs = rstd[row];
+        const T* xr = x + row * d;
+        const T* gr = dy + row * d;
+        float xh[BWD_CACHE][VEC], gh[BWD_CACHE][VEC];
+        float s_g = 0.f, s_gx = 0.f;
+#pragma unroll
+        for (int k = 0; k < BWD_CACHE; ++k) {
+            const int i = tid + k * bd;
+            if (i < nvec) {
+                float dyv[VEC];
+                bwd_load(xr, gr, wg, (int64_t)i * VEC, mu, rs, w_offset, xh[k], gh[k], dyv);
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) {
+                    s_g += gh[k][e];
+                    s_gx += gh[k][e] * xh[k][e];
+                    aw[k][e] += dyv[e] * xh[k][e];
+                    ab[k][e] += dyv[e];
+                }
+            }
+        }
+        for (int i = tid + BWD_CACHE * bd; i < nvec; i += bd) {
+            float txh[VEC], tgh[VEC], dyv[VEC];
+            const int64_t c = (int64_t)i * VEC;
+            bwd_load(xr, gr, wg, c, mu, rs, w_offset, txh, tgh, dyv);
+            for (int e = 0; e < VEC; ++e) {
+                s_g += tgh[e];
+                s_gx += tgh[e] * txh[e];
+                if (part_w != nullptr) part_w[part_off + c + e] += dyv[e] * txh[e];
+                if (part_b != nullptr) part_b[part_off + c + e] += dyv[e];
+            }
+        }
+        // Uniform branches: every thread of the block takes the same path.
+        const float mg = rms ? 0.f : block_sum(s_g, scratch) / (float)d;
+        const float mgx = block_sum(s_gx, scratch) / (float)d;
+        if (dx != nullptr) {
+            T* dxr = dx + row * d;
+#pragma unroll
+            for (int k = 0; k < BWD_CACHE; ++k) {
+                const int i = tid + k * bd;
+                if (i < nvec) {
+                    float o[VEC];
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) o[e] = rs * (gh[k][e] - mg - xh[k][e] * mgx);
+                    store_vec(dxr, (int64_t)i * VEC, o);
+                }
+            }
+            for (int i = tid + BWD_CACHE * bd; i < nvec; i += bd) {
+                float txh[VEC], tgh[VEC], dyv[VEC], o[VEC];
+                const int64_t c = (int64_t)i * VEC;
+                bwd_load(xr, gr, wg, c, mu, rs, w_offset, txh, tgh, dyv);
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) o[e] = rs * (tgh[e] - mg - txh[e] * mgx);
+                store_vec(dxr, c, o);
+            }
+        }
+    }
+
+#pragma unroll
+    for (int k = 0; k < BWD_CACHE; ++k) {
+        const int i = tid + k * bd;
+        if (i < nvec) {
+            const int64_t c = part_off + (int64_t)i * VEC;
+            if (part_w != nullptr) store_vec(part_w, c, aw[k]);
+            if (part_b != nullptr) store_vec(part_b, c, ab[k]);
+        }
+    }
+}
+
+// out[g, c] = Σ_j part[(g·J + j)·D + c]: the second stage of the parameter-gradient
+// reduction. One thread per output element; consecutive threads read consecutive
+// columns, so reads are coalesced.
+template <typename P>
+__device__ void reduce_partials(const float* __restrict__ part, P* __restrict__ out, int64_t groups, int64_t nblk,
+                                int d) {
+    const int64_t n = groups * d;
+    for (int64_t o = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; o < n; o += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t g = o / d, c = o % d;
+        const float* p = part + g * nblk * d + c;
+        float acc = 0.f;
+        for (int64_t j = 0; j < nblk; ++j) acc += p[j * d];
+        store(out, o, acc);
+    }
+}
+
+#define NORM_ENTRIES(TN, T, PN, P, VN, VEC)                                                                      \
+    extern "C" __global__ void __launch_bounds__(NORM_MAX_THREADS)                                               \
+        norm_fwd_##TN##_##PN##_##VN(const T* x, T* y, const P* w, const P* b, float* mean_out, float* rstd_out, \
+                                    int64_t rows, int d, int64_t rows_per_group, float w_offset, float eps,      \
+                                    int rms) {                                                                   \
+        norm_fwd<T, P, VEC>(x, y, w, b, mean_out, rstd_out, rows, d, rows_per_group, w_offset, eps, rms);       \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(NORM_MAX_THREADS)                                               \
+        norm_bwd_##TN##_##PN##_##VN(const T* x, const T* dy, const P* w, const float* mean, const float* rstd,  \
+                                    T* dx, float* part_w, float* part_b, int64_t rows_per_group, int d,          \
+                                    float w_offset, int rms) {                                                   \
+        norm_bwd<T, P, VEC>(x, dy, w, mean, rstd, dx, part_w, part_b, rows_per_group, d, w_offset, rms);        \
+    }
+
+// `vec`: 16 bytes of T per vector (8 bf16 or 4 f32), used when D is a multiple of that.
+NORM_ENTRIES(f32, float, f32, float, v1, 1)
+NORM_ENTRIES(f32, float, f32, float, vec, 4)
+NORM_ENTRIES(f32, float, bf16, bf16, v1, 1)
+NORM_ENTRIES(f32, float, bf16, bf16, vec, 4)
+NORM_ENTRIES(bf16, bf16, f32, float, v1, 1)
+NORM_ENTRIES(bf16, bf16, f32, float, vec, 8)
+NORM_ENTRIES(bf16, bf16, bf16, bf16, v1, 1)
+NORM_ENTRIES(bf16, bf16, bf16, bf16, vec, 8)
+
+extern "C" __global__ void norm_reduce_partials_f32(const float* part, float* out, int64_t groups, int64_t nblk,
+                                                    int d) {
+    reduce_partials(part, out, groups, nblk, d);
+}
+extern "C" __global__ void norm_reduce_partials_bf16(const float* part, bf16* out, int64_t groups, int64_t nblk,
+                                                     int d) {
+    reduce_partials(part, out, groups, nblk, d);
+}
