@@ -14,11 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The `-gencode` targets every kernel is built for.
-const GENCODES: &[&str] = &[
-    "arch=compute_80,code=sm_80",
-    "arch=compute_90a,code=sm_90a",
-    "arch=compute_80,code=compute_80",
-];
+const GENCODES: &[&str] =
+    &["arch=compute_80,code=sm_80", "arch=compute_90a,code=sm_90a", "arch=compute_80,code=compute_80"];
 
 fn main() {
     println!("cargo:rerun-if-changed=kernels");
@@ -33,9 +30,7 @@ fn main() {
     let kernel_dir = manifest.join("kernels");
     let mut sources: Vec<PathBuf> = std::fs::read_dir(&kernel_dir)
         .map(|rd| {
-            rd.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "cu"))
-                .collect()
+            rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "cu")).collect()
         })
         .unwrap_or_default();
     sources.sort();
@@ -77,12 +72,8 @@ fn main() {
                 match r {
                     Ok(fatbin) => {
                         let name = src.file_stem().unwrap().to_string_lossy().to_string();
-                        writeln!(
-                            generated,
-                            "    ({name:?}, include_bytes!({:?})),",
-                            fatbin.display().to_string()
-                        )
-                        .unwrap();
+                        writeln!(generated, "    ({name:?}, include_bytes!({:?})),", fatbin.display().to_string())
+                            .unwrap();
                     }
                     Err(e) => failures.push(format!("{}: {e}", src.display())),
                 }
@@ -133,12 +124,7 @@ fn compile(nvcc: &Path, include: &Path, src: &Path, out_dir: &Path) -> Result<Pa
     let stem = src.file_stem().unwrap().to_string_lossy().to_string();
     let out = out_dir.join(format!("{stem}.fatbin"));
     let mut cmd = Command::new(nvcc);
-    cmd.arg("-fatbin")
-        .arg("-O3")
-        .arg("-std=c++17")
-        .arg("-lineinfo")
-        .arg("-I")
-        .arg(include);
+    cmd.arg("-fatbin").arg("-O3").arg("-std=c++17").arg("-lineinfo").arg("-I").arg(include);
     for g in GENCODES {
         cmd.arg(format!("-gencode={g}"));
     }

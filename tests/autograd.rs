@@ -30,7 +30,8 @@ fn gradients_accumulate_over_reuse() {
     let x = Tensor::from_vec(vec![1.0, 2.0, 3.0], &[3], Device::Cpu).unwrap().requires_grad();
     // y = x*x + x  →  dy/dx = 2x + 1
     let y = ops::add(&ops::mul(&x, &x).unwrap(), &x).unwrap();
-    let g = autograd::backward_with(&y, Tensor::full(&[3], 1.0, synthos_engine::DType::F32, Device::Cpu).unwrap()).unwrap();
+    let g =
+        autograd::backward_with(&y, Tensor::full(&[3], 1.0, synthos_engine::DType::F32, Device::Cpu).unwrap()).unwrap();
     assert_eq!(g.get(&x).unwrap().to_vec().unwrap(), vec![3.0, 5.0, 7.0]);
     assert_eq!(autograd::tape_len(), 0, "backward consumes the tape");
 }

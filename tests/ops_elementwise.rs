@@ -21,17 +21,12 @@ fn erf_simpson(x: f64) -> f64 {
 
 /// Test points from −6 to 6 in odd steps, plus zero.
 fn points() -> Vec<f32> {
-    (-60..=60)
-        .map(|k| k as f32 * 0.1 + 0.0137)
-        .chain([0.0])
-        .collect()
+    (-60..=60).map(|k| k as f32 * 0.1 + 0.0137).chain([0.0]).collect()
 }
 
 #[test]
 fn erf_matches_integration() {
-    for x in [
-        -5.9, -3.6, -3.5, -3.4, -1.0, -0.3, 0.0, 1e-4, 0.5, 1.0, 2.2, 3.49, 3.51, 4.7, 6.0,
-    ] {
+    for x in [-5.9, -3.6, -3.5, -3.4, -1.0, -0.3, 0.0, 1e-4, 0.5, 1.0, 2.2, 3.49, 3.51, 4.7, 6.0] {
         let (a, b) = (cpu::elementwise::erf(x), erf_simpson(x));
         assert!((a - b).abs() < 1e-10, "erf({x}) = {a}, expected {b}");
     }
@@ -48,33 +43,15 @@ fn activations_match_formulas() {
     for (i, &v) in xs.iter().enumerate() {
         let v = v as f64;
         let e = 0.5 * v * (1.0 + erf_simpson(v / 2f64.sqrt()));
-        let t = 0.5
-            * v
-            * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh());
+        let t = 0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh());
         let s = v / (1.0 + (-v).exp());
-        assert!(
-            (exact[i] as f64 - e).abs() <= 1e-6 * (1.0 + e.abs()),
-            "gelu exact({v}) = {} vs {e}",
-            exact[i]
-        );
-        assert!(
-            (tanh[i] as f64 - t).abs() <= 1e-6 * (1.0 + t.abs()),
-            "gelu tanh({v}) = {} vs {t}",
-            tanh[i]
-        );
-        assert!(
-            (silu[i] as f64 - s).abs() <= 1e-6 * (1.0 + s.abs()),
-            "silu({v}) = {} vs {s}",
-            silu[i]
-        );
+        assert!((exact[i] as f64 - e).abs() <= 1e-6 * (1.0 + e.abs()), "gelu exact({v}) = {} vs {e}", exact[i]);
+        assert!((tanh[i] as f64 - t).abs() <= 1e-6 * (1.0 + t.abs()), "gelu tanh({v}) = {} vs {t}", tanh[i]);
+        assert!((silu[i] as f64 - s).abs() <= 1e-6 * (1.0 + s.abs()), "silu({v}) = {} vs {s}", silu[i]);
         assert_eq!(plus[i], xs[i] - 0.75);
     }
     // The two GELU forms differ, by at most ~5e-4 (why the choice is explicit).
-    let gap = exact
-        .iter()
-        .zip(&tanh)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let gap = exact.iter().zip(&tanh).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(gap > 1e-5 && gap < 1e-3, "gelu exact vs tanh gap {gap}");
 }
 
@@ -82,61 +59,18 @@ fn activations_match_formulas() {
 fn activation_gradients() {
     let mut rng = Rng::new(11);
     let x = randn(&[3, 5, 7], &mut rng);
-    gradcheck(
-        "gelu-exact",
-        |t| ops::gelu(&t[0], GeluApprox::Exact),
-        std::slice::from_ref(&x),
-        1e-2,
-        1e-2,
-    );
-    gradcheck(
-        "gelu-tanh",
-        |t| ops::gelu(&t[0], GeluApprox::Tanh),
-        std::slice::from_ref(&x),
-        1e-2,
-        1e-2,
-    );
-    gradcheck(
-        "silu",
-        |t| ops::silu(&t[0]),
-        std::slice::from_ref(&x),
-        1e-2,
-        1e-2,
-    );
-    gradcheck(
-        "add_scalar",
-        |t| ops::add_scalar(&t[0], 2.5),
-        std::slice::from_ref(&x),
-        1e-2,
-        1e-2,
-    );
+    gradcheck("gelu-exact", |t| ops::gelu(&t[0], GeluApprox::Exact), std::slice::from_ref(&x), 1e-2, 1e-2);
+    gradcheck("gelu-tanh", |t| ops::gelu(&t[0], GeluApprox::Tanh), std::slice::from_ref(&x), 1e-2, 1e-2);
+    gradcheck("silu", |t| ops::silu(&t[0]), std::slice::from_ref(&x), 1e-2, 1e-2);
+    gradcheck("add_scalar", |t| ops::add_scalar(&t[0], 2.5), std::slice::from_ref(&x), 1e-2, 1e-2);
     // Far into the tails too, where the derivatives saturate.
     let wide = Tensor::from_vec(points(), &[points().len()], Device::Cpu).unwrap();
-    gradcheck(
-        "gelu-exact-wide",
-        |t| ops::gelu(&t[0], GeluApprox::Exact),
-        std::slice::from_ref(&wide),
-        1e-2,
-        1e-2,
-    );
-    gradcheck(
-        "silu-wide",
-        |t| ops::silu(&t[0]),
-        std::slice::from_ref(&wide),
-        1e-2,
-        1e-2,
-    );
+    gradcheck("gelu-exact-wide", |t| ops::gelu(&t[0], GeluApprox::Exact), std::slice::from_ref(&wide), 1e-2, 1e-2);
+    gradcheck("silu-wide", |t| ops::silu(&t[0]), std::slice::from_ref(&wide), 1e-2, 1e-2);
 }
 
 /// Gate shapes the fused gated residual accepts for x of shape [3, 5, 13].
-const GATES: [&[usize]; 6] = [
-    &[3, 1, 13],
-    &[1, 1, 13],
-    &[3, 5, 13],
-    &[13],
-    &[3, 1, 1],
-    &[1, 5, 13],
-];
+const GATES: [&[usize]; 6] = [&[3, 1, 13], &[1, 1, 13], &[3, 5, 13], &[13], &[3, 1, 1], &[1, 5, 13]];
 
 #[test]
 fn gated_residual_matches_composed_ops_and_gradients() {
@@ -145,21 +79,9 @@ fn gated_residual_matches_composed_ops_and_gradients() {
     let y = randn(&[3, 5, 13], &mut rng);
     for gs in GATES {
         let gate = randn(gs, &mut rng);
-        let fused = ops::gated_residual(&x, &gate, &y)
-            .unwrap()
-            .to_vec()
-            .unwrap();
-        let composed = ops::add(&x, &ops::mul(&gate, &y).unwrap())
-            .unwrap()
-            .to_vec()
-            .unwrap();
-        assert_close(
-            &fused,
-            &composed,
-            1e-6,
-            1e-6,
-            &format!("gated_residual gate {gs:?}"),
-        );
+        let fused = ops::gated_residual(&x, &gate, &y).unwrap().to_vec().unwrap();
+        let composed = ops::add(&x, &ops::mul(&gate, &y).unwrap()).unwrap().to_vec().unwrap();
+        assert_close(&fused, &composed, 1e-6, 1e-6, &format!("gated_residual gate {gs:?}"));
         gradcheck(
             &format!("gated_residual gate {gs:?}"),
             |t| ops::gated_residual(&t[0], &t[1], &t[2]),
@@ -178,22 +100,12 @@ fn gated_residual_rejects_bad_shapes() {
     for gs in [&[1, 5, 1][..], &[2, 1, 13], &[3, 5, 13, 1], &[5, 1]] {
         let gate = randn(gs, &mut rng);
         let e = ops::gated_residual(&x, &gate, &y).unwrap_err().to_string();
-        assert!(
-            e.contains("gated_residual")
-                && e.contains(&format!("{gs:?}"))
-                && e.contains("[3, 5, 13]"),
-            "{e}"
-        );
+        assert!(e.contains("gated_residual") && e.contains(&format!("{gs:?}")) && e.contains("[3, 5, 13]"), "{e}");
     }
     let gate = randn(&[3, 1, 13], &mut rng);
     let short = randn(&[3, 4, 13], &mut rng);
-    let e = ops::gated_residual(&x, &gate, &short)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("gated_residual") && e.contains("[3, 4, 13]"),
-        "{e}"
-    );
+    let e = ops::gated_residual(&x, &gate, &short).unwrap_err().to_string();
+    assert!(e.contains("gated_residual") && e.contains("[3, 4, 13]"), "{e}");
 }
 
 /// Σ over dimension `dim` of a [a, b, c] tensor, by direct indexing.
@@ -206,8 +118,7 @@ fn direct_sum_dim(v: &[f32], s: [usize; 3], dim: usize) -> Vec<f64> {
             for k in 0..s[2] {
                 let mut o = [i, j, k];
                 o[dim] = 0;
-                out[(o[0] * out_shape[1] + o[1]) * out_shape[2] + o[2]] +=
-                    v[(i * s[1] + j) * s[2] + k] as f64;
+                out[(o[0] * out_shape[1] + o[1]) * out_shape[2] + o[2]] += v[(i * s[1] + j) * s[2] + k] as f64;
             }
         }
     }
@@ -237,20 +148,8 @@ fn reductions_match_direct_sums() {
         assert_eq!(b.shape(), dropped.as_slice());
         let want32: Vec<f32> = want.iter().map(|&w| w as f32).collect();
         let mean32: Vec<f32> = want.iter().map(|&w| (w / s[dim] as f64) as f32).collect();
-        assert_close(
-            &a.to_vec().unwrap(),
-            &want32,
-            1e-5,
-            1e-5,
-            &format!("sum_dim {dim}"),
-        );
-        assert_close(
-            &b.to_vec().unwrap(),
-            &mean32,
-            1e-6,
-            1e-5,
-            &format!("mean_dim {dim}"),
-        );
+        assert_close(&a.to_vec().unwrap(), &want32, 1e-5, 1e-5, &format!("sum_dim {dim}"));
+        assert_close(&b.to_vec().unwrap(), &mean32, 1e-6, 1e-5, &format!("mean_dim {dim}"));
     }
 }
 
@@ -262,26 +161,11 @@ fn reduction_gradients_and_errors() {
     gradcheck("sum_all", |t| ops::sum_all(&t[0]), one, 1e-2, 1e-2);
     gradcheck("mean_all", |t| ops::mean_all(&t[0]), one, 1e-2, 1e-2);
     for dim in 0..3 {
-        gradcheck(
-            "sum_dim",
-            |t| ops::sum_dim(&t[0], dim, false),
-            one,
-            1e-2,
-            1e-2,
-        );
-        gradcheck(
-            "mean_dim",
-            |t| ops::mean_dim(&t[0], dim, true),
-            one,
-            1e-2,
-            1e-2,
-        );
+        gradcheck("sum_dim", |t| ops::sum_dim(&t[0], dim, false), one, 1e-2, 1e-2);
+        gradcheck("mean_dim", |t| ops::mean_dim(&t[0], dim, true), one, 1e-2, 1e-2);
     }
     let e = ops::sum_dim(&x, 3, false).unwrap_err().to_string();
-    assert!(
-        e.contains("sum_dim") && e.contains('3') && e.contains("[3, 5, 7]"),
-        "{e}"
-    );
+    assert!(e.contains("sum_dim") && e.contains('3') && e.contains("[3, 5, 7]"), "{e}");
     let e = ops::mean_dim(&x, 7, true).unwrap_err().to_string();
     assert!(e.contains("mean_dim") && e.contains("[3, 5, 7]"), "{e}");
 }
@@ -302,27 +186,13 @@ fn parity(
     atol: f32,
     rtol: f32,
 ) {
-    let gin: Vec<Tensor> = inputs
-        .iter()
-        .map(|t| t.to_device(dev, dtype).unwrap().requires_grad())
-        .collect();
-    let cin: Vec<Tensor> = gin
-        .iter()
-        .map(|t| {
-            t.to_device(Device::Cpu, DType::F32)
-                .unwrap()
-                .requires_grad()
-        })
-        .collect();
+    let gin: Vec<Tensor> = inputs.iter().map(|t| t.to_device(dev, dtype).unwrap().requires_grad()).collect();
+    let cin: Vec<Tensor> = gin.iter().map(|t| t.to_device(Device::Cpu, DType::F32).unwrap().requires_grad()).collect();
     // CPU forward + backward first: a backward pass drains this thread's whole tape.
     let yc = f(&cin).unwrap_or_else(|e| panic!("{name}: CPU forward: {e}"));
     let mut rng = Rng::new(99);
     let seed = Tensor::randn(yc.shape(), 1.0, &mut rng, Device::Cpu).unwrap();
-    let seed_dtype = if dtype == DType::BF16 {
-        DType::BF16
-    } else {
-        DType::F32
-    };
+    let seed_dtype = if dtype == DType::BF16 { DType::BF16 } else { DType::F32 };
     let seed_gpu = seed.to_device(dev, seed_dtype).unwrap();
     let seed_cpu = seed_gpu.to_device(Device::Cpu, DType::F32).unwrap();
     let gc = autograd::backward_with(&yc, seed_cpu).unwrap();
@@ -331,40 +201,18 @@ fn parity(
     assert_eq!(yg.device(), dev, "{name}: output device");
     let tol = |r: &[f32]| atol * r.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
     let want = yc.to_vec().unwrap();
-    assert_close(
-        &yg.to_vec().unwrap(),
-        &want,
-        tol(&want),
-        rtol,
-        &format!("{name} {dtype} forward"),
-    );
-    let gg = autograd::backward_with(&yg, seed_gpu)
-        .unwrap_or_else(|e| panic!("{name}: GPU backward: {e}"));
+    assert_close(&yg.to_vec().unwrap(), &want, tol(&want), rtol, &format!("{name} {dtype} forward"));
+    let gg = autograd::backward_with(&yg, seed_gpu).unwrap_or_else(|e| panic!("{name}: GPU backward: {e}"));
     for k in 0..inputs.len() {
-        let a = gg
-            .get(&gin[k])
-            .unwrap_or_else(|| panic!("{name}: no GPU gradient for input {k}"));
+        let a = gg.get(&gin[k]).unwrap_or_else(|| panic!("{name}: no GPU gradient for input {k}"));
         assert_eq!(a.dtype(), dtype, "{name}: gradient {k} dtype");
-        let want = gc
-            .get(&cin[k])
-            .unwrap_or_else(|| panic!("{name}: no CPU gradient for input {k}"))
-            .to_vec()
-            .unwrap();
-        assert_close(
-            &a.to_vec().unwrap(),
-            &want,
-            tol(&want),
-            rtol,
-            &format!("{name} {dtype} d input {k}"),
-        );
+        let want = gc.get(&cin[k]).unwrap_or_else(|| panic!("{name}: no CPU gradient for input {k}")).to_vec().unwrap();
+        assert_close(&a.to_vec().unwrap(), &want, tol(&want), rtol, &format!("{name} {dtype} d input {k}"));
     }
 }
 
 /// (dtype, atol, rtol) for the GPU checks: bf16 tolerances are a few bf16 ulps.
-const DTYPES: [(DType, f32, f32); 2] = [
-    (DType::F32, 1e-5, 1e-4),
-    (DType::BF16, 1.0 / 128.0, 1.0 / 64.0),
-];
+const DTYPES: [(DType, f32, f32); 2] = [(DType::F32, 1e-5, 1e-4), (DType::BF16, 1.0 / 128.0, 1.0 / 64.0)];
 
 #[test]
 fn gpu_activations_match_cpu() {
@@ -374,43 +222,11 @@ fn gpu_activations_match_cpu() {
         let x = Tensor::randn(shape, 2.0, &mut rng, Device::Cpu).unwrap();
         let one = std::slice::from_ref(&x);
         for (dt, atol, rtol) in DTYPES {
-            parity(
-                "gelu-exact",
-                dev,
-                dt,
-                one,
-                |t| ops::gelu(&t[0], GeluApprox::Exact),
-                atol,
-                rtol,
-            );
-            parity(
-                "gelu-tanh",
-                dev,
-                dt,
-                one,
-                |t| ops::gelu(&t[0], GeluApprox::Tanh),
-                atol,
-                rtol,
-            );
+            parity("gelu-exact", dev, dt, one, |t| ops::gelu(&t[0], GeluApprox::Exact), atol, rtol);
+            parity("gelu-tanh", dev, dt, one, |t| ops::gelu(&t[0], GeluApprox::Tanh), atol, rtol);
             parity("silu", dev, dt, one, |t| ops::silu(&t[0]), atol, rtol);
-            parity(
-                "add_scalar",
-                dev,
-                dt,
-                one,
-                |t| ops::add_scalar(&t[0], 0.37),
-                atol,
-                rtol,
-            );
-            parity(
-                "scale",
-                dev,
-                dt,
-                one,
-                |t| ops::scale(&t[0], -1.7),
-                atol,
-                rtol,
-            );
+            parity("add_scalar", dev, dt, one, |t| ops::add_scalar(&t[0], 0.37), atol, rtol);
+            parity("scale", dev, dt, one, |t| ops::scale(&t[0], -1.7), atol, rtol);
         }
     }
 }
@@ -437,11 +253,7 @@ fn gpu_gated_residual_matches_cpu() {
         }
     }
     // DiT-like sizes: tokens not a multiple of anything.
-    let (x, y, gate) = (
-        randn(&[2, 1001, 67], &mut rng),
-        randn(&[2, 1001, 67], &mut rng),
-        randn(&[2, 1, 67], &mut rng),
-    );
+    let (x, y, gate) = (randn(&[2, 1001, 67], &mut rng), randn(&[2, 1001, 67], &mut rng), randn(&[2, 1, 67], &mut rng));
     for (dt, atol, rtol) in DTYPES {
         parity(
             "gated_residual big",
@@ -459,11 +271,7 @@ fn gpu_gated_residual_matches_cpu() {
 fn gpu_gated_residual_mixed_dtypes() {
     let Some(dev) = gpu() else { return };
     let mut rng = Rng::new(23);
-    let (x, y, gate) = (
-        randn(&[3, 5, 13], &mut rng),
-        randn(&[3, 5, 13], &mut rng),
-        randn(&[3, 1, 13], &mut rng),
-    );
+    let (x, y, gate) = (randn(&[3, 5, 13], &mut rng), randn(&[3, 5, 13], &mut rng), randn(&[3, 1, 13], &mut rng));
     let xg = x.to_device(dev, DType::BF16).unwrap().requires_grad();
     let yg = y.to_device(dev, DType::BF16).unwrap().requires_grad();
     let gg = gate.to_device(dev, DType::F32).unwrap().requires_grad();
@@ -475,33 +283,15 @@ fn gpu_gated_residual_mixed_dtypes() {
         &yg.to_device(Device::Cpu, DType::F32).unwrap(),
     )
     .unwrap();
-    assert_close(
-        &out.to_vec().unwrap(),
-        &want.to_vec().unwrap(),
-        2e-2,
-        1.0 / 64.0,
-        "mixed gated_residual",
-    );
+    assert_close(&out.to_vec().unwrap(), &want.to_vec().unwrap(), 2e-2, 1.0 / 64.0, "mixed gated_residual");
     let seed = Tensor::full(out.shape(), 1.0, DType::BF16, dev).unwrap();
     let g = autograd::backward_with(&out, seed).unwrap();
-    assert_eq!(
-        g.get(&gg).unwrap().dtype(),
-        DType::F32,
-        "an f32 gate gets an f32 gradient"
-    );
+    assert_eq!(g.get(&gg).unwrap().dtype(), DType::F32, "an f32 gate gets an f32 gradient");
     assert_eq!(g.get(&xg).unwrap().dtype(), DType::BF16);
     // dgate = Σ_n y with a unit seed.
-    let want_dgate = ops::sum_to(&yg.to_device(Device::Cpu, DType::F32).unwrap(), &[3, 1, 13])
-        .unwrap()
-        .to_vec()
-        .unwrap();
-    assert_close(
-        &g.get(&gg).unwrap().to_vec().unwrap(),
-        &want_dgate,
-        5e-2,
-        1.0 / 32.0,
-        "mixed dgate",
-    );
+    let want_dgate =
+        ops::sum_to(&yg.to_device(Device::Cpu, DType::F32).unwrap(), &[3, 1, 13]).unwrap().to_vec().unwrap();
+    assert_close(&g.get(&gg).unwrap().to_vec().unwrap(), &want_dgate, 5e-2, 1.0 / 32.0, "mixed dgate");
 }
 
 #[test]
@@ -513,40 +303,18 @@ fn gpu_add_mixes_f32_and_bf16() {
     let bg = b.to_device(dev, DType::BF16).unwrap().requires_grad();
     let before = autograd::tape_len();
     let y = ops::mul(&ops::add(&ag, &bg).unwrap(), &ag).unwrap();
-    assert_eq!(
-        autograd::tape_len() - before,
-        2,
-        "dtype conversion inside add/mul is not a tape node"
-    );
+    assert_eq!(autograd::tape_len() - before, 2, "dtype conversion inside add/mul is not a tape node");
     assert_eq!(y.dtype(), DType::BF16);
     let seed = Tensor::full(y.shape(), 1.0, DType::BF16, dev).unwrap();
     let g = autograd::backward_with(&y, seed).unwrap();
     let (da, db) = (g.get(&ag).unwrap(), g.get(&bg).unwrap());
     assert_eq!((da.dtype(), db.dtype()), (DType::F32, DType::BF16));
     // y = (a + b)·a → dy/da = 2a + b, dy/db = Σ a over the broadcast dims.
-    let (ac, bc) = (
-        ag.to_device(Device::Cpu, DType::F32).unwrap(),
-        bg.to_device(Device::Cpu, DType::F32).unwrap(),
-    );
-    let want_da = ops::add(&ops::scale(&ac, 2.0).unwrap(), &bc)
-        .unwrap()
-        .to_vec()
-        .unwrap();
+    let (ac, bc) = (ag.to_device(Device::Cpu, DType::F32).unwrap(), bg.to_device(Device::Cpu, DType::F32).unwrap());
+    let want_da = ops::add(&ops::scale(&ac, 2.0).unwrap(), &bc).unwrap().to_vec().unwrap();
     let want_db = ops::sum_to(&ac, &[5, 1]).unwrap().to_vec().unwrap();
-    assert_close(
-        &da.to_vec().unwrap(),
-        &want_da,
-        3e-2,
-        1.0 / 32.0,
-        "mixed da",
-    );
-    assert_close(
-        &db.to_vec().unwrap(),
-        &want_db,
-        5e-2,
-        1.0 / 32.0,
-        "mixed db",
-    );
+    assert_close(&da.to_vec().unwrap(), &want_da, 3e-2, 1.0 / 32.0, "mixed da");
+    assert_close(&db.to_vec().unwrap(), &want_db, 5e-2, 1.0 / 32.0, "mixed db");
 }
 
 #[test]
@@ -558,15 +326,7 @@ fn gpu_reductions_match_cpu() {
         let one = std::slice::from_ref(&x);
         for (dt, atol, rtol) in DTYPES {
             parity("sum_all", dev, dt, one, |t| ops::sum_all(&t[0]), atol, rtol);
-            parity(
-                "mean_all",
-                dev,
-                dt,
-                one,
-                |t| ops::mean_all(&t[0]),
-                atol,
-                rtol,
-            );
+            parity("mean_all", dev, dt, one, |t| ops::mean_all(&t[0]), atol, rtol);
             for dim in 0..3 {
                 parity(
                     &format!("sum_dim {dim} {shape:?}"),
@@ -587,15 +347,7 @@ fn gpu_reductions_match_cpu() {
                     rtol,
                 );
             }
-            parity(
-                "sum_to",
-                dev,
-                dt,
-                one,
-                |t| ops::sum_to(&t[0], &[shape[0], 1, shape[2]]),
-                atol,
-                rtol,
-            );
+            parity("sum_to", dev, dt, one, |t| ops::sum_to(&t[0], &[shape[0], 1, shape[2]]), atol, rtol);
         }
     }
 }
@@ -614,27 +366,13 @@ fn gpu_big_sum_is_accurate() {
         let s = ops::sum_all(&xg).unwrap().item().unwrap() as f64;
         let m = ops::mean_all(&xg).unwrap().item().unwrap() as f64;
         let tol = if dt == DType::F32 { 1e-6 } else { rtol as f64 };
-        assert!(
-            (s - exact).abs() <= tol * exact,
-            "{dt} sum_all {s} vs {exact}"
-        );
-        assert!(
-            (m - exact / n as f64).abs() <= tol * exact / n as f64,
-            "{dt} mean_all {m}"
-        );
+        assert!((s - exact).abs() <= tol * exact, "{dt} sum_all {s} vs {exact}");
+        assert!((m - exact / n as f64).abs() <= tol * exact / n as f64, "{dt} mean_all {m}");
         // Deterministic: the same split every time.
         assert_eq!(ops::sum_all(&xg).unwrap().item().unwrap() as f64, s);
     }
     let big = Tensor::randn(&[n], 1.0, &mut rng, Device::Cpu).unwrap();
     for (dt, atol, rtol) in DTYPES {
-        parity(
-            "sum_all big",
-            dev,
-            dt,
-            std::slice::from_ref(&big),
-            |t| ops::sum_all(&t[0]),
-            atol,
-            rtol,
-        );
+        parity("sum_all big", dev, dt, std::slice::from_ref(&big), |t| ops::sum_all(&t[0]), atol, rtol);
     }
 }

@@ -10,32 +10,15 @@ fn mse_matches_direct_formula() {
     let mut rng = Rng::new(51);
     let (p, t) = (randn(&[3, 5, 7], &mut rng), randn(&[3, 5, 7], &mut rng));
     let (pv, tv) = (p.to_vec().unwrap(), t.to_vec().unwrap());
-    let sq: Vec<f64> = pv
-        .iter()
-        .zip(&tv)
-        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
-        .collect();
+    let sq: Vec<f64> = pv.iter().zip(&tv).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).collect();
     let loss = ops::mse(&p, &t).unwrap();
     assert_eq!(loss.shape(), &[] as &[usize]);
     let want = sq.iter().sum::<f64>() / 105.0;
-    assert!(
-        (loss.item().unwrap() as f64 - want).abs() < 1e-6 * want,
-        "mse {} vs {want}",
-        loss.item().unwrap()
-    );
+    assert!((loss.item().unwrap() as f64 - want).abs() < 1e-6 * want, "mse {} vs {want}", loss.item().unwrap());
     let per = ops::mse_per_sample(&p, &t).unwrap();
     assert_eq!(per.shape(), &[3]);
-    let per_want: Vec<f32> = sq
-        .chunks(35)
-        .map(|c| (c.iter().sum::<f64>() / 35.0) as f32)
-        .collect();
-    assert_close(
-        &per.to_vec().unwrap(),
-        &per_want,
-        0.0,
-        1e-6,
-        "mse_per_sample",
-    );
+    let per_want: Vec<f32> = sq.chunks(35).map(|c| (c.iter().sum::<f64>() / 35.0) as f32).collect();
+    assert_close(&per.to_vec().unwrap(), &per_want, 0.0, 1e-6, "mse_per_sample");
 }
 
 #[test]
@@ -43,13 +26,7 @@ fn mse_gradients() {
     let mut rng = Rng::new(52);
     let inputs = [randn(&[3, 5, 7], &mut rng), randn(&[3, 5, 7], &mut rng)];
     gradcheck("mse", |x| ops::mse(&x[0], &x[1]), &inputs, 1e-2, 1e-2);
-    gradcheck(
-        "mse_per_sample",
-        |x| ops::mse_per_sample(&x[0], &x[1]),
-        &inputs,
-        1e-2,
-        1e-2,
-    );
+    gradcheck("mse_per_sample", |x| ops::mse_per_sample(&x[0], &x[1]), &inputs, 1e-2, 1e-2);
     // Per-sample weights, as in timestep-weighted flow matching: Σ w_b · mse_b.
     let w = Tensor::from_vec(vec![0.2, 1.7, 0.9], &[3], Device::Cpu).unwrap();
     gradcheck(
@@ -66,18 +43,12 @@ fn mse_rejects_bad_inputs() {
     let mut rng = Rng::new(53);
     let (p, t) = (randn(&[3, 5], &mut rng), randn(&[3, 6], &mut rng));
     let e = ops::mse(&p, &t).unwrap_err().to_string();
-    assert!(
-        e.contains("mse") && e.contains("[3, 5]") && e.contains("[3, 6]"),
-        "{e}"
-    );
+    assert!(e.contains("mse") && e.contains("[3, 5]") && e.contains("[3, 6]"), "{e}");
     let s = Tensor::scalar(1.0, Device::Cpu).unwrap();
     let e = ops::mse_per_sample(&s, &s).unwrap_err().to_string();
     assert!(e.contains("mse_per_sample") && e.contains("rank"), "{e}");
     let empty = Tensor::zeros(&[0, 4], DType::F32, Device::Cpu).unwrap();
-    assert!(ops::mse(&empty, &empty)
-        .unwrap_err()
-        .to_string()
-        .contains("empty"));
+    assert!(ops::mse(&empty, &empty).unwrap_err().to_string().contains("empty"));
 }
 
 /// Mean cross-entropy by the textbook formula in f64.
@@ -107,14 +78,8 @@ fn cross_entropy_matches_direct_formula() {
     assert!((loss.item().unwrap() as f64 - want).abs() < 1e-5 * want.abs().max(1.0));
     // Logits in the thousands: without the max subtraction exp() would overflow.
     let shifted = ops::add_scalar(&x, 3000.0).unwrap();
-    let l2 = ops::cross_entropy(&shifted, &targets)
-        .unwrap()
-        .item()
-        .unwrap();
-    assert!(
-        l2.is_finite() && (l2 as f64 - want).abs() < 2e-3,
-        "shifted logits: {l2} vs {want}"
-    );
+    let l2 = ops::cross_entropy(&shifted, &targets).unwrap().item().unwrap();
+    assert!(l2.is_finite() && (l2 as f64 - want).abs() < 2e-3, "shifted logits: {l2} vs {want}");
     // Uniform logits: log C.
     let flat = Tensor::full(&[rows, classes], 0.25, DType::F32, Device::Cpu).unwrap();
     let l3 = ops::cross_entropy(&flat, &targets).unwrap().item().unwrap();
@@ -127,13 +92,7 @@ fn cross_entropy_gradients() {
     let (rows, classes) = (5, 13);
     let x = Tensor::randn(&[rows, classes], 2.0, &mut rng, Device::Cpu).unwrap();
     let targets = random_targets(rows, classes, &mut rng);
-    gradcheck(
-        "cross_entropy",
-        |t| ops::cross_entropy(&t[0], &targets),
-        std::slice::from_ref(&x),
-        1e-2,
-        1e-2,
-    );
+    gradcheck("cross_entropy", |t| ops::cross_entropy(&t[0], &targets), std::slice::from_ref(&x), 1e-2, 1e-2);
     // The gradient is (softmax − onehot)/N: each row sums to zero.
     let xl = x.deep_copy().unwrap().requires_grad();
     let g = autograd::backward(&ops::cross_entropy(&xl, &targets).unwrap()).unwrap();
@@ -146,25 +105,12 @@ fn cross_entropy_gradients() {
 fn cross_entropy_rejects_bad_inputs() {
     let mut rng = Rng::new(56);
     let x = randn(&[4, 13], &mut rng);
-    let e = ops::cross_entropy(&x, &[0, 1, 13, 2])
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("cross_entropy") && e.contains("13") && e.contains("row 2"),
-        "{e}"
-    );
+    let e = ops::cross_entropy(&x, &[0, 1, 13, 2]).unwrap_err().to_string();
+    assert!(e.contains("cross_entropy") && e.contains("13") && e.contains("row 2"), "{e}");
     let e = ops::cross_entropy(&x, &[0, 1, 2]).unwrap_err().to_string();
-    assert!(
-        e.contains("cross_entropy") && e.contains("3 targets") && e.contains("[4, 13]"),
-        "{e}"
-    );
-    let e = ops::cross_entropy(&randn(&[4, 13, 1], &mut rng), &[0; 4])
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("cross_entropy") && e.contains("[4, 13, 1]"),
-        "{e}"
-    );
+    assert!(e.contains("cross_entropy") && e.contains("3 targets") && e.contains("[4, 13]"), "{e}");
+    let e = ops::cross_entropy(&randn(&[4, 13, 1], &mut rng), &[0; 4]).unwrap_err().to_string();
+    assert!(e.contains("cross_entropy") && e.contains("[4, 13, 1]"), "{e}");
 }
 
 // ---------------------------------------------------------------------------------
@@ -183,89 +129,40 @@ fn parity(
     atol: f32,
     rtol: f32,
 ) {
-    let gin: Vec<Tensor> = inputs
-        .iter()
-        .map(|t| t.to_device(dev, dtype).unwrap().requires_grad())
-        .collect();
-    let cin: Vec<Tensor> = gin
-        .iter()
-        .map(|t| {
-            t.to_device(Device::Cpu, DType::F32)
-                .unwrap()
-                .requires_grad()
-        })
-        .collect();
+    let gin: Vec<Tensor> = inputs.iter().map(|t| t.to_device(dev, dtype).unwrap().requires_grad()).collect();
+    let cin: Vec<Tensor> = gin.iter().map(|t| t.to_device(Device::Cpu, DType::F32).unwrap().requires_grad()).collect();
     // CPU forward + backward first: a backward pass drains this thread's whole tape.
     let yc = f(&cin).unwrap_or_else(|e| panic!("{name}: CPU forward: {e}"));
     let mut rng = Rng::new(99);
-    let seed_gpu = Tensor::randn(yc.shape(), 1.0, &mut rng, Device::Cpu)
-        .unwrap()
-        .to_device(dev, DType::F32)
-        .unwrap();
-    let gc =
-        autograd::backward_with(&yc, seed_gpu.to_device(Device::Cpu, DType::F32).unwrap()).unwrap();
+    let seed_gpu = Tensor::randn(yc.shape(), 1.0, &mut rng, Device::Cpu).unwrap().to_device(dev, DType::F32).unwrap();
+    let gc = autograd::backward_with(&yc, seed_gpu.to_device(Device::Cpu, DType::F32).unwrap()).unwrap();
     let yg = f(&gin).unwrap_or_else(|e| panic!("{name}: GPU forward: {e}"));
     assert_eq!(yg.shape(), yc.shape(), "{name}: output shape");
     assert_eq!(yg.dtype(), DType::F32, "{name}: losses are f32");
     let tol = |r: &[f32]| atol * r.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
     let want = yc.to_vec().unwrap();
-    assert_close(
-        &yg.to_vec().unwrap(),
-        &want,
-        tol(&want),
-        rtol,
-        &format!("{name} {dtype} forward"),
-    );
-    let gg = autograd::backward_with(&yg, seed_gpu)
-        .unwrap_or_else(|e| panic!("{name}: GPU backward: {e}"));
+    assert_close(&yg.to_vec().unwrap(), &want, tol(&want), rtol, &format!("{name} {dtype} forward"));
+    let gg = autograd::backward_with(&yg, seed_gpu).unwrap_or_else(|e| panic!("{name}: GPU backward: {e}"));
     for k in 0..inputs.len() {
-        let a = gg
-            .get(&gin[k])
-            .unwrap_or_else(|| panic!("{name}: no GPU gradient for input {k}"));
+        let a = gg.get(&gin[k]).unwrap_or_else(|| panic!("{name}: no GPU gradient for input {k}"));
         assert_eq!(a.dtype(), dtype, "{name}: gradient {k} dtype");
-        let want = gc
-            .get(&cin[k])
-            .unwrap_or_else(|| panic!("{name}: no CPU gradient for input {k}"))
-            .to_vec()
-            .unwrap();
-        assert_close(
-            &a.to_vec().unwrap(),
-            &want,
-            tol(&want),
-            rtol,
-            &format!("{name} {dtype} d input {k}"),
-        );
+        let want = gc.get(&cin[k]).unwrap_or_else(|| panic!("{name}: no CPU gradient for input {k}")).to_vec().unwrap();
+        assert_close(&a.to_vec().unwrap(), &want, tol(&want), rtol, &format!("{name} {dtype} d input {k}"));
     }
 }
 
 /// (dtype, atol, rtol): the loss itself is accumulated in fp32 either way, so only the
 /// gradients (stored in the input dtype) need bf16 tolerances.
-const DTYPES: [(DType, f32, f32); 2] = [
-    (DType::F32, 1e-5, 1e-4),
-    (DType::BF16, 1.0 / 128.0, 1.0 / 64.0),
-];
+const DTYPES: [(DType, f32, f32); 2] = [(DType::F32, 1e-5, 1e-4), (DType::BF16, 1.0 / 128.0, 1.0 / 64.0)];
 
 #[test]
 fn gpu_mse_matches_cpu() {
     let Some(dev) = gpu() else { return };
     let mut rng = Rng::new(61);
-    for shape in [
-        &[3, 5, 7][..],
-        &[5, 3, 7, 11],
-        &[1, 1_000_003],
-        &[3, 1_000_003],
-    ] {
+    for shape in [&[3, 5, 7][..], &[5, 3, 7, 11], &[1, 1_000_003], &[3, 1_000_003]] {
         let inputs = [randn(shape, &mut rng), randn(shape, &mut rng)];
         for (dt, atol, rtol) in DTYPES {
-            parity(
-                &format!("mse {shape:?}"),
-                dev,
-                dt,
-                &inputs,
-                |x| ops::mse(&x[0], &x[1]),
-                atol,
-                rtol,
-            );
+            parity(&format!("mse {shape:?}"), dev, dt, &inputs, |x| ops::mse(&x[0], &x[1]), atol, rtol);
             parity(
                 &format!("mse_per_sample {shape:?}"),
                 dev,
@@ -300,18 +197,9 @@ fn gpu_cross_entropy_matches_cpu() {
     }
     // Large logits stay finite on the GPU as well.
     let x = Tensor::randn(&[5, 257], 1.0, &mut rng, Device::Cpu).unwrap();
-    let shifted = ops::add_scalar(&x, 5000.0)
-        .unwrap()
-        .to_device(dev, DType::F32)
-        .unwrap();
+    let shifted = ops::add_scalar(&x, 5000.0).unwrap().to_device(dev, DType::F32).unwrap();
     let targets = random_targets(5, 257, &mut rng);
-    let got = ops::cross_entropy(&shifted, &targets)
-        .unwrap()
-        .item()
-        .unwrap();
+    let got = ops::cross_entropy(&shifted, &targets).unwrap().item().unwrap();
     let want = direct_cross_entropy(&shifted.to_vec().unwrap(), 257, &targets);
-    assert!(
-        got.is_finite() && (got as f64 - want).abs() < 1e-3 * want.max(1.0),
-        "shifted: {got} vs {want}"
-    );
+    assert!(got.is_finite() && (got as f64 - want).abs() < 1e-3 * want.max(1.0), "shifted: {got} vs {want}");
 }

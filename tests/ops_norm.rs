@@ -7,11 +7,7 @@ use synthos_engine::{autograd, ops, DType, Device, Result, Rng, Tensor};
 const EPS: f32 = 1e-5;
 
 fn randn_scaled(shape: &[usize], std: f32, mean: f32, rng: &mut Rng) -> Tensor {
-    let v: Vec<f32> = rng
-        .normal_vec(shape.iter().product(), std)
-        .into_iter()
-        .map(|x| x + mean)
-        .collect();
+    let v: Vec<f32> = rng.normal_vec(shape.iter().product(), std).into_iter().map(|x| x + mean).collect();
     Tensor::from_vec(v, shape, Device::Cpu).unwrap()
 }
 
@@ -21,11 +17,7 @@ fn normalise_f64(x: &[f32], d: usize, eps: f32, rms: bool) -> Vec<f64> {
     let mut out = Vec::with_capacity(x.len());
     for row in x.chunks(d) {
         let r: Vec<f64> = row.iter().map(|&v| v as f64).collect();
-        let mean = if rms {
-            0.0
-        } else {
-            r.iter().sum::<f64>() / d as f64
-        };
+        let mean = if rms { 0.0 } else { r.iter().sum::<f64>() / d as f64 };
         let var = r.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / d as f64;
         out.extend(r.iter().map(|v| (v - mean) / (var + eps as f64).sqrt()));
     }
@@ -50,65 +42,26 @@ fn layer_norm_forward_matches_formula() {
 
     let y = ops::layer_norm(&x, Some(&w), Some(&b), EPS).unwrap();
     assert_eq!(y.shape(), &[3, 5, d]);
-    let want: Vec<f64> = xhat
-        .iter()
-        .enumerate()
-        .map(|(i, v)| v * wv[i % d] as f64 + bv[i % d] as f64)
-        .collect();
-    assert_close(
-        &y.to_vec().unwrap(),
-        &to_f32(&want),
-        1e-5,
-        1e-5,
-        "layer_norm affine",
-    );
+    let want: Vec<f64> = xhat.iter().enumerate().map(|(i, v)| v * wv[i % d] as f64 + bv[i % d] as f64).collect();
+    assert_close(&y.to_vec().unwrap(), &to_f32(&want), 1e-5, 1e-5, "layer_norm affine");
 
     let y = ops::layer_norm(&x, None, None, EPS).unwrap();
-    assert_close(
-        &y.to_vec().unwrap(),
-        &to_f32(&xhat),
-        1e-5,
-        1e-5,
-        "layer_norm plain",
-    );
+    assert_close(&y.to_vec().unwrap(), &to_f32(&xhat), 1e-5, 1e-5, "layer_norm plain");
 
     let y = ops::layer_norm(&x, Some(&w), None, EPS).unwrap();
-    let want: Vec<f64> = xhat
-        .iter()
-        .enumerate()
-        .map(|(i, v)| v * wv[i % d] as f64)
-        .collect();
-    assert_close(
-        &y.to_vec().unwrap(),
-        &to_f32(&want),
-        1e-5,
-        1e-5,
-        "layer_norm weight only",
-    );
+    let want: Vec<f64> = xhat.iter().enumerate().map(|(i, v)| v * wv[i % d] as f64).collect();
+    assert_close(&y.to_vec().unwrap(), &to_f32(&want), 1e-5, 1e-5, "layer_norm weight only");
 
     let y = ops::layer_norm(&x, None, Some(&b), EPS).unwrap();
-    let want: Vec<f64> = xhat
-        .iter()
-        .enumerate()
-        .map(|(i, v)| v + bv[i % d] as f64)
-        .collect();
-    assert_close(
-        &y.to_vec().unwrap(),
-        &to_f32(&want),
-        1e-5,
-        1e-5,
-        "layer_norm bias only",
-    );
+    let want: Vec<f64> = xhat.iter().enumerate().map(|(i, v)| v + bv[i % d] as f64).collect();
+    assert_close(&y.to_vec().unwrap(), &to_f32(&want), 1e-5, 1e-5, "layer_norm bias only");
 }
 
 #[test]
 fn layer_norm_uses_eps_and_biased_variance() {
     // Row [1, 3]: mean 2, biased variance 1 → (x − 2)/sqrt(1 + eps).
     let x = Tensor::from_vec(vec![1.0, 3.0], &[1, 2], Device::Cpu).unwrap();
-    let y = ops::layer_norm(&x, None, None, 0.5)
-        .unwrap()
-        .to_vec()
-        .unwrap();
+    let y = ops::layer_norm(&x, None, None, 0.5).unwrap().to_vec().unwrap();
     let s = 1.0 / 1.5f32.sqrt();
     assert_close(&y, &[-s, s], 1e-6, 0.0, "eps inside the square root");
 }
@@ -121,11 +74,7 @@ fn rms_norm_forward_matches_formula() {
     let w = randn(&[d], &mut rng);
     let (xv, wv) = (x.to_vec().unwrap(), w.to_vec().unwrap());
     let xhat = normalise_f64(&xv, d, 1e-6, true);
-    let want: Vec<f64> = xhat
-        .iter()
-        .enumerate()
-        .map(|(i, v)| v * wv[i % d] as f64)
-        .collect();
+    let want: Vec<f64> = xhat.iter().enumerate().map(|(i, v)| v * wv[i % d] as f64).collect();
     let y = ops::rms_norm(&x, &w, 1e-6).unwrap();
     assert_close(&y.to_vec().unwrap(), &to_f32(&want), 1e-5, 1e-5, "rms_norm");
     // No mean subtraction: a constant row maps to sign·w (|x|/rms = 1).
@@ -150,23 +99,13 @@ fn layer_norm_modulate_forward_matches_formula() {
             .iter()
             .enumerate()
             .map(|(i, v)| {
-                let p = if groups == 1 {
-                    i % d
-                } else {
-                    (i / (n * d)) * d + i % d
-                };
+                let p = if groups == 1 { i % d } else { (i / (n * d)) * d + i % d };
                 v * (1.0 + sc[p] as f64) + sh[p] as f64
             })
             .collect();
         let y = ops::layer_norm_modulate(&x, &shift, &scale, 1e-6).unwrap();
         assert_eq!(y.shape(), &[b, n, d]);
-        assert_close(
-            &y.to_vec().unwrap(),
-            &to_f32(&want),
-            1e-5,
-            1e-5,
-            &format!("modulate, {groups} groups"),
-        );
+        assert_close(&y.to_vec().unwrap(), &to_f32(&want), 1e-5, 1e-5, &format!("modulate, {groups} groups"));
     }
 }
 
@@ -184,13 +123,7 @@ fn norm_gradients() {
         1e-2,
         1e-2,
     );
-    gradcheck(
-        "layer_norm plain",
-        |t| ops::layer_norm(&t[0], None, None, EPS),
-        std::slice::from_ref(&x),
-        1e-2,
-        1e-2,
-    );
+    gradcheck("layer_norm plain", |t| ops::layer_norm(&t[0], None, None, EPS), std::slice::from_ref(&x), 1e-2, 1e-2);
     gradcheck(
         "layer_norm weight",
         |t| ops::layer_norm(&t[0], Some(&t[1]), None, EPS),
@@ -205,22 +138,10 @@ fn norm_gradients() {
         1e-2,
         1e-2,
     );
-    gradcheck(
-        "rms_norm",
-        |t| ops::rms_norm(&t[0], &t[1], 1e-6),
-        &[x.clone(), w.clone()],
-        1e-2,
-        1e-2,
-    );
+    gradcheck("rms_norm", |t| ops::rms_norm(&t[0], &t[1], 1e-6), &[x.clone(), w.clone()], 1e-2, 1e-2);
     // 2-D input: rows are not a [B, N] grid.
     let x2 = randn(&[7, d], &mut rng);
-    gradcheck(
-        "layer_norm 2-D",
-        |t| ops::layer_norm(&t[0], Some(&t[1]), Some(&t[2]), EPS),
-        &[x2, w, bias],
-        1e-2,
-        1e-2,
-    );
+    gradcheck("layer_norm 2-D", |t| ops::layer_norm(&t[0], Some(&t[1]), Some(&t[2]), EPS), &[x2, w, bias], 1e-2, 1e-2);
     for groups in [b, 1] {
         let shift = randn(&[groups, 1, d], &mut rng);
         let scale = randn_scaled(&[groups, 1, d], 0.3, 0.0, &mut rng);
@@ -242,10 +163,7 @@ fn only_tracked_inputs_get_gradients() {
     let w0 = randn(&[d], &mut rng);
     let seed = randn(&[5, d], &mut rng);
     // Reference: everything tracked.
-    let (x, w_all) = (
-        x0.deep_copy().unwrap().requires_grad(),
-        w0.deep_copy().unwrap().requires_grad(),
-    );
+    let (x, w_all) = (x0.deep_copy().unwrap().requires_grad(), w0.deep_copy().unwrap().requires_grad());
     let y = ops::rms_norm(&x, &w_all, 1e-6).unwrap();
     let all = autograd::backward_with(&y, seed.clone()).unwrap();
     assert_eq!(all.len(), 2);
@@ -255,10 +173,7 @@ fn only_tracked_inputs_get_gradients() {
     assert_eq!(autograd::tape_len(), 1);
     let some = autograd::backward_with(&y, seed).unwrap();
     assert_eq!(some.len(), 1, "only the weight gets a gradient");
-    assert_eq!(
-        some.get(&w).unwrap().to_vec().unwrap(),
-        all.get(&w_all).unwrap().to_vec().unwrap()
-    );
+    assert_eq!(some.get(&w).unwrap().to_vec().unwrap(), all.get(&w_all).unwrap().to_vec().unwrap());
     // Nothing tracked: nothing recorded.
     let y = ops::layer_norm(&x0, Some(&w0), None, EPS).unwrap();
     assert!(!y.is_tracked());
@@ -270,51 +185,27 @@ fn bad_inputs_are_errors() {
     let mut rng = Rng::new(16);
     let x = randn(&[3, 5, 13], &mut rng);
     let w12 = randn(&[12], &mut rng);
-    let e = ops::layer_norm(&x, Some(&w12), None, EPS)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("layer_norm")
-            && e.contains("weight")
-            && e.contains("[12]")
-            && e.contains("[13]"),
-        "{e}"
-    );
-    let e = ops::layer_norm(&x, None, Some(&w12), EPS)
-        .unwrap_err()
-        .to_string();
+    let e = ops::layer_norm(&x, Some(&w12), None, EPS).unwrap_err().to_string();
+    assert!(e.contains("layer_norm") && e.contains("weight") && e.contains("[12]") && e.contains("[13]"), "{e}");
+    let e = ops::layer_norm(&x, None, Some(&w12), EPS).unwrap_err().to_string();
     assert!(e.contains("bias") && e.contains("[12]"), "{e}");
     let e = ops::rms_norm(&x, &w12, EPS).unwrap_err().to_string();
     assert!(e.contains("rms_norm") && e.contains("weight"), "{e}");
 
     let good = randn(&[3, 1, 13], &mut rng);
     let bad = randn(&[3, 5, 13], &mut rng);
-    let e = ops::layer_norm_modulate(&x, &bad, &bad, EPS)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("layer_norm_modulate") && e.contains("[3, 5, 13]") && e.contains("[3, 1, 13]"),
-        "{e}"
-    );
-    let e = ops::layer_norm_modulate(&x, &good, &randn(&[1, 1, 13], &mut rng), EPS)
-        .unwrap_err()
-        .to_string();
+    let e = ops::layer_norm_modulate(&x, &bad, &bad, EPS).unwrap_err().to_string();
+    assert!(e.contains("layer_norm_modulate") && e.contains("[3, 5, 13]") && e.contains("[3, 1, 13]"), "{e}");
+    let e = ops::layer_norm_modulate(&x, &good, &randn(&[1, 1, 13], &mut rng), EPS).unwrap_err().to_string();
     assert!(e.contains("shift") && e.contains("scale"), "{e}");
     let wrong_b = randn(&[2, 1, 13], &mut rng);
     assert!(ops::layer_norm_modulate(&x, &wrong_b, &wrong_b, EPS).is_err());
-    let e = ops::layer_norm_modulate(&randn(&[15, 13], &mut rng), &good, &good, EPS)
-        .unwrap_err()
-        .to_string();
+    let e = ops::layer_norm_modulate(&randn(&[15, 13], &mut rng), &good, &good, EPS).unwrap_err().to_string();
     assert!(e.contains("[B, N, D]"), "{e}");
 
     let empty = Tensor::zeros(&[0, 13], DType::F32, Device::Cpu).unwrap();
-    assert!(ops::layer_norm(&empty, None, None, EPS)
-        .unwrap_err()
-        .to_string()
-        .contains("non-empty"));
-    let e = ops::layer_norm(&x, None, None, -1.0)
-        .unwrap_err()
-        .to_string();
+    assert!(ops::layer_norm(&empty, None, None, EPS).unwrap_err().to_string().contains("non-empty"));
+    let e = ops::layer_norm(&x, None, None, -1.0).unwrap_err().to_string();
     assert!(e.contains("eps"), "{e}");
 }
 
@@ -346,9 +237,7 @@ impl Op {
         match self {
             Op::LayerNorm => ops::layer_norm(&t[0], Some(&t[1]), Some(&t[2]), 1e-6),
             Op::LayerNormPlain => ops::layer_norm(&t[0], None, None, 1e-6),
-            Op::Modulate | Op::ModulateShared => {
-                ops::layer_norm_modulate(&t[0], &t[1], &t[2], 1e-6)
-            }
+            Op::Modulate | Op::ModulateShared => ops::layer_norm_modulate(&t[0], &t[1], &t[2], 1e-6),
             Op::Rms => ops::rms_norm(&t[0], &t[1], 1e-6),
         }
     }
@@ -391,20 +280,9 @@ fn gpu_parity(
     let gpu: Vec<Tensor> = host
         .iter()
         .enumerate()
-        .map(|(k, t)| {
-            t.to_device(dev, if k == 0 { xdt } else { pdt })
-                .unwrap()
-                .requires_grad()
-        })
+        .map(|(k, t)| t.to_device(dev, if k == 0 { xdt } else { pdt }).unwrap().requires_grad())
         .collect();
-    let cpu: Vec<Tensor> = gpu
-        .iter()
-        .map(|t| {
-            t.to_device(Device::Cpu, DType::F32)
-                .unwrap()
-                .requires_grad()
-        })
-        .collect();
+    let cpu: Vec<Tensor> = gpu.iter().map(|t| t.to_device(Device::Cpu, DType::F32).unwrap().requires_grad()).collect();
     let what = format!("{op:?} [{b}, {n}, {d}] x {xdt} params {pdt}");
 
     let yg = op.run(&gpu).unwrap();
@@ -412,13 +290,7 @@ fn gpu_parity(
     let yc = op.run(&cpu).unwrap();
     let (yg_v, yc_v) = (yg.to_vec().unwrap(), yc.to_vec().unwrap());
     let (a, r) = tol(xdt);
-    assert_close(
-        &yg_v,
-        &yc_v,
-        a * max_abs(&yc_v),
-        r,
-        &format!("{what}: forward"),
-    );
+    assert_close(&yg_v, &yc_v, a * max_abs(&yc_v), r, &format!("{what}: forward"));
 
     let seed_grad = Tensor::randn(&[b, n, d], 1.0, &mut rng, Device::Cpu).unwrap();
     let sg = seed_grad.to_device(dev, xdt).unwrap();
@@ -427,19 +299,11 @@ fn gpu_parity(
     let gc = autograd::backward_with(&yc, sc).unwrap();
     let mut param_grads = Vec::new();
     for (k, (tg, tc)) in gpu.iter().zip(&cpu).enumerate() {
-        let g = gg
-            .get(tg)
-            .unwrap_or_else(|| panic!("{what}: no GPU gradient for input {k}"));
+        let g = gg.get(tg).unwrap_or_else(|| panic!("{what}: no GPU gradient for input {k}"));
         assert_eq!(g.dtype(), tg.dtype(), "{what}: gradient {k} dtype");
         let (g, c) = (g.to_vec().unwrap(), gc.get(tc).unwrap().to_vec().unwrap());
         let (a, r) = tol(tg.dtype());
-        assert_close(
-            &g,
-            &c,
-            a * max_abs(&c),
-            r,
-            &format!("{what}: gradient of input {k}"),
-        );
+        assert_close(&g, &c, a * max_abs(&c), r, &format!("{what}: gradient of input {k}"));
         if k > 0 {
             param_grads.push(g);
         }
@@ -450,13 +314,7 @@ fn gpu_parity(
 #[test]
 fn gpu_norms_match_cpu() {
     let Some(dev) = gpu() else { return };
-    let ops_all = [
-        Op::LayerNorm,
-        Op::LayerNormPlain,
-        Op::Modulate,
-        Op::ModulateShared,
-        Op::Rms,
-    ];
+    let ops_all = [Op::LayerNorm, Op::LayerNormPlain, Op::Modulate, Op::ModulateShared, Op::Rms];
     // Odd sizes (scalar path); the real width (16-byte vectors); odd widths past the
     // register cache (scalar, re-read path) and a vectorisable one past it.
     let sizes = [(3, 5, 13), (2, 7, 1536), (2, 3, 1537), (1, 3, 8200)];
@@ -483,9 +341,6 @@ fn gpu_norm_parameter_gradients_are_deterministic() {
     for op in [Op::Modulate, Op::LayerNorm] {
         let a = gpu_parity(dev, op, (2, 901, 1536), DType::BF16, DType::F32, 7);
         let b = gpu_parity(dev, op, (2, 901, 1536), DType::BF16, DType::F32, 7);
-        assert_eq!(
-            a, b,
-            "{op:?}: parameter gradients differ between identical runs"
-        );
+        assert_eq!(a, b, "{op:?}: parameter gradients differ between identical runs");
     }
 }

@@ -30,11 +30,7 @@ fn wan_channel_split() {
         let p = axis_pairs(d);
         assert_eq!(p.iter().sum::<usize>(), d / 2);
         // In channels: d − 4·(d/6), 2·(d/6), 2·(d/6).
-        assert_eq!(
-            [2 * p[0], 2 * p[1], 2 * p[2]],
-            [d - 4 * (d / 6), 2 * (d / 6), 2 * (d / 6)],
-            "head_dim {d}"
-        );
+        assert_eq!([2 * p[0], 2 * p[1], 2 * p[2]], [d - 4 * (d / 6), 2 * (d / 6), 2 * (d / 6)], "head_dim {d}");
     }
 }
 
@@ -74,10 +70,7 @@ fn table_angles_by_hand() {
 }
 
 fn table_tensors(f: usize, h: usize, w: usize, dh: usize) -> (Tensor, Tensor) {
-    ops::rope_table_3d(f, h, w, dh, THETA)
-        .unwrap()
-        .to_tensors(Device::Cpu)
-        .unwrap()
+    ops::rope_table_3d(f, h, w, dh, THETA).unwrap().to_tensors(Device::Cpu).unwrap()
 }
 
 #[test]
@@ -88,12 +81,7 @@ fn rope_is_a_complex_multiply() {
     let (cos, sin) = table_tensors(1, 5, 1, dh);
     let y = ops::rope(&x, &cos, &sin).unwrap();
     assert_eq!(y.shape(), &[b, n, h, dh]);
-    let (xv, yv, cv, sv) = (
-        x.to_vec().unwrap(),
-        y.to_vec().unwrap(),
-        cos.to_vec().unwrap(),
-        sin.to_vec().unwrap(),
-    );
+    let (xv, yv, cv, sv) = (x.to_vec().unwrap(), y.to_vec().unwrap(), cos.to_vec().unwrap(), sin.to_vec().unwrap());
     let half = dh / 2;
     let mut want = vec![0f32; xv.len()];
     for i in 0..xv.len() / 2 {
@@ -118,10 +106,7 @@ fn rope_preserves_pair_norms_and_inverts() {
     let (xv, yv) = (x.to_vec().unwrap(), y.to_vec().unwrap());
     for (p, q) in xv.chunks(2).zip(yv.chunks(2)) {
         let (nx, ny) = (p[0].hypot(p[1]), q[0].hypot(q[1]));
-        assert!(
-            (nx - ny).abs() <= 1e-5 * (1.0 + nx),
-            "pair norm {nx} became {ny}"
-        );
+        assert!((nx - ny).abs() <= 1e-5 * (1.0 + nx), "pair norm {nx} became {ny}");
     }
     assert!(rel_err(&yv, &xv) > 0.1, "the rotation must change x");
     // Rotating by the negative angles (sin → −sin) recovers x.
@@ -142,24 +127,13 @@ fn rope_gradient() {
     let y = ops::rope(&x, &cos, &sin).unwrap();
     let grads = autograd::backward_with(&y, g.clone()).unwrap();
     let inv = ops::rope(&g, &cos, &ops::scale(&sin, -1.0).unwrap()).unwrap();
-    assert_close(
-        &grads.get(&x).unwrap().to_vec().unwrap(),
-        &inv.to_vec().unwrap(),
-        1e-6,
-        1e-6,
-        "rope backward",
-    );
+    assert_close(&grads.get(&x).unwrap().to_vec().unwrap(), &inv.to_vec().unwrap(), 1e-6, 1e-6, "rope backward");
 }
 
 #[test]
 fn bad_inputs_are_errors() {
-    let e = ops::rope_table_3d(1, 2, 2, 13, THETA)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("rope_table_3d") && e.contains("13") && e.contains("even"),
-        "{e}"
-    );
+    let e = ops::rope_table_3d(1, 2, 2, 13, THETA).unwrap_err().to_string();
+    assert!(e.contains("rope_table_3d") && e.contains("13") && e.contains("even"), "{e}");
     assert!(ops::rope_table_3d(0, 2, 2, 12, THETA).is_err());
     assert!(ops::rope_table_3d(1, 2, 2, 12, -1.0).is_err());
 
@@ -167,16 +141,10 @@ fn bad_inputs_are_errors() {
     let (cos, sin) = table_tensors(1, 5, 1, 10);
     let odd = randn(&[1, 5, 2, 9], &mut rng);
     let e = ops::rope(&odd, &cos, &sin).unwrap_err().to_string();
-    assert!(
-        e.contains("rope") && e.contains("even") && e.contains("[1, 5, 2, 9]"),
-        "{e}"
-    );
+    assert!(e.contains("rope") && e.contains("even") && e.contains("[1, 5, 2, 9]"), "{e}");
     let wrong_n = randn(&[1, 4, 2, 10], &mut rng);
     let e = ops::rope(&wrong_n, &cos, &sin).unwrap_err().to_string();
-    assert!(
-        e.contains("cos") && e.contains("[5, 5]") && e.contains("[4, 5]"),
-        "{e}"
-    );
+    assert!(e.contains("cos") && e.contains("[5, 5]") && e.contains("[4, 5]"), "{e}");
     let rank3 = randn(&[5, 2, 10], &mut rng);
     let e = ops::rope(&rank3, &cos, &sin).unwrap_err().to_string();
     assert!(e.contains("[B, N, H, head_dim]"), "{e}");
@@ -191,13 +159,7 @@ fn bad_inputs_are_errors() {
 
 /// Runs rope on the GPU with x in `dtype` and on the CPU on the same rounded values;
 /// compares forward and backward.
-fn gpu_parity(
-    dev: Device,
-    (b, h): (usize, usize),
-    (f, gh, gw): (usize, usize, usize),
-    dh: usize,
-    dtype: DType,
-) {
+fn gpu_parity(dev: Device, (b, h): (usize, usize), (f, gh, gw): (usize, usize, usize), dh: usize, dtype: DType) {
     let mut rng = Rng::new((b * 1000 + h * 100 + dh) as u64);
     let n = f * gh * gw;
     let table = ops::rope_table_3d(f, gh, gw, dh, THETA).unwrap();
@@ -206,10 +168,7 @@ fn gpu_parity(
     let (cos_c, sin_c) = table.to_tensors(Device::Cpu).unwrap();
     let host = Tensor::randn(&[b, n, h, dh], 1.0, &mut rng, Device::Cpu).unwrap();
     let xg = host.to_device(dev, dtype).unwrap().requires_grad();
-    let xc = xg
-        .to_device(Device::Cpu, DType::F32)
-        .unwrap()
-        .requires_grad();
+    let xc = xg.to_device(Device::Cpu, DType::F32).unwrap().requires_grad();
     let what = format!("rope [{b}, {n}, {h}, {dh}] {dtype}");
     let (atol, rtol) = match dtype {
         DType::F32 => (1e-5, 1e-5),
@@ -219,18 +178,9 @@ fn gpu_parity(
     let yg = ops::rope(&xg, &cos_g, &sin_g).unwrap();
     assert_eq!(yg.dtype(), dtype);
     let yc = ops::rope(&xc, &cos_c, &sin_c).unwrap();
-    assert_close(
-        &yg.to_vec().unwrap(),
-        &yc.to_vec().unwrap(),
-        atol,
-        rtol,
-        &format!("{what}: forward"),
-    );
+    assert_close(&yg.to_vec().unwrap(), &yc.to_vec().unwrap(), atol, rtol, &format!("{what}: forward"));
 
-    let g = Tensor::randn(&[b, n, h, dh], 1.0, &mut rng, Device::Cpu)
-        .unwrap()
-        .to_device(dev, dtype)
-        .unwrap();
+    let g = Tensor::randn(&[b, n, h, dh], 1.0, &mut rng, Device::Cpu).unwrap().to_device(dev, dtype).unwrap();
     let gc = g.to_device(Device::Cpu, DType::F32).unwrap();
     let dg = autograd::backward_with(&yg, g).unwrap();
     let dc = autograd::backward_with(&yc, gc).unwrap();

@@ -20,10 +20,7 @@ fn reshape_is_zero_copy_and_differentiable() {
         1e-2,
     );
     let e = ops::reshape(&x, &[4, 26]).unwrap_err().to_string();
-    assert!(
-        e.contains("reshape") && e.contains("[3, 5, 7]") && e.contains("[4, 26]"),
-        "{e}"
-    );
+    assert!(e.contains("reshape") && e.contains("[3, 5, 7]") && e.contains("[4, 26]"), "{e}");
 }
 
 #[test]
@@ -62,36 +59,16 @@ fn permute_gradients_and_errors() {
     let mut rng = Rng::new(33);
     let x = randn(&[3, 5, 7], &mut rng);
     let one = std::slice::from_ref(&x);
-    gradcheck(
-        "permute",
-        |t| ops::permute(&t[0], &[2, 0, 1]),
-        one,
-        1e-2,
-        1e-2,
-    );
-    gradcheck(
-        "transpose",
-        |t| ops::transpose(&t[0], 0, 2),
-        one,
-        1e-2,
-        1e-2,
-    );
+    gradcheck("permute", |t| ops::permute(&t[0], &[2, 0, 1]), one, 1e-2, 1e-2);
+    gradcheck("transpose", |t| ops::transpose(&t[0], 0, 2), one, 1e-2, 1e-2);
     for bad in [&[0, 1][..], &[0, 1, 1], &[0, 1, 3], &[0, 1, 2, 3]] {
         let e = ops::permute(&x, bad).unwrap_err().to_string();
-        assert!(
-            e.contains("permute") && e.contains(&format!("{bad:?}")) && e.contains("[3, 5, 7]"),
-            "{e}"
-        );
+        assert!(e.contains("permute") && e.contains(&format!("{bad:?}")) && e.contains("[3, 5, 7]"), "{e}");
     }
     let e = ops::transpose(&x, 0, 3).unwrap_err().to_string();
-    assert!(
-        e.contains("transpose") && e.contains('3') && e.contains("[3, 5, 7]"),
-        "{e}"
-    );
+    assert!(e.contains("transpose") && e.contains('3') && e.contains("[3, 5, 7]"), "{e}");
     let deep = randn(&[1, 2, 1, 2, 1, 2, 3], &mut rng);
-    let e = ops::permute(&deep, &[6, 5, 4, 3, 2, 1, 0])
-        .unwrap_err()
-        .to_string();
+    let e = ops::permute(&deep, &[6, 5, 4, 3, 2, 1, 0]).unwrap_err().to_string();
     assert!(e.contains("rank 7"), "{e}");
 }
 
@@ -125,13 +102,7 @@ fn concat_of_splits_is_the_original() {
 fn concat_narrow_split_gradients() {
     let mut rng = Rng::new(35);
     let (a, b) = (randn(&[3, 2, 7], &mut rng), randn(&[3, 5, 7], &mut rng));
-    gradcheck(
-        "concat",
-        |t| ops::concat(&[&t[0], &t[1]], 1),
-        &[a, b.clone()],
-        1e-2,
-        1e-2,
-    );
+    gradcheck("concat", |t| ops::concat(&[&t[0], &t[1]], 1), &[a, b.clone()], 1e-2, 1e-2);
     let one = std::slice::from_ref(&b);
     gradcheck("narrow", |t| ops::narrow(&t[0], 2, 2, 3), one, 1e-2, 1e-2);
     // Each piece weighted differently, so a mixed-up piece gradient shows.
@@ -139,11 +110,7 @@ fn concat_narrow_split_gradients() {
         "split",
         |t| {
             let p = ops::split(&t[0], 1, &[1, 3, 1])?;
-            let q = [
-                ops::scale(&p[0], 2.0)?,
-                ops::scale(&p[1], -0.5)?,
-                p[2].clone(),
-            ];
+            let q = [ops::scale(&p[0], 2.0)?, ops::scale(&p[1], -0.5)?, p[2].clone()];
             ops::concat(&[&q[2], &q[0], &q[1]], 1)
         },
         one,
@@ -157,28 +124,16 @@ fn concat_narrow_split_errors() {
     let mut rng = Rng::new(36);
     let (a, b) = (randn(&[3, 2, 7], &mut rng), randn(&[3, 5, 6], &mut rng));
     let e = ops::concat(&[&a, &b], 1).unwrap_err().to_string();
-    assert!(
-        e.contains("concat") && e.contains("[3, 2, 7]") && e.contains("[3, 5, 6]"),
-        "{e}"
-    );
+    assert!(e.contains("concat") && e.contains("[3, 2, 7]") && e.contains("[3, 5, 6]"), "{e}");
     let e = ops::concat(&[&a, &a], 3).unwrap_err().to_string();
     assert!(e.contains("concat") && e.contains('3'), "{e}");
-    assert!(ops::concat(&[], 0)
-        .unwrap_err()
-        .to_string()
-        .contains("concat"));
+    assert!(ops::concat(&[], 0).unwrap_err().to_string().contains("concat"));
     let e = ops::narrow(&b, 1, 3, 3).unwrap_err().to_string();
-    assert!(
-        e.contains("narrow") && e.contains("3..6") && e.contains("[3, 5, 6]"),
-        "{e}"
-    );
+    assert!(e.contains("narrow") && e.contains("3..6") && e.contains("[3, 5, 6]"), "{e}");
     let e = ops::narrow(&b, 3, 0, 1).unwrap_err().to_string();
     assert!(e.contains("narrow") && e.contains("dimension 3"), "{e}");
     let e = ops::split(&b, 2, &[2, 2]).unwrap_err().to_string();
-    assert!(
-        e.contains("split") && e.contains("[2, 2]") && e.contains("[3, 5, 6]"),
-        "{e}"
-    );
+    assert!(e.contains("split") && e.contains("[2, 2]") && e.contains("[3, 5, 6]"), "{e}");
 }
 
 // ---------------------------------------------------------------------------------
@@ -186,62 +141,23 @@ fn concat_narrow_split_errors() {
 
 /// Runs `f` on the CPU and on the GPU (inputs in `dtype`) and checks that the output and
 /// the gradients of every input for one random output gradient are identical.
-fn exact_parity(
-    name: &str,
-    dev: Device,
-    dtype: DType,
-    inputs: &[Tensor],
-    f: impl Fn(&[Tensor]) -> Result<Tensor>,
-) {
-    let gin: Vec<Tensor> = inputs
-        .iter()
-        .map(|t| t.to_device(dev, dtype).unwrap().requires_grad())
-        .collect();
-    let cin: Vec<Tensor> = gin
-        .iter()
-        .map(|t| {
-            t.to_device(Device::Cpu, DType::F32)
-                .unwrap()
-                .requires_grad()
-        })
-        .collect();
+fn exact_parity(name: &str, dev: Device, dtype: DType, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>) {
+    let gin: Vec<Tensor> = inputs.iter().map(|t| t.to_device(dev, dtype).unwrap().requires_grad()).collect();
+    let cin: Vec<Tensor> = gin.iter().map(|t| t.to_device(Device::Cpu, DType::F32).unwrap().requires_grad()).collect();
     // CPU forward + backward first: a backward pass drains this thread's whole tape.
     let yc = f(&cin).unwrap_or_else(|e| panic!("{name}: CPU forward: {e}"));
     let mut rng = Rng::new(77);
-    let seed_gpu = Tensor::randn(yc.shape(), 1.0, &mut rng, Device::Cpu)
-        .unwrap()
-        .to_device(dev, dtype)
-        .unwrap();
-    let gc =
-        autograd::backward_with(&yc, seed_gpu.to_device(Device::Cpu, DType::F32).unwrap()).unwrap();
+    let seed_gpu = Tensor::randn(yc.shape(), 1.0, &mut rng, Device::Cpu).unwrap().to_device(dev, dtype).unwrap();
+    let gc = autograd::backward_with(&yc, seed_gpu.to_device(Device::Cpu, DType::F32).unwrap()).unwrap();
     let yg = f(&gin).unwrap_or_else(|e| panic!("{name}: GPU forward: {e}"));
-    assert_eq!(
-        (yg.shape(), yg.dtype()),
-        (yc.shape(), dtype),
-        "{name}: output"
-    );
-    assert_close(
-        &yg.to_vec().unwrap(),
-        &yc.to_vec().unwrap(),
-        0.0,
-        0.0,
-        &format!("{name} {dtype} forward"),
-    );
-    let gg = autograd::backward_with(&yg, seed_gpu)
-        .unwrap_or_else(|e| panic!("{name}: GPU backward: {e}"));
+    assert_eq!((yg.shape(), yg.dtype()), (yc.shape(), dtype), "{name}: output");
+    assert_close(&yg.to_vec().unwrap(), &yc.to_vec().unwrap(), 0.0, 0.0, &format!("{name} {dtype} forward"));
+    let gg = autograd::backward_with(&yg, seed_gpu).unwrap_or_else(|e| panic!("{name}: GPU backward: {e}"));
     for k in 0..inputs.len() {
-        let a = gg
-            .get(&gin[k])
-            .unwrap_or_else(|| panic!("{name}: no GPU gradient for input {k}"));
+        let a = gg.get(&gin[k]).unwrap_or_else(|| panic!("{name}: no GPU gradient for input {k}"));
         assert_eq!(a.dtype(), dtype, "{name}: gradient {k} dtype");
         let want = gc.get(&cin[k]).unwrap().to_vec().unwrap();
-        assert_close(
-            &a.to_vec().unwrap(),
-            &want,
-            0.0,
-            0.0,
-            &format!("{name} {dtype} d input {k}"),
-        );
+        assert_close(&a.to_vec().unwrap(), &want, 0.0, 0.0, &format!("{name} {dtype} d input {k}"));
     }
 }
 
@@ -259,21 +175,13 @@ fn gpu_permute_matches_cpu() {
     for dt in [DType::F32, DType::BF16] {
         for (shape, perm) in cases {
             let x = randn(shape, &mut rng);
-            exact_parity(
-                &format!("permute {shape:?} {perm:?}"),
-                dev,
-                dt,
-                std::slice::from_ref(&x),
-                |t| ops::permute(&t[0], perm),
-            );
+            exact_parity(&format!("permute {shape:?} {perm:?}"), dev, dt, std::slice::from_ref(&x), |t| {
+                ops::permute(&t[0], perm)
+            });
         }
         let x = randn(&[3, 5, 7], &mut rng);
-        exact_parity("transpose", dev, dt, std::slice::from_ref(&x), |t| {
-            ops::transpose(&t[0], 1, 2)
-        });
-        exact_parity("reshape", dev, dt, std::slice::from_ref(&x), |t| {
-            ops::reshape(&t[0], &[5, 21])
-        });
+        exact_parity("transpose", dev, dt, std::slice::from_ref(&x), |t| ops::transpose(&t[0], 1, 2));
+        exact_parity("reshape", dev, dt, std::slice::from_ref(&x), |t| ops::reshape(&t[0], &[5, 21]));
     }
 }
 
@@ -285,40 +193,20 @@ fn gpu_concat_narrow_split_match_cpu() {
         for dim in 0..3 {
             let mut sa = vec![3, 5, 7];
             sa[dim] = 2;
-            let (a, b, c) = (
-                randn(&sa, &mut rng),
-                randn(&[3, 5, 7], &mut rng),
-                randn(&sa, &mut rng),
-            );
-            exact_parity(
-                &format!("concat dim {dim}"),
-                dev,
-                dt,
-                &[a, b.clone(), c],
-                |t| ops::concat(&[&t[0], &t[1], &t[2]], dim),
-            );
-            exact_parity(
-                &format!("narrow dim {dim}"),
-                dev,
-                dt,
-                std::slice::from_ref(&b),
-                |t| ops::narrow(&t[0], dim, 1, 2),
-            );
-            exact_parity(
-                &format!("split dim {dim}"),
-                dev,
-                dt,
-                std::slice::from_ref(&b),
-                |t| {
-                    let p = ops::split(&t[0], dim, &[1, 1, b.shape()[dim] - 2])?;
-                    ops::concat(&[&p[2], &p[0]], dim)
-                },
-            );
+            let (a, b, c) = (randn(&sa, &mut rng), randn(&[3, 5, 7], &mut rng), randn(&sa, &mut rng));
+            exact_parity(&format!("concat dim {dim}"), dev, dt, &[a, b.clone(), c], |t| {
+                ops::concat(&[&t[0], &t[1], &t[2]], dim)
+            });
+            exact_parity(&format!("narrow dim {dim}"), dev, dt, std::slice::from_ref(&b), |t| {
+                ops::narrow(&t[0], dim, 1, 2)
+            });
+            exact_parity(&format!("split dim {dim}"), dev, dt, std::slice::from_ref(&b), |t| {
+                let p = ops::split(&t[0], dim, &[1, 1, b.shape()[dim] - 2])?;
+                ops::concat(&[&p[2], &p[0]], dim)
+            });
         }
         let big = randn(&[3, 100_003], &mut rng);
-        exact_parity("narrow big", dev, dt, std::slice::from_ref(&big), |t| {
-            ops::narrow(&t[0], 1, 7, 99_001)
-        });
+        exact_parity("narrow big", dev, dt, std::slice::from_ref(&big), |t| ops::narrow(&t[0], 1, 7, 99_001));
     }
 }
 
@@ -331,22 +219,11 @@ fn gpu_concat_mixes_dtypes() {
     let bg = b.to_device(dev, DType::BF16).unwrap().requires_grad();
     let y = ops::concat(&[&ag, &bg], 1).unwrap();
     assert_eq!(y.dtype(), DType::BF16);
-    let ab = ag
-        .to_device(dev, DType::BF16)
-        .unwrap()
-        .to_device(Device::Cpu, DType::F32)
-        .unwrap();
+    let ab = ag.to_device(dev, DType::BF16).unwrap().to_device(Device::Cpu, DType::F32).unwrap();
     let bc = bg.to_device(Device::Cpu, DType::F32).unwrap();
     let want = ops::concat(&[&ab, &bc], 1).unwrap();
-    assert_close(
-        &y.to_vec().unwrap(),
-        &want.to_vec().unwrap(),
-        0.0,
-        0.0,
-        "mixed concat",
-    );
-    let g = autograd::backward_with(&y, Tensor::full(y.shape(), 1.0, DType::BF16, dev).unwrap())
-        .unwrap();
+    assert_close(&y.to_vec().unwrap(), &want.to_vec().unwrap(), 0.0, 0.0, "mixed concat");
+    let g = autograd::backward_with(&y, Tensor::full(y.shape(), 1.0, DType::BF16, dev).unwrap()).unwrap();
     assert_eq!(g.get(&ag).unwrap().dtype(), DType::F32);
     assert_eq!(g.get(&ag).unwrap().to_vec().unwrap(), vec![1.0; 42]);
     assert_eq!(g.get(&bg).unwrap().to_vec().unwrap(), vec![1.0; 105]);

@@ -5,16 +5,8 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let r = a.len().max(b.len());
     let mut out = vec![0; r];
     for (i, o) in out.iter_mut().enumerate() {
-        let da = if i + a.len() >= r {
-            a[i + a.len() - r]
-        } else {
-            1
-        };
-        let db = if i + b.len() >= r {
-            b[i + b.len() - r]
-        } else {
-            1
-        };
+        let da = if i + a.len() >= r { a[i + a.len() - r] } else { 1 };
+        let db = if i + b.len() >= r { b[i + b.len() - r] } else { 1 };
         *o = if da == db || db == 1 {
             da
         } else if da == 1 {
@@ -52,10 +44,7 @@ pub fn binary(
     if sa == out_shape && sb == out_shape {
         return a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect();
     }
-    let (ta, tb) = (
-        broadcast_strides(out_shape, sa),
-        broadcast_strides(out_shape, sb),
-    );
+    let (ta, tb) = (broadcast_strides(out_shape, sa), broadcast_strides(out_shape, sb));
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let (mut rem, mut ia, mut ib) = (i, 0, 0);
@@ -147,13 +136,7 @@ pub fn silu_grad(x: f32) -> f32 {
 
 /// `x + gate·y` where `x` and `y` have `shape` and `gate` (shape `gate_shape`)
 /// broadcasts to it.
-pub fn gated_residual(
-    x: &[f32],
-    gate: &[f32],
-    gate_shape: &[usize],
-    y: &[f32],
-    shape: &[usize],
-) -> Vec<f32> {
+pub fn gated_residual(x: &[f32], gate: &[f32], gate_shape: &[usize], y: &[f32], shape: &[usize]) -> Vec<f32> {
     let strides = broadcast_strides(shape, gate_shape);
     let mut out = Vec::with_capacity(x.len());
     for (i, (&xv, &yv)) in x.iter().zip(y).enumerate() {

@@ -19,20 +19,12 @@ pub fn sq_err_rows(pred: &[f32], target: &[f32], rows: usize) -> Vec<f32> {
 /// row's mean: `2·g[row]·(pred − target)/len`.
 pub fn sq_err_rows_grad(pred: &[f32], target: &[f32], g: &[f32]) -> Vec<f32> {
     let len = pred.len() / g.len().max(1);
-    pred.iter()
-        .zip(target)
-        .enumerate()
-        .map(|(i, (&p, &t))| 2.0 * g[i / len] * (p - t) / len as f32)
-        .collect()
+    pred.iter().zip(target).enumerate().map(|(i, (&p, &t))| 2.0 * g[i / len] * (p - t) / len as f32).collect()
 }
 
 /// Per-row cross-entropy of `logits` (`[rows, classes]`) against class indices, with
 /// each row's log-sum-exp (kept for the backward pass): `(loss, lse)`.
-pub fn cross_entropy_rows(
-    logits: &[f32],
-    classes: usize,
-    targets: &[usize],
-) -> (Vec<f32>, Vec<f32>) {
+pub fn cross_entropy_rows(logits: &[f32], classes: usize, targets: &[usize]) -> (Vec<f32>, Vec<f32>) {
     let mut loss = Vec::with_capacity(targets.len());
     let mut lse = Vec::with_capacity(targets.len());
     for (row, &t) in logits.chunks(classes).zip(targets) {
@@ -47,13 +39,7 @@ pub fn cross_entropy_rows(
 
 /// Gradient of the mean cross-entropy with respect to the logits, scaled by `g`:
 /// `g·(softmax − onehot)/rows`.
-pub fn cross_entropy_grad(
-    logits: &[f32],
-    classes: usize,
-    targets: &[usize],
-    lse: &[f32],
-    g: f32,
-) -> Vec<f32> {
+pub fn cross_entropy_grad(logits: &[f32], classes: usize, targets: &[usize], lse: &[f32], g: f32) -> Vec<f32> {
     let k = g as f64 / targets.len() as f64;
     let mut out = Vec::with_capacity(logits.len());
     for ((row, &t), &l) in logits.chunks(classes).zip(targets).zip(lse) {

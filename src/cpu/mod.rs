@@ -2,6 +2,7 @@
 //! Every CUDA kernel is tested against these, and these are tested against finite
 //! differences and the PyTorch references.
 
+pub mod adamw;
 pub mod attention;
 pub mod elementwise;
 pub mod loss;
@@ -10,4 +11,3 @@ pub mod norm;
 pub mod reduce;
 pub mod rope;
 pub mod shape;
-pub mod adamw;

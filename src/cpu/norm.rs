@@ -32,12 +32,7 @@ impl RowNorm {
 
 /// Forward of `spec` on `x` (`[rows, d]`), with optional weight and bias of
 /// `[groups, d]`. Returns the output and each row's mean and rstd (saved for backward).
-pub fn forward(
-    x: &[f32],
-    w: Option<&[f32]>,
-    b: Option<&[f32]>,
-    spec: &RowNorm,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+pub fn forward(x: &[f32], w: Option<&[f32]>, b: Option<&[f32]>, spec: &RowNorm) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let d = spec.d;
     let mut out = vec![0f32; spec.rows * d];
     let mut means = Vec::with_capacity(spec.rows);
@@ -58,11 +53,7 @@ pub fn forward(
 
 fn row_stats(xr: &[f32], spec: &RowNorm) -> (f32, f32) {
     let n = xr.len() as f64;
-    let mean = if spec.rms {
-        0.0
-    } else {
-        xr.iter().map(|&v| v as f64).sum::<f64>() / n
-    };
+    let mean = if spec.rms { 0.0 } else { xr.iter().map(|&v| v as f64).sum::<f64>() / n };
     let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
     (mean as f32, (1.0 / (var + spec.eps as f64).sqrt()) as f32)
 }
@@ -79,14 +70,7 @@ pub struct NormGrads {
 }
 
 /// Backward of `spec` given the forward's input, weight and saved statistics.
-pub fn backward(
-    x: &[f32],
-    dy: &[f32],
-    w: Option<&[f32]>,
-    mean: &[f32],
-    rstd: &[f32],
-    spec: &RowNorm,
-) -> NormGrads {
+pub fn backward(x: &[f32], dy: &[f32], w: Option<&[f32]>, mean: &[f32], rstd: &[f32], spec: &RowNorm) -> NormGrads {
     let d = spec.d;
     let mut dx = vec![0f32; spec.rows * d];
     let mut dw = vec![0f32; spec.groups() * d];
@@ -106,11 +90,7 @@ pub fn backward(
             dw[p + c] += gr[c] * xhat[c];
             db[p + c] += gr[c];
         }
-        let mg = if spec.rms {
-            0.0
-        } else {
-            (s_g / d as f64) as f32
-        };
+        let mg = if spec.rms { 0.0 } else { (s_g / d as f64) as f32 };
         let mgx = (s_gx / d as f64) as f32;
         for c in 0..d {
             dx[r * d + c] = rs * (gh[c] - mg - xhat[c] * mgx);

@@ -12,24 +12,12 @@ pub fn axis_pairs(head_dim: usize) -> [usize; 3] {
 /// (frame, row, column) row-major order. Pair `j` of an axis with `p` pairs at position
 /// `pos` turns by `pos·θ^(−2j/(2p))`; angles and their cos/sin are computed in f64 and
 /// rounded once.
-pub fn table_3d(
-    frames: usize,
-    height: usize,
-    width: usize,
-    head_dim: usize,
-    theta: f64,
-) -> (Vec<f32>, Vec<f32>) {
+pub fn table_3d(frames: usize, height: usize, width: usize, head_dim: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
     let half = head_dim / 2;
     let pairs = axis_pairs(head_dim);
     // Per axis, the inverse frequencies of its pairs.
-    let inv_freq: Vec<Vec<f64>> = pairs
-        .iter()
-        .map(|&p| {
-            (0..p)
-                .map(|j| 1.0 / theta.powf((2 * j) as f64 / (2 * p) as f64))
-                .collect()
-        })
-        .collect();
+    let inv_freq: Vec<Vec<f64>> =
+        pairs.iter().map(|&p| (0..p).map(|j| 1.0 / theta.powf((2 * j) as f64 / (2 * p) as f64)).collect()).collect();
     let n = frames * height * width;
     let mut cos = Vec::with_capacity(n * half);
     let mut sin = Vec::with_capacity(n * half);
@@ -52,27 +40,12 @@ pub fn table_3d(
 /// Rotates each pair `(x[2j], x[2j+1])` of every head of `x` (`[B, tokens, heads,
 /// head_dim]`) by `sign`·angle of its token and pair: `sign` = 1 applies the embedding,
 /// −1 undoes it (and is its backward).
-pub fn rope(
-    x: &[f32],
-    cos: &[f32],
-    sin: &[f32],
-    tokens: usize,
-    heads: usize,
-    head_dim: usize,
-    sign: f32,
-) -> Vec<f32> {
+pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], tokens: usize, heads: usize, head_dim: usize, sign: f32) -> Vec<f32> {
     let half = head_dim / 2;
     let mut out = vec![0f32; x.len()];
-    for (t, (xh, oh)) in x
-        .chunks_exact(head_dim)
-        .zip(out.chunks_exact_mut(head_dim))
-        .enumerate()
-    {
+    for (t, (xh, oh)) in x.chunks_exact(head_dim).zip(out.chunks_exact_mut(head_dim)).enumerate() {
         let n = (t / heads) % tokens;
-        let (cr, sr) = (
-            &cos[n * half..(n + 1) * half],
-            &sin[n * half..(n + 1) * half],
-        );
+        let (cr, sr) = (&cos[n * half..(n + 1) * half], &sin[n * half..(n + 1) * half]);
         for j in 0..half {
             let (a, b) = (xh[2 * j], xh[2 * j + 1]);
             let (c, s) = (cr[j], sign * sr[j]);

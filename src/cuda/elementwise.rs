@@ -152,12 +152,7 @@ pub fn activation(x: &CudaStorage, kernel: &'static str, n: usize) -> Result<Cud
 }
 
 /// The gradient `g·f'(x)` of the activation `kernel` (`x` and `g` of one dtype).
-pub fn activation_backward(
-    x: &CudaStorage,
-    g: &CudaStorage,
-    kernel: &'static str,
-    n: usize,
-) -> Result<CudaBuf> {
+pub fn activation_backward(x: &CudaStorage, g: &CudaStorage, kernel: &'static str, n: usize) -> Result<CudaBuf> {
     let bwd = match kernel {
         "gelu_tanh" => "gelu_tanh_bwd",
         "gelu_exact" => "gelu_exact_bwd",
@@ -204,12 +199,8 @@ pub fn gated_residual(
     let (p64, i64_, n64) = (period as i64, inner as i64, n as i64);
     let mut lb = dev.stream.launch_builder(&f);
     match (&x.buf, &gate.buf, &y.buf, &mut out) {
-        (CudaBuf::F32(a), CudaBuf::F32(g), CudaBuf::F32(b), CudaBuf::F32(o)) => {
-            lb.arg(a).arg(g).arg(b).arg(o)
-        }
-        (CudaBuf::BF16(a), CudaBuf::BF16(g), CudaBuf::BF16(b), CudaBuf::BF16(o)) => {
-            lb.arg(a).arg(g).arg(b).arg(o)
-        }
+        (CudaBuf::F32(a), CudaBuf::F32(g), CudaBuf::F32(b), CudaBuf::F32(o)) => lb.arg(a).arg(g).arg(b).arg(o),
+        (CudaBuf::BF16(a), CudaBuf::BF16(g), CudaBuf::BF16(b), CudaBuf::BF16(o)) => lb.arg(a).arg(g).arg(b).arg(o),
         _ => bail!("gated_residual: dtype mismatch"),
     };
     lb.arg(&p64).arg(&i64_).arg(&n64);

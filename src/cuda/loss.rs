@@ -53,14 +53,7 @@ pub fn sq_err_rows(p: &CudaStorage, t: &CudaStorage, rows: usize, len: usize) ->
         bail!("mse: partials buffer is not f32");
     };
     let (len64, bpr64) = (len as i64, bpr as i64);
-    let f = dev.func(
-        "loss",
-        if dtype == DType::F32 {
-            "sq_err_partial_f32"
-        } else {
-            "sq_err_partial_bf16"
-        },
-    )?;
+    let f = dev.func("loss", if dtype == DType::F32 { "sq_err_partial_f32" } else { "sq_err_partial_bf16" })?;
     let mut lb = dev.stream.launch_builder(&f);
     match (&p.buf, &t.buf) {
         (CudaBuf::F32(a), CudaBuf::F32(b)) => lb.arg(a).arg(b),
@@ -76,33 +69,17 @@ pub fn sq_err_rows(p: &CudaStorage, t: &CudaStorage, rows: usize, len: usize) ->
 
 /// Gradient of [`sq_err_rows`] with respect to `p`: `2·g[row]·(p − t)/len`, in `p`'s
 /// dtype; `g` is f32 with one value per row.
-pub fn sq_err_backward(
-    p: &CudaStorage,
-    t: &CudaStorage,
-    g: &CudaStorage,
-    len: usize,
-    n: usize,
-) -> Result<CudaBuf> {
+pub fn sq_err_backward(p: &CudaStorage, t: &CudaStorage, g: &CudaStorage, len: usize, n: usize) -> Result<CudaBuf> {
     let dev = &p.dev;
     let dtype = p.buf.dtype();
     let g = f32_of(&g.buf, "mse: incoming gradient")?;
     if n > 0 && g.len() * len < n {
-        bail!(
-            "mse backward: {} gradient rows for {n} elements in rows of {len}",
-            g.len()
-        );
+        bail!("mse backward: {} gradient rows for {n} elements in rows of {len}", g.len());
     }
     let mut out = dev.alloc(n, dtype)?;
     let (len64, n64) = (len.max(1) as i64, n as i64);
     let coef = 2.0 / len.max(1) as f32;
-    let f = dev.func(
-        "loss",
-        if dtype == DType::F32 {
-            "sq_err_bwd_f32"
-        } else {
-            "sq_err_bwd_bf16"
-        },
-    )?;
+    let f = dev.func("loss", if dtype == DType::F32 { "sq_err_bwd_f32" } else { "sq_err_bwd_bf16" })?;
     let mut lb = dev.stream.launch_builder(&f);
     match (&p.buf, &t.buf, &mut out) {
         (CudaBuf::F32(a), CudaBuf::F32(b), CudaBuf::F32(o)) => lb.arg(a).arg(b).arg(g).arg(o),
@@ -133,10 +110,7 @@ pub fn cross_entropy(
     let dev = &logits.dev;
     let dtype = logits.buf.dtype();
     if rows == 0 || classes == 0 || targets.len() != rows {
-        bail!(
-            "cross_entropy: {rows} rows of {classes} classes with {} targets",
-            targets.len()
-        );
+        bail!("cross_entropy: {rows} rows of {classes} classes with {} targets", targets.len());
     }
     let mut loss_rows = dev.alloc(rows, DType::F32)?;
     let mut lse = dev.alloc(rows, DType::F32)?;
@@ -144,14 +118,7 @@ pub fn cross_entropy(
         bail!("cross_entropy: row buffers are not f32");
     };
     let classes64 = classes as i64;
-    let f = dev.func(
-        "loss",
-        if dtype == DType::F32 {
-            "ce_fwd_f32"
-        } else {
-            "ce_fwd_bf16"
-        },
-    )?;
+    let f = dev.func("loss", if dtype == DType::F32 { "ce_fwd_f32" } else { "ce_fwd_bf16" })?;
     let mut lb = dev.stream.launch_builder(&f);
     match &logits.buf {
         CudaBuf::F32(a) => lb.arg(a),
@@ -180,23 +147,12 @@ pub fn cross_entropy_backward(
     let lse = f32_of(&lse.buf, "cross_entropy: saved log-sum-exp")?;
     let g = f32_of(&g.buf, "cross_entropy: incoming gradient")?;
     if targets.len() != rows || lse.len() < rows || rows == 0 {
-        bail!(
-            "cross_entropy backward: {rows} rows with {} targets and {} saved rows",
-            targets.len(),
-            lse.len()
-        );
+        bail!("cross_entropy backward: {rows} rows with {} targets and {} saved rows", targets.len(), lse.len());
     }
     let mut out = dev.alloc(rows * classes, dtype)?;
     let classes64 = classes as i64;
     let inv_rows = 1.0 / rows as f32;
-    let f = dev.func(
-        "loss",
-        if dtype == DType::F32 {
-            "ce_bwd_f32"
-        } else {
-            "ce_bwd_bf16"
-        },
-    )?;
+    let f = dev.func("loss", if dtype == DType::F32 { "ce_bwd_f32" } else { "ce_bwd_bf16" })?;
     let mut lb = dev.stream.launch_builder(&f);
     match (&logits.buf, &mut out) {
         (CudaBuf::F32(a), CudaBuf::F32(o)) => lb.arg(a).arg(targets).arg(lse).arg(g).arg(o),

@@ -148,11 +148,10 @@ impl CudaDevice {
             match mods.get(module) {
                 Some(m) => m.clone(),
                 None => {
-                    let bytes = KERNEL_MODULES
-                        .iter()
-                        .find(|(n, _)| *n == module)
-                        .map(|(_, b)| *b)
-                        .ok_or_else(|| Error::msg(format!("kernel module {module:?} is not embedded in this build")))?;
+                    let bytes =
+                        KERNEL_MODULES.iter().find(|(n, _)| *n == module).map(|(_, b)| *b).ok_or_else(|| {
+                            Error::msg(format!("kernel module {module:?} is not embedded in this build"))
+                        })?;
                     let m = self
                         .ctx
                         .load_module(cudarc::nvrtc::Ptx::from_binary(bytes.to_vec()))
@@ -249,6 +248,27 @@ impl CudaDevice {
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize()?;
         Ok(())
+    }
+
+    /// One line describing the GPU: name, compute capability, multiprocessors, memory,
+    /// and a check that our kernels load on it.
+    pub fn describe(&self) -> Result<String> {
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let name = self.ctx.name()?;
+        let (major, minor) = self.ctx.compute_capability()?;
+        let sms = self.ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let l2 = self.ctx.attribute(A::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?;
+        let (free, total) = self.mem_info()?;
+        let kernels = match self.func("elementwise", "add_bf16") {
+            Ok(_) => "kernels load".to_string(),
+            Err(e) => format!("kernels do NOT load: {e}"),
+        };
+        Ok(format!(
+            "{name}, sm_{major}{minor}, {sms} SMs, L2 {} MiB, {:.1}/{:.1} GiB free, {kernels}",
+            l2 >> 20,
+            free as f64 / (1u64 << 30) as f64,
+            total as f64 / (1u64 << 30) as f64
+        ))
     }
 
     /// (free, total) device memory in bytes.

@@ -107,11 +107,7 @@ fn push_opt_mut<'a>(lb: &mut LaunchArgs<'a>, buf: Option<&'a mut CudaBuf>) {
 fn param_dtype(t: DType, w: Option<&CudaStorage>, b: Option<&CudaStorage>) -> Result<DType> {
     match (w, b) {
         (Some(w), Some(b)) if w.buf.dtype() != b.buf.dtype() => {
-            bail!(
-                "norm: weight and bias dtypes differ ({} vs {})",
-                w.buf.dtype(),
-                b.buf.dtype()
-            )
+            bail!("norm: weight and bias dtypes differ ({} vs {})", w.buf.dtype(), b.buf.dtype())
         }
         (Some(p), _) | (None, Some(p)) => Ok(p.buf.dtype()),
         (None, None) => Ok(t),
@@ -120,29 +116,18 @@ fn param_dtype(t: DType, w: Option<&CudaStorage>, b: Option<&CudaStorage>) -> Re
 
 /// The kernels index rows by `row / rows_per_group`, so groups must tile the rows.
 fn check_spec(spec: &RowNorm) -> Result<()> {
-    if spec.rows == 0
-        || spec.d == 0
-        || spec.rows_per_group == 0
-        || spec.rows % spec.rows_per_group != 0
-    {
+    if spec.rows == 0 || spec.d == 0 || spec.rows_per_group == 0 || spec.rows % spec.rows_per_group != 0 {
         bail!("norm: bad launch shape {spec:?} (empty, or groups that do not tile the rows)");
     }
     if spec.d > i32::MAX as usize {
-        bail!(
-            "norm: rows of {} elements exceed the kernels' 32-bit column index",
-            spec.d
-        );
+        bail!("norm: rows of {} elements exceed the kernels' 32-bit column index", spec.d);
     }
     Ok(())
 }
 
 fn check_stats(s: &CudaStorage, rows: usize) -> Result<()> {
     if s.buf.dtype() != DType::F32 || s.buf.len() < rows {
-        bail!(
-            "norm: saved statistics must be {rows} f32 values, got {} {}",
-            s.buf.len(),
-            s.buf.dtype()
-        );
+        bail!("norm: saved statistics must be {rows} f32 values, got {} {}", s.buf.len(), s.buf.dtype());
     }
     Ok(())
 }
@@ -177,25 +162,14 @@ pub fn forward(
     let vec = vec_width(t, spec.d);
     let f = dev.func("norm", fwd_name(t, p, vec > 1))?;
     let mut y = dev.alloc(spec.rows * spec.d, t)?;
-    let mut stats = if keep_stats {
-        Some((
-            dev.alloc(spec.rows, DType::F32)?,
-            dev.alloc(spec.rows, DType::F32)?,
-        ))
-    } else {
-        None
-    };
+    let mut stats =
+        if keep_stats { Some((dev.alloc(spec.rows, DType::F32)?, dev.alloc(spec.rows, DType::F32)?)) } else { None };
     let cfg = LaunchConfig {
         grid_dim: (spec.rows.min(MAX_GRID) as u32, 1, 1),
         block_dim: (threads_for(spec.d / vec, FWD_CACHE), 1, 1),
         shared_mem_bytes: 0,
     };
-    let (rows, d, rpg, rms) = (
-        spec.rows as i64,
-        spec.d as i32,
-        spec.rows_per_group as i64,
-        spec.rms as i32,
-    );
+    let (rows, d, rpg, rms) = (spec.rows as i64, spec.d as i32, spec.rows_per_group as i64, spec.rms as i32);
     let mut lb = dev.stream.launch_builder(&f);
     push(&mut lb, &x.buf);
     push_mut(&mut lb, &mut y);
@@ -210,12 +184,7 @@ pub fn forward(
             lb.arg(&NULL_PTR).arg(&NULL_PTR);
         }
     }
-    lb.arg(&rows)
-        .arg(&d)
-        .arg(&rpg)
-        .arg(&spec.w_offset)
-        .arg(&spec.eps)
-        .arg(&rms);
+    lb.arg(&rows).arg(&d).arg(&rpg).arg(&spec.w_offset).arg(&spec.eps).arg(&rms);
     // SAFETY: x and y hold rows·d elements of their dtypes; w and b (when present) hold
     // groups·d elements of `p` and are read at row/rows_per_group < groups; mean and rstd
     // hold `rows` f32 values. With a vector width > 1, d is a multiple of it, so every
@@ -261,10 +230,7 @@ pub fn backward(
     let dev = &x.dev;
     let t = x.buf.dtype();
     if dy.buf.dtype() != t {
-        bail!(
-            "norm backward: gradient dtype {} differs from the input's {t}",
-            dy.buf.dtype()
-        );
+        bail!("norm backward: gradient dtype {} differs from the input's {t}", dy.buf.dtype());
     }
     check_stats(mean, spec.rows)?;
     check_stats(rstd, spec.rows)?;
@@ -278,27 +244,11 @@ pub fn backward(
     }
     let params = want.dw.is_some() || want.db.is_some();
     let rpg = spec.rows_per_group;
-    let nblk = if params {
-        PARAM_GRAD_BLOCKS.div_ceil(groups).clamp(1, rpg)
-    } else {
-        rpg.min(MAX_GRID)
-    };
+    let nblk = if params { PARAM_GRAD_BLOCKS.div_ceil(groups).clamp(1, rpg) } else { rpg.min(MAX_GRID) };
     let n_part = groups * nblk * spec.d;
-    let mut dx = if want.dx {
-        Some(dev.alloc(spec.rows * spec.d, t)?)
-    } else {
-        None
-    };
-    let mut part_w = if want.dw.is_some() {
-        Some(dev.alloc(n_part, DType::F32)?)
-    } else {
-        None
-    };
-    let mut part_b = if want.db.is_some() {
-        Some(dev.alloc(n_part, DType::F32)?)
-    } else {
-        None
-    };
+    let mut dx = if want.dx { Some(dev.alloc(spec.rows * spec.d, t)?) } else { None };
+    let mut part_w = if want.dw.is_some() { Some(dev.alloc(n_part, DType::F32)?) } else { None };
+    let mut part_b = if want.db.is_some() { Some(dev.alloc(n_part, DType::F32)?) } else { None };
 
     if want.dx || params {
         let vec = vec_width(t, spec.d);

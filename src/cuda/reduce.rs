@@ -37,10 +37,7 @@ pub fn sum_to(x: &CudaStorage, in_shape: &[usize], out_shape: &[usize]) -> Resul
     if in_shape.len() > 6 || in_shape.len() != out_shape.len() {
         bail!("sum_to: unsupported shapes {in_shape:?} -> {out_shape:?}");
     }
-    let mut d = ReduceDesc {
-        rank: in_shape.len() as i32,
-        ..Default::default()
-    };
+    let mut d = ReduceDesc { rank: in_shape.len() as i32, ..Default::default() };
     let mut stride = 1i64;
     for k in (0..in_shape.len()).rev() {
         let reduced = out_shape[k] == 1 && in_shape[k] != 1;
@@ -54,14 +51,7 @@ pub fn sum_to(x: &CudaStorage, in_shape: &[usize], out_shape: &[usize]) -> Resul
     let n_red = (in_shape.iter().product::<usize>() / n_out.max(1)) as i64;
     let dev = &x.dev;
     let dtype = x.buf.dtype();
-    let f = dev.func(
-        "reduce",
-        if dtype == DType::F32 {
-            "sum_to_f32"
-        } else {
-            "sum_to_bf16"
-        },
-    )?;
+    let f = dev.func("reduce", if dtype == DType::F32 { "sum_to_f32" } else { "sum_to_bf16" })?;
     let mut out = dev.alloc(n_out, dtype)?;
     let n_out64 = n_out as i64;
     let mut lb = dev.stream.launch_builder(&f);
@@ -83,8 +73,7 @@ pub fn sum_to(x: &CudaStorage, in_shape: &[usize], out_shape: &[usize]) -> Resul
 /// Blocks per row of the two-pass row sums (depends only on the sizes, so results are
 /// reproducible run to run). Shared with the loss kernels, which use the same split.
 pub fn blocks_per_row(rows: usize, len: usize) -> usize {
-    len.div_ceil(MIN_PER_BLOCK)
-        .clamp(1, (MAX_PARTIAL_BLOCKS / rows.max(1)).max(1))
+    len.div_ceil(MIN_PER_BLOCK).clamp(1, (MAX_PARTIAL_BLOCKS / rows.max(1)).max(1))
 }
 
 /// `x` viewed as `[rows, len]`: `out[r] = scale · Σ x[r, :]`, in `x`'s dtype.
@@ -103,14 +92,7 @@ pub fn row_sum(x: &CudaStorage, rows: usize, len: usize, scale: f32) -> Result<C
         bail!("sum: partials buffer is not f32");
     };
     let (len64, bpr64) = (len as i64, bpr as i64);
-    let f = dev.func(
-        "reduce",
-        if dtype == DType::F32 {
-            "row_partial_f32"
-        } else {
-            "row_partial_bf16"
-        },
-    )?;
+    let f = dev.func("reduce", if dtype == DType::F32 { "row_partial_f32" } else { "row_partial_bf16" })?;
     let mut lb = dev.stream.launch_builder(&f);
     match &x.buf {
         CudaBuf::F32(a) => lb.arg(a),
@@ -122,14 +104,7 @@ pub fn row_sum(x: &CudaStorage, rows: usize, len: usize, scale: f32) -> Result<C
     unsafe { lb.launch(grid_rows(rows * bpr, ROW_THREADS)) }?;
 
     let mut out = dev.alloc(rows, dtype)?;
-    let f = dev.func(
-        "reduce",
-        if dtype == DType::F32 {
-            "row_finish_f32"
-        } else {
-            "row_finish_bf16"
-        },
-    )?;
+    let f = dev.func("reduce", if dtype == DType::F32 { "row_finish_f32" } else { "row_finish_bf16" })?;
     let mut lb = dev.stream.launch_builder(&f);
     lb.arg(&*part);
     match &mut out {
@@ -144,13 +119,7 @@ pub fn row_sum(x: &CudaStorage, rows: usize, len: usize, scale: f32) -> Result<C
 
 /// `x` viewed as `[outer, len, inner]` (inner > 1): `out[o, i] = scale · Σ_r x[o, r, i]`,
 /// in `x`'s dtype.
-pub fn col_sum(
-    x: &CudaStorage,
-    outer: usize,
-    len: usize,
-    inner: usize,
-    scale: f32,
-) -> Result<CudaBuf> {
+pub fn col_sum(x: &CudaStorage, outer: usize, len: usize, inner: usize, scale: f32) -> Result<CudaBuf> {
     let dev = &x.dev;
     let dtype = x.buf.dtype();
     if outer * inner == 0 {
@@ -162,14 +131,7 @@ pub fn col_sum(
     }
     let mut out = dev.alloc(outer * inner, dtype)?;
     let (len64, inner64) = (len as i64, inner as i64);
-    let f = dev.func(
-        "reduce",
-        if dtype == DType::F32 {
-            "col_sum_f32"
-        } else {
-            "col_sum_bf16"
-        },
-    )?;
+    let f = dev.func("reduce", if dtype == DType::F32 { "col_sum_f32" } else { "col_sum_bf16" })?;
     let mut lb = dev.stream.launch_builder(&f);
     match (&x.buf, &mut out) {
         (CudaBuf::F32(a), CudaBuf::F32(o)) => lb.arg(a).arg(o),
@@ -178,11 +140,7 @@ pub fn col_sum(
     };
     lb.arg(&len64).arg(&inner64).arg(&scale);
     // The kernel's shared tile is sized for exactly 32×8 threads.
-    let cfg = LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
-        block_dim: (32, 8, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
     // SAFETY: block b covers o = b / tiles and 32 columns of tile b % tiles; reads stay
     // in row o (len·inner elements), writes go to out[o·inner + i] with i < inner.
     unsafe { lb.launch(cfg) }?;

@@ -24,16 +24,10 @@ pub fn rope(
     }
     let n = x.buf.len();
     if n % (tokens * heads * head_dim) != 0 {
-        bail!(
-            "rope: {n} elements are not a whole number of [{tokens}, {heads}, {head_dim}] blocks"
-        );
+        bail!("rope: {n} elements are not a whole number of [{tokens}, {heads}, {head_dim}] blocks");
     }
     let (cos_t, sin_t) = match (&cos.buf, &sin.buf) {
-        (CudaBuf::F32(c), CudaBuf::F32(s))
-            if c.len() >= tokens * half && s.len() >= tokens * half =>
-        {
-            (c, s)
-        }
+        (CudaBuf::F32(c), CudaBuf::F32(s)) if c.len() >= tokens * half && s.len() >= tokens * half => (c, s),
         _ => bail!("rope: cos/sin must be f32 tables of [{tokens}, {half}]"),
     };
     // Four pairs per thread (16-byte bf16 accesses) when a head's pairs split evenly.
@@ -54,11 +48,7 @@ pub fn rope(
         (CudaBuf::BF16(a), CudaBuf::BF16(o)) => lb.arg(a).arg(cos_t).arg(sin_t).arg(o),
         _ => bail!("rope: output dtype mismatch"),
     };
-    lb.arg(&n_chunks)
-        .arg(&tokens64)
-        .arg(&heads32)
-        .arg(&half32)
-        .arg(&sign);
+    lb.arg(&n_chunks).arg(&tokens64).arg(&heads32).arg(&half32).arg(&sign);
     // SAFETY: thread chunk q covers elements [2·q·P, 2·(q+1)·P) of x and out (n elements)
     // and table entries n·half + j .. + P < tokens·half. With P = 4, half is a multiple of
     // 4, so those offsets are multiples of 8 elements (x) and 4 floats (tables): the

@@ -24,10 +24,7 @@ pub fn permute(x: &CudaStorage, shape: &[usize], perm: &[usize]) -> Result<CudaB
         bail!("permute: unsupported shape {shape:?} / permutation {perm:?} (rank at most 6)");
     }
     let st = crate::cpu::shape::strides(shape);
-    let mut d = PermuteDesc {
-        rank: shape.len() as i32,
-        ..Default::default()
-    };
+    let mut d = PermuteDesc { rank: shape.len() as i32, ..Default::default() };
     for (k, &p) in perm.iter().enumerate() {
         d.out_shape[k] = shape[p] as i64;
         d.src_stride[k] = st[p] as i64;
@@ -37,14 +34,7 @@ pub fn permute(x: &CudaStorage, shape: &[usize], perm: &[usize]) -> Result<CudaB
     let dtype = x.buf.dtype();
     let mut out = dev.alloc(n, dtype)?;
     let n64 = n as i64;
-    let f = dev.func(
-        "shape",
-        if dtype == DType::F32 {
-            "permute_f32"
-        } else {
-            "permute_bf16"
-        },
-    )?;
+    let f = dev.func("shape", if dtype == DType::F32 { "permute_f32" } else { "permute_bf16" })?;
     let mut lb = dev.stream.launch_builder(&f);
     match (&x.buf, &mut out) {
         (CudaBuf::F32(a), CudaBuf::F32(o)) => lb.arg(a).arg(o),
@@ -65,11 +55,7 @@ pub fn copy_slab(src: &CudaStorage, dst: &mut CudaBuf, s: &Slab) -> Result<()> {
         bail!("slab copy out of range: {s:?}");
     }
     if src.buf.len() < s.outer * s.src_dim * s.inner || dst.len() < s.outer * s.dst_dim * s.inner {
-        bail!(
-            "slab copy: buffers of {} and {} elements are too small for {s:?}",
-            src.buf.len(),
-            dst.len()
-        );
+        bail!("slab copy: buffers of {} and {} elements are too small for {s:?}", src.buf.len(), dst.len());
     }
     let n = s.outer * s.len * s.inner;
     if n == 0 {
@@ -77,18 +63,8 @@ pub fn copy_slab(src: &CudaStorage, dst: &mut CudaBuf, s: &Slab) -> Result<()> {
     }
     let dev = &src.dev;
     let dtype = src.buf.dtype();
-    let args = [
-        s.inner, s.src_dim, s.src_off, s.dst_dim, s.dst_off, s.len, n,
-    ]
-    .map(|v| v as i64);
-    let f = dev.func(
-        "shape",
-        if dtype == DType::F32 {
-            "slab_copy_f32"
-        } else {
-            "slab_copy_bf16"
-        },
-    )?;
+    let args = [s.inner, s.src_dim, s.src_off, s.dst_dim, s.dst_off, s.len, n].map(|v| v as i64);
+    let f = dev.func("shape", if dtype == DType::F32 { "slab_copy_f32" } else { "slab_copy_bf16" })?;
     let mut lb = dev.stream.launch_builder(&f);
     match (&src.buf, dst) {
         (CudaBuf::F32(a), CudaBuf::F32(o)) => lb.arg(a).arg(o),

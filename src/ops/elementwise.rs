@@ -35,26 +35,16 @@ fn binary(op: Bin, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     };
     let device = same_device(name, &[a, b])?;
     let Some(shape) = cpu::elementwise::broadcast_shape(a.shape(), b.shape()) else {
-        bail!(
-            "{name}: shapes {:?} and {:?} do not broadcast",
-            a.shape(),
-            b.shape()
-        );
+        bail!("{name}: shapes {:?} and {:?} do not broadcast", a.shape(), b.shape());
     };
     let out = match device {
         Device::Cpu => {
             let (sa, sb) = (a.storage(), b.storage());
             let (x, y) = (sa.as_cpu()?, sb.as_cpu()?);
             let v = match op {
-                Bin::Add => {
-                    cpu::elementwise::binary(x, a.shape(), y, b.shape(), &shape, |p, q| p + q)
-                }
-                Bin::Sub => {
-                    cpu::elementwise::binary(x, a.shape(), y, b.shape(), &shape, |p, q| p - q)
-                }
-                Bin::Mul => {
-                    cpu::elementwise::binary(x, a.shape(), y, b.shape(), &shape, |p, q| p * q)
-                }
+                Bin::Add => cpu::elementwise::binary(x, a.shape(), y, b.shape(), &shape, |p, q| p + q),
+                Bin::Sub => cpu::elementwise::binary(x, a.shape(), y, b.shape(), &shape, |p, q| p - q),
+                Bin::Mul => cpu::elementwise::binary(x, a.shape(), y, b.shape(), &shape, |p, q| p * q),
             };
             cpu_tensor(v, &shape)?
         }
@@ -65,11 +55,7 @@ fn binary(op: Bin, a: &Tensor, b: &Tensor) -> Result<Tensor> {
             let (x, y) = (sa.as_cuda()?, sb.as_cuda()?);
             let same = a.shape() == shape.as_slice() && b.shape() == shape.as_slice();
             let bc = Bcast::new(&shape, a.shape(), b.shape())?;
-            cuda_tensor(
-                &x.dev,
-                cuda::elementwise::binary(name, x, y, &bc, shape.iter().product(), same)?,
-                &shape,
-            )?
+            cuda_tensor(&x.dev, cuda::elementwise::binary(name, x, y, &bc, shape.iter().product(), same)?, &shape)?
         }
     };
     let (ash, bsh) = (a.shape().to_vec(), b.shape().to_vec());
@@ -86,18 +72,10 @@ fn binary(op: Bin, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         Box::new(move |g| {
             let (ga, gb) = match (op, saved) {
                 (Bin::Add, _) => (ta.then(|| g.clone()), tb.then(|| g.clone())),
-                (Bin::Sub, _) => (
-                    ta.then(|| g.clone()),
-                    if tb {
-                        Some(super::scale(g, -1.0)?)
-                    } else {
-                        None
-                    },
-                ),
-                (Bin::Mul, Some((a, b))) => (
-                    if ta { Some(mul(g, &b)?) } else { None },
-                    if tb { Some(mul(g, &a)?) } else { None },
-                ),
+                (Bin::Sub, _) => (ta.then(|| g.clone()), if tb { Some(super::scale(g, -1.0)?) } else { None }),
+                (Bin::Mul, Some((a, b))) => {
+                    (if ta { Some(mul(g, &b)?) } else { None }, if tb { Some(mul(g, &a)?) } else { None })
+                }
                 (Bin::Mul, None) => bail!("mul: saved inputs missing"),
             };
             let ga = ga.map(|t| in_dtype(&sum_to(&t, &ash)?, adt)).transpose()?;
@@ -125,26 +103,14 @@ pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// `s · x` for a constant `s`.
 pub fn scale(x: &Tensor, s: f32) -> Result<Tensor> {
     let out = match x.device() {
-        Device::Cpu => cpu_tensor(
-            x.storage().as_cpu()?.iter().map(|v| v * s).collect(),
-            x.shape(),
-        )?,
+        Device::Cpu => cpu_tensor(x.storage().as_cpu()?.iter().map(|v| v * s).collect(), x.shape())?,
         Device::Cuda(_) => {
             let st = x.storage();
             let c = st.as_cuda()?;
-            cuda_tensor(
-                &c.dev,
-                cuda::elementwise::scale(c, s, x.numel())?,
-                x.shape(),
-            )?
+            cuda_tensor(&c.dev, cuda::elementwise::scale(c, s, x.numel())?, x.shape())?
         }
     };
-    Ok(record(
-        "scale",
-        out,
-        &[x],
-        Box::new(move |g| Ok(vec![Some(scale(g, s)?)])),
-    ))
+    Ok(record("scale", out, &[x], Box::new(move |g| Ok(vec![Some(scale(g, s)?)]))))
 }
 
 /// Materialises `x` broadcast to `shape` (NumPy rules).
@@ -154,10 +120,7 @@ pub fn broadcast_to(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
     }
     match cpu::elementwise::broadcast_shape(x.shape(), shape) {
         Some(s) if s == shape => {}
-        _ => bail!(
-            "broadcast_to: shape {:?} does not broadcast to {shape:?}",
-            x.shape()
-        ),
+        _ => bail!("broadcast_to: shape {:?} does not broadcast to {shape:?}", x.shape()),
     }
     let out = match x.device() {
         Device::Cpu => {
@@ -180,20 +143,11 @@ pub fn broadcast_to(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
             let st = x.storage();
             let c = st.as_cuda()?;
             let bc = Bcast::new(shape, x.shape(), shape)?;
-            cuda_tensor(
-                &c.dev,
-                cuda::elementwise::broadcast(c, &bc, shape.iter().product())?,
-                shape,
-            )?
+            cuda_tensor(&c.dev, cuda::elementwise::broadcast(c, &bc, shape.iter().product())?, shape)?
         }
     };
     let xs = x.shape().to_vec();
-    Ok(record(
-        "broadcast_to",
-        out,
-        &[x],
-        Box::new(move |g| Ok(vec![Some(sum_to(g, &xs)?)])),
-    ))
+    Ok(record("broadcast_to", out, &[x], Box::new(move |g| Ok(vec![Some(sum_to(g, &xs)?)]))))
 }
 
 /// Converts to `dtype` (CUDA: f32 ↔ bf16; CPU tensors stay f32). Gradients flow back
@@ -207,45 +161,24 @@ pub fn cast(x: &Tensor, dtype: crate::DType) -> Result<Tensor> {
         Device::Cuda(_) => {
             let st = x.storage();
             let c = st.as_cuda()?;
-            cuda_tensor(
-                &c.dev,
-                cuda::elementwise::cast(c, dtype, x.numel())?,
-                x.shape(),
-            )?
+            cuda_tensor(&c.dev, cuda::elementwise::cast(c, dtype, x.numel())?, x.shape())?
         }
     };
     let from = x.dtype();
-    Ok(record(
-        "cast",
-        out,
-        &[x],
-        Box::new(move |g| Ok(vec![Some(cast(g, from)?)])),
-    ))
+    Ok(record("cast", out, &[x], Box::new(move |g| Ok(vec![Some(cast(g, from)?)]))))
 }
 
 /// `x + c` for a constant `c`.
 pub fn add_scalar(x: &Tensor, c: f32) -> Result<Tensor> {
     let out = match x.device() {
-        Device::Cpu => cpu_tensor(
-            x.storage().as_cpu()?.iter().map(|v| v + c).collect(),
-            x.shape(),
-        )?,
+        Device::Cpu => cpu_tensor(x.storage().as_cpu()?.iter().map(|v| v + c).collect(), x.shape())?,
         Device::Cuda(_) => {
             let st = x.storage();
             let s = st.as_cuda()?;
-            cuda_tensor(
-                &s.dev,
-                cuda::elementwise::add_scalar(s, c, x.numel())?,
-                x.shape(),
-            )?
+            cuda_tensor(&s.dev, cuda::elementwise::add_scalar(s, c, x.numel())?, x.shape())?
         }
     };
-    Ok(record(
-        "add_scalar",
-        out,
-        &[x],
-        Box::new(move |g| Ok(vec![Some(g.clone())])),
-    ))
+    Ok(record("add_scalar", out, &[x], Box::new(move |g| Ok(vec![Some(g.clone())]))))
 }
 
 /// Which form of GELU to compute.
@@ -295,27 +228,15 @@ impl Activation {
 
 fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
     let out = match x.device() {
-        Device::Cpu => cpu_tensor(
-            x.storage().as_cpu()?.iter().map(|&v| act.f()(v)).collect(),
-            x.shape(),
-        )?,
+        Device::Cpu => cpu_tensor(x.storage().as_cpu()?.iter().map(|&v| act.f()(v)).collect(), x.shape())?,
         Device::Cuda(_) => {
             let st = x.storage();
             let s = st.as_cuda()?;
-            cuda_tensor(
-                &s.dev,
-                cuda::elementwise::activation(s, act.name(), x.numel())?,
-                x.shape(),
-            )?
+            cuda_tensor(&s.dev, cuda::elementwise::activation(s, act.name(), x.numel())?, x.shape())?
         }
     };
     let saved = x.clone();
-    Ok(record(
-        act.name(),
-        out,
-        &[x],
-        Box::new(move |g| Ok(vec![Some(activation_backward(&saved, g, act)?)])),
-    ))
+    Ok(record(act.name(), out, &[x], Box::new(move |g| Ok(vec![Some(activation_backward(&saved, g, act)?)]))))
 }
 
 /// `g · f'(x)`, recomputing the derivative from `x`; in `x`'s dtype.
@@ -324,23 +245,14 @@ fn activation_backward(x: &Tensor, g: &Tensor, act: Activation) -> Result<Tensor
     match x.device() {
         Device::Cpu => {
             let (sx, sg) = (x.storage(), g.storage());
-            let v = sx
-                .as_cpu()?
-                .iter()
-                .zip(sg.as_cpu()?)
-                .map(|(&xv, &gv)| gv * act.df()(xv))
-                .collect();
+            let v = sx.as_cpu()?.iter().zip(sg.as_cpu()?).map(|(&xv, &gv)| gv * act.df()(xv)).collect();
             cpu_tensor(v, x.shape())
         }
         Device::Cuda(_) => {
             let g = in_dtype(g, x.dtype())?;
             let (sx, sg) = (x.storage(), g.storage());
             let (cx, cg) = (sx.as_cuda()?, sg.as_cuda()?);
-            cuda_tensor(
-                &cx.dev,
-                cuda::elementwise::activation_backward(cx, cg, act.name(), x.numel())?,
-                x.shape(),
-            )
+            cuda_tensor(&cx.dev, cuda::elementwise::activation_backward(cx, cg, act.name(), x.numel())?, x.shape())
         }
     }
 }
@@ -406,11 +318,7 @@ fn gate_layout(x: &[usize], gate: &[usize]) -> Option<(usize, usize)> {
 pub fn gated_residual(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
     let device = same_device("gated_residual", &[x, gate, y])?;
     if x.shape() != y.shape() {
-        bail!(
-            "gated_residual: x of shape {:?} and y of shape {:?} differ",
-            x.shape(),
-            y.shape()
-        );
+        bail!("gated_residual: x of shape {:?} and y of shape {:?} differ", x.shape(), y.shape());
     }
     let (period, inner) = gate_layout(x.shape(), gate.shape()).ok_or_else(|| {
         Error::msg(format!(
@@ -423,13 +331,7 @@ pub fn gated_residual(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
     let out = match device {
         Device::Cpu => {
             let (sx, sg, sy) = (x.storage(), gate.storage(), y.storage());
-            let v = cpu::elementwise::gated_residual(
-                sx.as_cpu()?,
-                sg.as_cpu()?,
-                gate.shape(),
-                sy.as_cpu()?,
-                x.shape(),
-            );
+            let v = cpu::elementwise::gated_residual(sx.as_cpu()?, sg.as_cpu()?, gate.shape(), sy.as_cpu()?, x.shape());
             cpu_tensor(v, x.shape())?
         }
         Device::Cuda(_) => {

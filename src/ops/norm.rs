@@ -15,12 +15,7 @@ use crate::{bail, cpu, cuda, Device, Result, Tensor};
 /// LayerNorm over the last dimension `D` of `x` (`[..., D]`):
 /// `(x − mean)/sqrt(var + eps)·weight + bias` with the biased variance, statistics in
 /// fp32. `weight` and `bias` are `[D]` when given (PyTorch's `elementwise_affine`).
-pub fn layer_norm(
-    x: &Tensor,
-    weight: Option<&Tensor>,
-    bias: Option<&Tensor>,
-    eps: f32,
-) -> Result<Tensor> {
+pub fn layer_norm(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f32) -> Result<Tensor> {
     const OP: &str = "layer_norm";
     let (rows, d) = rows_and_dim(OP, x, eps)?;
     for (name, p) in [("weight", weight), ("bias", bias)] {
@@ -28,14 +23,8 @@ pub fn layer_norm(
             check_param(OP, name, p, &[d], x)?;
         }
     }
-    let spec = RowNorm {
-        rows,
-        d,
-        rows_per_group: rows,
-        w_offset: if weight.is_some() { 0.0 } else { 1.0 },
-        eps,
-        rms: false,
-    };
+    let spec =
+        RowNorm { rows, d, rows_per_group: rows, w_offset: if weight.is_some() { 0.0 } else { 1.0 }, eps, rms: false };
     row_norm(OP, x, weight, bias, spec)
 }
 
@@ -50,28 +39,14 @@ pub fn layer_norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f32)
     }
     let (b, n) = (x.shape()[0], x.shape()[1]);
     if shift.shape() != scale.shape() {
-        bail!(
-            "{OP}: shift {:?} and scale {:?} must have one shape",
-            shift.shape(),
-            scale.shape()
-        );
+        bail!("{OP}: shift {:?} and scale {:?} must have one shape", shift.shape(), scale.shape());
     }
     let rows_per_group = match shift.shape() {
         [1, 1, dd] if *dd == d => rows,
         [bb, 1, dd] if *bb == b && *dd == d => n,
-        s => bail!(
-            "{OP}: shift/scale have shape {s:?}, expected [{b}, 1, {d}] or [1, 1, {d}] for x {:?}",
-            x.shape()
-        ),
+        s => bail!("{OP}: shift/scale have shape {s:?}, expected [{b}, 1, {d}] or [1, 1, {d}] for x {:?}", x.shape()),
     };
-    let spec = RowNorm {
-        rows,
-        d,
-        rows_per_group,
-        w_offset: 1.0,
-        eps,
-        rms: false,
-    };
+    let spec = RowNorm { rows, d, rows_per_group, w_offset: 1.0, eps, rms: false };
     row_norm(OP, x, Some(scale), Some(shift), spec)
 }
 
@@ -81,24 +56,14 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     const OP: &str = "rms_norm";
     let (rows, d) = rows_and_dim(OP, x, eps)?;
     check_param(OP, "weight", weight, &[d], x)?;
-    let spec = RowNorm {
-        rows,
-        d,
-        rows_per_group: rows,
-        w_offset: 0.0,
-        eps,
-        rms: true,
-    };
+    let spec = RowNorm { rows, d, rows_per_group: rows, w_offset: 0.0, eps, rms: true };
     row_norm(OP, x, Some(weight), None, spec)
 }
 
 /// Rows and row length of `x`, rejecting empty inputs and bad `eps`.
 fn rows_and_dim(op: &str, x: &Tensor, eps: f32) -> Result<(usize, usize)> {
     if x.rank() == 0 || x.numel() == 0 {
-        bail!(
-            "{op}: x must have at least one non-empty dimension, got shape {:?}",
-            x.shape()
-        );
+        bail!("{op}: x must have at least one non-empty dimension, got shape {:?}", x.shape());
     }
     if !(eps.is_finite() && eps >= 0.0) {
         bail!("{op}: eps must be finite and non-negative, got {eps}");
@@ -109,24 +74,14 @@ fn rows_and_dim(op: &str, x: &Tensor, eps: f32) -> Result<(usize, usize)> {
 
 fn check_param(op: &str, name: &str, p: &Tensor, want: &[usize], x: &Tensor) -> Result<()> {
     if p.shape() != want {
-        bail!(
-            "{op}: {name} has shape {:?}, expected {want:?} for x of shape {:?}",
-            p.shape(),
-            x.shape()
-        );
+        bail!("{op}: {name} has shape {:?}, expected {want:?} for x of shape {:?}", p.shape(), x.shape());
     }
     Ok(())
 }
 
 /// Runs `spec` on `x` with multiplicative parameter `w` and additive `b` (each
 /// `[groups, D]` in memory), and records the backward.
-fn row_norm(
-    op: &'static str,
-    x: &Tensor,
-    w: Option<&Tensor>,
-    b: Option<&Tensor>,
-    spec: RowNorm,
-) -> Result<Tensor> {
+fn row_norm(op: &'static str, x: &Tensor, w: Option<&Tensor>, b: Option<&Tensor>, spec: RowNorm) -> Result<Tensor> {
     let mut all = vec![x];
     all.extend(w);
     all.extend(b);
@@ -145,39 +100,22 @@ fn row_norm(
 
     let (out, stats) = match device {
         Device::Cpu => {
-            let (sx, sw, sb) = (
-                x.storage(),
-                w.as_ref().map(|t| t.storage()),
-                b.as_ref().map(|t| t.storage()),
-            );
+            let (sx, sw, sb) = (x.storage(), w.as_ref().map(|t| t.storage()), b.as_ref().map(|t| t.storage()));
             let wv = sw.as_ref().map(|s| s.as_cpu()).transpose()?;
             let bv = sb.as_ref().map(|s| s.as_cpu()).transpose()?;
             let (y, mean, rstd) = cpu::norm::forward(sx.as_cpu()?, wv, bv, &spec);
-            let stats = if track {
-                Some((
-                    cpu_tensor(mean, &[spec.rows])?,
-                    cpu_tensor(rstd, &[spec.rows])?,
-                ))
-            } else {
-                None
-            };
+            let stats =
+                if track { Some((cpu_tensor(mean, &[spec.rows])?, cpu_tensor(rstd, &[spec.rows])?)) } else { None };
             (cpu_tensor(y, x.shape())?, stats)
         }
         Device::Cuda(_) => {
-            let (sx, sw, sb) = (
-                x.storage(),
-                w.as_ref().map(|t| t.storage()),
-                b.as_ref().map(|t| t.storage()),
-            );
+            let (sx, sw, sb) = (x.storage(), w.as_ref().map(|t| t.storage()), b.as_ref().map(|t| t.storage()));
             let cx = sx.as_cuda()?;
             let cw = sw.as_ref().map(|s| s.as_cuda()).transpose()?;
             let cb = sb.as_ref().map(|s| s.as_cuda()).transpose()?;
             let (y, stats) = cuda::norm::forward(cx, cw, cb, &spec, track)?;
             let stats = match stats {
-                Some((m, r)) => Some((
-                    cuda_tensor(&cx.dev, m, &[spec.rows])?,
-                    cuda_tensor(&cx.dev, r, &[spec.rows])?,
-                )),
+                Some((m, r)) => Some((cuda_tensor(&cx.dev, m, &[spec.rows])?, cuda_tensor(&cx.dev, r, &[spec.rows])?)),
                 None => None,
             };
             (cuda_tensor(&cx.dev, y, x.shape())?, stats)
@@ -192,8 +130,7 @@ fn row_norm(
         out,
         &inputs,
         Box::new(move |g| {
-            let (dx, dw, db) =
-                row_norm_backward(&xs, g, ws.as_ref(), bs.as_ref(), &mean, &rstd, &spec)?;
+            let (dx, dw, db) = row_norm_backward(&xs, g, ws.as_ref(), bs.as_ref(), &mean, &rstd, &spec)?;
             let mut grads = vec![dx];
             if ws.is_some() {
                 grads.push(dw);
@@ -224,59 +161,28 @@ fn row_norm_backward(
             let (sx, sg, sm, sr) = (x.storage(), g.storage(), mean.storage(), rstd.storage());
             let sw = w.map(|t| t.storage());
             let wv = sw.as_ref().map(|s| s.as_cpu()).transpose()?;
-            let r = cpu::norm::backward(
-                sx.as_cpu()?,
-                sg.as_cpu()?,
-                wv,
-                sm.as_cpu()?,
-                sr.as_cpu()?,
-                spec,
-            );
-            let dx = if x.is_tracked() {
-                Some(cpu_tensor(r.dx, x.shape())?)
-            } else {
-                None
-            };
+            let r = cpu::norm::backward(sx.as_cpu()?, sg.as_cpu()?, wv, sm.as_cpu()?, sr.as_cpu()?, spec);
+            let dx = if x.is_tracked() { Some(cpu_tensor(r.dx, x.shape())?) } else { None };
             let dw = want_w.map(|t| cpu_tensor(r.dw, t.shape())).transpose()?;
             let db = want_b.map(|t| cpu_tensor(r.db, t.shape())).transpose()?;
             Ok((dx, dw, db))
         }
         Device::Cuda(_) => {
-            let g = if g.dtype() != x.dtype() {
-                cast(g, x.dtype())?
-            } else {
-                g.clone()
-            };
+            let g = if g.dtype() != x.dtype() { cast(g, x.dtype())? } else { g.clone() };
             let (sx, sg, sm, sr) = (x.storage(), g.storage(), mean.storage(), rstd.storage());
             let sw = w.map(|t| t.storage());
             let cx = sx.as_cuda()?;
             let cw = sw.as_ref().map(|s| s.as_cuda()).transpose()?;
-            let want = cuda::norm::Wanted {
-                dx: x.is_tracked(),
-                dw: want_w.map(Tensor::dtype),
-                db: want_b.map(Tensor::dtype),
+            let want =
+                cuda::norm::Wanted { dx: x.is_tracked(), dw: want_w.map(Tensor::dtype), db: want_b.map(Tensor::dtype) };
+            let r = cuda::norm::backward(cx, sg.as_cuda()?, cw, sm.as_cuda()?, sr.as_cuda()?, spec, want)?;
+            let wrap = |buf: Option<cuda::CudaBuf>, like: Option<&Tensor>| -> Result<Option<Tensor>> {
+                match (buf, like) {
+                    (Some(buf), Some(t)) => Ok(Some(cuda_tensor(&cx.dev, buf, t.shape())?)),
+                    _ => Ok(None),
+                }
             };
-            let r = cuda::norm::backward(
-                cx,
-                sg.as_cuda()?,
-                cw,
-                sm.as_cuda()?,
-                sr.as_cuda()?,
-                spec,
-                want,
-            )?;
-            let wrap =
-                |buf: Option<cuda::CudaBuf>, like: Option<&Tensor>| -> Result<Option<Tensor>> {
-                    match (buf, like) {
-                        (Some(buf), Some(t)) => Ok(Some(cuda_tensor(&cx.dev, buf, t.shape())?)),
-                        _ => Ok(None),
-                    }
-                };
-            Ok((
-                wrap(r.dx, Some(x))?,
-                wrap(r.dw, want_w)?,
-                wrap(r.db, want_b)?,
-            ))
+            Ok((wrap(r.dx, Some(x))?, wrap(r.dw, want_w)?, wrap(r.db, want_b)?))
         }
     }
 }

@@ -36,12 +36,7 @@ pub fn sum_to(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
         }
     };
     let in_shape = x.shape().to_vec();
-    Ok(record(
-        "sum_to",
-        out,
-        &[x],
-        Box::new(move |g| Ok(vec![Some(super::broadcast_to(g, &in_shape)?)])),
-    ))
+    Ok(record("sum_to", out, &[x], Box::new(move |g| Ok(vec![Some(super::broadcast_to(g, &in_shape)?)]))))
 }
 
 /// `scale · Σ x` over every element, as a `[]` tensor.
@@ -49,10 +44,7 @@ fn reduce_all(name: &'static str, x: &Tensor, mean: bool) -> Result<Tensor> {
     let n = x.numel();
     let scale = if mean { 1.0 / n as f64 } else { 1.0 };
     let out = match x.device() {
-        Device::Cpu => cpu_tensor(
-            vec![cpu::reduce::sum_all(x.storage().as_cpu()?, scale)],
-            &[],
-        )?,
+        Device::Cpu => cpu_tensor(vec![cpu::reduce::sum_all(x.storage().as_cpu()?, scale)], &[])?,
         Device::Cuda(_) => {
             let s = x.storage();
             let c = s.as_cuda()?;
@@ -65,11 +57,7 @@ fn reduce_all(name: &'static str, x: &Tensor, mean: bool) -> Result<Tensor> {
         out,
         &[x],
         Box::new(move |g| {
-            let g = if mean {
-                super::scale(g, scale as f32)?
-            } else {
-                g.clone()
-            };
+            let g = if mean { super::scale(g, scale as f32)? } else { g.clone() };
             Ok(vec![Some(in_dtype(&super::broadcast_to(&g, &xs)?, xdt)?)])
         }),
     ))
@@ -86,13 +74,7 @@ pub fn mean_all(x: &Tensor) -> Result<Tensor> {
 }
 
 /// `scale · Σ` over dimension `dim`.
-fn reduce_dim(
-    name: &'static str,
-    x: &Tensor,
-    dim: usize,
-    keepdim: bool,
-    mean: bool,
-) -> Result<Tensor> {
+fn reduce_dim(name: &'static str, x: &Tensor, dim: usize, keepdim: bool, mean: bool) -> Result<Tensor> {
     let shape = x.shape();
     if dim >= shape.len() {
         bail!("{name}: dimension {dim} out of range for shape {shape:?}");
@@ -132,11 +114,7 @@ fn reduce_dim(
         &[x],
         Box::new(move |g| {
             let g = super::reshape(g, &kept)?;
-            let g = if mean {
-                super::scale(&g, scale as f32)?
-            } else {
-                g
-            };
+            let g = if mean { super::scale(&g, scale as f32)? } else { g };
             Ok(vec![Some(in_dtype(&super::broadcast_to(&g, &xs)?, xdt)?)])
         }),
     ))

@@ -54,13 +54,7 @@ impl RopeTable {
 /// one frame) and heads of `head_dim` channels, with base `theta` (10000 in Wan).
 ///
 /// Wan precomputes 1024 positions per axis; any grid size works here.
-pub fn rope_table_3d(
-    frames: usize,
-    height: usize,
-    width: usize,
-    head_dim: usize,
-    theta: f64,
-) -> Result<RopeTable> {
+pub fn rope_table_3d(frames: usize, height: usize, width: usize, head_dim: usize, theta: f64) -> Result<RopeTable> {
     if head_dim == 0 || head_dim % 2 != 0 {
         bail!("rope_table_3d: head_dim must be even and positive (channels rotate in pairs), got {head_dim}");
     }
@@ -71,14 +65,7 @@ pub fn rope_table_3d(
         bail!("rope_table_3d: theta must be finite and positive, got {theta}");
     }
     let (cos, sin) = cpu::rope::table_3d(frames, height, width, head_dim, theta);
-    Ok(RopeTable {
-        frames,
-        height,
-        width,
-        head_dim,
-        cos,
-        sin,
-    })
+    Ok(RopeTable { frames, height, width, head_dim, cos, sin })
 }
 
 /// Applies rotary embedding to `x` (`[B, N, H, Dh]`, heads as a linear layer's output
@@ -94,22 +81,17 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         bail!("{OP}: x must be [B, N, H, head_dim], got {:?}", x.shape());
     };
     if dh % 2 != 0 {
-        bail!(
-            "{OP}: head_dim must be even (channels rotate in pairs), x has shape {:?}",
-            x.shape()
-        );
+        bail!("{OP}: head_dim must be even (channels rotate in pairs), x has shape {:?}", x.shape());
     }
     for (name, t) in [("cos", cos), ("sin", sin)] {
         if t.shape() != [n, dh / 2] {
-            bail!(
-                "{OP}: {name} has shape {:?}, expected [{n}, {}] for x of shape {:?}",
-                t.shape(),
-                dh / 2,
-                x.shape()
-            );
+            bail!("{OP}: {name} has shape {:?}, expected [{n}, {}] for x of shape {:?}", t.shape(), dh / 2, x.shape());
         }
         if t.dtype() != DType::F32 {
-            bail!("{OP}: {name} must be f32 (bf16 angles lose precision), got {}; use RopeTable::to_tensors", t.dtype());
+            bail!(
+                "{OP}: {name} must be f32 (bf16 angles lose precision), got {}; use RopeTable::to_tensors",
+                t.dtype()
+            );
         }
         if t.is_tracked() {
             bail!("{OP}: {name} is tracked, but the angle table gets no gradient");
@@ -123,11 +105,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         out,
         &[x],
         Box::new(move |g| {
-            let g = if g.dtype() != dtype {
-                super::cast(g, dtype)?
-            } else {
-                g.clone()
-            };
+            let g = if g.dtype() != dtype { super::cast(g, dtype)? } else { g.clone() };
             Ok(vec![Some(rotate(&g, &cos, &sin, -1.0)?)])
         }),
     ))

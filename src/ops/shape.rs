@@ -28,73 +28,44 @@ pub fn reshape(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
     }
     let out = x.view_as(shape)?;
     let xs = x.shape().to_vec();
-    Ok(record(
-        "reshape",
-        out,
-        &[x],
-        Box::new(move |g| Ok(vec![Some(reshape(g, &xs)?)])),
-    ))
+    Ok(record("reshape", out, &[x], Box::new(move |g| Ok(vec![Some(reshape(g, &xs)?)]))))
 }
 
 /// Reorders dimensions: output dimension `d` is input dimension `perm[d]`.
 pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     let r = x.rank();
     let mut seen = vec![false; r];
-    let valid = perm.len() == r
-        && perm
-            .iter()
-            .all(|&p| p < r && !std::mem::replace(&mut seen[p], true));
+    let valid = perm.len() == r && perm.iter().all(|&p| p < r && !std::mem::replace(&mut seen[p], true));
     if !valid {
-        bail!(
-            "permute: {perm:?} is not a permutation of the {r} dimensions of shape {:?}",
-            x.shape()
-        );
+        bail!("permute: {perm:?} is not a permutation of the {r} dimensions of shape {:?}", x.shape());
     }
     if r > MAX_RANK {
-        bail!(
-            "permute: shape {:?} has rank {r}, at most {MAX_RANK} is supported",
-            x.shape()
-        );
+        bail!("permute: shape {:?} has rank {r}, at most {MAX_RANK} is supported", x.shape());
     }
     if perm.iter().enumerate().all(|(d, &p)| d == p) {
         return Ok(x.clone());
     }
     let out_shape: Vec<usize> = perm.iter().map(|&p| x.shape()[p]).collect();
     let out = match x.device() {
-        Device::Cpu => cpu_tensor(
-            cpu::shape::permute(x.storage().as_cpu()?, x.shape(), perm),
-            &out_shape,
-        )?,
+        Device::Cpu => cpu_tensor(cpu::shape::permute(x.storage().as_cpu()?, x.shape(), perm), &out_shape)?,
         Device::Cuda(_) => {
             let s = x.storage();
             let c = s.as_cuda()?;
-            cuda_tensor(
-                &c.dev,
-                cuda::shape::permute(c, x.shape(), perm)?,
-                &out_shape,
-            )?
+            cuda_tensor(&c.dev, cuda::shape::permute(c, x.shape(), perm)?, &out_shape)?
         }
     };
     let mut inverse = vec![0; r];
     for (d, &p) in perm.iter().enumerate() {
         inverse[p] = d;
     }
-    Ok(record(
-        "permute",
-        out,
-        &[x],
-        Box::new(move |g| Ok(vec![Some(permute(g, &inverse)?)])),
-    ))
+    Ok(record("permute", out, &[x], Box::new(move |g| Ok(vec![Some(permute(g, &inverse)?)]))))
 }
 
 /// Swaps dimensions `d0` and `d1`.
 pub fn transpose(x: &Tensor, d0: usize, d1: usize) -> Result<Tensor> {
     let r = x.rank();
     if d0 >= r || d1 >= r {
-        bail!(
-            "transpose: dimensions {d0} and {d1} out of range for shape {:?}",
-            x.shape()
-        );
+        bail!("transpose: dimensions {d0} and {d1} out of range for shape {:?}", x.shape());
     }
     let mut perm: Vec<usize> = (0..r).collect();
     perm.swap(d0, d1);
@@ -103,22 +74,13 @@ pub fn transpose(x: &Tensor, d0: usize, d1: usize) -> Result<Tensor> {
 
 /// `(outer, inner)`: the products of the dimensions before and after `dim`.
 fn around(shape: &[usize], dim: usize) -> (usize, usize) {
-    (
-        shape[..dim].iter().product(),
-        shape[dim + 1..].iter().product(),
-    )
+    (shape[..dim].iter().product(), shape[dim + 1..].iter().product())
 }
 
 /// A fresh tensor of `shape` and `dtype` on `device` filled by slab copies from
 /// `sources` (each with the slab that places it). Zero-filled first when `zero` is set
 /// (the slabs then need not cover everything).
-fn assemble(
-    device: Device,
-    dtype: DType,
-    shape: &[usize],
-    zero: bool,
-    sources: &[(&Tensor, Slab)],
-) -> Result<Tensor> {
+fn assemble(device: Device, dtype: DType, shape: &[usize], zero: bool, sources: &[(&Tensor, Slab)]) -> Result<Tensor> {
     let n = numel(shape);
     match device {
         Device::Cpu => {
@@ -130,11 +92,7 @@ fn assemble(
         }
         Device::Cuda(i) => {
             let dev = cuda::device(i)?;
-            let mut buf = if zero {
-                dev.zeros(n, dtype)?
-            } else {
-                dev.alloc(n, dtype)?
-            };
+            let mut buf = if zero { dev.zeros(n, dtype)? } else { dev.alloc(n, dtype)? };
             for (t, slab) in sources {
                 let t = in_dtype(t, dtype)?;
                 let s = t.storage();
@@ -155,18 +113,10 @@ pub fn concat(xs: &[&Tensor], dim: usize) -> Result<Tensor> {
     let shapes: Vec<&[usize]> = xs.iter().map(|t| t.shape()).collect();
     let r = first.rank();
     if dim >= r {
-        bail!(
-            "concat: dimension {dim} out of range for shape {:?}",
-            first.shape()
-        );
+        bail!("concat: dimension {dim} out of range for shape {:?}", first.shape());
     }
-    let compatible = |s: &[usize]| {
-        s.len() == r
-            && s.iter()
-                .zip(first.shape())
-                .enumerate()
-                .all(|(d, (a, b))| d == dim || a == b)
-    };
+    let compatible =
+        |s: &[usize]| s.len() == r && s.iter().zip(first.shape()).enumerate().all(|(d, (a, b))| d == dim || a == b);
     if !shapes.iter().all(|s| compatible(s)) {
         bail!("concat: shapes {shapes:?} differ outside dimension {dim}");
     }
@@ -179,35 +129,18 @@ pub fn concat(xs: &[&Tensor], dim: usize) -> Result<Tensor> {
     let mut off = 0;
     for t in xs {
         let len = t.shape()[dim];
-        let slab = Slab {
-            outer,
-            inner,
-            src_dim: len,
-            src_off: 0,
-            dst_dim: total,
-            dst_off: off,
-            len,
-        };
+        let slab = Slab { outer, inner, src_dim: len, src_off: 0, dst_dim: total, dst_off: off, len };
         sources.push((*t, slab));
         offsets.push((off, len, t.dtype()));
         off += len;
     }
-    let out = assemble(
-        device,
-        result_dtype(device, xs),
-        &out_shape,
-        false,
-        &sources,
-    )?;
+    let out = assemble(device, result_dtype(device, xs), &out_shape, false, &sources)?;
     Ok(record(
         "concat",
         out,
         xs,
         Box::new(move |g| {
-            offsets
-                .iter()
-                .map(|&(off, len, dt)| Ok(Some(in_dtype(&narrow(g, dim, off, len)?, dt)?)))
-                .collect()
+            offsets.iter().map(|&(off, len, dt)| Ok(Some(in_dtype(&narrow(g, dim, off, len)?, dt)?))).collect()
         }),
     ))
 }
@@ -231,15 +164,7 @@ pub fn narrow(x: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tensor
     let (outer, inner) = around(shape, dim);
     let mut out_shape = shape.to_vec();
     out_shape[dim] = len;
-    let slab = Slab {
-        outer,
-        inner,
-        src_dim: shape[dim],
-        src_off: start,
-        dst_dim: len,
-        dst_off: 0,
-        len,
-    };
+    let slab = Slab { outer, inner, src_dim: shape[dim], src_off: start, dst_dim: len, dst_off: 0, len };
     let out = assemble(x.device(), x.dtype(), &out_shape, false, &[(x, slab)])?;
     let (xs, xdt, device) = (shape.to_vec(), x.dtype(), x.device());
     Ok(record(
@@ -248,15 +173,7 @@ pub fn narrow(x: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tensor
         &[x],
         Box::new(move |g| {
             // The gradient is g placed at `start` in zeros of the input's shape.
-            let back = Slab {
-                outer,
-                inner,
-                src_dim: len,
-                src_off: 0,
-                dst_dim: xs[dim],
-                dst_off: start,
-                len,
-            };
+            let back = Slab { outer, inner, src_dim: len, src_off: 0, dst_dim: xs[dim], dst_off: start, len };
             Ok(vec![Some(assemble(device, xdt, &xs, true, &[(g, back)])?)])
         }),
     ))
@@ -271,7 +188,10 @@ pub fn split(x: &Tensor, dim: usize, sizes: &[usize]) -> Result<Vec<Tensor>> {
     }
     let total: usize = sizes.iter().sum();
     if total != shape[dim] {
-        bail!("split: sizes {sizes:?} add up to {total}, but dimension {dim} of shape {shape:?} has size {}", shape[dim]);
+        bail!(
+            "split: sizes {sizes:?} add up to {total}, but dimension {dim} of shape {shape:?} has size {}",
+            shape[dim]
+        );
     }
     let mut start = 0;
     sizes

@@ -113,10 +113,7 @@ impl FileDType {
 
     /// True for the types [`WeightFile::read_f32`] converts: BF16, F16, F32, F64.
     pub fn is_float(self) -> bool {
-        matches!(
-            self,
-            FileDType::BF16 | FileDType::F16 | FileDType::F32 | FileDType::F64
-        )
+        matches!(self, FileDType::BF16 | FileDType::F16 | FileDType::F32 | FileDType::F64)
     }
 }
 
@@ -148,12 +145,7 @@ pub struct WeightFile {
 
 impl fmt::Debug for WeightFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "WeightFile({}, {} tensors)",
-            self.path.display(),
-            self.tensors.len()
-        )
+        write!(f, "WeightFile({}, {} tensors)", self.path.display(), self.tensors.len())
     }
 }
 
@@ -173,9 +165,7 @@ impl WeightFile {
             ErrorKind::NotFound => file_error(path, "does not exist"),
             _ => file_error(path, format_args!("cannot open: {e}")),
         })?;
-        let meta = file
-            .metadata()
-            .map_err(|e| file_error(path, format_args!("cannot stat: {e}")))?;
+        let meta = file.metadata().map_err(|e| file_error(path, format_args!("cannot stat: {e}")))?;
         if meta.is_dir() {
             return Err(file_error(path, "is a directory, not a safetensors file"));
         }
@@ -190,15 +180,9 @@ impl WeightFile {
         // truncates or rewrites the file while it is mapped could change the bytes under
         // us; checkpoints are replaced by rename (see `save`), which leaves this mapping
         // on the old inode, so that does not happen through this crate.
-        let map = unsafe { Mmap::map(&file) }
-            .map_err(|e| file_error(path, format_args!("cannot map: {e}")))?;
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| file_error(path, format_args!("cannot map: {e}")))?;
         let (tensors, metadata) = parse_header(&map).map_err(|msg| file_error(path, msg))?;
-        Ok(WeightFile {
-            path: path.to_path_buf(),
-            map,
-            tensors,
-            metadata,
-        })
+        Ok(WeightFile { path: path.to_path_buf(), map, tensors, metadata })
     }
 
     /// The file's path.
@@ -239,10 +223,8 @@ impl WeightFile {
     /// The elements of `name` converted to f32 (from BF16, F16, F32 or F64); errors name
     /// the file and the tensor when it is absent or of another dtype.
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
-        let info = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| file_error(&self.path, format_args!("has no tensor '{name}'")))?;
+        let info =
+            self.tensors.get(name).ok_or_else(|| file_error(&self.path, format_args!("has no tensor '{name}'")))?;
         let bytes = &self.map[info.bytes.clone()];
         Ok(match info.dtype {
             FileDType::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
@@ -272,9 +254,7 @@ fn parse_header(file: &[u8]) -> std::result::Result<Header, String> {
     let after_len = (file.len() - 8) as u64;
     let n = u64::from_le_bytes(file[..8].try_into().expect("8 bytes"));
     if n > MAX_HEADER_BYTES {
-        return Err(format!(
-            "not a safetensors file: header length {n} bytes is over the 100 MiB limit"
-        ));
+        return Err(format!("not a safetensors file: header length {n} bytes is over the 100 MiB limit"));
     }
     if n > after_len {
         return Err(format!(
@@ -306,9 +286,7 @@ fn parse_metadata(entry: &Value) -> std::result::Result<HashMap<String, String>,
     let Value::Object(map) = entry else {
         return Err(bad());
     };
-    map.iter()
-        .map(|(k, v)| Ok((k.clone(), v.as_str().ok_or_else(bad)?.to_string())))
-        .collect()
+    map.iter().map(|(k, v)| Ok((k.clone(), v.as_str().ok_or_else(bad)?.to_string()))).collect()
 }
 
 fn parse_entry(
@@ -318,19 +296,13 @@ fn parse_entry(
     data_len: usize,
 ) -> std::result::Result<TensorInfo, String> {
     let malformed = |what: &str| format!("not a safetensors file: tensor '{name}' has {what}");
-    let code = entry
-        .get("dtype")
-        .and_then(Value::as_str)
-        .ok_or_else(|| malformed("no string 'dtype'"))?;
-    let dtype = FileDType::from_code(code)
-        .ok_or_else(|| format!("tensor '{name}' has unsupported dtype '{code}'"))?;
+    let code = entry.get("dtype").and_then(Value::as_str).ok_or_else(|| malformed("no string 'dtype'"))?;
+    let dtype = FileDType::from_code(code).ok_or_else(|| format!("tensor '{name}' has unsupported dtype '{code}'"))?;
     let shape = entry
         .get("shape")
         .and_then(Value::as_array)
         .and_then(|dims| {
-            dims.iter()
-                .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
-                .collect::<Option<Vec<_>>>()
+            dims.iter().map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok())).collect::<Option<Vec<_>>>()
         })
         .ok_or_else(|| malformed("no 'shape' list of non-negative integers"))?;
     let offsets = entry
@@ -344,9 +316,7 @@ fn parse_entry(
         .try_fold(dtype.bits() as u64, |acc, &d| acc.checked_mul(d as u64))
         .ok_or_else(|| malformed(&format!("shape {shape:?}, too large to address")))?;
     if bits % 8 != 0 {
-        return Err(malformed(&format!(
-            "shape {shape:?} of {dtype} ({bits} bits), not a whole number of bytes"
-        )));
+        return Err(malformed(&format!("shape {shape:?} of {dtype} ({bits} bits), not a whole number of bytes")));
     }
     let (begin, end) = offsets;
     if end < begin || end - begin != bits / 8 {
@@ -362,9 +332,5 @@ fn parse_entry(
         ));
     }
     let bytes = data_start + begin as usize..data_start + end as usize;
-    Ok(TensorInfo {
-        dtype,
-        shape,
-        bytes,
-    })
+    Ok(TensorInfo { dtype, shape, bytes })
 }

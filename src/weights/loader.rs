@@ -30,14 +30,7 @@ pub struct Loader<'a> {
 impl<'a> Loader<'a> {
     /// A loader placing tensors on `device` as `dtype` (CPU tensors are always f32).
     pub fn new(set: &'a WeightSet, device: Device, dtype: DType) -> Loader<'a> {
-        Loader {
-            set,
-            device,
-            dtype,
-            accounted: HashSet::new(),
-            missing: Vec::new(),
-            mismatched: Vec::new(),
-        }
+        Loader { set, device, dtype, accounted: HashSet::new(), missing: Vec::new(), mismatched: Vec::new() }
     }
 
     /// The weights being loaded.
@@ -84,11 +77,7 @@ impl<'a> Loader<'a> {
             }
             Ok(_) => false,
         };
-        let dtype = if self.device == Device::Cpu {
-            DType::F32
-        } else {
-            dtype
-        };
+        let dtype = if self.device == Device::Cpu { DType::F32 } else { dtype };
         if problem {
             return Tensor::zeros(shape, dtype, self.device);
         }
@@ -117,10 +106,7 @@ impl<'a> Loader<'a> {
 
     /// Tensors of the checkpoint that were neither requested nor ignored, sorted.
     pub fn unused(&self) -> Vec<&'a str> {
-        self.set
-            .names()
-            .filter(|n| !self.accounted.contains(*n))
-            .collect()
+        self.set.names().filter(|n| !self.accounted.contains(*n)).collect()
     }
 
     /// `Ok` when every requested tensor was present with its expected shape and every
@@ -140,38 +126,16 @@ impl<'a> Loader<'a> {
         .filter(|(n, _)| *n > 0)
         .map(|(n, kind)| format!("{n} {kind}"))
         .collect();
-        let mut msg = format!(
-            "loading weights from {}: {} tensors",
-            self.set.sources_description(),
-            counts.join(", ")
-        );
+        let mut msg = format!("loading weights from {}: {} tensors", self.set.sources_description(), counts.join(", "));
         let missing = self.missing.iter().take(MAX_LISTED).map(|(name, shape)| {
-            let close: Vec<String> = self
-                .set
-                .close_names(name)
-                .iter()
-                .map(|c| format!("'{c}'"))
-                .collect();
-            let hint = if close.is_empty() {
-                String::new()
-            } else {
-                format!("; close names: {}", close.join(", "))
-            };
+            let close: Vec<String> = self.set.close_names(name).iter().map(|c| format!("'{c}'")).collect();
+            let hint = if close.is_empty() { String::new() } else { format!("; close names: {}", close.join(", ")) };
             format!("missing '{name}' (expected shape {shape:?}){hint}")
         });
         list(&mut msg, missing, self.missing.len(), "missing");
-        list(
-            &mut msg,
-            self.mismatched.iter().take(MAX_LISTED).cloned(),
-            self.mismatched.len(),
-            "mis-shaped",
-        );
+        list(&mut msg, self.mismatched.iter().take(MAX_LISTED).cloned(), self.mismatched.len(), "mis-shaped");
         let unexpected = unused.iter().take(MAX_LISTED).map(|name| {
-            let shape = self
-                .set
-                .shape(name)
-                .map(|s| format!("{s:?}"))
-                .unwrap_or_default();
+            let shape = self.set.shape(name).map(|s| format!("{s:?}")).unwrap_or_default();
             format!("unexpected '{name}' {shape}")
         });
         list(&mut msg, unexpected, unused.len(), "unexpected");

@@ -64,8 +64,7 @@ pub fn save(
     };
     let temp = temp_path(dir, &file_name.to_string_lossy());
     let written = write_file(&temp, &header, tensors, dtype).and_then(|()| {
-        fs::rename(&temp, path)
-            .map_err(|e| Error::msg(format!("cannot rename {} over it: {e}", temp.display())))
+        fs::rename(&temp, path).map_err(|e| Error::msg(format!("cannot rename {} over it: {e}", temp.display())))
     });
     if let Err(e) = written {
         // The temporary file may not exist (creation failed); nothing else to clean.
@@ -107,17 +106,12 @@ fn header_bytes(
             bail!("tensor name '{name}' appears twice");
         }
         let end = offset + t.numel() * dtype.size();
-        header.insert(
-            name.clone(),
-            json!({ "dtype": dtype.code(), "shape": t.shape(), "data_offsets": [offset, end] }),
-        );
+        header
+            .insert(name.clone(), json!({ "dtype": dtype.code(), "shape": t.shape(), "data_offsets": [offset, end] }));
         offset = end;
     }
     if let Some(meta) = metadata {
-        let meta: Map<String, Value> = meta
-            .iter()
-            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-            .collect();
+        let meta: Map<String, Value> = meta.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
         header.insert("__metadata__".into(), Value::Object(meta));
     }
     let mut json = serde_json::to_vec(&Value::Object(header)).ctx("encoding the header")?;
@@ -127,22 +121,15 @@ fn header_bytes(
     Ok(bytes)
 }
 
-fn write_file(
-    temp: &Path,
-    header: &[u8],
-    tensors: &[(String, Tensor)],
-    dtype: SaveDType,
-) -> Result<()> {
-    let io_err =
-        |what: &str, e: std::io::Error| Error::msg(format!("{what} {}: {e}", temp.display()));
+fn write_file(temp: &Path, header: &[u8], tensors: &[(String, Tensor)], dtype: SaveDType) -> Result<()> {
+    let io_err = |what: &str, e: std::io::Error| Error::msg(format!("{what} {}: {e}", temp.display()));
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(temp)
         .map_err(|e| io_err("cannot create temporary file", e))?;
     let mut out = BufWriter::new(file);
-    out.write_all(header)
-        .map_err(|e| io_err("cannot write", e))?;
+    out.write_all(header).map_err(|e| io_err("cannot write", e))?;
     let mut buf = Vec::with_capacity(CHUNK * dtype.size());
     for (name, t) in tensors {
         let storage = t.storage();
@@ -152,10 +139,7 @@ fn write_file(
         let values = match &*storage {
             Storage::Cpu(v) => v.as_slice(),
             Storage::Cuda(c) => {
-                downloaded = c
-                    .dev
-                    .download(&c.buf, t.numel())
-                    .with_ctx(|| format!("reading tensor '{name}'"))?;
+                downloaded = c.dev.download(&c.buf, t.numel()).with_ctx(|| format!("reading tensor '{name}'"))?;
                 downloaded.as_slice()
             }
         };
@@ -173,12 +157,9 @@ fn write_file(
                     }
                 }
             }
-            out.write_all(&buf)
-                .map_err(|e| io_err(&format!("cannot write tensor '{name}' to"), e))?;
+            out.write_all(&buf).map_err(|e| io_err(&format!("cannot write tensor '{name}' to"), e))?;
         }
     }
-    let file = out
-        .into_inner()
-        .map_err(|e| io_err("cannot write", e.into_error()))?;
+    let file = out.into_inner().map_err(|e| io_err("cannot write", e.into_error()))?;
     file.sync_all().map_err(|e| io_err("cannot fsync", e))
 }

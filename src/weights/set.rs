@@ -37,11 +37,7 @@ struct Source {
 impl WeightSet {
     /// Opens a `.safetensors` file, a sharded `*.safetensors.index.json`, or a directory.
     pub fn open(path: impl AsRef<Path>) -> Result<WeightSet> {
-        let mut set = WeightSet {
-            files: Vec::new(),
-            entries: BTreeMap::new(),
-            sources: Vec::new(),
-        };
+        let mut set = WeightSet { files: Vec::new(), entries: BTreeMap::new(), sources: Vec::new() };
         set.overlay(path)?;
         Ok(set)
     }
@@ -103,13 +99,7 @@ impl WeightSet {
     /// Loads `name` onto `device` as `dtype` (CPU tensors are always f32), converting
     /// BF16/F16/F32/F64 on the fly. The stored shape must equal `expected_shape`; the
     /// error otherwise names the file, the tensor and both shapes.
-    pub fn get(
-        &self,
-        name: &str,
-        expected_shape: &[usize],
-        device: Device,
-        dtype: DType,
-    ) -> Result<Tensor> {
+    pub fn get(&self, name: &str, expected_shape: &[usize], device: Device, dtype: DType) -> Result<Tensor> {
         let (file, info) = self.lookup(name)?;
         if info.shape != expected_shape {
             bail!(
@@ -119,17 +109,9 @@ impl WeightSet {
             );
         }
         let data = file.read_f32(name)?;
-        let dtype = if device == Device::Cpu {
-            DType::F32
-        } else {
-            dtype
-        };
-        Tensor::from_vec_dtype(data, expected_shape, device, dtype).with_ctx(|| {
-            format!(
-                "loading tensor '{name}' from {} onto {device}",
-                file.path().display()
-            )
-        })
+        let dtype = if device == Device::Cpu { DType::F32 } else { dtype };
+        Tensor::from_vec_dtype(data, expected_shape, device, dtype)
+            .with_ctx(|| format!("loading tensor '{name}' from {} onto {device}", file.path().display()))
     }
 
     /// The file and header entry of `name`, or the missing-tensor error.
@@ -137,21 +119,12 @@ impl WeightSet {
         match self.entries.get(name) {
             Some(&i) => {
                 let file = &self.files[i];
-                let info = file
-                    .info(name)
-                    .ok_or_else(|| Error::msg(format!("internal: '{name}' left its file")))?;
+                let info = file.info(name).ok_or_else(|| Error::msg(format!("internal: '{name}' left its file")))?;
                 Ok((file, info))
             }
             None => {
-                let mut msg = format!(
-                    "tensor '{name}' not found in {}",
-                    self.sources_description()
-                );
-                let close: Vec<String> = self
-                    .close_names(name)
-                    .iter()
-                    .map(|c| format!("'{c}'"))
-                    .collect();
+                let mut msg = format!("tensor '{name}' not found in {}", self.sources_description());
+                let close: Vec<String> = self.close_names(name).iter().map(|c| format!("'{c}'")).collect();
                 if !close.is_empty() {
                     msg.push_str(&format!("; close names: {}", close.join(", ")));
                 }
@@ -169,17 +142,8 @@ impl WeightSet {
         let mut scored: Vec<(usize, &str)> = self
             .names()
             .filter_map(|c| {
-                let prefix = name
-                    .chars()
-                    .zip(c.chars())
-                    .take_while(|(a, b)| a == b)
-                    .count();
-                let suffix = name
-                    .chars()
-                    .rev()
-                    .zip(c.chars().rev())
-                    .take_while(|(a, b)| a == b)
-                    .count();
+                let prefix = name.chars().zip(c.chars()).take_while(|(a, b)| a == b).count();
+                let suffix = name.chars().rev().zip(c.chars().rev()).take_while(|(a, b)| a == b).count();
                 let score = (prefix + suffix).min(len).min(c.chars().count());
                 (score >= needed).then_some((score, c))
             })
@@ -206,27 +170,16 @@ fn open_source(path: &Path) -> Result<Source> {
     }
     let file = WeightFile::open(path)?;
     let entries = file.names().map(|n| (n.to_string(), 0)).collect();
-    Ok(Source {
-        description: path.display().to_string(),
-        files: vec![file],
-        entries,
-    })
+    Ok(Source { description: path.display().to_string(), files: vec![file], entries })
 }
 
 /// A directory: its index when it has exactly one, else every `*.safetensors` in it.
 fn open_dir(dir: &Path) -> Result<Source> {
     let mut indexes = Vec::new();
     let mut shards = Vec::new();
-    for entry in fs::read_dir(dir)
-        .with_ctx(|| format!("weights directory {}: cannot list", dir.display()))?
-    {
-        let path = entry
-            .with_ctx(|| format!("weights directory {}: cannot list", dir.display()))?
-            .path();
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+    for entry in fs::read_dir(dir).with_ctx(|| format!("weights directory {}: cannot list", dir.display()))? {
+        let path = entry.with_ctx(|| format!("weights directory {}: cannot list", dir.display()))?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         if name.ends_with(INDEX_SUFFIX) {
             indexes.push(path);
         } else if name.ends_with(".safetensors") && path.is_file() {
@@ -237,17 +190,10 @@ fn open_dir(dir: &Path) -> Result<Source> {
         return open_index(&indexes[0]);
     }
     if shards.is_empty() {
-        bail!(
-            "weights directory {}: holds no .safetensors files",
-            dir.display()
-        );
+        bail!("weights directory {}: holds no .safetensors files", dir.display());
     }
     shards.sort();
-    let mut source = Source {
-        files: Vec::new(),
-        entries: Vec::new(),
-        description: String::new(),
-    };
+    let mut source = Source { files: Vec::new(), entries: Vec::new(), description: String::new() };
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     for path in &shards {
         let file = WeightFile::open(path)?;
@@ -276,8 +222,7 @@ fn open_dir(dir: &Path) -> Result<Source> {
 fn open_index(index: &Path) -> Result<Source> {
     let ctx = || format!("weights index {}", index.display());
     let text = fs::read_to_string(index).with_ctx(ctx)?;
-    let json: Value =
-        serde_json::from_str(&text).with_ctx(|| format!("{}: not valid JSON", ctx()))?;
+    let json: Value = serde_json::from_str(&text).with_ctx(|| format!("{}: not valid JSON", ctx()))?;
     let Some(map) = json.get("weight_map").and_then(Value::as_object) else {
         bail!("{}: has no 'weight_map' object", ctx());
     };
@@ -299,32 +244,19 @@ fn open_index(index: &Path) -> Result<Source> {
             }
         };
         if files[i].info(name).is_none() {
-            bail!(
-                "{}: maps tensor '{name}' to {}, which does not contain it",
-                ctx(),
-                files[i].path().display()
-            );
+            bail!("{}: maps tensor '{name}' to {}, which does not contain it", ctx(), files[i].path().display());
         }
         entries.push((name.clone(), i));
     }
     let description = describe_files(&index.display().to_string(), &files);
-    Ok(Source {
-        files,
-        entries,
-        description,
-    })
+    Ok(Source { files, entries, description })
 }
 
 /// "<what> (a.safetensors, b.safetensors)": a directory or index with the files it read.
 fn describe_files(what: &str, files: &[WeightFile]) -> String {
     let names: Vec<String> = files
         .iter()
-        .map(|f| {
-            f.path().file_name().map_or_else(
-                || f.path().display().to_string(),
-                |n| n.to_string_lossy().into(),
-            )
-        })
+        .map(|f| f.path().file_name().map_or_else(|| f.path().display().to_string(), |n| n.to_string_lossy().into()))
         .collect();
     format!("{what} ({})", names.join(", "))
 }
