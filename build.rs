@@ -39,8 +39,7 @@ fn main() {
     let mut generated = String::new();
     generated.push_str("/// Embedded kernel fatbins: (module name, fatbin bytes).\n");
     generated.push_str("pub const KERNEL_MODULES: &[(&str, &[u8])] = &[\n");
-    let archs;
-    match nvcc {
+    let archs = match nvcc {
         None => {
             let msg = "nvcc not found (set NVCC or CUDA_HOME, or run scripts/install-cuda-toolchain.sh): \
                        building without CUDA kernels; the CUDA device will report an error at run time";
@@ -48,7 +47,7 @@ fn main() {
                 panic!("SYNTHOS_REQUIRE_NVCC=1 but {msg}");
             }
             println!("cargo:warning={msg}");
-            archs = String::new();
+            String::new()
         }
         Some(nvcc) => {
             let results: Vec<(PathBuf, Result<PathBuf, String>)> = std::thread::scope(|s| {
@@ -87,9 +86,9 @@ fn main() {
                     println!("cargo:warning={line}");
                 }
             }
-            archs = "sm_80, sm_90a (+ compute_80 PTX)".to_string();
+            "sm_80, sm_90a (+ compute_80 PTX)".to_string()
         }
-    }
+    };
     generated.push_str("];\n");
     writeln!(generated, "/// Architectures the embedded kernels were built for (empty: none).").unwrap();
     writeln!(generated, "pub const KERNEL_ARCHS: &str = {archs:?};").unwrap();
