@@ -18,7 +18,7 @@ const FWD_QUERIES: usize = 64;
 const BWD_KEYS: usize = 64;
 
 /// Head dims with a compiled kernel.
-pub const HEAD_DIMS: [usize; 5] = [32, 64, 80, 96, 128];
+const HEAD_DIMS: [usize; 5] = [32, 64, 80, 96, 128];
 
 /// Dynamic shared memory of the forward kernel (mirrors `FwdSmem<DH>::BYTES`, which the
 /// kernel asserts at compile time and checks at run time).
@@ -43,6 +43,11 @@ fn kernel_names(head_dim: usize) -> Result<(&'static str, &'static str)> {
             "attention: head dim {head_dim} has no CUDA kernel (supported: {HEAD_DIMS:?}); the CPU path supports any head dim"
         ),
     })
+}
+
+/// Errors (naming the supported sizes) unless `head_dim` has a compiled kernel.
+pub fn check_head_dim(head_dim: usize) -> Result<()> {
+    kernel_names(head_dim).map(|_| ())
 }
 
 /// Loads `name` and allows it `bytes` of dynamic shared memory (above the default 48 KB

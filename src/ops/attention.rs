@@ -111,13 +111,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttentionOptions) ->
     match same_device("attention", &all)? {
         Device::Cpu => attention_recorded(q, k, v, opts.key_mask, opts.bias, params),
         Device::Cuda(_) => {
-            if !cuda::attention::HEAD_DIMS.contains(&params.head_dim) {
-                bail!(
-                    "attention: head dim {} has no CUDA kernel (supported: {:?}); the CPU path supports any head dim",
-                    params.head_dim,
-                    cuda::attention::HEAD_DIMS
-                );
-            }
+            cuda::attention::check_head_dim(params.head_dim)?;
             let (q, k, v) = (
                 cast(q, DType::BF16)?,
                 cast(k, DType::BF16)?,
