@@ -1,1 +1,316 @@
-//! (being written)
+//! Launchers of `kernels/attention.cu`: flash attention forward (output + row log-sum-exp)
+//! and backward (D = rowsum(dO∘O), then dq, dk, dv and optionally dbias), bf16 tensors
+//! with fp32 statistics, for head dims 32, 64, 80, 96 and 128.
+
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use super::{CudaBuf, CudaDevice, CudaStorage};
+use crate::cpu::attention::{AttentionInputs, AttentionParams};
+use crate::{bail, DType, Result};
+
+/// Threads per block of both kernels (4 warps).
+const THREADS: u32 = 128;
+/// Query rows per forward block (`FWD_BQ` in the kernel).
+const FWD_QUERIES: usize = 64;
+/// Keys per backward block (`BWD_BK` in the kernel).
+const BWD_KEYS: usize = 64;
+
+/// Head dims with a compiled kernel.
+const HEAD_DIMS: [usize; 5] = [32, 64, 80, 96, 128];
+
+/// Dynamic shared memory of the forward kernel (mirrors `FwdSmem<DH>::BYTES`, which the
+/// kernel asserts at compile time and checks at run time).
+fn fwd_smem_bytes(head_dim: usize) -> usize {
+    384 * (head_dim + 8) + 27136
+}
+
+/// Dynamic shared memory of the backward kernel (mirrors `BwdSmem<DH>::BYTES`).
+fn bwd_smem_bytes(head_dim: usize) -> usize {
+    384 * (head_dim + 8) + 33280
+}
+
+/// Entry points (forward, backward) for a head dim.
+fn kernel_names(head_dim: usize) -> Result<(&'static str, &'static str)> {
+    Ok(match head_dim {
+        32 => ("attn_fwd_d32_bf16", "attn_bwd_d32_bf16"),
+        64 => ("attn_fwd_d64_bf16", "attn_bwd_d64_bf16"),
+        80 => ("attn_fwd_d80_bf16", "attn_bwd_d80_bf16"),
+        96 => ("attn_fwd_d96_bf16", "attn_bwd_d96_bf16"),
+        128 => ("attn_fwd_d128_bf16", "attn_bwd_d128_bf16"),
+        _ => bail!(
+            "attention: head dim {head_dim} has no CUDA kernel (supported: {HEAD_DIMS:?}); the CPU path supports any head dim"
+        ),
+    })
+}
+
+/// Errors (naming the supported sizes) unless `head_dim` has a compiled kernel.
+pub fn check_head_dim(head_dim: usize) -> Result<()> {
+    kernel_names(head_dim).map(|_| ())
+}
+
+/// Loads `name` and allows it `bytes` of dynamic shared memory (above the default 48 KB
+/// a kernel must opt in), with an error when the GPU has less.
+fn kernel_with_smem(dev: &CudaDevice, name: &'static str, bytes: usize) -> Result<CudaFunction> {
+    let f = dev.func("attention", name)?;
+    let limit = dev
+        .ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
+        as usize;
+    if bytes > limit {
+        bail!("attention: kernel {name} needs {bytes} bytes of shared memory per block, this GPU allows {limit}");
+    }
+    f.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )?;
+    Ok(f)
+}
+
+fn bf16_slice<'a>(what: &str, s: &'a CudaStorage) -> Result<&'a CudaSlice<bf16>> {
+    match &s.buf {
+        CudaBuf::BF16(x) => Ok(x),
+        CudaBuf::F32(_) => bail!("attention: {what} must be bf16 on the GPU, got f32"),
+    }
+}
+
+fn f32_slice<'a>(what: &str, s: &'a CudaStorage) -> Result<&'a CudaSlice<f32>> {
+    match &s.buf {
+        CudaBuf::F32(x) => Ok(x),
+        CudaBuf::BF16(_) => bail!("attention: {what} must be f32 on the GPU, got bf16"),
+    }
+}
+
+/// The sizes as the kernels take them (i32), checked against the grid limits.
+struct KernelDims {
+    q_len: i32,
+    kv_len: i32,
+    heads: i32,
+    bias_batch: i32,
+}
+
+fn kernel_dims(p: &AttentionParams) -> Result<KernelDims> {
+    let fits = |x: usize| i32::try_from(x).ok();
+    if p.heads > 65535 || p.batch > 65535 {
+        bail!(
+            "attention: {} heads × batch {} exceeds the CUDA grid (at most 65535 each)",
+            p.heads,
+            p.batch
+        );
+    }
+    match (
+        fits(p.q_len),
+        fits(p.kv_len),
+        fits(p.heads),
+        fits(p.bias_batch),
+    ) {
+        (Some(q_len), Some(kv_len), Some(heads), Some(bias_batch)) => Ok(KernelDims {
+            q_len,
+            kv_len,
+            heads,
+            bias_batch,
+        }),
+        _ => bail!(
+            "attention: sequence lengths {} / {} exceed the kernels' 32-bit indices",
+            p.q_len,
+            p.kv_len
+        ),
+    }
+}
+
+/// Optional f32 inputs (key mask, bias): the buffer, or a one-element stand-in the
+/// kernel never reads (its flag is 0).
+fn optional_f32<'a>(
+    what: &str,
+    s: Option<&'a CudaStorage>,
+    dummy: &'a CudaSlice<f32>,
+) -> Result<&'a CudaSlice<f32>> {
+    s.map_or(Ok(dummy), |s| f32_slice(what, s))
+}
+
+/// Forward: returns the output `[B, Nq, H, Dh]` (bf16) and the row log-sum-exp
+/// `[B, H, Nq]` (f32, +inf for rows whose keys are all hidden). q, k, v must be bf16,
+/// the key mask and bias f32.
+pub fn forward(
+    p: &AttentionParams,
+    x: &AttentionInputs<CudaStorage>,
+) -> Result<(CudaBuf, CudaBuf)> {
+    let dev = &x.q.dev;
+    let (fwd, _) = kernel_names(p.head_dim)?;
+    let kd = kernel_dims(p)?;
+    let smem = fwd_smem_bytes(p.head_dim);
+    let f = kernel_with_smem(dev, fwd, smem)?;
+    let (q, k, v) = (
+        bf16_slice("q", x.q)?,
+        bf16_slice("k", x.k)?,
+        bf16_slice("v", x.v)?,
+    );
+    let dummy = dev.stream.alloc_zeros::<f32>(1)?;
+    let mask = optional_f32("key_mask", x.key_mask, &dummy)?;
+    let bias = optional_f32("bias", x.bias, &dummy)?;
+    let mut out = dev.alloc(p.batch * p.q_len * p.heads * p.head_dim, DType::BF16)?;
+    let mut lse = dev.alloc(p.batch * p.heads * p.q_len, DType::F32)?;
+    let (CudaBuf::BF16(o), CudaBuf::F32(l)) = (&mut out, &mut lse) else {
+        bail!("attention: output buffers of the wrong dtype");
+    };
+    let (has_mask, causal) = (x.key_mask.is_some() as i32, p.causal as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            p.q_len.div_ceil(FWD_QUERIES) as u32,
+            p.heads as u32,
+            p.batch as u32,
+        ),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let mut lb = dev.stream.launch_builder(&f);
+    lb.arg(q).arg(k).arg(v).arg(mask).arg(bias).arg(o).arg(l);
+    lb.arg(&kd.q_len)
+        .arg(&kd.kv_len)
+        .arg(&kd.heads)
+        .arg(&kd.bias_batch);
+    lb.arg(&has_mask).arg(&causal).arg(&p.scale);
+    // SAFETY: q is [B, Nq, H, Dh] and k, v [B, Nk, H, Dh] bf16; the mask ([B, Nk]) and
+    // bias ([bias_batch, H, Nq, Nk]) are read only when their flags are set; the kernel
+    // writes out rows < Nq and lse [B, H, Nq], all in range, and the grid covers
+    // ceil(Nq/64) × H × B blocks with the shared memory it was built for (checked).
+    unsafe { lb.launch(cfg) }?;
+    Ok((out, lse))
+}
+
+/// Gradients computed on the GPU: dq, dk, dv bf16 (like q, k, v) and dbias f32.
+pub struct CudaAttentionGrads {
+    /// Gradient of q, `[B, Nq, H, Dh]`.
+    pub dq: CudaBuf,
+    /// Gradient of k, `[B, Nk, H, Dh]`.
+    pub dk: CudaBuf,
+    /// Gradient of v, `[B, Nk, H, Dh]`.
+    pub dv: CudaBuf,
+    /// Gradient of the bias, `[Bb, H, Nq, Nk]`, when asked for.
+    pub dbias: Option<CudaBuf>,
+}
+
+/// Backward from the forward's output `out` and log-sum-exp `lse` and the output
+/// gradient `dout` (bf16). dq and dbias are accumulated in fp32 with atomics; dq is then
+/// cast to bf16.
+pub fn backward(
+    p: &AttentionParams,
+    x: &AttentionInputs<CudaStorage>,
+    out: &CudaStorage,
+    lse: &CudaStorage,
+    dout: &CudaStorage,
+    want_dbias: bool,
+) -> Result<CudaAttentionGrads> {
+    let dev = &x.q.dev;
+    let (_, bwd) = kernel_names(p.head_dim)?;
+    let kd = kernel_dims(p)?;
+    let (q, k, v) = (
+        bf16_slice("q", x.q)?,
+        bf16_slice("k", x.k)?,
+        bf16_slice("v", x.v)?,
+    );
+    let (o, g, l) = (
+        bf16_slice("output", out)?,
+        bf16_slice("output gradient", dout)?,
+        f32_slice("lse", lse)?,
+    );
+    let dummy = dev.stream.alloc_zeros::<f32>(1)?;
+    let mask = optional_f32("key_mask", x.key_mask, &dummy)?;
+    let bias = optional_f32("bias", x.bias, &dummy)?;
+    let want_dbias = want_dbias && x.bias.is_some();
+
+    // D = rowsum(dO ∘ O), one warp per (b, i, h) row.
+    let rows = p.batch * p.q_len * p.heads;
+    let mut drow = dev.stream.alloc_zeros::<f32>(rows.max(1))?;
+    {
+        let f = dev.func("attention", "attn_bwd_dot_bf16")?;
+        let (rows64, dh) = (rows as i64, p.head_dim as i32);
+        let mut lb = dev.stream.launch_builder(&f);
+        lb.arg(o)
+            .arg(g)
+            .arg(&mut drow)
+            .arg(&kd.q_len)
+            .arg(&kd.heads)
+            .arg(&dh)
+            .arg(&rows64);
+        // SAFETY: o and dout hold `rows` rows of Dh bf16; drow holds `rows` floats; one
+        // warp per row, warps past the end return.
+        unsafe { lb.launch(super::grid_1d(rows * 32, 256)) }?;
+    }
+
+    let smem = bwd_smem_bytes(p.head_dim);
+    let f = kernel_with_smem(dev, bwd, smem)?;
+    let mut dq32 = dev
+        .stream
+        .alloc_zeros::<f32>(p.batch * p.q_len * p.heads * p.head_dim)?;
+    let kv_elems = p.batch * p.kv_len * p.heads * p.head_dim;
+    let mut dk = dev.alloc(kv_elems, DType::BF16)?;
+    let mut dv = dev.alloc(kv_elems, DType::BF16)?;
+    let mut dbias = if want_dbias {
+        Some(
+            dev.stream
+                .alloc_zeros::<f32>(p.bias_batch * p.heads * p.q_len * p.kv_len)?,
+        )
+    } else {
+        None
+    };
+    let mut dbias_dummy = dev.stream.alloc_zeros::<f32>(1)?;
+    let (CudaBuf::BF16(dk_s), CudaBuf::BF16(dv_s)) = (&mut dk, &mut dv) else {
+        bail!("attention: gradient buffers of the wrong dtype");
+    };
+    let (has_mask, causal, want) = (
+        x.key_mask.is_some() as i32,
+        p.causal as i32,
+        want_dbias as i32,
+    );
+    let cfg = LaunchConfig {
+        grid_dim: (
+            p.kv_len.div_ceil(BWD_KEYS) as u32,
+            p.heads as u32,
+            p.batch as u32,
+        ),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let mut lb = dev.stream.launch_builder(&f);
+    lb.arg(q)
+        .arg(k)
+        .arg(v)
+        .arg(g)
+        .arg(l)
+        .arg(&drow)
+        .arg(mask)
+        .arg(bias);
+    lb.arg(&mut dq32).arg(dk_s).arg(dv_s);
+    match dbias.as_mut() {
+        Some(db) => lb.arg(db),
+        None => lb.arg(&mut dbias_dummy),
+    };
+    lb.arg(&kd.q_len)
+        .arg(&kd.kv_len)
+        .arg(&kd.heads)
+        .arg(&kd.bias_batch);
+    lb.arg(&has_mask).arg(&causal).arg(&want).arg(&p.scale);
+    // SAFETY: inputs as in `forward`, plus dout [B, Nq, H, Dh] bf16 and lse, drow
+    // [B, H, Nq] f32; dq32 (zeroed, [B, Nq, H, Dh]) and dbias (zeroed,
+    // [bias_batch, H, Nq, Nk], only when `want`) receive atomic adds at in-range
+    // positions; dk, dv rows < Nk are each written by exactly one warp.
+    unsafe { lb.launch(cfg) }?;
+
+    let n_q = p.batch * p.q_len * p.heads * p.head_dim;
+    let dq = super::elementwise::cast(
+        &CudaStorage {
+            dev: dev.clone(),
+            buf: CudaBuf::F32(dq32),
+        },
+        DType::BF16,
+        n_q,
+    )?;
+    Ok(CudaAttentionGrads {
+        dq,
+        dk,
+        dv,
+        dbias: dbias.map(CudaBuf::F32),
+    })
+}
