@@ -63,7 +63,8 @@ fn checkpoint_matches_plain_backward() {
     // checkpointed
     let (x2, w2) = (x0.deep_copy().unwrap().requires_grad(), w0.deep_copy().unwrap().requires_grad());
     let wc = w2.clone();
-    let y2 = autograd::checkpoint(std::slice::from_ref(&x2), std::slice::from_ref(&w2), move |xs| block(xs, &wc)).unwrap();
+    let y2 =
+        autograd::checkpoint(std::slice::from_ref(&x2), std::slice::from_ref(&w2), move |xs| block(xs, &wc)).unwrap();
     assert_eq!(autograd::tape_len(), 1, "a checkpointed block is one node");
     assert_close(&y2.to_vec().unwrap(), &y.to_vec().unwrap(), 0.0, 0.0, "checkpoint forward");
     let g2 = autograd::backward_with(&y2, seed).unwrap();

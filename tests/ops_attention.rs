@@ -23,17 +23,7 @@ struct Case {
 
 impl Case {
     fn new(b: usize, nq: usize, nk: usize, h: usize, dh: usize) -> Case {
-        Case {
-            b,
-            nq,
-            nk,
-            h,
-            dh,
-            causal: false,
-            mask: false,
-            bias_batch: 0,
-            scale: None,
-        }
+        Case { b, nq, nk, h, dh, causal: false, mask: false, bias_batch: 0, scale: None }
     }
     fn scale(&self) -> f32 {
         self.scale.unwrap_or(1.0 / (self.dh as f32).sqrt())
@@ -54,31 +44,18 @@ fn random_inputs(c: &Case, rng: &mut Rng) -> Inputs {
     let k = randn(&[c.b, c.nk, c.h, c.dh], rng);
     let v = randn(&[c.b, c.nk, c.h, c.dh], rng);
     let mask = c.mask.then(|| {
-        let m: Vec<f32> = rng
-            .uniform_vec(c.b * c.nk, 0.0, 1.0)
-            .into_iter()
-            .map(|u| if u < 0.3 { 0.0 } else { 1.0 })
-            .collect();
+        let m: Vec<f32> =
+            rng.uniform_vec(c.b * c.nk, 0.0, 1.0).into_iter().map(|u| if u < 0.3 { 0.0 } else { 1.0 }).collect();
         Tensor::from_vec(m, &[c.b, c.nk], Device::Cpu).unwrap()
     });
     let bias = (c.bias_batch > 0).then(|| randn(&[c.bias_batch, c.h, c.nq, c.nk], rng));
-    Inputs {
-        q,
-        k,
-        v,
-        mask,
-        bias,
-    }
+    Inputs { q, k, v, mask, bias }
 }
 
 /// The textbook computation: the whole [Nq, Nk] score matrix per (batch, head) in f64,
 /// −∞ at hidden keys, a row softmax, then P·V. Fully hidden rows give zeros.
 fn naive(c: &Case, x: &Inputs) -> Vec<f32> {
-    let (q, k, v) = (
-        x.q.to_vec().unwrap(),
-        x.k.to_vec().unwrap(),
-        x.v.to_vec().unwrap(),
-    );
+    let (q, k, v) = (x.q.to_vec().unwrap(), x.k.to_vec().unwrap(), x.v.to_vec().unwrap());
     let mask = x.mask.as_ref().map(|m| m.to_vec().unwrap());
     let bias = x.bias.as_ref().map(|b| b.to_vec().unwrap());
     let tok = |n: usize, len: usize, b: usize, h: usize| ((b * len + n) * c.h + h) * c.dh;
@@ -88,17 +65,14 @@ fn naive(c: &Case, x: &Inputs) -> Vec<f32> {
             let mut s = vec![vec![f64::NEG_INFINITY; c.nk]; c.nq];
             for (i, row) in s.iter_mut().enumerate() {
                 for (j, sij) in row.iter_mut().enumerate() {
-                    let hidden = (c.causal && j > i)
-                        || mask.as_ref().is_some_and(|m| m[b * c.nk + j] == 0.0);
+                    let hidden = (c.causal && j > i) || mask.as_ref().is_some_and(|m| m[b * c.nk + j] == 0.0);
                     if hidden {
                         continue;
                     }
                     let (qi, kj) = (tok(i, c.nq, b, h), tok(j, c.nk, b, h));
                     let dot: f64 = (0..c.dh).map(|d| q[qi + d] as f64 * k[kj + d] as f64).sum();
                     let bb = if c.bias_batch == 1 { 0 } else { b };
-                    let add = bias
-                        .as_ref()
-                        .map_or(0.0, |bs| bs[((bb * c.h + h) * c.nq + i) * c.nk + j] as f64);
+                    let add = bias.as_ref().map_or(0.0, |bs| bs[((bb * c.h + h) * c.nq + i) * c.nk + j] as f64);
                     *sij = c.scale() as f64 * dot + add;
                 }
             }
@@ -110,9 +84,7 @@ fn naive(c: &Case, x: &Inputs) -> Vec<f32> {
                 let e: Vec<f64> = row.iter().map(|x| (x - max).exp()).collect();
                 let z: f64 = e.iter().sum();
                 for d in 0..c.dh {
-                    let o: f64 = (0..c.nk)
-                        .map(|j| e[j] / z * v[tok(j, c.nk, b, h) + d] as f64)
-                        .sum();
+                    let o: f64 = (0..c.nk).map(|j| e[j] / z * v[tok(j, c.nk, b, h) + d] as f64).sum();
                     out[tok(i, c.nq, b, h) + d] = o as f32;
                 }
             }
@@ -122,12 +94,7 @@ fn naive(c: &Case, x: &Inputs) -> Vec<f32> {
 }
 
 fn opts<'a>(c: &Case, mask: Option<&'a Tensor>, bias: Option<&'a Tensor>) -> AttentionOptions<'a> {
-    AttentionOptions {
-        scale: c.scale(),
-        causal: c.causal,
-        key_mask: mask,
-        bias,
-    }
+    AttentionOptions { scale: c.scale(), causal: c.causal, key_mask: mask, bias }
 }
 
 /// Cases at odd sizes covering self/cross attention, masks, causal, bias (Bb = 1 and B).
@@ -137,42 +104,14 @@ fn cpu_cases() -> Vec<Case> {
     vec![
         base,
         cross,
-        Case {
-            mask: true,
-            ..cross
-        },
-        Case {
-            causal: true,
-            ..base
-        },
-        Case {
-            causal: true,
-            mask: true,
-            ..cross
-        },
-        Case {
-            bias_batch: 1,
-            ..cross
-        },
-        Case {
-            bias_batch: 2,
-            scale: Some(1.0),
-            ..cross
-        },
+        Case { mask: true, ..cross },
+        Case { causal: true, ..base },
+        Case { causal: true, mask: true, ..cross },
+        Case { bias_batch: 1, ..cross },
+        Case { bias_batch: 2, scale: Some(1.0), ..cross },
         Case { dh: 16, ..cross },
-        Case {
-            dh: 16,
-            causal: true,
-            mask: true,
-            bias_batch: 2,
-            ..base
-        },
-        Case {
-            dh: 16,
-            mask: true,
-            bias_batch: 1,
-            ..Case::new(2, 11, 7, 3, 16)
-        },
+        Case { dh: 16, causal: true, mask: true, bias_batch: 2, ..base },
+        Case { dh: 16, mask: true, bias_batch: 1, ..Case::new(2, 11, 7, 3, 16) },
     ]
 }
 
@@ -181,21 +120,9 @@ fn cpu_matches_naive_reference() {
     let mut rng = Rng::new(11);
     for c in cpu_cases() {
         let x = random_inputs(&c, &mut rng);
-        let out = ops::attention(
-            &x.q,
-            &x.k,
-            &x.v,
-            &opts(&c, x.mask.as_ref(), x.bias.as_ref()),
-        )
-        .unwrap();
+        let out = ops::attention(&x.q, &x.k, &x.v, &opts(&c, x.mask.as_ref(), x.bias.as_ref())).unwrap();
         assert_eq!(out.shape(), &[c.b, c.nq, c.h, c.dh]);
-        assert_close(
-            &out.to_vec().unwrap(),
-            &naive(&c, &x),
-            1e-5,
-            1e-5,
-            &format!("{c:?}"),
-        );
+        assert_close(&out.to_vec().unwrap(), &naive(&c, &x), 1e-5, 1e-5, &format!("{c:?}"));
     }
 }
 
@@ -208,12 +135,7 @@ fn default_options() {
 
 #[test]
 fn fully_masked_rows_give_zeros_and_zero_gradients() {
-    let c = Case {
-        causal: true,
-        mask: true,
-        bias_batch: 1,
-        ..Case::new(2, 7, 11, 3, 5)
-    };
+    let c = Case { causal: true, mask: true, bias_batch: 1, ..Case::new(2, 7, 11, 3, 5) };
     let mut rng = Rng::new(12);
     let x = random_inputs(&c, &mut rng);
     // Batch 0 hides key 0, so causal query 0 sees nothing; batch 1 hides every key.
@@ -221,11 +143,7 @@ fn fully_masked_rows_give_zeros_and_zero_gradients() {
     m[0] = 0.0;
     m[c.nk..].fill(0.0);
     let mask = Tensor::from_vec(m, &[c.b, c.nk], Device::Cpu).unwrap();
-    let (q, k, v) = (
-        x.q.clone().requires_grad(),
-        x.k.clone().requires_grad(),
-        x.v.clone().requires_grad(),
-    );
+    let (q, k, v) = (x.q.clone().requires_grad(), x.k.clone().requires_grad(), x.v.clone().requires_grad());
     let bias = x.bias.clone().unwrap().requires_grad();
     let out = ops::attention(&q, &k, &v, &opts(&c, Some(&mask), Some(&bias))).unwrap();
     let o = out.to_vec().unwrap();
@@ -236,14 +154,8 @@ fn fully_masked_rows_give_zeros_and_zero_gradients() {
         r
     };
     assert!(o.iter().all(|x| x.is_finite()));
-    assert!(
-        masked_rows(&o, c.nq).iter().all(|x| *x == 0.0),
-        "hidden rows must output zeros"
-    );
-    assert!(
-        o[row..c.nq * row].iter().any(|x| *x != 0.0),
-        "visible rows are not zero"
-    );
+    assert!(masked_rows(&o, c.nq).iter().all(|x| *x == 0.0), "hidden rows must output zeros");
+    assert!(o[row..c.nq * row].iter().any(|x| *x != 0.0), "visible rows are not zero");
     let seed = randn(out.shape(), &mut rng);
     let g = autograd::backward_with(&out, seed).unwrap();
     let (dq, dk, dv) = (
@@ -253,25 +165,14 @@ fn fully_masked_rows_give_zeros_and_zero_gradients() {
     );
     let db = g.get(&bias).unwrap().to_vec().unwrap();
     for (name, t) in [("dq", &dq), ("dk", &dk), ("dv", &dv), ("dbias", &db)] {
-        assert!(
-            t.iter().all(|x| x.is_finite()),
-            "{name} has non-finite values"
-        );
+        assert!(t.iter().all(|x| x.is_finite()), "{name} has non-finite values");
     }
-    assert!(
-        masked_rows(&dq, c.nq).iter().all(|x| *x == 0.0),
-        "dq of hidden rows"
-    );
-    assert!(
-        dk[c.nk * row..].iter().all(|x| *x == 0.0) && dv[c.nk * row..].iter().all(|x| *x == 0.0)
-    );
+    assert!(masked_rows(&dq, c.nq).iter().all(|x| *x == 0.0), "dq of hidden rows");
+    assert!(dk[c.nk * row..].iter().all(|x| *x == 0.0) && dv[c.nk * row..].iter().all(|x| *x == 0.0));
     assert!(dk[row..c.nk * row].iter().any(|x| *x != 0.0));
     // Bias row 0 of each head only feeds the hidden query 0 of batch 0 (batch 1 is all hidden).
     for h in 0..c.h {
-        assert!(
-            db[h * c.nq * c.nk..][..c.nk].iter().all(|x| *x == 0.0),
-            "dbias of a hidden row"
-        );
+        assert!(db[h * c.nq * c.nk..][..c.nk].iter().all(|x| *x == 0.0), "dbias of a hidden row");
     }
 }
 
@@ -280,23 +181,9 @@ fn gradients_match_finite_differences() {
     let mut rng = Rng::new(13);
     let cross = Case::new(2, 7, 11, 3, 5);
     let cases = [
-        Case {
-            mask: true,
-            bias_batch: 1,
-            ..cross
-        },
-        Case {
-            causal: true,
-            mask: true,
-            bias_batch: 2,
-            scale: Some(1.0),
-            ..Case::new(2, 7, 7, 3, 5)
-        },
-        Case {
-            dh: 16,
-            causal: true,
-            ..cross
-        },
+        Case { mask: true, bias_batch: 1, ..cross },
+        Case { causal: true, mask: true, bias_batch: 2, scale: Some(1.0), ..Case::new(2, 7, 7, 3, 5) },
+        Case { dh: 16, causal: true, ..cross },
     ];
     for c in cases {
         let x = random_inputs(&c, &mut rng);
@@ -316,10 +203,7 @@ fn gradients_match_finite_differences() {
 
 #[test]
 fn untracked_bias_gets_no_gradient() {
-    let c = Case {
-        bias_batch: 1,
-        ..Case::new(2, 7, 11, 3, 5)
-    };
+    let c = Case { bias_batch: 1, ..Case::new(2, 7, 11, 3, 5) };
     let x = random_inputs(&c, &mut Rng::new(14));
     let q = x.q.clone().requires_grad();
     let out = ops::attention(&q, &x.k, &x.v, &opts(&c, None, x.bias.as_ref())).unwrap();
@@ -339,58 +223,25 @@ fn bad_inputs_are_errors() {
 
     let k4 = randn(&[2, 11, 4, 5], &mut rng);
     let e = err(ops::attention(&q, &k4, &k4, &o));
-    assert!(
-        e.contains("attention") && e.contains("[2, 7, 3, 5]") && e.contains("[2, 11, 4, 5]"),
-        "{e}"
-    );
+    assert!(e.contains("attention") && e.contains("[2, 7, 3, 5]") && e.contains("[2, 11, 4, 5]"), "{e}");
 
     let e = err(ops::attention(&q, &k, &randn(&[2, 11, 3, 6], &mut rng), &o));
-    assert!(
-        e.contains("attention") && e.contains("[2, 11, 3, 6]"),
-        "{e}"
-    );
+    assert!(e.contains("attention") && e.contains("[2, 11, 3, 6]"), "{e}");
 
     let e = err(ops::attention(&randn(&[7, 3, 5], &mut rng), &k, &v, &o));
     assert!(e.contains("attention") && e.contains("[7, 3, 5]"), "{e}");
 
     let mask = randn(&[2, 7], &mut rng);
-    let e = err(ops::attention(
-        &q,
-        &k,
-        &v,
-        &AttentionOptions {
-            key_mask: Some(&mask),
-            ..o
-        },
-    ));
-    assert!(
-        e.contains("key_mask") && e.contains("[2, 11]") && e.contains("[2, 7]"),
-        "{e}"
-    );
+    let e = err(ops::attention(&q, &k, &v, &AttentionOptions { key_mask: Some(&mask), ..o }));
+    assert!(e.contains("key_mask") && e.contains("[2, 11]") && e.contains("[2, 7]"), "{e}");
 
     for bad in [[3, 3, 7, 11], [1, 3, 11, 7], [2, 1, 7, 11]] {
         let bias = randn(&bad, &mut rng);
-        let e = err(ops::attention(
-            &q,
-            &k,
-            &v,
-            &AttentionOptions {
-                bias: Some(&bias),
-                ..o
-            },
-        ));
+        let e = err(ops::attention(&q, &k, &v, &AttentionOptions { bias: Some(&bias), ..o }));
         assert!(e.contains("bias") && e.contains(&format!("{bad:?}")), "{e}");
     }
 
-    let e = err(ops::attention(
-        &q,
-        &k,
-        &v,
-        &AttentionOptions {
-            scale: f32::NAN,
-            ..o
-        },
-    ));
+    let e = err(ops::attention(&q, &k, &v, &AttentionOptions { scale: f32::NAN, ..o }));
     assert!(e.contains("scale"), "{e}");
 }
 
@@ -400,12 +251,7 @@ fn bad_inputs_are_errors() {
 /// A copy of `t` whose values are rounded to bf16 (so the CPU and the GPU see the same
 /// numbers).
 fn bf16_rounded(t: &Tensor, dev: Device) -> Tensor {
-    Tensor::from_vec(
-        to_gpu_bf16(t, dev).to_vec().unwrap(),
-        t.shape(),
-        Device::Cpu,
-    )
-    .unwrap()
+    Tensor::from_vec(to_gpu_bf16(t, dev).to_vec().unwrap(), t.shape(), Device::Cpu).unwrap()
 }
 
 /// Output and gradients (q, k, v, bias) of one attention call on the device of the inputs.
@@ -415,17 +261,11 @@ fn run(c: &Case, x: &Inputs, seed: &Tensor) -> (Vec<f32>, Vec<Vec<f32>>) {
         x.k.deep_copy().unwrap().requires_grad(),
         x.v.deep_copy().unwrap().requires_grad(),
     );
-    let bias = x
-        .bias
-        .as_ref()
-        .map(|b| b.deep_copy().unwrap().requires_grad());
+    let bias = x.bias.as_ref().map(|b| b.deep_copy().unwrap().requires_grad());
     let out = ops::attention(&q, &k, &v, &opts(c, x.mask.as_ref(), bias.as_ref())).unwrap();
     let g = autograd::backward_with(&out, seed.clone()).unwrap();
     let mut grads = vec![];
-    for t in [Some(&q), Some(&k), Some(&v), bias.as_ref()]
-        .into_iter()
-        .flatten()
-    {
+    for t in [Some(&q), Some(&k), Some(&v), bias.as_ref()].into_iter().flatten() {
         let gt = g.get(t).expect("gradient present");
         assert_eq!(gt.dtype(), t.dtype(), "gradient dtype follows the input");
         grads.push(gt.to_vec().unwrap());
@@ -467,18 +307,8 @@ fn compare_gpu(dev: Device, c: &Case, dtype: DType, bias_dtype: DType, rng: &mut
     let (out_g, grads_g) = run(c, &xg, &on(&seed, DType::BF16));
 
     let what = format!("{c:?} {dtype:?}");
-    assert_bf16_close(
-        &out_g,
-        &out_c,
-        1.0 / 64.0,
-        1e-2,
-        1e-2,
-        &format!("output {what}"),
-    );
-    for (name, (g, r)) in ["dq", "dk", "dv", "dbias"]
-        .iter()
-        .zip(grads_g.iter().zip(&grads_c))
-    {
+    assert_bf16_close(&out_g, &out_c, 1.0 / 64.0, 1e-2, 1e-2, &format!("output {what}"));
+    for (name, (g, r)) in ["dq", "dk", "dv", "dbias"].iter().zip(grads_g.iter().zip(&grads_c)) {
         assert_bf16_close(g, r, 1.0 / 32.0, 2e-2, 2e-2, &format!("{name} {what}"));
     }
 }
@@ -492,46 +322,12 @@ fn gpu_matches_cpu() {
         let synthos = Case::new(1, 257, 769, 2, dh);
         let cases = [
             (cross, DType::F32),
-            (
-                Case {
-                    mask: true,
-                    ..cross
-                },
-                DType::F32,
-            ),
-            (
-                Case {
-                    causal: true,
-                    ..Case::new(2, 131, 131, 3, dh)
-                },
-                DType::F32,
-            ),
-            (
-                Case {
-                    causal: true,
-                    mask: true,
-                    bias_batch: 2,
-                    ..cross
-                },
-                DType::F32,
-            ),
-            (
-                Case {
-                    bias_batch: 1,
-                    scale: Some(1.0 / 16.0),
-                    ..Case::new(2, 131, 77, 3, dh)
-                },
-                DType::BF16,
-            ),
+            (Case { mask: true, ..cross }, DType::F32),
+            (Case { causal: true, ..Case::new(2, 131, 131, 3, dh) }, DType::F32),
+            (Case { causal: true, mask: true, bias_batch: 2, ..cross }, DType::F32),
+            (Case { bias_batch: 1, scale: Some(1.0 / 16.0), ..Case::new(2, 131, 77, 3, dh) }, DType::BF16),
             (synthos, DType::F32),
-            (
-                Case {
-                    mask: true,
-                    bias_batch: 1,
-                    ..synthos
-                },
-                DType::BF16,
-            ),
+            (Case { mask: true, bias_batch: 1, ..synthos }, DType::BF16),
         ];
         for (c, bias_dtype) in cases {
             compare_gpu(dev, &c, DType::BF16, bias_dtype, &mut rng);
@@ -546,11 +342,7 @@ fn gpu_all_head_dims_and_f32_inputs() {
     for dh in [32, 96] {
         compare_gpu(
             dev,
-            &Case {
-                mask: true,
-                causal: true,
-                ..Case::new(2, 70, 70, 2, dh)
-            },
+            &Case { mask: true, causal: true, ..Case::new(2, 70, 70, 2, dh) },
             DType::BF16,
             DType::F32,
             &mut rng,
@@ -559,11 +351,7 @@ fn gpu_all_head_dims_and_f32_inputs() {
     // f32 q, k, v are cast to bf16 on the way in; their gradients come back as f32.
     compare_gpu(
         dev,
-        &Case {
-            mask: true,
-            bias_batch: 1,
-            ..Case::new(2, 77, 131, 3, 64)
-        },
+        &Case { mask: true, bias_batch: 1, ..Case::new(2, 77, 131, 3, 64) },
         DType::F32,
         DType::F32,
         &mut rng,
@@ -573,11 +361,7 @@ fn gpu_all_head_dims_and_f32_inputs() {
 #[test]
 fn gpu_fully_masked_rows_are_zero() {
     let Some(dev) = gpu() else { return };
-    let c = Case {
-        causal: true,
-        mask: true,
-        ..Case::new(2, 77, 131, 2, 64)
-    };
+    let c = Case { causal: true, mask: true, ..Case::new(2, 77, 131, 2, 64) };
     let mut rng = Rng::new(23);
     let x = random_inputs(&c, &mut rng);
     let mut m = vec![1.0f32; c.b * c.nk];
@@ -592,29 +376,14 @@ fn gpu_fully_masked_rows_are_zero() {
     let out = ops::attention(&q, &k, &v, &opts(&c, Some(&mask), None)).unwrap();
     let o = out.to_vec().unwrap();
     let row = c.h * c.dh;
-    assert!(
-        o.iter().all(|x| x.is_finite()),
-        "output has non-finite values"
-    );
-    assert!(
-        o[..row].iter().chain(&o[c.nq * row..]).all(|x| *x == 0.0),
-        "hidden rows must output zeros"
-    );
+    assert!(o.iter().all(|x| x.is_finite()), "output has non-finite values");
+    assert!(o[..row].iter().chain(&o[c.nq * row..]).all(|x| *x == 0.0), "hidden rows must output zeros");
     let g = autograd::backward_with(&out, to_gpu_bf16(&randn(out.shape(), &mut rng), dev)).unwrap();
     let dq = g.get(&q).unwrap().to_vec().unwrap();
     let dk = g.get(&k).unwrap().to_vec().unwrap();
-    assert!(
-        dq.iter().chain(&dk).all(|x| x.is_finite()),
-        "gradients have non-finite values"
-    );
-    assert!(
-        dq[..row].iter().chain(&dq[c.nq * row..]).all(|x| *x == 0.0),
-        "dq of hidden rows"
-    );
-    assert!(
-        dk[c.nk * row..].iter().all(|x| *x == 0.0),
-        "dk of hidden keys"
-    );
+    assert!(dq.iter().chain(&dk).all(|x| x.is_finite()), "gradients have non-finite values");
+    assert!(dq[..row].iter().chain(&dq[c.nq * row..]).all(|x| *x == 0.0), "dq of hidden rows");
+    assert!(dk[c.nk * row..].iter().all(|x| *x == 0.0), "dk of hidden keys");
 }
 
 #[test]
@@ -623,21 +392,9 @@ fn gpu_bad_inputs_are_errors() {
     let mut rng = Rng::new(24);
     let q = randn(&[2, 7, 3, 48], &mut rng);
     let qg = to_gpu_bf16(&q, dev);
-    let e = ops::attention(&qg, &qg, &qg, &AttentionOptions::new(48))
-        .unwrap_err()
-        .to_string();
+    let e = ops::attention(&qg, &qg, &qg, &AttentionOptions::new(48)).unwrap_err().to_string();
     assert!(e.contains("head dim 48") && e.contains("CPU"), "{e}");
     let q64 = randn(&[2, 7, 3, 64], &mut rng);
-    let e = ops::attention(
-        &to_gpu_bf16(&q64, dev),
-        &q64,
-        &q64,
-        &AttentionOptions::new(64),
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(
-        e.contains("attention") && e.contains("different devices"),
-        "{e}"
-    );
+    let e = ops::attention(&to_gpu_bf16(&q64, dev), &q64, &q64, &AttentionOptions::new(64)).unwrap_err().to_string();
+    assert!(e.contains("attention") && e.contains("different devices"), "{e}");
 }

@@ -79,21 +79,13 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
 
 /// Fills `probs` (length Nk) with the softmax row `P_i·` of query `i` (head `h`, batch
 /// `b`); returns false, with `probs` all zero, when every key is hidden from the row.
-fn row_probs(
-    p: &AttentionParams,
-    x: &AttentionInputs<[f32]>,
-    b: usize,
-    h: usize,
-    i: usize,
-    probs: &mut [f64],
-) -> bool {
+fn row_probs(p: &AttentionParams, x: &AttentionInputs<[f32]>, b: usize, h: usize, i: usize, probs: &mut [f64]) -> bool {
     let dh = p.head_dim;
     let qi = &x.q[p.token(p.q_len, b, i, h)..][..dh];
     let bias = x.bias.map(|bias| &bias[p.bias_row(b, h, i)..][..p.kv_len]);
     let mut max = f64::NEG_INFINITY;
     for (j, s) in probs.iter_mut().enumerate() {
-        let visible =
-            x.key_mask.is_none_or(|m| m[b * p.kv_len + j] != 0.0) && (!p.causal || j <= i);
+        let visible = x.key_mask.is_none_or(|m| m[b * p.kv_len + j] != 0.0) && (!p.causal || j <= i);
         *s = if visible {
             let kj = &x.k[p.token(p.kv_len, b, j, h)..][..dh];
             p.scale as f64 * dot(qi, kj) + bias.map_or(0.0, |r| r[j] as f64)
@@ -133,9 +125,7 @@ pub fn forward(p: &AttentionParams, x: &AttentionInputs<[f32]>) -> Vec<f32> {
                         continue;
                     }
                     let vj = &x.v[p.token(p.kv_len, b, j, h)..][..dh];
-                    acc.iter_mut()
-                        .zip(vj)
-                        .for_each(|(a, v)| *a += pj * *v as f64);
+                    acc.iter_mut().zip(vj).for_each(|(a, v)| *a += pj * *v as f64);
                 }
                 let o = &mut out[p.token(p.q_len, b, i, h)..][..dh];
                 o.iter_mut().zip(&acc).for_each(|(o, a)| *o = *a as f32);
@@ -159,8 +149,7 @@ pub fn backward(
     let mut dq = vec![0f32; p.batch * p.q_len * p.heads * dh];
     let mut dk = vec![0f64; p.batch * p.kv_len * p.heads * dh];
     let mut dv = vec![0f64; p.batch * p.kv_len * p.heads * dh];
-    let mut dbias = (want_dbias && p.bias_batch > 0)
-        .then(|| vec![0f64; p.bias_batch * p.heads * p.q_len * p.kv_len]);
+    let mut dbias = (want_dbias && p.bias_batch > 0).then(|| vec![0f64; p.bias_batch * p.heads * p.q_len * p.kv_len]);
     let mut probs = vec![0f64; p.kv_len];
     let mut dqi = vec![0f64; dh];
     for b in 0..p.batch {
@@ -189,18 +178,10 @@ pub fn backward(
                         db[p.bias_row(b, h, i) + j] += ds;
                     }
                 }
-                dq[at..][..dh]
-                    .iter_mut()
-                    .zip(&dqi)
-                    .for_each(|(o, a)| *o = *a as f32);
+                dq[at..][..dh].iter_mut().zip(&dqi).for_each(|(o, a)| *o = *a as f32);
             }
         }
     }
     let to_f32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
-    AttentionGrads {
-        dq,
-        dk: to_f32(dk),
-        dv: to_f32(dv),
-        dbias: dbias.map(to_f32),
-    }
+    AttentionGrads { dq, dk: to_f32(dk), dv: to_f32(dv), dbias: dbias.map(to_f32) }
 }

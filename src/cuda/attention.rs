@@ -54,17 +54,11 @@ pub fn check_head_dim(head_dim: usize) -> Result<()> {
 /// a kernel must opt in), with an error when the GPU has less.
 fn kernel_with_smem(dev: &CudaDevice, name: &'static str, bytes: usize) -> Result<CudaFunction> {
     let f = dev.func("attention", name)?;
-    let limit = dev
-        .ctx
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
-        as usize;
+    let limit = dev.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
     if bytes > limit {
         bail!("attention: kernel {name} needs {bytes} bytes of shared memory per block, this GPU allows {limit}");
     }
-    f.set_attribute(
-        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        bytes as i32,
-    )?;
+    f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)?;
     Ok(f)
 }
 
@@ -93,59 +87,32 @@ struct KernelDims {
 fn kernel_dims(p: &AttentionParams) -> Result<KernelDims> {
     let fits = |x: usize| i32::try_from(x).ok();
     if p.heads > 65535 || p.batch > 65535 {
-        bail!(
-            "attention: {} heads × batch {} exceeds the CUDA grid (at most 65535 each)",
-            p.heads,
-            p.batch
-        );
+        bail!("attention: {} heads × batch {} exceeds the CUDA grid (at most 65535 each)", p.heads, p.batch);
     }
-    match (
-        fits(p.q_len),
-        fits(p.kv_len),
-        fits(p.heads),
-        fits(p.bias_batch),
-    ) {
-        (Some(q_len), Some(kv_len), Some(heads), Some(bias_batch)) => Ok(KernelDims {
-            q_len,
-            kv_len,
-            heads,
-            bias_batch,
-        }),
-        _ => bail!(
-            "attention: sequence lengths {} / {} exceed the kernels' 32-bit indices",
-            p.q_len,
-            p.kv_len
-        ),
+    match (fits(p.q_len), fits(p.kv_len), fits(p.heads), fits(p.bias_batch)) {
+        (Some(q_len), Some(kv_len), Some(heads), Some(bias_batch)) => {
+            Ok(KernelDims { q_len, kv_len, heads, bias_batch })
+        }
+        _ => bail!("attention: sequence lengths {} / {} exceed the kernels' 32-bit indices", p.q_len, p.kv_len),
     }
 }
 
 /// Optional f32 inputs (key mask, bias): the buffer, or a one-element stand-in the
 /// kernel never reads (its flag is 0).
-fn optional_f32<'a>(
-    what: &str,
-    s: Option<&'a CudaStorage>,
-    dummy: &'a CudaSlice<f32>,
-) -> Result<&'a CudaSlice<f32>> {
+fn optional_f32<'a>(what: &str, s: Option<&'a CudaStorage>, dummy: &'a CudaSlice<f32>) -> Result<&'a CudaSlice<f32>> {
     s.map_or(Ok(dummy), |s| f32_slice(what, s))
 }
 
 /// Forward: returns the output `[B, Nq, H, Dh]` (bf16) and the row log-sum-exp
 /// `[B, H, Nq]` (f32, +inf for rows whose keys are all hidden). q, k, v must be bf16,
 /// the key mask and bias f32.
-pub fn forward(
-    p: &AttentionParams,
-    x: &AttentionInputs<CudaStorage>,
-) -> Result<(CudaBuf, CudaBuf)> {
+pub fn forward(p: &AttentionParams, x: &AttentionInputs<CudaStorage>) -> Result<(CudaBuf, CudaBuf)> {
     let dev = &x.q.dev;
     let (fwd, _) = kernel_names(p.head_dim)?;
     let kd = kernel_dims(p)?;
     let smem = fwd_smem_bytes(p.head_dim);
     let f = kernel_with_smem(dev, fwd, smem)?;
-    let (q, k, v) = (
-        bf16_slice("q", x.q)?,
-        bf16_slice("k", x.k)?,
-        bf16_slice("v", x.v)?,
-    );
+    let (q, k, v) = (bf16_slice("q", x.q)?, bf16_slice("k", x.k)?, bf16_slice("v", x.v)?);
     let dummy = dev.stream.alloc_zeros::<f32>(1)?;
     let mask = optional_f32("key_mask", x.key_mask, &dummy)?;
     let bias = optional_f32("bias", x.bias, &dummy)?;
@@ -156,20 +123,13 @@ pub fn forward(
     };
     let (has_mask, causal) = (x.key_mask.is_some() as i32, p.causal as i32);
     let cfg = LaunchConfig {
-        grid_dim: (
-            p.q_len.div_ceil(FWD_QUERIES) as u32,
-            p.heads as u32,
-            p.batch as u32,
-        ),
+        grid_dim: (p.q_len.div_ceil(FWD_QUERIES) as u32, p.heads as u32, p.batch as u32),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: smem as u32,
     };
     let mut lb = dev.stream.launch_builder(&f);
     lb.arg(q).arg(k).arg(v).arg(mask).arg(bias).arg(o).arg(l);
-    lb.arg(&kd.q_len)
-        .arg(&kd.kv_len)
-        .arg(&kd.heads)
-        .arg(&kd.bias_batch);
+    lb.arg(&kd.q_len).arg(&kd.kv_len).arg(&kd.heads).arg(&kd.bias_batch);
     lb.arg(&has_mask).arg(&causal).arg(&p.scale);
     // SAFETY: q is [B, Nq, H, Dh] and k, v [B, Nk, H, Dh] bf16; the mask ([B, Nk]) and
     // bias ([bias_batch, H, Nq, Nk]) are read only when their flags are set; the kernel
@@ -205,16 +165,8 @@ pub fn backward(
     let dev = &x.q.dev;
     let (_, bwd) = kernel_names(p.head_dim)?;
     let kd = kernel_dims(p)?;
-    let (q, k, v) = (
-        bf16_slice("q", x.q)?,
-        bf16_slice("k", x.k)?,
-        bf16_slice("v", x.v)?,
-    );
-    let (o, g, l) = (
-        bf16_slice("output", out)?,
-        bf16_slice("output gradient", dout)?,
-        f32_slice("lse", lse)?,
-    );
+    let (q, k, v) = (bf16_slice("q", x.q)?, bf16_slice("k", x.k)?, bf16_slice("v", x.v)?);
+    let (o, g, l) = (bf16_slice("output", out)?, bf16_slice("output gradient", dout)?, f32_slice("lse", lse)?);
     let dummy = dev.stream.alloc_zeros::<f32>(1)?;
     let mask = optional_f32("key_mask", x.key_mask, &dummy)?;
     let bias = optional_f32("bias", x.bias, &dummy)?;
@@ -227,13 +179,7 @@ pub fn backward(
         let f = dev.func("attention", "attn_bwd_dot_bf16")?;
         let (rows64, dh) = (rows as i64, p.head_dim as i32);
         let mut lb = dev.stream.launch_builder(&f);
-        lb.arg(o)
-            .arg(g)
-            .arg(&mut drow)
-            .arg(&kd.q_len)
-            .arg(&kd.heads)
-            .arg(&dh)
-            .arg(&rows64);
+        lb.arg(o).arg(g).arg(&mut drow).arg(&kd.q_len).arg(&kd.heads).arg(&dh).arg(&rows64);
         // SAFETY: o and dout hold `rows` rows of Dh bf16; drow holds `rows` floats; one
         // warp per row, warps past the end return.
         unsafe { lb.launch(super::grid_1d(rows * 32, 256)) }?;
@@ -241,17 +187,12 @@ pub fn backward(
 
     let smem = bwd_smem_bytes(p.head_dim);
     let f = kernel_with_smem(dev, bwd, smem)?;
-    let mut dq32 = dev
-        .stream
-        .alloc_zeros::<f32>(p.batch * p.q_len * p.heads * p.head_dim)?;
+    let mut dq32 = dev.stream.alloc_zeros::<f32>(p.batch * p.q_len * p.heads * p.head_dim)?;
     let kv_elems = p.batch * p.kv_len * p.heads * p.head_dim;
     let mut dk = dev.alloc(kv_elems, DType::BF16)?;
     let mut dv = dev.alloc(kv_elems, DType::BF16)?;
     let mut dbias = if want_dbias {
-        Some(
-            dev.stream
-                .alloc_zeros::<f32>(p.bias_batch * p.heads * p.q_len * p.kv_len)?,
-        )
+        Some(dev.stream.alloc_zeros::<f32>(p.bias_batch * p.heads * p.q_len * p.kv_len)?)
     } else {
         None
     };
@@ -259,38 +200,20 @@ pub fn backward(
     let (CudaBuf::BF16(dk_s), CudaBuf::BF16(dv_s)) = (&mut dk, &mut dv) else {
         bail!("attention: gradient buffers of the wrong dtype");
     };
-    let (has_mask, causal, want) = (
-        x.key_mask.is_some() as i32,
-        p.causal as i32,
-        want_dbias as i32,
-    );
+    let (has_mask, causal, want) = (x.key_mask.is_some() as i32, p.causal as i32, want_dbias as i32);
     let cfg = LaunchConfig {
-        grid_dim: (
-            p.kv_len.div_ceil(BWD_KEYS) as u32,
-            p.heads as u32,
-            p.batch as u32,
-        ),
+        grid_dim: (p.kv_len.div_ceil(BWD_KEYS) as u32, p.heads as u32, p.batch as u32),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: smem as u32,
     };
     let mut lb = dev.stream.launch_builder(&f);
-    lb.arg(q)
-        .arg(k)
-        .arg(v)
-        .arg(g)
-        .arg(l)
-        .arg(&drow)
-        .arg(mask)
-        .arg(bias);
+    lb.arg(q).arg(k).arg(v).arg(g).arg(l).arg(&drow).arg(mask).arg(bias);
     lb.arg(&mut dq32).arg(dk_s).arg(dv_s);
     match dbias.as_mut() {
         Some(db) => lb.arg(db),
         None => lb.arg(&mut dbias_dummy),
     };
-    lb.arg(&kd.q_len)
-        .arg(&kd.kv_len)
-        .arg(&kd.heads)
-        .arg(&kd.bias_batch);
+    lb.arg(&kd.q_len).arg(&kd.kv_len).arg(&kd.heads).arg(&kd.bias_batch);
     lb.arg(&has_mask).arg(&causal).arg(&want).arg(&p.scale);
     // SAFETY: inputs as in `forward`, plus dout [B, Nq, H, Dh] bf16 and lse, drow
     // [B, H, Nq] f32; dq32 (zeroed, [B, Nq, H, Dh]) and dbias (zeroed,
@@ -299,18 +222,6 @@ pub fn backward(
     unsafe { lb.launch(cfg) }?;
 
     let n_q = p.batch * p.q_len * p.heads * p.head_dim;
-    let dq = super::elementwise::cast(
-        &CudaStorage {
-            dev: dev.clone(),
-            buf: CudaBuf::F32(dq32),
-        },
-        DType::BF16,
-        n_q,
-    )?;
-    Ok(CudaAttentionGrads {
-        dq,
-        dk,
-        dv,
-        dbias: dbias.map(CudaBuf::F32),
-    })
+    let dq = super::elementwise::cast(&CudaStorage { dev: dev.clone(), buf: CudaBuf::F32(dq32) }, DType::BF16, n_q)?;
+    Ok(CudaAttentionGrads { dq, dk, dv, dbias: dbias.map(CudaBuf::F32) })
 }

@@ -27,37 +27,21 @@ pub struct AttentionOptions<'a> {
 impl AttentionOptions<'_> {
     /// Scale `1/√head_dim`, not causal, no mask, no bias.
     pub fn new(head_dim: usize) -> Self {
-        AttentionOptions {
-            scale: 1.0 / (head_dim.max(1) as f32).sqrt(),
-            causal: false,
-            key_mask: None,
-            bias: None,
-        }
+        AttentionOptions { scale: 1.0 / (head_dim.max(1) as f32).sqrt(), causal: false, key_mask: None, bias: None }
     }
 }
 
 /// Checks shapes and returns the sizes of the call; errors name the argument and shapes.
 fn check(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttentionOptions) -> Result<AttentionParams> {
     if q.rank() != 4 || k.rank() != 4 || v.rank() != 4 {
-        bail!(
-            "attention: q, k, v must be [B, N, H, Dh], got q {:?}, k {:?}, v {:?}",
-            q.shape(),
-            k.shape(),
-            v.shape()
-        );
+        bail!("attention: q, k, v must be [B, N, H, Dh], got q {:?}, k {:?}, v {:?}", q.shape(), k.shape(), v.shape());
     }
     let (qs, ks) = (q.shape(), k.shape());
     if k.shape() != v.shape() {
-        bail!(
-            "attention: k {:?} and v {:?} must have the same shape",
-            ks,
-            v.shape()
-        );
+        bail!("attention: k {:?} and v {:?} must have the same shape", ks, v.shape());
     }
     if qs[0] != ks[0] || qs[2] != ks[2] || qs[3] != ks[3] {
-        bail!(
-            "attention: q {qs:?} and k {ks:?} disagree on batch, heads or head dim ([B, N, H, Dh])"
-        );
+        bail!("attention: q {qs:?} and k {ks:?} disagree on batch, heads or head dim ([B, N, H, Dh])");
     }
     if qs.contains(&0) || ks.contains(&0) {
         bail!("attention: empty input (q {qs:?}, k {ks:?})");
@@ -68,10 +52,7 @@ fn check(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttentionOptions) -> Result<
     let (batch, q_len, heads, head_dim, kv_len) = (qs[0], qs[1], qs[2], qs[3], ks[1]);
     if let Some(m) = opts.key_mask {
         if m.shape() != [batch, kv_len] {
-            bail!(
-                "attention: key_mask must be [B, Nk] = [{batch}, {kv_len}], got {:?}",
-                m.shape()
-            );
+            bail!("attention: key_mask must be [B, Nk] = [{batch}, {kv_len}], got {:?}", m.shape());
         }
     }
     let mut bias_batch = 0;
@@ -84,16 +65,7 @@ fn check(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttentionOptions) -> Result<
         }
         bias_batch = s[0];
     }
-    Ok(AttentionParams {
-        batch,
-        q_len,
-        heads,
-        head_dim,
-        kv_len,
-        bias_batch,
-        scale: opts.scale,
-        causal: opts.causal,
-    })
+    Ok(AttentionParams { batch, q_len, heads, head_dim, kv_len, bias_batch, scale: opts.scale, causal: opts.causal })
 }
 
 /// Softmax attention `softmax(scale·q·kᵀ + bias, masked) · v` per batch and head.
@@ -112,11 +84,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttentionOptions) ->
         Device::Cpu => attention_recorded(q, k, v, opts.key_mask, opts.bias, params),
         Device::Cuda(_) => {
             cuda::attention::check_head_dim(params.head_dim)?;
-            let (q, k, v) = (
-                cast(q, DType::BF16)?,
-                cast(k, DType::BF16)?,
-                cast(v, DType::BF16)?,
-            );
+            let (q, k, v) = (cast(q, DType::BF16)?, cast(k, DType::BF16)?, cast(v, DType::BF16)?);
             let mask = opts.key_mask.map(|m| cast(m, DType::F32)).transpose()?;
             let bias = opts.bias.map(|b| cast(b, DType::F32)).transpose()?;
             attention_recorded(&q, &k, &v, mask.as_ref(), bias.as_ref(), params)
@@ -159,10 +127,7 @@ fn attention_recorded(
                     key_mask: sm.as_deref().map(|s| s.as_cpu()).transpose()?,
                     bias: sb.as_deref().map(|s| s.as_cpu()).transpose()?,
                 };
-                (
-                    cpu_tensor(cpu::attention::forward(&params, &x), &out_shape)?,
-                    None,
-                )
+                (cpu_tensor(cpu::attention::forward(&params, &x), &out_shape)?, None)
             }
             Device::Cuda(_) => {
                 let x = AttentionInputs {
@@ -175,10 +140,7 @@ fn attention_recorded(
                 let (out, lse) = cuda::attention::forward(&params, &x)?;
                 let dev = &x.q.dev;
                 let lse_shape = [params.batch, params.heads, params.q_len];
-                (
-                    cuda_tensor(dev, out, &out_shape)?,
-                    Some(cuda_tensor(dev, lse, &lse_shape)?),
-                )
+                (cuda_tensor(dev, out, &out_shape)?, Some(cuda_tensor(dev, lse, &lse_shape)?))
             }
         }
     };
@@ -194,12 +156,7 @@ fn attention_recorded(
         lse,
         params,
     };
-    Ok(record(
-        "attention",
-        out,
-        &inputs,
-        Box::new(move |g| saved.backward(g)),
-    ))
+    Ok(record("attention", out, &inputs, Box::new(move |g| saved.backward(g))))
 }
 
 impl Saved {
@@ -210,16 +167,8 @@ impl Saved {
         let q_shape = [p.batch, p.q_len, p.heads, p.head_dim];
         let kv_shape = [p.batch, p.kv_len, p.heads, p.head_dim];
         let bias_shape = [p.bias_batch, p.heads, p.q_len, p.kv_len];
-        let (sq, sk, sv, so) = (
-            self.q.storage(),
-            self.k.storage(),
-            self.v.storage(),
-            self.out.storage(),
-        );
-        let (sm, sb) = (
-            self.key_mask.as_ref().map(|m| m.storage()),
-            self.bias.as_ref().map(|b| b.storage()),
-        );
+        let (sq, sk, sv, so) = (self.q.storage(), self.k.storage(), self.v.storage(), self.out.storage());
+        let (sm, sb) = (self.key_mask.as_ref().map(|m| m.storage()), self.bias.as_ref().map(|b| b.storage()));
         let (dq, dk, dv, dbias) = match g.device() {
             Device::Cpu => {
                 let x = AttentionInputs {
@@ -232,12 +181,7 @@ impl Saved {
                 let sg = g.storage();
                 let r = cpu::attention::backward(p, &x, so.as_cpu()?, sg.as_cpu()?, want_dbias);
                 let dbias = r.dbias.map(|d| cpu_tensor(d, &bias_shape)).transpose()?;
-                (
-                    cpu_tensor(r.dq, &q_shape)?,
-                    cpu_tensor(r.dk, &kv_shape)?,
-                    cpu_tensor(r.dv, &kv_shape)?,
-                    dbias,
-                )
+                (cpu_tensor(r.dq, &q_shape)?, cpu_tensor(r.dk, &kv_shape)?, cpu_tensor(r.dv, &kv_shape)?, dbias)
             }
             Device::Cuda(_) => {
                 let x = AttentionInputs {
@@ -252,19 +196,9 @@ impl Saved {
                 };
                 let g = cast(g, DType::BF16)?;
                 let (sl, sg) = (lse.storage(), g.storage());
-                let r = cuda::attention::backward(
-                    p,
-                    &x,
-                    so.as_cuda()?,
-                    sl.as_cuda()?,
-                    sg.as_cuda()?,
-                    want_dbias,
-                )?;
+                let r = cuda::attention::backward(p, &x, so.as_cuda()?, sl.as_cuda()?, sg.as_cuda()?, want_dbias)?;
                 let dev = &x.q.dev;
-                let dbias = r
-                    .dbias
-                    .map(|d| cuda_tensor(dev, d, &bias_shape))
-                    .transpose()?;
+                let dbias = r.dbias.map(|d| cuda_tensor(dev, d, &bias_shape)).transpose()?;
                 (
                     cuda_tensor(dev, r.dq, &q_shape)?,
                     cuda_tensor(dev, r.dk, &kv_shape)?,
