@@ -7,13 +7,18 @@
 //! - [`ops`]: every differentiable op once, dispatching to `cpu` or `cuda`,
 //! - [`autograd`]: the tape, `backward`, `no_grad`, per-block `checkpoint`,
 //! - [`optim`]: fused AdamW with fp32 master weights, gradient-norm clipping,
-//! - [`weights`]: safetensors in and out.
+//! - [`weights`]: safetensors in and out,
+//! - [`nn`]: parameters and layers (Linear, LayerNorm, RmsNorm) built from checkpoints or
+//!   random init,
+//! - [`bench`]: the kernel benchmarks behind `synthos-engine bench` and `cargo bench`.
 
 pub mod autograd;
+pub mod bench;
 pub mod cpu;
 pub mod cuda;
 mod device;
 mod error;
+pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod rng;

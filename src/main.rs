@@ -1,1 +1,78 @@
-fn main() {}
+//! The `synthos-engine` command line.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use synthos_engine::{cuda, Device, Result};
+
+mod bench_cmd;
+
+/// synthos-engine: train and sample Synthos-I2I (Wan2.1 DiT + umT5 + CLIP ViT-H/14 +
+/// Wan VAE) and train CLIP on synthetic data, with hand-written CUDA kernels in bf16 on
+/// NVIDIA GPUs, and a plain f32 CPU reference path that runs anywhere.
+#[derive(Parser)]
+#[command(name = "synthos-engine", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the build (embedded kernel architectures), the visible GPUs and whether one
+    /// is usable.
+    Info,
+    /// Time the engine's kernels (matmul, attention, norms, elementwise, AdamW) on a
+    /// device and print throughput (GB/s, TFLOP/s) and the fraction of the device's
+    /// measured copy bandwidth / GEMM rate; optionally write the numbers as JSON.
+    Bench(bench_cmd::BenchArgs),
+    /// Fine-tune the Synthos-I2I diffusion transformer by flow matching.
+    /// Not in this build yet: it arrives with the DiT and the data pipeline.
+    Train,
+    /// Generate images with Synthos-I2I from a prompt and an optional reference image.
+    /// Not in this build yet: it arrives with the DiT, the encoders and the VAE.
+    Sample,
+}
+
+fn info() -> Result<()> {
+    println!("synthos-engine {}", env!("CARGO_PKG_VERSION"));
+    if cuda::KERNEL_ARCHS.is_empty() {
+        println!("kernels: none embedded (built without nvcc) — CPU only");
+    } else {
+        let names: Vec<&str> = cuda::KERNEL_MODULES.iter().map(|(n, _)| *n).collect();
+        println!("kernels: {} ({} modules: {})", cuda::KERNEL_ARCHS, names.len(), names.join(", "));
+    }
+    let count = cuda::device_count();
+    println!("visible GPUs: {count}");
+    for i in 0..count {
+        match cuda::device(i).and_then(|d| d.describe()) {
+            Ok(desc) => println!("  cuda:{i}: {desc}"),
+            Err(e) => println!("  cuda:{i}: not usable: {e}"),
+        }
+    }
+    let best = Device::best_available();
+    match best {
+        Device::Cpu => println!("default device: cpu (no usable GPU)"),
+        d => println!("default device: {d}"),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info => info(),
+        Command::Bench(args) => bench_cmd::run(&args),
+        Command::Train | Command::Sample => Err(synthos_engine::Error::msg(
+            "this build of synthos-engine has the engine core only; `train` and `sample` \
+             arrive with the Synthos-I2I pipeline (see README.md, \"Status\")",
+        )),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! Kernel benchmarks shared by `synthos-engine bench` and the criterion benches
+//! (`benches/kernels.rs`): one list of cases, each with the bytes it must move and the
+//! floating-point operations it must do, so that throughput (GB/s, TFLOP/s) and the
+//! fraction of the device's *measured* ceilings (device copy bandwidth, GEMM rate) come
+//! out of one place.
+
+use std::time::Instant;
+
+use crate::ops::{self, AttentionOptions, GeluApprox};
+use crate::{autograd, cuda, Device, Result, Rng, Tensor};
+
+/// Problem sizes: `Full` is what the GPU figures are recorded at; `Small` keeps a CPU
+/// run to seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Size {
+    /// Sizes of the real models (1.3B DiT at 480×832, 4096-token attention).
+    Full,
+    /// Reduced sizes for the CPU reference path.
+    Small,
+}
+
+/// What a case is bound by, which decides the ceiling it is compared with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bound {
+    /// Compared with the measured device copy bandwidth.
+    Memory,
+    /// Compared with the measured GEMM rate.
+    Compute,
+}
+
+/// One benchmark: a closure that issues the work once.
+pub struct BenchCase {
+    /// Kernel family (criterion group).
+    pub family: &'static str,
+    /// Case name with its sizes.
+    pub name: String,
+    /// Fewest bytes the work must move through device memory.
+    pub bytes: f64,
+    /// Floating-point operations of the work.
+    pub flops: f64,
+    /// Which ceiling applies.
+    pub bound: Bound,
+    /// Issues the work once (asynchronously on a GPU).
+    pub run: Box<dyn FnMut() -> Result<()>>,
+}
+
+/// The timing of one case.
+#[derive(Clone, Debug)]
+pub struct BenchResult {
+    /// Kernel family.
+    pub family: &'static str,
+    /// Case name.
+    pub name: String,
+    /// Mean seconds per run.
+    pub seconds: f64,
+    /// Achieved GB/s (bytes / time).
+    pub gbps: f64,
+    /// Achieved TFLOP/s.
+    pub tflops: f64,
+    /// Fraction of the measured ceiling (copy bandwidth or GEMM rate), if known.
+    pub fraction: Option<f64>,
+}
+
+/// Waits for all work issued on `device`.
+pub fn synchronize(device: Device) -> Result<()> {
+    match device {
+        Device::Cpu => Ok(()),
+        Device::Cuda(i) => cuda::device(i)?.synchronize(),
+    }
+}
+
+/// Mean seconds per call of `run`: warm up, then repeat until `min_seconds` have passed
+/// (at least 3 calls), synchronising the device before reading the clock.
+pub fn time(device: Device, min_seconds: f64, run: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    run()?;
+    synchronize(device)?;
+    let mut iters = 0u32;
+    let start = Instant::now();
+    loop {
+        run()?;
+        iters += 1;
+        if iters >= 3 {
+            synchronize(device)?;
+            let t = start.elapsed().as_secs_f64();
+            if t >= min_seconds {
+                return Ok(t / iters as f64);
+            }
+        }
+    }
+}
+
+fn rand(shape: &[usize], rng: &mut Rng, device: Device) -> Result<Tensor> {
+    Tensor::randn(shape, 1.0, rng, device)
+}
+
+/// The device copy ceiling: a large device-to-device copy, counting bytes read plus
+/// written, in GB/s.
+pub fn copy_case(device: Device, size: Size) -> Result<BenchCase> {
+    let n = match size {
+        Size::Full => 1 << 28,
+        Size::Small => 1 << 22,
+    };
+    let x = rand(&[n], &mut Rng::new(1), device)?;
+    let bytes = 2.0 * (n * x.dtype().size()) as f64;
+    Ok(BenchCase {
+        family: "copy",
+        name: format!("copy {n}"),
+        bytes,
+        flops: 0.0,
+        bound: Bound::Memory,
+        run: Box::new(move || x.deep_copy().map(|_| ())),
+    })
+}
+
+/// The GEMM ceiling: a square matmul through cuBLASLt (or the CPU GEMM).
+pub fn gemm_case(device: Device, size: Size) -> Result<BenchCase> {
+    let n = match size {
+        Size::Full => 8192,
+        Size::Small => 512,
+    };
+    let mut rng = Rng::new(2);
+    let (a, b) = (rand(&[n, n], &mut rng, device)?, rand(&[n, n], &mut rng, device)?);
+    let e = a.dtype().size() as f64;
+    Ok(BenchCase {
+        family: "matmul",
+        name: format!("gemm {n}x{n}x{n}"),
+        bytes: 3.0 * (n * n) as f64 * e,
+        flops: 2.0 * (n as f64).powi(3),
+        bound: Bound::Compute,
+        run: Box::new(move || ops::matmul(&a, &b).map(|_| ())),
+    })
+}
+
+/// Every benchmark case on `device` (the ceilings first).
+pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
+    let full = size == Size::Full;
+    let mut rng = Rng::new(3);
+    let mut v = vec![copy_case(device, size)?, gemm_case(device, size)?];
+    let e = device.default_dtype().size() as f64;
+
+    // Elementwise: the DiT's activations at 480×832 (1560 tokens × 1536), batch 8.
+    let (tokens, dim) = if full { (8 * 1560, 1536) } else { (2 * 256, 192) };
+    let n = tokens * dim;
+    {
+        let (a, b) = (rand(&[n], &mut rng, device)?, rand(&[n], &mut rng, device)?);
+        v.push(BenchCase {
+            family: "elementwise",
+            name: format!("add {n}"),
+            bytes: 3.0 * n as f64 * e,
+            flops: n as f64,
+            bound: Bound::Memory,
+            run: Box::new(move || ops::add(&a, &b).map(|_| ())),
+        });
+    }
+    {
+        let x = rand(&[n], &mut rng, device)?;
+        v.push(BenchCase {
+            family: "elementwise",
+            name: format!("gelu_tanh {n}"),
+            bytes: 2.0 * n as f64 * e,
+            flops: 10.0 * n as f64,
+            bound: Bound::Memory,
+            run: Box::new(move || ops::gelu(&x, GeluApprox::Tanh).map(|_| ())),
+        });
+    }
+    {
+        let batch = if full { 8 } else { 2 };
+        let per = tokens / batch;
+        let x = rand(&[batch, per, dim], &mut rng, device)?;
+        let g = rand(&[batch, 1, dim], &mut rng, device)?;
+        let y = rand(&[batch, per, dim], &mut rng, device)?;
+        v.push(BenchCase {
+            family: "elementwise",
+            name: format!("gated_residual {batch}x{per}x{dim}"),
+            bytes: 3.0 * n as f64 * e,
+            flops: 2.0 * n as f64,
+            bound: Bound::Memory,
+            run: Box::new(move || ops::gated_residual(&x, &g, &y).map(|_| ())),
+        });
+        let (shift, scale) = (rand(&[batch, 1, dim], &mut rng, device)?, rand(&[batch, 1, dim], &mut rng, device)?);
+        let x2 = rand(&[batch, per, dim], &mut rng, device)?;
+        v.push(BenchCase {
+            family: "norm",
+            name: format!("layer_norm_modulate {batch}x{per}x{dim}"),
+            bytes: 2.0 * n as f64 * e,
+            flops: 8.0 * n as f64,
+            bound: Bound::Memory,
+            run: Box::new(move || ops::layer_norm_modulate(&x2, &shift, &scale, 1e-6).map(|_| ())),
+        });
+        let x3 = rand(&[batch, per, dim], &mut rng, device)?;
+        let w = rand(&[dim], &mut rng, device)?;
+        v.push(BenchCase {
+            family: "norm",
+            name: format!("rms_norm {batch}x{per}x{dim}"),
+            bytes: 2.0 * n as f64 * e,
+            flops: 5.0 * n as f64,
+            bound: Bound::Memory,
+            run: Box::new(move || ops::rms_norm(&x3, &w, 1e-6).map(|_| ())),
+        });
+    }
+
+    // Linear layers of the DiT block: 1536 → 8960 (FFN up).
+    {
+        let (m, k, nn) = if full { (8 * 1560, 1536, 8960) } else { (256, 192, 448) };
+        let x = rand(&[m, k], &mut rng, device)?;
+        let w = rand(&[nn, k], &mut rng, device)?;
+        let b = rand(&[nn], &mut rng, device)?;
+        v.push(BenchCase {
+            family: "matmul",
+            name: format!("linear+bias {m}x{k}->{nn}"),
+            bytes: ((m * k) + (nn * k) + (m * nn)) as f64 * e,
+            flops: 2.0 * (m * k * nn) as f64,
+            bound: Bound::Compute,
+            run: Box::new(move || ops::linear(&x, &w, Some(&b)).map(|_| ())),
+        });
+    }
+
+    // Attention: head dim 128, 12 heads, 4096 tokens (forward, and forward+backward).
+    {
+        let (b, n, h, d) = if full { (1, 4096, 12, 128) } else { (1, 256, 2, 64) };
+        let q = rand(&[b, n, h, d], &mut rng, device)?;
+        let k = rand(&[b, n, h, d], &mut rng, device)?;
+        let vv = rand(&[b, n, h, d], &mut rng, device)?;
+        let flops = 4.0 * (b * h) as f64 * (n as f64).powi(2) * d as f64;
+        let bytes = 4.0 * (b * n * h * d) as f64 * e;
+        let (q2, k2, v2) = (q.clone(), k.clone(), vv.clone());
+        v.push(BenchCase {
+            family: "attention",
+            name: format!("attention fwd b{b} n{n} h{h} d{d}"),
+            bytes,
+            flops,
+            bound: Bound::Compute,
+            run: Box::new(move || {
+                autograd::no_grad(|| ops::attention(&q2, &k2, &v2, &AttentionOptions::new(d))).map(|_| ())
+            }),
+        });
+        let dout = rand(&[b, n, h, d], &mut rng, device)?;
+        v.push(BenchCase {
+            family: "attention",
+            name: format!("attention fwd+bwd b{b} n{n} h{h} d{d}"),
+            bytes: 2.5 * bytes,
+            flops: 3.5 * flops,
+            bound: Bound::Compute,
+            run: Box::new(move || {
+                let (q, k, v) = (q.detach().requires_grad(), k.detach().requires_grad(), vv.detach().requires_grad());
+                let o = ops::attention(&q, &k, &v, &AttentionOptions::new(d))?;
+                autograd::backward_with(&o, dout.clone()).map(|_| ())
+            }),
+        });
+    }
+
+    // AdamW over a 1536×8960 weight (one FFN matrix).
+    {
+        let (r, c) = if full { (8960, 1536) } else { (448, 192) };
+        let p = rand(&[r, c], &mut rng, device)?.requires_grad();
+        let mut opt = crate::optim::AdamW::new(crate::optim::AdamWConfig::default());
+        opt.add_param("w", &p, true)?;
+        let g = rand(&[r, c], &mut rng, device)?;
+        let grads = {
+            let y = ops::mul(&p, &g)?;
+            autograd::backward_with(&y, g.clone())?
+        };
+        let n = (r * c) as f64;
+        // grad (e) + master, m, v (4 B each, read and written) + compute copy (e) written.
+        let bytes = n * (e + 6.0 * 4.0 + e);
+        v.push(BenchCase {
+            family: "adamw",
+            name: format!("adamw {r}x{c}"),
+            bytes,
+            flops: 15.0 * n,
+            bound: Bound::Memory,
+            run: Box::new(move || opt.step(&grads, 1e-4, 1.0)),
+        });
+    }
+    Ok(v)
+}
+
+/// Runs every case for at least `min_seconds` each and reports throughput, with the
+/// fraction of the measured copy bandwidth (memory-bound cases) or GEMM rate
+/// (compute-bound cases).
+/// Cases other than the two ceilings are skipped unless their family or name contains
+/// `filter` (when given).
+pub fn run_all(
+    device: Device,
+    size: Size,
+    min_seconds: f64,
+    filter: Option<&str>,
+    mut progress: impl FnMut(&BenchResult),
+) -> Result<Vec<BenchResult>> {
+    let mut results = Vec::new();
+    let (mut copy_gbps, mut gemm_tflops) = (None, None);
+    for mut case in cases(device, size)? {
+        let ceiling = case.family == "copy" || case.name.starts_with("gemm");
+        if let Some(f) = filter {
+            if !ceiling && !case.family.contains(f) && !case.name.contains(f) {
+                continue;
+            }
+        }
+        let seconds = time(device, min_seconds, &mut case.run)?;
+        let gbps = case.bytes / seconds / 1e9;
+        let tflops = case.flops / seconds / 1e12;
+        if case.family == "copy" {
+            copy_gbps = Some(gbps);
+        }
+        if case.name.starts_with("gemm") {
+            gemm_tflops = Some(tflops);
+        }
+        let fraction = match case.bound {
+            Bound::Memory => copy_gbps.map(|c| gbps / c),
+            Bound::Compute => gemm_tflops.map(|g| tflops / g),
+        };
+        let r = BenchResult { family: case.family, name: case.name, seconds, gbps, tflops, fraction };
+        progress(&r);
+        results.push(r);
+    }
+    Ok(results)
+}
