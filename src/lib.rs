@@ -18,6 +18,7 @@ pub mod cpu;
 pub mod cuda;
 mod device;
 mod error;
+pub mod models;
 pub mod nn;
 pub mod ops;
 pub mod optim;
