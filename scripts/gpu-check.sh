@@ -6,6 +6,9 @@ set -uo pipefail
 B=.gpu-bundle
 OUTDIR="${OUT:-/tmp/gpu-check}"
 mkdir -p "$OUTDIR"
+# Test executables name their fixtures by the absolute checkout path they were built in.
+built_in=/work/main
+if [ ! -e "$built_in" ]; then mkdir -p "$(dirname "$built_in")" && ln -s "$PWD" "$built_in"; fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$OUTDIR/nvidia-smi.txt"
 "$B/synthos-engine" info | tee "$OUTDIR/info.txt"
 declare -a rows
@@ -15,7 +18,10 @@ for t in "$B"/tests/*; do
   summary=$(grep -E "^test result" "$OUTDIR/test-$name.log" | tail -1)
   rows+=("$(printf '%-24s %s  %s' "$name" "$status" "$summary")")
 done
-if [ "${SKIP_BENCH:-0}" != 1 ] && [ -x "$B/bench-kernels" ]; then
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  "$B/synthos-engine" bench --json "$OUTDIR/bench.json" 2>&1 | tee "$OUTDIR/bench-cli.txt"
+fi
+if [ "${SKIP_CRITERION:-0}" != 1 ] && [ -x "$B/bench-kernels" ]; then
   "$B/bench-kernels" --bench 2>&1 | tee "$OUTDIR/bench.txt" | grep -E "^(GPU|CPU)|thrpt|time:" | tail -80
 fi
 echo "=== GPU test summary ==="

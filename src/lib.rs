@@ -11,6 +11,21 @@
 //! - [`nn`]: parameters and layers (Linear, LayerNorm, RmsNorm) built from checkpoints or
 //!   random init,
 //! - [`bench`]: the kernel benchmarks behind `synthos-engine bench` and `cargo bench`.
+//!
+//! ```
+//! use synthos_engine::{autograd, ops, Device, Rng, Tensor};
+//! # fn main() -> synthos_engine::Result<()> {
+//! let dev = Device::Cpu; // or Device::best_available()
+//! let mut rng = Rng::new(42);
+//! let x = Tensor::randn(&[2, 16, 64], 1.0, &mut rng, dev)?;
+//! let w = Tensor::randn(&[32, 64], 0.05, &mut rng, dev)?.requires_grad();
+//! let y = ops::gelu(&ops::linear(&x, &w, None)?, ops::GeluApprox::Tanh)?;
+//! let loss = ops::mean_all(&ops::mul(&y, &y)?)?;
+//! let grads = autograd::backward(&loss)?;
+//! assert_eq!(grads.get(&w).unwrap().shape(), &[32, 64]);
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod autograd;
 pub mod bench;
