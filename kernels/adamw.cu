@@ -81,10 +81,6 @@ __device__ __forceinline__ float adamw_update(float w, float& m, float& v, float
     return s.decay * w - (s.lr / s.bias_correction1) * (m / denom);
 }
 
-__device__ __forceinline__ bool aligned16(const void* p) {
-    return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
-}
-
 // COPY: also write the bf16 compute copy of the weights.
 template <typename G, bool COPY>
 __device__ void adamw_impl(const G* __restrict__ grad, float* __restrict__ w, float* __restrict__ m,

@@ -41,6 +41,52 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return scratch[0];
 }
 
+// Loads VEC consecutive elements starting at p[i] as fp32. When VEC elements span whole
+// 16-byte words the caller guarantees 16-byte alignment of p + i and they are loaded as
+// such; otherwise element by element.
+template <int VEC, typename T>
+__device__ __forceinline__ void load_vec(const T* p, int64_t i, float (&v)[VEC]) {
+    if constexpr ((VEC * sizeof(T)) % 16 == 0) {
+        constexpr int PER_WORD = 16 / sizeof(T);
+#pragma unroll
+        for (int q = 0; q < VEC / PER_WORD; ++q) {
+            const uint4 raw = reinterpret_cast<const uint4*>(p + i)[q];
+            const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+            for (int k = 0; k < PER_WORD; ++k) v[q * PER_WORD + k] = load(e, k);
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) v[k] = load(p, i + k);
+    }
+}
+
+// Stores VEC fp32 values to p[i..i+VEC) in T, with 16-byte stores when they fit.
+template <int VEC, typename T>
+__device__ __forceinline__ void store_vec(T* p, int64_t i, const float (&v)[VEC]) {
+    if constexpr ((VEC * sizeof(T)) % 16 == 0) {
+        constexpr int PER_WORD = 16 / sizeof(T);
+#pragma unroll
+        for (int q = 0; q < VEC / PER_WORD; ++q) {
+            uint4 raw;
+            T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+            for (int k = 0; k < PER_WORD; ++k) store(e, k, v[q * PER_WORD + k]);
+            reinterpret_cast<uint4*>(p + i)[q] = raw;
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) store(p, i + k, v[k]);
+    }
+}
+
+// True when p is 16-byte aligned (fresh allocations are; views at odd offsets may not be).
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// Elements per 16-byte word of T: 8 for bf16, 4 for f32.
+template <typename T>
+constexpr int vec_width() { return 16 / (int)sizeof(T); }
+
 // Broadcast description of a binary op, up to rank 6: output shape and the element
 // strides of each input (0 along broadcast dimensions). Mirrors `cuda::Bcast` in Rust.
 struct Bcast {

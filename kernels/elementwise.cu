@@ -2,21 +2,47 @@
 // (GELU tanh/exact, SiLU) with their backward, the fused gated residual, casts.
 //
 // Math: out[i] = a[ia] (op) b[ib], offsets from `Bcast` strides; fp32 arithmetic.
-// Launch: 1-D grid, 256 threads, one element per thread (grid-stride).
-// Memory-bound: the same-shape fast path avoids the index arithmetic of broadcasting.
+// Launch: 1-D grid-stride, 256 threads; each thread takes chunks of EW = 8 consecutive
+// elements (grid sized n/8 by the launchers, `cuda::grid_chunks`).
+// Memory-bound, so the access width is what matters: when every pointer is 16-byte
+// aligned (fresh allocations are) a chunk moves as 16-byte words (one for 8 bf16, two
+// for 8 f32); the tail chunk and unaligned pointers go element by element. Broadcasting
+// binaries walk the index per element (their offsets are not contiguous).
 #include "common.cuh"
+
+#define EW 8
+
+// for (i0 = first chunk of this thread; i0 < n; i0 += chunk stride of the grid)
+#define FOR_CHUNKS(i0, n)                                                                   \
+    for (int64_t i0 = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * EW; i0 < (n);     \
+         i0 += (int64_t)gridDim.x * blockDim.x * EW)
+
+#define CHUNK_END(i0, n) ((i0) + EW < (n) ? (i0) + EW : (n))
 
 #define BINARY(NAME, EXPR)                                                                  \
 template <typename T>                                                                       \
 __device__ void NAME##_impl(const T* a, const T* b, T* out, Bcast bc, int64_t n, int same) { \
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;                 \
-         i += (int64_t)gridDim.x * blockDim.x) {                                             \
-        int64_t ia = i, ib = i;                                                             \
-        if (!same) bcast_offsets(bc, i, ia, ib);                                            \
-        const float x = load(a, ia), y = load(b, ib);                                       \
-        store(out, i, (EXPR));                                                              \
-    }                                                                                       \
-}                                                                                           \
+    const bool vec = same && aligned16(a) && aligned16(b) && aligned16(out);                \
+    FOR_CHUNKS(i0, n) {                                                                      \
+        if (vec && i0 + EW <= n) {                                                           \
+            float xa[EW], yb[EW], o[EW];                                                     \
+            load_vec<EW>(a, i0, xa);                                                         \
+            load_vec<EW>(b, i0, yb);                                                         \
+            _Pragma("unroll") for (int k = 0; k < EW; ++k) {                                 \
+                const float x = xa[k], y = yb[k];                                            \
+                o[k] = (EXPR);                                                               \
+            }                                                                                \
+            store_vec<EW>(out, i0, o);                                                       \
+        } else {                                                                             \
+            for (int64_t i = i0; i < CHUNK_END(i0, n); ++i) {                                \
+                int64_t ia = i, ib = i;                                                      \
+                if (!same) bcast_offsets(bc, i, ia, ib);                                     \
+                const float x = load(a, ia), y = load(b, ib);                                \
+                store(out, i, (EXPR));                                                       \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+}                                                                                            \
 extern "C" __global__ void NAME##_f32(const float* a, const float* b, float* o, Bcast bc,   \
                                       int64_t n, int same) { NAME##_impl(a, b, o, bc, n, same); } \
 extern "C" __global__ void NAME##_bf16(const bf16* a, const bf16* b, bf16* o, Bcast bc,     \
@@ -26,14 +52,68 @@ BINARY(add, x + y)
 BINARY(sub, x - y)
 BINARY(mul, x * y)
 
-// out[i] = s * x[i]
-template <typename T>
-__device__ void scale_impl(const T* x, T* out, float s, int64_t n) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-        store(out, i, s * load(x, i));
+// out[i] = F(x[i]) for a functor F, in chunks of EW; TI and TO may differ (casts).
+template <typename TI, typename TO, typename F>
+__device__ __forceinline__ void map_unary(const TI* x, TO* out, int64_t n, F f) {
+    const bool vec = aligned16(x) && aligned16(out);
+    FOR_CHUNKS(i0, n) {
+        if (vec && i0 + EW <= n) {
+            float v[EW];
+            load_vec<EW>(x, i0, v);
+#pragma unroll
+            for (int k = 0; k < EW; ++k) v[k] = f(v[k]);
+            store_vec<EW>(out, i0, v);
+        } else {
+            for (int64_t i = i0; i < CHUNK_END(i0, n); ++i) store(out, i, f(load(x, i)));
+        }
+    }
 }
-extern "C" __global__ void scale_f32(const float* x, float* o, float s, int64_t n) { scale_impl(x, o, s, n); }
-extern "C" __global__ void scale_bf16(const bf16* x, bf16* o, float s, int64_t n) { scale_impl(x, o, s, n); }
+
+// out[i] = G(x[i], g[i]) (the backward of an activation), in chunks of EW.
+template <typename T, typename G>
+__device__ __forceinline__ void map_binary(const T* x, const T* g, T* out, int64_t n, G f) {
+    const bool vec = aligned16(x) && aligned16(g) && aligned16(out);
+    FOR_CHUNKS(i0, n) {
+        if (vec && i0 + EW <= n) {
+            float v[EW], w[EW];
+            load_vec<EW>(x, i0, v);
+            load_vec<EW>(g, i0, w);
+#pragma unroll
+            for (int k = 0; k < EW; ++k) v[k] = f(v[k], w[k]);
+            store_vec<EW>(out, i0, v);
+        } else {
+            for (int64_t i = i0; i < CHUNK_END(i0, n); ++i) store(out, i, f(load(x, i), load(g, i)));
+        }
+    }
+}
+
+struct Scale {
+    float s;
+    __device__ float operator()(float x) const { return s * x; }
+};
+struct AddScalar {
+    float c;
+    __device__ float operator()(float x) const { return x + c; }
+};
+struct Identity {
+    __device__ float operator()(float x) const { return x; }
+};
+
+// out[i] = s * x[i]
+extern "C" __global__ void scale_f32(const float* x, float* o, float s, int64_t n) { map_unary(x, o, n, Scale{s}); }
+extern "C" __global__ void scale_bf16(const bf16* x, bf16* o, float s, int64_t n) { map_unary(x, o, n, Scale{s}); }
+
+// out[i] = x[i] + c
+extern "C" __global__ void add_scalar_f32(const float* x, float* o, float c, int64_t n) {
+    map_unary(x, o, n, AddScalar{c});
+}
+extern "C" __global__ void add_scalar_bf16(const bf16* x, bf16* o, float c, int64_t n) {
+    map_unary(x, o, n, AddScalar{c});
+}
+
+// Casts (round to nearest even for f32 -> bf16, through `store`).
+extern "C" __global__ void cast_f32_bf16(const float* x, bf16* o, int64_t n) { map_unary(x, o, n, Identity{}); }
+extern "C" __global__ void cast_bf16_f32(const bf16* x, float* o, int64_t n) { map_unary(x, o, n, Identity{}); }
 
 // out[i] = x[ia]: materialises a broadcast (the adjoint of sum_to). Uses `sa` of Bcast.
 template <typename T>
@@ -46,25 +126,6 @@ __device__ void bcast_copy_impl(const T* x, T* out, Bcast bc, int64_t n) {
 }
 extern "C" __global__ void bcast_copy_f32(const float* x, float* o, Bcast bc, int64_t n) { bcast_copy_impl(x, o, bc, n); }
 extern "C" __global__ void bcast_copy_bf16(const bf16* x, bf16* o, Bcast bc, int64_t n) { bcast_copy_impl(x, o, bc, n); }
-
-// Casts (round to nearest even for f32 -> bf16).
-extern "C" __global__ void cast_f32_bf16(const float* x, bf16* o, int64_t n) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-        o[i] = __float2bfloat16(x[i]);
-}
-extern "C" __global__ void cast_bf16_f32(const bf16* x, float* o, int64_t n) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-        o[i] = __bfloat162float(x[i]);
-}
-
-// out[i] = x[i] + c
-template <typename T>
-__device__ void add_scalar_impl(const T* x, T* out, float c, int64_t n) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-        store(out, i, load(x, i) + c);
-}
-extern "C" __global__ void add_scalar_f32(const float* x, float* o, float c, int64_t n) { add_scalar_impl(x, o, c, n); }
-extern "C" __global__ void add_scalar_bf16(const bf16* x, bf16* o, float c, int64_t n) { add_scalar_impl(x, o, c, n); }
 
 // Activations and their derivatives, in fp32.
 //   gelu_tanh(x)  = ½x(1 + tanh(u)),  u = √(2/π)(x + 0.044715x³)   (PyTorch approximate='tanh')
@@ -97,25 +158,19 @@ __device__ __forceinline__ float silu_df(float x) {
 // NAME_<dtype>(x, out, n): out = f(x).  NAME_bwd_<dtype>(x, g, dx, n): dx = g·f'(x).
 // The backward recomputes f' from x instead of storing it: one read more, no buffer.
 #define ACTIVATION(NAME, F, DF)                                                              \
-template <typename T>                                                                        \
-__device__ void NAME##_fwd_impl(const T* x, T* out, int64_t n) {                             \
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;                  \
-         i += (int64_t)gridDim.x * blockDim.x)                                                \
-        store(out, i, F(load(x, i)));                                                        \
-}                                                                                            \
-template <typename T>                                                                        \
-__device__ void NAME##_bwd_impl(const T* x, const T* g, T* dx, int64_t n) {                  \
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;                  \
-         i += (int64_t)gridDim.x * blockDim.x)                                                \
-        store(dx, i, load(g, i) * DF(load(x, i)));                                           \
-}                                                                                            \
-extern "C" __global__ void NAME##_f32(const float* x, float* o, int64_t n) { NAME##_fwd_impl(x, o, n); } \
-extern "C" __global__ void NAME##_bf16(const bf16* x, bf16* o, int64_t n) { NAME##_fwd_impl(x, o, n); } \
+struct NAME##_fwd_op {                                                                       \
+    __device__ float operator()(float x) const { return F(x); }                              \
+};                                                                                           \
+struct NAME##_bwd_op {                                                                       \
+    __device__ float operator()(float x, float g) const { return g * DF(x); }                \
+};                                                                                           \
+extern "C" __global__ void NAME##_f32(const float* x, float* o, int64_t n) { map_unary(x, o, n, NAME##_fwd_op{}); } \
+extern "C" __global__ void NAME##_bf16(const bf16* x, bf16* o, int64_t n) { map_unary(x, o, n, NAME##_fwd_op{}); } \
 extern "C" __global__ void NAME##_bwd_f32(const float* x, const float* g, float* dx, int64_t n) { \
-    NAME##_bwd_impl(x, g, dx, n);                                                            \
+    map_binary(x, g, dx, n, NAME##_bwd_op{});                                                \
 }                                                                                            \
 extern "C" __global__ void NAME##_bwd_bf16(const bf16* x, const bf16* g, bf16* dx, int64_t n) { \
-    NAME##_bwd_impl(x, g, dx, n);                                                            \
+    map_binary(x, g, dx, n, NAME##_bwd_op{});                                                \
 }
 
 ACTIVATION(gelu_tanh, gelu_tanh_f, gelu_tanh_df)
@@ -130,9 +185,22 @@ ACTIVATION(silu, silu_f, silu_df)
 template <typename T>
 __device__ void gated_residual_impl(const T* x, const T* gate, const T* y, T* out, int64_t period, int64_t inner,
                                     int64_t n) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t gi = (i / period) * inner + i % inner;
-        store(out, i, load(x, i) + load(gate, gi) * load(y, i));
+    const bool vec = aligned16(x) && aligned16(y) && aligned16(out);
+    FOR_CHUNKS(i0, n) {
+        if (vec && i0 + EW <= n) {
+            float xv[EW], yv[EW];
+            load_vec<EW>(x, i0, xv);
+            load_vec<EW>(y, i0, yv);
+#pragma unroll
+            for (int k = 0; k < EW; ++k) {
+                const int64_t i = i0 + k;
+                xv[k] += load(gate, (i / period) * inner + i % inner) * yv[k];
+            }
+            store_vec<EW>(out, i0, xv);
+        } else {
+            for (int64_t i = i0; i < CHUNK_END(i0, n); ++i)
+                store(out, i, load(x, i) + load(gate, (i / period) * inner + i % inner) * load(y, i));
+        }
     }
 }
 extern "C" __global__ void gated_residual_f32(const float* x, const float* gate, const float* y, float* o,

@@ -38,45 +38,6 @@
 #define FWD_CACHE 4
 #define BWD_CACHE 2
 
-// Loads VEC consecutive elements starting at p[i] as fp32. When VEC elements span whole
-// 16-byte words the caller guarantees 16-byte alignment of p + i and they are loaded as
-// such; otherwise element by element.
-template <int VEC, typename T>
-__device__ __forceinline__ void load_vec(const T* p, int64_t i, float (&v)[VEC]) {
-    if constexpr ((VEC * sizeof(T)) % 16 == 0) {
-        constexpr int PER_WORD = 16 / sizeof(T);
-#pragma unroll
-        for (int q = 0; q < VEC / PER_WORD; ++q) {
-            const uint4 raw = reinterpret_cast<const uint4*>(p + i)[q];
-            const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-            for (int k = 0; k < PER_WORD; ++k) v[q * PER_WORD + k] = load(e, k);
-        }
-    } else {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) v[k] = load(p, i + k);
-    }
-}
-
-// Stores VEC fp32 values to p[i..i+VEC) in T, with 16-byte stores when they fit.
-template <int VEC, typename T>
-__device__ __forceinline__ void store_vec(T* p, int64_t i, const float (&v)[VEC]) {
-    if constexpr ((VEC * sizeof(T)) % 16 == 0) {
-        constexpr int PER_WORD = 16 / sizeof(T);
-#pragma unroll
-        for (int q = 0; q < VEC / PER_WORD; ++q) {
-            uint4 raw;
-            T* e = reinterpret_cast<T*>(&raw);
-#pragma unroll
-            for (int k = 0; k < PER_WORD; ++k) store(e, k, v[q * PER_WORD + k]);
-            reinterpret_cast<uint4*>(p + i)[q] = raw;
-        }
-    } else {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) store(p, i + k, v[k]);
-    }
-}
-
 // The per-column factor w_offset + w[c] and shift b[c] of VEC columns from column c
 // (p points at the row's parameter group).
 template <int VEC, typename P>

@@ -17,43 +17,6 @@
 // Memory-bound: one read and one write of x, the table is small and stays in L2.
 #include "common.cuh"
 
-// VEC consecutive elements of p from p[i] as fp32; 16-byte loads when they fill whole
-// 16-byte words (the caller guarantees alignment then).
-template <int VEC, typename T>
-__device__ __forceinline__ void rope_load(const T* p, int64_t i, float (&v)[VEC]) {
-    if constexpr ((VEC * sizeof(T)) % 16 == 0) {
-        constexpr int PER_WORD = 16 / sizeof(T);
-#pragma unroll
-        for (int q = 0; q < VEC / PER_WORD; ++q) {
-            const uint4 raw = reinterpret_cast<const uint4*>(p + i)[q];
-            const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-            for (int k = 0; k < PER_WORD; ++k) v[q * PER_WORD + k] = load(e, k);
-        }
-    } else {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) v[k] = load(p, i + k);
-    }
-}
-
-template <int VEC, typename T>
-__device__ __forceinline__ void rope_store(T* p, int64_t i, const float (&v)[VEC]) {
-    if constexpr ((VEC * sizeof(T)) % 16 == 0) {
-        constexpr int PER_WORD = 16 / sizeof(T);
-#pragma unroll
-        for (int q = 0; q < VEC / PER_WORD; ++q) {
-            uint4 raw;
-            T* e = reinterpret_cast<T*>(&raw);
-#pragma unroll
-            for (int k = 0; k < PER_WORD; ++k) store(e, k, v[q * PER_WORD + k]);
-            reinterpret_cast<uint4*>(p + i)[q] = raw;
-        }
-    } else {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) store(p, i + k, v[k]);
-    }
-}
-
 // `n_chunks` = B·N·H·(Dh/2)/PAIRS; `half` = Dh/2 (a multiple of PAIRS).
 template <typename T, int PAIRS>
 __device__ void rope_impl(const T* __restrict__ x, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
@@ -64,16 +27,16 @@ __device__ void rope_impl(const T* __restrict__ x, const float* __restrict__ cos
         const int j = (int)(pair % half);
         const int64_t n = (pair / ((int64_t)half * heads)) % tokens;
         float v[2 * PAIRS], c[PAIRS], s[PAIRS], o[2 * PAIRS];
-        rope_load(x, pair * 2, v);
-        rope_load(cos_t, n * half + j, c);
-        rope_load(sin_t, n * half + j, s);
+        load_vec(x, pair * 2, v);
+        load_vec(cos_t, n * half + j, c);
+        load_vec(sin_t, n * half + j, s);
 #pragma unroll
         for (int p = 0; p < PAIRS; ++p) {
             const float a = v[2 * p], b = v[2 * p + 1], sn = sign * s[p];
             o[2 * p] = a * c[p] - b * sn;
             o[2 * p + 1] = a * sn + b * c[p];
         }
-        rope_store(out, pair * 2, o);
+        store_vec(out, pair * 2, o);
     }
 }
 

@@ -2,7 +2,7 @@
 
 use cudarc::driver::PushKernelArg;
 
-use super::{grid_1d, suffix, Bcast, CudaBuf, CudaStorage};
+use super::{grid_1d, grid_chunks, suffix, Bcast, CudaBuf, CudaStorage};
 use crate::{bail, Result};
 
 /// Binary elementwise op with broadcasting: `kernel` is `add`, `sub` or `mul`.
@@ -32,7 +32,7 @@ pub fn binary(
     let f = dev.func("elementwise", name)?;
     let mut out = dev.alloc(n, dtype)?;
     let (n64, same32) = (n as i64, same as i32);
-    let cfg = grid_1d(n, 256);
+    let cfg = grid_chunks(n);
     let mut lb = dev.stream.launch_builder(&f);
     match (&a.buf, &b.buf, &mut out) {
         (CudaBuf::F32(x), CudaBuf::F32(y), CudaBuf::F32(o)) => {
@@ -77,7 +77,7 @@ fn unary_launch(
     }
     lb.arg(&n64);
     // SAFETY: the kernels read and write exactly n elements of their buffers.
-    unsafe { lb.launch(grid_1d(n, 256)) }?;
+    unsafe { lb.launch(grid_chunks(n)) }?;
     Ok(out)
 }
 
@@ -172,7 +172,7 @@ pub fn activation_backward(x: &CudaStorage, g: &CudaStorage, kernel: &'static st
     };
     lb.arg(&n64);
     // SAFETY: the kernel reads n elements of x and g and writes n elements of `out`.
-    unsafe { lb.launch(grid_1d(n, 256)) }?;
+    unsafe { lb.launch(grid_chunks(n)) }?;
     Ok(out)
 }
 
@@ -207,6 +207,6 @@ pub fn gated_residual(
     // SAFETY: x, y and out hold n elements; the gate index (i / period)·inner + i % inner
     // is below the gate's element count because the op checked that the gate collapses
     // to [n / period, 1, inner] over x.
-    unsafe { lb.launch(grid_1d(n, 256)) }?;
+    unsafe { lb.launch(grid_chunks(n)) }?;
     Ok(out)
 }

@@ -283,6 +283,12 @@ pub fn grid_1d(n: usize, block: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// The launch of the chunked elementwise kernels: one thread per 8 elements, 256
+/// threads per block (`EW` in `kernels/elementwise.cu`).
+pub fn grid_chunks(n: usize) -> LaunchConfig {
+    grid_1d(n.div_ceil(8), 256)
+}
+
 /// One block of `block` threads per row, `rows` rows.
 pub fn grid_rows(rows: usize, block: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
