@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
-# Builds everything the GPU machine needs (it has no Rust toolchain) into .gpu-bundle/:
-# the release binary, every test executable and the criterion bench executable, built
-# here with the kernels compiled for sm_80/sm_90a. Then run there, through the device
-# tool with carry [".gpu-bundle"]:   bash scripts/gpu-check.sh
+# Builds everything the GPU machine needs (it has no Rust toolchain): the release binary,
+# every test executable and the criterion bench executable, built here with the kernels
+# compiled for sm_80/sm_90a, stripped and packed into .gpu-bundle/bundle.tar.xz (each
+# executable embeds the same fatbins, so xz with a large window packs ~110 MB into ~4 MB,
+# well under the device tool's carry limit). Then run there, through the device tool with
+# carry [".gpu-bundle"]:   bash scripts/gpu-check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-cuda-toolchain.sh >/dev/null
 export SYNTHOS_REQUIRE_NVCC=1
-rm -rf .gpu-bundle && mkdir -p .gpu-bundle/tests
+stage=target/gpu-bundle-stage
+rm -rf .gpu-bundle "$stage" && mkdir -p .gpu-bundle "$stage/tests"
 cargo build --release --bin synthos-engine
-cp target/release/synthos-engine .gpu-bundle/
+cp target/release/synthos-engine "$stage/"
 # Test and bench executables (release, so timings in benches are meaningful).
 cargo test --release --no-run --message-format=json 2>/dev/null \
   | python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+    kind = m.get("target", {}).get("kind", [])
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"] and "test" in kind:
         print(m["target"]["name"], m["executable"])
-' | while read -r name exe; do cp "$exe" ".gpu-bundle/tests/$name"; done
+' | while read -r name exe; do cp "$exe" "$stage/tests/$name"; done
 cargo bench --no-run --message-format=json 2>/dev/null \
   | python3 -c '
 import json, sys
@@ -26,6 +30,8 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and "bench" in m["target"]["kind"]:
         print(m["executable"])
-' | while read -r exe; do cp "$exe" .gpu-bundle/bench-kernels; done
-du -sh .gpu-bundle
-ls .gpu-bundle .gpu-bundle/tests
+' | while read -r exe; do cp "$exe" "$stage/bench-kernels"; done
+strip "$stage"/synthos-engine "$stage"/bench-kernels "$stage"/tests/*
+tar -C "$stage" -cf - . | xz -T2 -9e > .gpu-bundle/bundle.tar.xz
+ls "$stage/tests"
+du -sh "$stage" .gpu-bundle/bundle.tar.xz

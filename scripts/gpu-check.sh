@@ -3,7 +3,8 @@
 # device info, every test executable (the GPU tests are active there), the criterion
 # kernel benches, and prints a short table last. Logs go to $OUT when set.
 set -uo pipefail
-B=.gpu-bundle
+B=/tmp/synthos-bundle
+rm -rf "$B" && mkdir -p "$B" && xz -dc .gpu-bundle/bundle.tar.xz | tar -C "$B" -xf - || exit 1
 OUTDIR="${OUT:-/tmp/gpu-check}"
 mkdir -p "$OUTDIR"
 # Test executables name their fixtures by the absolute checkout path they were built in.
