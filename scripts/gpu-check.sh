@@ -10,6 +10,8 @@ mkdir -p "$OUTDIR"
 # Test executables name their fixtures by the absolute checkout path they were built in.
 built_in=/work/main
 if [ ! -e "$built_in" ]; then mkdir -p "$(dirname "$built_in")" && ln -s "$PWD" "$built_in"; fi
+# ... and the CLI tests run the binary at its build path.
+mkdir -p target/release && cp "$B/synthos-engine" target/release/
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$OUTDIR/nvidia-smi.txt"
 "$B/synthos-engine" info | tee "$OUTDIR/info.txt"
 declare -a rows
