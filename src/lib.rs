@@ -38,6 +38,7 @@ pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod rng;
+pub mod schedule;
 mod tensor;
 pub mod weights;
 
