@@ -481,6 +481,8 @@ fn gpu_matches_cpu_tiny() {
 #[test]
 fn gpu_full_1_3b_forward_backward_480() {
     let Some(dev) = gpu() else { return };
+    // Timings without the NaN fill of fresh buffers (scripts/gpu-check.sh runs the tests
+    // one at a time, so no other test loses its poisoning meanwhile).
     synthos_engine::cuda::set_poison(false);
     let cfg = WanConfig::wan21_t2v_1_3b();
     let t0 = Instant::now();
