@@ -182,9 +182,13 @@ fn mixed_namings_layer_in_order() {
         DType::F32,
     )
     .unwrap();
-    for ((na, ta), (nb, tb)) in a.params().iter().zip(b.params()) {
+    // The index file itself opens like its directory.
+    let index = fixture("diffusers/diffusion_pytorch_model.safetensors.index.json");
+    let c = WanModel::load(&cfg, &[index, fixture("img_emb.safetensors")], Device::Cpu, DType::F32).unwrap();
+    for (((na, ta), (nb, tb)), (_, tc)) in a.params().iter().zip(b.params()).zip(c.params()) {
         assert_eq!(na, &nb);
         assert_eq!(ta.to_vec().unwrap(), tb.to_vec().unwrap(), "{na}");
+        assert_eq!(ta.to_vec().unwrap(), tc.to_vec().unwrap(), "{na}");
     }
     // An original-naming file over a diffusers one shadows the diffusers keys it renames.
     let dir = temp_dir("mixed");
