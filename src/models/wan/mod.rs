@@ -1,0 +1,489 @@
+//! The Synthos-I2I diffusion transformer: Wan2.1's DiT ("Wan: Open and Advanced
+//! Large-Scale Video Generative Models", <https://github.com/Wan-Video/Wan2.1>) with the
+//! Synthos image projector `img_emb`, whose output is put in front of the text rows of
+//! the cross-attention context.
+//!
+//! ```text
+//! latents [B,16,F,H,W] ─patchify─ linear ─► x [B, F·H/2·W/2, D]
+//! t ─sinusoid─ time_embedding ─► e [B,D] ─SiLU─ time_projection ─► t_mod [B,6,D]
+//! text [B,L,4096] ─ text_embedding ─┐
+//! clip [B,257,1280] ─ img_emb ──────┴─► context = cat[image, text]  (text only without an image)
+//! x ─ 30 × block(x, context, t_mod, rope) ─ head(e) ─ unpatchify ─► velocity [B,16,F,H,W]
+//! ```
+//!
+//! Every shape and formula is in `SPEC.md` §2; parameters carry the original Wan names
+//! (what DiffSynth and the Synthos trainer read and write). Checkpoints load in that
+//! naming or in diffusers' (`WanTransformer3DModel`), sharded or not, with partial
+//! checkpoints layered on top. Parity with diffusers and DiffSynth is tested in
+//! `tests/wan.rs` (`cargo test --test wan`).
+//!
+//! ```no_run
+//! use synthos_engine::models::wan::{Trainable, WanConfig, WanModel};
+//! use synthos_engine::{DType, Device, Tensor};
+//! # fn main() -> synthos_engine::Result<()> {
+//! let cfg = WanConfig::preset("wan2.1-t2v-1.3b")?;
+//! let dev = Device::Cuda(0);
+//! let model = WanModel::load(&cfg, &["Wan2.1-T2V-1.3B/diffusion_pytorch_model.safetensors", "epoch-9.safetensors"], dev, DType::BF16)?;
+//! let params = model.trainable(Trainable::All); // for the optimizer
+//! # let (latents, text, clip): (Tensor, Tensor, Tensor) = todo!();
+//! let v = model.forward(&latents, &[937.5], &text, Some(&clip))?;
+//! # Ok(()) }
+//! ```
+
+mod block;
+mod config;
+pub mod names;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+pub use config::{WanConfig, CLIP_VIT_H_DIM};
+
+use self::block::{Rope, WanBlock};
+use self::names::NameMap;
+use crate::nn::{Init, LayerNorm, Linear, Module, NamedParam, ParamSource, RandomInit};
+use crate::ops::{self, GeluApprox};
+use crate::weights::{self, Loader, SaveDType, WeightSet};
+use crate::{autograd, bail, DType, Device, Result, Tensor};
+
+/// Epsilon of the image projector's LayerNorms (PyTorch's default, as in DiffSynth's
+/// `MLP` and diffusers' `WanImageEmbedding`).
+const IMG_EMB_EPS: f32 = 1e-5;
+
+/// Seed of the generator that creates `img_emb` when no checkpoint holds it.
+const IMG_EMB_SEED: u64 = 0x1A9E_E3B0;
+
+/// Which parameters train (and which a checkpoint saves).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trainable {
+    /// Every parameter (the full Synthos recipe).
+    All,
+    /// Only the image projector `img_emb.*` (the projector-only recipe).
+    ImgEmb,
+    /// None (sampling).
+    Nothing,
+}
+
+impl Trainable {
+    fn selects(self, name: &str) -> bool {
+        match self {
+            Trainable::All => true,
+            Trainable::ImgEmb => name.starts_with("img_emb."),
+            Trainable::Nothing => false,
+        }
+    }
+}
+
+/// The image projector: LayerNorm → Linear → GELU(exact) → Linear → LayerNorm
+/// (`img_emb.proj.{0,1,3,4}`).
+struct ImageProjector {
+    norm_in: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    norm_out: LayerNorm,
+}
+
+impl ImageProjector {
+    /// Built with the Synthos init when created: Linear weights N(0, 0.02), zero biases,
+    /// LayerNorms ones/zeros.
+    fn new(src: &mut dyn ParamSource, cfg: &WanConfig) -> Result<ImageProjector> {
+        let c = cfg.clip_dim;
+        let w = Init::Normal(0.02);
+        Ok(ImageProjector {
+            norm_in: LayerNorm::new(src, "img_emb.proj.0", c, IMG_EMB_EPS, true)?,
+            fc1: Linear::with_init(src, "img_emb.proj.1", c, c, true, w, Init::Zeros)?,
+            fc2: Linear::with_init(src, "img_emb.proj.3", c, cfg.dim, true, w, Init::Zeros)?,
+            norm_out: LayerNorm::new(src, "img_emb.proj.4", cfg.dim, IMG_EMB_EPS, true)?,
+        })
+    }
+
+    fn forward(&self, clip: &Tensor) -> Result<Tensor> {
+        let h = self.fc1.forward(&self.norm_in.forward(clip)?)?;
+        self.norm_out.forward(&self.fc2.forward(&ops::gelu(&h, GeluApprox::Exact)?)?)
+    }
+}
+
+impl Module for ImageProjector {
+    fn params(&self, out: &mut Vec<NamedParam>) {
+        self.norm_in.params(out);
+        self.fc1.params(out);
+        self.fc2.params(out);
+        self.norm_out.params(out);
+    }
+}
+
+/// The Wan2.1 DiT with the Synthos image projector, on one device.
+pub struct WanModel {
+    cfg: WanConfig,
+    device: Device,
+    dtype: DType,
+    /// The Conv3d as a linear map per patch: weight `[D, C·pt·ph·pw]`, inputs in
+    /// (c, kt, kh, kw) order (the conv weight's own memory order).
+    patch_embedding: Linear,
+    text_embedding: [Linear; 2],
+    time_embedding: [Linear; 2],
+    time_projection: Linear,
+    img_emb: ImageProjector,
+    blocks: Vec<Arc<WanBlock>>,
+    head: Linear,
+    /// `[1, 2, D]`: learned offsets of the head's shift and scale.
+    head_modulation: Tensor,
+    checkpointing: bool,
+    notes: Vec<String>,
+    /// The RoPE table of the last token grid (frames, rows, columns).
+    rope: Mutex<Option<([usize; 3], Rope)>>,
+}
+
+impl WanModel {
+    /// Builds every parameter from `src` in the original naming.
+    fn build(cfg: &WanConfig, src: &mut dyn ParamSource) -> Result<WanModel> {
+        cfg.validate()?;
+        let d = cfg.dim;
+        let [pt, ph, pw] = cfg.patch_size;
+        let conv_fan_in = cfg.patch_inputs() as f32;
+        let conv_init = Init::Uniform(1.0 / conv_fan_in.sqrt());
+        let conv_w = src.param("patch_embedding.weight", &[d, cfg.in_channels, pt, ph, pw], conv_init)?;
+        let patch_embedding = Linear {
+            name: "patch_embedding".into(),
+            // A view of the same storage: the conv weight's memory order is (c, kt, kh, kw).
+            weight: ops::reshape(&conv_w, &[d, cfg.patch_inputs()])?,
+            bias: Some(src.param("patch_embedding.bias", &[d], conv_init)?),
+        };
+        let text_embedding = [
+            Linear::new(src, "text_embedding.0", cfg.text_dim, d, true)?,
+            Linear::new(src, "text_embedding.2", d, d, true)?,
+        ];
+        let time_embedding = [
+            Linear::new(src, "time_embedding.0", cfg.freq_dim, d, true)?,
+            Linear::new(src, "time_embedding.2", d, d, true)?,
+        ];
+        let time_projection = Linear::new(src, "time_projection.1", d, 6 * d, true)?;
+        let blocks = (0..cfg.num_layers).map(|i| WanBlock::new(src, i, cfg).map(Arc::new)).collect::<Result<_>>()?;
+        let head = Linear::new(src, "head.head", d, cfg.out_channels * pt * ph * pw, true)?;
+        let head_modulation = src.param("head.modulation", &[1, 2, d], Init::Normal(1.0 / (d as f32).sqrt()))?;
+        // Last, so that random models that differ only in clip_dim share the other weights.
+        let img_emb = ImageProjector::new(src, cfg)?;
+        let dtype = head.weight.dtype();
+        Ok(WanModel {
+            cfg: cfg.clone(),
+            device: src.device(),
+            dtype,
+            patch_embedding,
+            text_embedding,
+            time_embedding,
+            time_projection,
+            img_emb,
+            blocks,
+            head,
+            head_modulation,
+            checkpointing: false,
+            notes: Vec::new(),
+            rope: Mutex::new(None),
+        })
+    }
+
+    /// A model with random weights (tests, demo, benchmarks), seeded: PyTorch-like
+    /// uniform ±1/√fan_in for linear layers and the patch embedding, N(0, 1/√D) for the
+    /// modulation tables, ones/zeros for norms, and the Synthos init for `img_emb`.
+    pub fn random(cfg: &WanConfig, seed: u64, device: Device, dtype: DType) -> Result<WanModel> {
+        Self::build(cfg, &mut RandomInit::new(seed, device, dtype))
+    }
+
+    /// Loads a DiT from safetensors onto `device` as `dtype` (CPU: f32).
+    ///
+    /// `paths[0]` holds the base weights: a `.safetensors` file, a sharded
+    /// `*.safetensors.index.json` or a directory of either. Each further path is layered
+    /// on top in order, replacing the tensors it holds (a Synthos `epoch-N.safetensors`).
+    /// The naming of each source — original Wan/DiffSynth (with or without a `model.`
+    /// prefix) or diffusers — is detected from its keys; sources may differ.
+    ///
+    /// When no source holds `img_emb.*` (a plain Wan2.1-T2V checkpoint) the projector is
+    /// created with the Synthos init and a line says so on stderr (also in
+    /// [`WanModel::load_notes`]). Missing, mis-shaped and unexpected tensors are
+    /// reported together in one error.
+    pub fn load<P: AsRef<Path>>(cfg: &WanConfig, paths: &[P], device: Device, dtype: DType) -> Result<WanModel> {
+        let Some((base, overlays)) = paths.split_first() else {
+            bail!("WanModel::load: no weight files given");
+        };
+        let sources = paths.iter().map(WeightSet::open).collect::<Result<Vec<_>>>()?;
+        let map = NameMap::new(&sources);
+        let mut set = WeightSet::open(base)?;
+        for p in overlays {
+            set.overlay(p)?;
+        }
+        let mut loader = Loader::new(&set, device, dtype);
+        loader.ignore_where(|k| map.is_shadowed(k));
+        let create_img_emb = !map.provides_prefix("img_emb.");
+        let mut src = Resolved {
+            loader,
+            map: &map,
+            created: create_img_emb.then(|| RandomInit::new(IMG_EMB_SEED, device, dtype)),
+        };
+        let mut model = Self::build(cfg, &mut src)?;
+        src.loader.finish()?;
+        if create_img_emb {
+            let names: Vec<String> = paths.iter().map(|p| p.as_ref().display().to_string()).collect();
+            let note = format!(
+                "img_emb: no image projector in {}; created {}→{} with the Synthos init \
+                 (Linear weights N(0, 0.02), zero biases, LayerNorms ones/zeros)",
+                names.join(" + "),
+                cfg.clip_dim,
+                cfg.dim
+            );
+            eprintln!("{note}");
+            model.notes.push(note);
+        }
+        Ok(model)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &WanConfig {
+        &self.cfg
+    }
+
+    /// The device the parameters are on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The parameters' element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// What loading did beyond reading tensors (e.g. creating `img_emb`).
+    pub fn load_notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// Switches per-block activation checkpointing: each block keeps only its inputs and
+    /// is recomputed during the backward pass.
+    pub fn set_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
+    }
+
+    /// Every parameter by original name (what the optimizer and checkpoints use). The
+    /// patch embedding's weight is the `[D, C·pt·ph·pw]` view used in the forward pass;
+    /// [`WanModel::save`] writes it in the conv shape `[D, C, pt, ph, pw]`.
+    pub fn params(&self) -> Vec<NamedParam> {
+        self.named_params()
+    }
+
+    /// Marks the parameters of `which` as trainable (and every other one as frozen), and
+    /// returns them by name, for the optimizer.
+    pub fn trainable(&self, which: Trainable) -> Vec<NamedParam> {
+        let mut chosen = Vec::new();
+        for (name, t) in self.params() {
+            let on = which.selects(&name);
+            t.set_requires_grad(on);
+            if on {
+                chosen.push((name, t));
+            }
+        }
+        chosen
+    }
+
+    /// Writes the parameters of `which` to `path` (safetensors, bf16, original naming —
+    /// what DiffSynth and the Synthos code load), atomically.
+    pub fn save(&self, path: impl AsRef<Path>, which: Trainable) -> Result<()> {
+        let conv_shape = {
+            let [pt, ph, pw] = self.cfg.patch_size;
+            [self.cfg.dim, self.cfg.in_channels, pt, ph, pw]
+        };
+        let tensors = autograd::no_grad(|| {
+            self.params()
+                .into_iter()
+                .filter(|(name, _)| which.selects(name))
+                .map(|(name, t)| {
+                    let t = if name == "patch_embedding.weight" { ops::reshape(&t, &conv_shape)? } else { t };
+                    Ok((name, t))
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        if tensors.is_empty() {
+            bail!("WanModel::save: {which:?} selects no parameters");
+        }
+        let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
+        weights::save(path, &tensors, SaveDType::BF16, Some(&meta))
+    }
+
+    /// The cross-attention context: `text_embedding(text)` (`text [B, L, text_dim]`),
+    /// preceded by `img_emb(clip_tokens)` (`[B, Nc, clip_dim]`, 257 tokens for ViT-H/14)
+    /// when a reference image is given → `[B, Nc + L, D]` or `[B, L, D]`.
+    pub fn context(&self, text: &Tensor, clip_tokens: Option<&Tensor>) -> Result<Tensor> {
+        let [b, _, td] = *text.shape() else {
+            bail!("WanModel: text must be [B, L, {}], got {:?}", self.cfg.text_dim, text.shape());
+        };
+        if td != self.cfg.text_dim || text.shape()[1] == 0 {
+            bail!("WanModel: text must be [B, L, {}] with L > 0, got {:?}", self.cfg.text_dim, text.shape());
+        }
+        let text = ops::cast(text, self.dtype)?;
+        let h = ops::gelu(&self.text_embedding[0].forward(&text)?, GeluApprox::Tanh)?;
+        let text_ctx = self.text_embedding[1].forward(&h)?;
+        let Some(clip) = clip_tokens else {
+            return Ok(text_ctx);
+        };
+        match *clip.shape() {
+            [cb, n, cd] if cb == b && n > 0 && cd == self.cfg.clip_dim => {}
+            _ => bail!(
+                "WanModel: clip_tokens must be [{b}, N, {}] (N = 257 for ViT-H/14), got {:?}",
+                self.cfg.clip_dim,
+                clip.shape()
+            ),
+        }
+        let image_ctx = self.img_emb.forward(&ops::cast(clip, self.dtype)?)?;
+        ops::concat(&[&image_ctx, &text_ctx], 1)
+    }
+
+    /// The velocity prediction `[B, out_channels, F, H, W]` for `latents
+    /// [B, in_channels, F, H, W]` (H and W multiples of the patch size; an image is
+    /// F = 1) at `timesteps` (one per sample, t = σ·1000), conditioned on `text
+    /// [B, L, text_dim]` and, when given, the CLIP tokens of a reference image
+    /// `[B, 257, clip_dim]`. Differentiable in every input and parameter.
+    pub fn forward(
+        &self,
+        latents: &Tensor,
+        timesteps: &[f32],
+        text: &Tensor,
+        clip_tokens: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let context = self.context(text, clip_tokens)?;
+        self.forward_with_context(latents, timesteps, &context)
+    }
+
+    /// [`WanModel::forward`] with a context made by [`WanModel::context`] (which the
+    /// sampler reuses across steps).
+    pub fn forward_with_context(&self, latents: &Tensor, timesteps: &[f32], context: &Tensor) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let [b, c, f, h, w] = *latents.shape() else {
+            bail!("WanModel: latents must be [B, {}, F, H, W], got {:?}", cfg.in_channels, latents.shape());
+        };
+        let [_, ph, pw] = cfg.patch_size;
+        if c != cfg.in_channels || b == 0 || f == 0 || h == 0 || w == 0 || h % ph != 0 || w % pw != 0 {
+            bail!(
+                "WanModel: latents must be [B, {}, F, H, W] with H a multiple of {ph} and W of {pw}, got {:?}",
+                cfg.in_channels,
+                latents.shape()
+            );
+        }
+        if timesteps.len() != b || timesteps.iter().any(|t| !t.is_finite()) {
+            bail!("WanModel: {} timesteps given for a batch of {b} (one finite t = σ·1000 each)", timesteps.len());
+        }
+        match *context.shape() {
+            [cb, n, d] if cb == b && n > 0 && d == cfg.dim => {}
+            _ => bail!("WanModel: context must be [{b}, L, {}], got {:?}", cfg.dim, context.shape()),
+        }
+        let (hp, wp) = (h / ph, w / pw);
+        let tokens = f * hp * wp;
+
+        // Patchify: [B, C, F·hp, ph, wp, pw] → [B, F·hp, wp, C, ph, pw] → [B, N, C·ph·pw].
+        let x = ops::cast(latents, self.dtype)?;
+        let x = ops::reshape(&x, &[b, c, f * hp, ph, wp, pw])?;
+        let x = ops::permute(&x, &[0, 2, 4, 1, 3, 5])?;
+        let x = ops::reshape(&x, &[b, tokens, cfg.patch_inputs()])?;
+        let mut x = self.patch_embedding.forward(&x)?;
+
+        // Time: e [B, D] and its six-way projection [B, 6, D].
+        let t_freq =
+            Tensor::from_vec_dtype(sinusoid(timesteps, cfg.freq_dim), &[b, cfg.freq_dim], self.device, self.dtype)?;
+        let e = self.time_embedding[1].forward(&ops::silu(&self.time_embedding[0].forward(&t_freq)?)?)?;
+        let t_mod = ops::reshape(&self.time_projection.forward(&ops::silu(&e)?)?, &[b, 6, cfg.dim])?;
+
+        let rope = self.rope_for([f, hp, wp])?;
+        let context = ops::cast(context, self.dtype)?;
+        for block in &self.blocks {
+            x = if self.checkpointing {
+                let (blk, rp) = (block.clone(), rope.clone());
+                autograd::checkpoint(&[x, context.clone(), t_mod.clone()], &block.tensors(), move |xs| {
+                    blk.forward(&xs[0], &xs[1], &xs[2], &rp)
+                })?
+            } else {
+                block.forward(&x, &context, &t_mod, &rope)?
+            };
+        }
+
+        // Head: shift and scale from e, LayerNorm-modulate, project to patches.
+        let m = ops::add(&self.head_modulation, &ops::reshape(&e, &[b, 1, cfg.dim])?)?;
+        let m = ops::split(&m, 1, &[1, 1])?;
+        let y = self.head.forward(&ops::layer_norm_modulate(&x, &m[0], &m[1], cfg.eps)?)?;
+
+        // Unpatchify: [B, F·hp, wp, ph, pw, C] → [B, C, F·hp, ph, wp, pw] = [B, C, F, H, W].
+        let co = cfg.out_channels;
+        let y = ops::reshape(&y, &[b, f * hp, wp, ph, pw, co])?;
+        let y = ops::permute(&y, &[0, 5, 1, 3, 2, 4])?;
+        ops::reshape(&y, &[b, co, f, h, w])
+    }
+
+    /// The RoPE table of a `frames × rows × columns` token grid, cached for the last grid.
+    fn rope_for(&self, grid: [usize; 3]) -> Result<Rope> {
+        let mut cache = self.rope.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((g, r)) = cache.as_ref() {
+            if *g == grid {
+                return Ok(r.clone());
+            }
+        }
+        if let Some(&n) = grid.iter().find(|&&n| n > self.cfg.rope_max_seq_len) {
+            bail!(
+                "WanModel: token grid {grid:?} has an axis of {n} positions, more than rope_max_seq_len {}",
+                self.cfg.rope_max_seq_len
+            );
+        }
+        let table = ops::rope_table_3d(grid[0], grid[1], grid[2], self.cfg.head_dim(), self.cfg.rope_theta)?;
+        let (cos, sin) = table.to_tensors(self.device)?;
+        let rope = Rope { cos, sin };
+        *cache = Some((grid, rope.clone()));
+        Ok(rope)
+    }
+}
+
+impl Module for WanModel {
+    fn params(&self, out: &mut Vec<NamedParam>) {
+        self.patch_embedding.params(out);
+        for l in self.text_embedding.iter().chain(&self.time_embedding) {
+            l.params(out);
+        }
+        self.time_projection.params(out);
+        self.img_emb.params(out);
+        for b in &self.blocks {
+            b.params(out);
+        }
+        self.head.params(out);
+        out.push(("head.modulation".into(), self.head_modulation.clone()));
+    }
+}
+
+/// Wan's timestep embedding `cat[cos(t·ω_k), sin(t·ω_k)]`, ω_k = 10000^(−k/(dim/2)),
+/// computed in f64 (as DiffSynth does) → `[B, dim]` row-major.
+fn sinusoid(timesteps: &[f32], dim: usize) -> Vec<f32> {
+    let half = dim / 2;
+    let mut out = vec![0f32; timesteps.len() * dim];
+    for (row, &t) in out.chunks_exact_mut(dim).zip(timesteps) {
+        for k in 0..half {
+            let angle = t as f64 * 10000f64.powf(-(k as f64) / half as f64);
+            row[k] = angle.cos() as f32;
+            row[half + k] = angle.sin() as f32;
+        }
+    }
+    out
+}
+
+/// A [`ParamSource`] over a [`Loader`] that asks for each parameter under the key that
+/// provides it, and creates `img_emb` when no source holds it.
+struct Resolved<'a, 'm> {
+    loader: Loader<'a>,
+    map: &'m NameMap,
+    created: Option<RandomInit>,
+}
+
+impl ParamSource for Resolved<'_, '_> {
+    fn param(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        if let (Some(r), true) = (self.created.as_mut(), name.starts_with("img_emb.")) {
+            return r.param(name, shape, init);
+        }
+        self.loader.get(&self.map.key(name), shape)
+    }
+
+    fn device(&self) -> Device {
+        self.loader.device()
+    }
+}
