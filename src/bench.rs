@@ -272,7 +272,58 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             run: Box::new(move || opt.step(&grads, 1e-4, 1.0)),
         });
     }
+    v.push(dit_step_case(device, size)?);
     Ok(v)
+}
+
+/// FLOPs of one DiT forward over `tokens` latent tokens and `ctx` context rows: the
+/// linear layers (2 per multiply-add) plus the two attentions (4·N·M·dim each).
+pub fn dit_forward_flops(cfg: &crate::models::wan::WanConfig, tokens: usize, ctx: usize) -> f64 {
+    let (d, f, n, m) = (cfg.dim as f64, cfg.ffn_dim as f64, tokens as f64, ctx as f64);
+    let per_block = 2.0 * n * (4.0 * d * d) // self-attention q, k, v, o
+        + 2.0 * n * (2.0 * d * d) + 2.0 * m * (2.0 * d * d) // cross q, o; k, v over the context
+        + 2.0 * n * (2.0 * d * f) // FFN
+        + 4.0 * n * n * d + 4.0 * n * m * d; // attention scores and values
+    cfg.num_layers as f64 * per_block
+}
+
+/// One DiT training step (forward + backward, no optimizer): the 1.3B config at 480×480
+/// (900 tokens, 257 CLIP + 512 text rows) on a GPU, the tiny config on the CPU.
+pub fn dit_step_case(device: Device, size: Size) -> Result<BenchCase> {
+    use crate::models::wan::{WanConfig, WanModel};
+    let (cfg, lat) = match size {
+        Size::Full => (WanConfig::preset("wan2.1-t2v-1.3b")?, 60),
+        Size::Small => (WanConfig::preset("tiny")?, 16),
+    };
+    let mut model = WanModel::random(&cfg, 7, device, device.default_dtype())?;
+    model.set_checkpointing(size == Size::Full);
+    let params: Vec<Tensor> = model.params().into_iter().map(|(_, t)| t.requires_grad()).collect();
+    let mut rng = Rng::new(11);
+    let x = rand(&[1, cfg.in_channels, 1, lat, lat], &mut rng, device)?;
+    let text = rand(&[1, cfg.text_len, cfg.text_dim], &mut rng, device)?;
+    let clip = rand(&[1, 257, cfg.clip_dim], &mut rng, device)?;
+    let tokens = (lat / 2) * (lat / 2);
+    let flops = 3.0 * dit_forward_flops(&cfg, tokens, 257 + cfg.text_len);
+    let bytes = params.iter().map(|p| p.numel() as f64 * p.dtype().size() as f64).sum::<f64>() * 3.0;
+    let name = format!(
+        "dit fwd+bwd {} {}x{} latent, 257+{} ctx",
+        if size == Size::Full { "1.3B" } else { "tiny" },
+        lat,
+        lat,
+        cfg.text_len
+    );
+    Ok(BenchCase {
+        family: "model",
+        name,
+        bytes,
+        flops,
+        bound: Bound::Compute,
+        run: Box::new(move || {
+            let v = model.forward(&x, &[500.0], &text, Some(&clip))?;
+            let loss = ops::mean_all(&ops::mul(&v, &v)?)?;
+            autograd::backward(&loss).map(|_| ())
+        }),
+    })
 }
 
 /// Runs every case for at least `min_seconds` each and reports throughput, with the
