@@ -227,8 +227,10 @@ fn compare_tiny_gpu(dev: Device, dtype: DType) {
     let cpu = tiny_cpu();
     let gpu = Vae::from_weights(&weights(), &VaeConfig::tiny(), dev, dtype).unwrap();
     let io = io();
+    // Whole-model bounds: cuBLASLt runs f32 GEMMs in TF32 (about 6e-4 relative each), and
+    // the errors of some 45 layers add up; bf16 rounds every activation.
     let (l2, what) = match dtype {
-        DType::F32 => (2e-3, "f32 (TF32 GEMMs)"),
+        DType::F32 => (1e-2, "f32 (TF32 GEMMs)"),
         DType::BF16 => (5e-2, "bf16"),
     };
     let image = io_tensor(&io, "image");

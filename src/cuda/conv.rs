@@ -160,6 +160,18 @@ fn scratch<'a, T: Elem>(
     slot.as_mut().ok_or_else(|| Error::msg("conv: scratch buffer missing"))
 }
 
+/// Elements `range` of `s` as a view, or an error (never a panic) when out of bounds.
+fn view<T>(s: &CudaSlice<T>, range: std::ops::Range<usize>) -> Result<CudaView<'_, T>> {
+    let len = s.len();
+    s.try_slice(range.clone()).ok_or_else(|| Error::msg(format!("conv: view {range:?} of a {len}-element buffer")))
+}
+
+/// Mutable [`view`].
+fn view_mut<T>(s: &mut CudaSlice<T>, range: std::ops::Range<usize>) -> Result<CudaViewMut<'_, T>> {
+    let len = s.len();
+    s.try_slice_mut(range.clone()).ok_or_else(|| Error::msg(format!("conv: view {range:?} of a {len}-element buffer")))
+}
+
 /// True when element `off` of a (256-byte-aligned) allocation is aligned for cuBLASLt.
 fn aligned<T>(off: usize) -> bool {
     (off * std::mem::size_of::<T>()) % GEMM_ALIGN == 0
@@ -437,9 +449,9 @@ fn forward_t<T: Elem>(
             gemm_rows(
                 &blas,
                 &gm,
-                &w.slice(..),
-                &x.slice(xo..xo + g.in_image()),
-                &mut out.slice_mut(oo..oo + g.out_image()),
+                &view(w, 0..w.len())?,
+                &view(x, xo..xo + g.in_image())?,
+                &mut view_mut(&mut out, oo..oo + g.out_image())?,
             )?;
             if let Some(bias) = bias {
                 rows_bias_add(dev, &mut out, Block { off: oo, ld: opix }, o, opix, bias)?;
@@ -454,15 +466,21 @@ fn forward_t<T: Elem>(
             let mut gm = RowGemm { m: o, n: npix, k, trans_a: false, trans_b: false, lda: k, ldb: npix, ldc: opix };
             if aligned::<T>(dst) {
                 // The product lands in place: rows of npix pixels, opix apart.
-                let mut view = out.slice_mut(dst..dst + span(o, npix, opix));
-                gemm_rows(&blas, &gm, &w.slice(..), &cols.slice(..k * npix), &mut view)?;
+                let mut band_out = view_mut(&mut out, dst..dst + span(o, npix, opix))?;
+                gemm_rows(&blas, &gm, &view(w, 0..w.len())?, &view(cols, 0..k * npix)?, &mut band_out)?;
                 if let Some(bias) = bias {
                     rows_bias_add(dev, &mut out, Block { off: dst, ld: opix }, o, npix, bias)?;
                 }
             } else {
                 let band = scratch(&mut band_slot, dev, o * per * g.w_out)?;
                 gm.ldc = npix;
-                gemm_rows(&blas, &gm, &w.slice(..), &cols.slice(..k * npix), &mut band.slice_mut(..o * npix))?;
+                gemm_rows(
+                    &blas,
+                    &gm,
+                    &view(w, 0..w.len())?,
+                    &view(cols, 0..k * npix)?,
+                    &mut view_mut(band, 0..o * npix)?,
+                )?;
                 rows_copy(
                     dev,
                     band,
@@ -564,30 +582,30 @@ fn backward_t<T: Elem>(
                 im2col(dev, x, xo, scratch(&mut cols_slot, dev, k * per * g.w_out)?, g, r0, rows)?;
             }
             let (dy_view, ld_dy) = match (&band_slot, dy_in_place) {
-                (_, true) => (dy.slice(src..src + span(o, npix, opix)), opix),
-                (Some(band), false) => (band.slice(..o * npix), npix),
+                (_, true) => (view(dy, src..src + span(o, npix, opix))?, opix),
+                (Some(band), false) => (view(band, 0..o * npix)?, npix),
                 (None, false) => bail!("conv2d backward: gradient band missing"),
             };
             if let Some(dw) = dw.as_mut() {
                 let cols_view = match (&cols_slot, direct) {
-                    (_, true) => x.slice(xo..xo + g.in_image()),
-                    (Some(cols), false) => cols.slice(..k * npix),
+                    (_, true) => view(x, xo..xo + g.in_image())?,
+                    (Some(cols), false) => view(cols, 0..k * npix)?,
                     (None, false) => bail!("conv2d backward: column buffer missing"),
                 };
                 let part = scratch(&mut part_slot, dev, o * k)?;
                 // dW_band[o, k] = dY_band · colsᵀ
                 let gm = RowGemm { m: o, n: k, k: npix, trans_a: false, trans_b: true, lda: ld_dy, ldb: npix, ldc: k };
-                gemm_rows(&blas, &gm, &dy_view, &cols_view, &mut part.slice_mut(..o * k))?;
+                gemm_rows(&blas, &gm, &dy_view, &cols_view, &mut view_mut(part, 0..o * k)?)?;
                 accumulate(dev, dw, part, o * k)?;
             }
             if let Some(dx) = dx.as_mut() {
                 // dcols[k, npix] = Wᵀ · dY_band
                 let gm = RowGemm { m: k, n: npix, k: o, trans_a: true, trans_b: false, lda: k, ldb: ld_dy, ldc: npix };
                 if direct {
-                    gemm_rows(&blas, &gm, &w.slice(..), &dy_view, &mut dx.slice_mut(xo..xo + g.in_image()))?;
+                    gemm_rows(&blas, &gm, &view(w, 0..w.len())?, &dy_view, &mut view_mut(dx, xo..xo + g.in_image())?)?;
                 } else {
                     let dcols = scratch(&mut dcols_slot, dev, k * per * g.w_out)?;
-                    gemm_rows(&blas, &gm, &w.slice(..), &dy_view, &mut dcols.slice_mut(..k * npix))?;
+                    gemm_rows(&blas, &gm, &view(w, 0..w.len())?, &dy_view, &mut view_mut(dcols, 0..k * npix)?)?;
                     col2im(dev, dcols, dx, xo, g, r0, rows, g.input_rows(r0, rows))?;
                 }
             }
