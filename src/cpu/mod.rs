@@ -4,6 +4,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod conv;
 pub mod elementwise;
 pub mod loss;
 pub mod matmul;

@@ -304,6 +304,7 @@ pub fn suffix(dtype: DType) -> &'static str {
 
 pub mod adamw;
 pub mod attention;
+pub mod conv;
 pub mod elementwise;
 pub mod loss;
 pub mod matmul;

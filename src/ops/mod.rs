@@ -5,6 +5,7 @@
 //! Host code above this module never matches on the device.
 
 mod attention;
+mod conv;
 mod elementwise;
 mod loss;
 mod matmul;
@@ -14,6 +15,7 @@ mod rope;
 mod shape;
 
 pub use attention::*;
+pub use conv::*;
 pub use elementwise::*;
 pub use loss::*;
 pub use matmul::*;

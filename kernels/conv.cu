@@ -1,0 +1,284 @@
+// Kernels of convolutional image models (the Wan VAE): the data movement around the
+// im2col + cuBLASLt convolution, nearest 2x upsampling, the channel RMS norm, clamp.
+//
+// Convolution (the GEMMs run in cuBLASLt; these kernels feed and drain them). Layout
+// [B, C, H, W]; one image and one band of output rows [r0, r0 + rows) at a time, so the
+// column matrix has K = C·kh·kw rows and npix = rows·w_out columns:
+//   im2col:   cols[(c·kh + ky)·kw + kx, (oy − r0)·w_out + ox]
+//                 = x[c, oy·s − pad_top + ky, ox·s − pad_left + kx]   (0 in the padding)
+//   col2im:   dx[c, iy, ix] += Σ_{ky,kx} dcols[(c·kh+ky)·kw+kx, (oy − r0)·w_out + ox]
+//             over the taps with oy·s = iy + pad_top − ky, ox·s = ix + pad_left − kx
+//             that land in the band. A gather (one thread per input pixel) rather than a
+//             scatter, so there are no atomics and the sum order is fixed; bands run one
+//             after another on the stream, so the read-modify-write of a pixel shared by
+//             two bands is race-free.
+//   rows_copy[_bias]: dst[dst_off + r·dst_ld + c] = src[src_off + r·src_ld + c] (+ bias[r]),
+//             a strided [rows, cols] copy between a band-sized buffer and its place in
+//             the [O, H·W] output (cuBLASLt gets only 256-byte-aligned pointers, so a band
+//             whose start is not aligned goes through a scratch buffer).
+//   rows_bias_add: the bias of a GEMM that wrote its output in place.
+//   accumulate_f32: acc += x, the weight gradient summed over bands in fp32.
+// Launch: 1-D grids of 256 threads, grid-stride; consecutive threads on consecutive
+// columns / pixels, so stores are coalesced (and loads too for stride 1).
+//
+// Upsample: out[p, y, x] = x[p, y/2, x/2] over planes p; its backward sums each 2x2 block.
+// One thread per output (forward) or input (backward) element.
+//
+// Channel RMS norm (Wan's RMS_norm, F.normalize over the channel dimension), x viewed as
+// [B, C, S] with S pixels per plane; per pixel, over its C channels (stride S):
+//   r = 1 / max(‖x‖₂, eps),  y_c = x_c·r·scale·γ_c     (scale = √C, γ in fp32)
+// Backward, with dot = Σ_c γ_c·dy_c·x_c:
+//   dx_c = scale·r·(γ_c·dy_c − x_c·r²·dot)   (no second term where the norm is clamped)
+//   dγ_c = Σ_pixels dy_c·x_c·r·scale
+// Launch: blocks of 32×8 threads; a block takes 32 consecutive pixels (threadIdx.x, so
+// every channel plane is read with coalesced 32-element runs) and splits the channels
+// over the 8 rows (threadIdx.y = c mod 8); per-pixel sums meet in shared memory. Blocks
+// grid-stride over pixel groups. The backward leaves one partial dγ row per block
+// (each warp is one threadIdx.y row and sums its 32 pixels with shuffles; each (block,
+// channel) entry has a single writer), which the host sums over blocks: deterministic,
+// no atomics.
+//
+// Clamp: y = min(max(x, lo), hi); backward passes g where lo ≤ x ≤ hi (PyTorch's rule).
+#include "common.cuh"
+
+// Mirrors `cuda::conv::ConvDesc`.
+struct ConvDesc {
+    int64_t c_in, h, w, kh, kw, stride, pad_top, pad_left, h_out, w_out;
+};
+
+#define GRID_STRIDE(i, n) \
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
+
+template <typename T>
+__device__ void im2col_impl(const T* x, int64_t x_off, T* cols, ConvDesc g, int64_t r0, int64_t rows) {
+    const int64_t npix = rows * g.w_out;
+    const int64_t n = g.c_in * g.kh * g.kw * npix;
+    GRID_STRIDE(i, n) {
+        const int64_t p = i % npix, k = i / npix;
+        const int64_t kx = k % g.kw, ky = (k / g.kw) % g.kh, c = k / (g.kw * g.kh);
+        const int64_t oy = r0 + p / g.w_out, ox = p % g.w_out;
+        const int64_t iy = oy * g.stride - g.pad_top + ky, ix = ox * g.stride - g.pad_left + kx;
+        float v = 0.f;
+        if (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w) v = load(x, x_off + (c * g.h + iy) * g.w + ix);
+        store(cols, i, v);
+    }
+}
+
+// Input rows [iy0, iy1) of image at dx_off receive the taps of output rows [r0, r0+rows).
+template <typename T>
+__device__ void col2im_impl(const T* dcols, T* dx, int64_t dx_off, ConvDesc g, int64_t r0, int64_t rows,
+                            int64_t iy0, int64_t iy1) {
+    const int64_t npix = rows * g.w_out;
+    const int64_t nrows = iy1 - iy0;
+    const int64_t n = g.c_in * nrows * g.w;
+    GRID_STRIDE(i, n) {
+        const int64_t ix = i % g.w, t = i / g.w;
+        const int64_t iy = iy0 + t % nrows, c = t / nrows;
+        float acc = 0.f;
+        for (int64_t ky = 0; ky < g.kh; ++ky) {
+            const int64_t ny = iy + g.pad_top - ky;
+            if (ny < 0 || ny % g.stride != 0) continue;
+            const int64_t oy = ny / g.stride;
+            if (oy < r0 || oy >= r0 + rows) continue;
+            for (int64_t kx = 0; kx < g.kw; ++kx) {
+                const int64_t nx = ix + g.pad_left - kx;
+                if (nx < 0 || nx % g.stride != 0) continue;
+                const int64_t ox = nx / g.stride;
+                if (ox >= g.w_out) continue;
+                acc += load(dcols, ((c * g.kh + ky) * g.kw + kx) * npix + (oy - r0) * g.w_out + ox);
+            }
+        }
+        const int64_t o = dx_off + (c * g.h + iy) * g.w + ix;
+        store(dx, o, load(dx, o) + acc);
+    }
+}
+
+template <typename T, bool BIAS>
+__device__ void rows_copy_impl(const T* src, int64_t src_off, int64_t src_ld, T* dst, int64_t dst_off, int64_t dst_ld,
+                               int64_t rows, int64_t cols, const float* bias) {
+    GRID_STRIDE(i, rows * cols) {
+        const int64_t r = i / cols, c = i % cols;
+        float v = load(src, src_off + r * src_ld + c);
+        if (BIAS) v += bias[r];
+        store(dst, dst_off + r * dst_ld + c, v);
+    }
+}
+
+template <typename T>
+__device__ void rows_bias_add_impl(T* dst, int64_t off, int64_t ld, int64_t rows, int64_t cols, const float* bias) {
+    GRID_STRIDE(i, rows * cols) {
+        const int64_t r = i / cols, c = i % cols;
+        const int64_t o = off + r * ld + c;
+        store(dst, o, load(dst, o) + bias[r]);
+    }
+}
+
+template <typename T>
+__device__ void accumulate_impl(float* acc, const T* x, int64_t n) {
+    GRID_STRIDE(i, n) acc[i] += load(x, i);
+}
+
+template <typename T>
+__device__ void upsample2x_impl(const T* x, T* out, int64_t h, int64_t w, int64_t n_out) {
+    const int64_t h2 = 2 * h, w2 = 2 * w;
+    GRID_STRIDE(i, n_out) {
+        const int64_t ox = i % w2, t = i / w2;
+        const int64_t oy = t % h2, p = t / h2;
+        out[i] = x[(p * h + oy / 2) * w + ox / 2];
+    }
+}
+
+template <typename T>
+__device__ void upsample2x_bwd_impl(const T* g, T* dx, int64_t h, int64_t w, int64_t n_in) {
+    const int64_t w2 = 2 * w;
+    GRID_STRIDE(i, n_in) {
+        const int64_t ix = i % w, t = i / w;
+        const int64_t iy = t % h, p = t / h;
+        const int64_t o = (p * 2 * h + 2 * iy) * w2 + 2 * ix;
+        store(dx, i, load(g, o) + load(g, o + 1) + load(g, o + w2) + load(g, o + w2 + 1));
+    }
+}
+
+#define CRN_PIX 32
+#define CRN_ROWS 8
+
+// Pixel p of B·S lives at (p / S)·C·S + p % S; channel c is c·S further.
+__device__ __forceinline__ int64_t crn_base(int64_t p, int64_t c, int64_t s) { return (p / s) * c * s + p % s; }
+
+template <typename T>
+__device__ void crn_fwd_impl(const T* x, const float* gamma, T* y, int64_t c, int64_t s, int64_t npix, float eps,
+                             float scale) {
+    __shared__ float part[CRN_ROWS][CRN_PIX + 1];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    for (int64_t first = blockIdx.x * (int64_t)CRN_PIX; first < npix; first += (int64_t)gridDim.x * CRN_PIX) {
+        const int64_t p = first + tx;
+        const bool valid = p < npix;
+        const int64_t base = valid ? crn_base(p, c, s) : 0;
+        float ss = 0.f;
+        if (valid)
+            for (int64_t ch = ty; ch < c; ch += CRN_ROWS) {
+                const float v = load(x, base + ch * s);
+                ss += v * v;
+            }
+        part[ty][tx] = ss;
+        __syncthreads();
+        float total = 0.f;
+#pragma unroll
+        for (int k = 0; k < CRN_ROWS; ++k) total += part[k][tx];
+        __syncthreads();  // `part` is rewritten by the next group
+        const float r = 1.f / fmaxf(sqrtf(total), eps);
+        if (valid)
+            for (int64_t ch = ty; ch < c; ch += CRN_ROWS)
+                store(y, base + ch * s, load(x, base + ch * s) * r * scale * gamma[ch]);
+    }
+}
+
+// dgamma_part: [gridDim.x, C] f32, zero-initialised by the host.
+template <typename T>
+__device__ void crn_bwd_impl(const T* x, const float* gamma, const T* dy, T* dx, float* dgamma_part, int64_t c,
+                             int64_t s, int64_t npix, float eps, float scale) {
+    __shared__ float part_ss[CRN_ROWS][CRN_PIX + 1];
+    __shared__ float part_dot[CRN_ROWS][CRN_PIX + 1];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    for (int64_t first = blockIdx.x * (int64_t)CRN_PIX; first < npix; first += (int64_t)gridDim.x * CRN_PIX) {
+        const int64_t p = first + tx;
+        const bool valid = p < npix;
+        const int64_t base = valid ? crn_base(p, c, s) : 0;
+        float ss = 0.f, dot = 0.f;
+        if (valid)
+            for (int64_t ch = ty; ch < c; ch += CRN_ROWS) {
+                const float xv = load(x, base + ch * s);
+                ss += xv * xv;
+                dot += gamma[ch] * load(dy, base + ch * s) * xv;
+            }
+        part_ss[ty][tx] = ss;
+        part_dot[ty][tx] = dot;
+        __syncthreads();
+        float total_ss = 0.f, total_dot = 0.f;
+#pragma unroll
+        for (int k = 0; k < CRN_ROWS; ++k) {
+            total_ss += part_ss[k][tx];
+            total_dot += part_dot[k][tx];
+        }
+        __syncthreads();
+        const float norm = sqrtf(total_ss);
+        const float r = 1.f / fmaxf(norm, eps);
+        const float proj = norm > eps ? r * r * total_dot : 0.f;
+        // The loop bound depends on ty only, so the whole warp (one ty row) runs it
+        // together and the shuffles in warp_sum see all 32 lanes.
+        for (int64_t ch = ty; ch < c; ch += CRN_ROWS) {
+            float contrib = 0.f;
+            if (valid) {
+                const float xv = load(x, base + ch * s), gv = load(dy, base + ch * s);
+                store(dx, base + ch * s, scale * r * (gamma[ch] * gv - xv * proj));
+                contrib = gv * xv * r * scale;
+            }
+            contrib = warp_sum(contrib);
+            if (tx == 0) dgamma_part[blockIdx.x * c + ch] += contrib;
+        }
+    }
+}
+
+template <typename T>
+__device__ void clamp_impl(const T* x, T* y, float lo, float hi, int64_t n) {
+    GRID_STRIDE(i, n) store(y, i, fminf(fmaxf(load(x, i), lo), hi));
+}
+
+template <typename T>
+__device__ void clamp_bwd_impl(const T* x, const T* g, T* dx, float lo, float hi, int64_t n) {
+    GRID_STRIDE(i, n) {
+        const float v = load(x, i);
+        store(dx, i, (v >= lo && v <= hi) ? load(g, i) : 0.f);
+    }
+}
+
+#define CONV_ENTRY_POINTS(T, SFX)                                                                                     \
+    extern "C" __global__ void im2col_##SFX(const T* x, int64_t x_off, T* cols, ConvDesc g, int64_t r0,             \
+                                            int64_t rows) {                                                          \
+        im2col_impl(x, x_off, cols, g, r0, rows);                                                                    \
+    }                                                                                                                 \
+    extern "C" __global__ void col2im_##SFX(const T* dcols, T* dx, int64_t dx_off, ConvDesc g, int64_t r0,          \
+                                            int64_t rows, int64_t iy0, int64_t iy1) {                                \
+        col2im_impl(dcols, dx, dx_off, g, r0, rows, iy0, iy1);                                                       \
+    }                                                                                                                 \
+    extern "C" __global__ void rows_copy_##SFX(const T* src, int64_t src_off, int64_t src_ld, T* dst,               \
+                                               int64_t dst_off, int64_t dst_ld, int64_t rows, int64_t cols) {        \
+        rows_copy_impl<T, false>(src, src_off, src_ld, dst, dst_off, dst_ld, rows, cols, nullptr);                   \
+    }                                                                                                                 \
+    extern "C" __global__ void rows_copy_bias_##SFX(const T* src, int64_t src_off, int64_t src_ld, T* dst,          \
+                                                    int64_t dst_off, int64_t dst_ld, int64_t rows, int64_t cols,     \
+                                                    const float* bias) {                                             \
+        rows_copy_impl<T, true>(src, src_off, src_ld, dst, dst_off, dst_ld, rows, cols, bias);                       \
+    }                                                                                                                 \
+    extern "C" __global__ void rows_bias_add_##SFX(T* dst, int64_t off, int64_t ld, int64_t rows, int64_t cols,     \
+                                                   const float* bias) {                                              \
+        rows_bias_add_impl(dst, off, ld, rows, cols, bias);                                                          \
+    }                                                                                                                 \
+    extern "C" __global__ void accumulate_f32_from_##SFX(float* acc, const T* x, int64_t n) {                       \
+        accumulate_impl(acc, x, n);                                                                                  \
+    }                                                                                                                 \
+    extern "C" __global__ void upsample2x_##SFX(const T* x, T* out, int64_t h, int64_t w, int64_t n_out) {          \
+        upsample2x_impl(x, out, h, w, n_out);                                                                        \
+    }                                                                                                                 \
+    extern "C" __global__ void upsample2x_bwd_##SFX(const T* g, T* dx, int64_t h, int64_t w, int64_t n_in) {        \
+        upsample2x_bwd_impl(g, dx, h, w, n_in);                                                                      \
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(CRN_PIX * CRN_ROWS)                                                 \
+        channel_rms_norm_##SFX(const T* x, const float* gamma, T* y, int64_t c, int64_t s, int64_t npix, float eps, \
+                               float scale) {                                                                        \
+        crn_fwd_impl(x, gamma, y, c, s, npix, eps, scale);                                                           \
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(CRN_PIX * CRN_ROWS)                                                 \
+        channel_rms_norm_bwd_##SFX(const T* x, const float* gamma, const T* dy, T* dx, float* dgamma_part,          \
+                                   int64_t c, int64_t s, int64_t npix, float eps, float scale) {                     \
+        crn_bwd_impl(x, gamma, dy, dx, dgamma_part, c, s, npix, eps, scale);                                         \
+    }                                                                                                                 \
+    extern "C" __global__ void clamp_##SFX(const T* x, T* y, float lo, float hi, int64_t n) {                       \
+        clamp_impl(x, y, lo, hi, n);                                                                                 \
+    }                                                                                                                 \
+    extern "C" __global__ void clamp_bwd_##SFX(const T* x, const T* g, T* dx, float lo, float hi, int64_t n) {      \
+        clamp_bwd_impl(x, g, dx, lo, hi, n);                                                                         \
+    }
+
+CONV_ENTRY_POINTS(float, f32)
+CONV_ENTRY_POINTS(bf16, bf16)

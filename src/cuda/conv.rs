@@ -1,0 +1,848 @@
+//! Launchers of `kernels/conv.cu` and `kernels/softmax.cu`: the convolution as im2col +
+//! cuBLASLt GEMM (forward and backward), nearest 2× upsampling, the channel RMS norm,
+//! clamp and the row softmax.
+//!
+//! The convolution walks one image and one band of output rows at a time (the bands of
+//! [`ConvGeom::rows_per_chunk`]), so the column matrix stays within a set number of
+//! elements whatever the image size. Per band, in row-major terms:
+//!
+//! ```text
+//!   forward   Y_band[O, npix]  = W[O, K] · cols[K, npix]
+//!   weight    dW[O, K]        += dY_band[O, npix] · cols[K, npix]ᵀ   (fp32 accumulator)
+//!   input     dcols[K, npix]   = W[O, K]ᵀ · dY_band[O, npix], then col2im into dX
+//! ```
+//!
+//! `Y_band` and `dY_band` are strided views of the `[O, H·W]` output (row length H·W).
+//! cuBLASLt's default heuristic preferences promise it 256-byte-aligned matrices, and
+//! cudarc sets no other, so a view is handed to it only when it starts on such a
+//! boundary; other bands go through a scratch buffer and a strided copy. A 1×1, stride-1,
+//! unpadded convolution reads its input in place (the image *is* its column matrix) when
+//! the image starts aligned — always the case for a batch of one.
+
+use std::sync::Arc;
+
+use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use super::{CudaBuf, CudaDevice, CudaStorage};
+use crate::cpu::conv::{ChannelNorm, ConvGeom};
+use crate::{bail, DType, Error, Result, ResultExt};
+
+/// The alignment (bytes) cuBLASLt's heuristics assume for every matrix pointer.
+const GEMM_ALIGN: usize = 256;
+/// Threads per block of the 1-D kernels.
+const THREADS: u32 = 256;
+/// Cap on 1-D grids (the kernels grid-stride over the rest).
+const MAX_BLOCKS: usize = 1 << 20;
+/// Pixels per block of the channel RMS norm (`CRN_PIX`) and channel rows (`CRN_ROWS`).
+const CRN_PIX: usize = 32;
+const CRN_ROWS: usize = 8;
+/// Cap on the channel-norm grid: enough blocks to fill any current GPU, while the
+/// backward's partial dγ rows (one per block) stay small.
+const CRN_MAX_BLOCKS: usize = 4096;
+
+/// A 1-D launch over `n` elements, grid capped at [`MAX_BLOCKS`].
+fn grid(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Convolution geometry passed by value; mirrors `struct ConvDesc` in `conv.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct ConvDesc {
+    c_in: i64,
+    h: i64,
+    w: i64,
+    kh: i64,
+    kw: i64,
+    stride: i64,
+    pad_top: i64,
+    pad_left: i64,
+    h_out: i64,
+    w_out: i64,
+}
+
+// SAFETY: plain-old-data with the same C layout as the kernel-side struct.
+unsafe impl DeviceRepr for ConvDesc {}
+
+impl ConvDesc {
+    fn new(g: &ConvGeom) -> Self {
+        let v = |u: usize| u as i64;
+        ConvDesc {
+            c_in: v(g.c_in),
+            h: v(g.h),
+            w: v(g.w),
+            kh: v(g.kh),
+            kw: v(g.kw),
+            stride: v(g.stride),
+            pad_top: v(g.pad_top),
+            pad_left: v(g.pad_left),
+            h_out: v(g.h_out),
+            w_out: v(g.w_out),
+        }
+    }
+}
+
+/// An element type the convolution runs in: its buffers and its cuBLASLt product.
+trait Elem: DeviceRepr + Copy + 'static {
+    const DTYPE: DType;
+    fn of(buf: &CudaBuf) -> Result<&CudaSlice<Self>>;
+    fn take(buf: CudaBuf) -> Result<CudaSlice<Self>>;
+    fn wrap(s: CudaSlice<Self>) -> CudaBuf;
+    /// cuBLASLt `c = op(a)·op(b)` in cuBLASLt's column-major terms.
+    ///
+    /// # Safety
+    /// `cfg` must address only elements inside the three views.
+    unsafe fn matmul(
+        blas: &CudaBlasLT,
+        cfg: MatmulConfig,
+        a: &CudaView<'_, Self>,
+        b: &CudaView<'_, Self>,
+        c: &mut CudaViewMut<'_, Self>,
+    ) -> Result<()>;
+}
+
+macro_rules! impl_elem {
+    ($t:ty, $variant:ident) => {
+        impl Elem for $t {
+            const DTYPE: DType = DType::$variant;
+            fn of(buf: &CudaBuf) -> Result<&CudaSlice<Self>> {
+                match buf {
+                    CudaBuf::$variant(s) => Ok(s),
+                    other => bail!("conv: expected a {} buffer, found {}", Self::DTYPE, other.dtype()),
+                }
+            }
+            fn take(buf: CudaBuf) -> Result<CudaSlice<Self>> {
+                match buf {
+                    CudaBuf::$variant(s) => Ok(s),
+                    other => bail!("conv: expected a {} buffer, found {}", Self::DTYPE, other.dtype()),
+                }
+            }
+            fn wrap(s: CudaSlice<Self>) -> CudaBuf {
+                CudaBuf::$variant(s)
+            }
+            unsafe fn matmul(
+                blas: &CudaBlasLT,
+                cfg: MatmulConfig,
+                a: &CudaView<'_, Self>,
+                b: &CudaView<'_, Self>,
+                c: &mut CudaViewMut<'_, Self>,
+            ) -> Result<()> {
+                // SAFETY: forwarded from the caller's contract.
+                unsafe { blas.matmul(cfg, a, b, c, None, None) }.map_err(Error::from)
+            }
+        }
+    };
+}
+
+impl_elem!(f32, F32);
+impl_elem!(bf16, BF16);
+
+fn alloc_t<T: Elem>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
+    T::take(dev.alloc(n, T::DTYPE)?)
+}
+
+fn zeros_t<T: Elem>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
+    T::take(dev.zeros(n, T::DTYPE)?)
+}
+
+/// The scratch buffer in `slot`, allocated with `n` elements on first use.
+fn scratch<'a, T: Elem>(
+    slot: &'a mut Option<CudaSlice<T>>,
+    dev: &CudaDevice,
+    n: usize,
+) -> Result<&'a mut CudaSlice<T>> {
+    if slot.is_none() {
+        *slot = Some(alloc_t(dev, n)?);
+    }
+    slot.as_mut().ok_or_else(|| Error::msg("conv: scratch buffer missing"))
+}
+
+/// Elements `range` of `s` as a view, or an error (never a panic) when out of bounds.
+fn view<T>(s: &CudaSlice<T>, range: std::ops::Range<usize>) -> Result<CudaView<'_, T>> {
+    let len = s.len();
+    s.try_slice(range.clone()).ok_or_else(|| Error::msg(format!("conv: view {range:?} of a {len}-element buffer")))
+}
+
+/// Mutable [`view`].
+fn view_mut<T>(s: &mut CudaSlice<T>, range: std::ops::Range<usize>) -> Result<CudaViewMut<'_, T>> {
+    let len = s.len();
+    s.try_slice_mut(range.clone()).ok_or_else(|| Error::msg(format!("conv: view {range:?} of a {len}-element buffer")))
+}
+
+/// True when element `off` of a (256-byte-aligned) allocation is aligned for cuBLASLt.
+fn aligned<T>(off: usize) -> bool {
+    (off * std::mem::size_of::<T>()) % GEMM_ALIGN == 0
+}
+
+fn kname(base: &str, dtype: DType) -> Result<&'static str> {
+    const NAMES: &[(&str, &str, &str)] = &[
+        ("im2col", "im2col_f32", "im2col_bf16"),
+        ("col2im", "col2im_f32", "col2im_bf16"),
+        ("rows_copy", "rows_copy_f32", "rows_copy_bf16"),
+        ("rows_copy_bias", "rows_copy_bias_f32", "rows_copy_bias_bf16"),
+        ("rows_bias_add", "rows_bias_add_f32", "rows_bias_add_bf16"),
+        ("accumulate", "accumulate_f32_from_f32", "accumulate_f32_from_bf16"),
+        ("upsample2x", "upsample2x_f32", "upsample2x_bf16"),
+        ("upsample2x_bwd", "upsample2x_bwd_f32", "upsample2x_bwd_bf16"),
+        ("channel_rms_norm", "channel_rms_norm_f32", "channel_rms_norm_bf16"),
+        ("channel_rms_norm_bwd", "channel_rms_norm_bwd_f32", "channel_rms_norm_bwd_bf16"),
+        ("clamp", "clamp_f32", "clamp_bf16"),
+        ("clamp_bwd", "clamp_bwd_f32", "clamp_bwd_bf16"),
+        ("softmax", "softmax_f32", "softmax_bf16"),
+        ("softmax_bwd", "softmax_bwd_f32", "softmax_bwd_bf16"),
+    ];
+    let (_, f, b) =
+        NAMES.iter().find(|(n, _, _)| *n == base).ok_or_else(|| Error::msg(format!("conv: no kernel named {base}")))?;
+    Ok(match dtype {
+        DType::F32 => f,
+        DType::BF16 => b,
+    })
+}
+
+/// A row-major product `C[m, n] = op(A)·op(B)` whose stored matrices have row lengths
+/// (leading dimensions) `lda`, `ldb`, `ldc`: A is stored `[m, k]` (`[k, m]` when
+/// `trans_a`), B `[k, n]` (`[n, k]` when `trans_b`).
+#[derive(Clone, Copy, Debug)]
+struct RowGemm {
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_a: bool,
+    trans_b: bool,
+    lda: usize,
+    ldb: usize,
+    ldc: usize,
+}
+
+/// Elements a row-major `[rows, cols]` matrix with row length `ld` spans.
+fn span(rows: usize, cols: usize, ld: usize) -> usize {
+    (rows - 1) * ld + cols
+}
+
+/// Runs `g` through cuBLASLt. Row-major C is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, so
+/// cuBLASLt's A is our B and vice versa (see `cuda::matmul` for the full argument); the
+/// leading dimensions are the stored row lengths.
+fn gemm_rows<T: Elem>(
+    blas: &CudaBlasLT,
+    g: &RowGemm,
+    a: &CudaView<'_, T>,
+    b: &CudaView<'_, T>,
+    c: &mut CudaViewMut<'_, T>,
+) -> Result<()> {
+    let (ar, ac) = if g.trans_a { (g.k, g.m) } else { (g.m, g.k) };
+    let (br, bc) = if g.trans_b { (g.n, g.k) } else { (g.k, g.n) };
+    if g.m == 0 || g.n == 0 || g.k == 0 || ac > g.lda || bc > g.ldb || g.n > g.ldc {
+        bail!("conv gemm: bad shape {g:?}");
+    }
+    if a.len() < span(ar, ac, g.lda) || b.len() < span(br, bc, g.ldb) || c.len() < span(g.m, g.n, g.ldc) {
+        bail!("conv gemm: views of {}, {} and {} elements are too short for {g:?}", a.len(), b.len(), c.len());
+    }
+    let cfg = MatmulConfig {
+        transa: g.trans_b,
+        transb: g.trans_a,
+        transc: false,
+        m: g.n as u64,
+        n: g.m as u64,
+        k: g.k as u64,
+        alpha: 1.0,
+        lda: g.ldb as i64,
+        ldb: g.lda as i64,
+        beta: 0.0,
+        ldc: g.ldc as i64,
+        stride_a: None,
+        stride_b: None,
+        stride_c: None,
+        stride_bias: None,
+        batch_size: None,
+    };
+    // SAFETY: the spans of the three stored matrices were checked against the views.
+    unsafe { T::matmul(blas, cfg, b, a, c) }.with_ctx(|| format!("conv: cuBLASLt {} gemm {g:?}", T::DTYPE))
+}
+
+fn im2col<T: Elem>(
+    dev: &CudaDevice,
+    x: &CudaSlice<T>,
+    x_off: usize,
+    cols: &mut CudaSlice<T>,
+    g: &ConvGeom,
+    r0: usize,
+    rows: usize,
+) -> Result<()> {
+    let n = g.k() * rows * g.w_out;
+    if x.len() < x_off + g.in_image() || cols.len() < n {
+        bail!("im2col: buffers too short for {g:?}");
+    }
+    let f = dev.func("conv", kname("im2col", T::DTYPE)?)?;
+    let (d, xo, r0, rows) = (ConvDesc::new(g), x_off as i64, r0 as i64, rows as i64);
+    let mut lb = dev.stream.launch_builder(&f);
+    lb.arg(x).arg(&xo).arg(cols).arg(&d).arg(&r0).arg(&rows);
+    // SAFETY: reads stay in the image at x_off (checked above, taps are bounds-tested in
+    // the kernel); the k·rows·w_out writes fit `cols`.
+    unsafe { lb.launch(grid(n)) }?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn col2im<T: Elem>(
+    dev: &CudaDevice,
+    dcols: &CudaSlice<T>,
+    dx: &mut CudaSlice<T>,
+    dx_off: usize,
+    g: &ConvGeom,
+    r0: usize,
+    rows: usize,
+    (iy0, iy1): (usize, usize),
+) -> Result<()> {
+    let n = g.c_in * (iy1 - iy0) * g.w;
+    if n == 0 {
+        return Ok(());
+    }
+    if dcols.len() < g.k() * rows * g.w_out || dx.len() < dx_off + g.in_image() || iy1 > g.h {
+        bail!("col2im: buffers too short for {g:?}");
+    }
+    let f = dev.func("conv", kname("col2im", T::DTYPE)?)?;
+    let d = ConvDesc::new(g);
+    let args = [dx_off, r0, rows, iy0, iy1].map(|v| v as i64);
+    let mut lb = dev.stream.launch_builder(&f);
+    lb.arg(dcols).arg(dx).arg(&args[0]).arg(&d).arg(&args[1]).arg(&args[2]).arg(&args[3]).arg(&args[4]);
+    // SAFETY: writes go to rows [iy0, iy1) of the image at dx_off (inside dx); reads are
+    // taps of output rows [r0, r0 + rows), inside the k·rows·w_out column matrix.
+    unsafe { lb.launch(grid(n)) }?;
+    Ok(())
+}
+
+/// A strided `[rows, cols]` block of a buffer: element `(r, c)` at `off + r·ld + c`.
+#[derive(Clone, Copy, Debug)]
+struct Block {
+    off: usize,
+    ld: usize,
+}
+
+/// `dst_block = src_block (+ bias[r] on row r)` for `[rows, cols]` blocks.
+#[allow(clippy::too_many_arguments)]
+fn rows_copy<T: Elem>(
+    dev: &CudaDevice,
+    src: &CudaSlice<T>,
+    s: Block,
+    dst: &mut CudaSlice<T>,
+    d: Block,
+    rows: usize,
+    cols: usize,
+    bias: Option<&CudaSlice<f32>>,
+) -> Result<()> {
+    if src.len() < s.off + span(rows, cols, s.ld) || dst.len() < d.off + span(rows, cols, d.ld) {
+        bail!("rows_copy: [{rows}, {cols}] blocks {s:?} -> {d:?} out of range");
+    }
+    if bias.is_some_and(|b| b.len() < rows) {
+        bail!("rows_copy: bias shorter than {rows} rows");
+    }
+    let base = if bias.is_some() { "rows_copy_bias" } else { "rows_copy" };
+    let f = dev.func("conv", kname(base, T::DTYPE)?)?;
+    let args = [s.off, s.ld, d.off, d.ld, rows, cols].map(|v| v as i64);
+    let mut lb = dev.stream.launch_builder(&f);
+    lb.arg(src).arg(&args[0]).arg(&args[1]).arg(dst).arg(&args[2]).arg(&args[3]).arg(&args[4]).arg(&args[5]);
+    if let Some(b) = bias {
+        lb.arg(b);
+    }
+    // SAFETY: both blocks were checked to lie inside their buffers; bias has ≥ rows values.
+    unsafe { lb.launch(grid(rows * cols)) }?;
+    Ok(())
+}
+
+/// `dst_block[r, c] += bias[r]` in place.
+fn rows_bias_add<T: Elem>(
+    dev: &CudaDevice,
+    dst: &mut CudaSlice<T>,
+    d: Block,
+    rows: usize,
+    cols: usize,
+    bias: &CudaSlice<f32>,
+) -> Result<()> {
+    if dst.len() < d.off + span(rows, cols, d.ld) || bias.len() < rows {
+        bail!("rows_bias_add: [{rows}, {cols}] block {d:?} out of range");
+    }
+    let f = dev.func("conv", kname("rows_bias_add", T::DTYPE)?)?;
+    let args = [d.off, d.ld, rows, cols].map(|v| v as i64);
+    let mut lb = dev.stream.launch_builder(&f);
+    lb.arg(dst).arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&args[3]).arg(bias);
+    // SAFETY: the block lies inside dst (checked); bias has ≥ rows values.
+    unsafe { lb.launch(grid(rows * cols)) }?;
+    Ok(())
+}
+
+/// `acc[..n] += x[..n]` with an fp32 accumulator.
+fn accumulate<T: Elem>(dev: &CudaDevice, acc: &mut CudaSlice<f32>, x: &CudaSlice<T>, n: usize) -> Result<()> {
+    if acc.len() < n || x.len() < n {
+        bail!("accumulate: buffers shorter than {n}");
+    }
+    let f = dev.func("conv", kname("accumulate", T::DTYPE)?)?;
+    let n64 = n as i64;
+    let mut lb = dev.stream.launch_builder(&f);
+    lb.arg(acc).arg(x).arg(&n64);
+    // SAFETY: both buffers hold at least n elements.
+    unsafe { lb.launch(grid(n)) }?;
+    Ok(())
+}
+
+/// The bands `(r0, rows)` of `per` output rows covering the image.
+fn bands(g: &ConvGeom, per: usize) -> impl Iterator<Item = (usize, usize)> {
+    let h_out = g.h_out;
+    (0..h_out).step_by(per.max(1)).map(move |r0| (r0, per.min(h_out - r0)))
+}
+
+/// True when image `b` can use the in-place 1×1 path: input and output both aligned.
+fn in_place<T>(g: &ConvGeom, b: usize) -> bool {
+    g.is_identity() && aligned::<T>(b * g.in_image()) && aligned::<T>(b * g.out_image())
+}
+
+fn check_conv_bufs(x: &CudaStorage, w: &CudaStorage, g: &ConvGeom) -> Result<()> {
+    if x.buf.dtype() != w.buf.dtype() {
+        bail!("conv2d: input ({}) and weight ({}) dtypes differ", x.buf.dtype(), w.buf.dtype());
+    }
+    if x.buf.len() < g.batch * g.in_image() || w.buf.len() < g.c_out * g.k() {
+        bail!("conv2d: buffers of {} and {} elements too short for {g:?}", x.buf.len(), w.buf.len());
+    }
+    if g.batch == 0 || g.c_out == 0 || g.k() == 0 || g.out_pixels() == 0 {
+        bail!("conv2d: empty convolution {g:?}");
+    }
+    Ok(())
+}
+
+/// Convolution forward: `x` `[batch, c_in, h, w]` and `w` `[c_out, k]` of one dtype,
+/// `bias` `[c_out]` in f32; the output `[batch, c_out, h_out, w_out]` in that dtype.
+/// The column matrix holds at most `max_col_elems` elements (one band of rows).
+pub fn conv2d_forward(
+    x: &CudaStorage,
+    w: &CudaStorage,
+    bias: Option<&CudaStorage>,
+    g: &ConvGeom,
+    max_col_elems: usize,
+) -> Result<CudaBuf> {
+    check_conv_bufs(x, w, g)?;
+    let bias = bias.map(|b| f32::of(&b.buf)).transpose()?;
+    match x.buf.dtype() {
+        DType::F32 => forward_t(&x.dev, f32::of(&x.buf)?, f32::of(&w.buf)?, bias, g, max_col_elems).map(f32::wrap),
+        DType::BF16 => forward_t(&x.dev, bf16::of(&x.buf)?, bf16::of(&w.buf)?, bias, g, max_col_elems).map(bf16::wrap),
+    }
+}
+
+fn forward_t<T: Elem>(
+    dev: &Arc<CudaDevice>,
+    x: &CudaSlice<T>,
+    w: &CudaSlice<T>,
+    bias: Option<&CudaSlice<f32>>,
+    g: &ConvGeom,
+    max_col_elems: usize,
+) -> Result<CudaSlice<T>> {
+    let (k, opix, o) = (g.k(), g.out_pixels(), g.c_out);
+    let blas = dev.blaslt()?;
+    let per = g.rows_per_chunk(max_col_elems);
+    let mut out = alloc_t::<T>(dev, g.batch * g.out_image())?;
+    let (mut cols_slot, mut band_slot) = (None, None);
+    for b in 0..g.batch {
+        let (xo, oo) = (b * g.in_image(), b * g.out_image());
+        if in_place::<T>(g, b) {
+            let gm = RowGemm { m: o, n: opix, k, trans_a: false, trans_b: false, lda: k, ldb: opix, ldc: opix };
+            gemm_rows(
+                &blas,
+                &gm,
+                &view(w, 0..w.len())?,
+                &view(x, xo..xo + g.in_image())?,
+                &mut view_mut(&mut out, oo..oo + g.out_image())?,
+            )?;
+            if let Some(bias) = bias {
+                rows_bias_add(dev, &mut out, Block { off: oo, ld: opix }, o, opix, bias)?;
+            }
+            continue;
+        }
+        for (r0, rows) in bands(g, per) {
+            let npix = rows * g.w_out;
+            let cols = scratch(&mut cols_slot, dev, k * per * g.w_out)?;
+            im2col(dev, x, xo, cols, g, r0, rows)?;
+            let dst = oo + r0 * g.w_out;
+            let mut gm = RowGemm { m: o, n: npix, k, trans_a: false, trans_b: false, lda: k, ldb: npix, ldc: opix };
+            if aligned::<T>(dst) {
+                // The product lands in place: rows of npix pixels, opix apart.
+                let mut band_out = view_mut(&mut out, dst..dst + span(o, npix, opix))?;
+                gemm_rows(&blas, &gm, &view(w, 0..w.len())?, &view(cols, 0..k * npix)?, &mut band_out)?;
+                if let Some(bias) = bias {
+                    rows_bias_add(dev, &mut out, Block { off: dst, ld: opix }, o, npix, bias)?;
+                }
+            } else {
+                let band = scratch(&mut band_slot, dev, o * per * g.w_out)?;
+                gm.ldc = npix;
+                gemm_rows(
+                    &blas,
+                    &gm,
+                    &view(w, 0..w.len())?,
+                    &view(cols, 0..k * npix)?,
+                    &mut view_mut(band, 0..o * npix)?,
+                )?;
+                rows_copy(
+                    dev,
+                    band,
+                    Block { off: 0, ld: npix },
+                    &mut out,
+                    Block { off: dst, ld: opix },
+                    o,
+                    npix,
+                    bias,
+                )?;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Convolution backward: the input gradient (in the input's dtype) and the weight
+/// gradient (`[c_out, k]`, f32, summed over bands in fp32), each when asked for.
+/// `dy` must have the dtype of `x` and `w`.
+pub fn conv2d_backward(
+    x: &CudaStorage,
+    w: &CudaStorage,
+    dy: &CudaStorage,
+    g: &ConvGeom,
+    max_col_elems: usize,
+    want_dx: bool,
+    want_dw: bool,
+) -> Result<(Option<CudaBuf>, Option<CudaBuf>)> {
+    check_conv_bufs(x, w, g)?;
+    if dy.buf.dtype() != x.buf.dtype() || dy.buf.len() < g.batch * g.out_image() {
+        bail!("conv2d backward: output gradient ({} elements of {}) does not fit {g:?}", dy.buf.len(), dy.buf.dtype());
+    }
+    let dev = &x.dev;
+    let (dx, dw) = match x.buf.dtype() {
+        DType::F32 => {
+            let (dx, dw) = backward_t(
+                dev,
+                f32::of(&x.buf)?,
+                f32::of(&w.buf)?,
+                f32::of(&dy.buf)?,
+                g,
+                max_col_elems,
+                want_dx,
+                want_dw,
+            )?;
+            (dx.map(f32::wrap), dw)
+        }
+        DType::BF16 => {
+            let (dx, dw) = backward_t(
+                dev,
+                bf16::of(&x.buf)?,
+                bf16::of(&w.buf)?,
+                bf16::of(&dy.buf)?,
+                g,
+                max_col_elems,
+                want_dx,
+                want_dw,
+            )?;
+            (dx.map(bf16::wrap), dw)
+        }
+    };
+    Ok((dx, dw.map(f32::wrap)))
+}
+
+/// Input gradient (in the compute dtype) and f32 weight gradient, each when asked for.
+type Grads<T> = (Option<CudaSlice<T>>, Option<CudaSlice<f32>>);
+
+#[allow(clippy::too_many_arguments)]
+fn backward_t<T: Elem>(
+    dev: &Arc<CudaDevice>,
+    x: &CudaSlice<T>,
+    w: &CudaSlice<T>,
+    dy: &CudaSlice<T>,
+    g: &ConvGeom,
+    max_col_elems: usize,
+    want_dx: bool,
+    want_dw: bool,
+) -> Result<Grads<T>> {
+    let (k, opix, o) = (g.k(), g.out_pixels(), g.c_out);
+    let blas = dev.blaslt()?;
+    // dx accumulates over bands (col2im adds), so it starts at zero.
+    let mut dx = if want_dx { Some(zeros_t::<T>(dev, g.batch * g.in_image())?) } else { None };
+    let mut dw = if want_dw { Some(zeros_t::<f32>(dev, o * k)?) } else { None };
+    let (mut cols_slot, mut dcols_slot, mut band_slot, mut part_slot) = (None, None, None, None);
+    for b in 0..g.batch {
+        let (xo, oo) = (b * g.in_image(), b * g.out_image());
+        let direct = in_place::<T>(g, b);
+        let per = if direct { g.h_out } else { g.rows_per_chunk(max_col_elems) };
+        for (r0, rows) in bands(g, per) {
+            let npix = rows * g.w_out;
+            let src = oo + r0 * g.w_out;
+            // This band of dY as an aligned [o, npix] matrix with row length `ld_dy`.
+            let dy_in_place = aligned::<T>(src);
+            if !dy_in_place {
+                let band = scratch(&mut band_slot, dev, o * per * g.w_out)?;
+                rows_copy(dev, dy, Block { off: src, ld: opix }, band, Block { off: 0, ld: npix }, o, npix, None)?;
+            }
+            if want_dw && !direct {
+                im2col(dev, x, xo, scratch(&mut cols_slot, dev, k * per * g.w_out)?, g, r0, rows)?;
+            }
+            let (dy_view, ld_dy) = match (&band_slot, dy_in_place) {
+                (_, true) => (view(dy, src..src + span(o, npix, opix))?, opix),
+                (Some(band), false) => (view(band, 0..o * npix)?, npix),
+                (None, false) => bail!("conv2d backward: gradient band missing"),
+            };
+            if let Some(dw) = dw.as_mut() {
+                let cols_view = match (&cols_slot, direct) {
+                    (_, true) => view(x, xo..xo + g.in_image())?,
+                    (Some(cols), false) => view(cols, 0..k * npix)?,
+                    (None, false) => bail!("conv2d backward: column buffer missing"),
+                };
+                let part = scratch(&mut part_slot, dev, o * k)?;
+                // dW_band[o, k] = dY_band · colsᵀ
+                let gm = RowGemm { m: o, n: k, k: npix, trans_a: false, trans_b: true, lda: ld_dy, ldb: npix, ldc: k };
+                gemm_rows(&blas, &gm, &dy_view, &cols_view, &mut view_mut(part, 0..o * k)?)?;
+                accumulate(dev, dw, part, o * k)?;
+            }
+            if let Some(dx) = dx.as_mut() {
+                // dcols[k, npix] = Wᵀ · dY_band
+                let gm = RowGemm { m: k, n: npix, k: o, trans_a: true, trans_b: false, lda: k, ldb: ld_dy, ldc: npix };
+                if direct {
+                    gemm_rows(&blas, &gm, &view(w, 0..w.len())?, &dy_view, &mut view_mut(dx, xo..xo + g.in_image())?)?;
+                } else {
+                    let dcols = scratch(&mut dcols_slot, dev, k * per * g.w_out)?;
+                    gemm_rows(&blas, &gm, &view(w, 0..w.len())?, &dy_view, &mut view_mut(dcols, 0..k * npix)?)?;
+                    col2im(dev, dcols, dx, xo, g, r0, rows, g.input_rows(r0, rows))?;
+                }
+            }
+        }
+    }
+    Ok((dx, dw))
+}
+
+fn push<'a>(lb: &mut LaunchArgs<'a>, buf: &'a CudaBuf) {
+    match buf {
+        CudaBuf::F32(s) => lb.arg(s),
+        CudaBuf::BF16(s) => lb.arg(s),
+    };
+}
+
+fn push_mut<'a>(lb: &mut LaunchArgs<'a>, buf: &'a mut CudaBuf) {
+    match buf {
+        CudaBuf::F32(s) => lb.arg(s),
+        CudaBuf::BF16(s) => lb.arg(s),
+    };
+}
+
+fn check_same(op: &str, a: &CudaBuf, b: &CudaBuf, n: usize) -> Result<()> {
+    if a.dtype() != b.dtype() || a.len() < n || b.len() < n {
+        bail!(
+            "{op}: buffers ({} {}, {} {}) do not both hold {n} elements of one dtype",
+            a.len(),
+            a.dtype(),
+            b.len(),
+            b.dtype()
+        );
+    }
+    Ok(())
+}
+
+/// Nearest 2× upsampling of `planes` planes of `h × w`.
+pub fn upsample_nearest2x(x: &CudaStorage, planes: usize, h: usize, w: usize) -> Result<CudaBuf> {
+    let dev = &x.dev;
+    let (n_in, n_out) = (planes * h * w, planes * 4 * h * w);
+    if x.buf.len() < n_in {
+        bail!("upsample_nearest2x: buffer of {} elements for {planes}×{h}×{w}", x.buf.len());
+    }
+    let mut out = dev.alloc(n_out, x.buf.dtype())?;
+    if n_out == 0 {
+        return Ok(out);
+    }
+    let f = dev.func("conv", kname("upsample2x", x.buf.dtype())?)?;
+    let args = [h, w, n_out].map(|v| v as i64);
+    let mut lb = dev.stream.launch_builder(&f);
+    push(&mut lb, &x.buf);
+    push_mut(&mut lb, &mut out);
+    lb.arg(&args[0]).arg(&args[1]).arg(&args[2]);
+    // SAFETY: n_out writes into `out`; each reads x[(p·h + y/2)·w + x/2] < planes·h·w.
+    unsafe { lb.launch(grid(n_out)) }?;
+    Ok(out)
+}
+
+/// Backward of [`upsample_nearest2x`]: sums each 2×2 block of `g`.
+pub fn upsample_nearest2x_backward(g: &CudaStorage, planes: usize, h: usize, w: usize) -> Result<CudaBuf> {
+    let dev = &g.dev;
+    let n_in = planes * h * w;
+    if g.buf.len() < 4 * n_in {
+        bail!("upsample_nearest2x backward: gradient of {} elements for {planes}×{h}×{w}", g.buf.len());
+    }
+    let mut dx = dev.alloc(n_in, g.buf.dtype())?;
+    if n_in == 0 {
+        return Ok(dx);
+    }
+    let f = dev.func("conv", kname("upsample2x_bwd", g.buf.dtype())?)?;
+    let args = [h, w, n_in].map(|v| v as i64);
+    let mut lb = dev.stream.launch_builder(&f);
+    push(&mut lb, &g.buf);
+    push_mut(&mut lb, &mut dx);
+    lb.arg(&args[0]).arg(&args[1]).arg(&args[2]);
+    // SAFETY: n_in writes; reads of the 2×2 block stay below planes·2h·2w.
+    unsafe { lb.launch(grid(n_in)) }?;
+    Ok(dx)
+}
+
+fn crn_launch(n: &ChannelNorm) -> (LaunchConfig, usize) {
+    let blocks = (n.batch * n.s).div_ceil(CRN_PIX).clamp(1, CRN_MAX_BLOCKS);
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (CRN_PIX as u32, CRN_ROWS as u32, 1),
+        shared_mem_bytes: 0,
+    };
+    (cfg, blocks)
+}
+
+fn check_crn(x: &CudaBuf, gamma: &CudaStorage, n: &ChannelNorm) -> Result<()> {
+    if x.len() < n.batch * n.c * n.s {
+        bail!("channel_rms_norm: buffer of {} elements for {n:?}", x.len());
+    }
+    if gamma.buf.dtype() != DType::F32 || gamma.buf.len() < n.c {
+        bail!("channel_rms_norm: gamma must be {} f32 values, got {} {}", n.c, gamma.buf.len(), gamma.buf.dtype());
+    }
+    if n.c == 0 || n.s == 0 || n.batch == 0 {
+        bail!("channel_rms_norm: empty input {n:?}");
+    }
+    Ok(())
+}
+
+/// Channel RMS norm forward (`gamma` f32 `[c]`), output in `x`'s dtype.
+pub fn channel_rms_norm(x: &CudaStorage, gamma: &CudaStorage, n: &ChannelNorm) -> Result<CudaBuf> {
+    check_crn(&x.buf, gamma, n)?;
+    let dev = &x.dev;
+    let mut y = dev.alloc(x.buf.len(), x.buf.dtype())?;
+    let f = dev.func("conv", kname("channel_rms_norm", x.buf.dtype())?)?;
+    let (cfg, _) = crn_launch(n);
+    let args = [n.c, n.s, n.batch * n.s].map(|v| v as i64);
+    let scale = n.scale();
+    let mut lb = dev.stream.launch_builder(&f);
+    push(&mut lb, &x.buf);
+    push(&mut lb, &gamma.buf);
+    push_mut(&mut lb, &mut y);
+    lb.arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&n.eps).arg(&scale);
+    // SAFETY: pixels p < batch·s read and write (p/s)·c·s + p%s + ch·s < batch·c·s
+    // elements of x and y; gamma holds c values. The block shape is the kernel's 32×8.
+    unsafe { lb.launch(cfg) }?;
+    Ok(y)
+}
+
+/// Channel RMS norm backward: `dx` in `x`'s dtype and one partial dγ row per block,
+/// `[blocks, c]` f32, to be summed over its first dimension. Returns `(dx, partials,
+/// blocks)`. `dy` must have `x`'s dtype.
+pub fn channel_rms_norm_backward(
+    x: &CudaStorage,
+    gamma: &CudaStorage,
+    dy: &CudaStorage,
+    n: &ChannelNorm,
+) -> Result<(CudaBuf, CudaBuf, usize)> {
+    check_crn(&x.buf, gamma, n)?;
+    check_same("channel_rms_norm backward", &x.buf, &dy.buf, n.batch * n.c * n.s)?;
+    let dev = &x.dev;
+    let mut dx = dev.alloc(x.buf.len(), x.buf.dtype())?;
+    let (cfg, blocks) = crn_launch(n);
+    // Each block adds into its own row over its grid-stride iterations, so rows start at 0.
+    let mut part = dev.zeros(blocks * n.c, DType::F32)?;
+    let f = dev.func("conv", kname("channel_rms_norm_bwd", x.buf.dtype())?)?;
+    let args = [n.c, n.s, n.batch * n.s].map(|v| v as i64);
+    let scale = n.scale();
+    let mut lb = dev.stream.launch_builder(&f);
+    push(&mut lb, &x.buf);
+    push(&mut lb, &gamma.buf);
+    push(&mut lb, &dy.buf);
+    push_mut(&mut lb, &mut dx);
+    push_mut(&mut lb, &mut part);
+    lb.arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&n.eps).arg(&scale);
+    // SAFETY: as in the forward for x, dy and dx; block b writes part[b·c + ch] with
+    // b < blocks (the grid size) and ch < c.
+    unsafe { lb.launch(cfg) }?;
+    Ok((dx, part, blocks))
+}
+
+/// `min(max(x, lo), hi)` over `n` elements.
+pub fn clamp(x: &CudaStorage, lo: f32, hi: f32, n: usize) -> Result<CudaBuf> {
+    let dev = &x.dev;
+    if x.buf.len() < n {
+        bail!("clamp: buffer shorter than {n}");
+    }
+    let mut y = dev.alloc(n, x.buf.dtype())?;
+    if n == 0 {
+        return Ok(y);
+    }
+    let f = dev.func("conv", kname("clamp", x.buf.dtype())?)?;
+    let n64 = n as i64;
+    let mut lb = dev.stream.launch_builder(&f);
+    push(&mut lb, &x.buf);
+    push_mut(&mut lb, &mut y);
+    lb.arg(&lo).arg(&hi).arg(&n64);
+    // SAFETY: n reads of x and n writes of y.
+    unsafe { lb.launch(grid(n)) }?;
+    Ok(y)
+}
+
+/// Backward of [`clamp`]: `g` where `lo ≤ x ≤ hi`, else 0 (`g` in `x`'s dtype).
+pub fn clamp_backward(x: &CudaStorage, g: &CudaStorage, lo: f32, hi: f32, n: usize) -> Result<CudaBuf> {
+    check_same("clamp backward", &x.buf, &g.buf, n)?;
+    let dev = &x.dev;
+    let mut dx = dev.alloc(n, x.buf.dtype())?;
+    if n == 0 {
+        return Ok(dx);
+    }
+    let f = dev.func("conv", kname("clamp_bwd", x.buf.dtype())?)?;
+    let n64 = n as i64;
+    let mut lb = dev.stream.launch_builder(&f);
+    push(&mut lb, &x.buf);
+    push(&mut lb, &g.buf);
+    push_mut(&mut lb, &mut dx);
+    lb.arg(&lo).arg(&hi).arg(&n64);
+    // SAFETY: n reads of x and g, n writes of dx.
+    unsafe { lb.launch(grid(n)) }?;
+    Ok(dx)
+}
+
+/// Launch of the row softmax kernels: one block of `THREADS` per row, grid capped.
+fn softmax_launch(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows.clamp(1, MAX_BLOCKS) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Softmax of each of `rows` rows of `n` elements.
+pub fn softmax(x: &CudaStorage, rows: usize, n: usize) -> Result<CudaBuf> {
+    let dev = &x.dev;
+    if x.buf.len() < rows * n {
+        bail!("softmax: buffer of {} elements for {rows} rows of {n}", x.buf.len());
+    }
+    let mut y = dev.alloc(rows * n, x.buf.dtype())?;
+    if rows * n == 0 {
+        return Ok(y);
+    }
+    let f = dev.func("softmax", kname("softmax", x.buf.dtype())?)?;
+    let (r64, n64) = (rows as i64, n as i64);
+    let mut lb = dev.stream.launch_builder(&f);
+    push(&mut lb, &x.buf);
+    push_mut(&mut lb, &mut y);
+    lb.arg(&r64).arg(&n64);
+    // SAFETY: block r reads and writes row r (n elements) of x and y, r < rows.
+    unsafe { lb.launch(softmax_launch(rows)) }?;
+    Ok(y)
+}
+
+/// Softmax backward from the forward output `y` and the gradient `g` (same dtype).
+pub fn softmax_backward(y: &CudaStorage, g: &CudaStorage, rows: usize, n: usize) -> Result<CudaBuf> {
+    check_same("softmax backward", &y.buf, &g.buf, rows * n)?;
+    let dev = &y.dev;
+    let mut dx = dev.alloc(rows * n, y.buf.dtype())?;
+    if rows * n == 0 {
+        return Ok(dx);
+    }
+    let f = dev.func("softmax", kname("softmax_bwd", y.buf.dtype())?)?;
+    let (r64, n64) = (rows as i64, n as i64);
+    let mut lb = dev.stream.launch_builder(&f);
+    push(&mut lb, &y.buf);
+    push(&mut lb, &g.buf);
+    push_mut(&mut lb, &mut dx);
+    lb.arg(&r64).arg(&n64);
+    // SAFETY: block r reads row r of y and g and writes row r of dx, r < rows.
+    unsafe { lb.launch(softmax_launch(rows)) }?;
+    Ok(dx)
+}
