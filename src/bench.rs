@@ -272,6 +272,21 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             run: Box::new(move || opt.step(&grads, 1e-4, 1.0)),
         });
     }
+    // A VAE decoder convolution: 3×3, 384 → 384 channels at 120×120 (480×480 output / 4).
+    {
+        let (c, hw) = if full { (384, 120) } else { (32, 24) };
+        let x = rand(&[1, c, hw, hw], &mut rng, device)?;
+        let w = Tensor::randn(&[c, c, 3, 3], 0.02, &mut rng, device)?;
+        let b = rand(&[c], &mut rng, device)?;
+        v.push(BenchCase {
+            family: "conv",
+            name: format!("conv2d 3x3 {c}->{c} {hw}x{hw}"),
+            bytes: (2 * c * hw * hw + 9 * c * c) as f64 * e,
+            flops: 2.0 * (c * c * 9 * hw * hw) as f64,
+            bound: Bound::Compute,
+            run: Box::new(move || ops::conv2d(&x, &w, Some(&b), 1, 1).map(|_| ())),
+        });
+    }
     v.push(dit_step_case(device, size)?);
     Ok(v)
 }
