@@ -18,12 +18,14 @@ pub mod cpu;
 pub mod cuda;
 mod device;
 mod error;
+pub mod image_io;
 pub mod models;
 pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod rng;
 mod tensor;
+pub mod tokenizer;
 pub mod weights;
 
 pub use autograd::{backward, no_grad, Gradients};
