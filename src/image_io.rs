@@ -22,6 +22,8 @@ use crate::{bail, Error, Result};
 /// CLIP's per-channel normalization mean (OpenAI CLIP, used by open-clip ViT-H/14).
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// CLIP's per-channel normalization standard deviation.
+// The digits as published (OpenAI CLIP, open_clip, Wan); the compiler rounds them to f32.
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 /// An 8-bit RGB image: rows top to bottom, each pixel R, G, B.

@@ -63,6 +63,9 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerF
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 T5_DIR = os.path.join(ROOT, "tests", "fixtures", "t5")
 CLIP_DIR = os.path.join(ROOT, "tests", "fixtures", "clip")
+# the weights sit in folders named like a diffusers-format Wan repository's
+T5_WEIGHTS = os.path.join(T5_DIR, "text_encoder")
+CLIP_WEIGHTS = os.path.join(CLIP_DIR, "image_encoder")
 
 TEXT_LEN = 512  # the pipelines' text length
 TINY_TEXT_LEN = 160  # the tiny model's text length: past max_distance 128, so capped buckets occur
@@ -297,8 +300,8 @@ def make_t5(tok_path, vocab_len):
             blk.layer[0].SelfAttention.q.weight.mul_(0.5)
             blk.layer[0].SelfAttention.k.weight.mul_(0.5)
 
-    model.save_pretrained(T5_DIR, safe_serialization=True, max_shard_size="250KB")
-    names = json.load(open(os.path.join(T5_DIR, "model.safetensors.index.json")))["weight_map"]
+    model.save_pretrained(T5_WEIGHTS, safe_serialization=True, max_shard_size="250KB")
+    names = json.load(open(os.path.join(T5_WEIGHTS, "model.safetensors.index.json")))["weight_map"]
     assert len(set(names.values())) > 1, "the text encoder fixture must be sharded"
 
     prompts = [
@@ -388,6 +391,10 @@ def make_clip():
     tensors["png_resized_80x48"] = u8(down)
     tensors["png_resized_120x76"] = u8(up)
     tensors["png_pre224_80x48"] = pre_png.half()
+    # the JPEG through the reference's own decoder and preprocessing (decoders differ by a
+    # few levels, so a coarse check at the tiny encoder's size is enough)
+    pre_jpg, _ = preprocess(Image.open(os.path.join(CLIP_DIR, "ref.jpg")).convert("RGB"), 80, 48, 42)
+    tensors["jpg_pre42_80x48"] = pre_jpg.half()
 
     cfg = CLIPVisionConfig(
         hidden_size=64,
@@ -404,7 +411,7 @@ def make_clip():
     torch.manual_seed(0)
     model = CLIPVisionModel._from_config(cfg, attn_implementation="eager").eval()
     randomize_(model, torch.Generator().manual_seed(99))
-    model.save_pretrained(CLIP_DIR, safe_serialization=True)
+    model.save_pretrained(CLIP_WEIGHTS, safe_serialization=True)
 
     pixels = torch.randn(2, 3, 42, 42, generator=torch.Generator().manual_seed(3))
     pre42, _ = preprocess(img, 80, 48, 42)
@@ -430,10 +437,11 @@ def main():
     make_clip()
     total = 0
     for d in (T5_DIR, CLIP_DIR):
-        for f in sorted(os.listdir(d)):
-            size = os.path.getsize(os.path.join(d, f))
-            total += size
-            print(f"{os.path.relpath(os.path.join(d, f), ROOT)}: {size} bytes")
+        for base, _, files in sorted(os.walk(d)):
+            for f in sorted(files):
+                size = os.path.getsize(os.path.join(base, f))
+                total += size
+                print(f"{os.path.relpath(os.path.join(base, f), ROOT)}: {size} bytes")
     print(f"total {total} bytes")
     assert total < 2_000_000, "fixtures must stay under 2 MB"
 
