@@ -235,7 +235,8 @@ fn fix_text(text: &str) -> String {
 }
 
 /// ftfy's `fix_and_explain` loop on one line: apply every fixer in ftfy's order until
-/// nothing changes.
+/// nothing changes. (It ends: the entity and escape passes only shorten the text, and
+/// the other fixers' outputs are already fixed, so each further round shortens it.)
 fn fix_line(line: &str, unescape: bool) -> String {
     let mut text = line.to_string();
     loop {
