@@ -33,6 +33,7 @@ pub mod cpu;
 pub mod cuda;
 mod device;
 mod error;
+pub mod image_io;
 pub mod models;
 pub mod nn;
 pub mod ops;
@@ -40,6 +41,7 @@ pub mod optim;
 pub mod rng;
 pub mod schedule;
 mod tensor;
+pub mod tokenizer;
 pub mod weights;
 
 pub use autograd::{backward, no_grad, Gradients};
