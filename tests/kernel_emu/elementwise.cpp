@@ -15,7 +15,7 @@ namespace {
 Report report("elementwise");
 Rng rng(0xE1E3);
 
-const size_t kSizes[] = {1, 7, 8, 9, 15, 16, 17, 100, 2047, 2048, 2049, 4103};
+const size_t kSizes[] = {0, 1, 7, 8, 9, 15, 16, 17, 100, 2047, 2048, 2049, 4103};
 
 // Where each argument starts: fresh (16-byte aligned) allocations, or one view shifted by
 // an element.

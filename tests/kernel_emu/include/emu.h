@@ -28,6 +28,7 @@
 // sanitizer) and end the process with status 70.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <csignal>
@@ -38,6 +39,7 @@
 #include <cstring>
 #include <memory>
 #include <source_location>
+#include <string>
 #include <sys/mman.h>
 #include <tuple>
 #include <type_traits>
