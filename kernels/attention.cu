@@ -131,11 +131,18 @@ struct BwdSmem {
     static_assert(BYTES == 384 * (DH + 8) + 33280, "backward shared-memory size changed: update the host");
 };
 
+// The block's dynamic shared memory (declared as `name`), and its size in bytes.
+#ifdef SYNTHOS_EMU  // CPU emulation (tests/kernel_emu/): the emulator owns shared memory
+#define DYNAMIC_SMEM(name) unsigned char* const name = emu::dynamic_smem()
+__device__ __forceinline__ unsigned dynamic_smem_bytes() { return emu::dynamic_smem_bytes(); }
+#else
+#define DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 __device__ __forceinline__ unsigned dynamic_smem_bytes() {
     unsigned r;
     asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
     return r;
 }
+#endif
 
 // Copies tokens row0 .. row0+ROWS-1 of head h, batch b of a [B, N, H, DH] bf16 tensor into
 // shared memory with row stride LD, zero-filling tokens >= N (so that out-of-range rows
@@ -188,7 +195,7 @@ __device__ __forceinline__ void attn_fwd(const bf16* __restrict__ q, const bf16*
     using L = FwdSmem<DH>;
     constexpr int LDQ = L::LDQ;
     constexpr int DF = DH / 16;  // 16-wide column blocks of the head dim
-    extern __shared__ __align__(128) unsigned char smem[];
+    DYNAMIC_SMEM(smem);
     if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
     bf16* Qs = reinterpret_cast<bf16*>(smem + L::Q);
     bf16* Ks = reinterpret_cast<bf16*>(smem + L::K);
@@ -336,7 +343,7 @@ __device__ __forceinline__ void attn_bwd(const bf16* __restrict__ q, const bf16*
     using L = BwdSmem<DH>;
     constexpr int LDQ = L::LDQ;
     constexpr int DF = DH / 16;
-    extern __shared__ __align__(128) unsigned char smem[];
+    DYNAMIC_SMEM(smem);
     if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
     bf16* Ks = reinterpret_cast<bf16*>(smem + L::K);
     bf16* Vs = reinterpret_cast<bf16*>(smem + L::V);

@@ -1,0 +1,224 @@
+// kernels/norm.cu under emulation, launched as src/cuda/norm.rs does: LayerNorm (with and
+// without affine parameters), LayerNorm fused with the adaLN modulation (one parameter
+// group per batch element) and RMSNorm, forward (output, mean, rstd) and backward (dx and
+// the two-stage parameter-gradient reduction), for every pairing of f32/bf16 activations
+// with f32/bf16 parameters, at row lengths that take the scalar and the 16-byte vector
+// entry points and rows too long for the kernels' register caches.
+#include "harness.h"
+
+#include "norm.cu"
+
+using namespace harness;
+
+namespace {
+
+Report report("norm");
+Rng rng(0x40E3);
+
+// Mirrors of src/cuda/norm.rs.
+constexpr size_t kMaxThreads = 256;         // MAX_THREADS
+constexpr size_t kFwdCache = 4;             // FWD_CACHE
+constexpr size_t kBwdCache = 2;             // BWD_CACHE
+constexpr size_t kParamGradBlocks = 512;    // PARAM_GRAD_BLOCKS
+constexpr size_t kMaxGrid = size_t(1) << 20;  // MAX_GRID
+
+// `vec_width`: 16 bytes of T when d is a multiple of that, else 1.
+template <class T>
+size_t vec_width(size_t d) {
+    const size_t v = 16 / sizeof(T);
+    return d % v == 0 ? v : 1;
+}
+
+// `threads_for`: a multiple of 32, at most 256, so that each thread holds at most `cache`
+// of the row's vectors where it fits.
+unsigned threads_for(size_t nvec, size_t cache) {
+    return (unsigned)std::clamp<size_t>(ceil_div(ceil_div(nvec, cache), 32) * 32, 32, kMaxThreads);
+}
+
+// Entry points for activations T and parameters P (`fwd_name`, `bwd_name`).
+template <class T, class P>
+struct K;
+template <>
+struct K<float, float> {
+    static constexpr auto fwd_v1 = EMU_KERNEL(norm_fwd_f32_f32_v1), fwd_vec = EMU_KERNEL(norm_fwd_f32_f32_vec);
+    static constexpr auto bwd_v1 = EMU_KERNEL(norm_bwd_f32_f32_v1), bwd_vec = EMU_KERNEL(norm_bwd_f32_f32_vec);
+};
+template <>
+struct K<float, bf16> {
+    static constexpr auto fwd_v1 = EMU_KERNEL(norm_fwd_f32_bf16_v1), fwd_vec = EMU_KERNEL(norm_fwd_f32_bf16_vec);
+    static constexpr auto bwd_v1 = EMU_KERNEL(norm_bwd_f32_bf16_v1), bwd_vec = EMU_KERNEL(norm_bwd_f32_bf16_vec);
+};
+template <>
+struct K<bf16, float> {
+    static constexpr auto fwd_v1 = EMU_KERNEL(norm_fwd_bf16_f32_v1), fwd_vec = EMU_KERNEL(norm_fwd_bf16_f32_vec);
+    static constexpr auto bwd_v1 = EMU_KERNEL(norm_bwd_bf16_f32_v1), bwd_vec = EMU_KERNEL(norm_bwd_bf16_f32_vec);
+};
+template <>
+struct K<bf16, bf16> {
+    static constexpr auto fwd_v1 = EMU_KERNEL(norm_fwd_bf16_bf16_v1), fwd_vec = EMU_KERNEL(norm_fwd_bf16_bf16_vec);
+    static constexpr auto bwd_v1 = EMU_KERNEL(norm_bwd_bf16_bf16_v1), bwd_vec = EMU_KERNEL(norm_bwd_bf16_bf16_vec);
+};
+template <class P>
+constexpr auto reduce_partials_kernel() {
+    if constexpr (std::is_same_v<P, float>)
+        return EMU_KERNEL(norm_reduce_partials_f32);
+    else
+        return EMU_KERNEL(norm_reduce_partials_bf16);
+}
+
+template <class T>
+constexpr double rtol_of() {
+    return std::is_same_v<T, bf16> ? 1.0 / 128 : 1e-5;
+}
+
+// cpu::norm::RowNorm, plus which parameters the op has.
+struct Spec {
+    const char* op;
+    size_t rows, d, rows_per_group;
+    float w_offset, eps;
+    bool rms, has_w, has_b;
+    size_t groups() const { return rows / rows_per_group; }
+};
+
+// Forward and backward of one spec, compared with a double reference.
+template <class T, class P>
+void run(const Spec& s, bool with_dx) {
+    const size_t rows = s.rows, d = s.d, groups = s.groups();
+    const std::string what =
+        format("%s x %s params %s rows=%zu d=%zu groups=%zu", s.op, Elem<T>::name, Elem<P>::name, rows, d, groups);
+
+    // Rows with an offset of their own (|mean| well above the spread).
+    std::vector<double> x(rows * d);
+    for (size_t r = 0; r < rows; ++r) {
+        const double offset = 4 * rng.normal();
+        for (size_t c = 0; c < d; ++c) x[r * d + c] = round_to<T>(offset + rng.normal());
+    }
+    const auto w = rng.values<P>(groups * d, 0.5), b = rng.values<P>(groups * d, 0.5), dy = rng.values<T>(rows * d);
+    DeviceArray<T> dx_in(x), ddy(dy);
+    DeviceArray<P> dw_in(w), db_in(b);
+    const P* w_ptr = s.has_w ? dw_in.ptr() : nullptr;
+    const P* b_ptr = s.has_b ? db_in.ptr() : nullptr;
+
+    // ---- forward (`cuda::norm::forward` with keep_stats)
+    const size_t vec = vec_width<T>(d);
+    DeviceArray<T> y(rows * d);
+    DeviceArray<float> mean(rows), rstd(rows);
+    const emu::LaunchConfig fcfg{dim3((unsigned)std::min(rows, kMaxGrid)), dim3(threads_for(d / vec, kFwdCache)), 0};
+    const auto fwd = vec > 1 ? K<T, P>::fwd_vec : K<T, P>::fwd_v1;
+    emu::launch(fcfg, fwd, dx_in.ptr(), y.ptr(), w_ptr, b_ptr, mean.ptr(), rstd.ptr(), (int64_t)rows, (int)d,
+                (int64_t)s.rows_per_group, s.w_offset, s.eps, (int)s.rms);
+
+    std::vector<double> want_y(rows * d), want_mean(rows), want_rstd(rows), y_tol(rows * d);
+    std::vector<double> xhat(rows * d), factor(rows * d);
+    for (size_t r = 0; r < rows; ++r) {
+        const size_t g = r / s.rows_per_group;
+        double mu = 0, var = 0;
+        if (!s.rms)
+            for (size_t c = 0; c < d; ++c) mu += x[r * d + c] / (double)d;
+        for (size_t c = 0; c < d; ++c) var += (x[r * d + c] - mu) * (x[r * d + c] - mu) / (double)d;
+        const double rs = 1 / std::sqrt(var + (double)s.eps);
+        want_mean[r] = mu;
+        want_rstd[r] = rs;
+        for (size_t c = 0; c < d; ++c) {
+            const size_t i = r * d + c, p = g * d + c;
+            xhat[i] = (x[i] - mu) * rs;
+            factor[i] = s.w_offset + (s.has_w ? w[p] : 0.0);
+            const double shift = s.has_b ? b[p] : 0.0;
+            want_y[i] = xhat[i] * factor[i] + shift;
+            // f32 arithmetic on terms of size |xhat·factor| + |shift|, then rounding to T.
+            y_tol[i] = 1e-5 * (std::fabs(xhat[i] * factor[i]) + std::fabs(shift) + 1) + rtol_of<T>() * std::fabs(want_y[i]);
+        }
+    }
+    report.within(what + ": y", y.download(), want_y, y_tol, "1e-5·(|xhat·w| + |b| + 1) + rounding");
+    report.close(what + ": mean", mean.download(), want_mean, 1e-5, 1e-5);
+    report.close(what + ": rstd", rstd.download(), want_rstd, 0, 1e-4);
+
+    // ---- backward (`cuda::norm::backward`), from the kernel's own statistics
+    const bool params = s.has_w || s.has_b;
+    const size_t rpg = s.rows_per_group;
+    const size_t nblk = params ? std::clamp<size_t>(ceil_div(kParamGradBlocks, groups), 1, rpg) : std::min(rpg, kMaxGrid);
+    const size_t n_part = groups * nblk * d;
+    DeviceArray<T> dx(rows * d);
+    DeviceArray<float> part_w(n_part), part_b(n_part);
+    const emu::LaunchConfig bcfg{dim3((unsigned)nblk, (unsigned)groups), dim3(threads_for(d / vec, kBwdCache)), 0};
+    const auto bwd = vec > 1 ? K<T, P>::bwd_vec : K<T, P>::bwd_v1;
+    emu::launch(bcfg, bwd, dx_in.ptr(), ddy.ptr(), w_ptr, mean.ptr(), rstd.ptr(), with_dx ? dx.ptr() : nullptr,
+                s.has_w ? part_w.ptr() : nullptr, s.has_b ? part_b.ptr() : nullptr, (int64_t)rpg, (int)d, s.w_offset,
+                (int)s.rms);
+    DeviceArray<P> dw(groups * d), db(groups * d);
+    const auto reduce = [&](const DeviceArray<float>& part, DeviceArray<P>& out) {
+        emu::launch(grid_1d(groups * d, 256), reduce_partials_kernel<P>(), part.ptr(), out.ptr(), (int64_t)groups,
+                    (int64_t)nblk, (int)d);
+    };
+    if (s.has_w) reduce(part_w, dw);
+    if (s.has_b) reduce(part_b, db);
+
+    std::vector<double> want_dx(rows * d), dx_tol(rows * d), want_dw(groups * d, 0.0), want_db(groups * d, 0.0),
+        dw_scale(groups * d, 0.0), db_scale(groups * d, 0.0);
+    for (size_t r = 0; r < rows; ++r) {
+        const size_t g = r / s.rows_per_group;
+        double mean_gh = 0, mean_ghx = 0, max_gh = 0;
+        for (size_t c = 0; c < d; ++c) {
+            const size_t i = r * d + c;
+            const double gh = dy[i] * factor[i];
+            mean_gh += gh / (double)d;
+            mean_ghx += gh * xhat[i] / (double)d;
+            max_gh = std::max(max_gh, std::fabs(gh));
+            want_dw[g * d + c] += dy[i] * xhat[i];
+            want_db[g * d + c] += dy[i];
+            dw_scale[g * d + c] += std::fabs(dy[i] * xhat[i]);
+            db_scale[g * d + c] += std::fabs(dy[i]);
+        }
+        if (s.rms) mean_gh = 0;
+        for (size_t c = 0; c < d; ++c) {
+            const size_t i = r * d + c;
+            want_dx[i] = want_rstd[r] * (dy[i] * factor[i] - mean_gh - xhat[i] * mean_ghx);
+            dx_tol[i] = 1e-4 * want_rstd[r] * max_gh + rtol_of<T>() * std::fabs(want_dx[i]);
+        }
+    }
+    if (with_dx) report.within(what + ": dx", dx.download(), want_dx, dx_tol, "1e-4·rstd·max|dy·w| + rounding");
+    for (size_t i = 0; i < groups * d; ++i) {
+        dw_scale[i] = 1e-5 * dw_scale[i] + rtol_of<P>() * std::fabs(want_dw[i]);
+        db_scale[i] = 1e-5 * db_scale[i] + rtol_of<P>() * std::fabs(want_db[i]);
+    }
+    if (s.has_w) report.within(what + ": dw", dw.download(), want_dw, dw_scale, "1e-5·Σ|dy·xhat| + rounding");
+    if (s.has_b) report.within(what + ": db", db.download(), want_db, db_scale, "1e-5·Σ|dy| + rounding");
+}
+
+template <class T, class P>
+void ops(size_t d, size_t rows) {
+    // ops::norm: layer_norm with and without affine parameters, layer_norm_modulate on
+    // [B, N, D] with [B, D] scale and shift, rms_norm with a weight.
+    run<T, P>({"layer_norm", rows, d, rows, 0.f, 1e-5f, false, true, true}, true);
+    // Without parameters the launcher takes the activations' dtype for P.
+    if constexpr (std::is_same_v<T, P>)
+        run<T, P>({"layer_norm (no affine)", rows, d, rows, 1.f, 1e-6f, false, false, false}, true);
+    run<T, P>({"layer_norm_modulate", 3 * rows, d, rows, 1.f, 1e-6f, false, true, true}, true);
+    run<T, P>({"rms_norm", rows, d, rows, 0.f, 1e-6f, true, true, false}, true);
+    // Parameter gradients only (an input that needs no gradient).
+    run<T, P>({"rms_norm (no dx)", rows, d, rows, 0.f, 1e-6f, true, true, false}, false);
+}
+
+template <class T, class P>
+void family() {
+    ops<T, P>(37, 5);  // scalar entry points
+    ops<T, P>(64, 7);  // vector entry points
+    if (!kTsan) {
+        ops<T, P>(12, 3);  // vector for f32, scalar for bf16
+        ops<T, P>(1, 3);   // a single column: xhat = 0
+        run<T, P>({"layer_norm", 3, 1501, 3, 0.f, 1e-5f, false, true, true}, true);  // past the register caches
+        run<T, P>({"rms_norm", 2, 5000, 2, 0.f, 1e-6f, true, true, false}, true);
+        run<T, P>({"layer_norm_modulate", 600, 40, 300, 1.f, 1e-6f, false, true, true}, true);  // many partial blocks
+    }
+}
+
+}  // namespace
+
+int main() {
+    emu::watchdog(300);
+    family<float, float>();
+    family<float, bf16>();
+    family<bf16, float>();
+    family<bf16, bf16>();
+    return report.finish();
+}

@@ -1,0 +1,173 @@
+// kernels/reduce.cu under emulation, launched as src/cuda/reduce.rs does: sum_to onto
+// broadcast shapes, the two-pass row sums (row_partial + row_finish, split by
+// `blocks_per_row`) and the column sums over a middle dimension (32x8 blocks).
+#include "harness.h"
+
+#include "reduce.cu"
+
+using namespace harness;
+
+namespace {
+
+Report report("reduce");
+Rng rng(0x5EDCE);
+
+using Shape = std::vector<size_t>;
+
+// Mirrors of src/cuda/reduce.rs.
+constexpr unsigned kRowThreads = 256;      // ROW_THREADS
+constexpr size_t kMinPerBlock = 2048;      // MIN_PER_BLOCK
+constexpr size_t kMaxPartialBlocks = 4096;  // MAX_PARTIAL_BLOCKS
+
+size_t blocks_per_row(size_t rows, size_t len) {
+    return std::clamp<size_t>(ceil_div(len, kMinPerBlock), 1, std::max<size_t>(kMaxPartialBlocks / std::max<size_t>(rows, 1), 1));
+}
+
+template <class T>
+struct K;
+template <>
+struct K<float> {
+    static constexpr auto sum_to = EMU_KERNEL(sum_to_f32), row_partial = EMU_KERNEL(row_partial_f32),
+                          row_finish = EMU_KERNEL(row_finish_f32), col_sum = EMU_KERNEL(col_sum_f32);
+};
+template <>
+struct K<bf16> {
+    static constexpr auto sum_to = EMU_KERNEL(sum_to_bf16), row_partial = EMU_KERNEL(row_partial_bf16),
+                          row_finish = EMU_KERNEL(row_finish_bf16), col_sum = EMU_KERNEL(col_sum_bf16);
+};
+
+// Sums of terms whose magnitudes add up to sum_abs: f32 accumulation stays well within
+// 1e-6·sum_abs at these sizes; then the result is rounded to T.
+template <class T>
+void check_sums(const std::string& what, const std::vector<double>& got, const std::vector<double>& want,
+                const std::vector<double>& sum_abs) {
+    const double rtol = std::is_same_v<T, bf16> ? 1.0 / 128 : 1e-6;
+    std::vector<double> tol(want.size());
+    for (size_t i = 0; i < want.size(); ++i) tol[i] = 1e-6 * sum_abs[i] + rtol * std::fabs(want[i]);
+    report.within(what, got, want, tol, "1e-6·Σ|x| + rounding");
+}
+
+// `cuda::reduce::sum_to`: `x` (shape `in`) summed onto `out` (same rank, each dim 1 or kept).
+template <class T>
+void sum_to(const Shape& in, const Shape& out) {
+    ReduceDesc d{};
+    d.rank = (int32_t)in.size();
+    int64_t stride = 1;
+    for (size_t k = in.size(); k-- > 0;) {
+        const bool reduced = out[k] == 1 && in[k] != 1;
+        d.keep_shape[k] = reduced ? 1 : (int64_t)in[k];
+        d.keep_stride[k] = reduced ? 0 : stride;
+        d.red_shape[k] = reduced ? (int64_t)in[k] : 1;
+        d.red_stride[k] = reduced ? stride : 0;
+        stride *= (int64_t)in[k];
+    }
+    size_t n_in = 1, n_out = 1;
+    for (size_t k = 0; k < in.size(); ++k) n_in *= in[k], n_out *= out[k];
+    const int64_t n_red = (int64_t)(n_in / std::max<size_t>(n_out, 1));
+    const auto x = rng.values<T>(n_in);
+    DeviceArray<T> dx(x), dout(n_out);
+    emu::launch(grid_1d(n_out, 256), K<T>::sum_to, dx.ptr(), dout.ptr(), d, (int64_t)n_out, n_red);
+
+    std::vector<double> want(n_out, 0.0), sum_abs(n_out, 0.0);
+    for (size_t i = 0; i < n_in; ++i) {
+        size_t rem = i, o = 0, mult = 1;
+        for (size_t k = in.size(); k-- > 0;) {
+            const size_t c = rem % in[k];
+            rem /= in[k];
+            o += (out[k] == 1 ? 0 : c) * mult;
+            mult *= out[k];
+        }
+        want[o] += x[i];
+        sum_abs[o] += std::fabs(x[i]);
+    }
+    std::string what = format("sum_to_%s [", Elem<T>::name);
+    for (size_t k = 0; k < in.size(); ++k) what += format("%s%zu", k ? "," : "", in[k]);
+    what += "] -> [";
+    for (size_t k = 0; k < out.size(); ++k) what += format("%s%zu", k ? "," : "", out[k]);
+    check_sums<T>(what + "]", dout.download(), want, sum_abs);
+}
+
+// `cuda::reduce::row_sum`: x as [rows, len], out[r] = scale·Σ x[r, :].
+template <class T>
+void row_sum(size_t rows, size_t len, float scale) {
+    const size_t bpr = blocks_per_row(rows, len);
+    const auto x = rng.values<T>(rows * len);
+    DeviceArray<T> dx(x), out(rows);
+    DeviceArray<float> partials(rows * bpr);
+    emu::launch(grid_rows(rows * bpr, kRowThreads), K<T>::row_partial, dx.ptr(), partials.ptr(), (int64_t)len,
+                (int64_t)bpr);
+    emu::launch(grid_rows(rows, kRowThreads), K<T>::row_finish, partials.ptr(), out.ptr(), (int64_t)bpr, scale);
+
+    std::vector<double> want(rows, 0.0), sum_abs(rows, 0.0);
+    for (size_t r = 0; r < rows; ++r) {
+        for (size_t i = 0; i < len; ++i) {
+            want[r] += x[r * len + i];
+            sum_abs[r] += std::fabs(x[r * len + i]);
+        }
+        want[r] *= scale;
+        sum_abs[r] *= std::fabs(scale);
+    }
+    check_sums<T>(format("row_sum_%s rows=%zu len=%zu (%zu blocks per row) scale=%g", Elem<T>::name, rows, len, bpr,
+                         scale),
+                  out.download(), want, sum_abs);
+}
+
+// `cuda::reduce::col_sum`: x as [outer, len, inner], out[o, i] = scale·Σ_r x[o, r, i].
+template <class T>
+void col_sum(size_t outer, size_t len, size_t inner, float scale) {
+    const size_t blocks = outer * ceil_div(inner, 32);
+    const auto x = rng.values<T>(outer * len * inner);
+    DeviceArray<T> dx(x), out(outer * inner);
+    const emu::LaunchConfig cfg{dim3((unsigned)blocks), dim3(32, 8), 0};
+    emu::launch(cfg, K<T>::col_sum, dx.ptr(), out.ptr(), (int64_t)len, (int64_t)inner, scale);
+
+    std::vector<double> want(outer * inner, 0.0), sum_abs(outer * inner, 0.0);
+    for (size_t o = 0; o < outer; ++o)
+        for (size_t r = 0; r < len; ++r)
+            for (size_t i = 0; i < inner; ++i) {
+                want[o * inner + i] += scale * x[(o * len + r) * inner + i];
+                sum_abs[o * inner + i] += std::fabs(scale * x[(o * len + r) * inner + i]);
+            }
+    check_sums<T>(format("col_sum_%s [%zu, %zu, %zu] scale=%g", Elem<T>::name, outer, len, inner, scale),
+                  out.download(), want, sum_abs);
+}
+
+template <class T>
+void family() {
+    sum_to<T>({3, 5, 7}, {3, 1, 7});
+    sum_to<T>({3, 5, 7}, {1, 5, 1});
+    sum_to<T>({3, 5, 7}, {1, 1, 1});
+    sum_to<T>({3, 5, 7}, {3, 5, 7});
+    sum_to<T>({2, 3, 1, 4, 5, 2}, {1, 3, 1, 1, 5, 1});
+    sum_to<T>({300, 9}, {1, 9});
+
+    struct RowCase {
+        size_t rows, len;
+    };
+    std::vector<RowCase> rows = {{1, 1}, {1, 37}, {3, 2049}, {2, 5001}, {37, 129}};
+    if (!kTsan) {
+        rows.push_back({1, 70001});  // 35 blocks, each thread striding over its chunk
+        rows.push_back({2049, 3});   // blocks_per_row clamped by MAX_PARTIAL_BLOCKS
+    }
+    for (const RowCase& c : rows) row_sum<T>(c.rows, c.len, c.rows == 1 ? 1.f : 1.f / (float)c.len);
+
+    struct ColCase {
+        size_t outer, len, inner;
+    };
+    std::vector<ColCase> cols = {{1, 1, 2}, {2, 37, 45}, {1, 9, 64}};
+    if (!kTsan) {
+        cols.push_back({3, 300, 2});
+        cols.push_back({2, 1000, 33});
+        cols.push_back({4, 8, 1000});
+    }
+    for (const ColCase& c : cols) col_sum<T>(c.outer, c.len, c.inner, c.len % 2 ? 1.f : 0.5f);
+}
+
+}  // namespace
+
+int main() {
+    emu::watchdog(300);
+    family<float>();
+    family<bf16>();
+    return report.finish();
+}
