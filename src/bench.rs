@@ -199,6 +199,59 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
         });
     }
 
+    // RoPE on the DiT's q: 30×52 latent patches (480×832), 12 heads of 128.
+    {
+        let (b, fh, fw, h, d) = if full { (8, 30, 52, 12, 128) } else { (2, 8, 8, 2, 32) };
+        let table = ops::rope_table_3d(1, fh, fw, d, 10000.0)?;
+        let (cos, sin) = table.to_tensors(device)?;
+        let x = rand(&[b, fh * fw, h, d], &mut rng, device)?;
+        let n = (b * fh * fw * h * d) as f64;
+        v.push(BenchCase {
+            family: "rope",
+            name: format!("rope {b}x{}x{h}x{d}", fh * fw),
+            bytes: 2.0 * n * e,
+            flops: 3.0 * n,
+            bound: Bound::Memory,
+            run: Box::new(move || ops::rope(&x, &cos, &sin).map(|_| ())),
+        });
+    }
+    // Reductions and shape copies: a full sum, and the [B,N,H,D] -> [B,H,N,D] permute.
+    {
+        let x = rand(&[n], &mut rng, device)?;
+        v.push(BenchCase {
+            family: "reduce",
+            name: format!("sum_all {n}"),
+            bytes: n as f64 * e,
+            flops: n as f64,
+            bound: Bound::Memory,
+            run: Box::new(move || ops::sum_all(&x).map(|_| ())),
+        });
+        let (b, nn, h, d) = if full { (8, 1560, 12, 128) } else { (2, 64, 2, 32) };
+        let y = rand(&[b, nn, h, d], &mut rng, device)?;
+        v.push(BenchCase {
+            family: "shape",
+            name: format!("permute {b}x{nn}x{h}x{d} -> bhnd"),
+            bytes: 2.0 * (b * nn * h * d) as f64 * e,
+            flops: 0.0,
+            bound: Bound::Memory,
+            run: Box::new(move || ops::permute(&y, &[0, 2, 1, 3]).map(|_| ())),
+        });
+    }
+    // Loss: the SynthCLIP contrastive logits (global batch 4096 → 4096 classes per row).
+    {
+        let rows = if full { 4096 } else { 256 };
+        let logits = rand(&[rows, rows], &mut rng, device)?;
+        let targets: Vec<usize> = (0..rows).collect();
+        v.push(BenchCase {
+            family: "loss",
+            name: format!("cross_entropy {rows}x{rows}"),
+            bytes: (rows * rows) as f64 * e,
+            flops: 4.0 * (rows * rows) as f64,
+            bound: Bound::Memory,
+            run: Box::new(move || ops::cross_entropy(&logits, &targets).map(|_| ())),
+        });
+    }
+
     // Linear layers of the DiT block: 1536 → 8960 (FFN up).
     {
         let (m, k, nn) = if full { (8 * 1560, 1536, 8960) } else { (256, 192, 448) };
