@@ -13,7 +13,7 @@ pub const GRID_PAD: usize = 4;
 /// about 16 characters per line even under small images.
 pub const MIN_LABEL_CELL_W: usize = 96;
 /// Caption lines per cell at most; longer captions end in "...".
-pub const MAX_LABEL_LINES: usize = 4;
+pub const MAX_LABEL_LINES: usize = 5;
 const BACKGROUND: [u8; 3] = [255, 255, 255];
 const LABEL_RGB: [u8; 3] = [30, 30, 30];
 
