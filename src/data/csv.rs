@@ -1,0 +1,199 @@
+//! A small RFC 4180 CSV reader and writer, enough for dataset metadata files.
+//!
+//! Accepted input (a superset of RFC 4180, as spreadsheet programs and pandas write it):
+//! - fields separated by `,`; records ended by CRLF, LF or a lone CR; a final record
+//!   without a line ending;
+//! - quoted fields (`"…"`) that may hold commas, line breaks and doubled quotes (`""` is
+//!   one `"`);
+//! - a UTF-8 byte-order mark at the start of the file (Excel writes one);
+//! - blank lines, which are skipped (pandas' `skip_blank_lines`).
+//!
+//! Rejected, with the file and line named: text after a closing quote other than a
+//! separator or a line ending, a quoted field still open at the end of the file, and
+//! text that is not UTF-8. A `"` inside an unquoted field is kept as a literal character,
+//! as pandas does.
+//!
+//! The first record is the header. Records are kept as written: rows with fewer or more
+//! fields than the header are left for the caller to judge, with the line they start on.
+
+use std::fs;
+use std::path::Path;
+
+use crate::{bail, Result, ResultExt};
+
+/// One record: its fields and the 1-based line of the file where it starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CsvRecord {
+    /// The line (1-based) on which the record starts; quoted fields may span more lines.
+    pub line: usize,
+    /// The fields, unquoted.
+    pub fields: Vec<String>,
+}
+
+/// A parsed CSV file: the header record and the data records after it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CsvTable {
+    /// The column names of the first record, as written (not trimmed).
+    pub header: Vec<String>,
+    /// The data records in file order.
+    pub rows: Vec<CsvRecord>,
+}
+
+impl CsvTable {
+    /// The index of the column whose name, with surrounding spaces trimmed, is `name`.
+    pub fn column(&self, name: &str) -> Option<usize> {
+        self.header.iter().position(|h| h.trim() == name)
+    }
+}
+
+/// Reads and parses the CSV file at `path`; errors name the file and line.
+pub fn read_csv(path: impl AsRef<Path>) -> Result<CsvTable> {
+    let path = path.as_ref();
+    let bytes = fs::read(path).with_ctx(|| format!("cannot read CSV file {}", path.display()))?;
+    let text = match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => {
+            let at = e.utf8_error().valid_up_to();
+            let line = 1 + e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count();
+            bail!("{} line {line}: the file is not UTF-8 text (invalid byte at offset {at})", path.display());
+        }
+    };
+    parse_csv(&text, &path.display().to_string())
+}
+
+/// Parses CSV `text`; `source` names the file in error messages.
+///
+/// An empty text (or one with only blank lines) is an error: a CSV file needs a header.
+pub fn parse_csv(text: &str, source: &str) -> Result<CsvTable> {
+    let mut records = parse_records(text, source)?.into_iter();
+    let Some(header) = records.next() else {
+        bail!("{source}: the CSV file is empty (expected a header line with the column names)");
+    };
+    Ok(CsvTable { header: header.fields, rows: records.collect() })
+}
+
+/// Where the parser is within the current field.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// At the start of a field: a `"` here opens a quoted field.
+    FieldStart,
+    /// Inside an unquoted field.
+    Unquoted,
+    /// Inside a quoted field.
+    Quoted,
+    /// Just read a `"` inside a quoted field: either the first half of `""` or the end.
+    QuoteInQuoted,
+}
+
+/// Splits `text` into records (including the header); blank lines are dropped.
+fn parse_records(text: &str, source: &str) -> Result<Vec<CsvRecord>> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut records = Vec::new();
+    let mut fields: Vec<String> = Vec::new();
+    let mut field = String::new();
+    let mut state = State::FieldStart;
+    let mut line = 1usize;
+    let mut record_line = 1usize;
+    let mut quote_line = 1usize;
+    // Whether the current record has any content yet (a blank line has none).
+    let mut started = false;
+    let mut chars = text.chars().peekable();
+
+    while let Some(c) = chars.next() {
+        if state == State::Quoted {
+            match c {
+                '"' => state = State::QuoteInQuoted,
+                '\n' => {
+                    line += 1;
+                    field.push(c);
+                }
+                '\r' => {
+                    // A CRLF inside a quoted field is one line break; keep it as written.
+                    field.push(c);
+                    if chars.peek() == Some(&'\n') {
+                        field.push(chars.next().unwrap_or('\n'));
+                    }
+                    line += 1;
+                }
+                _ => field.push(c),
+            }
+            continue;
+        }
+        if state == State::QuoteInQuoted {
+            if c == '"' {
+                field.push('"');
+                state = State::Quoted;
+                continue;
+            }
+            if !matches!(c, ',' | '\n' | '\r') {
+                bail!(
+                    "{source} line {line}: unexpected character {c:?} after the closing quote of a field \
+                     (a quote inside a quoted field must be doubled: \"\")"
+                );
+            }
+            state = State::Unquoted;
+        }
+        match c {
+            ',' => {
+                fields.push(std::mem::take(&mut field));
+                state = State::FieldStart;
+                started = true;
+            }
+            '\n' | '\r' => {
+                if c == '\r' && chars.peek() == Some(&'\n') {
+                    chars.next();
+                }
+                if started || state != State::FieldStart {
+                    fields.push(std::mem::take(&mut field));
+                    records.push(CsvRecord { line: record_line, fields: std::mem::take(&mut fields) });
+                }
+                line += 1;
+                record_line = line;
+                state = State::FieldStart;
+                started = false;
+            }
+            '"' if state == State::FieldStart => {
+                state = State::Quoted;
+                quote_line = line;
+                started = true;
+            }
+            _ => {
+                field.push(c);
+                state = State::Unquoted;
+                started = true;
+            }
+        }
+    }
+    if state == State::Quoted {
+        bail!("{source} line {quote_line}: a quoted field opened here is never closed (missing closing \")");
+    }
+    if started || state != State::FieldStart {
+        fields.push(field);
+        records.push(CsvRecord { line: record_line, fields });
+    }
+    Ok(records)
+}
+
+/// Formats one record as a CSV line ending in `\n`, quoting the fields that need it
+/// (those holding a comma, a quote, a line break, or leading/trailing spaces).
+pub fn format_record<S: AsRef<str>>(fields: &[S]) -> String {
+    let mut out = String::new();
+    for (i, f) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let f = f.as_ref();
+        let needs_quotes = f.contains([',', '"', '\n', '\r'])
+            || f.starts_with(char::is_whitespace)
+            || f.ends_with(char::is_whitespace);
+        if needs_quotes {
+            out.push('"');
+            out.push_str(&f.replace('"', "\"\""));
+            out.push('"');
+        } else {
+            out.push_str(f);
+        }
+    }
+    out.push('\n');
+    out
+}

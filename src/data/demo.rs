@@ -1,0 +1,352 @@
+//! The built-in demo data: captioned images of simple shapes that a tiny model learns in
+//! minutes on a CPU, so that `train` and `sample` can show prompt- and reference-following
+//! without weights or downloads.
+//!
+//! An image is fully determined by five attributes ([`DemoAttrs`]): a shape (circle,
+//! square, triangle) of a colour, on a background of another colour (six colours), large
+//! or small, plain or filled with stripes or dots. Its caption names all five, e.g.
+//! "a small green square with stripes on a yellow background". Shapes are centred and
+//! rendered with 4×4 supersampling (antialiased edges).
+//!
+//! [`generate`] writes `DIR/images/NNNNN.png` and `DIR/metadata.csv` (columns `video`,
+//! `prompt`) in the Synthos layout, going through all 540 attribute combinations in a
+//! seeded random order before repeating any; [`render`] draws one image, e.g. a reference
+//! image for the sampler. Both are deterministic: the same arguments give the same bytes.
+
+use std::fs;
+use std::path::Path;
+
+use super::csv::format_record;
+use super::rgb::{write_atomic, ImageRgb};
+use crate::{ensure, Result, ResultExt, Rng};
+
+/// The shape drawn in the middle of the image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Shape {
+    /// A disc.
+    Circle,
+    /// An axis-aligned square.
+    Square,
+    /// An equilateral triangle pointing up.
+    Triangle,
+}
+
+/// A colour of the shape or the background.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Colour {
+    /// (220, 40, 40)
+    Red,
+    /// (40, 170, 60)
+    Green,
+    /// (40, 80, 220)
+    Blue,
+    /// (240, 210, 40)
+    Yellow,
+    /// (150, 60, 200)
+    Purple,
+    /// (245, 245, 245)
+    White,
+}
+
+/// How large the shape is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ShapeSize {
+    /// About 40 % of the image width.
+    Small,
+    /// About 70 % of the image width.
+    Large,
+}
+
+/// The fill pattern of the shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Texture {
+    /// One flat colour.
+    Plain,
+    /// Horizontal bands of the shape colour and a contrasting shade.
+    Stripes,
+    /// A grid of dots of a contrasting shade on the shape colour.
+    Dots,
+}
+
+impl Shape {
+    /// Every shape.
+    pub const ALL: [Shape; 3] = [Shape::Circle, Shape::Square, Shape::Triangle];
+
+    /// The word used in captions.
+    pub fn name(self) -> &'static str {
+        match self {
+            Shape::Circle => "circle",
+            Shape::Square => "square",
+            Shape::Triangle => "triangle",
+        }
+    }
+}
+
+impl Colour {
+    /// Every colour.
+    pub const ALL: [Colour; 6] =
+        [Colour::Red, Colour::Green, Colour::Blue, Colour::Yellow, Colour::Purple, Colour::White];
+
+    /// The word used in captions.
+    pub fn name(self) -> &'static str {
+        match self {
+            Colour::Red => "red",
+            Colour::Green => "green",
+            Colour::Blue => "blue",
+            Colour::Yellow => "yellow",
+            Colour::Purple => "purple",
+            Colour::White => "white",
+        }
+    }
+
+    /// The sRGB value drawn.
+    pub fn rgb(self) -> [u8; 3] {
+        match self {
+            Colour::Red => [220, 40, 40],
+            Colour::Green => [40, 170, 60],
+            Colour::Blue => [40, 80, 220],
+            Colour::Yellow => [240, 210, 40],
+            Colour::Purple => [150, 60, 200],
+            Colour::White => [245, 245, 245],
+        }
+    }
+
+    /// The shade used for stripes and dots: darker for light colours, lighter for dark
+    /// ones, so the pattern shows on every colour.
+    pub fn pattern_rgb(self) -> [u8; 3] {
+        let [r, g, b] = self.rgb();
+        let luma = 0.299 * r as f32 + 0.587 * g as f32 + 0.114 * b as f32;
+        let shade = |v: u8| -> u8 {
+            if luma > 150.0 {
+                (v as f32 * 0.45).round() as u8
+            } else {
+                (v as f32 + (255.0 - v as f32) * 0.6).round() as u8
+            }
+        };
+        [shade(r), shade(g), shade(b)]
+    }
+}
+
+impl ShapeSize {
+    /// Both sizes.
+    pub const ALL: [ShapeSize; 2] = [ShapeSize::Small, ShapeSize::Large];
+
+    /// The word used in captions.
+    pub fn name(self) -> &'static str {
+        match self {
+            ShapeSize::Small => "small",
+            ShapeSize::Large => "large",
+        }
+    }
+}
+
+impl Texture {
+    /// Every texture.
+    pub const ALL: [Texture; 3] = [Texture::Plain, Texture::Stripes, Texture::Dots];
+
+    /// The caption phrase after the shape ("" for plain).
+    pub fn phrase(self) -> &'static str {
+        match self {
+            Texture::Plain => "",
+            Texture::Stripes => " with stripes",
+            Texture::Dots => " with dots",
+        }
+    }
+}
+
+/// Everything that determines a demo image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DemoAttrs {
+    /// The shape.
+    pub shape: Shape,
+    /// The shape's colour.
+    pub colour: Colour,
+    /// The background colour (different from `colour` in generated sets).
+    pub background: Colour,
+    /// The shape's size.
+    pub size: ShapeSize,
+    /// The shape's fill pattern.
+    pub texture: Texture,
+}
+
+impl DemoAttrs {
+    /// The caption: `a {size} {colour} {shape}[ with stripes| with dots] on a {background}
+    /// background`.
+    pub fn caption(&self) -> String {
+        format!(
+            "a {} {} {}{} on a {} background",
+            self.size.name(),
+            self.colour.name(),
+            self.shape.name(),
+            self.texture.phrase(),
+            self.background.name()
+        )
+    }
+
+    /// Reads a caption of the form [`DemoAttrs::caption`] writes, case-insensitively; the
+    /// size may be left out (it then means large) and a final period is ignored, so "A red
+    /// circle on a blue background." parses. `None` for anything else.
+    pub fn from_caption(caption: &str) -> Option<DemoAttrs> {
+        let lower = caption.trim().trim_end_matches('.').to_lowercase();
+        let words: Vec<&str> = lower.split_whitespace().collect();
+        let mut w = words.as_slice();
+        let mut take = |expected: &str| -> bool {
+            if w.first() == Some(&expected) {
+                w = &w[1..];
+                true
+            } else {
+                false
+            }
+        };
+        if !take("a") {
+            return None;
+        }
+        let size = ShapeSize::ALL.into_iter().find(|s| take(s.name())).unwrap_or(ShapeSize::Large);
+        let colour = Colour::ALL.into_iter().find(|c| take(c.name()))?;
+        let shape = Shape::ALL.into_iter().find(|s| take(s.name()))?;
+        let texture = if take("with") {
+            if take("stripes") {
+                Texture::Stripes
+            } else if take("dots") {
+                Texture::Dots
+            } else {
+                return None;
+            }
+        } else {
+            Texture::Plain
+        };
+        if !(take("on") && take("a")) {
+            return None;
+        }
+        let background = Colour::ALL.into_iter().find(|c| take(c.name()))?;
+        if !take("background") || !w.is_empty() {
+            return None;
+        }
+        Some(DemoAttrs { shape, colour, background, size, texture })
+    }
+
+    /// Every combination with a background different from the shape colour (540), in a
+    /// fixed order.
+    pub fn all() -> Vec<DemoAttrs> {
+        let mut out = Vec::new();
+        for shape in Shape::ALL {
+            for colour in Colour::ALL {
+                for background in Colour::ALL {
+                    if background == colour {
+                        continue;
+                    }
+                    for size in ShapeSize::ALL {
+                        for texture in Texture::ALL {
+                            out.push(DemoAttrs { shape, colour, background, size, texture });
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Subsamples per pixel side; 4×4 = 16 samples give smooth edges at 64×64.
+const SUPERSAMPLE: usize = 4;
+/// Stripe and dot period, in units of the image width.
+const PATTERN_PERIOD: f64 = 1.0 / 8.0;
+
+/// Whether the unit-square point (`u`, `v`) (origin top-left) lies inside the shape.
+fn inside(attrs: &DemoAttrs, u: f64, v: f64) -> bool {
+    let (dx, dy) = (u - 0.5, v - 0.5);
+    let large = attrs.size == ShapeSize::Large;
+    match attrs.shape {
+        Shape::Circle => {
+            let r = if large { 0.36 } else { 0.2 };
+            dx * dx + dy * dy <= r * r
+        }
+        Shape::Square => {
+            let h = if large { 0.31 } else { 0.17 };
+            dx.abs() <= h && dy.abs() <= h
+        }
+        Shape::Triangle => {
+            // Equilateral, centroid at the centre, circumradius r: apex up, base below.
+            let r: f64 = if large { 0.42 } else { 0.24 };
+            let half_base = r * 3f64.sqrt() / 2.0;
+            let (top, base) = (-r, r / 2.0);
+            if dy > base || dy < top {
+                return false;
+            }
+            // The half-width grows linearly from 0 at the apex to half_base at the base.
+            dx.abs() <= half_base * (dy - top) / (base - top)
+        }
+    }
+}
+
+/// The colour at a unit-square point.
+fn colour_at(attrs: &DemoAttrs, u: f64, v: f64) -> [u8; 3] {
+    if !inside(attrs, u, v) {
+        return attrs.background.rgb();
+    }
+    let patterned = match attrs.texture {
+        Texture::Plain => false,
+        Texture::Stripes => (v / PATTERN_PERIOD).fract() < 0.5,
+        Texture::Dots => {
+            let (fu, fv) = ((u / PATTERN_PERIOD).fract() - 0.5, (v / PATTERN_PERIOD).fract() - 0.5);
+            fu * fu + fv * fv <= 0.28 * 0.28
+        }
+    };
+    if patterned {
+        attrs.colour.pattern_rgb()
+    } else {
+        attrs.colour.rgb()
+    }
+}
+
+/// Draws the image for `attrs` at `size × size` pixels (`size` ≥ 8).
+pub fn render(attrs: &DemoAttrs, size: usize) -> Result<ImageRgb> {
+    ensure!(size >= 8, "demo::render: size {size} is too small (at least 8 pixels)");
+    let mut data = Vec::with_capacity(size * size * 3);
+    let n = (SUPERSAMPLE * SUPERSAMPLE) as u32;
+    for y in 0..size {
+        for x in 0..size {
+            let mut sum = [0u32; 3];
+            for sy in 0..SUPERSAMPLE {
+                for sx in 0..SUPERSAMPLE {
+                    let u = (x as f64 + (sx as f64 + 0.5) / SUPERSAMPLE as f64) / size as f64;
+                    let v = (y as f64 + (sy as f64 + 0.5) / SUPERSAMPLE as f64) / size as f64;
+                    let c = colour_at(attrs, u, v);
+                    for k in 0..3 {
+                        sum[k] += c[k] as u32;
+                    }
+                }
+            }
+            data.extend(sum.map(|s| ((s + n / 2) / n) as u8));
+        }
+    }
+    ImageRgb::new(size, size, data)
+}
+
+/// Writes a demo set of `n` images of `size × size` to `dir` in the Synthos layout
+/// (`images/00000.png`, …, and `metadata.csv` with columns `video`, `prompt`) and returns
+/// the attributes of each image in order. The attribute order is a seeded shuffle of all
+/// combinations ([`DemoAttrs::all`]), reshuffled each time it is used up, so small sets
+/// are varied and large ones balanced. Existing files of the same names are replaced.
+pub fn generate(dir: impl AsRef<Path>, n: usize, size: usize, seed: u64) -> Result<Vec<DemoAttrs>> {
+    let dir = dir.as_ref();
+    ensure!(n > 0, "demo::generate: the number of images must be positive");
+    let images = dir.join("images");
+    fs::create_dir_all(&images).with_ctx(|| format!("cannot create demo folder {}", images.display()))?;
+    let mut rng = Rng::new(seed);
+    let mut order = DemoAttrs::all();
+    let mut attrs = Vec::with_capacity(n);
+    let mut csv = format_record(&["video", "prompt"]);
+    for i in 0..n {
+        if i % order.len() == 0 {
+            rng.shuffle(&mut order);
+        }
+        let a = order[i % order.len()];
+        let rel = format!("images/{i:05}.png");
+        render(&a, size)?.save_png(dir.join(&rel))?;
+        csv.push_str(&format_record(&[rel, a.caption()]));
+        attrs.push(a);
+    }
+    write_atomic(&dir.join("metadata.csv"), csv.as_bytes())?;
+    Ok(attrs)
+}
