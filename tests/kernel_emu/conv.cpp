@@ -10,10 +10,10 @@
 //   rows_bias_add) and not (scratch + rows_copy), the in-place 1×1 path, a band that sees
 //   only padding (col2im skipped);
 // - nearest 2× upsampling and its backward;
-// - the channel RMS norm forward and backward (32×8 blocks, per-block dγ partials,
-//   including a grid that strides: more pixel groups than CRN_MAX_BLOCKS), with pixels
-//   whose norm is clamped at eps;
-// - clamp and its backward, with values exactly on the bounds.
+// - the channel RMS norm forward and backward (32×8 blocks, per-block dγ partials, more
+//   pixel groups than CRN_MAX_BLOCKS), with pixels whose norm is clamped at eps;
+// - clamp and its backward, with values exactly on the bounds;
+// - a few of these again with the grid caps lowered, so that every grid-stride loop runs.
 // None of these kernels has a vector path, so there are no misaligned views to test; the
 // launchers pass whole allocations and element offsets.
 #include "harness.h"
