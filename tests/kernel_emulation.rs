@@ -248,3 +248,13 @@ fn adamw() {
 fn attention() {
     emulate("attention", "-O1", &[Build::Address, Build::Thread]);
 }
+
+#[test]
+fn conv() {
+    emulate("conv", "-O1", &[Build::Address, Build::Thread]);
+}
+
+#[test]
+fn softmax() {
+    emulate("softmax", "-O1", &[Build::Address, Build::Thread]);
+}
