@@ -10,7 +10,7 @@
 //! - [`weights`]: safetensors in and out,
 //! - [`nn`]: parameters and layers (Linear, LayerNorm, RmsNorm) built from checkpoints or
 //!   random init,
-//! - [`bench`]: the kernel benchmarks behind `synthos-engine bench` and `cargo bench`.
+//! - [`bench`](mod@bench): the kernel benchmarks behind `synthos-engine bench` and `cargo bench`.
 //!
 //! ```
 //! use synthos_engine::{autograd, ops, Device, Rng, Tensor};
@@ -26,6 +26,8 @@
 //! # Ok(())
 //! # }
 //! ```
+
+#![warn(missing_docs)]
 
 pub mod autograd;
 pub mod bench;

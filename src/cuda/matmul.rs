@@ -24,7 +24,7 @@
 //!
 //! Bias epilogue (`CUBLASLT_EPILOGUE_BIAS`): cuBLASLt adds a vector whose length is the
 //! number of *rows* of its column-major output D, broadcast along D's columns: D[i, j] +=
-//! bias[i]. Our D is `Cᵀ`, whose rows are our n output features, so bias[i] is added to
+//! `bias[i]`. Our D is `Cᵀ`, whose rows are our n output features, so `bias[i]` is added to
 //! column i of every row of row-major C — `y = x·wᵀ + b` with b along `out`, as `linear`
 //! needs. cudarc passes the bias with the element type of the matrices, which is also
 //! cuBLASLt's default bias type for these (bf16 in, bf16 out; f32 in, f32 out) cases.
