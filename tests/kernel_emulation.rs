@@ -201,8 +201,8 @@ fn emulate(family: &str, opt: &str, builds: &[Build]) {
     }
 }
 
-// Kernels without barriers run fast even unoptimised, where g++ compiles fastest; the
-// others spend their time switching between emulated threads and are built with -O1.
+// -O0 compiles fastest and is fast enough, except for the reductions, whose many blocks
+// of 256 synchronising threads run four times faster at -O1.
 
 #[test]
 fn emulator_checks() {
@@ -231,20 +231,20 @@ fn reduce() {
 
 #[test]
 fn loss() {
-    emulate("loss", "-O1", &[Build::Address, Build::Thread]);
+    emulate("loss", "-O0", &[Build::Address, Build::Thread]);
 }
 
 #[test]
 fn norm() {
-    emulate("norm", "-O1", &[Build::Address, Build::Thread]);
+    emulate("norm", "-O0", &[Build::Address, Build::Thread]);
 }
 
 #[test]
 fn adamw() {
-    emulate("adamw", "-O1", &[Build::Address, Build::Thread]);
+    emulate("adamw", "-O0", &[Build::Address, Build::Thread]);
 }
 
 #[test]
 fn attention() {
-    emulate("attention", "-O1", &[Build::Address, Build::Thread]);
+    emulate("attention", "-O0", &[Build::Address, Build::Thread]);
 }
