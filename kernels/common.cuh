@@ -41,6 +41,22 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return scratch[0];
 }
 
+// Max over the whole block (blockDim.x a multiple of 32); every thread receives it.
+// Starts with a barrier so `scratch` may be reused right after another block reduction.
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    const int nwarps = (blockDim.x + 31) >> 5;
+    float t = (threadIdx.x < nwarps) ? scratch[threadIdx.x] : -INFINITY;
+    if (warp == 0) t = warp_max(t);
+    if (threadIdx.x == 0) scratch[0] = t;
+    __syncthreads();
+    return scratch[0];
+}
+
 // Loads VEC consecutive elements starting at p[i] as fp32. When VEC elements span whole
 // 16-byte words the caller guarantees 16-byte alignment of p + i and they are loaded as
 // such; otherwise element by element.

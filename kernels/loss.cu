@@ -18,22 +18,6 @@
 // `g`, the incoming gradient, is read from device memory (fp32) so no host sync is needed.
 #include "common.cuh"
 
-// Max over the whole block (blockDim.x a multiple of 32); every thread receives it.
-// Starts with a barrier so `scratch` may be reused right after another block reduction.
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    const int nwarps = (blockDim.x + 31) >> 5;
-    float t = (threadIdx.x < nwarps) ? scratch[threadIdx.x] : -INFINITY;
-    if (warp == 0) t = warp_max(t);
-    if (threadIdx.x == 0) scratch[0] = t;
-    __syncthreads();
-    return scratch[0];
-}
-
 template <typename T>
 __device__ void sq_err_partial_impl(const T* p, const T* t, float* partials, int64_t len, int64_t bpr) {
     __shared__ float scratch[32];

@@ -13,21 +13,6 @@
 
 #define SOFTMAX_THREADS 256
 
-// Max over the block (blockDim.x a multiple of 32); same protocol as block_sum.
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    const int nwarps = (blockDim.x + 31) >> 5;
-    float t = (threadIdx.x < nwarps) ? scratch[threadIdx.x] : -INFINITY;
-    if (warp == 0) t = warp_max(t);
-    if (threadIdx.x == 0) scratch[0] = t;
-    __syncthreads();
-    return scratch[0];
-}
-
 template <typename T>
 __device__ void softmax_fwd_impl(const T* x, T* y, int64_t rows, int64_t n) {
     __shared__ float scratch[32];

@@ -36,7 +36,7 @@ use crate::image_io::{clip_pixels, RgbImage};
 use crate::nn::{Init, LayerNorm, Linear, Module, NamedParam, ParamSource, RandomInit};
 use crate::ops::{self, AttentionOptions, GeluApprox};
 use crate::weights::{Loader, WeightSet};
-use crate::{autograd, bail, DType, Device, Error, Result, ResultExt, Tensor};
+use crate::{autograd, bail, DType, Device, Result, Tensor};
 
 /// Hyper-parameters of a CLIP vision tower.
 #[derive(Clone, Debug, PartialEq)]
@@ -147,11 +147,7 @@ impl ClipVisionConfig {
     /// Reads a transformers `CLIPVisionConfig` `config.json` (or a `CLIPConfig` with a
     /// `vision_config`). Only the exact GELU of ViT-H/14 is supported.
     pub fn from_json_file(path: impl AsRef<Path>) -> Result<ClipVisionConfig> {
-        let path = path.as_ref();
-        let ctx = || format!("CLIP vision config {}", path.display());
-        let text = std::fs::read_to_string(path).with_ctx(ctx)?;
-        let json: Value = serde_json::from_str(&text).with_ctx(|| format!("{}: not valid JSON", ctx()))?;
-        Self::from_json(&json).with_ctx(ctx)
+        super::read_json_config(path.as_ref(), "CLIP vision config", Self::from_json)
     }
 
     /// [`ClipVisionConfig::from_json_file`] on parsed JSON.
@@ -160,12 +156,7 @@ impl ClipVisionConfig {
         let Some(obj) = json.as_object() else {
             bail!("expected a JSON object");
         };
-        let size = |key: &str| -> Result<usize> {
-            obj.get(key)
-                .and_then(Value::as_u64)
-                .map(|v| v as usize)
-                .ok_or_else(|| Error::msg(format!("missing or non-integer \"{key}\"")))
-        };
+        let size = |key: &str| super::json_usize(obj, key);
         let act = obj.get("hidden_act").and_then(Value::as_str).unwrap_or("quick_gelu");
         if act != "gelu" {
             bail!("\"hidden_act\" is {act:?}; only the exact GELU (\"gelu\") of ViT-H/14 is supported");

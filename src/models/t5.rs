@@ -43,7 +43,7 @@ use crate::nn::{Init, Linear, Module, NamedParam, ParamSource, RandomInit, RmsNo
 use crate::ops::{self, AttentionOptions, GeluApprox};
 use crate::tokenizer::{T5Tokenizer, TokenBatch, UMT5_TEXT_LEN};
 use crate::weights::{Loader, WeightSet};
-use crate::{autograd, bail, DType, Device, Error, Result, ResultExt, Tensor};
+use crate::{autograd, bail, DType, Device, Error, Result, Tensor};
 
 /// Hyper-parameters of a umT5 encoder.
 #[derive(Clone, Debug, PartialEq)]
@@ -151,11 +151,7 @@ impl T5Config {
     /// Reads a transformers `UMT5Config` / `T5Config` `config.json` (the text length, which
     /// is not in it, is 512).
     pub fn from_json_file(path: impl AsRef<Path>) -> Result<T5Config> {
-        let path = path.as_ref();
-        let ctx = || format!("umT5 config {}", path.display());
-        let text = std::fs::read_to_string(path).with_ctx(ctx)?;
-        let json: Value = serde_json::from_str(&text).with_ctx(|| format!("{}: not valid JSON", ctx()))?;
-        Self::from_json(&json).with_ctx(ctx)
+        super::read_json_config(path.as_ref(), "umT5 config", Self::from_json)
     }
 
     /// [`T5Config::from_json_file`] on parsed JSON. Only the gated-GELU (tanh) feed-forward
@@ -164,12 +160,7 @@ impl T5Config {
         let Some(obj) = json.as_object() else {
             bail!("expected a JSON object");
         };
-        let size = |key: &str| -> Result<usize> {
-            obj.get(key)
-                .and_then(Value::as_u64)
-                .map(|v| v as usize)
-                .ok_or_else(|| Error::msg(format!("missing or non-integer \"{key}\"")))
-        };
+        let size = |key: &str| super::json_usize(obj, key);
         let ffn = obj.get("feed_forward_proj").and_then(Value::as_str).unwrap_or("relu");
         if ffn != "gated-gelu" {
             bail!("\"feed_forward_proj\" is {ffn:?}; only umT5's \"gated-gelu\" is supported");

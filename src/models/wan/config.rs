@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
-use crate::{bail, Result, ResultExt};
+use crate::{bail, Result};
 
 /// Width of the CLIP ViT-H/14 tokens that the Synthos image projector reads.
 pub const CLIP_VIT_H_DIM: usize = 1280;
@@ -159,11 +159,7 @@ impl WanConfig {
     /// `num_heads`, `in_dim`, `out_dim`, `text_len`, ...). `image_dim` null (a T2V model)
     /// means the 1280-wide projector that Synthos adds.
     pub fn from_json_file(path: impl AsRef<Path>) -> Result<WanConfig> {
-        let path = path.as_ref();
-        let ctx = || format!("Wan config {}", path.display());
-        let text = std::fs::read_to_string(path).with_ctx(ctx)?;
-        let json: Value = serde_json::from_str(&text).with_ctx(|| format!("{}: not valid JSON", ctx()))?;
-        Self::from_json(&json).with_ctx(ctx)
+        crate::models::read_json_config(path.as_ref(), "Wan config", Self::from_json)
     }
 
     /// Parses the JSON object of [`WanConfig::from_json_file`].
