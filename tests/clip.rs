@@ -3,6 +3,7 @@
 //! (`hidden_states[-2]`, fixtures from tests/reference/make_encoder_fixtures.py), bad
 //! inputs, and the GPU against the CPU.
 mod common;
+use common::temp_dir;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -15,14 +16,6 @@ use synthos_engine::{DType, Device, Rng, Tensor};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clip").join(name)
-}
-
-/// A fresh empty directory under the system temp dir, unique per test and process.
-fn temp_dir(tag: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    let dir = std::env::temp_dir().join(format!("synthos-clip-{tag}-{}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// (values, shape) of a tensor of the expected-output file.
@@ -176,7 +169,7 @@ fn loads_transformers_4_naming_with_extras() {
         .collect();
     let mut rng = Rng::new(1);
     tensors.push(("visual_projection.weight".into(), Tensor::randn(&[32, 64], 1.0, &mut rng, Device::Cpu).unwrap()));
-    let dir = temp_dir("hf4");
+    let dir = temp_dir("clip-hf4");
     let path = dir.join("model.safetensors");
     save(&path, &tensors, SaveDType::F32, None).unwrap();
     let cfg = ClipVisionConfig::tiny();
@@ -197,7 +190,7 @@ fn loads_transformers_4_naming_with_extras() {
 
 #[test]
 fn bad_images_are_named_errors() {
-    let dir = temp_dir("img");
+    let dir = temp_dir("clip-img");
     let e = RgbImage::open(dir.join("absent.png")).unwrap_err().to_string();
     assert!(e.contains("absent.png") && e.contains("cannot read"), "{e}");
 

@@ -1,6 +1,8 @@
 //! Data pipeline: the CSV reader's edge cases, dataset validation messages and policies,
 //! resize-to-cover + center crop against Pillow/torchvision (via DiffSynth's operator) and
 //! against the documented formula, image decoding, and the demo set.
+mod common;
+use common::temp_dir;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -11,14 +13,6 @@ use synthos_engine::data::demo::{self, Colour, DemoAttrs, Shape, ShapeSize, Text
 use synthos_engine::data::resize::{center_crop, cover_size, resize_bilinear, resize_cover_crop};
 use synthos_engine::data::{epoch_order, BadRowPolicy, DatasetOptions, ImageRgb, SynthosDataset};
 use synthos_engine::Tensor;
-
-/// A fresh empty directory under the system temp dir, unique per test and process.
-fn temp_dir(tag: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    let dir = std::env::temp_dir().join(format!("synthos-data-{tag}-{}-{nanos}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn err_of<T: std::fmt::Debug>(r: synthos_engine::Result<T>) -> String {
     r.unwrap_err().to_string()
@@ -104,7 +98,7 @@ fn csv_errors_name_file_and_line() {
     let e = err_of(parse_csv("\n\n", "data/m.csv"));
     assert!(e.contains("data/m.csv") && e.contains("empty"), "{e}");
 
-    let dir = temp_dir("csv-utf8");
+    let dir = temp_dir("data-csv-utf8");
     let path = dir.join("bad.csv");
     fs::write(&path, b"video,prompt\na.png,ok\nb.png,\xff\xfe\n").unwrap();
     let e = err_of(read_csv(&path));
@@ -190,7 +184,7 @@ fn dataset_accepts_path_and_image_columns_and_prefers_video() {
     assert_eq!(ds.image_column(), "video");
     assert_eq!(ds.entries()[0].path, dir.join("x.png"));
     // A metadata file elsewhere; paths stay relative to the dataset folder.
-    let other = temp_dir("cols-meta").join("list.csv");
+    let other = temp_dir("data-cols-meta").join("list.csv");
     fs::write(&other, "video,prompt\nx.png,hi\n").unwrap();
     let ds =
         SynthosDataset::open(&dir, &DatasetOptions { metadata: Some(other.clone()), ..Default::default() }).unwrap();
@@ -456,7 +450,7 @@ fn resize_cover_crop_matches_pillow_and_torchvision() {
 
 #[test]
 fn decoding_drops_alpha_and_expands_grey() {
-    let dir = temp_dir("decode-formats");
+    let dir = temp_dir("data-decode-formats");
     let rgba = image::RgbaImage::from_raw(2, 1, vec![200, 10, 20, 0, 1, 2, 3, 255]).unwrap();
     rgba.save(dir.join("rgba.png")).unwrap();
     let img = ImageRgb::load(dir.join("rgba.png")).unwrap();
@@ -494,7 +488,7 @@ fn chw_conversions_round_trip() {
 
 #[test]
 fn png_save_is_atomic_and_lossless() {
-    let dir = temp_dir("png");
+    let dir = temp_dir("data-png");
     let img = gradient_image(13, 6);
     let path = dir.join("sub/dir/out.png");
     img.save_png(&path).unwrap();
@@ -582,7 +576,7 @@ fn demo_images_show_their_captions() {
 
 #[test]
 fn demo_set_is_deterministic_and_opens_as_a_dataset() {
-    let (d1, d2, d3) = (temp_dir("demo1"), temp_dir("demo2"), temp_dir("demo3"));
+    let (d1, d2, d3) = (temp_dir("data-demo1"), temp_dir("data-demo2"), temp_dir("data-demo3"));
     let a1 = demo::generate(&d1, 25, 32, 7).unwrap();
     let a2 = demo::generate(&d2, 25, 32, 7).unwrap();
     let a3 = demo::generate(&d3, 25, 32, 8).unwrap();

@@ -1,9 +1,10 @@
 //! Reporting: metrics lines, loss plots, image grids, the progress display's text, and the
 //! bitmap font.
+mod common;
+use common::temp_dir;
 
 use std::fs;
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,14 +17,6 @@ use synthos_engine::report::{
     save_chw_png, series, ImageRgb, MetricsRecord, MetricsWriter, PlotOptions, Progress, ProgressState, EMA_RGB,
     GRID_PAD, MIN_LABEL_CELL_W, RAW_RGB,
 };
-
-/// A fresh empty directory under the system temp dir, unique per test and process.
-fn temp_dir(tag: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    let dir = std::env::temp_dir().join(format!("synthos-report-{tag}-{}-{nanos}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn err_of<T: std::fmt::Debug>(r: synthos_engine::Result<T>) -> String {
     r.unwrap_err().to_string()
@@ -38,7 +31,7 @@ fn count_colour(img: &ImageRgb, rgb: [u8; 3]) -> usize {
 
 #[test]
 fn metrics_lines_parse_and_survive_reopen() {
-    let dir = temp_dir("metrics");
+    let dir = temp_dir("report-metrics");
     let path = dir.join("run/metrics.jsonl");
     {
         let mut w = MetricsWriter::open(&path).unwrap();
@@ -77,7 +70,7 @@ fn metrics_lines_parse_and_survive_reopen() {
 
 #[test]
 fn metrics_reopen_cuts_a_partial_line_and_resume_drops_later_steps() {
-    let dir = temp_dir("metrics-resume");
+    let dir = temp_dir("report-metrics-resume");
     let path = dir.join("metrics.jsonl");
     let mut w = MetricsWriter::open(&path).unwrap();
     for step in 1..=6u64 {
@@ -107,7 +100,7 @@ fn metrics_reopen_cuts_a_partial_line_and_resume_drops_later_steps() {
 
 #[test]
 fn metrics_errors() {
-    let dir = temp_dir("metrics-err");
+    let dir = temp_dir("report-metrics-err");
     let path = dir.join("metrics.jsonl");
     let mut w = MetricsWriter::open(&path).unwrap();
     let e = err_of(w.write(&MetricsRecord::new(1, 0, 0.1, 1e-4).with("loss", 3)));
@@ -129,7 +122,7 @@ fn noisy_loss(n: usize) -> Vec<(f64, f64)> {
 
 #[test]
 fn loss_plot_png_has_curves_axes_and_text() {
-    let dir = temp_dir("plot");
+    let dir = temp_dir("report-plot");
     let path = dir.join("loss.png");
     let pts = noisy_loss(500);
     plot_loss(&pts, &path, "training loss").unwrap();
@@ -169,7 +162,7 @@ fn loss_plot_log_scale_and_edge_cases() {
     assert!(count_colour(&one, EMA_RGB) > 0);
     let flat: Vec<(f64, f64)> = (0..10).map(|i| (i as f64, 1.0)).collect();
     assert!(count_colour(&render_loss_plot(&flat, &PlotOptions::default()).unwrap(), EMA_RGB) > 100);
-    let dir = temp_dir("plot-log");
+    let dir = temp_dir("report-plot-log");
     plot_loss_with(&pts, dir.join("l.png"), &opts).unwrap();
     assert_eq!(ImageRgb::load(dir.join("l.png")).unwrap(), img);
 
@@ -234,7 +227,7 @@ fn grid_tiles_images_with_captions() {
     assert_eq!(plain.pixel(w - 1, h - 1), [255, 255, 255], "the empty sixth cell stays background");
 
     // With captions: cells widen for text and grow a caption area with dark text.
-    let dir = temp_dir("grid");
+    let dir = temp_dir("report-grid");
     let path = dir.join("val/step_100.png");
     image_grid(&images, 5, Some(&labels), &path).unwrap();
     let grid = ImageRgb::load(&path).unwrap();
@@ -265,7 +258,7 @@ fn grid_tiles_images_with_captions() {
 
 #[test]
 fn chw_png_helper_writes_the_image() {
-    let dir = temp_dir("chw");
+    let dir = temp_dir("report-chw");
     let values: Vec<f32> = (0..3 * 4 * 5).map(|i| (i as f32 / 59.0) * 2.0 - 1.0).collect();
     save_chw_png(&values, 4, 5, dir.join("x.png")).unwrap();
     let img = ImageRgb::load(dir.join("x.png")).unwrap();

@@ -3,6 +3,7 @@
 //! transformers' `UMT5EncoderModel` (fixtures from tests/reference/make_encoder_fixtures.py),
 //! the pipeline's zeroed rows, bad inputs, and the GPU against the CPU.
 mod common;
+use common::temp_dir;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -20,14 +21,6 @@ fn fixture(name: &str) -> PathBuf {
 
 fn json(name: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixture(name)).unwrap()).unwrap()
-}
-
-/// A fresh empty directory under the system temp dir, unique per test and process.
-fn temp_dir(tag: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    let dir = std::env::temp_dir().join(format!("synthos-t5-{tag}-{}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// (values, shape) of a tensor of the expected-output file.
@@ -226,7 +219,7 @@ fn random_encoder_lists_its_parameters_in_hf_naming() {
 
 #[test]
 fn bad_tokenizer_files_are_named_errors() {
-    let dir = temp_dir("tok");
+    let dir = temp_dir("t5-tok");
     let missing = dir.join("missing.json");
     let e = T5Tokenizer::from_file(&missing, 512).err().unwrap().to_string();
     assert!(e.contains("missing.json") && e.contains("cannot read"), "{e}");

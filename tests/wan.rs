@@ -22,13 +22,6 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(FIXTURES).join(name)
 }
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    let dir = std::env::temp_dir().join(format!("synthos-wan-{tag}-{}-{nanos}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// A fixture tensor as a CPU tensor.
 fn read(set: &WeightSet, name: &str) -> Tensor {
     let shape = set.shape(name).unwrap().to_vec();
@@ -191,7 +184,7 @@ fn mixed_namings_layer_in_order() {
         assert_eq!(ta.to_vec().unwrap(), tc.to_vec().unwrap(), "{na}");
     }
     // An original-naming file over a diffusers one shadows the diffusers keys it renames.
-    let dir = temp_dir("mixed");
+    let dir = temp_dir("wan-mixed");
     let q = Tensor::full(&[64, 64], 0.5, DType::F32, Device::Cpu).unwrap();
     weights::save(dir.join("q.safetensors"), &[("blocks.1.self_attn.q.weight".into(), q)], SaveDType::F32, None)
         .unwrap();
@@ -234,7 +227,7 @@ fn img_emb_absent_is_created_and_logged() {
 
 #[test]
 fn overlay_replaces_exactly_its_tensors() {
-    let dir = temp_dir("overlay");
+    let dir = temp_dir("wan-overlay");
     let cfg = WanConfig::tiny();
     let base = WanModel::random(&cfg, 3, Device::Cpu, DType::F32).unwrap();
     base.save(dir.join("base.safetensors"), Trainable::All).unwrap();
@@ -266,7 +259,7 @@ fn overlay_replaces_exactly_its_tensors() {
 
 #[test]
 fn save_and_reload_round_trips() {
-    let dir = temp_dir("save");
+    let dir = temp_dir("wan-save");
     let cfg = synthos_config();
     let paths = [fixture("wan_original.safetensors"), fixture("img_emb.safetensors")];
     let model = WanModel::load(&cfg, &paths, Device::Cpu, DType::F32).unwrap();
@@ -411,7 +404,7 @@ fn edited_checkpoint(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) 
 
 #[test]
 fn loading_errors_name_the_tensor_or_file() {
-    let dir = temp_dir("errors");
+    let dir = temp_dir("wan-errors");
     let cfg = t2v_config();
     let load =
         |p: &Path| WanModel::load(&cfg, &[p], Device::Cpu, DType::F32).err().expect("load must fail").to_string();

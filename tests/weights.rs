@@ -1,6 +1,7 @@
 //! Safetensors I/O: round trips, the Python-made fixture, sharded indexes, overlays, the
 //! loader's combined report, atomic saves, and every error naming its file/tensor/shape.
 mod common;
+use common::temp_dir;
 
 use std::collections::HashMap;
 use std::fs;
@@ -9,14 +10,6 @@ use std::process::Command;
 
 use synthos_engine::weights::{save, FileDType, Loader, SaveDType, WeightFile, WeightSet};
 use synthos_engine::{DType, Device, Rng, Tensor};
-
-/// A fresh empty directory under the system temp dir, unique per test and process.
-fn temp_dir(tag: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    let dir = std::env::temp_dir().join(format!("synthos-weights-{tag}-{}-{nanos}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn cpu(values: Vec<f32>, shape: &[usize]) -> Tensor {
     Tensor::from_vec(values, shape, Device::Cpu).unwrap()
@@ -52,7 +45,7 @@ fn listing(dir: &Path) -> Vec<String> {
 
 #[test]
 fn f32_round_trip_is_exact_with_aligned_header() {
-    let dir = temp_dir("f32");
+    let dir = temp_dir("weights-f32");
     let path = dir.join("model.safetensors");
     let mut rng = Rng::new(11);
     let tensors = vec![
@@ -89,7 +82,7 @@ fn f32_round_trip_is_exact_with_aligned_header() {
 
 #[test]
 fn bf16_round_trip_exact_and_rounds_to_nearest_even() {
-    let dir = temp_dir("bf16");
+    let dir = temp_dir("weights-bf16");
     let path = dir.join("m.safetensors");
     // Exactly representable in bf16 (8 significant bits), incl. a subnormal and -0.
     let exact = vec![1.0, -2.5, 0.15625, 65280.0, -0.0, 2f32.powi(-130), -384.0];
@@ -151,7 +144,7 @@ fn reads_python_fixture_in_bf16_f16_f32() {
 
 #[test]
 fn f64_tensors_load_as_f32() {
-    let dir = temp_dir("f64");
+    let dir = temp_dir("weights-f64");
     let path = dir.join("d.safetensors");
     let values = [1.5f64, -1e-3, 1e300];
     let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -186,7 +179,7 @@ fn write_shards(dir: &Path) -> (Tensor, Tensor, Tensor) {
 
 #[test]
 fn sharded_index_loads_each_tensor_from_its_shard() {
-    let dir = temp_dir("shards");
+    let dir = temp_dir("weights-shards");
     let (a, b, c) = write_shards(&dir);
     for set in [WeightSet::open(dir.join("model.safetensors.index.json")).unwrap(), WeightSet::open(&dir).unwrap()] {
         assert_eq!(set.names().collect::<Vec<_>>(), ["dec.c", "enc.a", "enc.b"]);
@@ -206,7 +199,7 @@ fn sharded_index_loads_each_tensor_from_its_shard() {
 
 #[test]
 fn sharded_index_errors_name_index_shard_and_tensor() {
-    let dir = temp_dir("badindex");
+    let dir = temp_dir("weights-badindex");
     write_shards(&dir);
     let index = dir.join("bad.safetensors.index.json");
     fs::write(&index, r#"{"weight_map": {"enc.a": "model-00002-of-00002.safetensors"}}"#).unwrap();
@@ -235,7 +228,7 @@ fn sharded_index_errors_name_index_shard_and_tensor() {
 
 #[test]
 fn directory_errors_name_the_directory() {
-    let dir = temp_dir("dirs");
+    let dir = temp_dir("weights-dirs");
     let e = err_of(WeightSet::open(&dir));
     assert!(e.contains(&dir.display().to_string()) && e.contains("no .safetensors"), "{e}");
     let t = cpu(vec![1.0, 2.0], &[2]);
@@ -248,7 +241,7 @@ fn directory_errors_name_the_directory() {
 
 #[test]
 fn overlay_replaces_tensors_of_the_same_name() {
-    let dir = temp_dir("overlay");
+    let dir = temp_dir("weights-overlay");
     let base = dir.join("base.safetensors");
     let tuned = dir.join("epoch-1.safetensors");
     save(&base, &[named("x", cpu(vec![1.0, 2.0], &[2])), named("y", cpu(vec![3.0], &[1]))], SaveDType::F32, None)
@@ -277,7 +270,7 @@ fn overlay_replaces_tensors_of_the_same_name() {
 
 #[test]
 fn open_errors_say_what_is_wrong_with_which_file() {
-    let dir = temp_dir("openerr");
+    let dir = temp_dir("weights-openerr");
     let p = |n: &str| dir.join(n);
     let shown = |n: &str| p(n).display().to_string();
 
@@ -332,7 +325,7 @@ fn open_errors_say_what_is_wrong_with_which_file() {
 
 #[test]
 fn get_errors_name_file_tensor_shapes_and_dtype() {
-    let dir = temp_dir("geterr");
+    let dir = temp_dir("weights-geterr");
     let path = dir.join("m.safetensors");
     save(
         &path,
@@ -377,7 +370,7 @@ fn get_errors_name_file_tensor_shapes_and_dtype() {
 
 #[test]
 fn loader_reports_missing_misshaped_and_unexpected_together() {
-    let dir = temp_dir("loader");
+    let dir = temp_dir("weights-loader");
     let path = dir.join("clip.safetensors");
     let ids: Vec<u8> = [0i64, 1].iter().flat_map(|v| v.to_le_bytes()).collect();
     let w: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0].iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -438,7 +431,7 @@ fn loader_reports_missing_misshaped_and_unexpected_together() {
 
 #[test]
 fn loader_caps_long_lists() {
-    let dir = temp_dir("cap");
+    let dir = temp_dir("weights-cap");
     let path = dir.join("many.safetensors");
     let tensors: Vec<(String, Tensor)> = (0..30).map(|i| named(&format!("t{i}"), cpu(vec![i as f32], &[1]))).collect();
     save(&path, &tensors, SaveDType::F32, None).unwrap();
@@ -451,7 +444,7 @@ fn loader_caps_long_lists() {
 
 #[test]
 fn save_rejects_bad_names_and_missing_parent() {
-    let dir = temp_dir("savebad");
+    let dir = temp_dir("weights-savebad");
     let t = cpu(vec![1.0], &[1]);
     let path = dir.join("dup.safetensors");
     let e = err_of(save(&path, &[named("a", t.clone()), named("a", t.clone())], SaveDType::F32, None));
@@ -467,7 +460,7 @@ fn save_rejects_bad_names_and_missing_parent() {
 
 #[test]
 fn save_replaces_atomically_and_cleans_up_on_failure() {
-    let dir = temp_dir("atomic");
+    let dir = temp_dir("weights-atomic");
     let path = dir.join("ckpt.safetensors");
     save(&path, &[named("w", cpu(vec![1.0, 2.0], &[2]))], SaveDType::F32, None).unwrap();
     // A reader holding the old file keeps its data across the replacement.
@@ -505,7 +498,7 @@ fn save_failing_mid_write_keeps_the_old_file() {
         assert!(e.contains(&target) && e.contains("'big'"), "{e}");
         return;
     }
-    let dir = temp_dir("midwrite");
+    let dir = temp_dir("weights-midwrite");
     let path = dir.join("ckpt.safetensors");
     save(&path, &[named("w", cpu(vec![1.0, 2.0], &[2]))], SaveDType::F32, None).unwrap();
     let before = fs::read(&path).unwrap();
@@ -537,7 +530,7 @@ fn python_reads_and_writes_our_files() {
         eprintln!("python3 with safetensors and numpy not available: Python round trip skipped");
         return;
     }
-    let dir = temp_dir("python");
+    let dir = temp_dir("weights-python");
     let ours = dir.join("ours.safetensors");
     let theirs = dir.join("theirs.safetensors");
     let mut rng = Rng::new(9);
@@ -584,7 +577,7 @@ fn gpu_load_and_save() {
     let h = set.get("f16.weight", &[5], dev, DType::F32).unwrap();
     assert_eq!(h.to_vec().unwrap(), set.read_f32("f16.weight").unwrap());
 
-    let dir = temp_dir("gpu");
+    let dir = temp_dir("weights-gpu");
     let path = dir.join("gpu.safetensors");
     let mut rng = Rng::new(3);
     let host = Tensor::randn(&[5, 3], 1.0, &mut rng, Device::Cpu).unwrap();

@@ -95,3 +95,11 @@ pub fn gpu() -> Option<Device> {
 pub fn to_gpu_bf16(t: &Tensor, dev: Device) -> Tensor {
     t.to_device(dev, synthos_engine::DType::BF16).unwrap()
 }
+
+/// A fresh empty directory under the system temp dir, unique per test and process.
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let dir = std::env::temp_dir().join(format!("synthos-{tag}-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
