@@ -9,7 +9,7 @@
 use super::{cast, cpu_tensor, cuda_tensor, same_device};
 use crate::autograd::record;
 use crate::cpu::attention::{AttentionInputs, AttentionParams};
-use crate::{bail, cpu, cuda, DType, Device, Result, Tensor};
+use crate::{bail, cpu, cuda, DType, Device, Result, Storage, Tensor};
 
 /// Options of [`attention`].
 #[derive(Clone, Copy, Debug)]
@@ -29,6 +29,25 @@ impl AttentionOptions<'_> {
     pub fn new(head_dim: usize) -> Self {
         AttentionOptions { scale: 1.0 / (head_dim.max(1) as f32).sqrt(), causal: false, key_mask: None, bias: None }
     }
+}
+
+/// Borrows the storages of q, k, v, the mask and the bias as `S` through `get` (host
+/// slices on the CPU, device buffers on a GPU).
+fn inputs_as<'a, S: ?Sized>(
+    q: &'a Storage,
+    k: &'a Storage,
+    v: &'a Storage,
+    key_mask: Option<&'a Storage>,
+    bias: Option<&'a Storage>,
+    get: impl Fn(&'a Storage) -> Result<&'a S>,
+) -> Result<AttentionInputs<'a, S>> {
+    Ok(AttentionInputs {
+        q: get(q)?,
+        k: get(k)?,
+        v: get(v)?,
+        key_mask: key_mask.map(&get).transpose()?,
+        bias: bias.map(&get).transpose()?,
+    })
 }
 
 /// Checks shapes and returns the sizes of the call; errors name the argument and shapes.
@@ -120,23 +139,11 @@ fn attention_recorded(
         let (sm, sb) = (key_mask.map(|m| m.storage()), bias.map(|b| b.storage()));
         match q.device() {
             Device::Cpu => {
-                let x = AttentionInputs {
-                    q: sq.as_cpu()?,
-                    k: sk.as_cpu()?,
-                    v: sv.as_cpu()?,
-                    key_mask: sm.as_deref().map(|s| s.as_cpu()).transpose()?,
-                    bias: sb.as_deref().map(|s| s.as_cpu()).transpose()?,
-                };
+                let x = inputs_as(&sq, &sk, &sv, sm.as_deref(), sb.as_deref(), Storage::as_cpu)?;
                 (cpu_tensor(cpu::attention::forward(&params, &x), &out_shape)?, None)
             }
             Device::Cuda(_) => {
-                let x = AttentionInputs {
-                    q: sq.as_cuda()?,
-                    k: sk.as_cuda()?,
-                    v: sv.as_cuda()?,
-                    key_mask: sm.as_deref().map(|s| s.as_cuda()).transpose()?,
-                    bias: sb.as_deref().map(|s| s.as_cuda()).transpose()?,
-                };
+                let x = inputs_as(&sq, &sk, &sv, sm.as_deref(), sb.as_deref(), Storage::as_cuda)?;
                 let (out, lse) = cuda::attention::forward(&params, &x)?;
                 let dev = &x.q.dev;
                 let lse_shape = [params.batch, params.heads, params.q_len];
@@ -171,26 +178,14 @@ impl Saved {
         let (sm, sb) = (self.key_mask.as_ref().map(|m| m.storage()), self.bias.as_ref().map(|b| b.storage()));
         let (dq, dk, dv, dbias) = match g.device() {
             Device::Cpu => {
-                let x = AttentionInputs {
-                    q: sq.as_cpu()?,
-                    k: sk.as_cpu()?,
-                    v: sv.as_cpu()?,
-                    key_mask: sm.as_deref().map(|s| s.as_cpu()).transpose()?,
-                    bias: sb.as_deref().map(|s| s.as_cpu()).transpose()?,
-                };
+                let x = inputs_as(&sq, &sk, &sv, sm.as_deref(), sb.as_deref(), Storage::as_cpu)?;
                 let sg = g.storage();
                 let r = cpu::attention::backward(p, &x, so.as_cpu()?, sg.as_cpu()?, want_dbias);
                 let dbias = r.dbias.map(|d| cpu_tensor(d, &bias_shape)).transpose()?;
                 (cpu_tensor(r.dq, &q_shape)?, cpu_tensor(r.dk, &kv_shape)?, cpu_tensor(r.dv, &kv_shape)?, dbias)
             }
             Device::Cuda(_) => {
-                let x = AttentionInputs {
-                    q: sq.as_cuda()?,
-                    k: sk.as_cuda()?,
-                    v: sv.as_cuda()?,
-                    key_mask: sm.as_deref().map(|s| s.as_cuda()).transpose()?,
-                    bias: sb.as_deref().map(|s| s.as_cuda()).transpose()?,
-                };
+                let x = inputs_as(&sq, &sk, &sv, sm.as_deref(), sb.as_deref(), Storage::as_cuda)?;
                 let Some(lse) = &self.lse else {
                     bail!("attention: the forward's log-sum-exp was not kept");
                 };
