@@ -46,6 +46,7 @@ pub mod rng;
 pub mod schedule;
 mod tensor;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use autograd::{backward, no_grad, Gradients};
