@@ -236,6 +236,51 @@ impl WanModel {
         Ok(model)
     }
 
+    /// Lays the tensors of a partial or full checkpoint (a Synthos `epoch-N.safetensors`,
+    /// any naming [`WanModel::load`] reads) over the current parameters, in place, and
+    /// returns how many it replaced. Nothing changes unless every tensor of the file is a
+    /// parameter of this model with the right shape; the error lists all that are not.
+    pub fn apply_checkpoint(&self, path: impl AsRef<Path>) -> Result<usize> {
+        let path = path.as_ref();
+        let set = WeightSet::open(path)?;
+        let map = NameMap::new(std::slice::from_ref(&set));
+        let conv_shape = {
+            let [pt, ph, pw] = self.cfg.patch_size;
+            vec![self.cfg.dim, self.cfg.in_channels, pt, ph, pw]
+        };
+        let mut used = std::collections::HashSet::new();
+        let mut updates = Vec::new();
+        let mut problems = Vec::new();
+        for (name, param) in self.params() {
+            let key = map.key(&name);
+            if !set.contains(&key) {
+                continue;
+            }
+            used.insert(key.clone());
+            let stored = set.shape(&key)?.to_vec();
+            let ok = stored == param.shape() || (name == "patch_embedding.weight" && stored == conv_shape);
+            if !ok {
+                problems.push(format!("'{key}': shape {stored:?}, the model's is {:?}", param.shape()));
+                continue;
+            }
+            let data = set.read_f32(&key)?;
+            updates.push((param, data));
+        }
+        for name in set.names() {
+            if !used.contains(name) {
+                problems.push(format!("'{name}': not a parameter of this model"));
+            }
+        }
+        if !problems.is_empty() {
+            bail!("checkpoint {}: {}", path.display(), problems.join("; "));
+        }
+        let n = updates.len();
+        for (param, data) in updates {
+            param.copy_from_slice(&data)?;
+        }
+        Ok(n)
+    }
+
     /// The configuration.
     pub fn config(&self) -> &WanConfig {
         &self.cfg
