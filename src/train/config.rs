@@ -1,0 +1,191 @@
+//! What a training run does: every knob of `synthos-engine train`.
+
+use std::path::PathBuf;
+
+use crate::data::BadRowPolicy;
+use crate::models::wan::Trainable;
+use crate::{bail, Result};
+
+/// How the learning rate moves after the warm-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LrSchedule {
+    /// The base rate throughout (the seed's `ConstantLR`).
+    Constant,
+    /// Cosine decay from the base rate to 0 at the last step.
+    Cosine,
+}
+
+/// Where the frozen encoders' outputs are kept between epochs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Recompute umT5, CLIP and the VAE for every sample every epoch.
+    Off,
+    /// Keep them in host memory for the run.
+    Memory,
+    /// Keep them as safetensors files in this folder (reused by later runs on the same
+    /// data, size and encoders).
+    Disk(PathBuf),
+}
+
+/// A training run's settings. [`TrainConfig::default`] is the built-in demo's.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainConfig {
+    /// Dataset folder (`metadata.csv` + images); `None`: the procedurally generated demo set.
+    pub data: Option<PathBuf>,
+    /// Images generated for the demo set.
+    pub demo_images: usize,
+    /// Run folder: checkpoints, resume state, metrics, plots, samples.
+    pub output: PathBuf,
+    /// Training image width in pixels.
+    pub width: usize,
+    /// Training image height in pixels.
+    pub height: usize,
+    /// Samples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Decoupled AdamW weight decay (all trainable tensors, as `torch.optim.AdamW`).
+    pub weight_decay: f64,
+    /// Linear warm-up steps from 0 to `lr`.
+    pub warmup_steps: u64,
+    /// Learning-rate shape after the warm-up.
+    pub lr_schedule: LrSchedule,
+    /// Passes over the data.
+    pub epochs: u64,
+    /// Stop after this many optimizer steps even if epochs remain.
+    pub max_steps: Option<u64>,
+    /// Probability that a sample's prompt is replaced by the empty prompt.
+    pub text_dropout: f64,
+    /// Probability that a sample's reference image tokens are removed from the context.
+    pub image_dropout: f64,
+    /// Which DiT tensors train (and are saved).
+    pub trainable: Trainable,
+    /// Seed of the data order, noise, timesteps and dropout.
+    pub seed: u64,
+    /// Write `step-N.safetensors` every this many steps (epoch checkpoints are always written).
+    pub save_every: Option<u64>,
+    /// Sample the validation prompts and images every this many steps (and at the end).
+    pub validate_every: Option<u64>,
+    /// Validation prompts (text-only samples).
+    pub validation_prompts: Vec<String>,
+    /// Validation reference images (samples guided by each image).
+    pub validation_images: Vec<PathBuf>,
+    /// Euler steps of the validation samples.
+    pub validation_steps: usize,
+    /// Guidance scale of the validation samples.
+    pub validation_cfg: f32,
+    /// Negative prompt of the validation samples.
+    pub negative_prompt: String,
+    /// Encoder-output caching.
+    pub cache: CacheMode,
+    /// What to do with unusable dataset rows.
+    pub bad_rows: BadRowPolicy,
+    /// Write `metrics.jsonl` and the loss plot (the seed's experiment-logging switch).
+    pub log_metrics: bool,
+    /// Recompute each DiT block in the backward pass instead of keeping its activations.
+    pub activation_checkpointing: bool,
+    /// Clip the global gradient norm to this value (the seed does not clip).
+    pub max_grad_norm: Option<f32>,
+    /// Continue the run in `output` from its resume state.
+    pub resume: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            data: None,
+            demo_images: 540,
+            output: PathBuf::from("runs/demo"),
+            width: 64,
+            height: 64,
+            batch_size: 16,
+            grad_accum: 1,
+            lr: 1e-3,
+            weight_decay: 0.01,
+            warmup_steps: 20,
+            lr_schedule: LrSchedule::Cosine,
+            epochs: 24,
+            max_steps: None,
+            text_dropout: 0.1,
+            image_dropout: 0.1,
+            trainable: Trainable::All,
+            seed: 42,
+            save_every: None,
+            validate_every: None,
+            validation_prompts: Vec::new(),
+            validation_images: Vec::new(),
+            validation_steps: 20,
+            validation_cfg: 4.0,
+            negative_prompt: String::new(),
+            cache: CacheMode::Memory,
+            bad_rows: BadRowPolicy::Skip,
+            log_metrics: true,
+            activation_checkpointing: false,
+            max_grad_norm: None,
+            resume: false,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks the values that have to make sense together; errors name the setting.
+    pub fn validate(&self) -> Result<()> {
+        let prob = |v: f64, name: &str| -> Result<()> {
+            if !(0.0..=1.0).contains(&v) {
+                bail!("{name} must be a probability in [0, 1], got {v}");
+            }
+            Ok(())
+        };
+        prob(self.text_dropout, "text dropout")?;
+        prob(self.image_dropout, "image dropout")?;
+        if self.batch_size == 0 {
+            bail!("batch size must be at least 1");
+        }
+        if self.grad_accum == 0 {
+            bail!("gradient accumulation must be at least 1 micro-batch");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("learning rate must be a positive number, got {}", self.lr);
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            bail!("weight decay must be a non-negative number, got {}", self.weight_decay);
+        }
+        if self.epochs == 0 && self.max_steps.is_none() {
+            bail!("epochs must be at least 1");
+        }
+        if self.max_steps == Some(0) {
+            bail!("max steps must be at least 1");
+        }
+        if self.save_every == Some(0) || self.validate_every == Some(0) {
+            bail!("checkpoint and validation intervals must be at least 1 step");
+        }
+        if self.validation_steps == 0 {
+            bail!("validation sampling needs at least 1 step");
+        }
+        if self.data.is_none() && self.demo_images == 0 {
+            bail!("the demo set needs at least 1 image");
+        }
+        if let Some(m) = self.max_grad_norm {
+            if !(m.is_finite() && m > 0.0) {
+                bail!("max grad norm must be a positive number, got {m}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The learning rate of optimizer step `step` (0-based) of `total`.
+    pub fn lr_at(&self, step: u64, total: u64) -> f64 {
+        let warm = if self.warmup_steps > 0 { ((step + 1) as f64 / self.warmup_steps as f64).min(1.0) } else { 1.0 };
+        let shape = match self.lr_schedule {
+            LrSchedule::Constant => 1.0,
+            LrSchedule::Cosine => {
+                let span = total.saturating_sub(self.warmup_steps).max(1) as f64;
+                let done = step.saturating_sub(self.warmup_steps) as f64;
+                0.5 * (1.0 + (std::f64::consts::PI * (done / span).min(1.0)).cos())
+            }
+        };
+        self.lr * warm * shape
+    }
+}
