@@ -6,6 +6,9 @@ use clap::{Parser, Subcommand};
 use synthos_engine::{cuda, Device, Result};
 
 mod bench_cmd;
+mod model_args;
+mod sample_cmd;
+mod train_cmd;
 
 /// synthos-engine: train and sample Synthos-I2I (Wan2.1 DiT + umT5 + CLIP ViT-H/14 +
 /// Wan VAE) and train CLIP on synthetic data, with hand-written CUDA kernels in bf16 on
@@ -26,12 +29,14 @@ enum Command {
     /// device and print throughput (GB/s, TFLOP/s) and the fraction of the device's
     /// measured copy bandwidth / GEMM rate; optionally write the numbers as JSON.
     Bench(bench_cmd::BenchArgs),
-    /// Fine-tune the Synthos-I2I diffusion transformer by flow matching.
-    /// Not in this build yet: it arrives with the DiT and the data pipeline.
-    Train,
-    /// Generate images with Synthos-I2I from a prompt and an optional reference image.
-    /// Not in this build yet: it arrives with the DiT, the encoders and the VAE.
-    Sample,
+    /// Fine-tune the Synthos-I2I diffusion transformer by flow matching (SPEC §6), with
+    /// checkpoints, resume, metrics, a loss plot and validation grids. Without weights it
+    /// trains the built-in tiny demo model on a generated set of captioned shapes.
+    Train(Box<train_cmd::TrainArgs>),
+    /// Generate images with Synthos-I2I from prompts and an optional reference image
+    /// (guided flow-matching Euler sampler, SPEC §7). Without weights it samples the demo
+    /// model (its newest checkpoint in runs/demo).
+    Sample(Box<sample_cmd::SampleArgs>),
 }
 
 fn info() -> Result<()> {
@@ -63,10 +68,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Info => info(),
         Command::Bench(args) => bench_cmd::run(&args),
-        Command::Train | Command::Sample => Err(synthos_engine::Error::msg(
-            "this build of synthos-engine has the engine core only; `train` and `sample` \
-             arrive with the Synthos-I2I pipeline (see README.md, \"Status\")",
-        )),
+        Command::Train(args) => train_cmd::run(&args),
+        Command::Sample(args) => sample_cmd::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

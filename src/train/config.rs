@@ -82,6 +82,8 @@ pub struct TrainConfig {
     pub cache: CacheMode,
     /// What to do with unusable dataset rows.
     pub bad_rows: BadRowPolicy,
+    /// Decode every image before training (bad files are found up front, not mid-run).
+    pub check_images: bool,
     /// Write `metrics.jsonl` and the loss plot (the seed's experiment-logging switch).
     pub log_metrics: bool,
     /// Recompute each DiT block in the backward pass instead of keeping its activations.
@@ -121,6 +123,7 @@ impl Default for TrainConfig {
             negative_prompt: String::new(),
             cache: CacheMode::Memory,
             bad_rows: BadRowPolicy::Skip,
+            check_images: false,
             log_metrics: true,
             activation_checkpointing: false,
             max_grad_norm: None,

@@ -155,7 +155,10 @@ impl Trainer {
             }
         };
         let opts = DatasetOptions { bad_rows: cfg.bad_rows, ..Default::default() };
-        let data = SynthosDataset::open(&data_dir, &opts)?;
+        let mut data = SynthosDataset::open(&data_dir, &opts)?;
+        if cfg.check_images {
+            data.check_all()?;
+        }
         if let Some(report) = data.skip_report() {
             eprintln!("{report}");
         }

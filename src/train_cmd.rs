@@ -1,0 +1,256 @@
+//! `synthos-engine train`: fine-tunes the Synthos-I2I DiT (or trains the demo model).
+
+use std::path::PathBuf;
+
+use clap::Args;
+use synthos_engine::data::BadRowPolicy;
+use synthos_engine::pipeline::DEFAULT_NEGATIVE_PROMPT;
+use synthos_engine::report::format_duration;
+use synthos_engine::train::{parse_trainable, CacheMode, LrSchedule, TrainConfig, Trainer};
+use synthos_engine::{bail, Result};
+
+use crate::model_args::ModelArgs;
+
+/// Arguments of `train`. Unset values take the recipe's defaults: the Synthos full
+/// fine-tune with weights (lr 1e-5, batch 1, 10 epochs, 480×480, constant lr), the demo
+/// recipe without (lr 1e-3, batch 16, 24 epochs, 64×64, cosine).
+#[derive(Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Dataset folder: metadata.csv (columns `video` — or `path`/`image` — and `prompt`)
+    /// and the images it names. Without it, the demo set is generated in OUTPUT/demo-data.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Run folder for checkpoints, resume state, metrics.jsonl, loss.png and samples/.
+    /// Default: runs/demo for the demo, runs/synthos otherwise.
+    #[arg(long, value_name = "DIR")]
+    output: Option<PathBuf>,
+    /// Continue the run in OUTPUT from its last checkpoint (resume.safetensors).
+    #[arg(long)]
+    resume: bool,
+    /// Samples per micro-batch (the seed's batch size per GPU).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Micro-batches accumulated per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    /// Linear learning-rate warm-up steps.
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    /// Learning rate after the warm-up: constant or cosine (to 0 at the end).
+    #[arg(long, value_name = "constant|cosine")]
+    lr_schedule: Option<String>,
+    /// Passes over the data.
+    #[arg(long)]
+    epochs: Option<u64>,
+    /// Stop after this many optimizer steps.
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Probability of replacing a sample's prompt with the empty prompt.
+    #[arg(long, default_value_t = 0.1)]
+    text_dropout: f64,
+    /// Probability of removing a sample's reference-image tokens.
+    #[arg(long, default_value_t = 0.1)]
+    image_dropout: f64,
+    /// What trains: all (the whole DiT) or img_emb (the 3.6 M-parameter image projector).
+    #[arg(long, default_value = "all")]
+    trainable: String,
+    /// Seed of data order, noise, timesteps and dropout.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Training resolution WIDTHxHEIGHT (images are resized to cover it and center-cropped).
+    #[arg(long, value_name = "WxH")]
+    resolution: Option<String>,
+    /// Write step-N.safetensors every N steps (epoch-N.safetensors is written after every epoch).
+    #[arg(long, value_name = "N")]
+    save_every: Option<u64>,
+    /// Sample the validation prompts/images every N steps (always at the end).
+    #[arg(long, value_name = "N")]
+    validate_every: Option<u64>,
+    /// Validation prompts, separated by `|`.
+    #[arg(long, value_name = "P1|P2|…")]
+    validation_prompts: Option<String>,
+    /// Validation reference images, separated by `,`.
+    #[arg(long, value_name = "IMG1,IMG2,…")]
+    validation_images: Option<String>,
+    /// Euler steps of validation samples.
+    #[arg(long)]
+    validation_steps: Option<usize>,
+    /// Guidance scale of validation samples.
+    #[arg(long)]
+    validation_cfg: Option<f32>,
+    /// Negative prompt of validation samples (default: SPEC's; empty for the demo, whose
+    /// vocabulary has none of its words).
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// Encoder-output cache: memory, disk (OUTPUT/cache or --cache-dir) or off.
+    #[arg(long, default_value = "memory")]
+    cache: String,
+    /// Folder of the disk cache (implies --cache disk).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Unusable dataset rows (missing/undecodable image, no prompt): skip (with a count) or stop.
+    #[arg(long, default_value = "skip", value_name = "skip|stop")]
+    bad_rows: String,
+    /// Decode every image before training, to find bad files up front.
+    #[arg(long)]
+    check_images: bool,
+    /// Do not write metrics.jsonl and loss.png (the seed's experiment-logging switch off).
+    #[arg(long)]
+    no_log: bool,
+    /// Recompute DiT blocks in the backward pass (less memory); default on with weights.
+    #[arg(long, value_name = "on|off")]
+    activation_checkpointing: Option<String>,
+    /// Clip the global gradient norm to this value (off by default, as in the seed).
+    #[arg(long)]
+    max_grad_norm: Option<f32>,
+}
+
+fn parse_resolution(s: &str) -> Result<(usize, usize)> {
+    let parts: Vec<&str> = s.split(['x', 'X', '×']).collect();
+    match parts.as_slice() {
+        [w, h] => match (w.trim().parse(), h.trim().parse()) {
+            (Ok(w), Ok(h)) => Ok((w, h)),
+            _ => bail!("--resolution {s:?}: expected WIDTHxHEIGHT, e.g. 480x832"),
+        },
+        _ => bail!("--resolution {s:?}: expected WIDTHxHEIGHT, e.g. 480x832"),
+    }
+}
+
+impl TrainArgs {
+    fn config(&self) -> Result<TrainConfig> {
+        let demo = self.model.is_demo();
+        let base = if demo {
+            TrainConfig::default()
+        } else {
+            TrainConfig {
+                output: PathBuf::from("runs/synthos"),
+                width: 480,
+                height: 480,
+                batch_size: 1,
+                lr: 1e-5,
+                warmup_steps: 0,
+                lr_schedule: LrSchedule::Constant,
+                epochs: 10,
+                validation_steps: 25,
+                validation_cfg: 5.0,
+                negative_prompt: DEFAULT_NEGATIVE_PROMPT.to_string(),
+                activation_checkpointing: true,
+                ..TrainConfig::default()
+            }
+        };
+        if demo && self.data.is_some() {
+            bail!("--data needs model weights (--wan or --dit): the demo model trains on its own generated set");
+        }
+        let (width, height) = match &self.resolution {
+            Some(r) => parse_resolution(r)?,
+            None => (base.width, base.height),
+        };
+        let output = self.output.clone().unwrap_or(base.output.clone());
+        let cache = match (self.cache.as_str(), &self.cache_dir) {
+            (_, Some(d)) => CacheMode::Disk(d.clone()),
+            ("memory", None) => CacheMode::Memory,
+            ("disk", None) => CacheMode::Disk(output.join("cache")),
+            ("off", None) => CacheMode::Off,
+            (s, None) => bail!("--cache {s:?}: expected memory, disk or off"),
+        };
+        let bad_rows = match self.bad_rows.as_str() {
+            "skip" => BadRowPolicy::Skip,
+            "stop" => BadRowPolicy::Stop,
+            s => bail!("--bad-rows {s:?}: expected skip or stop"),
+        };
+        let lr_schedule = match self.lr_schedule.as_deref() {
+            None => base.lr_schedule,
+            Some("constant") => LrSchedule::Constant,
+            Some("cosine") => LrSchedule::Cosine,
+            Some(s) => bail!("--lr-schedule {s:?}: expected constant or cosine"),
+        };
+        let activation_checkpointing = match self.activation_checkpointing.as_deref() {
+            None => base.activation_checkpointing,
+            Some("on") => true,
+            Some("off") => false,
+            Some(s) => bail!("--activation-checkpointing {s:?}: expected on or off"),
+        };
+        let split = |s: &Option<String>, sep: char| -> Vec<String> {
+            s.as_deref()
+                .map(|v| v.split(sep).map(str::trim).filter(|p| !p.is_empty()).map(String::from).collect())
+                .unwrap_or_default()
+        };
+        let cfg = TrainConfig {
+            data: self.data.clone(),
+            output,
+            width,
+            height,
+            batch_size: self.batch_size.unwrap_or(base.batch_size),
+            grad_accum: self.grad_accum,
+            lr: self.lr.unwrap_or(base.lr),
+            weight_decay: self.weight_decay,
+            warmup_steps: self.warmup_steps.unwrap_or(base.warmup_steps),
+            lr_schedule,
+            epochs: self.epochs.unwrap_or(base.epochs),
+            max_steps: self.max_steps,
+            text_dropout: self.text_dropout,
+            image_dropout: self.image_dropout,
+            trainable: parse_trainable(&self.trainable)?,
+            seed: self.seed,
+            save_every: self.save_every,
+            validate_every: self.validate_every,
+            validation_prompts: split(&self.validation_prompts, '|'),
+            validation_images: split(&self.validation_images, ',').into_iter().map(PathBuf::from).collect(),
+            validation_steps: self.validation_steps.unwrap_or(base.validation_steps),
+            validation_cfg: self.validation_cfg.unwrap_or(base.validation_cfg),
+            negative_prompt: self.negative_prompt.clone().unwrap_or(base.negative_prompt.clone()),
+            cache,
+            bad_rows,
+            check_images: self.check_images,
+            log_metrics: !self.no_log,
+            activation_checkpointing,
+            max_grad_norm: self.max_grad_norm,
+            resume: self.resume,
+            ..base
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// Runs `train`.
+pub fn run(args: &TrainArgs) -> Result<()> {
+    let cfg = args.config()?;
+    let pipe = args.model.load(&args.model.paths())?;
+    let output = cfg.output.clone();
+    let mut trainer = Trainer::new(pipe, cfg)?;
+    eprintln!(
+        "training {} samples, {} steps ({} per epoch) into {}",
+        trainer.dataset().len(),
+        trainer.total_steps(),
+        trainer.steps_per_epoch(),
+        output.display()
+    );
+    let summary = trainer.run()?;
+    let fmt = |v: Option<f64>| v.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into());
+    println!(
+        "done: {} steps in {}; loss {} (first step) → {} (last tenth)",
+        summary.steps,
+        format_duration(summary.seconds),
+        fmt(summary.first_loss),
+        fmt(summary.final_loss)
+    );
+    if let Some(c) = summary.checkpoints.last() {
+        println!("last checkpoint: {}", c.display());
+    }
+    for s in &summary.samples {
+        println!("samples: {}", s.display());
+    }
+    if output.join("loss.png").exists() {
+        println!("loss curve: {}", output.join("loss.png").display());
+    }
+    Ok(())
+}
