@@ -1,0 +1,293 @@
+//! The trainer on the demo model: the loss falls, a resumed run equals an uninterrupted
+//! one, caches change nothing, checkpoints hold what they should, bad input is reported.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use synthos_engine::data::csv::format_record;
+use synthos_engine::data::BadRowPolicy;
+use synthos_engine::models::wan::Trainable;
+use synthos_engine::pipeline::SynthosPipeline;
+use synthos_engine::train::{CacheMode, LrSchedule, TrainConfig, Trainer, RESUME_FILE};
+use synthos_engine::weights::WeightSet;
+use synthos_engine::{DType, Device};
+
+fn pipe() -> SynthosPipeline {
+    SynthosPipeline::demo(Device::Cpu, DType::F32, &[]).unwrap()
+}
+
+/// A small, fast demo run: 24 images at 32×32, batches of 6.
+fn small(output: &Path) -> TrainConfig {
+    TrainConfig {
+        output: output.to_path_buf(),
+        demo_images: 24,
+        width: 32,
+        height: 32,
+        batch_size: 6,
+        epochs: 2,
+        warmup_steps: 2,
+        validation_steps: 2,
+        validation_prompts: vec!["a red circle on a blue background".into()],
+        ..Default::default()
+    }
+}
+
+fn trainer(cfg: TrainConfig) -> Trainer {
+    let mut t = Trainer::new(pipe(), cfg).unwrap();
+    t.set_quiet(true);
+    t
+}
+
+fn param_values(t: &Trainer) -> Vec<(String, Vec<f32>)> {
+    t.params().iter().map(|(n, p)| (n.clone(), p.to_vec().unwrap())).collect()
+}
+
+fn assert_same_params(a: &Trainer, b: &Trainer, what: &str) {
+    for ((na, va), (nb, vb)) in param_values(a).iter().zip(param_values(b)) {
+        assert_eq!(na, &nb);
+        assert!(va == &vb, "{what}: parameter {na} differs");
+    }
+}
+
+#[test]
+fn demo_training_lowers_the_loss() {
+    let dir = common::temp_dir("train-loss");
+    let cfg = TrainConfig {
+        demo_images: 48,
+        batch_size: 8,
+        epochs: 25,
+        lr: 2e-3,
+        lr_schedule: LrSchedule::Constant,
+        ..small(&dir)
+    };
+    let mut t = trainer(cfg);
+    let summary = t.run().unwrap();
+    assert_eq!(summary.steps, 150);
+    let metrics = synthos_engine::report::read_metrics(dir.join("metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = metrics.iter().map(|r| r["loss"].as_f64().unwrap()).collect();
+    assert_eq!(losses.len(), 150);
+    let head: f64 = losses[..10].iter().sum::<f64>() / 10.0;
+    let tail: f64 = losses[losses.len() - 10..].iter().sum::<f64>() / 10.0;
+    eprintln!("loss {head:.3} → {tail:.3}");
+    assert!(tail < 0.6 * head, "loss fell only from {head:.3} to {tail:.3}");
+    // What a run leaves behind.
+    for f in ["loss.png", "metrics.jsonl", RESUME_FILE, "epoch-0.safetensors", "epoch-24.safetensors"] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    assert!(summary.samples.iter().all(|p| p.is_file()) && summary.samples.len() == 2, "{:?}", summary.samples);
+    for key in ["grad_norm", "samples_per_s", "lr", "mem_bytes"] {
+        assert!(metrics[5][key].is_number(), "metrics lack {key}: {:?}", metrics[5]);
+    }
+}
+
+#[test]
+fn resumed_run_equals_uninterrupted_run() {
+    let dir_a = common::temp_dir("train-a");
+    let dir_b = common::temp_dir("train-b");
+    let cfg = |d: &Path| TrainConfig { max_steps: Some(6), epochs: 3, ..small(d) };
+    let mut a = trainer(cfg(&dir_a));
+    for _ in 0..6 {
+        a.train_step().unwrap();
+    }
+    // Run B: checkpoint after step 4, one more step, then it "dies" (dropped unsaved).
+    let mut b = trainer(cfg(&dir_b));
+    for _ in 0..4 {
+        b.train_step().unwrap();
+    }
+    b.save_checkpoint("step-4").unwrap();
+    b.train_step().unwrap();
+    drop(b);
+    let mut resumed = trainer(TrainConfig { resume: true, ..cfg(&dir_b) });
+    assert_eq!(resumed.step_count(), 4);
+    while resumed.step_count() < 6 {
+        resumed.train_step().unwrap();
+    }
+    assert_same_params(&a, &resumed, "resumed vs uninterrupted");
+}
+
+#[test]
+fn caches_give_the_same_training_as_recomputing() {
+    let base = common::temp_dir("train-cache");
+    // One data folder for every run, so that the disk cache can be shared.
+    let data = base.join("data");
+    synthos_engine::data::demo::generate(&data, 24, 64, 42).unwrap();
+    let run = |name: &str, cache: CacheMode| {
+        let cfg = TrainConfig { max_steps: Some(6), cache, data: Some(data.clone()), ..small(&base.join(name)) };
+        let mut t = trainer(cfg);
+        for _ in 0..6 {
+            t.train_step().unwrap();
+        }
+        t
+    };
+    let off = run("off", CacheMode::Off);
+    let mem = run("mem", CacheMode::Memory);
+    assert_eq!(off.cache_hits(), 0);
+    assert_eq!(mem.cache_hits(), 6 * 6 - 24, "epoch 2 is served from memory");
+    assert_same_params(&off, &mem, "memory cache");
+    let disk_dir = base.join("disk-cache");
+    let first = run("disk1", CacheMode::Disk(disk_dir.clone()));
+    assert_eq!(first.cache_hits(), 6 * 6 - 24);
+    let files = std::fs::read_dir(&disk_dir).unwrap().count();
+    assert_eq!(files, 24, "one cache file per sample");
+    let second = run("disk2", CacheMode::Disk(disk_dir.clone()));
+    assert_eq!(second.cache_hits(), 36, "a second run reads every sample from disk");
+    assert_same_params(&off, &second, "disk cache");
+}
+
+#[test]
+fn checkpoints_hold_the_trainable_tensors_in_bf16() {
+    let dir = common::temp_dir("train-ckpt");
+    let mut t = trainer(TrainConfig { max_steps: Some(2), trainable: Trainable::ImgEmb, ..small(&dir) });
+    let before: Vec<(String, Vec<f32>)> =
+        t.pipeline().dit.params().iter().map(|(n, p)| (n.clone(), p.to_vec().unwrap())).collect();
+    t.train_step().unwrap();
+    t.train_step().unwrap();
+    let path = t.save_checkpoint("step-2").unwrap();
+    // Only img_emb changed.
+    for ((name, old), (_, p)) in before.iter().zip(t.pipeline().dit.params()) {
+        let changed = old != &p.to_vec().unwrap();
+        assert_eq!(changed, name.starts_with("img_emb."), "{name} changed: {changed}");
+    }
+    let file = synthos_engine::weights::WeightFile::open(&path).unwrap();
+    let names: Vec<&str> = file.names().collect();
+    assert_eq!(names.len(), 8, "{names:?}");
+    assert!(names.iter().all(|n| n.starts_with("img_emb.proj.")), "{names:?}");
+    assert!(names.iter().all(|n| file.info(n).unwrap().dtype.code() == "BF16"));
+    // The checkpoint over a fresh demo model reproduces the trained projector (to bf16).
+    let fresh = SynthosPipeline::demo(Device::Cpu, DType::F32, &[path.clone()]).unwrap();
+    for ((n, a), (_, b)) in t.pipeline().dit.params().iter().zip(fresh.dit.params()) {
+        let (a, b) = (a.to_vec().unwrap(), b.to_vec().unwrap());
+        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs() / x.abs().max(1e-3)).fold(0f32, f32::max);
+        assert!(worst <= 1.0 / 128.0, "{n}: relative difference {worst} beyond bf16 rounding");
+    }
+    let set = WeightSet::open(dir.join(RESUME_FILE)).unwrap();
+    assert!(set.contains("param/img_emb.proj.1.weight") && set.contains("img_emb.proj.1.weight.exp_avg"));
+}
+
+#[test]
+fn nan_loss_stops_and_keeps_the_last_checkpoint() {
+    let dir = common::temp_dir("train-nan");
+    let mut t =
+        trainer(TrainConfig { lr: 1e30, warmup_steps: 0, save_every: Some(1), max_steps: Some(5), ..small(&dir) });
+    let err = t.run().unwrap_err().to_string();
+    assert!(err.contains("not finite") && err.contains("step-"), "{err}");
+    assert!(err.contains("last good checkpoint"), "{err}");
+    let ckpt = dir.join("step-1.safetensors");
+    assert!(ckpt.is_file());
+    // The resume state is that of the last checkpoint, not of the failed step.
+    let resumed = Trainer::new(
+        pipe(),
+        TrainConfig { resume: true, lr: 1e30, warmup_steps: 0, save_every: Some(1), max_steps: Some(5), ..small(&dir) },
+    );
+    assert!(resumed.is_ok_and(|r| r.step_count() >= 1));
+}
+
+fn write_dataset(dir: &Path, rows: &[[&str; 2]], header: [&str; 2]) {
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    let img = synthos_engine::data::ImageRgb::filled(40, 40, [200, 30, 30]).unwrap();
+    img.save_png(dir.join("images/ok.png")).unwrap();
+    let mut csv = format_record(&header);
+    for r in rows {
+        csv.push_str(&format_record(r));
+    }
+    std::fs::write(dir.join("metadata.csv"), csv).unwrap();
+}
+
+fn data_cfg(dir: &Path, out: &Path) -> TrainConfig {
+    TrainConfig { data: Some(dir.to_path_buf()), output: out.to_path_buf(), ..small(out) }
+}
+
+#[test]
+fn bad_datasets_are_reported_with_row_and_file() {
+    let base = common::temp_dir("train-bad");
+    let d = base.join("cols");
+    write_dataset(&d, &[["images/ok.png", "a red square"]], ["file", "caption"]);
+    let err = Trainer::new(pipe(), data_cfg(&d, &base.join("o1"))).err().unwrap().to_string();
+    assert!(err.contains("metadata.csv") && err.contains("video"), "{err}");
+
+    let d = base.join("missing");
+    write_dataset(&d, &[["images/ok.png", "a red square"], ["images/gone.png", "a blue circle"]], ["video", "prompt"]);
+    let err = Trainer::new(pipe(), TrainConfig { bad_rows: BadRowPolicy::Stop, ..data_cfg(&d, &base.join("o2")) })
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("gone.png") && err.contains("row 2"), "{err}");
+    let t = Trainer::new(pipe(), data_cfg(&d, &base.join("o3"))).unwrap();
+    assert_eq!(t.dataset().len(), 1);
+    assert_eq!(t.dataset().skipped().len(), 1);
+
+    let d = base.join("corrupt");
+    write_dataset(&d, &[["images/ok.png", "a red square"], ["images/bad.png", "a blue circle"]], ["video", "prompt"]);
+    std::fs::write(d.join("images/bad.png"), b"not a png").unwrap();
+    let cfg = TrainConfig { bad_rows: BadRowPolicy::Stop, check_images: true, ..data_cfg(&d, &base.join("o4")) };
+    let err = Trainer::new(pipe(), cfg).err().unwrap().to_string();
+    assert!(err.contains("bad.png") && err.contains("row 2"), "{err}");
+    // Without the up-front check the undecodable image stops training at its step, named.
+    let mut t = trainer(TrainConfig { bad_rows: BadRowPolicy::Stop, batch_size: 2, ..data_cfg(&d, &base.join("o5")) });
+    let err = t.train_step().unwrap_err().to_string();
+    assert!(err.contains("bad.png") || err.contains("row 2"), "{err}");
+
+    let d = base.join("noprompt");
+    write_dataset(&d, &[["images/ok.png", "  "]], ["video", "prompt"]);
+    let err = Trainer::new(pipe(), data_cfg(&d, &base.join("o6"))).err().unwrap().to_string();
+    assert!(err.contains("prompt") && err.contains("row 1"), "{err}");
+}
+
+#[test]
+fn run_folder_and_settings_errors() {
+    let dir = common::temp_dir("train-folder");
+    let err = Trainer::new(pipe(), TrainConfig { resume: true, ..small(&dir) }).err().unwrap().to_string();
+    assert!(err.contains("resume") && err.contains(RESUME_FILE), "{err}");
+    let mut t = trainer(TrainConfig { max_steps: Some(1), ..small(&dir) });
+    t.train_step().unwrap();
+    t.save_checkpoint("step-1").unwrap();
+    let err = Trainer::new(pipe(), small(&dir)).err().unwrap().to_string();
+    assert!(err.contains("already holds a run") && err.contains("--resume"), "{err}");
+    let err = Trainer::new(pipe(), TrainConfig { resume: true, batch_size: 5, max_steps: Some(1), ..small(&dir) })
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("batch_size"), "{err}");
+
+    let other = common::temp_dir("train-settings");
+    let check = |cfg: TrainConfig, want: &str| {
+        let err = Trainer::new(pipe(), cfg).err().unwrap().to_string();
+        assert!(err.contains(want), "expected {want:?} in {err}");
+    };
+    check(TrainConfig { text_dropout: 1.5, ..small(&other) }, "text dropout");
+    check(TrainConfig { batch_size: 0, ..small(&other) }, "batch size");
+    check(TrainConfig { width: 30, ..small(&other) }, "30×32");
+    check(TrainConfig { validation_images: vec![PathBuf::from("/nonexistent/ref.png")], ..small(&other) }, "ref.png");
+}
+
+#[test]
+fn micro_batches_visit_each_sample_once_per_epoch() {
+    let dir = common::temp_dir("train-order");
+    let t = trainer(TrainConfig { batch_size: 5, grad_accum: 2, ..small(&dir) });
+    assert_eq!(t.steps_per_epoch(), 3, "24 samples in micro-batches of 5 (5 of them), 2 per step");
+    for epoch in 0..2u64 {
+        let mut seen = Vec::new();
+        for s in 0..3 {
+            for m in 0..2 {
+                if let Some(b) = t.micro_batch(epoch * 3 + s, m) {
+                    seen.extend(b);
+                }
+            }
+        }
+        seen.sort();
+        assert_eq!(seen, (0..24).collect::<Vec<_>>());
+    }
+    assert_ne!(t.micro_batch(0, 0), t.micro_batch(3, 0), "epochs are shuffled differently");
+}
+
+#[test]
+fn learning_rate_schedule() {
+    let cfg = TrainConfig { lr: 1.0, warmup_steps: 4, lr_schedule: LrSchedule::Cosine, ..Default::default() };
+    assert!((cfg.lr_at(0, 104) - 0.25).abs() < 1e-12);
+    assert!((cfg.lr_at(3, 104) - 1.0).abs() < 1e-12);
+    assert!((cfg.lr_at(54, 104) - 0.5).abs() < 1e-12, "half-way through the decay");
+    assert!(cfg.lr_at(103, 104) < 1e-3);
+    let c = TrainConfig { lr_schedule: LrSchedule::Constant, ..cfg };
+    assert_eq!(c.lr_at(90, 104), 1.0);
+}
