@@ -22,6 +22,9 @@ pub struct TrainArgs {
     /// and the images it names. Without it, the demo set is generated in OUTPUT/demo-data.
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
+    /// Images in the generated demo set (demo only).
+    #[arg(long, value_name = "N")]
+    demo_images: Option<usize>,
     /// Run folder for checkpoints, resume state, metrics.jsonl, loss.png and samples/.
     /// Default: runs/demo for the demo, runs/synthos otherwise.
     #[arg(long, value_name = "DIR")]
@@ -185,6 +188,7 @@ impl TrainArgs {
         };
         let cfg = TrainConfig {
             data: self.data.clone(),
+            demo_images: self.demo_images.unwrap_or(base.demo_images),
             output,
             width,
             height,
