@@ -218,7 +218,6 @@ impl TrainArgs {
             activation_checkpointing,
             max_grad_norm: self.max_grad_norm,
             resume: self.resume,
-            ..base
         };
         cfg.validate()?;
         Ok(cfg)

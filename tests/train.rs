@@ -155,7 +155,7 @@ fn checkpoints_hold_the_trainable_tensors_in_bf16() {
     assert!(names.iter().all(|n| n.starts_with("img_emb.proj.")), "{names:?}");
     assert!(names.iter().all(|n| file.info(n).unwrap().dtype.code() == "BF16"));
     // The checkpoint over a fresh demo model reproduces the trained projector (to bf16).
-    let fresh = SynthosPipeline::demo(Device::Cpu, DType::F32, &[path.clone()]).unwrap();
+    let fresh = SynthosPipeline::demo(Device::Cpu, DType::F32, std::slice::from_ref(&path)).unwrap();
     for ((n, a), (_, b)) in t.pipeline().dit.params().iter().zip(fresh.dit.params()) {
         let (a, b) = (a.to_vec().unwrap(), b.to_vec().unwrap());
         let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs() / x.abs().max(1e-3)).fold(0f32, f32::max);

@@ -97,6 +97,69 @@ impl VaeConfig {
         VaeConfig { base_dim: 6, ..Self::wan21() }
     }
 
+    /// Reads a diffusers `AutoencoderKLWan` `config.json`: `base_dim`, `z_dim`, `dim_mult`,
+    /// `num_res_blocks`, `temperal_downsample`, `latents_mean`, `latents_std`; absent keys
+    /// keep the Wan2.1 values.
+    pub fn from_json_file(path: impl AsRef<std::path::Path>) -> Result<Self> {
+        super::read_json_config(path.as_ref(), "Wan VAE config", Self::from_json)
+    }
+
+    /// [`VaeConfig::from_json_file`] on parsed JSON.
+    pub fn from_json(json: &serde_json::Value) -> Result<Self> {
+        use serde_json::Value;
+        let Some(obj) = json.as_object() else {
+            bail!("expected a JSON object");
+        };
+        let mut cfg = Self::wan21();
+        let uint = |k: &str| -> Result<Option<usize>> {
+            match obj.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(_) => super::json_usize(obj, k).map(Some),
+            }
+        };
+        let list = |k: &str| -> Result<Option<&Vec<Value>>> {
+            match obj.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::Array(a)) => Ok(Some(a)),
+                Some(_) => bail!("\"{k}\" must be a list"),
+            }
+        };
+        if let Some(v) = uint("base_dim")? {
+            cfg.base_dim = v;
+        }
+        if let Some(v) = uint("z_dim")? {
+            cfg.z_dim = v;
+        }
+        if let Some(v) = uint("num_res_blocks")? {
+            cfg.num_res_blocks = v;
+        }
+        if let Some(a) = list("dim_mult")? {
+            cfg.dim_mult = a
+                .iter()
+                .map(|v| v.as_u64().map(|x| x as usize))
+                .collect::<Option<_>>()
+                .ok_or_else(|| Error::msg("\"dim_mult\" must hold integers"))?;
+        }
+        if let Some(a) = list("temperal_downsample")? {
+            cfg.temperal_downsample = a
+                .iter()
+                .map(Value::as_bool)
+                .collect::<Option<_>>()
+                .ok_or_else(|| Error::msg("\"temperal_downsample\" must hold booleans"))?;
+        }
+        for (k, dst) in [("latents_mean", &mut cfg.latents_mean), ("latents_std", &mut cfg.latents_std)] {
+            if let Some(a) = list(k)? {
+                *dst = a
+                    .iter()
+                    .map(|v| v.as_f64().map(|x| x as f32))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| Error::msg(format!("\"{k}\" must hold numbers")))?;
+            }
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     /// The spatial compression factor, 2^(stages − 1) (8 for Wan2.1).
     pub fn spatial_factor(&self) -> usize {
         1 << self.dim_mult.len().saturating_sub(1)

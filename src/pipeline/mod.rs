@@ -151,7 +151,11 @@ impl SynthosPipeline {
         }
 
         let vae_path = require(paths.vae.clone().or_else(|| under(&paths.wan, "vae")), "Wan VAE weights", "--vae")?;
-        let vae = Vae::from_weights(&WeightSet::open(&vae_path)?, &VaeConfig::wan21(), device, dtype)
+        let vae_cfg = match config_beside(&vae_path) {
+            Some(c) => VaeConfig::from_json_file(c)?,
+            None => VaeConfig::wan21(),
+        };
+        let vae = Vae::from_weights(&WeightSet::open(&vae_path)?, &vae_cfg, device, dtype)
             .with_ctx(|| format!("Wan VAE from {}", vae_path.display()))?;
         let codec = Codec::Vae { vae: Box::new(vae), tiles: TileOptions::default() };
         if codec.latent_channels() != dit_cfg.in_channels {
@@ -182,6 +186,38 @@ impl SynthosPipeline {
                 Some(ClipVisionEncoder::load(&cfg, p, device, dtype)?)
             }
         };
+        Ok(SynthosPipeline { text, clip, dit, codec, device, demo: false })
+    }
+
+    /// A pipeline from components built elsewhere (random weights for benchmarks, custom
+    /// loading); their widths must agree.
+    pub fn from_parts(
+        text: TextEncoder,
+        clip: Option<ClipVisionEncoder>,
+        dit: WanModel,
+        codec: Codec,
+    ) -> Result<SynthosPipeline> {
+        let cfg = dit.config();
+        if text.model.config().d_model != cfg.text_dim {
+            bail!(
+                "the text encoder's width {} differs from the DiT's text_dim {}",
+                text.model.config().d_model,
+                cfg.text_dim
+            );
+        }
+        if let Some(c) = &clip {
+            if c.config().hidden_size != cfg.clip_dim {
+                bail!(
+                    "the CLIP tower's width {} differs from the DiT's clip_dim {}",
+                    c.config().hidden_size,
+                    cfg.clip_dim
+                );
+            }
+        }
+        if codec.latent_channels() != cfg.in_channels {
+            bail!("the codec's {} latent channels differ from the DiT's {}", codec.latent_channels(), cfg.in_channels);
+        }
+        let device = dit.device();
         Ok(SynthosPipeline { text, clip, dit, codec, device, demo: false })
     }
 
