@@ -257,3 +257,21 @@ fn gpu_1_3b_sample_and_train_step_480() {
         );
     }
 }
+
+#[test]
+fn pixel_codec_is_lossless_and_channel_major() {
+    use synthos_engine::pipeline::Codec;
+    let codec = Codec::Pixels { factor: 4 };
+    let mut rng = synthos_engine::Rng::new(5);
+    let x = synthos_engine::Tensor::rand_uniform(&[2, 3, 12, 20], -1.0, 1.0, &mut rng, Device::Cpu).unwrap();
+    let z = codec.encode(&x).unwrap();
+    assert_eq!(z.shape(), &[2, 48, 1, 3, 5]);
+    // Channel (c, dy, dx) of latent pixel (i, j) is image pixel (c, 4i + dy, 4j + dx).
+    let (xv, zv) = (x.to_vec().unwrap(), z.to_vec().unwrap());
+    let (b, c, dy, dx, i, j) = (1, 2, 3, 1, 2, 4);
+    let zi = ((b * 48 + c * 16 + dy * 4 + dx) * 3 + i) * 5 + j;
+    let xi = ((b * 3 + c) * 12 + 4 * i + dy) * 20 + 4 * j + dx;
+    assert_eq!(zv[zi], xv[xi]);
+    assert_eq!(codec.decode(&z).unwrap().to_vec().unwrap(), xv);
+    assert!(codec.encode(&synthos_engine::Tensor::zeros(&[1, 3, 10, 8], DType::F32, Device::Cpu).unwrap()).is_err());
+}
