@@ -1,23 +1,24 @@
 """Writes tests/fixtures/schedule/flow_match_wan.json: the flow-matching schedule the
 Synthos runs use, computed by DiffSynth's own scheduler (the reference).
 
-Pinned: diffsynth==2.1.12 (only diffsynth/diffusion/flow_match.py is loaded, with
-importlib, because the package __init__ needs torchvision), torch==2.15.0 (CPU).
-Run from the repository root:  python3 tests/reference/make_schedule_fixtures.py WHEEL_DIR
-where WHEEL_DIR holds the unpacked diffsynth-2.1.12 wheel (pip download diffsynth==2.1.12
---no-deps, then unzip).
+Pinned: diffsynth==2.1.12 (only diffsynth/diffusion/flow_match.py is loaded, by
+tests/reference/diffsynth_files.py, because the package __init__ needs torchvision),
+torch==2.15.0 (CPU). Run from the repository root:
+
+    pip download diffsynth==2.1.12 --no-deps -d /tmp/dsynth
+    python3 tests/reference/make_schedule_fixtures.py [WHEEL]
+
+WHEEL defaults to /tmp/dsynth/diffsynth-2.1.12-py3-none-any.whl.
 """
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("/tmp/dsynth/x")
-spec = importlib.util.spec_from_file_location("flow_match", root / "diffsynth/diffusion/flow_match.py")
-fm = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(fm)
+import diffsynth_files
+
+fm = diffsynth_files.load_flow_match(sys.argv[1] if len(sys.argv) > 1 else diffsynth_files.WHEEL)
 
 out = {"versions": {"diffsynth": "2.1.12", "torch": torch.__version__}}
 

@@ -4,7 +4,8 @@ reference gradients, read by tests/wan.rs.
 Pinned versions (the "Wan DiT fixtures" section of tests/reference/requirements.txt):
     torch==2.15.0 (CPU build), diffusers==0.42.1, safetensors==0.8.0, numpy==2.4.6,
     einops==0.8.2, and the diffsynth==2.1.12 wheel (not installed: its package
-    __init__ needs torchvision and much more; only three of its files are loaded).
+    __init__ needs torchvision and much more; only three of its files are loaded, by
+    tests/reference/diffsynth_files.py).
 
 Run from the repository root:
 
@@ -52,17 +53,16 @@ clip tokens.
 """
 
 import argparse
-import importlib
 import json
 import os
 import sys
-import types
-import zipfile
 
 import numpy as np
 import safetensors
 import safetensors.torch
 import torch
+
+import diffsynth_files
 
 OUT = os.path.join("tests", "fixtures", "wan")
 PINS = {"torch": "2.15.0", "safetensors": "0.8.0", "numpy": "2.4.6"}
@@ -117,21 +117,13 @@ def check_versions():
         sys.exit(f"version mismatch (found, pinned): {bad}")
 
 
-def load_diffsynth(wheel):
-    """Imports diffsynth.models.wan_video_dit and the DiffSynth state-dict converter from
-    the wheel without running the package __init__ files: the packages are registered
-    as empty namespace modules whose __path__ points into the unpacked wheel."""
-    root = os.path.join("/tmp", "diffsynth-2.1.12-unpacked")
-    with zipfile.ZipFile(wheel) as z:
-        z.extractall(root)
-    for pkg in ["diffsynth", "diffsynth.models", "diffsynth.core", "diffsynth.utils",
-                "diffsynth.utils.state_dict_converters"]:
-        m = types.ModuleType(pkg)
-        m.__path__ = [os.path.join(root, *pkg.split("."))]
-        sys.modules[pkg] = m
-    dit = importlib.import_module("diffsynth.models.wan_video_dit")
-    conv = importlib.import_module("diffsynth.utils.state_dict_converters.wan_video_dit")
-    return dit, conv
+def synthos_dit(ds):
+    """DiffSynth's `WanModel` in the tiny config, built as the Synthos trainer builds it
+    (`has_image_input=False`); the caller attaches `img_emb`."""
+    return ds.WanModel(
+        dim=64, in_dim=16, ffn_dim=128, out_dim=16, text_dim=32, freq_dim=256, eps=1e-6,
+        patch_size=(1, 2, 2), num_heads=2, num_layers=2, has_image_input=False,
+    )
 
 
 def bf16_round_(module, gen):
@@ -224,12 +216,12 @@ def run_with_grads(forward, inputs, params, proj):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--diffsynth-wheel", default="/tmp/dsynth/diffsynth-2.1.12-py3-none-any.whl")
+    ap.add_argument("--diffsynth-wheel", default=diffsynth_files.WHEEL)
     args = ap.parse_args()
     check_versions()
     from diffusers import WanTransformer3DModel
 
-    ds, ds_conv = load_diffsynth(args.diffsynth_wheel)
+    ds, ds_conv = diffsynth_files.load_dit(args.diffsynth_wheel)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(20261123)
     os.makedirs(OUT, exist_ok=True)
@@ -244,10 +236,7 @@ def main():
     save_bf16(original_sd, os.path.join(OUT, "wan_original.safetensors"))
 
     # ---- DiffSynth model in Synthos mode, same weights + a random img_emb ----
-    dit = ds.WanModel(
-        dim=64, in_dim=16, ffn_dim=128, out_dim=16, text_dim=32, freq_dim=256, eps=1e-6,
-        patch_size=(1, 2, 2), num_heads=2, num_layers=2, has_image_input=False,
-    )
+    dit = synthos_dit(ds)
     dit.load_state_dict(original_sd, strict=True)
     dit.img_emb = ds.MLP(CLIP_DIM, 64, has_pos_emb=False)
     bf16_round_(dit.img_emb, gen)
