@@ -94,9 +94,10 @@ fn cli_errors_are_readable() {
     let out = cli(&["bench", "--device", "tpu"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("tpu"));
-    let out = cli(&["train"]);
+    let out = cli(&["train", "--device", "cpu", "--batch-size", "0", "--output", "/nonexistent/run"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("error:"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("error:") && err.contains("batch size"), "{err}");
 }
 
 #[test]
