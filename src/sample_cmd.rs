@@ -54,8 +54,7 @@ pub struct SampleArgs {
     grid: Option<PathBuf>,
 }
 
-/// The newest `epoch-N` / `step-N` checkpoint in `dir` (by step then epoch number order
-/// of modification time), if any.
+/// The most recently written `epoch-N` / `step-N` checkpoint in `dir`, if any.
 fn newest_checkpoint(dir: &Path) -> Option<PathBuf> {
     let entries = std::fs::read_dir(dir).ok()?;
     entries

@@ -376,9 +376,8 @@ impl Trainer {
     fn micro_loss(&mut self, step: u64, micro: usize, indices: &[usize], n_step: usize) -> Result<Tensor> {
         let dev = self.pipe.device();
         let dcfg = self.pipe.dit.config().clone();
-        let c_h_w = dcfg.in_channels
-            * (self.cfg.height / self.pipe.codec.factor())
-            * (self.cfg.width / self.pipe.codec.factor());
+        let f = self.pipe.codec.factor();
+        let (c, h, w) = (dcfg.in_channels, self.cfg.height / f, self.cfg.width / f);
         let (l, d) = (dcfg.text_len, dcfg.text_dim);
         // Per group (with / without the image): x0, noise, timestep indices, text, clip.
         #[derive(Default)]
@@ -396,7 +395,7 @@ impl Trainer {
             let drop_text = rng.uniform() < self.cfg.text_dropout;
             let drop_image = rng.uniform() < self.cfg.image_dropout;
             let t_index = rng.below(TRAIN_STEPS);
-            let noise = rng.normal_vec(c_h_w, 1.0);
+            let noise = rng.normal_vec(c * h * w, 1.0);
             let g = &mut groups[usize::from(drop_image)];
             g.x0.extend_from_slice(&enc.latent);
             g.noise.extend(noise);
@@ -410,12 +409,6 @@ impl Trainer {
                 g.clip.extend_from_slice(&enc.clip);
             }
         }
-        let [c, _, h, w] = [
-            dcfg.in_channels,
-            1,
-            self.cfg.height / self.pipe.codec.factor(),
-            self.cfg.width / self.pipe.codec.factor(),
-        ];
         let mut total: Option<Tensor> = None;
         for (dropped, g) in groups.into_iter().enumerate() {
             let b = g.idx.len();
@@ -446,7 +439,6 @@ impl Trainer {
     /// final step), validation grids and the loss plot.
     pub fn run(&mut self) -> Result<TrainSummary> {
         let start = Instant::now();
-        let first_step = self.step;
         let mut progress = (!self.quiet).then(|| Progress::new(self.total_steps, self.step));
         let mut summary = TrainSummary {
             steps: self.step,
@@ -518,7 +510,6 @@ impl Trainer {
             summary.final_loss = Some(losses[losses.len() - tail..].iter().sum::<f64>() / tail as f64);
         }
         summary.seconds = start.elapsed().as_secs_f64();
-        let _ = first_step;
         Ok(summary)
     }
 
