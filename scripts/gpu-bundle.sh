@@ -4,7 +4,7 @@
 # compiled for sm_80/sm_90a, stripped and packed into .gpu-bundle/bundle.tar.xz (each
 # executable embeds the same fatbins, so xz with a large window packs ~110 MB into ~4 MB,
 # well under the device tool's carry limit). Then run there, through the device tool with
-# carry [".gpu-bundle"]:   bash scripts/gpu-check.sh
+# carry [".gpu-bundle", ".whl"]:   bash scripts/gpu-check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-cuda-toolchain.sh >/dev/null
@@ -31,6 +31,17 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and "bench" in m["target"]["kind"]:
         print(m["executable"])
 ' | while read -r exe; do cp "$exe" "$stage/bench-kernels"; done
+# Registers and spills of every kernel for sm_90a (ptxas -v), and the fatbins themselves
+# (for cuobjdump --dump-resource-usage there).
+nvcc=.cuda-toolchain/nvidia/cu13/bin/nvcc
+mkdir -p "$stage/fatbin"
+for f in kernels/*.cu; do
+  "$nvcc" -cubin -O3 -std=c++17 -I kernels -gencode=arch=compute_90a,code=sm_90a -Xptxas -v "$f" \
+    -o /tmp/synthos-ptxas.cubin 2>&1
+done > "$stage/ptxas-sm90a.txt"
+cp target/release/build/synthos-engine-*/out/*.fatbin "$stage/fatbin/" 2>/dev/null || true
+# Test executables find their fixtures by the absolute path they were built in.
+pwd > "$stage/built-in"
 strip "$stage"/synthos-engine "$stage"/bench-kernels "$stage"/tests/*
 tar -C "$stage" -cf - . | xz -T2 -9e > .gpu-bundle/bundle.tar.xz
 ls "$stage/tests"

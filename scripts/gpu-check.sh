@@ -1,31 +1,163 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine (from the repository root, with .gpu-bundle carried):
-# device info, every test executable (the GPU tests are active there), the criterion
-# kernel benches, and prints a short table last. Logs go to $OUT when set.
+# Runs on the GPU machine, from the repository root, with .gpu-bundle carried (built here
+# by scripts/gpu-bundle.sh) and, for the PyTorch reference, .whl (the diffusers wheel):
+#
+#   bash scripts/gpu-check.sh
+#
+# Collects into $OUT (else /tmp/gpu-check), fail-soft (a failing stage never stops the
+# next), within a deadline of $GPU_CHECK_BUDGET seconds (default 420): nvidia-smi, which
+# libcublasLt is used, `synthos-engine info`, every test executable's full output (GPU
+# tests active), the README's first command (the demo) timed on the GPU, the PyTorch
+# reference (scripts/reference/bench_torch.py), `synthos-engine bench --json --compare`,
+# registers/spills of every kernel (ptxas -v from the build, cuobjdump here),
+# compute-sanitizer memcheck/racecheck on the op tests where the machine supports it, and
+# one summary.json (scripts/gpu-summary.py). Stages: set SKIP_TESTS, SKIP_DEMO, SKIP_TORCH,
+# SKIP_BENCH, SKIP_SANITIZER to 1 to leave one out; TEST_FILTER narrows the tests;
+# SKIP_TEST_BINARIES (default: kernel_emulation, CPU only) lists executables not run.
 set -uo pipefail
+T0=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET:-420}
+left() { echo $((BUDGET - ($(date +%s) - T0))); }
+stage() { echo; echo "=== [$(($(date +%s) - T0)) s] $*"; }
+ROOT=$PWD
 B=/tmp/synthos-bundle
-rm -rf "$B" && mkdir -p "$B" && xz -dc .gpu-bundle/bundle.tar.xz | tar -C "$B" -xf - || exit 1
 OUTDIR="${OUT:-/tmp/gpu-check}"
 mkdir -p "$OUTDIR"
-# Test executables name their fixtures by the absolute checkout path they were built in.
-built_in=/work/main
-if [ ! -e "$built_in" ]; then mkdir -p "$(dirname "$built_in")" && ln -s "$PWD" "$built_in"; fi
-# ... and the CLI tests run the binary at its build path.
+LOG="$OUTDIR/check.log"
+exec > >(tee -a "$LOG") 2>&1
+rm -rf "$B" && mkdir -p "$B" && xz -dc .gpu-bundle/bundle.tar.xz | tar -C "$B" -xf - || { echo "cannot unpack .gpu-bundle"; exit 1; }
+# Test executables name their fixtures by the absolute checkout path they were built in,
+# and the CLI tests run the binary at its build path.
+built_in=$(cat "$B/built-in" 2>/dev/null || echo /work/main)
+if [ "$built_in" != "$ROOT" ] && [ ! -e "$built_in" ]; then mkdir -p "$(dirname "$built_in")" && ln -s "$ROOT" "$built_in"; fi
 mkdir -p target/release && cp "$B/synthos-engine" target/release/
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$OUTDIR/nvidia-smi.txt"
-"$B/synthos-engine" info | tee "$OUTDIR/info.txt"
-declare -a rows
-for t in "$B"/tests/*; do
-  name=$(basename "$t")
-  if "$t" --test-threads=1 >"$OUTDIR/test-$name.log" 2>&1; then status=PASS; else status=FAIL; fi
-  summary=$(grep -E "^test result" "$OUTDIR/test-$name.log" | tail -1)
-  rows+=("$(printf '%-24s %s  %s' "$name" "$status" "$summary")")
-done
+ENGINE="$B/synthos-engine"
+
+stage "device"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.sm --format=csv | tee "$OUTDIR/nvidia-smi.txt"
+nvidia-smi >> "$OUTDIR/nvidia-smi.txt" 2>&1
+
+stage "cuBLASLt"
+cublas=$(ldconfig -p 2>/dev/null | grep -o '/[^ ]*libcublasLt\.so\.13[^ ]*' | head -1)
+if [ -n "$cublas" ]; then
+  echo "libcublasLt from the system (ldconfig): $cublas"
+else
+  cublas=$(python3 - <<'EOF' 2>/dev/null
+import glob, os, site, sys
+roots = site.getsitepackages() + [site.getusersitepackages()]
+try:
+    import torch
+    roots.append(os.path.dirname(os.path.dirname(torch.__file__)))
+except Exception:
+    pass
+for r in roots:
+    for p in sorted(glob.glob(os.path.join(r, "nvidia", "**", "libcublasLt.so.13*"), recursive=True)):
+        print(p); sys.exit(0)
+EOF
+)
+  if [ -n "$cublas" ]; then
+    export LD_LIBRARY_PATH="$(dirname "$cublas")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "libcublasLt from the PyTorch nvidia-cublas wheel: $cublas (its folder put on LD_LIBRARY_PATH)"
+  else
+    echo "libcublasLt.so.13 NOT FOUND (ldconfig and the Python nvidia wheels): matmuls will fail"
+  fi
+fi
+echo "${cublas:-none}" > "$OUTDIR/cublas.txt"
+
+stage "info"
+"$ENGINE" info 2>&1 | tee "$OUTDIR/info.txt"
+
+stage "kernel registers and spills"
+cp "$B/ptxas-sm90a.txt" "$OUTDIR/" 2>/dev/null && grep -c "Used" "$OUTDIR/ptxas-sm90a.txt" | sed 's/^/ptxas -v lines (build, sm_90a): /'
+if command -v cuobjdump >/dev/null && ls "$B"/fatbin/*.fatbin >/dev/null 2>&1; then
+  for f in "$B"/fatbin/*.fatbin; do echo "## $(basename "$f")"; cuobjdump --dump-resource-usage "$f" 2>&1; done > "$OUTDIR/cuobjdump-resources.txt"
+  echo "cuobjdump: $(grep -c 'Function' "$OUTDIR/cuobjdump-resources.txt") functions"
+fi
+
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  stage "tests (4 executables at a time, GPU tests active)"
+  run_test() {
+    local t=$1 name; name=$(basename "$t")
+    local s0; s0=$(date +%s)
+    timeout "${TEST_TIMEOUT:-300}" "$t" ${TEST_FILTER:-} --test-threads=1 > "$OUTDIR/tests/$name.log" 2>&1
+    echo "$? $(( $(date +%s) - s0 ))" > "$OUTDIR/tests/$name.rc"
+  }
+  export -f run_test; export OUTDIR TEST_FILTER TEST_TIMEOUT
+  mkdir -p "$OUTDIR/tests"
+  # kernel_emulation runs the kernels' CPU emulation only (covered by CI): skipped here.
+  skip=" ${SKIP_TEST_BINARIES-kernel_emulation} "
+  for t in "$B"/tests/*; do case "$skip" in *" $(basename "$t") "*) ;; *) echo "$t";; esac; done \
+    | xargs -P 4 -I{} bash -c 'run_test {}'
+  for t in "$B"/tests/*; do
+    [ -f "$OUTDIR/tests/$(basename "$t").rc" ] || continue
+    name=$(basename "$t"); read -r rc secs < "$OUTDIR/tests/$name.rc"
+    summary=$(grep -E "^test result" "$OUTDIR/tests/$name.log" | tail -1)
+    [ "$rc" = 0 ] && st=PASS || st="FAIL(rc $rc)"
+    printf '%-22s %-12s %4ss  %s\n' "$name" "$st" "$secs" "$summary"
+    grep -E "^test .* FAILED$|panicked at" "$OUTDIR/tests/$name.log" | head -8 | sed 's/^/    /'
+  done | tee "$OUTDIR/tests-summary.txt"
+  # One archive of the logs ($OUT returns at most 8 files).
+  tar -C "$OUTDIR" -czf "$OUTDIR/test-logs.tar.gz" tests && rm -rf "$OUTDIR/tests"
+fi
+
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  stage "SYNTHOS_CUDA_SYNC=1 (synchronise after every launch) on the attention op tests"
+  SYNTHOS_CUDA_SYNC=1 timeout 60 "$B/tests/ops_attention" gpu --test-threads=1 > "$OUTDIR/sync-mode.txt" 2>&1
+  echo "rc $?: $(grep -E '^test result' "$OUTDIR/sync-mode.txt" | tail -1)"
+fi
+
+if [ "${SKIP_DEMO:-0}" != 1 ] && [ "$(left)" -gt 200 ]; then
+  stage "the README's first command (demo train) on the GPU"
+  rm -rf /tmp/demo-run
+  s0=$(date +%s%N)
+  timeout 150 "$ENGINE" train --output /tmp/demo-run > "$OUTDIR/demo.txt" 2>&1; rc=$?
+  echo "demo train: rc $rc, $(( ($(date +%s%N) - s0) / 1000000 )) ms" | tee -a "$OUTDIR/demo.txt"
+  tail -5 "$OUTDIR/demo.txt"
+fi
+
+if [ "${SKIP_TORCH:-0}" != 1 ] && [ "$(left)" -gt 150 ]; then
+  stage "PyTorch reference"
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  budget=$(( $(left) - 110 )); [ "$budget" -gt 200 ] && budget=200
+  PYTHONUNBUFFERED=1 timeout $((budget + 30)) python3 scripts/reference/bench_torch.py --out "$OUTDIR/torch.json" \
+    --time-budget "$budget" 2>&1 | tee "$OUTDIR/torch.txt" | grep -vE "^\s*$" | tail -40
+fi
+
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  "$B/synthos-engine" bench --json "$OUTDIR/bench.json" 2>&1 | tee "$OUTDIR/bench-cli.txt"
+  stage "synthos-engine bench"
+  compare=(); [ -s "$OUTDIR/torch.json" ] && compare=(--compare "$OUTDIR/torch.json")
+  timeout $(( $(left) > 100 ? $(left) - 20 : 90 )) "$ENGINE" bench --min-seconds 0.3 --json "$OUTDIR/bench.json" "${compare[@]}" 2>&1 \
+    | tee "$OUTDIR/bench.txt"
 fi
-if [ "${SKIP_CRITERION:-0}" != 1 ] && [ -x "$B/bench-kernels" ]; then
-  "$B/bench-kernels" --bench 2>&1 | tee "$OUTDIR/bench.txt" | grep -E "^(GPU|CPU)|thrpt|time:" | tail -80
+
+if [ "${SKIP_SANITIZER:-0}" != 1 ] && [ "$(left)" -gt 40 ] && command -v compute-sanitizer >/dev/null; then
+  stage "compute-sanitizer"
+  {
+    probe=$(timeout 60 compute-sanitizer --tool memcheck "$B/tests/ops_elementwise" gpu_add --test-threads=1 2>&1)
+    if echo "$probe" | grep -qiE "not supported|error 999|Unable to"; then
+      echo "compute-sanitizer: NOT supported on this machine:"; echo "$probe" | head -5
+    else
+      echo "compute-sanitizer: supported"
+      for tool in memcheck racecheck; do
+        for t in "$B"/tests/ops_*; do
+          [ "$(left)" -gt 15 ] || { echo "$tool $(basename "$t"): skipped (deadline)"; continue; }
+          r=$(timeout $(( $(left) - 10 < 60 ? $(left) - 10 : 60 )) compute-sanitizer --tool "$tool" --error-exitcode 86 "$t" gpu --test-threads=1 2>&1)
+          rc=$?
+          echo "$tool $(basename "$t"): rc $rc, $(echo "$r" | grep -E "ERROR SUMMARY|RACECHECK SUMMARY" | tail -1)"
+          [ $rc = 86 ] && echo "$r" | grep -E "^=========" | head -20
+        done
+      done
+    fi
+  } 2>&1 | tee "$OUTDIR/sanitizer.txt"
 fi
-echo "=== GPU test summary ==="
-printf '%s\n' "${rows[@]}"
+
+stage "summary"
+python3 scripts/gpu-summary.py "$OUTDIR" 2>&1 | tail -40
+echo "total $(($(date +%s) - T0)) s"
+# $OUT returns at most 8 files: keep summary.json, bench.json, torch.json and check.log
+# apart, everything else in one archive.
+( cd "$OUTDIR" && find . -maxdepth 1 -type f ! -name summary.json ! -name bench.json ! -name torch.json \
+    ! -name check.log ! -name logs.tar.gz -printf '%P\n' | tar -czf logs.tar.gz -T - --remove-files )

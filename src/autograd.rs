@@ -174,8 +174,8 @@ fn run_reverse(nodes: Vec<Node>, seed_id: TensorId, seed: Tensor) -> Result<Grad
     Ok(grads)
 }
 
-/// Back-propagates from a one-element `loss` (seeded with 1) through the current tape,
-/// which is consumed. Returns the gradients of all tracked leaves that were reached.
+/// Back-propagates from a one-element `loss` (seeded with 1) through the current tape:
+/// the operations `loss` depends on are consumed; those of other graphs stay recorded. Returns the gradients of all tracked leaves that were reached.
 pub fn backward(loss: &Tensor) -> Result<Gradients> {
     if loss.numel() != 1 {
         bail!("backward() needs a one-element loss, got shape {:?}", loss.shape());
@@ -184,7 +184,8 @@ pub fn backward(loss: &Tensor) -> Result<Gradients> {
     backward_with(loss, seed)
 }
 
-/// Back-propagates from `out` seeded with `grad` (same shape) through the current tape.
+/// Back-propagates from `out` seeded with `grad` (same shape) through the current tape
+/// (consuming the operations `out` depends on; see [`backward`]).
 pub fn backward_with(out: &Tensor, grad: Tensor) -> Result<Gradients> {
     if grad.shape() != out.shape() {
         bail!("backward seed of shape {:?} for an output of shape {:?}", grad.shape(), out.shape());
@@ -193,7 +194,37 @@ pub fn backward_with(out: &Tensor, grad: Tensor) -> Result<Gradients> {
         bail!("backward() on a tensor that does not depend on any tracked parameter");
     }
     let nodes = FRAMES.with(|f| f.borrow_mut().last_mut().map(std::mem::take).unwrap_or_default());
-    with_recording(false, || run_reverse(nodes, out.id(), grad))
+    let (reached, rest) = split_reached(nodes, out.id());
+    // Nodes of other graphs (another output not yet back-propagated) stay on the tape.
+    FRAMES.with(|f| {
+        if let Some(frame) = f.borrow_mut().last_mut() {
+            let newer = std::mem::replace(frame, rest);
+            frame.extend(newer);
+        }
+    });
+    with_recording(false, || run_reverse(reached, out.id(), grad))
+}
+
+/// Splits the tape into the nodes `out` depends on (consumed by its backward) and the
+/// others, both in recording order.
+fn split_reached(nodes: Vec<Node>, out: TensorId) -> (Vec<Node>, Vec<Node>) {
+    let mut needed = std::collections::HashSet::from([out]);
+    let mut keep = vec![false; nodes.len()];
+    for (i, node) in nodes.iter().enumerate().rev() {
+        if needed.contains(&node.output) {
+            keep[i] = true;
+            needed.extend(node.inputs.iter().flatten().copied());
+        }
+    }
+    let (mut reached, mut rest) = (Vec::new(), Vec::new());
+    for (node, k) in nodes.into_iter().zip(keep) {
+        if k {
+            reached.push(node);
+        } else {
+            rest.push(node);
+        }
+    }
+    (reached, rest)
 }
 
 /// Runs `f(inputs)` without keeping its intermediate activations; during the backward

@@ -40,6 +40,8 @@ pub struct BenchCase {
     pub flops: f64,
     /// Which ceiling applies.
     pub bound: Bound,
+    /// Samples one run processes (training steps and sampling), for samples/s.
+    pub samples: Option<usize>,
     /// Issues the work once (asynchronously on a GPU).
     pub run: Box<dyn FnMut() -> Result<()>>,
 }
@@ -59,6 +61,12 @@ pub struct BenchResult {
     pub tflops: f64,
     /// Fraction of the measured ceiling (copy bandwidth or GEMM rate), if known.
     pub fraction: Option<f64>,
+    /// Samples per second (training steps and sampling).
+    pub samples_per_s: Option<f64>,
+    /// The most device memory allocated at once while the case ran (GPU only).
+    pub peak_bytes: Option<u64>,
+    /// Why the case could not run (then the timings are NaN).
+    pub error: Option<String>,
 }
 
 /// Waits for all work issued on `device`.
@@ -108,6 +116,7 @@ pub fn copy_case(device: Device, size: Size) -> Result<BenchCase> {
         bytes,
         flops: 0.0,
         bound: Bound::Memory,
+        samples: None,
         run: Box::new(move || x.deep_copy().map(|_| ())),
     })
 }
@@ -127,6 +136,7 @@ pub fn gemm_case(device: Device, size: Size) -> Result<BenchCase> {
         bytes: 3.0 * (n * n) as f64 * e,
         flops: 2.0 * (n as f64).powi(3),
         bound: Bound::Compute,
+        samples: None,
         run: Box::new(move || ops::matmul(&a, &b).map(|_| ())),
     })
 }
@@ -149,6 +159,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes: 3.0 * n as f64 * e,
             flops: n as f64,
             bound: Bound::Memory,
+            samples: None,
             run: Box::new(move || ops::add(&a, &b).map(|_| ())),
         });
     }
@@ -160,6 +171,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes: 2.0 * n as f64 * e,
             flops: 10.0 * n as f64,
             bound: Bound::Memory,
+            samples: None,
             run: Box::new(move || ops::gelu(&x, GeluApprox::Tanh).map(|_| ())),
         });
     }
@@ -175,6 +187,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes: 3.0 * n as f64 * e,
             flops: 2.0 * n as f64,
             bound: Bound::Memory,
+            samples: None,
             run: Box::new(move || ops::gated_residual(&x, &g, &y).map(|_| ())),
         });
         let (shift, scale) = (rand(&[batch, 1, dim], &mut rng, device)?, rand(&[batch, 1, dim], &mut rng, device)?);
@@ -185,6 +198,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes: 2.0 * n as f64 * e,
             flops: 8.0 * n as f64,
             bound: Bound::Memory,
+            samples: None,
             run: Box::new(move || ops::layer_norm_modulate(&x2, &shift, &scale, 1e-6).map(|_| ())),
         });
         let x3 = rand(&[batch, per, dim], &mut rng, device)?;
@@ -195,6 +209,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes: 2.0 * n as f64 * e,
             flops: 5.0 * n as f64,
             bound: Bound::Memory,
+            samples: None,
             run: Box::new(move || ops::rms_norm(&x3, &w, 1e-6).map(|_| ())),
         });
     }
@@ -212,6 +227,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes: 2.0 * n * e,
             flops: 3.0 * n,
             bound: Bound::Memory,
+            samples: None,
             run: Box::new(move || ops::rope(&x, &cos, &sin).map(|_| ())),
         });
     }
@@ -224,6 +240,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes: n as f64 * e,
             flops: n as f64,
             bound: Bound::Memory,
+            samples: None,
             run: Box::new(move || ops::sum_all(&x).map(|_| ())),
         });
         let (b, nn, h, d) = if full { (8, 1560, 12, 128) } else { (2, 64, 2, 32) };
@@ -234,6 +251,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes: 2.0 * (b * nn * h * d) as f64 * e,
             flops: 0.0,
             bound: Bound::Memory,
+            samples: None,
             run: Box::new(move || ops::permute(&y, &[0, 2, 1, 3]).map(|_| ())),
         });
     }
@@ -248,6 +266,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes: (rows * rows) as f64 * e,
             flops: 4.0 * (rows * rows) as f64,
             bound: Bound::Memory,
+            samples: None,
             run: Box::new(move || ops::cross_entropy(&logits, &targets).map(|_| ())),
         });
     }
@@ -264,25 +283,37 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes: ((m * k) + (nn * k) + (m * nn)) as f64 * e,
             flops: 2.0 * (m * k * nn) as f64,
             bound: Bound::Compute,
+            samples: None,
             run: Box::new(move || ops::linear(&x, &w, Some(&b)).map(|_| ())),
         });
     }
 
-    // Attention: head dim 128, 12 heads, 4096 tokens (forward, and forward+backward).
-    {
-        let (b, n, h, d) = if full { (1, 4096, 12, 128) } else { (1, 256, 2, 64) };
+    // Attention at Wan's shapes: head dim 128, 12 heads; self-attention over the latent
+    // tokens of 480×480 (900), 832×480 (1560), 960×960 (3600) and 8192 tokens, and
+    // cross-attention of 1560 queries over 257 CLIP + 512 text keys (forward, and
+    // forward+backward).
+    let attn_shapes: Vec<(usize, usize, usize, usize, usize)> = if full {
+        let mut v: Vec<_> = [900, 1560, 3600, 8192].iter().map(|&n| (1, n, n, 12, 128)).collect();
+        v.push((1, 1560, 769, 12, 128));
+        v
+    } else {
+        vec![(1, 256, 256, 2, 64), (1, 256, 77, 2, 64)]
+    };
+    for (b, n, nk, h, d) in attn_shapes {
         let q = rand(&[b, n, h, d], &mut rng, device)?;
-        let k = rand(&[b, n, h, d], &mut rng, device)?;
-        let vv = rand(&[b, n, h, d], &mut rng, device)?;
-        let flops = 4.0 * (b * h) as f64 * (n as f64).powi(2) * d as f64;
-        let bytes = 4.0 * (b * n * h * d) as f64 * e;
+        let k = rand(&[b, nk, h, d], &mut rng, device)?;
+        let vv = rand(&[b, nk, h, d], &mut rng, device)?;
+        let flops = 4.0 * (b * h) as f64 * n as f64 * nk as f64 * d as f64;
+        let bytes = (2 * b * n * h * d + 2 * b * nk * h * d) as f64 * e;
+        let shape = if nk == n { format!("b{b} n{n} h{h} d{d}") } else { format!("b{b} n{n} k{nk} h{h} d{d}") };
         let (q2, k2, v2) = (q.clone(), k.clone(), vv.clone());
         v.push(BenchCase {
             family: "attention",
-            name: format!("attention fwd b{b} n{n} h{h} d{d}"),
+            name: format!("attention fwd {shape}"),
             bytes,
             flops,
             bound: Bound::Compute,
+            samples: None,
             run: Box::new(move || {
                 autograd::no_grad(|| ops::attention(&q2, &k2, &v2, &AttentionOptions::new(d))).map(|_| ())
             }),
@@ -290,10 +321,11 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
         let dout = rand(&[b, n, h, d], &mut rng, device)?;
         v.push(BenchCase {
             family: "attention",
-            name: format!("attention fwd+bwd b{b} n{n} h{h} d{d}"),
+            name: format!("attention fwd+bwd {shape}"),
             bytes: 2.5 * bytes,
             flops: 3.5 * flops,
             bound: Bound::Compute,
+            samples: None,
             run: Box::new(move || {
                 let (q, k, v) = (q.detach().requires_grad(), k.detach().requires_grad(), vv.detach().requires_grad());
                 let o = ops::attention(&q, &k, &v, &AttentionOptions::new(d))?;
@@ -322,6 +354,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes,
             flops: 15.0 * n,
             bound: Bound::Memory,
+            samples: None,
             run: Box::new(move || opt.step(&grads, 1e-4, 1.0)),
         });
     }
@@ -337,6 +370,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes: (2 * c * hw * hw + 9 * c * c) as f64 * e,
             flops: 2.0 * (c * c * 9 * hw * hw) as f64,
             bound: Bound::Compute,
+            samples: None,
             run: Box::new(move || ops::conv2d(&x, &w, Some(&b), 1, 1).map(|_| ())),
         });
     }
@@ -386,6 +420,7 @@ pub fn dit_step_case(device: Device, size: Size) -> Result<BenchCase> {
         bytes,
         flops,
         bound: Bound::Compute,
+        samples: None,
         run: Box::new(move || {
             let v = model.forward(&x, &[500.0], &text, Some(&clip))?;
             let loss = ops::mean_all(&ops::mul(&v, &v)?)?;
@@ -394,11 +429,176 @@ pub fn dit_step_case(device: Device, size: Size) -> Result<BenchCase> {
     })
 }
 
+/// A case whose set-up is heavy (whole models), built only when it is selected.
+pub struct LazyCase {
+    /// Kernel family.
+    pub family: &'static str,
+    /// Case name.
+    pub name: String,
+    /// Builds the case (weights, data, trainer).
+    pub build: Box<dyn FnOnce() -> Result<BenchCase>>,
+}
+
+/// The whole-model cases: the Wan2.1-1.3B training step (Synthos full fine-tune: every
+/// DiT tensor trained with AdamW on fp32 masters, activation checkpointing, encoders
+/// cached) at 480×480 batch 1 and 832×480 batch 4, and the 25-step guided 480×480
+/// sample (the DiT forwards alone, and the whole pipeline: umT5 and CLIP at full width
+/// but 1 and 2 layers, the DiT, the tiled VAE decode). GPU sizes only; on the CPU this
+/// list is empty (the `dit fwd+bwd` case covers it at the tiny size).
+pub fn model_cases(device: Device, size: Size) -> Vec<LazyCase> {
+    if size != Size::Full {
+        return Vec::new();
+    }
+    let mut v = Vec::new();
+    for (w, h, b) in [(480usize, 480usize, 1usize), (832, 480, 4)] {
+        v.push(LazyCase {
+            family: "model",
+            name: format!("train step 1.3b {w}x{h} b{b}"),
+            build: Box::new(move || train_step_case(device, w, h, b)),
+        });
+    }
+    v.push(LazyCase {
+        family: "model",
+        name: "sample 1.3b 480x480 25 steps dit".into(),
+        build: Box::new(move || sample_dit_case(device)),
+    });
+    v.push(LazyCase {
+        family: "model",
+        name: "sample 1.3b 480x480 25 steps pipeline".into(),
+        build: Box::new(move || sample_pipeline_case(device)),
+    });
+    v
+}
+
+/// The 1.3B Synthos pipeline with random weights: umT5-XXL width with 1 layer, CLIP
+/// ViT-H/14 width with 2 layers, the Wan2.1-1.3B DiT and the Wan VAE (tiled decode).
+pub fn random_pipeline_1_3b(device: Device) -> Result<crate::pipeline::SynthosPipeline> {
+    use crate::models::clip::{ClipVisionConfig, ClipVisionEncoder};
+    use crate::models::t5::{T5Config, T5Encoder, TextEncoder};
+    use crate::models::vae::{TileOptions, Vae, VaeConfig};
+    use crate::models::wan::{WanConfig, WanModel};
+    use crate::nn::RandomInit;
+    use crate::pipeline::{Codec, SynthosPipeline};
+    use crate::tokenizer::T5Tokenizer;
+    let dt = device.default_dtype();
+    let t5 = T5Config { num_layers: 1, text_len: 512, ..T5Config::umt5_xxl() };
+    let tok = T5Tokenizer::from_bytes(crate::pipeline::demo::tokenizer_json().as_bytes(), 512)?;
+    // The embedding table only needs the tokenizer's rows (a gather costs the same).
+    let t5 = T5Config { vocab_size: tok.vocab_size().max(416), ..t5 };
+    let text = TextEncoder::new(tok, T5Encoder::random(&t5, 1, device, dt)?)?;
+    let clip =
+        ClipVisionEncoder::random(&ClipVisionConfig { num_layers: 2, ..ClipVisionConfig::vit_h14() }, 2, device, dt)?;
+    let dit = WanModel::random(&WanConfig::wan21_t2v_1_3b(), 3, device, dt)?;
+    let vae = Vae::new(&mut RandomInit::new(4, device, dt), &VaeConfig::wan21())?;
+    let codec = Codec::Vae { vae: Box::new(vae), tiles: TileOptions::default() };
+    SynthosPipeline::from_parts(text, Some(clip), dit, codec)
+}
+
+fn train_step_case(device: Device, width: usize, height: usize, batch: usize) -> Result<BenchCase> {
+    use crate::train::{CacheMode, TrainConfig, Trainer};
+    let dir = std::env::temp_dir().join(format!("synthos-bench-train-{}-{width}x{height}b{batch}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // One epoch is one step, so the warm-up step fills the encoder cache and every timed
+    // step reads it, as a long run does.
+    crate::data::demo::generate(dir.join("data"), batch, width.max(height), 1)?;
+    let cfg = TrainConfig {
+        data: Some(dir.join("data")),
+        output: dir.join("run"),
+        width,
+        height,
+        batch_size: batch,
+        lr: 1e-5,
+        max_steps: Some(1_000_000),
+        activation_checkpointing: true,
+        cache: CacheMode::Memory,
+        ..Default::default()
+    };
+    let pipe = random_pipeline_1_3b(device)?;
+    let dit_cfg = pipe.dit.config().clone();
+    let mut trainer = Trainer::new(pipe, cfg)?;
+    trainer.set_quiet(true);
+    let tokens = (height / 16) * (width / 16);
+    // forward + backward (2×) + the checkpointed forward recomputed in the backward.
+    let flops = 4.0 * batch as f64 * dit_forward_flops(&dit_cfg, tokens, 257 + dit_cfg.text_len);
+    Ok(BenchCase {
+        family: "model",
+        name: format!("train step 1.3b {width}x{height} b{batch}"),
+        bytes: 0.0,
+        flops,
+        bound: Bound::Compute,
+        samples: Some(batch),
+        run: Box::new(move || trainer.train_step().map(|_| ())),
+    })
+}
+
+fn sample_dit_case(device: Device) -> Result<BenchCase> {
+    use crate::models::wan::{WanConfig, WanModel};
+    let cfg = WanConfig::wan21_t2v_1_3b();
+    let model = WanModel::random(&cfg, 3, device, device.default_dtype())?;
+    let mut rng = Rng::new(12);
+    let lat = 60;
+    let x0 = rand(&[1, cfg.in_channels, 1, lat, lat], &mut rng, device)?;
+    // Both guidance branches in one batch of 2 (as the sampler runs them).
+    let text = rand(&[2, cfg.text_len, cfg.text_dim], &mut rng, device)?;
+    let clip = rand(&[2, 257, cfg.clip_dim], &mut rng, device)?;
+    let steps = 25;
+    let sigmas = crate::schedule::sample_sigmas(steps, 5.0);
+    let flops = 2.0 * steps as f64 * dit_forward_flops(&cfg, (lat / 2) * (lat / 2), 257 + cfg.text_len);
+    Ok(BenchCase {
+        family: "model",
+        name: "sample 1.3b 480x480 25 steps dit".into(),
+        bytes: 0.0,
+        flops,
+        bound: Bound::Compute,
+        samples: Some(1),
+        run: Box::new(move || {
+            autograd::no_grad(|| {
+                let context = model.context(&text, Some(&clip))?;
+                let mut x = x0.clone();
+                for i in 0..steps {
+                    let t = (sigmas[i] * 1000.0) as f32;
+                    let xx = ops::concat(&[&x, &x], 0)?;
+                    let v = model.forward_with_context(&xx, &[t, t], &context)?;
+                    let cond = ops::narrow(&v, 0, 0, 1)?;
+                    let uncond = ops::narrow(&v, 0, 1, 1)?;
+                    let guided = ops::add(&uncond, &ops::scale(&ops::sub(&cond, &uncond)?, 5.0)?)?;
+                    x = ops::add(
+                        &x,
+                        &ops::scale(&guided, (crate::schedule::next_sigma(&sigmas, i) - sigmas[i]) as f32)?,
+                    )?;
+                }
+                ops::sum_all(&x)?.item().map(|_| ())
+            })
+        }),
+    })
+}
+
+fn sample_pipeline_case(device: Device) -> Result<BenchCase> {
+    use crate::image_io::RgbImage;
+    use crate::pipeline::GenerateOptions;
+    let pipe = random_pipeline_1_3b(device)?;
+    let cfg = pipe.dit.config().clone();
+    let pixels: Vec<u8> = (0..224 * 224 * 3).map(|i| ((i * 37) % 251) as u8).collect();
+    let reference = RgbImage::new(224, 224, pixels)?;
+    let opts = GenerateOptions { prompt: "a lighthouse at dusk".into(), ..Default::default() };
+    let flops = 2.0 * 25.0 * dit_forward_flops(&cfg, 900, 257 + cfg.text_len);
+    Ok(BenchCase {
+        family: "model",
+        name: "sample 1.3b 480x480 25 steps pipeline".into(),
+        bytes: 0.0,
+        flops,
+        bound: Bound::Compute,
+        samples: Some(1),
+        run: Box::new(move || pipe.generate(&opts, Some(&reference)).map(|_| ())),
+    })
+}
+
 /// Runs every case for at least `min_seconds` each and reports throughput, with the
 /// fraction of the measured copy bandwidth (memory-bound cases) or GEMM rate
-/// (compute-bound cases).
+/// (compute-bound cases), then the whole-model cases of [`model_cases`].
 /// Cases other than the two ceilings are skipped unless their family or name contains
-/// `filter` (when given).
+/// `filter` (when given). A case that fails is reported with its error and the run goes
+/// on.
 pub fn run_all(
     device: Device,
     size: Size,
@@ -408,27 +608,61 @@ pub fn run_all(
 ) -> Result<Vec<BenchResult>> {
     let mut results = Vec::new();
     let (mut copy_gbps, mut gemm_tflops) = (None, None);
-    for mut case in cases(device, size)? {
-        let ceiling = case.family == "copy" || case.name.starts_with("gemm");
-        if let Some(f) = filter {
-            if !ceiling && !case.family.contains(f) && !case.name.contains(f) {
-                continue;
+    let selected = |family: &str, name: &str| {
+        let ceiling = family == "copy" || name.starts_with("gemm");
+        ceiling || filter.is_none_or(|f| family.contains(f) || name.contains(f))
+    };
+    let mut lazy: Vec<LazyCase> = cases(device, size)?
+        .into_iter()
+        .map(|c| LazyCase { family: c.family, name: c.name.clone(), build: Box::new(move || Ok(c)) })
+        .collect();
+    lazy.extend(model_cases(device, size));
+    for lc in lazy {
+        if !selected(lc.family, &lc.name) {
+            continue;
+        }
+        let (family, name) = (lc.family, lc.name.clone());
+        let outcome = (|| -> Result<(f64, BenchCase, Option<u64>)> {
+            let mut case = (lc.build)()?;
+            if let Device::Cuda(i) = device {
+                cuda::device(i)?.reset_peak_memory()?;
             }
-        }
-        let seconds = time(device, min_seconds, &mut case.run)?;
-        let gbps = case.bytes / seconds / 1e9;
-        let tflops = case.flops / seconds / 1e12;
-        if case.family == "copy" {
-            copy_gbps = Some(gbps);
-        }
-        if case.name.starts_with("gemm") {
-            gemm_tflops = Some(tflops);
-        }
-        let fraction = match case.bound {
-            Bound::Memory => copy_gbps.map(|c| gbps / c),
-            Bound::Compute => gemm_tflops.map(|g| tflops / g),
+            let seconds = time(device, min_seconds, &mut case.run)?;
+            let peak = match device {
+                Device::Cuda(i) => Some(cuda::device(i)?.peak_memory()?),
+                Device::Cpu => None,
+            };
+            Ok((seconds, case, peak))
+        })();
+        let r = match outcome {
+            Ok((seconds, case, peak_bytes)) => {
+                let gbps = case.bytes / seconds / 1e9;
+                let tflops = case.flops / seconds / 1e12;
+                if case.family == "copy" {
+                    copy_gbps = Some(gbps);
+                }
+                if case.name.starts_with("gemm") {
+                    gemm_tflops = Some(tflops);
+                }
+                let fraction = match case.bound {
+                    Bound::Memory => copy_gbps.map(|c| gbps / c),
+                    Bound::Compute => gemm_tflops.map(|g| tflops / g),
+                };
+                let samples_per_s = case.samples.map(|n| n as f64 / seconds);
+                BenchResult { family, name, seconds, gbps, tflops, fraction, samples_per_s, peak_bytes, error: None }
+            }
+            Err(e) => BenchResult {
+                family,
+                name,
+                seconds: f64::NAN,
+                gbps: f64::NAN,
+                tflops: f64::NAN,
+                fraction: None,
+                samples_per_s: None,
+                peak_bytes: None,
+                error: Some(e.to_string()),
+            },
         };
-        let r = BenchResult { family: case.family, name: case.name, seconds, gbps, tflops, fraction };
         progress(&r);
         results.push(r);
     }

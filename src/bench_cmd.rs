@@ -26,9 +26,23 @@ pub struct BenchArgs {
     /// Also write the results to this JSON file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// A JSON file of PyTorch timings of the same cases (written by
+    /// `scripts/reference/bench_torch.py`): prints ours, PyTorch's and the ratio
+    /// (PyTorch time / ours; above 1 means we are faster) for every case both ran.
+    /// With `--json`, the comparison is written there too.
+    #[arg(long)]
+    compare: Option<PathBuf>,
 }
 
 fn fmt_row(r: &BenchResult) -> String {
+    if let Some(e) = &r.error {
+        return format!("{:<12} {:<44} FAILED: {e}", r.family, r.name);
+    }
+    let extra = match (r.samples_per_s, r.peak_bytes) {
+        (Some(s), Some(p)) => format!("  {s:.2} samples/s, peak {:.2} GiB", p as f64 / (1u64 << 30) as f64),
+        (Some(s), None) => format!("  {s:.2} samples/s"),
+        _ => String::new(),
+    };
     let frac = r.fraction.map(|f| format!("{:5.1}%", 100.0 * f)).unwrap_or_else(|| "     -".into());
     format!(
         "{:<12} {:<44} {:>10.3} ms {:>9.1} GB/s {:>8.2} TFLOP/s {}",
@@ -38,7 +52,41 @@ fn fmt_row(r: &BenchResult) -> String {
         r.gbps,
         r.tflops,
         frac
-    )
+    ) + &extra
+}
+
+/// One PyTorch timing read from a `bench_torch.py` JSON file (the fastest variant of a
+/// case name).
+struct TorchCase {
+    seconds: f64,
+    variant: String,
+    peak_gib: Option<f64>,
+}
+
+fn read_torch(path: &std::path::Path) -> Result<std::collections::BTreeMap<String, TorchCase>> {
+    let text = std::fs::read_to_string(path).with_ctx(|| format!("cannot read {}", path.display()))?;
+    let doc: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::msg(format!("{}: not valid JSON: {e}", path.display())))?;
+    let cases = doc.get("cases").and_then(|c| c.as_array()).ok_or_else(|| {
+        Error::msg(format!("{}: no \"cases\" array (expected bench_torch.py output)", path.display()))
+    })?;
+    let mut best = std::collections::BTreeMap::<String, TorchCase>::new();
+    for c in cases {
+        let (Some(name), Some(seconds)) =
+            (c.get("name").and_then(|v| v.as_str()), c.get("seconds").and_then(|v| v.as_f64()))
+        else {
+            continue;
+        };
+        if !(seconds > 0.0) {
+            continue;
+        }
+        let variant = c.get("variant").and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let peak_gib = c.get("peak_mem_gib").and_then(|v| v.as_f64());
+        if best.get(name).is_none_or(|b| seconds < b.seconds) {
+            best.insert(name.to_string(), TorchCase { seconds, variant, peak_gib });
+        }
+    }
+    Ok(best)
 }
 
 /// Runs the benchmarks.
@@ -58,17 +106,50 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         println!("{}", fmt_row(r));
         let _ = std::io::stdout().flush();
     })?;
+    let torch = args.compare.as_deref().map(read_torch).transpose()?;
+    let mut compared = Vec::new();
+    if let Some(torch) = &torch {
+        println!("\n{:<44} {:>11} {:>11} {:>7}  torch variant", "case", "ours ms", "torch ms", "ratio");
+        for r in results.iter().filter(|r| r.error.is_none()) {
+            let Some(t) = torch.get(&r.name) else { continue };
+            let ratio = t.seconds / r.seconds;
+            println!(
+                "{:<44} {:>11.3} {:>11.3} {:>7.2}  {}",
+                r.name,
+                r.seconds * 1e3,
+                t.seconds * 1e3,
+                ratio,
+                t.variant
+            );
+            compared.push(serde_json::json!({
+                "name": r.name, "ours_s": r.seconds, "torch_s": t.seconds, "ratio": ratio,
+                "tflops": r.tflops, "gbps": r.gbps, "torch_variant": t.variant,
+                "ours_peak_gib": r.peak_bytes.map(|p| p as f64 / (1u64 << 30) as f64), "torch_peak_gib": t.peak_gib,
+            }));
+        }
+        let missing: Vec<&str> =
+            torch.keys().filter(|k| !results.iter().any(|r| &r.name == *k)).map(|k| k.as_str()).collect();
+        if !missing.is_empty() {
+            println!("torch only (no case of ours by that name in this run): {}", missing.join(", "));
+        }
+    }
     if let Some(path) = &args.json {
         let rows: Vec<serde_json::Value> = results
             .iter()
             .map(|r| {
+                let num = |x: f64| if x.is_finite() { serde_json::json!(x) } else { serde_json::Value::Null };
                 serde_json::json!({
-                    "family": r.family, "name": r.name, "seconds": r.seconds,
-                    "gbps": r.gbps, "tflops": r.tflops, "fraction_of_ceiling": r.fraction,
+                    "family": r.family, "name": r.name, "seconds": num(r.seconds),
+                    "gbps": num(r.gbps), "tflops": num(r.tflops), "fraction_of_ceiling": r.fraction,
+                    "samples_per_s": r.samples_per_s,
+                    "peak_gib": r.peak_bytes.map(|p| p as f64 / (1u64 << 30) as f64), "error": r.error,
                 })
             })
             .collect();
-        let doc = serde_json::json!({ "device": device.to_string(), "size": format!("{size:?}"), "results": rows });
+        let mut doc = serde_json::json!({ "device": device.to_string(), "size": format!("{size:?}"), "results": rows });
+        if torch.is_some() {
+            doc["cases"] = serde_json::Value::Array(compared);
+        }
         std::fs::write(path, serde_json::to_string_pretty(&doc).unwrap_or_default())
             .with_ctx(|| format!("cannot write {}", path.display()))?;
         println!("wrote {}", path.display());

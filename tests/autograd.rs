@@ -71,3 +71,21 @@ fn checkpoint_matches_plain_backward() {
     assert_close(&g2.get(&x2).unwrap().to_vec().unwrap(), &g1.get(&x).unwrap().to_vec().unwrap(), 1e-6, 1e-6, "dx");
     assert_close(&g2.get(&w2).unwrap().to_vec().unwrap(), &g1.get(&w).unwrap().to_vec().unwrap(), 1e-6, 1e-6, "dw");
 }
+
+#[test]
+fn backward_leaves_other_graphs_on_the_tape() {
+    // Two independent graphs recorded one after the other, then back-propagated in
+    // either order: each backward consumes its own operations only.
+    let x = Tensor::from_vec(vec![1.0, 2.0], &[2], Device::Cpu).unwrap().requires_grad();
+    let z = Tensor::from_vec(vec![3.0, -1.0], &[2], Device::Cpu).unwrap().requires_grad();
+    let y1 = ops::mul(&x, &x).unwrap(); // dy1/dx = 2x
+    let y2 = ops::scale(&ops::mul(&z, &z).unwrap(), 3.0).unwrap(); // dy2/dz = 6z
+    let ones = || Tensor::full(&[2], 1.0, synthos_engine::DType::F32, Device::Cpu).unwrap();
+    let g1 = autograd::backward_with(&y1, ones()).unwrap();
+    assert!(g1.get(&z).is_none(), "the first graph does not reach z");
+    assert_eq!(autograd::tape_len(), 2, "the second graph's two operations stay recorded");
+    let g2 = autograd::backward_with(&y2, ones()).unwrap();
+    assert_eq!(g1.get(&x).unwrap().to_vec().unwrap(), vec![2.0, 4.0]);
+    assert_eq!(g2.get(&z).unwrap().to_vec().unwrap(), vec![18.0, -6.0]);
+    assert_eq!(autograd::tape_len(), 0);
+}

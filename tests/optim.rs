@@ -281,10 +281,15 @@ fn gpu_adamw_matches_cpu() {
         for k in ["exp_avg", "exp_avg_sq"] {
             let key = format!("p{i}.{k}");
             let cpu_state = cpu_opt.state_tensors().unwrap().into_iter().find(|(n, _)| *n == key).unwrap().1;
+            // The moments sum terms of either sign over the steps, so a value can be far
+            // smaller than its terms: the allowed error scales with the state's magnitude
+            // (fp32 rounding of terms that size, in another order and with FMA on the GPU).
+            let want_state = cpu_state.to_vec().unwrap();
+            let scale = want_state.iter().fold(0f32, |m, v| m.max(v.abs()));
             assert_close(
                 &get(&key).unwrap().to_vec().unwrap(),
-                &cpu_state.to_vec().unwrap(),
-                1e-9,
+                &want_state,
+                1e-6 * scale,
                 1e-5,
                 &format!("{what}: {k}"),
             );

@@ -72,6 +72,8 @@ pub struct CudaDevice {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
     blaslt: OnceLock<std::result::Result<Arc<CudaBlasLT>, String>>,
+    /// The last kernel issued (named in fault reports).
+    last_launch: Mutex<&'static str>,
 }
 
 static POISON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -123,7 +125,22 @@ pub fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
         bail!("CUDA device {ordinal} requested but {count} GPU(s) are visible");
     }
     let ctx = CudaContext::new(ordinal).map_err(|e| Error::msg(format!("cannot open CUDA device {ordinal}: {e:?}")))?;
-    let stream = ctx.default_stream();
+    // Stream-ordered allocation (cuMemAllocAsync) is what keeps frees from synchronising.
+    if !ctx.has_async_alloc() {
+        bail!(
+            "CUDA device {ordinal} does not support stream-ordered allocation (memory pools): \
+             synthos-engine needs CUDA 11.2+ and a GPU/driver with memory pools"
+        );
+    }
+    // All work runs on one stream, so cudarc's per-allocation event tracking (meant for
+    // several streams) only costs time. Turned off before the stream is created.
+    // SAFETY: every buffer is allocated, used and freed on `stream` alone.
+    unsafe { ctx.disable_event_tracking() };
+    keep_pool_memory(&ctx)
+        .map_err(|e| Error::msg(format!("CUDA device {ordinal}: cannot configure its memory pool: {e}")))?;
+    // An engine-created stream, not the legacy NULL stream (graph capture needs one).
+    let stream =
+        ctx.new_stream().map_err(|e| Error::msg(format!("cannot create a stream on CUDA device {ordinal}: {e:?}")))?;
     let dev = Arc::new(CudaDevice {
         ordinal,
         ctx,
@@ -131,14 +148,48 @@ pub fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
         modules: Mutex::new(HashMap::new()),
         functions: Mutex::new(HashMap::new()),
         blaslt: OnceLock::new(),
+        last_launch: Mutex::new("(none yet)"),
     });
     map.insert(ordinal, dev.clone());
     Ok(dev)
 }
 
+/// Sets the release threshold of the device's default memory pool to the maximum, so
+/// that freed memory stays in the pool instead of going back to the OS at every
+/// synchronisation.
+fn keep_pool_memory(ctx: &Arc<CudaContext>) -> std::result::Result<(), String> {
+    use cudarc::driver::{result, sys};
+    ctx.bind_to_thread().map_err(|e| format!("{e:?}"))?;
+    // SAFETY: the context is current; the pool handle comes from the driver and the
+    // attribute value is the u64 the driver expects for the release threshold.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(ctx.cu_device()).map_err(|e| format!("{e:?}"))?;
+        let mut threshold: u64 = u64::MAX;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .map_err(|e| format!("{e:?}"))?;
+    }
+    Ok(())
+}
+
+/// True when `SYNTHOS_CUDA_SYNC=1`: every kernel launch is followed (before the next one
+/// is issued, and at every synchronisation) by a device synchronisation, and a fault is
+/// reported with the name of the kernel that caused it. Slow; for finding faults.
+pub fn sync_mode() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SYNTHOS_CUDA_SYNC").is_ok_and(|v| v == "1"))
+}
+
 impl CudaDevice {
     /// The kernel `name` of module `module` (the `.cu` file's stem), loaded once.
+    ///
+    /// Every launcher fetches its kernel here just before launching it, so this is also
+    /// where the launch is recorded for fault reports (see [`sync_mode`]).
     pub fn func(&self, module: &'static str, name: &'static str) -> Result<CudaFunction> {
+        self.note_launch(name)?;
         let mut fns = self.functions.lock().map_err(|_| Error::msg("CUDA function cache poisoned"))?;
         if let Some(f) = fns.get(&(module, name)) {
             return Ok(f.clone());
@@ -168,10 +219,42 @@ impl CudaDevice {
         Ok(f)
     }
 
-    /// The cuBLASLt handle of this device (created once).
+    /// Records that kernel `name` is about to be issued. With [`sync_mode`] on, first
+    /// waits for the work already issued and reports a fault there with the name of the
+    /// kernel issued last.
+    pub fn note_launch(&self, name: &'static str) -> Result<()> {
+        if sync_mode() {
+            self.check_fault()?;
+        }
+        if let Ok(mut last) = self.last_launch.lock() {
+            *last = name;
+        }
+        Ok(())
+    }
+
+    /// Synchronises and turns a fault into an error naming the last kernel issued.
+    fn check_fault(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| {
+            let last = self.last_launch.lock().map(|l| *l).unwrap_or("(unknown)");
+            Error::msg(format!("CUDA fault in or after kernel {last:?}: {e:?}"))
+        })
+    }
+
+    /// The cuBLASLt handle of this device (created once). A missing libcublasLt is an
+    /// error naming the library (cudarc would panic on it).
     pub fn blaslt(&self) -> Result<Arc<CudaBlasLT>> {
+        self.note_launch("cublasLt matmul")?;
         self.blaslt
-            .get_or_init(|| CudaBlasLT::new(self.stream.clone()).map(Arc::new).map_err(|e| format!("{e:?}")))
+            .get_or_init(|| {
+                // SAFETY: only tries to open the library; no cuBLASLt call is made.
+                if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+                    return Err("libcublasLt.so (CUDA 13) could not be loaded: install the CUDA 13 cuBLAS \
+                                library (e.g. the `nvidia-cublas` Python wheel) and put its lib/ folder on \
+                                LD_LIBRARY_PATH"
+                        .to_string());
+                }
+                CudaBlasLT::new(self.stream.clone()).map(Arc::new).map_err(|e| format!("{e:?}"))
+            })
             .clone()
             .map_err(|e| Error::msg(format!("cannot create a cuBLASLt handle: {e}")))
     }
@@ -236,6 +319,7 @@ impl CudaDevice {
 
     /// Copies a buffer back to the host as f32 (the first `n` elements).
     pub fn download(&self, buf: &CudaBuf, n: usize) -> Result<Vec<f32>> {
+        self.check_fault()?;
         let mut v = match buf {
             CudaBuf::F32(s) => self.stream.clone_dtoh(s)?,
             CudaBuf::BF16(s) => self.stream.clone_dtoh(s)?.into_iter().map(|x| x.to_f32()).collect(),
@@ -246,8 +330,7 @@ impl CudaDevice {
 
     /// Blocks until all issued work is done.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize()?;
-        Ok(())
+        self.check_fault()
     }
 
     /// One line describing the GPU: name, compute capability, multiprocessors, memory,
@@ -269,6 +352,34 @@ impl CudaDevice {
             free as f64 / (1u64 << 30) as f64,
             total as f64 / (1u64 << 30) as f64
         ))
+    }
+
+    /// The most bytes allocated from the device's memory pool at once since the last
+    /// [`reset_peak_memory`](Self::reset_peak_memory) (what `torch.cuda.max_memory_allocated` reports).
+    pub fn peak_memory(&self) -> Result<u64> {
+        self.pool_attr(cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, None)
+    }
+
+    /// Restarts the peak of [`peak_memory`](Self::peak_memory) from the bytes in use now.
+    pub fn reset_peak_memory(&self) -> Result<()> {
+        self.pool_attr(cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, Some(0)).map(|_| ())
+    }
+
+    /// Reads (value `None`) or writes a u64 attribute of the default memory pool.
+    fn pool_attr(&self, attr: cudarc::driver::sys::CUmemPool_attribute, value: Option<u64>) -> Result<u64> {
+        use cudarc::driver::result;
+        self.ctx.bind_to_thread()?;
+        // SAFETY: the context is current, the pool comes from the driver, and these
+        // attributes are u64 values.
+        unsafe {
+            let pool = result::device::get_default_mem_pool(self.ctx.cu_device())?;
+            let mut v: u64 = value.unwrap_or(0);
+            match value {
+                Some(_) => result::mem_pool::set_attribute(pool, attr, (&mut v as *mut u64).cast())?,
+                None => result::mem_pool::get_attribute(pool, attr, (&mut v as *mut u64).cast())?,
+            }
+            Ok(v)
+        }
     }
 
     /// (free, total) device memory in bytes.

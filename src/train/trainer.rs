@@ -342,6 +342,9 @@ impl Trainer {
                 None => grads = Some(g),
             }
         }
+        // Nothing recorded in this step outlives it (only what the loss depends on was
+        // consumed by the backward passes).
+        autograd::clear_tape();
         let grads = grads.ok_or_else(|| Error::msg(format!("step {}: no samples", step + 1)))?;
         let grad_norm = self.opt.grad_norm(&grads)? as f64;
         if !loss_total.is_finite() || !grad_norm.is_finite() {

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Reads what scripts/gpu-check.sh collected in one folder and writes summary.json there,
+in the form of docs/perf/<date>-<device>.json:
+
+{"date", "device", "driver", "cublas", "tests": {"<binary>": {"passed", "failed",
+ "ignored", "rc", "seconds"}}, "cases": [{"name", "ours_s", "torch_s", "ratio", "tflops",
+ "gbps", ...}], "kernels": {"<kernel>": {"registers", "spill_stores", "spill_loads",
+ "smem"}}, "sanitizer": [...], "demo": "..."}
+
+`ratio` is PyTorch's time over ours (above 1: we are faster). Standard library only.
+Usage: gpu-summary.py DIR
+"""
+import datetime
+import io
+import json
+import os
+import re
+import sys
+import tarfile
+
+
+def read(path):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def test_results(d):
+    logs = {}
+    tar = os.path.join(d, "test-logs.tar.gz")
+    if os.path.exists(tar):
+        with tarfile.open(tar) as t:
+            for m in t.getmembers():
+                if m.isfile():
+                    logs[m.name] = t.extractfile(m).read().decode("utf-8", "replace")
+    tests = {}
+    for name, text in logs.items():
+        if not name.endswith(".log"):
+            continue
+        binary = os.path.basename(name)[:-4]
+        passed = failed = ignored = 0
+        for m in re.finditer(r"test result: \w+\. (\d+) passed; (\d+) failed; (\d+) ignored", text):
+            passed, failed, ignored = passed + int(m[1]), failed + int(m[2]), ignored + int(m[3])
+        rc, secs = (logs.get(name[:-4] + ".rc", "").split() + [None, None])[:2]
+        entry = {"passed": passed, "failed": failed, "ignored": ignored,
+                 "rc": int(rc) if rc is not None else None, "seconds": int(secs) if secs else None}
+        entry["failures"] = re.findall(r"^test (\S+) \.\.\. FAILED$", text, re.M)
+        if entry["rc"] not in (0, None) and failed == 0:
+            entry["failures"].append(f"exited with {rc} (timeout is 124; a crash has no test result line)")
+        tests[binary] = entry
+    return tests
+
+
+def kernels(d):
+    out = {}
+    cur = None
+    for line in read(os.path.join(d, "ptxas-sm90a.txt")).splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line) or re.search(r"Function properties for (\w+)", line)
+        if m:
+            cur = m[1]
+            out.setdefault(cur, {})
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and cur:
+            out[cur].update(spill_stores=int(m[1]), spill_loads=int(m[2]))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and cur:
+            out[cur]["registers"] = int(m[1])
+            s = re.search(r"(\d+) bytes smem", line)
+            if s:
+                out[cur]["smem"] = int(s[1])
+    return out
+
+
+def cases(d):
+    bench = {}
+    try:
+        bench = json.loads(read(os.path.join(d, "bench.json")) or "{}")
+    except json.JSONDecodeError:
+        pass
+    torch = {}
+    try:
+        for c in json.loads(read(os.path.join(d, "torch.json")) or "{}").get("cases", []):
+            s = c.get("seconds")
+            if s and (c["name"] not in torch or s < torch[c["name"]]["seconds"]):
+                torch[c["name"]] = c
+    except json.JSONDecodeError:
+        pass
+    rows = []
+    seen = set()
+    for r in bench.get("results", []):
+        t = torch.get(r["name"])
+        ours = r.get("seconds")
+        row = {"name": r["name"], "family": r.get("family"), "ours_s": ours,
+               "torch_s": t["seconds"] if t else None,
+               "ratio": (t["seconds"] / ours) if (t and ours) else None,
+               "tflops": r.get("tflops"), "gbps": r.get("gbps"),
+               "fraction_of_ceiling": r.get("fraction_of_ceiling"),
+               "samples_per_s": r.get("samples_per_s"), "peak_gib": r.get("peak_gib"),
+               "torch_variant": t.get("variant") if t else None,
+               "torch_tflops": t.get("tflops") if t else None, "torch_gbps": t.get("gbps") if t else None,
+               "torch_peak_gib": t.get("peak_mem_gib") if t else None,
+               "torch_samples_per_s": t.get("samples_per_s") if t else None,
+               "error": r.get("error")}
+        rows.append(row)
+        seen.add(r["name"])
+    for name, t in torch.items():
+        if name not in seen:
+            rows.append({"name": name, "ours_s": None, "torch_s": t["seconds"], "ratio": None,
+                         "tflops": None, "gbps": None, "torch_variant": t.get("variant"),
+                         "torch_tflops": t.get("tflops"), "torch_gbps": t.get("gbps"),
+                         "torch_peak_gib": t.get("peak_mem_gib"), "error": "not run by ours"})
+    return rows
+
+
+def main():
+    d = sys.argv[1]
+    smi = read(os.path.join(d, "nvidia-smi.txt")).splitlines()
+    device, driver = "unknown", None
+    if len(smi) > 1 and "," in smi[1]:
+        parts = [p.strip() for p in smi[1].split(",")]
+        device, driver = parts[0], parts[1]
+    summary = {
+        "date": datetime.date.today().isoformat(),
+        "device": device,
+        "driver": driver,
+        "cublas": read(os.path.join(d, "cublas.txt")).strip(),
+        "info": read(os.path.join(d, "info.txt")).strip(),
+        "tests": test_results(d),
+        "cases": cases(d),
+        "kernels": kernels(d),
+        "sanitizer": read(os.path.join(d, "sanitizer.txt")).strip().splitlines(),
+        "demo": read(os.path.join(d, "demo.txt")).strip().splitlines()[-3:],
+    }
+    with open(os.path.join(d, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    t = summary["tests"]
+    print(f"tests: {sum(v['passed'] for v in t.values())} passed, {sum(v['failed'] for v in t.values())} failed "
+          f"in {len(t)} executables; failing: {[k for k, v in t.items() if v['failed'] or v['rc']]}")
+    spills = {k: v for k, v in summary["kernels"].items() if v.get("spill_stores") or v.get("spill_loads")}
+    print(f"kernels: {len(summary['kernels'])}, spilling: {sorted(spills)}")
+    for c in summary["cases"]:
+        if c.get("ratio"):
+            print(f"{c['name']:<44} ours {c['ours_s']*1e3:10.3f} ms  torch {c['torch_s']*1e3:10.3f} ms  ratio {c['ratio']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,695 @@
+#!/usr/bin/env python3
+"""PyTorch reference benchmark for synthos-engine (Wan2.1 DiT).
+
+Measures the PyTorch / diffusers stack on the same cases as our Rust bench
+(same case names), and writes one JSON file:
+
+  copy, gemm, SDPA attention (flash / cudnn / efficient, fwd and fwd+bwd),
+  memory-bound DiT ops (rms_norm, layer_norm_modulate, rope, gated_residual;
+  eager and torch.compile), fused / foreach AdamW, the Wan2.1-1.3B DiT training
+  step (diffusers WanTransformer3DModel, random init, activation checkpointing)
+  in two precision set-ups, and 25-step CFG sampling (DiT only, and the whole
+  pipeline: 1-layer umT5-XXL, 2-layer CLIP ViT-H/14, DiT, tiled Wan VAE decode).
+
+Run (GPU, full sizes, ~150 s on an H200):
+  PYTHONUNBUFFERED=1 python3 scripts/reference/bench_torch.py --out torch.json
+Quick CPU smoke test of every code path (seconds):
+  python3 scripts/reference/bench_torch.py --tiny --out /tmp/torch-tiny.json
+Options: --only SUBSTR (case-name filter), --skip-compile, --time-budget S (170).
+
+Pinned versions it was written for: torch 2.11, transformers 5.17,
+diffusers 0.42.1 (wheel carried in .whl/; install with
+`pip install --no-deps .whl/diffusers-0.42.1-py3-none-any.whl`; it imports with
+huggingface_hub 1.33, importlib_metadata is optional).
+diffusers is imported lazily: without it the DiT / VAE cases are recorded as
+skipped and everything else still runs.
+
+JSON: {"tool","torch_version","diffusers_version","device","date","cases":[
+  {"name","variant","seconds","tflops","gbps","peak_mem_gib","samples_per_s",
+   "error","note"}]}.  A skipped case has seconds null and note "skipped: ...".
+"""
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------
+# globals / helpers
+# --------------------------------------------------------------------------
+
+ARGS = None
+DEV = "cpu"
+BF16 = torch.bfloat16
+RESULTS = []
+META = {}
+T_START = time.perf_counter()
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def is_cuda():
+    return DEV == "cuda"
+
+
+def sync():
+    if is_cuda():
+        torch.cuda.synchronize()
+
+
+def write_json():
+    doc = dict(META)
+    doc["cases"] = RESULTS
+    tmp = ARGS.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, ARGS.out)
+
+
+def record(name, variant, seconds=None, tflops=None, gbps=None, peak_mem_gib=None,
+           samples_per_s=None, error=None, note=None):
+    r = dict(name=name, variant=variant, seconds=seconds, tflops=tflops, gbps=gbps,
+             peak_mem_gib=peak_mem_gib, samples_per_s=samples_per_s, error=error, note=note)
+    RESULTS.append(r)
+    write_json()
+    parts = [f"{name} [{variant}]"]
+    if seconds is not None:
+        parts.append(f"{seconds * 1e3:.3f} ms")
+    if tflops is not None:
+        parts.append(f"{tflops:.1f} TFLOP/s")
+    if gbps is not None:
+        parts.append(f"{gbps:.1f} GB/s")
+    if samples_per_s is not None:
+        parts.append(f"{samples_per_s:.3f} samples/s")
+    if peak_mem_gib is not None:
+        parts.append(f"peak {peak_mem_gib:.2f} GiB")
+    if error is not None:
+        parts.append(f"ERROR: {error}")
+    if note:
+        parts.append(f"({note})")
+    log("  ".join(parts))
+
+
+def skip(name, variant, reason):
+    record(name, variant, note=f"skipped: {reason}")
+
+
+def reset_peak():
+    if is_cuda():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib():
+    if is_cuda():
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**30
+    return None
+
+
+def free():
+    gc.collect()
+    if is_cuda():
+        torch.cuda.empty_cache()
+
+
+def now():
+    sync()
+    return time.perf_counter()
+
+
+def bench(fn, warmup=2, min_iters=3, max_iters=50, target_s=0.25):
+    """Mean seconds per call; iteration count adapts to reach ~target_s."""
+    for _ in range(warmup):
+        fn()
+    t0 = now()
+    fn()
+    one = now() - t0
+    iters = max(min_iters, min(max_iters, int(target_s / max(one, 1e-7))))
+    if is_cuda():
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(iters):
+            fn()
+        e.record()
+        e.synchronize()
+        return s.elapsed_time(e) / 1e3 / iters
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) / iters
+
+
+def over_budget():
+    return time.perf_counter() - T_START > ARGS.time_budget
+
+
+def run_case(name, variant, fn):
+    """fn() returns a dict of result fields (or None if it recorded itself)."""
+    if ARGS.only and ARGS.only not in name:
+        return
+    if over_budget():
+        skip(name, variant, f"time budget {ARGS.time_budget:.0f} s exceeded")
+        return
+    torch.manual_seed(0)
+    try:
+        res = fn()
+        if res is not None:
+            record(name, variant, **res)
+    except Exception as e:  # fail-soft
+        msg = f"{type(e).__name__}: {e}".strip()
+        if len(msg) > 600:
+            msg = msg[:600] + "..."
+        tb = traceback.format_exc().strip().splitlines()
+        record(name, variant, error=msg, note=(tb[-3] if len(tb) >= 3 else None))
+    finally:
+        free()
+
+
+def import_diffusers():
+    try:
+        import diffusers  # noqa: F401
+        try:
+            diffusers.utils.logging.set_verbosity_error()
+        except Exception:
+            pass
+        return diffusers, None
+    except Exception as e:
+        return None, f"diffusers not importable ({type(e).__name__}: {e})"
+
+
+# --------------------------------------------------------------------------
+# sizes
+# --------------------------------------------------------------------------
+
+def sizes(tiny):
+    if not tiny:
+        return dict(
+            copy_n=2**28, gemm_n=8192,
+            att_h=12, att_d=128, att_self=[900, 1560, 3600, 8192], att_cross=(1560, 769),
+            act=(8, 1560, 1536), rope=(8, 1560, 12, 128), adam=(8960, 1536),
+            dit=dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
+                     in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
+                     ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                     qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=1280,
+                     added_kv_proj_dim=None, rope_max_seq_len=1024),
+            text_len=512, img_tokens=257,
+            train=[("train step 1.3b 480x480 b1", 480, 480, 1),
+                   ("train step 1.3b 832x480 b4", 832, 480, 4)],
+            train_warmup=1, train_iters=3,
+            sample_hw=(480, 480), steps=25, sample_runs=2,
+            umt5=dict(vocab_size=256384, d_model=4096, d_ff=10240, num_heads=64, d_kv=64,
+                      num_layers=1, relative_attention_num_buckets=32,
+                      feed_forward_proj="gated-gelu"),
+            clip=dict(hidden_size=1280, num_attention_heads=16, intermediate_size=5120,
+                      patch_size=14, image_size=224, num_hidden_layers=2, hidden_act="gelu"),
+            vae=dict(), vae_tile=None, size_tag="1.3b",
+        )
+    return dict(
+        copy_n=2**16, gemm_n=128,
+        att_h=2, att_d=32, att_self=[64, 96], att_cross=(96, 40),
+        act=(2, 64, 128), rope=(2, 64, 2, 32), adam=(256, 128),
+        dit=dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32,
+                 in_channels=16, out_channels=16, text_dim=64, freq_dim=256,
+                 ffn_dim=128, num_layers=2, cross_attn_norm=True,
+                 qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=32,
+                 added_kv_proj_dim=None, rope_max_seq_len=1024),
+        text_len=16, img_tokens=5,
+        train=[("train step tiny 64x64 b1", 64, 64, 1),
+               ("train step tiny 96x64 b2", 96, 64, 2)],
+        train_warmup=1, train_iters=2,
+        sample_hw=(64, 64), steps=25, sample_runs=1,
+        umt5=dict(vocab_size=1000, d_model=64, d_ff=128, num_heads=2, d_kv=32,
+                  num_layers=1, relative_attention_num_buckets=32,
+                  feed_forward_proj="gated-gelu"),
+        clip=dict(hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                  patch_size=14, image_size=28, num_hidden_layers=2, hidden_act="gelu"),
+        vae=dict(base_dim=16),
+        # force the tiled-decode path at tiny sizes
+        vae_tile=dict(tile_sample_min_height=32, tile_sample_min_width=32,
+                      tile_sample_stride_height=24, tile_sample_stride_width=24),
+        size_tag="tiny",
+    )
+
+
+# --------------------------------------------------------------------------
+# 1-2. copy, gemm
+# --------------------------------------------------------------------------
+
+def case_copy(S):
+    n = S["copy_n"]
+    name = f"copy {n}"
+
+    def f():
+        x = torch.randn(n, device=DEV, dtype=BF16)
+        y = torch.empty_like(x)
+        s = bench(lambda: y.copy_(x), warmup=2, min_iters=5, max_iters=100)
+        return dict(seconds=s, gbps=2 * n * 2 / s / 1e9)
+    run_case(name, "eager", f)
+
+
+def case_gemm(S):
+    n = S["gemm_n"]
+    name = f"gemm {n}x{n}x{n}"
+
+    def f():
+        a = torch.randn(n, n, device=DEV, dtype=BF16)
+        b = torch.randn(n, n, device=DEV, dtype=BF16)
+        c = torch.empty(n, n, device=DEV, dtype=BF16)
+        s = bench(lambda: torch.matmul(a, b, out=c), warmup=2, min_iters=5, max_iters=50)
+        return dict(seconds=s, tflops=2 * n**3 / s / 1e12)
+    run_case(name, "eager", f)
+
+
+# --------------------------------------------------------------------------
+# 3. attention
+# --------------------------------------------------------------------------
+
+def case_attention(S):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    H, D, B = S["att_h"], S["att_d"], 1
+    shapes = [(n, n, f"b1 n{n} h{H} d{D}") for n in S["att_self"]]
+    nq, nk = S["att_cross"]
+    shapes.append((nq, nk, f"b1 n{nq} k{nk} h{H} d{D}"))
+    if is_cuda():
+        backends = [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                    ("efficient", SDPBackend.EFFICIENT_ATTENTION)]
+    else:
+        backends = [("math", None)]
+
+    for nq, nk, tag in shapes:
+        fwd_flops = 4 * B * H * nq * nk * D
+        for mode in ("fwd", "fwd+bwd"):
+            name = f"attention {mode} {tag}"
+            for vname, be in backends:
+                def f(nq=nq, nk=nk, mode=mode, be=be, fwd_flops=fwd_flops):
+                    # DiT layout [B, N, H, D]; SDPA wants [B, H, N, D] -> transpose views
+                    q = torch.randn(B, nq, H, D, device=DEV, dtype=BF16)
+                    k = torch.randn(B, nk, H, D, device=DEV, dtype=BF16)
+                    v = torch.randn(B, nk, H, D, device=DEV, dtype=BF16)
+                    if mode == "fwd":
+                        def step():
+                            return F.scaled_dot_product_attention(
+                                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+                        flops = fwd_flops
+                    else:
+                        q.requires_grad_(True)
+                        k.requires_grad_(True)
+                        v.requires_grad_(True)
+                        gout = torch.randn(B, H, nq, D, device=DEV, dtype=BF16)
+
+                        def step():
+                            o = F.scaled_dot_product_attention(
+                                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+                            return torch.autograd.grad(o, (q, k, v), gout)
+                        flops = 3.5 * fwd_flops
+                    if be is None:
+                        s = bench(step, warmup=2, min_iters=3, max_iters=100)
+                    else:
+                        with sdpa_kernel(be):
+                            s = bench(step, warmup=2, min_iters=3, max_iters=100)
+                    return dict(seconds=s, tflops=flops / s / 1e12)
+                run_case(name, vname, f)
+
+
+# --------------------------------------------------------------------------
+# 4. memory-bound ops
+# --------------------------------------------------------------------------
+
+def rms_norm(x, w, eps=1e-6):
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * w
+
+
+def ln_modulate(x, shift, scale, eps=1e-6):
+    y = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+    return (y * (1 + scale) + shift).type_as(x)
+
+
+def rope(x, freqs):
+    b, n, h, d = x.shape
+    xc = torch.view_as_complex(x.float().reshape(b, n, h, d // 2, 2))
+    return torch.view_as_real(xc * freqs).flatten(3).type_as(x)
+
+
+def gated_residual(x, y, gate):
+    return x + y * gate
+
+
+def case_memops(S, variants=("eager", "compile"), adam=True):
+    B, N, C = S["act"]
+    rb, rn, rh, rd = S["rope"]
+    nact = B * N * C
+    nrope = rb * rn * rh * rd
+
+    def make_rms():
+        x = torch.randn(B, N, C, device=DEV, dtype=BF16)
+        w = torch.randn(C, device=DEV, dtype=BF16)
+        return rms_norm, (x, w)
+
+    def make_ln():
+        x = torch.randn(B, N, C, device=DEV, dtype=BF16)
+        sh = torch.randn(B, 1, C, device=DEV, dtype=BF16)
+        sc = torch.randn(B, 1, C, device=DEV, dtype=BF16)
+        return ln_modulate, (x, sh, sc)
+
+    def make_rope():
+        x = torch.randn(rb, rn, rh, rd, device=DEV, dtype=BF16)
+        ang = torch.rand(rn, 1, rd // 2, device=DEV) * 6.28
+        freqs = torch.polar(torch.ones_like(ang), ang)  # complex64 [N,1,D/2]
+        return rope, (x, freqs)
+
+    def make_gr():
+        x = torch.randn(B, N, C, device=DEV, dtype=BF16)
+        y = torch.randn(B, N, C, device=DEV, dtype=BF16)
+        g = torch.randn(B, 1, C, device=DEV, dtype=BF16)
+        return gated_residual, (x, y, g)
+
+    ops = [
+        (f"rms_norm {B}x{N}x{C}", make_rms, 2 * nact * 2),
+        (f"layer_norm_modulate {B}x{N}x{C}", make_ln, 2 * nact * 2),
+        (f"rope {rb}x{rn}x{rh}x{rd}", make_rope, 2 * nrope * 2),
+        (f"gated_residual {B}x{N}x{C}", make_gr, 3 * nact * 2),
+    ]
+    for name, make, nbytes in ops:
+        for variant in variants:
+            if variant == "compile" and ARGS.skip_compile:
+                if not ARGS.only or ARGS.only in name:
+                    skip(name, variant, "--skip-compile")
+                continue
+
+            def f(make=make, nbytes=nbytes, variant=variant):
+                fn, args = make()
+                note = None
+                if variant == "compile":
+                    torch._dynamo.reset()
+                    cfn = torch.compile(fn, dynamic=False)
+                    t0 = now()
+                    cfn(*args)
+                    note = f"torch.compile default mode; compile {now() - t0:.1f} s not counted"
+                else:
+                    cfn = fn
+                s = bench(lambda: cfn(*args), warmup=2, min_iters=5, max_iters=100)
+                return dict(seconds=s, gbps=nbytes / s / 1e9, note=note)
+            run_case(name, variant, f)
+
+    if not adam:
+        return
+    # AdamW
+    r, c = S["adam"]
+    n = r * c
+    name = f"adamw {r}x{c}"
+    for variant in ("fused", "foreach"):
+        def f(variant=variant):
+            p = torch.nn.Parameter(torch.randn(r, c, device=DEV))
+            p.grad = torch.randn(r, c, device=DEV)
+            kw = {"fused": True} if variant == "fused" else {"foreach": True}
+            opt = torch.optim.AdamW([p], lr=1e-5, weight_decay=0.01, **kw)
+            s = bench(opt.step, warmup=2, min_iters=5, max_iters=100)
+            return dict(seconds=s, gbps=n * (4 + 6 * 4) / s / 1e9)
+        run_case(name, variant, f)
+
+
+# --------------------------------------------------------------------------
+# 5. DiT training step
+# --------------------------------------------------------------------------
+
+def dit_fwd_flops(cfg, B, N, nctx):
+    """Forward FLOPs of the transformer blocks (2 flops / MAC) + attention."""
+    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    ffn = cfg["ffn_dim"]
+    per_tok = 2 * (4 * d * d + 2 * d * d + 2 * d * ffn)  # self qkvo, cross q/o, ffn
+    per_ctx = 2 * (2 * d * d)                            # cross k/v on context rows
+    attn = 4 * N * N * d + 4 * N * nctx * d              # self + cross (H*D = d)
+    return B * cfg["num_layers"] * (N * per_tok + nctx * per_ctx + attn)
+
+
+FLOPS_NOTE = ("model flops = blocks only: linears 2/MAC (self qkvo, cross q/o/k/v on ctx rows, "
+              "ffn) + attention 4*N*Nk*H*D; train = 3x fwd, no recompute counted")
+
+
+def build_dit(S, dtype):
+    from diffusers import WanTransformer3DModel
+    with torch.device(DEV):
+        m = WanTransformer3DModel(**S["dit"])
+    m = m.to(dtype)
+    if dtype != torch.float32:
+        # what from_pretrained(torch_dtype=bf16) does: keep these modules in fp32
+        keep = getattr(m, "_keep_in_fp32_modules", None) or []
+        for pname, t in list(m.named_parameters()) + list(m.named_buffers()):
+            if t.is_floating_point() and any(k in pname.split(".") for k in keep):
+                t.data = t.data.float()
+    return m
+
+
+def dit_inputs(S, B, w, h, dtype):
+    lat = torch.randn(B, 16, 1, h // 8, w // 8, device=DEV, dtype=dtype)
+    ctx = torch.randn(B, S["text_len"], S["dit"]["text_dim"], device=DEV, dtype=dtype)
+    img = torch.randn(B, S["img_tokens"], S["dit"]["image_dim"], device=DEV, dtype=dtype)
+    return lat, ctx, img
+
+
+def case_train(S):
+    _, why = import_diffusers()
+    for name, w, h, B in S["train"]:
+        for variant in ("autocast-fp32-params", "bf16-params-fp32-master"):
+            if why:
+                if not ARGS.only or ARGS.only in name:
+                    skip(name, variant, why)
+                continue
+
+            def f(name=name, w=w, h=h, B=B, variant=variant):
+                cfg = S["dit"]
+                master = variant == "bf16-params-fp32-master"
+                model = build_dit(S, BF16 if master else torch.float32)
+                model.train()
+                model.enable_gradient_checkpointing()
+                params = [p for p in model.parameters() if p.requires_grad]
+                fused = dict(fused=True)
+                if master:
+                    masters = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
+                    for m in masters:
+                        m.grad = torch.zeros_like(m)
+                    opt = torch.optim.AdamW(masters, lr=1e-5, weight_decay=0.01, **fused)
+                else:
+                    masters = None
+                    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, **fused)
+                x0, ctx, img = dit_inputs(S, B, w, h, BF16)
+                eps = torch.randn_like(x0)
+                t = torch.rand(B, device=DEV) * 1000.0
+                s_ = (t / 1000.0).view(B, 1, 1, 1, 1)
+                noisy = ((1 - s_) * x0.float() + s_ * eps.float()).to(BF16)
+                target = (eps.float() - x0.float())
+                dev_type = "cuda" if is_cuda() else "cpu"
+
+                def step():
+                    if master:
+                        model.zero_grad(set_to_none=True)
+                    else:
+                        opt.zero_grad(set_to_none=True)
+                    if master:
+                        pred = model(noisy, t, ctx, encoder_hidden_states_image=img,
+                                     return_dict=False)[0]
+                    else:
+                        with torch.autocast(dev_type, dtype=BF16):
+                            pred = model(noisy, t, ctx, encoder_hidden_states_image=img,
+                                         return_dict=False)[0]
+                    loss = F.mse_loss(pred.float(), target)
+                    loss.backward()
+                    if master:
+                        with torch.no_grad():
+                            torch._foreach_copy_([m.grad for m in masters], [p.grad for p in params])
+                            opt.step()
+                            torch._foreach_copy_([p.data for p in params], [m.data for m in masters])
+                    else:
+                        opt.step()
+                    return loss
+
+                reset_peak()
+                for _ in range(S["train_warmup"]):
+                    step()
+                t0 = now()
+                for _ in range(S["train_iters"]):
+                    step()
+                sec = (now() - t0) / S["train_iters"]
+                pk = peak_gib()
+                N = (h // 16) * (w // 16)
+                nctx = S["text_len"] + S["img_tokens"]
+                flops = 3 * dit_fwd_flops(cfg, B, N, nctx)
+                nparams = sum(p.numel() for p in params)
+                del model, opt, masters, params
+                return dict(seconds=sec, tflops=flops / sec / 1e12, peak_mem_gib=pk,
+                            samples_per_s=B / sec,
+                            note=f"{nparams / 1e9:.3f}B params, N={N}, ctx={nctx}; {FLOPS_NOTE}")
+            run_case(name, variant, f)
+
+
+# --------------------------------------------------------------------------
+# 6. sampling
+# --------------------------------------------------------------------------
+
+def shifted_sigmas(steps, shift=5.0):
+    s = torch.linspace(1.0, 0.0, steps + 1)[:-1]
+    s = shift * s / (1 + (shift - 1) * s)
+    return s.tolist() + [0.0]
+
+
+def euler_cfg(model, lat, ctx2, img2, steps, guidance=5.0):
+    """lat [1,16,1,h,w]; ctx2 [2,L,text_dim] (cond, uncond); img2 [2,257,1280]."""
+    sig = shifted_sigmas(steps)
+    x = lat
+    for i in range(steps):
+        t = torch.full((2,), sig[i] * 1000.0, device=DEV)
+        v = model(torch.cat([x, x]), t, ctx2, encoder_hidden_states_image=img2,
+                  return_dict=False)[0]
+        vc, vu = v.float().chunk(2)
+        v = vu + guidance * (vc - vu)
+        x = (x.float() + (sig[i + 1] - sig[i]) * v).to(lat.dtype)
+    return x
+
+
+def case_sample(S):
+    _, why = import_diffusers()
+    w, h = S["sample_hw"]
+    steps = S["steps"]
+    tag = S["size_tag"]
+    name_dit = f"sample {tag} {w}x{h} {steps} steps dit"
+    name_pipe = f"sample {tag} {w}x{h} {steps} steps pipeline"
+    if why:
+        for n in (name_dit, name_pipe):
+            if not ARGS.only or ARGS.only in n:
+                skip(n, "eager", why)
+        return
+    cfg = S["dit"]
+    N = (h // 16) * (w // 16)
+    nctx = S["text_len"] + S["img_tokens"]
+    fwd = dit_fwd_flops(cfg, 2, N, nctx) * steps
+
+    def f_dit():
+        model = build_dit(S, BF16).eval()
+        lat, ctx, img = dit_inputs(S, 1, w, h, BF16)
+        ctx2 = torch.cat([ctx, torch.randn_like(ctx)])
+        img2 = img.expand(2, -1, -1).contiguous()
+        with torch.inference_mode():
+            reset_peak()
+            euler_cfg(model, lat, ctx2, img2, steps)          # warm-up
+            t0 = now()
+            for _ in range(S["sample_runs"]):
+                euler_cfg(model, lat, ctx2, img2, steps)
+            sec = (now() - t0) / S["sample_runs"]
+        pk = peak_gib()
+        del model
+        return dict(seconds=sec, tflops=fwd / sec / 1e12, peak_mem_gib=pk, samples_per_s=1 / sec,
+                    note=f"bf16 eval, CFG 5 batch-2, shift 5, N={N}; tflops = fwd model flops "
+                         f"x 2 x {steps} steps / s; {FLOPS_NOTE.split('; train')[0]}")
+    run_case(name_dit, "eager", f_dit)
+
+    def f_pipe():
+        from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+        from diffusers import AutoencoderKLWan
+        notes = []
+        with torch.device(DEV):
+            te = UMT5EncoderModel(UMT5Config(**S["umt5"])).to(BF16).eval()
+            clip = CLIPVisionModel(CLIPVisionConfig(**S["clip"])).to(BF16).eval()
+            vae = AutoencoderKLWan(**S["vae"]).to(BF16).eval()
+        model = build_dit(S, BF16).eval()
+        if S["vae_tile"]:
+            vae.enable_tiling(**S["vae_tile"])
+        else:
+            vae.enable_tiling()
+        vae_dtype = [BF16]
+        L = S["text_len"]
+        ids = torch.randint(2, S["umt5"]["vocab_size"], (2, L), device=DEV)  # prompt, negative
+        pix = torch.randn(1, 3, S["clip"]["image_size"], S["clip"]["image_size"], device=DEV,
+                          dtype=BF16)
+        mean = torch.tensor(vae.config.latents_mean, device=DEV).view(1, 16, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std, device=DEV).view(1, 16, 1, 1, 1)
+
+        def run():
+            ctx2 = te(input_ids=ids).last_hidden_state                      # [2, L, 4096]
+            img = clip(pixel_values=pix, output_hidden_states=True).hidden_states[-2]
+            img2 = img.expand(2, -1, -1)
+            lat = torch.randn(1, 16, 1, h // 8, w // 8, device=DEV, dtype=BF16)
+            x = euler_cfg(model, lat, ctx2, img2, steps)
+            z = (x.float() * std + mean).to(vae_dtype[0])
+            try:
+                return vae.decode(z, return_dict=False)[0]
+            except Exception as e:
+                if vae_dtype[0] is BF16:
+                    notes.append(f"VAE bf16 failed ({type(e).__name__}), fp32 used")
+                    vae.to(torch.float32)
+                    vae_dtype[0] = torch.float32
+                    return vae.decode(z.float(), return_dict=False)[0]
+                raise
+
+        with torch.inference_mode():
+            reset_peak()
+            img_out = run()                                              # warm-up
+            shape = tuple(img_out.shape)
+            t0 = now()
+            for _ in range(S["sample_runs"]):
+                run()
+            sec = (now() - t0) / S["sample_runs"]
+        pk = peak_gib()
+        del te, clip, vae, model
+        notes.append(f"umT5-XXL 1 layer + CLIP ViT-H/14 2 layers + DiT 25 steps CFG + "
+                     f"tiled VAE ({'bf16' if vae_dtype[0] is BF16 else 'fp32'}) -> {shape}")
+        return dict(seconds=sec, peak_mem_gib=pk, samples_per_s=1 / sec, note="; ".join(notes))
+    run_case(name_pipe, "eager", f_pipe)
+
+
+# --------------------------------------------------------------------------
+
+def main():
+    global ARGS, DEV, T_START
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tiny", action="store_true", help="tiny sizes (CPU smoke test)")
+    ap.add_argument("--only", default=None, help="run only cases whose name contains SUBSTR")
+    ap.add_argument("--skip-compile", action="store_true")
+    ap.add_argument("--time-budget", type=float, default=170.0)
+    ARGS = ap.parse_args()
+    T_START = time.perf_counter()
+
+    DEV = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    except Exception:
+        pass
+    diffusers, why = import_diffusers()
+    META.update(
+        tool="torch",
+        torch_version=torch.__version__,
+        diffusers_version=getattr(diffusers, "__version__", None) if diffusers else None,
+        device=torch.cuda.get_device_name() if is_cuda() else "cpu",
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    log(f"# torch {torch.__version__}, diffusers {META['diffusers_version']}"
+        f"{' (' + why + ')' if why else ''}, device {META['device']}, tiny={ARGS.tiny}")
+    S = sizes(ARGS.tiny)
+    write_json()
+    case_copy(S)
+    case_gemm(S)
+    case_attention(S)
+    case_memops(S, variants=("eager",))
+    case_train(S)
+    case_sample(S)
+    # compile variants last: their compile time must not starve the DiT cases
+    case_memops(S, variants=("compile",), adam=False)
+    log(f"# done in {time.perf_counter() - T_START:.1f} s -> {ARGS.out}")
+
+
+if __name__ == "__main__":
+    main()
