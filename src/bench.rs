@@ -63,7 +63,8 @@ pub struct BenchResult {
     pub fraction: Option<f64>,
     /// Samples per second (training steps and sampling).
     pub samples_per_s: Option<f64>,
-    /// The most device memory allocated at once while the case ran (GPU only).
+    /// The most device memory allocated at once while the case ran (GPU whole-model
+    /// cases only).
     pub peak_bytes: Option<u64>,
     /// Why the case could not run (then the timings are NaN).
     pub error: Option<String>,
@@ -628,9 +629,11 @@ pub fn run_all(
                 cuda::device(i)?.reset_peak_memory()?;
             }
             let seconds = time(device, min_seconds, &mut case.run)?;
+            // Only whole-model cases own the memory in use; the kernel cases' inputs are
+            // all allocated up front.
             let peak = match device {
-                Device::Cuda(i) => Some(cuda::device(i)?.peak_memory()?),
-                Device::Cpu => None,
+                Device::Cuda(i) if case.samples.is_some() => Some(cuda::device(i)?.peak_memory()?),
+                _ => None,
             };
             Ok((seconds, case, peak))
         })();

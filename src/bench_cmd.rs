@@ -77,7 +77,7 @@ fn read_torch(path: &std::path::Path) -> Result<std::collections::BTreeMap<Strin
         else {
             continue;
         };
-        if !(seconds > 0.0) {
+        if seconds.is_nan() || seconds <= 0.0 {
             continue;
         }
         let variant = c.get("variant").and_then(|v| v.as_str()).unwrap_or("").to_string();
