@@ -186,8 +186,19 @@ template <typename T>
 __device__ void gated_residual_impl(const T* x, const T* gate, const T* y, T* out, int64_t period, int64_t inner,
                                     int64_t n) {
     const bool vec = aligned16(x) && aligned16(y) && aligned16(out);
+    // With inner a multiple of EW, a chunk (i0 a multiple of EW) never crosses a gate row:
+    // its gate values are EW consecutive elements, one index computation per chunk.
+    const bool gate_vec = vec && aligned16(gate) && inner % EW == 0;
     FOR_CHUNKS(i0, n) {
-        if (vec && i0 + EW <= n) {
+        if (gate_vec && i0 + EW <= n) {
+            float xv[EW], yv[EW], gv[EW];
+            load_vec<EW>(x, i0, xv);
+            load_vec<EW>(y, i0, yv);
+            load_vec<EW>(gate, (i0 / period) * inner + i0 % inner, gv);
+#pragma unroll
+            for (int k = 0; k < EW; ++k) xv[k] += gv[k] * yv[k];
+            store_vec<EW>(out, i0, xv);
+        } else if (vec && i0 + EW <= n) {
             float xv[EW], yv[EW];
             load_vec<EW>(x, i0, xv);
             load_vec<EW>(y, i0, yv);

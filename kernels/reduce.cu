@@ -2,7 +2,8 @@
 // of broadcasting), sums of contiguous rows (full sums, sums over the last dimension)
 // and sums over a middle dimension. fp32 accumulation everywhere.
 //
-// sum_to: one thread per output element; it walks the reduced positions (mixed-radix
+// sum_to: the general case (the launcher sends the common shapes to the row and column
+// sums below): one thread per output element; it walks the reduced positions (mixed-radix
 // over `red_shape`) at the input strides. With the common (B,N,D) -> (B,1,D) reduction,
 // consecutive threads read consecutive addresses, so reads are coalesced.
 //
@@ -17,7 +18,8 @@
 //
 // col_sum: x viewed as [outer, len, inner] with inner > 1, out[o, i] = scale·Σ_r x[o, r, i].
 // A 32×8 block covers 32 consecutive i (coalesced reads) while its 8 rows of threads
-// split r; one shared-memory step adds the 8 partial sums.
+// split r; one shared-memory step adds the 8 partial sums. col_partial + col_finish do
+// the same in two passes with the rows also split across blocks (long columns).
 #include "common.cuh"
 
 // Mirrors `cuda::reduce::ReduceDesc`.
@@ -93,15 +95,15 @@ extern "C" __global__ void row_finish_bf16(const float* partials, bf16* out, int
 
 // blockDim must be (32, COL_ROWS).
 #define COL_ROWS 8
-template <typename T>
-__device__ void col_sum_impl(const T* x, T* out, int64_t len, int64_t inner, float scale) {
+template <typename Tin, typename Tout>
+__device__ void col_sum_impl(const Tin* x, Tout* out, int64_t len, int64_t inner, float scale) {
     __shared__ float tile[COL_ROWS][33];
     const int64_t tiles = (inner + 31) / 32;
     const int64_t o = blockIdx.x / tiles;
     const int64_t i = (blockIdx.x % tiles) * 32 + threadIdx.x;
     float acc = 0.f;
     if (i < inner) {
-        const T* base = x + o * len * inner + i;
+        const Tin* base = x + o * len * inner + i;
         for (int64_t r = threadIdx.y; r < len; r += COL_ROWS) acc += load(base, r * inner);
     }
     tile[threadIdx.y][threadIdx.x] = acc;
@@ -118,4 +120,53 @@ extern "C" __global__ void col_sum_f32(const float* x, float* out, int64_t len, 
 }
 extern "C" __global__ void col_sum_bf16(const bf16* x, bf16* out, int64_t len, int64_t inner, float scale) {
     col_sum_impl(x, out, len, inner, scale);
+}
+
+// Split column sums, for long columns (bias and gate gradients: [B·N, D] -> [D] and
+// [B, N, D] -> [B, 1, D]), in two deterministic passes:
+//   col_partial: x as [outer, len, inner]; the rows are cut into `splits` chunks of
+//                `chunk` rows, and block (o, s, tile) sums chunk s of 32 columns into
+//                partials[(o·splits + s)·inner + i] (fp32);
+//   col_finish:  col_sum over partials viewed as [outer, splits, inner], scaled, in T.
+// The split depends only on the sizes, so results are the same run to run.
+template <typename T>
+__device__ void col_partial_impl(const T* x, float* partials, int64_t len, int64_t inner, int64_t splits,
+                                 int64_t chunk) {
+    __shared__ float tile[COL_ROWS][33];
+    const int64_t tiles = (inner + 31) / 32;
+    const int64_t b = blockIdx.x;
+    const int64_t o = b / (tiles * splits);
+    const int64_t s = (b / tiles) % splits;
+    const int64_t i = (b % tiles) * 32 + threadIdx.x;
+    const int64_t r0 = s * chunk;
+    const int64_t r1 = r0 + chunk < len ? r0 + chunk : len;
+    float acc = 0.f;
+    if (i < inner) {
+        const T* base = x + o * len * inner + i;
+        for (int64_t r = r0 + threadIdx.y; r < r1; r += COL_ROWS) acc += load(base, r * inner);
+    }
+    tile[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && i < inner) {
+        float t = 0.f;
+#pragma unroll
+        for (int k = 0; k < COL_ROWS; ++k) t += tile[k][threadIdx.x];
+        partials[(o * splits + s) * inner + i] = t;
+    }
+}
+extern "C" __global__ void col_partial_f32(const float* x, float* partials, int64_t len, int64_t inner,
+                                           int64_t splits, int64_t chunk) {
+    col_partial_impl(x, partials, len, inner, splits, chunk);
+}
+extern "C" __global__ void col_partial_bf16(const bf16* x, float* partials, int64_t len, int64_t inner,
+                                            int64_t splits, int64_t chunk) {
+    col_partial_impl(x, partials, len, inner, splits, chunk);
+}
+extern "C" __global__ void col_finish_f32(const float* partials, float* out, int64_t splits, int64_t inner,
+                                          float scale) {
+    col_sum_impl(partials, out, splits, inner, scale);
+}
+extern "C" __global__ void col_finish_bf16(const float* partials, bf16* out, int64_t splits, int64_t inner,
+                                           float scale) {
+    col_sum_impl(partials, out, splits, inner, scale);
 }

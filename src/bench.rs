@@ -625,6 +625,8 @@ pub fn run_all(
         let (family, name) = (lc.family, lc.name.clone());
         let outcome = (|| -> Result<(f64, BenchCase, Option<u64>)> {
             let mut case = (lc.build)()?;
+            // A profile (SYNTHOS_CUDA_PROFILE=1) covers the timed runs, not the set-up.
+            let _ = cuda::take_profile();
             if let Device::Cuda(i) = device {
                 cuda::device(i)?.reset_peak_memory()?;
             }

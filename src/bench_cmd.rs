@@ -104,6 +104,21 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let filter = args.filter.clone();
     let results = bench::run_all(device, size, args.min_seconds, filter.as_deref(), |r| {
         println!("{}", fmt_row(r));
+        let profile = synthos_engine::cuda::take_profile();
+        if !profile.is_empty() {
+            let total: f64 = profile.iter().map(|p| p.2).sum();
+            println!("    profile (SYNTHOS_CUDA_PROFILE=1, every launch synchronised; all runs of the case):");
+            for (name, n, secs) in profile.iter().take(25) {
+                println!(
+                    "    {:<40} {:>8} calls {:>10.3} ms {:>8.1} us/call {:>5.1}%",
+                    name,
+                    n,
+                    secs * 1e3,
+                    secs * 1e6 / *n as f64,
+                    100.0 * secs / total
+                );
+            }
+        }
         let _ = std::io::stdout().flush();
     })?;
     let torch = args.compare.as_deref().map(read_torch).transpose()?;

@@ -188,7 +188,7 @@ fn parity(
 ) {
     let gin: Vec<Tensor> = inputs.iter().map(|t| t.to_device(dev, dtype).unwrap().requires_grad()).collect();
     let cin: Vec<Tensor> = gin.iter().map(|t| t.to_device(Device::Cpu, DType::F32).unwrap().requires_grad()).collect();
-    // CPU forward + backward first: a backward pass drains this thread's whole tape.
+    // CPU forward + backward first (each backward consumes only its own graph).
     let yc = f(&cin).unwrap_or_else(|e| panic!("{name}: CPU forward: {e}"));
     let mut rng = Rng::new(99);
     let seed = Tensor::randn(yc.shape(), 1.0, &mut rng, Device::Cpu).unwrap();
@@ -252,18 +252,22 @@ fn gpu_gated_residual_matches_cpu() {
             );
         }
     }
-    // DiT-like sizes: tokens not a multiple of anything.
-    let (x, y, gate) = (randn(&[2, 1001, 67], &mut rng), randn(&[2, 1001, 67], &mut rng), randn(&[2, 1, 67], &mut rng));
-    for (dt, atol, rtol) in DTYPES {
-        parity(
-            "gated_residual big",
-            dev,
-            dt,
-            &[x.clone(), gate.clone(), y.clone()],
-            |t| ops::gated_residual(&t[0], &t[1], &t[2]),
-            atol,
-            rtol,
-        );
+    // DiT-like sizes: tokens not a multiple of anything; width odd, then a multiple of 8
+    // (the kernel's one-gate-index-per-chunk path).
+    for d in [67, 136] {
+        let (x, y, gate) =
+            (randn(&[2, 1001, d], &mut rng), randn(&[2, 1001, d], &mut rng), randn(&[2, 1, d], &mut rng));
+        for (dt, atol, rtol) in DTYPES {
+            parity(
+                &format!("gated_residual big, width {d}"),
+                dev,
+                dt,
+                &[x.clone(), gate.clone(), y.clone()],
+                |t| ops::gated_residual(&t[0], &t[1], &t[2]),
+                atol,
+                rtol,
+            );
+        }
     }
 }
 
@@ -348,6 +352,44 @@ fn gpu_reductions_match_cpu() {
                 );
             }
             parity("sum_to", dev, dt, one, |t| ops::sum_to(&t[0], &[shape[0], 1, shape[2]]), atol, rtol);
+        }
+    }
+}
+
+#[test]
+fn gpu_sum_to_every_launch_path_matches_cpu() {
+    // One shape per path of `cuda::reduce::sum_to`: split column sums ([R, K], [K1, R, K2]:
+    // bias and gate gradients, long and short columns), row sums ([K, R], [R]) and the
+    // general kernel (interleaved reduced dimensions), at odd sizes.
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng::new(27);
+    let cases: [(&[usize], &[usize]); 8] = [
+        (&[3121, 37], &[37]),
+        (&[2, 1561, 45], &[2, 1, 45]),
+        (&[3, 5000, 70], &[3, 1, 70]),
+        (&[1, 9, 33], &[1, 1, 33]),
+        (&[7, 300], &[7, 1]),
+        (&[1, 4097, 1], &[1, 1, 1]),
+        (&[2, 3, 4, 5], &[1, 3, 1, 5]),
+        (&[6, 1, 5], &[1, 1, 5]),
+    ];
+    for (shape, to) in cases {
+        let x = randn(shape, &mut rng);
+        for (dt, atol, rtol) in DTYPES {
+            parity(
+                &format!("sum_to {shape:?} -> {to:?}"),
+                dev,
+                dt,
+                std::slice::from_ref(&x),
+                |t| ops::sum_to(&t[0], to),
+                atol,
+                rtol,
+            );
+            // The split depends only on the sizes: the same bits every time.
+            let xg = x.to_device(dev, dt).unwrap();
+            let a = ops::sum_to(&xg, to).unwrap().to_vec().unwrap();
+            let b = ops::sum_to(&xg, to).unwrap().to_vec().unwrap();
+            assert_eq!(a, b, "sum_to {shape:?} -> {to:?} {dt}: not deterministic");
         }
     }
 }

@@ -74,6 +74,8 @@ pub struct CudaDevice {
     blaslt: OnceLock<std::result::Result<Arc<CudaBlasLT>, String>>,
     /// The last kernel issued (named in fault reports).
     last_launch: Mutex<&'static str>,
+    /// When the last kernel was issued (profile mode).
+    launch_clock: Mutex<Option<std::time::Instant>>,
 }
 
 static POISON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -149,6 +151,7 @@ pub fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
         functions: Mutex::new(HashMap::new()),
         blaslt: OnceLock::new(),
         last_launch: Mutex::new("(none yet)"),
+        launch_clock: Mutex::new(None),
     });
     map.insert(ordinal, dev.clone());
     Ok(dev)
@@ -180,7 +183,29 @@ fn keep_pool_memory(ctx: &Arc<CudaContext>) -> std::result::Result<(), String> {
 /// reported with the name of the kernel that caused it. Slow; for finding faults.
 pub fn sync_mode() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SYNTHOS_CUDA_SYNC").is_ok_and(|v| v == "1"))
+    *ON.get_or_init(|| std::env::var("SYNTHOS_CUDA_SYNC").is_ok_and(|v| v == "1") || profile_mode())
+}
+
+/// True when `SYNTHOS_CUDA_PROFILE=1`: sync mode (see [`sync_mode`]) plus, for every
+/// kernel name, the number of launches and the wall time from its launch until the next
+/// launch (or synchronisation) has waited for it: the kernel's GPU time plus its launch
+/// cost and whatever host work ran before the next launch. A coarse profile that needs
+/// no profiler; read it with [`take_profile`].
+pub fn profile_mode() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SYNTHOS_CUDA_PROFILE").is_ok_and(|v| v == "1"))
+}
+
+/// Per-kernel (launches, seconds) gathered in profile mode.
+static PROFILE: Mutex<Option<HashMap<&'static str, (u64, f64)>>> = Mutex::new(None);
+
+/// The profile gathered since the last call, slowest kernel first: (name, launches,
+/// seconds). Empty unless `SYNTHOS_CUDA_PROFILE=1`.
+pub fn take_profile() -> Vec<(&'static str, u64, f64)> {
+    let map = PROFILE.lock().ok().and_then(|mut p| p.take()).unwrap_or_default();
+    let mut v: Vec<_> = map.into_iter().map(|(k, (n, s))| (k, n, s)).collect();
+    v.sort_by(|a, b| b.2.total_cmp(&a.2));
+    v
 }
 
 impl CudaDevice {
@@ -229,6 +254,11 @@ impl CudaDevice {
         if let Ok(mut last) = self.last_launch.lock() {
             *last = name;
         }
+        if profile_mode() {
+            if let Ok(mut t) = self.launch_clock.lock() {
+                *t = Some(std::time::Instant::now());
+            }
+        }
         Ok(())
     }
 
@@ -237,7 +267,16 @@ impl CudaDevice {
         self.stream.synchronize().map_err(|e| {
             let last = self.last_launch.lock().map(|l| *l).unwrap_or("(unknown)");
             Error::msg(format!("CUDA fault in or after kernel {last:?}: {e:?}"))
-        })
+        })?;
+        if profile_mode() {
+            let started = self.launch_clock.lock().ok().and_then(|mut t| t.take());
+            if let (Some(t0), Ok(last), Ok(mut prof)) = (started, self.last_launch.lock(), PROFILE.lock()) {
+                let e = prof.get_or_insert_with(HashMap::new).entry(*last).or_insert((0, 0.0));
+                e.0 += 1;
+                e.1 += t0.elapsed().as_secs_f64();
+            }
+        }
+        Ok(())
     }
 
     /// The cuBLASLt handle of this device (created once). A missing libcublasLt is an

@@ -32,9 +32,41 @@ pub struct ReduceDesc {
 // SAFETY: plain-old-data with the same C layout as the kernel-side struct.
 unsafe impl cudarc::driver::DeviceRepr for ReduceDesc {}
 
+/// The runs of `in_shape` once size-1 dimensions are dropped and neighbours that are both
+/// reduced (or both kept) are merged: `(reduced, size)` pairs, outermost first.
+fn merged_runs(in_shape: &[usize], out_shape: &[usize]) -> Vec<(bool, usize)> {
+    let mut runs: Vec<(bool, usize)> = Vec::new();
+    for (&n, &m) in in_shape.iter().zip(out_shape) {
+        if n == 1 {
+            continue;
+        }
+        let reduced = m == 1;
+        match runs.last_mut() {
+            Some((r, size)) if *r == reduced => *size *= n,
+            _ => runs.push((reduced, n)),
+        }
+    }
+    runs
+}
+
 /// Sums `x` (shape `in_shape`) onto `out_shape` (same rank, each dim 1 or equal).
+///
+/// The shapes gradients produce go to the parallel reductions: a trailing reduced run
+/// (`[K, R]`) to the row sums, a reduced run followed by a kept one (`[R, K]`,
+/// `[K1, R, K2]`: bias and gate gradients) to the split column sums; anything else to
+/// the general kernel.
 pub fn sum_to(x: &CudaStorage, in_shape: &[usize], out_shape: &[usize]) -> Result<CudaBuf> {
-    if in_shape.len() > 6 || in_shape.len() != out_shape.len() {
+    if in_shape.len() != out_shape.len() {
+        bail!("sum_to: unsupported shapes {in_shape:?} -> {out_shape:?}");
+    }
+    match merged_runs(in_shape, out_shape).as_slice() {
+        [(true, r)] => return row_sum(x, 1, *r, 1.0),
+        [(false, k), (true, r)] => return row_sum(x, *k, *r, 1.0),
+        [(true, r), (false, k)] => return col_sum_split(x, 1, *r, *k, 1.0),
+        [(false, k1), (true, r), (false, k2)] => return col_sum_split(x, *k1, *r, *k2, 1.0),
+        _ => {}
+    }
+    if in_shape.len() > 6 {
         bail!("sum_to: unsupported shapes {in_shape:?} -> {out_shape:?}");
     }
     let mut d = ReduceDesc { rank: in_shape.len() as i32, ..Default::default() };
@@ -143,6 +175,73 @@ pub fn col_sum(x: &CudaStorage, outer: usize, len: usize, inner: usize, scale: f
     let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
     // SAFETY: block b covers o = b / tiles and 32 columns of tile b % tiles; reads stay
     // in row o (len·inner elements), writes go to out[o·inner + i] with i < inner.
+    unsafe { lb.launch(cfg) }?;
+    Ok(out)
+}
+
+/// Blocks the split column sums aim for (several per SM on current GPUs).
+const COL_TARGET_BLOCKS: usize = 1024;
+/// Fewest rows one split covers, so that the finish pass stays small.
+const COL_MIN_ROWS: usize = 64;
+
+/// The split of [`col_sum_split`]: `(splits, chunk)` rows per split. Depends only on the
+/// sizes, so results are reproducible run to run.
+pub fn col_splits(outer: usize, len: usize, inner: usize) -> (usize, usize) {
+    let base = (outer * inner.div_ceil(32)).max(1);
+    let splits = COL_TARGET_BLOCKS.div_ceil(base).clamp(1, len.div_ceil(COL_MIN_ROWS).max(1));
+    let chunk = len.div_ceil(splits).max(1);
+    (len.div_ceil(chunk).max(1), chunk)
+}
+
+/// `x` viewed as `[outer, len, inner]`: `out[o, i] = scale · Σ_r x[o, r, i]`, in `x`'s
+/// dtype, with the rows split across blocks (fp32 partials, then a finish pass).
+pub fn col_sum_split(x: &CudaStorage, outer: usize, len: usize, inner: usize, scale: f32) -> Result<CudaBuf> {
+    let dev = &x.dev;
+    let dtype = x.buf.dtype();
+    if outer * inner == 0 {
+        return dev.alloc(0, dtype);
+    }
+    let (splits, chunk) = col_splits(outer, len, inner);
+    if splits == 1 {
+        return col_sum(x, outer, len, inner, scale);
+    }
+    let blocks = outer * splits * inner.div_ceil(32);
+    if blocks > MAX_GRID {
+        bail!("sum_to: {outer}x{inner} outputs exceed one launch");
+    }
+    let mut partials = dev.alloc(outer * splits * inner, DType::F32)?;
+    let CudaBuf::F32(part) = &mut partials else {
+        bail!("sum_to: partials buffer is not f32");
+    };
+    let (len64, inner64, splits64, chunk64) = (len as i64, inner as i64, splits as i64, chunk as i64);
+    let f = dev.func("reduce", if dtype == DType::F32 { "col_partial_f32" } else { "col_partial_bf16" })?;
+    let mut lb = dev.stream.launch_builder(&f);
+    match &x.buf {
+        CudaBuf::F32(a) => lb.arg(a),
+        CudaBuf::BF16(a) => lb.arg(a),
+    };
+    lb.arg(&mut *part).arg(&len64).arg(&inner64).arg(&splits64).arg(&chunk64);
+    let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
+    // SAFETY: block (o, s, tile) reads rows [s·chunk, min((s+1)·chunk, len)) of slab o
+    // (inside x's outer·len·inner elements) and writes partials[(o·splits + s)·inner + i]
+    // for i < inner.
+    unsafe { lb.launch(cfg) }?;
+
+    let mut out = dev.alloc(outer * inner, dtype)?;
+    let f = dev.func("reduce", if dtype == DType::F32 { "col_finish_f32" } else { "col_finish_bf16" })?;
+    let mut lb = dev.stream.launch_builder(&f);
+    lb.arg(&*part);
+    match &mut out {
+        CudaBuf::F32(o) => lb.arg(o),
+        CudaBuf::BF16(o) => lb.arg(o),
+    };
+    lb.arg(&splits64).arg(&inner64).arg(&scale);
+    let cfg = LaunchConfig {
+        grid_dim: ((outer * inner.div_ceil(32)) as u32, 1, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: as `col_sum` over the partials viewed as [outer, splits, inner].
     unsafe { lb.launch(cfg) }?;
     Ok(out)
 }

@@ -332,15 +332,21 @@ impl Trainer {
         let batches: Vec<Vec<usize>> = (0..self.cfg.grad_accum).map_while(|m| self.micro_batch(step, m)).collect();
         let n_samples: usize = batches.iter().map(Vec::len).sum();
         let mut grads: Option<Gradients> = None;
-        let mut loss_total = 0.0f64;
+        let mut losses = Vec::with_capacity(batches.len());
         for (m, indices) in batches.iter().enumerate() {
             let loss = self.micro_loss(step, m, indices, n_samples)?;
-            loss_total += loss.item()? as f64;
             let g = autograd::backward(&loss)?;
             match grads.as_mut() {
                 Some(acc) => acc.merge(g)?,
                 None => grads = Some(g),
             }
+            losses.push(loss);
+        }
+        // Read back after the backward passes are queued, so the GPU never idles while
+        // the host issues them.
+        let mut loss_total = 0.0f64;
+        for loss in &losses {
+            loss_total += loss.item()? as f64;
         }
         // Nothing recorded in this step outlives it (only what the loss depends on was
         // consumed by the backward passes).

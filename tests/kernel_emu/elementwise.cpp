@@ -229,7 +229,9 @@ double silu_ref(double x) { return x / (1 + std::exp(-x)); }
 // [B,1,1]; (period, inner) as ops::elementwise::gate_layout derives them.
 template <class T>
 void gated_residual() {
-    const Shape xs[] = {{1, 1, 9}, {2, 3, 7}, {3, 5, 64}, {2, 9, 130}};
+    // D a multiple of 8 takes the one-index-per-chunk gate path (when the gate is
+    // 16-byte aligned: the gate takes each view's offset too), other D the per-element one.
+    const Shape xs[] = {{1, 1, 9}, {2, 3, 7}, {3, 5, 64}, {2, 9, 130}, {2, 5, 24}, {1, 3, 1536}};
     for (const Shape& x_s : xs) {
         const size_t B = x_s[0], N = x_s[1], D = x_s[2], n = B * N * D;
         struct Gate {
@@ -240,7 +242,7 @@ void gated_residual() {
         for (const Gate& gt : gates)
             for (const Views& v : kViews) {
                 const auto x = rng.values<T>(n), y = rng.values<T>(n), g = rng.values<T>(numel(gt.shape));
-                DeviceArray<T> dx(x, v.in0), dy(y, v.in1), dg(g), out(n, v.out);
+                DeviceArray<T> dx(x, v.in0), dy(y, v.in1), dg(g, v.in1), out(n, v.out);
                 emu::launch(grid_chunks(n), K<T>::gated_residual, dx.ptr(), dg.ptr(), dy.ptr(), out.ptr(),
                                    (int64_t)gt.period, (int64_t)gt.inner, (int64_t)n);
                 std::vector<double> want(n);

@@ -18,9 +18,19 @@ using Shape = std::vector<size_t>;
 constexpr unsigned kRowThreads = 256;      // ROW_THREADS
 constexpr size_t kMinPerBlock = 2048;      // MIN_PER_BLOCK
 constexpr size_t kMaxPartialBlocks = 4096;  // MAX_PARTIAL_BLOCKS
+constexpr size_t kColTargetBlocks = 1024;   // COL_TARGET_BLOCKS
+constexpr size_t kColMinRows = 64;          // COL_MIN_ROWS
 
 size_t blocks_per_row(size_t rows, size_t len) {
     return std::clamp<size_t>(ceil_div(len, kMinPerBlock), 1, std::max<size_t>(kMaxPartialBlocks / std::max<size_t>(rows, 1), 1));
+}
+
+// `col_splits`: (splits, chunk) of the split column sums.
+std::pair<size_t, size_t> col_splits(size_t outer, size_t len, size_t inner) {
+    const size_t base = std::max<size_t>(outer * ceil_div(inner, 32), 1);
+    const size_t splits = std::clamp<size_t>(ceil_div(kColTargetBlocks, base), 1, std::max<size_t>(ceil_div(len, kColMinRows), 1));
+    const size_t chunk = std::max<size_t>(ceil_div(len, splits), 1);
+    return {std::max<size_t>(ceil_div(len, chunk), 1), chunk};
 }
 
 template <class T>
@@ -28,12 +38,14 @@ struct K;
 template <>
 struct K<float> {
     static constexpr auto sum_to = EMU_KERNEL(sum_to_f32), row_partial = EMU_KERNEL(row_partial_f32),
-                          row_finish = EMU_KERNEL(row_finish_f32), col_sum = EMU_KERNEL(col_sum_f32);
+                          row_finish = EMU_KERNEL(row_finish_f32), col_sum = EMU_KERNEL(col_sum_f32),
+                          col_partial = EMU_KERNEL(col_partial_f32), col_finish = EMU_KERNEL(col_finish_f32);
 };
 template <>
 struct K<bf16> {
     static constexpr auto sum_to = EMU_KERNEL(sum_to_bf16), row_partial = EMU_KERNEL(row_partial_bf16),
-                          row_finish = EMU_KERNEL(row_finish_bf16), col_sum = EMU_KERNEL(col_sum_bf16);
+                          row_finish = EMU_KERNEL(row_finish_bf16), col_sum = EMU_KERNEL(col_sum_bf16),
+                          col_partial = EMU_KERNEL(col_partial_bf16), col_finish = EMU_KERNEL(col_finish_bf16);
 };
 
 // Sums of terms whose magnitudes add up to sum_abs: f32 accumulation stays well within
@@ -132,6 +144,32 @@ void col_sum(size_t outer, size_t len, size_t inner, float scale) {
                   out.download(), want, sum_abs);
 }
 
+// `cuda::reduce::col_sum_split`: as col_sum, rows split over blocks (col_partial into
+// fp32 partials, then col_finish).
+template <class T>
+void col_sum_split(size_t outer, size_t len, size_t inner, float scale) {
+    const auto [splits, chunk] = col_splits(outer, len, inner);
+    const auto x = rng.values<T>(outer * len * inner);
+    DeviceArray<T> dx(x), out(outer * inner);
+    DeviceArray<float> partials(outer * splits * inner);
+    const size_t tiles = ceil_div(inner, 32);
+    emu::launch(emu::LaunchConfig{dim3((unsigned)(outer * splits * tiles)), dim3(32, 8), 0}, K<T>::col_partial, dx.ptr(),
+                partials.ptr(), (int64_t)len, (int64_t)inner, (int64_t)splits, (int64_t)chunk);
+    emu::launch(emu::LaunchConfig{dim3((unsigned)(outer * tiles)), dim3(32, 8), 0}, K<T>::col_finish, partials.ptr(),
+                out.ptr(), (int64_t)splits, (int64_t)inner, scale);
+
+    std::vector<double> want(outer * inner, 0.0), sum_abs(outer * inner, 0.0);
+    for (size_t o = 0; o < outer; ++o)
+        for (size_t r = 0; r < len; ++r)
+            for (size_t i = 0; i < inner; ++i) {
+                want[o * inner + i] += scale * x[(o * len + r) * inner + i];
+                sum_abs[o * inner + i] += std::fabs(scale * x[(o * len + r) * inner + i]);
+            }
+    check_sums<T>(format("col_sum_split_%s [%zu, %zu, %zu] (%zu splits of %zu rows) scale=%g", Elem<T>::name, outer,
+                         len, inner, splits, chunk, scale),
+                  out.download(), want, sum_abs);
+}
+
 template <class T>
 void family() {
     sum_to<T>({3, 5, 7}, {3, 1, 7});
@@ -161,6 +199,14 @@ void family() {
         cols.push_back({4, 8, 1000});
     }
     for (const ColCase& c : cols) col_sum<T>(c.outer, c.len, c.inner, c.len % 2 ? 1.f : 0.5f);
+
+    // Split column sums: a ragged last split, one split, columns not a multiple of 32.
+    std::vector<ColCase> splits = {{1, 130, 3}, {2, 65, 33}, {1, 1, 5}};
+    if (!kTsan) {
+        splits.push_back({1, 4097, 45});  // many splits, last one short
+        splits.push_back({3, 777, 70});
+    }
+    for (const ColCase& c : splits) col_sum_split<T>(c.outer, c.len, c.inner, c.len % 2 ? 1.f : 0.25f);
 }
 
 }  // namespace
