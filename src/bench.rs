@@ -375,7 +375,6 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             run: Box::new(move || ops::conv2d(&x, &w, Some(&b), 1, 1).map(|_| ())),
         });
     }
-    v.push(dit_step_case(device, size)?);
     Ok(v)
 }
 
@@ -388,6 +387,13 @@ pub fn dit_forward_flops(cfg: &crate::models::wan::WanConfig, tokens: usize, ctx
         + 2.0 * n * (2.0 * d * f) // FFN
         + 4.0 * n * n * d + 4.0 * n * m * d; // attention scores and values
     cfg.num_layers as f64 * per_block
+}
+
+fn dit_step_name(size: Size) -> String {
+    match size {
+        Size::Full => "dit fwd+bwd 1.3B 60x60 latent, 257+512 ctx".into(),
+        Size::Small => "dit fwd+bwd tiny 16x16 latent, 257+512 ctx".into(),
+    }
 }
 
 /// One DiT training step (forward + backward, no optimizer): the 1.3B config at 480×480
@@ -408,13 +414,7 @@ pub fn dit_step_case(device: Device, size: Size) -> Result<BenchCase> {
     let tokens = (lat / 2) * (lat / 2);
     let flops = 3.0 * dit_forward_flops(&cfg, tokens, 257 + cfg.text_len);
     let bytes = params.iter().map(|p| p.numel() as f64 * p.dtype().size() as f64).sum::<f64>() * 3.0;
-    let name = format!(
-        "dit fwd+bwd {} {}x{} latent, 257+{} ctx",
-        if size == Size::Full { "1.3B" } else { "tiny" },
-        lat,
-        lat,
-        cfg.text_len
-    );
+    let name = dit_step_name(size);
     Ok(BenchCase {
         family: "model",
         name,
@@ -445,12 +445,16 @@ pub struct LazyCase {
 /// cached) at 480×480 batch 1 and 832×480 batch 4, and the 25-step guided 480×480
 /// sample (the DiT forwards alone, and the whole pipeline: umT5 and CLIP at full width
 /// but 1 and 2 layers, the DiT, the tiled VAE decode). GPU sizes only; on the CPU this
-/// list is empty (the `dit fwd+bwd` case covers it at the tiny size).
+/// list holds only the `dit fwd+bwd` case at the tiny size.
 pub fn model_cases(device: Device, size: Size) -> Vec<LazyCase> {
+    let mut v = vec![LazyCase {
+        family: "model",
+        name: dit_step_name(size),
+        build: Box::new(move || dit_step_case(device, size)),
+    }];
     if size != Size::Full {
-        return Vec::new();
+        return v;
     }
-    let mut v = Vec::new();
     for (w, h, b) in [(480usize, 480usize, 1usize), (832, 480, 4)] {
         v.push(LazyCase {
             family: "model",
@@ -626,6 +630,7 @@ pub fn run_all(
         let outcome = (|| -> Result<(f64, BenchCase, Option<u64>)> {
             let mut case = (lc.build)()?;
             // A profile (SYNTHOS_CUDA_PROFILE=1) covers the timed runs, not the set-up.
+            synchronize(device)?;
             let _ = cuda::take_profile();
             if let Device::Cuda(i) = device {
                 cuda::device(i)?.reset_peak_memory()?;
