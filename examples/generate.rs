@@ -29,7 +29,7 @@ fn main() -> Result<()> {
     let dtype = if device.is_cuda() { DType::BF16 } else { DType::F32 };
     let pipe = SynthosPipeline::load(&paths, device, dtype)?;
     let reference = RgbImage::open(reference)?;
-    // Synthos defaults: 480×480, 25 steps, cfg 5, seed 42, negative prompt of SPEC §7.
+    // Synthos defaults: 480×480, 25 steps, cfg 5, seed 42, negative prompt "ugly, deformed, blurry, low quality".
     let opts = GenerateOptions { prompt: prompt.clone(), ..Default::default() };
     let image = pipe.generate(&opts, Some(&reference))?;
     image.save_png("generated.png")?;

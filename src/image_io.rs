@@ -1,5 +1,5 @@
 //! Reference images: decoding (PNG, JPEG, WebP) and the CLIP preprocessing of the
-//! Synthos/DiffSynth pipeline (SPEC §4), reproduced operation by operation:
+//! Synthos/DiffSynth pipeline (docs/MODELS.md, *Image encoder*), reproduced operation by operation:
 //!
 //! 1. `Image.resize((width, height))` of Pillow to the output size — its default filter,
 //!    bicubic (a = −0.5) with the support widened by the downscaling factor

@@ -29,12 +29,12 @@ enum Command {
     /// device and print throughput (GB/s, TFLOP/s) and the fraction of the device's
     /// measured copy bandwidth / GEMM rate; optionally write the numbers as JSON.
     Bench(bench_cmd::BenchArgs),
-    /// Fine-tune the Synthos-I2I diffusion transformer by flow matching (SPEC §6), with
+    /// Fine-tune the Synthos-I2I diffusion transformer by flow matching (docs/MODELS.md), with
     /// checkpoints, resume, metrics, a loss plot and validation grids. Without weights it
     /// trains the built-in tiny demo model on a generated set of captioned shapes.
     Train(Box<train_cmd::TrainArgs>),
     /// Generate images with Synthos-I2I from prompts and an optional reference image
-    /// (guided flow-matching Euler sampler, SPEC §7). Without weights it samples the demo
+    /// (guided flow-matching Euler sampler). Without weights it samples the demo
     /// model (its newest checkpoint in runs/demo).
     Sample(Box<sample_cmd::SampleArgs>),
 }

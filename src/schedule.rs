@@ -1,4 +1,4 @@
-//! The flow-matching schedule of the Synthos runs (SPEC §6–§7): the 1000-step training
+//! The flow-matching schedule of the Synthos runs (docs/MODELS.md, *Training* and *Sampling*): the 1000-step training
 //! table with shift 5 and its timestep weights, the sampling sigmas, and the Euler step.
 //!
 //! `shift(s) = k·s / (1 + (k−1)·s)` maps a uniform grid `s` to sigmas; a timestep is

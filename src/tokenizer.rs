@@ -1,5 +1,5 @@
 //! Prompt text → umT5 token ids, prepared exactly as the Wan2.1 / DiffSynth / Synthos
-//! pipelines prepare them (SPEC §3):
+//! pipelines prepare them (docs/MODELS.md, *Text encoder*):
 //!
 //! 1. clean: `whitespace_clean(basic_clean(text))` of Wan's `tokenizers.py` (DiffSynth's
 //!    `wan_video_text_encoder.py`): `ftfy.fix_text`, `html.unescape` twice, strip, collapse

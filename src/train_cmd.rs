@@ -89,7 +89,7 @@ pub struct TrainArgs {
     /// Guidance scale of validation samples.
     #[arg(long)]
     validation_cfg: Option<f32>,
-    /// Negative prompt of validation samples (default: SPEC's; empty for the demo, whose
+    /// Negative prompt of validation samples (default: "ugly, deformed, blurry, low quality"; empty for the demo, whose
     /// vocabulary has none of its words).
     #[arg(long)]
     negative_prompt: Option<String>,

@@ -88,6 +88,12 @@ fn bad_sizes_and_arguments_are_reported() {
     assert!(err.contains("30×32") && err.contains("multiple of 8"), "{err}");
     let err = pipe.generate(&GenerateOptions { steps: 0, ..small_opts() }, None).unwrap_err().to_string();
     assert!(err.contains("steps"), "{err}");
+    // Sizes past the DiT's RoPE positions are refused before anything is allocated.
+    let err = pipe
+        .generate(&GenerateOptions { width: 100_000, height: 100_000, ..small_opts() }, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("100000×100000") && err.contains("tokens along each axis") && err.contains("8192"), "{err}");
 }
 
 /// A diffusers-layout Wan folder from the committed tiny fixtures (umT5, VAE, CLIP) and a

@@ -527,3 +527,20 @@ fn gpu_full_1_3b_forward_backward_480() {
 fn count(model: &WanModel) -> usize {
     model.params().iter().map(|(_, t)| t.numel()).sum()
 }
+
+#[test]
+fn a_checkpoint_with_nan_is_refused_and_changes_nothing() {
+    let dir = temp_dir("wan-nan-ckpt");
+    let model = WanModel::random(&WanConfig::tiny(), 5, Device::Cpu, DType::F32).unwrap();
+    let (_, head_bias) = model.params().into_iter().find(|(n, _)| n == "head.head.bias").expect("head.head.bias");
+    let before = head_bias.to_vec().unwrap();
+    let mut bad = vec![0.25f32; head_bias.numel()];
+    bad[3] = f32::NAN;
+    let path = dir.join("epoch-0.safetensors");
+    let t = Tensor::from_vec(bad, head_bias.shape(), Device::Cpu).unwrap();
+    weights::save(&path, &[("head.head.bias".to_string(), t)], SaveDType::BF16, None).unwrap();
+    let e = model.apply_checkpoint(&path).unwrap_err().to_string();
+    assert!(e.contains(&path.display().to_string()) && e.contains("'head.head.bias'") && e.contains("NaN/inf"), "{e}");
+    assert_eq!(head_bias.to_vec().unwrap(), before, "a refused checkpoint changes no parameter");
+    fs::remove_dir_all(dir).unwrap();
+}

@@ -369,6 +369,33 @@ fn get_errors_name_file_tensor_shapes_and_dtype() {
 }
 
 #[test]
+fn non_finite_tensors_are_reported_when_a_model_loads() {
+    let dir = temp_dir("weights-nan");
+    let path = dir.join("diverged.safetensors");
+    let bad = vec![0.5, f32::NAN, 1.0, f32::INFINITY, 2.0, 3.0];
+    save(
+        &path,
+        &[named("ok", cpu(vec![1.0; 2], &[2])), named("blocks.3.ffn.0.weight", cpu(bad, &[2, 3]))],
+        SaveDType::BF16,
+        None,
+    )
+    .unwrap();
+    let set = WeightSet::open(&path).unwrap();
+    let mut loader = Loader::new(&set, Device::Cpu, DType::F32);
+    assert_eq!(loader.get("ok", &[2]).unwrap().to_vec().unwrap(), vec![1.0, 1.0]);
+    loader.get("blocks.3.ffn.0.weight", &[2, 3]).unwrap();
+    let e = err_of(loader.finish());
+    assert!(
+        e.contains(&path.display().to_string())
+            && e.contains("non-finite 'blocks.3.ffn.0.weight'")
+            && e.contains("2 NaN/inf")
+            && e.contains("element 1"),
+        "{e}"
+    );
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn loader_reports_missing_misshaped_and_unexpected_together() {
     let dir = temp_dir("weights-loader");
     let path = dir.join("clip.safetensors");

@@ -1,7 +1,7 @@
 //! The CLIP vision tower that conditions Synthos-I2I on a reference image: open-clip
 //! ViT-H/14 ("Reproducible scaling laws for contrastive language-image learning",
 //! <https://arxiv.org/abs/2212.07143>) as Hugging Face's `CLIPVisionModel` (the
-//! `image_encoder/` folder of a diffusers-format Wan I2V repository). Facts: SPEC §4.
+//! `image_encoder/` folder of a diffusers-format Wan I2V repository). Facts: docs/MODELS.md, *Image encoder*.
 //!
 //! ```text
 //! image ─resize to the output size, [−1,1], bicubic 224², [0,1], CLIP mean/std─► [1,3,224,224]

@@ -1,7 +1,7 @@
 //! The umT5 text encoder of Wan2.1 and Synthos: the encoder of umT5-XXL ("UniMax: Fairer
 //! and More Effective Language Sampling for Large-Scale Multilingual Pretraining",
 //! <https://arxiv.org/abs/2304.09151>), in Hugging Face's `UMT5EncoderModel` naming (the
-//! `text_encoder/` folder of a diffusers-format Wan repository). Facts: SPEC §3.
+//! `text_encoder/` folder of a diffusers-format Wan repository). Facts: docs/MODELS.md, *Text encoder*.
 //!
 //! ```text
 //! prompts ─clean, tokenize, </s>, pad to 512─► ids [B,L]

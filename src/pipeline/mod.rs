@@ -1,6 +1,6 @@
 //! Synthos-I2I end to end: the text encoder, the CLIP image encoder, the DiT and the
 //! latent codec together, loaded from published checkpoints (or built as the tiny
-//! demo), with the guided flow-matching sampler of SPEC §7.
+//! demo), with the guided flow-matching sampler of docs/MODELS.md, *Sampling*.
 //!
 //! ```no_run
 //! use synthos_engine::pipeline::{GenerateOptions, SynthosPipeline, WeightPaths};
@@ -282,6 +282,28 @@ impl SynthosPipeline {
         if width == 0 || height == 0 || width % mw != 0 || height % mh != 0 {
             bail!("image size {width}×{height}: width must be a positive multiple of {mw} and height of {mh}");
         }
+        // The DiT's 3-D RoPE has positions for `rope_max_seq_len` tokens per axis.
+        let max = self.dit.config().rope_max_seq_len;
+        if width / mw > max || height / mh > max {
+            bail!(
+                "image size {width}×{height}: the DiT places at most {max} tokens along each axis, so width and \
+                 height can be at most {} and {} pixels",
+                max * mw,
+                max * mh
+            );
+        }
+        // The decoded image, in f32 on the host (plus its 8-bit copy), must fit in memory.
+        let bytes = (width as u64) * (height as u64) * 3 * (4 + 1);
+        if let Some(avail) = host_memory_available() {
+            if bytes > avail {
+                bail!(
+                    "image size {width}×{height}: the decoded image alone needs about {:.1} GiB of host memory, \
+                     {:.1} GiB are available",
+                    bytes as f64 / (1u64 << 30) as f64,
+                    avail as f64 / (1u64 << 30) as f64
+                );
+            }
+        }
         Ok(())
     }
 
@@ -301,4 +323,12 @@ impl SynthosPipeline {
         let pad = Tensor::zeros(&[b, len - l, d], text.dtype(), text.device())?;
         ops::concat(&[text, &pad], 1)
     }
+}
+
+/// Host memory available to new allocations (Linux `MemAvailable`), if known.
+fn host_memory_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }

@@ -1,4 +1,4 @@
-//! The guided flow-matching Euler sampler (SPEC §7).
+//! The guided flow-matching Euler sampler (docs/MODELS.md, *Sampling*).
 
 use super::SynthosPipeline;
 use crate::data::ImageRgb;

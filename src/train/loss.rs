@@ -1,4 +1,4 @@
-//! The flow-matching objective of the Synthos runs (SPEC §6) on one batch whose noise,
+//! The flow-matching objective of the Synthos runs (docs/MODELS.md, *Training*) on one batch whose noise,
 //! timestep indices and conditioning are given, so that it can be checked against a
 //! reference step and replayed exactly on resume.
 

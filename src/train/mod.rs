@@ -1,4 +1,4 @@
-//! Fine-tuning the Synthos-I2I DiT by flow matching (SPEC §6): the loss of one batch, the
+//! Fine-tuning the Synthos-I2I DiT by flow matching (docs/MODELS.md, *Training*): the loss of one batch, the
 //! encoder-output cache, and the [`Trainer`] that runs, checkpoints and resumes a run.
 
 mod cache;

@@ -12,8 +12,9 @@ const MAX_LISTED: usize = 20;
 /// Loads a model's tensors from a [`WeightSet`] and collects what went wrong, so that a
 /// model reports every missing, mis-shaped and unexpected tensor in one error.
 ///
-/// A tensor that is missing, mis-shaped or of a non-float dtype is recorded and replaced
-/// by zeros of the expected shape so that model construction can go on; the tensors a
+/// A tensor that is missing, mis-shaped, of a non-float dtype or holding NaN/inf values
+/// (counted as unloadable) is recorded and replaced by zeros of the expected shape so
+/// that model construction can go on; the tensors a
 /// loader returns are only meaningful once [`Loader::finish`] has returned `Ok`.
 pub struct Loader<'a> {
     set: &'a WeightSet,
@@ -81,7 +82,18 @@ impl<'a> Loader<'a> {
         if problem {
             return Tensor::zeros(shape, dtype, self.device);
         }
-        self.set.get(name, shape, self.device, dtype)
+        let data = self.set.read_f32(name)?;
+        // A diverged run can save NaN/inf weights; a model built from them would only
+        // show it later, as a black or NaN sample.
+        if let Some(first) = data.iter().position(|v| !v.is_finite()) {
+            let count = data.iter().filter(|v| !v.is_finite()).count();
+            let file = self.set.lookup(name).map(|(f, _)| f.path().display().to_string()).unwrap_or_default();
+            self.mismatched.push(format!(
+                "non-finite '{name}' in {file}: {count} NaN/inf value(s), the first at element {first} (a diverged run?)"
+            ));
+            return Tensor::zeros(shape, dtype, self.device);
+        }
+        Tensor::from_vec_dtype(data, shape, self.device, dtype)
     }
 
     /// Loads `name` when the checkpoint has it (checked like [`Loader::get`]); `None`

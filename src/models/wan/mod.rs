@@ -11,7 +11,7 @@
 //! x ─ 30 × block(x, context, t_mod, rope) ─ head(e) ─ unpatchify ─► velocity [B,16,F,H,W]
 //! ```
 //!
-//! Every shape and formula is in `SPEC.md` §2; parameters carry the original Wan names
+//! Every shape and formula is in `docs/MODELS.md`, *DiT*; parameters carry the original Wan names
 //! (what DiffSynth and the Synthos trainer read and write). Checkpoints load in that
 //! naming or in diffusers' (`WanTransformer3DModel`), sharded or not, with partial
 //! checkpoints layered on top. Parity with diffusers and DiffSynth is tested in
@@ -264,6 +264,12 @@ impl WanModel {
                 continue;
             }
             let data = set.read_f32(&key)?;
+            if let Some(first) = data.iter().position(|v| !v.is_finite()) {
+                let count = data.iter().filter(|v| !v.is_finite()).count();
+                problems
+                    .push(format!("'{key}': {count} NaN/inf value(s), the first at element {first} (a diverged run?)"));
+                continue;
+            }
             updates.push((param, data));
         }
         for name in set.names() {
