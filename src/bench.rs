@@ -72,10 +72,7 @@ pub struct BenchResult {
 
 /// Waits for all work issued on `device`.
 pub fn synchronize(device: Device) -> Result<()> {
-    match device {
-        Device::Cpu => Ok(()),
-        Device::Cuda(i) => cuda::device(i)?.synchronize(),
-    }
+    device.synchronize()
 }
 
 /// Mean seconds per call of `run`: warm up, then repeat until `min_seconds` have passed
@@ -632,16 +629,11 @@ pub fn run_all(
             // A profile (SYNTHOS_CUDA_PROFILE=1) covers the timed runs, not the set-up.
             synchronize(device)?;
             let _ = cuda::take_profile();
-            if let Device::Cuda(i) = device {
-                cuda::device(i)?.reset_peak_memory()?;
-            }
+            device.reset_peak_memory()?;
             let seconds = time(device, min_seconds, &mut case.run)?;
             // Only whole-model cases own the memory in use; the kernel cases' inputs are
             // all allocated up front.
-            let peak = match device {
-                Device::Cuda(i) if case.samples.is_some() => Some(cuda::device(i)?.peak_memory()?),
-                _ => None,
-            };
+            let peak = if case.samples.is_some() { device.peak_memory()? } else { None };
             Ok((seconds, case, peak))
         })();
         let r = match outcome {

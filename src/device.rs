@@ -53,6 +53,43 @@ impl Device {
     pub fn is_cuda(self) -> bool {
         matches!(self, Device::Cuda(_))
     }
+
+    /// Waits for all work issued on this device (nothing to wait for on the CPU).
+    pub fn synchronize(self) -> crate::Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            Device::Cuda(i) => crate::cuda::device(i)?.synchronize(),
+        }
+    }
+
+    /// Memory in use: the GPU's (total − free), or the process's resident memory.
+    pub fn memory_in_use(self) -> Option<u64> {
+        match self {
+            Device::Cuda(i) => crate::cuda::device(i).ok()?.mem_info().ok().map(|(free, total)| (total - free) as u64),
+            Device::Cpu => {
+                let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+                let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+                Some(pages * 4096)
+            }
+        }
+    }
+
+    /// The most memory allocated at once since [`Device::reset_peak_memory`] (the GPU's
+    /// memory pool; `None` on the CPU).
+    pub fn peak_memory(self) -> crate::Result<Option<u64>> {
+        match self {
+            Device::Cpu => Ok(None),
+            Device::Cuda(i) => crate::cuda::device(i)?.peak_memory().map(Some),
+        }
+    }
+
+    /// Restarts [`Device::peak_memory`] from the memory in use now.
+    pub fn reset_peak_memory(self) -> crate::Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            Device::Cuda(i) => crate::cuda::device(i)?.reset_peak_memory(),
+        }
+    }
 }
 
 impl fmt::Display for Device {

@@ -34,6 +34,7 @@ pub mod bench;
 pub mod cpu;
 pub mod cuda;
 pub mod data;
+pub mod desc;
 mod device;
 mod error;
 pub mod image_io;

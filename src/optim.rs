@@ -17,8 +17,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::cpu::adamw::AdamWStep;
-use crate::{autograd, bail, cpu, cuda, ops, DType, Device, Error, Gradients, Result, Tensor};
+use crate::desc::AdamWStep;
+use crate::{autograd, bail, ops, DType, Device, Error, Gradients, Result, Tensor};
 
 /// AdamW hyper-parameters (defaults: PyTorch's `AdamW`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -236,29 +236,9 @@ impl AdamW {
 
 /// Runs one fused update of parameter `p` with gradient `g` on their device.
 fn update(p: &ParamState, g: &Tensor, s: &AdamWStep) -> Result<()> {
-    let gs = g.storage();
-    let mut ms = p.exp_avg.storage_mut();
-    let mut vs = p.exp_avg_sq.storage_mut();
-    match p.param.device() {
-        Device::Cpu => {
-            let mut ws = p.param.storage_mut();
-            cpu::adamw::step(ws.as_cpu_mut()?, gs.as_cpu()?, ms.as_cpu_mut()?, vs.as_cpu_mut()?, s)
-        }
-        Device::Cuda(_) => {
-            let n = p.param.numel();
-            let (g, m, v) = (gs.as_cuda()?, ms.as_cuda_mut()?, vs.as_cuda_mut()?);
-            match &p.master {
-                Some(master) => {
-                    let mut ws = master.storage_mut();
-                    let mut cs = p.param.storage_mut();
-                    cuda::adamw::step(g, ws.as_cuda_mut()?, m, v, Some(cs.as_cuda_mut()?), s, n)
-                }
-                None => {
-                    let mut ws = p.param.storage_mut();
-                    cuda::adamw::step(g, ws.as_cuda_mut()?, m, v, None, s, n)
-                }
-            }
-        }
+    match &p.master {
+        Some(master) => ops::adamw_update(master, Some(&p.param), &p.exp_avg, &p.exp_avg_sq, g, s),
+        None => ops::adamw_update(&p.param, None, &p.exp_avg, &p.exp_avg_sq, g, s),
     }
 }
 
@@ -267,26 +247,7 @@ fn update(p: &ParamState, g: &Tensor, s: &AdamWStep) -> Result<()> {
 /// reduction order (f64 on the CPU). 0 when no parameter has a gradient.
 pub fn grad_norm(grads: &Gradients, params: &[Tensor]) -> Result<f32> {
     let present: Vec<&Tensor> = params.iter().filter_map(|p| grads.get(p)).collect();
-    if present.is_empty() {
-        return Ok(0.0);
-    }
-    let device = ops::same_device("grad_norm", &present)?;
-    let guards: Vec<_> = present.iter().map(|g| g.storage()).collect();
-    let sum = match device {
-        Device::Cpu => {
-            let mut acc = 0f64;
-            for s in &guards {
-                acc += cpu::adamw::sum_squares(s.as_cpu()?);
-            }
-            acc
-        }
-        Device::Cuda(_) => {
-            let xs =
-                guards.iter().zip(&present).map(|(s, g)| Ok((s.as_cuda()?, g.numel()))).collect::<Result<Vec<_>>>()?;
-            cuda::adamw::sum_squares(&xs)? as f64
-        }
-    };
-    Ok(sum.sqrt() as f32)
+    Ok(ops::sum_squares(&present)?.sqrt() as f32)
 }
 
 /// The gradient factor that clips the global norm to `max_norm`:

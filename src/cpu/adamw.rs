@@ -1,29 +1,8 @@
 //! AdamW reference update and sum of squares (for the global gradient norm).
 
-use crate::{bail, Result};
+use crate::desc::AdamWStep;
 
-/// The constants of one AdamW update of one parameter tensor, derived on the host.
-/// Passed by value to `kernels/adamw.cu`, whose `struct AdamWStep` mirrors this layout.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamWStep {
-    /// Learning rate of this step.
-    pub lr: f32,
-    /// First-moment decay β1.
-    pub beta1: f32,
-    /// Second-moment decay β2.
-    pub beta2: f32,
-    /// Denominator epsilon.
-    pub eps: f32,
-    /// Decoupled weight-decay factor `1 − lr·wd` (1 for parameters without decay).
-    pub decay: f32,
-    /// `1 − β1^t`.
-    pub bias_correction1: f32,
-    /// `sqrt(1 − β2^t)`.
-    pub bias_correction2_sqrt: f32,
-    /// Multiplier applied to every gradient element (clipping, accumulation averaging).
-    pub grad_scale: f32,
-}
+use crate::{bail, Result};
 
 /// One element: updates the moments in place and returns the new weight. The CUDA
 /// kernel evaluates the same expression in the same order.

@@ -13,53 +13,7 @@
 //! `dq_i = scale Σ_j dS_ij k_j`, `dk_j = scale Σ_i dS_ij q_i`, `dv_j = Σ_i P_ij dO_i`,
 //! `dbias_ij = dS_ij` (summed over the batch when `Bb` = 1).
 
-/// Sizes and flags of one attention call.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AttentionParams {
-    /// Batch size B.
-    pub batch: usize,
-    /// Number of queries Nq.
-    pub q_len: usize,
-    /// Number of keys and values Nk.
-    pub kv_len: usize,
-    /// Number of heads H.
-    pub heads: usize,
-    /// Head dimension Dh.
-    pub head_dim: usize,
-    /// Leading dimension of the bias (1 or B), or 0 without a bias.
-    pub bias_batch: usize,
-    /// Softmax scale applied to `q·k` (not to the bias).
-    pub scale: f32,
-    /// Hide key j from query i when j > i.
-    pub causal: bool,
-}
-
-impl AttentionParams {
-    /// Element offset of token `n` of head `h` in batch `b` of a `[B, len, H, Dh]` tensor.
-    fn token(&self, len: usize, b: usize, n: usize, h: usize) -> usize {
-        ((b * len + n) * self.heads + h) * self.head_dim
-    }
-
-    /// Element offset of bias row `(b, h, i)` (the batch index folds to 0 when shared).
-    fn bias_row(&self, b: usize, h: usize, i: usize) -> usize {
-        let bb = if self.bias_batch == 1 { 0 } else { b };
-        ((bb * self.heads + h) * self.q_len + i) * self.kv_len
-    }
-}
-
-/// The inputs of one attention call: slices on the CPU, device buffers on a GPU.
-pub struct AttentionInputs<'a, S: ?Sized> {
-    /// Queries `[B, Nq, H, Dh]`.
-    pub q: &'a S,
-    /// Keys `[B, Nk, H, Dh]`.
-    pub k: &'a S,
-    /// Values `[B, Nk, H, Dh]`.
-    pub v: &'a S,
-    /// Key mask `[B, Nk]` (0 hides the key).
-    pub key_mask: Option<&'a S>,
-    /// Additive bias `[Bb, H, Nq, Nk]`.
-    pub bias: Option<&'a S>,
-}
+use crate::desc::{AttentionInputs, AttentionParams};
 
 /// Gradients of one attention call (host buffers).
 pub struct AttentionGrads {

@@ -6,81 +6,10 @@
 //! column matrix never holds more than a set number of elements; the CUDA launchers walk
 //! the same bands.
 
-use super::matmul::{gemm, Gemm};
+use crate::desc::{ChannelNorm, ConvGeom, Gemm};
+
+use super::matmul::gemm;
 use crate::Result;
-
-/// Everything about one 2-D convolution that the kernels need: input `[batch, c_in, h,
-/// w]`, weight `[c_out, c_in, kh, kw]`, output `[batch, c_out, h_out, w_out]`. Padding
-/// below and to the right only shows in `h_out`/`w_out`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConvGeom {
-    /// Images.
-    pub batch: usize,
-    /// Input channels.
-    pub c_in: usize,
-    /// Input height.
-    pub h: usize,
-    /// Input width.
-    pub w: usize,
-    /// Output channels.
-    pub c_out: usize,
-    /// Kernel height.
-    pub kh: usize,
-    /// Kernel width.
-    pub kw: usize,
-    /// Stride along both spatial dimensions.
-    pub stride: usize,
-    /// Zero rows above the input.
-    pub pad_top: usize,
-    /// Zero columns left of the input.
-    pub pad_left: usize,
-    /// Output height.
-    pub h_out: usize,
-    /// Output width.
-    pub w_out: usize,
-}
-
-impl ConvGeom {
-    /// Rows of the column matrix (`c_in·kh·kw`), the GEMM's contracted dimension.
-    pub fn k(&self) -> usize {
-        self.c_in * self.kh * self.kw
-    }
-
-    /// Pixels of one output image.
-    pub fn out_pixels(&self) -> usize {
-        self.h_out * self.w_out
-    }
-
-    /// Elements of one input image.
-    pub fn in_image(&self) -> usize {
-        self.c_in * self.h * self.w
-    }
-
-    /// Elements of one output image.
-    pub fn out_image(&self) -> usize {
-        self.c_out * self.out_pixels()
-    }
-
-    /// True when the column matrix of an image is the image itself (1×1 kernel, stride
-    /// 1, no padding), so the GEMM can read the input in place.
-    pub fn is_identity(&self) -> bool {
-        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.h_out == self.h && self.w_out == self.w
-    }
-
-    /// Output rows per band so that a band's column matrix (`k · rows · w_out`) stays
-    /// within `max_col_elems` (at least one row, at most all).
-    pub fn rows_per_chunk(&self, max_col_elems: usize) -> usize {
-        (max_col_elems / (self.k() * self.w_out).max(1)).clamp(1, self.h_out.max(1))
-    }
-
-    /// The input rows `[first, end)` that the output rows `[r0, r0 + rows)` read
-    /// (clipped to the image; empty when they only see padding).
-    pub fn input_rows(&self, r0: usize, rows: usize) -> (usize, usize) {
-        let first = (r0 * self.stride).saturating_sub(self.pad_top);
-        let end = ((r0 + rows - 1) * self.stride + self.kh).saturating_sub(self.pad_top).min(self.h);
-        (first.min(end), end)
-    }
-}
 
 /// The input pixel `(iy, ix)` under kernel tap `(ky, kx)` of output pixel `(oy, ox)`,
 /// or `None` when it falls in the padding.
@@ -251,35 +180,6 @@ pub fn upsample_nearest2x_backward(g: &[f32], planes: usize, h: usize, w: usize)
         dx[(p * h + oy / 2) * w + ox / 2] += v;
     }
     dx
-}
-
-/// One channel RMS norm: `x` viewed as `[batch, c, s]` (s = pixels per image), every
-/// pixel's channel vector normalised to unit L2 norm and scaled by `√c · gamma[c]`:
-/// `y = x / max(‖x‖₂, eps) · √c · γ` (PyTorch's `F.normalize` over dim 1, as Wan's
-/// `RMS_norm` uses it). Norms in f64.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ChannelNorm {
-    /// Images.
-    pub batch: usize,
-    /// Channels (the normalised dimension).
-    pub c: usize,
-    /// Pixels per channel plane.
-    pub s: usize,
-    /// Lower bound of the norm (F.normalize's `eps`, 1e-12).
-    pub eps: f32,
-}
-
-impl ChannelNorm {
-    /// Element offset of channel 0 of pixel `p` (of `batch · s`); channel `c` is `c · s`
-    /// further.
-    fn base(&self, p: usize) -> usize {
-        (p / self.s) * self.c * self.s + p % self.s
-    }
-
-    /// The `√c` factor.
-    pub fn scale(&self) -> f32 {
-        (self.c as f32).sqrt()
-    }
 }
 
 /// Forward of the channel RMS norm.

@@ -1,52 +1,9 @@
 //! Matrix-product reference: a strided GEMM through the `matrixmultiply` crate, whose
 //! sgemm takes arbitrary row and column strides, so transposed operands cost nothing.
 
+use crate::desc::Gemm;
+
 use crate::{bail, Result};
-
-/// One (possibly batched) row-major product `C[b] = op(A[b]) · op(B[b])`, where
-/// `op(X)` is `X` or `Xᵀ`. Shared by the CPU reference and the cuBLASLt launcher.
-///
-/// Storage layouts (row-major, contiguous): `A[b]` is `[m, k]`, or `[k, m]` when
-/// `trans_a`; `B[b]` is `[k, n]`, or `[n, k]` when `trans_b`; `C[b]` is `[m, n]`.
-/// Consecutive batches are `m·k` elements apart in A, `k·n` in B and `m·n` in C.
-/// (When one B serves every batch, the caller folds the batch into m instead.)
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Gemm {
-    /// Number of products.
-    pub batch: usize,
-    /// Rows of `op(A)` and of C.
-    pub m: usize,
-    /// The contracted dimension.
-    pub k: usize,
-    /// Columns of `op(B)` and of C.
-    pub n: usize,
-    /// A is stored `[k, m]`.
-    pub trans_a: bool,
-    /// B is stored `[n, k]`.
-    pub trans_b: bool,
-}
-
-impl Gemm {
-    /// Elements between consecutive A matrices.
-    pub fn stride_a(&self) -> usize {
-        self.m * self.k
-    }
-
-    /// Elements between consecutive B matrices.
-    pub fn stride_b(&self) -> usize {
-        self.k * self.n
-    }
-
-    /// Elements between consecutive C matrices.
-    pub fn stride_c(&self) -> usize {
-        self.m * self.n
-    }
-
-    /// Elements of A, B and C in total.
-    pub fn sizes(&self) -> (usize, usize, usize) {
-        (self.batch * self.stride_a(), self.batch * self.stride_b(), self.batch * self.stride_c())
-    }
-}
 
 /// `C = op(A)·op(B)` per batch, plus `bias` (length `n`) added to every row of C.
 pub fn gemm(a: &[f32], b: &[f32], bias: Option<&[f32]>, g: &Gemm) -> Result<Vec<f32>> {

@@ -5,30 +5,7 @@
 //! `y = xhat·(w_offset + w[g]) + b[g]` with `xhat = (x − mean)·rstd` (mean 0 for RMSNorm)
 //! and `g = row / rows_per_group` selecting the parameter row.
 
-/// How one row normalisation maps a `[rows, d]` input to its output.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct RowNorm {
-    /// Number of rows.
-    pub rows: usize,
-    /// Length of each row (the normalised last dimension).
-    pub d: usize,
-    /// Consecutive rows that share one parameter row: `rows` for LayerNorm/RMSNorm weights
-    /// of shape `[d]`, `N` for per-sample modulation vectors `[B, 1, d]`.
-    pub rows_per_group: usize,
-    /// Added to the weight: 1 for `LN(x)·(1 + scale)` and for LayerNorm without weight.
-    pub w_offset: f32,
-    /// Added to the variance (or mean square) before the reciprocal square root.
-    pub eps: f32,
-    /// RMSNorm: no mean subtraction.
-    pub rms: bool,
-}
-
-impl RowNorm {
-    /// Number of parameter rows (`rows / rows_per_group`).
-    pub fn groups(&self) -> usize {
-        self.rows.div_ceil(self.rows_per_group.max(1))
-    }
-}
+use crate::desc::RowNorm;
 
 /// Forward of `spec` on `x` (`[rows, d]`), with optional weight and bias of
 /// `[groups, d]`. Returns the output and each row's mean and rstd (saved for backward).

@@ -1,13 +1,6 @@
 //! Shape reference ops: strided copies.
 
-/// Row-major element strides of a shape.
-pub fn strides(shape: &[usize]) -> Vec<usize> {
-    let mut st = vec![1; shape.len()];
-    for d in (0..shape.len().saturating_sub(1)).rev() {
-        st[d] = st[d + 1] * shape[d + 1];
-    }
-    st
-}
+use crate::desc::{strides, Slab};
 
 /// `out` with `out.shape[d] = shape[perm[d]]` and `out[.., i_d, ..] = x[.., i_perm⁻¹, ..]`,
 /// i.e. output dimension `d` walks input dimension `perm[d]`.
@@ -25,26 +18,6 @@ pub fn permute(x: &[f32], shape: &[usize], perm: &[usize]) -> Vec<f32> {
         out.push(x[off]);
     }
     out
-}
-
-/// One slab of a copy between tensors viewed as `[outer, channels, inner]`:
-/// `dst[o, dst_off + c, i] = src[o, src_off + c, i]` for `c < len`.
-#[derive(Clone, Copy, Debug)]
-pub struct Slab {
-    /// Product of the dimensions before the sliced one.
-    pub outer: usize,
-    /// Product of the dimensions after the sliced one.
-    pub inner: usize,
-    /// Size of the sliced dimension in the source.
-    pub src_dim: usize,
-    /// First source index along it.
-    pub src_off: usize,
-    /// Size of the sliced dimension in the destination.
-    pub dst_dim: usize,
-    /// First destination index along it.
-    pub dst_off: usize,
-    /// Number of indices copied.
-    pub len: usize,
 }
 
 /// Copies one [`Slab`] from `src` into `dst`.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use cudarc::driver::PushKernelArg;
 
 use super::{grid_1d, CudaBuf, CudaStorage};
-use crate::cpu::adamw::AdamWStep;
+use crate::desc::AdamWStep;
 use crate::{bail, DType, Result};
 
 // SAFETY: eight f32 fields with `#[repr(C)]`, the layout of `struct AdamWStep` in

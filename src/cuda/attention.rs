@@ -7,7 +7,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::{CudaBuf, CudaDevice, CudaStorage};
-use crate::cpu::attention::{AttentionInputs, AttentionParams};
+use crate::desc::{AttentionInputs, AttentionParams};
 use crate::{bail, DType, Result};
 
 /// Threads per block of both kernels (4 warps).

@@ -26,7 +26,7 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchArgs, L
 use half::bf16;
 
 use super::{CudaBuf, CudaDevice, CudaStorage};
-use crate::cpu::conv::{ChannelNorm, ConvGeom};
+use crate::desc::{ChannelNorm, ConvGeom};
 use crate::{bail, DType, Error, Result, ResultExt};
 
 /// The alignment (bytes) cuBLASLt's heuristics assume for every matrix pointer.

@@ -36,7 +36,7 @@
 use cudarc::cublaslt::{Matmul, MatmulConfig};
 
 use super::{CudaBuf, CudaStorage};
-use crate::cpu::matmul::Gemm;
+use crate::desc::Gemm;
 use crate::{bail, Result, ResultExt};
 
 /// `C = op(A)·op(B)` per batch (+ `bias` of length n along every row of C) on the GPU.

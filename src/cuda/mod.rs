@@ -1,7 +1,10 @@
 //! The CUDA side: device contexts, the embedded kernel modules, cuBLASLt, and the
 //! launchers of our kernels (one submodule per kernel family, mirroring `kernels/*.cu`).
 //!
-//! Everything here is reached only through `ops/`, which dispatches on the device.
+//! Kernels are reached only through `ops/`, which dispatches on the device. Outside
+//! `ops/`, the rest of the crate uses only the device registry: tensor storage (uploads,
+//! downloads), `Device` (synchronisation, memory figures), the CLI's `info`, and the
+//! bench (its fault-free profile, [`take_profile`]).
 //! A missing driver, a missing GPU or a build without kernels is an [`Error`] that says
 //! what to install, never a panic: the driver library's presence is checked before the
 //! first driver call because cudarc's dynamic loader panics otherwise.

@@ -4,7 +4,7 @@
 use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
 
 use super::{grid_1d, CudaBuf, CudaStorage};
-use crate::cpu::norm::RowNorm;
+use crate::desc::RowNorm;
 use crate::{bail, DType, Result};
 
 /// Threads per block at most (`NORM_MAX_THREADS`, the kernels' launch bound).

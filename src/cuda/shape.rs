@@ -3,7 +3,7 @@
 use cudarc::driver::PushKernelArg;
 
 use super::{grid_1d, CudaBuf, CudaStorage};
-use crate::cpu::shape::Slab;
+use crate::desc::Slab;
 use crate::{bail, DType, Result};
 
 /// Permutation description passed by value; mirrors `struct PermuteDesc` in `shape.cu`.
@@ -23,7 +23,7 @@ pub fn permute(x: &CudaStorage, shape: &[usize], perm: &[usize]) -> Result<CudaB
     if shape.len() > 6 || perm.len() != shape.len() {
         bail!("permute: unsupported shape {shape:?} / permutation {perm:?} (rank at most 6)");
     }
-    let st = crate::cpu::shape::strides(shape);
+    let st = crate::desc::strides(shape);
     let mut d = PermuteDesc { rank: shape.len() as i32, ..Default::default() };
     for (k, &p) in perm.iter().enumerate() {
         d.out_shape[k] = shape[p] as i64;

@@ -8,7 +8,7 @@
 
 use super::{cast, cpu_tensor, cuda_tensor, same_device};
 use crate::autograd::record;
-use crate::cpu::attention::{AttentionInputs, AttentionParams};
+use crate::desc::{AttentionInputs, AttentionParams};
 use crate::{bail, cpu, cuda, DType, Device, Result, Storage, Tensor};
 
 /// Options of [`attention`].

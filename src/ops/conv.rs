@@ -11,7 +11,7 @@
 use super::elementwise::in_dtype;
 use super::{common_dtype, concat, cpu_tensor, cuda_tensor, matmul_t, narrow, reshape, same_device, scale, sum_dim};
 use crate::autograd::record;
-use crate::cpu::conv::{ChannelNorm, ConvGeom};
+use crate::desc::{ChannelNorm, ConvGeom};
 use crate::{bail, cpu, cuda, DType, Device, Result, Tensor};
 
 /// Default cap on the elements of a convolution's column matrix (one band of output

@@ -9,7 +9,7 @@
 
 use super::{cast, common_dtype, cpu_tensor, cuda_tensor, same_device, sum_to};
 use crate::autograd::record;
-use crate::cpu::matmul::Gemm;
+use crate::desc::Gemm;
 use crate::{bail, cpu, cuda, Device, Result, Tensor};
 
 /// Runs `g` (plus `bias` along every output row) on the operands' device; operands and

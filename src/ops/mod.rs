@@ -1,8 +1,10 @@
-//! Every differentiable op, once: each checks its arguments (errors name the op and the
-//! shapes), dispatches to the CPU reference (`crate::cpu`) or the CUDA launcher
-//! (`crate::cuda`), and records itself on the tape with its backward.
+//! Every op, once: each checks its arguments (errors name the op and the shapes),
+//! dispatches to the CPU reference (`crate::cpu`) or the CUDA launcher (`crate::cuda`),
+//! and, when differentiable, records itself on the tape with its backward. The
+//! optimizer's in-place updates (`adamw_update`, `sum_squares`) are dispatched here too.
 //!
-//! Host code above this module never matches on the device.
+//! Host code above this module never matches on the device to run a computation; the
+//! descriptions both devices share live in `crate::desc`.
 
 mod attention;
 mod conv;
@@ -10,6 +12,7 @@ mod elementwise;
 mod loss;
 mod matmul;
 mod norm;
+mod optim;
 mod reduce;
 mod rope;
 mod shape;
@@ -20,6 +23,7 @@ pub use elementwise::*;
 pub use loss::*;
 pub use matmul::*;
 pub use norm::*;
+pub use optim::*;
 pub use reduce::*;
 pub use rope::*;
 pub use shape::*;

@@ -9,7 +9,7 @@
 
 use super::{cast, cpu_tensor, cuda_tensor, same_device};
 use crate::autograd::{needs_grad, record};
-use crate::cpu::norm::RowNorm;
+use crate::desc::RowNorm;
 use crate::{bail, cpu, cuda, Device, Result, Tensor};
 
 /// LayerNorm over the last dimension `D` of `x` (`[..., D]`):

@@ -6,7 +6,7 @@
 use super::elementwise::in_dtype;
 use super::{cpu_tensor, cuda_tensor, result_dtype, same_device};
 use crate::autograd::record;
-use crate::cpu::shape::Slab;
+use crate::desc::Slab;
 use crate::tensor::numel;
 use crate::{bail, cpu, cuda, DType, Device, Result, Tensor};
 

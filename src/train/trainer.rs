@@ -21,7 +21,7 @@ use crate::pipeline::{demo, GenerateOptions, SynthosPipeline};
 use crate::report::{image_grid, plot_loss, read_metrics, series, MetricsRecord, MetricsWriter, Progress};
 use crate::schedule::{TrainSchedule, TRAIN_STEPS};
 use crate::weights::{self, SaveDType, WeightSet};
-use crate::{autograd, bail, cuda, ops, Device, Error, Gradients, Result, ResultExt, Rng, Tensor};
+use crate::{autograd, bail, ops, Device, Error, Gradients, Result, ResultExt, Rng, Tensor};
 
 /// File name of the resume state in the run folder.
 pub const RESUME_FILE: &str = "resume.safetensors";
@@ -108,16 +108,10 @@ fn slot_rng(seed: u64, step: u64, micro: usize, slot: usize) -> Rng {
     Rng::new(h.finish())
 }
 
-/// Device memory in use: the GPU's (total − free), or the process's resident memory.
+/// Device memory in use: the GPU's (total − free), or the process's resident memory
+/// (see [`Device::memory_in_use`]).
 pub fn memory_in_use(device: Device) -> Option<u64> {
-    match device {
-        Device::Cuda(i) => cuda::device(i).ok()?.mem_info().ok().map(|(free, total)| (total - free) as u64),
-        Device::Cpu => {
-            let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-            let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-            Some(pages * 4096)
-        }
-    }
+    device.memory_in_use()
 }
 
 impl Trainer {
