@@ -240,12 +240,6 @@ fn bad_weights_and_inputs_are_named_errors() {
 }
 
 /// bf16 tolerance for a whole tower: relative L2 error and elementwise bounds.
-fn assert_bf16_close(gpu: &[f32], cpu: &[f32], what: &str) {
-    let err = common::rel_err(gpu, cpu);
-    assert!(err <= 3e-2, "{what}: GPU vs CPU relative error {err:e}");
-    common::assert_close(gpu, cpu, 0.08, 0.08, what);
-}
-
 #[test]
 fn gpu_matches_cpu_on_the_fixture_model() {
     let Some(dev) = common::gpu() else { return };
@@ -255,7 +249,11 @@ fn gpu_matches_cpu_on_the_fixture_model() {
     let gpu = ClipVisionEncoder::load(&cfg, fixture("image_encoder"), dev, DType::BF16).unwrap();
     let out = gpu.encode_image(&img, 80, 48).unwrap();
     assert_eq!(out.dtype(), DType::BF16);
-    assert_bf16_close(&out.to_vec().unwrap(), &cpu.encode_image(&img, 80, 48).unwrap().to_vec().unwrap(), "tiny CLIP");
+    common::assert_bf16_close(
+        &out.to_vec().unwrap(),
+        &cpu.encode_image(&img, 80, 48).unwrap().to_vec().unwrap(),
+        "tiny CLIP",
+    );
 }
 
 #[test]
@@ -276,7 +274,7 @@ fn gpu_matches_cpu_with_80_wide_heads() {
     let gpu_model = ClipVisionEncoder::random(&cfg, 2, dev, DType::BF16).unwrap();
     let gpu = gpu_model.forward(&pixels.to_device(dev, DType::BF16).unwrap()).unwrap();
     assert_eq!(gpu.shape(), &[3, 26, 240]);
-    assert_bf16_close(&gpu.to_vec().unwrap(), &cpu.to_vec().unwrap(), "CLIP (head dim 80)");
+    common::assert_bf16_close(&gpu.to_vec().unwrap(), &cpu.to_vec().unwrap(), "CLIP (head dim 80)");
 }
 
 #[test]

@@ -116,9 +116,8 @@ fn cross_entropy_rejects_bad_inputs() {
 // ---------------------------------------------------------------------------------
 // GPU parity
 
-/// Checks `f` on the GPU (inputs converted to `dtype`) against the CPU reference on the
-/// same rounded values: the output, and each input's gradient (which must come back in
-/// the input's dtype) for one random output gradient. Per element:
+/// GPU vs CPU on the same rounded values (`common::gpu_parity`): inputs in `dtype`, the
+/// loss in f32 on both devices, the output gradient in f32; per element
 /// `|gpu − cpu| ≤ atol·max|cpu| + rtol·|cpu|`.
 fn parity(
     name: &str,
@@ -129,26 +128,7 @@ fn parity(
     atol: f32,
     rtol: f32,
 ) {
-    let gin: Vec<Tensor> = inputs.iter().map(|t| t.to_device(dev, dtype).unwrap().requires_grad()).collect();
-    let cin: Vec<Tensor> = gin.iter().map(|t| t.to_device(Device::Cpu, DType::F32).unwrap().requires_grad()).collect();
-    // CPU forward + backward first: a backward pass drains this thread's whole tape.
-    let yc = f(&cin).unwrap_or_else(|e| panic!("{name}: CPU forward: {e}"));
-    let mut rng = Rng::new(99);
-    let seed_gpu = Tensor::randn(yc.shape(), 1.0, &mut rng, Device::Cpu).unwrap().to_device(dev, DType::F32).unwrap();
-    let gc = autograd::backward_with(&yc, seed_gpu.to_device(Device::Cpu, DType::F32).unwrap()).unwrap();
-    let yg = f(&gin).unwrap_or_else(|e| panic!("{name}: GPU forward: {e}"));
-    assert_eq!(yg.shape(), yc.shape(), "{name}: output shape");
-    assert_eq!(yg.dtype(), DType::F32, "{name}: losses are f32");
-    let tol = |r: &[f32]| atol * r.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
-    let want = yc.to_vec().unwrap();
-    assert_close(&yg.to_vec().unwrap(), &want, tol(&want), rtol, &format!("{name} {dtype} forward"));
-    let gg = autograd::backward_with(&yg, seed_gpu).unwrap_or_else(|e| panic!("{name}: GPU backward: {e}"));
-    for k in 0..inputs.len() {
-        let a = gg.get(&gin[k]).unwrap_or_else(|| panic!("{name}: no GPU gradient for input {k}"));
-        assert_eq!(a.dtype(), dtype, "{name}: gradient {k} dtype");
-        let want = gc.get(&cin[k]).unwrap_or_else(|| panic!("{name}: no CPU gradient for input {k}")).to_vec().unwrap();
-        assert_close(&a.to_vec().unwrap(), &want, tol(&want), rtol, &format!("{name} {dtype} d input {k}"));
-    }
+    parity_scaled(name, dev, dtype, inputs, DType::F32, Some(DType::F32), f, atol, rtol);
 }
 
 /// (dtype, atol, rtol): the loss itself is accumulated in fp32 either way, so only the

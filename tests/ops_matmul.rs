@@ -206,41 +206,21 @@ fn bad_shapes_are_errors() {
 
 // ---------------------------------------------------------------- GPU vs CPU
 
-/// Runs `f` on GPU copies of `inputs` (in `dtypes`) and on CPU copies of the *same*
-/// (rounded) values, then backward from one random seed; compares outputs and every
-/// input gradient with a tolerance for the GPU dtype: `|Δ| ≤ atol·rms(ref) + rtol·|ref|`.
+/// GPU vs CPU on the same rounded values (`common::gpu_parity`), inputs in `dtypes`, with
+/// a tolerance for the GPU output's dtype (also for the gradients): `|Δ| ≤ atol·rms(ref) +
+/// rtol·|ref|` and a relative L2 error below 4·rtol.
 fn gpu_vs_cpu(name: &str, dev: Device, inputs: &[Tensor], dtypes: &[DType], f: impl Fn(&[Tensor]) -> Result<Tensor>) {
-    let gpu: Vec<Tensor> =
-        inputs.iter().zip(dtypes).map(|(t, d)| t.to_device(dev, *d).unwrap().requires_grad()).collect();
-    let cpu: Vec<Tensor> = gpu.iter().map(|t| t.to_device(Device::Cpu, DType::F32).unwrap().requires_grad()).collect();
-    let yg = f(&gpu).unwrap_or_else(|e| panic!("{name}: GPU forward: {e}"));
-    let yc = f(&cpu).unwrap();
-    assert_eq!(yg.shape(), yc.shape(), "{name}");
-    // bf16 results round to 8 significant bits; f32 products run in TF32 on cuBLASLt
-    // (inputs rounded to 11 bits, so the sum's error grows like sqrt(K)·2⁻¹¹).
-    let out_dtype = yg.dtype();
-    let (atol, rtol) = match out_dtype {
-        DType::BF16 => (2f32.powi(-8), 2f32.powi(-7)),
-        DType::F32 => (2f32.powi(-7), 2f32.powi(-9)),
-    };
-    let check = |got: &Tensor, want: &Tensor, what: &str| {
-        let (g, w) = (vals(got), vals(want));
+    gpu_parity(name, dev, inputs, dtypes, None, None, f, |g, w, out_dtype, what| {
+        // bf16 results round to 8 significant bits; f32 products run in TF32 on cuBLASLt
+        // (inputs rounded to 11 bits, so the sum's error grows like sqrt(K)·2⁻¹¹).
+        let (atol, rtol) = match out_dtype {
+            DType::BF16 => (2f32.powi(-8), 2f32.powi(-7)),
+            DType::F32 => (2f32.powi(-7), 2f32.powi(-9)),
+        };
         let rms = (w.iter().map(|v| v * v).sum::<f32>() / w.len() as f32).sqrt();
-        assert_close(&g, &w, atol * rms, rtol, &format!("{name}: {what}"));
-        assert!(rel_err(&g, &w) < 4.0 * rtol as f64, "{name}: {what}: relative error {}", rel_err(&g, &w));
-    };
-    check(&yg, &yc, "forward");
-    let mut rng = Rng::new(99);
-    let seed = randn(yc.shape(), &mut rng);
-    let seed_gpu = seed.to_device(dev, out_dtype).unwrap();
-    let seed_cpu = seed_gpu.to_device(Device::Cpu, DType::F32).unwrap();
-    let gg = autograd::backward_with(&yg, seed_gpu).unwrap_or_else(|e| panic!("{name}: GPU backward: {e}"));
-    let gc = autograd::backward_with(&yc, seed_cpu).unwrap();
-    for (i, (tg, tc)) in gpu.iter().zip(&cpu).enumerate() {
-        let dg = gg.get(tg).unwrap_or_else(|| panic!("{name}: no GPU gradient for input {i}"));
-        assert_eq!(dg.dtype(), tg.dtype(), "{name}: gradient {i} comes back in its input's dtype");
-        check(dg, gc.get(tc).unwrap(), &format!("grad {i}"));
-    }
+        assert_close(g, w, atol * rms, rtol, &format!("{name}: {what}"));
+        assert!(rel_err(g, w) < 4.0 * rtol as f64, "{name}: {what}: relative error {}", rel_err(g, w));
+    });
 }
 
 /// A CPU tensor whose values are exactly representable in bf16, so that a GPU cast of

@@ -278,12 +278,6 @@ fn bad_weights_and_inputs_are_named_errors() {
 }
 
 /// bf16 tolerance for a whole encoder: relative L2 error and elementwise bounds.
-fn assert_bf16_close(gpu: &[f32], cpu: &[f32], what: &str) {
-    let err = common::rel_err(gpu, cpu);
-    assert!(err <= 3e-2, "{what}: GPU vs CPU relative error {err:e}");
-    common::assert_close(gpu, cpu, 0.08, 0.08, what);
-}
-
 #[test]
 fn gpu_matches_cpu_on_the_fixture_model() {
     let Some(dev) = common::gpu() else { return };
@@ -292,7 +286,7 @@ fn gpu_matches_cpu_on_the_fixture_model() {
     let out = tiny_text_encoder(dev).encode_text(&prompts).unwrap();
     assert_eq!(out.dtype(), DType::BF16);
     let got = out.to_vec().unwrap();
-    assert_bf16_close(&got, &cpu, "tiny umT5 on the GPU");
+    common::assert_bf16_close(&got, &cpu, "tiny umT5 on the GPU");
     // zeroed rows stay exactly zero on the GPU
     assert!(cpu.iter().zip(&got).all(|(c, g)| *c != 0.0 || *g == 0.0));
 }
@@ -327,7 +321,7 @@ fn gpu_matches_cpu_with_64_wide_heads() {
     let tokens = TokenBatch { ids, lengths, text_len: 77 };
     let cpu = T5Encoder::random(&cfg, 11, Device::Cpu, DType::F32).unwrap().encode(&tokens).unwrap().to_vec().unwrap();
     let gpu = T5Encoder::random(&cfg, 11, dev, DType::BF16).unwrap().encode(&tokens).unwrap().to_vec().unwrap();
-    assert_bf16_close(&gpu, &cpu, "umT5 (head dim 64) on the GPU");
+    common::assert_bf16_close(&gpu, &cpu, "umT5 (head dim 64) on the GPU");
 }
 
 #[test]

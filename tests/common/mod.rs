@@ -2,7 +2,7 @@
 //! closeness assertions, and the GPU gate.
 #![allow(dead_code)]
 
-use synthos_engine::{autograd, Device, Result, Rng, Tensor};
+use synthos_engine::{autograd, DType, Device, Result, Rng, Tensor};
 
 /// A CPU tensor of standard normal values.
 pub fn randn(shape: &[usize], rng: &mut Rng) -> Tensor {
@@ -89,6 +89,84 @@ pub fn gpu() -> Option<Device> {
         eprintln!("no usable CUDA device: GPU check skipped");
         None
     }
+}
+
+/// GPU-vs-CPU parity of one differentiable function: runs `f` on GPU copies of `inputs`
+/// (input `k` in `dtypes[k]`) and on CPU f32 copies of the *same* rounded values, then
+/// back-propagates one random output gradient (rounded to `seed_dtype`, or to the GPU
+/// output's dtype) through both. Checks the output shape, the GPU output's dtype when
+/// `out_dtype` is given, that every input's gradient comes back in that input's dtype,
+/// and hands each (GPU values, CPU values, GPU output dtype, label) — the output, then
+/// every input gradient — to `check`, which holds the tolerance.
+#[allow(clippy::too_many_arguments)]
+pub fn gpu_parity(
+    name: &str,
+    dev: Device,
+    inputs: &[Tensor],
+    dtypes: &[DType],
+    seed_dtype: Option<DType>,
+    out_dtype: Option<DType>,
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    check: impl Fn(&[f32], &[f32], DType, &str),
+) {
+    assert_eq!(inputs.len(), dtypes.len(), "{name}: one dtype per input");
+    let gin: Vec<Tensor> =
+        inputs.iter().zip(dtypes).map(|(t, d)| t.to_device(dev, *d).unwrap().requires_grad()).collect();
+    let cin: Vec<Tensor> = gin.iter().map(|t| t.to_device(Device::Cpu, DType::F32).unwrap().requires_grad()).collect();
+    let yg = f(&gin).unwrap_or_else(|e| panic!("{name}: GPU forward: {e}"));
+    let yc = f(&cin).unwrap_or_else(|e| panic!("{name}: CPU forward: {e}"));
+    assert_eq!(yg.shape(), yc.shape(), "{name}: output shape");
+    assert_eq!(yg.device(), dev, "{name}: output device");
+    if let Some(dt) = out_dtype {
+        assert_eq!(yg.dtype(), dt, "{name}: output dtype");
+    }
+    check(&yg.to_vec().unwrap(), &yc.to_vec().unwrap(), yg.dtype(), "forward");
+    let mut rng = Rng::new(99);
+    let seed = Tensor::randn(yc.shape(), 1.0, &mut rng, Device::Cpu).unwrap();
+    let seed_gpu = seed.to_device(dev, seed_dtype.unwrap_or(yg.dtype())).unwrap();
+    let seed_cpu = seed_gpu.to_device(Device::Cpu, DType::F32).unwrap();
+    // Each backward consumes only its own graph, so the order does not matter.
+    let gc = autograd::backward_with(&yc, seed_cpu).unwrap_or_else(|e| panic!("{name}: CPU backward: {e}"));
+    let gg = autograd::backward_with(&yg, seed_gpu).unwrap_or_else(|e| panic!("{name}: GPU backward: {e}"));
+    for (k, (tg, tc)) in gin.iter().zip(&cin).enumerate() {
+        let a = gg.get(tg).unwrap_or_else(|| panic!("{name}: no GPU gradient for input {k}"));
+        assert_eq!(a.dtype(), tg.dtype(), "{name}: gradient {k} comes back in its input's dtype");
+        let want = gc.get(tc).unwrap_or_else(|| panic!("{name}: no CPU gradient for input {k}")).to_vec().unwrap();
+        check(&a.to_vec().unwrap(), &want, yg.dtype(), &format!("d input {k}"));
+    }
+}
+
+/// [`gpu_parity`] with every input in `dtype` and the tolerance of the op tests: per
+/// element `|gpu − cpu| ≤ atol·max|cpu| + rtol·|cpu|`. The output gradient is rounded to
+/// `seed_dtype`; `out_dtype`, when given, is asserted.
+#[allow(clippy::too_many_arguments)]
+pub fn parity_scaled(
+    name: &str,
+    dev: Device,
+    dtype: DType,
+    inputs: &[Tensor],
+    seed_dtype: DType,
+    out_dtype: Option<DType>,
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    atol: f32,
+    rtol: f32,
+) {
+    gpu_parity(name, dev, inputs, &vec![dtype; inputs.len()], Some(seed_dtype), out_dtype, f, |got, want, _, what| {
+        let tol = atol * want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+        assert_close(got, want, tol, rtol, &format!("{name} {dtype} {what}"));
+    });
+}
+
+/// (dtype, atol, rtol) of the op parity tests: f32 to 1e-5 of the largest value, bf16 to
+/// its rounding.
+pub const PARITY_DTYPES: [(DType, f32, f32); 2] = [(DType::F32, 1e-5, 1e-4), (DType::BF16, 1.0 / 128.0, 1.0 / 64.0)];
+
+/// GPU-vs-CPU agreement of a whole bf16 model's output: relative L2 error ≤ 3e-2 and every
+/// element within 0.08 + 0.08·|cpu|.
+pub fn assert_bf16_close(gpu: &[f32], cpu: &[f32], what: &str) {
+    let err = rel_err(gpu, cpu);
+    assert!(err <= 3e-2, "{what}: GPU vs CPU relative error {err:e}");
+    assert_close(gpu, cpu, 0.08, 0.08, what);
 }
 
 /// Poisons a fresh GPU output check: returns a CUDA copy of `t` in bf16.
