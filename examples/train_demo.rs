@@ -17,7 +17,7 @@ fn main() -> Result<()> {
 
     let pipe = SynthosPipeline::demo(device, dtype, &[])?;
     let resume = output.join("resume.safetensors").exists();
-    let cfg = TrainConfig { output: output.clone(), max_steps: Some(steps), resume, ..Default::default() };
+    let cfg = TrainConfig { output: output.clone(), max_steps: Some(steps), resume, ..TrainConfig::demo() };
     let mut trainer = Trainer::new(pipe, cfg)?;
     let summary = trainer.run()?;
     println!("{} steps, loss {:?} → {:?}", summary.steps, summary.first_loss, summary.final_loss);

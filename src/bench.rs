@@ -513,7 +513,7 @@ fn train_step_case(device: Device, width: usize, height: usize, batch: usize) ->
         max_steps: Some(1_000_000),
         activation_checkpointing: true,
         cache: CacheMode::Memory,
-        ..Default::default()
+        ..TrainConfig::synthos()
     };
     let pipe = random_pipeline_1_3b(device)?;
     let dit_cfg = pipe.dit.config().clone();
@@ -544,7 +544,7 @@ fn sample_dit_case(device: Device) -> Result<BenchCase> {
     let text = rand(&[2, cfg.text_len, cfg.text_dim], &mut rng, device)?;
     let clip = rand(&[2, 257, cfg.clip_dim], &mut rng, device)?;
     let steps = 25;
-    let sigmas = crate::schedule::sample_sigmas(steps, 5.0);
+    let sigmas = crate::schedule::sample_sigmas(steps, crate::schedule::SHIFT);
     let flops = 2.0 * steps as f64 * dit_forward_flops(&cfg, (lat / 2) * (lat / 2), 257 + cfg.text_len);
     Ok(BenchCase {
         family: "model",
@@ -558,7 +558,7 @@ fn sample_dit_case(device: Device) -> Result<BenchCase> {
                 let context = model.context(&text, Some(&clip))?;
                 let mut x = x0.clone();
                 for i in 0..steps {
-                    let t = (sigmas[i] * 1000.0) as f32;
+                    let t = crate::schedule::timestep(sigmas[i]) as f32;
                     let xx = ops::concat(&[&x, &x], 0)?;
                     let v = model.forward_with_context(&xx, &[t, t], &context)?;
                     let cond = ops::narrow(&v, 0, 0, 1)?;

@@ -23,8 +23,6 @@ use crate::{autograd, bail, ops, DType, Device, Error, Gradients, Result, Tensor
 /// AdamW hyper-parameters (defaults: PyTorch's `AdamW`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWConfig {
-    /// Base learning rate (schedules scale it; [`AdamW::step`] takes the value to use).
-    pub lr: f32,
     /// First-moment decay (0.9).
     pub beta1: f32,
     /// Second-moment decay (0.999).
@@ -37,7 +35,7 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
     }
 }
 

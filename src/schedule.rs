@@ -11,6 +11,14 @@
 /// Number of training timesteps of the scheduler.
 pub const TRAIN_STEPS: usize = 1000;
 
+/// The sigma shift of the Synthos runs, in training and sampling.
+pub const SHIFT: f64 = 5.0;
+
+/// The timestep the DiT is given for a sigma: `t = 1000·σ`.
+pub fn timestep(sigma: f64) -> f64 {
+    sigma * TRAIN_STEPS as f64
+}
+
 /// `k·s / (1 + (k−1)·s)`.
 pub fn shift_sigma(s: f64, shift: f64) -> f64 {
     shift * s / (1.0 + (shift - 1.0) * s)

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 use synthos_engine::data::BadRowPolicy;
-use synthos_engine::pipeline::DEFAULT_NEGATIVE_PROMPT;
+use synthos_engine::models::wan::Trainable;
 use synthos_engine::report::format_duration;
-use synthos_engine::train::{parse_trainable, CacheMode, LrSchedule, TrainConfig, Trainer};
+use synthos_engine::train::{CacheMode, LrSchedule, TrainConfig, Trainer};
 use synthos_engine::{bail, Result};
 
 use crate::model_args::ModelArgs;
@@ -48,8 +48,8 @@ pub struct TrainArgs {
     #[arg(long)]
     warmup_steps: Option<u64>,
     /// Learning rate after the warm-up: constant or cosine (to 0 at the end).
-    #[arg(long, value_name = "constant|cosine")]
-    lr_schedule: Option<String>,
+    #[arg(long, value_enum)]
+    lr_schedule: Option<LrSchedule>,
     /// Passes over the data.
     #[arg(long)]
     epochs: Option<u64>,
@@ -63,8 +63,8 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0.1)]
     image_dropout: f64,
     /// What trains: all (the whole DiT) or img_emb (the 3.6 M-parameter image projector).
-    #[arg(long, default_value = "all")]
-    trainable: String,
+    #[arg(long, value_enum, default_value_t = Trainable::All)]
+    trainable: Trainable,
     /// Seed of data order, noise, timesteps and dropout.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -94,14 +94,14 @@ pub struct TrainArgs {
     #[arg(long)]
     negative_prompt: Option<String>,
     /// Encoder-output cache: memory, disk (OUTPUT/cache or --cache-dir) or off.
-    #[arg(long, default_value = "memory")]
-    cache: String,
+    #[arg(long, value_enum, default_value_t = CacheArg::Memory)]
+    cache: CacheArg,
     /// Folder of the disk cache (implies --cache disk).
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
     /// Unusable dataset rows (missing/undecodable image, no prompt): skip (with a count) or stop.
-    #[arg(long, default_value = "skip", value_name = "skip|stop")]
-    bad_rows: String,
+    #[arg(long, value_enum, default_value_t = BadRowPolicy::Skip)]
+    bad_rows: BadRowPolicy,
     /// Decode every image before training, to find bad files up front.
     #[arg(long)]
     check_images: bool,
@@ -109,11 +109,32 @@ pub struct TrainArgs {
     #[arg(long)]
     no_log: bool,
     /// Recompute DiT blocks in the backward pass (less memory); default on with weights.
-    #[arg(long, value_name = "on|off")]
-    activation_checkpointing: Option<String>,
+    #[arg(long, value_enum)]
+    activation_checkpointing: Option<Switch>,
     /// Clip the global gradient norm to this value (off by default, as in the seed).
     #[arg(long)]
     max_grad_norm: Option<f32>,
+}
+
+/// `--cache`: where encoder outputs are kept (the folder of `disk` is OUTPUT/cache unless
+/// `--cache-dir` names one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum CacheArg {
+    /// In host memory for the run.
+    Memory,
+    /// As files, reused by later runs.
+    Disk,
+    /// Recomputed every epoch.
+    Off,
+}
+
+/// An on/off flag value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Switch {
+    /// On.
+    On,
+    /// Off.
+    Off,
 }
 
 fn parse_resolution(s: &str) -> Result<(usize, usize)> {
@@ -130,25 +151,7 @@ fn parse_resolution(s: &str) -> Result<(usize, usize)> {
 impl TrainArgs {
     fn config(&self) -> Result<TrainConfig> {
         let demo = self.model.is_demo();
-        let base = if demo {
-            TrainConfig::default()
-        } else {
-            TrainConfig {
-                output: PathBuf::from("runs/synthos"),
-                width: 480,
-                height: 480,
-                batch_size: 1,
-                lr: 1e-5,
-                warmup_steps: 0,
-                lr_schedule: LrSchedule::Constant,
-                epochs: 10,
-                validation_steps: 25,
-                validation_cfg: 5.0,
-                negative_prompt: DEFAULT_NEGATIVE_PROMPT.to_string(),
-                activation_checkpointing: true,
-                ..TrainConfig::default()
-            }
-        };
+        let base = if demo { TrainConfig::demo() } else { TrainConfig::synthos() };
         if demo && self.data.is_some() {
             bail!("--data needs model weights (--wan or --dit): the demo model trains on its own generated set");
         }
@@ -157,30 +160,15 @@ impl TrainArgs {
             None => (base.width, base.height),
         };
         let output = self.output.clone().unwrap_or(base.output.clone());
-        let cache = match (self.cache.as_str(), &self.cache_dir) {
+        let cache = match (self.cache, &self.cache_dir) {
             (_, Some(d)) => CacheMode::Disk(d.clone()),
-            ("memory", None) => CacheMode::Memory,
-            ("disk", None) => CacheMode::Disk(output.join("cache")),
-            ("off", None) => CacheMode::Off,
-            (s, None) => bail!("--cache {s:?}: expected memory, disk or off"),
+            (CacheArg::Memory, None) => CacheMode::Memory,
+            (CacheArg::Disk, None) => CacheMode::Disk(output.join("cache")),
+            (CacheArg::Off, None) => CacheMode::Off,
         };
-        let bad_rows = match self.bad_rows.as_str() {
-            "skip" => BadRowPolicy::Skip,
-            "stop" => BadRowPolicy::Stop,
-            s => bail!("--bad-rows {s:?}: expected skip or stop"),
-        };
-        let lr_schedule = match self.lr_schedule.as_deref() {
-            None => base.lr_schedule,
-            Some("constant") => LrSchedule::Constant,
-            Some("cosine") => LrSchedule::Cosine,
-            Some(s) => bail!("--lr-schedule {s:?}: expected constant or cosine"),
-        };
-        let activation_checkpointing = match self.activation_checkpointing.as_deref() {
-            None => base.activation_checkpointing,
-            Some("on") => true,
-            Some("off") => false,
-            Some(s) => bail!("--activation-checkpointing {s:?}: expected on or off"),
-        };
+        let lr_schedule = self.lr_schedule.unwrap_or(base.lr_schedule);
+        let activation_checkpointing =
+            self.activation_checkpointing.map_or(base.activation_checkpointing, |s| s == Switch::On);
         let split = |s: &Option<String>, sep: char| -> Vec<String> {
             s.as_deref()
                 .map(|v| v.split(sep).map(str::trim).filter(|p| !p.is_empty()).map(String::from).collect())
@@ -202,7 +190,7 @@ impl TrainArgs {
             max_steps: self.max_steps,
             text_dropout: self.text_dropout,
             image_dropout: self.image_dropout,
-            trainable: parse_trainable(&self.trainable)?,
+            trainable: self.trainable,
             seed: self.seed,
             save_every: self.save_every,
             validate_every: self.validate_every,
@@ -212,7 +200,7 @@ impl TrainArgs {
             validation_cfg: self.validation_cfg.unwrap_or(base.validation_cfg),
             negative_prompt: self.negative_prompt.clone().unwrap_or(base.negative_prompt.clone()),
             cache,
-            bad_rows,
+            bad_rows: self.bad_rows,
             check_images: self.check_images,
             log_metrics: !self.no_log,
             activation_checkpointing,

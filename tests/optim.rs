@@ -58,7 +58,7 @@ fn adamw_matches_the_formulas() {
     for wd in [0.0, 0.1] {
         // eps comparable to the gradients, so that a wrong grad_scale would show in the
         // weights and not only in the moments.
-        let cfg = AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.99, eps: 1e-3, weight_decay: wd };
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-3, weight_decay: wd };
         let mut rng = Rng::new(31);
         let shapes: [&[usize]; 4] = [&[7, 13], &[13], &[5], &[3, 3]];
         let decays = [true, false, true, true];
@@ -227,7 +227,7 @@ fn gpu_param(shape: &[usize], dtype: DType, dev: Device, rng: &mut Rng) -> (Tens
 #[test]
 fn gpu_adamw_matches_cpu() {
     let Some(dev) = gpu() else { return };
-    let cfg = AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.995, eps: 1e-6, weight_decay: 0.1 };
+    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.995, eps: 1e-6, weight_decay: 0.1 };
     let mut rng = Rng::new(41);
     // (parameter dtype, gradient dtype, shape): sizes with a scalar tail, below one
     // vector, and several blocks.

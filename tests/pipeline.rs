@@ -245,7 +245,7 @@ fn gpu_1_3b_sample_and_train_step_480() {
         max_steps: Some(6),
         activation_checkpointing: true,
         cache: synthos_engine::train::CacheMode::Memory,
-        ..Default::default()
+        ..TrainConfig::demo()
     };
     let mut trainer = Trainer::new(build(), cfg).unwrap();
     trainer.set_quiet(true);

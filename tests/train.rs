@@ -29,7 +29,7 @@ fn small(output: &Path) -> TrainConfig {
         warmup_steps: 2,
         validation_steps: 2,
         validation_prompts: vec!["a red circle on a blue background".into()],
-        ..Default::default()
+        ..TrainConfig::demo()
     }
 }
 
@@ -283,7 +283,7 @@ fn micro_batches_visit_each_sample_once_per_epoch() {
 
 #[test]
 fn learning_rate_schedule() {
-    let cfg = TrainConfig { lr: 1.0, warmup_steps: 4, lr_schedule: LrSchedule::Cosine, ..Default::default() };
+    let cfg = TrainConfig { lr: 1.0, warmup_steps: 4, lr_schedule: LrSchedule::Cosine, ..TrainConfig::demo() };
     assert!((cfg.lr_at(0, 104) - 0.25).abs() < 1e-12);
     assert!((cfg.lr_at(3, 104) - 1.0).abs() < 1e-12);
     assert!((cfg.lr_at(54, 104) - 0.5).abs() < 1e-12, "half-way through the decay");

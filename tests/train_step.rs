@@ -184,7 +184,7 @@ fn step_case(name: &'static str) {
     // One AdamW step over every parameter, all with weight decay (torch applies
     // weight_decay to every parameter of the group).
     let lr = m["lr"].as_f64().unwrap() as f32;
-    let cfg = AdamWConfig { lr, weight_decay: m["weight_decay"].as_f64().unwrap() as f32, ..Default::default() };
+    let cfg = AdamWConfig { weight_decay: m["weight_decay"].as_f64().unwrap() as f32, ..Default::default() };
     assert_eq!((cfg.beta1, cfg.beta2, cfg.eps), (0.9, 0.999, 1e-8), "torch's defaults");
     let mut opt = AdamW::new(cfg);
     for (n, t) in &params {
@@ -244,7 +244,7 @@ fn adamw_on_the_reference_gradients_gives_the_reference_update() {
     let params = model.trainable(Trainable::All);
     let names = param_names();
     let mut opt =
-        AdamW::new(AdamWConfig { lr, weight_decay: m["weight_decay"].as_f64().unwrap() as f32, ..Default::default() });
+        AdamW::new(AdamWConfig { weight_decay: m["weight_decay"].as_f64().unwrap() as f32, ..Default::default() });
     let mut pairs = Vec::new();
     for p in &names {
         let t = param(&params, p);
@@ -359,7 +359,7 @@ fn gpu_bf16_step_follows_the_reference() {
         ref_grads.push(want);
     }
     let mut opt =
-        AdamW::new(AdamWConfig { lr, weight_decay: m["weight_decay"].as_f64().unwrap() as f32, ..Default::default() });
+        AdamW::new(AdamWConfig { weight_decay: m["weight_decay"].as_f64().unwrap() as f32, ..Default::default() });
     for (n, t) in &params {
         opt.add_param(n, t, true).unwrap();
     }

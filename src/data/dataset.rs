@@ -19,7 +19,7 @@ pub const PROMPT_COLUMN: &str = "prompt";
 
 /// What to do with a bad row (no prompt, no image path, missing or undecodable file,
 /// extra fields).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BadRowPolicy {
     /// Drop the row and go on; the dataset keeps the list ([`SynthosDataset::skipped`])
     /// and a summary with a count and the first messages ([`SynthosDataset::skip_report`]).

@@ -41,7 +41,7 @@ impl Default for GenerateOptions {
             steps: 25,
             cfg_scale: 5.0,
             seed: 42,
-            shift: 5.0,
+            shift: crate::schedule::SHIFT,
         }
     }
 }
@@ -122,7 +122,7 @@ impl SynthosPipeline {
         let sigmas = sample_sigmas(opts.steps, opts.shift);
         let branches = if guided { 2 * b } else { b };
         for (i, &sigma) in sigmas.iter().enumerate() {
-            let t = vec![(sigma * 1000.0) as f32; branches];
+            let t = vec![crate::schedule::timestep(sigma) as f32; branches];
             let input = if guided { ops::concat(&[&x, &x], 0)? } else { x.clone() };
             let v = ops::cast(&self.dit.forward_with_context(&input, &t, &context)?, DType::F32)?;
             let v = if guided {

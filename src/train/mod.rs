@@ -9,4 +9,4 @@ mod trainer;
 pub use cache::{Encoded, EncoderCache};
 pub use config::{CacheMode, LrSchedule, TrainConfig};
 pub use loss::{flow_matching_loss, flow_matching_loss_sum};
-pub use trainer::{memory_in_use, parse_trainable, StepStats, TrainSummary, Trainer, RESUME_FILE};
+pub use trainer::{memory_in_use, StepStats, TrainSummary, Trainer, RESUME_FILE};

@@ -14,12 +14,11 @@ use super::config::{CacheMode, TrainConfig};
 use super::loss::flow_matching_loss_sum;
 use crate::data::{demo as demo_data, resize, DatasetOptions, ImageRgb, SynthosDataset};
 use crate::image_io::RgbImage;
-use crate::models::wan::Trainable;
 use crate::nn::{Module, NamedParam};
 use crate::optim::{clip_coefficient, AdamW, AdamWConfig};
 use crate::pipeline::{demo, GenerateOptions, SynthosPipeline};
 use crate::report::{image_grid, plot_loss, read_metrics, series, MetricsRecord, MetricsWriter, Progress};
-use crate::schedule::{TrainSchedule, TRAIN_STEPS};
+use crate::schedule::{TrainSchedule, SHIFT, TRAIN_STEPS};
 use crate::weights::{self, SaveDType, WeightSet};
 use crate::{autograd, bail, ops, Device, Error, Gradients, Result, ResultExt, Rng, Tensor};
 
@@ -74,7 +73,7 @@ pub struct TrainSummary {
 /// use synthos_engine::{DType, Device};
 /// # fn main() -> synthos_engine::Result<()> {
 /// let pipe = SynthosPipeline::demo(Device::Cpu, DType::F32, &[])?;
-/// let cfg = TrainConfig { max_steps: Some(100), ..Default::default() };
+/// let cfg = TrainConfig { max_steps: Some(100), ..TrainConfig::demo() };
 /// let mut trainer = Trainer::new(pipe, cfg)?;
 /// let summary = trainer.run()?;
 /// println!("loss {:?} → {:?}", summary.first_loss, summary.final_loss);
@@ -162,8 +161,7 @@ impl Trainer {
         if params.is_empty() {
             bail!("the trainable set {:?} selects no parameters", cfg.trainable);
         }
-        let mut opt =
-            AdamW::new(AdamWConfig { lr: cfg.lr as f32, weight_decay: cfg.weight_decay as f32, ..Default::default() });
+        let mut opt = AdamW::new(AdamWConfig { weight_decay: cfg.weight_decay as f32, ..Default::default() });
         for (name, t) in &params {
             opt.add_param(name, t, true)?;
         }
@@ -212,7 +210,7 @@ impl Trainer {
             pipe,
             cfg,
             data,
-            schedule: TrainSchedule::new(5.0),
+            schedule: TrainSchedule::new(SHIFT),
             opt,
             params,
             cache,
@@ -739,13 +737,4 @@ fn demo_references(dir: &Path) -> Result<Vec<PathBuf>> {
         paths.push(p);
     }
     Ok(paths)
-}
-
-/// `Trainable` from its command-line name.
-pub fn parse_trainable(s: &str) -> Result<Trainable> {
-    match s {
-        "all" | "dit" => Ok(Trainable::All),
-        "img_emb" | "img-emb" => Ok(Trainable::ImgEmb),
-        _ => bail!("unknown trainable set {s:?} (known: all, img_emb)"),
-    }
 }

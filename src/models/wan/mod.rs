@@ -54,13 +54,15 @@ const IMG_EMB_EPS: f32 = 1e-5;
 const IMG_EMB_SEED: u64 = 0x1A9E_E3B0;
 
 /// Which parameters train (and which a checkpoint saves).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Trainable {
     /// Every parameter (the full Synthos recipe).
     All,
     /// Only the image projector `img_emb.*` (the projector-only recipe).
+    #[value(name = "img_emb")]
     ImgEmb,
     /// None (sampling).
+    #[value(skip)]
     Nothing,
 }
 
