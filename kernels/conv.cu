@@ -1,5 +1,5 @@
 // Kernels of convolutional image models (the Wan VAE): the data movement around the
-// im2col + cuBLASLt convolution, nearest 2x upsampling, the channel RMS norm, clamp.
+// im2col + cuBLASLt convolution, nearest 2x upsampling, the channel RMS norm.
 //
 // Convolution (the GEMMs run in cuBLASLt; these kernels feed and drain them). Layout
 // [B, C, H, W]; one image and one band of output rows [r0, r0 + rows) at a time, so the
@@ -219,19 +219,6 @@ __device__ void crn_bwd_impl(const T* x, const float* gamma, const T* dy, T* dx,
     }
 }
 
-template <typename T>
-__device__ void clamp_impl(const T* x, T* y, float lo, float hi, int64_t n) {
-    GRID_STRIDE(i, n) store(y, i, fminf(fmaxf(load(x, i), lo), hi));
-}
-
-template <typename T>
-__device__ void clamp_bwd_impl(const T* x, const T* g, T* dx, float lo, float hi, int64_t n) {
-    GRID_STRIDE(i, n) {
-        const float v = load(x, i);
-        store(dx, i, (v >= lo && v <= hi) ? load(g, i) : 0.f);
-    }
-}
-
 #define CONV_ENTRY_POINTS(T, SFX)                                                                                     \
     extern "C" __global__ void im2col_##SFX(const T* x, int64_t x_off, T* cols, ConvDesc g, int64_t r0,             \
                                             int64_t rows) {                                                          \
@@ -272,12 +259,6 @@ __device__ void clamp_bwd_impl(const T* x, const T* g, T* dx, float lo, float hi
         channel_rms_norm_bwd_##SFX(const T* x, const float* gamma, const T* dy, T* dx, float* dgamma_part,          \
                                    int64_t c, int64_t s, int64_t npix, float eps, float scale) {                     \
         crn_bwd_impl(x, gamma, dy, dx, dgamma_part, c, s, npix, eps, scale);                                         \
-    }                                                                                                                 \
-    extern "C" __global__ void clamp_##SFX(const T* x, T* y, float lo, float hi, int64_t n) {                       \
-        clamp_impl(x, y, lo, hi, n);                                                                                 \
-    }                                                                                                                 \
-    extern "C" __global__ void clamp_bwd_##SFX(const T* x, const T* g, T* dx, float lo, float hi, int64_t n) {      \
-        clamp_bwd_impl(x, g, dx, lo, hi, n);                                                                         \
     }
 
 CONV_ENTRY_POINTS(float, f32)

@@ -222,3 +222,30 @@ extern "C" __global__ void gated_residual_bf16(const bf16* x, const bf16* gate, 
                                                int64_t period, int64_t inner, int64_t n) {
     gated_residual_impl(x, gate, y, o, period, inner, n);
 }
+
+// clamp: y = min(max(x, lo), hi); backward passes g where lo ≤ x ≤ hi (PyTorch's rule, so
+// values exactly on a bound get the gradient). One element per thread, grid-stride.
+template <typename T>
+__device__ void clamp_impl(const T* x, T* y, float lo, float hi, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        store(y, i, fminf(fmaxf(load(x, i), lo), hi));
+}
+template <typename T>
+__device__ void clamp_bwd_impl(const T* x, const T* g, T* dx, float lo, float hi, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        const float v = load(x, i);
+        store(dx, i, (v >= lo && v <= hi) ? load(g, i) : 0.f);
+    }
+}
+extern "C" __global__ void clamp_f32(const float* x, float* y, float lo, float hi, int64_t n) {
+    clamp_impl(x, y, lo, hi, n);
+}
+extern "C" __global__ void clamp_bf16(const bf16* x, bf16* y, float lo, float hi, int64_t n) {
+    clamp_impl(x, y, lo, hi, n);
+}
+extern "C" __global__ void clamp_bwd_f32(const float* x, const float* g, float* dx, float lo, float hi, int64_t n) {
+    clamp_bwd_impl(x, g, dx, lo, hi, n);
+}
+extern "C" __global__ void clamp_bwd_bf16(const bf16* x, const bf16* g, bf16* dx, float lo, float hi, int64_t n) {
+    clamp_bwd_impl(x, g, dx, lo, hi, n);
+}

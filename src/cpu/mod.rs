@@ -12,3 +12,4 @@ pub mod norm;
 pub mod reduce;
 pub mod rope;
 pub mod shape;
+pub mod softmax;

@@ -25,7 +25,7 @@ use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::{CudaBuf, CudaDevice, CudaStorage};
+use super::{check_same, CudaBuf, CudaDevice, CudaStorage};
 use crate::desc::{ChannelNorm, ConvGeom};
 use crate::{bail, DType, Error, Result, ResultExt};
 
@@ -189,10 +189,6 @@ fn kname(base: &str, dtype: DType) -> Result<&'static str> {
         ("upsample2x_bwd", "upsample2x_bwd_f32", "upsample2x_bwd_bf16"),
         ("channel_rms_norm", "channel_rms_norm_f32", "channel_rms_norm_bf16"),
         ("channel_rms_norm_bwd", "channel_rms_norm_bwd_f32", "channel_rms_norm_bwd_bf16"),
-        ("clamp", "clamp_f32", "clamp_bf16"),
-        ("clamp_bwd", "clamp_bwd_f32", "clamp_bwd_bf16"),
-        ("softmax", "softmax_f32", "softmax_bf16"),
-        ("softmax_bwd", "softmax_bwd_f32", "softmax_bwd_bf16"),
     ];
     let (_, f, b) =
         NAMES.iter().find(|(n, _, _)| *n == base).ok_or_else(|| Error::msg(format!("conv: no kernel named {base}")))?;
@@ -628,19 +624,6 @@ fn push_mut<'a>(lb: &mut LaunchArgs<'a>, buf: &'a mut CudaBuf) {
     };
 }
 
-fn check_same(op: &str, a: &CudaBuf, b: &CudaBuf, n: usize) -> Result<()> {
-    if a.dtype() != b.dtype() || a.len() < n || b.len() < n {
-        bail!(
-            "{op}: buffers ({} {}, {} {}) do not both hold {n} elements of one dtype",
-            a.len(),
-            a.dtype(),
-            b.len(),
-            b.dtype()
-        );
-    }
-    Ok(())
-}
-
 /// Nearest 2× upsampling of `planes` planes of `h × w`.
 pub fn upsample_nearest2x(x: &CudaStorage, planes: usize, h: usize, w: usize) -> Result<CudaBuf> {
     let dev = &x.dev;
@@ -758,91 +741,4 @@ pub fn channel_rms_norm_backward(
     // b < blocks (the grid size) and ch < c.
     unsafe { lb.launch(cfg) }?;
     Ok((dx, part, blocks))
-}
-
-/// `min(max(x, lo), hi)` over `n` elements.
-pub fn clamp(x: &CudaStorage, lo: f32, hi: f32, n: usize) -> Result<CudaBuf> {
-    let dev = &x.dev;
-    if x.buf.len() < n {
-        bail!("clamp: buffer shorter than {n}");
-    }
-    let mut y = dev.alloc(n, x.buf.dtype())?;
-    if n == 0 {
-        return Ok(y);
-    }
-    let f = dev.func("conv", kname("clamp", x.buf.dtype())?)?;
-    let n64 = n as i64;
-    let mut lb = dev.stream.launch_builder(&f);
-    push(&mut lb, &x.buf);
-    push_mut(&mut lb, &mut y);
-    lb.arg(&lo).arg(&hi).arg(&n64);
-    // SAFETY: n reads of x and n writes of y.
-    unsafe { lb.launch(grid(n)) }?;
-    Ok(y)
-}
-
-/// Backward of [`clamp`]: `g` where `lo ≤ x ≤ hi`, else 0 (`g` in `x`'s dtype).
-pub fn clamp_backward(x: &CudaStorage, g: &CudaStorage, lo: f32, hi: f32, n: usize) -> Result<CudaBuf> {
-    check_same("clamp backward", &x.buf, &g.buf, n)?;
-    let dev = &x.dev;
-    let mut dx = dev.alloc(n, x.buf.dtype())?;
-    if n == 0 {
-        return Ok(dx);
-    }
-    let f = dev.func("conv", kname("clamp_bwd", x.buf.dtype())?)?;
-    let n64 = n as i64;
-    let mut lb = dev.stream.launch_builder(&f);
-    push(&mut lb, &x.buf);
-    push(&mut lb, &g.buf);
-    push_mut(&mut lb, &mut dx);
-    lb.arg(&lo).arg(&hi).arg(&n64);
-    // SAFETY: n reads of x and g, n writes of dx.
-    unsafe { lb.launch(grid(n)) }?;
-    Ok(dx)
-}
-
-/// Launch of the row softmax kernels: one block of `THREADS` per row, grid capped.
-fn softmax_launch(rows: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (rows.clamp(1, MAX_BLOCKS) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
-}
-
-/// Softmax of each of `rows` rows of `n` elements.
-pub fn softmax(x: &CudaStorage, rows: usize, n: usize) -> Result<CudaBuf> {
-    let dev = &x.dev;
-    if x.buf.len() < rows * n {
-        bail!("softmax: buffer of {} elements for {rows} rows of {n}", x.buf.len());
-    }
-    let mut y = dev.alloc(rows * n, x.buf.dtype())?;
-    if rows * n == 0 {
-        return Ok(y);
-    }
-    let f = dev.func("softmax", kname("softmax", x.buf.dtype())?)?;
-    let (r64, n64) = (rows as i64, n as i64);
-    let mut lb = dev.stream.launch_builder(&f);
-    push(&mut lb, &x.buf);
-    push_mut(&mut lb, &mut y);
-    lb.arg(&r64).arg(&n64);
-    // SAFETY: block r reads and writes row r (n elements) of x and y, r < rows.
-    unsafe { lb.launch(softmax_launch(rows)) }?;
-    Ok(y)
-}
-
-/// Softmax backward from the forward output `y` and the gradient `g` (same dtype).
-pub fn softmax_backward(y: &CudaStorage, g: &CudaStorage, rows: usize, n: usize) -> Result<CudaBuf> {
-    check_same("softmax backward", &y.buf, &g.buf, rows * n)?;
-    let dev = &y.dev;
-    let mut dx = dev.alloc(rows * n, y.buf.dtype())?;
-    if rows * n == 0 {
-        return Ok(dx);
-    }
-    let f = dev.func("softmax", kname("softmax_bwd", y.buf.dtype())?)?;
-    let (r64, n64) = (rows as i64, n as i64);
-    let mut lb = dev.stream.launch_builder(&f);
-    push(&mut lb, &y.buf);
-    push(&mut lb, &g.buf);
-    push_mut(&mut lb, &mut dx);
-    lb.arg(&r64).arg(&n64);
-    // SAFETY: block r reads row r of y and g and writes row r of dx, r < rows.
-    unsafe { lb.launch(softmax_launch(rows)) }?;
-    Ok(dx)
 }

@@ -2,7 +2,7 @@
 
 use cudarc::driver::PushKernelArg;
 
-use super::{grid_1d, grid_chunks, suffix, Bcast, CudaBuf, CudaStorage};
+use super::{check_same, grid_1d, grid_chunks, suffix, Bcast, CudaBuf, CudaStorage, PushBuf};
 use crate::{bail, Result};
 
 /// Binary elementwise op with broadcasting: `kernel` is `add`, `sub` or `mul`.
@@ -59,7 +59,7 @@ fn unary_launch(
     extra: Option<f32>,
 ) -> Result<CudaBuf> {
     let dev = &x.dev;
-    let name = kernel_name(base, x.buf.dtype(), out_dtype)?;
+    let name = kernel_name_io(base, x.buf.dtype(), out_dtype)?;
     let f = dev.func("elementwise", name)?;
     let mut out = dev.alloc(n, out_dtype)?;
     let n64 = n as i64;
@@ -82,7 +82,7 @@ fn unary_launch(
 }
 
 /// Static entry-point names (cudarc caches functions by `&'static str`).
-fn kernel_name(base: &str, input: crate::DType, output: crate::DType) -> Result<&'static str> {
+fn kernel_name_io(base: &str, input: crate::DType, output: crate::DType) -> Result<&'static str> {
     use crate::DType::{BF16, F32};
     Ok(match (base, input, output) {
         ("scale", F32, F32) => "scale_f32",
@@ -121,7 +121,7 @@ pub fn broadcast(x: &CudaStorage, bc: &Bcast, n: usize) -> Result<CudaBuf> {
     let bc = *bc;
     let dev = &x.dev;
     let dtype = x.buf.dtype();
-    let f = dev.func("elementwise", kernel_name("bcast_copy", dtype, dtype)?)?;
+    let f = dev.func("elementwise", kernel_name_io("bcast_copy", dtype, dtype)?)?;
     let mut out = dev.alloc(n, dtype)?;
     let n64 = n as i64;
     let mut lb = dev.stream.launch_builder(&f);
@@ -161,7 +161,7 @@ pub fn activation_backward(x: &CudaStorage, g: &CudaStorage, kernel: &'static st
     };
     let dev = &x.dev;
     let dtype = x.buf.dtype();
-    let f = dev.func("elementwise", kernel_name(bwd, dtype, g.buf.dtype())?)?;
+    let f = dev.func("elementwise", kernel_name_io(bwd, dtype, g.buf.dtype())?)?;
     let mut out = dev.alloc(n, dtype)?;
     let n64 = n as i64;
     let mut lb = dev.stream.launch_builder(&f);
@@ -194,7 +194,7 @@ pub fn gated_residual(
     if period == 0 || inner == 0 {
         bail!("gated_residual: bad gate layout (period {period}, inner {inner})");
     }
-    let f = dev.func("elementwise", kernel_name("gated_residual", dtype, dtype)?)?;
+    let f = dev.func("elementwise", kernel_name_io("gated_residual", dtype, dtype)?)?;
     let mut out = dev.alloc(n, dtype)?;
     let (p64, i64_, n64) = (period as i64, inner as i64, n as i64);
     let mut lb = dev.stream.launch_builder(&f);
@@ -209,4 +209,45 @@ pub fn gated_residual(
     // to [n / period, 1, inner] over x.
     unsafe { lb.launch(grid_chunks(n)) }?;
     Ok(out)
+}
+
+/// `min(max(x, lo), hi)` over `n` elements.
+pub fn clamp(x: &CudaStorage, lo: f32, hi: f32, n: usize) -> Result<CudaBuf> {
+    let dev = &x.dev;
+    if x.buf.len() < n {
+        bail!("clamp: buffer shorter than {n}");
+    }
+    let mut y = dev.alloc(n, x.buf.dtype())?;
+    if n == 0 {
+        return Ok(y);
+    }
+    let f = dev.func("elementwise", super::kernel_name("clamp", x.buf.dtype()))?;
+    let n64 = n as i64;
+    let mut lb = dev.stream.launch_builder(&f);
+    lb.buf(&x.buf);
+    lb.buf_mut(&mut y);
+    lb.arg(&lo).arg(&hi).arg(&n64);
+    // SAFETY: n reads of x and n writes of y.
+    unsafe { lb.launch(grid_1d(n, 256)) }?;
+    Ok(y)
+}
+
+/// Backward of [`clamp`]: `g` where `lo ≤ x ≤ hi`, else 0 (`g` in `x`'s dtype).
+pub fn clamp_backward(x: &CudaStorage, g: &CudaStorage, lo: f32, hi: f32, n: usize) -> Result<CudaBuf> {
+    check_same("clamp backward", &x.buf, &g.buf, n)?;
+    let dev = &x.dev;
+    let mut dx = dev.alloc(n, x.buf.dtype())?;
+    if n == 0 {
+        return Ok(dx);
+    }
+    let f = dev.func("elementwise", super::kernel_name("clamp_bwd", x.buf.dtype()))?;
+    let n64 = n as i64;
+    let mut lb = dev.stream.launch_builder(&f);
+    lb.buf(&x.buf);
+    lb.buf(&g.buf);
+    lb.buf_mut(&mut dx);
+    lb.arg(&lo).arg(&hi).arg(&n64);
+    // SAFETY: n reads of x and g, n writes of dx.
+    unsafe { lb.launch(grid_1d(n, 256)) }?;
+    Ok(dx)
 }

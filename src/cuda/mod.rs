@@ -447,6 +447,65 @@ pub fn grid_rows(rows: usize, block: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// The entry point `<base>_<dtype>` (`f32` / `bf16`) of a kernel templated on one element
+/// type, as a `&'static str` (the function cache's key). Each distinct name is allocated
+/// once for the life of the process; there are a few hundred kernels at most.
+pub fn kernel_name(base: &str, dtype: DType) -> &'static str {
+    static NAMES: OnceLock<Mutex<HashMap<(String, DType), &'static str>>> = OnceLock::new();
+    let names = NAMES.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut map = match names.lock() {
+        Ok(m) => m,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    let key = (base.to_string(), dtype);
+    if let Some(&name) = map.get(&key) {
+        return name;
+    }
+    let name: &'static str = Box::leak(format!("{base}_{}", suffix(dtype)).into_boxed_str());
+    map.insert(key, name);
+    name
+}
+
+/// Pushing typed device buffers as kernel arguments, whatever their element type.
+pub trait PushBuf<'a> {
+    /// Pushes a buffer read by the kernel.
+    fn buf(&mut self, b: &'a CudaBuf) -> &mut Self;
+    /// Pushes a buffer the kernel writes.
+    fn buf_mut(&mut self, b: &'a mut CudaBuf) -> &mut Self;
+}
+
+impl<'a> PushBuf<'a> for cudarc::driver::LaunchArgs<'a> {
+    fn buf(&mut self, b: &'a CudaBuf) -> &mut Self {
+        use cudarc::driver::PushKernelArg;
+        match b {
+            CudaBuf::F32(s) => self.arg(s),
+            CudaBuf::BF16(s) => self.arg(s),
+        }
+    }
+
+    fn buf_mut(&mut self, b: &'a mut CudaBuf) -> &mut Self {
+        use cudarc::driver::PushKernelArg;
+        match b {
+            CudaBuf::F32(s) => self.arg(s),
+            CudaBuf::BF16(s) => self.arg(s),
+        }
+    }
+}
+
+/// Checks that two buffers share one dtype and both hold at least `n` elements.
+pub fn check_same(op: &str, a: &CudaBuf, b: &CudaBuf, n: usize) -> Result<()> {
+    if a.dtype() != b.dtype() || a.len() < n || b.len() < n {
+        bail!(
+            "{op}: buffers ({} {}, {} {}) do not both hold {n} elements of one dtype",
+            a.len(),
+            a.dtype(),
+            b.len(),
+            b.dtype()
+        );
+    }
+    Ok(())
+}
+
 /// The kernel-name suffix of a dtype (`f32` / `bf16`), for `<op>_<dtype>` entry points.
 pub fn suffix(dtype: DType) -> &'static str {
     match dtype {
@@ -465,6 +524,7 @@ pub mod norm;
 pub mod reduce;
 pub mod rope;
 pub mod shape;
+pub mod softmax;
 
 /// Broadcast description of a binary op (rank ≤ 6), passed by value to kernels;
 /// mirrors `struct Bcast` in `kernels/common.cuh`.

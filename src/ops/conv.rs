@@ -302,87 +302,6 @@ pub fn channel_rms_norm(x: &Tensor, gamma: &Tensor, eps: f32) -> Result<Tensor> 
     ))
 }
 
-/// Softmax over the last dimension (max-subtracted, fp32 arithmetic).
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.rank() == 0 || x.numel() == 0 {
-        bail!("softmax_last_dim: x must have a non-empty last dimension, got shape {:?}", x.shape());
-    }
-    let n = x.shape()[x.rank() - 1];
-    let rows = x.numel() / n;
-    let out = match x.device() {
-        Device::Cpu => cpu_tensor(cpu::conv::softmax_rows(x.storage().as_cpu()?, n), x.shape())?,
-        Device::Cuda(_) => {
-            let s = x.storage();
-            let c = s.as_cuda()?;
-            cuda_tensor(&c.dev, cuda::conv::softmax(c, rows, n)?, x.shape())?
-        }
-    };
-    // The backward needs only the output.
-    let y = out.detach();
-    Ok(record(
-        "softmax_last_dim",
-        out,
-        &[x],
-        Box::new(move |g| {
-            let dx = match y.device() {
-                Device::Cpu => {
-                    let (sy, sg) = (y.storage(), g.storage());
-                    cpu_tensor(cpu::conv::softmax_rows_backward(sy.as_cpu()?, sg.as_cpu()?, n), y.shape())?
-                }
-                Device::Cuda(_) => {
-                    let g = in_dtype(g, y.dtype())?;
-                    let (sy, sg) = (y.storage(), g.storage());
-                    let cy = sy.as_cuda()?;
-                    cuda_tensor(&cy.dev, cuda::conv::softmax_backward(cy, sg.as_cuda()?, rows, n)?, y.shape())?
-                }
-            };
-            Ok(vec![Some(dx)])
-        }),
-    ))
-}
-
-/// `min(max(x, lo), hi)`; the gradient passes where `lo ≤ x ≤ hi` (as in PyTorch).
-pub fn clamp(x: &Tensor, lo: f32, hi: f32) -> Result<Tensor> {
-    if lo.is_nan() || hi.is_nan() || lo > hi {
-        bail!("clamp: bounds [{lo}, {hi}] are not an interval");
-    }
-    let n = x.numel();
-    let out = match x.device() {
-        Device::Cpu => cpu_tensor(x.storage().as_cpu()?.iter().map(|v| v.max(lo).min(hi)).collect(), x.shape())?,
-        Device::Cuda(_) => {
-            let s = x.storage();
-            let c = s.as_cuda()?;
-            cuda_tensor(&c.dev, cuda::conv::clamp(c, lo, hi, n)?, x.shape())?
-        }
-    };
-    let sx = x.clone();
-    Ok(record(
-        "clamp",
-        out,
-        &[x],
-        Box::new(move |g| {
-            let dx = match sx.device() {
-                Device::Cpu => {
-                    let (s_x, s_g) = (sx.storage(), g.storage());
-                    let v = s_x
-                        .as_cpu()?
-                        .iter()
-                        .zip(s_g.as_cpu()?)
-                        .map(|(&xv, &gv)| if xv >= lo && xv <= hi { gv } else { 0.0 });
-                    cpu_tensor(v.collect(), sx.shape())?
-                }
-                Device::Cuda(_) => {
-                    let g = in_dtype(g, sx.dtype())?;
-                    let (s_x, s_g) = (sx.storage(), g.storage());
-                    let cx = s_x.as_cuda()?;
-                    cuda_tensor(&cx.dev, cuda::conv::clamp_backward(cx, s_g.as_cuda()?, lo, hi, n)?, sx.shape())?
-                }
-            };
-            Ok(vec![Some(dx)])
-        }),
-    ))
-}
-
 /// Single-head attention over pixels with channel-first operands, as the Wan VAE's
 /// middle block computes it: `q`, `k`, `v` are `[B, C, N]` (C channels = the head
 /// dimension, N pixels) and the result is `[B, C, N]` with
@@ -411,7 +330,7 @@ pub fn spatial_attention(q: &Tensor, k: &Tensor, v: &Tensor, max_score_elems: us
         let qc = scale(&narrow(q, 2, r0, len)?, s)?;
         // scores[b, i, j] = q_i·k_j / √C, [B, len, N]
         let scores = matmul_t(&qc, k, true, false)?;
-        let p = softmax_last_dim(&scores)?;
+        let p = super::softmax_last_dim(&scores)?;
         // out[b, :, i] = Σ_j p[b, i, j]·v[b, :, j], [B, C, len]
         outs.push(matmul_t(v, &p, false, true)?);
     }

@@ -366,3 +366,45 @@ pub fn gated_residual(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
         }),
     ))
 }
+
+/// `min(max(x, lo), hi)`; the gradient passes where `lo ≤ x ≤ hi` (as in PyTorch).
+pub fn clamp(x: &Tensor, lo: f32, hi: f32) -> Result<Tensor> {
+    if lo.is_nan() || hi.is_nan() || lo > hi {
+        bail!("clamp: bounds [{lo}, {hi}] are not an interval");
+    }
+    let n = x.numel();
+    let out = match x.device() {
+        Device::Cpu => cpu_tensor(x.storage().as_cpu()?.iter().map(|v| v.max(lo).min(hi)).collect(), x.shape())?,
+        Device::Cuda(_) => {
+            let s = x.storage();
+            let c = s.as_cuda()?;
+            cuda_tensor(&c.dev, cuda::elementwise::clamp(c, lo, hi, n)?, x.shape())?
+        }
+    };
+    let sx = x.clone();
+    Ok(record(
+        "clamp",
+        out,
+        &[x],
+        Box::new(move |g| {
+            let dx = match sx.device() {
+                Device::Cpu => {
+                    let (s_x, s_g) = (sx.storage(), g.storage());
+                    let v = s_x
+                        .as_cpu()?
+                        .iter()
+                        .zip(s_g.as_cpu()?)
+                        .map(|(&xv, &gv)| if xv >= lo && xv <= hi { gv } else { 0.0 });
+                    cpu_tensor(v.collect(), sx.shape())?
+                }
+                Device::Cuda(_) => {
+                    let g = in_dtype(g, sx.dtype())?;
+                    let (s_x, s_g) = (sx.storage(), g.storage());
+                    let cx = s_x.as_cuda()?;
+                    cuda_tensor(&cx.dev, cuda::elementwise::clamp_backward(cx, s_g.as_cuda()?, lo, hi, n)?, sx.shape())?
+                }
+            };
+            Ok(vec![Some(dx)])
+        }),
+    ))
+}

@@ -16,6 +16,7 @@ mod optim;
 mod reduce;
 mod rope;
 mod shape;
+mod softmax;
 
 pub use attention::*;
 pub use conv::*;
@@ -27,6 +28,7 @@ pub use optim::*;
 pub use reduce::*;
 pub use rope::*;
 pub use shape::*;
+pub use softmax::*;
 
 use crate::cuda::{CudaBuf, CudaDevice, CudaStorage};
 use crate::tensor::Storage;

@@ -12,7 +12,6 @@
 // - nearest 2× upsampling and its backward;
 // - the channel RMS norm forward and backward (32×8 blocks, per-block dγ partials, more
 //   pixel groups than CRN_MAX_BLOCKS), with pixels whose norm is clamped at eps;
-// - clamp and its backward, with values exactly on the bounds;
 // - a few of these again with the grid caps lowered, so that every grid-stride loop runs.
 // None of these kernels has a vector path, so there are no misaligned views to test; the
 // launchers pass whole allocations and element offsets.
@@ -62,7 +61,6 @@ struct K<float> {
     static constexpr auto accumulate = EMU_KERNEL(accumulate_f32_from_f32);
     static constexpr auto upsample = EMU_KERNEL(upsample2x_f32), upsample_bwd = EMU_KERNEL(upsample2x_bwd_f32);
     static constexpr auto crn = EMU_KERNEL(channel_rms_norm_f32), crn_bwd = EMU_KERNEL(channel_rms_norm_bwd_f32);
-    static constexpr auto clamp = EMU_KERNEL(clamp_f32), clamp_bwd = EMU_KERNEL(clamp_bwd_f32);
 };
 template <>
 struct K<bf16> {
@@ -72,7 +70,6 @@ struct K<bf16> {
     static constexpr auto accumulate = EMU_KERNEL(accumulate_f32_from_bf16);
     static constexpr auto upsample = EMU_KERNEL(upsample2x_bf16), upsample_bwd = EMU_KERNEL(upsample2x_bwd_bf16);
     static constexpr auto crn = EMU_KERNEL(channel_rms_norm_bf16), crn_bwd = EMU_KERNEL(channel_rms_norm_bwd_bf16);
-    static constexpr auto clamp = EMU_KERNEL(clamp_bf16), clamp_bwd = EMU_KERNEL(clamp_bwd_bf16);
 };
 
 // One rounding to T (relative), or f32 arithmetic for f32.
@@ -430,27 +427,6 @@ void channel_rms_norm(size_t batch, size_t c, size_t s, float eps, size_t clampe
     report.within(what + ": dgamma (partials summed)", got_dg, want_dg, dg_tol, "1e-5·Σ|terms|");
 }
 
-// ---- Clamp ----------------------------------------------------------------------------
-
-template <class T>
-void clamp(size_t n, float lo, float hi) {
-    const std::string what =
-        format("clamp %s n=%zu [%g, %g] grid cap %zu", Elem<T>::name, n, (double)lo, (double)hi, max_blocks);
-    auto xv = rng.values<T>(n, 1.5);
-    for (size_t i = 0; i < n; i += 5) xv[i] = (i / 5) % 2 ? lo : hi;  // on the bounds: gradient passes
-    const auto gv = rng.values<T>(n);
-    DeviceArray<T> x(xv), g(gv), y(n), dx(n);
-    emu::launch(grid(n), K<T>::clamp, (const T*)x.ptr(), y.ptr(), lo, hi, (int64_t)n);
-    emu::launch(grid(n), K<T>::clamp_bwd, (const T*)x.ptr(), (const T*)g.ptr(), dx.ptr(), lo, hi, (int64_t)n);
-    std::vector<double> want(n), want_dx(n);
-    for (size_t i = 0; i < n; ++i) {
-        want[i] = std::min(std::max(xv[i], (double)lo), (double)hi);
-        want_dx[i] = xv[i] >= lo && xv[i] <= hi ? gv[i] : 0.0;
-    }
-    report.close(what + ": y", y.download(), want, 0, 0);
-    report.close(what + ": dx", dx.download(), want_dx, 0, 0);
-}
-
 // The grid-stride loops, with the grid caps lowered (see `max_blocks`): blocks take
 // several pixel groups (and add to their dγ row several times; the norm's second barrier
 // guards its shared memory between groups) or several grid-sized spans of elements.
@@ -464,7 +440,6 @@ void small_grids() {
         conv<T>({2, 5, 7, 9, 6, 3, 3, 1, 1, 1, 1, 1, 900}, true);
         conv<T>({1, 3, 11, 10, 4, 5, 3, 2, 2, 1, 1, 0, 700}, false);
         upsample<T>(3, 37, 29);
-        clamp<T>(1001, -0.75f, 1.25f);
     }
     max_blocks = kMaxBlocks;
     crn_max_blocks = kCrnMaxBlocks;
@@ -499,9 +474,6 @@ void family() {
     upsample<T>(5, 3, 7);
     upsample<T>(1, 1, 1);
     upsample<T>(3, 37, 29);
-    clamp<T>(1, -0.75f, 1.25f);
-    clamp<T>(1001, -0.75f, 1.25f);
-    clamp<T>(37, 0.5f, 0.5f);
 }
 
 }  // namespace

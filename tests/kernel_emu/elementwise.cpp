@@ -57,6 +57,7 @@ struct K<float> {
     static constexpr auto gelu_tanh_bwd = EMU_KERNEL(gelu_tanh_bwd_f32),
                           gelu_exact_bwd = EMU_KERNEL(gelu_exact_bwd_f32), silu_bwd = EMU_KERNEL(silu_bwd_f32);
     static constexpr auto gated_residual = EMU_KERNEL(gated_residual_f32);
+    static constexpr auto clamp = EMU_KERNEL(clamp_f32), clamp_bwd = EMU_KERNEL(clamp_bwd_f32);
 };
 template <>
 struct K<bf16> {
@@ -68,6 +69,7 @@ struct K<bf16> {
     static constexpr auto gelu_tanh_bwd = EMU_KERNEL(gelu_tanh_bwd_bf16),
                           gelu_exact_bwd = EMU_KERNEL(gelu_exact_bwd_bf16), silu_bwd = EMU_KERNEL(silu_bwd_bf16);
     static constexpr auto gated_residual = EMU_KERNEL(gated_residual_bf16);
+    static constexpr auto clamp = EMU_KERNEL(clamp_bf16), clamp_bwd = EMU_KERNEL(clamp_bwd_bf16);
 };
 
 using Shape = std::vector<size_t>;
@@ -254,6 +256,30 @@ void gated_residual() {
     }
 }
 
+// clamp and its backward (`cuda::elementwise::clamp`: one element per thread, grid-stride),
+// with values exactly on the bounds (the gradient passes there), on the launcher's grid
+// and on a 3-block grid (each thread then walks several elements).
+template <class T>
+void clamp(size_t n, float lo, float hi) {
+    for (unsigned blocks : {(unsigned)std::max<size_t>(ceil_div(n, 256), 1), 3u}) {
+        const std::string what = format("clamp %s n=%zu [%g, %g] %u blocks", Elem<T>::name, n, (double)lo, (double)hi, blocks);
+        auto xv = rng.values<T>(n, 1.5);
+        for (size_t i = 0; i < n; i += 5) xv[i] = (i / 5) % 2 ? lo : hi;
+        const auto gv = rng.values<T>(n);
+        DeviceArray<T> x(xv), g(gv), y(n), dx(n);
+        const emu::LaunchConfig cfg{dim3(blocks), dim3(256), 0};
+        emu::launch(cfg, K<T>::clamp, (const T*)x.ptr(), y.ptr(), lo, hi, (int64_t)n);
+        emu::launch(cfg, K<T>::clamp_bwd, (const T*)x.ptr(), (const T*)g.ptr(), dx.ptr(), lo, hi, (int64_t)n);
+        std::vector<double> want(n), want_dx(n);
+        for (size_t i = 0; i < n; ++i) {
+            want[i] = std::min(std::max(xv[i], (double)lo), (double)hi);
+            want_dx[i] = xv[i] >= lo && xv[i] <= hi ? gv[i] : 0.0;
+        }
+        report.close(what + ": y", y.download(), want, 0, 0);
+        report.close(what + ": dx", dx.download(), want_dx, 0, 0);
+    }
+}
+
 template <class T>
 void family() {
     binary_same<T>("add", K<T>::add, [](double a, double b) { return a + b; });
@@ -292,6 +318,9 @@ void family() {
         activation_backward<T>(act.name, act.bwd, act.f);
     }
     gated_residual<T>();
+    clamp<T>(1, -0.75f, 1.25f);
+    clamp<T>(1001, -0.75f, 1.25f);
+    clamp<T>(37, 0.5f, 0.5f);
 }
 
 }  // namespace
