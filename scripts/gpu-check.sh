@@ -10,9 +10,10 @@
 # tests active), the README's first command (the demo) timed on the GPU, the PyTorch
 # reference (scripts/reference/bench_torch.py), `synthos-engine bench --json --compare`,
 # registers/spills of every kernel (ptxas -v from the build, cuobjdump here),
+# a per-kernel profile of the 1.3B b4 training step (SYNTHOS_CUDA_PROFILE=1),
 # compute-sanitizer memcheck/racecheck on the op tests where the machine supports it, and
 # one summary.json (scripts/gpu-summary.py). Stages: set SKIP_TESTS, SKIP_DEMO, SKIP_TORCH,
-# SKIP_BENCH, SKIP_SANITIZER to 1 to leave one out; TEST_FILTER narrows the tests;
+# SKIP_BENCH, SKIP_PROFILE, SKIP_SANITIZER to 1 to leave one out; TEST_FILTER narrows the tests;
 # SKIP_TEST_BINARIES (default: kernel_emulation, CPU only) lists executables not run.
 set -uo pipefail
 T0=$(date +%s)
@@ -131,6 +132,12 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   compare=(); [ -s "$OUTDIR/torch.json" ] && compare=(--compare "$OUTDIR/torch.json")
   timeout $(( $(left) > 100 ? $(left) - 20 : 90 )) "$ENGINE" bench --min-seconds 0.3 --json "$OUTDIR/bench.json" "${compare[@]}" 2>&1 \
     | tee "$OUTDIR/bench.txt"
+fi
+
+if [ "${SKIP_PROFILE:-0}" != 1 ] && [ "$(left)" -gt 100 ]; then
+  stage "per-kernel profile of the 832x480 b4 training step (SYNTHOS_CUDA_PROFILE=1)"
+  SYNTHOS_CUDA_PROFILE=1 timeout 60 "$ENGINE" bench --min-seconds 0.1 --filter "832x480" > "$OUTDIR/profile.txt" 2>&1
+  grep -A26 "train step" "$OUTDIR/profile.txt" | head -28
 fi
 
 if [ "${SKIP_SANITIZER:-0}" != 1 ] && [ "$(left)" -gt 40 ] && command -v compute-sanitizer >/dev/null; then
