@@ -22,10 +22,10 @@
 use std::sync::Arc;
 
 use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::{check_same, CudaBuf, CudaDevice, CudaStorage};
+use super::{check_same, CudaBuf, CudaDevice, CudaStorage, PushBuf};
 use crate::desc::{ChannelNorm, ConvGeom};
 use crate::{bail, DType, Error, Result, ResultExt};
 
@@ -610,20 +610,6 @@ fn backward_t<T: Elem>(
     Ok((dx, dw))
 }
 
-fn push<'a>(lb: &mut LaunchArgs<'a>, buf: &'a CudaBuf) {
-    match buf {
-        CudaBuf::F32(s) => lb.arg(s),
-        CudaBuf::BF16(s) => lb.arg(s),
-    };
-}
-
-fn push_mut<'a>(lb: &mut LaunchArgs<'a>, buf: &'a mut CudaBuf) {
-    match buf {
-        CudaBuf::F32(s) => lb.arg(s),
-        CudaBuf::BF16(s) => lb.arg(s),
-    };
-}
-
 /// Nearest 2× upsampling of `planes` planes of `h × w`.
 pub fn upsample_nearest2x(x: &CudaStorage, planes: usize, h: usize, w: usize) -> Result<CudaBuf> {
     let dev = &x.dev;
@@ -638,8 +624,8 @@ pub fn upsample_nearest2x(x: &CudaStorage, planes: usize, h: usize, w: usize) ->
     let f = dev.func("conv", kname("upsample2x", x.buf.dtype())?)?;
     let args = [h, w, n_out].map(|v| v as i64);
     let mut lb = dev.stream.launch_builder(&f);
-    push(&mut lb, &x.buf);
-    push_mut(&mut lb, &mut out);
+    lb.buf(&x.buf);
+    lb.buf_mut(&mut out);
     lb.arg(&args[0]).arg(&args[1]).arg(&args[2]);
     // SAFETY: n_out writes into `out`; each reads x[(p·h + y/2)·w + x/2] < planes·h·w.
     unsafe { lb.launch(grid(n_out)) }?;
@@ -660,8 +646,8 @@ pub fn upsample_nearest2x_backward(g: &CudaStorage, planes: usize, h: usize, w: 
     let f = dev.func("conv", kname("upsample2x_bwd", g.buf.dtype())?)?;
     let args = [h, w, n_in].map(|v| v as i64);
     let mut lb = dev.stream.launch_builder(&f);
-    push(&mut lb, &g.buf);
-    push_mut(&mut lb, &mut dx);
+    lb.buf(&g.buf);
+    lb.buf_mut(&mut dx);
     lb.arg(&args[0]).arg(&args[1]).arg(&args[2]);
     // SAFETY: n_in writes; reads of the 2×2 block stay below planes·2h·2w.
     unsafe { lb.launch(grid(n_in)) }?;
@@ -701,9 +687,9 @@ pub fn channel_rms_norm(x: &CudaStorage, gamma: &CudaStorage, n: &ChannelNorm) -
     let args = [n.c, n.s, n.batch * n.s].map(|v| v as i64);
     let scale = n.scale();
     let mut lb = dev.stream.launch_builder(&f);
-    push(&mut lb, &x.buf);
-    push(&mut lb, &gamma.buf);
-    push_mut(&mut lb, &mut y);
+    lb.buf(&x.buf);
+    lb.buf(&gamma.buf);
+    lb.buf_mut(&mut y);
     lb.arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&n.eps).arg(&scale);
     // SAFETY: pixels p < batch·s read and write (p/s)·c·s + p%s + ch·s < batch·c·s
     // elements of x and y; gamma holds c values. The block shape is the kernel's 32×8.
@@ -731,11 +717,11 @@ pub fn channel_rms_norm_backward(
     let args = [n.c, n.s, n.batch * n.s].map(|v| v as i64);
     let scale = n.scale();
     let mut lb = dev.stream.launch_builder(&f);
-    push(&mut lb, &x.buf);
-    push(&mut lb, &gamma.buf);
-    push(&mut lb, &dy.buf);
-    push_mut(&mut lb, &mut dx);
-    push_mut(&mut lb, &mut part);
+    lb.buf(&x.buf);
+    lb.buf(&gamma.buf);
+    lb.buf(&dy.buf);
+    lb.buf_mut(&mut dx);
+    lb.buf_mut(&mut part);
     lb.arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&n.eps).arg(&scale);
     // SAFETY: as in the forward for x, dy and dx; block b writes part[b·c + ch] with
     // b < blocks (the grid size) and ch < c.

@@ -3,7 +3,7 @@
 
 use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
 
-use super::{grid_1d, CudaBuf, CudaStorage};
+use super::{grid_1d, CudaBuf, CudaStorage, PushBuf};
 use crate::desc::RowNorm;
 use crate::{bail, DType, Result};
 
@@ -70,36 +70,18 @@ fn bwd_name(t: DType, p: DType, vectorised: bool) -> &'static str {
     }
 }
 
-fn push<'a>(lb: &mut LaunchArgs<'a>, buf: &'a CudaBuf) {
-    match buf {
-        CudaBuf::F32(s) => lb.arg(s),
-        CudaBuf::BF16(s) => lb.arg(s),
-    };
-}
-
-fn push_mut<'a>(lb: &mut LaunchArgs<'a>, buf: &'a mut CudaBuf) {
-    match buf {
-        CudaBuf::F32(s) => lb.arg(s),
-        CudaBuf::BF16(s) => lb.arg(s),
-    };
-}
-
 fn push_opt<'a>(lb: &mut LaunchArgs<'a>, buf: Option<&'a CudaBuf>) {
     match buf {
-        Some(b) => push(lb, b),
-        None => {
-            lb.arg(&NULL_PTR);
-        }
-    }
+        Some(b) => lb.buf(b),
+        None => lb.arg(&NULL_PTR),
+    };
 }
 
 fn push_opt_mut<'a>(lb: &mut LaunchArgs<'a>, buf: Option<&'a mut CudaBuf>) {
     match buf {
-        Some(b) => push_mut(lb, b),
-        None => {
-            lb.arg(&NULL_PTR);
-        }
-    }
+        Some(b) => lb.buf_mut(b),
+        None => lb.arg(&NULL_PTR),
+    };
 }
 
 /// The kernels' parameter dtype: that of `w` and `b`, which must agree; with neither,
@@ -171,14 +153,14 @@ pub fn forward(
     };
     let (rows, d, rpg, rms) = (spec.rows as i64, spec.d as i32, spec.rows_per_group as i64, spec.rms as i32);
     let mut lb = dev.stream.launch_builder(&f);
-    push(&mut lb, &x.buf);
-    push_mut(&mut lb, &mut y);
+    lb.buf(&x.buf);
+    lb.buf_mut(&mut y);
     push_opt(&mut lb, w.map(|s| &s.buf));
     push_opt(&mut lb, b.map(|s| &s.buf));
     match &mut stats {
         Some((m, r)) => {
-            push_mut(&mut lb, m);
-            push_mut(&mut lb, r);
+            lb.buf_mut(m);
+            lb.buf_mut(r);
         }
         None => {
             lb.arg(&NULL_PTR).arg(&NULL_PTR);
@@ -260,11 +242,11 @@ pub fn backward(
         };
         let (rpg64, d, rms) = (rpg as i64, spec.d as i32, spec.rms as i32);
         let mut lb = dev.stream.launch_builder(&f);
-        push(&mut lb, &x.buf);
-        push(&mut lb, &dy.buf);
+        lb.buf(&x.buf);
+        lb.buf(&dy.buf);
         push_opt(&mut lb, w.map(|s| &s.buf));
-        push(&mut lb, &mean.buf);
-        push(&mut lb, &rstd.buf);
+        lb.buf(&mean.buf);
+        lb.buf(&rstd.buf);
         push_opt_mut(&mut lb, dx.as_mut());
         push_opt_mut(&mut lb, part_w.as_mut());
         push_opt_mut(&mut lb, part_b.as_mut());
@@ -291,8 +273,8 @@ pub fn backward(
         )?;
         let (g64, nblk64, d) = (groups as i64, nblk as i64, spec.d as i32);
         let mut lb = dev.stream.launch_builder(&f);
-        push(&mut lb, &part);
-        push_mut(&mut lb, &mut out);
+        lb.buf(&part);
+        lb.buf_mut(&mut out);
         lb.arg(&g64).arg(&nblk64).arg(&d);
         // SAFETY: reads groups·nblk·d partials and writes groups·d outputs.
         unsafe { lb.launch(grid_1d(groups * spec.d, 256)) }?;
