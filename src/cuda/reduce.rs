@@ -4,7 +4,7 @@ use cudarc::driver::PushKernelArg;
 
 use cudarc::driver::LaunchConfig;
 
-use super::{grid_1d, grid_rows, CudaBuf, CudaStorage};
+use super::{grid_1d, grid_rows, kernel_name, CudaBuf, CudaStorage, PushBuf};
 use crate::{bail, DType, Result};
 
 /// Threads per block of the row kernels.
@@ -83,19 +83,11 @@ pub fn sum_to(x: &CudaStorage, in_shape: &[usize], out_shape: &[usize]) -> Resul
     let n_red = (in_shape.iter().product::<usize>() / n_out.max(1)) as i64;
     let dev = &x.dev;
     let dtype = x.buf.dtype();
-    let f = dev.func("reduce", if dtype == DType::F32 { "sum_to_f32" } else { "sum_to_bf16" })?;
+    let f = dev.func("reduce", kernel_name("sum_to", dtype))?;
     let mut out = dev.alloc(n_out, dtype)?;
     let n_out64 = n_out as i64;
     let mut lb = dev.stream.launch_builder(&f);
-    match (&x.buf, &mut out) {
-        (CudaBuf::F32(a), CudaBuf::F32(o)) => {
-            lb.arg(a).arg(o);
-        }
-        (CudaBuf::BF16(a), CudaBuf::BF16(o)) => {
-            lb.arg(a).arg(o);
-        }
-        _ => bail!("sum_to: dtype mismatch"),
-    }
+    lb.buf(&x.buf).buf_mut(&mut out);
     lb.arg(&d).arg(&n_out64).arg(&n_red);
     // SAFETY: offsets stay inside `x` (strides from its contiguous shape); n_out writes.
     unsafe { lb.launch(grid_1d(n_out, 256)) }?;
@@ -124,25 +116,19 @@ pub fn row_sum(x: &CudaStorage, rows: usize, len: usize, scale: f32) -> Result<C
         bail!("sum: partials buffer is not f32");
     };
     let (len64, bpr64) = (len as i64, bpr as i64);
-    let f = dev.func("reduce", if dtype == DType::F32 { "row_partial_f32" } else { "row_partial_bf16" })?;
+    let f = dev.func("reduce", kernel_name("row_partial", dtype))?;
     let mut lb = dev.stream.launch_builder(&f);
-    match &x.buf {
-        CudaBuf::F32(a) => lb.arg(a),
-        CudaBuf::BF16(a) => lb.arg(a),
-    };
+    lb.buf(&x.buf);
     lb.arg(&mut *part).arg(&len64).arg(&bpr64);
     // SAFETY: block b reads row b / bpr (len elements, inside x's rows·len) and writes
     // partials[b], b < rows·bpr.
     unsafe { lb.launch(grid_rows(rows * bpr, ROW_THREADS)) }?;
 
     let mut out = dev.alloc(rows, dtype)?;
-    let f = dev.func("reduce", if dtype == DType::F32 { "row_finish_f32" } else { "row_finish_bf16" })?;
+    let f = dev.func("reduce", kernel_name("row_finish", dtype))?;
     let mut lb = dev.stream.launch_builder(&f);
     lb.arg(&*part);
-    match &mut out {
-        CudaBuf::F32(o) => lb.arg(o),
-        CudaBuf::BF16(o) => lb.arg(o),
-    };
+    lb.buf_mut(&mut out);
     lb.arg(&bpr64).arg(&scale);
     // SAFETY: block r reads partials[r·bpr .. (r+1)·bpr] and writes out[r], r < rows.
     unsafe { lb.launch(grid_rows(rows, ROW_THREADS)) }?;
@@ -163,13 +149,9 @@ pub fn col_sum(x: &CudaStorage, outer: usize, len: usize, inner: usize, scale: f
     }
     let mut out = dev.alloc(outer * inner, dtype)?;
     let (len64, inner64) = (len as i64, inner as i64);
-    let f = dev.func("reduce", if dtype == DType::F32 { "col_sum_f32" } else { "col_sum_bf16" })?;
+    let f = dev.func("reduce", kernel_name("col_sum", dtype))?;
     let mut lb = dev.stream.launch_builder(&f);
-    match (&x.buf, &mut out) {
-        (CudaBuf::F32(a), CudaBuf::F32(o)) => lb.arg(a).arg(o),
-        (CudaBuf::BF16(a), CudaBuf::BF16(o)) => lb.arg(a).arg(o),
-        _ => bail!("sum_dim: dtype mismatch"),
-    };
+    lb.buf(&x.buf).buf_mut(&mut out);
     lb.arg(&len64).arg(&inner64).arg(&scale);
     // The kernel's shared tile is sized for exactly 32×8 threads.
     let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
@@ -214,12 +196,9 @@ pub fn col_sum_split(x: &CudaStorage, outer: usize, len: usize, inner: usize, sc
         bail!("sum_to: partials buffer is not f32");
     };
     let (len64, inner64, splits64, chunk64) = (len as i64, inner as i64, splits as i64, chunk as i64);
-    let f = dev.func("reduce", if dtype == DType::F32 { "col_partial_f32" } else { "col_partial_bf16" })?;
+    let f = dev.func("reduce", kernel_name("col_partial", dtype))?;
     let mut lb = dev.stream.launch_builder(&f);
-    match &x.buf {
-        CudaBuf::F32(a) => lb.arg(a),
-        CudaBuf::BF16(a) => lb.arg(a),
-    };
+    lb.buf(&x.buf);
     lb.arg(&mut *part).arg(&len64).arg(&inner64).arg(&splits64).arg(&chunk64);
     let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
     // SAFETY: block (o, s, tile) reads rows [s·chunk, min((s+1)·chunk, len)) of slab o
@@ -228,13 +207,10 @@ pub fn col_sum_split(x: &CudaStorage, outer: usize, len: usize, inner: usize, sc
     unsafe { lb.launch(cfg) }?;
 
     let mut out = dev.alloc(outer * inner, dtype)?;
-    let f = dev.func("reduce", if dtype == DType::F32 { "col_finish_f32" } else { "col_finish_bf16" })?;
+    let f = dev.func("reduce", kernel_name("col_finish", dtype))?;
     let mut lb = dev.stream.launch_builder(&f);
     lb.arg(&*part);
-    match &mut out {
-        CudaBuf::F32(o) => lb.arg(o),
-        CudaBuf::BF16(o) => lb.arg(o),
-    };
+    lb.buf_mut(&mut out);
     lb.arg(&splits64).arg(&inner64).arg(&scale);
     let cfg = LaunchConfig {
         grid_dim: ((outer * inner.div_ceil(32)) as u32, 1, 1),
