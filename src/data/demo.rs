@@ -17,7 +17,8 @@ use std::fs;
 use std::path::Path;
 
 use super::csv::format_record;
-use super::rgb::{write_atomic, ImageRgb};
+use crate::fsutil::write_atomic;
+use crate::image::ImageRgb;
 use crate::{ensure, Result, ResultExt, Rng};
 
 /// The shape drawn in the middle of the image.
