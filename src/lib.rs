@@ -10,6 +10,8 @@
 //! - [`weights`]: safetensors in and out,
 //! - [`nn`]: parameters and layers (Linear, LayerNorm, RmsNorm) built from checkpoints or
 //!   random init,
+//! - [`image`]: the one RGB image type [`image::ImageRgb`] with decoding, the reference
+//!   resizes, CLIP preprocessing and PNG output; [`fsutil`]: atomic file writes,
 //! - [`bench`](mod@bench): the kernel benchmarks behind `synthos-engine bench` and `cargo bench`.
 //!
 //! ```

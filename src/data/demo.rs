@@ -348,6 +348,6 @@ pub fn generate(dir: impl AsRef<Path>, n: usize, size: usize, seed: u64) -> Resu
         csv.push_str(&format_record(&[rel, a.caption()]));
         attrs.push(a);
     }
-    write_atomic(&dir.join("metadata.csv"), csv.as_bytes())?;
+    write_atomic(dir.join("metadata.csv"), csv.as_bytes())?;
     Ok(attrs)
 }
