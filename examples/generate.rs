@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 
-use synthos_engine::image_io::RgbImage;
+use synthos_engine::image::ImageRgb;
 use synthos_engine::pipeline::{GenerateOptions, SynthosPipeline, WeightPaths};
 use synthos_engine::{bail, DType, Device, Result};
 
@@ -28,7 +28,7 @@ fn main() -> Result<()> {
     let device = Device::best_available();
     let dtype = if device.is_cuda() { DType::BF16 } else { DType::F32 };
     let pipe = SynthosPipeline::load(&paths, device, dtype)?;
-    let reference = RgbImage::open(reference)?;
+    let reference = ImageRgb::open(reference)?;
     // Synthos defaults: 480×480, 25 steps, cfg 5, seed 42, negative prompt "ugly, deformed, blurry, low quality".
     let opts = GenerateOptions { prompt: prompt.clone(), ..Default::default() };
     let image = pipe.generate(&opts, Some(&reference))?;

@@ -576,12 +576,12 @@ fn sample_dit_case(device: Device) -> Result<BenchCase> {
 }
 
 fn sample_pipeline_case(device: Device) -> Result<BenchCase> {
-    use crate::image_io::RgbImage;
+    use crate::image::ImageRgb;
     use crate::pipeline::GenerateOptions;
     let pipe = random_pipeline_1_3b(device)?;
     let cfg = pipe.dit.config().clone();
     let pixels: Vec<u8> = (0..224 * 224 * 3).map(|i| ((i * 37) % 251) as u8).collect();
-    let reference = RgbImage::new(224, 224, pixels)?;
+    let reference = ImageRgb::new(224, 224, pixels)?;
     let opts = GenerateOptions { prompt: "a lighthouse at dusk".into(), ..Default::default() };
     let flops = 2.0 * 25.0 * dit_forward_flops(&cfg, 900, 257 + cfg.text_len);
     Ok(BenchCase {

@@ -10,6 +10,8 @@
 //! - [`weights`]: safetensors in and out,
 //! - [`nn`]: parameters and layers (Linear, LayerNorm, RmsNorm) built from checkpoints or
 //!   random init,
+//! - [`image`]: the one RGB image type [`image::ImageRgb`] with decoding, the reference
+//!   resizes, CLIP preprocessing and PNG output; [`fsutil`]: atomic file writes,
 //! - [`bench`](mod@bench): the kernel benchmarks behind `synthos-engine bench` and `cargo bench`.
 //!
 //! ```
@@ -37,7 +39,8 @@ pub mod data;
 pub mod desc;
 mod device;
 mod error;
-pub mod image_io;
+pub mod fsutil;
+pub mod image;
 pub mod models;
 pub mod nn;
 pub mod ops;

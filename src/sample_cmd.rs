@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use synthos_engine::image_io::RgbImage;
+use synthos_engine::image::ImageRgb;
 use synthos_engine::pipeline::{GenerateOptions, WeightPaths, DEFAULT_NEGATIVE_PROMPT};
 use synthos_engine::report::{image_grid, Progress};
 use synthos_engine::{bail, Error, Result, ResultExt};
@@ -109,7 +109,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         prompts.insert(0, args.prompt.clone());
     }
     let reference = match &args.reference {
-        Some(p) => Some(RgbImage::open(p).with_ctx(|| format!("--reference {}", p.display()))?),
+        Some(p) => Some(ImageRgb::open(p).with_ctx(|| format!("--reference {}", p.display()))?),
         None => None,
     };
     let size = if demo { 64 } else { 480 };

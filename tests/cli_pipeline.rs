@@ -110,7 +110,7 @@ fn killed_run_resumes_to_the_same_weights_and_samples_repeat() {
         ok(&run(&v))
     };
     sample(&png, "7");
-    let img = synthos_engine::data::ImageRgb::load(&png).unwrap();
+    let img = synthos_engine::image::ImageRgb::open(&png).unwrap();
     assert_eq!((img.width(), img.height()), (48, 32));
     let again = base.join("s2.png");
     sample(&again, "7");

@@ -8,7 +8,9 @@ use common::temp_dir;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use synthos_engine::image_io::{clip_pixels, resize_bicubic_chw, RgbImage, CLIP_MEAN, CLIP_STD};
+use synthos_engine::image::clip::{clip_pixels, CLIP_MEAN, CLIP_STD};
+use synthos_engine::image::resize::{resize_bicubic, resize_bicubic_chw};
+use synthos_engine::image::ImageRgb;
 use synthos_engine::models::clip::{ClipVisionConfig, ClipVisionEncoder};
 use synthos_engine::nn::Module;
 use synthos_engine::weights::{save, SaveDType, WeightSet};
@@ -24,12 +26,12 @@ fn expected(name: &str) -> (Vec<f32>, Vec<usize>) {
     (set.read_f32(name).unwrap(), set.shape(name).unwrap().to_vec())
 }
 
-fn pixels_f32(img: &RgbImage) -> Vec<f32> {
+fn pixels_f32(img: &ImageRgb) -> Vec<f32> {
     img.data().iter().map(|&v| f32::from(v)).collect()
 }
 
-fn reference_png() -> RgbImage {
-    RgbImage::open(fixture("ref.png")).unwrap()
+fn reference_png() -> ImageRgb {
+    ImageRgb::open(fixture("ref.png")).unwrap()
 }
 
 #[test]
@@ -50,11 +52,11 @@ fn decodes_png_webp_and_jpeg() {
     let png = reference_png();
     assert_eq!((png.width(), png.height()), (97, 61));
     assert_eq!(pixels_f32(&png), png_want, "PNG pixels");
-    let webp = RgbImage::open(fixture("ref.webp")).unwrap();
+    let webp = ImageRgb::open(fixture("ref.webp")).unwrap();
     assert_eq!(webp, png, "lossless WebP decodes to the PNG's pixels");
     // JPEG decoders differ by a level here and there (IDCT, chroma upsampling); Pillow's
     // libjpeg-turbo is the reference
-    let jpg = RgbImage::open(fixture("ref.jpg")).unwrap();
+    let jpg = ImageRgb::open(fixture("ref.jpg")).unwrap();
     let (jpg_want, _) = expected("jpg_pixels");
     let diffs: Vec<f32> = pixels_f32(&jpg).iter().zip(&jpg_want).map(|(a, b)| (a - b).abs()).collect();
     let max = diffs.iter().cloned().fold(0f32, f32::max);
@@ -69,10 +71,10 @@ fn resize_is_pillows_bicubic_bit_for_bit() {
     for (w, h, name) in [(80, 48, "png_resized_80x48"), (120, 76, "png_resized_120x76")] {
         let (want, shape) = expected(name);
         assert_eq!(shape, [h, w, 3]);
-        assert_eq!(pixels_f32(&png.resize(w, h).unwrap()), want, "Image.resize(({w}, {h}))");
+        assert_eq!(pixels_f32(&resize_bicubic(&png, w, h).unwrap()), want, "Image.resize(({w}, {h}))");
     }
-    assert_eq!(png.resize(97, 61).unwrap(), png, "same size is a copy");
-    assert!(png.resize(0, 5).is_err());
+    assert_eq!(resize_bicubic(&png, 97, 61).unwrap(), png, "same size is a copy");
+    assert!(resize_bicubic(&png, 0, 5).is_err());
 }
 
 #[test]
@@ -89,7 +91,7 @@ fn preprocessing_matches_the_synthos_pipeline() {
     common::assert_close(&clip_pixels(&png, 80, 48, 42).unwrap(), &want, 2e-6, 2e-6, "42x42 CLIP input");
     // the JPEG file through each side's own decoder: a few 8-bit levels apart at most
     // (one level is 2/255·0.5/std ≈ 0.015 after normalization)
-    let jpg = RgbImage::open(fixture("ref.jpg")).unwrap();
+    let jpg = ImageRgb::open(fixture("ref.jpg")).unwrap();
     let (want, _) = expected("jpg_pre42_80x48");
     let got = clip_pixels(&jpg, 80, 48, 42).unwrap();
     common::assert_close(&got, &want, 0.06, 0.0, "42x42 CLIP input of the JPEG");
@@ -191,26 +193,26 @@ fn loads_transformers_4_naming_with_extras() {
 #[test]
 fn bad_images_are_named_errors() {
     let dir = temp_dir("clip-img");
-    let e = RgbImage::open(dir.join("absent.png")).unwrap_err().to_string();
+    let e = ImageRgb::open(dir.join("absent.png")).unwrap_err().to_string();
     assert!(e.contains("absent.png") && e.contains("cannot read"), "{e}");
 
     let gif = dir.join("anim.gif");
     std::fs::write(&gif, b"GIF89a\x01\x00\x01\x00\x00\x00\x00;").unwrap();
-    let e = RgbImage::open(&gif).unwrap_err().to_string();
+    let e = ImageRgb::open(&gif).unwrap_err().to_string();
     assert!(e.contains("anim.gif") && e.contains("Gif") && e.contains("not supported"), "{e}");
 
     let text = dir.join("notes.jpg");
     std::fs::write(&text, b"this is not an image at all").unwrap();
-    let e = RgbImage::open(&text).unwrap_err().to_string();
+    let e = ImageRgb::open(&text).unwrap_err().to_string();
     assert!(e.contains("notes.jpg") && e.contains("unrecognised image format"), "{e}");
 
     let png = std::fs::read(fixture("ref.png")).unwrap();
     let truncated = dir.join("truncated.png");
     std::fs::write(&truncated, &png[..png.len() / 2]).unwrap();
-    let e = RgbImage::open(&truncated).unwrap_err().to_string();
+    let e = ImageRgb::open(&truncated).unwrap_err().to_string();
     assert!(e.contains("truncated.png") && e.contains("cannot decode"), "{e}");
 
-    let e = RgbImage::new(4, 4, vec![0; 47]).unwrap_err().to_string();
+    let e = ImageRgb::new(4, 4, vec![0; 47]).unwrap_err().to_string();
     assert!(e.contains("47") && e.contains("4x4"), "{e}");
     std::fs::remove_dir_all(dir).unwrap();
 }

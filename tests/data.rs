@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use synthos_engine::data::csv::{format_record, parse_csv, read_csv};
 use synthos_engine::data::demo::{self, Colour, DemoAttrs, Shape, ShapeSize, Texture};
-use synthos_engine::data::resize::{center_crop, cover_size, resize_bilinear, resize_cover_crop};
-use synthos_engine::data::{epoch_order, BadRowPolicy, DatasetOptions, ImageRgb, SynthosDataset};
+use synthos_engine::data::{epoch_order, BadRowPolicy, DatasetOptions, SynthosDataset};
+use synthos_engine::image::resize::{center_crop, cover_size, resize_bilinear, resize_cover_crop};
+use synthos_engine::image::ImageRgb;
 use synthos_engine::Tensor;
 
 fn err_of<T: std::fmt::Debug>(r: synthos_engine::Result<T>) -> String {
@@ -159,7 +160,7 @@ fn dataset_opens_and_samples() {
     assert_eq!(s.path, dir.join("images/b.png"));
     assert!(s.image.iter().all(|v| (-1.0..=1.0).contains(v)));
     // The sample is exactly the documented pipeline: decode, cover, crop, scale.
-    let expected = resize_cover_crop(&ImageRgb::load(dir.join("images/b.png")).unwrap(), 8, 6).unwrap().to_chw();
+    let expected = resize_cover_crop(&ImageRgb::open(dir.join("images/b.png")).unwrap(), 8, 6).unwrap().to_chw();
     assert_eq!(s.image, expected);
     assert_eq!(s.to_tensor().unwrap().shape(), &[3, 6, 8]);
 
@@ -420,8 +421,8 @@ fn resize_cover_crop_matches_pillow_and_torchvision() {
     let mut checked = 0;
     for case in meta["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
-        let src = ImageRgb::load(fixtures().join(case["source"].as_str().unwrap())).unwrap();
-        let expected = ImageRgb::load(fixtures().join(case["expected"].as_str().unwrap())).unwrap();
+        let src = ImageRgb::open(fixtures().join(case["source"].as_str().unwrap())).unwrap();
+        let expected = ImageRgb::open(fixtures().join(case["expected"].as_str().unwrap())).unwrap();
         let size = |k: &str| (case[k][0].as_u64().unwrap() as usize, case[k][1].as_u64().unwrap() as usize);
         let (tw, th) = size("target_size");
         assert_eq!((src.width(), src.height()), size("source_size"), "{name}");
@@ -453,14 +454,14 @@ fn decoding_drops_alpha_and_expands_grey() {
     let dir = temp_dir("data-decode-formats");
     let rgba = image::RgbaImage::from_raw(2, 1, vec![200, 10, 20, 0, 1, 2, 3, 255]).unwrap();
     rgba.save(dir.join("rgba.png")).unwrap();
-    let img = ImageRgb::load(dir.join("rgba.png")).unwrap();
+    let img = ImageRgb::open(dir.join("rgba.png")).unwrap();
     assert_eq!((img.pixel(0, 0), img.pixel(1, 0)), ([200, 10, 20], [1, 2, 3]), "alpha is dropped, not blended");
     let grey = image::GrayImage::from_raw(2, 1, vec![7, 250]).unwrap();
     // A misleading extension: the format is read from the content.
     grey.save_with_format(dir.join("grey.jpg"), image::ImageFormat::Png).unwrap();
-    let img = ImageRgb::load(dir.join("grey.jpg")).unwrap();
+    let img = ImageRgb::open(dir.join("grey.jpg")).unwrap();
     assert_eq!((img.pixel(0, 0), img.pixel(1, 0)), ([7, 7, 7], [250, 250, 250]));
-    let e = err_of(ImageRgb::load(dir.join("absent.png")));
+    let e = err_of(ImageRgb::open(dir.join("absent.png")));
     assert!(e.contains("absent.png"), "{e}");
 }
 
@@ -493,7 +494,7 @@ fn png_save_is_atomic_and_lossless() {
     let path = dir.join("sub/dir/out.png");
     img.save_png(&path).unwrap();
     img.save_png(&path).unwrap(); // replacing works too
-    assert_eq!(ImageRgb::load(&path).unwrap(), img);
+    assert_eq!(ImageRgb::open(&path).unwrap(), img);
     let names: Vec<String> =
         fs::read_dir(dir.join("sub/dir")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
     assert_eq!(names, vec!["out.png"], "no temporary files are left behind");

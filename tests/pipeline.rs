@@ -3,7 +3,7 @@
 mod common;
 
 use synthos_engine::data::demo::{render, Colour, DemoAttrs, Shape, ShapeSize, Texture};
-use synthos_engine::image_io::RgbImage;
+use synthos_engine::image::ImageRgb;
 use synthos_engine::pipeline::{demo, GenerateOptions, SynthosPipeline};
 use synthos_engine::{DType, Device};
 
@@ -75,7 +75,7 @@ fn reference_image_changes_the_sample() {
         texture: Texture::Plain,
     };
     let img = render(&attrs, 64).unwrap();
-    let reference = RgbImage::new(64, 64, img.data().to_vec()).unwrap();
+    let reference = ImageRgb::new(64, 64, img.data().to_vec()).unwrap();
     let with = pipe.generate(&opts, Some(&reference)).unwrap();
     let without = pipe.generate(&opts, None).unwrap();
     assert_ne!(with.data(), without.data());
@@ -131,7 +131,7 @@ fn loads_a_diffusers_wan_folder_with_clip_and_checkpoint() {
     let pipe = SynthosPipeline::load(&paths, Device::Cpu, DType::F32).unwrap();
     assert!(!pipe.is_demo());
     assert_eq!(pipe.codec.factor(), 8);
-    let reference = RgbImage::open(fx.join("clip/ref.png")).unwrap();
+    let reference = ImageRgb::open(fx.join("clip/ref.png")).unwrap();
     let opts = GenerateOptions { prompt: "a lighthouse".into(), height: 32, width: 48, steps: 2, ..Default::default() };
     let img = pipe.generate(&opts, Some(&reference)).unwrap();
     assert_eq!((img.width(), img.height()), (48, 32));
@@ -179,7 +179,7 @@ fn loading_reports_missing_and_mismatched_components() {
         SynthosPipeline::load(&WeightPaths { wan: Some(dir), ..Default::default() }, Device::Cpu, DType::F32).unwrap();
     let opts = GenerateOptions { height: 16, width: 16, steps: 1, ..Default::default() };
     pipe.generate(&opts, None).unwrap();
-    let reference = RgbImage::open(fx.join("clip/ref.png")).unwrap();
+    let reference = ImageRgb::open(fx.join("clip/ref.png")).unwrap();
     let err = pipe.generate(&opts, Some(&reference)).unwrap_err().to_string();
     assert!(err.contains("--clip"), "{err}");
 }
@@ -220,7 +220,7 @@ fn gpu_1_3b_sample_and_train_step_480() {
     let pipe = build();
     let gib = |b: Option<u64>| b.unwrap_or(0) as f64 / (1u64 << 30) as f64;
     let opts = GenerateOptions { prompt: "a lighthouse at dusk".into(), ..Default::default() };
-    let reference = RgbImage::open(fx.join("clip/ref.png")).unwrap();
+    let reference = ImageRgb::open(fx.join("clip/ref.png")).unwrap();
     for run in 0..2 {
         let t = Instant::now();
         let img = pipe.generate(&opts, Some(&reference)).unwrap();

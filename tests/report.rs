@@ -10,12 +10,14 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use synthos_engine::data::demo;
+use synthos_engine::image::png::save_chw_png;
+use synthos_engine::image::ImageRgb;
 use synthos_engine::report::font::{draw_text, glyph, text_width, wrap_text, ADVANCE, GLYPH_H, LINE_HEIGHT};
 use synthos_engine::report::{
     auto_smoothing, compose_grid, ema, eta_seconds, format_duration, format_loss, format_progress, format_rate,
     format_tick, grid_layout, image_grid, nice_ticks, plot_loss, plot_loss_with, read_metrics, render_loss_plot,
-    save_chw_png, series, ImageRgb, MetricsRecord, MetricsWriter, PlotOptions, Progress, ProgressState, EMA_RGB,
-    GRID_PAD, MIN_LABEL_CELL_W, RAW_RGB,
+    series, MetricsRecord, MetricsWriter, PlotOptions, Progress, ProgressState, EMA_RGB, GRID_PAD, MIN_LABEL_CELL_W,
+    RAW_RGB,
 };
 
 fn err_of<T: std::fmt::Debug>(r: synthos_engine::Result<T>) -> String {
@@ -126,7 +128,7 @@ fn loss_plot_png_has_curves_axes_and_text() {
     let path = dir.join("loss.png");
     let pts = noisy_loss(500);
     plot_loss(&pts, &path, "training loss").unwrap();
-    let img = ImageRgb::load(&path).unwrap();
+    let img = ImageRgb::open(&path).unwrap();
     assert_eq!((img.width(), img.height()), (800, 480));
     let raw = count_colour(&img, RAW_RGB);
     let smooth = count_colour(&img, EMA_RGB);
@@ -164,7 +166,7 @@ fn loss_plot_log_scale_and_edge_cases() {
     assert!(count_colour(&render_loss_plot(&flat, &PlotOptions::default()).unwrap(), EMA_RGB) > 100);
     let dir = temp_dir("report-plot-log");
     plot_loss_with(&pts, dir.join("l.png"), &opts).unwrap();
-    assert_eq!(ImageRgb::load(dir.join("l.png")).unwrap(), img);
+    assert_eq!(ImageRgb::open(dir.join("l.png")).unwrap(), img);
 
     let e = err_of(render_loss_plot(&[(0.0, f64::NAN)], &PlotOptions::default()));
     assert!(e.contains("none of the 1 points is finite"), "{e}");
@@ -230,7 +232,7 @@ fn grid_tiles_images_with_captions() {
     let dir = temp_dir("report-grid");
     let path = dir.join("val/step_100.png");
     image_grid(&images, 5, Some(&labels), &path).unwrap();
-    let grid = ImageRgb::load(&path).unwrap();
+    let grid = ImageRgb::open(&path).unwrap();
     let layout = grid_layout(&images, 5, Some(&labels)).unwrap();
     assert_eq!((layout.cols, layout.rows, layout.cell_w, layout.cell_h), (5, 1, MIN_LABEL_CELL_W, 64));
     assert!(layout.label_h >= 2 * LINE_HEIGHT);
@@ -261,7 +263,7 @@ fn chw_png_helper_writes_the_image() {
     let dir = temp_dir("report-chw");
     let values: Vec<f32> = (0..3 * 4 * 5).map(|i| (i as f32 / 59.0) * 2.0 - 1.0).collect();
     save_chw_png(&values, 4, 5, dir.join("x.png")).unwrap();
-    let img = ImageRgb::load(dir.join("x.png")).unwrap();
+    let img = ImageRgb::open(dir.join("x.png")).unwrap();
     assert_eq!((img.width(), img.height()), (5, 4));
     assert_eq!(img.pixel(0, 0), [0, 86, 173]);
     assert!(err_of(save_chw_png(&values, 4, 4, dir.join("y.png"))).contains("[3, 4, 4]"));

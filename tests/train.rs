@@ -185,7 +185,7 @@ fn nan_loss_stops_and_keeps_the_last_checkpoint() {
 
 fn write_dataset(dir: &Path, rows: &[[&str; 2]], header: [&str; 2]) {
     std::fs::create_dir_all(dir.join("images")).unwrap();
-    let img = synthos_engine::data::ImageRgb::filled(40, 40, [200, 30, 30]).unwrap();
+    let img = synthos_engine::image::ImageRgb::filled(40, 40, [200, 30, 30]).unwrap();
     img.save_png(dir.join("images/ok.png")).unwrap();
     let mut csv = format_record(&header);
     for r in rows {

@@ -5,7 +5,8 @@
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};
-use synthos_engine::models::vae::{image_to_rgb8, TileOptions, Vae, VaeConfig};
+use synthos_engine::image::ImageRgb;
+use synthos_engine::models::vae::{TileOptions, Vae, VaeConfig};
 use synthos_engine::nn::{Module, RandomInit};
 use synthos_engine::weights::{save, SaveDType, WeightSet};
 use synthos_engine::{autograd, no_grad, ops, DType, Device, Rng, Tensor};
@@ -214,8 +215,9 @@ fn rgb8_mapping() {
     let v = vec![-1.0, 0.0, 1.0, 1.5, -0.2, 0.5];
     // [3, 1, 2]: channel-major in, interleaved out.
     let t = Tensor::from_vec(v, &[3, 1, 2], Device::Cpu).unwrap();
-    assert_eq!(image_to_rgb8(&t).unwrap(), vec![0, 255, 102, 128, 255, 191]);
-    let e = image_to_rgb8(&Tensor::zeros(&[2, 3, 1, 1], DType::F32, Device::Cpu).unwrap()).unwrap_err().to_string();
+    assert_eq!(ImageRgb::from_tensor(&t).unwrap().data(), vec![0, 255, 102, 128, 255, 191]);
+    let e =
+        ImageRgb::from_tensor(&Tensor::zeros(&[2, 3, 1, 1], DType::F32, Device::Cpu).unwrap()).unwrap_err().to_string();
     assert!(e.contains("[2, 3, 1, 1]"), "{e}");
 }
 

@@ -5,8 +5,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use super::csv::{read_csv, CsvTable};
-use super::resize::resize_cover_crop;
-use super::rgb::ImageRgb;
+use crate::image::resize::resize_cover_crop;
+use crate::image::ImageRgb;
 use crate::{bail, ensure, Device, Result, ResultExt, Rng, Tensor};
 
 /// Names accepted for the image column, in order of preference: Synthos/DiffSynth write
@@ -294,7 +294,7 @@ impl SynthosDataset {
     pub fn check_all(&mut self) -> Result<usize> {
         let mut keep = vec![true; self.entries.len()];
         for (k, e) in self.entries.iter().enumerate() {
-            if let Err(err) = ImageRgb::load(&e.path) {
+            if let Err(err) = ImageRgb::open(&e.path) {
                 let bad = BadRow { csv: self.csv.clone(), line: e.line, row: e.row, problem: err.to_string() };
                 if self.options.bad_rows == BadRowPolicy::Stop {
                     bail!("{bad} (checking every image; fix it, or choose to skip bad rows)");
@@ -312,13 +312,13 @@ impl SynthosDataset {
     }
 
     /// Sample `index`: the image decoded, resized to cover `width × height` and
-    /// center-cropped (see [`crate::data::resize`]), with its prompt. An undecodable image
+    /// center-cropped (see [`crate::image::resize`]), with its prompt. An undecodable image
     /// is an error naming the file and its metadata row.
     pub fn get(&self, index: usize, width: usize, height: usize) -> Result<Sample> {
         let Some(e) = self.entries.get(index) else {
             bail!("SynthosDataset::get: index {index} out of range for {} samples", self.entries.len());
         };
-        let image = ImageRgb::load(&e.path)
+        let image = ImageRgb::open(&e.path)
             .and_then(|img| resize_cover_crop(&img, width, height))
             .with_ctx(|| format!("{} line {} (row {})", self.csv.display(), e.line, e.row))?;
         Ok(Sample { image: image.to_chw(), width, height, prompt: e.prompt.clone(), path: e.path.clone(), index })

@@ -17,7 +17,8 @@ use std::fs;
 use std::path::Path;
 
 use super::csv::format_record;
-use super::rgb::{write_atomic, ImageRgb};
+use crate::fsutil::write_atomic;
+use crate::image::ImageRgb;
 use crate::{ensure, Result, ResultExt, Rng};
 
 /// The shape drawn in the middle of the image.
@@ -347,6 +348,6 @@ pub fn generate(dir: impl AsRef<Path>, n: usize, size: usize, seed: u64) -> Resu
         csv.push_str(&format_record(&[rel, a.caption()]));
         attrs.push(a);
     }
-    write_atomic(&dir.join("metadata.csv"), csv.as_bytes())?;
+    write_atomic(dir.join("metadata.csv"), csv.as_bytes())?;
     Ok(attrs)
 }

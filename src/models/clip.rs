@@ -17,13 +17,13 @@
 //! `vision_model.` prefix or not (transformers 5).
 //!
 //! ```no_run
-//! use synthos_engine::image_io::RgbImage;
+//! use synthos_engine::image::ImageRgb;
 //! use synthos_engine::models::clip::{ClipVisionConfig, ClipVisionEncoder};
 //! use synthos_engine::{DType, Device};
 //! # fn main() -> synthos_engine::Result<()> {
 //! let cfg = ClipVisionConfig::vit_h14();
 //! let enc = ClipVisionEncoder::load(&cfg, "Wan2.1-I2V-14B-480P-Diffusers/image_encoder", Device::Cuda(0), DType::BF16)?;
-//! let tokens = enc.encode_image(&RgbImage::open("reference.jpg")?, 480, 480)?; // [1, 257, 1280]
+//! let tokens = enc.encode_image(&ImageRgb::open("reference.jpg")?, 480, 480)?; // [1, 257, 1280]
 //! # Ok(()) }
 //! ```
 //! Parity with transformers is tested in `tests/clip.rs` (`cargo test --test clip`).
@@ -32,7 +32,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::image_io::{clip_pixels, RgbImage};
+use crate::image::clip::clip_pixels;
+use crate::image::ImageRgb;
 use crate::nn::{Init, LayerNorm, Linear, Module, NamedParam, ParamSource, RandomInit};
 use crate::ops::{self, AttentionOptions, GeluApprox};
 use crate::weights::{Loader, WeightSet};
@@ -354,9 +355,9 @@ impl ClipVisionEncoder {
 
     /// The image tokens of a reference image for an output of `width`×`height`
     /// (`[1, 257, 1280]` for ViT-H/14): the Synthos preprocessing
-    /// ([`crate::image_io::clip_pixels`]), then [`ClipVisionEncoder::forward`], without
+    /// ([`crate::image::clip::clip_pixels`]), then [`ClipVisionEncoder::forward`], without
     /// recording gradients (the encoder is frozen).
-    pub fn encode_image(&self, image: &RgbImage, width: usize, height: usize) -> Result<Tensor> {
+    pub fn encode_image(&self, image: &ImageRgb, width: usize, height: usize) -> Result<Tensor> {
         let s = self.cfg.image_size;
         let pixels = clip_pixels(image, width, height, s)?;
         let pixels = Tensor::from_vec_dtype(pixels, &[1, 3, s, s], self.device, self.patch_weight.dtype())?;

@@ -824,21 +824,3 @@ fn blend_into(a: &Tensor, b: &Tensor, dim: usize, extent: usize) -> Result<Tenso
     }
     ops::concat(&[&mixed, &ops::narrow(b, dim, e, lb - e)?], dim)
 }
-
-/// An image `[1, 3, H, W]` (or `[3, H, W]`) with values in [−1, 1] as interleaved 8-bit
-/// RGB (`H·W·3` bytes, row-major): `round((clamp(x, −1, 1) + 1)·127.5)`.
-pub fn image_to_rgb8(image: &Tensor) -> Result<Vec<u8>> {
-    let (h, w) = match *image.shape() {
-        [1, 3, h, w] | [3, h, w] => (h, w),
-        _ => bail!("image_to_rgb8: expected an image [1, 3, H, W] or [3, H, W], got {:?}", image.shape()),
-    };
-    let v = image.to_vec()?;
-    let plane = h * w;
-    let mut out = Vec::with_capacity(3 * plane);
-    for p in 0..plane {
-        for c in 0..3 {
-            out.push(((v[c * plane + p].clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8);
-        }
-    }
-    Ok(out)
-}

@@ -13,7 +13,7 @@
 //!     ..Default::default()
 //! };
 //! let pipe = SynthosPipeline::load(&paths, Device::Cuda(0), DType::BF16)?;
-//! let reference = synthos_engine::image_io::RgbImage::open("style.jpg")?;
+//! let reference = synthos_engine::image::ImageRgb::open("style.jpg")?;
 //! let opts = GenerateOptions { prompt: "a lighthouse at dusk".into(), ..Default::default() };
 //! let image = pipe.generate(&opts, Some(&reference))?;
 //! image.save_png("out.png")?;
@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 pub use codec::Codec;
 pub use sample::{GenerateOptions, DEFAULT_NEGATIVE_PROMPT};
 
-use crate::image_io::RgbImage;
+use crate::image::ImageRgb;
 use crate::models::clip::{ClipVisionConfig, ClipVisionEncoder};
 use crate::models::t5::{T5Config, T5Encoder, TextEncoder};
 use crate::models::vae::{TileOptions, Vae, VaeConfig};
@@ -261,7 +261,7 @@ impl SynthosPipeline {
 
     /// CLIP tokens `[1, N, clip_dim]` of a reference image for an output of
     /// `width`×`height`; an error when the pipeline has no CLIP tower.
-    pub fn encode_reference(&self, image: &RgbImage, width: usize, height: usize) -> Result<Tensor> {
+    pub fn encode_reference(&self, image: &ImageRgb, width: usize, height: usize) -> Result<Tensor> {
         let Some(clip) = &self.clip else {
             bail!("a reference image needs the CLIP ViT-H/14 image encoder: pass --clip (a CLIPVisionModel folder)");
         };

@@ -1,8 +1,7 @@
 //! The guided flow-matching Euler sampler (docs/MODELS.md, *Sampling*).
 
 use super::SynthosPipeline;
-use crate::data::ImageRgb;
-use crate::image_io::RgbImage;
+use crate::image::ImageRgb;
 use crate::schedule::{next_sigma, sample_sigmas};
 use crate::{autograd, bail, ops, DType, Result, Rng, Tensor};
 
@@ -55,7 +54,7 @@ pub fn initial_noise(seed: u64, channels: usize, h: usize, w: usize) -> Vec<f32>
 impl SynthosPipeline {
     /// One image for `opts`, guided by `reference` when given (its CLIP tokens enter both
     /// guidance branches).
-    pub fn generate(&self, opts: &GenerateOptions, reference: Option<&RgbImage>) -> Result<ImageRgb> {
+    pub fn generate(&self, opts: &GenerateOptions, reference: Option<&ImageRgb>) -> Result<ImageRgb> {
         let mut out = self.generate_batch(&[opts.prompt.as_str()], opts, reference, &mut |_, _| {})?;
         out.pop().ok_or_else(|| crate::Error::msg("generate: no image produced"))
     }
@@ -68,7 +67,7 @@ impl SynthosPipeline {
         &self,
         prompts: &[&str],
         opts: &GenerateOptions,
-        reference: Option<&RgbImage>,
+        reference: Option<&ImageRgb>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Vec<ImageRgb>> {
         if prompts.is_empty() {
@@ -88,7 +87,7 @@ impl SynthosPipeline {
         &self,
         prompts: &[&str],
         opts: &GenerateOptions,
-        reference: Option<&RgbImage>,
+        reference: Option<&ImageRgb>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Vec<ImageRgb>> {
         let b = prompts.len();

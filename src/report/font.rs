@@ -2,7 +2,7 @@
 //! an 8th row, common punctuation) for plot labels and grid captions, so reports need no
 //! font files. Characters without a glyph are drawn as a hollow box.
 
-use crate::data::ImageRgb;
+use crate::image::ImageRgb;
 
 /// Glyph width in pixels (at scale 1).
 pub const GLYPH_W: usize = 5;

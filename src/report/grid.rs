@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::font::{draw_text, wrap_text, ADVANCE, LINE_HEIGHT};
-use crate::data::ImageRgb;
+use crate::image::ImageRgb;
 use crate::{ensure, Result};
 
 /// Space around and between cells, in pixels.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use crate::data::write_atomic;
+use crate::fsutil::write_atomic;
 use crate::{bail, ensure, Result, ResultExt};
 
 /// The keys a [`MetricsRecord`] always writes; extra fields may not reuse them.

@@ -5,7 +5,8 @@
 //! - [`plot_loss`]: a loss-curve PNG (raw curve and EMA, linear or log axis).
 //! - [`image_grid`]: validation samples tiled into one PNG with captions.
 //! - [`Progress`]: a progress bar on stderr (redrawn on a terminal, periodic lines in logs).
-//! - [`save_chw_png`] / [`ImageRgb::from_tensor`]: `[3, H, W]` images in [−1, 1] to PNG.
+//! - Images themselves ([`ImageRgb`](crate::image::ImageRgb), PNG writing) live in
+//!   [`crate::image`].
 //! - [`font`]: the small bitmap font the plots and grids use.
 //!
 //! Every PNG is written atomically (temporary file, then rename), so a viewer or a crash
@@ -17,7 +18,6 @@ mod metrics;
 mod plot;
 mod progress;
 
-pub use crate::data::{save_chw_png, ImageRgb};
 pub use grid::{compose_grid, grid_layout, image_grid, GridLayout, GRID_PAD, MAX_LABEL_LINES, MIN_LABEL_CELL_W};
 pub use metrics::{read_metrics, series, MetricsRecord, MetricsWriter, STANDARD_KEYS};
 pub use plot::{

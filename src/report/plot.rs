@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::font::{draw_text, text_width, GLYPH_H, LINE_HEIGHT};
-use crate::data::ImageRgb;
+use crate::image::ImageRgb;
 use crate::{ensure, Result};
 
 /// How to draw a loss plot.

@@ -12,8 +12,10 @@ use serde_json::{json, Value};
 use super::cache::{Encoded, EncoderCache};
 use super::config::{CacheMode, TrainConfig};
 use super::loss::flow_matching_loss_sum;
-use crate::data::{demo as demo_data, resize, DatasetOptions, ImageRgb, SynthosDataset};
-use crate::image_io::RgbImage;
+use crate::data::{demo as demo_data, DatasetOptions, SynthosDataset};
+use crate::fsutil::write_atomic;
+use crate::image::resize::resize_cover_crop;
+use crate::image::ImageRgb;
 use crate::nn::{Module, NamedParam};
 use crate::optim::{clip_coefficient, AdamW, AdamWConfig};
 use crate::pipeline::{demo, GenerateOptions, SynthosPipeline};
@@ -95,7 +97,7 @@ pub struct Trainer {
     metrics: Option<MetricsWriter>,
     last_checkpoint: Option<PathBuf>,
     /// Validation references: (file, CLIP input, grid thumbnail).
-    references: Vec<(PathBuf, RgbImage, ImageRgb)>,
+    references: Vec<(PathBuf, ImageRgb, ImageRgb)>,
     quiet: bool,
 }
 
@@ -201,8 +203,8 @@ impl Trainer {
 
         let mut references = Vec::new();
         for p in &cfg.validation_images {
-            let img = RgbImage::open(p).with_ctx(|| format!("validation image {}", p.display()))?;
-            let thumb = ImageRgb::load(p).and_then(|i| resize::resize_cover_crop(&i, cfg.width, cfg.height))?;
+            let img = ImageRgb::open(p).with_ctx(|| format!("validation image {}", p.display()))?;
+            let thumb = resize_cover_crop(&img, cfg.width, cfg.height)?;
             references.push((p.clone(), img, thumb));
         }
 
@@ -303,11 +305,8 @@ impl Trainer {
             let len = pipe.text.tokenizer.encode(&[&sample.prompt])?.lengths[0];
             let rows = pipe.encode_prompts(&[&sample.prompt])?;
             let text = ops::narrow(&rows, 1, 0, len)?.to_vec()?;
-            let rgb: Vec<u8> = (0..h * w)
-                .flat_map(|p| (0..3).map(move |c| (c, p)))
-                .map(|(c, p)| ((sample.image[c * h * w + p] + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8)
-                .collect();
-            let clip = pipe.encode_reference(&RgbImage::new(w, h, rgb)?, w, h)?.to_vec()?;
+            let rgb = ImageRgb::from_chw(&sample.image, h, w)?;
+            let clip = pipe.encode_reference(&rgb, w, h)?.to_vec()?;
             Ok(Encoded { latent, text, text_len: len, clip })
         })
     }
@@ -698,7 +697,7 @@ fn ensure_demo_data(dir: &Path, n: usize, seed: u64) -> Result<()> {
         return Ok(());
     }
     demo_data::generate(dir, n, demo::IMAGE_SIZE, seed)?;
-    crate::data::write_atomic(&stamp, want.as_bytes())
+    write_atomic(&stamp, want.as_bytes())
 }
 
 /// Renders the demo's validation references (attribute sets also drawn in training, so

@@ -1,15 +1,14 @@
 //! Writing safetensors files atomically.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File, OpenOptions};
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::Write;
+use std::path::Path;
 
 use half::bf16;
 use serde_json::{json, Map, Value};
 
-use crate::{bail, Error, Result, ResultExt, Storage, Tensor};
+use crate::fsutil::write_atomic_with;
+use crate::{bail, Result, ResultExt, Storage, Tensor};
 
 /// Elements converted per write, so a multi-GB tensor is streamed through a bounded buffer.
 const CHUNK: usize = 1 << 20;
@@ -42,10 +41,10 @@ impl SaveDType {
 /// Writes `tensors` (from any device) to the safetensors file `path`, every tensor in
 /// `dtype`, with optional `__metadata__` strings.
 ///
-/// The write is atomic: the data go to a temporary file in the same directory, which is
-/// flushed, fsynced and renamed over `path`. On any error the temporary file is removed
-/// and an existing file at `path` is left untouched; readers that mapped the old file keep
-/// seeing it. Names must be unique and not `__metadata__`.
+/// The write is atomic ([`write_atomic_with`]): the data go to a temporary file in the
+/// same directory, which is flushed, fsynced and renamed over `path`. On any error the
+/// temporary file is removed and an existing file at `path` is left untouched; readers
+/// that mapped the old file keep seeing it. The parent directory must exist. Names must be unique and not `__metadata__`.
 pub fn save(
     path: impl AsRef<Path>,
     tensors: &[(String, Tensor)],
@@ -55,37 +54,7 @@ pub fn save(
     let path = path.as_ref();
     let ctx = || format!("saving weights to {}", path.display());
     let header = header_bytes(tensors, dtype, metadata).with_ctx(ctx)?;
-    let Some(file_name) = path.file_name() else {
-        bail!("{}: the path has no file name", ctx());
-    };
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let temp = temp_path(dir, &file_name.to_string_lossy());
-    let written = write_file(&temp, &header, tensors, dtype).and_then(|()| {
-        fs::rename(&temp, path).map_err(|e| Error::msg(format!("cannot rename {} over it: {e}", temp.display())))
-    });
-    if let Err(e) = written {
-        // The temporary file may not exist (creation failed); nothing else to clean.
-        let _ = fs::remove_file(&temp);
-        return Err(e.context(ctx()));
-    }
-    // Persist the rename itself. The new file is complete and in place whatever happens
-    // here, and some file systems refuse to fsync a directory, so a failure is not an
-    // error of the save.
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
-
-/// A fresh name beside the target, unique across threads and processes (the `.tmp`
-/// suffix is ignored by git).
-fn temp_path(dir: &Path, file_name: &str) -> PathBuf {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    dir.join(format!(".{file_name}.{}-{n}.tmp", std::process::id()))
+    write_atomic_with(path, |out| write_data(out, &header, tensors, dtype)).with_ctx(ctx)
 }
 
 /// The length prefix and JSON header, padded with spaces to a multiple of 8 bytes so the
@@ -121,15 +90,10 @@ fn header_bytes(
     Ok(bytes)
 }
 
-fn write_file(temp: &Path, header: &[u8], tensors: &[(String, Tensor)], dtype: SaveDType) -> Result<()> {
-    let io_err = |what: &str, e: std::io::Error| Error::msg(format!("{what} {}: {e}", temp.display()));
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(temp)
-        .map_err(|e| io_err("cannot create temporary file", e))?;
-    let mut out = BufWriter::new(file);
-    out.write_all(header).map_err(|e| io_err("cannot write", e))?;
+/// The header, then every tensor's data in order, converted to `dtype` through a bounded
+/// buffer.
+fn write_data(out: &mut impl Write, header: &[u8], tensors: &[(String, Tensor)], dtype: SaveDType) -> Result<()> {
+    out.write_all(header).ctx("cannot write the header")?;
     let mut buf = Vec::with_capacity(CHUNK * dtype.size());
     for (name, t) in tensors {
         let storage = t.storage();
@@ -157,9 +121,8 @@ fn write_file(temp: &Path, header: &[u8], tensors: &[(String, Tensor)], dtype: S
                     }
                 }
             }
-            out.write_all(&buf).map_err(|e| io_err(&format!("cannot write tensor '{name}' to"), e))?;
+            out.write_all(&buf).with_ctx(|| format!("cannot write tensor '{name}'"))?;
         }
     }
-    let file = out.into_inner().map_err(|e| io_err("cannot write", e.into_error()))?;
-    file.sync_all().map_err(|e| io_err("cannot fsync", e))
+    Ok(())
 }
