@@ -5,10 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use synthos_engine::{cuda, Device, Result};
 
-mod bench_cmd;
-mod model_args;
-mod sample_cmd;
-mod train_cmd;
+mod cli;
 
 /// synthos-engine: train and sample Synthos-I2I (Wan2.1 DiT + umT5 + CLIP ViT-H/14 +
 /// Wan VAE) and train CLIP on synthetic data, with hand-written CUDA kernels in bf16 on
@@ -28,15 +25,15 @@ enum Command {
     /// Time the engine's kernels (matmul, attention, norms, elementwise, AdamW) on a
     /// device and print throughput (GB/s, TFLOP/s) and the fraction of the device's
     /// measured copy bandwidth / GEMM rate; optionally write the numbers as JSON.
-    Bench(bench_cmd::BenchArgs),
+    Bench(cli::bench::BenchArgs),
     /// Fine-tune the Synthos-I2I diffusion transformer by flow matching (docs/MODELS.md), with
     /// checkpoints, resume, metrics, a loss plot and validation grids. Without weights it
     /// trains the built-in tiny demo model on a generated set of captioned shapes.
-    Train(Box<train_cmd::TrainArgs>),
+    Train(Box<cli::train::TrainArgs>),
     /// Generate images with Synthos-I2I from prompts and an optional reference image
     /// (guided flow-matching Euler sampler). Without weights it samples the demo
     /// model (its newest checkpoint in runs/demo).
-    Sample(Box<sample_cmd::SampleArgs>),
+    Sample(Box<cli::sample::SampleArgs>),
 }
 
 fn info() -> Result<()> {
@@ -67,9 +64,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info => info(),
-        Command::Bench(args) => bench_cmd::run(&args),
-        Command::Train(args) => train_cmd::run(&args),
-        Command::Sample(args) => sample_cmd::run(&args),
+        Command::Bench(args) => cli::bench::run(&args),
+        Command::Train(args) => cli::train::run(&args),
+        Command::Sample(args) => cli::sample::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,7 +9,7 @@ use synthos_engine::report::format_duration;
 use synthos_engine::train::{CacheMode, LrSchedule, TrainConfig, Trainer};
 use synthos_engine::{bail, Result};
 
-use crate::model_args::ModelArgs;
+use crate::cli::model_args::ModelArgs;
 
 /// Arguments of `train`. Unset values take the recipe's defaults: the Synthos full
 /// fine-tune with weights (lr 1e-5, batch 1, 10 epochs, 480×480, constant lr), the demo

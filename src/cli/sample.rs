@@ -8,7 +8,7 @@ use synthos_engine::pipeline::{GenerateOptions, WeightPaths, DEFAULT_NEGATIVE_PR
 use synthos_engine::report::{image_grid, Progress};
 use synthos_engine::{bail, Error, Result, ResultExt};
 
-use crate::model_args::ModelArgs;
+use crate::cli::model_args::ModelArgs;
 
 /// Arguments of `sample`.
 #[derive(Args)]

@@ -1,0 +1,8 @@
+//! The command-line front end of the `synthos-engine` binary: one module per subcommand
+//! (`train`, `sample`, `bench`) and the model-weight arguments they share. Everything it
+//! does goes through the library's public API.
+
+pub mod bench;
+pub mod model_args;
+pub mod sample;
+pub mod train;
