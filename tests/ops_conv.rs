@@ -4,6 +4,7 @@
 //! inputs, and (with a GPU) every kernel against the CPU reference.
 mod common;
 use common::*;
+use synthos_engine::models::vae;
 use synthos_engine::ops::{self, Conv2dOptions, Padding2d};
 use synthos_engine::{autograd, DType, Device, Rng, Tensor};
 
@@ -323,14 +324,14 @@ fn spatial_attention_matches_formula_in_chunks() {
     let (q, k, v) = (randn(&[b, c, n], &mut rng), randn(&[b, c, n], &mut rng), randn(&[b, c, n], &mut rng));
     let want = attention_reference(&q.to_vec().unwrap(), &k.to_vec().unwrap(), &v.to_vec().unwrap(), b, c, n);
     // One chunk, chunks of 5 rows (the last one short), one row at a time.
-    for max in [ops::DEFAULT_MAX_SCORE_ELEMS, 5 * b * n, 1] {
-        let y = ops::spatial_attention(&q, &k, &v, max).unwrap();
+    for max in [vae::DEFAULT_MAX_SCORE_ELEMS, 5 * b * n, 1] {
+        let y = vae::spatial_attention(&q, &k, &v, max).unwrap();
         assert_eq!(y.shape(), &[b, c, n]);
         assert_close(&y.to_vec().unwrap(), &want, 1e-5, 1e-4, &format!("spatial_attention max {max}"));
     }
     let (q2, k2, v2) = (randn(&[1, 3, 7], &mut rng), randn(&[1, 3, 7], &mut rng), randn(&[1, 3, 7], &mut rng));
-    gradcheck("spatial_attention", |t| ops::spatial_attention(&t[0], &t[1], &t[2], 3 * 7), &[q2, k2, v2], 1e-2, 1e-2);
-    let e = ops::spatial_attention(&q, &k, &randn(&[b, c, n + 1], &mut rng), 1 << 20).unwrap_err().to_string();
+    gradcheck("spatial_attention", |t| vae::spatial_attention(&t[0], &t[1], &t[2], 3 * 7), &[q2, k2, v2], 1e-2, 1e-2);
+    let e = vae::spatial_attention(&q, &k, &randn(&[b, c, n + 1], &mut rng), 1 << 20).unwrap_err().to_string();
     assert!(e.contains("spatial_attention") && e.contains("[2, 6, 24]"), "{e}");
 }
 
@@ -510,7 +511,7 @@ fn gpu_small_ops_match_cpu() {
             dev,
             dtype,
             &[randn(&[2, 24, 131], &mut rng), randn(&[2, 24, 131], &mut rng), randn(&[2, 24, 131], &mut rng)],
-            |t| ops::spatial_attention(&t[0], &t[1], &t[2], 2 * 131 * 40),
+            |t| vae::spatial_attention(&t[0], &t[1], &t[2], 2 * 131 * 40),
             &mut rng,
         );
     }

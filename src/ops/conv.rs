@@ -9,7 +9,7 @@
 //! dtype, parameters may be f32 or bf16 and get their gradients in their own dtype.
 
 use super::elementwise::in_dtype;
-use super::{common_dtype, concat, cpu_tensor, cuda_tensor, matmul_t, narrow, reshape, same_device, scale, sum_dim};
+use super::{common_dtype, cpu_tensor, cuda_tensor, reshape, same_device, sum_dim};
 use crate::autograd::record;
 use crate::desc::{ChannelNorm, ConvGeom};
 use crate::{bail, cpu, cuda, DType, Device, Result, Tensor};
@@ -17,11 +17,6 @@ use crate::{bail, cpu, cuda, DType, Device, Result, Tensor};
 /// Default cap on the elements of a convolution's column matrix (one band of output
 /// rows): 64 Mi elements, 128 MiB in bf16.
 pub const DEFAULT_MAX_COL_ELEMS: usize = 1 << 26;
-
-/// Default cap on the elements of one chunk of attention scores in
-/// [`spatial_attention`]: 64 Mi elements (a 1024×1024 image's 16384 latent pixels take
-/// four chunks).
-pub const DEFAULT_MAX_SCORE_ELEMS: usize = 1 << 26;
 
 /// Zero padding around the spatial dimensions of a [`conv2d`] input.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -300,42 +295,4 @@ pub fn channel_rms_norm(x: &Tensor, gamma: &Tensor, eps: f32) -> Result<Tensor> 
             Ok(vec![want_dx.then_some(dx), if want_dg { Some(in_dtype(&dgamma, gdt)?) } else { None }])
         }),
     ))
-}
-
-/// Single-head attention over pixels with channel-first operands, as the Wan VAE's
-/// middle block computes it: `q`, `k`, `v` are `[B, C, N]` (C channels = the head
-/// dimension, N pixels) and the result is `[B, C, N]` with
-/// `out[:, :, i] = Σ_j softmax_j(q_i·k_j / √C) · v[:, :, j]`.
-///
-/// Query pixels are processed in chunks whose `[B, rows, N]` scores hold at most
-/// `max_score_elems` elements, so memory stays bounded for large images. Built from
-/// recorded ops, so it is differentiable; under recording, the backward keeps each
-/// chunk's probabilities (N×N in all).
-pub fn spatial_attention(q: &Tensor, k: &Tensor, v: &Tensor, max_score_elems: usize) -> Result<Tensor> {
-    same_device("spatial_attention", &[q, k, v])?;
-    if q.rank() != 3 || k.shape() != q.shape() || v.shape() != q.shape() || q.numel() == 0 {
-        bail!(
-            "spatial_attention: q, k and v must share one non-empty [B, C, N] shape, got {:?}, {:?} and {:?}",
-            q.shape(),
-            k.shape(),
-            v.shape()
-        );
-    }
-    let (b, c, n) = (q.shape()[0], q.shape()[1], q.shape()[2]);
-    let rows = (max_score_elems / (b * n)).clamp(1, n);
-    let s = 1.0 / (c as f32).sqrt();
-    let mut outs = Vec::with_capacity(n.div_ceil(rows));
-    for r0 in (0..n).step_by(rows) {
-        let len = rows.min(n - r0);
-        let qc = scale(&narrow(q, 2, r0, len)?, s)?;
-        // scores[b, i, j] = q_i·k_j / √C, [B, len, N]
-        let scores = matmul_t(&qc, k, true, false)?;
-        let p = super::softmax_last_dim(&scores)?;
-        // out[b, :, i] = Σ_j p[b, i, j]·v[b, :, j], [B, C, len]
-        outs.push(matmul_t(v, &p, false, true)?);
-    }
-    if outs.len() == 1 {
-        return outs.pop().ok_or_else(|| crate::Error::msg("spatial_attention: no chunk"));
-    }
-    concat(&outs.iter().collect::<Vec<_>>(), 2)
 }
