@@ -203,15 +203,28 @@ impl TrainConfig {
 
     /// The learning rate of optimizer step `step` (0-based) of `total`.
     pub fn lr_at(&self, step: u64, total: u64) -> f64 {
-        let warm = if self.warmup_steps > 0 { ((step + 1) as f64 / self.warmup_steps as f64).min(1.0) } else { 1.0 };
-        let shape = match self.lr_schedule {
-            LrSchedule::Constant => 1.0,
-            LrSchedule::Cosine => {
-                let span = total.saturating_sub(self.warmup_steps).max(1) as f64;
-                let done = step.saturating_sub(self.warmup_steps) as f64;
-                0.5 * (1.0 + (std::f64::consts::PI * (done / span).min(1.0)).cos())
-            }
-        };
-        self.lr * warm * shape
+        self.loop_settings().lr_at(step, total)
+    }
+
+    /// The settings of the shared run loop.
+    pub fn loop_settings(&self) -> super::run_loop::LoopSettings {
+        super::run_loop::LoopSettings {
+            output: self.output.clone(),
+            batch_size: self.batch_size,
+            grad_accum: self.grad_accum,
+            epochs: self.epochs,
+            max_steps: self.max_steps,
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            warmup_steps: self.warmup_steps,
+            lr_schedule: self.lr_schedule,
+            max_grad_norm: self.max_grad_norm,
+            seed: self.seed,
+            save_every: self.save_every,
+            validate_every: self.validate_every,
+            log_metrics: self.log_metrics,
+            resume: self.resume,
+            loss_title: "training loss (weighted flow-matching MSE)".to_string(),
+        }
     }
 }

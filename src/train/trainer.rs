@@ -1,11 +1,10 @@
-//! The training loop: data, encoders (cached), flow-matching steps with gradient
-//! accumulation, AdamW with fp32 masters, checkpoints, resume, metrics and validation.
+//! The Synthos trainer: its data, encoders (cached) and flow-matching loss, plugged into
+//! the shared [`RunLoop`] (steps, accumulation, AdamW with fp32 masters, checkpoints,
+//! resume, metrics, validation).
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use serde_json::{json, Value};
 
@@ -17,55 +16,12 @@ use crate::fsutil::write_atomic;
 use crate::image::resize::resize_cover_crop;
 use crate::image::ImageRgb;
 use crate::nn::{Module, NamedParam};
-use crate::optim::{clip_coefficient, AdamW, AdamWConfig};
 use crate::pipeline::{demo, GenerateOptions, SynthosPipeline};
-use crate::report::{image_grid, plot_loss, read_metrics, series, MetricsRecord, MetricsWriter, Progress};
+use crate::report::image_grid;
 use crate::schedule::{TrainSchedule, SHIFT, TRAIN_STEPS};
-use crate::weights::{self, SaveDType, WeightSet};
-use crate::{autograd, bail, ops, Device, Error, Gradients, Result, ResultExt, Rng, Tensor};
+use crate::{bail, ops, Device, Error, Result, ResultExt, Rng, Tensor};
 
-/// File name of the resume state in the run folder.
-pub const RESUME_FILE: &str = "resume.safetensors";
-/// Metadata key of the resume state's JSON header.
-const RESUME_KEY: &str = "synthos_resume";
-/// Prefix of the trainable parameters' exact values in the resume state.
-const PARAM_PREFIX: &str = "param/";
-
-/// What one optimizer step did.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StepStats {
-    /// The step just completed (1-based).
-    pub step: u64,
-    /// Its epoch (0-based).
-    pub epoch: u64,
-    /// Mean weighted loss over the step's samples.
-    pub loss: f64,
-    /// Learning rate used.
-    pub lr: f64,
-    /// Global gradient norm before clipping.
-    pub grad_norm: f64,
-    /// Samples in the step.
-    pub samples: usize,
-    /// Samples per second of wall time.
-    pub samples_per_s: f64,
-}
-
-/// What a finished [`Trainer::run`] produced.
-#[derive(Clone, Debug)]
-pub struct TrainSummary {
-    /// Steps done in total (including those before a resume).
-    pub steps: u64,
-    /// Loss of the first step run in this call.
-    pub first_loss: Option<f64>,
-    /// Mean loss over the last tenth of the steps run in this call.
-    pub final_loss: Option<f64>,
-    /// Checkpoints written in this call, in order.
-    pub checkpoints: Vec<PathBuf>,
-    /// Validation grids written in this call.
-    pub samples: Vec<PathBuf>,
-    /// Seconds of wall time.
-    pub seconds: f64,
-}
+use super::run_loop::{check_run_folder, RunLoop, StepStats, TrainSummary, TrainTask};
 
 /// Fine-tunes the DiT of a [`SynthosPipeline`].
 ///
@@ -82,23 +38,22 @@ pub struct TrainSummary {
 /// # Ok(()) }
 /// ```
 pub struct Trainer {
+    task: SynthosTask,
+    run: RunLoop,
+}
+
+/// The Synthos parts of a run: the pipeline, data, encoder cache and the flow-matching
+/// loss; the [`RunLoop`] does the rest.
+struct SynthosTask {
     pipe: SynthosPipeline,
     cfg: TrainConfig,
     data: SynthosDataset,
     schedule: TrainSchedule,
-    opt: AdamW,
-    params: Vec<NamedParam>,
     cache: EncoderCache,
     /// Text rows of the empty prompt (what a dropped prompt becomes).
     empty_text: Encoded,
-    step: u64,
-    steps_per_epoch: u64,
-    total_steps: u64,
-    metrics: Option<MetricsWriter>,
-    last_checkpoint: Option<PathBuf>,
     /// Validation references: (file, CLIP input, grid thumbnail).
     references: Vec<(PathBuf, ImageRgb, ImageRgb)>,
-    quiet: bool,
 }
 
 /// A generator for one sample slot of one step, independent of every other, so that a
@@ -122,18 +77,7 @@ impl Trainer {
     pub fn new(mut pipe: SynthosPipeline, mut cfg: TrainConfig) -> Result<Trainer> {
         cfg.validate()?;
         pipe.check_size(cfg.width, cfg.height).ctx("training resolution")?;
-        std::fs::create_dir_all(&cfg.output)
-            .with_ctx(|| format!("cannot create the output folder {}", cfg.output.display()))?;
-        let resume_path = cfg.output.join(RESUME_FILE);
-        if cfg.resume && !resume_path.is_file() {
-            bail!("--resume: {} has no {RESUME_FILE} to continue from", cfg.output.display());
-        }
-        if !cfg.resume && resume_path.is_file() {
-            bail!(
-                "{} already holds a run ({RESUME_FILE}); pass --resume to continue it, or choose another output folder",
-                cfg.output.display()
-            );
-        }
+        check_run_folder(&cfg.output, cfg.resume)?;
 
         let data_dir = match &cfg.data {
             Some(d) => d.clone(),
@@ -163,20 +107,6 @@ impl Trainer {
         if params.is_empty() {
             bail!("the trainable set {:?} selects no parameters", cfg.trainable);
         }
-        let mut opt = AdamW::new(AdamWConfig { weight_decay: cfg.weight_decay as f32, ..Default::default() });
-        for (name, t) in &params {
-            opt.add_param(name, t, true)?;
-        }
-
-        let micro = data.len().div_ceil(cfg.batch_size) as u64;
-        let steps_per_epoch = micro.div_ceil(cfg.grad_accum as u64);
-        let by_epochs = steps_per_epoch * cfg.epochs;
-        let total_steps = match cfg.max_steps {
-            Some(m) if cfg.epochs == 0 => m,
-            Some(m) => m.min(by_epochs),
-            None => by_epochs,
-        };
-
         let dcfg = pipe.dit.config().clone();
         let f = pipe.codec.factor();
         let latent_shape = [dcfg.in_channels, 1, cfg.height / f, cfg.width / f];
@@ -208,90 +138,88 @@ impl Trainer {
             references.push((p.clone(), img, thumb));
         }
 
-        let mut trainer = Trainer {
-            pipe,
-            cfg,
-            data,
-            schedule: TrainSchedule::new(SHIFT),
-            opt,
-            params,
-            cache,
-            empty_text,
-            step: 0,
-            steps_per_epoch,
-            total_steps,
-            metrics: None,
-            last_checkpoint: None,
-            references,
-            quiet: false,
-        };
-        if trainer.cfg.resume {
-            trainer.load_resume_state()?;
-        }
-        if trainer.cfg.log_metrics {
-            let path = trainer.cfg.output.join("metrics.jsonl");
-            trainer.metrics = Some(MetricsWriter::resume(path, trainer.step)?);
-        }
-        Ok(trainer)
+        let settings = cfg.loop_settings();
+        let dataset_len = data.len();
+        let task = SynthosTask { pipe, cfg, data, schedule: TrainSchedule::new(SHIFT), cache, empty_text, references };
+        let mut run = RunLoop::new(settings, params, dataset_len)?;
+        run.start(&task)?;
+        Ok(Trainer { task, run })
     }
 
     /// Silences the progress bar and notes (tests, library use).
     pub fn set_quiet(&mut self, quiet: bool) {
-        self.quiet = quiet;
+        self.run.set_quiet(quiet);
     }
 
-    /// Optimizer steps done.
+    /// Optimizer steps done so far.
     pub fn step_count(&self) -> u64 {
-        self.step
+        self.run.step_count()
     }
 
-    /// Optimizer steps the run makes in all.
+    /// Steps the run will have done when complete.
     pub fn total_steps(&self) -> u64 {
-        self.total_steps
+        self.run.total_steps()
     }
 
     /// Optimizer steps per epoch.
     pub fn steps_per_epoch(&self) -> u64 {
-        self.steps_per_epoch
+        self.run.steps_per_epoch()
     }
 
     /// The pipeline being trained.
     pub fn pipeline(&self) -> &SynthosPipeline {
-        &self.pipe
+        &self.task.pipe
     }
 
-    /// The dataset.
+    /// The training data.
     pub fn dataset(&self) -> &SynthosDataset {
-        &self.data
+        &self.task.data
     }
 
-    /// Samples served by the encoder cache so far.
+    /// Encoder outputs served from the cache so far.
     pub fn cache_hits(&self) -> u64 {
-        self.cache.hits()
+        self.task.cache.hits()
     }
 
     /// The trainable parameters by name.
     pub fn params(&self) -> &[NamedParam] {
-        &self.params
+        self.run.params()
     }
 
     /// The dataset indices of micro-batch `micro` of optimizer step `step` (0-based), or
-    /// `None` past the epoch's end. Each epoch visits a fresh seeded permutation in
-    /// micro-batches of `batch_size` (the last may be smaller); an optimizer step takes
-    /// `grad_accum` of them (the epoch's last step may take fewer).
+    /// `None` past the epoch's end (see [`RunLoop::micro_batch`]).
     pub fn micro_batch(&self, step: u64, micro: usize) -> Option<Vec<usize>> {
-        let epoch = step / self.steps_per_epoch;
-        let within = step % self.steps_per_epoch;
-        let b = self.cfg.batch_size;
-        let start = ((within as usize) * self.cfg.grad_accum + micro) * b;
-        let len = self.data.len();
-        if start >= len {
-            return None;
-        }
-        let order = self.data.epoch_order(epoch, self.cfg.seed);
-        Some(order[start..(start + b).min(len)].to_vec())
+        self.run.micro_batch(&self.task, step, micro)
     }
 
+    /// Runs one optimizer step (all its micro-batches). A non-finite loss or gradient is
+    /// an error and leaves the weights untouched.
+    pub fn train_step(&mut self) -> Result<StepStats> {
+        self.run.train_step(&mut self.task)
+    }
+
+    /// Runs the remaining steps with progress, metrics, checkpoints (`step-N` every
+    /// `save_every`, `epoch-N` after each epoch, 0-based as the seed names them, and the
+    /// final step), validation grids and the loss plot.
+    pub fn run(&mut self) -> Result<TrainSummary> {
+        self.run.run(&mut self.task)
+    }
+
+    /// Writes `<name>.safetensors` (the trainable tensors in the Synthos naming, bf16) and
+    /// then the resume state, each atomically; returns the checkpoint's path.
+    pub fn save_checkpoint(&mut self, name: &str) -> Result<PathBuf> {
+        self.run.save_checkpoint(&self.task, name)
+    }
+
+    /// Samples the validation prompts (text only) and references (image only, and with
+    /// the matching prompt) with the current weights; writes `samples/step-N-text.png`
+    /// and `samples/step-N-reference.png`. Returns the grids written.
+    pub fn validate(&self) -> Result<Vec<PathBuf>> {
+        self.task.validate(self.run.step_count())
+    }
+}
+
+impl SynthosTask {
     /// The encoder outputs of dataset sample `index` (cached per the configuration).
     fn encoded(&mut self, index: usize) -> Result<Encoded> {
         let entry = self.data.entries()[index].clone();
@@ -310,69 +238,17 @@ impl Trainer {
             Ok(Encoded { latent, text, text_len: len, clip })
         })
     }
+}
 
-    /// Runs one optimizer step (all its micro-batches). A non-finite loss or gradient is
-    /// an error and leaves the weights untouched.
-    pub fn train_step(&mut self) -> Result<StepStats> {
-        if self.step >= self.total_steps {
-            bail!("the run is complete ({} steps)", self.total_steps);
-        }
-        let t0 = Instant::now();
-        let step = self.step;
-        let epoch = step / self.steps_per_epoch;
-        let batches: Vec<Vec<usize>> = (0..self.cfg.grad_accum).map_while(|m| self.micro_batch(step, m)).collect();
-        let n_samples: usize = batches.iter().map(Vec::len).sum();
-        let mut grads: Option<Gradients> = None;
-        let mut losses = Vec::with_capacity(batches.len());
-        for (m, indices) in batches.iter().enumerate() {
-            let loss = self.micro_loss(step, m, indices, n_samples)?;
-            let g = autograd::backward(&loss)?;
-            match grads.as_mut() {
-                Some(acc) => acc.merge(g)?,
-                None => grads = Some(g),
-            }
-            losses.push(loss);
-        }
-        // Read back after the backward passes are queued, so the GPU never idles while
-        // the host issues them.
-        let mut loss_total = 0.0f64;
-        for loss in &losses {
-            loss_total += loss.item()? as f64;
-        }
-        // Nothing recorded in this step outlives it (only what the loss depends on was
-        // consumed by the backward passes).
-        autograd::clear_tape();
-        let grads = grads.ok_or_else(|| Error::msg(format!("step {}: no samples", step + 1)))?;
-        let grad_norm = self.opt.grad_norm(&grads)? as f64;
-        if !loss_total.is_finite() || !grad_norm.is_finite() {
-            let kept = match &self.last_checkpoint {
-                Some(p) => format!("the last good checkpoint is {}", p.display()),
-                None => "no checkpoint was written yet".to_string(),
-            };
-            bail!(
-                "training stopped at step {} (epoch {epoch}): the loss is {loss_total} and the gradient norm {grad_norm} — \
-                 not finite. The weights were not updated; {kept}. Try a lower learning rate or gradient clipping.",
-                step + 1
-            );
-        }
-        let lr = self.cfg.lr_at(step, self.total_steps);
-        let scale = self.cfg.max_grad_norm.map_or(1.0, |m| clip_coefficient(grad_norm as f32, m));
-        self.opt.step(&grads, lr as f32, scale)?;
-        self.step += 1;
-        let secs = t0.elapsed().as_secs_f64();
-        Ok(StepStats {
-            step: self.step,
-            epoch,
-            loss: loss_total,
-            lr,
-            grad_norm,
-            samples: n_samples,
-            samples_per_s: n_samples as f64 / secs.max(1e-9),
-        })
+impl TrainTask for SynthosTask {
+    fn dataset_len(&self) -> usize {
+        self.data.len()
     }
 
-    /// The loss of one micro-batch, scaled by 1/`n_step` (the samples of the whole step)
-    /// so that accumulated gradients are those of the step's mean loss.
+    fn epoch_order(&self, epoch: u64, seed: u64) -> Vec<usize> {
+        self.data.epoch_order(epoch, seed)
+    }
+
     fn micro_loss(&mut self, step: u64, micro: usize, indices: &[usize], n_step: usize) -> Result<Tensor> {
         let dev = self.pipe.device();
         let dcfg = self.pipe.dit.config().clone();
@@ -434,189 +310,11 @@ impl Trainer {
         ops::scale(&total, 1.0 / n_step as f32)
     }
 
-    /// Runs the remaining steps with progress, metrics, checkpoints (`step-N` every
-    /// `save_every`, `epoch-N` after each epoch, 0-based as the seed names them, and the
-    /// final step), validation grids and the loss plot.
-    pub fn run(&mut self) -> Result<TrainSummary> {
-        let start = Instant::now();
-        let mut progress = (!self.quiet).then(|| Progress::new(self.total_steps, self.step));
-        let mut summary = TrainSummary {
-            steps: self.step,
-            first_loss: None,
-            final_loss: None,
-            checkpoints: Vec::new(),
-            samples: Vec::new(),
-            seconds: 0.0,
-        };
-        let mut losses = Vec::new();
-        let mut samples_done = 0u64;
-        while self.step < self.total_steps {
-            let stats = match self.train_step() {
-                Ok(s) => s,
-                Err(e) => {
-                    if let Some(p) = progress.as_mut() {
-                        p.finish();
-                    }
-                    self.write_plot()?;
-                    return Err(e);
-                }
-            };
-            losses.push(stats.loss);
-            samples_done += stats.samples as u64;
-            if let Some(m) = self.metrics.as_mut() {
-                let mut rec = MetricsRecord::new(stats.step, stats.epoch, stats.loss, stats.lr);
-                rec.grad_norm = Some(stats.grad_norm);
-                rec.samples_per_s = Some(stats.samples_per_s);
-                rec.mem_bytes = memory_in_use(self.pipe.device());
-                m.write(&rec)?;
-            }
-            if let Some(p) = progress.as_mut() {
-                p.update(stats.step, Some(stats.loss), samples_done);
-            }
-            let epoch_end = stats.step % self.steps_per_epoch == 0;
-            let last = stats.step == self.total_steps;
-            let mut names = Vec::new();
-            if self.cfg.save_every.is_some_and(|n| stats.step % n == 0) || (last && !epoch_end) {
-                names.push(format!("step-{}", stats.step));
-            }
-            if epoch_end {
-                names.push(format!("epoch-{}", stats.epoch));
-            }
-            for name in names {
-                let path = self.save_checkpoint(&name)?;
-                if let Some(p) = progress.as_mut() {
-                    p.message(&format!("saved {}", path.display()));
-                }
-                summary.checkpoints.push(path);
-            }
-            if self.cfg.validate_every.is_some_and(|n| stats.step % n == 0) || last {
-                let grids = self.validate()?;
-                if let Some(p) = progress.as_mut() {
-                    for g in &grids {
-                        p.message(&format!("samples: {}", g.display()));
-                    }
-                }
-                summary.samples.extend(grids);
-            }
-        }
-        if let Some(p) = progress.as_mut() {
-            p.finish();
-        }
-        self.write_plot()?;
-        summary.steps = self.step;
-        summary.first_loss = losses.first().copied();
-        if !losses.is_empty() {
-            let tail = (losses.len() / 10).max(1);
-            summary.final_loss = Some(losses[losses.len() - tail..].iter().sum::<f64>() / tail as f64);
-        }
-        summary.seconds = start.elapsed().as_secs_f64();
-        Ok(summary)
+    fn save_weights(&self, path: &Path) -> Result<()> {
+        self.pipe.dit.save(path, self.cfg.trainable)
     }
 
-    /// The loss curve `loss.png` from `metrics.jsonl` (when logging).
-    fn write_plot(&self) -> Result<()> {
-        let Some(m) = &self.metrics else { return Ok(()) };
-        let records = read_metrics(m.path())?;
-        let points = series(&records, "loss");
-        if points.len() >= 2 {
-            plot_loss(&points, self.cfg.output.join("loss.png"), "training loss (weighted flow-matching MSE)")?;
-        }
-        Ok(())
-    }
-
-    /// Writes `<name>.safetensors` (the trainable tensors in the Synthos naming, bf16) and
-    /// then the resume state, each atomically; returns the checkpoint's path.
-    pub fn save_checkpoint(&mut self, name: &str) -> Result<PathBuf> {
-        let path = self.cfg.output.join(format!("{name}.safetensors"));
-        self.pipe.dit.save(&path, self.cfg.trainable)?;
-        self.last_checkpoint = Some(path.clone());
-        self.save_resume_state()?;
-        Ok(path)
-    }
-
-    fn resume_header(&self) -> Value {
-        json!({
-            "version": 1,
-            "step": self.step,
-            "steps_per_epoch": self.steps_per_epoch,
-            "dataset_len": self.data.len(),
-            "batch_size": self.cfg.batch_size,
-            "grad_accum": self.cfg.grad_accum,
-            "seed": self.cfg.seed,
-            "trainable": format!("{:?}", self.cfg.trainable),
-            "width": self.cfg.width,
-            "height": self.cfg.height,
-            "last_checkpoint": self.last_checkpoint.as_ref().map(|p| p.display().to_string()),
-        })
-    }
-
-    fn save_resume_state(&self) -> Result<()> {
-        let mut tensors = self.opt.state_tensors()?;
-        for (name, t) in &self.params {
-            tensors.push((format!("{PARAM_PREFIX}{name}"), t.clone()));
-        }
-        let meta: HashMap<String, String> = [(RESUME_KEY.to_string(), self.resume_header().to_string())].into();
-        weights::save(self.cfg.output.join(RESUME_FILE), &tensors, SaveDType::F32, Some(&meta))
-    }
-
-    fn load_resume_state(&mut self) -> Result<()> {
-        let path = self.cfg.output.join(RESUME_FILE);
-        let ctx = || format!("resume state {}", path.display());
-        let file = crate::weights::WeightFile::open(&path).with_ctx(ctx)?;
-        let header: Value =
-            file.metadata().get(RESUME_KEY).and_then(|s| serde_json::from_str(s).ok()).ok_or_else(|| {
-                Error::msg(format!("{}: no {RESUME_KEY} header (not a synthos-engine resume state)", ctx()))
-            })?;
-        let now = self.resume_header();
-        let mut differs = Vec::new();
-        for key in
-            ["steps_per_epoch", "dataset_len", "batch_size", "grad_accum", "seed", "trainable", "width", "height"]
-        {
-            if header.get(key) != now.get(key) {
-                differs.push(format!("{key}: saved {}, now {}", header.get(key).unwrap_or(&Value::Null), now[key]));
-            }
-        }
-        if !differs.is_empty() {
-            bail!("{}: the run was started with other settings — {}", ctx(), differs.join("; "));
-        }
-        let step =
-            header.get("step").and_then(Value::as_u64).ok_or_else(|| Error::msg(format!("{}: no step", ctx())))?;
-        let set = WeightSet::open(&path).with_ctx(ctx)?;
-        let mut state = Vec::new();
-        let mut values = HashMap::new();
-        for name in set.names() {
-            let shape = set.shape(name)?.to_vec();
-            let t = Tensor::from_vec(set.read_f32(name)?, &shape, Device::Cpu)?;
-            match name.strip_prefix(PARAM_PREFIX) {
-                Some(p) => {
-                    values.insert(p.to_string(), t);
-                }
-                None => state.push((name.to_string(), t)),
-            }
-        }
-        for (name, t) in &self.params {
-            let v = values.remove(name).ok_or_else(|| Error::msg(format!("{}: parameter {name} missing", ctx())))?;
-            if v.shape() != t.shape() {
-                bail!("{}: parameter {name} has shape {:?}, the model's is {:?}", ctx(), v.shape(), t.shape());
-            }
-            t.assign(&v)?;
-        }
-        if let Some(extra) = values.keys().next() {
-            bail!("{}: parameter {extra} is not trainable in this run", ctx());
-        }
-        self.opt.load_state(&state).with_ctx(ctx)?;
-        self.step = step;
-        self.last_checkpoint = header.get("last_checkpoint").and_then(Value::as_str).map(PathBuf::from);
-        if !self.quiet {
-            eprintln!("resuming {} at step {step} of {}", self.cfg.output.display(), self.total_steps);
-        }
-        Ok(())
-    }
-
-    /// Samples the validation prompts (text only) and references (image only, and with
-    /// the matching prompt) with the current weights; writes `samples/step-N-text.png`
-    /// and `samples/step-N-reference.png`. Returns the grids written.
-    pub fn validate(&self) -> Result<Vec<PathBuf>> {
+    fn validate(&self, step: u64) -> Result<Vec<PathBuf>> {
         let dir = self.cfg.output.join("samples");
         std::fs::create_dir_all(&dir).with_ctx(|| format!("cannot create {}", dir.display()))?;
         let opts = GenerateOptions {
@@ -633,7 +331,7 @@ impl Trainer {
         if !prompts.is_empty() {
             let images = self.pipe.generate_batch(&prompts, &opts, None, &mut |_, _| {})?;
             let labels: Vec<String> = prompts.iter().map(|p| p.to_string()).collect();
-            let path = dir.join(format!("step-{:06}-text.png", self.step));
+            let path = dir.join(format!("step-{:06}-text.png", step));
             image_grid(&images, images.len().min(4), Some(&labels), &path)?;
             written.push(path);
         }
@@ -653,11 +351,23 @@ impl Trainer {
                 }
             }
             let cols = if prompts.is_empty() { 2 } else { 3 };
-            let path = dir.join(format!("step-{:06}-reference.png", self.step));
+            let path = dir.join(format!("step-{:06}-reference.png", step));
             image_grid(&cells, cols, Some(&labels), &path)?;
             written.push(path);
         }
         Ok(written)
+    }
+
+    fn resume_settings(&self) -> Value {
+        json!({
+            "trainable": format!("{:?}", self.cfg.trainable),
+            "width": self.cfg.width,
+            "height": self.cfg.height,
+        })
+    }
+
+    fn device(&self) -> Device {
+        self.pipe.device()
     }
 }
 

@@ -1,0 +1,510 @@
+//! The run loop every trainer shares: epochs and steps over a seeded data order, gradient
+//! accumulation, AdamW on fp32 masters with the learning-rate schedule and optional
+//! clipping, the stop on a non-finite loss or gradient, checkpoints and atomic resume
+//! state, metrics, the loss plot, progress and validation. A trainer supplies what is its
+//! own through [`TrainTask`]: the loss of a micro-batch, how its weights are saved, its
+//! validation, and the settings a resumed run must share.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use super::config::LrSchedule;
+use crate::nn::NamedParam;
+use crate::optim::{clip_coefficient, AdamW, AdamWConfig};
+use crate::report::{plot_loss, read_metrics, series, MetricsRecord, MetricsWriter, Progress};
+use crate::weights::{self, SaveDType, WeightSet};
+use crate::{autograd, bail, Device, Error, Gradients, Result, ResultExt, Tensor};
+
+/// File name of the resume state in the run folder.
+pub const RESUME_FILE: &str = "resume.safetensors";
+/// Metadata key of the resume state's JSON header.
+const RESUME_KEY: &str = "synthos_resume";
+/// Prefix of the trainable parameters' exact values in the resume state.
+const PARAM_PREFIX: &str = "param/";
+
+/// What one optimizer step did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepStats {
+    /// The step just completed (1-based).
+    pub step: u64,
+    /// Its epoch (0-based).
+    pub epoch: u64,
+    /// Mean weighted loss over the step's samples.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Samples in the step.
+    pub samples: usize,
+    /// Samples per second of wall time.
+    pub samples_per_s: f64,
+}
+
+/// What a finished run produced.
+#[derive(Clone, Debug)]
+pub struct TrainSummary {
+    /// Steps done in total (including those before a resume).
+    pub steps: u64,
+    /// Loss of the first step run in this call.
+    pub first_loss: Option<f64>,
+    /// Mean loss over the last tenth of the steps run in this call.
+    pub final_loss: Option<f64>,
+    /// Checkpoints written in this call, in order.
+    pub checkpoints: Vec<PathBuf>,
+    /// Validation grids written in this call.
+    pub samples: Vec<PathBuf>,
+    /// Seconds of wall time.
+    pub seconds: f64,
+}
+
+/// The settings of the loop itself (a trainer's configuration fills them).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoopSettings {
+    /// Run folder: checkpoints, resume state, metrics, plot.
+    pub output: PathBuf,
+    /// Samples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Passes over the data.
+    pub epochs: u64,
+    /// Stop after this many steps even if epochs remain.
+    pub max_steps: Option<u64>,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Decoupled AdamW weight decay.
+    pub weight_decay: f64,
+    /// Linear warm-up steps.
+    pub warmup_steps: u64,
+    /// Learning-rate shape after the warm-up.
+    pub lr_schedule: LrSchedule,
+    /// Clip the global gradient norm to this value.
+    pub max_grad_norm: Option<f32>,
+    /// Seed of the data order (and of whatever the task draws).
+    pub seed: u64,
+    /// Write `step-N.safetensors` every this many steps.
+    pub save_every: Option<u64>,
+    /// Validate every this many steps (and at the end).
+    pub validate_every: Option<u64>,
+    /// Write `metrics.jsonl` and `loss.png`.
+    pub log_metrics: bool,
+    /// Continue the run in `output` from its resume state.
+    pub resume: bool,
+    /// Title of the loss plot.
+    pub loss_title: String,
+}
+
+impl LoopSettings {
+    /// The learning rate of step `step` (0-based) of `total`: linear warm-up from
+    /// lr/warmup to lr, then constant or cosine decay to 0 at the last step.
+    pub fn lr_at(&self, step: u64, total: u64) -> f64 {
+        let warm = if self.warmup_steps > 0 { ((step + 1) as f64 / self.warmup_steps as f64).min(1.0) } else { 1.0 };
+        let shape = match self.lr_schedule {
+            LrSchedule::Constant => 1.0,
+            LrSchedule::Cosine => {
+                let span = total.saturating_sub(self.warmup_steps).max(1) as f64;
+                let done = step.saturating_sub(self.warmup_steps) as f64;
+                0.5 * (1.0 + (std::f64::consts::PI * (done / span).min(1.0)).cos())
+            }
+        };
+        self.lr * warm * shape
+    }
+}
+
+/// What a trainer plugs into the [`RunLoop`].
+pub trait TrainTask {
+    /// Samples in the dataset.
+    fn dataset_len(&self) -> usize;
+    /// The dataset indices in the order epoch `epoch` visits them.
+    fn epoch_order(&self, epoch: u64, seed: u64) -> Vec<usize>;
+    /// The loss of micro-batch `micro` of step `step` over the samples `indices`, scaled
+    /// by 1/`n_step` (the samples of the whole step) so that accumulated gradients are
+    /// those of the step's mean loss. Recorded on the tape.
+    fn micro_loss(&mut self, step: u64, micro: usize, indices: &[usize], n_step: usize) -> Result<Tensor>;
+    /// Writes the trained weights (atomically) to `path`.
+    fn save_weights(&self, path: &Path) -> Result<()>;
+    /// Writes validation outputs for step `step`; returns the files written.
+    fn validate(&self, step: u64) -> Result<Vec<PathBuf>>;
+    /// Settings a resumed run must share with the run it continues (JSON object), beyond
+    /// the loop's own.
+    fn resume_settings(&self) -> Value;
+    /// The device the task computes on (for the memory figures).
+    fn device(&self) -> Device;
+}
+
+/// Creates the run folder `output` and checks it against `resume`: a fresh run refuses a
+/// folder holding a resume state, and a resumed one needs it.
+pub fn check_run_folder(output: &Path, resume: bool) -> Result<()> {
+    std::fs::create_dir_all(output).with_ctx(|| format!("cannot create the output folder {}", output.display()))?;
+    let resume_path = output.join(RESUME_FILE);
+    if resume && !resume_path.is_file() {
+        bail!("--resume: {} has no {RESUME_FILE} to continue from", output.display());
+    }
+    if !resume && resume_path.is_file() {
+        bail!(
+            "{} already holds a run ({RESUME_FILE}); pass --resume to continue it, or choose another output folder",
+            output.display()
+        );
+    }
+    Ok(())
+}
+
+/// The loop's state: optimizer, parameters, step counters, metrics and checkpoints.
+pub struct RunLoop {
+    settings: LoopSettings,
+    opt: AdamW,
+    params: Vec<NamedParam>,
+    dataset_len: usize,
+    step: u64,
+    steps_per_epoch: u64,
+    total_steps: u64,
+    metrics: Option<MetricsWriter>,
+    last_checkpoint: Option<PathBuf>,
+    quiet: bool,
+}
+
+impl RunLoop {
+    /// A loop training `params` (every one decayed) over a dataset of `dataset_len`
+    /// samples. Creates the output folder; refuses a fresh run in a folder holding a
+    /// resume state, and `resume` without one. Call [`RunLoop::start`] before stepping.
+    pub fn new(settings: LoopSettings, params: Vec<NamedParam>, dataset_len: usize) -> Result<RunLoop> {
+        check_run_folder(&settings.output, settings.resume)?;
+        if params.is_empty() {
+            bail!("no trainable parameters");
+        }
+        let mut opt = AdamW::new(AdamWConfig { weight_decay: settings.weight_decay as f32, ..Default::default() });
+        for (name, t) in &params {
+            opt.add_param(name, t, true)?;
+        }
+        let micro = dataset_len.div_ceil(settings.batch_size) as u64;
+        let steps_per_epoch = micro.div_ceil(settings.grad_accum as u64);
+        let by_epochs = steps_per_epoch * settings.epochs;
+        let total_steps = match settings.max_steps {
+            Some(m) if settings.epochs == 0 => m,
+            Some(m) => m.min(by_epochs),
+            None => by_epochs,
+        };
+        Ok(RunLoop {
+            settings,
+            opt,
+            params,
+            dataset_len,
+            step: 0,
+            steps_per_epoch,
+            total_steps,
+            metrics: None,
+            last_checkpoint: None,
+            quiet: false,
+        })
+    }
+
+    /// Restores the resume state (with `resume`) and opens the metrics file.
+    pub fn start(&mut self, task: &impl TrainTask) -> Result<()> {
+        if self.settings.resume {
+            self.load_resume_state(task)?;
+        }
+        if self.settings.log_metrics {
+            let path = self.settings.output.join("metrics.jsonl");
+            self.metrics = Some(MetricsWriter::resume(path, self.step)?);
+        }
+        Ok(())
+    }
+
+    /// Silences the progress bar and notes.
+    pub fn set_quiet(&mut self, quiet: bool) {
+        self.quiet = quiet;
+    }
+
+    /// Optimizer steps done so far.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// Steps the run will have done when complete.
+    pub fn total_steps(&self) -> u64 {
+        self.total_steps
+    }
+
+    /// Optimizer steps per epoch.
+    pub fn steps_per_epoch(&self) -> u64 {
+        self.steps_per_epoch
+    }
+
+    /// The trained parameters by name.
+    pub fn params(&self) -> &[NamedParam] {
+        &self.params
+    }
+
+    /// The loop's settings.
+    pub fn settings(&self) -> &LoopSettings {
+        &self.settings
+    }
+
+    /// The dataset indices of micro-batch `micro` of optimizer step `step` (0-based), or
+    /// `None` past the epoch's end. Each epoch visits the task's order for that epoch in
+    /// micro-batches of `batch_size` (the last may be smaller); an optimizer step takes
+    /// `grad_accum` of them (the epoch's last step may take fewer).
+    pub fn micro_batch(&self, task: &impl TrainTask, step: u64, micro: usize) -> Option<Vec<usize>> {
+        let epoch = step / self.steps_per_epoch;
+        let within = step % self.steps_per_epoch;
+        let b = self.settings.batch_size;
+        let start = ((within as usize) * self.settings.grad_accum + micro) * b;
+        let len = self.dataset_len;
+        if start >= len {
+            return None;
+        }
+        let order = task.epoch_order(epoch, self.settings.seed);
+        Some(order[start..(start + b).min(len)].to_vec())
+    }
+
+    /// Runs one optimizer step (all its micro-batches). A non-finite loss or gradient is
+    /// an error and leaves the weights untouched.
+    pub fn train_step(&mut self, task: &mut impl TrainTask) -> Result<StepStats> {
+        if self.step >= self.total_steps {
+            bail!("the run is complete ({} steps)", self.total_steps);
+        }
+        let t0 = Instant::now();
+        let step = self.step;
+        let epoch = step / self.steps_per_epoch;
+        let batches: Vec<Vec<usize>> =
+            (0..self.settings.grad_accum).map_while(|m| self.micro_batch(task, step, m)).collect();
+        let n_samples: usize = batches.iter().map(Vec::len).sum();
+        let mut grads: Option<Gradients> = None;
+        let mut losses = Vec::with_capacity(batches.len());
+        for (m, indices) in batches.iter().enumerate() {
+            let loss = task.micro_loss(step, m, indices, n_samples)?;
+            let g = autograd::backward(&loss)?;
+            match grads.as_mut() {
+                Some(acc) => acc.merge(g)?,
+                None => grads = Some(g),
+            }
+            losses.push(loss);
+        }
+        // Read back after the backward passes are queued, so the GPU never idles while
+        // the host issues them.
+        let mut loss_total = 0.0f64;
+        for loss in &losses {
+            loss_total += loss.item()? as f64;
+        }
+        // Nothing recorded in this step outlives it (only what the loss depends on was
+        // consumed by the backward passes).
+        autograd::clear_tape();
+        let grads = grads.ok_or_else(|| Error::msg(format!("step {}: no samples", step + 1)))?;
+        let grad_norm = self.opt.grad_norm(&grads)? as f64;
+        if !loss_total.is_finite() || !grad_norm.is_finite() {
+            let kept = match &self.last_checkpoint {
+                Some(p) => format!("the last good checkpoint is {}", p.display()),
+                None => "no checkpoint was written yet".to_string(),
+            };
+            bail!(
+                "training stopped at step {} (epoch {epoch}): the loss is {loss_total} and the gradient norm {grad_norm} — \
+                 not finite. The weights were not updated; {kept}. Try a lower learning rate or gradient clipping.",
+                step + 1
+            );
+        }
+        let lr = self.settings.lr_at(step, self.total_steps);
+        let scale = self.settings.max_grad_norm.map_or(1.0, |m| clip_coefficient(grad_norm as f32, m));
+        self.opt.step(&grads, lr as f32, scale)?;
+        self.step += 1;
+        let secs = t0.elapsed().as_secs_f64();
+        Ok(StepStats {
+            step: self.step,
+            epoch,
+            loss: loss_total,
+            lr,
+            grad_norm,
+            samples: n_samples,
+            samples_per_s: n_samples as f64 / secs.max(1e-9),
+        })
+    }
+
+    /// Runs the remaining steps with progress, metrics, checkpoints (`step-N` every
+    /// `save_every`, `epoch-N` after each epoch, 0-based, and the final step),
+    /// validation and the loss plot.
+    pub fn run(&mut self, task: &mut impl TrainTask) -> Result<TrainSummary> {
+        let start = Instant::now();
+        let mut progress = (!self.quiet).then(|| Progress::new(self.total_steps, self.step));
+        let mut summary = TrainSummary {
+            steps: self.step,
+            first_loss: None,
+            final_loss: None,
+            checkpoints: Vec::new(),
+            samples: Vec::new(),
+            seconds: 0.0,
+        };
+        let mut losses = Vec::new();
+        let mut samples_done = 0u64;
+        while self.step < self.total_steps {
+            let stats = match self.train_step(task) {
+                Ok(s) => s,
+                Err(e) => {
+                    if let Some(p) = progress.as_mut() {
+                        p.finish();
+                    }
+                    self.write_plot()?;
+                    return Err(e);
+                }
+            };
+            losses.push(stats.loss);
+            samples_done += stats.samples as u64;
+            if let Some(m) = self.metrics.as_mut() {
+                let mut rec = MetricsRecord::new(stats.step, stats.epoch, stats.loss, stats.lr);
+                rec.grad_norm = Some(stats.grad_norm);
+                rec.samples_per_s = Some(stats.samples_per_s);
+                rec.mem_bytes = task.device().memory_in_use();
+                m.write(&rec)?;
+            }
+            if let Some(p) = progress.as_mut() {
+                p.update(stats.step, Some(stats.loss), samples_done);
+            }
+            let epoch_end = stats.step % self.steps_per_epoch == 0;
+            let last = stats.step == self.total_steps;
+            let mut names = Vec::new();
+            if self.settings.save_every.is_some_and(|n| stats.step % n == 0) || (last && !epoch_end) {
+                names.push(format!("step-{}", stats.step));
+            }
+            if epoch_end {
+                names.push(format!("epoch-{}", stats.epoch));
+            }
+            for name in names {
+                let path = self.save_checkpoint(task, &name)?;
+                if let Some(p) = progress.as_mut() {
+                    p.message(&format!("saved {}", path.display()));
+                }
+                summary.checkpoints.push(path);
+            }
+            if self.settings.validate_every.is_some_and(|n| stats.step % n == 0) || last {
+                let grids = task.validate(self.step)?;
+                if let Some(p) = progress.as_mut() {
+                    for g in &grids {
+                        p.message(&format!("samples: {}", g.display()));
+                    }
+                }
+                summary.samples.extend(grids);
+            }
+        }
+        if let Some(p) = progress.as_mut() {
+            p.finish();
+        }
+        self.write_plot()?;
+        summary.steps = self.step;
+        summary.first_loss = losses.first().copied();
+        if !losses.is_empty() {
+            let tail = (losses.len() / 10).max(1);
+            summary.final_loss = Some(losses[losses.len() - tail..].iter().sum::<f64>() / tail as f64);
+        }
+        summary.seconds = start.elapsed().as_secs_f64();
+        Ok(summary)
+    }
+
+    /// The loss curve `loss.png` from `metrics.jsonl` (when logging).
+    fn write_plot(&self) -> Result<()> {
+        let Some(m) = &self.metrics else { return Ok(()) };
+        let records = read_metrics(m.path())?;
+        let points = series(&records, "loss");
+        if points.len() >= 2 {
+            plot_loss(&points, self.settings.output.join("loss.png"), &self.settings.loss_title)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `<name>.safetensors` (the task's weights) and then the resume state, each
+    /// atomically; returns the checkpoint's path.
+    pub fn save_checkpoint(&mut self, task: &impl TrainTask, name: &str) -> Result<PathBuf> {
+        let path = self.settings.output.join(format!("{name}.safetensors"));
+        task.save_weights(&path)?;
+        self.last_checkpoint = Some(path.clone());
+        self.save_resume_state(task)?;
+        Ok(path)
+    }
+
+    /// The resume header: the loop's counters and settings, then the task's.
+    fn resume_header(&self, task: &impl TrainTask) -> Value {
+        let mut h = json!({
+            "version": 1,
+            "step": self.step,
+            "steps_per_epoch": self.steps_per_epoch,
+            "dataset_len": self.dataset_len,
+            "batch_size": self.settings.batch_size,
+            "grad_accum": self.settings.grad_accum,
+            "seed": self.settings.seed,
+            "last_checkpoint": self.last_checkpoint.as_ref().map(|p| p.display().to_string()),
+        });
+        if let (Some(obj), Value::Object(extra)) = (h.as_object_mut(), task.resume_settings()) {
+            obj.extend(extra);
+        }
+        h
+    }
+
+    fn save_resume_state(&self, task: &impl TrainTask) -> Result<()> {
+        let mut tensors = self.opt.state_tensors()?;
+        for (name, t) in &self.params {
+            tensors.push((format!("{PARAM_PREFIX}{name}"), t.clone()));
+        }
+        let meta: HashMap<String, String> = [(RESUME_KEY.to_string(), self.resume_header(task).to_string())].into();
+        weights::save(self.settings.output.join(RESUME_FILE), &tensors, SaveDType::F32, Some(&meta))
+    }
+
+    fn load_resume_state(&mut self, task: &impl TrainTask) -> Result<()> {
+        let path = self.settings.output.join(RESUME_FILE);
+        let ctx = || format!("resume state {}", path.display());
+        let file = crate::weights::WeightFile::open(&path).with_ctx(ctx)?;
+        let header: Value =
+            file.metadata().get(RESUME_KEY).and_then(|s| serde_json::from_str(s).ok()).ok_or_else(|| {
+                Error::msg(format!("{}: no {RESUME_KEY} header (not a synthos-engine resume state)", ctx()))
+            })?;
+        let now = self.resume_header(task);
+        let mut keys: Vec<String> = ["steps_per_epoch", "dataset_len", "batch_size", "grad_accum", "seed"]
+            .iter()
+            .map(|k| k.to_string())
+            .collect();
+        if let Value::Object(extra) = task.resume_settings() {
+            keys.extend(extra.keys().cloned());
+        }
+        let mut differs = Vec::new();
+        for key in &keys {
+            if header.get(key) != now.get(key) {
+                differs.push(format!("{key}: saved {}, now {}", header.get(key).unwrap_or(&Value::Null), now[key]));
+            }
+        }
+        if !differs.is_empty() {
+            bail!("{}: the run was started with other settings — {}", ctx(), differs.join("; "));
+        }
+        let step =
+            header.get("step").and_then(Value::as_u64).ok_or_else(|| Error::msg(format!("{}: no step", ctx())))?;
+        let set = WeightSet::open(&path).with_ctx(ctx)?;
+        let mut state = Vec::new();
+        let mut values = HashMap::new();
+        for name in set.names() {
+            let shape = set.shape(name)?.to_vec();
+            let t = Tensor::from_vec(set.read_f32(name)?, &shape, Device::Cpu)?;
+            match name.strip_prefix(PARAM_PREFIX) {
+                Some(p) => {
+                    values.insert(p.to_string(), t);
+                }
+                None => state.push((name.to_string(), t)),
+            }
+        }
+        for (name, t) in &self.params {
+            let v = values.remove(name).ok_or_else(|| Error::msg(format!("{}: parameter {name} missing", ctx())))?;
+            if v.shape() != t.shape() {
+                bail!("{}: parameter {name} has shape {:?}, the model's is {:?}", ctx(), v.shape(), t.shape());
+            }
+            t.assign(&v)?;
+        }
+        if let Some(extra) = values.keys().next() {
+            bail!("{}: parameter {extra} is not trainable in this run", ctx());
+        }
+        self.opt.load_state(&state).with_ctx(ctx)?;
+        self.step = step;
+        self.last_checkpoint = header.get("last_checkpoint").and_then(Value::as_str).map(PathBuf::from);
+        if !self.quiet {
+            eprintln!("resuming {} at step {step} of {}", self.settings.output.display(), self.total_steps);
+        }
+        Ok(())
+    }
+}
