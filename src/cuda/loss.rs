@@ -3,7 +3,7 @@
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::reduce::blocks_per_row;
-use super::{grid_1d, grid_rows, CudaBuf, CudaDevice, CudaStorage};
+use super::{grid_1d, grid_rows, kernel_name, CudaBuf, CudaDevice, CudaStorage, PushBuf};
 use crate::{bail, DType, Result};
 
 /// Threads per block of the loss kernels.
@@ -53,13 +53,12 @@ pub fn sq_err_rows(p: &CudaStorage, t: &CudaStorage, rows: usize, len: usize) ->
         bail!("mse: partials buffer is not f32");
     };
     let (len64, bpr64) = (len as i64, bpr as i64);
-    let f = dev.func("loss", if dtype == DType::F32 { "sq_err_partial_f32" } else { "sq_err_partial_bf16" })?;
+    if p.buf.dtype() != t.buf.dtype() {
+        bail!("mse: dtype mismatch");
+    }
+    let f = dev.func("loss", kernel_name("sq_err_partial", dtype))?;
     let mut lb = dev.stream.launch_builder(&f);
-    match (&p.buf, &t.buf) {
-        (CudaBuf::F32(a), CudaBuf::F32(b)) => lb.arg(a).arg(b),
-        (CudaBuf::BF16(a), CudaBuf::BF16(b)) => lb.arg(a).arg(b),
-        _ => bail!("mse: dtype mismatch"),
-    };
+    lb.buf(&p.buf).buf(&t.buf);
     lb.arg(&mut *part).arg(&len64).arg(&bpr64);
     // SAFETY: block b reads row b / bpr of p and t (rows·len elements each) and writes
     // partials[b], b < rows·bpr.
@@ -79,13 +78,12 @@ pub fn sq_err_backward(p: &CudaStorage, t: &CudaStorage, g: &CudaStorage, len: u
     let mut out = dev.alloc(n, dtype)?;
     let (len64, n64) = (len.max(1) as i64, n as i64);
     let coef = 2.0 / len.max(1) as f32;
-    let f = dev.func("loss", if dtype == DType::F32 { "sq_err_bwd_f32" } else { "sq_err_bwd_bf16" })?;
+    if p.buf.dtype() != dtype || t.buf.dtype() != dtype {
+        bail!("mse backward: dtype mismatch");
+    }
+    let f = dev.func("loss", kernel_name("sq_err_bwd", dtype))?;
     let mut lb = dev.stream.launch_builder(&f);
-    match (&p.buf, &t.buf, &mut out) {
-        (CudaBuf::F32(a), CudaBuf::F32(b), CudaBuf::F32(o)) => lb.arg(a).arg(b).arg(g).arg(o),
-        (CudaBuf::BF16(a), CudaBuf::BF16(b), CudaBuf::BF16(o)) => lb.arg(a).arg(b).arg(g).arg(o),
-        _ => bail!("mse backward: dtype mismatch"),
-    };
+    lb.buf(&p.buf).buf(&t.buf).arg(g).buf_mut(&mut out);
     lb.arg(&len64).arg(&coef).arg(&n64);
     // SAFETY: n elements of p, t and out; g[i / len] with i < n is below g's length
     // (checked above).
@@ -118,12 +116,9 @@ pub fn cross_entropy(
         bail!("cross_entropy: row buffers are not f32");
     };
     let classes64 = classes as i64;
-    let f = dev.func("loss", if dtype == DType::F32 { "ce_fwd_f32" } else { "ce_fwd_bf16" })?;
+    let f = dev.func("loss", kernel_name("ce_fwd", dtype))?;
     let mut lb = dev.stream.launch_builder(&f);
-    match &logits.buf {
-        CudaBuf::F32(a) => lb.arg(a),
-        CudaBuf::BF16(a) => lb.arg(a),
-    };
+    lb.buf(&logits.buf);
     lb.arg(targets).arg(&mut *lr).arg(&mut *ls).arg(&classes64);
     // SAFETY: block r reads row r of logits (classes elements) and targets[r] (< classes,
     // checked by the op), and writes loss_rows[r] and lse[r], r < rows.
@@ -152,13 +147,9 @@ pub fn cross_entropy_backward(
     let mut out = dev.alloc(rows * classes, dtype)?;
     let classes64 = classes as i64;
     let inv_rows = 1.0 / rows as f32;
-    let f = dev.func("loss", if dtype == DType::F32 { "ce_bwd_f32" } else { "ce_bwd_bf16" })?;
+    let f = dev.func("loss", kernel_name("ce_bwd", dtype))?;
     let mut lb = dev.stream.launch_builder(&f);
-    match (&logits.buf, &mut out) {
-        (CudaBuf::F32(a), CudaBuf::F32(o)) => lb.arg(a).arg(targets).arg(lse).arg(g).arg(o),
-        (CudaBuf::BF16(a), CudaBuf::BF16(o)) => lb.arg(a).arg(targets).arg(lse).arg(g).arg(o),
-        _ => bail!("cross_entropy backward: dtype mismatch"),
-    };
+    lb.buf(&logits.buf).arg(targets).arg(lse).arg(g).buf_mut(&mut out);
     lb.arg(&classes64).arg(&inv_rows);
     // SAFETY: block r reads and writes row r (classes elements) of logits and out, and
     // reads targets[r], lse[r] and g[0].

@@ -2,7 +2,7 @@
 
 use cudarc::driver::PushKernelArg;
 
-use super::{grid_1d, CudaBuf, CudaStorage};
+use super::{grid_1d, CudaBuf, CudaStorage, PushBuf};
 use crate::{bail, DType, Result};
 
 /// Rotates the pairs of `x` (`[B, tokens, heads, head_dim]`, `n` elements) by
@@ -43,11 +43,7 @@ pub fn rope(
     let n_chunks = (n / 2 / pairs_per_thread) as i64;
     let (tokens64, heads32, half32) = (tokens as i64, heads as i32, half as i32);
     let mut lb = dev.stream.launch_builder(&f);
-    match (&x.buf, &mut out) {
-        (CudaBuf::F32(a), CudaBuf::F32(o)) => lb.arg(a).arg(cos_t).arg(sin_t).arg(o),
-        (CudaBuf::BF16(a), CudaBuf::BF16(o)) => lb.arg(a).arg(cos_t).arg(sin_t).arg(o),
-        _ => bail!("rope: output dtype mismatch"),
-    };
+    lb.buf(&x.buf).arg(cos_t).arg(sin_t).buf_mut(&mut out);
     lb.arg(&n_chunks).arg(&tokens64).arg(&heads32).arg(&half32).arg(&sign);
     // SAFETY: thread chunk q covers elements [2·q·P, 2·(q+1)·P) of x and out (n elements)
     // and table entries n·half + j .. + P < tokens·half. With P = 4, half is a multiple of

@@ -2,9 +2,9 @@
 
 use cudarc::driver::PushKernelArg;
 
-use super::{grid_1d, CudaBuf, CudaStorage};
+use super::{grid_1d, kernel_name, CudaBuf, CudaStorage, PushBuf};
 use crate::desc::Slab;
-use crate::{bail, DType, Result};
+use crate::{bail, Result};
 
 /// Permutation description passed by value; mirrors `struct PermuteDesc` in `shape.cu`.
 #[repr(C)]
@@ -34,13 +34,9 @@ pub fn permute(x: &CudaStorage, shape: &[usize], perm: &[usize]) -> Result<CudaB
     let dtype = x.buf.dtype();
     let mut out = dev.alloc(n, dtype)?;
     let n64 = n as i64;
-    let f = dev.func("shape", if dtype == DType::F32 { "permute_f32" } else { "permute_bf16" })?;
+    let f = dev.func("shape", kernel_name("permute", dtype))?;
     let mut lb = dev.stream.launch_builder(&f);
-    match (&x.buf, &mut out) {
-        (CudaBuf::F32(a), CudaBuf::F32(o)) => lb.arg(a).arg(o),
-        (CudaBuf::BF16(a), CudaBuf::BF16(o)) => lb.arg(a).arg(o),
-        _ => bail!("permute: dtype mismatch"),
-    };
+    lb.buf(&x.buf).buf_mut(&mut out);
     lb.arg(&d).arg(&n64);
     // SAFETY: each of the n output elements reads one input offset Σ c_k·stride[perm[k]]
     // with c_k < shape[perm[k]], which is below the input's n elements.
@@ -64,13 +60,12 @@ pub fn copy_slab(src: &CudaStorage, dst: &mut CudaBuf, s: &Slab) -> Result<()> {
     let dev = &src.dev;
     let dtype = src.buf.dtype();
     let args = [s.inner, s.src_dim, s.src_off, s.dst_dim, s.dst_off, s.len, n].map(|v| v as i64);
-    let f = dev.func("shape", if dtype == DType::F32 { "slab_copy_f32" } else { "slab_copy_bf16" })?;
+    if src.buf.dtype() != dst.dtype() {
+        bail!("slab copy: dtype mismatch");
+    }
+    let f = dev.func("shape", kernel_name("slab_copy", dtype))?;
     let mut lb = dev.stream.launch_builder(&f);
-    match (&src.buf, dst) {
-        (CudaBuf::F32(a), CudaBuf::F32(o)) => lb.arg(a).arg(o),
-        (CudaBuf::BF16(a), CudaBuf::BF16(o)) => lb.arg(a).arg(o),
-        _ => bail!("slab copy: dtype mismatch"),
-    };
+    lb.buf(&src.buf).buf_mut(dst);
     for a in &args {
         lb.arg(a);
     }
