@@ -81,34 +81,16 @@ fn unary_launch(
     Ok(out)
 }
 
-/// Static entry-point names (cudarc caches functions by `&'static str`).
+/// The entry point of an elementwise kernel from `input` to `output`: `cast_<in>_<out>`
+/// for the casts, `<base>_<dtype>` (see [`super::kernel_name`]) for the others, which
+/// keep their dtype.
 fn kernel_name_io(base: &str, input: crate::DType, output: crate::DType) -> Result<&'static str> {
-    use crate::DType::{BF16, F32};
-    Ok(match (base, input, output) {
-        ("scale", F32, F32) => "scale_f32",
-        ("scale", BF16, BF16) => "scale_bf16",
-        ("bcast_copy", F32, F32) => "bcast_copy_f32",
-        ("bcast_copy", BF16, BF16) => "bcast_copy_bf16",
-        ("cast", F32, BF16) => "cast_f32_bf16",
-        ("cast", BF16, F32) => "cast_bf16_f32",
-        ("add_scalar", F32, F32) => "add_scalar_f32",
-        ("add_scalar", BF16, BF16) => "add_scalar_bf16",
-        ("gelu_tanh", F32, F32) => "gelu_tanh_f32",
-        ("gelu_tanh", BF16, BF16) => "gelu_tanh_bf16",
-        ("gelu_exact", F32, F32) => "gelu_exact_f32",
-        ("gelu_exact", BF16, BF16) => "gelu_exact_bf16",
-        ("silu", F32, F32) => "silu_f32",
-        ("silu", BF16, BF16) => "silu_bf16",
-        ("gelu_tanh_bwd", F32, F32) => "gelu_tanh_bwd_f32",
-        ("gelu_tanh_bwd", BF16, BF16) => "gelu_tanh_bwd_bf16",
-        ("gelu_exact_bwd", F32, F32) => "gelu_exact_bwd_f32",
-        ("gelu_exact_bwd", BF16, BF16) => "gelu_exact_bwd_bf16",
-        ("silu_bwd", F32, F32) => "silu_bwd_f32",
-        ("silu_bwd", BF16, BF16) => "silu_bwd_bf16",
-        ("gated_residual", F32, F32) => "gated_residual_f32",
-        ("gated_residual", BF16, BF16) => "gated_residual_bf16",
-        _ => bail!("no kernel {base} for {input} -> {output}"),
-    })
+    match (base, input == output) {
+        ("cast", false) => Ok(super::kernel_name(&format!("cast_{}", suffix(input)), output)),
+        ("cast", true) => bail!("no cast kernel from {input} to itself"),
+        (_, true) => Ok(super::kernel_name(base, input)),
+        (_, false) => bail!("no kernel {base} for {input} -> {output}"),
+    }
 }
 
 /// `s · x`.
