@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use cudarc::driver::PushKernelArg;
 
-use super::{grid_1d, CudaBuf, CudaStorage};
+use super::{grid_1d, CudaBuf, CudaStorage, PushBuf};
 use crate::desc::AdamWStep;
 use crate::{bail, DType, Result};
 
@@ -46,10 +46,7 @@ pub fn step(
     let f = dev.func("adamw", name)?;
     let n64 = n as i64;
     let mut lb = dev.stream.launch_builder(&f);
-    match &grad.buf {
-        CudaBuf::F32(g) => lb.arg(g),
-        CudaBuf::BF16(g) => lb.arg(g),
-    };
+    lb.buf(&grad.buf);
     for state in [&mut w.buf, &mut m.buf, &mut v.buf] {
         match state {
             CudaBuf::F32(buf) => lb.arg(buf),
@@ -95,10 +92,7 @@ pub fn sum_squares(xs: &[(&CudaStorage, usize)]) -> Result<f32> {
         let f = dev.func("adamw", name)?;
         let n64 = *n as i64;
         let mut lb = dev.stream.launch_builder(&f);
-        match &x.buf {
-            CudaBuf::F32(s) => lb.arg(s),
-            CudaBuf::BF16(s) => lb.arg(s),
-        };
+        lb.buf(&x.buf);
         lb.arg(&n64).arg(&mut *parts).arg(&offset);
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: (*nb as u32, 1, 1),

@@ -612,46 +612,43 @@ fn backward_t<T: Elem>(
 
 /// Nearest 2× upsampling of `planes` planes of `h × w`.
 pub fn upsample_nearest2x(x: &CudaStorage, planes: usize, h: usize, w: usize) -> Result<CudaBuf> {
+    upsample_launch(x, "upsample2x", "upsample_nearest2x", planes, h, w, 4)
+}
+
+/// Backward of [`upsample_nearest2x`]: sums each 2×2 block of `g`.
+pub fn upsample_nearest2x_backward(g: &CudaStorage, planes: usize, h: usize, w: usize) -> Result<CudaBuf> {
+    upsample_launch(g, "upsample2x_bwd", "upsample_nearest2x backward", planes, h, w, 1)
+}
+
+/// Launches `kernel` over the `planes·h·w·out_factor` outputs of an upsampling pass whose
+/// input holds `planes·h·w·4 / out_factor` elements (the forward reads a quarter of what
+/// it writes, the backward four times as much).
+fn upsample_launch(
+    x: &CudaStorage,
+    kernel: &str,
+    op: &str,
+    planes: usize,
+    h: usize,
+    w: usize,
+    out_factor: usize,
+) -> Result<CudaBuf> {
     let dev = &x.dev;
-    let (n_in, n_out) = (planes * h * w, planes * 4 * h * w);
+    let (n_in, n_out) = (planes * h * w * 4 / out_factor, planes * h * w * out_factor);
     if x.buf.len() < n_in {
-        bail!("upsample_nearest2x: buffer of {} elements for {planes}×{h}×{w}", x.buf.len());
+        bail!("{op}: buffer of {} elements for {planes}×{h}×{w}", x.buf.len());
     }
     let mut out = dev.alloc(n_out, x.buf.dtype())?;
     if n_out == 0 {
         return Ok(out);
     }
-    let f = dev.func("conv", kname("upsample2x", x.buf.dtype())?)?;
+    let f = dev.func("conv", kname(kernel, x.buf.dtype())?)?;
     let args = [h, w, n_out].map(|v| v as i64);
     let mut lb = dev.stream.launch_builder(&f);
-    lb.buf(&x.buf);
-    lb.buf_mut(&mut out);
-    lb.arg(&args[0]).arg(&args[1]).arg(&args[2]);
-    // SAFETY: n_out writes into `out`; each reads x[(p·h + y/2)·w + x/2] < planes·h·w.
+    lb.buf(&x.buf).buf_mut(&mut out).arg(&args[0]).arg(&args[1]).arg(&args[2]);
+    // SAFETY: n_out writes into `out`; the forward reads x[(p·h + y/2)·w + x/2] <
+    // planes·h·w, the backward reads the 2×2 block of each output below planes·2h·2w.
     unsafe { lb.launch(grid(n_out)) }?;
     Ok(out)
-}
-
-/// Backward of [`upsample_nearest2x`]: sums each 2×2 block of `g`.
-pub fn upsample_nearest2x_backward(g: &CudaStorage, planes: usize, h: usize, w: usize) -> Result<CudaBuf> {
-    let dev = &g.dev;
-    let n_in = planes * h * w;
-    if g.buf.len() < 4 * n_in {
-        bail!("upsample_nearest2x backward: gradient of {} elements for {planes}×{h}×{w}", g.buf.len());
-    }
-    let mut dx = dev.alloc(n_in, g.buf.dtype())?;
-    if n_in == 0 {
-        return Ok(dx);
-    }
-    let f = dev.func("conv", kname("upsample2x_bwd", g.buf.dtype())?)?;
-    let args = [h, w, n_in].map(|v| v as i64);
-    let mut lb = dev.stream.launch_builder(&f);
-    lb.buf(&g.buf);
-    lb.buf_mut(&mut dx);
-    lb.arg(&args[0]).arg(&args[1]).arg(&args[2]);
-    // SAFETY: n_in writes; reads of the 2×2 block stay below planes·2h·2w.
-    unsafe { lb.launch(grid(n_in)) }?;
-    Ok(dx)
 }
 
 fn crn_launch(n: &ChannelNorm) -> (LaunchConfig, usize) {
