@@ -4,7 +4,7 @@
 mod common;
 use common::*;
 use synthos_engine::ops::{self, GeluApprox};
-use synthos_engine::{autograd, cpu, DType, Device, Result, Rng, Tensor};
+use synthos_engine::{autograd, cpu, DType, Device, Rng, Tensor};
 
 /// erf by composite Simpson integration of 2/√π·e^(−t²) (independent of the library's
 /// series): error below 1e-11 for |x| ≤ 6.
@@ -110,20 +110,6 @@ fn gated_residual_rejects_bad_shapes() {
 
 // ---------------------------------------------------------------------------------
 // GPU parity
-
-/// GPU vs CPU on the same rounded values (`common::parity_scaled`), the output gradient
-/// in the inputs' dtype.
-fn parity(
-    name: &str,
-    dev: Device,
-    dtype: DType,
-    inputs: &[Tensor],
-    f: impl Fn(&[Tensor]) -> Result<Tensor>,
-    atol: f32,
-    rtol: f32,
-) {
-    parity_scaled(name, dev, dtype, inputs, dtype, None, f, atol, rtol);
-}
 
 /// (dtype, atol, rtol) for the GPU checks: bf16 tolerances are a few bf16 ulps.
 const DTYPES: [(DType, f32, f32); 2] = PARITY_DTYPES;

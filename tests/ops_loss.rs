@@ -119,7 +119,7 @@ fn cross_entropy_rejects_bad_inputs() {
 /// GPU vs CPU on the same rounded values (`common::gpu_parity`): inputs in `dtype`, the
 /// loss in f32 on both devices, the output gradient in f32; per element
 /// `|gpu − cpu| ≤ atol·max|cpu| + rtol·|cpu|`.
-fn parity(
+fn loss_parity(
     name: &str,
     dev: Device,
     dtype: DType,
@@ -142,8 +142,8 @@ fn gpu_mse_matches_cpu() {
     for shape in [&[3, 5, 7][..], &[5, 3, 7, 11], &[1, 1_000_003], &[3, 1_000_003]] {
         let inputs = [randn(shape, &mut rng), randn(shape, &mut rng)];
         for (dt, atol, rtol) in DTYPES {
-            parity(&format!("mse {shape:?}"), dev, dt, &inputs, |x| ops::mse(&x[0], &x[1]), atol, rtol);
-            parity(
+            loss_parity(&format!("mse {shape:?}"), dev, dt, &inputs, |x| ops::mse(&x[0], &x[1]), atol, rtol);
+            loss_parity(
                 &format!("mse_per_sample {shape:?}"),
                 dev,
                 dt,
@@ -164,7 +164,7 @@ fn gpu_cross_entropy_matches_cpu() {
         let x = Tensor::randn(&[rows, classes], std, &mut rng, Device::Cpu).unwrap();
         let targets = random_targets(rows, classes, &mut rng);
         for (dt, atol, rtol) in DTYPES {
-            parity(
+            loss_parity(
                 &format!("cross_entropy {rows}x{classes}"),
                 dev,
                 dt,

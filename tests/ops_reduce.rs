@@ -4,23 +4,9 @@
 //! kernels against the CPU reference on every launch path.
 mod common;
 use common::*;
-use synthos_engine::{ops, DType, Device, Result, Rng, Tensor};
+use synthos_engine::{ops, DType, Device, Rng, Tensor};
 
 const DTYPES: [(DType, f32, f32); 2] = PARITY_DTYPES;
-
-/// GPU vs CPU on the same rounded values (`common::parity_scaled`), the output gradient
-/// in the inputs' dtype.
-fn parity(
-    name: &str,
-    dev: Device,
-    dtype: DType,
-    inputs: &[Tensor],
-    f: impl Fn(&[Tensor]) -> Result<Tensor>,
-    atol: f32,
-    rtol: f32,
-) {
-    parity_scaled(name, dev, dtype, inputs, dtype, None, f, atol, rtol);
-}
 
 /// Σ over dimension `dim` of a [a, b, c] tensor, by direct indexing.
 fn direct_sum_dim(v: &[f32], s: [usize; 3], dim: usize) -> Vec<f64> {

@@ -451,18 +451,18 @@ pub fn grid_rows(rows: usize, block: u32) -> LaunchConfig {
 /// type, as a `&'static str` (the function cache's key). Each distinct name is allocated
 /// once for the life of the process; there are a few hundred kernels at most.
 pub fn kernel_name(base: &str, dtype: DType) -> &'static str {
-    static NAMES: OnceLock<Mutex<HashMap<(String, DType), &'static str>>> = OnceLock::new();
-    let names = NAMES.get_or_init(|| Mutex::new(HashMap::new()));
-    let mut map = match names.lock() {
+    // One map per dtype, looked up by `&str`: no allocation once a name exists.
+    static NAMES: Mutex<[Option<HashMap<String, &'static str>>; 2]> = Mutex::new([None, None]);
+    let mut maps = match NAMES.lock() {
         Ok(m) => m,
         Err(poisoned) => poisoned.into_inner(),
     };
-    let key = (base.to_string(), dtype);
-    if let Some(&name) = map.get(&key) {
+    let map = maps[usize::from(dtype == DType::BF16)].get_or_insert_with(HashMap::new);
+    if let Some(&name) = map.get(base) {
         return name;
     }
     let name: &'static str = Box::leak(format!("{base}_{}", suffix(dtype)).into_boxed_str());
-    map.insert(key, name);
+    map.insert(base.to_string(), name);
     name
 }
 

@@ -157,6 +157,20 @@ pub fn parity_scaled(
     });
 }
 
+/// [`parity_scaled`] with the output gradient in the inputs' dtype (the elementwise and
+/// reduction tests).
+pub fn parity(
+    name: &str,
+    dev: Device,
+    dtype: DType,
+    inputs: &[Tensor],
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    atol: f32,
+    rtol: f32,
+) {
+    parity_scaled(name, dev, dtype, inputs, dtype, None, f, atol, rtol);
+}
+
 /// (dtype, atol, rtol) of the op parity tests: f32 to 1e-5 of the largest value, bf16 to
 /// its rounding.
 pub const PARITY_DTYPES: [(DType, f32, f32); 2] = [(DType::F32, 1e-5, 1e-4), (DType::BF16, 1.0 / 128.0, 1.0 / 64.0)];

@@ -124,6 +124,19 @@ void row_sum(size_t rows, size_t len, float scale) {
                   out.download(), want, sum_abs);
 }
 
+// Reference column sums of x as [outer, len, inner]: (scale·Σ_r x[o, r, i], Σ_r |scale·x|).
+std::pair<std::vector<double>, std::vector<double>> col_ref(const std::vector<double>& x, size_t outer, size_t len,
+                                                            size_t inner, float scale) {
+    std::vector<double> want(outer * inner, 0.0), sum_abs(outer * inner, 0.0);
+    for (size_t o = 0; o < outer; ++o)
+        for (size_t r = 0; r < len; ++r)
+            for (size_t i = 0; i < inner; ++i) {
+                want[o * inner + i] += scale * x[(o * len + r) * inner + i];
+                sum_abs[o * inner + i] += std::fabs(scale * x[(o * len + r) * inner + i]);
+            }
+    return {want, sum_abs};
+}
+
 // `cuda::reduce::col_sum`: x as [outer, len, inner], out[o, i] = scale·Σ_r x[o, r, i].
 template <class T>
 void col_sum(size_t outer, size_t len, size_t inner, float scale) {
@@ -133,13 +146,7 @@ void col_sum(size_t outer, size_t len, size_t inner, float scale) {
     const emu::LaunchConfig cfg{dim3((unsigned)blocks), dim3(32, 8), 0};
     emu::launch(cfg, K<T>::col_sum, dx.ptr(), out.ptr(), (int64_t)len, (int64_t)inner, scale);
 
-    std::vector<double> want(outer * inner, 0.0), sum_abs(outer * inner, 0.0);
-    for (size_t o = 0; o < outer; ++o)
-        for (size_t r = 0; r < len; ++r)
-            for (size_t i = 0; i < inner; ++i) {
-                want[o * inner + i] += scale * x[(o * len + r) * inner + i];
-                sum_abs[o * inner + i] += std::fabs(scale * x[(o * len + r) * inner + i]);
-            }
+    const auto [want, sum_abs] = col_ref(x, outer, len, inner, scale);
     check_sums<T>(format("col_sum_%s [%zu, %zu, %zu] scale=%g", Elem<T>::name, outer, len, inner, scale),
                   out.download(), want, sum_abs);
 }
@@ -158,13 +165,7 @@ void col_sum_split(size_t outer, size_t len, size_t inner, float scale) {
     emu::launch(emu::LaunchConfig{dim3((unsigned)(outer * tiles)), dim3(32, 8), 0}, K<T>::col_finish, partials.ptr(),
                 out.ptr(), (int64_t)splits, (int64_t)inner, scale);
 
-    std::vector<double> want(outer * inner, 0.0), sum_abs(outer * inner, 0.0);
-    for (size_t o = 0; o < outer; ++o)
-        for (size_t r = 0; r < len; ++r)
-            for (size_t i = 0; i < inner; ++i) {
-                want[o * inner + i] += scale * x[(o * len + r) * inner + i];
-                sum_abs[o * inner + i] += std::fabs(scale * x[(o * len + r) * inner + i]);
-            }
+    const auto [want, sum_abs] = col_ref(x, outer, len, inner, scale);
     check_sums<T>(format("col_sum_split_%s [%zu, %zu, %zu] (%zu splits of %zu rows) scale=%g", Elem<T>::name, outer,
                          len, inner, splits, chunk, scale),
                   out.download(), want, sum_abs);
