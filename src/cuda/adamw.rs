@@ -5,9 +5,11 @@ use std::sync::Arc;
 
 use cudarc::driver::PushKernelArg;
 
-use super::{grid_1d, CudaBuf, CudaStorage, PushBuf};
+use half::bf16;
+
+use super::{grid_1d, kernel_name, CudaStorage, Elem, PushBuf};
 use crate::desc::AdamWStep;
-use crate::{bail, DType, Result};
+use crate::{bail, Result, ResultExt};
 
 // SAFETY: eight f32 fields with `#[repr(C)]`, the layout of `struct AdamWStep` in
 // kernels/adamw.cu.
@@ -37,27 +39,16 @@ pub fn step(
     if short(grad) || short(w) || short(m) || short(v) || copy.as_ref().is_some_and(|c| short(c)) {
         bail!("adamw: buffers shorter than the {n} elements to update");
     }
-    let name = match (grad.buf.dtype(), copy.is_some()) {
-        (DType::F32, false) => "adamw_f32",
-        (DType::BF16, false) => "adamw_bf16",
-        (DType::F32, true) => "adamw_master_f32",
-        (DType::BF16, true) => "adamw_master_bf16",
-    };
+    let name = kernel_name(if copy.is_some() { "adamw_master" } else { "adamw" }, grad.buf.dtype());
     let f = dev.func("adamw", name)?;
     let n64 = n as i64;
     let mut lb = dev.stream.launch_builder(&f);
     lb.buf(&grad.buf);
     for state in [&mut w.buf, &mut m.buf, &mut v.buf] {
-        match state {
-            CudaBuf::F32(buf) => lb.arg(buf),
-            CudaBuf::BF16(_) => bail!("adamw: weights and moments must be f32"),
-        };
+        lb.arg(f32::of_mut(state).ctx("adamw: weights and moments")?);
     }
     if let Some(c) = copy {
-        match &mut c.buf {
-            CudaBuf::BF16(p) => lb.arg(p),
-            CudaBuf::F32(_) => bail!("adamw: the compute copy of a master must be bf16"),
-        };
+        lb.arg(bf16::of_mut(&mut c.buf).ctx("adamw: the compute copy of a master")?);
     }
     lb.arg(s).arg(&n64);
     // SAFETY: every buffer holds at least n elements (checked above) of the dtype the
@@ -78,22 +69,17 @@ pub fn sum_squares(xs: &[(&CudaStorage, usize)]) -> Result<f32> {
     }
     let blocks: Vec<usize> = xs.iter().map(|(_, n)| n.div_ceil(BLOCK as usize).clamp(1, MAX_SUMSQ_BLOCKS)).collect();
     let total: usize = blocks.iter().sum();
-    let mut partials = dev.alloc(total, DType::F32)?;
-    let CudaBuf::F32(parts) = &mut partials else { bail!("sum_squares: scratch is not f32") };
+    let mut parts = dev.alloc_t::<f32>(total)?;
     let mut offset = 0i64;
     for ((x, n), nb) in xs.iter().zip(&blocks) {
         if x.buf.len() < *n {
             bail!("sum_squares: buffer of {} elements for {n}", x.buf.len());
         }
-        let name = match x.buf.dtype() {
-            DType::F32 => "sum_squares_f32",
-            DType::BF16 => "sum_squares_bf16",
-        };
-        let f = dev.func("adamw", name)?;
+        let f = dev.func("adamw", kernel_name("sum_squares", x.buf.dtype()))?;
         let n64 = *n as i64;
         let mut lb = dev.stream.launch_builder(&f);
         lb.buf(&x.buf);
-        lb.arg(&n64).arg(&mut *parts).arg(&offset);
+        lb.arg(&n64).arg(&mut parts).arg(&offset);
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: (*nb as u32, 1, 1),
             block_dim: (BLOCK, 1, 1),
@@ -104,13 +90,12 @@ pub fn sum_squares(xs: &[(&CudaStorage, usize)]) -> Result<f32> {
         unsafe { lb.launch(cfg) }?;
         offset += *nb as i64;
     }
-    let mut out = dev.alloc(1, DType::F32)?;
-    let CudaBuf::F32(o) = &mut out else { bail!("sum_squares: output is not f32") };
+    let mut o = dev.alloc_t::<f32>(1)?;
     let f = dev.func("adamw", "sum_partials")?;
     let count = total as i64;
     let mut lb = dev.stream.launch_builder(&f);
-    lb.arg(&*parts).arg(&count).arg(o);
+    lb.arg(&parts).arg(&count).arg(&mut o);
     // SAFETY: reads `total` partials, all written above on this stream; writes out[0].
     unsafe { lb.launch(super::grid_rows(1, BLOCK)) }?;
-    Ok(dev.download(&out, 1)?[0])
+    Ok(dev.stream.clone_dtoh(&o)?[0])
 }

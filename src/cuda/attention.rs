@@ -6,9 +6,9 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::{CudaBuf, CudaDevice, CudaStorage};
+use super::{kernel_name, CudaBuf, CudaDevice, CudaStorage, Elem, PushBuf};
 use crate::desc::{AttentionInputs, AttentionParams};
-use crate::{bail, DType, Result};
+use crate::{bail, DType, Result, ResultExt};
 
 /// Threads per block of both kernels (4 warps).
 const THREADS: u32 = 128;
@@ -31,18 +31,17 @@ fn bwd_smem_bytes(head_dim: usize) -> usize {
     384 * (head_dim + 8) + 33280
 }
 
-/// Entry points (forward, backward) for a head dim.
+/// Entry points (forward, backward) for a head dim: `attn_{fwd,bwd}_d<Dh>_bf16`.
 fn kernel_names(head_dim: usize) -> Result<(&'static str, &'static str)> {
-    Ok(match head_dim {
-        32 => ("attn_fwd_d32_bf16", "attn_bwd_d32_bf16"),
-        64 => ("attn_fwd_d64_bf16", "attn_bwd_d64_bf16"),
-        80 => ("attn_fwd_d80_bf16", "attn_bwd_d80_bf16"),
-        96 => ("attn_fwd_d96_bf16", "attn_bwd_d96_bf16"),
-        128 => ("attn_fwd_d128_bf16", "attn_bwd_d128_bf16"),
-        _ => bail!(
+    if !HEAD_DIMS.contains(&head_dim) {
+        bail!(
             "attention: head dim {head_dim} has no CUDA kernel (supported: {HEAD_DIMS:?}); the CPU path supports any head dim"
-        ),
-    })
+        );
+    }
+    Ok((
+        kernel_name(&format!("attn_fwd_d{head_dim}"), DType::BF16),
+        kernel_name(&format!("attn_bwd_d{head_dim}"), DType::BF16),
+    ))
 }
 
 /// Errors (naming the supported sizes) unless `head_dim` has a compiled kernel.
@@ -62,18 +61,14 @@ fn kernel_with_smem(dev: &CudaDevice, name: &'static str, bytes: usize) -> Resul
     Ok(f)
 }
 
+/// The bf16 buffer of tensor `what`, or an error naming it.
 fn bf16_slice<'a>(what: &str, s: &'a CudaStorage) -> Result<&'a CudaSlice<bf16>> {
-    match &s.buf {
-        CudaBuf::BF16(x) => Ok(x),
-        CudaBuf::F32(_) => bail!("attention: {what} must be bf16 on the GPU, got f32"),
-    }
+    bf16::of(&s.buf).with_ctx(|| format!("attention: {what}"))
 }
 
+/// The f32 buffer of tensor `what`, or an error naming it.
 fn f32_slice<'a>(what: &str, s: &'a CudaStorage) -> Result<&'a CudaSlice<f32>> {
-    match &s.buf {
-        CudaBuf::F32(x) => Ok(x),
-        CudaBuf::BF16(_) => bail!("attention: {what} must be f32 on the GPU, got bf16"),
-    }
+    f32::of(&s.buf).with_ctx(|| format!("attention: {what}"))
 }
 
 /// The sizes as the kernels take them (i32), checked against the grid limits.
@@ -118,9 +113,6 @@ pub fn forward(p: &AttentionParams, x: &AttentionInputs<CudaStorage>) -> Result<
     let bias = optional_f32("bias", x.bias, &dummy)?;
     let mut out = dev.alloc(p.batch * p.q_len * p.heads * p.head_dim, DType::BF16)?;
     let mut lse = dev.alloc(p.batch * p.heads * p.q_len, DType::F32)?;
-    let (CudaBuf::BF16(o), CudaBuf::F32(l)) = (&mut out, &mut lse) else {
-        bail!("attention: output buffers of the wrong dtype");
-    };
     let (has_mask, causal) = (x.key_mask.is_some() as i32, p.causal as i32);
     let cfg = LaunchConfig {
         grid_dim: (p.q_len.div_ceil(FWD_QUERIES) as u32, p.heads as u32, p.batch as u32),
@@ -128,7 +120,7 @@ pub fn forward(p: &AttentionParams, x: &AttentionInputs<CudaStorage>) -> Result<
         shared_mem_bytes: smem as u32,
     };
     let mut lb = dev.stream.launch_builder(&f);
-    lb.arg(q).arg(k).arg(v).arg(mask).arg(bias).arg(o).arg(l);
+    lb.arg(q).arg(k).arg(v).arg(mask).arg(bias).buf_mut(&mut out).buf_mut(&mut lse);
     lb.arg(&kd.q_len).arg(&kd.kv_len).arg(&kd.heads).arg(&kd.bias_batch);
     lb.arg(&has_mask).arg(&causal).arg(&p.scale);
     // SAFETY: q is [B, Nq, H, Dh] and k, v [B, Nk, H, Dh] bf16; the mask ([B, Nk]) and
@@ -197,9 +189,6 @@ pub fn backward(
         None
     };
     let mut dbias_dummy = dev.stream.alloc_zeros::<f32>(1)?;
-    let (CudaBuf::BF16(dk_s), CudaBuf::BF16(dv_s)) = (&mut dk, &mut dv) else {
-        bail!("attention: gradient buffers of the wrong dtype");
-    };
     let (has_mask, causal, want) = (x.key_mask.is_some() as i32, p.causal as i32, want_dbias as i32);
     let cfg = LaunchConfig {
         grid_dim: (p.kv_len.div_ceil(BWD_KEYS) as u32, p.heads as u32, p.batch as u32),
@@ -208,7 +197,7 @@ pub fn backward(
     };
     let mut lb = dev.stream.launch_builder(&f);
     lb.arg(q).arg(k).arg(v).arg(g).arg(l).arg(&drow).arg(mask).arg(bias);
-    lb.arg(&mut dq32).arg(dk_s).arg(dv_s);
+    lb.arg(&mut dq32).buf_mut(&mut dk).buf_mut(&mut dv);
     match dbias.as_mut() {
         Some(db) => lb.arg(db),
         None => lb.arg(&mut dbias_dummy),

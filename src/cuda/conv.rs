@@ -1,6 +1,6 @@
-//! Launchers of `kernels/conv.cu` and `kernels/softmax.cu`: the convolution as im2col +
-//! cuBLASLt GEMM (forward and backward), nearest 2× upsampling, the channel RMS norm,
-//! clamp and the row softmax.
+//! Launchers of `kernels/conv.cu`: the convolution as im2col + cuBLASLt GEMM (forward
+//! and backward, through [`super::matmul::matmul`]), nearest 2× upsampling and the
+//! channel RMS norm.
 //!
 //! The convolution walks one image and one band of output rows at a time (the bands of
 //! [`ConvGeom::rows_per_chunk`]), so the column matrix stays within a set number of
@@ -21,13 +21,13 @@
 
 use std::sync::Arc;
 
-use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::{check_same, CudaBuf, CudaDevice, CudaStorage, PushBuf};
+use super::matmul::{matmul, RowGemm};
+use super::{check_same, kernel_name, CudaBuf, CudaDevice, CudaStorage, Elem, PushBuf};
 use crate::desc::{ChannelNorm, ConvGeom};
-use crate::{bail, DType, Error, Result, ResultExt};
+use crate::{bail, DType, Error, Result};
 
 /// The alignment (bytes) cuBLASLt's heuristics assume for every matrix pointer.
 const GEMM_ALIGN: usize = 256;
@@ -85,61 +85,6 @@ impl ConvDesc {
     }
 }
 
-/// An element type the convolution runs in: its buffers and its cuBLASLt product.
-trait Elem: DeviceRepr + Copy + 'static {
-    const DTYPE: DType;
-    fn of(buf: &CudaBuf) -> Result<&CudaSlice<Self>>;
-    fn take(buf: CudaBuf) -> Result<CudaSlice<Self>>;
-    fn wrap(s: CudaSlice<Self>) -> CudaBuf;
-    /// cuBLASLt `c = op(a)·op(b)` in cuBLASLt's column-major terms.
-    ///
-    /// # Safety
-    /// `cfg` must address only elements inside the three views.
-    unsafe fn matmul(
-        blas: &CudaBlasLT,
-        cfg: MatmulConfig,
-        a: &CudaView<'_, Self>,
-        b: &CudaView<'_, Self>,
-        c: &mut CudaViewMut<'_, Self>,
-    ) -> Result<()>;
-}
-
-macro_rules! impl_elem {
-    ($t:ty, $variant:ident) => {
-        impl Elem for $t {
-            const DTYPE: DType = DType::$variant;
-            fn of(buf: &CudaBuf) -> Result<&CudaSlice<Self>> {
-                match buf {
-                    CudaBuf::$variant(s) => Ok(s),
-                    other => bail!("conv: expected a {} buffer, found {}", Self::DTYPE, other.dtype()),
-                }
-            }
-            fn take(buf: CudaBuf) -> Result<CudaSlice<Self>> {
-                match buf {
-                    CudaBuf::$variant(s) => Ok(s),
-                    other => bail!("conv: expected a {} buffer, found {}", Self::DTYPE, other.dtype()),
-                }
-            }
-            fn wrap(s: CudaSlice<Self>) -> CudaBuf {
-                CudaBuf::$variant(s)
-            }
-            unsafe fn matmul(
-                blas: &CudaBlasLT,
-                cfg: MatmulConfig,
-                a: &CudaView<'_, Self>,
-                b: &CudaView<'_, Self>,
-                c: &mut CudaViewMut<'_, Self>,
-            ) -> Result<()> {
-                // SAFETY: forwarded from the caller's contract.
-                unsafe { blas.matmul(cfg, a, b, c, None, None) }.map_err(Error::from)
-            }
-        }
-    };
-}
-
-impl_elem!(f32, F32);
-impl_elem!(bf16, BF16);
-
 fn alloc_t<T: Elem>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
     T::take(dev.alloc(n, T::DTYPE)?)
 }
@@ -177,85 +122,9 @@ fn aligned<T>(off: usize) -> bool {
     (off * std::mem::size_of::<T>()) % GEMM_ALIGN == 0
 }
 
-fn kname(base: &str, dtype: DType) -> Result<&'static str> {
-    const NAMES: &[(&str, &str, &str)] = &[
-        ("im2col", "im2col_f32", "im2col_bf16"),
-        ("col2im", "col2im_f32", "col2im_bf16"),
-        ("rows_copy", "rows_copy_f32", "rows_copy_bf16"),
-        ("rows_copy_bias", "rows_copy_bias_f32", "rows_copy_bias_bf16"),
-        ("rows_bias_add", "rows_bias_add_f32", "rows_bias_add_bf16"),
-        ("accumulate", "accumulate_f32_from_f32", "accumulate_f32_from_bf16"),
-        ("upsample2x", "upsample2x_f32", "upsample2x_bf16"),
-        ("upsample2x_bwd", "upsample2x_bwd_f32", "upsample2x_bwd_bf16"),
-        ("channel_rms_norm", "channel_rms_norm_f32", "channel_rms_norm_bf16"),
-        ("channel_rms_norm_bwd", "channel_rms_norm_bwd_f32", "channel_rms_norm_bwd_bf16"),
-    ];
-    let (_, f, b) =
-        NAMES.iter().find(|(n, _, _)| *n == base).ok_or_else(|| Error::msg(format!("conv: no kernel named {base}")))?;
-    Ok(match dtype {
-        DType::F32 => f,
-        DType::BF16 => b,
-    })
-}
-
-/// A row-major product `C[m, n] = op(A)·op(B)` whose stored matrices have row lengths
-/// (leading dimensions) `lda`, `ldb`, `ldc`: A is stored `[m, k]` (`[k, m]` when
-/// `trans_a`), B `[k, n]` (`[n, k]` when `trans_b`).
-#[derive(Clone, Copy, Debug)]
-struct RowGemm {
-    m: usize,
-    n: usize,
-    k: usize,
-    trans_a: bool,
-    trans_b: bool,
-    lda: usize,
-    ldb: usize,
-    ldc: usize,
-}
-
 /// Elements a row-major `[rows, cols]` matrix with row length `ld` spans.
 fn span(rows: usize, cols: usize, ld: usize) -> usize {
     (rows - 1) * ld + cols
-}
-
-/// Runs `g` through cuBLASLt. Row-major C is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, so
-/// cuBLASLt's A is our B and vice versa (see `cuda::matmul` for the full argument); the
-/// leading dimensions are the stored row lengths.
-fn gemm_rows<T: Elem>(
-    blas: &CudaBlasLT,
-    g: &RowGemm,
-    a: &CudaView<'_, T>,
-    b: &CudaView<'_, T>,
-    c: &mut CudaViewMut<'_, T>,
-) -> Result<()> {
-    let (ar, ac) = if g.trans_a { (g.k, g.m) } else { (g.m, g.k) };
-    let (br, bc) = if g.trans_b { (g.n, g.k) } else { (g.k, g.n) };
-    if g.m == 0 || g.n == 0 || g.k == 0 || ac > g.lda || bc > g.ldb || g.n > g.ldc {
-        bail!("conv gemm: bad shape {g:?}");
-    }
-    if a.len() < span(ar, ac, g.lda) || b.len() < span(br, bc, g.ldb) || c.len() < span(g.m, g.n, g.ldc) {
-        bail!("conv gemm: views of {}, {} and {} elements are too short for {g:?}", a.len(), b.len(), c.len());
-    }
-    let cfg = MatmulConfig {
-        transa: g.trans_b,
-        transb: g.trans_a,
-        transc: false,
-        m: g.n as u64,
-        n: g.m as u64,
-        k: g.k as u64,
-        alpha: 1.0,
-        lda: g.ldb as i64,
-        ldb: g.lda as i64,
-        beta: 0.0,
-        ldc: g.ldc as i64,
-        stride_a: None,
-        stride_b: None,
-        stride_c: None,
-        stride_bias: None,
-        batch_size: None,
-    };
-    // SAFETY: the spans of the three stored matrices were checked against the views.
-    unsafe { T::matmul(blas, cfg, b, a, c) }.with_ctx(|| format!("conv: cuBLASLt {} gemm {g:?}", T::DTYPE))
 }
 
 fn im2col<T: Elem>(
@@ -271,7 +140,7 @@ fn im2col<T: Elem>(
     if x.len() < x_off + g.in_image() || cols.len() < n {
         bail!("im2col: buffers too short for {g:?}");
     }
-    let f = dev.func("conv", kname("im2col", T::DTYPE)?)?;
+    let f = dev.func("conv", kernel_name("im2col", T::DTYPE))?;
     let (d, xo, r0, rows) = (ConvDesc::new(g), x_off as i64, r0 as i64, rows as i64);
     let mut lb = dev.stream.launch_builder(&f);
     lb.arg(x).arg(&xo).arg(cols).arg(&d).arg(&r0).arg(&rows);
@@ -299,7 +168,7 @@ fn col2im<T: Elem>(
     if dcols.len() < g.k() * rows * g.w_out || dx.len() < dx_off + g.in_image() || iy1 > g.h {
         bail!("col2im: buffers too short for {g:?}");
     }
-    let f = dev.func("conv", kname("col2im", T::DTYPE)?)?;
+    let f = dev.func("conv", kernel_name("col2im", T::DTYPE))?;
     let d = ConvDesc::new(g);
     let args = [dx_off, r0, rows, iy0, iy1].map(|v| v as i64);
     let mut lb = dev.stream.launch_builder(&f);
@@ -336,7 +205,7 @@ fn rows_copy<T: Elem>(
         bail!("rows_copy: bias shorter than {rows} rows");
     }
     let base = if bias.is_some() { "rows_copy_bias" } else { "rows_copy" };
-    let f = dev.func("conv", kname(base, T::DTYPE)?)?;
+    let f = dev.func("conv", kernel_name(base, T::DTYPE))?;
     let args = [s.off, s.ld, d.off, d.ld, rows, cols].map(|v| v as i64);
     let mut lb = dev.stream.launch_builder(&f);
     lb.arg(src).arg(&args[0]).arg(&args[1]).arg(dst).arg(&args[2]).arg(&args[3]).arg(&args[4]).arg(&args[5]);
@@ -360,7 +229,7 @@ fn rows_bias_add<T: Elem>(
     if dst.len() < d.off + span(rows, cols, d.ld) || bias.len() < rows {
         bail!("rows_bias_add: [{rows}, {cols}] block {d:?} out of range");
     }
-    let f = dev.func("conv", kname("rows_bias_add", T::DTYPE)?)?;
+    let f = dev.func("conv", kernel_name("rows_bias_add", T::DTYPE))?;
     let args = [d.off, d.ld, rows, cols].map(|v| v as i64);
     let mut lb = dev.stream.launch_builder(&f);
     lb.arg(dst).arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&args[3]).arg(bias);
@@ -374,7 +243,7 @@ fn accumulate<T: Elem>(dev: &CudaDevice, acc: &mut CudaSlice<f32>, x: &CudaSlice
     if acc.len() < n || x.len() < n {
         bail!("accumulate: buffers shorter than {n}");
     }
-    let f = dev.func("conv", kname("accumulate", T::DTYPE)?)?;
+    let f = dev.func("conv", kernel_name("accumulate_f32_from", T::DTYPE))?;
     let n64 = n as i64;
     let mut lb = dev.stream.launch_builder(&f);
     lb.arg(acc).arg(x).arg(&n64);
@@ -441,12 +310,13 @@ fn forward_t<T: Elem>(
     for b in 0..g.batch {
         let (xo, oo) = (b * g.in_image(), b * g.out_image());
         if in_place::<T>(g, b) {
-            let gm = RowGemm { m: o, n: opix, k, trans_a: false, trans_b: false, lda: k, ldb: opix, ldc: opix };
-            gemm_rows(
+            let gm = RowGemm::strided(o, opix, k, (false, false), [k, opix, opix]);
+            matmul(
                 &blas,
                 &gm,
                 &view(w, 0..w.len())?,
                 &view(x, xo..xo + g.in_image())?,
+                None,
                 &mut view_mut(&mut out, oo..oo + g.out_image())?,
             )?;
             if let Some(bias) = bias {
@@ -459,22 +329,23 @@ fn forward_t<T: Elem>(
             let cols = scratch(&mut cols_slot, dev, k * per * g.w_out)?;
             im2col(dev, x, xo, cols, g, r0, rows)?;
             let dst = oo + r0 * g.w_out;
-            let mut gm = RowGemm { m: o, n: npix, k, trans_a: false, trans_b: false, lda: k, ldb: npix, ldc: opix };
+            let mut gm = RowGemm::strided(o, npix, k, (false, false), [k, npix, opix]);
             if aligned::<T>(dst) {
                 // The product lands in place: rows of npix pixels, opix apart.
                 let mut band_out = view_mut(&mut out, dst..dst + span(o, npix, opix))?;
-                gemm_rows(&blas, &gm, &view(w, 0..w.len())?, &view(cols, 0..k * npix)?, &mut band_out)?;
+                matmul(&blas, &gm, &view(w, 0..w.len())?, &view(cols, 0..k * npix)?, None, &mut band_out)?;
                 if let Some(bias) = bias {
                     rows_bias_add(dev, &mut out, Block { off: dst, ld: opix }, o, npix, bias)?;
                 }
             } else {
                 let band = scratch(&mut band_slot, dev, o * per * g.w_out)?;
                 gm.ldc = npix;
-                gemm_rows(
+                matmul(
                     &blas,
                     &gm,
                     &view(w, 0..w.len())?,
                     &view(cols, 0..k * npix)?,
+                    None,
                     &mut view_mut(band, 0..o * npix)?,
                 )?;
                 rows_copy(
@@ -590,18 +461,25 @@ fn backward_t<T: Elem>(
                 };
                 let part = scratch(&mut part_slot, dev, o * k)?;
                 // dW_band[o, k] = dY_band · colsᵀ
-                let gm = RowGemm { m: o, n: k, k: npix, trans_a: false, trans_b: true, lda: ld_dy, ldb: npix, ldc: k };
-                gemm_rows(&blas, &gm, &dy_view, &cols_view, &mut view_mut(part, 0..o * k)?)?;
+                let gm = RowGemm::strided(o, k, npix, (false, true), [ld_dy, npix, k]);
+                matmul(&blas, &gm, &dy_view, &cols_view, None, &mut view_mut(part, 0..o * k)?)?;
                 accumulate(dev, dw, part, o * k)?;
             }
             if let Some(dx) = dx.as_mut() {
                 // dcols[k, npix] = Wᵀ · dY_band
-                let gm = RowGemm { m: k, n: npix, k: o, trans_a: true, trans_b: false, lda: k, ldb: ld_dy, ldc: npix };
+                let gm = RowGemm::strided(k, npix, o, (true, false), [k, ld_dy, npix]);
                 if direct {
-                    gemm_rows(&blas, &gm, &view(w, 0..w.len())?, &dy_view, &mut view_mut(dx, xo..xo + g.in_image())?)?;
+                    matmul(
+                        &blas,
+                        &gm,
+                        &view(w, 0..w.len())?,
+                        &dy_view,
+                        None,
+                        &mut view_mut(dx, xo..xo + g.in_image())?,
+                    )?;
                 } else {
                     let dcols = scratch(&mut dcols_slot, dev, k * per * g.w_out)?;
-                    gemm_rows(&blas, &gm, &view(w, 0..w.len())?, &dy_view, &mut view_mut(dcols, 0..k * npix)?)?;
+                    matmul(&blas, &gm, &view(w, 0..w.len())?, &dy_view, None, &mut view_mut(dcols, 0..k * npix)?)?;
                     col2im(dev, dcols, dx, xo, g, r0, rows, g.input_rows(r0, rows))?;
                 }
             }
@@ -641,7 +519,7 @@ fn upsample_launch(
     if n_out == 0 {
         return Ok(out);
     }
-    let f = dev.func("conv", kname(kernel, x.buf.dtype())?)?;
+    let f = dev.func("conv", kernel_name(kernel, x.buf.dtype()))?;
     let args = [h, w, n_out].map(|v| v as i64);
     let mut lb = dev.stream.launch_builder(&f);
     lb.buf(&x.buf).buf_mut(&mut out).arg(&args[0]).arg(&args[1]).arg(&args[2]);
@@ -679,7 +557,7 @@ pub fn channel_rms_norm(x: &CudaStorage, gamma: &CudaStorage, n: &ChannelNorm) -
     check_crn(&x.buf, gamma, n)?;
     let dev = &x.dev;
     let mut y = dev.alloc(x.buf.len(), x.buf.dtype())?;
-    let f = dev.func("conv", kname("channel_rms_norm", x.buf.dtype())?)?;
+    let f = dev.func("conv", kernel_name("channel_rms_norm", x.buf.dtype()))?;
     let (cfg, _) = crn_launch(n);
     let args = [n.c, n.s, n.batch * n.s].map(|v| v as i64);
     let scale = n.scale();
@@ -710,7 +588,7 @@ pub fn channel_rms_norm_backward(
     let (cfg, blocks) = crn_launch(n);
     // Each block adds into its own row over its grid-stride iterations, so rows start at 0.
     let mut part = dev.zeros(blocks * n.c, DType::F32)?;
-    let f = dev.func("conv", kname("channel_rms_norm_bwd", x.buf.dtype())?)?;
+    let f = dev.func("conv", kernel_name("channel_rms_norm_bwd", x.buf.dtype()))?;
     let args = [n.c, n.s, n.batch * n.s].map(|v| v as i64);
     let scale = n.scale();
     let mut lb = dev.stream.launch_builder(&f);

@@ -5,6 +5,15 @@ use cudarc::driver::PushKernelArg;
 use super::{check_same, grid_1d, grid_chunks, suffix, Bcast, CudaBuf, CudaStorage, PushBuf};
 use crate::{bail, Result};
 
+/// The dtype all of `bufs` share, or an error naming `op`.
+fn one_dtype(op: &str, bufs: &[&CudaBuf]) -> Result<crate::DType> {
+    let dtype = bufs.first().map_or(crate::DType::F32, |b| b.dtype());
+    if let Some(other) = bufs.iter().find(|b| b.dtype() != dtype) {
+        bail!("{op}: dtype mismatch {dtype} vs {}", other.dtype());
+    }
+    Ok(dtype)
+}
+
 /// Binary elementwise op with broadcasting: `kernel` is `add`, `sub` or `mul`.
 /// Both inputs must have the output's dtype.
 pub fn binary(
@@ -16,34 +25,16 @@ pub fn binary(
     same: bool,
 ) -> Result<CudaBuf> {
     let dev = &a.dev;
-    let dtype = a.buf.dtype();
-    if b.buf.dtype() != dtype {
-        bail!("{kernel}: dtype mismatch {} vs {}", dtype, b.buf.dtype());
+    let dtype = one_dtype(kernel, &[&a.buf, &b.buf])?;
+    if !matches!(kernel, "add" | "sub" | "mul") {
+        bail!("unknown binary kernel {kernel}");
     }
-    let name: &'static str = match (kernel, dtype) {
-        ("add", crate::DType::F32) => "add_f32",
-        ("add", crate::DType::BF16) => "add_bf16",
-        ("sub", crate::DType::F32) => "sub_f32",
-        ("sub", crate::DType::BF16) => "sub_bf16",
-        ("mul", crate::DType::F32) => "mul_f32",
-        ("mul", crate::DType::BF16) => "mul_bf16",
-        _ => bail!("unknown binary kernel {kernel}_{}", suffix(dtype)),
-    };
-    let f = dev.func("elementwise", name)?;
+    let f = dev.func("elementwise", super::kernel_name(kernel, dtype))?;
     let mut out = dev.alloc(n, dtype)?;
     let (n64, same32) = (n as i64, same as i32);
     let cfg = grid_chunks(n);
     let mut lb = dev.stream.launch_builder(&f);
-    match (&a.buf, &b.buf, &mut out) {
-        (CudaBuf::F32(x), CudaBuf::F32(y), CudaBuf::F32(o)) => {
-            lb.arg(x).arg(y).arg(o);
-        }
-        (CudaBuf::BF16(x), CudaBuf::BF16(y), CudaBuf::BF16(o)) => {
-            lb.arg(x).arg(y).arg(o);
-        }
-        _ => bail!("{kernel}: dtype mismatch"),
-    }
-    lb.arg(bc).arg(&n64).arg(&same32);
+    lb.buf(&a.buf).buf(&b.buf).buf_mut(&mut out).arg(bc).arg(&n64).arg(&same32);
     // SAFETY: the kernel reads n elements through the broadcast offsets (in range of
     // both inputs by construction of `bc`) and writes n elements of `out`.
     unsafe { lb.launch(cfg) }?;
@@ -64,14 +55,7 @@ fn unary_launch(
     let mut out = dev.alloc(n, out_dtype)?;
     let n64 = n as i64;
     let mut lb = dev.stream.launch_builder(&f);
-    match &x.buf {
-        CudaBuf::F32(s) => lb.arg(s),
-        CudaBuf::BF16(s) => lb.arg(s),
-    };
-    match &mut out {
-        CudaBuf::F32(s) => lb.arg(s),
-        CudaBuf::BF16(s) => lb.arg(s),
-    };
+    lb.buf(&x.buf).buf_mut(&mut out);
     if let Some(e) = extra.as_ref() {
         lb.arg(e);
     }
@@ -107,12 +91,7 @@ pub fn broadcast(x: &CudaStorage, bc: &Bcast, n: usize) -> Result<CudaBuf> {
     let mut out = dev.alloc(n, dtype)?;
     let n64 = n as i64;
     let mut lb = dev.stream.launch_builder(&f);
-    match (&x.buf, &mut out) {
-        (CudaBuf::F32(s), CudaBuf::F32(o)) => lb.arg(s).arg(o),
-        (CudaBuf::BF16(s), CudaBuf::BF16(o)) => lb.arg(s).arg(o),
-        _ => bail!("broadcast: dtype mismatch"),
-    };
-    lb.arg(&bc).arg(&n64);
+    lb.buf(&x.buf).buf_mut(&mut out).arg(&bc).arg(&n64);
     // SAFETY: offsets computed from `bc` stay inside `x`; n writes into `out`.
     unsafe { lb.launch(grid_1d(n, 256)) }?;
     Ok(out)
@@ -142,17 +121,12 @@ pub fn activation_backward(x: &CudaStorage, g: &CudaStorage, kernel: &'static st
         _ => bail!("no backward kernel for activation {kernel}"),
     };
     let dev = &x.dev;
-    let dtype = x.buf.dtype();
-    let f = dev.func("elementwise", kernel_name_io(bwd, dtype, g.buf.dtype())?)?;
+    let dtype = one_dtype(bwd, &[&x.buf, &g.buf])?;
+    let f = dev.func("elementwise", super::kernel_name(bwd, dtype))?;
     let mut out = dev.alloc(n, dtype)?;
     let n64 = n as i64;
     let mut lb = dev.stream.launch_builder(&f);
-    match (&x.buf, &g.buf, &mut out) {
-        (CudaBuf::F32(a), CudaBuf::F32(b), CudaBuf::F32(o)) => lb.arg(a).arg(b).arg(o),
-        (CudaBuf::BF16(a), CudaBuf::BF16(b), CudaBuf::BF16(o)) => lb.arg(a).arg(b).arg(o),
-        _ => bail!("{bwd}: dtype mismatch {} vs {}", dtype, g.buf.dtype()),
-    };
-    lb.arg(&n64);
+    lb.buf(&x.buf).buf(&g.buf).buf_mut(&mut out).arg(&n64);
     // SAFETY: the kernel reads n elements of x and g and writes n elements of `out`.
     unsafe { lb.launch(grid_chunks(n)) }?;
     Ok(out)
@@ -169,7 +143,7 @@ pub fn gated_residual(
     n: usize,
 ) -> Result<CudaBuf> {
     let dev = &x.dev;
-    let dtype = x.buf.dtype();
+    let dtype = one_dtype("gated_residual", &[&x.buf, &gate.buf, &y.buf])?;
     if n == 0 {
         return dev.alloc(0, dtype);
     }
@@ -180,12 +154,7 @@ pub fn gated_residual(
     let mut out = dev.alloc(n, dtype)?;
     let (p64, i64_, n64) = (period as i64, inner as i64, n as i64);
     let mut lb = dev.stream.launch_builder(&f);
-    match (&x.buf, &gate.buf, &y.buf, &mut out) {
-        (CudaBuf::F32(a), CudaBuf::F32(g), CudaBuf::F32(b), CudaBuf::F32(o)) => lb.arg(a).arg(g).arg(b).arg(o),
-        (CudaBuf::BF16(a), CudaBuf::BF16(g), CudaBuf::BF16(b), CudaBuf::BF16(o)) => lb.arg(a).arg(g).arg(b).arg(o),
-        _ => bail!("gated_residual: dtype mismatch"),
-    };
-    lb.arg(&p64).arg(&i64_).arg(&n64);
+    lb.buf(&x.buf).buf(&gate.buf).buf(&y.buf).buf_mut(&mut out).arg(&p64).arg(&i64_).arg(&n64);
     // SAFETY: x, y and out hold n elements; the gate index (i / period)·inner + i % inner
     // is below the gate's element count because the op checked that the gate collapses
     // to [n / period, 1, inner] over x.

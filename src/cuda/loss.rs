@@ -3,17 +3,14 @@
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::reduce::blocks_per_row;
-use super::{grid_1d, grid_rows, kernel_name, CudaBuf, CudaDevice, CudaStorage, PushBuf};
-use crate::{bail, DType, Result};
+use super::{grid_1d, grid_rows, kernel_name, CudaBuf, CudaDevice, CudaStorage, Elem, PushBuf};
+use crate::{bail, DType, Result, ResultExt};
 
 /// Threads per block of the loss kernels.
 const THREADS: u32 = 256;
 
 fn f32_of<'a>(b: &'a CudaBuf, what: &str) -> Result<&'a CudaSlice<f32>> {
-    match b {
-        CudaBuf::F32(s) => Ok(s),
-        CudaBuf::BF16(_) => bail!("{what} must be f32 on the GPU"),
-    }
+    f32::of(b).with_ctx(|| format!("{what} on the GPU"))
 }
 
 /// Adds each row of `partials` (`rows × per_row`) into `out[row]`, times `scale`.
@@ -24,17 +21,14 @@ fn rows_finish(
     per_row: usize,
     scale: f32,
 ) -> Result<CudaBuf> {
-    let mut out = dev.alloc(rows, DType::F32)?;
-    let CudaBuf::F32(o) = &mut out else {
-        bail!("loss: output buffer is not f32");
-    };
+    let mut o = dev.alloc_t::<f32>(rows)?;
     let per_row64 = per_row as i64;
     let f = dev.func("loss", "rows_finish")?;
     let mut lb = dev.stream.launch_builder(&f);
-    lb.arg(partials).arg(&mut *o).arg(&per_row64).arg(&scale);
+    lb.arg(partials).arg(&mut o).arg(&per_row64).arg(&scale);
     // SAFETY: block r reads partials[r·per_row .. (r+1)·per_row] and writes out[r].
     unsafe { lb.launch(grid_rows(rows, THREADS)) }?;
-    Ok(out)
+    Ok(CudaBuf::F32(o))
 }
 
 /// Mean of `(p − t)²` over each of `rows` rows of `len` elements: f32 `[rows]`.
@@ -48,10 +42,7 @@ pub fn sq_err_rows(p: &CudaStorage, t: &CudaStorage, rows: usize, len: usize) ->
     if rows * bpr > i32::MAX as usize {
         bail!("mse: {rows} rows exceed one launch");
     }
-    let mut partials = dev.alloc(rows * bpr, DType::F32)?;
-    let CudaBuf::F32(part) = &mut partials else {
-        bail!("mse: partials buffer is not f32");
-    };
+    let mut part = dev.alloc_t::<f32>(rows * bpr)?;
     let (len64, bpr64) = (len as i64, bpr as i64);
     if p.buf.dtype() != t.buf.dtype() {
         bail!("mse: dtype mismatch");
@@ -59,11 +50,11 @@ pub fn sq_err_rows(p: &CudaStorage, t: &CudaStorage, rows: usize, len: usize) ->
     let f = dev.func("loss", kernel_name("sq_err_partial", dtype))?;
     let mut lb = dev.stream.launch_builder(&f);
     lb.buf(&p.buf).buf(&t.buf);
-    lb.arg(&mut *part).arg(&len64).arg(&bpr64);
+    lb.arg(&mut part).arg(&len64).arg(&bpr64);
     // SAFETY: block b reads row b / bpr of p and t (rows·len elements each) and writes
     // partials[b], b < rows·bpr.
     unsafe { lb.launch(grid_rows(rows * bpr, THREADS)) }?;
-    rows_finish(dev, part, rows, bpr, 1.0 / len.max(1) as f32)
+    rows_finish(dev, &part, rows, bpr, 1.0 / len.max(1) as f32)
 }
 
 /// Gradient of [`sq_err_rows`] with respect to `p`: `2·g[row]·(p − t)/len`, in `p`'s
@@ -110,20 +101,17 @@ pub fn cross_entropy(
     if rows == 0 || classes == 0 || targets.len() != rows {
         bail!("cross_entropy: {rows} rows of {classes} classes with {} targets", targets.len());
     }
-    let mut loss_rows = dev.alloc(rows, DType::F32)?;
+    let mut loss_rows = dev.alloc_t::<f32>(rows)?;
     let mut lse = dev.alloc(rows, DType::F32)?;
-    let (CudaBuf::F32(lr), CudaBuf::F32(ls)) = (&mut loss_rows, &mut lse) else {
-        bail!("cross_entropy: row buffers are not f32");
-    };
     let classes64 = classes as i64;
     let f = dev.func("loss", kernel_name("ce_fwd", dtype))?;
     let mut lb = dev.stream.launch_builder(&f);
     lb.buf(&logits.buf);
-    lb.arg(targets).arg(&mut *lr).arg(&mut *ls).arg(&classes64);
+    lb.arg(targets).arg(&mut loss_rows).buf_mut(&mut lse).arg(&classes64);
     // SAFETY: block r reads row r of logits (classes elements) and targets[r] (< classes,
     // checked by the op), and writes loss_rows[r] and lse[r], r < rows.
     unsafe { lb.launch(grid_rows(rows, THREADS)) }?;
-    let loss = rows_finish(dev, lr, 1, rows, 1.0 / rows as f32)?;
+    let loss = rows_finish(dev, &loss_rows, 1, rows, 1.0 / rows as f32)?;
     Ok((loss, lse))
 }
 

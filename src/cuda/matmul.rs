@@ -33,84 +33,192 @@
 //! products as `CUBLAS_COMPUTE_32F_FAST_TF32` (inputs rounded to TF32 on tensor cores,
 //! fp32 accumulation), so f32 GEMMs on the GPU carry ~2⁻¹¹ relative input rounding.
 
-use cudarc::cublaslt::{Matmul, MatmulConfig};
+use cudarc::cublaslt::{CudaBlasLT, MatmulConfig};
+use cudarc::driver::{CudaView, CudaViewMut};
 
-use super::{CudaBuf, CudaStorage};
+use super::{CudaBuf, CudaStorage, Elem};
 use crate::desc::Gemm;
-use crate::{bail, Result, ResultExt};
+use crate::{bail, Error, Result, ResultExt};
+
+/// A row-major product `C[m, n] = op(A)·op(B)`, `batch` times, over stored matrices
+/// with row lengths (leading dimensions) `lda`, `ldb`, `ldc`: A is stored `[m, k]`
+/// (`[k, m]` when `trans_a`), B `[k, n]` (`[n, k]` when `trans_b`); batch `i` starts
+/// `i·stride_*` elements into each operand. Every cuBLASLt call of the engine goes
+/// through this one description and [`matmul`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowGemm {
+    /// Rows of C.
+    pub m: usize,
+    /// Columns of C.
+    pub n: usize,
+    /// The contracted dimension.
+    pub k: usize,
+    /// A is stored `[k, m]`.
+    pub trans_a: bool,
+    /// B is stored `[n, k]`.
+    pub trans_b: bool,
+    /// Row length of the stored A.
+    pub lda: usize,
+    /// Row length of the stored B.
+    pub ldb: usize,
+    /// Row length of C.
+    pub ldc: usize,
+    /// Number of products.
+    pub batch: usize,
+    /// Elements between consecutive batches of A, B and C.
+    pub strides: [usize; 3],
+}
+
+impl RowGemm {
+    /// One unbatched product of dense matrices with the given row lengths.
+    pub fn strided(
+        m: usize,
+        n: usize,
+        k: usize,
+        (trans_a, trans_b): (bool, bool),
+        [lda, ldb, ldc]: [usize; 3],
+    ) -> Self {
+        RowGemm { m, n, k, trans_a, trans_b, lda, ldb, ldc, batch: 1, strides: [0; 3] }
+    }
+
+    /// The dense (contiguous, packed) product a [`Gemm`] describes.
+    pub fn dense(g: &Gemm) -> Self {
+        RowGemm {
+            m: g.m,
+            n: g.n,
+            k: g.k,
+            trans_a: g.trans_a,
+            trans_b: g.trans_b,
+            lda: if g.trans_a { g.m } else { g.k },
+            ldb: if g.trans_b { g.k } else { g.n },
+            ldc: g.n,
+            batch: g.batch,
+            strides: [g.stride_a(), g.stride_b(), g.stride_c()],
+        }
+    }
+
+    /// Elements each operand spans (A, B, C), or `None` when a row length is shorter
+    /// than its row or a size is zero.
+    fn spans(&self) -> Option<[usize; 3]> {
+        let (ar, ac) = if self.trans_a { (self.k, self.m) } else { (self.m, self.k) };
+        let (br, bc) = if self.trans_b { (self.n, self.k) } else { (self.k, self.n) };
+        if self.m == 0 || self.n == 0 || self.k == 0 || self.batch == 0 {
+            return None;
+        }
+        if ac > self.lda || bc > self.ldb || self.n > self.ldc {
+            return None;
+        }
+        let span = |rows: usize, cols: usize, ld: usize, stride: usize| {
+            (self.batch - 1).checked_mul(stride)?.checked_add((rows - 1).checked_mul(ld)?.checked_add(cols)?)
+        };
+        Some([
+            span(ar, ac, self.lda, self.strides[0])?,
+            span(br, bc, self.ldb, self.strides[1])?,
+            span(self.m, self.n, self.ldc, self.strides[2])?,
+        ])
+    }
+
+    /// cuBLASLt's description of the product. Row-major C is column-major
+    /// `Cᵀ = op(B)ᵀ·op(A)ᵀ`, so cuBLASLt's A is our B and vice versa, its (m, n) are our
+    /// (n, m), and the leading dimensions are the stored row lengths (module comment).
+    fn config(&self) -> Result<MatmulConfig> {
+        let batched = self.batch > 1;
+        let i = |x: usize| i64::try_from(x).map_err(|_| Error::msg(format!("gemm: {x} does not fit cuBLASLt's sizes")));
+        Ok(MatmulConfig {
+            transa: self.trans_b,
+            transb: self.trans_a,
+            transc: false,
+            m: self.n as u64,
+            n: self.m as u64,
+            k: self.k as u64,
+            alpha: 1.0,
+            lda: i(self.ldb)?,
+            ldb: i(self.lda)?,
+            beta: 0.0,
+            ldc: i(self.ldc)?,
+            stride_a: if batched { Some(i(self.strides[1])?) } else { None },
+            stride_b: if batched { Some(i(self.strides[0])?) } else { None },
+            stride_c: if batched { Some(i(self.strides[2])?) } else { None },
+            stride_bias: None,
+            batch_size: if batched {
+                Some(
+                    i32::try_from(self.batch)
+                        .map_err(|_| Error::msg(format!("gemm: batch {} too large", self.batch)))?,
+                )
+            } else {
+                None
+            },
+        })
+    }
+}
+
+/// Runs `g` through cuBLASLt on views of the stored operands, writing C (`beta` = 0),
+/// with `bias` (length n, unbatched products only) added along every row of C. The
+/// spans of the three matrices are checked against the views first.
+pub fn matmul<T: Elem>(
+    blas: &CudaBlasLT,
+    g: &RowGemm,
+    a: &CudaView<'_, T>,
+    b: &CudaView<'_, T>,
+    bias: Option<&CudaView<'_, T>>,
+    c: &mut CudaViewMut<'_, T>,
+) -> Result<()> {
+    let Some([na, nb, nc]) = g.spans() else {
+        bail!("gemm: bad shape {g:?}");
+    };
+    if a.len() < na || b.len() < nb || c.len() < nc {
+        bail!("gemm: views of {}, {} and {} elements are too short for {g:?}", a.len(), b.len(), c.len());
+    }
+    if let Some(bias) = bias {
+        if g.batch != 1 || bias.len() < g.n {
+            bail!("gemm: a bias of {} elements for {g:?} (unbatched products, n elements)", bias.len());
+        }
+    }
+    let cfg = g.config()?;
+    // SAFETY: `cfg` addresses exactly the spans of the stored operands described by `g`
+    // (checked against the views above); the bias holds n elements.
+    unsafe { T::lt_matmul(blas, cfg, b, a, bias, c) }.with_ctx(|| format!("cuBLASLt {} gemm {g:?}", T::DTYPE))
+}
 
 /// `C = op(A)·op(B)` per batch (+ `bias` of length n along every row of C) on the GPU.
 /// A, B and the bias must share one dtype, which is also C's.
 pub fn gemm(a: &CudaStorage, b: &CudaStorage, bias: Option<&CudaStorage>, g: &Gemm) -> Result<CudaBuf> {
-    let dev = &a.dev;
     let dtype = a.buf.dtype();
     if b.buf.dtype() != dtype || bias.is_some_and(|c| c.buf.dtype() != dtype) {
         bail!("gemm: operands must share one dtype ({dtype} and {})", b.buf.dtype());
     }
-    let (na, nb, nc) = g.sizes();
+    let (na, nb, _) = g.sizes();
     if a.buf.len() < na || b.buf.len() < nb || bias.is_some_and(|c| c.buf.len() < g.n) {
         bail!("gemm: buffers too small for {g:?}");
     }
     if bias.is_some() && g.batch != 1 {
         bail!("gemm: the bias epilogue is only used for unbatched products");
     }
-    let mut out = dev.alloc(nc, dtype)?;
+    match dtype {
+        crate::DType::F32 => gemm_t::<f32>(a, b, bias, g),
+        crate::DType::BF16 => gemm_t::<half::bf16>(a, b, bias, g),
+    }
+}
+
+fn gemm_t<T: Elem>(a: &CudaStorage, b: &CudaStorage, bias: Option<&CudaStorage>, g: &Gemm) -> Result<CudaBuf> {
+    let dev = &a.dev;
+    let (_, _, nc) = g.sizes();
+    let mut out = T::take(dev.alloc(nc, T::DTYPE)?)?;
     if nc == 0 {
-        return Ok(out);
+        return Ok(T::wrap(out));
     }
     if g.k == 0 {
         bail!("gemm: empty contracted dimension");
     }
-    let (m, n, k) = (g.m as u64, g.n as u64, g.k as u64);
-    let batched = g.batch > 1;
-    let cfg = MatmulConfig {
-        // cuBLASLt "A" = our B, "B" = our A (see the module comment).
-        transa: g.trans_b,
-        transb: g.trans_a,
-        transc: false,
-        m: n,
-        n: m,
-        k,
-        alpha: 1.0,
-        lda: if g.trans_b { k } else { n } as i64,
-        ldb: if g.trans_a { m } else { k } as i64,
-        beta: 0.0,
-        ldc: n as i64,
-        stride_a: batched.then_some(g.stride_b() as i64),
-        stride_b: batched.then_some(g.stride_a() as i64),
-        stride_c: batched.then_some(g.stride_c() as i64),
-        stride_bias: None,
-        batch_size: if batched {
-            Some(i32::try_from(g.batch).map_err(|_| crate::Error::msg(format!("gemm: batch {} too large", g.batch)))?)
-        } else {
-            None
-        },
-    };
+    let bias = bias.map(|c| T::of(&c.buf).map(|s| s.as_view())).transpose()?;
     let blas = dev.blaslt()?;
-    match (&a.buf, &b.buf, &mut out) {
-        (CudaBuf::F32(x), CudaBuf::F32(y), CudaBuf::F32(o)) => {
-            let bias = match bias.map(|c| &c.buf) {
-                Some(CudaBuf::F32(s)) => Some(s),
-                Some(_) => bail!("gemm: bias dtype mismatch"),
-                None => None,
-            };
-            // SAFETY: the layouts in `cfg` address exactly the `sizes()` elements of the
-            // row-major operands described by `g` (checked against the buffer lengths
-            // above); the output is a fresh buffer of `nc` elements; the bias has n.
-            unsafe { blas.matmul(cfg, y, x, o, bias, None) }
-        }
-        (CudaBuf::BF16(x), CudaBuf::BF16(y), CudaBuf::BF16(o)) => {
-            let bias = match bias.map(|c| &c.buf) {
-                Some(CudaBuf::BF16(s)) => Some(s),
-                Some(_) => bail!("gemm: bias dtype mismatch"),
-                None => None,
-            };
-            // SAFETY: as above.
-            unsafe { blas.matmul(cfg, y, x, o, bias, None) }
-        }
-        _ => bail!("gemm: dtype mismatch"),
-    }
-    .map_err(crate::Error::from)
-    .with_ctx(|| format!("cuBLASLt {dtype} gemm {g:?}"))?;
-    Ok(out)
+    matmul(
+        &blas,
+        &RowGemm::dense(g),
+        &T::of(&a.buf)?.as_view(),
+        &T::of(&b.buf)?.as_view(),
+        bias.as_ref(),
+        &mut out.as_view_mut(),
+    )?;
+    Ok(T::wrap(out))
 }

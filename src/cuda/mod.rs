@@ -318,6 +318,11 @@ impl CudaDevice {
         Ok(buf)
     }
 
+    /// [`CudaDevice::alloc`] as a typed slice (scratch buffers of a known element type).
+    pub fn alloc_t<T: Elem>(&self, n: usize) -> Result<CudaSlice<T>> {
+        T::take(self.alloc(n, T::DTYPE)?)
+    }
+
     /// Fills a buffer with 0xFF bytes (a NaN in both f32 and bf16).
     pub fn poison(&self, buf: &mut CudaBuf) -> Result<()> {
         use cudarc::driver::DevicePtrMut;
@@ -461,10 +466,99 @@ pub fn kernel_name(base: &str, dtype: DType) -> &'static str {
     if let Some(&name) = map.get(base) {
         return name;
     }
-    let name: &'static str = Box::leak(format!("{base}_{}", suffix(dtype)).into_boxed_str());
+    let name = intern(&format!("{base}_{}", suffix(dtype)));
     map.insert(base.to_string(), name);
     name
 }
+
+/// `name` as a `&'static str` (the function cache's key), allocated once per distinct
+/// name: for entry points that [`kernel_name`]'s `<base>_<dtype>` pattern does not fit.
+pub fn intern(name: &str) -> &'static str {
+    static NAMES: Mutex<Option<std::collections::HashSet<&'static str>>> = Mutex::new(None);
+    let mut set = match NAMES.lock() {
+        Ok(m) => m,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    let set = set.get_or_insert_with(Default::default);
+    if let Some(&n) = set.get(name) {
+        return n;
+    }
+    let n: &'static str = Box::leak(name.to_string().into_boxed_str());
+    set.insert(n);
+    n
+}
+
+/// An element type device buffers hold (f32 or bf16): the typed-buffer side of
+/// [`CudaBuf`], so that a launcher written once over `T` serves both dtypes.
+pub trait Elem: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy + Unpin + 'static {
+    /// The dtype of the element.
+    const DTYPE: DType;
+    /// The typed slice of `buf`, or an error when it holds the other dtype.
+    fn of(buf: &CudaBuf) -> Result<&CudaSlice<Self>>;
+    /// Mutable [`Elem::of`].
+    fn of_mut(buf: &mut CudaBuf) -> Result<&mut CudaSlice<Self>>;
+    /// The typed slice `buf` owns, or an error when it holds the other dtype.
+    fn take(buf: CudaBuf) -> Result<CudaSlice<Self>>;
+    /// The untyped buffer of a typed slice.
+    fn wrap(s: CudaSlice<Self>) -> CudaBuf;
+    /// cuBLASLt's `c = op(a)·op(b) (+ bias)` in its column-major terms (callers go
+    /// through [`matmul::matmul`], which checks the spans).
+    ///
+    /// # Safety
+    /// `cfg` must address only elements inside the views.
+    unsafe fn lt_matmul(
+        blas: &cudarc::cublaslt::CudaBlasLT,
+        cfg: cudarc::cublaslt::MatmulConfig,
+        a: &cudarc::driver::CudaView<'_, Self>,
+        b: &cudarc::driver::CudaView<'_, Self>,
+        bias: Option<&cudarc::driver::CudaView<'_, Self>>,
+        c: &mut cudarc::driver::CudaViewMut<'_, Self>,
+    ) -> Result<()>;
+}
+
+macro_rules! impl_elem {
+    ($t:ty, $variant:ident) => {
+        impl Elem for $t {
+            const DTYPE: DType = DType::$variant;
+            fn of(buf: &CudaBuf) -> Result<&CudaSlice<Self>> {
+                match buf {
+                    CudaBuf::$variant(s) => Ok(s),
+                    other => bail!("expected a {} device buffer, found {}", Self::DTYPE, other.dtype()),
+                }
+            }
+            fn of_mut(buf: &mut CudaBuf) -> Result<&mut CudaSlice<Self>> {
+                match buf {
+                    CudaBuf::$variant(s) => Ok(s),
+                    other => bail!("expected a {} device buffer, found {}", Self::DTYPE, other.dtype()),
+                }
+            }
+            fn take(buf: CudaBuf) -> Result<CudaSlice<Self>> {
+                match buf {
+                    CudaBuf::$variant(s) => Ok(s),
+                    other => bail!("expected a {} device buffer, found {}", Self::DTYPE, other.dtype()),
+                }
+            }
+            fn wrap(s: CudaSlice<Self>) -> CudaBuf {
+                CudaBuf::$variant(s)
+            }
+            unsafe fn lt_matmul(
+                blas: &cudarc::cublaslt::CudaBlasLT,
+                cfg: cudarc::cublaslt::MatmulConfig,
+                a: &cudarc::driver::CudaView<'_, Self>,
+                b: &cudarc::driver::CudaView<'_, Self>,
+                bias: Option<&cudarc::driver::CudaView<'_, Self>>,
+                c: &mut cudarc::driver::CudaViewMut<'_, Self>,
+            ) -> Result<()> {
+                use cudarc::cublaslt::Matmul;
+                // SAFETY: forwarded from the caller's contract.
+                unsafe { blas.matmul(cfg, a, b, c, bias, None) }.map_err(crate::Error::from)
+            }
+        }
+    };
+}
+
+impl_elem!(f32, F32);
+impl_elem!(half::bf16, BF16);
 
 /// Pushing typed device buffers as kernel arguments, whatever their element type.
 pub trait PushBuf<'a> {

@@ -3,7 +3,7 @@
 
 use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
 
-use super::{grid_1d, CudaBuf, CudaStorage, PushBuf};
+use super::{grid_1d, kernel_name, suffix, CudaBuf, CudaStorage, PushBuf};
 use crate::desc::RowNorm;
 use crate::{bail, DType, Result};
 
@@ -42,32 +42,11 @@ fn threads_for(nvec: usize, cache: usize) -> u32 {
     (nvec.div_ceil(cache).div_ceil(32) * 32).clamp(32, MAX_THREADS) as u32
 }
 
-fn fwd_name(t: DType, p: DType, vectorised: bool) -> &'static str {
-    use DType::{BF16, F32};
-    match (t, p, vectorised) {
-        (F32, F32, false) => "norm_fwd_f32_f32_v1",
-        (F32, F32, true) => "norm_fwd_f32_f32_vec",
-        (F32, BF16, false) => "norm_fwd_f32_bf16_v1",
-        (F32, BF16, true) => "norm_fwd_f32_bf16_vec",
-        (BF16, F32, false) => "norm_fwd_bf16_f32_v1",
-        (BF16, F32, true) => "norm_fwd_bf16_f32_vec",
-        (BF16, BF16, false) => "norm_fwd_bf16_bf16_v1",
-        (BF16, BF16, true) => "norm_fwd_bf16_bf16_vec",
-    }
-}
-
-fn bwd_name(t: DType, p: DType, vectorised: bool) -> &'static str {
-    use DType::{BF16, F32};
-    match (t, p, vectorised) {
-        (F32, F32, false) => "norm_bwd_f32_f32_v1",
-        (F32, F32, true) => "norm_bwd_f32_f32_vec",
-        (F32, BF16, false) => "norm_bwd_f32_bf16_v1",
-        (F32, BF16, true) => "norm_bwd_f32_bf16_vec",
-        (BF16, F32, false) => "norm_bwd_bf16_f32_v1",
-        (BF16, F32, true) => "norm_bwd_bf16_f32_vec",
-        (BF16, BF16, false) => "norm_bwd_bf16_bf16_v1",
-        (BF16, BF16, true) => "norm_bwd_bf16_bf16_vec",
-    }
+/// `norm_{fwd,bwd}_<tensor dtype>_<parameter dtype>_{v1,vec}`: the norm kernels are
+/// templated on two element types and a vectorised (16-byte) or scalar row walk.
+fn norm_kernel(dir: &str, t: DType, p: DType, vectorised: bool) -> &'static str {
+    let walk = if vectorised { "vec" } else { "v1" };
+    super::intern(&format!("norm_{dir}_{}_{}_{walk}", suffix(t), suffix(p)))
 }
 
 fn push_opt<'a>(lb: &mut LaunchArgs<'a>, buf: Option<&'a CudaBuf>) {
@@ -142,7 +121,7 @@ pub fn forward(
     check_len("weight", w, spec.groups() * spec.d)?;
     check_len("bias", b, spec.groups() * spec.d)?;
     let vec = vec_width(t, spec.d);
-    let f = dev.func("norm", fwd_name(t, p, vec > 1))?;
+    let f = dev.func("norm", norm_kernel("fwd", t, p, vec > 1))?;
     let mut y = dev.alloc(spec.rows * spec.d, t)?;
     let mut stats =
         if keep_stats { Some((dev.alloc(spec.rows, DType::F32)?, dev.alloc(spec.rows, DType::F32)?)) } else { None };
@@ -234,7 +213,7 @@ pub fn backward(
 
     if want.dx || params {
         let vec = vec_width(t, spec.d);
-        let f = dev.func("norm", bwd_name(t, p, vec > 1))?;
+        let f = dev.func("norm", norm_kernel("bwd", t, p, vec > 1))?;
         let cfg = LaunchConfig {
             grid_dim: (nblk as u32, groups as u32, 1),
             block_dim: (threads_for(spec.d / vec, BWD_CACHE), 1, 1),
@@ -264,13 +243,7 @@ pub fn backward(
             return Ok(None);
         };
         let mut out = dev.alloc(groups * spec.d, dtype)?;
-        let f = dev.func(
-            "norm",
-            match dtype {
-                DType::F32 => "norm_reduce_partials_f32",
-                DType::BF16 => "norm_reduce_partials_bf16",
-            },
-        )?;
+        let f = dev.func("norm", kernel_name("norm_reduce_partials", dtype))?;
         let (g64, nblk64, d) = (groups as i64, nblk as i64, spec.d as i32);
         let mut lb = dev.stream.launch_builder(&f);
         lb.buf(&part);

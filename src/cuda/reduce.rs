@@ -5,7 +5,7 @@ use cudarc::driver::PushKernelArg;
 use cudarc::driver::LaunchConfig;
 
 use super::{grid_1d, grid_rows, kernel_name, CudaBuf, CudaStorage, PushBuf};
-use crate::{bail, DType, Result};
+use crate::{bail, Result};
 
 /// Threads per block of the row kernels.
 const ROW_THREADS: u32 = 256;
@@ -111,15 +111,12 @@ pub fn row_sum(x: &CudaStorage, rows: usize, len: usize, scale: f32) -> Result<C
     if rows * bpr > MAX_GRID {
         bail!("sum: {rows} rows exceed one launch");
     }
-    let mut partials = dev.alloc(rows * bpr, DType::F32)?;
-    let CudaBuf::F32(part) = &mut partials else {
-        bail!("sum: partials buffer is not f32");
-    };
+    let mut part = dev.alloc_t::<f32>(rows * bpr)?;
     let (len64, bpr64) = (len as i64, bpr as i64);
     let f = dev.func("reduce", kernel_name("row_partial", dtype))?;
     let mut lb = dev.stream.launch_builder(&f);
     lb.buf(&x.buf);
-    lb.arg(&mut *part).arg(&len64).arg(&bpr64);
+    lb.arg(&mut part).arg(&len64).arg(&bpr64);
     // SAFETY: block b reads row b / bpr (len elements, inside x's rows·len) and writes
     // partials[b], b < rows·bpr.
     unsafe { lb.launch(grid_rows(rows * bpr, ROW_THREADS)) }?;
@@ -127,7 +124,7 @@ pub fn row_sum(x: &CudaStorage, rows: usize, len: usize, scale: f32) -> Result<C
     let mut out = dev.alloc(rows, dtype)?;
     let f = dev.func("reduce", kernel_name("row_finish", dtype))?;
     let mut lb = dev.stream.launch_builder(&f);
-    lb.arg(&*part);
+    lb.arg(&part);
     lb.buf_mut(&mut out);
     lb.arg(&bpr64).arg(&scale);
     // SAFETY: block r reads partials[r·bpr .. (r+1)·bpr] and writes out[r], r < rows.
@@ -191,15 +188,12 @@ pub fn col_sum_split(x: &CudaStorage, outer: usize, len: usize, inner: usize, sc
     if blocks > MAX_GRID {
         bail!("sum_to: {outer}x{inner} outputs exceed one launch");
     }
-    let mut partials = dev.alloc(outer * splits * inner, DType::F32)?;
-    let CudaBuf::F32(part) = &mut partials else {
-        bail!("sum_to: partials buffer is not f32");
-    };
+    let mut part = dev.alloc_t::<f32>(outer * splits * inner)?;
     let (len64, inner64, splits64, chunk64) = (len as i64, inner as i64, splits as i64, chunk as i64);
     let f = dev.func("reduce", kernel_name("col_partial", dtype))?;
     let mut lb = dev.stream.launch_builder(&f);
     lb.buf(&x.buf);
-    lb.arg(&mut *part).arg(&len64).arg(&inner64).arg(&splits64).arg(&chunk64);
+    lb.arg(&mut part).arg(&len64).arg(&inner64).arg(&splits64).arg(&chunk64);
     let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
     // SAFETY: block (o, s, tile) reads rows [s·chunk, min((s+1)·chunk, len)) of slab o
     // (inside x's outer·len·inner elements) and writes partials[(o·splits + s)·inner + i]
@@ -209,7 +203,7 @@ pub fn col_sum_split(x: &CudaStorage, outer: usize, len: usize, inner: usize, sc
     let mut out = dev.alloc(outer * inner, dtype)?;
     let f = dev.func("reduce", kernel_name("col_finish", dtype))?;
     let mut lb = dev.stream.launch_builder(&f);
-    lb.arg(&*part);
+    lb.arg(&part);
     lb.buf_mut(&mut out);
     lb.arg(&splits64).arg(&inner64).arg(&scale);
     let cfg = LaunchConfig {

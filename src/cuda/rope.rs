@@ -3,7 +3,7 @@
 use cudarc::driver::PushKernelArg;
 
 use super::{grid_1d, CudaBuf, CudaStorage, PushBuf};
-use crate::{bail, DType, Result};
+use crate::{bail, Result};
 
 /// Rotates the pairs of `x` (`[B, tokens, heads, head_dim]`, `n` elements) by
 /// `sign`·angle, with `cos`/`sin` f32 tables of `[tokens, head_dim/2]`. Returns a buffer
@@ -32,12 +32,7 @@ pub fn rope(
     };
     // Four pairs per thread (16-byte bf16 accesses) when a head's pairs split evenly.
     let pairs_per_thread = if half % 4 == 0 { 4 } else { 1 };
-    let name = match (x.buf.dtype(), pairs_per_thread) {
-        (DType::F32, 4) => "rope_f32_p4",
-        (DType::F32, _) => "rope_f32_p1",
-        (DType::BF16, 4) => "rope_bf16_p4",
-        (DType::BF16, _) => "rope_bf16_p1",
-    };
+    let name = super::intern(&format!("rope_{}_p{pairs_per_thread}", super::suffix(x.buf.dtype())));
     let f = dev.func("rope", name)?;
     let mut out = dev.alloc(n, x.buf.dtype())?;
     let n_chunks = (n / 2 / pairs_per_thread) as i64;
