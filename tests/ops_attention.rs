@@ -212,6 +212,31 @@ fn untracked_bias_gets_no_gradient() {
     assert!(g.get(&q).is_some());
 }
 
+/// The CPU op splits its work over the rayon pool; the results must not depend on how
+/// many threads run it (odd sizes: several query blocks, a ragged last one).
+#[test]
+fn cpu_results_do_not_depend_on_the_thread_count() {
+    let base = Case { mask: true, ..Case::new(2, 67, 45, 3, 20) };
+    let cases = [Case { bias_batch: 1, ..base }, Case { bias_batch: 2, causal: true, ..base }];
+    let mut rng = Rng::new(17);
+    for c in cases {
+        let x = random_inputs(&c, &mut rng);
+        let seed = randn(&[c.b, c.nq, c.h, c.dh], &mut rng);
+        let in_pool = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| run(&c, &x, &seed))
+        };
+        let (out1, grads1) = in_pool(1);
+        let (out3, grads3) = in_pool(3);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        assert_eq!(bits(&out1), bits(&out3), "output {c:?}");
+        assert_eq!(grads1.len(), 4, "q, k, v and bias gradients");
+        for (name, (a, b)) in ["dq", "dk", "dv", "dbias"].iter().zip(grads1.iter().zip(&grads3)) {
+            assert_eq!(bits(a), bits(b), "{name} {c:?}");
+        }
+    }
+}
+
 #[test]
 fn bad_inputs_are_errors() {
     let mut rng = Rng::new(16);

@@ -2,7 +2,8 @@
 //! k and v `[B, Nk, H, Dh]`, output `[B, Nq, H, Dh]` — self- or cross-attention, with an
 //! optional key mask, causal masking and an additive bias (T5 relative positions).
 //!
-//! CPU: the f64 reference in [`crate::cpu::attention`]. CUDA: flash attention
+//! CPU: blocked f32 attention on sgemm, spread over the rayon pool and deterministic
+//! for any thread count ([`crate::cpu::attention`]). CUDA: flash attention
 //! (`kernels/attention.cu`) on bf16 q, k, v (other dtypes are cast, and their gradients
 //! cast back), fp32 softmax statistics, head dims 32, 64, 80, 96 and 128.
 
