@@ -577,18 +577,20 @@ pub fn demo_train_step_case(device: Device) -> Result<BenchCase> {
 
 fn train_step_case(device: Device, width: usize, height: usize, batch: usize) -> Result<BenchCase> {
     use crate::train::{CacheMode, TrainConfig, Trainer};
-    let dir = std::env::temp_dir().join(format!("synthos-bench-train-{}-{width}x{height}b{batch}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = ScratchDir::new(&format!("train-{width}x{height}b{batch}"));
     // One epoch is one step, so the warm-up step fills the encoder cache and every timed
     // step reads it, as a long run does.
-    crate::data::demo::generate(dir.join("data"), batch, width.max(height), 1)?;
+    crate::data::demo::generate(dir.0.join("data"), batch, width.max(height), 1)?;
     let cfg = TrainConfig {
-        data: Some(dir.join("data")),
-        output: dir.join("run"),
+        data: Some(dir.0.join("data")),
+        output: dir.0.join("run"),
         width,
         height,
         batch_size: batch,
         lr: 1e-5,
+        // No epoch limit (the recipe's 10 epochs of one step would end the case after 10
+        // steps, before a long --min-seconds is reached).
+        epochs: 0,
         max_steps: Some(1_000_000),
         activation_checkpointing: true,
         cache: CacheMode::Memory,
@@ -608,7 +610,10 @@ fn train_step_case(device: Device, width: usize, height: usize, batch: usize) ->
         flops,
         bound: Bound::Compute,
         samples: Some(batch),
-        run: Box::new(move || trainer.train_step().map(|_| ())),
+        run: Box::new(move || {
+            let _keep = &dir;
+            trainer.train_step().map(|_| ())
+        }),
     })
 }
 
