@@ -437,18 +437,22 @@ pub struct LazyCase {
     pub build: Box<dyn FnOnce() -> Result<BenchCase>>,
 }
 
-/// The whole-model cases: the Wan2.1-1.3B training step (Synthos full fine-tune: every
-/// DiT tensor trained with AdamW on fp32 masters, activation checkpointing, encoders
-/// cached) at 480×480 batch 1 and 832×480 batch 4, and the 25-step guided 480×480
-/// sample (the DiT forwards alone, and the whole pipeline: umT5 and CLIP at full width
-/// but 1 and 2 layers, the DiT, the tiled VAE decode). GPU sizes only; on the CPU this
-/// list holds only the `dit fwd+bwd` case at the tiny size.
+/// The whole-model cases: the `dit fwd+bwd` step at `size`, the built-in demo's
+/// training step ([`demo_train_step_case`], at the demo's own sizes whatever `size`), and
+/// at `Size::Full` only: the Wan2.1-1.3B training step (Synthos full fine-tune: every DiT
+/// tensor trained with AdamW on fp32 masters, activation checkpointing, encoders cached)
+/// at 480×480 batch 1 and 832×480 batch 4, and the 25-step guided 480×480 sample (the
+/// DiT forwards alone, and the whole pipeline: umT5 and CLIP at full width but 1 and 2
+/// layers, the DiT, the tiled VAE decode).
 pub fn model_cases(device: Device, size: Size) -> Vec<LazyCase> {
-    let mut v = vec![LazyCase {
-        family: "model",
-        name: dit_step_name(size),
-        build: Box::new(move || dit_step_case(device, size)),
-    }];
+    let mut v = vec![
+        LazyCase { family: "model", name: dit_step_name(size), build: Box::new(move || dit_step_case(device, size)) },
+        LazyCase {
+            family: "model",
+            name: demo_train_step_name(),
+            build: Box::new(move || demo_train_step_case(device)),
+        },
+    ];
     if size != Size::Full {
         return v;
     }
@@ -496,20 +500,97 @@ pub fn random_pipeline_1_3b(device: Device) -> Result<crate::pipeline::SynthosPi
     SynthosPipeline::from_parts(text, Some(clip), dit, codec)
 }
 
+/// A scratch folder under the system temp dir, removed when dropped (held by a case's
+/// closure, so it lives as long as the case).
+struct ScratchDir(std::path::PathBuf);
+
+impl ScratchDir {
+    fn new(tag: &str) -> ScratchDir {
+        let dir = std::env::temp_dir().join(format!("synthos-bench-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        ScratchDir(dir)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Name of [`demo_train_step_case`]: `train step demo 64x64 b16` (the demo's image side
+/// and batch size). `scripts/reference/bench_torch.py` records its PyTorch step under
+/// the same name.
+pub fn demo_train_step_name() -> String {
+    let side = crate::pipeline::demo::IMAGE_SIZE;
+    format!("train step demo {side}x{side} b{}", crate::train::TrainConfig::demo().batch_size)
+}
+
+/// One optimizer step of the built-in demo (`synthos-engine train` with no arguments):
+/// the demo pipeline ([`crate::pipeline::SynthosPipeline::demo`]: random demo DiT, frozen
+/// tiny umT5 and CLIP, pixel codec) trained by [`crate::train::TrainConfig::demo`] — 64×64,
+/// batch 16, AdamW, text/image dropout 0.1, no activation checkpointing — on a generated
+/// set of one batch in a temp folder. One epoch is one step, so the untimed warm-up step
+/// fills the encoder cache and every timed step reads it, as the demo run does after its
+/// first epoch. Runs the same on every device and `Size` (f32 on the CPU).
+pub fn demo_train_step_case(device: Device) -> Result<BenchCase> {
+    use crate::pipeline::{demo, SynthosPipeline};
+    use crate::train::{TrainConfig, Trainer};
+    let demo_cfg = TrainConfig::demo();
+    let batch = demo_cfg.batch_size;
+    let side = demo::IMAGE_SIZE;
+    let dir = ScratchDir::new(&format!("train-demo-{side}b{batch}"));
+    crate::data::demo::generate(dir.0.join("data"), batch, side, demo_cfg.seed)?;
+    let cfg = TrainConfig {
+        data: Some(dir.0.join("data")),
+        output: dir.0.join("run"),
+        // No epoch limit: the case may run as many steps as the timing asks for.
+        epochs: 0,
+        max_steps: Some(1_000_000),
+        log_metrics: false,
+        ..demo_cfg
+    };
+    let pipe = SynthosPipeline::demo(device, device.default_dtype(), &[])?;
+    let dit_cfg = pipe.dit.config().clone();
+    let clip_tokens = demo::clip_config().tokens();
+    let mut trainer = Trainer::new(pipe, cfg)?;
+    trainer.set_quiet(true);
+    let latent = side / demo::PIXEL_FACTOR;
+    let [_, ph, pw] = dit_cfg.patch_size;
+    let tokens = (latent / ph) * (latent / pw);
+    // forward + backward (2×), no recompute; every sample counted with the image tokens
+    // (the ~10% whose image is dropped attend over the text rows only).
+    let flops = 3.0 * batch as f64 * dit_forward_flops(&dit_cfg, tokens, clip_tokens + dit_cfg.text_len);
+    Ok(BenchCase {
+        family: "model",
+        name: demo_train_step_name(),
+        bytes: 0.0,
+        flops,
+        bound: Bound::Compute,
+        samples: Some(batch),
+        run: Box::new(move || {
+            let _keep = &dir;
+            trainer.train_step().map(|_| ())
+        }),
+    })
+}
+
 fn train_step_case(device: Device, width: usize, height: usize, batch: usize) -> Result<BenchCase> {
     use crate::train::{CacheMode, TrainConfig, Trainer};
-    let dir = std::env::temp_dir().join(format!("synthos-bench-train-{}-{width}x{height}b{batch}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = ScratchDir::new(&format!("train-{width}x{height}b{batch}"));
     // One epoch is one step, so the warm-up step fills the encoder cache and every timed
     // step reads it, as a long run does.
-    crate::data::demo::generate(dir.join("data"), batch, width.max(height), 1)?;
+    crate::data::demo::generate(dir.0.join("data"), batch, width.max(height), 1)?;
     let cfg = TrainConfig {
-        data: Some(dir.join("data")),
-        output: dir.join("run"),
+        data: Some(dir.0.join("data")),
+        output: dir.0.join("run"),
         width,
         height,
         batch_size: batch,
         lr: 1e-5,
+        // No epoch limit (the recipe's 10 epochs of one step would end the case after 10
+        // steps, before a long --min-seconds is reached).
+        epochs: 0,
         max_steps: Some(1_000_000),
         activation_checkpointing: true,
         cache: CacheMode::Memory,
@@ -529,7 +610,10 @@ fn train_step_case(device: Device, width: usize, height: usize, batch: usize) ->
         flops,
         bound: Bound::Compute,
         samples: Some(batch),
-        run: Box::new(move || trainer.train_step().map(|_| ())),
+        run: Box::new(move || {
+            let _keep = &dir;
+            trainer.train_step().map(|_| ())
+        }),
     })
 }
 

@@ -133,3 +133,45 @@ fn cli_bench_runs_on_the_cpu_and_writes_json() {
     );
     std::fs::remove_file(&path).ok();
 }
+
+#[test]
+fn cli_bench_times_the_demo_train_step_against_a_torch_file() {
+    let dir = std::env::temp_dir().join(format!("synthos-bench-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ours, torch) = (dir.join("ours.json"), dir.join("torch.json"));
+    let name = synthos_engine::bench::demo_train_step_name();
+    assert_eq!(name, "train step demo 64x64 b16");
+    // What `scripts/reference/bench_torch.py --device cpu` writes for the case (two variants;
+    // the faster one is compared).
+    let doc = serde_json::json!({"tool": "torch", "cases": [
+        {"name": name, "variant": "fp32 foreach", "seconds": 2.0},
+        {"name": name, "variant": "fp32 fused", "seconds": 1.0},
+    ]});
+    std::fs::write(&torch, doc.to_string()).unwrap();
+    let out = cli(&[
+        "bench",
+        "--device",
+        "cpu",
+        "--min-seconds",
+        "0.01",
+        "--filter",
+        "train step demo",
+        "--json",
+        ours.to_str().unwrap(),
+        "--compare",
+        torch.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("samples/s") && text.contains("fp32 fused") && !text.contains("dit fwd+bwd"), "{text}");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ours).unwrap()).unwrap();
+    let row = json["results"].as_array().unwrap().iter().find(|r| r["name"] == name).expect("the demo case ran");
+    assert!(row["error"].is_null(), "{row}");
+    assert!(row["samples_per_s"].as_f64().unwrap() > 0.0 && row["tflops"].as_f64().unwrap() > 0.0, "{row}");
+    let cmp = &json["cases"][0];
+    assert_eq!(cmp["name"], name);
+    assert_eq!(cmp["torch_s"], 1.0);
+    let ratio = cmp["ratio"].as_f64().unwrap();
+    assert!((ratio - 1.0 / row["seconds"].as_f64().unwrap()).abs() < 1e-9, "{cmp}");
+    std::fs::remove_dir_all(&dir).ok();
+}

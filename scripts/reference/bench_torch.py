@@ -6,16 +6,23 @@ Measures the PyTorch / diffusers stack on the same cases as our Rust bench
 
   copy, gemm, SDPA attention (flash / cudnn / efficient, fwd and fwd+bwd),
   memory-bound DiT ops (rms_norm, layer_norm_modulate, rope, gated_residual;
-  eager and torch.compile), fused / foreach AdamW, the Wan2.1-1.3B DiT training
+  eager and torch.compile), fused / foreach AdamW, the training step of the
+  built-in demo (`train step demo 64x64 b16`: diffusers WanTransformer3DModel at
+  the demo's config, AdamW, flow-matching loss), the Wan2.1-1.3B DiT training
   step (diffusers WanTransformer3DModel, random init, activation checkpointing)
   in two precision set-ups, and 25-step CFG sampling (DiT only, and the whole
   pipeline: 1-layer umT5-XXL, 2-layer CLIP ViT-H/14, DiT, tiled Wan VAE decode).
 
 Run (GPU, full sizes, ~150 s on an H200):
   PYTHONUNBUFFERED=1 python3 scripts/reference/bench_torch.py --out torch.json
+CPU (the cases and sizes of our `bench --device cpu`, fp32, no 1.3B cases; the
+demo training step in fp32 with fused and foreach AdamW), on N threads:
+  python3 scripts/reference/bench_torch.py --device cpu --threads 2 --out torch_cpu.json
 Quick CPU smoke test of every code path (seconds):
   python3 scripts/reference/bench_torch.py --tiny --out /tmp/torch-tiny.json
-Options: --only SUBSTR (case-name filter), --skip-compile, --time-budget S (170).
+Options: --device auto|cuda|cpu, --threads N (CPU; default os.cpu_count()),
+--min-seconds S (demo step timing, as our --min-seconds; 0.5), --only SUBSTR
+(case-name filter), --skip-compile, --time-budget S (170).
 
 Pinned versions it was written for: torch 2.11, transformers 5.17,
 diffusers 0.42.1 (wheel carried in .whl/; install with
@@ -49,6 +56,10 @@ import torch.nn.functional as F
 ARGS = None
 DEV = "cpu"
 BF16 = torch.bfloat16
+# dtype and element size of the kernel cases (copy, gemm, attention, memory-bound ops):
+# bf16 on a GPU (and in --tiny), fp32 in the CPU mode (our CPU path computes in f32)
+DT = BF16
+ES = 2
 RESULTS = []
 META = {}
 T_START = time.perf_counter()
@@ -192,8 +203,36 @@ def import_diffusers():
 # sizes
 # --------------------------------------------------------------------------
 
-def sizes(tiny):
-    if not tiny:
+# The built-in demo of `synthos-engine train` (no arguments), as the Rust source sets it:
+# src/pipeline/demo.rs (dit_config, TEXT_LEN, PIXEL_FACTOR, IMAGE_SIZE, t5_config = the tiny
+# umT5 with d_model 64, clip_config = the tiny CLIP: 42 px / patch 14 -> 3x3 + 1 = 10 tokens
+# of width 64) and src/train/config.rs (TrainConfig::demo: batch 16, AdamW lr 1e-3 wd 0.01,
+# text/image dropout 0.1, no activation checkpointing). The DiT takes the image tokens
+# through img_emb and concatenates them before the text rows, with the text's k/v
+# projections (diffusers: image_dim set, added_kv_proj_dim None).
+DEMO = dict(
+    name="train step demo 64x64 b16",
+    dit=dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32,
+             in_channels=48, out_channels=48, text_dim=64, freq_dim=256,
+             ffn_dim=384, num_layers=4, cross_attn_norm=True,
+             qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=64,
+             added_kv_proj_dim=None, rope_max_seq_len=1024),
+    image_size=64, pixel_factor=4, batch=16, text_len=16, img_tokens=10,
+    lr=1e-3, weight_decay=0.01, text_dropout=0.1, image_dropout=0.1, shift=5.0,
+)
+
+
+def sizes(mode):
+    """Case sizes: "full" (the GPU figures), "small" (the names and sizes of our
+    `bench --size small`, the CPU default) or "tiny" (seconds-long smoke test)."""
+    if mode == "small":
+        return dict(
+            copy_n=2**22, gemm_n=512,
+            att_h=2, att_d=64, att_self=[256], att_cross=(256, 77),
+            act=(2, 256, 192), rope=(2, 64, 2, 32), adam=(448, 192),
+            train=[], sample_hw=None,
+        )
+    if mode == "full":
         return dict(
             copy_n=2**28, gemm_n=8192,
             att_h=12, att_d=128, att_self=[900, 1560, 3600, 8192], att_cross=(1560, 769),
@@ -251,10 +290,10 @@ def case_copy(S):
     name = f"copy {n}"
 
     def f():
-        x = torch.randn(n, device=DEV, dtype=BF16)
+        x = torch.randn(n, device=DEV, dtype=DT)
         y = torch.empty_like(x)
         s = bench(lambda: y.copy_(x), warmup=2, min_iters=5, max_iters=100)
-        return dict(seconds=s, gbps=2 * n * 2 / s / 1e9)
+        return dict(seconds=s, gbps=2 * n * ES / s / 1e9)
     run_case(name, "eager", f)
 
 
@@ -263,9 +302,9 @@ def case_gemm(S):
     name = f"gemm {n}x{n}x{n}"
 
     def f():
-        a = torch.randn(n, n, device=DEV, dtype=BF16)
-        b = torch.randn(n, n, device=DEV, dtype=BF16)
-        c = torch.empty(n, n, device=DEV, dtype=BF16)
+        a = torch.randn(n, n, device=DEV, dtype=DT)
+        b = torch.randn(n, n, device=DEV, dtype=DT)
+        c = torch.empty(n, n, device=DEV, dtype=DT)
         s = bench(lambda: torch.matmul(a, b, out=c), warmup=2, min_iters=5, max_iters=50)
         return dict(seconds=s, tflops=2 * n**3 / s / 1e12)
     run_case(name, "eager", f)
@@ -294,9 +333,9 @@ def case_attention(S):
             for vname, be in backends:
                 def f(nq=nq, nk=nk, mode=mode, be=be, fwd_flops=fwd_flops):
                     # DiT layout [B, N, H, D]; SDPA wants [B, H, N, D] -> transpose views
-                    q = torch.randn(B, nq, H, D, device=DEV, dtype=BF16)
-                    k = torch.randn(B, nk, H, D, device=DEV, dtype=BF16)
-                    v = torch.randn(B, nk, H, D, device=DEV, dtype=BF16)
+                    q = torch.randn(B, nq, H, D, device=DEV, dtype=DT)
+                    k = torch.randn(B, nk, H, D, device=DEV, dtype=DT)
+                    v = torch.randn(B, nk, H, D, device=DEV, dtype=DT)
                     if mode == "fwd":
                         def step():
                             return F.scaled_dot_product_attention(
@@ -306,7 +345,7 @@ def case_attention(S):
                         q.requires_grad_(True)
                         k.requires_grad_(True)
                         v.requires_grad_(True)
-                        gout = torch.randn(B, H, nq, D, device=DEV, dtype=BF16)
+                        gout = torch.randn(B, H, nq, D, device=DEV, dtype=DT)
 
                         def step():
                             o = F.scaled_dot_product_attention(
@@ -353,33 +392,33 @@ def case_memops(S, variants=("eager", "compile"), adam=True):
     nrope = rb * rn * rh * rd
 
     def make_rms():
-        x = torch.randn(B, N, C, device=DEV, dtype=BF16)
-        w = torch.randn(C, device=DEV, dtype=BF16)
+        x = torch.randn(B, N, C, device=DEV, dtype=DT)
+        w = torch.randn(C, device=DEV, dtype=DT)
         return rms_norm, (x, w)
 
     def make_ln():
-        x = torch.randn(B, N, C, device=DEV, dtype=BF16)
-        sh = torch.randn(B, 1, C, device=DEV, dtype=BF16)
-        sc = torch.randn(B, 1, C, device=DEV, dtype=BF16)
+        x = torch.randn(B, N, C, device=DEV, dtype=DT)
+        sh = torch.randn(B, 1, C, device=DEV, dtype=DT)
+        sc = torch.randn(B, 1, C, device=DEV, dtype=DT)
         return ln_modulate, (x, sh, sc)
 
     def make_rope():
-        x = torch.randn(rb, rn, rh, rd, device=DEV, dtype=BF16)
+        x = torch.randn(rb, rn, rh, rd, device=DEV, dtype=DT)
         ang = torch.rand(rn, 1, rd // 2, device=DEV) * 6.28
         freqs = torch.polar(torch.ones_like(ang), ang)  # complex64 [N,1,D/2]
         return rope, (x, freqs)
 
     def make_gr():
-        x = torch.randn(B, N, C, device=DEV, dtype=BF16)
-        y = torch.randn(B, N, C, device=DEV, dtype=BF16)
-        g = torch.randn(B, 1, C, device=DEV, dtype=BF16)
+        x = torch.randn(B, N, C, device=DEV, dtype=DT)
+        y = torch.randn(B, N, C, device=DEV, dtype=DT)
+        g = torch.randn(B, 1, C, device=DEV, dtype=DT)
         return gated_residual, (x, y, g)
 
     ops = [
-        (f"rms_norm {B}x{N}x{C}", make_rms, 2 * nact * 2),
-        (f"layer_norm_modulate {B}x{N}x{C}", make_ln, 2 * nact * 2),
-        (f"rope {rb}x{rn}x{rh}x{rd}", make_rope, 2 * nrope * 2),
-        (f"gated_residual {B}x{N}x{C}", make_gr, 3 * nact * 2),
+        (f"rms_norm {B}x{N}x{C}", make_rms, 2 * nact * ES),
+        (f"layer_norm_modulate {B}x{N}x{C}", make_ln, 2 * nact * ES),
+        (f"rope {rb}x{rn}x{rh}x{rd}", make_rope, 2 * nrope * ES),
+        (f"gated_residual {B}x{N}x{C}", make_gr, 3 * nact * ES),
     ]
     for name, make, nbytes in ops:
         for variant in variants:
@@ -438,10 +477,10 @@ FLOPS_NOTE = ("model flops = blocks only: linears 2/MAC (self qkvo, cross q/o/k/
               "ffn) + attention 4*N*Nk*H*D; train = 3x fwd, no recompute counted")
 
 
-def build_dit(S, dtype):
+def build_dit(S, dtype, cfg=None):
     from diffusers import WanTransformer3DModel
     with torch.device(DEV):
-        m = WanTransformer3DModel(**S["dit"])
+        m = WanTransformer3DModel(**(cfg or S["dit"]))
     m = m.to(dtype)
     if dtype != torch.float32:
         # what from_pretrained(torch_dtype=bf16) does: keep these modules in fp32
@@ -534,6 +573,116 @@ def case_train(S):
             run_case(name, variant, f)
 
 
+def time_like_engine(fn, min_seconds):
+    """Mean seconds per call, timed as our `bench::time`: one untimed warm-up call, then
+    calls until at least 3 and `min_seconds` have passed."""
+    fn()
+    sync()
+    iters = 0
+    t0 = time.perf_counter()
+    while True:
+        fn()
+        iters += 1
+        if iters >= 3:
+            sync()
+            t = time.perf_counter() - t0
+            if t >= min_seconds:
+                return t / iters
+
+
+def train_schedule(n=1000, shift=5.0):
+    """Our TrainSchedule (src/schedule.rs, = DiffSynth's): sigmas, timesteps, weights."""
+    s = 1.0 - torch.arange(n, dtype=torch.float64) / n
+    sig = shift * s / (1 + (shift - 1) * s)
+    t = sig * n
+    y = torch.exp(-2 * ((t - n / 2) / n) ** 2)
+    w = (y - y.min()) * n / (y - y.min()).sum()
+    return sig.float(), t.float(), w.float()
+
+
+def case_demo_train(S):
+    """One optimizer step of the built-in demo, as our `train step demo 64x64 b16` times
+    it (Trainer::train_step after the cache-filling warm-up step): per step, fresh noise,
+    timestep indices and dropout draws for a fixed batch of 16 encoded samples; the
+    samples whose image is dropped (p 0.1) run as a second forward without image tokens;
+    loss = mean of w(t) * MSE(v, noise - x0); backward; global grad norm; AdamW."""
+    D = DEMO
+    name = D["name"]
+    _, why = import_diffusers()
+    if is_cuda():
+        # our GPU path: bf16 compute, fp32 master weights and moments
+        variants = [("autocast-bf16 fused", "fused"), ("autocast-bf16 foreach", "foreach")]
+    else:
+        variants = [("fp32 fused", "fused"), ("fp32 foreach", "foreach")]
+    for variant, impl in variants:
+        if why:
+            if not ARGS.only or ARGS.only in name:
+                skip(name, variant, why)
+            continue
+
+        def f(variant=variant, impl=impl):
+            cfg = D["dit"]
+            B, L, N_img = D["batch"], D["text_len"], D["img_tokens"]
+            C = cfg["in_channels"]
+            side = D["image_size"] // D["pixel_factor"]
+            model = build_dit(S, torch.float32, cfg)
+            model.train()
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=D["lr"], weight_decay=D["weight_decay"],
+                                    **{impl: True})
+            # the cached encoder outputs of the 16 samples (fixed across steps)
+            x0 = torch.randn(B, C, 1, side, side, device=DEV)
+            text = torch.randn(B, L, cfg["text_dim"], device=DEV)
+            empty_text = torch.zeros(1, L, cfg["text_dim"], device=DEV)
+            empty_text[:, :1] = torch.randn(1, 1, cfg["text_dim"], device=DEV)
+            img = torch.randn(B, N_img, cfg["image_dim"], device=DEV)
+            sig_tab, t_tab, w_tab = (v.to(DEV) for v in train_schedule(shift=D["shift"]))
+
+            def forward(*a, **k):
+                if not is_cuda():
+                    return model(*a, **k, return_dict=False)[0]
+                with torch.autocast("cuda", dtype=BF16):
+                    return model(*a, **k, return_dict=False)[0]
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                drop_text = torch.rand(B) < D["text_dropout"]
+                drop_img = torch.rand(B) < D["image_dropout"]
+                idx = torch.randint(0, 1000, (B,), device=DEV)
+                noise = torch.randn_like(x0)
+                sig = sig_tab[idx].view(B, 1, 1, 1, 1)
+                x_t = (1 - sig) * x0 + sig * noise
+                target = noise - x0
+                ctx = torch.where(drop_text.to(DEV).view(B, 1, 1), empty_text, text)
+                total = None
+                for dropped in (False, True):
+                    g = (drop_img == dropped).nonzero().flatten().to(DEV)
+                    if g.numel() == 0:
+                        continue
+                    pred = forward(x_t[g], t_tab[idx[g]], ctx[g],
+                                   encoder_hidden_states_image=None if dropped else img[g])
+                    per = (pred.float() - target[g]).pow(2).mean(dim=(1, 2, 3, 4))
+                    s_ = (per * w_tab[idx[g]]).sum()
+                    total = s_ if total is None else total + s_
+                loss = total / B
+                loss.backward()
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+                opt.step()
+                return loss.item(), grad_norm.item()
+
+            sec = time_like_engine(step, ARGS.min_seconds)
+            tokens = (side // cfg["patch_size"][1]) * (side // cfg["patch_size"][2])
+            flops = 3 * dit_fwd_flops(cfg, B, tokens, L + N_img)
+            nparams = sum(p.numel() for p in params)
+            del model, opt, params
+            threads = f", {torch.get_num_threads()} threads" if not is_cuda() else ""
+            return dict(seconds=sec, tflops=flops / sec / 1e12, samples_per_s=B / sec,
+                        note=f"{nparams / 1e6:.3f}M params, N={tokens}, ctx={L}+{N_img}{threads}; "
+                             f"timed as our bench (1 warm-up, >= 3 steps and "
+                             f"{ARGS.min_seconds} s); {FLOPS_NOTE}")
+        run_case(name, variant, f)
+
+
 # --------------------------------------------------------------------------
 # 6. sampling
 # --------------------------------------------------------------------------
@@ -559,6 +708,8 @@ def euler_cfg(model, lat, ctx2, img2, steps, guidance=5.0):
 
 
 def case_sample(S):
+    if not S["sample_hw"]:
+        return
     _, why = import_diffusers()
     w, h = S["sample_hw"]
     steps = S["steps"]
@@ -651,9 +802,17 @@ def case_sample(S):
 # --------------------------------------------------------------------------
 
 def main():
-    global ARGS, DEV, T_START
+    global ARGS, DEV, DT, ES, T_START
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
+    ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                    help="auto: cuda if available, else cpu. cpu: only the CPU-sized cases, "
+                         "named and sized as our `bench --device cpu` (--size small), fp32, "
+                         "and the demo training step")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="torch.set_num_threads on the CPU (default: os.cpu_count())")
+    ap.add_argument("--min-seconds", type=float, default=0.5,
+                    help="timing of the demo training step, as our bench's --min-seconds")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (CPU smoke test)")
     ap.add_argument("--only", default=None, help="run only cases whose name contains SUBSTR")
     ap.add_argument("--skip-compile", action="store_true")
@@ -661,7 +820,17 @@ def main():
     ARGS = ap.parse_args()
     T_START = time.perf_counter()
 
-    DEV = "cuda" if torch.cuda.is_available() else "cpu"
+    if ARGS.device == "auto":
+        DEV = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        DEV = ARGS.device
+    if DEV == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch sees no CUDA device")
+    mode = "tiny" if ARGS.tiny else ("full" if is_cuda() else "small")
+    if mode == "small":
+        DT, ES = torch.float32, 4
+    if not is_cuda():
+        torch.set_num_threads(max(1, ARGS.threads))
     torch.manual_seed(0)
     try:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -674,16 +843,21 @@ def main():
         torch_version=torch.__version__,
         diffusers_version=getattr(diffusers, "__version__", None) if diffusers else None,
         device=torch.cuda.get_device_name() if is_cuda() else "cpu",
+        sizes=mode,
+        threads=None if is_cuda() else torch.get_num_threads(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
+    threads = "" if is_cuda() else f", {torch.get_num_threads()} threads"
     log(f"# torch {torch.__version__}, diffusers {META['diffusers_version']}"
-        f"{' (' + why + ')' if why else ''}, device {META['device']}, tiny={ARGS.tiny}")
-    S = sizes(ARGS.tiny)
+        f"{' (' + why + ')' if why else ''}, device {META['device']}{threads}, sizes {mode}, "
+        f"kernel dtype {str(DT).replace('torch.', '')}")
+    S = sizes(mode)
     write_json()
     case_copy(S)
     case_gemm(S)
     case_attention(S)
     case_memops(S, variants=("eager",))
+    case_demo_train(S)
     case_train(S)
     case_sample(S)
     # compile variants last: their compile time must not starve the DiT cases
