@@ -35,6 +35,7 @@
 use matrixmultiply::sgemm;
 use rayon::prelude::*;
 
+use super::math::exp_nonpositive;
 use crate::desc::{AttentionInputs, AttentionParams};
 
 /// Query rows per block: the scores of one block (`BLOCK_ROWS × Nk`) are the largest
@@ -116,30 +117,6 @@ fn gemm(m: usize, k: usize, n: usize, alpha: f32, a: View, b: View, beta: f32, c
 }
 
 // ---- Softmax ----
-
-/// `e^x` for `x ≤ 0` (and −∞), in plain f32 arithmetic that the compiler vectorises:
-/// Cephes' `expf` (range reduction by `ln 2`, degree-5 polynomial, about 1 ulp), with
-/// everything below −87 flushed to 0.
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer
-    let xc = if x < -87.0 { -87.0 } else { x }; // NaN stays NaN
-    let t = xc * std::f32::consts::LOG2_E + MAGIC;
-    let n = t - MAGIC;
-    let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
-    let poly = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
-        * r
-        + 0.5;
-    let y = poly * r * r + r + 1.0;
-    // t's low mantissa bits hold n (|n| ≤ 126), the exponent of 2ⁿ.
-    let e = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32).wrapping_add(127).wrapping_shl(23);
-    let y = y * f32::from_bits(e as u32);
-    if x < -87.0 {
-        0.0
-    } else {
-        y
-    }
-}
 
 /// Turns the score row `s` (already `scale·q·k`) into unnormalised probabilities
 /// `e^(S − max)`: adds the bias, hides masked keys and keys from `visible` on, and

@@ -1,4 +1,7 @@
-//! Elementwise reference ops.
+//! Elementwise ops.
+
+use super::math;
+use super::par::{self, Walker};
 
 /// Output shape of broadcasting `a` with `b` (NumPy rules), or `None` if incompatible.
 pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
@@ -38,24 +41,21 @@ pub fn binary(
     b: &[f32],
     sb: &[usize],
     out_shape: &[usize],
-    f: impl Fn(f32, f32) -> f32,
+    f: impl Fn(f32, f32) -> f32 + Sync + Send,
 ) -> Vec<f32> {
     let n: usize = out_shape.iter().product();
     if sa == out_shape && sb == out_shape {
-        return a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect();
+        return par::zip_map(a, b, f);
     }
     let (ta, tb) = (broadcast_strides(out_shape, sa), broadcast_strides(out_shape, sb));
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        let (mut rem, mut ia, mut ib) = (i, 0, 0);
-        for d in (0..out_shape.len()).rev() {
-            let c = rem % out_shape[d];
-            rem /= out_shape[d];
-            ia += c * ta[d];
-            ib += c * tb[d];
+    let mut out = vec![0f32; n];
+    par::fill(&mut out, |i0, o| {
+        let mut w = Walker::new(out_shape, [&ta, &tb], i0);
+        for o in o.iter_mut() {
+            *o = f(a[w.off[0]], b[w.off[1]]);
+            w.step();
         }
-        out.push(f(a[ia], b[ib]));
-    }
+    });
     out
 }
 
@@ -88,23 +88,24 @@ pub fn erf(x: f64) -> f64 {
 }
 
 /// √(2/π), the slope of the tanh argument in GELU's tanh form.
-const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 /// The cubic coefficient of GELU's tanh form.
-const GELU_CUBIC: f64 = 0.044_715;
+const GELU_CUBIC: f32 = 0.044_715;
 
-/// GELU in PyTorch's `approximate='tanh'` form: ½x(1 + tanh(√(2/π)(x + 0.044715x³))).
+/// GELU in PyTorch's `approximate='tanh'` form: ½x(1 + tanh(√(2/π)(x + 0.044715x³))),
+/// in f32 as PyTorch computes it (tanh from [`math::tanh`]).
+#[inline]
 pub fn gelu_tanh(x: f32) -> f32 {
-    let x = x as f64;
-    let t = (SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)).tanh();
-    (0.5 * x * (1.0 + t)) as f32
+    let t = math::tanh(SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x));
+    0.5 * x * (1.0 + t)
 }
 
 /// d/dx of [`gelu_tanh`].
+#[inline]
 pub fn gelu_tanh_grad(x: f32) -> f32 {
-    let x = x as f64;
-    let t = (SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)).tanh();
+    let t = math::tanh(SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x));
     let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x);
-    (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du) as f32
+    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
 }
 
 /// Exact GELU: x·Φ(x) = ½x(1 + erf(x/√2)).
@@ -122,30 +123,30 @@ pub fn gelu_exact_grad(x: f32) -> f32 {
 }
 
 /// SiLU (swish): x·σ(x).
+#[inline]
 pub fn silu(x: f32) -> f32 {
-    let x = x as f64;
-    (x / (1.0 + (-x).exp())) as f32
+    x * math::sigmoid(x)
 }
 
 /// d/dx of [`silu`]: σ(x)(1 + x(1 − σ(x))).
+#[inline]
 pub fn silu_grad(x: f32) -> f32 {
-    let x = x as f64;
-    let s = 1.0 / (1.0 + (-x).exp());
-    (s * (1.0 + x * (1.0 - s))) as f32
+    let s = math::sigmoid(x);
+    s * (1.0 + x * (1.0 - s))
 }
 
 /// `x + gate·y` where `x` and `y` have `shape` and `gate` (shape `gate_shape`)
 /// broadcasts to it.
 pub fn gated_residual(x: &[f32], gate: &[f32], gate_shape: &[usize], y: &[f32], shape: &[usize]) -> Vec<f32> {
     let strides = broadcast_strides(shape, gate_shape);
-    let mut out = Vec::with_capacity(x.len());
-    for (i, (&xv, &yv)) in x.iter().zip(y).enumerate() {
-        let (mut rem, mut g) = (i, 0);
-        for d in (0..shape.len()).rev() {
-            g += (rem % shape[d]) * strides[d];
-            rem /= shape[d];
+    let zero = vec![0; shape.len()];
+    let mut out = vec![0f32; x.len().min(y.len())];
+    par::fill(&mut out, |i0, o| {
+        let mut w = Walker::new(shape, [&strides, &zero], i0);
+        for (i, o) in o.iter_mut().enumerate() {
+            *o = x[i0 + i] + gate[w.off[0]] * y[i0 + i];
+            w.step();
         }
-        out.push(xv + gate[g] * yv);
-    }
+    });
     out
 }

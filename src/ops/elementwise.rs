@@ -228,7 +228,7 @@ impl Activation {
 
 fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
     let out = match x.device() {
-        Device::Cpu => cpu_tensor(x.storage().as_cpu()?.iter().map(|&v| act.f()(v)).collect(), x.shape())?,
+        Device::Cpu => cpu_tensor(cpu::par::map(x.storage().as_cpu()?, act.f()), x.shape())?,
         Device::Cuda(_) => {
             let st = x.storage();
             let s = st.as_cuda()?;
@@ -245,7 +245,8 @@ fn activation_backward(x: &Tensor, g: &Tensor, act: Activation) -> Result<Tensor
     match x.device() {
         Device::Cpu => {
             let (sx, sg) = (x.storage(), g.storage());
-            let v = sx.as_cpu()?.iter().zip(sg.as_cpu()?).map(|(&xv, &gv)| gv * act.df()(xv)).collect();
+            let df = act.df();
+            let v = cpu::par::zip_map(sx.as_cpu()?, sg.as_cpu()?, |xv, gv| gv * df(xv));
             cpu_tensor(v, x.shape())
         }
         Device::Cuda(_) => {

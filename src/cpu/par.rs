@@ -1,0 +1,76 @@
+//! Data-parallel loops for the CPU ops, on the rayon pool, with results independent of
+//! the number of threads: work is split into fixed chunks by element index, each output
+//! element is computed by one closure call, and nothing is combined in completion order.
+
+use rayon::prelude::*;
+
+/// Elements per parallel chunk: below this, a loop runs on the calling thread (the
+/// pool's hand-off costs more than the work).
+pub const CHUNK: usize = 1 << 14;
+
+/// `out[i] = f(i)` for every element, in chunks of [`CHUNK`] spread over the pool. `f`
+/// receives the chunk's first index and the chunk to fill.
+pub fn fill(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    if out.len() <= CHUNK {
+        f(0, out);
+        return;
+    }
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| f(c * CHUNK, chunk));
+}
+
+/// `f(x)` for every element of `x`.
+pub fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    fill(&mut out, |i0, o| o.iter_mut().zip(&x[i0..]).for_each(|(o, &v)| *o = f(v)));
+    out
+}
+
+/// `f(a, b)` for every pair of elements (`a` and `b` of one length).
+pub fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Vec<f32> {
+    let mut out = vec![0f32; a.len().min(b.len())];
+    fill(&mut out, |i0, o| o.iter_mut().zip(a[i0..].iter().zip(&b[i0..])).for_each(|(o, (&x, &y))| *o = f(x, y)));
+    out
+}
+
+/// A row-major multi-index that steps through a shape one element at a time, carrying
+/// the matching offsets into up to two broadcast operands (strides 0 along broadcast
+/// dims): the div/mod of a flat index is paid once per chunk, not once per element.
+pub struct Walker<'a> {
+    shape: &'a [usize],
+    strides: [&'a [usize]; 2],
+    idx: Vec<usize>,
+    /// The current offsets into the two operands.
+    pub off: [usize; 2],
+}
+
+impl<'a> Walker<'a> {
+    /// A walker over `shape` positioned at flat index `start`.
+    pub fn new(shape: &'a [usize], strides: [&'a [usize]; 2], start: usize) -> Self {
+        let mut idx = vec![0; shape.len()];
+        let (mut rem, mut off) = (start, [0usize; 2]);
+        for d in (0..shape.len()).rev() {
+            let c = rem % shape[d].max(1);
+            rem /= shape[d].max(1);
+            idx[d] = c;
+            off[0] += c * strides[0][d];
+            off[1] += c * strides[1][d];
+        }
+        Walker { shape, strides, idx, off }
+    }
+
+    /// Moves to the next element.
+    #[inline]
+    pub fn step(&mut self) {
+        for d in (0..self.shape.len()).rev() {
+            self.idx[d] += 1;
+            self.off[0] += self.strides[0][d];
+            self.off[1] += self.strides[1][d];
+            if self.idx[d] < self.shape[d] {
+                return;
+            }
+            self.off[0] -= self.idx[d] * self.strides[0][d];
+            self.off[1] -= self.idx[d] * self.strides[1][d];
+            self.idx[d] = 0;
+        }
+    }
+}
