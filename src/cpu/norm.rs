@@ -1,5 +1,5 @@
-//! Row normalisations (LayerNorm, adaLN modulate, RMSNorm): reference forward and
-//! backward over the last dimension, with row statistics accumulated in f64.
+//! Row normalisations (LayerNorm, adaLN modulate, RMSNorm): forward and backward over
+//! the last dimension, with row statistics accumulated in f64, blocks of rows in parallel.
 //!
 //! One description, [`RowNorm`], covers the three ops exactly as `kernels/norm.cu` does:
 //! `y = xhat·(w_offset + w[g]) + b[g]` with `xhat = (x − mean)·rstd` (mean 0 for RMSNorm)
@@ -7,24 +7,66 @@
 
 use crate::desc::RowNorm;
 
+/// Rows per parallel task. Tasks never straddle a parameter group, so each task's
+/// parameter-gradient partial belongs to one group; partials are added in task order.
+const ROWS: usize = 32;
+
+/// The tasks `(group, first row, end row)` in row order.
+fn tasks(spec: &RowNorm) -> Vec<(usize, usize, usize)> {
+    let rpg = spec.rows_per_group.max(1);
+    let mut v = Vec::new();
+    let mut r0 = 0;
+    while r0 < spec.rows {
+        let g = r0 / rpg;
+        let r1 = (r0 + ROWS).min((g + 1) * rpg).min(spec.rows);
+        v.push((g, r0, r1));
+        r0 = r1;
+    }
+    v
+}
+
+/// `buf` cut into consecutive pieces of `(r1 − r0)·d` elements, one per task.
+fn split_rows<'a>(mut buf: &'a mut [f32], tasks: &[(usize, usize, usize)], d: usize) -> Vec<&'a mut [f32]> {
+    let mut parts = Vec::with_capacity(tasks.len());
+    for &(_, r0, r1) in tasks {
+        let (a, b) = std::mem::take(&mut buf).split_at_mut((r1 - r0) * d);
+        parts.push(a);
+        buf = b;
+    }
+    parts
+}
+
 /// Forward of `spec` on `x` (`[rows, d]`), with optional weight and bias of
 /// `[groups, d]`. Returns the output and each row's mean and rstd (saved for backward).
+/// Blocks of rows run in parallel.
 pub fn forward(x: &[f32], w: Option<&[f32]>, b: Option<&[f32]>, spec: &RowNorm) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    use rayon::prelude::*;
     let d = spec.d;
     let mut out = vec![0f32; spec.rows * d];
-    let mut means = Vec::with_capacity(spec.rows);
-    let mut rstds = Vec::with_capacity(spec.rows);
-    for (r, (xr, yr)) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
-        let (mean, rstd) = row_stats(xr, spec);
-        let p = (r / spec.rows_per_group) * d;
-        for (c, (y, &xv)) in yr.iter_mut().zip(xr).enumerate() {
-            let f = spec.w_offset + w.map_or(0.0, |w| w[p + c]);
-            let s = b.map_or(0.0, |b| b[p + c]);
-            *y = (xv - mean) * rstd * f + s;
-        }
-        means.push(mean);
-        rstds.push(rstd);
+    if d == 0 {
+        return (out, vec![0.0; spec.rows], vec![0.0; spec.rows]);
     }
+    let tasks = tasks(spec);
+    let stats: Vec<Vec<(f32, f32)>> = split_rows(&mut out, &tasks, d)
+        .into_par_iter()
+        .zip(tasks.par_iter())
+        .map(|(out, &(g, r0, r1))| {
+            let p = g * d;
+            let (wp, bp) = (w.map(|w| &w[p..p + d]), b.map(|b| &b[p..p + d]));
+            let mut stats = Vec::with_capacity(r1 - r0);
+            for (xr, yr) in x[r0 * d..r1 * d].chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+                let (mean, rstd) = row_stats(xr, spec);
+                for (c, (y, &xv)) in yr.iter_mut().zip(xr).enumerate() {
+                    let f = spec.w_offset + wp.map_or(0.0, |w| w[c]);
+                    let s = bp.map_or(0.0, |b| b[c]);
+                    *y = (xv - mean) * rstd * f + s;
+                }
+                stats.push((mean, rstd));
+            }
+            stats
+        })
+        .collect();
+    let (means, rstds) = stats.into_iter().flatten().unzip();
     (out, means, rstds)
 }
 
@@ -46,32 +88,51 @@ pub struct NormGrads {
     pub db: Vec<f32>,
 }
 
-/// Backward of `spec` given the forward's input, weight and saved statistics.
+/// Backward of `spec` given the forward's input, weight and saved statistics. Blocks of
+/// rows run in parallel; each block's parameter-gradient partial is added to its group
+/// in row order.
 pub fn backward(x: &[f32], dy: &[f32], w: Option<&[f32]>, mean: &[f32], rstd: &[f32], spec: &RowNorm) -> NormGrads {
+    use rayon::prelude::*;
     let d = spec.d;
     let mut dx = vec![0f32; spec.rows * d];
     let mut dw = vec![0f32; spec.groups() * d];
     let mut db = vec![0f32; spec.groups() * d];
-    let mut xhat = vec![0f32; d];
-    let mut gh = vec![0f32; d];
-    for r in 0..spec.rows {
-        let (xr, gr) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
-        let p = (r / spec.rows_per_group) * d;
-        let (mu, rs) = (mean[r], rstd[r]);
-        let (mut s_g, mut s_gx) = (0f64, 0f64);
-        for c in 0..d {
-            xhat[c] = (xr[c] - mu) * rs;
-            gh[c] = gr[c] * (spec.w_offset + w.map_or(0.0, |w| w[p + c]));
-            s_g += gh[c] as f64;
-            s_gx += (gh[c] * xhat[c]) as f64;
-            dw[p + c] += gr[c] * xhat[c];
-            db[p + c] += gr[c];
-        }
-        let mg = if spec.rms { 0.0 } else { (s_g / d as f64) as f32 };
-        let mgx = (s_gx / d as f64) as f32;
-        for c in 0..d {
-            dx[r * d + c] = rs * (gh[c] - mg - xhat[c] * mgx);
-        }
+    if d == 0 {
+        return NormGrads { dx, dw, db };
+    }
+    let tasks = tasks(spec);
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = split_rows(&mut dx, &tasks, d)
+        .into_par_iter()
+        .zip(tasks.par_iter())
+        .map(|(dx, &(g, r0, r1))| {
+            let p = g * d;
+            let wp = w.map(|w| &w[p..p + d]);
+            let (mut pdw, mut pdb) = (vec![0f32; d], vec![0f32; d]);
+            let (mut xhat, mut gh) = (vec![0f32; d], vec![0f32; d]);
+            for (i, r) in (r0..r1).enumerate() {
+                let (xr, gr) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
+                let (mu, rs) = (mean[r], rstd[r]);
+                let (mut s_g, mut s_gx) = (0f64, 0f64);
+                for c in 0..d {
+                    xhat[c] = (xr[c] - mu) * rs;
+                    gh[c] = gr[c] * (spec.w_offset + wp.map_or(0.0, |w| w[c]));
+                    s_g += gh[c] as f64;
+                    s_gx += (gh[c] * xhat[c]) as f64;
+                    pdw[c] += gr[c] * xhat[c];
+                    pdb[c] += gr[c];
+                }
+                let mg = if spec.rms { 0.0 } else { (s_g / d as f64) as f32 };
+                let mgx = (s_gx / d as f64) as f32;
+                for (c, o) in dx[i * d..(i + 1) * d].iter_mut().enumerate() {
+                    *o = rs * (gh[c] - mg - xhat[c] * mgx);
+                }
+            }
+            (pdw, pdb)
+        })
+        .collect();
+    for (&(g, _, _), (pdw, pdb)) in tasks.iter().zip(&partials) {
+        dw[g * d..(g + 1) * d].iter_mut().zip(pdw).for_each(|(a, b)| *a += b);
+        db[g * d..(g + 1) * d].iter_mut().zip(pdb).for_each(|(a, b)| *a += b);
     }
     NormGrads { dx, dw, db }
 }

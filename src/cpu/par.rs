@@ -12,10 +12,33 @@ pub const CHUNK: usize = 1 << 14;
 /// receives the chunk's first index and the chunk to fill.
 pub fn fill(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync + Send) {
     if out.len() <= CHUNK {
-        f(0, out);
+        run(0, out, &f);
         return;
     }
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| f(c * CHUNK, chunk));
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| run(c * CHUNK, chunk, &f));
+}
+
+/// Runs one chunk, compiled for AVX2 where the CPU has it (eight f32 lanes instead of
+/// SSE2's four). FMA stays off, so both builds round identically.
+#[inline(always)]
+fn run<F: Fn(usize, &mut [f32])>(i0: usize, out: &mut [f32], f: &F) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        unsafe { run_avx2(i0, out, f) };
+        return;
+    }
+    f(i0, out)
+}
+
+/// [`run`] with AVX2 enabled.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn run_avx2<F: Fn(usize, &mut [f32])>(i0: usize, out: &mut [f32], f: &F) {
+    f(i0, out)
 }
 
 /// `f(x)` for every element of `x`.

@@ -1,4 +1,4 @@
-//! Shape reference ops: strided copies.
+//! Shape ops: strided copies.
 
 use crate::desc::{strides, Slab};
 
@@ -8,15 +8,39 @@ pub fn permute(x: &[f32], shape: &[usize], perm: &[usize]) -> Vec<f32> {
     let st = strides(shape);
     let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
     let src_stride: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
-    let mut out = Vec::with_capacity(x.len());
-    for i in 0..x.len() {
-        let (mut rem, mut off) = (i, 0);
-        for d in (0..out_shape.len()).rev() {
-            off += (rem % out_shape[d]) * src_stride[d];
-            rem /= out_shape[d];
-        }
-        out.push(x[off]);
+    let mut out = vec![0f32; x.len()];
+    let rank = shape.len();
+    if rank > 0 && perm[rank - 1] == rank - 1 && shape[rank - 1] > 1 {
+        // The last dim stays last: copy whole rows of it.
+        let run = shape[rank - 1];
+        let rows = &out_shape[..rank - 1];
+        let rs = &src_stride[..rank - 1];
+        super::par::fill(&mut out, |i0, o| {
+            // Chunks are multiples of `run` when run divides the chunk size; handle any
+            // offset by walking element-wise otherwise.
+            if i0 % run != 0 || o.len() % run != 0 {
+                let mut w = super::par::Walker::new(&out_shape, [&src_stride, &src_stride], i0);
+                for o in o.iter_mut() {
+                    *o = x[w.off[0]];
+                    w.step();
+                }
+                return;
+            }
+            let mut w = super::par::Walker::new(rows, [rs, rs], i0 / run);
+            for o in o.chunks_exact_mut(run) {
+                o.copy_from_slice(&x[w.off[0]..w.off[0] + run]);
+                w.step();
+            }
+        });
+        return out;
     }
+    super::par::fill(&mut out, |i0, o| {
+        let mut w = super::par::Walker::new(&out_shape, [&src_stride, &src_stride], i0);
+        for o in o.iter_mut() {
+            *o = x[w.off[0]];
+            w.step();
+        }
+    });
     out
 }
 

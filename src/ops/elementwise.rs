@@ -209,26 +209,30 @@ impl Activation {
         }
     }
 
-    fn f(self) -> fn(f32) -> f32 {
+    /// `f(x)` on the CPU (each arm a separate, inlined and vectorised loop).
+    fn cpu_forward(self, x: &[f32]) -> Vec<f32> {
+        use cpu::elementwise as e;
         match self {
-            Activation::GeluTanh => cpu::elementwise::gelu_tanh,
-            Activation::GeluExact => cpu::elementwise::gelu_exact,
-            Activation::Silu => cpu::elementwise::silu,
+            Activation::GeluTanh => cpu::par::map(x, e::gelu_tanh),
+            Activation::GeluExact => cpu::par::map(x, e::gelu_exact),
+            Activation::Silu => cpu::par::map(x, e::silu),
         }
     }
 
-    fn df(self) -> fn(f32) -> f32 {
+    /// `g·f'(x)` on the CPU.
+    fn cpu_backward(self, x: &[f32], g: &[f32]) -> Vec<f32> {
+        use cpu::elementwise as e;
         match self {
-            Activation::GeluTanh => cpu::elementwise::gelu_tanh_grad,
-            Activation::GeluExact => cpu::elementwise::gelu_exact_grad,
-            Activation::Silu => cpu::elementwise::silu_grad,
+            Activation::GeluTanh => cpu::par::zip_map(x, g, |x, g| g * e::gelu_tanh_grad(x)),
+            Activation::GeluExact => cpu::par::zip_map(x, g, |x, g| g * e::gelu_exact_grad(x)),
+            Activation::Silu => cpu::par::zip_map(x, g, |x, g| g * e::silu_grad(x)),
         }
     }
 }
 
 fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
     let out = match x.device() {
-        Device::Cpu => cpu_tensor(cpu::par::map(x.storage().as_cpu()?, act.f()), x.shape())?,
+        Device::Cpu => cpu_tensor(act.cpu_forward(x.storage().as_cpu()?), x.shape())?,
         Device::Cuda(_) => {
             let st = x.storage();
             let s = st.as_cuda()?;
@@ -245,8 +249,7 @@ fn activation_backward(x: &Tensor, g: &Tensor, act: Activation) -> Result<Tensor
     match x.device() {
         Device::Cpu => {
             let (sx, sg) = (x.storage(), g.storage());
-            let df = act.df();
-            let v = cpu::par::zip_map(sx.as_cpu()?, sg.as_cpu()?, |xv, gv| gv * df(xv));
+            let v = act.cpu_backward(sx.as_cpu()?, sg.as_cpu()?);
             cpu_tensor(v, x.shape())
         }
         Device::Cuda(_) => {

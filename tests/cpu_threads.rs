@@ -1,0 +1,60 @@
+//! The CPU ops give bit-identical results whatever the size of the rayon pool: each is
+//! run under a 1-thread and a 3-thread pool on odd sizes large enough to be split into
+//! several parallel chunks, and the outputs compared bit for bit.
+
+use synthos_engine::cpu::{elementwise, norm, reduce, shape};
+use synthos_engine::desc::RowNorm;
+use synthos_engine::Rng;
+
+fn pool(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a rayon pool")
+}
+
+/// Runs `f` under pools of 1 and 3 threads and asserts the results are bit-identical.
+fn same_bits(what: &str, f: impl Fn() -> Vec<Vec<f32>> + Sync + Send) {
+    let one = pool(1).install(&f);
+    let three = pool(3).install(&f);
+    assert_eq!(one.len(), three.len());
+    for (k, (a, b)) in one.iter().zip(&three).enumerate() {
+        assert_eq!(a.len(), b.len(), "{what}: output {k} length");
+        let differ = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+        assert_eq!(differ, 0, "{what}: output {k} differs in {differ} of {} elements", a.len());
+    }
+}
+
+fn randn(n: usize, seed: u64) -> Vec<f32> {
+    Rng::new(seed).normal_vec(n, 1.0)
+}
+
+#[test]
+fn norms_are_thread_count_independent() {
+    // 3 groups of 211 rows of 129: tasks end at group boundaries, not multiples of 32.
+    let spec = RowNorm { rows: 633, d: 129, rows_per_group: 211, w_offset: 1.0, eps: 1e-6, rms: false };
+    let (x, dy, w, b) = (randn(633 * 129, 1), randn(633 * 129, 2), randn(3 * 129, 3), randn(3 * 129, 4));
+    same_bits("layer norm modulate", || {
+        let (y, mean, rstd) = norm::forward(&x, Some(&w), Some(&b), &spec);
+        let g = norm::backward(&x, &dy, Some(&w), &mean, &rstd, &spec);
+        vec![y, mean, rstd, g.dx, g.dw, g.db]
+    });
+}
+
+#[test]
+fn elementwise_reductions_and_permutes_are_thread_count_independent() {
+    let shape = [3usize, 67, 5, 97];
+    let n: usize = shape.iter().product();
+    let (x, y) = (randn(n, 5), randn(n, 6));
+    let gate = randn(3 * 97, 7);
+    let row = randn(97, 8);
+    same_bits("elementwise", || {
+        vec![
+            x.iter().map(|&v| elementwise::gelu_tanh(v)).collect(),
+            elementwise::binary(&x, &shape, &row, &[97], &shape, |a, b| a * b),
+            elementwise::gated_residual(&x, &gate, &[3, 1, 1, 97], &y, &shape),
+            reduce::sum_to(&x, &shape, &[1, 1, 1, 97]),
+            reduce::sum_to(&x, &shape, &[3, 1, 5, 1]),
+            reduce::sum_dim(&x, 3, 67 * 5, 97, 0.5),
+            shape::permute(&x, &shape, &[0, 2, 1, 3]),
+            shape::permute(&x, &shape, &[3, 1, 0, 2]),
+        ]
+    });
+}
