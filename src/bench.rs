@@ -561,9 +561,21 @@ pub fn demo_train_step_case(device: Device) -> Result<BenchCase> {
     // forward + backward (2×), no recompute; every sample counted with the image tokens
     // (the ~10% whose image is dropped attend over the text rows only).
     let flops = 3.0 * batch as f64 * dit_forward_flops(&dit_cfg, tokens, clip_tokens + dit_cfg.text_len);
-    Ok(BenchCase {
+    Ok(train_case(demo_train_step_name(), flops, batch, trainer, dir))
+}
+
+/// A `model` case timing `trainer.train_step()` on `batch` samples, keeping the
+/// trainer's scratch folder alive as long as the case.
+fn train_case(
+    name: String,
+    flops: f64,
+    batch: usize,
+    mut trainer: crate::train::Trainer,
+    dir: ScratchDir,
+) -> BenchCase {
+    BenchCase {
         family: "model",
-        name: demo_train_step_name(),
+        name,
         bytes: 0.0,
         flops,
         bound: Bound::Compute,
@@ -572,7 +584,7 @@ pub fn demo_train_step_case(device: Device) -> Result<BenchCase> {
             let _keep = &dir;
             trainer.train_step().map(|_| ())
         }),
-    })
+    }
 }
 
 fn train_step_case(device: Device, width: usize, height: usize, batch: usize) -> Result<BenchCase> {
@@ -603,18 +615,7 @@ fn train_step_case(device: Device, width: usize, height: usize, batch: usize) ->
     let tokens = (height / 16) * (width / 16);
     // forward + backward (2×) + the checkpointed forward recomputed in the backward.
     let flops = 4.0 * batch as f64 * dit_forward_flops(&dit_cfg, tokens, 257 + dit_cfg.text_len);
-    Ok(BenchCase {
-        family: "model",
-        name: format!("train step 1.3b {width}x{height} b{batch}"),
-        bytes: 0.0,
-        flops,
-        bound: Bound::Compute,
-        samples: Some(batch),
-        run: Box::new(move || {
-            let _keep = &dir;
-            trainer.train_step().map(|_| ())
-        }),
-    })
+    Ok(train_case(format!("train step 1.3b {width}x{height} b{batch}"), flops, batch, trainer, dir))
 }
 
 fn sample_dit_case(device: Device) -> Result<BenchCase> {

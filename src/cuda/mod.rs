@@ -516,6 +516,11 @@ pub trait Elem: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + C
     ) -> Result<()>;
 }
 
+/// The error of an [`Elem`] accessor handed a buffer of the other dtype.
+fn wrong_dtype(want: DType, got: &CudaBuf) -> crate::Error {
+    crate::Error::msg(format!("expected a {want} device buffer, found {}", got.dtype()))
+}
+
 macro_rules! impl_elem {
     ($t:ty, $variant:ident) => {
         impl Elem for $t {
@@ -523,19 +528,19 @@ macro_rules! impl_elem {
             fn of(buf: &CudaBuf) -> Result<&CudaSlice<Self>> {
                 match buf {
                     CudaBuf::$variant(s) => Ok(s),
-                    other => bail!("expected a {} device buffer, found {}", Self::DTYPE, other.dtype()),
+                    other => Err(wrong_dtype(Self::DTYPE, other)),
                 }
             }
             fn of_mut(buf: &mut CudaBuf) -> Result<&mut CudaSlice<Self>> {
                 match buf {
                     CudaBuf::$variant(s) => Ok(s),
-                    other => bail!("expected a {} device buffer, found {}", Self::DTYPE, other.dtype()),
+                    other => Err(wrong_dtype(Self::DTYPE, other)),
                 }
             }
             fn take(buf: CudaBuf) -> Result<CudaSlice<Self>> {
                 match buf {
                     CudaBuf::$variant(s) => Ok(s),
-                    other => bail!("expected a {} device buffer, found {}", Self::DTYPE, other.dtype()),
+                    other => Err(wrong_dtype(Self::DTYPE, &other)),
                 }
             }
             fn wrap(s: CudaSlice<Self>) -> CudaBuf {
