@@ -1,4 +1,4 @@
-//! Elementwise ops (activations, scalar add, gated residual, mixed-dtype arithmetic):
+//! Elementwise ops (activations, clamp, scalar add, gated residual, mixed-dtype arithmetic):
 //! values against direct formulas, gradients against finite differences, bad inputs, and
 //! GPU kernels against the CPU reference. Reductions are in `ops_reduce.rs`.
 mod common;
@@ -106,6 +106,29 @@ fn gated_residual_rejects_bad_shapes() {
     let short = randn(&[3, 4, 13], &mut rng);
     let e = ops::gated_residual(&x, &gate, &short).unwrap_err().to_string();
     assert!(e.contains("gated_residual") && e.contains("[3, 4, 13]"), "{e}");
+}
+
+#[test]
+fn clamp_forward_and_gradient() {
+    let mut rng = Rng::new(37);
+    let x = randn(&[4, 9], &mut rng);
+    let y = ops::clamp(&x, -0.5, 0.75).unwrap().to_vec().unwrap();
+    let xv = x.to_vec().unwrap();
+    for (a, b) in y.iter().zip(&xv) {
+        assert_eq!(*a, b.clamp(-0.5, 0.75));
+    }
+    // Values kept away from the bounds, where the function is differentiable.
+    let v: Vec<f32> =
+        rng.normal_vec(29, 1.0).into_iter().map(|v| if (v.abs() - 0.5).abs() < 0.05 { v * 2.0 } else { v }).collect();
+    gradcheck(
+        "clamp",
+        |t| ops::clamp(&t[0], -0.5, 0.5),
+        &[Tensor::from_vec(v, &[29], Device::Cpu).unwrap()],
+        1e-3,
+        1e-3,
+    );
+    let e = ops::clamp(&x, 1.0, -1.0).unwrap_err().to_string();
+    assert!(e.contains("clamp") && e.contains("not an interval"), "{e}");
 }
 
 // ---------------------------------------------------------------------------------
@@ -219,4 +242,14 @@ fn gpu_add_mixes_f32_and_bf16() {
     let want_db = ops::sum_to(&ac, &[5, 1]).unwrap().to_vec().unwrap();
     assert_close(&da.to_vec().unwrap(), &want_da, 3e-2, 1.0 / 32.0, "mixed da");
     assert_close(&db.to_vec().unwrap(), &want_db, 5e-2, 1.0 / 32.0, "mixed db");
+}
+
+#[test]
+fn gpu_clamp_matches_cpu() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng::new(45);
+    for (dt, atol, rtol) in DTYPES {
+        let x = randn(&[5, 77], &mut rng);
+        parity("clamp", dev, dt, &[x], |t| ops::clamp(&t[0], -0.5, 0.75), atol, rtol);
+    }
 }
