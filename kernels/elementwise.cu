@@ -131,6 +131,8 @@ extern "C" __global__ void bcast_copy_bf16(const bf16* x, bf16* o, Bcast bc, int
 //   gelu_tanh(x)  = ½x(1 + tanh(u)),  u = √(2/π)(x + 0.044715x³)   (PyTorch approximate='tanh')
 //   gelu_exact(x) = ½x(1 + erf(x/√2)) = x·Φ(x);  derivative Φ(x) + x·φ(x)
 //   silu(x)       = x·σ(x);                      derivative σ(x)(1 + x(1 − σ(x)))
+//   quick_gelu(x) = x·σ(1.702x) (OpenAI CLIP);   derivative s(1 + 1.702x(1 − s)), s = σ(1.702x)
+//   exp(x);                                       derivative exp(x)
 #define SQRT_2_OVER_PI 0.7978845608028654f
 #define GELU_CUBIC 0.044715f
 #define INV_SQRT_2PI 0.3989422804014327f
@@ -176,6 +178,15 @@ extern "C" __global__ void NAME##_bwd_bf16(const bf16* x, const bf16* g, bf16* d
 ACTIVATION(gelu_tanh, gelu_tanh_f, gelu_tanh_df)
 ACTIVATION(gelu_exact, gelu_exact_f, gelu_exact_df)
 ACTIVATION(silu, silu_f, silu_df)
+#define QUICK_GELU_ALPHA 1.702f
+__device__ __forceinline__ float quick_gelu_f(float x) { return x / (1.f + expf(-QUICK_GELU_ALPHA * x)); }
+__device__ __forceinline__ float quick_gelu_df(float x) {
+    const float s = 1.f / (1.f + expf(-QUICK_GELU_ALPHA * x));
+    return s * (1.f + QUICK_GELU_ALPHA * x * (1.f - s));
+}
+ACTIVATION(quick_gelu, quick_gelu_f, quick_gelu_df)
+__device__ __forceinline__ float exp_f(float x) { return expf(x); }
+ACTIVATION(exp, exp_f, exp_f)
 
 // Gated residual: out = x + gate·y, x and y of one shape, gate broadcast over it.
 // The host collapses the broadcast to gate index (i / period)·inner + i % inner: `inner`

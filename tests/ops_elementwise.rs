@@ -1,4 +1,4 @@
-//! Elementwise ops (activations, clamp, scalar add, gated residual, mixed-dtype arithmetic):
+//! Elementwise ops (activations including QuickGELU and exp, clamp, scalar add, gated residual, mixed-dtype arithmetic):
 //! values against direct formulas, gradients against finite differences, bad inputs, and
 //! GPU kernels against the CPU reference. Reductions are in `ops_reduce.rs`.
 mod common;
@@ -39,6 +39,8 @@ fn activations_match_formulas() {
     let exact = ops::gelu(&x, GeluApprox::Exact).unwrap().to_vec().unwrap();
     let tanh = ops::gelu(&x, GeluApprox::Tanh).unwrap().to_vec().unwrap();
     let silu = ops::silu(&x).unwrap().to_vec().unwrap();
+    let quick = ops::quick_gelu(&x).unwrap().to_vec().unwrap();
+    let exp = ops::exp(&x).unwrap().to_vec().unwrap();
     let plus = ops::add_scalar(&x, -0.75).unwrap().to_vec().unwrap();
     for (i, &v) in xs.iter().enumerate() {
         let v = v as f64;
@@ -48,6 +50,10 @@ fn activations_match_formulas() {
         assert!((exact[i] as f64 - e).abs() <= 1e-6 * (1.0 + e.abs()), "gelu exact({v}) = {} vs {e}", exact[i]);
         assert!((tanh[i] as f64 - t).abs() <= 1e-6 * (1.0 + t.abs()), "gelu tanh({v}) = {} vs {t}", tanh[i]);
         assert!((silu[i] as f64 - s).abs() <= 1e-6 * (1.0 + s.abs()), "silu({v}) = {} vs {s}", silu[i]);
+        let q = v / (1.0 + (-1.702 * v).exp());
+        assert!((quick[i] as f64 - q).abs() <= 1e-6 * (1.0 + q.abs()), "quick_gelu({v}) = {} vs {q}", quick[i]);
+        let ex = v.exp();
+        assert!((exp[i] as f64 - ex).abs() <= 1e-6 * ex, "exp({v}) = {} vs {ex}", exp[i]);
         assert_eq!(plus[i], xs[i] - 0.75);
     }
     // The two GELU forms differ, by at most ~5e-4 (why the choice is explicit).
@@ -62,11 +68,14 @@ fn activation_gradients() {
     gradcheck("gelu-exact", |t| ops::gelu(&t[0], GeluApprox::Exact), std::slice::from_ref(&x), 1e-2, 1e-2);
     gradcheck("gelu-tanh", |t| ops::gelu(&t[0], GeluApprox::Tanh), std::slice::from_ref(&x), 1e-2, 1e-2);
     gradcheck("silu", |t| ops::silu(&t[0]), std::slice::from_ref(&x), 1e-2, 1e-2);
+    gradcheck("quick_gelu", |t| ops::quick_gelu(&t[0]), std::slice::from_ref(&x), 1e-2, 1e-2);
+    gradcheck("exp", |t| ops::exp(&t[0]), std::slice::from_ref(&x), 1e-2, 1e-2);
     gradcheck("add_scalar", |t| ops::add_scalar(&t[0], 2.5), std::slice::from_ref(&x), 1e-2, 1e-2);
     // Far into the tails too, where the derivatives saturate.
     let wide = Tensor::from_vec(points(), &[points().len()], Device::Cpu).unwrap();
     gradcheck("gelu-exact-wide", |t| ops::gelu(&t[0], GeluApprox::Exact), std::slice::from_ref(&wide), 1e-2, 1e-2);
     gradcheck("silu-wide", |t| ops::silu(&t[0]), std::slice::from_ref(&wide), 1e-2, 1e-2);
+    gradcheck("quick_gelu-wide", |t| ops::quick_gelu(&t[0]), std::slice::from_ref(&wide), 1e-2, 1e-2);
 }
 
 /// Gate shapes the fused gated residual accepts for x of shape [3, 5, 13].
@@ -148,6 +157,8 @@ fn gpu_activations_match_cpu() {
             parity("gelu-exact", dev, dt, one, |t| ops::gelu(&t[0], GeluApprox::Exact), atol, rtol);
             parity("gelu-tanh", dev, dt, one, |t| ops::gelu(&t[0], GeluApprox::Tanh), atol, rtol);
             parity("silu", dev, dt, one, |t| ops::silu(&t[0]), atol, rtol);
+            parity("quick_gelu", dev, dt, one, |t| ops::quick_gelu(&t[0]), atol, rtol);
+            parity("exp", dev, dt, one, |t| ops::exp(&t[0]), atol, rtol);
             parity("add_scalar", dev, dt, one, |t| ops::add_scalar(&t[0], 0.37), atol, rtol);
             parity("scale", dev, dt, one, |t| ops::scale(&t[0], -1.7), atol, rtol);
         }

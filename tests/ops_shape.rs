@@ -139,6 +139,40 @@ fn concat_narrow_split_errors() {
 // ---------------------------------------------------------------------------------
 // GPU parity: pure copies, so the GPU must match the CPU exactly in both dtypes.
 
+#[test]
+fn gather_rows_picks_rows_and_scatters_gradients() {
+    let mut rng = Rng::new(71);
+    let table = randn(&[9, 5], &mut rng);
+    let ids = [4usize, 0, 4, 8, 4, 2];
+    let tv = table.to_vec().unwrap();
+    let out = ops::gather_rows(&table, &ids).unwrap();
+    assert_eq!(out.shape(), &[6, 5]);
+    let ov = out.to_vec().unwrap();
+    for (i, &r) in ids.iter().enumerate() {
+        assert_eq!(&ov[i * 5..(i + 1) * 5], &tv[r * 5..(r + 1) * 5], "row {i}");
+    }
+    // The gradient: each table row receives the sum of the gradients of the rows that read it.
+    let t = table.clone().requires_grad();
+    let seed = randn(&[6, 5], &mut rng);
+    let sv = seed.to_vec().unwrap();
+    let g = autograd::backward_with(&ops::gather_rows(&t, &ids).unwrap(), seed).unwrap();
+    let gv = g.get(&t).unwrap().to_vec().unwrap();
+    for r in 0..9 {
+        for c in 0..5 {
+            let want: f32 = ids.iter().enumerate().filter(|(_, &x)| x == r).map(|(i, _)| sv[i * 5 + c]).sum();
+            assert!((gv[r * 5 + c] - want).abs() <= 1e-6, "d table[{r}, {c}] = {} vs {want}", gv[r * 5 + c]);
+        }
+    }
+    gradcheck("gather_rows", |t| ops::gather_rows(&t[0], &ids), std::slice::from_ref(&table), 1e-2, 1e-2);
+    // No ids: an empty output, and an all-zero gradient.
+    assert_eq!(ops::gather_rows(&table, &[]).unwrap().shape(), &[0, 5]);
+
+    let e = ops::gather_rows(&table, &[1, 9]).unwrap_err().to_string();
+    assert!(e.contains("gather_rows") && e.contains("index 9 (position 1)") && e.contains("9 rows"), "{e}");
+    let e = ops::gather_rows(&randn(&[2, 3, 4], &mut rng), &[0]).unwrap_err().to_string();
+    assert!(e.contains("gather_rows") && e.contains("2-D"), "{e}");
+}
+
 /// Runs `f` on the CPU and on the GPU (inputs in `dtype`) and checks that the output and
 /// the gradients of every input for one random output gradient are identical.
 fn exact_parity(name: &str, dev: Device, dtype: DType, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>) {
@@ -227,4 +261,31 @@ fn gpu_concat_mixes_dtypes() {
     assert_eq!(g.get(&ag).unwrap().dtype(), DType::F32);
     assert_eq!(g.get(&ag).unwrap().to_vec().unwrap(), vec![1.0; 42]);
     assert_eq!(g.get(&bg).unwrap().to_vec().unwrap(), vec![1.0; 105]);
+}
+
+#[test]
+fn gpu_gather_rows_matches_cpu() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng::new(72);
+    // Repeated ids (the scatter sums them), unused rows, and several blocks.
+    let ids: Vec<usize> = (0..600).map(|i| (i * 7919) % 97).chain([100, 0, 0]).collect();
+    let table = randn(&[101, 40], &mut rng);
+    // f32: the same sums in the same order, bit for bit; bf16: the fp32 sums rounded once.
+    exact_parity("gather_rows", dev, DType::F32, std::slice::from_ref(&table), |t| ops::gather_rows(&t[0], &ids));
+    let (_, atol, rtol) = PARITY_DTYPES[1];
+    parity(
+        "gather_rows",
+        dev,
+        DType::BF16,
+        std::slice::from_ref(&table),
+        |t| ops::gather_rows(&t[0], &ids),
+        atol,
+        rtol,
+    );
+    // The scatter is deterministic: two backward passes give the same bits.
+    let t = table.to_device(dev, DType::BF16).unwrap().requires_grad();
+    let seed = randn(&[ids.len(), 40], &mut rng).to_device(dev, DType::BF16).unwrap();
+    let a = autograd::backward_with(&ops::gather_rows(&t, &ids).unwrap(), seed.clone()).unwrap();
+    let b = autograd::backward_with(&ops::gather_rows(&t, &ids).unwrap(), seed).unwrap();
+    assert_eq!(a.get(&t).unwrap().to_vec().unwrap(), b.get(&t).unwrap().to_vec().unwrap());
 }

@@ -135,6 +135,22 @@ pub fn silu_grad(x: f32) -> f32 {
     s * (1.0 + x * (1.0 - s))
 }
 
+/// The slope of OpenAI CLIP's QuickGELU.
+pub const QUICK_GELU_ALPHA: f32 = 1.702;
+
+/// QuickGELU (OpenAI CLIP): x·σ(1.702x).
+#[inline]
+pub fn quick_gelu(x: f32) -> f32 {
+    x * math::sigmoid(QUICK_GELU_ALPHA * x)
+}
+
+/// d/dx of [`quick_gelu`]: s(1 + 1.702x(1 − s)) with s = σ(1.702x).
+#[inline]
+pub fn quick_gelu_grad(x: f32) -> f32 {
+    let s = math::sigmoid(QUICK_GELU_ALPHA * x);
+    s * (1.0 + QUICK_GELU_ALPHA * x * (1.0 - s))
+}
+
 /// `x + gate·y` where `x` and `y` have `shape` and `gate` (shape `gate_shape`)
 /// broadcasts to it.
 pub fn gated_residual(x: &[f32], gate: &[f32], gate_shape: &[usize], y: &[f32], shape: &[usize]) -> Vec<f32> {

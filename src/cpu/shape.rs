@@ -53,3 +53,24 @@ pub fn copy_slab(src: &[f32], dst: &mut [f32], s: &Slab) {
         dst[to..to + run].copy_from_slice(&src[from..from + run]);
     }
 }
+
+/// Rows `ids[i]` of `table` (rows of `d`), as `ids.len()` rows (indices checked by the op).
+pub fn gather_rows(table: &[f32], ids: &[usize], d: usize) -> Vec<f32> {
+    let mut out = vec![0f32; ids.len() * d];
+    for (row, &r) in out.chunks_exact_mut(d.max(1)).zip(ids) {
+        row.copy_from_slice(&table[r * d..(r + 1) * d]);
+    }
+    out
+}
+
+/// The gradient of [`gather_rows`]: `rows` rows of `d`, row `r` the sum of the rows `i` of
+/// `g` with `ids[i] = r`, added in increasing `i` (as the GPU kernel adds them).
+pub fn scatter_rows(g: &[f32], ids: &[usize], rows: usize, d: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * d];
+    for (i, &r) in ids.iter().enumerate() {
+        for (o, v) in out[r * d..(r + 1) * d].iter_mut().zip(&g[i * d..(i + 1) * d]) {
+            *o += v;
+        }
+    }
+    out
+}

@@ -107,7 +107,7 @@ pub fn add_scalar(x: &CudaStorage, c: f32, n: usize) -> Result<CudaBuf> {
     unary_launch(x, "add_scalar", x.buf.dtype(), n, Some(c))
 }
 
-/// An activation: `kernel` is `gelu_tanh`, `gelu_exact` or `silu`.
+/// An activation: `kernel` is `gelu_tanh`, `gelu_exact`, `silu`, `quick_gelu` or `exp`.
 pub fn activation(x: &CudaStorage, kernel: &'static str, n: usize) -> Result<CudaBuf> {
     unary_launch(x, kernel, x.buf.dtype(), n, None)
 }
@@ -115,9 +115,7 @@ pub fn activation(x: &CudaStorage, kernel: &'static str, n: usize) -> Result<Cud
 /// The gradient `g·f'(x)` of the activation `kernel` (`x` and `g` of one dtype).
 pub fn activation_backward(x: &CudaStorage, g: &CudaStorage, kernel: &'static str, n: usize) -> Result<CudaBuf> {
     let bwd = match kernel {
-        "gelu_tanh" => "gelu_tanh_bwd",
-        "gelu_exact" => "gelu_exact_bwd",
-        "silu" => "silu_bwd",
+        "gelu_tanh" | "gelu_exact" | "silu" | "quick_gelu" | "exp" => super::intern(&format!("{kernel}_bwd")),
         _ => bail!("no backward kernel for activation {kernel}"),
     };
     let dev = &x.dev;

@@ -82,12 +82,6 @@ pub fn sq_err_backward(p: &CudaStorage, t: &CudaStorage, g: &CudaStorage, len: u
     Ok(out)
 }
 
-/// Class indices on the device (the op has checked them against the class count).
-pub fn upload_targets(dev: &CudaDevice, targets: &[usize]) -> Result<CudaSlice<i64>> {
-    let v: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
-    Ok(dev.stream.clone_htod(&v)?)
-}
-
 /// Mean cross-entropy of `logits` (`[rows, classes]`) against `targets`: the f32 scalar
 /// loss and each row's log-sum-exp (f32 `[rows]`, for the backward pass).
 pub fn cross_entropy(

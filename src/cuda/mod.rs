@@ -364,6 +364,12 @@ impl CudaDevice {
         })
     }
 
+    /// Copies host indices to the device as `i64` (class targets, gathered rows).
+    pub fn upload_indices(&self, idx: &[usize]) -> Result<CudaSlice<i64>> {
+        let v: Vec<i64> = idx.iter().map(|&t| t as i64).collect();
+        Ok(self.stream.clone_htod(&v)?)
+    }
+
     /// Copies a buffer back to the host as f32 (the first `n` elements).
     pub fn download(&self, buf: &CudaBuf, n: usize) -> Result<Vec<f32>> {
         self.check_fault()?;

@@ -403,19 +403,15 @@ impl T5Encoder {
     /// Gathers the embedding rows of `ids` on the host and places them on the device.
     fn embed_rows(&self, ids: &[u32], shape: &[usize]) -> Result<Tensor> {
         let d = self.cfg.d_model;
-        let storage = self.embed.storage();
-        let table = storage.as_cpu()?;
-        let mut rows = Vec::with_capacity(ids.len() * d);
-        for (i, &id) in ids.iter().enumerate() {
-            let id = id as usize;
-            if id >= self.cfg.vocab_size {
-                bail!("T5Encoder: token id {id} at position {i} is outside the vocabulary of {}", self.cfg.vocab_size);
-            }
-            rows.extend_from_slice(&table[id * d..(id + 1) * d]);
+        let ids: Vec<usize> = ids.iter().map(|&id| id as usize).collect();
+        if let Some((i, id)) = ids.iter().enumerate().find(|(_, &id)| id >= self.cfg.vocab_size) {
+            bail!("T5Encoder: token id {id} at position {i} is outside the vocabulary of {}", self.cfg.vocab_size);
         }
+        // The lookup runs where the table lives (the host); only the rows travel.
+        let rows = ops::gather_rows(&self.embed, &ids)?;
         let mut out_shape = shape.to_vec();
         out_shape.push(d);
-        Tensor::from_vec_dtype(rows, &out_shape, self.device, self.layers[0].q.weight.dtype())
+        ops::reshape(&rows, &out_shape)?.to_device(self.device, self.layers[0].q.weight.dtype())
     }
 
     /// The one-hot matrix `[L·L, num_buckets]` whose row `i·L + j` selects the bucket of

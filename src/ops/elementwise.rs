@@ -197,6 +197,8 @@ enum Activation {
     GeluTanh,
     GeluExact,
     Silu,
+    QuickGelu,
+    Exp,
 }
 
 impl Activation {
@@ -206,6 +208,8 @@ impl Activation {
             Activation::GeluTanh => "gelu_tanh",
             Activation::GeluExact => "gelu_exact",
             Activation::Silu => "silu",
+            Activation::QuickGelu => "quick_gelu",
+            Activation::Exp => "exp",
         }
     }
 
@@ -216,6 +220,8 @@ impl Activation {
             Activation::GeluTanh => cpu::par::map(x, e::gelu_tanh),
             Activation::GeluExact => cpu::par::map(x, e::gelu_exact),
             Activation::Silu => cpu::par::map(x, e::silu),
+            Activation::QuickGelu => cpu::par::map(x, e::quick_gelu),
+            Activation::Exp => cpu::par::map(x, f32::exp),
         }
     }
 
@@ -226,6 +232,8 @@ impl Activation {
             Activation::GeluTanh => cpu::par::zip_map(x, g, |x, g| g * e::gelu_tanh_grad(x)),
             Activation::GeluExact => cpu::par::zip_map(x, g, |x, g| g * e::gelu_exact_grad(x)),
             Activation::Silu => cpu::par::zip_map(x, g, |x, g| g * e::silu_grad(x)),
+            Activation::QuickGelu => cpu::par::zip_map(x, g, |x, g| g * e::quick_gelu_grad(x)),
+            Activation::Exp => cpu::par::zip_map(x, g, |x, g| g * x.exp()),
         }
     }
 }
@@ -275,6 +283,16 @@ pub fn gelu(x: &Tensor, approx: GeluApprox) -> Result<Tensor> {
 /// SiLU (swish): `x·σ(x)`.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     activation(x, Activation::Silu)
+}
+
+/// QuickGELU, `x·σ(1.702x)`: the activation of the OpenAI CLIP text tower.
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    activation(x, Activation::QuickGelu)
+}
+
+/// `eˣ` elementwise (CLIP's `logit_scale.exp()`).
+pub fn exp(x: &Tensor) -> Result<Tensor> {
+    activation(x, Activation::Exp)
 }
 
 /// How a gate broadcasts over `x` in [`gated_residual`]: `(period, inner)` such that

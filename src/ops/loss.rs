@@ -114,7 +114,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &[usize]) -> Result<Tensor> {
             let st = logits.storage();
             let c = st.as_cuda()?;
             let dev = c.dev.clone();
-            let targets = cuda::loss::upload_targets(&dev, targets)?;
+            let targets = dev.upload_indices(targets)?;
             let (loss, lse) = cuda::loss::cross_entropy(c, &targets, rows, classes)?;
             let out = cuda_tensor(&dev, loss, &[])?;
             let lse = cuda_tensor(&dev, lse, &[rows])?;

@@ -1,4 +1,5 @@
-//! Shape ops: reshape (zero-copy), permute/transpose, concat, narrow, split.
+//! Shape ops: reshape (zero-copy), permute/transpose, concat, narrow, split, and row
+//! gathers (embedding lookups, pooling one token per sequence).
 //!
 //! Every tensor is contiguous, so permutes and slices copy: one strided-copy kernel
 //! (rank ≤ 6) and one slab-copy kernel cover them all on the GPU.
@@ -202,4 +203,49 @@ pub fn split(x: &Tensor, dim: usize, sizes: &[usize]) -> Result<Vec<Tensor>> {
             piece
         })
         .collect()
+}
+
+/// Rows `ids[i]` of a 2-D `table` `[R, D]`, as `[ids.len(), D]`: an embedding lookup
+/// (token ids into a vocabulary table) or the pick of one row per sequence (CLIP's
+/// end-token pooling of `[B·T, D]` hidden states). The gradient adds each output row's
+/// gradient into the table row it came from, in a fixed order on both devices (no atomics:
+/// bit-identical from run to run); it comes back in the table's dtype.
+pub fn gather_rows(table: &Tensor, ids: &[usize]) -> Result<Tensor> {
+    let &[rows, d] = table.shape() else {
+        bail!("gather_rows: the table must be 2-D [rows, dim], got {:?}", table.shape());
+    };
+    if let Some((i, r)) = ids.iter().enumerate().find(|(_, &r)| r >= rows) {
+        bail!(
+            "gather_rows: index {r} (position {i}) out of range for a table of {rows} rows (shape {:?})",
+            table.shape()
+        );
+    }
+    let shape = [ids.len(), d];
+    let out = match table.device() {
+        Device::Cpu => cpu_tensor(cpu::shape::gather_rows(table.storage().as_cpu()?, ids, d), &shape)?,
+        Device::Cuda(_) => {
+            let st = table.storage();
+            let c = st.as_cuda()?;
+            let idx = c.dev.upload_indices(ids)?;
+            cuda_tensor(&c.dev, cuda::shape::gather_rows(c, &idx, d)?, &shape)?
+        }
+    };
+    let (ids, tdt) = (ids.to_vec(), table.dtype());
+    Ok(record(
+        "gather_rows",
+        out,
+        &[table],
+        Box::new(move |g| {
+            let dt = match g.device() {
+                Device::Cpu => cpu_tensor(cpu::shape::scatter_rows(g.storage().as_cpu()?, &ids, rows, d), &[rows, d])?,
+                Device::Cuda(_) => {
+                    let g = in_dtype(g, tdt)?;
+                    let st = g.storage();
+                    let c = st.as_cuda()?;
+                    cuda_tensor(&c.dev, cuda::shape::scatter_rows(c, &ids, rows, d)?, &[rows, d])?
+                }
+            };
+            Ok(vec![Some(dt)])
+        }),
+    ))
 }

@@ -56,6 +56,8 @@ struct K<float> {
                           silu = EMU_KERNEL(silu_f32);
     static constexpr auto gelu_tanh_bwd = EMU_KERNEL(gelu_tanh_bwd_f32),
                           gelu_exact_bwd = EMU_KERNEL(gelu_exact_bwd_f32), silu_bwd = EMU_KERNEL(silu_bwd_f32);
+    static constexpr auto quick_gelu = EMU_KERNEL(quick_gelu_f32), quick_gelu_bwd = EMU_KERNEL(quick_gelu_bwd_f32);
+    static constexpr auto exp = EMU_KERNEL(exp_f32), exp_bwd = EMU_KERNEL(exp_bwd_f32);
     static constexpr auto gated_residual = EMU_KERNEL(gated_residual_f32);
     static constexpr auto clamp = EMU_KERNEL(clamp_f32), clamp_bwd = EMU_KERNEL(clamp_bwd_f32);
 };
@@ -68,6 +70,8 @@ struct K<bf16> {
                           silu = EMU_KERNEL(silu_bf16);
     static constexpr auto gelu_tanh_bwd = EMU_KERNEL(gelu_tanh_bwd_bf16),
                           gelu_exact_bwd = EMU_KERNEL(gelu_exact_bwd_bf16), silu_bwd = EMU_KERNEL(silu_bwd_bf16);
+    static constexpr auto quick_gelu = EMU_KERNEL(quick_gelu_bf16), quick_gelu_bwd = EMU_KERNEL(quick_gelu_bwd_bf16);
+    static constexpr auto exp = EMU_KERNEL(exp_bf16), exp_bwd = EMU_KERNEL(exp_bwd_bf16);
     static constexpr auto gated_residual = EMU_KERNEL(gated_residual_bf16);
     static constexpr auto clamp = EMU_KERNEL(clamp_bf16), clamp_bwd = EMU_KERNEL(clamp_bwd_bf16);
 };
@@ -202,11 +206,11 @@ void unary(const std::string& name, Launch launch, const std::function<double(do
 
 // Kernels of signature (x, g, dx, n): dx = g·f'(x), f' by central differences in double.
 template <class T, class Kern>
-void activation_backward(const char* name, Kern k, double (*f)(double)) {
+void activation_backward(const char* name, Kern k, double (*f)(double), double max_x = 100) {
     for (size_t n : kSizes)
         for (const Views& v : kViews) {
             auto x = rng.values<T>(n, 3.0);
-            const double extremes[] = {-100, -30, 30, 100};
+            const double extremes[] = {-100, -30, 30, max_x};
             for (size_t i = 0; i < 4 && i < n; ++i) x[i] = extremes[i];
             const auto g = rng.values<T>(n);
             DeviceArray<T> dx(x, v.in0), dg(g, v.in1), out(n, v.out);
@@ -226,6 +230,9 @@ void activation_backward(const char* name, Kern k, double (*f)(double)) {
 double gelu_tanh_ref(double x) { return 0.5 * x * (1 + std::tanh(std::sqrt(2 / M_PI) * (x + 0.044715 * x * x * x))); }
 double gelu_exact_ref(double x) { return 0.5 * x * std::erfc(-x / std::sqrt(2.0)); }
 double silu_ref(double x) { return x / (1 + std::exp(-x)); }
+double quick_gelu_ref(double x) { return x / (1 + std::exp(-1.702 * x)); }
+// exp overflows to +inf above ln(FLT_MAX) ≈ 88.7, in f32 and bf16 alike.
+double exp_ref(double x) { return x > 88.72 ? INFINITY : std::exp(x); }
 
 // x + gate·y with the gate broadcast over x = [B, N, D] as [B,1,D], [1,1,D], [B,N,D] or
 // [B,1,1]; (period, inner) as ops::elementwise::gate_layout derives them.
@@ -308,14 +315,17 @@ void family() {
         double (*f)(double);
     } acts[] = {{"gelu_tanh", K<T>::gelu_tanh, K<T>::gelu_tanh_bwd, gelu_tanh_ref},
                 {"gelu_exact", K<T>::gelu_exact, K<T>::gelu_exact_bwd, gelu_exact_ref},
-                {"silu", K<T>::silu, K<T>::silu_bwd, silu_ref}};
+                {"silu", K<T>::silu, K<T>::silu_bwd, silu_ref},
+                {"quick_gelu", K<T>::quick_gelu, K<T>::quick_gelu_bwd, quick_gelu_ref},
+                {"exp", K<T>::exp, K<T>::exp_bwd, exp_ref}};
     for (const auto& act : acts) {
         const auto fwd = act.fwd;
         unary<T, T>(
             act.name + ("_" + t),
             [fwd](T* x, T* o, size_t n) { emu::launch(grid_chunks(n), fwd, x, o, (int64_t)n); }, act.f,
             3.0);
-        activation_backward<T>(act.name, act.bwd, act.f);
+        // exp's derivative at 100 is inf − inf by differences: test its largest point at 80.
+        activation_backward<T>(act.name, act.bwd, act.f, act.f == exp_ref ? 80.0 : 100.0);
     }
     gated_residual<T>();
     clamp<T>(1, -0.75f, 1.25f);

@@ -1,8 +1,11 @@
 // kernels/shape.cu under emulation, launched as src/cuda/shape.rs does: permutations up to
-// rank 6 and slab copies (the pieces of concat, narrow, split and their gradients). Copies
-// are checked bit for bit, and a slab copy must leave every element outside its slab
-// untouched (still poisoned).
+// rank 6, slab copies (the pieces of concat, narrow, split and their gradients), and row
+// gathers with their scatter gradient. Copies are checked bit for bit, and a slab copy
+// must leave every element outside its slab untouched (still poisoned); the scatter's
+// fp32 sums must equal the same sums taken in the same order on the host.
 #include "harness.h"
+
+#include <algorithm>
 
 #include "shape.cu"
 
@@ -20,10 +23,12 @@ struct K;
 template <>
 struct K<float> {
     static constexpr auto permute = EMU_KERNEL(permute_f32), slab_copy = EMU_KERNEL(slab_copy_f32);
+    static constexpr auto gather_rows = EMU_KERNEL(gather_rows_f32), scatter_rows = EMU_KERNEL(scatter_rows_f32);
 };
 template <>
 struct K<bf16> {
     static constexpr auto permute = EMU_KERNEL(permute_bf16), slab_copy = EMU_KERNEL(slab_copy_bf16);
+    static constexpr auto gather_rows = EMU_KERNEL(gather_rows_bf16), scatter_rows = EMU_KERNEL(scatter_rows_bf16);
 };
 
 std::string str(const Shape& s) {
@@ -99,8 +104,65 @@ void slab_copy(const Slab& s) {
     report.expect(untouched, what + ": elements outside the slab keep their poison bytes");
 }
 
+// `cuda::shape::gather_rows` and `cuda::shape::scatter_rows` for `ids` into a table of
+// `rows` rows of `d`: the gather is a bit-exact copy; the scatter, given the CSR the host
+// builds (a stable sort of the output rows by table row), sums each group in fp32 in
+// increasing order and leaves rows nobody read at zero.
+template <class T>
+void gather_scatter(size_t rows, size_t d, const std::vector<int64_t>& ids) {
+    const size_t n = ids.size();
+    const auto table = rng.values<T>(rows * d);
+    DeviceArray<T> dtable(table), out(n * d);
+    if (n * d > 0)
+        emu::launch(grid_1d(n * d, 256), K<T>::gather_rows, dtable.ptr(), ids.data(), out.ptr(), (int64_t)d,
+                    (int64_t)(n * d));
+    std::vector<double> want(n * d);
+    for (size_t i = 0; i < n; ++i)
+        for (size_t c = 0; c < d; ++c) want[i * d + c] = table[ids[i] * d + c];
+    const std::string what = format("rows %zu d %zu, %zu ids", rows, d, n);
+    report.close(format("gather_rows_%s %s", Elem<T>::name, what.c_str()), out.download(), want, 0, 0);
+
+    const auto g = rng.values<T>(n * d);
+    std::vector<int64_t> order(n);
+    for (size_t i = 0; i < n; ++i) order[i] = (int64_t)i;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[a] < ids[b]; });
+    std::vector<int64_t> uniq, start;
+    for (size_t k = 0; k < n; ++k)
+        if (uniq.empty() || uniq.back() != ids[order[k]]) {
+            uniq.push_back(ids[order[k]]);
+            start.push_back((int64_t)k);
+        }
+    start.push_back((int64_t)n);
+    DeviceArray<T> dg(g), dt(rows * d);
+    // The host fills zeros first (`CudaDevice::zeros`).
+    std::vector<double> want_t(rows * d, 0.0);
+    for (size_t i = 0; i < rows * d; ++i) dt.ptr()[i] = Elem<T>::from(0.0);
+    const size_t m = uniq.size() * d;
+    if (m > 0)
+        emu::launch(grid_1d(m, 256), K<T>::scatter_rows, dg.ptr(), uniq.data(), start.data(), order.data(), dt.ptr(),
+                    (int64_t)d, (int64_t)m);
+    for (size_t r = 0; r < rows; ++r)
+        for (size_t c = 0; c < d; ++c) {
+            float acc = 0.f;
+            for (size_t i = 0; i < n; ++i)
+                if ((size_t)ids[i] == r) acc += (float)g[i * d + c];
+            want_t[r * d + c] = round_to<T>(acc);
+        }
+    report.close(format("scatter_rows_%s %s", Elem<T>::name, what.c_str()), dt.download(), want_t, 0, 0);
+}
+
 template <class T>
 void family() {
+    gather_scatter<T>(7, 5, {3, 0, 3, 6, 3, 1});       // repeats, unused rows
+    gather_scatter<T>(1, 1, {0});                       // one element
+    gather_scatter<T>(49, 33, {48, 0, 17, 17, 17, 2});  // odd width
+    gather_scatter<T>(5, 3, {});                        // no ids: an all-zero gradient
+    {
+        std::vector<int64_t> many(600);
+        for (size_t i = 0; i < many.size(); ++i) many[i] = (int64_t)((i * 7919) % 97);
+        gather_scatter<T>(101, 40, many);  // several blocks, every group several rows long
+    }
+
     permute<T>({17}, {0});
     permute<T>({5, 7}, {1, 0});
     permute<T>({2, 3, 4}, {2, 0, 1});
