@@ -19,6 +19,8 @@ pub enum Init {
     Normal(f32),
     /// Uniform in [−a, a].
     Uniform(f32),
+    /// Every element equal to this value.
+    Constant(f32),
 }
 
 /// Where a model's parameters come from.
@@ -61,6 +63,7 @@ impl ParamSource for RandomInit {
         let v = match init {
             Init::Zeros => vec![0.0; n],
             Init::Ones => vec![1.0; n],
+            Init::Constant(c) => vec![c; n],
             Init::Normal(std) => self.rng.normal_vec(n, std),
             Init::Uniform(a) => self.rng.uniform_vec(n, -a, a),
         };

@@ -1,6 +1,7 @@
 //! Losses: mean squared error (whole, and per sample for timestep-weighted flow
-//! matching) and cross-entropy over class logits. On the GPU losses come out in f32
-//! whatever the inputs' dtype; gradients come back in each input's dtype.
+//! matching), cross-entropy over class logits, and CLIP's contrastive loss (composed of
+//! L2 normalization, one product and two cross-entropies). On the GPU losses come out in
+//! f32 whatever the inputs' dtype; gradients come back in each input's dtype.
 
 use super::elementwise::in_dtype;
 use super::{cpu_tensor, cuda_tensor, same_device};
@@ -133,4 +134,57 @@ pub fn cross_entropy(logits: &Tensor, targets: &[usize]) -> Result<Tensor> {
             ))
         }
     }
+}
+
+/// Rows scaled to unit L2 norm over the last dimension, as `F.normalize(x, dim=-1)`:
+/// `x / ‖x‖` (a zero row stays zero). Computed as an RMS norm with weight `1/√D` and an
+/// epsilon of 1e-24 on `‖x‖²/D`, so in fp32 whatever the input's dtype.
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let Some(&d) = x.shape().last() else {
+        bail!("l2_normalize: x must have at least one dimension, got a scalar");
+    };
+    let w = Tensor::from_vec_dtype(vec![1.0 / (d.max(1) as f32).sqrt(); d], &[d], x.device(), x.dtype())?;
+    super::rms_norm(x, &w, 1e-24)
+}
+
+/// CLIP's scaled cosine similarities `exp(logit_scale)·îtᵀ` `[Ni, Nt]` of image
+/// embeddings `[Ni, E]` and text embeddings `[Nt, E]` (î, t̂: rows L2-normalized), with
+/// `logit_scale` a scalar tensor (`[]` or `[1]`). In f32 on both devices: at a scale of
+/// 100 a bf16 logit would be off by up to 0.5.
+pub fn clip_logits(image: &Tensor, text: &Tensor, logit_scale: &Tensor) -> Result<Tensor> {
+    const OP: &str = "clip_logits";
+    same_device(OP, &[image, text, logit_scale])?;
+    let (&[ni, e], &[nt, et]) = (image.shape(), text.shape()) else {
+        bail!("{OP}: image and text embeddings must be [N, E], got {:?} and {:?}", image.shape(), text.shape());
+    };
+    if e != et || ni == 0 || nt == 0 || e == 0 {
+        bail!(
+            "{OP}: image embeddings {:?} and text embeddings {:?} must be non-empty with one width",
+            image.shape(),
+            text.shape()
+        );
+    }
+    if logit_scale.numel() != 1 || logit_scale.rank() > 1 {
+        bail!("{OP}: logit_scale must be a scalar ([] or [1]), got shape {:?}", logit_scale.shape());
+    }
+    let f32 = |t: &Tensor| super::cast(t, DType::F32);
+    let a = l2_normalize(&f32(image)?)?;
+    let b = l2_normalize(&f32(text)?)?;
+    let sim = super::matmul_t(&a, &b, false, true)?;
+    let s = super::reshape(&super::exp(&f32(logit_scale)?)?, &[1, 1])?;
+    super::mul(&sim, &s)
+}
+
+/// CLIP's contrastive loss (SLIP's `CLIPLoss`) of `N` matching image/text embedding
+/// pairs `[N, E]`: the mean of the cross-entropy of [`clip_logits`] against the
+/// diagonal, by rows (image → text) and by columns (text → image). Shape `[]`, f32.
+pub fn clip_loss(image: &Tensor, text: &Tensor, logit_scale: &Tensor) -> Result<Tensor> {
+    if image.shape().first() != text.shape().first() {
+        bail!("clip_loss: {:?} image and {:?} text embeddings do not pair up", image.shape(), text.shape());
+    }
+    let logits = clip_logits(image, text, logit_scale)?;
+    let targets: Vec<usize> = (0..logits.shape()[0]).collect();
+    let by_image = cross_entropy(&logits, &targets)?;
+    let by_text = cross_entropy(&super::transpose(&logits, 0, 1)?, &targets)?;
+    super::scale(&super::add(&by_image, &by_text)?, 0.5)
 }

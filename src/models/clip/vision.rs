@@ -148,7 +148,7 @@ impl ClipVisionConfig {
     /// Reads a transformers `CLIPVisionConfig` `config.json` (or a `CLIPConfig` with a
     /// `vision_config`). Only the exact GELU of ViT-H/14 is supported.
     pub fn from_json_file(path: impl AsRef<Path>) -> Result<ClipVisionConfig> {
-        super::read_json_config(path.as_ref(), "CLIP vision config", Self::from_json)
+        crate::models::read_json_config(path.as_ref(), "CLIP vision config", Self::from_json)
     }
 
     /// [`ClipVisionConfig::from_json_file`] on parsed JSON.
@@ -157,7 +157,7 @@ impl ClipVisionConfig {
         let Some(obj) = json.as_object() else {
             bail!("expected a JSON object");
         };
-        let size = |key: &str| super::json_usize(obj, key);
+        let size = |key: &str| crate::models::json_usize(obj, key);
         let act = obj.get("hidden_act").and_then(Value::as_str).unwrap_or("quick_gelu");
         if act != "gelu" {
             bail!("\"hidden_act\" is {act:?}; only the exact GELU (\"gelu\") of ViT-H/14 is supported");
