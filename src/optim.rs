@@ -97,6 +97,25 @@ impl AdamW {
         Ok(())
     }
 
+    /// Clamps every element of the parameter `name` into [lo, hi], in its fp32 master
+    /// too (so that the next step starts from the clamped value): CLIP's `logit_scale`
+    /// after every step. A small host round trip; meant for tiny tensors.
+    pub fn clamp_param(&mut self, name: &str, lo: f32, hi: f32) -> Result<()> {
+        let Some(p) = self.params.iter().find(|p| p.name == name) else {
+            bail!("AdamW::clamp_param: no parameter {name:?}");
+        };
+        let target = p.master.as_ref().unwrap_or(&p.param);
+        let v = target.to_vec()?;
+        let c: Vec<f32> = v.iter().map(|x| x.clamp(lo, hi)).collect();
+        if c != v {
+            target.copy_from_slice(&c)?;
+            if p.master.is_some() {
+                p.param.copy_from_slice(&c)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Number of [`step`](AdamW::step) calls so far (including restored ones).
     pub fn step_count(&self) -> u64 {
         self.steps

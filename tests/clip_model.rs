@@ -334,3 +334,56 @@ fn gpu_clip_matches_cpu() {
         assert!(err < 0.1, "GPU gradient of {name}: relative error {err}");
     }
 }
+
+#[test]
+fn slip_learning_rate_schedule() {
+    use synthos_engine::train::{LoopSettings, LrSchedule};
+    let exp = Expected::open("slip_tiny_expected.safetensors");
+    let want = exp.vec("schedule");
+    assert_eq!(want.len(), 21);
+    let s = LoopSettings {
+        output: temp_dir("clip_schedule"),
+        batch_size: 1,
+        grad_accum: 1,
+        epochs: 3,
+        max_steps: None,
+        lr: 5e-4,
+        weight_decay: 0.5,
+        adam_betas: (0.9, 0.98),
+        adam_eps: 1e-8,
+        warmup_steps: 7,
+        warmup_from: Some(1e-6),
+        lr_end: 1e-5,
+        lr_schedule: LrSchedule::Cosine,
+        max_grad_norm: None,
+        seed: 0,
+        save_every: None,
+        validate_every: None,
+        log_metrics: false,
+        resume: false,
+        loss_title: String::new(),
+    };
+    let got: Vec<f32> = (0..21).map(|i| s.lr_at(i, 21) as f32).collect();
+    assert_close(&got, &want, 0.0, 1e-6, "SLIP cosine_scheduler");
+}
+
+#[test]
+fn adamw_clamps_a_bf16_parameter_and_its_master() {
+    // On the CPU parameters are f32 (their own master); the clamp must reach both forms.
+    let p = Tensor::from_vec(vec![5.0, -1.0, 2.0], &[3], Device::Cpu).unwrap();
+    let mut opt = AdamW::new(AdamWConfig::default());
+    opt.add_param("s", &p, false).unwrap();
+    opt.clamp_param("s", 0.0, LOGIT_SCALE_MAX).unwrap();
+    assert_eq!(p.to_vec().unwrap(), vec![LOGIT_SCALE_MAX, 0.0, 2.0]);
+    let e = opt.clamp_param("t", 0.0, 1.0).unwrap_err().to_string();
+    assert!(e.contains("no parameter \"t\""), "{e}");
+    if let Some(dev) = gpu() {
+        let p = Tensor::from_vec(vec![5.0, -1.0, 2.0], &[3], Device::Cpu).unwrap().to_device(dev, DType::BF16).unwrap();
+        let mut opt = AdamW::new(AdamWConfig::default());
+        opt.add_param("s", &p, false).unwrap();
+        opt.clamp_param("s", 0.0, 4.0).unwrap();
+        assert_eq!(p.to_vec().unwrap(), vec![4.0, 0.0, 2.0]);
+        let master = opt.state_tensors().unwrap().into_iter().find(|(n, _)| n == "s.master").unwrap().1;
+        assert_eq!(master.to_vec().unwrap(), vec![4.0, 0.0, 2.0]);
+    }
+}

@@ -76,10 +76,21 @@ pub struct LoopSettings {
     pub max_steps: Option<u64>,
     /// Peak learning rate.
     pub lr: f64,
-    /// Decoupled AdamW weight decay.
+    /// Decoupled AdamW weight decay (for the parameters the task decays).
     pub weight_decay: f64,
+    /// AdamW's moment decays and denominator epsilon (PyTorch's defaults: 0.9, 0.999,
+    /// 1e-8; SynthCLIP: 0.9, 0.98, 1e-8).
+    pub adam_betas: (f32, f32),
+    /// AdamW's epsilon.
+    pub adam_eps: f32,
     /// Linear warm-up steps.
     pub warmup_steps: u64,
+    /// The warm-up's first learning rate. `None`: step `i` of the warm-up runs at
+    /// lr·(i+1)/warmup; `Some(s)`: it runs at s + (lr − s)·i/(warmup − 1), SLIP's
+    /// `np.linspace(s, lr, warmup)`.
+    pub warmup_from: Option<f64>,
+    /// The floor the cosine decays to (0, or SynthCLIP's 1e-5).
+    pub lr_end: f64,
     /// Learning-rate shape after the warm-up.
     pub lr_schedule: LrSchedule,
     /// Clip the global gradient norm to this value.
@@ -99,19 +110,28 @@ pub struct LoopSettings {
 }
 
 impl LoopSettings {
-    /// The learning rate of step `step` (0-based) of `total`: linear warm-up from
-    /// lr/warmup to lr, then constant or cosine decay to 0 at the last step.
+    /// The learning rate of step `step` (0-based) of `total`: the linear warm-up (see
+    /// [`LoopSettings::warmup_from`]), then constant, or a cosine from lr towards
+    /// [`LoopSettings::lr_end`] over the remaining steps, `lr_end + (lr − lr_end)·½(1 +
+    /// cos(π·i/n))` for step `i` of `n` (SLIP's `cosine_scheduler`).
     pub fn lr_at(&self, step: u64, total: u64) -> f64 {
-        let warm = if self.warmup_steps > 0 { ((step + 1) as f64 / self.warmup_steps as f64).min(1.0) } else { 1.0 };
-        let shape = match self.lr_schedule {
-            LrSchedule::Constant => 1.0,
+        let w = self.warmup_steps;
+        if step < w {
+            return match self.warmup_from {
+                None => self.lr * (step + 1) as f64 / w as f64,
+                Some(s) if w > 1 => s + (self.lr - s) * step as f64 / (w - 1) as f64,
+                Some(s) => s,
+            };
+        }
+        match self.lr_schedule {
+            LrSchedule::Constant => self.lr,
             LrSchedule::Cosine => {
-                let span = total.saturating_sub(self.warmup_steps).max(1) as f64;
-                let done = step.saturating_sub(self.warmup_steps) as f64;
-                0.5 * (1.0 + (std::f64::consts::PI * (done / span).min(1.0)).cos())
+                let span = total.saturating_sub(w).max(1) as f64;
+                let done = (step - w) as f64;
+                let shape = 0.5 * (1.0 + (std::f64::consts::PI * (done / span).min(1.0)).cos());
+                self.lr_end + (self.lr - self.lr_end) * shape
             }
-        };
-        self.lr * warm * shape
+        }
     }
 }
 
@@ -134,6 +154,26 @@ pub trait TrainTask {
     fn resume_settings(&self) -> Value;
     /// The device the task computes on (for the memory figures).
     fn device(&self) -> Device;
+    /// Whether AdamW's weight decay applies to the parameter `name` of `shape` (default:
+    /// every parameter).
+    fn decays(&self, _name: &str, _shape: &[usize]) -> bool {
+        true
+    }
+    /// Called once per optimizer step before its first [`TrainTask::micro_loss`], with
+    /// the indices of every micro-batch of the step (a contrastive task caches the whole
+    /// batch's features here).
+    fn begin_step(&mut self, _step: u64, _batches: &[Vec<usize>]) -> Result<()> {
+        Ok(())
+    }
+    /// Called after each optimizer update (a task constrains parameters here, e.g.
+    /// CLIP's `logit_scale` clamp through [`AdamW::clamp_param`]).
+    fn after_step(&mut self, _opt: &mut AdamW) -> Result<()> {
+        Ok(())
+    }
+    /// Task-specific figures of the step just run, added to its `metrics.jsonl` line.
+    fn step_metrics(&self) -> serde_json::Map<String, Value> {
+        serde_json::Map::new()
+    }
 }
 
 /// Creates the run folder `output` and checks it against `resume`: a fresh run refuses a
@@ -172,13 +212,29 @@ impl RunLoop {
     /// samples. Creates the output folder; refuses a fresh run in a folder holding a
     /// resume state, and `resume` without one. Call [`RunLoop::start`] before stepping.
     pub fn new(settings: LoopSettings, params: Vec<NamedParam>, dataset_len: usize) -> Result<RunLoop> {
+        Self::with_decay(settings, params, dataset_len, &|_, _| true)
+    }
+
+    /// [`RunLoop::new`] with weight decay only on the parameters for which `decays(name,
+    /// shape)` holds.
+    pub fn with_decay(
+        settings: LoopSettings,
+        params: Vec<NamedParam>,
+        dataset_len: usize,
+        decays: &dyn Fn(&str, &[usize]) -> bool,
+    ) -> Result<RunLoop> {
         check_run_folder(&settings.output, settings.resume)?;
         if params.is_empty() {
             bail!("no trainable parameters");
         }
-        let mut opt = AdamW::new(AdamWConfig { weight_decay: settings.weight_decay as f32, ..Default::default() });
+        let mut opt = AdamW::new(AdamWConfig {
+            beta1: settings.adam_betas.0,
+            beta2: settings.adam_betas.1,
+            eps: settings.adam_eps,
+            weight_decay: settings.weight_decay as f32,
+        });
         for (name, t) in &params {
-            opt.add_param(name, t, true)?;
+            opt.add_param(name, t, decays(name, t.shape()))?;
         }
         let micro = dataset_len.div_ceil(settings.batch_size) as u64;
         let steps_per_epoch = micro.div_ceil(settings.grad_accum as u64);
@@ -273,6 +329,7 @@ impl RunLoop {
         let batches: Vec<Vec<usize>> =
             (0..self.settings.grad_accum).map_while(|m| self.micro_batch(task, step, m)).collect();
         let n_samples: usize = batches.iter().map(Vec::len).sum();
+        task.begin_step(step, &batches)?;
         let mut grads: Option<Gradients> = None;
         let mut losses = Vec::with_capacity(batches.len());
         for (m, indices) in batches.iter().enumerate() {
@@ -309,6 +366,7 @@ impl RunLoop {
         let lr = self.settings.lr_at(step, self.total_steps);
         let scale = self.settings.max_grad_norm.map_or(1.0, |m| clip_coefficient(grad_norm as f32, m));
         self.opt.step(&grads, lr as f32, scale)?;
+        task.after_step(&mut self.opt)?;
         self.step += 1;
         let secs = t0.elapsed().as_secs_f64();
         Ok(StepStats {
@@ -356,6 +414,7 @@ impl RunLoop {
                 rec.grad_norm = Some(stats.grad_norm);
                 rec.samples_per_s = Some(stats.samples_per_s);
                 rec.mem_bytes = task.device().memory_in_use();
+                rec.extra = task.step_metrics();
                 m.write(&rec)?;
             }
             if let Some(p) = progress.as_mut() {

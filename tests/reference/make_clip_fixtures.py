@@ -25,6 +25,7 @@ What the fixtures pin down:
 - One `torch.optim.AdamW` step with SynthCLIP's parameter groups (no decay for
   `p.ndim < 2` or names containing `bias`, `ln`, `bn`), betas (0.9, 0.98), eps 1e-8,
   weight decay 0.5, followed by the `logit_scale` clamp to [0, 4.6052].
+- SLIP's `utils.cosine_scheduler` (linear warm-up from `lr_start`, cosine to `lr_end`).
 - A zero-shot classifier as `main.validate_zeroshot` builds it (per-template text
   embeddings normalized, averaged, renormalized) and the cosine logits of the images.
 - OpenCLIP `open_clip.CLIP` (ln_pre, class embedding, `visual.proj`, exact GELU) on a
@@ -180,6 +181,11 @@ def slip_fixture(training_dir):
         exp["zeroshot.classifier"] = classifier.float()
         exp["zeroshot.logits"] = (im @ classifier.t()).float()
 
+    # SLIP's learning-rate schedule: lr 5e-4, end 1e-5, 3 epochs of 7 steps, 1 warm-up
+    # epoch from 1e-6.
+    import utils
+
+    exp["schedule"] = torch.tensor(utils.cosine_scheduler(5e-4, 1e-5, 3, 7, warmup_epochs=1, start_warmup_value=1e-6))
     save_file({k: v.contiguous() for k, v in exp.items()}, f"{OUT}/slip_tiny_expected.safetensors")
     print(f"slip: loss {loss.item():.6f}, {len(exp)} expected tensors")
 
