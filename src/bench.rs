@@ -438,7 +438,9 @@ pub struct LazyCase {
 }
 
 /// The whole-model cases: the `dit fwd+bwd` step at `size`, the built-in demo's
-/// training step ([`demo_train_step_case`], at the demo's own sizes whatever `size`), and
+/// training step ([`demo_train_step_case`], at the demo's own sizes whatever `size`), the
+/// SynthCLIP training step ([`clip_train_step_case`]: ViT-B/16 at batch 256 at
+/// `Size::Full`, the tiny CLIP at batch 64 otherwise), and
 /// at `Size::Full` only: the Wan2.1-1.3B training step (Synthos full fine-tune: every DiT
 /// tensor trained with AdamW on fp32 masters, activation checkpointing, encoders cached)
 /// at 480×480 batch 1 and 832×480 batch 4, and the 25-step guided 480×480 sample (the
@@ -453,6 +455,15 @@ pub fn model_cases(device: Device, size: Size) -> Vec<LazyCase> {
             build: Box::new(move || demo_train_step_case(device)),
         },
     ];
+    let (clip_preset, clip_batch) = match size {
+        Size::Full => ("synthclip-vit-b16", 256),
+        Size::Small => ("tiny", 64),
+    };
+    v.push(LazyCase {
+        family: "model",
+        name: clip_train_step_name(clip_preset, clip_batch),
+        build: Box::new(move || clip_train_step_case(device, clip_preset, clip_batch)),
+    });
     if size != Size::Full {
         return v;
     }
@@ -474,6 +485,75 @@ pub fn model_cases(device: Device, size: Size) -> Vec<LazyCase> {
         build: Box::new(move || sample_pipeline_case(device)),
     });
     v
+}
+
+/// Name of [`clip_train_step_case`]: `clip train step <preset> b<batch>`;
+/// `scripts/reference/bench_torch.py` records open_clip's step under the same name.
+pub fn clip_train_step_name(preset: &str, batch: usize) -> String {
+    format!("clip train step {preset} b{batch}")
+}
+
+/// Forward FLOPs of one CLIP sample (both towers; matrix products only): per token and
+/// block 24·W² for the projections and the MLP (MLP 4×) and 4·N·W for attention.
+pub fn clip_forward_flops(cfg: &crate::models::clip::ClipConfig) -> f64 {
+    let tower = |tokens: usize, width: usize, layers: usize, mlp: usize| {
+        let (n, w, m) = (tokens as f64, width as f64, mlp as f64);
+        layers as f64 * n * (2.0 * (4.0 * w * w + 2.0 * w * m) + 4.0 * n * w)
+    };
+    let (v, t) = (&cfg.vision, &cfg.text);
+    let patch = 2.0 * (v.grid() * v.grid()) as f64 * (3 * v.patch_size * v.patch_size * v.width) as f64;
+    patch
+        + tower(v.tokens(), v.width, v.layers, v.mlp_dim)
+        + tower(t.context_length, t.width, t.layers, t.mlp_dim)
+        + 2.0 * (v.width + t.width) as f64 * cfg.embed_dim as f64
+}
+
+/// One SynthCLIP training step: the CLIP of `preset` with random weights (bf16 on a GPU
+/// with fp32 AdamW masters, SynthCLIP's betas, decay rule and `logit_scale` clamp),
+/// random normalized pixels and random captions of random lengths, the contrastive loss
+/// over the whole batch, backward, and the optimizer step.
+pub fn clip_train_step_case(device: Device, preset: &str, batch: usize) -> Result<BenchCase> {
+    use crate::models::clip::{weight_decay_applies, ClipConfig, ClipModel, LOGIT_SCALE_MAX};
+    use crate::nn::Module;
+    use crate::optim::{AdamW, AdamWConfig};
+    let cfg = ClipConfig::preset(preset)?;
+    let model = ClipModel::random(&cfg, 5, device, device.default_dtype())?;
+    model.set_trainable(true);
+    let mut opt = AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.5 });
+    for (name, t) in model.named_params() {
+        opt.add_param(&name, &t, weight_decay_applies(&name, t.shape()))?;
+    }
+    let mut rng = Rng::new(13);
+    let s = cfg.vision.image_size;
+    let pixels = rand(&[batch, 3, s, s], &mut rng, device)?;
+    let c = cfg.text.context_length;
+    let mut ids = vec![0u32; batch * c];
+    for row in ids.chunks_mut(c) {
+        let len = 2 + rng.below(c - 1);
+        row[0] = 49406;
+        for id in &mut row[1..len - 1] {
+            *id = 1 + (rng.next_u64() % 49000) as u32;
+        }
+        row[len - 1] = 49407;
+    }
+    let flops = 3.0 * batch as f64 * clip_forward_flops(&cfg);
+    Ok(BenchCase {
+        family: "model",
+        name: clip_train_step_name(preset, batch),
+        bytes: 0.0,
+        flops,
+        bound: Bound::Compute,
+        samples: Some(batch),
+        run: Box::new(move || {
+            let img = model.encode_image(&pixels)?;
+            let txt = model.encode_text(&ids, batch)?;
+            let loss = ops::clip_loss(&img, &txt, model.logit_scale())?;
+            let grads = autograd::backward(&loss)?;
+            autograd::clear_tape();
+            opt.step(&grads, 5e-4, 1.0)?;
+            opt.clamp_param("logit_scale", 0.0, LOGIT_SCALE_MAX)
+        }),
+    })
 }
 
 /// The 1.3B Synthos pipeline with random weights: umT5-XXL width with 1 layer, CLIP

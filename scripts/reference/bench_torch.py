@@ -11,7 +11,11 @@ Measures the PyTorch / diffusers stack on the same cases as our Rust bench
   the demo's config, AdamW, flow-matching loss), the Wan2.1-1.3B DiT training
   step (diffusers WanTransformer3DModel, random init, activation checkpointing)
   in two precision set-ups, and 25-step CFG sampling (DiT only, and the whole
-  pipeline: 1-layer umT5-XXL, 2-layer CLIP ViT-H/14, DiT, tiled Wan VAE decode).
+  pipeline: 1-layer umT5-XXL, 2-layer CLIP ViT-H/14, DiT, tiled Wan VAE decode),
+  and the SynthCLIP training step in open_clip (`clip train step synthclip-vit-b16
+  b256`: open_clip ViT-B-16, AMP bf16 with fp32 weights, fused AdamW with SynthCLIP's
+  betas/decay groups, ClipLoss, the logit-scale clamp; `clip train step tiny b64` on
+  the CPU, fp32).
 
 Run (GPU, full sizes, ~150 s on an H200):
   PYTHONUNBUFFERED=1 python3 scripts/reference/bench_torch.py --out torch.json
@@ -29,7 +33,8 @@ diffusers 0.42.1 (wheel carried in .whl/; install with
 `pip install --no-deps .whl/diffusers-0.42.1-py3-none-any.whl`; it imports with
 huggingface_hub 1.33, importlib_metadata is optional).
 diffusers is imported lazily: without it the DiT / VAE cases are recorded as
-skipped and everything else still runs.
+skipped and everything else still runs; likewise open_clip_torch (3.3.0) for the CLIP
+step.
 
 JSON: {"tool","torch_version","diffusers_version","device","date","cases":[
   {"name","variant","seconds","tflops","gbps","peak_mem_gib","samples_per_s",
@@ -230,7 +235,7 @@ def sizes(mode):
             copy_n=2**22, gemm_n=512,
             att_h=2, att_d=64, att_self=[256], att_cross=(256, 77),
             act=(2, 256, 192), rope=(2, 64, 2, 32), adam=(448, 192),
-            train=[], sample_hw=None,
+            train=[], sample_hw=None, clip_train=("tiny", 64),
         )
     if mode == "full":
         return dict(
@@ -252,7 +257,7 @@ def sizes(mode):
                       feed_forward_proj="gated-gelu"),
             clip=dict(hidden_size=1280, num_attention_heads=16, intermediate_size=5120,
                       patch_size=14, image_size=224, num_hidden_layers=2, hidden_act="gelu"),
-            vae=dict(), vae_tile=None, size_tag="1.3b",
+            vae=dict(), vae_tile=None, size_tag="1.3b", clip_train=("synthclip-vit-b16", 256),
         )
     return dict(
         copy_n=2**16, gemm_n=128,
@@ -277,7 +282,7 @@ def sizes(mode):
         # force the tiled-decode path at tiny sizes
         vae_tile=dict(tile_sample_min_height=32, tile_sample_min_width=32,
                       tile_sample_stride_height=24, tile_sample_stride_width=24),
-        size_tag="tiny",
+        size_tag="tiny", clip_train=("tiny", 64),
     )
 
 
@@ -496,6 +501,73 @@ def dit_inputs(S, B, w, h, dtype):
     ctx = torch.randn(B, S["text_len"], S["dit"]["text_dim"], device=DEV, dtype=dtype)
     img = torch.randn(B, S["img_tokens"], S["dit"]["image_dim"], device=DEV, dtype=dtype)
     return lat, ctx, img
+
+
+def case_clip_train(S):
+    """One SynthCLIP training step in open_clip, as our `clip train step` case times it:
+    random images and captions, both towers, ClipLoss over the whole batch, backward,
+    AdamW (betas 0.9/0.98, eps 1e-8, weight decay 0.5 except 1-D / bias / ln / bn
+    parameters), and the logit_scale clamp to [0, ln 100]."""
+    preset, B = S["clip_train"]
+    name = f"clip train step {preset} b{B}"
+    if ARGS.only and ARGS.only not in name:
+        return
+    try:
+        import open_clip
+        from open_clip.loss import ClipLoss
+        from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+    except Exception as e:  # noqa: BLE001
+        skip(name, "open_clip", f"skipped: open_clip_torch not importable ({e})")
+        return
+    variant = "amp-bf16 fused" if is_cuda() else "fp32 foreach"
+
+    def f():
+        if preset == "synthclip-vit-b16":
+            model = open_clip.create_model("ViT-B-16", pretrained=None)
+            side, ctx = 224, 77
+        else:  # our `tiny` preset
+            vision = CLIPVisionCfg(layers=2, width=32, head_width=16, mlp_ratio=2.0, patch_size=8, image_size=32)
+            text = CLIPTextCfg(context_length=16, vocab_size=49408, width=32, heads=2, layers=2, mlp_ratio=2.0)
+            model = open_clip.CLIP(embed_dim=24, vision_cfg=vision, text_cfg=text)
+            side, ctx = 32, 16
+        model = model.to(DEV).train()
+        decay, no_decay = [], []
+        for n, p in model.named_parameters():
+            (no_decay if p.ndim < 2 or "bias" in n or "ln" in n or "bn" in n else decay).append(p)
+        impl = dict(fused=True) if is_cuda() else dict(foreach=True)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.5}, {"params": no_decay, "weight_decay": 0.0}],
+                                lr=5e-4, betas=(0.9, 0.98), eps=1e-8, **impl)
+        loss_fn = ClipLoss()
+        images = torch.randn(B, 3, side, side, device=DEV)
+        g = torch.Generator().manual_seed(0)
+        text = torch.zeros(B, ctx, dtype=torch.long)
+        for i in range(B):
+            n = 2 + int(torch.randint(0, ctx - 1, (1,), generator=g))
+            text[i, 0] = 49406
+            text[i, 1:n - 1] = torch.randint(1, 49000, (n - 2,), generator=g)
+            text[i, n - 1] = 49407
+        text = text.to(DEV)
+        dev_type = "cuda" if is_cuda() else "cpu"
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(dev_type, dtype=BF16, enabled=is_cuda()):
+                img, txt, scale = model(images, text)
+                loss = loss_fn(img, txt, scale)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            return loss
+
+        reset_peak()
+        sec = time_like_engine(step, ARGS.min_seconds)
+        pk = peak_gib()
+        nparams = sum(p.numel() for p in model.parameters())
+        del model, opt
+        return dict(seconds=sec, peak_mem_gib=pk, samples_per_s=B / sec,
+                    note=f"{nparams / 1e6:.1f}M params, {side}px, context {ctx}")
+    run_case(name, variant, f)
 
 
 def case_train(S):
@@ -858,6 +930,7 @@ def main():
     case_attention(S)
     case_memops(S, variants=("eager",))
     case_demo_train(S)
+    case_clip_train(S)
     case_train(S)
     case_sample(S)
     # compile variants last: their compile time must not starve the DiT cases
