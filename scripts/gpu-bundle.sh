@@ -50,6 +50,6 @@ du -sh "$stage" .gpu-bundle/bundle.tar.xz
 # timm and regex): diffusers for the DiT cases, open_clip_torch with ftfy/wcwidth for the
 # CLIP step. Fail-soft: without them those reference cases are recorded as skipped.
 mkdir -p .whl
-python3 -m pip download -q --no-deps -d .whl diffusers==0.42.1 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.2.13 \
+python3 -m pip download -q --no-deps -d .whl diffusers==0.42.1 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.7.0 \
   || echo "warning: could not download the reference wheels into .whl/"
 ls .whl

@@ -1,3 +1,6 @@
+//! Text → token ids. CLIP's byte-level BPE (SynthCLIP's text tower) is in [`clip`], its
+//! items re-exported here; the rest of this module is the umT5 side.
+//!
 //! Prompt text → umT5 token ids, prepared exactly as the Wan2.1 / DiffSynth / Synthos
 //! pipelines prepare them (docs/MODELS.md, *Text encoder*):
 //!
@@ -26,6 +29,13 @@
 //! `tests/t5.rs` checks all of this against ftfy 6.3.1 on tricky strings.
 
 use std::path::Path;
+
+pub mod clip;
+
+pub use clip::{
+    ClipDialect, ClipTokenizer, ClipTokens, Truncation, CLIP_CONTEXT_LENGTH, CLIP_END_ID, CLIP_PAD_ID, CLIP_START_ID,
+    CLIP_VOCAB_SIZE,
+};
 
 use tokenizers::{NormalizedString, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
