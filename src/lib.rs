@@ -7,7 +7,7 @@
 //! - [`ops`]: every differentiable op once, dispatching to `cpu` or `cuda`,
 //! - [`autograd`]: the tape, `backward`, `no_grad`, per-block `checkpoint`,
 //! - [`optim`]: fused AdamW with fp32 master weights, gradient-norm clipping,
-//! - [`weights`]: safetensors in and out,
+//! - [`weights`]: safetensors in and out, PyTorch `.pt` checkpoints in,
 //! - [`nn`]: parameters and layers (Linear, LayerNorm, RmsNorm) built from checkpoints or
 //!   random init,
 //! - [`image`]: the one RGB image type [`image::ImageRgb`] with decoding, the reference

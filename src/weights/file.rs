@@ -1,4 +1,5 @@
-//! One memory-mapped `.safetensors` file, its header validated at open.
+//! One memory-mapped weights file — safetensors, or a PyTorch `.pt` checkpoint read by
+//! [`torch_pt`](super::torch_pt) — its tensor table validated at open.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -11,6 +12,7 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 use serde_json::Value;
 
+use super::torch_pt;
 use crate::{Error, Result};
 
 /// Headers larger than this are rejected as corrupt (the reference implementation uses
@@ -130,15 +132,28 @@ pub struct TensorInfo {
     pub dtype: FileDType,
     /// Shape (row-major).
     pub shape: Vec<usize>,
-    /// Byte range in the file (absolute, already checked against the file size).
-    bytes: Range<usize>,
+    /// Where the row-major little-endian bytes are.
+    pub(super) data: Location,
 }
 
-/// One `.safetensors` file, memory-mapped, with its header parsed and every tensor's
-/// byte range checked against the file size.
+/// Where a tensor's bytes are, already checked against the file size.
+#[derive(Clone, Debug)]
+pub(super) enum Location {
+    /// A range of the mapped file.
+    Mapped(Range<usize>),
+    /// A range of the file's gathered copies (non-contiguous views of a `.pt` file).
+    Copied(Range<usize>),
+}
+
+/// One weights file, memory-mapped, with its tensor table parsed and every tensor's
+/// byte range checked against the file size: a `.safetensors` file, or a PyTorch
+/// checkpoint written by `torch.save` (a ZIP archive; chosen by that signature or a
+/// `.pt`/`.pth`/`.ckpt`/`.bin` name — see [`crate::weights`] for what is read from it).
 pub struct WeightFile {
     path: PathBuf,
     map: Mmap,
+    /// Row-major copies of a `.pt` file's non-contiguous tensors (empty otherwise).
+    copied: Vec<u8>,
     tensors: BTreeMap<String, TensorInfo>,
     metadata: HashMap<String, String>,
 }
@@ -158,7 +173,10 @@ impl WeightFile {
     /// Maps `path` and validates its header: errors say whether the file does not exist,
     /// is not a safetensors file (bad header length, invalid JSON, malformed entries), is
     /// truncated (a tensor's data lies past the end), or uses a dtype the format does not
-    /// define (naming the tensor).
+    /// define (naming the tensor). A PyTorch checkpoint is read instead when the file is a
+    /// ZIP archive or a legacy torch file, or is named `*.pt`, `*.pth`, `*.ckpt` or
+    /// `*.bin` (never when named `*.safetensors`); its errors name the entry, tensor or
+    /// state-dict key at fault.
     pub fn open(path: impl AsRef<Path>) -> Result<WeightFile> {
         let path = path.as_ref();
         let file = File::open(path).map_err(|e| match e.kind() {
@@ -167,9 +185,15 @@ impl WeightFile {
         })?;
         let meta = file.metadata().map_err(|e| file_error(path, format_args!("cannot stat: {e}")))?;
         if meta.is_dir() {
-            return Err(file_error(path, "is a directory, not a safetensors file"));
+            return Err(file_error(path, "is a directory, not a weights file"));
         }
         let len = meta.len();
+        if len < 8 && torch_pt::is_torch_file(path, &[]) {
+            return Err(file_error(
+                path,
+                format_args!("not a PyTorch checkpoint: {len} bytes, too short for a ZIP archive"),
+            ));
+        }
         if len < 8 {
             return Err(file_error(
                 path,
@@ -181,8 +205,21 @@ impl WeightFile {
         // us; checkpoints are replaced by rename (see `save`), which leaves this mapping
         // on the old inode, so that does not happen through this crate.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| file_error(path, format_args!("cannot map: {e}")))?;
+        if torch_pt::is_torch_file(path, &map) {
+            match torch_pt::read(&map) {
+                Ok(torch_pt::Parsed { tensors, metadata, copied }) => {
+                    return Ok(WeightFile { path: path.to_path_buf(), map, copied, tensors, metadata })
+                }
+                // Chosen by its name alone: a safetensors file called `*.pt` still opens.
+                Err(msg) if !torch_pt::has_signature(&map) => {
+                    let (tensors, metadata) = parse_header(&map).map_err(|_| file_error(path, msg))?;
+                    return Ok(WeightFile { path: path.to_path_buf(), map, copied: Vec::new(), tensors, metadata });
+                }
+                Err(msg) => return Err(file_error(path, msg)),
+            }
+        }
         let (tensors, metadata) = parse_header(&map).map_err(|msg| file_error(path, msg))?;
-        Ok(WeightFile { path: path.to_path_buf(), map, tensors, metadata })
+        Ok(WeightFile { path: path.to_path_buf(), map, copied: Vec::new(), tensors, metadata })
     }
 
     /// The file's path.
@@ -210,14 +247,22 @@ impl WeightFile {
         self.tensors.get(name)
     }
 
-    /// The `__metadata__` strings of the header (empty when absent).
+    /// The `__metadata__` strings of a safetensors header, or the scalar entries of a
+    /// checkpoint dict around a `.pt` state dict (`epoch`, `best_acc1`); empty when absent.
     pub fn metadata(&self) -> &HashMap<String, String> {
         &self.metadata
     }
 
-    /// The raw little-endian bytes of `name`, if present.
+    /// The raw little-endian bytes of `name` in row-major order, if present.
     pub fn bytes(&self, name: &str) -> Option<&[u8]> {
-        self.tensors.get(name).map(|t| &self.map[t.bytes.clone()])
+        self.tensors.get(name).map(|t| self.data(t))
+    }
+
+    fn data(&self, info: &TensorInfo) -> &[u8] {
+        match &info.data {
+            Location::Mapped(range) => &self.map[range.clone()],
+            Location::Copied(range) => &self.copied[range.clone()],
+        }
     }
 
     /// The elements of `name` converted to f32 (from BF16, F16, F32 or F64); errors name
@@ -225,7 +270,7 @@ impl WeightFile {
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
         let info =
             self.tensors.get(name).ok_or_else(|| file_error(&self.path, format_args!("has no tensor '{name}'")))?;
-        let bytes = &self.map[info.bytes.clone()];
+        let bytes = self.data(info);
         Ok(match info.dtype {
             FileDType::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             FileDType::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
@@ -332,5 +377,5 @@ fn parse_entry(
         ));
     }
     let bytes = data_start + begin as usize..data_start + end as usize;
-    Ok(TensorInfo { dtype, shape, bytes })
+    Ok(TensorInfo { dtype, shape, data: Location::Mapped(bytes) })
 }

@@ -1,4 +1,4 @@
-//! Safetensors in and out: how models load the published checkpoints (Wan2.1 DiT, umT5-XXL,
+//! Safetensors in and out (and PyTorch `.pt` checkpoints in): how models load the published checkpoints (Wan2.1 DiT, umT5-XXL,
 //! CLIP ViT-H/14, Wan VAE — single files up to ~11 GB, or sharded behind an index) and
 //! how the engine writes its own.
 //!
@@ -10,6 +10,10 @@
 //!
 //! - [`WeightFile`] maps one file and validates its header up front, so a corrupt or
 //!   truncated download fails at open with the file named, not later with a fault.
+//!   PyTorch checkpoints (`torch.save` ZIP archives: `.pt`, `.pth`, `.ckpt`, `.bin`, such
+//!   as the SynthCLIP/SLIP releases) open the same way, read without Python: the state
+//!   dict is found in the saved dict, a DDP `module.` prefix is removed, and nothing in
+//!   the file is executed (the rules are in `torch_pt.rs`'s module documentation).
 //! - [`WeightSet`] gathers the tensors of a file, a sharded index or a directory, with
 //!   [`WeightSet::overlay`] layering a partial checkpoint (a fine-tune) over base weights;
 //!   [`WeightSet::get`] converts bf16/f16/f32/f64 to the requested device and dtype.
@@ -21,6 +25,7 @@ mod file;
 mod loader;
 mod save;
 mod set;
+mod torch_pt;
 
 pub use file::{FileDType, TensorInfo, WeightFile};
 pub use loader::Loader;

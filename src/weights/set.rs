@@ -13,11 +13,13 @@ use crate::{bail, DType, Device, Error, Result, ResultExt, Tensor};
 /// Suffix of the index file that names the shards of a sharded checkpoint.
 const INDEX_SUFFIX: &str = ".safetensors.index.json";
 
-/// A name → tensor view over one or more safetensors files.
+/// A name → tensor view over one or more weights files.
 ///
-/// Opened from a `.safetensors` file, a `*.safetensors.index.json` (whose `weight_map`
-/// names the shard of every tensor, relative to the index), or a directory (its one index,
-/// else all its `*.safetensors` files). [`WeightSet::overlay`] layers more files on top.
+/// Opened from a `.safetensors` file or a PyTorch checkpoint (`.pt` and the like, see
+/// [`WeightFile::open`]), a `*.safetensors.index.json` (whose `weight_map` names the shard
+/// of every tensor, relative to the index), or a directory (its one index, else all its
+/// `*.safetensors` files; `.pt` files in a directory are not picked up). [`WeightSet::overlay`]
+/// layers more files on top.
 #[derive(Debug)]
 pub struct WeightSet {
     files: Vec<WeightFile>,
@@ -35,7 +37,8 @@ struct Source {
 }
 
 impl WeightSet {
-    /// Opens a `.safetensors` file, a sharded `*.safetensors.index.json`, or a directory.
+    /// Opens a `.safetensors` file, a PyTorch checkpoint, a sharded
+    /// `*.safetensors.index.json`, or a directory.
     pub fn open(path: impl AsRef<Path>) -> Result<WeightSet> {
         let mut set = WeightSet { files: Vec::new(), entries: BTreeMap::new(), sources: Vec::new() };
         set.overlay(path)?;
