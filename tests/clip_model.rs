@@ -24,8 +24,9 @@ fn fixture(name: &str) -> PathBuf {
 /// The tiny config of the fixtures (tests/reference/make_clip_fixtures.py).
 fn fixture_config(form: VisionForm) -> ClipConfig {
     let mut c = ClipConfig::tiny();
-    c.vision.mlp_dim = 128;
-    c.text.mlp_dim = 128;
+    c.embed_dim = 24;
+    (c.vision.width, c.vision.heads, c.vision.mlp_dim) = (32, 1, 128);
+    (c.text.width, c.text.heads, c.text.mlp_dim) = (64, 2, 256);
     c.text.vocab_size = 64;
     if form == VisionForm::OpenClip {
         c.vision.form = VisionForm::OpenClip;
@@ -84,7 +85,7 @@ fn presets_and_parameter_count() {
     let e = ClipConfig::from_json(&serde_json::json!({"text": {"widht": 5}})).unwrap_err().to_string();
     assert!(e.contains("text.widht"), "{e}");
     let c = ClipConfig::from_json(&serde_json::json!({"preset": "tiny", "text": {"act": "gelu"}})).unwrap();
-    assert_eq!((c.text.act, c.vision.width), (ClipAct::Gelu, 32));
+    assert_eq!((c.text.act, c.vision.width), (ClipAct::Gelu, 64));
 }
 
 #[test]
@@ -261,10 +262,10 @@ fn bad_inputs_are_named_errors() {
     ids[3] = 49408;
     let e = model.encode_text(&ids, 1).unwrap_err().to_string();
     assert!(e.contains("token id 49408") && e.contains("position 3"), "{e}");
-    let a = Tensor::zeros(&[2, 24], DType::F32, Device::Cpu).unwrap();
-    let b = Tensor::zeros(&[3, 24], DType::F32, Device::Cpu).unwrap();
+    let a = Tensor::zeros(&[2, 32], DType::F32, Device::Cpu).unwrap();
+    let b = Tensor::zeros(&[3, 32], DType::F32, Device::Cpu).unwrap();
     let e = ops::clip_loss(&a, &b, model.logit_scale()).unwrap_err().to_string();
-    assert!(e.contains("clip_loss") && e.contains("[2, 24]") && e.contains("[3, 24]"), "{e}");
+    assert!(e.contains("clip_loss") && e.contains("[2, 32]") && e.contains("[3, 32]"), "{e}");
     let e = ops::clip_logits(&a, &Tensor::zeros(&[2, 5], DType::F32, Device::Cpu).unwrap(), model.logit_scale())
         .unwrap_err()
         .to_string();
@@ -386,4 +387,18 @@ fn adamw_clamps_a_bf16_parameter_and_its_master() {
         let master = opt.state_tensors().unwrap().into_iter().find(|(n, _)| n == "s.master").unwrap().1;
         assert_eq!(master.to_vec().unwrap(), vec![4.0, 0.0, 2.0]);
     }
+}
+
+#[test]
+fn synthclip_pt_checkpoint_loads_directly() {
+    // SynthCLIP's own checkpoint layout: a torch zip pickle, the weights under
+    // `state_dict` with DDP's `module.` prefix, beside `args` and `epoch`.
+    let cfg = fixture_config(VisionForm::Timm);
+    let model = ClipModel::load(&cfg, fixture("slip_tiny_ddp.pt"), Device::Cpu, DType::F32).unwrap();
+    let exp = Expected::open("slip_tiny_expected.safetensors");
+    let (ids, rows) = exp.ids("text_ids");
+    let img = model.encode_image(&exp.tensor("pixels")).unwrap();
+    let txt = model.encode_text(&ids, rows).unwrap();
+    close(&img.to_vec().unwrap(), &exp.vec("image_embed"), ".pt image_embed");
+    close(&txt.to_vec().unwrap(), &exp.vec("text_embed"), ".pt text_embed");
 }

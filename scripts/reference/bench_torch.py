@@ -526,9 +526,9 @@ def case_clip_train(S):
             model = open_clip.create_model("ViT-B-16", pretrained=None)
             side, ctx = 224, 77
         else:  # our `tiny` preset
-            vision = CLIPVisionCfg(layers=2, width=32, head_width=16, mlp_ratio=2.0, patch_size=8, image_size=32)
-            text = CLIPTextCfg(context_length=16, vocab_size=49408, width=32, heads=2, layers=2, mlp_ratio=2.0)
-            model = open_clip.CLIP(embed_dim=24, vision_cfg=vision, text_cfg=text)
+            vision = CLIPVisionCfg(layers=2, width=64, head_width=32, mlp_ratio=2.0, patch_size=8, image_size=32)
+            text = CLIPTextCfg(context_length=16, vocab_size=49408, width=64, heads=2, layers=2, mlp_ratio=2.0)
+            model = open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text)
             side, ctx = 32, 16
         model = model.to(DEV).train()
         decay, no_decay = [], []

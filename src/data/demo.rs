@@ -351,3 +351,80 @@ pub fn generate(dir: impl AsRef<Path>, n: usize, size: usize, seed: u64) -> Resu
     write_atomic(dir.join("metadata.csv"), csv.as_bytes())?;
     Ok(attrs)
 }
+
+/// Image side of the CLIP demo set ([`generate_clip_demo`]): the tiny CLIP's input.
+pub const CLIP_DEMO_IMAGE_SIZE: usize = 32;
+
+/// The shape/colour pairs the CLIP demo never shows in training: each shape and each
+/// colour still appears with others, so a model that learnt the words separately can
+/// name these pairs zero-shot.
+pub const CLIP_DEMO_HELD_OUT: [(Colour, Shape); 3] =
+    [(Colour::Red, Shape::Triangle), (Colour::Green, Shape::Circle), (Colour::Blue, Shape::Square)];
+
+/// What [`generate_clip_demo`] wrote.
+#[derive(Clone, Debug)]
+pub struct ClipDemoSet {
+    /// The training pairs, SynthCLIP's format: `image_path<TAB>caption`, paths relative to
+    /// the file.
+    pub train_tsv: std::path::PathBuf,
+    /// The zero-shot set: one sub-folder per shape/colour class (`red triangle`, …); only
+    /// the held-out pairs' folders hold images.
+    pub val_dir: std::path::PathBuf,
+    /// Training pairs written.
+    pub train_pairs: usize,
+    /// Zero-shot images written.
+    pub val_images: usize,
+    /// The class names (every colour × shape, sorted as the folders are).
+    pub classes: Vec<String>,
+    /// The zero-shot prompt templates: `a {size} {} on a {background} background` for both
+    /// sizes and the six backgrounds.
+    pub templates: Vec<String>,
+}
+
+/// Writes the CLIP demo set to `dir`: every attribute combination ([`DemoAttrs::all`])
+/// whose shape/colour pair is not in [`CLIP_DEMO_HELD_OUT`] as a training pair (450
+/// images of `size`², `train/NNNNN.png` and `train.tsv`), and every combination of the
+/// held-out pairs (90 images) under `zeroshot/<colour> <shape>/`. Deterministic; `seed`
+/// orders the training rows. Existing files of the same names are replaced.
+pub fn generate_clip_demo(dir: impl AsRef<Path>, size: usize, seed: u64) -> Result<ClipDemoSet> {
+    let dir = dir.as_ref();
+    let train_dir = dir.join("train");
+    let val_dir = dir.join("zeroshot");
+    let held = |a: &DemoAttrs| CLIP_DEMO_HELD_OUT.contains(&(a.colour, a.shape));
+    let class_name = |c: Colour, s: Shape| format!("{} {}", c.name(), s.name());
+    let mut classes: Vec<String> =
+        Colour::ALL.iter().flat_map(|&c| Shape::ALL.iter().map(move |&s| class_name(c, s))).collect();
+    classes.sort();
+    fs::create_dir_all(&train_dir).with_ctx(|| format!("cannot create {}", train_dir.display()))?;
+    for c in &classes {
+        let d = val_dir.join(c);
+        fs::create_dir_all(&d).with_ctx(|| format!("cannot create {}", d.display()))?;
+    }
+    let mut train: Vec<DemoAttrs> = DemoAttrs::all().into_iter().filter(|a| !held(a)).collect();
+    Rng::new(seed).shuffle(&mut train);
+    let mut tsv = String::from("image_path\tcaption\n");
+    for (i, a) in train.iter().enumerate() {
+        let rel = format!("train/{i:05}.png");
+        render(a, size)?.save_png(dir.join(&rel))?;
+        tsv.push_str(&format!("{rel}\t{}\n", a.caption()));
+    }
+    let train_tsv = dir.join("train.tsv");
+    write_atomic(&train_tsv, tsv.as_bytes())?;
+    let mut val_images = 0;
+    for a in DemoAttrs::all().into_iter().filter(held) {
+        let texture = a.texture.phrase().trim().replace(' ', "-");
+        let file = format!(
+            "{val_images:03}-{}{}-on-{}.png",
+            a.size.name(),
+            if texture.is_empty() { String::new() } else { format!("-{texture}") },
+            a.background.name()
+        );
+        render(&a, size)?.save_png(val_dir.join(class_name(a.colour, a.shape)).join(file))?;
+        val_images += 1;
+    }
+    let templates = ShapeSize::ALL
+        .iter()
+        .flat_map(|s| Colour::ALL.iter().map(move |b| format!("a {} {{}} on a {} background", s.name(), b.name())))
+        .collect();
+    Ok(ClipDemoSet { train_tsv, val_dir, train_pairs: train.len(), val_images, classes, templates })
+}

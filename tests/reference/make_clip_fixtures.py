@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Reference fixtures for the contrastive CLIP model (SynthCLIP) tests.
 
-Writes tests/fixtures/clip/slip_tiny.safetensors, slip_tiny_expected.safetensors,
-openclip_tiny.safetensors and openclip_tiny_expected.safetensors (about 1 MB together).
+Writes tests/fixtures/clip/slip_tiny.safetensors (and the same weights as a SynthCLIP
+`checkpoint.pt`, slip_tiny_ddp.pt), slip_tiny_expected.safetensors,
+openclip_tiny.safetensors and openclip_tiny_expected.safetensors (about 3 MB together).
 Run from the repository root:
 
     python3 tests/reference/make_clip_fixtures.py --synthclip-training PATH/TO/SynthCLIP/Training
@@ -31,7 +32,8 @@ What the fixtures pin down:
 - OpenCLIP `open_clip.CLIP` (ln_pre, class embedding, `visual.proj`, exact GELU) on a
   tiny config: both embeddings, for loading OpenCLIP-named weights.
 
-Token ids are synthetic (a 64-word vocabulary; the end token is the largest id, 63, as
+Head dims are 32 (1 image head of 32, 2 text heads of 32), the smallest the GPU
+attention kernels take. Token ids are synthetic (a 64-word vocabulary; the end token is the largest id, 63, as
 the pooling by `argmax` expects; one row has no end token, as SynthCLIP's tokenizer
 leaves captions longer than the context).
 """
@@ -93,7 +95,7 @@ def slip_fixture(training_dir):
 
     torch.manual_seed(0)
     visual = VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0, num_classes=0, qkv_bias=True
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=1, mlp_ratio=4.0, num_classes=0, qkv_bias=True
     )
     model = models.CLIP(
         embed_dim=24,
@@ -101,12 +103,23 @@ def slip_fixture(training_dir):
         vision_model=visual,
         context_length=CTX,
         vocab_size=VOCAB,
-        transformer_width=32,
+        transformer_width=64,
         transformer_heads=2,
         transformer_layers=2,
     )
     weights = f32_weights(model, 1)
     save_file(weights, f"{OUT}/slip_tiny.safetensors")
+    # The same weights as SynthCLIP's main.py saves a checkpoint (DDP names, a wrapper
+    # dict with the epoch and the argparse namespace).
+    torch.save(
+        {
+            "epoch": 1,
+            "state_dict": {f"module.{k}": v for k, v in weights.items()},
+            "best_acc1": 0.0,
+            "args": argparse.Namespace(model="CLIP_VITB16", lr=5e-4),
+        },
+        f"{OUT}/slip_tiny_ddp.pt",
+    )
     model = model.double()
 
     rng = np.random.default_rng(2)
@@ -157,11 +170,11 @@ def slip_fixture(training_dir):
         embed_dim=24,
         vision_width=32,
         vision_model=VisionTransformer(
-            img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0, num_classes=0, qkv_bias=True
+            img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=1, mlp_ratio=4.0, num_classes=0, qkv_bias=True
         ),
         context_length=CTX,
         vocab_size=VOCAB,
-        transformer_width=32,
+        transformer_width=64,
         transformer_heads=2,
         transformer_layers=2,
     )
@@ -195,8 +208,8 @@ def openclip_fixture():
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
     torch.manual_seed(0)
-    vision = CLIPVisionCfg(layers=2, width=32, head_width=16, mlp_ratio=4.0, patch_size=8, image_size=32)
-    text = CLIPTextCfg(context_length=CTX, vocab_size=VOCAB, width=32, heads=2, layers=2)
+    vision = CLIPVisionCfg(layers=2, width=32, head_width=32, mlp_ratio=4.0, patch_size=8, image_size=32)
+    text = CLIPTextCfg(context_length=CTX, vocab_size=VOCAB, width=64, heads=2, layers=2)
     model = open_clip.CLIP(embed_dim=24, vision_cfg=vision, text_cfg=text, quick_gelu=False)
     weights = f32_weights(model, 4)
     save_file(weights, f"{OUT}/openclip_tiny.safetensors")

@@ -165,14 +165,16 @@ impl ClipConfig {
         c
     }
 
-    /// A tiny SynthCLIP-form model for tests and the CPU demo: 32 px images in 8 px
-    /// patches, width 32/2 blocks/2 heads per tower, context 16, the full vocabulary.
+    /// A tiny SynthCLIP-form model for tests, benchmarks and the built-in demo: 32 px
+    /// images in 8 px patches; per tower width 64, 2 blocks of 2 heads (head dim 32, the
+    /// smallest the GPU attention takes), MLP 128; context 16; the full vocabulary;
+    /// embedding 32.
     pub fn tiny() -> ClipConfig {
         let mut c = Self::synthclip_vit_b16();
-        c.embed_dim = 24;
+        c.embed_dim = 32;
         c.vision =
-            ClipVisionTower { image_size: 32, patch_size: 8, width: 32, layers: 2, heads: 2, mlp_dim: 64, ..c.vision };
-        c.text = ClipTextTower { context_length: 16, width: 32, layers: 2, heads: 2, mlp_dim: 64, ..c.text };
+            ClipVisionTower { image_size: 32, patch_size: 8, width: 64, layers: 2, heads: 2, mlp_dim: 128, ..c.vision };
+        c.text = ClipTextTower { context_length: 16, width: 64, layers: 2, heads: 2, mlp_dim: 128, ..c.text };
         c
     }
 

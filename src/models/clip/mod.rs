@@ -30,8 +30,8 @@
 //! let mut ids = vec![0u32; 2 * cfg.text.context_length];
 //! ids[..3].copy_from_slice(&[49406, 320, 49407]);
 //! ids[16..20].copy_from_slice(&[49406, 320, 1125, 49407]);
-//! let image = model.encode_image(&pixels)?; // [2, 24]
-//! let text = model.encode_text(&ids, 2)?; // [2, 24]
+//! let image = model.encode_image(&pixels)?; // [2, 32]
+//! let text = model.encode_text(&ids, 2)?; // [2, 32]
 //! let loss = ops::clip_loss(&image, &text, model.logit_scale())?;
 //! assert_eq!(loss.shape(), &[] as &[usize]);
 //! # Ok(()) }
