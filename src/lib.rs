@@ -11,7 +11,9 @@
 //! - [`nn`]: parameters and layers (Linear, LayerNorm, RmsNorm) built from checkpoints or
 //!   random init,
 //! - [`image`]: the one RGB image type [`image::ImageRgb`] with decoding, the reference
-//!   resizes, CLIP preprocessing and PNG output; [`fsutil`]: atomic file writes,
+//!   resizes, CLIP preprocessing, SynthCLIP's augmentations and PNG output; [`data`]: the
+//!   Synthos and CLIP datasets and a prefetching batch loader; [`fsutil`]: atomic file
+//!   writes,
 //! - [`bench`](mod@bench): the kernel benchmarks behind `synthos-engine bench` and `cargo bench`.
 //!
 //! ```

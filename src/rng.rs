@@ -24,6 +24,21 @@ impl Rng {
         Rng { s: [splitmix(&mut x), splitmix(&mut x), splitmix(&mut x), splitmix(&mut x)], spare_normal: None }
     }
 
+    /// A generator for one stream among many, for example one sample of one epoch:
+    /// `seed` mixed with each of `keys` in turn through SplitMix64 (`h ← mix(h ⊕ mix(k))`,
+    /// a bijection in `h` for every key and in the key for every `h`). The same
+    /// `(seed, keys)` give the same stream whatever thread asks, and in whatever order, so
+    /// per-sample draws do not depend on how work is scheduled.
+    pub fn derive(seed: u64, keys: &[u64]) -> Self {
+        let mut h = seed;
+        for &k in keys {
+            let mut kx = k;
+            let mut hx = h ^ splitmix(&mut kx);
+            h = splitmix(&mut hx);
+        }
+        Rng::new(h)
+    }
+
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         let s = &mut self.s;

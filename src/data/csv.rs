@@ -1,10 +1,13 @@
-//! A small RFC 4180 CSV reader and writer, enough for dataset metadata files.
+//! A small RFC 4180 CSV reader and writer, enough for dataset metadata files, and the
+//! same reader for tab-separated files ([`read_delimited`] with `'\t'`).
 //!
 //! Accepted input (a superset of RFC 4180, as spreadsheet programs and pandas write it):
-//! - fields separated by `,`; records ended by CRLF, LF or a lone CR; a final record
+//! - fields separated by `,` (or the separator given to [`read_delimited`] /
+//!   [`parse_delimited`]); records ended by CRLF, LF or a lone CR; a final record
 //!   without a line ending;
-//! - quoted fields (`"…"`) that may hold commas, line breaks and doubled quotes (`""` is
-//!   one `"`);
+//! - quoted fields (`"…"`) that may hold separators, line breaks and doubled quotes (`""`
+//!   is one `"`); pandas' `to_csv(sep="\t")` quotes exactly the fields holding a tab, a
+//!   quote or a line break, the same rule with another separator;
 //! - a UTF-8 byte-order mark at the start of the file (Excel writes one);
 //! - blank lines, which are skipped (pandas' `skip_blank_lines`).
 //!
@@ -48,24 +51,58 @@ impl CsvTable {
 
 /// Reads and parses the CSV file at `path`; errors name the file and line.
 pub fn read_csv(path: impl AsRef<Path>) -> Result<CsvTable> {
+    read_delimited(path, ',')
+}
+
+/// Reads and parses the file at `path` with fields separated by `separator` (`','` for
+/// CSV, `'\t'` for TSV; not `"`, CR or LF); errors name the file and line.
+pub fn read_delimited(path: impl AsRef<Path>, separator: char) -> Result<CsvTable> {
     let path = path.as_ref();
-    let bytes = fs::read(path).with_ctx(|| format!("cannot read CSV file {}", path.display()))?;
-    let text = match String::from_utf8(bytes) {
-        Ok(text) => text,
+    let text = read_text(path)?;
+    parse_delimited(&text, separator, &path.display().to_string())
+}
+
+/// The text of a table file: read, checked to be UTF-8 (an error names the line of the
+/// first invalid byte).
+pub fn read_text(path: impl AsRef<Path>) -> Result<String> {
+    let path = path.as_ref();
+    let bytes = fs::read(path).with_ctx(|| format!("cannot read table file {}", path.display()))?;
+    match String::from_utf8(bytes) {
+        Ok(text) => Ok(text),
         Err(e) => {
             let at = e.utf8_error().valid_up_to();
             let line = 1 + e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count();
             bail!("{} line {line}: the file is not UTF-8 text (invalid byte at offset {at})", path.display());
         }
-    };
-    parse_csv(&text, &path.display().to_string())
+    }
+}
+
+/// The separator of a table from its header: `'\t'` when the first non-blank line holds a
+/// tab, `','` otherwise. (SynthCLIP names its tab-separated files `.csv`, so the name
+/// alone does not tell.)
+pub fn sniff_separator(text: &str) -> char {
+    let header = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    if header.contains('\t') {
+        '\t'
+    } else {
+        ','
+    }
 }
 
 /// Parses CSV `text`; `source` names the file in error messages.
 ///
 /// An empty text (or one with only blank lines) is an error: a CSV file needs a header.
 pub fn parse_csv(text: &str, source: &str) -> Result<CsvTable> {
-    let mut records = parse_records(text, source)?.into_iter();
+    parse_delimited(text, ',', source)
+}
+
+/// Parses `text` with fields separated by `separator` (see [`read_delimited`]); `source`
+/// names the file in error messages. An empty text is an error, as in [`parse_csv`].
+pub fn parse_delimited(text: &str, separator: char, source: &str) -> Result<CsvTable> {
+    if matches!(separator, '"' | '\r' | '\n') {
+        bail!("{source}: {separator:?} cannot separate fields");
+    }
+    let mut records = parse_records(text, separator, source)?.into_iter();
     let Some(header) = records.next() else {
         bail!("{source}: the CSV file is empty (expected a header line with the column names)");
     };
@@ -86,7 +123,7 @@ enum State {
 }
 
 /// Splits `text` into records (including the header); blank lines are dropped.
-fn parse_records(text: &str, source: &str) -> Result<Vec<CsvRecord>> {
+fn parse_records(text: &str, separator: char, source: &str) -> Result<Vec<CsvRecord>> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut records = Vec::new();
     let mut fields: Vec<String> = Vec::new();
@@ -125,7 +162,7 @@ fn parse_records(text: &str, source: &str) -> Result<Vec<CsvRecord>> {
                 state = State::Quoted;
                 continue;
             }
-            if !matches!(c, ',' | '\n' | '\r') {
+            if c != separator && !matches!(c, '\n' | '\r') {
                 bail!(
                     "{source} line {line}: unexpected character {c:?} after the closing quote of a field \
                      (a quote inside a quoted field must be doubled: \"\")"
@@ -134,7 +171,7 @@ fn parse_records(text: &str, source: &str) -> Result<Vec<CsvRecord>> {
             state = State::Unquoted;
         }
         match c {
-            ',' => {
+            c if c == separator => {
                 fields.push(std::mem::take(&mut field));
                 state = State::FieldStart;
                 started = true;

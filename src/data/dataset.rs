@@ -59,18 +59,25 @@ pub struct BadRow {
     pub problem: String,
 }
 
-impl fmt::Display for BadRow {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} line {} (row {}): {}", self.csv.display(), self.line, self.row, self.problem)
+impl BadRow {
+    /// Where the row is: `FILE line L (row R)`.
+    pub fn location(&self) -> String {
+        format!("{} line {} (row {})", self.csv.display(), self.line, self.row)
     }
 }
 
-/// One usable row: the resolved image path and the prompt.
+impl fmt::Display for BadRow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.location(), self.problem)
+    }
+}
+
+/// One usable row: the resolved image path and the prompt (or caption).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DatasetEntry {
-    /// The image file (the CSV path joined to the dataset folder).
+    /// The image file (the path in the metadata joined to the dataset folder).
     pub path: PathBuf,
-    /// The prompt, as written in the CSV.
+    /// The prompt or caption, as written in the metadata file.
     pub prompt: String,
     /// 1-based line of the metadata file where the row starts.
     pub line: usize,
@@ -135,12 +142,8 @@ pub struct Batch {
 #[derive(Clone, Debug)]
 pub struct SynthosDataset {
     dir: PathBuf,
-    csv: PathBuf,
     image_column: String,
-    entries: Vec<DatasetEntry>,
-    skipped: Vec<BadRow>,
-    rows_in_file: usize,
-    options: DatasetOptions,
+    rows: Rows,
 }
 
 impl SynthosDataset {
@@ -165,59 +168,17 @@ impl SynthosDataset {
             csv.display()
         );
         let table = read_csv(&csv)?;
-        let (image_col, prompt_col) = find_columns(&table, &csv)?;
-        ensure!(!table.rows.is_empty(), "{}: the file has a header but no data rows", csv.display());
-
-        let mut entries = Vec::with_capacity(table.rows.len());
-        let mut bad = Vec::new();
-        for (i, record) in table.rows.iter().enumerate() {
-            let field = |c: usize| record.fields.get(c).map(String::as_str).unwrap_or("");
-            let mut problems = Vec::new();
-            if record.fields.len() > table.header.len() {
-                problems.push(format!(
-                    "{} fields, but the header has {} columns (an unquoted comma?)",
-                    record.fields.len(),
-                    table.header.len()
-                ));
-            }
-            let prompt = field(prompt_col);
-            if prompt.trim().is_empty() {
-                problems.push("no prompt".to_string());
-            }
-            let rel = field(image_col).trim();
-            let path = dir.join(rel);
-            if rel.is_empty() {
-                problems.push(format!("no image path in column `{}`", table.header[image_col].trim()));
-            } else if !path.is_file() {
-                let what = if path.exists() { "is not a file" } else { "not found" };
-                problems.push(format!("image file {} {what}", path.display()));
-            }
-            if problems.is_empty() {
-                entries.push(DatasetEntry { path, prompt: prompt.to_string(), line: record.line, row: i + 1 });
-            } else {
-                bad.push(BadRow { csv: csv.clone(), line: record.line, row: i + 1, problem: problems.join("; ") });
-            }
-        }
-
-        let rows_in_file = table.rows.len();
-        if options.bad_rows == BadRowPolicy::Stop && !bad.is_empty() {
-            bail!(
-                "{} (the first of {} bad rows of {rows_in_file}; fix them, or choose to skip bad rows)",
-                bad[0],
-                bad.len()
-            );
-        }
-        let ds = SynthosDataset {
-            dir,
-            csv,
-            image_column: table.header[image_col].trim().to_string(),
-            entries,
-            skipped: bad,
-            rows_in_file,
-            options: options.clone(),
-        };
-        ensure!(!ds.entries.is_empty(), "{}", ds.nothing_left());
-        Ok(ds)
+        let (image_col, prompt_col) = find_columns(&table, &csv, &IMAGE_COLUMNS, &[PROMPT_COLUMN])?;
+        let rows = Rows::validate(
+            &table,
+            &csv,
+            &dir,
+            (image_col, prompt_col),
+            PROMPT_COLUMN,
+            options.bad_rows,
+            options.report_limit,
+        )?;
+        Ok(SynthosDataset { dir, image_column: table.header[image_col].trim().to_string(), rows })
     }
 
     /// The dataset folder.
@@ -227,7 +188,7 @@ impl SynthosDataset {
 
     /// The metadata file read.
     pub fn metadata_path(&self) -> &Path {
-        &self.csv
+        &self.rows.table
     }
 
     /// The name of the image column used (`video`, `path` or `image`).
@@ -237,54 +198,28 @@ impl SynthosDataset {
 
     /// Number of usable samples.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.rows.entries.len()
     }
 
     /// Whether there are no usable samples (never true for an opened dataset).
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.rows.entries.is_empty()
     }
 
     /// The usable rows, in file order.
     pub fn entries(&self) -> &[DatasetEntry] {
-        &self.entries
+        &self.rows.entries
     }
 
     /// The rows dropped under [`BadRowPolicy::Skip`], in file order.
     pub fn skipped(&self) -> &[BadRow] {
-        &self.skipped
+        &self.rows.skipped
     }
 
     /// A summary of the skipped rows (count and the first few messages), or `None` when
     /// none was skipped.
     pub fn skip_report(&self) -> Option<String> {
-        if self.skipped.is_empty() {
-            return None;
-        }
-        Some(format!(
-            "skipped {} of {} rows of {}:{}",
-            self.skipped.len(),
-            self.rows_in_file,
-            self.csv.display(),
-            self.listing()
-        ))
-    }
-
-    /// The first `report_limit` skipped rows, one per line, then "and N more".
-    fn listing(&self) -> String {
-        let mut s = String::new();
-        for b in self.skipped.iter().take(self.options.report_limit) {
-            s.push_str(&format!("\n  line {} (row {}): {}", b.line, b.row, b.problem));
-        }
-        if self.skipped.len() > self.options.report_limit {
-            s.push_str(&format!("\n  … and {} more", self.skipped.len() - self.options.report_limit));
-        }
-        s
-    }
-
-    /// The error when every row was rejected.
-    fn nothing_left(&self) -> String {
-        format!("{}: no usable rows, all {} were rejected:{}", self.csv.display(), self.rows_in_file, self.listing())
+        self.rows.skip_report()
     }
 
     /// Decodes every image once, for users who want to fail before training rather than
@@ -292,35 +227,17 @@ impl SynthosDataset {
     /// an error naming it and its row; under [`BadRowPolicy::Skip`] such rows are moved to
     /// [`SynthosDataset::skipped`]. Returns the number of rows dropped.
     pub fn check_all(&mut self) -> Result<usize> {
-        let mut keep = vec![true; self.entries.len()];
-        for (k, e) in self.entries.iter().enumerate() {
-            if let Err(err) = ImageRgb::open(&e.path) {
-                let bad = BadRow { csv: self.csv.clone(), line: e.line, row: e.row, problem: err.to_string() };
-                if self.options.bad_rows == BadRowPolicy::Stop {
-                    bail!("{bad} (checking every image; fix it, or choose to skip bad rows)");
-                }
-                self.skipped.push(bad);
-                keep[k] = false;
-            }
-        }
-        let mut flags = keep.iter();
-        self.entries.retain(|_| *flags.next().unwrap_or(&true));
-        self.skipped.sort_by_key(|b| b.row);
-        let dropped = keep.iter().filter(|&&k| !k).count();
-        ensure!(!self.entries.is_empty(), "{}", self.nothing_left());
-        Ok(dropped)
+        self.rows.check_all()
     }
 
     /// Sample `index`: the image decoded, resized to cover `width × height` and
     /// center-cropped (see [`crate::image::resize`]), with its prompt. An undecodable image
     /// is an error naming the file and its metadata row.
     pub fn get(&self, index: usize, width: usize, height: usize) -> Result<Sample> {
-        let Some(e) = self.entries.get(index) else {
-            bail!("SynthosDataset::get: index {index} out of range for {} samples", self.entries.len());
-        };
+        let e = self.rows.entry(index, "SynthosDataset::get")?;
         let image = ImageRgb::open(&e.path)
             .and_then(|img| resize_cover_crop(&img, width, height))
-            .with_ctx(|| format!("{} line {} (row {})", self.csv.display(), e.line, e.row))?;
+            .with_ctx(|| self.rows.location(e))?;
         Ok(Sample { image: image.to_chw(), width, height, prompt: e.prompt.clone(), path: e.path.clone(), index })
     }
 
@@ -342,7 +259,166 @@ impl SynthosDataset {
 
     /// The order in which to visit the samples in `epoch`: see [`epoch_order`].
     pub fn epoch_order(&self, epoch: u64, seed: u64) -> Vec<usize> {
-        epoch_order(self.entries.len(), epoch, seed)
+        epoch_order(self.rows.entries.len(), epoch, seed)
+    }
+}
+
+/// The validated rows of a metadata table, shared by [`SynthosDataset`] and
+/// [`super::CaptionDataset`]: the usable entries, the rejected rows, and the policy and
+/// report settings that say what to do with more bad rows found later.
+#[derive(Clone, Debug)]
+pub(crate) struct Rows {
+    /// The metadata file the rows come from.
+    pub(crate) table: PathBuf,
+    /// The usable rows, in file order.
+    pub(crate) entries: Vec<DatasetEntry>,
+    /// The rejected rows, in file order.
+    pub(crate) skipped: Vec<BadRow>,
+    /// Data rows in the file.
+    pub(crate) rows_in_file: usize,
+    /// What to do with a bad row.
+    pub(crate) policy: BadRowPolicy,
+    /// How many messages a summary quotes.
+    report_limit: usize,
+}
+
+impl Rows {
+    /// Checks every data row of `table` (read from `path`): no more fields than the
+    /// header, a non-blank text in column `cols.1` (called `text_label` in messages), an
+    /// image path in column `cols.0` naming an existing file under `dir` (absolute paths
+    /// are kept). Under [`BadRowPolicy::Stop`] the first bad row is the error; under
+    /// [`BadRowPolicy::Skip`] bad rows are kept aside. No usable row left, or no data row
+    /// at all, is an error either way.
+    pub(crate) fn validate(
+        table: &CsvTable,
+        path: &Path,
+        dir: &Path,
+        cols: (usize, usize),
+        text_label: &str,
+        policy: BadRowPolicy,
+        report_limit: usize,
+    ) -> Result<Rows> {
+        let (image_col, text_col) = cols;
+        ensure!(!table.rows.is_empty(), "{}: the file has a header but no data rows", path.display());
+        let mut entries = Vec::with_capacity(table.rows.len());
+        let mut bad = Vec::new();
+        for (i, record) in table.rows.iter().enumerate() {
+            let field = |c: usize| record.fields.get(c).map(String::as_str).unwrap_or("");
+            let mut problems = Vec::new();
+            if record.fields.len() > table.header.len() {
+                problems.push(format!(
+                    "{} fields, but the header has {} columns (a separator in an unquoted field?)",
+                    record.fields.len(),
+                    table.header.len()
+                ));
+            }
+            let text = field(text_col);
+            if text.trim().is_empty() {
+                problems.push(format!("no {text_label}"));
+            }
+            let rel = field(image_col).trim();
+            let image = dir.join(rel);
+            if rel.is_empty() {
+                problems.push(format!("no image path in column `{}`", table.header[image_col].trim()));
+            } else if !image.is_file() {
+                let what = if image.exists() { "is not a file" } else { "not found" };
+                problems.push(format!("image file {} {what}", image.display()));
+            }
+            if problems.is_empty() {
+                entries.push(DatasetEntry { path: image, prompt: text.to_string(), line: record.line, row: i + 1 });
+            } else {
+                bad.push(BadRow {
+                    csv: path.to_path_buf(),
+                    line: record.line,
+                    row: i + 1,
+                    problem: problems.join("; "),
+                });
+            }
+        }
+        let rows_in_file = table.rows.len();
+        if policy == BadRowPolicy::Stop && !bad.is_empty() {
+            bail!(
+                "{} (the first of {} bad rows of {rows_in_file}; fix them, or choose to skip bad rows)",
+                bad[0],
+                bad.len()
+            );
+        }
+        let rows = Rows { table: path.to_path_buf(), entries, skipped: bad, rows_in_file, policy, report_limit };
+        ensure!(!rows.entries.is_empty(), "{}", rows.nothing_left());
+        Ok(rows)
+    }
+
+    /// Entry `index`, or an error from `what` when it is out of range.
+    pub(crate) fn entry(&self, index: usize, what: &str) -> Result<&DatasetEntry> {
+        match self.entries.get(index) {
+            Some(e) => Ok(e),
+            None => bail!("{what}: index {index} out of range for {} samples", self.entries.len()),
+        }
+    }
+
+    /// A [`BadRow`] for entry `e` with `problem`.
+    pub(crate) fn bad_row(&self, e: &DatasetEntry, problem: String) -> BadRow {
+        BadRow { csv: self.table.clone(), line: e.line, row: e.row, problem }
+    }
+
+    /// Where entry `e` is: `FILE line L (row R)`.
+    pub(crate) fn location(&self, e: &DatasetEntry) -> String {
+        format!("{} line {} (row {})", self.table.display(), e.line, e.row)
+    }
+
+    /// A summary of the skipped rows (count and the first few messages), or `None` when
+    /// none was skipped.
+    pub(crate) fn skip_report(&self) -> Option<String> {
+        if self.skipped.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "skipped {} of {} rows of {}:{}",
+            self.skipped.len(),
+            self.rows_in_file,
+            self.table.display(),
+            self.listing()
+        ))
+    }
+
+    /// The first `report_limit` skipped rows, one per line, then "and N more".
+    fn listing(&self) -> String {
+        let mut s = String::new();
+        for b in self.skipped.iter().take(self.report_limit) {
+            s.push_str(&format!("\n  line {} (row {}): {}", b.line, b.row, b.problem));
+        }
+        if self.skipped.len() > self.report_limit {
+            s.push_str(&format!("\n  … and {} more", self.skipped.len() - self.report_limit));
+        }
+        s
+    }
+
+    /// The error when every row was rejected.
+    fn nothing_left(&self) -> String {
+        format!("{}: no usable rows, all {} were rejected:{}", self.table.display(), self.rows_in_file, self.listing())
+    }
+
+    /// Decodes every image once: the first undecodable one is an error under
+    /// [`BadRowPolicy::Stop`] (the rows are left as they were), or its row moves to the
+    /// skipped ones under [`BadRowPolicy::Skip`]. Returns the number of rows dropped.
+    pub(crate) fn check_all(&mut self) -> Result<usize> {
+        let mut keep = vec![true; self.entries.len()];
+        for (k, e) in self.entries.iter().enumerate() {
+            if let Err(err) = ImageRgb::open(&e.path) {
+                let bad = self.bad_row(e, err.to_string());
+                if self.policy == BadRowPolicy::Stop {
+                    bail!("{bad} (checking every image; fix it, or choose to skip bad rows)");
+                }
+                self.skipped.push(bad);
+                keep[k] = false;
+            }
+        }
+        let mut flags = keep.iter();
+        self.entries.retain(|_| *flags.next().unwrap_or(&true));
+        self.skipped.sort_by_key(|b| b.row);
+        let dropped = keep.iter().filter(|&&k| !k).count();
+        ensure!(!self.entries.is_empty(), "{}", self.nothing_left());
+        Ok(dropped)
     }
 }
 
@@ -358,8 +434,24 @@ pub fn epoch_order(len: usize, epoch: u64, seed: u64) -> Vec<usize> {
     order
 }
 
-/// Finds the image and prompt columns, or explains which are missing and what was found.
-fn find_columns(table: &CsvTable, csv: &Path) -> Result<(usize, usize)> {
+/// `` `a` ``, `` `a` or `b` ``, `` `a`, `b` or `c` ``: the names for a message.
+fn one_of(names: &[&str]) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+    match quoted.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => quoted.join(""),
+    }
+}
+
+/// Finds the image column (the first of `image_names` present) and the text column (the
+/// first of `text_names`), or explains which are missing and lists the columns found.
+/// A column name given twice in the header is an error.
+pub(crate) fn find_columns(
+    table: &CsvTable,
+    csv: &Path,
+    image_names: &[&str],
+    text_names: &[&str],
+) -> Result<(usize, usize)> {
     let mut seen = std::collections::HashSet::new();
     for name in &table.header {
         ensure!(
@@ -369,17 +461,23 @@ fn find_columns(table: &CsvTable, csv: &Path) -> Result<(usize, usize)> {
             name.trim()
         );
     }
-    let image = IMAGE_COLUMNS.iter().find_map(|c| table.column(c));
-    let prompt = table.column(PROMPT_COLUMN);
-    match (image, prompt) {
-        (Some(i), Some(p)) => Ok((i, p)),
+    let image = image_names.iter().find_map(|c| table.column(c));
+    let text = text_names.iter().find_map(|c| table.column(c));
+    match (image, text) {
+        (Some(i), Some(t)) => Ok((i, t)),
         _ => {
             let mut missing = Vec::new();
             if image.is_none() {
-                missing.push("an image column (`video`, `path` or `image`)".to_string());
+                missing.push(match image_names {
+                    [one] => format!("an image column `{one}`"),
+                    _ => format!("an image column ({})", one_of(image_names)),
+                });
             }
-            if prompt.is_none() {
-                missing.push(format!("a `{PROMPT_COLUMN}` column"));
+            if text.is_none() {
+                missing.push(match text_names {
+                    [one] => format!("a `{one}` column"),
+                    _ => format!("a caption column ({})", one_of(text_names)),
+                });
             }
             let found: Vec<String> = table.header.iter().map(|h| format!("`{h}`")).collect();
             bail!("{}: missing {}; the columns found are: {}", csv.display(), missing.join(" and "), found.join(", "))

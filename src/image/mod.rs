@@ -8,6 +8,8 @@
 //! - [`resize`]: the reference pipelines' resamplers reproduced exactly — Pillow's
 //!   antialiased bilinear with resize-to-cover and torchvision's center crop (training
 //!   data), Pillow's bicubic and PyTorch's bicubic `interpolate` (CLIP preprocessing).
+//! - [`augment`]: SynthCLIP's training (`RandomResizedCrop`) and evaluation (`Resize` +
+//!   `CenterCrop`) transforms with ImageNet normalization.
 //! - [`clip`]: the CLIP image encoder's input from a reference image.
 //! - [`png`]: PNG encoding and atomic PNG files ([`ImageRgb::save_png`], [`png::save_chw_png`]).
 
@@ -17,6 +19,7 @@ use ::image::{ImageFormat, ImageReader};
 
 use crate::{bail, ensure, Error, Result, Tensor};
 
+pub mod augment;
 pub mod clip;
 pub mod png;
 pub mod resize;

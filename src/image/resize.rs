@@ -8,6 +8,12 @@
 //! resize is PIL's `Image.resize(size, BILINEAR)`, which always antialiases
 //! ([`resize_bilinear`], [`cover_size`], [`center_crop`], [`resize_cover_crop`]).
 //!
+//! **SynthCLIP training and evaluation** ([`super::augment`]). torchvision's
+//! `RandomResizedCrop` on a PIL image is `resized_crop`: PIL's `crop` of the window, then
+//! the same bilinear `Image.resize` ([`crop`], [`resized_crop`]); `Resize(size)` with one
+//! integer sets the short side to `size` and truncates the long one ([`short_side_size`]),
+//! and `CenterCrop` is [`center_crop`] ([`resize_short_center_crop`] does both).
+//!
 //! **CLIP preprocessing** ([`super::clip`]). Pillow's `Image.resize((width, height))`
 //! with its default filter, bicubic with a = −0.5 ([`resize_bicubic`]), and PyTorch's
 //! `F.interpolate(mode="bicubic", align_corners=False)` with a = −0.75, not antialiased,
@@ -25,10 +31,13 @@
 //!   `align_corners=False`). The bilinear filter is the triangle `max(0, 1 − |x|)`, the
 //!   bicubic one the cubic convolution kernel with a = −0.5.
 //! - The weights become 22-bit fixed point (rounded half away from zero); each pass sums
-//!   `pixel · weight` in integers from `2²¹` (for rounding), shifts right by 22 and
-//!   clamps to [0, 255].
-//! - The horizontal pass runs first and its result is rounded to 8 bits before the
-//!   vertical pass; a pass whose size does not change is skipped.
+//!   `pixel · weight` in 32-bit integers from `2²¹` (for rounding), shifts right by 22
+//!   and clamps to [0, 255].
+//! - The first pass is rounded to 8 bits before the second; a pass whose size does not
+//!   change is skipped. Pillow 13 runs the vertical pass first when the height shrinks by
+//!   more than twice as many pixels as the width (`H − H' > 2·(W − W')`), else the
+//!   horizontal pass first (Pillow 12 and older always went horizontal first; the order
+//!   moves results by a level here and there).
 //! - For the crop, sizes round half to even (Python's `round`), and the crop offsets are
 //!   `round((H' − H_t)/2)`, `round((W' − W_t)/2)`, also half to even, as in torchvision.
 //!
@@ -93,7 +102,7 @@ struct AxisWeights {
     /// For output sample `i`: the first input index and the number of inputs used.
     bounds: Vec<(usize, usize)>,
     /// `taps` weights per output sample (unused ones are zero).
-    weights: Vec<i64>,
+    weights: Vec<i32>,
     taps: usize,
 }
 
@@ -105,7 +114,7 @@ impl AxisWeights {
         let taps = support.ceil() as usize * 2 + 1;
         let unit = (1u64 << PRECISION_BITS) as f64;
         let mut bounds = Vec::with_capacity(out_size);
-        let mut weights = vec![0i64; out_size * taps];
+        let mut weights = vec![0i32; out_size * taps];
         let mut w = vec![0f64; taps];
         for i in 0..out_size {
             let center = (i as f64 + 0.5) * scale;
@@ -121,7 +130,7 @@ impl AxisWeights {
             for k in 0..n {
                 let normalised = if sum != 0.0 { w[k] / sum } else { w[k] };
                 weights[i * taps + k] =
-                    if normalised < 0.0 { (-0.5 + normalised * unit) as i64 } else { (0.5 + normalised * unit) as i64 };
+                    if normalised < 0.0 { (-0.5 + normalised * unit) as i32 } else { (0.5 + normalised * unit) as i32 };
             }
             bounds.push((lo, n));
         }
@@ -129,64 +138,90 @@ impl AxisWeights {
     }
 
     /// The weights of output sample `i` with its first input index.
-    fn of(&self, i: usize) -> (usize, &[i64]) {
+    fn of(&self, i: usize) -> (usize, &[i32]) {
         let (lo, n) = self.bounds[i];
         (lo, &self.weights[i * self.taps..i * self.taps + n])
     }
 }
 
 /// Rounds a fixed-point accumulator to 8 bits with clamping.
-fn clip8(acc: i64) -> u8 {
+fn clip8(acc: i32) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// Pillow's `Image.resize((out_w, out_h), filter)` of an RGB image.
+/// The accumulator's start: one half in fixed point, so that the shift rounds.
+const ROUNDING: i32 = 1 << (PRECISION_BITS - 1);
+
+/// Pillow's horizontal pass: every row resampled to `out_w` pixels.
+fn horizontal_pass(src: &ImageRgb, out_w: usize, filter: PilFilter) -> Result<ImageRgb> {
+    let (in_w, in_h) = (src.width(), src.height());
+    let ax = AxisWeights::new(filter, in_w, out_w);
+    let mut data = vec![0u8; out_w * in_h * 3];
+    for (row, out) in src.data().chunks_exact(in_w * 3).zip(data.chunks_exact_mut(out_w * 3)) {
+        for (x, px) in out.chunks_exact_mut(3).enumerate() {
+            let (lo, k) = ax.of(x);
+            let mut acc = [ROUNDING; 3];
+            for (p, &wt) in row[lo * 3..].chunks_exact(3).zip(k) {
+                for c in 0..3 {
+                    acc[c] += i32::from(p[c]) * wt;
+                }
+            }
+            for c in 0..3 {
+                px[c] = clip8(acc[c]);
+            }
+        }
+    }
+    ImageRgb::new(out_w, in_h, data)
+}
+
+/// Pillow's vertical pass: every column resampled to `out_h` pixels.
+fn vertical_pass(src: &ImageRgb, out_h: usize, filter: PilFilter) -> Result<ImageRgb> {
+    let (w, in_h) = (src.width(), src.height());
+    let ax = AxisWeights::new(filter, in_h, out_h);
+    let stride = w * 3;
+    let mut data = vec![0u8; stride * out_h];
+    let mut acc = vec![0i32; stride];
+    for (y, out) in data.chunks_exact_mut(stride).enumerate() {
+        let (lo, k) = ax.of(y);
+        acc.fill(ROUNDING);
+        // Row by row, so that the inner loop runs over contiguous bytes; the sum per
+        // output byte is the same as Pillow's tap-by-tap loop (integer addition).
+        for (t, &wt) in k.iter().enumerate() {
+            let row = &src.data()[(lo + t) * stride..(lo + t + 1) * stride];
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a += i32::from(v) * wt;
+            }
+        }
+        for (o, &a) in out.iter_mut().zip(&acc) {
+            *o = clip8(a);
+        }
+    }
+    ImageRgb::new(w, out_h, data)
+}
+
+/// Pillow's `Image.resize((out_w, out_h), filter)` of an RGB image (Pillow 13's
+/// `ImagingResampleInner`): two passes, each rounded to 8 bits; a pass whose size does
+/// not change is skipped. The vertical pass runs first when the height shrinks by more
+/// than twice as many pixels as the width does (`in_h − out_h > 2·(in_w − out_w)`,
+/// signed), the horizontal pass first otherwise.
 fn resample(src: &ImageRgb, out_w: usize, out_h: usize, filter: PilFilter) -> Result<ImageRgb> {
     let (in_w, in_h) = (src.width(), src.height());
-    let rounding = 1i64 << (PRECISION_BITS - 1);
-
-    let horizontal = if out_w != in_w {
-        let ax = AxisWeights::new(filter, in_w, out_w);
-        let mut data = vec![0u8; out_w * in_h * 3];
-        for y in 0..in_h {
-            let row = &src.data()[y * in_w * 3..(y + 1) * in_w * 3];
-            for x in 0..out_w {
-                let (lo, k) = ax.of(x);
-                let mut acc = [rounding; 3];
-                for (t, &wt) in k.iter().enumerate() {
-                    let p = (lo + t) * 3;
-                    for c in 0..3 {
-                        acc[c] += i64::from(row[p + c]) * wt;
-                    }
-                }
-                let o = (y * out_w + x) * 3;
-                for c in 0..3 {
-                    data[o + c] = clip8(acc[c]);
-                }
-            }
-        }
-        ImageRgb::new(out_w, in_h, data)?
-    } else {
-        src.clone()
+    let shrink_h = in_h as i64 - out_h as i64;
+    let shrink_w = in_w as i64 - out_w as i64;
+    let vertical_first = shrink_h > 0 && shrink_h > 2 * shrink_w;
+    let pass = |img: &ImageRgb, horizontal: bool| -> Result<Option<ImageRgb>> {
+        Ok(if horizontal {
+            (img.width() != out_w).then(|| horizontal_pass(img, out_w, filter)).transpose()?
+        } else {
+            (img.height() != out_h).then(|| vertical_pass(img, out_h, filter)).transpose()?
+        })
     };
-
-    if out_h == in_h {
-        return Ok(horizontal);
+    let first = pass(src, !vertical_first)?;
+    let mid = first.as_ref().unwrap_or(src);
+    match pass(mid, vertical_first)? {
+        Some(out) => Ok(out),
+        None => Ok(first.unwrap_or_else(|| src.clone())),
     }
-    let ax = AxisWeights::new(filter, in_h, out_h);
-    let stride = out_w * 3;
-    let mut data = vec![0u8; out_w * out_h * 3];
-    for y in 0..out_h {
-        let (lo, k) = ax.of(y);
-        for i in 0..stride {
-            let mut acc = rounding;
-            for (t, &wt) in k.iter().enumerate() {
-                acc += i64::from(horizontal.data()[(lo + t) * stride + i]) * wt;
-            }
-            data[y * stride + i] = clip8(acc);
-        }
-    }
-    ImageRgb::new(out_w, out_h, data)
 }
 
 /// Resizes to `out_w × out_h` with Pillow's antialiased bilinear filter,
@@ -226,12 +261,71 @@ pub fn center_crop(src: &ImageRgb, crop_w: usize, crop_h: usize) -> Result<Image
     );
     let top = ((h - crop_h) as f64 / 2.0).round_ties_even() as usize;
     let left = ((w - crop_w) as f64 / 2.0).round_ties_even() as usize;
+    crop(src, left, top, crop_w, crop_h)
+}
+
+/// The `crop_w × crop_h` window whose top-left pixel is (`left`, `top`), as PIL's
+/// `Image.crop((left, top, left + w, top + h))` inside the image. The window must fit.
+pub fn crop(src: &ImageRgb, left: usize, top: usize, crop_w: usize, crop_h: usize) -> Result<ImageRgb> {
+    let (w, h) = (src.width(), src.height());
+    ensure!(
+        crop_w > 0 && crop_h > 0 && left + crop_w <= w && top + crop_h <= h,
+        "crop: the window {crop_w}x{crop_h} at ({left}, {top}) does not fit in an image of {w}x{h}"
+    );
     let mut data = Vec::with_capacity(crop_w * crop_h * 3);
     for y in top..top + crop_h {
         let start = (y * w + left) * 3;
         data.extend_from_slice(&src.data()[start..start + crop_w * 3]);
     }
     ImageRgb::new(crop_w, crop_h, data)
+}
+
+/// torchvision's `resized_crop` on a PIL image: the window at (`left`, `top`) of
+/// `crop_w × crop_h` is cut out ([`crop`]), then resized to `out_w × out_h` with
+/// Pillow's antialiased bilinear filter ([`resize_bilinear`]); a window already of the
+/// output size is returned as cut. (Cutting first matters: Pillow's `resize(box=…)`
+/// would let the filter reach pixels outside the window.)
+#[allow(clippy::too_many_arguments)]
+pub fn resized_crop(
+    src: &ImageRgb,
+    left: usize,
+    top: usize,
+    crop_w: usize,
+    crop_h: usize,
+    out_w: usize,
+    out_h: usize,
+) -> Result<ImageRgb> {
+    ensure!(out_w > 0 && out_h > 0, "resized_crop: the output size {out_w}x{out_h} is empty");
+    let window = crop(src, left, top, crop_w, crop_h)?;
+    if (crop_w, crop_h) == (out_w, out_h) {
+        return Ok(window);
+    }
+    resize_bilinear(&window, out_w, out_h)
+}
+
+/// The size `(W', H')` torchvision's `Resize(size)` with one integer gives an image of
+/// `width × height`: the short side becomes `size`, the long side
+/// `int(size · long / short)`, truncated (the f64 quotient of two exact integers, whose
+/// truncation is the integer quotient for any image size). A square stays square.
+pub fn short_side_size(width: usize, height: usize, size: usize) -> (usize, usize) {
+    let (short, long) = if width <= height { (width, height) } else { (height, width) };
+    let new_long = (size * long).checked_div(short).unwrap_or(0);
+    if width <= height {
+        (size, new_long)
+    } else {
+        (new_long, size)
+    }
+}
+
+/// torchvision's `Resize(size)` then `CenterCrop(size)` on a PIL image: the short side
+/// is resized to `size` ([`short_side_size`], Pillow's bilinear, skipped when the size
+/// does not change), then the central `size × size` window is cut ([`center_crop`]).
+pub fn resize_short_center_crop(src: &ImageRgb, size: usize) -> Result<ImageRgb> {
+    ensure!(size > 0, "resize_short_center_crop: the size must be positive");
+    // Both sides come out at least `size` (long ≥ short), so the crop always fits.
+    let (w, h) = short_side_size(src.width(), src.height(), size);
+    let resized = if (w, h) == (src.width(), src.height()) { src.clone() } else { resize_bilinear(src, w, h)? };
+    center_crop(&resized, size, size)
 }
 
 /// Resize-to-cover then center crop to exactly `target_w × target_h`, as Synthos'
