@@ -41,6 +41,7 @@ pub mod data;
 pub mod desc;
 mod device;
 mod error;
+pub mod eval;
 pub mod fsutil;
 pub mod image;
 pub mod models;

@@ -34,6 +34,15 @@ enum Command {
     /// (guided flow-matching Euler sampler). Without weights it samples the demo
     /// model (its newest checkpoint in runs/demo).
     Sample(Box<cli::sample::SampleArgs>),
+    /// Train a CLIP contrastively on image–caption pairs (SynthCLIP: ViT-B/16, its
+    /// recipe and data format), with checkpoints, resume, metrics, a loss plot and
+    /// zero-shot validation. Without --data it trains a small CLIP on generated shapes
+    /// and evaluates it zero-shot on shape/colour pairs it never saw.
+    ClipTrain(Box<cli::clip::ClipTrainArgs>),
+    /// Evaluate a CLIP: zero-shot classification of an image folder (top-1/top-5) and
+    /// image↔text retrieval (recall@1/5/10); takes our checkpoints, SynthCLIP/SLIP `.pt`
+    /// and OpenCLIP weights.
+    ClipEval(Box<cli::clip::ClipEvalArgs>),
 }
 
 fn info() -> Result<()> {
@@ -67,6 +76,8 @@ fn main() -> ExitCode {
         Command::Bench(args) => cli::bench::run(&args),
         Command::Train(args) => cli::train::run(&args),
         Command::Sample(args) => cli::sample::run(&args),
+        Command::ClipTrain(args) => cli::clip::run_train(&args),
+        Command::ClipEval(args) => cli::clip::run_eval(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

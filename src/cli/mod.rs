@@ -3,6 +3,7 @@
 //! does goes through the library's public API.
 
 pub mod bench;
+pub mod clip;
 pub mod model_args;
 pub mod sample;
 pub mod train;

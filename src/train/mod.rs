@@ -4,6 +4,7 @@
 //! encoder-output cache and the [`Trainer`].
 
 mod cache;
+pub mod clip;
 mod config;
 mod loss;
 mod run_loop;
