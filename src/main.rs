@@ -37,7 +37,7 @@ enum Command {
     /// Train a CLIP contrastively on image–caption pairs (SynthCLIP: ViT-B/16, its
     /// recipe and data format), with checkpoints, resume, metrics, a loss plot and
     /// zero-shot validation. Without --data it trains a small CLIP on generated shapes
-    /// and evaluates it zero-shot on shape/colour pairs it never saw.
+    /// and evaluates it zero-shot on shape images it never saw.
     ClipTrain(Box<cli::clip::ClipTrainArgs>),
     /// Evaluate a CLIP: zero-shot classification of an image folder (top-1/top-5) and
     /// image↔text retrieval (recall@1/5/10); takes our checkpoints, SynthCLIP/SLIP `.pt`

@@ -346,6 +346,7 @@ fn slip_learning_rate_schedule() {
         output: temp_dir("clip_schedule"),
         batch_size: 1,
         grad_accum: 1,
+        drop_last: false,
         epochs: 3,
         max_steps: None,
         lr: 5e-4,

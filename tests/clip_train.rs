@@ -7,7 +7,7 @@ use common::temp_dir;
 
 use std::path::Path;
 
-use synthos_engine::data::demo::{generate_clip_demo, CLIP_DEMO_HELD_OUT};
+use synthos_engine::data::demo::{generate_clip_demo, DemoAttrs};
 use synthos_engine::data::BadRowPolicy;
 use synthos_engine::eval::{recall_at, retrieval_eval, zero_shot_eval, ImageFolder, ZeroShotReport};
 use synthos_engine::models::clip::{ClipConfig, ClipModel};
@@ -36,20 +36,24 @@ fn weights(m: &ClipModel) -> Vec<(String, Vec<f32>)> {
 }
 
 #[test]
-fn demo_set_holds_out_shape_colour_pairs() {
+fn demo_set_holds_out_attribute_combinations() {
     let dir = temp_dir("clip_demo_set");
     let set = generate_clip_demo(&dir, 32, 3).unwrap();
-    assert_eq!((set.train_pairs, set.val_images, set.classes.len()), (450, 90, 18));
+    assert_eq!((set.train_pairs, set.val_images, set.classes.len()), (432, 108, 18));
     let tsv = std::fs::read_to_string(&set.train_tsv).unwrap();
     assert!(tsv.starts_with("image_path\tcaption\n"));
-    assert_eq!(tsv.lines().count(), 451);
-    for (c, s) in CLIP_DEMO_HELD_OUT {
-        let pair = format!(" {} {}", c.name(), s.name());
-        assert!(!tsv.contains(&pair), "held-out pair{pair} appears in training captions");
-    }
+    assert_eq!(tsv.lines().count(), 433);
+    let train: std::collections::HashSet<&str> = tsv.lines().skip(1).map(|l| l.split('\t').nth(1).unwrap()).collect();
+    let held: Vec<DemoAttrs> = DemoAttrs::all().into_iter().filter(|a| !train.contains(a.caption().as_str())).collect();
+    assert_eq!(held.len(), 108, "every combination is either trained on or held out");
     let folder = ImageFolder::open(&set.val_dir).unwrap();
     assert_eq!(folder.class_names(), set.classes.as_slice());
-    assert_eq!(folder.items().len(), 90);
+    assert_eq!(folder.items().len(), 108);
+    // Six unseen images in every class, under the right class.
+    for (c, name) in set.classes.iter().enumerate() {
+        assert_eq!(folder.items().iter().filter(|(_, k)| *k == c).count(), 6, "{name}");
+        assert_eq!(held.iter().filter(|a| format!("{} {}", a.colour.name(), a.shape.name()) == *name).count(), 6);
+    }
     assert!(set.templates.iter().all(|t| t.contains("{}")) && set.templates.len() == 12);
     // Deterministic: the same call writes the same bytes.
     let again = temp_dir("clip_demo_set_again");
@@ -157,11 +161,10 @@ fn demo_training_learns_and_validates_zero_shot() {
     let (first, last) = (s.run.first_loss.unwrap(), s.run.final_loss.unwrap());
     assert!(last < 0.8 * first, "the contrastive loss did not fall: {first} → {last}");
     let z = s.zero_shot.expect("a zero-shot report at the end");
-    assert_eq!((z.images, z.classes.len()), (90, 18));
+    assert_eq!((z.images, z.classes.len()), (108, 18));
     assert!(dir.join("run/zeroshot-step-20.json").is_file() && dir.join("run/zeroshot-step-40.json").is_file());
     assert_eq!(ZeroShotReport::read(dir.join("run/zeroshot-step-40.json")).unwrap().to_json(), z.to_json());
-    // The held-out classes are the only ones with images.
-    assert_eq!(z.per_class_top1.iter().filter(|v| v.is_finite()).count(), 3);
+    assert_eq!(z.per_class_top1.iter().filter(|v| v.is_finite()).count(), 18);
 }
 
 #[test]
@@ -172,7 +175,7 @@ fn zero_shot_and_retrieval_evaluation() {
     let tok = ClipTokenizer::new().unwrap().with_context_length(16).unwrap();
     let folder = ImageFolder::open(&set.val_dir).unwrap();
     let r = zero_shot_eval(&model, &tok, &folder, &set.classes, &set.templates, Truncation::KeepEnd, 7, 0).unwrap();
-    assert_eq!(r.images, 90);
+    assert_eq!(r.images, 108);
     assert!((0.0..=100.0).contains(&r.top1) && r.top5 >= r.top1);
     // Batching does not change the result.
     let r2 = zero_shot_eval(&model, &tok, &folder, &set.classes, &set.templates, Truncation::KeepEnd, 64, 0).unwrap();
@@ -212,7 +215,7 @@ fn bad_data_is_named() {
     c.bad_rows = BadRowPolicy::Stop;
     let model = ClipModel::random(&ClipConfig::tiny(), 0, Device::Cpu, DType::F32).unwrap();
     let e = ClipTrainer::new(model, c).err().unwrap().to_string();
-    assert!(e.contains("bad.tsv") && e.contains("452") && e.contains("missing.png"), "{e}");
+    assert!(e.contains("bad.tsv") && e.contains("434") && e.contains("missing.png"), "{e}");
     let c = ClipTrainConfig { accum_steps: 3, ..short(&set.train_tsv, &dir.join("run2"), 16, 1, 2) };
     let model = ClipModel::random(&ClipConfig::tiny(), 0, Device::Cpu, DType::F32).unwrap();
     let e = ClipTrainer::new(model, c).err().unwrap().to_string();

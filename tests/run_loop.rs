@@ -66,6 +66,7 @@ fn settings(output: &Path, max_steps: u64, resume: bool) -> LoopSettings {
         output: output.to_path_buf(),
         batch_size: 4,
         grad_accum: 2,
+        drop_last: false,
         epochs: 20,
         max_steps: Some(max_steps),
         lr: 0.1,

@@ -78,7 +78,7 @@ pub struct ClipTrainArgs {
     model: ClipModelArgs,
     /// Image–caption pairs: a SynthCLIP .tsv (columns image_path, caption; paths relative
     /// to the file) or a folder holding metadata.csv. Without it: the built-in demo (a
-    /// small CLIP on generated shapes, zero-shot on held-out shape/colour pairs).
+    /// small CLIP on generated shapes, zero-shot on attribute combinations it never saw).
     #[arg(long, value_name = "TSV|DIR")]
     data: Option<PathBuf>,
     /// Run folder (checkpoints, resume state, metrics.jsonl, loss.png, zeroshot-*.json).
@@ -230,7 +230,7 @@ pub fn run_train(args: &ClipTrainArgs) -> Result<()> {
         println!("loss curve: {}", output.join("loss.png").display());
     }
     if let Some(z) = &summary.zero_shot {
-        let what = if demo { "zero-shot on held-out shape/colour pairs" } else { "zero-shot" };
+        let what = if demo { "zero-shot on held-out shape images (18 shape/colour classes)" } else { "zero-shot" };
         println!("{what}: {}", z.summary());
     }
     Ok(())

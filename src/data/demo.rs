@@ -355,11 +355,9 @@ pub fn generate(dir: impl AsRef<Path>, n: usize, size: usize, seed: u64) -> Resu
 /// Image side of the CLIP demo set ([`generate_clip_demo`]): the tiny CLIP's input.
 pub const CLIP_DEMO_IMAGE_SIZE: usize = 32;
 
-/// The shape/colour pairs the CLIP demo never shows in training: each shape and each
-/// colour still appears with others, so a model that learnt the words separately can
-/// name these pairs zero-shot.
-pub const CLIP_DEMO_HELD_OUT: [(Colour, Shape); 3] =
-    [(Colour::Red, Shape::Triangle), (Colour::Green, Shape::Circle), (Colour::Blue, Shape::Square)];
+/// Of each shape/colour class's 30 images (5 backgrounds × 2 sizes × 3 textures), the
+/// CLIP demo holds out this many from training for the zero-shot evaluation.
+pub const CLIP_DEMO_HELD_OUT_PER_CLASS: usize = 6;
 
 /// What [`generate_clip_demo`] wrote.
 #[derive(Clone, Debug)]
@@ -367,8 +365,8 @@ pub struct ClipDemoSet {
     /// The training pairs, SynthCLIP's format: `image_path<TAB>caption`, paths relative to
     /// the file.
     pub train_tsv: std::path::PathBuf,
-    /// The zero-shot set: one sub-folder per shape/colour class (`red triangle`, …); only
-    /// the held-out pairs' folders hold images.
+    /// The zero-shot set: one sub-folder per shape/colour class (`red triangle`, …) with
+    /// the images of attribute combinations training never saw.
     pub val_dir: std::path::PathBuf,
     /// Training pairs written.
     pub train_pairs: usize,
@@ -381,16 +379,17 @@ pub struct ClipDemoSet {
     pub templates: Vec<String>,
 }
 
-/// Writes the CLIP demo set to `dir`: every attribute combination ([`DemoAttrs::all`])
-/// whose shape/colour pair is not in [`CLIP_DEMO_HELD_OUT`] as a training pair (450
-/// images of `size`², `train/NNNNN.png` and `train.tsv`), and every combination of the
-/// held-out pairs (90 images) under `zeroshot/<colour> <shape>/`. Deterministic; `seed`
-/// orders the training rows. Existing files of the same names are replaced.
+/// Writes the CLIP demo set to `dir`. Every attribute combination ([`DemoAttrs::all`],
+/// 540) is one image of `size`²; of each shape/colour class's 30 combinations,
+/// [`CLIP_DEMO_HELD_OUT_PER_CLASS`] (a fixed, spread-out choice of backgrounds, sizes and
+/// textures) go to the zero-shot set `zeroshot/<colour> <shape>/` and the other 432 to
+/// training (`train/NNNNN.png` and `train.tsv`). So the evaluation shows a model images
+/// (and combinations of words) it never saw, of classes named only through prompts.
+/// Deterministic; `seed` orders the training rows. Existing files are replaced.
 pub fn generate_clip_demo(dir: impl AsRef<Path>, size: usize, seed: u64) -> Result<ClipDemoSet> {
     let dir = dir.as_ref();
     let train_dir = dir.join("train");
     let val_dir = dir.join("zeroshot");
-    let held = |a: &DemoAttrs| CLIP_DEMO_HELD_OUT.contains(&(a.colour, a.shape));
     let class_name = |c: Colour, s: Shape| format!("{} {}", c.name(), s.name());
     let mut classes: Vec<String> =
         Colour::ALL.iter().flat_map(|&c| Shape::ALL.iter().map(move |&s| class_name(c, s))).collect();
@@ -400,7 +399,21 @@ pub fn generate_clip_demo(dir: impl AsRef<Path>, size: usize, seed: u64) -> Resu
         let d = val_dir.join(c);
         fs::create_dir_all(&d).with_ctx(|| format!("cannot create {}", d.display()))?;
     }
-    let mut train: Vec<DemoAttrs> = DemoAttrs::all().into_iter().filter(|a| !held(a)).collect();
+    // Within a class, combination k (in `all()`'s order) is held out when k ≡ class (mod 5):
+    // 6 of 30, a different background/size/texture mix for each class.
+    let stride = 30 / CLIP_DEMO_HELD_OUT_PER_CLASS;
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    let mut seen: std::collections::HashMap<(Colour, Shape), usize> = std::collections::HashMap::new();
+    for a in DemoAttrs::all() {
+        let class = classes.iter().position(|c| *c == class_name(a.colour, a.shape)).unwrap_or(0);
+        let k = seen.entry((a.colour, a.shape)).or_insert(0);
+        if *k % stride == class % stride {
+            val.push(a);
+        } else {
+            train.push(a);
+        }
+        *k += 1;
+    }
     Rng::new(seed).shuffle(&mut train);
     let mut tsv = String::from("image_path\tcaption\n");
     for (i, a) in train.iter().enumerate() {
@@ -410,21 +423,15 @@ pub fn generate_clip_demo(dir: impl AsRef<Path>, size: usize, seed: u64) -> Resu
     }
     let train_tsv = dir.join("train.tsv");
     write_atomic(&train_tsv, tsv.as_bytes())?;
-    let mut val_images = 0;
-    for a in DemoAttrs::all().into_iter().filter(held) {
+    for (i, a) in val.iter().enumerate() {
         let texture = a.texture.phrase().trim().replace(' ', "-");
-        let file = format!(
-            "{val_images:03}-{}{}-on-{}.png",
-            a.size.name(),
-            if texture.is_empty() { String::new() } else { format!("-{texture}") },
-            a.background.name()
-        );
-        render(&a, size)?.save_png(val_dir.join(class_name(a.colour, a.shape)).join(file))?;
-        val_images += 1;
+        let texture = if texture.is_empty() { String::new() } else { format!("-{texture}") };
+        let file = format!("{i:03}-{}{texture}-on-{}.png", a.size.name(), a.background.name());
+        render(a, size)?.save_png(val_dir.join(class_name(a.colour, a.shape)).join(file))?;
     }
     let templates = ShapeSize::ALL
         .iter()
         .flat_map(|s| Colour::ALL.iter().map(move |b| format!("a {} {{}} on a {} background", s.name(), b.name())))
         .collect();
-    Ok(ClipDemoSet { train_tsv, val_dir, train_pairs: train.len(), val_images, classes, templates })
+    Ok(ClipDemoSet { train_tsv, val_dir, train_pairs: train.len(), val_images: val.len(), classes, templates })
 }

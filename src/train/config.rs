@@ -212,6 +212,7 @@ impl TrainConfig {
             output: self.output.clone(),
             batch_size: self.batch_size,
             grad_accum: self.grad_accum,
+            drop_last: false,
             epochs: self.epochs,
             max_steps: self.max_steps,
             lr: self.lr,

@@ -70,6 +70,10 @@ pub struct LoopSettings {
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
+    /// Leave out each epoch's last step when it would be short (fewer than
+    /// `batch_size × grad_accum` samples): SynthCLIP's `drop_last`, so that every
+    /// contrastive batch has its full set of negatives.
+    pub drop_last: bool,
     /// Passes over the data.
     pub epochs: u64,
     /// Stop after this many steps even if epochs remain.
@@ -236,8 +240,19 @@ impl RunLoop {
         for (name, t) in &params {
             opt.add_param(name, t, decays(name, t.shape()))?;
         }
-        let micro = dataset_len.div_ceil(settings.batch_size) as u64;
-        let steps_per_epoch = micro.div_ceil(settings.grad_accum as u64);
+        let steps_per_epoch = if settings.drop_last {
+            let per_step = settings.batch_size * settings.grad_accum;
+            if dataset_len < per_step {
+                bail!(
+                    "{dataset_len} samples do not fill one step of {per_step} (batch {} × {})",
+                    settings.batch_size,
+                    settings.grad_accum
+                );
+            }
+            (dataset_len / per_step) as u64
+        } else {
+            (dataset_len.div_ceil(settings.batch_size) as u64).div_ceil(settings.grad_accum as u64)
+        };
         let by_epochs = steps_per_epoch * settings.epochs;
         let total_steps = match settings.max_steps {
             Some(m) if settings.epochs == 0 => m,
