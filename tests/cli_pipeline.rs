@@ -175,3 +175,55 @@ fn cli_mistakes_get_readable_errors() {
     let e = err(&["train", "--device", "cpu", "--resume", "--output", &out]);
     assert!(e.contains("resume"), "{e}");
 }
+
+#[test]
+fn clip_train_demo_then_clip_eval() {
+    let base = common::temp_dir("cli-clip");
+    let out = base.join("run").display().to_string();
+    let text = ok(&run(&["clip-train", "--device", "cpu", "--max-steps", "4", "--output", &out].map(String::from)));
+    assert!(text.contains("zero-shot on held-out shape images") && text.contains("chance 5.56%"), "{text}");
+    let ckpt = base.join("run/step-4.safetensors").display().to_string();
+    let val = base.join("run/demo-data/zeroshot").display().to_string();
+    let tsv = base.join("run/demo-data/train.tsv").display().to_string();
+    let json = base.join("eval.json").display().to_string();
+    let text = ok(&run(&[
+        "clip-eval",
+        "--device",
+        "cpu",
+        "--model",
+        "tiny",
+        "--weights",
+        &ckpt,
+        "--images",
+        &val,
+        "--retrieval",
+        &tsv,
+        "--json",
+        &json,
+    ]
+    .map(String::from)));
+    assert!(text.contains("top-1") && text.contains("R@10"), "{text}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["zero_shot"]["images"], 108);
+    assert_eq!(v["retrieval"]["pairs"], 432);
+    // Mistakes.
+    let e = err(&["clip-eval", "--device", "cpu", "--images", &val]);
+    assert!(e.contains("--weights"), "{e}");
+    let e = err(&["clip-eval", "--device", "cpu", "--weights", &ckpt]);
+    assert!(e.contains("nothing to evaluate"), "{e}");
+    let e = err(&["clip-eval", "--device", "cpu", "--weights", &ckpt, "--images", &val]);
+    assert!(e.contains("naming") || e.contains("shape"), "the default ViT-B/16 config does not fit tiny weights: {e}");
+    let e =
+        err(&["clip-train", "--device", "cpu", "--batch-size", "1", "--output", &base.join("b").display().to_string()]);
+    assert!(e.contains("--batch-size must be at least 2"), "{e}");
+    let e = err(&[
+        "clip-train",
+        "--device",
+        "cpu",
+        "--data",
+        "/nonexistent/pairs.tsv",
+        "--output",
+        &base.join("c").display().to_string(),
+    ]);
+    assert!(e.contains("/nonexistent/pairs.tsv"), "{e}");
+}
