@@ -58,3 +58,25 @@ fn elementwise_reductions_and_permutes_are_thread_count_independent() {
         ]
     });
 }
+
+#[test]
+fn gemm_tiles_are_thread_count_independent() {
+    use synthos_engine::cpu::matmul::gemm;
+    use synthos_engine::desc::Gemm;
+    // Tall (cut into row bands), short and wide (cut into column bands), batched (cut by
+    // batch or by rows), each with and without transposes and a bias: the tiles differ
+    // between 1 and 3 threads, the results must not.
+    let cases = [
+        Gemm { batch: 1, m: 517, k: 129, n: 67, trans_a: false, trans_b: true },
+        Gemm { batch: 1, m: 37, k: 203, n: 1031, trans_a: true, trans_b: false },
+        Gemm { batch: 3, m: 301, k: 65, n: 97, trans_a: false, trans_b: false },
+        Gemm { batch: 13, m: 70, k: 33, n: 71, trans_a: true, trans_b: true },
+    ];
+    for (i, g) in cases.iter().enumerate() {
+        let (na, nb, _) = g.sizes();
+        let (a, b, bias) = (randn(na, 20 + i as u64), randn(nb, 30 + i as u64), randn(g.n, 40 + i as u64));
+        same_bits(&format!("gemm {g:?}"), || {
+            vec![gemm(&a, &b, None, g).unwrap(), gemm(&a, &b, Some(&bias), g).unwrap()]
+        });
+    }
+}

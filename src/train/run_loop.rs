@@ -334,7 +334,18 @@ impl RunLoop {
 
     /// Runs one optimizer step (all its micro-batches). A non-finite loss or gradient is
     /// an error and leaves the weights untouched.
-    pub fn train_step(&mut self, task: &mut impl TrainTask) -> Result<StepStats> {
+    ///
+    /// On the CPU the step runs on a thread of the rayon pool, so that every op's
+    /// parallel loop starts where its workers are, instead of handing each op over from
+    /// an outside thread and waiting for it (a wake-up and a sleep per op).
+    pub fn train_step(&mut self, task: &mut (impl TrainTask + Send)) -> Result<StepStats> {
+        if task.device() == Device::Cpu && rayon::current_thread_index().is_none() {
+            return rayon::join(|| self.train_step_here(task), || ()).0;
+        }
+        self.train_step_here(task)
+    }
+
+    fn train_step_here(&mut self, task: &mut impl TrainTask) -> Result<StepStats> {
         if self.step >= self.total_steps {
             bail!("the run is complete ({} steps)", self.total_steps);
         }
@@ -398,7 +409,7 @@ impl RunLoop {
     /// Runs the remaining steps with progress, metrics, checkpoints (`step-N` every
     /// `save_every`, `epoch-N` after each epoch, 0-based, and the final step),
     /// validation and the loss plot.
-    pub fn run(&mut self, task: &mut impl TrainTask) -> Result<TrainSummary> {
+    pub fn run(&mut self, task: &mut (impl TrainTask + Send)) -> Result<TrainSummary> {
         let start = Instant::now();
         let mut progress = (!self.quiet).then(|| Progress::new(self.total_steps, self.step));
         let mut summary = TrainSummary {
