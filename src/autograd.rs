@@ -55,6 +55,25 @@ pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
     with_recording(false, f)
 }
 
+/// Runs `f` on a tape of its own, with recording set to `recording`, and restores the
+/// thread's tape and recording state after (the nodes `f` leaves unconsumed are dropped).
+///
+/// A job that may run on a shared thread pool needs this: the tape is per thread, and
+/// a pool thread that waits inside one job (a parallel loop, a join) may run another,
+/// so without a tape of its own the second job would record onto, and be switched off
+/// by, the state of the first.
+pub fn isolated<R>(recording: bool, f: impl FnOnce() -> R) -> R {
+    struct PopFrame;
+    impl Drop for PopFrame {
+        fn drop(&mut self) {
+            FRAMES.with(|fr| fr.borrow_mut().pop());
+        }
+    }
+    FRAMES.with(|fr| fr.borrow_mut().push(Vec::new()));
+    let _pop = PopFrame;
+    with_recording(recording, f)
+}
+
 /// True when an op with these inputs must record itself.
 pub fn needs_grad(inputs: &[&Tensor]) -> bool {
     is_recording() && inputs.iter().any(|t| t.is_tracked())

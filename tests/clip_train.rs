@@ -221,3 +221,28 @@ fn bad_data_is_named() {
     let e = ClipTrainer::new(model, c).err().unwrap().to_string();
     assert!(e.contains("--accum-steps 3") && e.contains("--batch-size 16"), "{e}");
 }
+
+/// A training step started on a pool thread that is itself inside `no_grad` (as happens
+/// when a waiting pool thread picks up another caller's step) records on a tape of its
+/// own and trains; the caller's tape and recording state are as they were after.
+#[test]
+fn a_step_run_inside_no_grad_on_a_pool_thread_still_trains() {
+    use synthos_engine::autograd;
+    let dir = temp_dir("clip_isolated_step");
+    let set = generate_clip_demo(dir.join("data"), 32, 2).unwrap();
+    let model = ClipModel::random(&ClipConfig::tiny(), 4, Device::Cpu, DType::F32).unwrap();
+    let before = weights(&model);
+    let mut t = ClipTrainer::new(model, short(&set.train_tsv, &dir.join("run"), 32, 1, 2)).unwrap();
+    t.set_quiet(true);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let (summary, still_off) = pool.install(|| {
+        autograd::no_grad(|| {
+            let s = t.train();
+            (s, !autograd::is_recording())
+        })
+    });
+    assert_eq!(summary.unwrap().run.steps, 2);
+    assert!(still_off, "the caller's no_grad holds after the step");
+    let after = weights(t.model());
+    assert!(before.iter().zip(&after).any(|(a, b)| a.1 != b.1), "the step changed the weights");
+}

@@ -339,10 +339,12 @@ impl RunLoop {
     /// parallel loop starts where its workers are, instead of handing each op over from
     /// an outside thread and waiting for it (a wake-up and a sleep per op).
     pub fn train_step(&mut self, task: &mut (impl TrainTask + Send)) -> Result<StepStats> {
+        // The step records on a tape of its own (a pool thread may pick it up while it
+        // waits inside another job, whose tape and recording state are not this one's).
         if task.device() == Device::Cpu && rayon::current_thread_index().is_none() {
-            return rayon::join(|| self.train_step_here(task), || ()).0;
+            return rayon::join(|| autograd::isolated(true, || self.train_step_here(task)), || ()).0;
         }
-        self.train_step_here(task)
+        autograd::isolated(true, || self.train_step_here(task))
     }
 
     fn train_step_here(&mut self, task: &mut impl TrainTask) -> Result<StepStats> {
