@@ -308,10 +308,10 @@ pub fn render_log_log_plot(
         .iter()
         .map(|s| s.points.iter().copied().filter(usable).map(|(x, y)| (x.log10(), y.log10())).collect())
         .collect();
+    ensure!(curves.iter().any(|c| !c.is_empty()), "render_log_log_plot: no point is positive and finite");
     let all = curves.iter().flatten();
     let (mut x_lo, mut x_hi) = all.clone().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
     let (mut y_lo, mut y_hi) = all.fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
-    ensure!(x_lo <= x_hi, "render_log_log_plot: no point is positive and finite");
     let reference = reference_y.filter(|(v, _)| v.is_finite() && *v > 0.0).map(|(v, l)| (v.log10(), l));
     if let Some((r, _)) = reference {
         y_lo = y_lo.min(r);
