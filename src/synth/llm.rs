@@ -7,7 +7,7 @@
 //! `[INST] … [/INST]`, a user turn) and the seed's sampling settings (temperature 0.7,
 //! top-p 0.95, presence and frequency penalties 1.0; see [`LlmOptions`]). The reply's
 //! `choices[0].message.content` is cleaned with
-//! [`clean_caption`](super::captions::clean_caption); a reply that yields no caption
+//! [`clean_caption`]; a reply that yields no caption
 //! (multi-line, empty, cut at the token limit) is asked again up to
 //! [`LlmOptions::reask`] times and then left out (a later run asks again).
 //!
@@ -556,12 +556,13 @@ pub fn caption_with_llm(bank: &ConceptBank, options: &LlmOptions, output: impl A
     summary.retries = client.retries.load(Ordering::SeqCst);
     let left = bank.len() - summary.already_done - summary.captioned;
     if let Some(e) = first_error {
-        return Err(e.context(format!(
-            "captioning stopped ({} concepts captioned by this run, {left} without a caption; the captions so far \
-             are in {}: rerun the same command to continue)",
+        bail!(
+            "{}\ncaptioning stopped: {} concepts captioned by this run, {left} without a caption; the captions so \
+             far are in {}: rerun the same command to continue",
+            e.message(),
             summary.captioned,
             output.display()
-        )));
+        );
     }
     if budget_spent {
         bail!(

@@ -7,7 +7,7 @@
 //!   replies.
 //! - [`llm`]: captions from an OpenAI-compatible chat-completions server with SynthCLIP's
 //!   prompt, retries, a request budget, a rate limit, worker threads and resume.
-//! - [`balance`]: whole-word matching of every caption against the whole bank
+//! - [`balance`](mod@balance): whole-word matching of every caption against the whole bank
 //!   (Aho–Corasick) and the keep draws, `min(1, t / count)` per concept.
 //! - [`report`]: `balanced.jsonl`, the JSON report and the rank/count plot.
 //!
