@@ -14,6 +14,8 @@
 //!   resizes, CLIP preprocessing, SynthCLIP's augmentations and PNG output; [`data`]: the
 //!   Synthos and CLIP datasets and a prefetching batch loader; [`fsutil`]: atomic file
 //!   writes,
+//! - [`synth`]: the text half of the synthetic-data flywheel: concept banks, captions
+//!   from files, templates or a chat-completions server, MetaCLIP-style balancing,
 //! - [`bench`](mod@bench): the kernel benchmarks behind `synthos-engine bench` and `cargo bench`.
 //!
 //! ```
@@ -52,6 +54,7 @@ pub mod pipeline;
 pub mod report;
 pub mod rng;
 pub mod schedule;
+pub mod synth;
 mod tensor;
 pub mod tokenizer;
 pub mod train;

@@ -43,6 +43,10 @@ enum Command {
     /// image↔text retrieval (recall@1/5/10); takes our checkpoints, SynthCLIP/SLIP `.pt`
     /// and OpenCLIP weights.
     ClipEval(Box<cli::clip::ClipEvalArgs>),
+    /// The text half of SynthCLIP's synthetic data: captions for a concept bank (from a
+    /// file, templates or an OpenAI-compatible chat server) and MetaCLIP-style balancing
+    /// of captions over the concepts.
+    Synth(Box<cli::synth::SynthArgs>),
 }
 
 fn info() -> Result<()> {
@@ -78,6 +82,7 @@ fn main() -> ExitCode {
         Command::Sample(args) => cli::sample::run(&args),
         Command::ClipTrain(args) => cli::clip::run_train(&args),
         Command::ClipEval(args) => cli::clip::run_eval(&args),
+        Command::Synth(args) => cli::synth::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

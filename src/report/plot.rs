@@ -266,3 +266,115 @@ pub fn render_loss_plot(points: &[(f64, f64)], options: &PlotOptions) -> Result<
     }
     Ok(img)
 }
+
+/// One curve of a [`render_log_log_plot`].
+#[derive(Clone, Debug)]
+pub struct Series {
+    /// The legend text.
+    pub label: String,
+    /// The colour.
+    pub rgb: [u8; 3],
+    /// The (x, y) points; those with a non-positive or non-finite coordinate are left out.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Colour of the reference line of [`render_log_log_plot`].
+pub const REFERENCE_RGB: [u8; 3] = [200, 60, 40];
+
+/// Writes a log-log plot PNG (see [`render_log_log_plot`]) to `path`, atomically.
+pub fn plot_log_log(
+    series: &[Series],
+    reference_y: Option<(f64, &str)>,
+    path: impl AsRef<Path>,
+    options: &PlotOptions,
+) -> Result<()> {
+    render_log_log_plot(series, reference_y, options)?.save_png(path)
+}
+
+/// Renders curves on logarithmic x and y axes (for example concept counts against their
+/// rank): title, power-of-ten ticks on both axes, each series as a line in its colour
+/// with a legend, and an optional dashed horizontal reference line (value and label, in
+/// [`REFERENCE_RGB`]). `options.log_y` and `options.smoothing` are not used. Errors when
+/// no point is positive and finite, or the size is too small.
+pub fn render_log_log_plot(
+    series: &[Series],
+    reference_y: Option<(f64, &str)>,
+    options: &PlotOptions,
+) -> Result<ImageRgb> {
+    let (w, h) = (options.width, options.height);
+    ensure!(w >= 200 && h >= 150, "render_log_log_plot: {w}x{h} is too small (at least 200x150)");
+    let usable = |&(x, y): &(f64, f64)| x.is_finite() && y.is_finite() && x > 0.0 && y > 0.0;
+    let curves: Vec<Vec<(f64, f64)>> = series
+        .iter()
+        .map(|s| s.points.iter().copied().filter(usable).map(|(x, y)| (x.log10(), y.log10())).collect())
+        .collect();
+    ensure!(curves.iter().any(|c| !c.is_empty()), "render_log_log_plot: no point is positive and finite");
+    let all = curves.iter().flatten();
+    let (mut x_lo, mut x_hi) = all.clone().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let (mut y_lo, mut y_hi) = all.fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    let reference = reference_y.filter(|(v, _)| v.is_finite() && *v > 0.0).map(|(v, l)| (v.log10(), l));
+    if let Some((r, _)) = reference {
+        y_lo = y_lo.min(r);
+        y_hi = y_hi.max(r);
+    }
+    // Whole decades at least, and some room.
+    x_lo = x_lo.floor();
+    x_hi = x_hi.ceil().max(x_lo + 1.0);
+    y_lo = y_lo.floor();
+    y_hi = y_hi.ceil().max(y_lo + 1.0);
+
+    let mut img = ImageRgb::filled(w, h, [255, 255, 255])?;
+    let (left, right, top, bottom) = (72i64, w as i64 - 16, 34i64, h as i64 - 40);
+    let px = |x: f64| left + ((x - x_lo) / (x_hi - x_lo) * (right - left) as f64).round() as i64;
+    let py = |v: f64| bottom - ((v - y_lo) / (y_hi - y_lo) * (bottom - top) as f64).round() as i64;
+
+    for v in log_ticks(x_lo, x_hi) {
+        let x = px(v.log10());
+        draw_line(&mut img, (x, top), (x, bottom), GRID_RGB, 1);
+        draw_line(&mut img, (x, bottom), (x, bottom + 4), AXIS_RGB, 1);
+        let label = format_tick(v, v);
+        draw_text(&mut img, x - text_width(&label, 1) as i64 / 2, bottom + 7, &label, TEXT_RGB, 1);
+    }
+    for v in log_ticks(y_lo, y_hi) {
+        let y = py(v.log10());
+        draw_line(&mut img, (left, y), (right, y), GRID_RGB, 1);
+        draw_line(&mut img, (left - 4, y), (left, y), AXIS_RGB, 1);
+        let label = format_tick(v, v);
+        draw_text(&mut img, left - 7 - text_width(&label, 1) as i64, y - GLYPH_H as i64 / 2, &label, TEXT_RGB, 1);
+    }
+    if let Some((r, label)) = reference {
+        let y = py(r);
+        let mut x = left;
+        while x < right {
+            draw_line(&mut img, (x, y), ((x + 8).min(right), y), REFERENCE_RGB, 1);
+            x += 14;
+        }
+        draw_text(&mut img, right - 6 - text_width(label, 1) as i64, y - LINE_HEIGHT as i64, label, REFERENCE_RGB, 1);
+    }
+    for (s, pts) in series.iter().zip(&curves) {
+        let pixels: Vec<(i64, i64)> = pts.iter().map(|&(x, y)| (px(x), py(y))).collect();
+        for seg in pixels.windows(2) {
+            draw_line(&mut img, seg[0], seg[1], s.rgb, 2);
+        }
+        if let [only] = pixels.as_slice() {
+            draw_line(&mut img, *only, *only, s.rgb, 5);
+        }
+    }
+
+    draw_line(&mut img, (left, top), (left, bottom), AXIS_RGB, 1);
+    draw_line(&mut img, (left, bottom), (right, bottom), AXIS_RGB, 1);
+    let x_label = format!("{} (log)", options.x_label);
+    draw_text(&mut img, (left + right) / 2 - text_width(&x_label, 1) as i64 / 2, bottom + 22, &x_label, TEXT_RGB, 1);
+    let y_label = format!("{} (log)", options.y_label);
+    draw_text(&mut img, 8, top - LINE_HEIGHT as i64 - 2, &y_label, TEXT_RGB, 1);
+    let title_w = text_width(&options.title, 2) as i64;
+    draw_text(&mut img, (w as i64 - title_w) / 2, 6, &options.title, TEXT_RGB, 2);
+    let legend_w = series.iter().map(|s| text_width(&s.label, 1)).max().unwrap_or(0) as i64 + 34;
+    let legend_x = right - 8 - legend_w;
+    for (i, s) in series.iter().enumerate() {
+        let y = top + 8 + i as i64 * LINE_HEIGHT as i64 + GLYPH_H as i64 / 2;
+        draw_line(&mut img, (legend_x, y), (legend_x + 24, y), s.rgb, 2);
+        draw_text(&mut img, legend_x + 30, y - GLYPH_H as i64 / 2, &s.label, TEXT_RGB, 1);
+    }
+    Ok(img)
+}
