@@ -605,3 +605,53 @@ fn demo_set_is_deterministic_and_opens_as_a_dataset() {
     assert_eq!(rgb.pixel(0, 0), a1[i].background.rgb(), "{}", s.prompt);
     assert!(err_of(demo::generate(&d1, 0, 32, 1)).contains("positive"));
 }
+
+#[test]
+fn demo_image_reading_finds_colours_and_shapes() {
+    let all = DemoAttrs::all();
+    let mut checked = 0;
+    for a in &all {
+        let img = demo::render(a, 64).unwrap();
+        let r = demo::read_image(&img).unwrap();
+        assert!(r.colours_match(a), "{}: read {:?} on {:?}", a.caption(), r.shape_colour, r.background);
+        assert_eq!(r.iou(&r), 1.0);
+        // The mask covers the drawn area: within 20% of the analytic one (antialiased
+        // edges and, for patterns, shades nearer another colour are what differ).
+        let area = r.mask.iter().filter(|&&m| m).count() as f64 / (64.0 * 64.0);
+        let large = a.size == ShapeSize::Large;
+        let want = match a.shape {
+            Shape::Circle => std::f64::consts::PI * if large { 0.36f64 } else { 0.2 }.powi(2),
+            Shape::Square => (2.0 * if large { 0.31f64 } else { 0.17 }).powi(2),
+            Shape::Triangle => {
+                let r: f64 = if large { 0.42 } else { 0.24 };
+                0.75 * 3f64.sqrt() * r * r
+            }
+        };
+        let tol = 0.2;
+        assert!((area - want).abs() < tol * want, "{}: area {area:.3} vs {want:.3}", a.caption());
+        checked += 1;
+    }
+    assert_eq!(checked, 540);
+    let base = DemoAttrs {
+        shape: Shape::Circle,
+        colour: Colour::Red,
+        background: Colour::Blue,
+        size: ShapeSize::Large,
+        texture: Texture::Plain,
+    };
+    let read = |a: DemoAttrs| demo::read_image(&demo::render(&a, 64).unwrap()).unwrap();
+    // The same shape in other colours and patterns has the same mask; other shapes and
+    // sizes overlap less.
+    let recoloured =
+        read(DemoAttrs { colour: Colour::White, background: Colour::Green, texture: Texture::Dots, ..base });
+    assert!(read(base).iou(&recoloured) > 0.9);
+    assert!(!recoloured.colours_match(&base));
+    assert!(read(base).iou(&read(DemoAttrs { size: ShapeSize::Small, ..base })) < 0.35);
+    assert!(read(base).iou(&read(DemoAttrs { shape: Shape::Triangle, ..base })) < 0.75);
+    // Noise: its pixels scatter over the palette, so it is far from any shape.
+    let mut rng = synthos_engine::Rng::new(3);
+    let noise: Vec<u8> = (0..64 * 64 * 3).map(|_| (rng.uniform() * 255.0) as u8).collect();
+    let noisy = demo::read_image(&ImageRgb::new(64, 64, noise).unwrap()).unwrap();
+    assert!(noisy.iou(&read(base)) < 0.25, "noise IoU {}", noisy.iou(&read(base)));
+    assert!(demo::read_image(&ImageRgb::filled(4, 4, [0, 0, 0]).unwrap()).is_err());
+}

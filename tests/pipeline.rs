@@ -281,3 +281,38 @@ fn pixel_codec_is_lossless_and_channel_major() {
     assert_eq!(codec.decode(&z).unwrap().to_vec().unwrap(), xv);
     assert!(codec.encode(&synthos_engine::Tensor::zeros(&[1, 3, 10, 8], DType::F32, Device::Cpu).unwrap()).is_err());
 }
+
+/// The demo quality check covers every attribute, reads an untrained model as poor (its
+/// samples are noise), and reports in the documented form.
+#[test]
+fn demo_quality_reads_an_untrained_model_as_poor() {
+    let set = demo::quality_set();
+    assert_eq!(set.len(), 36);
+    for s in Shape::ALL {
+        assert!(set.iter().any(|a| a.shape == s));
+    }
+    for c in Colour::ALL {
+        assert!(set.iter().any(|a| a.colour == c) && set.iter().any(|a| a.background == c));
+    }
+    for t in Texture::ALL {
+        assert!(set.iter().any(|a| a.texture == t));
+    }
+    assert!(set.iter().any(|a| a.size == ShapeSize::Small) && set.iter().any(|a| a.size == ShapeSize::Large));
+    let opts = GenerateOptions {
+        steps: 1,
+        cfg_scale: 4.0,
+        negative_prompt: String::new(),
+        shift: demo::SHIFT,
+        ..Default::default()
+    };
+    let q = demo::quality(&demo_pipe(), &opts).unwrap();
+    assert_eq!(q.samples, 36);
+    assert!(q.colour_match <= 0.2 && q.image_only_colour_match <= 0.2, "{q:?}");
+    assert!(q.shape_iou < 0.3 && q.image_only_iou < 0.3, "{q:?}");
+    let line = q.line();
+    assert!(line.starts_with("demo quality: colour match "), "{line}");
+    assert!(line.contains("%, shape IoU ") && line.contains(", image-only IoU "), "{line}");
+    let j = q.to_json();
+    assert_eq!(j["samples"], 36);
+    assert!((j["shape_iou"].as_f64().unwrap() - q.shape_iou).abs() < 1e-12);
+}

@@ -215,16 +215,31 @@ def import_diffusers():
 # text/image dropout 0.1, no activation checkpointing). The DiT takes the image tokens
 # through img_emb and concatenates them before the text rows, with the text's k/v
 # projections (diffusers: image_dim set, added_kv_proj_dim None).
+# The demo DiT also adds a fixed 2-D sine/cosine position table to the patch embedding's
+# output (WanConfig::abs_pos_embed, pos_embedding_2d); a forward hook adds the same here.
 DEMO = dict(
     name="train step demo 64x64 b16",
-    dit=dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32,
+    dit=dict(patch_size=(1, 2, 2), num_attention_heads=8, attention_head_dim=32,
              in_channels=48, out_channels=48, text_dim=64, freq_dim=256,
-             ffn_dim=384, num_layers=4, cross_attn_norm=True,
+             ffn_dim=512, num_layers=4, cross_attn_norm=True,
              qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=64,
              added_kv_proj_dim=None, rope_max_seq_len=1024),
     image_size=64, pixel_factor=4, batch=16, text_len=16, img_tokens=10,
-    lr=1e-3, weight_decay=0.01, text_dropout=0.1, image_dropout=0.1, shift=5.0,
+    lr=1e-3, weight_decay=0.01, text_dropout=0.1, image_dropout=0.1, shift=1.0,
 )
+
+
+def pos_embedding_2d(h, w, d):
+    """[1, d, 1, h, w]: per token, sin/cos of its row then of its column times the
+    frequencies 10000^(-k/(d/4)) (src/models/wan/mod.rs, pos_embedding_2d)."""
+    q = d // 4
+    freq = 10000.0 ** (-torch.arange(q, dtype=torch.float64) / q)
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                            indexing="ij")
+    a, b = ys.reshape(-1, 1) * freq, xs.reshape(-1, 1) * freq
+    table = torch.zeros(h * w, d, dtype=torch.float64)
+    table[:, :4 * q] = torch.cat([a.sin(), a.cos(), b.sin(), b.cos()], dim=1)
+    return table.t().reshape(1, d, 1, h, w).float()
 
 
 def sizes(mode):
@@ -698,6 +713,9 @@ def case_demo_train(S):
             C = cfg["in_channels"]
             side = D["image_size"] // D["pixel_factor"]
             model = build_dit(S, torch.float32, cfg)
+            d_model = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+            pos = pos_embedding_2d(side // 2, side // 2, d_model).to(DEV)
+            model.patch_embedding.register_forward_hook(lambda _m, _i, out: out + pos.to(out.dtype))
             model.train()
             params = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=D["lr"], weight_decay=D["weight_decay"],

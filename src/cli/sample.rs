@@ -36,12 +36,16 @@ pub struct SampleArgs {
     /// Output width in pixels (default 480; 64 for the demo).
     #[arg(long)]
     width: Option<usize>,
-    /// Euler steps.
-    #[arg(long, default_value_t = 25)]
-    steps: usize,
-    /// Guidance scale (1 = no guidance, one branch).
-    #[arg(long = "cfg", default_value_t = 5.0)]
-    cfg_scale: f32,
+    /// Euler steps (25; the demo's validation setting for the demo model).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Guidance scale (1 = no guidance, one branch; default 5, the demo's validation
+    /// setting for the demo model).
+    #[arg(long = "cfg")]
+    cfg_scale: Option<f32>,
+    /// Sigma shift of the sampling schedule (5; the demo's own value for the demo model).
+    #[arg(long)]
+    shift: Option<f64>,
     /// Seed of the initial noise (image i of a batch uses seed + i).
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -52,6 +56,11 @@ pub struct SampleArgs {
     /// Also write all images as one labelled grid to this PNG.
     #[arg(long, value_name = "PNG")]
     grid: Option<PathBuf>,
+    /// Demo model only: instead of sampling the prompts, measure how well the model
+    /// follows prompts and reference images (colour match and shape IoU of 36 text-only
+    /// and 36 image-only samples against the rendered targets), as a demo run ends.
+    #[arg(long)]
+    quality: bool,
 }
 
 /// The most recently written `epoch-N` / `step-N` checkpoint in `dir`, if any.
@@ -113,6 +122,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         None => None,
     };
     let size = if demo { 64 } else { 480 };
+    let demo_recipe = synthos_engine::train::TrainConfig::demo();
     let opts = GenerateOptions {
         prompt: String::new(),
         negative_prompt: args.negative_prompt.clone().unwrap_or_else(|| {
@@ -124,12 +134,28 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         }),
         height: args.height.unwrap_or(size),
         width: args.width.unwrap_or(size),
-        steps: args.steps,
-        cfg_scale: args.cfg_scale,
+        steps: args.steps.unwrap_or(if demo { demo_recipe.validation_steps } else { 25 }),
+        cfg_scale: args.cfg_scale.unwrap_or(if demo { demo_recipe.validation_cfg } else { 5.0 }),
+        shift: args.shift.unwrap_or(if demo { demo_recipe.shift } else { synthos_engine::schedule::SHIFT }),
         seed: args.seed,
         ..Default::default()
     };
     let pipe = args.model.load(&paths)?;
+    if args.quality {
+        if !demo {
+            bail!(
+                "--quality measures the demo model (it renders the demo's shapes as targets); it needs no --wan/--dit"
+            );
+        }
+        let q = synthos_engine::pipeline::demo::quality(&pipe, &opts)?;
+        println!("{}", q.line());
+        println!(
+            "image-only colour match {:.1}% ({} samples of each kind)",
+            100.0 * q.image_only_colour_match,
+            q.samples
+        );
+        return Ok(());
+    }
     pipe.check_size(opts.width, opts.height).ctx("--width/--height")?;
     let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
     let mut progress = Progress::new(opts.steps as u64, 0);

@@ -435,3 +435,86 @@ pub fn generate_clip_demo(dir: impl AsRef<Path>, size: usize, seed: u64) -> Resu
         .collect();
     Ok(ClipDemoSet { train_tsv, val_dir, train_pairs: train.len(), val_images: val.len(), classes, templates })
 }
+
+/// What [`read_image`] sees in a demo-style image: the background colour, the shape's
+/// colour and which pixels belong to the shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageReading {
+    /// The palette colour most of the border ring (two pixels wide) is nearest to.
+    pub background: Colour,
+    /// The palette colour most shape pixels are nearest to (a pattern shade counts as
+    /// its colour); `None` when no pixel differs from the background.
+    pub shape_colour: Option<Colour>,
+    /// Row-major, one entry per pixel: true where the pixel is of the shape colour (a
+    /// speckle of other colours is not part of the shape).
+    pub mask: Vec<bool>,
+}
+
+impl ImageReading {
+    /// True when the background and shape colours are those `attrs` name.
+    pub fn colours_match(&self, attrs: &DemoAttrs) -> bool {
+        self.background == attrs.background && self.shape_colour == Some(attrs.colour)
+    }
+
+    /// Intersection over union of the two shape masks (0 when both are empty; the masks
+    /// must come from images of the same size).
+    pub fn iou(&self, other: &ImageReading) -> f64 {
+        let (mut inter, mut union) = (0usize, 0usize);
+        for (&a, &b) in self.mask.iter().zip(&other.mask) {
+            inter += usize::from(a && b);
+            union += usize::from(a || b);
+        }
+        if union == 0 {
+            0.0
+        } else {
+            inter as f64 / union as f64
+        }
+    }
+}
+
+/// The palette colour (flat or pattern shade) nearest to `rgb`, as the colour it belongs to.
+fn nearest_colour(rgb: [u8; 3]) -> Colour {
+    let dist = |p: [u8; 3]| -> i32 { (0..3).map(|k| (p[k] as i32 - rgb[k] as i32).pow(2)).sum() };
+    let mut best = (i32::MAX, Colour::Red);
+    for c in Colour::ALL {
+        for p in [c.rgb(), c.pattern_rgb()] {
+            let d = dist(p);
+            if d < best.0 {
+                best = (d, c);
+            }
+        }
+    }
+    best.1
+}
+
+/// The most frequent colour of `colours` (ties go to the earlier in [`Colour::ALL`]).
+fn mode(colours: impl Iterator<Item = Colour>) -> Option<Colour> {
+    let mut counts = [0usize; 6];
+    for c in colours {
+        counts[Colour::ALL.iter().position(|&k| k == c).unwrap_or(0)] += 1;
+    }
+    let (i, &n) = counts.iter().enumerate().max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(&a.0)))?;
+    (n > 0).then_some(Colour::ALL[i])
+}
+
+/// Reads a demo-style image (a generated sample or a rendered one): every pixel is
+/// given the palette colour it is nearest to (the six colours and their pattern shades);
+/// the background is the most common colour of the two-pixel border ring (no demo shape
+/// reaches it), the shape colour is the most common of the other colours, and the shape
+/// is every pixel of that colour. So a noisy image, whose pixels scatter over the
+/// palette, reads as a thin shape that overlaps little with any target. Images smaller
+/// than 8×8 are refused.
+pub fn read_image(img: &ImageRgb) -> Result<ImageReading> {
+    let (w, h) = (img.width(), img.height());
+    ensure!(w >= 8 && h >= 8, "demo::read_image: a {w}×{h} image is too small (at least 8×8)");
+    let colours: Vec<Colour> =
+        (0..h).flat_map(|y| (0..w).map(move |x| (x, y))).map(|(x, y)| nearest_colour(img.pixel(x, y))).collect();
+    let ring = (0..h)
+        .flat_map(|y| (0..w).map(move |x| (x, y)))
+        .filter(|&(x, y)| x < 2 || y < 2 || x + 2 >= w || y + 2 >= h)
+        .map(|(x, y)| colours[y * w + x]);
+    let background = mode(ring).unwrap_or(Colour::White);
+    let shape_colour = mode(colours.iter().copied().filter(|&c| c != background));
+    let mask: Vec<bool> = colours.iter().map(|&c| Some(c) == shape_colour).collect();
+    Ok(ImageReading { background, shape_colour, mask })
+}

@@ -6,7 +6,7 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::data::demo::{Colour, Shape, ShapeSize};
+use crate::data::demo::{Colour, DemoAttrs, Shape, ShapeSize};
 use crate::models::clip::ClipVisionConfig;
 use crate::models::t5::T5Config;
 use crate::models::wan::WanConfig;
@@ -21,6 +21,10 @@ pub const TEXT_SEED: u64 = 0x5EED_0007;
 pub const CLIP_SEED: u64 = 0x5EED_0C11;
 /// Seed of the demo DiT's initial weights.
 pub const DIT_SEED: u64 = 0x5EED_0D17;
+/// Sigma shift of the demo's schedule, in training and sampling. The Synthos value (5)
+/// suits 480² latents; at the demo's 64² pixels it spends most steps at noise levels where
+/// nothing of the image is left (docs/NOTES.md, *Demo quality*).
+pub const SHIFT: f64 = 1.0;
 /// Tokens per demo prompt (the longest caption has 12 words, `</s>` included).
 pub const TEXT_LEN: usize = 16;
 
@@ -34,8 +38,11 @@ pub fn clip_config() -> ClipVisionConfig {
     ClipVisionConfig::tiny()
 }
 
-/// The demo DiT: width 128, 4 blocks of 4 heads of 32, on the pixel codec's 48 channels,
-/// reading the tiny encoders' 64-wide outputs.
+/// The demo DiT: width 256 (each token carries 2×2 latent pixels of 48 channels, 192
+/// values, and a narrower model cannot pass their noise through: samples stay grainy),
+/// 4 blocks of 8 heads of 32, FFN 512, with the fixed absolute position embedding (the
+/// shapes are centred, and RoPE alone tells a token where it sits only through edge
+/// effects that a small model learns slowly), reading the tiny encoders' 64-wide outputs.
 pub fn dit_config() -> WanConfig {
     let text = t5_config();
     let clip = clip_config();
@@ -43,10 +50,11 @@ pub fn dit_config() -> WanConfig {
     WanConfig {
         in_channels: channels,
         out_channels: channels,
-        dim: 128,
-        ffn_dim: 384,
-        num_heads: 4,
+        dim: 256,
+        ffn_dim: 512,
+        num_heads: 8,
         num_layers: 4,
+        abs_pos_embed: true,
         text_dim: text.d_model,
         text_len: TEXT_LEN,
         clip_dim: clip.hidden_size,
@@ -110,4 +118,87 @@ pub fn validation_prompts() -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect()
+}
+
+/// Attribute sets of the demo quality check: 36 of the 540, a seeded spread over every
+/// shape, colour, background, size and texture.
+pub fn quality_set() -> Vec<DemoAttrs> {
+    let mut all = DemoAttrs::all();
+    crate::Rng::new(0x0D3E_0A11).shuffle(&mut all);
+    all.into_iter().step_by(15).collect()
+}
+
+/// How well a demo generator follows prompts and reference images, read with
+/// [`crate::data::demo::read_image`] over [`quality_set`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DemoQuality {
+    /// Text-only samples whose shape and background colours are those the prompt names.
+    pub colour_match: f64,
+    /// Mean IoU of the text-only samples' shape masks with the rendered target's.
+    pub shape_iou: f64,
+    /// Image-only samples (reference, empty prompt) whose colours are the reference's.
+    pub image_only_colour_match: f64,
+    /// Mean IoU of the image-only samples' shape masks with the reference's.
+    pub image_only_iou: f64,
+    /// Samples of each kind.
+    pub samples: usize,
+}
+
+impl DemoQuality {
+    /// The line the demo run ends with.
+    pub fn line(&self) -> String {
+        format!(
+            "demo quality: colour match {:.1}%, shape IoU {:.3}, image-only IoU {:.3}",
+            100.0 * self.colour_match,
+            self.shape_iou,
+            self.image_only_iou
+        )
+    }
+
+    /// The measures as JSON (for `metrics.jsonl`).
+    pub fn to_json(&self) -> Value {
+        json!({
+            "colour_match": self.colour_match,
+            "shape_iou": self.shape_iou,
+            "image_only_colour_match": self.image_only_colour_match,
+            "image_only_iou": self.image_only_iou,
+            "samples": self.samples,
+        })
+    }
+}
+
+/// Measures `pipe` (a demo pipeline) on [`quality_set`]: one text-only sample per
+/// caption (with `opts`' steps, guidance, shift and negative prompt; sample `i` from
+/// seed `opts.seed + i`) and one image-only sample per rendered reference (empty prompt;
+/// both guidance branches would be equal, so it runs unguided), each read and compared
+/// with the rendered target. Deterministic for `opts`.
+pub fn quality(pipe: &super::SynthosPipeline, opts: &super::GenerateOptions) -> crate::Result<DemoQuality> {
+    use crate::data::demo::{read_image, render};
+    let set = quality_set();
+    let opts = super::GenerateOptions { width: IMAGE_SIZE, height: IMAGE_SIZE, ..opts.clone() };
+    let captions: Vec<String> = set.iter().map(DemoAttrs::caption).collect();
+    let prompts: Vec<&str> = captions.iter().map(String::as_str).collect();
+    let texts = pipe.generate_batch(&prompts, &opts, None, &mut |_, _| {})?;
+    let (mut matched, mut iou, mut img_matched, mut img_iou) = (0usize, 0f64, 0usize, 0f64);
+    let unguided = super::GenerateOptions { cfg_scale: 1.0, ..opts.clone() };
+    for (i, (attrs, sample)) in set.iter().zip(&texts).enumerate() {
+        let target = render(attrs, IMAGE_SIZE)?;
+        let want = read_image(&target)?;
+        let got = read_image(sample)?;
+        matched += usize::from(got.colours_match(attrs));
+        iou += got.iou(&want);
+        let seeded = super::GenerateOptions { seed: opts.seed.wrapping_add(i as u64), ..unguided.clone() };
+        let alone = pipe.generate_batch(&[""], &seeded, Some(&target), &mut |_, _| {})?;
+        let got = read_image(&alone[0])?;
+        img_matched += usize::from(got.colours_match(attrs));
+        img_iou += got.iou(&want);
+    }
+    let n = set.len() as f64;
+    Ok(DemoQuality {
+        colour_match: matched as f64 / n,
+        shape_iou: iou / n,
+        image_only_colour_match: img_matched as f64 / n,
+        image_only_iou: img_iou / n,
+        samples: set.len(),
+    })
 }

@@ -79,6 +79,9 @@ impl SynthosPipeline {
         if !opts.cfg_scale.is_finite() {
             bail!("generate: cfg scale {} is not a finite number", opts.cfg_scale);
         }
+        if !(opts.shift.is_finite() && opts.shift > 0.0) {
+            bail!("generate: the sigma shift must be a positive number, got {}", opts.shift);
+        }
         self.check_size(opts.width, opts.height)?;
         autograd::no_grad(|| self.sample(prompts, opts, reference, progress))
     }

@@ -57,6 +57,9 @@ pub struct TrainConfig {
     pub epochs: u64,
     /// Stop after this many optimizer steps even if epochs remain.
     pub max_steps: Option<u64>,
+    /// Sigma shift of the timestep schedule, in training and in validation sampling (5 in
+    /// the Synthos recipe; the demo's own value is [`crate::pipeline::demo::SHIFT`]).
+    pub shift: f64,
     /// Probability that a sample's prompt is replaced by the empty prompt.
     pub text_dropout: f64,
     /// Probability that a sample's reference image tokens are removed from the context.
@@ -93,11 +96,15 @@ pub struct TrainConfig {
     pub max_grad_norm: Option<f32>,
     /// Continue the run in `output` from its resume state.
     pub resume: bool,
+    /// At the end of a demo run, measure how well samples follow prompts and reference
+    /// images ([`crate::pipeline::demo::quality`]); ignored with a dataset.
+    pub demo_quality: bool,
 }
 
 impl TrainConfig {
     /// The built-in demo: the generated 64×64 set of 540 captioned shapes, batch 16,
-    /// lr 1e-3 with 20 warm-up steps and cosine decay, 24 epochs, validation at 20 steps
+    /// lr 1e-3 with 20 warm-up steps and cosine decay, 72 epochs (2448 steps, 9 minutes on 2 CPU
+    /// cores), shift 1, validation at 20 steps
     /// and guidance 4 with an empty negative prompt.
     pub fn demo() -> Self {
         TrainConfig {
@@ -112,8 +119,9 @@ impl TrainConfig {
             weight_decay: 0.01,
             warmup_steps: 20,
             lr_schedule: LrSchedule::Cosine,
-            epochs: 24,
+            epochs: 72,
             max_steps: None,
+            shift: crate::pipeline::demo::SHIFT,
             text_dropout: 0.1,
             image_dropout: 0.1,
             trainable: Trainable::All,
@@ -132,6 +140,7 @@ impl TrainConfig {
             activation_checkpointing: false,
             max_grad_norm: None,
             resume: false,
+            demo_quality: true,
         }
     }
 
@@ -152,6 +161,7 @@ impl TrainConfig {
             validation_cfg: 5.0,
             negative_prompt: crate::pipeline::DEFAULT_NEGATIVE_PROMPT.to_string(),
             activation_checkpointing: true,
+            shift: crate::schedule::SHIFT,
             ..Self::demo()
         }
     }
@@ -192,6 +202,9 @@ impl TrainConfig {
         }
         if self.data.is_none() && self.demo_images == 0 {
             bail!("the demo set needs at least 1 image");
+        }
+        if !(self.shift.is_finite() && self.shift > 0.0) {
+            bail!("the sigma shift must be a positive number, got {}", self.shift);
         }
         if let Some(m) = self.max_grad_norm {
             if !(m.is_finite() && m > 0.0) {

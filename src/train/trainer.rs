@@ -16,9 +16,11 @@ use crate::fsutil::write_atomic;
 use crate::image::resize::resize_cover_crop;
 use crate::image::ImageRgb;
 use crate::nn::{Module, NamedParam};
-use crate::pipeline::{demo, GenerateOptions, SynthosPipeline};
+use crate::pipeline::demo::{self, DemoQuality};
+use crate::pipeline::{GenerateOptions, SynthosPipeline};
 use crate::report::image_grid;
-use crate::schedule::{TrainSchedule, SHIFT, TRAIN_STEPS};
+use crate::report::MetricsWriter;
+use crate::schedule::{TrainSchedule, TRAIN_STEPS};
 use crate::{bail, ops, Device, Error, Result, ResultExt, Rng, Tensor};
 
 use super::run_loop::{check_run_folder, RunLoop, StepStats, TrainSummary, TrainTask};
@@ -40,6 +42,7 @@ use super::run_loop::{check_run_folder, RunLoop, StepStats, TrainSummary, TrainT
 pub struct Trainer {
     task: SynthosTask,
     run: RunLoop,
+    quality: Option<DemoQuality>,
 }
 
 /// The Synthos parts of a run: the pipeline, data, encoder cache and the flow-matching
@@ -140,10 +143,11 @@ impl Trainer {
 
         let settings = cfg.loop_settings();
         let dataset_len = data.len();
-        let task = SynthosTask { pipe, cfg, data, schedule: TrainSchedule::new(SHIFT), cache, empty_text, references };
+        let schedule = TrainSchedule::new(cfg.shift);
+        let task = SynthosTask { pipe, cfg, data, schedule, cache, empty_text, references };
         let mut run = RunLoop::new(settings, params, dataset_len)?;
         run.start(&task)?;
-        Ok(Trainer { task, run })
+        Ok(Trainer { task, run, quality: None })
     }
 
     /// Silences the progress bar and notes (tests, library use).
@@ -201,8 +205,34 @@ impl Trainer {
     /// Runs the remaining steps with progress, metrics, checkpoints (`step-N` every
     /// `save_every`, `epoch-N` after each epoch, 0-based as the seed names them, and the
     /// final step), validation grids and the loss plot.
+    ///
+    /// A demo run (no dataset, the demo's 64×64) with `demo_quality` set ends by measuring its samples
+    /// ([`crate::pipeline::demo::quality`], with the validation steps, guidance and
+    /// shift): the result is logged to `metrics.jsonl` (a `demo_quality` record),
+    /// written to `demo-quality.json`, and kept for [`Trainer::demo_quality`].
     pub fn run(&mut self) -> Result<TrainSummary> {
-        self.run.run(&mut self.task)
+        let summary = self.run.run(&mut self.task)?;
+        let cfg = &self.task.cfg;
+        let demo_size = cfg.width == demo::IMAGE_SIZE && cfg.height == demo::IMAGE_SIZE;
+        if cfg.data.is_none() && cfg.demo_quality && demo_size && self.task.pipe.is_demo() {
+            let q = demo::quality(&self.task.pipe, &self.task.sample_options())?;
+            let record = json!({"step": self.run.step_count(), "demo_quality": q.to_json()});
+            if cfg.log_metrics {
+                let mut m = MetricsWriter::open(cfg.output.join("metrics.jsonl"))?;
+                if let Value::Object(obj) = &record {
+                    m.write_json(obj)?;
+                }
+            }
+            let text = serde_json::to_string_pretty(&record).map_err(|e| Error::msg(e.to_string()))?;
+            write_atomic(cfg.output.join("demo-quality.json"), text.as_bytes())?;
+            self.quality = Some(q);
+        }
+        Ok(summary)
+    }
+
+    /// The demo quality measured at the end of [`Trainer::run`] (demo runs only).
+    pub fn demo_quality(&self) -> Option<DemoQuality> {
+        self.quality
     }
 
     /// Writes `<name>.safetensors` (the trainable tensors in the Synthos naming, bf16) and
@@ -220,6 +250,21 @@ impl Trainer {
 }
 
 impl SynthosTask {
+    /// The sampler settings of validation: the run's size, steps, guidance, negative
+    /// prompt, shift and seed.
+    fn sample_options(&self) -> GenerateOptions {
+        GenerateOptions {
+            height: self.cfg.height,
+            width: self.cfg.width,
+            steps: self.cfg.validation_steps,
+            cfg_scale: self.cfg.validation_cfg,
+            seed: self.cfg.seed,
+            negative_prompt: self.cfg.negative_prompt.clone(),
+            shift: self.cfg.shift,
+            ..Default::default()
+        }
+    }
+
     /// The encoder outputs of dataset sample `index` (cached per the configuration).
     fn encoded(&mut self, index: usize) -> Result<Encoded> {
         let entry = self.data.entries()[index].clone();
@@ -317,15 +362,7 @@ impl TrainTask for SynthosTask {
     fn validate(&self, step: u64) -> Result<Vec<PathBuf>> {
         let dir = self.cfg.output.join("samples");
         std::fs::create_dir_all(&dir).with_ctx(|| format!("cannot create {}", dir.display()))?;
-        let opts = GenerateOptions {
-            height: self.cfg.height,
-            width: self.cfg.width,
-            steps: self.cfg.validation_steps,
-            cfg_scale: self.cfg.validation_cfg,
-            seed: self.cfg.seed,
-            negative_prompt: self.cfg.negative_prompt.clone(),
-            ..Default::default()
-        };
+        let opts = self.sample_options();
         let mut written = Vec::new();
         let prompts: Vec<&str> = self.cfg.validation_prompts.iter().map(String::as_str).collect();
         if !prompts.is_empty() {

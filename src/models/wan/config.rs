@@ -47,6 +47,12 @@ pub struct WanConfig {
     pub rope_theta: f64,
     /// Largest position along each grid axis (Wan precomputes 1024).
     pub rope_max_seq_len: usize,
+    /// Add a fixed 2-D sine/cosine embedding of each token's row and column to the patch
+    /// embedding's output. Not part of Wan2.1 (false in every preset and loaded config,
+    /// whose models learn where a token sits from RoPE's edge effects over long
+    /// training); the built-in demo sets it, so that its small model can learn centred
+    /// shapes within minutes (docs/NOTES.md, *Demo quality*).
+    pub abs_pos_embed: bool,
 }
 
 impl WanConfig {
@@ -69,6 +75,7 @@ impl WanConfig {
             cross_attn_norm: true,
             rope_theta: 10000.0,
             rope_max_seq_len: 1024,
+            abs_pos_embed: false,
         }
     }
 
@@ -268,6 +275,7 @@ fn from_diffusers(obj: &Map<String, Value>) -> Result<WanConfig> {
         cross_attn_norm: f.bool_or("cross_attn_norm", true)?,
         rope_theta: 10000.0,
         rope_max_seq_len: f.usize_or("rope_max_seq_len", Some(1024))?,
+        abs_pos_embed: false,
     })
 }
 
@@ -296,5 +304,6 @@ fn from_original(obj: &Map<String, Value>) -> Result<WanConfig> {
         cross_attn_norm: f.bool_or("cross_attn_norm", true)?,
         rope_theta: 10000.0,
         rope_max_seq_len: 1024,
+        abs_pos_embed: false,
     })
 }

@@ -134,6 +134,8 @@ pub struct WanModel {
     notes: Vec<String>,
     /// The RoPE table of the last token grid (frames, rows, columns).
     rope: Mutex<Option<([usize; 3], Rope)>>,
+    /// The absolute position table of the last grid (with `abs_pos_embed`).
+    pos_table: Mutex<Option<([usize; 3], Tensor)>>,
 }
 
 impl WanModel {
@@ -181,6 +183,7 @@ impl WanModel {
             checkpointing: false,
             notes: Vec::new(),
             rope: Mutex::new(None),
+            pos_table: Mutex::new(None),
         })
     }
 
@@ -435,6 +438,9 @@ impl WanModel {
         let x = ops::permute(&x, &[0, 2, 4, 1, 3, 5])?;
         let x = ops::reshape(&x, &[b, tokens, cfg.patch_inputs()])?;
         let mut x = self.patch_embedding.forward(&x)?;
+        if cfg.abs_pos_embed {
+            x = ops::add(&x, &self.pos_table_for([f, hp, wp])?)?;
+        }
 
         // Time: e [B, D] and its six-way projection [B, 6, D].
         let t_freq =
@@ -467,6 +473,21 @@ impl WanModel {
         ops::reshape(&y, &[b, co, f, h, w])
     }
 
+    /// `[1, N, D]`: the fixed 2-D sine/cosine embedding of every token of a grid (see
+    /// [`pos_embedding_2d`]), cached for the last grid.
+    fn pos_table_for(&self, grid: [usize; 3]) -> Result<Tensor> {
+        let mut cache = self.pos_table.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((g, t)) = cache.as_ref() {
+            if *g == grid {
+                return Ok(t.clone());
+            }
+        }
+        let values = pos_embedding_2d(grid, self.cfg.dim);
+        let t = Tensor::from_vec_dtype(values, &[1, grid.iter().product(), self.cfg.dim], self.device, self.dtype)?;
+        *cache = Some((grid, t.clone()));
+        Ok(t)
+    }
+
     /// The RoPE table of a `frames × rows × columns` token grid, cached for the last grid.
     fn rope_for(&self, grid: [usize; 3]) -> Result<Rope> {
         let mut cache = self.rope.lock().unwrap_or_else(|e| e.into_inner());
@@ -487,6 +508,28 @@ impl WanModel {
         *cache = Some((grid, rope.clone()));
         Ok(rope)
     }
+}
+
+/// The fixed absolute position embedding of a `frames × rows × columns` token grid, row
+/// major (`[N·D]`): the first half of each token's `d` channels holds `sin` then `cos` of
+/// its row times the frequencies `10000^(−k/(d/4))`, k = 0..d/4, the second half the same
+/// of its column (frames share the table); an odd remainder of channels is 0.
+pub fn pos_embedding_2d(grid: [usize; 3], d: usize) -> Vec<f32> {
+    let [f, h, w] = grid;
+    let q = d / 4;
+    let freq: Vec<f64> = (0..q).map(|k| 10000f64.powf(-(k as f64) / q.max(1) as f64)).collect();
+    let mut out = vec![0f32; f * h * w * d];
+    for (n, row) in out.chunks_mut(d).enumerate() {
+        let (y, x) = ((n / w) % h, n % w);
+        for k in 0..q {
+            let (a, b) = (y as f64 * freq[k], x as f64 * freq[k]);
+            row[k] = a.sin() as f32;
+            row[q + k] = a.cos() as f32;
+            row[2 * q + k] = b.sin() as f32;
+            row[3 * q + k] = b.cos() as f32;
+        }
+    }
+    out
 }
 
 impl Module for WanModel {
