@@ -138,7 +138,6 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         cfg_scale: args.cfg_scale.unwrap_or(if demo { demo_recipe.validation_cfg } else { 5.0 }),
         shift: args.shift.unwrap_or(if demo { demo_recipe.shift } else { synthos_engine::schedule::SHIFT }),
         seed: args.seed,
-        ..Default::default()
     };
     let pipe = args.model.load(&paths)?;
     if args.quality {
