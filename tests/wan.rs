@@ -549,9 +549,8 @@ fn a_checkpoint_with_nan_is_refused_and_changes_nothing() {
 /// frequencies, and a model with it differs from one without only through it.
 #[test]
 fn absolute_position_table_and_its_use() {
-    use synthos_engine::models::wan::{pos_embedding_2d, WanConfig, WanModel};
     let d = 64;
-    let t = pos_embedding_2d([1, 3, 5], d);
+    let t = synthos_engine::models::wan::pos_embedding_2d([1, 3, 5], d);
     assert_eq!(t.len(), 15 * d);
     let q = d / 4;
     // Token (row 2, column 3) = index 13.
@@ -566,21 +565,11 @@ fn absolute_position_table_and_its_use() {
     let base = WanConfig::tiny();
     let with = WanConfig { abs_pos_embed: true, ..base.clone() };
     let (a, b) = (
-        WanModel::random(&base, 5, synthos_engine::Device::Cpu, synthos_engine::DType::F32).unwrap(),
-        WanModel::random(&with, 5, synthos_engine::Device::Cpu, synthos_engine::DType::F32).unwrap(),
+        WanModel::random(&base, 5, Device::Cpu, DType::F32).unwrap(),
+        WanModel::random(&with, 5, Device::Cpu, DType::F32).unwrap(),
     );
-    let x = synthos_engine::Tensor::from_vec(
-        synthos_engine::Rng::new(1).normal_vec(16 * 4 * 6, 1.0),
-        &[1, 16, 1, 4, 6],
-        synthos_engine::Device::Cpu,
-    )
-    .unwrap();
-    let text = synthos_engine::Tensor::from_vec(
-        synthos_engine::Rng::new(2).normal_vec(3 * 32, 1.0),
-        &[1, 3, 32],
-        synthos_engine::Device::Cpu,
-    )
-    .unwrap();
+    let x = Tensor::from_vec(Rng::new(1).normal_vec(16 * 4 * 6, 1.0), &[1, 16, 1, 4, 6], Device::Cpu).unwrap();
+    let text = Tensor::from_vec(Rng::new(2).normal_vec(3 * 32, 1.0), &[1, 3, 32], Device::Cpu).unwrap();
     let ya = a.forward(&x, &[500.0], &text, None).unwrap().to_vec().unwrap();
     let yb = b.forward(&x, &[500.0], &text, None).unwrap().to_vec().unwrap();
     assert_eq!(ya.len(), yb.len());

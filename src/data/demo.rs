@@ -507,12 +507,12 @@ fn mode(colours: impl Iterator<Item = Colour>) -> Option<Colour> {
 pub fn read_image(img: &ImageRgb) -> Result<ImageReading> {
     let (w, h) = (img.width(), img.height());
     ensure!(w >= 8 && h >= 8, "demo::read_image: a {w}×{h} image is too small (at least 8×8)");
-    let colours: Vec<Colour> =
-        (0..h).flat_map(|y| (0..w).map(move |x| (x, y))).map(|(x, y)| nearest_colour(img.pixel(x, y))).collect();
-    let ring = (0..h)
-        .flat_map(|y| (0..w).map(move |x| (x, y)))
-        .filter(|&(x, y)| x < 2 || y < 2 || x + 2 >= w || y + 2 >= h)
-        .map(|(x, y)| colours[y * w + x]);
+    let colours: Vec<Colour> = img.data().chunks_exact(3).map(|p| nearest_colour([p[0], p[1], p[2]])).collect();
+    let in_ring = |i: usize| {
+        let (x, y) = (i % w, i / w);
+        x < 2 || y < 2 || x + 2 >= w || y + 2 >= h
+    };
+    let ring = colours.iter().enumerate().filter(|&(i, _)| in_ring(i)).map(|(_, &c)| c);
     let background = mode(ring).unwrap_or(Colour::White);
     let shape_colour = mode(colours.iter().copied().filter(|&c| c != background));
     let mask: Vec<bool> = colours.iter().map(|&c| Some(c) == shape_colour).collect();
