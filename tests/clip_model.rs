@@ -360,6 +360,7 @@ fn slip_learning_rate_schedule() {
         max_grad_norm: None,
         seed: 0,
         save_every: None,
+        keep_epochs: None,
         validate_every: None,
         log_metrics: false,
         resume: false,

@@ -80,6 +80,7 @@ fn settings(output: &Path, max_steps: u64, resume: bool) -> LoopSettings {
         max_grad_norm: Some(10.0),
         seed: 11,
         save_every: Some(5),
+        keep_epochs: None,
         validate_every: None,
         log_metrics: true,
         resume,

@@ -122,6 +122,10 @@ pub struct ClipTrainArgs {
     /// Write step-N.safetensors every N steps (epoch-N.safetensors after each epoch).
     #[arg(long, value_name = "N")]
     save_every: Option<u64>,
+    /// Keep only the newest N epoch-N.safetensors (default: all with --data, the last one
+    /// for the demo).
+    #[arg(long, value_name = "N")]
+    keep_epochs: Option<u64>,
     /// Zero-shot validation every N steps (and at the end) on --val.
     #[arg(long, value_name = "N")]
     validate_every: Option<u64>,
@@ -190,6 +194,7 @@ pub fn run_train(args: &ClipTrainArgs) -> Result<()> {
     }
     cfg.seed = args.seed;
     cfg.save_every = args.save_every;
+    cfg.keep_epochs = args.keep_epochs.or(cfg.keep_epochs);
     cfg.validate_every = args.validate_every.or(cfg.validate_every);
     if let Some(v) = &args.val {
         cfg.val_folder = Some(v.clone());

@@ -78,6 +78,10 @@ pub struct TrainArgs {
     /// Write step-N.safetensors every N steps (epoch-N.safetensors is written after every epoch).
     #[arg(long, value_name = "N")]
     save_every: Option<u64>,
+    /// Keep only the newest N epoch-N.safetensors (default: all with weights, the last
+    /// one for the demo).
+    #[arg(long, value_name = "N")]
+    keep_epochs: Option<u64>,
     /// Sample the validation prompts/images every N steps (always at the end).
     #[arg(long, value_name = "N")]
     validate_every: Option<u64>,
@@ -202,6 +206,7 @@ impl TrainArgs {
             trainable: self.trainable,
             seed: self.seed,
             save_every: self.save_every,
+            keep_epochs: self.keep_epochs.or(base.keep_epochs),
             validate_every: self.validate_every,
             validation_prompts: split(&self.validation_prompts, '|'),
             validation_images: split(&self.validation_images, ',').into_iter().map(PathBuf::from).collect(),

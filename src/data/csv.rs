@@ -214,13 +214,21 @@ fn parse_records(text: &str, separator: char, source: &str) -> Result<Vec<CsvRec
 /// Formats one record as a CSV line ending in `\n`, quoting the fields that need it
 /// (those holding a comma, a quote, a line break, or leading/trailing spaces).
 pub fn format_record<S: AsRef<str>>(fields: &[S]) -> String {
+    format_delimited(fields, ',')
+}
+
+/// Formats one record as a line of `separator`-separated fields ending in `\n` (a tab
+/// for SynthCLIP's `.tsv`), quoting as [`format_record`] does the fields that hold the
+/// separator, a quote, a line break, or leading/trailing spaces, so that the readers of
+/// this module (and pandas) read the same fields back.
+pub fn format_delimited<S: AsRef<str>>(fields: &[S], separator: char) -> String {
     let mut out = String::new();
     for (i, f) in fields.iter().enumerate() {
         if i > 0 {
-            out.push(',');
+            out.push(separator);
         }
         let f = f.as_ref();
-        let needs_quotes = f.contains([',', '"', '\n', '\r'])
+        let needs_quotes = f.contains([separator, '"', '\n', '\r'])
             || f.starts_with(char::is_whitespace)
             || f.ends_with(char::is_whitespace);
         if needs_quotes {

@@ -332,24 +332,34 @@ pub fn render(attrs: &DemoAttrs, size: usize) -> Result<ImageRgb> {
 pub fn generate(dir: impl AsRef<Path>, n: usize, size: usize, seed: u64) -> Result<Vec<DemoAttrs>> {
     let dir = dir.as_ref();
     ensure!(n > 0, "demo::generate: the number of images must be positive");
-    let images = dir.join("images");
-    fs::create_dir_all(&images).with_ctx(|| format!("cannot create demo folder {}", images.display()))?;
     let mut rng = Rng::new(seed);
     let mut order = DemoAttrs::all();
     let mut attrs = Vec::with_capacity(n);
-    let mut csv = format_record(&["video", "prompt"]);
     for i in 0..n {
         if i % order.len() == 0 {
             rng.shuffle(&mut order);
         }
-        let a = order[i % order.len()];
-        let rel = format!("images/{i:05}.png");
-        render(&a, size)?.save_png(dir.join(&rel))?;
-        csv.push_str(&format_record(&[rel, a.caption()]));
-        attrs.push(a);
+        attrs.push(order[i % order.len()]);
     }
-    write_atomic(dir.join("metadata.csv"), csv.as_bytes())?;
+    write_synthos_set(dir, &attrs, size)?;
     Ok(attrs)
+}
+
+/// Writes the images of `attrs` (in order) at `size × size` to `dir` in the Synthos
+/// layout (`images/00000.png`, …, and `metadata.csv` with columns `video`, `prompt`).
+/// Existing files of the same names are replaced.
+pub fn write_synthos_set(dir: impl AsRef<Path>, attrs: &[DemoAttrs], size: usize) -> Result<()> {
+    let dir = dir.as_ref();
+    ensure!(!attrs.is_empty(), "demo::write_synthos_set: no images to write");
+    let images = dir.join("images");
+    fs::create_dir_all(&images).with_ctx(|| format!("cannot create demo folder {}", images.display()))?;
+    let mut csv = format_record(&["video", "prompt"]);
+    for (i, a) in attrs.iter().enumerate() {
+        let rel = format!("images/{i:05}.png");
+        render(a, size)?.save_png(dir.join(&rel))?;
+        csv.push_str(&format_record(&[rel, a.caption()]));
+    }
+    write_atomic(dir.join("metadata.csv"), csv.as_bytes())
 }
 
 /// Image side of the CLIP demo set ([`generate_clip_demo`]): the tiny CLIP's input.
@@ -379,6 +389,40 @@ pub struct ClipDemoSet {
     pub templates: Vec<String>,
 }
 
+/// The class of a demo image in the CLIP demo: `"<colour> <shape>"`.
+pub fn clip_demo_class(a: &DemoAttrs) -> String {
+    format!("{} {}", a.colour.name(), a.shape.name())
+}
+
+/// The CLIP demo's split of every attribute combination ([`DemoAttrs::all`], 540) into the
+/// training combinations (432) and the held-out zero-shot ones (108), both in
+/// [`DemoAttrs::all`]'s order: of each shape/colour class's 30 combinations,
+/// [`CLIP_DEMO_HELD_OUT_PER_CLASS`] (a fixed, spread-out choice of backgrounds, sizes and
+/// textures) are held out.
+pub fn clip_demo_split() -> (Vec<DemoAttrs>, Vec<DemoAttrs>) {
+    let mut classes: Vec<String> = Colour::ALL
+        .iter()
+        .flat_map(|&c| Shape::ALL.iter().map(move |&s| format!("{} {}", c.name(), s.name())))
+        .collect();
+    classes.sort();
+    // Within a class, combination k (in `all()`'s order) is held out when k ≡ class (mod 5):
+    // 6 of 30, a different background/size/texture mix for each class.
+    let stride = 30 / CLIP_DEMO_HELD_OUT_PER_CLASS;
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    let mut seen: std::collections::HashMap<(Colour, Shape), usize> = std::collections::HashMap::new();
+    for a in DemoAttrs::all() {
+        let class = classes.iter().position(|c| *c == clip_demo_class(&a)).unwrap_or(0);
+        let k = seen.entry((a.colour, a.shape)).or_insert(0);
+        if *k % stride == class % stride {
+            val.push(a);
+        } else {
+            train.push(a);
+        }
+        *k += 1;
+    }
+    (train, val)
+}
+
 /// Writes the CLIP demo set to `dir`. Every attribute combination ([`DemoAttrs::all`],
 /// 540) is one image of `size`²; of each shape/colour class's 30 combinations,
 /// [`CLIP_DEMO_HELD_OUT_PER_CLASS`] (a fixed, spread-out choice of backgrounds, sizes and
@@ -399,21 +443,7 @@ pub fn generate_clip_demo(dir: impl AsRef<Path>, size: usize, seed: u64) -> Resu
         let d = val_dir.join(c);
         fs::create_dir_all(&d).with_ctx(|| format!("cannot create {}", d.display()))?;
     }
-    // Within a class, combination k (in `all()`'s order) is held out when k ≡ class (mod 5):
-    // 6 of 30, a different background/size/texture mix for each class.
-    let stride = 30 / CLIP_DEMO_HELD_OUT_PER_CLASS;
-    let (mut train, mut val) = (Vec::new(), Vec::new());
-    let mut seen: std::collections::HashMap<(Colour, Shape), usize> = std::collections::HashMap::new();
-    for a in DemoAttrs::all() {
-        let class = classes.iter().position(|c| *c == class_name(a.colour, a.shape)).unwrap_or(0);
-        let k = seen.entry((a.colour, a.shape)).or_insert(0);
-        if *k % stride == class % stride {
-            val.push(a);
-        } else {
-            train.push(a);
-        }
-        *k += 1;
-    }
+    let (mut train, val) = clip_demo_split();
     Rng::new(seed).shuffle(&mut train);
     let mut tsv = String::from("image_path\tcaption\n");
     for (i, a) in train.iter().enumerate() {

@@ -70,8 +70,28 @@ impl SynthosPipeline {
         reference: Option<&ImageRgb>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Vec<ImageRgb>> {
+        let seeds: Vec<u64> = (0..prompts.len()).map(|i| opts.seed.wrapping_add(i as u64)).collect();
+        self.generate_seeded(prompts, &seeds, opts, reference, progress)
+    }
+
+    /// One image per prompt, image `i` starting from the noise of `seeds[i]`, all denoised
+    /// together as in [`SynthosPipeline::generate_batch`] (`opts.prompt` and `opts.seed`
+    /// are ignored). An image depends on its prompt and seed alone, not on the batch it
+    /// shares (up to the last bits of float arithmetic on a GPU), so a set generated in
+    /// batches and resumed part-way matches one generated in a single run.
+    pub fn generate_seeded(
+        &self,
+        prompts: &[&str],
+        seeds: &[u64],
+        opts: &GenerateOptions,
+        reference: Option<&ImageRgb>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<ImageRgb>> {
         if prompts.is_empty() {
             bail!("generate: no prompts given");
+        }
+        if seeds.len() != prompts.len() {
+            bail!("generate: {} seeds for {} prompts", seeds.len(), prompts.len());
         }
         if opts.steps == 0 {
             bail!("generate: steps must be at least 1");
@@ -83,12 +103,13 @@ impl SynthosPipeline {
             bail!("generate: the sigma shift must be a positive number, got {}", opts.shift);
         }
         self.check_size(opts.width, opts.height)?;
-        autograd::no_grad(|| self.sample(prompts, opts, reference, progress))
+        autograd::no_grad(|| self.sample(prompts, seeds, opts, reference, progress))
     }
 
     fn sample(
         &self,
         prompts: &[&str],
+        seeds: &[u64],
         opts: &GenerateOptions,
         reference: Option<&ImageRgb>,
         progress: &mut dyn FnMut(usize, usize),
@@ -117,8 +138,8 @@ impl SynthosPipeline {
         let f = self.codec.factor();
         let (h, w) = (opts.height / f, opts.width / f);
         let mut noise = Vec::with_capacity(b * c * h * w);
-        for i in 0..b {
-            noise.extend(initial_noise(opts.seed.wrapping_add(i as u64), c, h, w));
+        for &seed in seeds {
+            noise.extend(initial_noise(seed, c, h, w));
         }
         let mut x = Tensor::from_vec(noise, &[b, c, 1, h, w], dev)?;
         let sigmas = sample_sigmas(opts.steps, opts.shift);

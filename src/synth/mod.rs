@@ -1,5 +1,6 @@
-//! The text half of SynthCLIP's synthetic-data pipeline: a concept bank, one short
-//! caption per concept, and MetaCLIP-style balancing of the captions over the concepts.
+//! SynthCLIP's synthetic-data pipeline: a concept bank, one short caption per concept,
+//! MetaCLIP-style balancing of the captions over the concepts, and one image per kept
+//! caption from the engine's own generator.
 //!
 //! - [`concepts`]: the concept bank ([`ConceptBank`]), one concept per line (or
 //!   SynthCLIP's `metadata.json`).
@@ -10,8 +11,14 @@
 //! - [`balance`](mod@balance): whole-word matching of every caption against the whole bank
 //!   (Aho–Corasick) and the keep draws, `min(1, t / count)` per concept.
 //! - [`report`]: `balanced.jsonl`, the JSON report and the rank/count plot.
+//! - [`images`]: one image per kept caption from the engine's text-to-image pipeline,
+//!   resumable, with the `train.tsv` that `clip-train` reads.
+//! - [`flywheel`]: the demo flywheel, the whole question at toy scale: a demo generator,
+//!   a synthetic set from it, and CLIPs trained on synthetic and on real pairs, compared
+//!   zero-shot on real held-out shapes.
 //!
-//! The same steps are the `synthos-engine synth captions` and `synth balance` commands.
+//! The same steps are the `synthos-engine synth captions`, `synth balance` and
+//! `synth images` commands; `synth all` chains them, and `synth demo` runs the flywheel.
 //!
 //! ```
 //! use synthos_engine::synth::balance::{balance, BalanceOptions, MatchMode};
@@ -34,13 +41,16 @@
 pub mod balance;
 pub mod captions;
 pub mod concepts;
+pub mod flywheel;
 mod http;
+pub mod images;
 pub mod llm;
 pub mod report;
 
 pub use balance::{balance, BalanceOptions, Balanced, ConceptMatcher, MatchMode};
 pub use captions::{Caption, CaptionRow, MultiLine, TemplatePick};
 pub use concepts::ConceptBank;
+pub use images::{generate_image_set, ImageSetOptions, ImageSetSummary};
 pub use llm::{caption_with_llm, LlmOptions, LlmSummary};
 
 /// A stable 64-bit key of a text (FNV-1a over its UTF-8 bytes), the same on every machine

@@ -70,6 +70,8 @@ pub struct ClipTrainConfig {
     pub seed: u64,
     /// Write `step-N.safetensors` every N steps (`epoch-N` after each epoch).
     pub save_every: Option<u64>,
+    /// Keep only the newest this many `epoch-N` checkpoints (`None`: all).
+    pub keep_epochs: Option<u64>,
     /// Zero-shot validation every N steps (and at the end), when `val_folder` is set.
     pub validate_every: Option<u64>,
     /// Zero-shot validation set: a folder with one sub-folder of images per class.
@@ -122,6 +124,7 @@ impl ClipTrainConfig {
             eps: 1e-8,
             seed: 0,
             save_every: None,
+            keep_epochs: None,
             validate_every: None,
             val_folder: None,
             val_classes: None,
@@ -148,6 +151,7 @@ impl ClipTrainConfig {
             warmup_steps: Some(20),
             weight_decay: 0.1,
             seed: 0,
+            keep_epochs: Some(1),
             val_folder: Some(set.val_dir.clone()),
             val_templates: set.templates.clone(),
             ..ClipTrainConfig::synthclip(&set.train_tsv, output)
@@ -177,6 +181,9 @@ impl ClipTrainConfig {
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             bail!("--weight-decay must be a non-negative number, got {}", self.weight_decay);
         }
+        if self.keep_epochs == Some(0) {
+            bail!("--keep-epochs must be at least 1 (the last epoch's checkpoint is the trained model)");
+        }
         if self.val_templates.iter().any(|t| !t.contains("{}")) {
             bail!("every zero-shot template needs a {{}} for the class name");
         }
@@ -202,6 +209,7 @@ impl ClipTrainConfig {
             max_grad_norm: None,
             seed: self.seed,
             save_every: self.save_every,
+            keep_epochs: self.keep_epochs,
             validate_every: self.validate_every,
             log_metrics: self.log_metrics,
             resume: self.resume,

@@ -70,6 +70,8 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Write `step-N.safetensors` every this many steps (epoch checkpoints are always written).
     pub save_every: Option<u64>,
+    /// Keep only the newest this many `epoch-N` checkpoints (`None`: all).
+    pub keep_epochs: Option<u64>,
     /// Sample the validation prompts and images every this many steps (and at the end).
     pub validate_every: Option<u64>,
     /// Validation prompts (text-only samples).
@@ -127,6 +129,7 @@ impl TrainConfig {
             trainable: Trainable::All,
             seed: 42,
             save_every: None,
+            keep_epochs: Some(1),
             validate_every: None,
             validation_prompts: Vec::new(),
             validation_images: Vec::new(),
@@ -162,6 +165,7 @@ impl TrainConfig {
             negative_prompt: crate::pipeline::DEFAULT_NEGATIVE_PROMPT.to_string(),
             activation_checkpointing: true,
             shift: crate::schedule::SHIFT,
+            keep_epochs: None,
             ..Self::demo()
         }
     }
@@ -193,6 +197,9 @@ impl TrainConfig {
         }
         if self.max_steps == Some(0) {
             bail!("max steps must be at least 1");
+        }
+        if self.keep_epochs == Some(0) {
+            bail!("keep epochs must be at least 1 (the last epoch's checkpoint is the trained model)");
         }
         if self.save_every == Some(0) || self.validate_every == Some(0) {
             bail!("checkpoint and validation intervals must be at least 1 step");
@@ -239,6 +246,7 @@ impl TrainConfig {
             max_grad_norm: self.max_grad_norm,
             seed: self.seed,
             save_every: self.save_every,
+            keep_epochs: self.keep_epochs,
             validate_every: self.validate_every,
             log_metrics: self.log_metrics,
             resume: self.resume,

@@ -103,6 +103,10 @@ pub struct LoopSettings {
     pub seed: u64,
     /// Write `step-N.safetensors` every this many steps.
     pub save_every: Option<u64>,
+    /// Keep only this many of the newest `epoch-N` checkpoints: writing `epoch-N`
+    /// removes `epoch-(N−k)`. `None` keeps them all (the recipes of the published
+    /// models); the demos keep the last one.
+    pub keep_epochs: Option<u64>,
     /// Validate every this many steps (and at the end).
     pub validate_every: Option<u64>,
     /// Write `metrics.jsonl` and `loss.png`.
@@ -463,6 +467,17 @@ impl RunLoop {
                     p.message(&format!("saved {}", path.display()));
                 }
                 summary.checkpoints.push(path);
+            }
+            if let (true, Some(k)) = (epoch_end, self.settings.keep_epochs) {
+                if let Some(old) = stats.epoch.checked_sub(k.max(1)) {
+                    let path = self.settings.output.join(format!("epoch-{old}.safetensors"));
+                    if path.is_file() {
+                        std::fs::remove_file(&path).map_err(|e| {
+                            Error::msg(format!("cannot remove the old checkpoint {}: {e}", path.display()))
+                        })?;
+                    }
+                    summary.checkpoints.retain(|c| c != &path);
+                }
             }
             if self.settings.validate_every.is_some_and(|n| stats.step % n == 0) || last {
                 let grids = task.validate(self.step)?;
