@@ -7,12 +7,12 @@
 # Collects into $OUT (else /tmp/gpu-check), fail-soft (a failing stage never stops the
 # next), within a deadline of $GPU_CHECK_BUDGET seconds (default 420): nvidia-smi, which
 # libcublasLt is used, `synthos-engine info`, every test executable's full output (GPU
-# tests active), the README's first command (the demo) timed on the GPU, the PyTorch
+# tests active), the README's first command (the demo) and `synth demo` timed on the GPU, the PyTorch
 # reference (scripts/reference/bench_torch.py), `synthos-engine bench --json --compare`,
 # registers/spills of every kernel (ptxas -v from the build, cuobjdump here),
 # a per-kernel profile of the 1.3B b4 training step (SYNTHOS_CUDA_PROFILE=1),
 # compute-sanitizer memcheck/racecheck on the op tests where the machine supports it, and
-# one summary.json (scripts/gpu-summary.py). Stages: set SKIP_TESTS, SKIP_DEMO, SKIP_TORCH,
+# one summary.json (scripts/gpu-summary.py). Stages: set SKIP_TESTS, SKIP_DEMO, SKIP_SYNTH_DEMO, SKIP_TORCH,
 # SKIP_BENCH, SKIP_PROFILE, SKIP_SANITIZER to 1 to leave one out; TEST_FILTER narrows the tests;
 # SKIP_TEST_BINARIES (default: kernel_emulation, CPU only) lists executables not run.
 set -uo pipefail
@@ -114,6 +114,15 @@ if [ "${SKIP_DEMO:-0}" != 1 ] && [ "$(left)" -gt 200 ]; then
   timeout 150 "$ENGINE" train --output /tmp/demo-run > "$OUTDIR/demo.txt" 2>&1; rc=$?
   echo "demo train: rc $rc, $(( ($(date +%s%N) - s0) / 1000000 )) ms" | tee -a "$OUTDIR/demo.txt"
   tail -5 "$OUTDIR/demo.txt"
+fi
+
+if [ "${SKIP_SYNTH_DEMO:-0}" != 1 ] && [ "$(left)" -gt 220 ]; then
+  stage "synth demo (the flywheel) on the GPU"
+  rm -rf /tmp/synth-demo
+  s0=$(date +%s%N)
+  timeout 120 "$ENGINE" synth demo --output /tmp/synth-demo > "$OUTDIR/synth-demo.txt" 2>&1; rc=$?
+  echo "synth demo: rc $rc, $(( ($(date +%s%N) - s0) / 1000000 )) ms" | tee -a "$OUTDIR/synth-demo.txt"
+  tail -5 "$OUTDIR/synth-demo.txt"
 fi
 
 if [ "${SKIP_TORCH:-0}" != 1 ] && [ "$(left)" -gt 150 ]; then
