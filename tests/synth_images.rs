@@ -218,7 +218,8 @@ fn synth_images_killed_mid_run_resumes_without_duplicates_or_losses() {
     let cut = dir.join("cut");
     let mut child = Command::new(BIN).args(args(&cut)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let start = Instant::now();
-    while image_files(&cut).len() < 3 && start.elapsed() < Duration::from_secs(120) {
+    let finished = |d: &Path| image_files(d).iter().filter(|(name, _)| !name.contains("/.")).count();
+    while finished(&cut) < 3 && start.elapsed() < Duration::from_secs(120) {
         std::thread::sleep(Duration::from_millis(5));
     }
     child.kill().unwrap();
