@@ -389,9 +389,18 @@ pub struct ClipDemoSet {
     pub templates: Vec<String>,
 }
 
-/// The class of a demo image in the CLIP demo: `"<colour> <shape>"`.
-pub fn clip_demo_class(a: &DemoAttrs) -> String {
-    format!("{} {}", a.colour.name(), a.shape.name())
+/// The CLIP demo's class of a shape colour and shape: `"<colour> <shape>"`.
+pub fn clip_demo_class(colour: Colour, shape: Shape) -> String {
+    format!("{} {}", colour.name(), shape.name())
+}
+
+/// The CLIP demo's 18 class names (every colour × shape, [`clip_demo_class`]), sorted as
+/// their zero-shot folders are.
+pub fn clip_demo_classes() -> Vec<String> {
+    let mut classes: Vec<String> =
+        Colour::ALL.iter().flat_map(|&c| Shape::ALL.iter().map(move |&s| clip_demo_class(c, s))).collect();
+    classes.sort();
+    classes
 }
 
 /// The CLIP demo's split of every attribute combination ([`DemoAttrs::all`], 540) into the
@@ -400,18 +409,14 @@ pub fn clip_demo_class(a: &DemoAttrs) -> String {
 /// [`CLIP_DEMO_HELD_OUT_PER_CLASS`] (a fixed, spread-out choice of backgrounds, sizes and
 /// textures) are held out.
 pub fn clip_demo_split() -> (Vec<DemoAttrs>, Vec<DemoAttrs>) {
-    let mut classes: Vec<String> = Colour::ALL
-        .iter()
-        .flat_map(|&c| Shape::ALL.iter().map(move |&s| format!("{} {}", c.name(), s.name())))
-        .collect();
-    classes.sort();
+    let classes = clip_demo_classes();
     // Within a class, combination k (in `all()`'s order) is held out when k ≡ class (mod 5):
     // 6 of 30, a different background/size/texture mix for each class.
     let stride = 30 / CLIP_DEMO_HELD_OUT_PER_CLASS;
     let (mut train, mut val) = (Vec::new(), Vec::new());
     let mut seen: std::collections::HashMap<(Colour, Shape), usize> = std::collections::HashMap::new();
     for a in DemoAttrs::all() {
-        let class = classes.iter().position(|c| *c == clip_demo_class(&a)).unwrap_or(0);
+        let class = classes.iter().position(|c| *c == clip_demo_class(a.colour, a.shape)).unwrap_or(0);
         let k = seen.entry((a.colour, a.shape)).or_insert(0);
         if *k % stride == class % stride {
             val.push(a);
@@ -434,10 +439,7 @@ pub fn generate_clip_demo(dir: impl AsRef<Path>, size: usize, seed: u64) -> Resu
     let dir = dir.as_ref();
     let train_dir = dir.join("train");
     let val_dir = dir.join("zeroshot");
-    let class_name = |c: Colour, s: Shape| format!("{} {}", c.name(), s.name());
-    let mut classes: Vec<String> =
-        Colour::ALL.iter().flat_map(|&c| Shape::ALL.iter().map(move |&s| class_name(c, s))).collect();
-    classes.sort();
+    let classes = clip_demo_classes();
     fs::create_dir_all(&train_dir).with_ctx(|| format!("cannot create {}", train_dir.display()))?;
     for c in &classes {
         let d = val_dir.join(c);
@@ -457,7 +459,7 @@ pub fn generate_clip_demo(dir: impl AsRef<Path>, size: usize, seed: u64) -> Resu
         let texture = a.texture.phrase().trim().replace(' ', "-");
         let texture = if texture.is_empty() { String::new() } else { format!("-{texture}") };
         let file = format!("{i:03}-{}{texture}-on-{}.png", a.size.name(), a.background.name());
-        render(a, size)?.save_png(val_dir.join(class_name(a.colour, a.shape)).join(file))?;
+        render(a, size)?.save_png(val_dir.join(clip_demo_class(a.colour, a.shape)).join(file))?;
     }
     let templates = ShapeSize::ALL
         .iter()

@@ -235,9 +235,12 @@ pub fn generate_image_set(
         let seeds: Vec<u64> = batch.iter().map(|&i| opts.seed.wrapping_add(i as u64)).collect();
         let images = pipe.generate_seeded(&prompts, &seeds, &gen, None, &mut |_, _| {})?;
         for (&i, img) in batch.iter().zip(&images) {
-            let stored =
-                if (sw, sh) == (img.width(), img.height()) { img.clone() } else { resize_bicubic(img, sw, sh)? };
-            stored.save_png(dir.join(image_path(i)))?;
+            let path = dir.join(image_path(i));
+            if (sw, sh) == (img.width(), img.height()) {
+                img.save_png(path)?;
+            } else {
+                resize_bicubic(img, sw, sh)?.save_png(path)?;
+            }
         }
         made += batch.len();
         if let Some(p) = progress.as_mut() {
