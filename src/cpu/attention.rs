@@ -1,5 +1,5 @@
 //! Scaled dot-product attention, forward and backward, on f32 slices: blocked, with the
-//! products done by `matrixmultiply::sgemm` and the (batch, head) pairs spread over the
+//! products done by `cpu::sgemm` (one thread each) and the (batch, head) pairs spread over the
 //! rayon pool.
 //!
 //! Layouts (row-major): q and the output `[B, Nq, H, Dh]`; k and v `[B, Nk, H, Dh]`;
@@ -32,7 +32,7 @@
 //! writes; sums over query blocks and over the batch happen inside a task in a fixed order.
 //! Results are therefore bit-identical for any number of threads.
 
-use matrixmultiply::sgemm;
+use super::sgemm::{sgemm, Init, Mat as View};
 use rayon::prelude::*;
 
 use super::math::exp_nonpositive;
@@ -56,64 +56,13 @@ pub struct AttentionGrads {
 
 // ---- Strided products ----
 
-/// A matrix operand read in place: element (r, c) is `data[r·rs + c·cs]`.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a> View<'a> {
-    /// Rows that start `stride` elements apart, their elements contiguous.
-    fn rows(data: &'a [f32], stride: usize) -> Self {
-        View { data, rs: stride, cs: 1 }
-    }
-
-    /// The transpose (no copy).
-    fn t(self) -> Self {
-        View { data: self.data, rs: self.cs, cs: self.rs }
-    }
-
-    /// True when a `rows × cols` matrix lies inside `data`.
-    fn holds(&self, rows: usize, cols: usize) -> bool {
-        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
-    }
-}
-
 /// `C = alpha·A·B + beta·C` with `A` `m × k`, `B` `k × n` and `C` `m × n` stored in rows
-/// `ldc` apart (with `beta` 0, C is overwritten without being read).
+/// `ldc` apart (with `beta` 0, C is overwritten without being read), on this thread:
+/// tasks are already spread over the pool one (batch, head) or query block each.
 #[allow(clippy::too_many_arguments)]
 fn gemm(m: usize, k: usize, n: usize, alpha: f32, a: View, b: View, beta: f32, c: &mut [f32], ldc: usize) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    // The callers size every operand from the same AttentionParams; a violated bound is a
-    // bug (or slices shorter than the params say) and stops here rather than in sgemm.
-    assert!(
-        a.holds(m, k) && b.holds(k, n) && (m - 1) * ldc + n <= c.len() && n <= ldc,
-        "attention: operand out of bounds"
-    );
-    // SAFETY: the assertion above keeps every element sgemm reads (A, B) or writes (C)
-    // inside its slice; C is a unique borrow, so it aliases neither A nor B.
-    unsafe {
-        sgemm(
-            m,
-            k,
-            n,
-            alpha,
-            a.data.as_ptr(),
-            a.rs as isize,
-            a.cs as isize,
-            b.data.as_ptr(),
-            b.rs as isize,
-            b.cs as isize,
-            beta,
-            c.as_mut_ptr(),
-            ldc as isize,
-            1,
-        );
-    }
+    let init = if beta == 0.0 { Init::Zero } else { Init::Accumulate };
+    sgemm(m, k, n, alpha, a, b, init, c, ldc, false);
 }
 
 // ---- Softmax ----

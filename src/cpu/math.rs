@@ -44,3 +44,51 @@ pub fn sigmoid(x: f32) -> f32 {
         e / (1.0 + e)
     }
 }
+
+/// Lanes of the f64 sums below: eight running sums, combined pairwise in a fixed order at
+/// the end, so the loop vectorises (a single running sum is one long chain of dependent
+/// adds) and the result depends only on the data, never on threads or timing.
+const LANES: usize = 8;
+
+/// Adds the eight lanes pairwise in a fixed order.
+#[inline(always)]
+fn combine(l: [f64; LANES]) -> f64 {
+    ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
+}
+
+/// `Σ f(a_i, b_i)` in f64 over two slices of one length, element `i` in lane `i mod 8`.
+#[inline(always)]
+fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f64, f64) -> f64) -> f64 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut lanes = [0f64; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            lanes[l] += f(x[l] as f64, y[l] as f64);
+        }
+    }
+    for (l, (&x, &y)) in ra.iter().zip(rb).enumerate() {
+        lanes[l] += f(x as f64, y as f64);
+    }
+    combine(lanes)
+}
+
+/// `Σ x_i` in f64 (eight lanes, see [`LANES`]).
+#[inline(always)]
+pub fn sum_f64(x: &[f32]) -> f64 {
+    lane_sum(x, x, |v, _| v)
+}
+
+/// `Σ (x_i − c)²` in f64 (eight lanes).
+#[inline(always)]
+pub fn sum_sq_dev_f64(x: &[f32], c: f64) -> f64 {
+    lane_sum(x, x, |v, _| (v - c) * (v - c))
+}
+
+/// `Σ a_i·b_i` in f64 (eight lanes).
+#[inline(always)]
+pub fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
+    lane_sum(a, b, |x, y| x * y)
+}

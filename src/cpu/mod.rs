@@ -14,5 +14,6 @@ pub mod norm;
 pub mod par;
 pub mod reduce;
 pub mod rope;
+pub mod sgemm;
 pub mod shape;
 pub mod softmax;

@@ -5,6 +5,8 @@
 //! `y = xhat·(w_offset + w[g]) + b[g]` with `xhat = (x − mean)·rstd` (mean 0 for RMSNorm)
 //! and `g = row / rows_per_group` selecting the parameter row.
 
+use super::math::{dot_f64, sum_f64, sum_sq_dev_f64};
+use super::par;
 use crate::desc::RowNorm;
 
 /// Rows per parallel task. Tasks never straddle a parameter group, so each task's
@@ -52,28 +54,45 @@ pub fn forward(x: &[f32], w: Option<&[f32]>, b: Option<&[f32]>, spec: &RowNorm) 
         .zip(tasks.par_iter())
         .map(|(out, &(g, r0, r1))| {
             let p = g * d;
-            let (wp, bp) = (w.map(|w| &w[p..p + d]), b.map(|b| &b[p..p + d]));
-            let mut stats = Vec::with_capacity(r1 - r0);
-            for (xr, yr) in x[r0 * d..r1 * d].chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-                let (mean, rstd) = row_stats(xr, spec);
-                for (c, (y, &xv)) in yr.iter_mut().zip(xr).enumerate() {
-                    let f = spec.w_offset + wp.map_or(0.0, |w| w[c]);
-                    let s = bp.map_or(0.0, |b| b[c]);
-                    *y = (xv - mean) * rstd * f + s;
-                }
-                stats.push((mean, rstd));
-            }
-            stats
+            let f = scales(w.map(|w| &w[p..p + d]), spec);
+            let s = b.map_or_else(|| vec![0f32; d], |b| b[p..p + d].to_vec());
+            forward_rows(&x[r0 * d..r1 * d], out, &f, &s, spec)
         })
         .collect();
     let (means, rstds) = stats.into_iter().flatten().unzip();
     (out, means, rstds)
 }
 
+par::avx2_fn! {
+    /// Normalises the rows of `x` into `out` with per-column scale `f` and shift `s`;
+    /// returns each row's (mean, rstd).
+    fn forward_rows(x: &[f32], out: &mut [f32], f: &[f32], s: &[f32], spec: &RowNorm) -> Vec<(f32, f32)> {
+        let d = f.len();
+        let mut stats = Vec::with_capacity(x.len() / d);
+        for (xr, yr) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let (mean, rstd) = row_stats(xr, spec);
+            for ((y, &xv), (&f, &s)) in yr.iter_mut().zip(xr).zip(f.iter().zip(s)) {
+                *y = (xv - mean) * rstd * f + s;
+            }
+            stats.push((mean, rstd));
+        }
+        stats
+    }
+}
+
+/// The scale `w_offset + w` of every column (`w_offset` alone without a weight).
+fn scales(w: Option<&[f32]>, spec: &RowNorm) -> Vec<f32> {
+    match w {
+        Some(w) => w.iter().map(|&w| spec.w_offset + w).collect(),
+        None => vec![spec.w_offset; spec.d],
+    }
+}
+
+#[inline(always)]
 fn row_stats(xr: &[f32], spec: &RowNorm) -> (f32, f32) {
     let n = xr.len() as f64;
-    let mean = if spec.rms { 0.0 } else { xr.iter().map(|&v| v as f64).sum::<f64>() / n };
-    let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let mean = if spec.rms { 0.0 } else { sum_f64(xr) / n };
+    let var = sum_sq_dev_f64(xr, mean) / n;
     (mean as f32, (1.0 / (var + spec.eps as f64).sqrt()) as f32)
 }
 
@@ -106,28 +125,9 @@ pub fn backward(x: &[f32], dy: &[f32], w: Option<&[f32]>, mean: &[f32], rstd: &[
         .zip(tasks.par_iter())
         .map(|(dx, &(g, r0, r1))| {
             let p = g * d;
-            let wp = w.map(|w| &w[p..p + d]);
-            let (mut pdw, mut pdb) = (vec![0f32; d], vec![0f32; d]);
-            let (mut xhat, mut gh) = (vec![0f32; d], vec![0f32; d]);
-            for (i, r) in (r0..r1).enumerate() {
-                let (xr, gr) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
-                let (mu, rs) = (mean[r], rstd[r]);
-                let (mut s_g, mut s_gx) = (0f64, 0f64);
-                for c in 0..d {
-                    xhat[c] = (xr[c] - mu) * rs;
-                    gh[c] = gr[c] * (spec.w_offset + wp.map_or(0.0, |w| w[c]));
-                    s_g += gh[c] as f64;
-                    s_gx += (gh[c] * xhat[c]) as f64;
-                    pdw[c] += gr[c] * xhat[c];
-                    pdb[c] += gr[c];
-                }
-                let mg = if spec.rms { 0.0 } else { (s_g / d as f64) as f32 };
-                let mgx = (s_gx / d as f64) as f32;
-                for (c, o) in dx[i * d..(i + 1) * d].iter_mut().enumerate() {
-                    *o = rs * (gh[c] - mg - xhat[c] * mgx);
-                }
-            }
-            (pdw, pdb)
+            let f = scales(w.map(|w| &w[p..p + d]), spec);
+            let rows = r0 * d..r1 * d;
+            backward_rows(&x[rows.clone()], &dy[rows], &mean[r0..r1], &rstd[r0..r1], &f, dx, spec)
         })
         .collect();
     for (&(g, _, _), (pdw, pdb)) in tasks.iter().zip(&partials) {
@@ -135,4 +135,40 @@ pub fn backward(x: &[f32], dy: &[f32], w: Option<&[f32]>, mean: &[f32], rstd: &[
         db[g * d..(g + 1) * d].iter_mut().zip(pdb).for_each(|(a, b)| *a += b);
     }
     NormGrads { dx, dw, db }
+}
+
+par::avx2_fn! {
+    /// The backward of [`forward_rows`] for one block of rows: writes `dx` and returns
+    /// the block's partial sums of `dy·xhat` and `dy` per column.
+    fn backward_rows(
+        x: &[f32],
+        dy: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        f: &[f32],
+        dx: &mut [f32],
+        spec: &RowNorm,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let d = f.len();
+        let (mut pdw, mut pdb) = (vec![0f32; d], vec![0f32; d]);
+        let (mut xhat, mut gh) = (vec![0f32; d], vec![0f32; d]);
+        for (((xr, gr), dxr), (&mu, &rs)) in
+            x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)).zip(mean.iter().zip(rstd))
+        {
+            for ((xh, &xv), (&gv, (&fv, gh))) in xhat.iter_mut().zip(xr).zip(gr.iter().zip(f.iter().zip(gh.iter_mut()))) {
+                *xh = (xv - mu) * rs;
+                *gh = gv * fv;
+            }
+            for ((dw, db), (&gv, &xh)) in pdw.iter_mut().zip(pdb.iter_mut()).zip(gr.iter().zip(&xhat)) {
+                *dw += gv * xh;
+                *db += gv;
+            }
+            let mg = if spec.rms { 0.0 } else { (sum_f64(&gh) / d as f64) as f32 };
+            let mgx = (dot_f64(&gh, &xhat) / d as f64) as f32;
+            for (o, (&gh, &xh)) in dxr.iter_mut().zip(gh.iter().zip(&xhat)) {
+                *o = rs * (gh - mg - xh * mgx);
+            }
+        }
+        (pdw, pdb)
+    }
 }

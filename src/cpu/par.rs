@@ -18,27 +18,33 @@ pub fn fill(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync + Send) {
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| run(c * CHUNK, chunk, &f));
 }
 
-/// Runs one chunk, compiled for AVX2 where the CPU has it (eight f32 lanes instead of
-/// SSE2's four). FMA stays off, so both builds round identically.
+/// Runs one chunk through [`avx2`].
 #[inline(always)]
 fn run<F: Fn(usize, &mut [f32])>(i0: usize, out: &mut [f32], f: &F) {
+    avx2(|| f(i0, out))
+}
+
+/// Runs `f` compiled for AVX2 where the CPU has it (eight f32 lanes instead of SSE2's
+/// four; `f` is inlined into an AVX2 function). FMA stays off, so both builds round
+/// identically.
+#[inline(always)]
+pub fn avx2<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2.
-        unsafe { run_avx2(i0, out, f) };
-        return;
+        return unsafe { run_avx2(f) };
     }
-    f(i0, out)
+    f()
 }
 
-/// [`run`] with AVX2 enabled.
+/// [`avx2`]'s AVX2 body.
 ///
 /// # Safety
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn run_avx2<F: Fn(usize, &mut [f32])>(i0: usize, out: &mut [f32], f: &F) {
-    f(i0, out)
+unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
 }
 
 /// `f(x)` for every element of `x`.
@@ -97,3 +103,34 @@ impl<'a> Walker<'a> {
         }
     }
 }
+
+/// Defines a function whose body is compiled twice, for AVX2 and for the baseline, and
+/// picks the AVX2 copy at run time where the CPU has it. Unlike [`avx2`] (which relies
+/// on the compiler inlining a closure), the body is always inlined into both copies, so
+/// large loop nests get the wider vectors too. FMA stays off, so both copies round
+/// identically. Functions only (no generic parameters).
+macro_rules! avx2_fn {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            /// The AVX2 copy.
+            ///
+            /// # Safety
+            /// The CPU must support AVX2.
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2")]
+            unsafe fn with_avx2($($arg: $ty),*) $(-> $ret)? {
+                body($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2.
+                return unsafe { with_avx2($($arg),*) };
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use avx2_fn;

@@ -119,7 +119,7 @@ fn view_mut<T>(s: &mut CudaSlice<T>, range: std::ops::Range<usize>) -> Result<Cu
 
 /// True when element `off` of a (256-byte-aligned) allocation is aligned for cuBLASLt.
 fn aligned<T>(off: usize) -> bool {
-    (off * std::mem::size_of::<T>()) % GEMM_ALIGN == 0
+    (off * std::mem::size_of::<T>()).is_multiple_of(GEMM_ALIGN)
 }
 
 /// Elements a row-major `[rows, cols]` matrix with row length `ld` spans.

@@ -29,7 +29,7 @@ fn vec_width(dtype: DType, d: usize) -> usize {
         DType::F32 => 4,
         DType::BF16 => 8,
     };
-    if d % v == 0 {
+    if d.is_multiple_of(v) {
         v
     } else {
         1
@@ -77,7 +77,7 @@ fn param_dtype(t: DType, w: Option<&CudaStorage>, b: Option<&CudaStorage>) -> Re
 
 /// The kernels index rows by `row / rows_per_group`, so groups must tile the rows.
 fn check_spec(spec: &RowNorm) -> Result<()> {
-    if spec.rows == 0 || spec.d == 0 || spec.rows_per_group == 0 || spec.rows % spec.rows_per_group != 0 {
+    if spec.rows == 0 || spec.d == 0 || spec.rows_per_group == 0 || !spec.rows.is_multiple_of(spec.rows_per_group) {
         bail!("norm: bad launch shape {spec:?} (empty, or groups that do not tile the rows)");
     }
     if spec.d > i32::MAX as usize {

@@ -19,11 +19,11 @@ pub fn rope(
 ) -> Result<CudaBuf> {
     let dev = &x.dev;
     let half = head_dim / 2;
-    if head_dim == 0 || head_dim % 2 != 0 || tokens == 0 || heads == 0 {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) || tokens == 0 || heads == 0 {
         bail!("rope: bad shape (tokens {tokens}, heads {heads}, head_dim {head_dim})");
     }
     let n = x.buf.len();
-    if n % (tokens * heads * head_dim) != 0 {
+    if !n.is_multiple_of(tokens * heads * head_dim) {
         bail!("rope: {n} elements are not a whole number of [{tokens}, {heads}, {head_dim}] blocks");
     }
     let (cos_t, sin_t) = match (&cos.buf, &sin.buf) {
@@ -31,7 +31,7 @@ pub fn rope(
         _ => bail!("rope: cos/sin must be f32 tables of [{tokens}, {half}]"),
     };
     // Four pairs per thread (16-byte bf16 accesses) when a head's pairs split evenly.
-    let pairs_per_thread = if half % 4 == 0 { 4 } else { 1 };
+    let pairs_per_thread = if half.is_multiple_of(4) { 4 } else { 1 };
     let name = super::intern(&format!("rope_{}_p{pairs_per_thread}", super::suffix(x.buf.dtype())));
     let f = dev.func("rope", name)?;
     let mut out = dev.alloc(n, x.buf.dtype())?;

@@ -132,7 +132,7 @@ impl T5Config {
                 bail!("umT5 config: {name} must be positive");
             }
         }
-        if self.num_buckets < 4 || self.num_buckets % 4 != 0 {
+        if self.num_buckets < 4 || !self.num_buckets.is_multiple_of(4) {
             bail!("umT5 config: num_buckets must be a positive multiple of 4, got {}", self.num_buckets);
         }
         if self.max_distance <= self.num_buckets / 4 {

@@ -55,7 +55,7 @@ impl RopeTable {
 ///
 /// Wan precomputes 1024 positions per axis; any grid size works here.
 pub fn rope_table_3d(frames: usize, height: usize, width: usize, head_dim: usize, theta: f64) -> Result<RopeTable> {
-    if head_dim == 0 || head_dim % 2 != 0 {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
         bail!("rope_table_3d: head_dim must be even and positive (channels rotate in pairs), got {head_dim}");
     }
     if frames == 0 || height == 0 || width == 0 {

@@ -279,7 +279,7 @@ impl SynthosPipeline {
         let [_, ph, pw] = self.dit.config().patch_size;
         let f = self.codec.factor();
         let (mh, mw) = (f * ph, f * pw);
-        if width == 0 || height == 0 || width % mw != 0 || height % mh != 0 {
+        if width == 0 || height == 0 || !width.is_multiple_of(mw) || !height.is_multiple_of(mh) {
             bail!("image size {width}×{height}: width must be a positive multiple of {mw} and height of {mh}");
         }
         // The DiT's 3-D RoPE has positions for `rope_max_seq_len` tokens per axis.

@@ -163,7 +163,7 @@ impl ClipTrainConfig {
         if self.batch_size < 2 {
             bail!("--batch-size must be at least 2 (a contrastive batch needs negatives), got {}", self.batch_size);
         }
-        if self.accum_steps == 0 || self.batch_size % self.accum_steps != 0 {
+        if self.accum_steps == 0 || !self.batch_size.is_multiple_of(self.accum_steps) {
             bail!(
                 "--accum-steps {} must divide --batch-size {} (the batch is split into equal chunks)",
                 self.accum_steps,

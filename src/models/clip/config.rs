@@ -210,17 +210,17 @@ impl ClipConfig {
         if let Some((k, _)) = positive.iter().find(|(_, v)| *v == 0) {
             bail!("CLIP config: {k} must be positive");
         }
-        if v.image_size % v.patch_size != 0 {
+        if !v.image_size.is_multiple_of(v.patch_size) {
             bail!(
                 "CLIP config: vision.image_size {} is not a multiple of vision.patch_size {}",
                 v.image_size,
                 v.patch_size
             );
         }
-        if v.width % v.heads != 0 {
+        if !v.width.is_multiple_of(v.heads) {
             bail!("CLIP config: vision.width {} is not a multiple of vision.heads {}", v.width, v.heads);
         }
-        if t.width % t.heads != 0 {
+        if !t.width.is_multiple_of(t.heads) {
             bail!("CLIP config: text.width {} is not a multiple of text.heads {}", t.width, t.heads);
         }
         if !(v.eps > 0.0 && t.eps > 0.0) {

@@ -125,14 +125,14 @@ impl ClipVisionConfig {
         if self.num_layers < 2 {
             bail!("CLIP vision config: num_layers must be at least 2 (the penultimate block's output is used)");
         }
-        if self.image_size % self.patch_size != 0 {
+        if !self.image_size.is_multiple_of(self.patch_size) {
             bail!(
                 "CLIP vision config: image_size {} is not a multiple of patch_size {}",
                 self.image_size,
                 self.patch_size
             );
         }
-        if self.hidden_size % self.num_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_heads) {
             bail!(
                 "CLIP vision config: hidden_size {} is not a multiple of num_heads {}",
                 self.hidden_size,

@@ -154,7 +154,7 @@ impl VaeConfig {
         }
         // The decoder halves the channels at each upsampling and feeds them to the next
         // stage, whose width must then be even.
-        if (1..stages).any(|i| (self.base_dim * self.dim_mult[stages - i]) % 2 != 0) {
+        if (1..stages).any(|i| !(self.base_dim * self.dim_mult[stages - i]).is_multiple_of(2)) {
             bail!("VaeConfig: decoder stages before an upsampling need an even channel count, got {self:?}");
         }
         Ok(())

@@ -141,13 +141,13 @@ impl WanConfig {
         if c.patch_size[0] != 1 || c.patch_size[1] == 0 || c.patch_size[2] == 0 {
             bail!("Wan config: patch_size {:?} is not supported (the frame patch must be 1)", c.patch_size);
         }
-        if c.dim % c.num_heads != 0 {
+        if !c.dim.is_multiple_of(c.num_heads) {
             bail!("Wan config: dim {} is not a multiple of num_heads {}", c.dim, c.num_heads);
         }
-        if c.head_dim() % 2 != 0 {
+        if !c.head_dim().is_multiple_of(2) {
             bail!("Wan config: head dim {} must be even (RoPE turns channel pairs)", c.head_dim());
         }
-        if c.freq_dim % 2 != 0 {
+        if !c.freq_dim.is_multiple_of(2) {
             bail!("Wan config: freq_dim {} must be even (cos and sin halves)", c.freq_dim);
         }
         if !(c.eps.is_finite() && c.eps > 0.0) {

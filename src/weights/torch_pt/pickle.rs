@@ -624,7 +624,7 @@ impl Machine<'_> {
 
 /// Consecutive (key, value) pairs of a marked run of items.
 fn pairs(items: &[Id]) -> Step<Vec<(Id, Id)>> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return Err(format!("{} items cannot form key/value pairs", items.len()));
     }
     Ok(items.chunks_exact(2).map(|p| (p[0], p[1])).collect())
