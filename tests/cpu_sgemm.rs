@@ -3,9 +3,12 @@
 //! bias, accumulate), `alpha`, padded rows of C, depths that are not a multiple of the
 //! packing block, and sizes that leave partial register tiles on both edges. Where the CPU
 //! has AVX-512 this tests the engine's packed kernel; `fallback_path_agrees` runs the
-//! `matrixmultiply` path in a child process (`SYNTHOS_CPU_GEMM=fallback`) on the same cases.
+//! `matrixmultiply` path in a child process (`SYNTHOS_CPU_GEMM=fallback`) on the same cases,
+//! and `sgemm_uninit` (a fresh output buffer) is checked to write every element.
 
-use synthos_engine::cpu::sgemm::{sgemm, Init, Mat, KC, MR, NR};
+use std::mem::MaybeUninit;
+
+use synthos_engine::cpu::sgemm::{sgemm, sgemm_uninit, Init, Mat, KC, MR, NR};
 use synthos_engine::Rng;
 
 fn randn(n: usize, seed: u64) -> Vec<f32> {
@@ -132,6 +135,41 @@ fn results_do_not_depend_on_the_pool_size() {
     }
 }
 
+/// `sgemm_uninit` writes every element of its window (a buffer poisoned with NaN comes
+/// back free of them, equal to `sgemm`'s result) and nothing outside it.
+#[test]
+fn uninit_output_is_fully_written() {
+    for (m, k, n) in [(1, 1, 1), (MR + 1, 0, NR + 3), (29, 37, 41), (130, KC + 1, 70)] {
+        let (a, b, bias) = (randn(m * k, 4), randn(k * n, 5), randn(n, 6));
+        let ldc = n + 2;
+        for parallel in [false, true] {
+            for init in [Init::Zero, Init::Bias(&bias)] {
+                let mut want = vec![0f32; m * ldc];
+                sgemm(m, k, n, 1.0, Mat::rows(&a, k), Mat::rows(&b, n), init, &mut want, ldc, parallel);
+                let mut c = vec![MaybeUninit::new(f32::NAN); m * ldc];
+                sgemm_uninit(m, k, n, Mat::rows(&a, k), Mat::rows(&b, n), init, &mut c, ldc, parallel);
+                for (i, (got, want)) in c.iter().zip(&want).enumerate() {
+                    // SAFETY: every element was initialised (to NaN) before the call.
+                    let got = unsafe { got.assume_init() };
+                    if i % ldc < n {
+                        assert_eq!(got.to_bits(), want.to_bits(), "{m}x{k}x{n} {init:?}: element {i}");
+                    } else {
+                        assert!(got.is_nan(), "{m}x{k}x{n}: padding element {i} was written");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+#[should_panic(expected = "cannot be accumulated")]
+fn uninit_output_refuses_accumulate() {
+    let (a, b) = (vec![1f32; 4], vec![1f32; 4]);
+    let mut c = vec![MaybeUninit::new(0f32); 4];
+    sgemm_uninit(2, 2, 2, Mat::rows(&a, 2), Mat::rows(&b, 2), Init::Accumulate, &mut c, 2, false);
+}
+
 #[test]
 #[should_panic(expected = "does not lie inside")]
 fn an_operand_outside_its_slice_is_refused() {
@@ -150,11 +188,17 @@ fn fallback_path_agrees() {
     }
     let exe = std::env::current_exe().unwrap();
     let out = std::process::Command::new(exe)
-        .args(["--exact", "sgemm_matches_f64_on_odd_shapes_transposes_and_modes", "--test-threads", "1"])
+        .args([
+            "--exact",
+            "sgemm_matches_f64_on_odd_shapes_transposes_and_modes",
+            "uninit_output_is_fully_written",
+            "--test-threads",
+            "1",
+        ])
         .env("SYNTHOS_CPU_GEMM", "fallback")
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "fallback run failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("1 passed"), "the fallback run did not run the test:\n{text}");
+    assert!(text.contains("2 passed"), "the fallback run did not run both tests:\n{text}");
 }

@@ -21,6 +21,9 @@
 //! blocks are added to C in order. How the tiles are spread over the threads changes
 //! nothing, so the result is bit-identical for any pool size.
 
+// The packing helpers serve only the AVX-512 path.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
 use rayon::prelude::*;
 
 /// Rows of the register tile (rows of `op(A)` per packed A panel).
@@ -94,33 +97,94 @@ pub fn sgemm(
     ldc: usize,
     parallel: bool,
 ) {
+    // SAFETY: `c` is an initialised slice of `c.len()` floats, borrowed uniquely.
+    unsafe { sgemm_raw(m, k, n, alpha, a, b, init, SharedOut(c.as_mut_ptr()), c.len(), ldc, parallel) }
+}
+
+/// [`sgemm`] into memory that need not be initialised (a fresh output buffer): every
+/// element of the `m × n` window is written, the rest of `c` is left alone.
+///
+/// # Panics
+/// As [`sgemm`], and for [`Init::Accumulate`], which would read C.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_uninit(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: Mat,
+    b: Mat,
+    init: Init,
+    c: &mut [std::mem::MaybeUninit<f32>],
+    ldc: usize,
+    parallel: bool,
+) {
+    assert!(!matches!(init, Init::Accumulate), "sgemm_uninit: C is not initialised, it cannot be accumulated onto");
+    // SAFETY: `c` is `c.len()` floats borrowed uniquely; with Zero or Bias no element of
+    // C is read before it is written (the kernels store without loading, matrixmultiply
+    // with beta 0 does not read C, and the bias is written before a beta-1 product).
+    unsafe { sgemm_raw(m, k, n, 1.0, a, b, init, SharedOut(c.as_mut_ptr().cast()), c.len(), ldc, parallel) }
+}
+
+/// The body of [`sgemm`] and [`sgemm_uninit`].
+///
+/// # Safety
+/// `c` must be valid for writes (and, with [`Init::Accumulate`], reads) of `c_len`
+/// floats that nothing else accesses during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_raw(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: Mat,
+    b: Mat,
+    init: Init,
+    c: SharedOut,
+    c_len: usize,
+    ldc: usize,
+    parallel: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
     assert!(
-        a.holds(m, k) && b.holds(k, n) && (m - 1) * ldc + n <= c.len() && n <= ldc,
+        a.holds(m, k) && b.holds(k, n) && (m - 1) * ldc + n <= c_len && n <= ldc,
         "sgemm: a {m}x{k}x{n} operand does not lie inside its slice"
     );
     if let Init::Bias(bias) = init {
         assert_eq!(bias.len(), n, "sgemm: bias length");
     }
-    if k == 0 {
-        for row in c.chunks_mut(ldc).take(m) {
-            let row = &mut row[..n];
+    if k == 0 || matches!(init, Init::Bias(_)) && !use_packed() {
+        // No product (or matrixmultiply's beta-1 product onto the bias): C starts as
+        // its init.
+        for i in 0..m {
+            let row = c.get().add(i * ldc);
             match init {
-                Init::Zero => row.fill(0.0),
-                Init::Bias(bias) => row.copy_from_slice(bias),
+                Init::Zero => std::ptr::write_bytes(row, 0, n),
+                Init::Bias(bias) => std::ptr::copy_nonoverlapping(bias.as_ptr(), row, n),
                 Init::Accumulate => {}
             }
         }
-        return;
+        if k == 0 {
+            return;
+        }
     }
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") && !force_fallback() {
+    if use_packed() {
         packed(m, k, n, alpha, a, b, init, c, ldc, parallel);
         return;
     }
     fallback(m, k, n, alpha, a, b, init, c, ldc, parallel);
+}
+
+/// True when the packed AVX-512 kernel runs (the CPU has AVX-512F and the fallback is not
+/// forced).
+fn use_packed() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        return !force_fallback();
+    }
+    false
 }
 
 /// True when `SYNTHOS_CPU_GEMM=fallback` asks for the `matrixmultiply` path on a CPU that
@@ -142,21 +206,12 @@ fn fallback(
     a: Mat,
     b: Mat,
     init: Init,
-    c: &mut [f32],
+    out: SharedOut,
     ldc: usize,
     parallel: bool,
 ) {
-    let beta = match init {
-        Init::Zero => 0.0,
-        Init::Accumulate => 1.0,
-        Init::Bias(bias) => {
-            for row in c.chunks_mut(ldc).take(m) {
-                row[..n].copy_from_slice(bias);
-            }
-            1.0
-        }
-    };
-    let out = SharedOut(c.as_mut_ptr());
+    // A bias was already written into C (`sgemm_raw`), so the product adds onto it.
+    let beta = if matches!(init, Init::Zero) { 0.0 } else { 1.0 };
     let band = |(r0, r1): (usize, usize), (c0, c1): (usize, usize)| {
         // SAFETY: `sgemm` checked that every element read (A, B) or written (C) lies
         // inside its slice; C is a unique borrow, so it aliases neither A nor B; bands
@@ -356,16 +411,18 @@ fn packed(
     a: Mat,
     b: Mat,
     init: Init,
-    c: &mut [f32],
+    out: SharedOut,
     ldc: usize,
     parallel: bool,
 ) {
     let threads = if parallel && m * n * k >= PARALLEL_MACS { rayon::current_num_threads() } else { 1 };
     let (m_panels, n_panels) = (m.div_ceil(MR), n.div_ceil(NR));
     // (tiles of the largest task, floats packed) for `rb` row bands × `cb` column bands.
+    // Cycles of the busiest task, roughly: 12 per depth step of a register tile (24 FMAs
+    // at two a cycle) and about one per packed float (its rows of A and columns of B).
     let cost = |rb: usize, cb: usize| {
         let (pr, pc) = (m_panels.div_ceil(rb), n_panels.div_ceil(cb));
-        (pr * pc, k * (m * cb + n * rb))
+        k * (12 * pr * pc + pr * MR + pc * NR)
     };
     let (rb, cb) = (1..=threads)
         .filter(|rb| threads % rb == 0)
@@ -374,7 +431,6 @@ fn packed(
         .unwrap_or((1, 1));
     let (per_r, per_c) = (m_panels.div_ceil(rb), n_panels.div_ceil(cb));
     let (rb, cb) = (m_panels.div_ceil(per_r), n_panels.div_ceil(per_c));
-    let out = SharedOut(c.as_mut_ptr());
     let task = |t: usize| {
         let rows = ((t / cb) * per_r * MR, ((t / cb + 1) * per_r * MR).min(m));
         let cols = ((t % cb) * per_c * NR, ((t % cb + 1) * per_c * NR).min(n));
