@@ -80,3 +80,43 @@ fn gemm_tiles_are_thread_count_independent() {
         });
     }
 }
+
+#[test]
+fn adamw_and_sum_of_squares_are_thread_count_independent() {
+    use synthos_engine::cpu::adamw;
+    use synthos_engine::desc::AdamWStep;
+    // Three chunks and a bit, so the update and the sum are split over the pool.
+    let n = 3 * synthos_engine::cpu::par::CHUNK + 77;
+    let (w0, g, m0, v0) = (randn(n, 9), randn(n, 10), randn(n, 11), randn(n, 12));
+    let v0: Vec<f32> = v0.iter().map(|x| x.abs()).collect();
+    let s = AdamWStep {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        decay: 0.99,
+        bias_correction1: 0.1,
+        bias_correction2_sqrt: 0.05,
+        grad_scale: 0.5,
+    };
+    same_bits("adamw", || {
+        let (mut w, mut m, mut v) = (w0.clone(), m0.clone(), v0.clone());
+        adamw::step(&mut w, &g, &mut m, &mut v, &s).unwrap();
+        vec![w, m, v, vec![adamw::sum_squares(&g) as f32]]
+    });
+    // The parallel update equals the one-element rule applied in order.
+    let (mut w, mut m, mut v) = (w0.clone(), m0.clone(), v0.clone());
+    adamw::step(&mut w, &g, &mut m, &mut v, &s).unwrap();
+    for i in (0..n).step_by(997) {
+        let (mut mi, mut vi) = (m0[i], v0[i]);
+        let wi = adamw::update(w0[i], &mut mi, &mut vi, g[i], &s);
+        assert_eq!(
+            (w[i].to_bits(), m[i].to_bits(), v[i].to_bits()),
+            (wi.to_bits(), mi.to_bits(), vi.to_bits()),
+            "element {i}"
+        );
+    }
+    let exact: f64 = g.iter().map(|&x| x as f64 * x as f64).sum();
+    let got = adamw::sum_squares(&g);
+    assert!((got - exact).abs() <= 1e-12 * exact, "sum of squares {got} vs {exact}");
+}

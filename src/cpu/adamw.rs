@@ -1,5 +1,9 @@
 //! AdamW reference update and sum of squares (for the global gradient norm).
 
+use rayon::prelude::*;
+
+use super::math::dot_f64;
+use super::par;
 use crate::desc::AdamWStep;
 
 use crate::{bail, Result};
@@ -20,13 +24,34 @@ pub fn step(w: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], s: &AdamW
     if grad.len() != n || m.len() != n || v.len() != n {
         bail!("adamw: {n} weights with {} gradients, {} and {} moments", grad.len(), m.len(), v.len());
     }
-    for (((w, g), m), v) in w.iter_mut().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
-        *w = update(*w, m, v, *g, s);
+    // Elementwise, so chunks on the pool give the same bits as one pass.
+    let chunk = |(((w, g), m), v): (((&mut [f32], &[f32]), &mut [f32]), &mut [f32])| {
+        par::avx2(|| {
+            for (((w, g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                *w = update(*w, m, v, *g, s);
+            }
+        })
+    };
+    if n <= par::CHUNK {
+        chunk((((w, grad), m), v));
+    } else {
+        w.par_chunks_mut(par::CHUNK)
+            .zip(grad.par_chunks(par::CHUNK))
+            .zip(m.par_chunks_mut(par::CHUNK))
+            .zip(v.par_chunks_mut(par::CHUNK))
+            .for_each(chunk);
     }
     Ok(())
 }
 
-/// `Σ x²`, accumulated in f64.
+/// `Σ x²`, accumulated in f64: fixed chunks summed in eight lanes each (in parallel for a
+/// large tensor), the chunk sums added in order, so the result does not depend on the
+/// number of threads.
 pub fn sum_squares(x: &[f32]) -> f64 {
-    x.iter().map(|&v| (v as f64) * (v as f64)).sum()
+    let part = |c: &[f32]| par::avx2(|| dot_f64(c, c));
+    if x.len() <= par::CHUNK {
+        return part(x);
+    }
+    let parts: Vec<f64> = x.par_chunks(par::CHUNK).map(part).collect();
+    parts.iter().sum()
 }
