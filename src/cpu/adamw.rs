@@ -18,6 +18,9 @@ pub fn update(w: f32, m: &mut f32, v: &mut f32, grad: f32, s: &AdamWStep) -> f32
     s.decay * w - (s.lr / s.bias_correction1) * (*m / denom)
 }
 
+/// One chunk of the update: weights, gradients, first and second moments.
+type Chunk<'a> = (((&'a mut [f32], &'a [f32]), &'a mut [f32]), &'a mut [f32]);
+
 /// Updates the weights `w` and moments `m`, `v` of one tensor from its gradient.
 pub fn step(w: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], s: &AdamWStep) -> Result<()> {
     let n = w.len();
@@ -25,7 +28,7 @@ pub fn step(w: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], s: &AdamW
         bail!("adamw: {n} weights with {} gradients, {} and {} moments", grad.len(), m.len(), v.len());
     }
     // Elementwise, so chunks on the pool give the same bits as one pass.
-    let chunk = |(((w, g), m), v): (((&mut [f32], &[f32]), &mut [f32]), &mut [f32])| {
+    let chunk = |(((w, g), m), v): Chunk| {
         par::avx2(|| {
             for (((w, g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
                 *w = update(*w, m, v, *g, s);
