@@ -7,8 +7,8 @@
 //! calls the `matrixmultiply` crate.
 //!
 //! The AVX-512 path cuts C into one rectangle per thread (bands of rows × bands of
-//! columns, whichever cut balances the work best and then packs least), so that one
-//! parallel hand-off covers the whole product. Each task packs its own columns of `op(B)`
+//! columns, the cut whose busiest task has least to do, counting its register tiles and
+//! the floats it packs), so that one parallel hand-off covers the whole product. Each task packs its own columns of `op(B)`
 //! into panels of [`NR`] columns and its own rows of `op(A)` into panels of [`MR`] rows,
 //! [`KC`] deep at a time and zero-padded, so no packed data crosses between cores. A 12×32
 //! register tile (24 accumulators) is updated by fused multiply-adds over the packed
@@ -360,9 +360,12 @@ unsafe fn pack_panel<const L: usize>(
 #[target_feature(enable = "avx512f")]
 unsafe fn transpose16(src: *const f32, rs: usize, rows: usize, dst: *mut f32, ds: usize, width: usize) {
     use std::arch::x86_64::*;
+    // A fixed trip count keeps the sixteen rows in registers.
     let mut r = [_mm512_setzero_ps(); 16];
-    for (i, r) in r.iter_mut().enumerate().take(rows) {
-        *r = _mm512_loadu_ps(src.add(i * rs));
+    for (i, r) in r.iter_mut().enumerate() {
+        if i < rows {
+            *r = _mm512_loadu_ps(src.add(i * rs));
+        }
     }
     // Interleave pairs of rows (32-bit), then pairs of pairs (64-bit), then 128-bit lanes
     // across groups of four and of eight rows.
@@ -398,9 +401,8 @@ unsafe fn transpose16(src: *const f32, rs: usize, rows: usize, dst: *mut f32, ds
 const NC_MAX: usize = 1024;
 
 /// The packed AVX-512 product (see the module docs). The output is cut into one
-/// rectangle per thread (bands of A panels × bands of B panels, the cut that balances
-/// the tiles best and then packs least); each task packs its own rows of A and columns
-/// of B, so no packed data crosses between cores.
+/// rectangle per thread (bands of A panels × bands of B panels, see `cost`); each task
+/// packs its own rows of A and columns of B, so no packed data crosses between cores.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 fn packed(
