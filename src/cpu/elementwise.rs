@@ -1,5 +1,7 @@
 //! Elementwise ops.
 
+use std::mem::MaybeUninit;
+
 use super::math;
 use super::par::{self, Walker};
 
@@ -48,15 +50,16 @@ pub fn binary(
         return par::zip_map(a, b, f);
     }
     let (ta, tb) = (broadcast_strides(out_shape, sa), broadcast_strides(out_shape, sb));
-    let mut out = vec![0f32; n];
-    par::fill(&mut out, |i0, o| {
-        let mut w = Walker::new(out_shape, [&ta, &tb], i0);
-        for o in o.iter_mut() {
-            *o = f(a[w.off[0]], b[w.off[1]]);
-            w.step();
-        }
-    });
-    out
+    // SAFETY: the loop writes every element of each chunk.
+    unsafe {
+        par::fill_new(n, |i0, o| {
+            let mut w = Walker::new(out_shape, [&ta, &tb], i0);
+            for o in o.iter_mut() {
+                *o = MaybeUninit::new(f(a[w.off[0]], b[w.off[1]]));
+                w.step();
+            }
+        })
+    }
 }
 
 /// The error function in f64: Maclaurin series for |x| < 3.5 (the terms stay small
@@ -156,13 +159,14 @@ pub fn quick_gelu_grad(x: f32) -> f32 {
 pub fn gated_residual(x: &[f32], gate: &[f32], gate_shape: &[usize], y: &[f32], shape: &[usize]) -> Vec<f32> {
     let strides = broadcast_strides(shape, gate_shape);
     let zero = vec![0; shape.len()];
-    let mut out = vec![0f32; x.len().min(y.len())];
-    par::fill(&mut out, |i0, o| {
-        let mut w = Walker::new(shape, [&strides, &zero], i0);
-        for (i, o) in o.iter_mut().enumerate() {
-            *o = x[i0 + i] + gate[w.off[0]] * y[i0 + i];
-            w.step();
-        }
-    });
-    out
+    // SAFETY: the loop writes every element of each chunk.
+    unsafe {
+        par::fill_new(x.len().min(y.len()), |i0, o| {
+            let mut w = Walker::new(shape, [&strides, &zero], i0);
+            for (i, o) in o.iter_mut().enumerate() {
+                *o = MaybeUninit::new(x[i0 + i] + gate[w.off[0]] * y[i0 + i]);
+                w.step();
+            }
+        })
+    }
 }

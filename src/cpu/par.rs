@@ -2,25 +2,37 @@
 //! the number of threads: work is split into fixed chunks by element index, each output
 //! element is computed by one closure call, and nothing is combined in completion order.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 /// Elements per parallel chunk: below this, a loop runs on the calling thread (the
 /// pool's hand-off costs more than the work).
 pub const CHUNK: usize = 1 << 14;
 
-/// `out[i] = f(i)` for every element, in chunks of [`CHUNK`] spread over the pool. `f`
-/// receives the chunk's first index and the chunk to fill.
-pub fn fill(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync + Send) {
-    if out.len() <= CHUNK {
-        run(0, out, &f);
-        return;
+/// A new vector of `len` elements filled in chunks of [`CHUNK`] spread over the pool:
+/// `f` receives a chunk's first index and the chunk, and writes every element of it. The
+/// buffer is not zeroed first (a fresh output is written once, not twice).
+///
+/// # Safety
+/// `f` must write every element of each chunk it is handed (the vector is returned as
+/// initialised). A panic in `f` is safe: nothing is returned then.
+pub unsafe fn fill_new(len: usize, f: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync + Send) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len);
+    let spare = &mut out.spare_capacity_mut()[..len];
+    if len <= CHUNK {
+        run(0, spare, &f);
+    } else {
+        spare.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| run(c * CHUNK, chunk, &f));
     }
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| run(c * CHUNK, chunk, &f));
+    // SAFETY: the caller's `f` wrote all `len` elements.
+    unsafe { out.set_len(len) };
+    out
 }
 
 /// Runs one chunk through [`avx2`].
 #[inline(always)]
-fn run<F: Fn(usize, &mut [f32])>(i0: usize, out: &mut [f32], f: &F) {
+fn run<T, F: Fn(usize, &mut [T])>(i0: usize, out: &mut [T], f: &F) {
     avx2(|| f(i0, out))
 }
 
@@ -49,16 +61,20 @@ unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
 
 /// `f(x)` for every element of `x`.
 pub fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    fill(&mut out, |i0, o| o.iter_mut().zip(&x[i0..]).for_each(|(o, &v)| *o = f(v)));
-    out
+    // SAFETY: every element of each chunk is written (the chunk is as long as the slice of
+    // `x` it is zipped with, since the output has `x.len()` elements).
+    unsafe { fill_new(x.len(), |i0, o| o.iter_mut().zip(&x[i0..]).for_each(|(o, &v)| *o = MaybeUninit::new(f(v)))) }
 }
 
 /// `f(a, b)` for every pair of elements (`a` and `b` of one length).
 pub fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Vec<f32> {
-    let mut out = vec![0f32; a.len().min(b.len())];
-    fill(&mut out, |i0, o| o.iter_mut().zip(a[i0..].iter().zip(&b[i0..])).for_each(|(o, (&x, &y))| *o = f(x, y)));
-    out
+    let n = a.len().min(b.len());
+    // SAFETY: as in `map`: the output has `n` elements and both inputs at least `n`.
+    unsafe {
+        fill_new(n, |i0, o| {
+            o.iter_mut().zip(a[i0..].iter().zip(&b[i0..])).for_each(|(o, (&x, &y))| *o = MaybeUninit::new(f(x, y)))
+        })
+    }
 }
 
 /// A row-major multi-index that steps through a shape one element at a time, carrying

@@ -1,5 +1,7 @@
 //! Shape ops: strided copies.
 
+use std::mem::MaybeUninit;
+
 use crate::desc::{strides, Slab};
 
 /// `out` with `out.shape[d] = shape[perm[d]]` and `out[.., i_d, ..] = x[.., i_perm⁻¹, ..]`,
@@ -8,40 +10,45 @@ pub fn permute(x: &[f32], shape: &[usize], perm: &[usize]) -> Vec<f32> {
     let st = strides(shape);
     let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
     let src_stride: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
-    let mut out = vec![0f32; x.len()];
     let rank = shape.len();
     if rank > 0 && perm[rank - 1] == rank - 1 && shape[rank - 1] > 1 {
         // The last dim stays last: copy whole rows of it.
         let run = shape[rank - 1];
         let rows = &out_shape[..rank - 1];
         let rs = &src_stride[..rank - 1];
-        super::par::fill(&mut out, |i0, o| {
-            // Chunks are multiples of `run` when run divides the chunk size; handle any
-            // offset by walking element-wise otherwise.
-            if i0 % run != 0 || o.len() % run != 0 {
-                let mut w = super::par::Walker::new(&out_shape, [&src_stride, &src_stride], i0);
-                for o in o.iter_mut() {
-                    *o = x[w.off[0]];
+        // SAFETY: both branches write every element of each chunk.
+        return unsafe {
+            super::par::fill_new(x.len(), |i0, o| {
+                // Chunks are multiples of `run` when run divides the chunk size; handle any
+                // offset by walking element-wise otherwise.
+                if i0 % run != 0 || o.len() % run != 0 {
+                    let mut w = super::par::Walker::new(&out_shape, [&src_stride, &src_stride], i0);
+                    for o in o.iter_mut() {
+                        *o = MaybeUninit::new(x[w.off[0]]);
+                        w.step();
+                    }
+                    return;
+                }
+                let mut w = super::par::Walker::new(rows, [rs, rs], i0 / run);
+                for o in o.chunks_exact_mut(run) {
+                    for (o, &v) in o.iter_mut().zip(&x[w.off[0]..w.off[0] + run]) {
+                        *o = MaybeUninit::new(v);
+                    }
                     w.step();
                 }
-                return;
-            }
-            let mut w = super::par::Walker::new(rows, [rs, rs], i0 / run);
-            for o in o.chunks_exact_mut(run) {
-                o.copy_from_slice(&x[w.off[0]..w.off[0] + run]);
+            })
+        };
+    }
+    // SAFETY: the loop writes every element of each chunk.
+    unsafe {
+        super::par::fill_new(x.len(), |i0, o| {
+            let mut w = super::par::Walker::new(&out_shape, [&src_stride, &src_stride], i0);
+            for o in o.iter_mut() {
+                *o = MaybeUninit::new(x[w.off[0]]);
                 w.step();
             }
-        });
-        return out;
+        })
     }
-    super::par::fill(&mut out, |i0, o| {
-        let mut w = super::par::Walker::new(&out_shape, [&src_stride, &src_stride], i0);
-        for o in o.iter_mut() {
-            *o = x[w.off[0]];
-            w.step();
-        }
-    });
-    out
 }
 
 /// Copies one [`Slab`] from `src` into `dst`.
