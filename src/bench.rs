@@ -10,12 +10,13 @@ use crate::ops::{self, AttentionOptions, GeluApprox};
 use crate::{autograd, cuda, Device, Result, Rng, Tensor};
 
 /// Problem sizes: `Full` is what the GPU figures are recorded at; `Small` keeps a CPU
-/// run to seconds.
+/// run to seconds, at the shapes of the built-in demo's training step (batch 16, 64
+/// tokens, width 256, 8 heads of 32, FFN 512, 26 context rows).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Size {
     /// Sizes of the real models (1.3B DiT at 480×832, 4096-token attention).
     Full,
-    /// Reduced sizes for the CPU reference path.
+    /// The demo's sizes, for the CPU reference path.
     Small,
 }
 
@@ -147,7 +148,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
     let e = device.default_dtype().size() as f64;
 
     // Elementwise: the DiT's activations at 480×832 (1560 tokens × 1536), batch 8.
-    let (tokens, dim) = if full { (8 * 1560, 1536) } else { (2 * 256, 192) };
+    let (tokens, dim) = if full { (8 * 1560, 1536) } else { (16 * 64, 256) };
     let n = tokens * dim;
     {
         let (a, b) = (rand(&[n], &mut rng, device)?, rand(&[n], &mut rng, device)?);
@@ -174,7 +175,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
         });
     }
     {
-        let batch = if full { 8 } else { 2 };
+        let batch = if full { 8 } else { 16 };
         let per = tokens / batch;
         let x = rand(&[batch, per, dim], &mut rng, device)?;
         let g = rand(&[batch, 1, dim], &mut rng, device)?;
@@ -214,7 +215,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
 
     // RoPE on the DiT's q: 30×52 latent patches (480×832), 12 heads of 128.
     {
-        let (b, fh, fw, h, d) = if full { (8, 30, 52, 12, 128) } else { (2, 8, 8, 2, 32) };
+        let (b, fh, fw, h, d) = if full { (8, 30, 52, 12, 128) } else { (16, 8, 8, 8, 32) };
         let table = ops::rope_table_3d(1, fh, fw, d, 10000.0)?;
         let (cos, sin) = table.to_tensors(device)?;
         let x = rand(&[b, fh * fw, h, d], &mut rng, device)?;
@@ -241,7 +242,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             samples: None,
             run: Box::new(move || ops::sum_all(&x).map(|_| ())),
         });
-        let (b, nn, h, d) = if full { (8, 1560, 12, 128) } else { (2, 64, 2, 32) };
+        let (b, nn, h, d) = if full { (8, 1560, 12, 128) } else { (16, 64, 8, 32) };
         let y = rand(&[b, nn, h, d], &mut rng, device)?;
         v.push(BenchCase {
             family: "shape",
@@ -271,7 +272,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
 
     // Linear layers of the DiT block: 1536 → 8960 (FFN up).
     {
-        let (m, k, nn) = if full { (8 * 1560, 1536, 8960) } else { (256, 192, 448) };
+        let (m, k, nn) = if full { (8 * 1560, 1536, 8960) } else { (16 * 64, 256, 512) };
         let x = rand(&[m, k], &mut rng, device)?;
         let w = rand(&[nn, k], &mut rng, device)?;
         let b = rand(&[nn], &mut rng, device)?;
@@ -295,7 +296,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
         v.push((1, 1560, 769, 12, 128));
         v
     } else {
-        vec![(1, 256, 256, 2, 64), (1, 256, 77, 2, 64)]
+        vec![(16, 64, 64, 8, 32), (16, 64, 26, 8, 32)]
     };
     for (b, n, nk, h, d) in attn_shapes {
         let q = rand(&[b, n, h, d], &mut rng, device)?;
@@ -334,7 +335,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
 
     // AdamW over a 1536×8960 weight (one FFN matrix).
     {
-        let (r, c) = if full { (8960, 1536) } else { (448, 192) };
+        let (r, c) = if full { (8960, 1536) } else { (512, 256) };
         let p = rand(&[r, c], &mut rng, device)?.requires_grad();
         let mut opt = crate::optim::AdamW::new(crate::optim::AdamWConfig::default());
         opt.add_param("w", &p, true)?;

@@ -120,3 +120,41 @@ fn adamw_and_sum_of_squares_are_thread_count_independent() {
     let got = adamw::sum_squares(&g);
     assert!((got - exact).abs() <= 1e-12 * exact, "sum of squares {got} vs {exact}");
 }
+
+/// The row-at-a-time paths of the broadcast ops and the head-at-a-time path of RoPE give
+/// exactly the per-element rule, on shapes of several chunks (each chunk takes the fast
+/// path when it starts and ends on a row, the per-element walk otherwise).
+#[test]
+fn row_paths_equal_the_per_element_rule() {
+    use synthos_engine::cpu::rope::rope;
+    for d in [64usize, 24] {
+        let shape = [3usize, 400, d];
+        let n: usize = shape.iter().product();
+        let (x, y) = (randn(n, 13), randn(n, 14));
+        let (gate, row, col) = (randn(3 * d, 15), randn(d, 16), randn(3 * 400, 17));
+        let gr = elementwise::gated_residual(&x, &gate, &[3, 1, d], &y, &shape);
+        let mul = elementwise::binary(&x, &shape, &row, &[d], &shape, |a, b| a * b);
+        let sub = elementwise::binary(&x, &shape, &col, &[3, 400, 1], &shape, |a, b| a - b);
+        let outer = elementwise::binary(&col, &[3, 400, 1], &row, &[d], &shape, |a, b| a + b);
+        for i in 0..n {
+            let (b, c, r) = (i / (400 * d), i % d, i / d);
+            assert_eq!(gr[i].to_bits(), (x[i] + gate[b * d + c] * y[i]).to_bits(), "gated residual d {d} at {i}");
+            assert_eq!(mul[i].to_bits(), (x[i] * row[c]).to_bits(), "row product d {d} at {i}");
+            assert_eq!(sub[i].to_bits(), (x[i] - col[r]).to_bits(), "column difference d {d} at {i}");
+            assert_eq!(outer[i].to_bits(), (col[r] + row[c]).to_bits(), "outer sum d {d} at {i}");
+        }
+        // RoPE over [2, 100 tokens, 3 heads, d]: angles per (token, pair).
+        let (tokens, heads, half) = (100, 3, d / 2);
+        let xr = randn(2 * tokens * heads * d, 18);
+        let (cos, sin) = (randn(tokens * half, 19), randn(tokens * half, 20));
+        let out = rope(&xr, &cos, &sin, tokens, heads, d, -1.0);
+        for e in (0..xr.len()).step_by(2) {
+            let (t, j) = (e / d, (e % d) / 2);
+            let tok = (t / heads) % tokens;
+            let (c, s) = (cos[tok * half + j], -sin[tok * half + j]);
+            let (a, b) = (xr[e], xr[e + 1]);
+            assert_eq!(out[e].to_bits(), (a * c - b * s).to_bits(), "rope d {d} at {e}");
+            assert_eq!(out[e + 1].to_bits(), (a * s + b * c).to_bits(), "rope d {d} at {}", e + 1);
+        }
+    }
+}

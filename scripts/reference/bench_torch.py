@@ -247,9 +247,10 @@ def sizes(mode):
     `bench --size small`, the CPU default) or "tiny" (seconds-long smoke test)."""
     if mode == "small":
         return dict(
+            # the shapes of the built-in demo's training step
             copy_n=2**22, gemm_n=512,
-            att_h=2, att_d=64, att_self=[256], att_cross=(256, 77),
-            act=(2, 256, 192), rope=(2, 64, 2, 32), adam=(448, 192),
+            att_b=16, att_h=8, att_d=32, att_self=[64], att_cross=(64, 26),
+            act=(16, 64, 256), rope=(16, 64, 8, 32), adam=(512, 256),
             train=[], sample_hw=None, clip_train=("tiny", 64),
         )
     if mode == "full":
@@ -336,10 +337,10 @@ def case_gemm(S):
 
 def case_attention(S):
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    H, D, B = S["att_h"], S["att_d"], 1
-    shapes = [(n, n, f"b1 n{n} h{H} d{D}") for n in S["att_self"]]
+    H, D, B = S["att_h"], S["att_d"], S.get("att_b", 1)
+    shapes = [(n, n, f"b{B} n{n} h{H} d{D}") for n in S["att_self"]]
     nq, nk = S["att_cross"]
-    shapes.append((nq, nk, f"b1 n{nq} k{nk} h{H} d{D}"))
+    shapes.append((nq, nk, f"b{B} n{nq} k{nk} h{H} d{D}"))
     if is_cuda():
         backends = [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
                     ("efficient", SDPBackend.EFFICIENT_ATTENTION)]

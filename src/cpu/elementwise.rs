@@ -50,9 +50,43 @@ pub fn binary(
         return par::zip_map(a, b, f);
     }
     let (ta, tb) = (broadcast_strides(out_shape, sa), broadcast_strides(out_shape, sb));
-    // SAFETY: the loop writes every element of each chunk.
+    let r = out_shape.len();
+    // Whole rows of the last dimension at a time when each operand runs along it
+    // contiguously (stride 1) or repeats one value (stride 0): the common bias and
+    // modulation broadcasts. Same expression per element, so the same bits.
+    let last = out_shape.last().copied().unwrap_or(1);
+    let by_rows = last > 1 && ta[r - 1] <= 1 && tb[r - 1] <= 1;
+    // SAFETY: both paths write every element of each chunk.
     unsafe {
         par::fill_new(n, |i0, o| {
+            if by_rows && i0 % last == 0 && o.len() % last == 0 {
+                let mut w = Walker::new(&out_shape[..r - 1], [&ta[..r - 1], &tb[..r - 1]], i0 / last);
+                for o in o.chunks_exact_mut(last) {
+                    let (oa, ob) = (w.off[0], w.off[1]);
+                    match (ta[r - 1], tb[r - 1]) {
+                        (1, 1) => {
+                            for (o, (&x, &y)) in o.iter_mut().zip(a[oa..oa + last].iter().zip(&b[ob..ob + last])) {
+                                *o = MaybeUninit::new(f(x, y));
+                            }
+                        }
+                        (1, _) => {
+                            let y = b[ob];
+                            for (o, &x) in o.iter_mut().zip(&a[oa..oa + last]) {
+                                *o = MaybeUninit::new(f(x, y));
+                            }
+                        }
+                        (_, 1) => {
+                            let x = a[oa];
+                            for (o, &y) in o.iter_mut().zip(&b[ob..ob + last]) {
+                                *o = MaybeUninit::new(f(x, y));
+                            }
+                        }
+                        _ => o.fill(MaybeUninit::new(f(a[oa], b[ob]))),
+                    }
+                    w.step();
+                }
+                return;
+            }
             let mut w = Walker::new(out_shape, [&ta, &tb], i0);
             for o in o.iter_mut() {
                 *o = MaybeUninit::new(f(a[w.off[0]], b[w.off[1]]));
@@ -159,9 +193,27 @@ pub fn quick_gelu_grad(x: f32) -> f32 {
 pub fn gated_residual(x: &[f32], gate: &[f32], gate_shape: &[usize], y: &[f32], shape: &[usize]) -> Vec<f32> {
     let strides = broadcast_strides(shape, gate_shape);
     let zero = vec![0; shape.len()];
-    // SAFETY: the loop writes every element of each chunk.
+    let r = shape.len();
+    let last = shape.last().copied().unwrap_or(1);
+    // Whole rows of the last dimension when the gate runs along it (the [B, 1, D] gate).
+    let by_rows = last > 1 && strides[r - 1] == 1;
+    // SAFETY: both paths write every element of each chunk.
     unsafe {
         par::fill_new(x.len().min(y.len()), |i0, o| {
+            if by_rows && i0 % last == 0 && o.len() % last == 0 {
+                let mut w = Walker::new(&shape[..r - 1], [&strides[..r - 1], &zero[..r - 1]], i0 / last);
+                for (k, o) in o.chunks_exact_mut(last).enumerate() {
+                    let base = i0 + k * last;
+                    let g = &gate[w.off[0]..w.off[0] + last];
+                    for (o, ((&xv, &yv), &gv)) in
+                        o.iter_mut().zip(x[base..base + last].iter().zip(&y[base..base + last]).zip(g))
+                    {
+                        *o = MaybeUninit::new(xv + gv * yv);
+                    }
+                    w.step();
+                }
+                return;
+            }
             let mut w = Walker::new(shape, [&strides, &zero], i0);
             for (i, o) in o.iter_mut().enumerate() {
                 *o = MaybeUninit::new(x[i0 + i] + gate[w.off[0]] * y[i0 + i]);

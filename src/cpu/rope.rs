@@ -1,5 +1,9 @@
 //! Rotary position embedding: the 3D angle table of Wan2.1 and the pairwise rotation.
 
+use std::mem::MaybeUninit;
+
+use super::par;
+
 /// Number of complex pairs of a head of `head_dim` channels given to the (frame, row,
 /// column) axes: Wan2.1 splits the `c = head_dim/2` pairs as `c − 2·(c/3), c/3, c/3`
 /// (for `head_dim` = 128: 22, 21, 21 pairs = 44, 42, 42 channels).
@@ -42,16 +46,35 @@ pub fn table_3d(frames: usize, height: usize, width: usize, head_dim: usize, the
 /// −1 undoes it (and is its backward).
 pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], tokens: usize, heads: usize, head_dim: usize, sign: f32) -> Vec<f32> {
     let half = head_dim / 2;
-    let mut out = vec![0f32; x.len()];
-    for (t, (xh, oh)) in x.chunks_exact(head_dim).zip(out.chunks_exact_mut(head_dim)).enumerate() {
-        let n = (t / heads) % tokens;
-        let (cr, sr) = (&cos[n * half..(n + 1) * half], &sin[n * half..(n + 1) * half]);
-        for j in 0..half {
-            let (a, b) = (xh[2 * j], xh[2 * j + 1]);
-            let (c, s) = (cr[j], sign * sr[j]);
-            oh[2 * j] = a * c - b * s;
-            oh[2 * j + 1] = a * s + b * c;
-        }
+    // Element e is channel e % head_dim of head vector e / head_dim; pairs never straddle
+    // a chunk (chunks and head_dim are even), so chunks on the pool give the same bits.
+    // SAFETY: every pair of each chunk is written (the chunk length is even).
+    unsafe {
+        par::fill_new(x.len(), |i0, o| {
+            if i0 % head_dim == 0 && o.len() % head_dim == 0 {
+                // Whole head vectors: the token's angles once per vector.
+                for (k, oh) in o.chunks_exact_mut(head_dim).enumerate() {
+                    let t = i0 / head_dim + k;
+                    let n = (t / heads) % tokens;
+                    let (cr, sr) = (&cos[n * half..(n + 1) * half], &sin[n * half..(n + 1) * half]);
+                    let xh = &x[t * head_dim..(t + 1) * head_dim];
+                    for ((o, xp), (&c, &s)) in oh.chunks_exact_mut(2).zip(xh.chunks_exact(2)).zip(cr.iter().zip(sr)) {
+                        let (a, b, s) = (xp[0], xp[1], sign * s);
+                        o[0] = MaybeUninit::new(a * c - b * s);
+                        o[1] = MaybeUninit::new(a * s + b * c);
+                    }
+                }
+                return;
+            }
+            for (k, o) in o.chunks_exact_mut(2).enumerate() {
+                let e = i0 + 2 * k;
+                let (t, j) = (e / head_dim, (e % head_dim) / 2);
+                let n = (t / heads) % tokens;
+                let (a, b) = (x[e], x[e + 1]);
+                let (c, s) = (cos[n * half + j], sign * sin[n * half + j]);
+                o[0] = MaybeUninit::new(a * c - b * s);
+                o[1] = MaybeUninit::new(a * s + b * c);
+            }
+        })
     }
-    out
 }
