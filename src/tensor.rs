@@ -262,7 +262,7 @@ impl Tensor {
     pub fn deep_copy(&self) -> Result<Tensor> {
         let s = self.storage();
         let storage = match &*s {
-            Storage::Cpu(v) => Storage::Cpu(v.clone()),
+            Storage::Cpu(v) => Storage::Cpu(crate::cpu::par::copied(v)),
             Storage::Cuda(c) => {
                 let buf = match &c.buf {
                     CudaBuf::F32(b) => CudaBuf::F32(c.dev.stream.clone_dtod(b)?),
