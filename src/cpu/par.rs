@@ -68,14 +68,7 @@ pub fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
 
 /// A copy of `x`, in chunks on the pool (a large copy is faster on several cores).
 pub fn copied(x: &[f32]) -> Vec<f32> {
-    // SAFETY: every chunk is written whole from the slice of `x` at the same offset.
-    unsafe {
-        fill_new(x.len(), |i0, o| {
-            for (o, &v) in o.iter_mut().zip(&x[i0..]) {
-                *o = MaybeUninit::new(v);
-            }
-        })
-    }
+    map(x, |v| v)
 }
 
 /// `f(a, b)` for every pair of elements (`a` and `b` of one length).

@@ -280,7 +280,7 @@ fn aligned(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     if buf.len() < len + 16 {
         buf.resize(len + 16, 0.0);
     }
-    let start = buf.as_ptr().align_offset(64).min(16);
+    let start = align_start(buf);
     &mut buf[start..start + len]
 }
 
@@ -494,12 +494,12 @@ fn tile_block(
                     // SAFETY: as for B, with rows r0..min(r0 + MR, i1) of op(A).
                     unsafe { pack_panel::<MR>(a.data, r0 * a.rs + p0 * a.cs, a.rs, a.cs, MR.min(i1 - r0), kc, dst) }
                 }
-                let pb = &bufs.1[pb_start(&bufs.1)..];
+                let pb = &bufs.1[align_start(&bufs.1)..];
                 for (s, bp) in pb.chunks_exact(kc * NR).take((j1 - j0).div_ceil(NR)).enumerate() {
                     let c0 = j0 + s * NR;
                     let w = NR.min(j1 - c0);
                     let bias = bias.map_or(std::ptr::null(), |bias| bias[c0..].as_ptr());
-                    let pa = &bufs.0[pb_start(&bufs.0)..];
+                    let pa = &bufs.0[align_start(&bufs.0)..];
                     for (r, ap) in pa.chunks_exact(kc * MR).take((i1 - i0).div_ceil(MR)).enumerate() {
                         let r0 = i0 + r * MR;
                         // SAFETY: the CPU has AVX-512F; `ap` and `bp` hold kc depth steps
@@ -528,8 +528,8 @@ fn tile_block(
     }
 }
 
-/// Where [`aligned`] starts its window in `buf`.
-fn pb_start(buf: &[f32]) -> usize {
+/// Where [`aligned`] starts its window in `buf`: the first 64-byte boundary.
+fn align_start(buf: &[f32]) -> usize {
     buf.as_ptr().align_offset(64).min(16)
 }
 
