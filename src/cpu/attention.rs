@@ -72,6 +72,11 @@ fn gemm(m: usize, k: usize, n: usize, alpha: f32, a: View, b: View, beta: f32, c
 /// returns `1 / Σ` — or 0, with the row zeroed, when every key is hidden.
 fn softmax_row(s: &mut [f32], bias: Option<&[f32]>, mask: Option<&[f32]>, visible: usize) -> f32 {
     #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { softmax_row_avx512(s, bias, mask, visible) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2.
         return unsafe { softmax_row_avx2(s, bias, mask, visible) };
@@ -87,6 +92,17 @@ fn softmax_row(s: &mut [f32], bias: Option<&[f32]>, mask: Option<&[f32]>, visibl
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn softmax_row_avx2(s: &mut [f32], bias: Option<&[f32]>, mask: Option<&[f32]>, visible: usize) -> f32 {
+    softmax_row_body(s, bias, mask, visible)
+}
+
+/// [`softmax_row_body`] compiled for AVX-512F (sixteen lanes). No FMA, so it rounds as
+/// the other builds do.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_row_avx512(s: &mut [f32], bias: Option<&[f32]>, mask: Option<&[f32]>, visible: usize) -> f32 {
     softmax_row_body(s, bias, mask, visible)
 }
 
