@@ -169,12 +169,30 @@ unsafe fn sgemm_raw(
             return;
         }
     }
+    let threads = if parallel && m * n * k >= PARALLEL_MACS { rayon::current_num_threads() } else { 1 };
+    let job = Job { m, k, n, alpha, a, b, init, out: c, ldc, threads };
     #[cfg(target_arch = "x86_64")]
     if use_packed() {
-        packed(m, k, n, alpha, a, b, init, c, ldc, parallel);
+        packed(&job);
         return;
     }
-    fallback(m, k, n, alpha, a, b, init, c, ldc, parallel);
+    fallback(&job);
+}
+
+/// One checked product, as the two paths receive it.
+struct Job<'a> {
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: Mat<'a>,
+    b: Mat<'a>,
+    init: Init<'a>,
+    /// C, `m` rows `ldc` apart.
+    out: SharedOut,
+    ldc: usize,
+    /// Threads to spread the product over (1: the calling thread only).
+    threads: usize,
 }
 
 /// True when the packed AVX-512 kernel runs (the CPU has AVX-512F and the fallback is not
@@ -194,22 +212,11 @@ fn force_fallback() -> bool {
     *FORCE.get_or_init(|| std::env::var("SYNTHOS_CPU_GEMM").is_ok_and(|v| v == "fallback"))
 }
 
-/// The `matrixmultiply` path. With `parallel`, a large product is cut into bands of
+/// The `matrixmultiply` path. With several threads, the product is cut into bands of
 /// rows (or of columns, for short wide outputs) run on the rayon pool; each element is
 /// still computed by one call whose depth loop does not depend on the cut.
-#[allow(clippy::too_many_arguments)]
-fn fallback(
-    m: usize,
-    k: usize,
-    n: usize,
-    alpha: f32,
-    a: Mat,
-    b: Mat,
-    init: Init,
-    out: SharedOut,
-    ldc: usize,
-    parallel: bool,
-) {
+fn fallback(job: &Job) {
+    let &Job { m, k, n, alpha, a, b, init, out, ldc, threads } = job;
     // A bias was already written into C (`sgemm_raw`), so the product adds onto it.
     let beta = if matches!(init, Init::Zero) { 0.0 } else { 1.0 };
     let band = |(r0, r1): (usize, usize), (c0, c1): (usize, usize)| {
@@ -235,7 +242,6 @@ fn fallback(
             );
         }
     };
-    let threads = if parallel && m * n * k >= PARALLEL_MACS { rayon::current_num_threads() } else { 1 };
     let split = |len: usize| -> Vec<(usize, usize)> {
         let pieces = (4 * threads).min(len / 64).max(1);
         let step = len.div_ceil(pieces);
@@ -404,22 +410,9 @@ const NC_MAX: usize = 1024;
 /// rectangle per thread (bands of A panels × bands of B panels, see `cost`); each task
 /// packs its own rows of A and columns of B, so no packed data crosses between cores.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-fn packed(
-    m: usize,
-    k: usize,
-    n: usize,
-    alpha: f32,
-    a: Mat,
-    b: Mat,
-    init: Init,
-    out: SharedOut,
-    ldc: usize,
-    parallel: bool,
-) {
-    let threads = if parallel && m * n * k >= PARALLEL_MACS { rayon::current_num_threads() } else { 1 };
+fn packed(job: &Job) {
+    let &Job { m, k, n, threads, .. } = job;
     let (m_panels, n_panels) = (m.div_ceil(MR), n.div_ceil(NR));
-    // (tiles of the largest task, floats packed) for `rb` row bands × `cb` column bands.
     // Cycles of the busiest task, roughly: 12 per depth step of a register tile (24 FMAs
     // at two a cycle) and about one per packed float (its rows of A and columns of B).
     let cost = |rb: usize, cb: usize| {
@@ -438,9 +431,9 @@ fn packed(
         let cols = ((t % cb) * per_c * NR, ((t % cb + 1) * per_c * NR).min(n));
         let mut own = (Vec::new(), Vec::new());
         SCRATCH.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut bufs) => tile_block(a, b, k, alpha, init, rows, cols, &mut bufs, out, ldc),
+            Ok(mut bufs) => tile_block(job, rows, cols, &mut bufs),
             // A task that started inside another one on this thread (work stealing).
-            Err(_) => tile_block(a, b, k, alpha, init, rows, cols, &mut own, out, ldc),
+            Err(_) => tile_block(job, rows, cols, &mut own),
         });
     };
     if rb * cb > 1 {
@@ -455,19 +448,8 @@ fn packed(
 /// then for every block of at most [`A_BLOCK_PANELS`] A panels packs it and runs
 /// the register tiles.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-fn tile_block(
-    a: Mat,
-    b: Mat,
-    k: usize,
-    alpha: f32,
-    init: Init,
-    rows: (usize, usize),
-    cols: (usize, usize),
-    bufs: &mut (Vec<f32>, Vec<f32>),
-    out: SharedOut,
-    ldc: usize,
-) {
+fn tile_block(job: &Job, rows: (usize, usize), cols: (usize, usize), bufs: &mut (Vec<f32>, Vec<f32>)) {
+    let &Job { k, alpha, a, b, init, out, ldc, .. } = job;
     for p0 in (0..k).step_by(KC) {
         let kc = KC.min(k - p0);
         let (load_c, bias) = match init {
