@@ -131,19 +131,6 @@ struct BwdSmem {
     static_assert(BYTES == 384 * (DH + 8) + 33280, "backward shared-memory size changed: update the host");
 };
 
-// The block's dynamic shared memory (declared as `name`), and its size in bytes.
-#ifdef SYNTHOS_EMU  // CPU emulation (tests/kernel_emu/): the emulator owns shared memory
-#define DYNAMIC_SMEM(name) unsigned char* const name = emu::dynamic_smem()
-__device__ __forceinline__ unsigned dynamic_smem_bytes() { return emu::dynamic_smem_bytes(); }
-#else
-#define DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
-__device__ __forceinline__ unsigned dynamic_smem_bytes() {
-    unsigned r;
-    asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
-    return r;
-}
-#endif
-
 // Copies tokens row0 .. row0+ROWS-1 of head h, batch b of a [B, N, H, DH] bf16 tensor into
 // shared memory with row stride LD, zero-filling tokens >= N (so that out-of-range rows
 // contribute exactly zero to every product). 16-byte vectors: DH is a multiple of 8, so

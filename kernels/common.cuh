@@ -8,6 +8,19 @@
 
 typedef __nv_bfloat16 bf16;
 
+// The block's dynamic shared memory (declared as `name`), and its size in bytes.
+#ifdef SYNTHOS_EMU  // CPU emulation (tests/kernel_emu/): the emulator owns shared memory
+#define DYNAMIC_SMEM(name) unsigned char* const name = emu::dynamic_smem()
+__device__ __forceinline__ unsigned dynamic_smem_bytes() { return emu::dynamic_smem_bytes(); }
+#else
+#define DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+__device__ __forceinline__ unsigned dynamic_smem_bytes() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+    return r;
+}
+#endif
+
 __device__ __forceinline__ float load(const float* p, int64_t i) { return p[i]; }
 __device__ __forceinline__ float load(const bf16* p, int64_t i) { return __bfloat162float(p[i]); }
 __device__ __forceinline__ void store(float* p, int64_t i, float v) { p[i] = v; }

@@ -143,6 +143,16 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     | tee "$OUTDIR/bench.txt"
 fi
 
+if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left)" -gt 130 ]; then
+  # The mma.sync attention forward (not yet the default) in the whole 1.3B b4 training
+  # step; the bench above timed it alone ("attention fwd[mma]" cases) and the tests
+  # compared it with the CPU (gpu_mma_forward_kernels_match_cpu).
+  stage "832x480 b4 training step with SYNTHOS_CUDA_ATTENTION=mma128"
+  SYNTHOS_CUDA_ATTENTION=mma128 timeout 90 "$ENGINE" bench --min-seconds 0.3 --filter "832x480" \
+    --json "$OUTDIR/bench-mma128.json" > "$OUTDIR/bench-mma128.txt" 2>&1
+  echo "rc $?"; grep -E "train step" "$OUTDIR/bench-mma128.txt" | head -4
+fi
+
 if [ "${SKIP_PROFILE:-0}" != 1 ] && [ "$(left)" -gt 100 ]; then
   stage "per-kernel profile of the 832x480 b4 training step (SYNTHOS_CUDA_PROFILE=1)"
   SYNTHOS_CUDA_PROFILE=1 timeout 60 "$ENGINE" bench --min-seconds 0.1 --filter "832x480" > "$OUTDIR/profile.txt" 2>&1

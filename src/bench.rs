@@ -317,6 +317,27 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
                 autograd::no_grad(|| ops::attention(&q2, &k2, &v2, &AttentionOptions::new(d))).map(|_| ())
             }),
         });
+        // The mma.sync forward kernels beside the default (GPU only; see
+        // cuda::attention::ForwardKernel).
+        use crate::cuda::attention::{with_forward_kernel, ForwardKernel};
+        let mma_kernels: &[ForwardKernel] =
+            if device == Device::Cpu { &[] } else { &[ForwardKernel::Mma, ForwardKernel::Mma128] };
+        for &kernel in mma_kernels {
+            let (q2, k2, v2) = (q.clone(), k.clone(), vv.clone());
+            v.push(BenchCase {
+                family: "attention",
+                name: format!("attention fwd[{}] {shape}", kernel.name()),
+                bytes,
+                flops,
+                bound: Bound::Compute,
+                samples: None,
+                run: Box::new(move || {
+                    with_forward_kernel(kernel, || {
+                        autograd::no_grad(|| ops::attention(&q2, &k2, &v2, &AttentionOptions::new(d))).map(|_| ())
+                    })
+                }),
+            });
+        }
         let dout = rand(&[b, n, h, d], &mut rng, device)?;
         v.push(BenchCase {
             family: "attention",

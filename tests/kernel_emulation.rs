@@ -266,3 +266,8 @@ fn conv() {
 fn softmax() {
     emulate("softmax", "-O1", &[Build::Address, Build::Thread]);
 }
+
+#[test]
+fn attention_mma() {
+    emulate("attention_mma", "-O0", &[Build::Address, Build::Thread]);
+}

@@ -360,6 +360,32 @@ fn gpu_matches_cpu() {
     }
 }
 
+/// The mma.sync forward kernels (`SYNTHOS_CUDA_ATTENTION=mma|mma128`) against the CPU on
+/// every head dim, with masks, causal masking, biases and several key tiles; the backward
+/// (the WMMA kernel) then runs from their output and log-sum-exp, so the gradients check
+/// those too.
+#[test]
+fn gpu_mma_forward_kernels_match_cpu() {
+    use synthos_engine::cuda::attention::{with_forward_kernel, ForwardKernel};
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng::new(24);
+    for kernel in [ForwardKernel::Mma, ForwardKernel::Mma128] {
+        with_forward_kernel(kernel, || {
+            for dh in [32, 64, 80, 96, 128] {
+                let cases = [
+                    (Case::new(2, 77, 131, 3, dh), DType::F32),
+                    (Case { mask: true, causal: true, ..Case::new(2, 150, 150, 2, dh) }, DType::F32),
+                    (Case { mask: true, bias_batch: 2, ..Case::new(2, 131, 200, 2, dh) }, DType::BF16),
+                    (Case { mask: true, bias_batch: 1, ..Case::new(1, 257, 769, 2, dh) }, DType::F32),
+                ];
+                for (c, bias_dtype) in cases {
+                    compare_gpu(dev, &c, DType::BF16, bias_dtype, &mut rng);
+                }
+            }
+        });
+    }
+}
+
 #[test]
 fn gpu_all_head_dims_and_f32_inputs() {
     let Some(dev) = gpu() else { return };

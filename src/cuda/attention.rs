@@ -1,6 +1,15 @@
-//! Launchers of `kernels/attention.cu`: flash attention forward (output + row log-sum-exp)
-//! and backward (D = rowsum(dO∘O), then dq, dk, dv and optionally dbias), bf16 tensors
-//! with fp32 statistics, for head dims 32, 64, 80, 96 and 128.
+//! Launchers of `kernels/attention.cu` and `kernels/attention_mma.cu`: flash attention
+//! forward (output + row log-sum-exp) and backward (D = rowsum(dO∘O), then dq, dk, dv and
+//! optionally dbias), bf16 tensors with fp32 statistics, for head dims 32, 64, 80, 96 and
+//! 128.
+//!
+//! Two forward kernels exist (see [`ForwardKernel`]): the WMMA one, the default, and the
+//! mma.sync one with register-resident scores, which becomes the default once a GPU run
+//! has shown it correct and faster (docs/PERF.md). `SYNTHOS_CUDA_ATTENTION=wmma|mma|mma128`
+//! picks one for a process, [`with_forward_kernel`] for a closure on one thread.
+
+use std::cell::Cell;
+use std::sync::OnceLock;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
@@ -24,6 +33,83 @@ const HEAD_DIMS: [usize; 5] = [32, 64, 80, 96, 128];
 /// kernel asserts at compile time and checks at run time).
 fn fwd_smem_bytes(head_dim: usize) -> usize {
     384 * (head_dim + 8) + 27136
+}
+
+/// A forward attention kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardKernel {
+    /// `attn_fwd_d<Dh>_bf16` (attention.cu): WMMA tiles, scores through shared memory.
+    Wmma,
+    /// `attn_fwd_mma_w4_d<Dh>_bf16` (attention_mma.cu): mma.sync with scores in
+    /// registers, cp.async double buffering, 64 query rows per block of 4 warps.
+    Mma,
+    /// `attn_fwd_mma_w8_d<Dh>_bf16`: the same with 128 query rows per block of 8 warps,
+    /// for head dims 64 and 128 (others use [`ForwardKernel::Mma`]).
+    Mma128,
+}
+
+impl ForwardKernel {
+    /// The name `SYNTHOS_CUDA_ATTENTION` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            ForwardKernel::Wmma => "wmma",
+            ForwardKernel::Mma => "mma",
+            ForwardKernel::Mma128 => "mma128",
+        }
+    }
+
+    /// Every forward kernel.
+    pub const ALL: [ForwardKernel; 3] = [ForwardKernel::Wmma, ForwardKernel::Mma, ForwardKernel::Mma128];
+
+    /// Warps per block of the mma kernel used at `head_dim` (None for WMMA).
+    fn mma_warps(self, head_dim: usize) -> Option<usize> {
+        match self {
+            ForwardKernel::Wmma => None,
+            ForwardKernel::Mma => Some(4),
+            ForwardKernel::Mma128 => Some(if head_dim == 64 || head_dim == 128 { 8 } else { 4 }),
+        }
+    }
+}
+
+thread_local! {
+    static FORWARD_OVERRIDE: Cell<Option<ForwardKernel>> = const { Cell::new(None) };
+}
+
+/// The forward kernel in use on this thread: a [`with_forward_kernel`] override, else
+/// `SYNTHOS_CUDA_ATTENTION` (read once), else WMMA. An unknown value is an error naming
+/// the variable.
+pub fn forward_kernel() -> Result<ForwardKernel> {
+    if let Some(k) = FORWARD_OVERRIDE.with(Cell::get) {
+        return Ok(k);
+    }
+    static FROM_ENV: OnceLock<std::result::Result<ForwardKernel, String>> = OnceLock::new();
+    FROM_ENV
+        .get_or_init(|| match std::env::var("SYNTHOS_CUDA_ATTENTION") {
+            Err(_) => Ok(ForwardKernel::Wmma),
+            Ok(v) => ForwardKernel::ALL.into_iter().find(|k| k.name() == v).ok_or_else(|| {
+                format!("SYNTHOS_CUDA_ATTENTION={v:?} is not a forward attention kernel (wmma, mma or mma128)")
+            }),
+        })
+        .clone()
+        .map_err(crate::Error::msg)
+}
+
+/// Runs `f` with `kernel` as this thread's forward attention kernel.
+pub fn with_forward_kernel<R>(kernel: ForwardKernel, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<ForwardKernel>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORWARD_OVERRIDE.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(FORWARD_OVERRIDE.with(|c| c.replace(Some(kernel))));
+    f()
+}
+
+/// Dynamic shared memory of the mma forward kernel with `warps` warps (mirrors
+/// `MmaFwd<DH, W>::BYTES`: Q 16W rows and two stages of K and V 64 rows, Dh+8 bf16 each).
+fn mma_fwd_smem_bytes(warps: usize, head_dim: usize) -> usize {
+    (16 * warps + 256) * (head_dim + 8) * 2
 }
 
 /// Dynamic shared memory of the backward kernel (mirrors `BwdSmem<DH>::BYTES`).
@@ -51,8 +137,8 @@ pub fn check_head_dim(head_dim: usize) -> Result<()> {
 
 /// Loads `name` and allows it `bytes` of dynamic shared memory (above the default 48 KB
 /// a kernel must opt in), with an error when the GPU has less.
-fn kernel_with_smem(dev: &CudaDevice, name: &'static str, bytes: usize) -> Result<CudaFunction> {
-    let f = dev.func("attention", name)?;
+fn kernel_with_smem(dev: &CudaDevice, module: &'static str, name: &'static str, bytes: usize) -> Result<CudaFunction> {
+    let f = dev.func(module, name)?;
     let limit = dev.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
     if bytes > limit {
         bail!("attention: kernel {name} needs {bytes} bytes of shared memory per block, this GPU allows {limit}");
@@ -103,10 +189,19 @@ fn optional_f32<'a>(what: &str, s: Option<&'a CudaStorage>, dummy: &'a CudaSlice
 /// the key mask and bias f32.
 pub fn forward(p: &AttentionParams, x: &AttentionInputs<CudaStorage>) -> Result<(CudaBuf, CudaBuf)> {
     let dev = &x.q.dev;
-    let (fwd, _) = kernel_names(p.head_dim)?;
+    let (wmma_name, _) = kernel_names(p.head_dim)?;
     let kd = kernel_dims(p)?;
-    let smem = fwd_smem_bytes(p.head_dim);
-    let f = kernel_with_smem(dev, fwd, smem)?;
+    let (module, name, smem, rows, threads) = match forward_kernel()?.mma_warps(p.head_dim) {
+        None => ("attention", wmma_name, fwd_smem_bytes(p.head_dim), FWD_QUERIES, THREADS),
+        Some(w) => (
+            "attention_mma",
+            kernel_name(&format!("attn_fwd_mma_w{w}_d{}", p.head_dim), DType::BF16),
+            mma_fwd_smem_bytes(w, p.head_dim),
+            16 * w,
+            32 * w as u32,
+        ),
+    };
+    let f = kernel_with_smem(dev, module, name, smem)?;
     let (q, k, v) = (bf16_slice("q", x.q)?, bf16_slice("k", x.k)?, bf16_slice("v", x.v)?);
     let dummy = dev.stream.alloc_zeros::<f32>(1)?;
     let mask = optional_f32("key_mask", x.key_mask, &dummy)?;
@@ -115,8 +210,8 @@ pub fn forward(p: &AttentionParams, x: &AttentionInputs<CudaStorage>) -> Result<
     let mut lse = dev.alloc(p.batch * p.heads * p.q_len, DType::F32)?;
     let (has_mask, causal) = (x.key_mask.is_some() as i32, p.causal as i32);
     let cfg = LaunchConfig {
-        grid_dim: (p.q_len.div_ceil(FWD_QUERIES) as u32, p.heads as u32, p.batch as u32),
-        block_dim: (THREADS, 1, 1),
+        grid_dim: (p.q_len.div_ceil(rows) as u32, p.heads as u32, p.batch as u32),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: smem as u32,
     };
     let mut lb = dev.stream.launch_builder(&f);
@@ -126,7 +221,8 @@ pub fn forward(p: &AttentionParams, x: &AttentionInputs<CudaStorage>) -> Result<
     // SAFETY: q is [B, Nq, H, Dh] and k, v [B, Nk, H, Dh] bf16; the mask ([B, Nk]) and
     // bias ([bias_batch, H, Nq, Nk]) are read only when their flags are set; the kernel
     // writes out rows < Nq and lse [B, H, Nq], all in range, and the grid covers
-    // ceil(Nq/64) × H × B blocks with the shared memory it was built for (checked).
+    // ceil(Nq/rows) × H × B blocks of the kernel's thread count, with the shared memory
+    // it was built for (checked by the kernel).
     unsafe { lb.launch(cfg) }?;
     Ok((out, lse))
 }
@@ -178,7 +274,7 @@ pub fn backward(
     }
 
     let smem = bwd_smem_bytes(p.head_dim);
-    let f = kernel_with_smem(dev, bwd, smem)?;
+    let f = kernel_with_smem(dev, "attention", bwd, smem)?;
     let mut dq32 = dev.stream.alloc_zeros::<f32>(p.batch * p.q_len * p.heads * p.head_dim)?;
     let kv_elems = p.batch * p.kv_len * p.heads * p.head_dim;
     let mut dk = dev.alloc(kv_elems, DType::BF16)?;

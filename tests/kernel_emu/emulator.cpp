@@ -1,10 +1,16 @@
 // The emulation's own checks: kernels that break CUDA's rules (divergent or abandoned
-// barriers, deadlocks, partial-warp collectives, misaligned WMMA pointers, shared-memory
-// overruns, bad launch shapes) must be reported, never silently computed. Each case runs
-// in a child process whose exit status and error output are checked.
+// barriers, deadlocks, partial-warp collectives, misaligned WMMA pointers, ldmatrix rows
+// that are misaligned or outside shared memory, cp.async copies never waited for,
+// shared-memory overruns, bad launch shapes) must be reported, never silently computed.
+// Each case runs in a child process whose exit status and error output are checked. And
+// the PTX emulation's layouts agree with each other: a 16x16x16 product through cp.async,
+// ldmatrix and mma.sync, used as kernels/attention_mma.cu uses them, equals the matrix
+// product.
 #include "harness.h"
 
 #include <mma.h>
+
+#include "ptx.cuh"
 #include <sys/wait.h>
 
 using namespace harness;
@@ -66,6 +72,49 @@ __global__ void trapping(float* out) {
 
 __global__ void noop(float* out) { out[threadIdx.x] = 1.f; }
 
+__global__ void misaligned_ldmatrix(float* out) {
+    uint32_t r[4];
+    ptx::ldmatrix_x4(r, emu::dynamic_smem() + 8 + 16 * (threadIdx.x % 8));
+    out[threadIdx.x] = (float)r[0];
+}
+
+__global__ void ldmatrix_outside_shared(float* out) {
+    uint32_t r[4];
+    ptx::ldmatrix_x4(r, out + 4 * (threadIdx.x % 8));
+    out[threadIdx.x] = (float)r[0];
+}
+
+__global__ void unwaited_cp_async(float* out) {
+    ptx::cp_async_16(emu::dynamic_smem() + 16 * threadIdx.x, out + 4 * threadIdx.x, true);
+    ptx::cp_async_commit();
+}
+
+// C (16 x 16, row-major, f32) = A (16 x 16, row-major) B, with B given as B^T (row n holds
+// column n): one warp, the operands copied to shared memory (rows padded to 24 elements)
+// by cp.async, A read by ldmatrix.x4, B by ldmatrix.x4 on B^T's rows (two 8-column tiles).
+__global__ void mma_product(const bf16* a, const bf16* bt, float* c) {
+    constexpr int LD = 24;
+    bf16* sa = reinterpret_cast<bf16*>(emu::dynamic_smem());
+    bf16* sb = sa + 16 * LD;
+    const int lane = threadIdx.x, g = lane / 4, t = lane % 4, lm = lane / 8, lr = lane % 8;
+    for (int v = lane; v < 32; v += 32) {  // 32 16-byte vectors per matrix
+        ptx::cp_async_16(sa + (v / 2) * LD + (v % 2) * 8, a + v * 8, true);
+        ptx::cp_async_16(sb + (v / 2) * LD + (v % 2) * 8, bt + v * 8, true);
+    }
+    ptx::cp_async_commit();
+    ptx::cp_async_wait<0>();
+    __syncwarp();
+    uint32_t af[4], bf[4];
+    ptx::ldmatrix_x4(af, sa + ((lm & 1) * 8 + lr) * LD + (lm >> 1) * 8);
+    ptx::ldmatrix_x4(bf, sb + ((lm >> 1) * 8 + lr) * LD + (lm & 1) * 8);
+    float d[2][4] = {};
+    const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+    ptx::mma_bf16_16816(d[0], af, b0);
+    ptx::mma_bf16_16816(d[1], af, b1);
+    for (int n = 0; n < 2; ++n)
+        for (int e = 0; e < 4; ++e) c[(g + 8 * (e / 2)) * 16 + n * 8 + 2 * t + e % 2] = d[n][e];
+}
+
 struct Case {
     const char* name;
     const char* expected;  // in the error output
@@ -89,6 +138,12 @@ const Case kCases[] = {
      [](float* out) { emu::launch({dim3(1), dim3(32), 1024}, EMU_KERNEL(misaligned_wmma), out); }},
     {"dynamic shared memory overrun", "heap-buffer-overflow",
      [](float* out) { emu::launch({dim3(1), dim3(32), 128}, EMU_KERNEL(shared_overrun), out); }},
+    {"misaligned ldmatrix row", "not 16-byte aligned",
+     [](float* out) { emu::launch({dim3(1), dim3(32), 1024}, EMU_KERNEL(misaligned_ldmatrix), out); }},
+    {"ldmatrix row outside shared memory", "outside the block's dynamic shared memory",
+     [](float* out) { emu::launch({dim3(1), dim3(32), 1024}, EMU_KERNEL(ldmatrix_outside_shared), out); }},
+    {"cp.async never waited for", "never waited for",
+     [](float* out) { emu::launch({dim3(1), dim3(32), 1024}, EMU_KERNEL(unwaited_cp_async), out); }},
     {"__trap", "__trap()", [](float* out) { emu::launch({dim3(2), dim3(32), 0}, EMU_KERNEL(trapping), out); }},
     {"block of 1025 threads", "invalid block",
      [](float* out) { emu::launch({dim3(1), dim3(1025), 0}, EMU_KERNEL(noop), out); }},
@@ -136,5 +191,16 @@ int main() {
     DeviceArray<float> out(64);
     emu::launch({dim3(1), dim3(64), 0}, EMU_KERNEL(noop), out.ptr());
     report.close("a well-formed kernel runs", out.download(), std::vector<double>(64, 1.0), 0, 0);
+
+    Rng rng(7);
+    const std::vector<double> a = rng.values<bf16>(256), bt = rng.values<bf16>(256);
+    std::vector<double> want(256, 0.0);
+    for (int i = 0; i < 16; ++i)
+        for (int j = 0; j < 16; ++j)
+            for (int k = 0; k < 16; ++k) want[i * 16 + j] += a[i * 16 + k] * bt[j * 16 + k];
+    DeviceArray<bf16> da(a), dbt(bt);
+    DeviceArray<float> dc(256);
+    emu::launch({dim3(1), dim3(32), 2 * 16 * 24 * 2}, EMU_KERNEL(mma_product), da.ptr(), dbt.ptr(), dc.ptr());
+    report.close("cp.async + ldmatrix + mma.sync m16n8k16 = A B", dc.download(), want, 1e-5, 1e-5);
     return report.finish();
 }

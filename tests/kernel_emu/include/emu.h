@@ -126,6 +126,17 @@ struct ThreadContext {
     unsigned block_phase = 0, warp_phase = 0;
     Warp* warp = nullptr;
     Fiber* fiber = nullptr;
+    // cp.async copies issued and not yet complete (see ptx_emu.h): the 16 bytes read at
+    // issue, written to `dst` when a wait completes their group.
+    struct AsyncCopy {
+        void* dst;
+        unsigned group;
+        unsigned char bytes[16];
+    };
+    static constexpr unsigned kMaxAsyncCopies = 128;
+    AsyncCopy async_copies[kMaxAsyncCopies];
+    unsigned async_pending = 0;    // entries of async_copies in use
+    unsigned async_committed = 0;  // groups committed so far
 };
 
 // The CUDA thread running now, null on the host. Set by the scheduler before it switches
@@ -289,6 +300,7 @@ struct Warp {
     // next one while others still read the previous one.
     uint64_t exchange[2][32];
     float mma[2][3][256];  // wmma::mma_sync operands A, B, C (see mma.h)
+    uint32_t mma16816[2][32][6];  // ptx::mma_bf16_16816 operands of each lane (see ptx_emu.h)
     char sync[2];          // ThreadSanitizer sync addresses of even and odd phases
 };
 
@@ -324,7 +336,14 @@ class Scheduler {
         arg_ = arg;
         for (unsigned i = 0; i < n; ++i) {
             Fiber& f = *fibers_[i];
-            f.thread = {{i % shape.x, i / shape.x % shape.y, i / (shape.x * shape.y)}, i, i % 32, 0, 0, &warps[i / 32], &f};
+            ThreadContext& t = f.thread;  // (field by field: the cp.async slots need no reset)
+            t.idx = {i % shape.x, i / shape.x % shape.y, i / (shape.x * shape.y)};
+            t.linear = i;
+            t.lane = i % 32;
+            t.block_phase = t.warp_phase = 0;
+            t.warp = &warps[i / 32];
+            t.fiber = &f;
+            t.async_pending = t.async_committed = 0;
             f.wait.store(kRunning, std::memory_order_relaxed);
         }
         tsan_release(&start_token_);
@@ -529,6 +548,8 @@ inline void Scheduler::fiber_main(void* p) {
     for (;;) {  // one CUDA thread per block
         tsan_acquire(&s.start_token_);
         s.body_(s.arg_);
+        if (f.thread.async_pending != 0)
+            fail("the thread ended with %u cp.async copies it never waited for", f.thread.async_pending);
         tsan_release(&s.done_token_);
         s.yield(f, kFinished);
     }

@@ -1,0 +1,258 @@
+// Attention forward on mma.sync tensor-core instructions (FlashAttention-2 style), the
+// successor of attn_fwd in attention.cu: the same math, inputs, outputs and conventions
+// (see the top of attention.cu), with the score and probability tiles kept in registers.
+//
+// attn_fwd_mma_w<W>_d<Dh>_bf16: grid (ceil(Nq / 16W), H, B), 32W threads = W warps.
+//   The block owns 16W query rows, warp w the 16 rows 16w..16w+15. The block walks the
+//   keys in tiles of 64 (causal: only up to its last row). K and V tiles go to shared
+//   memory through cp.async, two stages deep: tile j+1 is in flight while tile j is used.
+//   Per tile, each warp:
+//     S (16 x 64, fp32, 32 registers per lane) = Q K^T with mma m16n8k16: Q's A
+//       operands stay in registers for the whole kernel (ldmatrix once), K's B operands
+//       come from ldmatrix on K's rows (a key row is a column of K^T);
+//     scale, bias, masks and the online softmax on S's registers: a lane holds 16
+//       elements of rows g and g+8 (g = lane / 4), so row maxima need two shuffles
+//       within the 4 lanes of a group; the running sum stays per lane until the end;
+//     O (16 x Dh, fp32 registers) = alpha O + P V, with P's A operands packed straight
+//       from S's registers (the mma C layout of two adjacent 8-column tiles is the A
+//       layout of one 16-column tile) and V's B operands from ldmatrix.trans on V's rows.
+//   Out-of-range keys and query rows are zero-filled by cp.async and masked to -inf.
+//
+// Shared memory (dynamic): Q 16W x (Dh+8), K and V 2 stages x 64 x (Dh+8) bf16
+//   = (16W + 256)(Dh + 8) x 2 bytes; rows padded by 16 bytes so that the 8 row addresses
+//   of an ldmatrix fall on distinct banks. W = 4: Dh 128 -> 87040 bytes.
+// Head dims: 32, 64, 80, 96, 128 (multiples of 16). Warps per block: 4 (64-row tiles,
+// every head dim) and 8 (128-row tiles, Dh 64 and 128).
+#include "ptx.cuh"
+
+namespace {
+
+constexpr float MMA_LOG2E = 1.4426950408889634f;
+constexpr float MMA_LN2 = 0.6931471805599453f;
+constexpr int MMA_BK = 64;  // keys per tile
+
+template <int DH, int W>
+struct MmaFwd {
+    static constexpr int THREADS = 32 * W;
+    static constexpr int BQ = 16 * W;  // query rows per block
+    static constexpr int LD = DH + 8;  // row stride (bf16) of every tile
+    static constexpr int Q = 0;        // byte offsets
+    static constexpr int K = Q + BQ * LD * 2;
+    static constexpr int V = K + 2 * MMA_BK * LD * 2;
+    static constexpr int BYTES = V + 2 * MMA_BK * LD * 2;
+    static_assert(DH % 16 == 0, "head dim must be a multiple of 16");
+    // The host computes the same size (cuda/attention.rs, mma_fwd_smem_bytes).
+    static_assert(BYTES == (16 * W + 4 * MMA_BK) * (DH + 8) * 2, "shared-memory size changed: update the host");
+};
+
+
+// Issues cp.async copies of tokens row0 .. row0+ROWS-1 of head h, batch b of a
+// [B, N, H, DH] bf16 tensor into shared memory (row stride LD), zeros for tokens >= N.
+template <int DH, int ROWS, int LD, int THREADS>
+__device__ __forceinline__ void issue_tile(bf16* dst, const bf16* __restrict__ src, int64_t b, int row0, int N,
+                                           int H, int h) {
+    constexpr int VPR = DH / 8;  // 16-byte vectors per row
+#pragma unroll 2
+    for (int idx = threadIdx.x; idx < ROWS * VPR; idx += THREADS) {
+        const int r = idx / VPR, c = (idx % VPR) * 8;
+        const int n = row0 + r;
+        const bool in_range = n < N;
+        const bf16* from = src + ((b * N + (in_range ? n : 0)) * H + h) * (int64_t)DH + c;
+        ptx::cp_async_16(dst + r * LD + c, from, in_range);
+    }
+}
+
+template <int DH, int W>
+__device__ __forceinline__ void attn_fwd_mma(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                             const bf16* __restrict__ v, const float* __restrict__ key_mask,
+                                             const float* __restrict__ bias, bf16* __restrict__ out,
+                                             float* __restrict__ lse, int Nq, int Nk, int H, int bias_batch,
+                                             int has_mask, int causal, float scale) {
+    using L = MmaFwd<DH, W>;
+    constexpr int LD = L::LD, KD = DH / 16, NT = MMA_BK / 8, DT = DH / 8;
+    DYNAMIC_SMEM(smem);
+    if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
+    bf16* Qs = reinterpret_cast<bf16*>(smem + L::Q);
+    bf16* Ks = reinterpret_cast<bf16*>(smem + L::K);
+    bf16* Vs = reinterpret_cast<bf16*>(smem + L::V);
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;    // mma group and thread within the group
+    const int lm = lane >> 3, lr = lane & 7;  // ldmatrix: matrix and row this lane addresses
+    const int q0 = blockIdx.x * L::BQ;
+    const int h = blockIdx.y;
+    const int64_t b = blockIdx.z;
+    const int row_lo = q0 + warp * 16 + g;  // query rows of this lane's S and O elements:
+    const int rows[2] = {row_lo, row_lo + 8};  // e = 0, 1 -> rows[0]; e = 2, 3 -> rows[1]
+
+    const int k_end = causal ? min(Nk, q0 + L::BQ) : Nk;
+    const int tiles = (k_end + MMA_BK - 1) / MMA_BK;
+
+    issue_tile<DH, L::BQ, LD, L::THREADS>(Qs, q, b, q0, Nq, H, h);
+    if (tiles > 0) {
+        issue_tile<DH, MMA_BK, LD, L::THREADS>(Ks, k, b, 0, Nk, H, h);
+        issue_tile<DH, MMA_BK, LD, L::THREADS>(Vs, v, b, 0, Nk, H, h);
+    }
+    ptx::cp_async_commit();
+
+    const float* brow[2] = {nullptr, nullptr};
+    if (bias_batch > 0)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+            if (rows[e] < Nq)
+                brow[e] = bias + (((bias_batch == 1 ? 0 : b) * H + h) * (int64_t)Nq + rows[e]) * Nk;
+
+    uint32_t qf[KD][4];  // this warp's 16 query rows as A operands, all head dims
+    float o[DT][4];
+#pragma unroll
+    for (int d = 0; d < DT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+    float m_run[2] = {-INFINITY, -INFINITY};  // running max of S * log2 e per row
+    float l_run[2] = {0.f, 0.f};              // this lane's part of the running sum per row
+
+    for (int j = 0; j < tiles; ++j) {
+        const int stage = j & 1, k0 = j * MMA_BK;
+        if (j + 1 < tiles) {  // tile j+1 into the other stage (free since the barrier ending j-1)
+            issue_tile<DH, MMA_BK, LD, L::THREADS>(Ks + (stage ^ 1) * MMA_BK * LD, k, b, k0 + MMA_BK, Nk, H, h);
+            issue_tile<DH, MMA_BK, LD, L::THREADS>(Vs + (stage ^ 1) * MMA_BK * LD, v, b, k0 + MMA_BK, Nk, H, h);
+            ptx::cp_async_commit();
+            ptx::cp_async_wait<1>();
+        } else {
+            ptx::cp_async_wait<0>();
+        }
+        __syncthreads();  // tile j (and, the first time, Q) is in shared memory for every warp
+        const bf16* Kt = Ks + stage * MMA_BK * LD;
+        const bf16* Vt = Vs + stage * MMA_BK * LD;
+        if (j == 0) {
+#pragma unroll
+            for (int kk = 0; kk < KD; ++kk)  // matrices: rows +0/+8 (lm & 1), columns +0/+8 (lm >> 1)
+                ptx::ldmatrix_x4(qf[kk], Qs + (warp * 16 + (lm & 1) * 8 + lr) * LD + kk * 16 + (lm >> 1) * 8);
+        }
+
+        // S = Q K^T: two 8-key tiles per ldmatrix (matrices: keys +0/+8 (lm >> 1), dims +0/+8 (lm & 1)).
+        float s[NT][4];
+#pragma unroll
+        for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) {
+#pragma unroll
+            for (int np = 0; np < NT / 2; ++np) {
+                uint32_t kb[4];
+                ptx::ldmatrix_x4(kb, Kt + (np * 16 + (lm >> 1) * 8 + lr) * LD + kk * 16 + (lm & 1) * 8);
+                const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+                ptx::mma_bf16_16816(s[2 * np], qf[kk], b0);
+                ptx::mma_bf16_16816(s[2 * np + 1], qf[kk], b1);
+            }
+        }
+
+        // Scale, bias, masks; the tile's row maxima.
+        float tmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = rows[e >> 1], key = k0 + n * 8 + 2 * t + (e & 1);
+                bool keep = i < Nq && key < Nk && (!causal || key <= i);
+                if (keep && has_mask) keep = key_mask[b * Nk + key] != 0.f;
+                float x = -INFINITY;
+                if (keep) {
+                    x = s[n][e] * scale;
+                    if (brow[e >> 1] != nullptr) x += brow[e >> 1][key];
+                    x *= MMA_LOG2E;
+                }
+                s[n][e] = x;
+                tmax[e >> 1] = fmaxf(tmax[e >> 1], x);
+            }
+        }
+        float alpha[2], m_use[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
+            tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
+            const float m_new = fmaxf(m_run[r], tmax[r]);
+            // While every key so far is hidden m_new is -inf: subtract 0 instead, so that
+            // exp2(-inf - 0) = 0 rather than exp2(-inf + inf) = NaN.
+            m_use[r] = m_new == -INFINITY ? 0.f : m_new;
+            alpha[r] = exp2f(m_run[r] - m_use[r]);
+            m_run[r] = m_new;
+            l_run[r] *= alpha[r];
+        }
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float p = exp2f(s[n][e] - m_use[e >> 1]);
+                s[n][e] = p;
+                l_run[e >> 1] += p;
+            }
+        }
+#pragma unroll
+        for (int d = 0; d < DT; ++d) {
+            o[d][0] *= alpha[0];
+            o[d][1] *= alpha[0];
+            o[d][2] *= alpha[1];
+            o[d][3] *= alpha[1];
+        }
+
+        // O += P V: keys 16ks.. as the k dimension; V's matrices: keys +0/+8 (lm & 1),
+        // dims +0/+8 (lm >> 1), transposed.
+#pragma unroll
+        for (int ks = 0; ks < MMA_BK / 16; ++ks) {
+            const uint32_t pa[4] = {ptx::pack_bf16(s[2 * ks][0], s[2 * ks][1]),
+                                    ptx::pack_bf16(s[2 * ks][2], s[2 * ks][3]),
+                                    ptx::pack_bf16(s[2 * ks + 1][0], s[2 * ks + 1][1]),
+                                    ptx::pack_bf16(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+#pragma unroll
+            for (int dp = 0; dp < DT / 2; ++dp) {
+                uint32_t vb[4];
+                ptx::ldmatrix_x4_trans(vb, Vt + (ks * 16 + (lm & 1) * 8 + lr) * LD + dp * 16 + (lm >> 1) * 8);
+                const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+                ptx::mma_bf16_16816(o[2 * dp], pa, b0);
+                ptx::mma_bf16_16816(o[2 * dp + 1], pa, b1);
+            }
+        }
+        __syncthreads();  // every warp is done with this stage before it is refilled
+    }
+    if (tiles == 0) ptx::cp_async_wait<0>();  // (Q's copies; no key is visible to the block)
+
+    // Normalise and store: a lane writes 2 consecutive dims of rows g and g+8 per 8-dim tile.
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l = l_run[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        inv[r] = l > 0.f ? 1.f / l : 0.f;
+        const int i = rows[r];
+        if (t == 0 && i < Nq)
+            lse[(b * H + h) * (int64_t)Nq + i] = l > 0.f ? (m_run[r] + log2f(l)) * MMA_LN2 : INFINITY;
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int i = rows[r];
+        if (i >= Nq) continue;
+        bf16* orow = out + ((b * Nq + i) * H + h) * (int64_t)DH + 2 * t;
+#pragma unroll
+        for (int d = 0; d < DT; ++d) {
+            const __nv_bfloat162 pair = __floats2bfloat162_rn(o[d][2 * r] * inv[r], o[d][2 * r + 1] * inv[r]);
+            *reinterpret_cast<__nv_bfloat162*>(orow + d * 8) = pair;
+        }
+    }
+}
+
+}  // namespace
+
+#define ATTN_MMA_FWD(W, DH)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(32 * W)                                                        \
+        attn_fwd_mma_w##W##_d##DH##_bf16(const bf16* q, const bf16* k, const bf16* v, const float* key_mask,    \
+                                         const float* bias, bf16* out, float* lse, int Nq, int Nk, int H,       \
+                                         int bias_batch, int has_mask, int causal, float scale) {               \
+        attn_fwd_mma<DH, W>(q, k, v, key_mask, bias, out, lse, Nq, Nk, H, bias_batch, has_mask, causal, scale); \
+    }
+
+ATTN_MMA_FWD(4, 32)
+ATTN_MMA_FWD(4, 64)
+ATTN_MMA_FWD(4, 80)
+ATTN_MMA_FWD(4, 96)
+ATTN_MMA_FWD(4, 128)
+ATTN_MMA_FWD(8, 64)
+ATTN_MMA_FWD(8, 128)

@@ -1,0 +1,141 @@
+// The PTX instructions of kernels/ptx.cuh (mma.sync m16n8k16 bf16, ldmatrix, cp.async)
+// for the CPU emulation (emu.h), with the register layouts the PTX ISA specifies (listed
+// in kernels/ptx.cuh). Unlike WMMA's fragments (mma.h), these layouts are architectural,
+// so the emulation uses the real ones: a kernel that gets a layout wrong computes wrong
+// values here as on the GPU.
+//
+//   * mma_bf16_16816 and ldmatrix_x4[_trans] are warp collectives (every lane, whole
+//     warp). mma: each lane publishes its A and B registers; each lane then forms its four
+//     D elements as C + the 16 products in f32, k ascending (a tensor core's order and
+//     internal rounding are unspecified). ldmatrix: each lane publishes its row address,
+//     which must be 16-byte aligned and lie inside the block's dynamic shared memory.
+//   * cp.async copies are deferred: the 16 source bytes are read when the copy is issued
+//     (zeros when out of range; the source is then not read), the destination is poisoned
+//     (0xFF) at once and written only when cp_async_wait completes the copy's group. So a
+//     kernel that reads a tile before waiting for it sees poison, and one that refills a
+//     buffer another warp may still be reading races with that read (ThreadSanitizer).
+//     A thread that ends with copies it never waited for is a kernel error.
+#pragma once
+#include "cuda_bf16.h"
+
+namespace ptx {
+
+namespace detail {
+
+inline void check_smem(const char* what, const void* p, unsigned bytes) {
+    const auto a = reinterpret_cast<uintptr_t>(p);
+    const auto base = reinterpret_cast<uintptr_t>(emu::dynamic_smem());
+    if (a % 16 != 0) emu::fail("%s: shared-memory address %p is not 16-byte aligned", what, p);
+    if (base == 0 || a < base || a + bytes > base + emu::dynamic_smem_bytes())
+        emu::fail("%s: address %p is outside the block's dynamic shared memory (%u bytes at %p)", what, p,
+                  emu::dynamic_smem_bytes(), emu::dynamic_smem());
+}
+
+inline float bf16_bits(uint32_t bits) {
+    const uint32_t u = bits << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+inline float lo(uint32_t r) { return bf16_bits(r & 0xffffu); }
+inline float hi(uint32_t r) { return bf16_bits(r >> 16); }
+
+template <bool TRANS>
+inline void ldmatrix(uint32_t (&r)[4], const void* row, const char* what, const emu::Loc& loc) {
+    emu::ThreadContext& self = emu::warp_collective(0xffffffffu, what);
+    emu::Warp& w = *self.warp;
+    const unsigned p = self.warp_phase & 1, lane = self.lane;
+    w.exchange[p][lane] = reinterpret_cast<uintptr_t>(row);
+    emu::warp_wait(self, what, loc);
+    const unsigned g = lane / 4, t = lane % 4;
+    for (unsigned m = 0; m < 4; ++m) {
+        uint16_t e[2];
+        for (unsigned k = 0; k < 2; ++k) {
+            const unsigned rr = TRANS ? 2 * t + k : g, cc = TRANS ? g : 2 * t + k;  // (row, column) of matrix m
+            const auto* src = reinterpret_cast<const unsigned char*>(w.exchange[p][8 * m + rr]);
+            check_smem(what, src, 16);
+            memcpy(&e[k], src + 2 * cc, 2);
+        }
+        r[m] = (uint32_t)e[0] | ((uint32_t)e[1] << 16);
+    }
+}
+
+}  // namespace detail
+
+inline void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                           const emu::Loc& loc = emu::Loc::current()) {
+    const char* what = "mma.sync.m16n8k16";
+    emu::ThreadContext& self = emu::warp_collective(0xffffffffu, what);
+    emu::Warp& w = *self.warp;
+    const unsigned p = self.warp_phase & 1;
+    uint32_t* mine = w.mma16816[p][self.lane];
+    for (int i = 0; i < 4; ++i) mine[i] = a[i];
+    mine[4] = b[0];
+    mine[5] = b[1];
+    emu::warp_wait(self, what, loc);
+    float A[16][16], B[16][8];
+    for (unsigned l = 0; l < 32; ++l) {
+        const uint32_t* r = w.mma16816[p][l];
+        const unsigned g = l / 4, t = l % 4;
+        for (unsigned k = 0; k < 2; ++k) {
+            const auto pick = [&](uint32_t v) { return k == 0 ? detail::lo(v) : detail::hi(v); };
+            A[g][2 * t + k] = pick(r[0]);
+            A[g + 8][2 * t + k] = pick(r[1]);
+            A[g][2 * t + 8 + k] = pick(r[2]);
+            A[g + 8][2 * t + 8 + k] = pick(r[3]);
+            B[2 * t + k][g] = pick(r[4]);
+            B[2 * t + 8 + k][g] = pick(r[5]);
+        }
+    }
+    const unsigned g = self.lane / 4, t = self.lane % 4;
+    for (unsigned e = 0; e < 4; ++e) {
+        const unsigned row = g + 8 * (e / 2), col = 2 * t + e % 2;
+        float s = d[e];
+        for (unsigned k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
+        d[e] = s;
+    }
+}
+
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, const emu::Loc& loc = emu::Loc::current()) {
+    detail::ldmatrix<false>(r, row, "ldmatrix.x4", loc);
+}
+
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row, const emu::Loc& loc = emu::Loc::current()) {
+    detail::ldmatrix<true>(r, row, "ldmatrix.x4.trans", loc);
+}
+
+inline void cp_async_16(void* dst, const void* src, bool in_range) {
+    emu::ThreadContext& self = emu::self("cp.async");
+    detail::check_smem("cp.async", dst, 16);
+    if (reinterpret_cast<uintptr_t>(src) % 16 != 0) emu::fail("cp.async: source %p is not 16-byte aligned", src);
+    if (self.async_pending == emu::ThreadContext::kMaxAsyncCopies)
+        emu::fail("cp.async: more than %u copies in flight in one thread (the emulation's limit)",
+                  emu::ThreadContext::kMaxAsyncCopies);
+    auto& c = self.async_copies[self.async_pending++];
+    c.dst = dst;
+    c.group = self.async_committed;
+    if (in_range)
+        memcpy(c.bytes, src, 16);
+    else
+        memset(c.bytes, 0, 16);
+    memset(dst, 0xFF, 16);  // in flight: undefined until the wait (and a write other threads race with)
+}
+
+inline void cp_async_commit() { ++emu::self("cp.async.commit_group").async_committed; }
+
+template <int N>
+inline void cp_async_wait() {
+    static_assert(N >= 0, "cp.async.wait_group takes a count of groups");
+    emu::ThreadContext& self = emu::self("cp.async.wait_group");
+    unsigned kept = 0;
+    for (unsigned i = 0; i < self.async_pending; ++i) {
+        auto& c = self.async_copies[i];
+        if (c.group + N < self.async_committed)  // among the groups the wait completes
+            memcpy(c.dst, c.bytes, 16);
+        else
+            self.async_copies[kept++] = c;
+    }
+    self.async_pending = kept;
+}
+
+}  // namespace ptx
