@@ -1,6 +1,7 @@
-// Attention forward on mma.sync tensor-core instructions (FlashAttention-2 style), the
-// successor of attn_fwd in attention.cu: the same math, inputs, outputs and conventions
-// (see the top of attention.cu), with the score and probability tiles kept in registers.
+// Attention forward and backward on mma.sync tensor-core instructions (FlashAttention-2
+// style), successors of attn_fwd and attn_bwd in attention.cu: the same math, inputs,
+// outputs and conventions (see the top of attention.cu), with the score and probability
+// tiles kept in registers.
 //
 // attn_fwd_mma_w<W>_d<Dh>_bf16: grid (ceil(Nq / 16W), H, B), 32W threads = W warps.
 //   The block owns 16W query rows, warp w the 16 rows 16w..16w+15. The block walks the
@@ -239,6 +240,243 @@ __device__ __forceinline__ void attn_fwd_mma(const bf16* __restrict__ q, const b
     }
 }
 
+// ---- Backward -----------------------------------------------------------------------------
+// attn_bwd_mma_d<Dh>_bf16: the same inputs, outputs and grid as attn_bwd_d<Dh>_bf16 in
+// attention.cu (D from attn_bwd_dot first; dq and dbias accumulated in fp32 with atomics):
+// grid (ceil(Nk/64), H, B), 128 threads. The block owns 64 keys, warp w the 16 keys
+// 16w..16w+15, with dK and dV (16 x Dh each, fp32) in registers. K and V stay in shared
+// memory; the block walks the queries in tiles of 32 (Q, dO through cp.async, two stages
+// deep; causal: from the first tile that sees its keys). Per tile, each warp:
+//   S^T = K_w Q^T and dP^T = V_w dO^T (16 x 32 each, registers; A from ldmatrix on K's
+//     and V's rows, B from ldmatrix on Q's and dO's rows);
+//   P^T = exp(S^T - L) and dS^T = P^T (dP^T - D) on the registers (L, D per query column
+//     from shared memory), dbias += dS with fp32 atomics when asked;
+//   dV += P^T dO and dK += dS^T Q, with P^T and dS^T repacked from registers as A
+//     operands and dO, Q from ldmatrix.trans;
+//   dS^T (bf16) to shared memory; after a barrier the 4 warps share dQ (32 x Dh) += dS K
+//     over the block's 64 keys (A from ldmatrix.trans on dS^T, B from ldmatrix.trans on
+//     K), one 16 x 16 piece at a time, added to the fp32 dq buffer with atomics.
+// Shared memory: K, V 64 x (Dh+8), Q, dO 2 x 32 x (Dh+8) bf16, dS^T 64 x 40 bf16, L and D
+//   2 x 32 fp32 each = 512 (Dh+8) + 5632 bytes (Dh 128: 75264).
+constexpr int MMA_BWD_BK = 64;  // keys per block
+constexpr int MMA_BWD_BQ = 32;  // queries per tile
+constexpr int MMA_BWD_LDS = MMA_BWD_BQ + 8;  // row stride (bf16) of dS^T
+
+template <int DH>
+struct MmaBwd {
+    static constexpr int LD = DH + 8;
+    static constexpr int K = 0;
+    static constexpr int V = K + MMA_BWD_BK * LD * 2;
+    static constexpr int Q = V + MMA_BWD_BK * LD * 2;
+    static constexpr int DO = Q + 2 * MMA_BWD_BQ * LD * 2;
+    static constexpr int DST = DO + 2 * MMA_BWD_BQ * LD * 2;
+    static constexpr int LSE = DST + MMA_BWD_BK * MMA_BWD_LDS * 2;
+    static constexpr int DROW = LSE + 2 * MMA_BWD_BQ * 4;
+    static constexpr int BYTES = DROW + 2 * MMA_BWD_BQ * 4;
+    static_assert(DH % 16 == 0, "head dim must be a multiple of 16");
+    // The host computes the same size (cuda/attention.rs, mma_bwd_smem_bytes).
+    static_assert(BYTES == 512 * (DH + 8) + 5632, "shared-memory size changed: update the host");
+};
+
+template <int DH>
+__device__ __forceinline__ void attn_bwd_mma(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                             const bf16* __restrict__ v, const bf16* __restrict__ dout,
+                                             const float* __restrict__ lse, const float* __restrict__ drow,
+                                             const float* __restrict__ key_mask, const float* __restrict__ bias,
+                                             float* __restrict__ dq_acc, bf16* __restrict__ dk,
+                                             bf16* __restrict__ dv, float* __restrict__ dbias, int Nq, int Nk,
+                                             int H, int bias_batch, int has_mask, int causal, int want_dbias,
+                                             float scale) {
+    using L = MmaBwd<DH>;
+    constexpr int LD = L::LD, KD = DH / 16, DT = DH / 8, NT = MMA_BWD_BQ / 8, THREADS = 128;
+    DYNAMIC_SMEM(smem);
+    if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
+    bf16* Ks = reinterpret_cast<bf16*>(smem + L::K);
+    bf16* Vs = reinterpret_cast<bf16*>(smem + L::V);
+    bf16* Qs = reinterpret_cast<bf16*>(smem + L::Q);
+    bf16* dOs = reinterpret_cast<bf16*>(smem + L::DO);
+    bf16* dSt = reinterpret_cast<bf16*>(smem + L::DST);
+    float* Ls = reinterpret_cast<float*>(smem + L::LSE);
+    float* Ds = reinterpret_cast<float*>(smem + L::DROW);
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3, lm = lane >> 3, lr = lane & 7;
+    const int k0 = blockIdx.x * MMA_BWD_BK;
+    const int h = blockIdx.y;
+    const int64_t b = blockIdx.z;
+    const int kw = warp * 16;
+    const int64_t bias_base = bias_batch > 0 ? ((bias_batch == 1 ? 0 : b) * H + h) * (int64_t)Nq * Nk : 0;
+    // Keys of this lane's S^T elements (rows g and g+8 of the warp's 16) and whether
+    // each takes part at all.
+    int keys[2];
+    bool key_on[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        keys[r] = k0 + kw + g + 8 * r;
+        key_on[r] = keys[r] < Nk && (!has_mask || key_mask[b * Nk + keys[r]] != 0.f);
+    }
+
+    const int q_begin = causal ? (k0 / MMA_BWD_BQ) * MMA_BWD_BQ : 0;
+    const int tiles = Nq > q_begin ? (Nq - q_begin + MMA_BWD_BQ - 1) / MMA_BWD_BQ : 0;
+    issue_tile<DH, MMA_BWD_BK, LD, THREADS>(Ks, k, b, k0, Nk, H, h);
+    issue_tile<DH, MMA_BWD_BK, LD, THREADS>(Vs, v, b, k0, Nk, H, h);
+    if (tiles > 0) {
+        issue_tile<DH, MMA_BWD_BQ, LD, THREADS>(Qs, q, b, q_begin, Nq, H, h);
+        issue_tile<DH, MMA_BWD_BQ, LD, THREADS>(dOs, dout, b, q_begin, Nq, H, h);
+    }
+    ptx::cp_async_commit();
+
+    float dk_acc[DT][4], dv_acc[DT][4];
+#pragma unroll
+    for (int d = 0; d < DT; ++d)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk_acc[d][e] = dv_acc[d][e] = 0.f;
+
+    for (int j = 0; j < tiles; ++j) {
+        const int stage = j & 1, q0 = q_begin + j * MMA_BWD_BQ;
+        if (j + 1 < tiles) {
+            const int off = (stage ^ 1) * MMA_BWD_BQ * LD;
+            issue_tile<DH, MMA_BWD_BQ, LD, THREADS>(Qs + off, q, b, q0 + MMA_BWD_BQ, Nq, H, h);
+            issue_tile<DH, MMA_BWD_BQ, LD, THREADS>(dOs + off, dout, b, q0 + MMA_BWD_BQ, Nq, H, h);
+            ptx::cp_async_commit();
+            ptx::cp_async_wait<1>();
+        } else {
+            ptx::cp_async_wait<0>();
+        }
+        if (threadIdx.x < MMA_BWD_BQ) {
+            const int i = q0 + threadIdx.x;
+            const int64_t row = (b * H + h) * (int64_t)Nq + i;
+            Ls[stage * MMA_BWD_BQ + threadIdx.x] = i < Nq ? lse[row] * MMA_LOG2E : 0.f;
+            Ds[stage * MMA_BWD_BQ + threadIdx.x] = i < Nq ? drow[row] : 0.f;
+        }
+        __syncthreads();  // tile j (and, the first time, K and V) is in shared memory
+        const bf16* Qt = Qs + stage * MMA_BWD_BQ * LD;
+        const bf16* dOt = dOs + stage * MMA_BWD_BQ * LD;
+        const float* Lt = Ls + stage * MMA_BWD_BQ;
+        const float* Dt = Ds + stage * MMA_BWD_BQ;
+
+        // S^T = K_w Q^T, dP^T = V_w dO^T.
+        float s[NT][4], dp[NT][4];
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) {
+            uint32_t ka[4], va[4];
+            ptx::ldmatrix_x4(ka, Ks + (kw + (lm & 1) * 8 + lr) * LD + kk * 16 + (lm >> 1) * 8);
+            ptx::ldmatrix_x4(va, Vs + (kw + (lm & 1) * 8 + lr) * LD + kk * 16 + (lm >> 1) * 8);
+#pragma unroll
+            for (int np = 0; np < NT / 2; ++np) {
+                uint32_t qb[4], ob[4];
+                ptx::ldmatrix_x4(qb, Qt + (np * 16 + (lm >> 1) * 8 + lr) * LD + kk * 16 + (lm & 1) * 8);
+                ptx::ldmatrix_x4(ob, dOt + (np * 16 + (lm >> 1) * 8 + lr) * LD + kk * 16 + (lm & 1) * 8);
+                const uint32_t q0b[2] = {qb[0], qb[1]}, q1b[2] = {qb[2], qb[3]};
+                const uint32_t o0b[2] = {ob[0], ob[1]}, o1b[2] = {ob[2], ob[3]};
+                ptx::mma_bf16_16816(s[2 * np], ka, q0b);
+                ptx::mma_bf16_16816(s[2 * np + 1], ka, q1b);
+                ptx::mma_bf16_16816(dp[2 * np], va, o0b);
+                ptx::mma_bf16_16816(dp[2 * np + 1], va, o1b);
+            }
+        }
+
+        // P^T and dS^T in place of S^T and dP^T.
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int c = n * 8 + 2 * t + (e & 1), i = q0 + c, key = keys[e >> 1];
+                float p = 0.f, ds = 0.f;
+                if (i < Nq && key_on[e >> 1] && (!causal || key <= i)) {
+                    float sv = s[n][e] * scale;
+                    if (bias_batch > 0) sv += bias[bias_base + (int64_t)i * Nk + key];
+                    // L_i is finite here: row i sees at least this key.
+                    p = exp2f(sv * MMA_LOG2E - Lt[c]);
+                    ds = p * (dp[n][e] - Dt[c]);
+                    if (want_dbias) atomicAdd(dbias + bias_base + (int64_t)i * Nk + key, ds);
+                }
+                s[n][e] = p;
+                dp[n][e] = ds;
+            }
+        }
+
+        // dV += P^T dO, dK += dS^T Q (queries as the k dimension).
+#pragma unroll
+        for (int ks = 0; ks < MMA_BWD_BQ / 16; ++ks) {
+            const uint32_t pa[4] = {ptx::pack_bf16(s[2 * ks][0], s[2 * ks][1]),
+                                    ptx::pack_bf16(s[2 * ks][2], s[2 * ks][3]),
+                                    ptx::pack_bf16(s[2 * ks + 1][0], s[2 * ks + 1][1]),
+                                    ptx::pack_bf16(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+            const uint32_t da[4] = {ptx::pack_bf16(dp[2 * ks][0], dp[2 * ks][1]),
+                                    ptx::pack_bf16(dp[2 * ks][2], dp[2 * ks][3]),
+                                    ptx::pack_bf16(dp[2 * ks + 1][0], dp[2 * ks + 1][1]),
+                                    ptx::pack_bf16(dp[2 * ks + 1][2], dp[2 * ks + 1][3])};
+#pragma unroll
+            for (int dpi = 0; dpi < DT / 2; ++dpi) {
+                uint32_t ob[4], qb[4];
+                ptx::ldmatrix_x4_trans(ob, dOt + (ks * 16 + (lm & 1) * 8 + lr) * LD + dpi * 16 + (lm >> 1) * 8);
+                ptx::ldmatrix_x4_trans(qb, Qt + (ks * 16 + (lm & 1) * 8 + lr) * LD + dpi * 16 + (lm >> 1) * 8);
+                const uint32_t o0b[2] = {ob[0], ob[1]}, o1b[2] = {ob[2], ob[3]};
+                const uint32_t q0b[2] = {qb[0], qb[1]}, q1b[2] = {qb[2], qb[3]};
+                ptx::mma_bf16_16816(dv_acc[2 * dpi], pa, o0b);
+                ptx::mma_bf16_16816(dv_acc[2 * dpi + 1], pa, o1b);
+                ptx::mma_bf16_16816(dk_acc[2 * dpi], da, q0b);
+                ptx::mma_bf16_16816(dk_acc[2 * dpi + 1], da, q1b);
+            }
+        }
+
+        // dS^T to shared memory (bf16, as the products above used it).
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+                *reinterpret_cast<uint32_t*>(dSt + (kw + g + 8 * r) * MMA_BWD_LDS + n * 8 + 2 * t) =
+                    ptx::pack_bf16(dp[n][2 * r], dp[n][2 * r + 1]);
+        __syncthreads();  // dS^T of all 64 keys is in shared memory
+
+        // dQ (32 x Dh) += s dS K: piece (rb, f) is queries 16rb.., dims 16f...
+        for (int unit = warp; unit < (MMA_BWD_BQ / 16) * KD; unit += 4) {
+            const int rb = unit / KD, f = unit % KD;
+            float acc[2][4] = {};
+#pragma unroll
+            for (int kk = 0; kk < MMA_BWD_BK / 16; ++kk) {
+                uint32_t sa[4], kb[4];
+                ptx::ldmatrix_x4_trans(sa, dSt + (kk * 16 + (lm >> 1) * 8 + lr) * MMA_BWD_LDS + rb * 16 + (lm & 1) * 8);
+                ptx::ldmatrix_x4_trans(kb, Ks + (kk * 16 + (lm & 1) * 8 + lr) * LD + f * 16 + (lm >> 1) * 8);
+                const uint32_t k0b[2] = {kb[0], kb[1]}, k1b[2] = {kb[2], kb[3]};
+                ptx::mma_bf16_16816(acc[0], sa, k0b);
+                ptx::mma_bf16_16816(acc[1], sa, k1b);
+            }
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = q0 + rb * 16 + g + 8 * (e >> 1);
+                if (i >= Nq) continue;
+                float* row = dq_acc + ((b * Nq + i) * H + h) * (int64_t)DH + f * 16 + 2 * t + (e & 1);
+                atomicAdd(row, scale * acc[0][e]);
+                atomicAdd(row + 8, scale * acc[1][e]);
+            }
+        }
+        // No barrier here: the next tile's copies and L, D go to the other stage, whose
+        // last readers passed the dS^T barrier above, and dS^T is rewritten only after the
+        // barrier at the top of the loop.
+    }
+    if (tiles == 0) ptx::cp_async_wait<0>();  // (K and V; no query sees these keys)
+
+    // Every key < Nk belongs to exactly one warp: plain stores (zeros for keys no query sees).
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (keys[r] >= Nk) continue;
+        const int64_t base = ((b * Nk + keys[r]) * H + h) * (int64_t)DH + 2 * t;
+#pragma unroll
+        for (int d = 0; d < DT; ++d) {
+            *reinterpret_cast<__nv_bfloat162*>(dk + base + d * 8) =
+                __floats2bfloat162_rn(dk_acc[d][2 * r] * scale, dk_acc[d][2 * r + 1] * scale);
+            *reinterpret_cast<__nv_bfloat162*>(dv + base + d * 8) =
+                __floats2bfloat162_rn(dv_acc[d][2 * r], dv_acc[d][2 * r + 1]);
+        }
+    }
+}
+
 }  // namespace
 
 #define ATTN_MMA_FWD(W, DH)                                                                                      \
@@ -256,3 +494,19 @@ ATTN_MMA_FWD(4, 96)
 ATTN_MMA_FWD(4, 128)
 ATTN_MMA_FWD(8, 64)
 ATTN_MMA_FWD(8, 128)
+
+#define ATTN_MMA_BWD(DH)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(128)                                                           \
+        attn_bwd_mma_d##DH##_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,                \
+                                  const float* lse, const float* drow, const float* key_mask, const float* bias,\
+                                  float* dq_acc, bf16* dk, bf16* dv, float* dbias, int Nq, int Nk, int H,       \
+                                  int bias_batch, int has_mask, int causal, int want_dbias, float scale) {      \
+        attn_bwd_mma<DH>(q, k, v, dout, lse, drow, key_mask, bias, dq_acc, dk, dv, dbias, Nq, Nk, H, bias_batch, \
+                         has_mask, causal, want_dbias, scale);                                                  \
+    }
+
+ATTN_MMA_BWD(32)
+ATTN_MMA_BWD(64)
+ATTN_MMA_BWD(80)
+ATTN_MMA_BWD(96)
+ATTN_MMA_BWD(128)

@@ -317,11 +317,11 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
                 autograd::no_grad(|| ops::attention(&q2, &k2, &v2, &AttentionOptions::new(d))).map(|_| ())
             }),
         });
-        // The mma.sync forward kernels beside the default (GPU only; see
-        // cuda::attention::ForwardKernel).
-        use crate::cuda::attention::{with_forward_kernel, ForwardKernel};
-        let mma_kernels: &[ForwardKernel] =
-            if device == Device::Cpu { &[] } else { &[ForwardKernel::Mma, ForwardKernel::Mma128] };
+        // The mma.sync kernels beside the default (GPU only; see
+        // cuda::attention::AttentionKernel): forward with both block sizes, and the backward.
+        use crate::cuda::attention::{with_attention_kernel, AttentionKernel};
+        let mma_kernels: &[AttentionKernel] =
+            if device == Device::Cpu { &[] } else { &[AttentionKernel::Mma, AttentionKernel::Mma128] };
         for &kernel in mma_kernels {
             let (q2, k2, v2) = (q.clone(), k.clone(), vv.clone());
             v.push(BenchCase {
@@ -332,13 +332,32 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
                 bound: Bound::Compute,
                 samples: None,
                 run: Box::new(move || {
-                    with_forward_kernel(kernel, || {
+                    with_attention_kernel(kernel, || {
                         autograd::no_grad(|| ops::attention(&q2, &k2, &v2, &AttentionOptions::new(d))).map(|_| ())
                     })
                 }),
             });
         }
         let dout = rand(&[b, n, h, d], &mut rng, device)?;
+        for &kernel in mma_kernels.iter().take(1) {
+            let (q, k, vv, dout) = (q.clone(), k.clone(), vv.clone(), dout.clone());
+            v.push(BenchCase {
+                family: "attention",
+                name: format!("attention fwd+bwd[{}] {shape}", kernel.name()),
+                bytes: 2.5 * bytes,
+                flops: 3.5 * flops,
+                bound: Bound::Compute,
+                samples: None,
+                run: Box::new(move || {
+                    with_attention_kernel(kernel, || {
+                        let (q, k, v) =
+                            (q.detach().requires_grad(), k.detach().requires_grad(), vv.detach().requires_grad());
+                        let o = ops::attention(&q, &k, &v, &AttentionOptions::new(d))?;
+                        autograd::backward_with(&o, dout.clone()).map(|_| ())
+                    })
+                }),
+            });
+        }
         v.push(BenchCase {
             family: "attention",
             name: format!("attention fwd+bwd {shape}"),

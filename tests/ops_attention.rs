@@ -360,17 +360,16 @@ fn gpu_matches_cpu() {
     }
 }
 
-/// The mma.sync forward kernels (`SYNTHOS_CUDA_ATTENTION=mma|mma128`) against the CPU on
-/// every head dim, with masks, causal masking, biases and several key tiles; the backward
-/// (the WMMA kernel) then runs from their output and log-sum-exp, so the gradients check
-/// those too.
+/// The mma.sync kernels (`SYNTHOS_CUDA_ATTENTION=mma|mma128`: both forward block sizes
+/// and the backward) against the CPU on every head dim, with masks, causal masking, biases
+/// and several key and query tiles.
 #[test]
-fn gpu_mma_forward_kernels_match_cpu() {
-    use synthos_engine::cuda::attention::{with_forward_kernel, ForwardKernel};
+fn gpu_mma_kernels_match_cpu() {
+    use synthos_engine::cuda::attention::{with_attention_kernel, AttentionKernel};
     let Some(dev) = gpu() else { return };
     let mut rng = Rng::new(24);
-    for kernel in [ForwardKernel::Mma, ForwardKernel::Mma128] {
-        with_forward_kernel(kernel, || {
+    for kernel in [AttentionKernel::Mma, AttentionKernel::Mma128] {
+        with_attention_kernel(kernel, || {
             for dh in [32, 64, 80, 96, 128] {
                 let cases = [
                     (Case::new(2, 77, 131, 3, dh), DType::F32),

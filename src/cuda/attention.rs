@@ -3,10 +3,10 @@
 //! optionally dbias), bf16 tensors with fp32 statistics, for head dims 32, 64, 80, 96 and
 //! 128.
 //!
-//! Two forward kernels exist (see [`ForwardKernel`]): the WMMA one, the default, and the
-//! mma.sync one with register-resident scores, which becomes the default once a GPU run
-//! has shown it correct and faster (docs/PERF.md). `SYNTHOS_CUDA_ATTENTION=wmma|mma|mma128`
-//! picks one for a process, [`with_forward_kernel`] for a closure on one thread.
+//! Two sets of kernels exist (see [`AttentionKernel`]): the WMMA ones, the default, and the
+//! mma.sync ones with register-resident scores, which become the default once a GPU run
+//! has shown them correct and faster (docs/PERF.md). `SYNTHOS_CUDA_ATTENTION=wmma|mma|mma128`
+//! picks one for a process, [`with_attention_kernel`] for a closure on one thread.
 
 use std::cell::Cell;
 use std::sync::OnceLock;
@@ -23,7 +23,8 @@ use crate::{bail, DType, Result, ResultExt};
 const THREADS: u32 = 128;
 /// Query rows per forward block (`FWD_BQ` in the kernel).
 const FWD_QUERIES: usize = 64;
-/// Keys per backward block (`BWD_BK` in the kernel).
+/// Keys per backward block (`BWD_BK` in attention.cu, `MMA_BWD_BK` in attention_mma.cu;
+/// both backward kernels run 128 threads).
 const BWD_KEYS: usize = 64;
 
 /// Head dims with a compiled kernel.
@@ -35,74 +36,77 @@ fn fwd_smem_bytes(head_dim: usize) -> usize {
     384 * (head_dim + 8) + 27136
 }
 
-/// A forward attention kernel.
+/// A set of attention kernels (forward and backward; the backward's `attn_bwd_dot` for D
+/// is shared).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ForwardKernel {
-    /// `attn_fwd_d<Dh>_bf16` (attention.cu): WMMA tiles, scores through shared memory.
+pub enum AttentionKernel {
+    /// `attn_fwd_d<Dh>_bf16` and `attn_bwd_d<Dh>_bf16` (attention.cu): WMMA tiles, scores
+    /// through shared memory.
     Wmma,
-    /// `attn_fwd_mma_w4_d<Dh>_bf16` (attention_mma.cu): mma.sync with scores in
-    /// registers, cp.async double buffering, 64 query rows per block of 4 warps.
+    /// `attn_fwd_mma_w4_d<Dh>_bf16` and `attn_bwd_mma_d<Dh>_bf16` (attention_mma.cu):
+    /// mma.sync with scores in registers, cp.async double buffering; the forward with 64
+    /// query rows per block of 4 warps.
     Mma,
-    /// `attn_fwd_mma_w8_d<Dh>_bf16`: the same with 128 query rows per block of 8 warps,
-    /// for head dims 64 and 128 (others use [`ForwardKernel::Mma`]).
+    /// As [`AttentionKernel::Mma`] with the forward's `attn_fwd_mma_w8_d<Dh>_bf16`: 128
+    /// query rows per block of 8 warps, for head dims 64 and 128 (others use 4 warps).
     Mma128,
 }
 
-impl ForwardKernel {
+impl AttentionKernel {
     /// The name `SYNTHOS_CUDA_ATTENTION` takes.
     pub fn name(self) -> &'static str {
         match self {
-            ForwardKernel::Wmma => "wmma",
-            ForwardKernel::Mma => "mma",
-            ForwardKernel::Mma128 => "mma128",
+            AttentionKernel::Wmma => "wmma",
+            AttentionKernel::Mma => "mma",
+            AttentionKernel::Mma128 => "mma128",
         }
     }
 
-    /// Every forward kernel.
-    pub const ALL: [ForwardKernel; 3] = [ForwardKernel::Wmma, ForwardKernel::Mma, ForwardKernel::Mma128];
+    /// Every set.
+    pub const ALL: [AttentionKernel; 3] = [AttentionKernel::Wmma, AttentionKernel::Mma, AttentionKernel::Mma128];
 
     /// Warps per block of the mma kernel used at `head_dim` (None for WMMA).
     fn mma_warps(self, head_dim: usize) -> Option<usize> {
         match self {
-            ForwardKernel::Wmma => None,
-            ForwardKernel::Mma => Some(4),
-            ForwardKernel::Mma128 => Some(if head_dim == 64 || head_dim == 128 { 8 } else { 4 }),
+            AttentionKernel::Wmma => None,
+            AttentionKernel::Mma => Some(4),
+            AttentionKernel::Mma128 => Some(if head_dim == 64 || head_dim == 128 { 8 } else { 4 }),
         }
     }
 }
 
 thread_local! {
-    static FORWARD_OVERRIDE: Cell<Option<ForwardKernel>> = const { Cell::new(None) };
+    static KERNEL_OVERRIDE: Cell<Option<AttentionKernel>> = const { Cell::new(None) };
 }
 
-/// The forward kernel in use on this thread: a [`with_forward_kernel`] override, else
+/// The attention kernels in use on this thread: a [`with_attention_kernel`] override, else
 /// `SYNTHOS_CUDA_ATTENTION` (read once), else WMMA. An unknown value is an error naming
 /// the variable.
-pub fn forward_kernel() -> Result<ForwardKernel> {
-    if let Some(k) = FORWARD_OVERRIDE.with(Cell::get) {
+pub fn attention_kernel() -> Result<AttentionKernel> {
+    if let Some(k) = KERNEL_OVERRIDE.with(Cell::get) {
         return Ok(k);
     }
-    static FROM_ENV: OnceLock<std::result::Result<ForwardKernel, String>> = OnceLock::new();
+    static FROM_ENV: OnceLock<std::result::Result<AttentionKernel, String>> = OnceLock::new();
     FROM_ENV
         .get_or_init(|| match std::env::var("SYNTHOS_CUDA_ATTENTION") {
-            Err(_) => Ok(ForwardKernel::Wmma),
-            Ok(v) => ForwardKernel::ALL.into_iter().find(|k| k.name() == v).ok_or_else(|| {
-                format!("SYNTHOS_CUDA_ATTENTION={v:?} is not a forward attention kernel (wmma, mma or mma128)")
+            Err(_) => Ok(AttentionKernel::Wmma),
+            Ok(v) => AttentionKernel::ALL.into_iter().find(|k| k.name() == v).ok_or_else(|| {
+                format!("SYNTHOS_CUDA_ATTENTION={v:?} names no attention kernels (wmma, mma or mma128)")
             }),
         })
         .clone()
         .map_err(crate::Error::msg)
 }
 
-/// Runs `f` with `kernel` as this thread's forward attention kernel.
-pub fn with_forward_kernel<R>(kernel: ForwardKernel, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<ForwardKernel>);
+/// Runs `f` with `kernel` as this thread's attention kernels.
+pub fn with_attention_kernel<R>(kernel: AttentionKernel, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<AttentionKernel>);
     impl Drop for Restore {
         fn drop(&mut self) {
-            FORWARD_OVERRIDE.with(|c| c.set(self.0));
+            KERNEL_OVERRIDE.with(|c| c.set(self.0));
         }
     }
-    let _restore = Restore(FORWARD_OVERRIDE.with(|c| c.replace(Some(kernel))));
+    let _restore = Restore(KERNEL_OVERRIDE.with(|c| c.replace(Some(kernel))));
     f()
 }
 
@@ -110,6 +114,13 @@ pub fn with_forward_kernel<R>(kernel: ForwardKernel, f: impl FnOnce() -> R) -> R
 /// `MmaFwd<DH, W>::BYTES`: Q 16W rows and two stages of K and V 64 rows, Dh+8 bf16 each).
 fn mma_fwd_smem_bytes(warps: usize, head_dim: usize) -> usize {
     (16 * warps + 256) * (head_dim + 8) * 2
+}
+
+/// Dynamic shared memory of the mma backward kernel (mirrors `MmaBwd<DH>::BYTES`: K, V
+/// 64 rows and two stages of Q, dO 32 rows of Dh+8 bf16, dS^T 64 × 40 bf16, L and D 2 × 32
+/// fp32 each).
+fn mma_bwd_smem_bytes(head_dim: usize) -> usize {
+    512 * (head_dim + 8) + 5632
 }
 
 /// Dynamic shared memory of the backward kernel (mirrors `BwdSmem<DH>::BYTES`).
@@ -191,7 +202,7 @@ pub fn forward(p: &AttentionParams, x: &AttentionInputs<CudaStorage>) -> Result<
     let dev = &x.q.dev;
     let (wmma_name, _) = kernel_names(p.head_dim)?;
     let kd = kernel_dims(p)?;
-    let (module, name, smem, rows, threads) = match forward_kernel()?.mma_warps(p.head_dim) {
+    let (module, name, smem, rows, threads) = match attention_kernel()?.mma_warps(p.head_dim) {
         None => ("attention", wmma_name, fwd_smem_bytes(p.head_dim), FWD_QUERIES, THREADS),
         Some(w) => (
             "attention_mma",
@@ -273,8 +284,15 @@ pub fn backward(
         unsafe { lb.launch(super::grid_1d(rows * 32, 256)) }?;
     }
 
-    let smem = bwd_smem_bytes(p.head_dim);
-    let f = kernel_with_smem(dev, "attention", bwd, smem)?;
+    let (module, name, smem) = match attention_kernel()? {
+        AttentionKernel::Wmma => ("attention", bwd, bwd_smem_bytes(p.head_dim)),
+        AttentionKernel::Mma | AttentionKernel::Mma128 => (
+            "attention_mma",
+            kernel_name(&format!("attn_bwd_mma_d{}", p.head_dim), DType::BF16),
+            mma_bwd_smem_bytes(p.head_dim),
+        ),
+    };
+    let f = kernel_with_smem(dev, module, name, smem)?;
     let mut dq32 = dev.stream.alloc_zeros::<f32>(p.batch * p.q_len * p.heads * p.head_dim)?;
     let kv_elems = p.batch * p.kv_len * p.heads * p.head_dim;
     let mut dk = dev.alloc(kv_elems, DType::BF16)?;
