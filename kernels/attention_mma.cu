@@ -278,7 +278,7 @@ struct MmaBwd {
     static_assert(BYTES == 512 * (DH + 8) + 5632, "shared-memory size changed: update the host");
 };
 
-template <int DH>
+template <int DH, bool WITH_DQ>
 __device__ __forceinline__ void attn_bwd_mma(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                              const bf16* __restrict__ v, const bf16* __restrict__ dout,
                                              const float* __restrict__ lse, const float* __restrict__ drow,
@@ -393,7 +393,7 @@ __device__ __forceinline__ void attn_bwd_mma(const bf16* __restrict__ q, const b
                     // L_i is finite here: row i sees at least this key.
                     p = exp2f(sv * MMA_LOG2E - Lt[c]);
                     ds = p * (dp[n][e] - Dt[c]);
-                    if (want_dbias) atomicAdd(dbias + bias_base + (int64_t)i * Nk + key, ds);
+                    if (WITH_DQ && want_dbias) atomicAdd(dbias + bias_base + (int64_t)i * Nk + key, ds);
                 }
                 s[n][e] = p;
                 dp[n][e] = ds;
@@ -425,6 +425,10 @@ __device__ __forceinline__ void attn_bwd_mma(const bf16* __restrict__ q, const b
             }
         }
 
+        if (!WITH_DQ) {  // (dq and dbias come from attn_bwd_dq_mma)
+            __syncthreads();  // every warp is done with this stage before it is refilled
+            continue;
+        }
         // dS^T to shared memory (bf16, as the products above used it).
 #pragma unroll
         for (int n = 0; n < NT; ++n)
@@ -458,7 +462,9 @@ __device__ __forceinline__ void attn_bwd_mma(const bf16* __restrict__ q, const b
         }
         // No barrier here: the next tile's copies and L, D go to the other stage, whose
         // last readers passed the dS^T barrier above, and dS^T is rewritten only after the
-        // barrier at the top of the loop.
+        // barrier at the top of the loop. (Without the dQ part that barrier is missing, so
+        // the dK/dV-only kernel ends its tile with one; ThreadSanitizer reports the race
+        // without it.)
     }
     if (tiles == 0) ptx::cp_async_wait<0>();  // (K and V; no query sees these keys)
 
@@ -474,6 +480,186 @@ __device__ __forceinline__ void attn_bwd_mma(const bf16* __restrict__ q, const b
             *reinterpret_cast<__nv_bfloat162*>(dv + base + d * 8) =
                 __floats2bfloat162_rn(dv_acc[d][2 * r], dv_acc[d][2 * r + 1]);
         }
+    }
+}
+
+// attn_bwd_dq_mma_d<Dh>_bf16, the deterministic backward's second kernel: dq (bf16, plain
+// stores) and dbias (fp32, plain stores into [B, H, Nq, Nk]; the host sums over the batch
+// for a shared bias) without atomics, beside attn_bwd_dkdv_mma (attn_bwd_mma without its
+// dq part). Grid (ceil(Nq/64), H, B), 128 threads: warp w owns query rows 16w..16w+15 of
+// the block's 64, with Q's and dO's A operands and dQ (16 x Dh, fp32) in registers. It
+// walks the keys in tiles of 32 (K, V through cp.async, two stages deep; causal: up to
+// its last row) and recomputes, per tile, S = Q K^T and dP = dO V^T (B operands from
+// ldmatrix on K's and V's rows), P = exp(S - L), dS = P (dP - D), then dQ += dS K (dS
+// repacked from registers, K from ldmatrix.trans). Every dq and dbias element has one
+// writer and one summation order: results are bit-identical run to run.
+// Shared memory: Q, dO 64 x (Dh+8) (read once into registers), K, V 2 x 32 x (Dh+8) bf16
+//   = 256 (Dh+8) x 2 bytes (Dh 128: 69632).
+constexpr int MMA_DQ_BQ = 64;  // query rows per block
+constexpr int MMA_DQ_BK = 32;  // keys per tile
+
+template <int DH>
+struct MmaDq {
+    static constexpr int LD = DH + 8;
+    static constexpr int Q = 0;
+    static constexpr int DO = Q + MMA_DQ_BQ * LD * 2;
+    static constexpr int K = DO + MMA_DQ_BQ * LD * 2;
+    static constexpr int V = K + 2 * MMA_DQ_BK * LD * 2;
+    static constexpr int BYTES = V + 2 * MMA_DQ_BK * LD * 2;
+    // The host computes the same size (cuda/attention.rs, mma_dq_smem_bytes).
+    static_assert(BYTES == 512 * (DH + 8), "shared-memory size changed: update the host");
+};
+
+template <int DH>
+__device__ __forceinline__ void attn_bwd_dq_mma(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                                const bf16* __restrict__ v, const bf16* __restrict__ dout,
+                                                const float* __restrict__ lse, const float* __restrict__ drow,
+                                                const float* __restrict__ key_mask, const float* __restrict__ bias,
+                                                bf16* __restrict__ dq, float* __restrict__ dbias, int Nq, int Nk,
+                                                int H, int bias_batch, int has_mask, int causal, int want_dbias,
+                                                float scale) {
+    using L = MmaDq<DH>;
+    constexpr int LD = L::LD, KD = DH / 16, DT = DH / 8, NT = MMA_DQ_BK / 8, THREADS = 128;
+    DYNAMIC_SMEM(smem);
+    if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
+    bf16* Qs = reinterpret_cast<bf16*>(smem + L::Q);
+    bf16* dOs = reinterpret_cast<bf16*>(smem + L::DO);
+    bf16* Ks = reinterpret_cast<bf16*>(smem + L::K);
+    bf16* Vs = reinterpret_cast<bf16*>(smem + L::V);
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3, lm = lane >> 3, lr = lane & 7;
+    const int q0 = blockIdx.x * MMA_DQ_BQ;
+    const int h = blockIdx.y;
+    const int64_t b = blockIdx.z;
+    const int rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+    float lrow[2], drw[2];  // L (base 2) and D of this lane's two rows
+    const float* brow[2] = {nullptr, nullptr};
+    float* dbrow[2] = {nullptr, nullptr};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const bool in = rows[r] < Nq;
+        const int64_t row = (b * H + h) * (int64_t)Nq + rows[r];
+        lrow[r] = in ? lse[row] * MMA_LOG2E : 0.f;
+        drw[r] = in ? drow[row] : 0.f;
+        if (in && bias_batch > 0) brow[r] = bias + (((bias_batch == 1 ? 0 : b) * H + h) * (int64_t)Nq + rows[r]) * Nk;
+        if (in && want_dbias) dbrow[r] = dbias + row * Nk;
+    }
+
+    const int k_end = causal ? min(Nk, q0 + MMA_DQ_BQ) : Nk;
+    const int tiles = (k_end + MMA_DQ_BK - 1) / MMA_DQ_BK;
+    issue_tile<DH, MMA_DQ_BQ, LD, THREADS>(Qs, q, b, q0, Nq, H, h);
+    issue_tile<DH, MMA_DQ_BQ, LD, THREADS>(dOs, dout, b, q0, Nq, H, h);
+    if (tiles > 0) {
+        issue_tile<DH, MMA_DQ_BK, LD, THREADS>(Ks, k, b, 0, Nk, H, h);
+        issue_tile<DH, MMA_DQ_BK, LD, THREADS>(Vs, v, b, 0, Nk, H, h);
+    }
+    ptx::cp_async_commit();
+
+    uint32_t qf[KD][4], of[KD][4];
+    float acc[DT][4];
+#pragma unroll
+    for (int d = 0; d < DT; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
+
+    for (int j = 0; j < tiles; ++j) {
+        const int stage = j & 1, k0 = j * MMA_DQ_BK;
+        if (j + 1 < tiles) {
+            const int off = (stage ^ 1) * MMA_DQ_BK * LD;
+            issue_tile<DH, MMA_DQ_BK, LD, THREADS>(Ks + off, k, b, k0 + MMA_DQ_BK, Nk, H, h);
+            issue_tile<DH, MMA_DQ_BK, LD, THREADS>(Vs + off, v, b, k0 + MMA_DQ_BK, Nk, H, h);
+            ptx::cp_async_commit();
+            ptx::cp_async_wait<1>();
+        } else {
+            ptx::cp_async_wait<0>();
+        }
+        __syncthreads();  // tile j (and, the first time, Q and dO) is in shared memory
+        const bf16* Kt = Ks + stage * MMA_DQ_BK * LD;
+        const bf16* Vt = Vs + stage * MMA_DQ_BK * LD;
+        if (j == 0) {
+#pragma unroll
+            for (int kk = 0; kk < KD; ++kk) {
+                const int off = (warp * 16 + (lm & 1) * 8 + lr) * LD + kk * 16 + (lm >> 1) * 8;
+                ptx::ldmatrix_x4(qf[kk], Qs + off);
+                ptx::ldmatrix_x4(of[kk], dOs + off);
+            }
+        }
+
+        // S = Q K^T and dP = dO V^T (16 x 32 each).
+        float s[NT][4], dp[NT][4];
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) {
+#pragma unroll
+            for (int np = 0; np < NT / 2; ++np) {
+                uint32_t kb[4], vb[4];
+                const int off = (np * 16 + (lm >> 1) * 8 + lr) * LD + kk * 16 + (lm & 1) * 8;
+                ptx::ldmatrix_x4(kb, Kt + off);
+                ptx::ldmatrix_x4(vb, Vt + off);
+                const uint32_t k0b[2] = {kb[0], kb[1]}, k1b[2] = {kb[2], kb[3]};
+                const uint32_t v0b[2] = {vb[0], vb[1]}, v1b[2] = {vb[2], vb[3]};
+                ptx::mma_bf16_16816(s[2 * np], qf[kk], k0b);
+                ptx::mma_bf16_16816(s[2 * np + 1], qf[kk], k1b);
+                ptx::mma_bf16_16816(dp[2 * np], of[kk], v0b);
+                ptx::mma_bf16_16816(dp[2 * np + 1], of[kk], v1b);
+            }
+        }
+
+        // dS = P (dP - D) in place of dP.
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = e >> 1, i = rows[r], key = k0 + n * 8 + 2 * t + (e & 1);
+                bool keep = i < Nq && key < Nk && (!causal || key <= i);
+                if (keep && has_mask) keep = key_mask[b * Nk + key] != 0.f;
+                float ds = 0.f;
+                if (keep) {
+                    float sv = s[n][e] * scale;
+                    if (brow[r] != nullptr) sv += brow[r][key];
+                    // L_i is finite here: row i sees at least this key.
+                    ds = exp2f(sv * MMA_LOG2E - lrow[r]) * (dp[n][e] - drw[r]);
+                }
+                if (dbrow[r] != nullptr && key < Nk) dbrow[r][key] = ds;
+                dp[n][e] = ds;
+            }
+        }
+
+        // dQ += dS K: keys 16ks.. as the k dimension; K's matrices: keys +0/+8 (lm & 1),
+        // dims +0/+8 (lm >> 1), transposed.
+#pragma unroll
+        for (int ks = 0; ks < MMA_DQ_BK / 16; ++ks) {
+            const uint32_t da[4] = {ptx::pack_bf16(dp[2 * ks][0], dp[2 * ks][1]),
+                                    ptx::pack_bf16(dp[2 * ks][2], dp[2 * ks][3]),
+                                    ptx::pack_bf16(dp[2 * ks + 1][0], dp[2 * ks + 1][1]),
+                                    ptx::pack_bf16(dp[2 * ks + 1][2], dp[2 * ks + 1][3])};
+#pragma unroll
+            for (int dpi = 0; dpi < DT / 2; ++dpi) {
+                uint32_t kb[4];
+                ptx::ldmatrix_x4_trans(kb, Kt + (ks * 16 + (lm & 1) * 8 + lr) * LD + dpi * 16 + (lm >> 1) * 8);
+                const uint32_t k0b[2] = {kb[0], kb[1]}, k1b[2] = {kb[2], kb[3]};
+                ptx::mma_bf16_16816(acc[2 * dpi], da, k0b);
+                ptx::mma_bf16_16816(acc[2 * dpi + 1], da, k1b);
+            }
+        }
+        __syncthreads();  // every warp is done with this stage before it is refilled
+    }
+    if (tiles == 0) ptx::cp_async_wait<0>();
+
+    // Rows with no visible key keep dq = 0 (every dS was 0) and their dbias row untouched
+    // by the loop beyond the tiles walked: write the rest of it.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (dbrow[r] != nullptr)
+            for (int key = tiles * MMA_DQ_BK + t; key < Nk; key += 4) dbrow[r][key] = 0.f;
+        if (rows[r] >= Nq) continue;
+        bf16* orow = dq + ((b * Nq + rows[r]) * H + h) * (int64_t)DH + 2 * t;
+#pragma unroll
+        for (int d = 0; d < DT; ++d)
+            *reinterpret_cast<__nv_bfloat162*>(orow + d * 8) =
+                __floats2bfloat162_rn(acc[d][2 * r] * scale, acc[d][2 * r + 1] * scale);
     }
 }
 
@@ -501,8 +687,24 @@ ATTN_MMA_FWD(8, 128)
                                   const float* lse, const float* drow, const float* key_mask, const float* bias,\
                                   float* dq_acc, bf16* dk, bf16* dv, float* dbias, int Nq, int Nk, int H,       \
                                   int bias_batch, int has_mask, int causal, int want_dbias, float scale) {      \
-        attn_bwd_mma<DH>(q, k, v, dout, lse, drow, key_mask, bias, dq_acc, dk, dv, dbias, Nq, Nk, H, bias_batch, \
-                         has_mask, causal, want_dbias, scale);                                                  \
+        attn_bwd_mma<DH, true>(q, k, v, dout, lse, drow, key_mask, bias, dq_acc, dk, dv, dbias, Nq, Nk, H,      \
+                               bias_batch, has_mask, causal, want_dbias, scale);                                \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(128)                                                           \
+        attn_bwd_dkdv_mma_d##DH##_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,           \
+                                       const float* lse, const float* drow, const float* key_mask,              \
+                                       const float* bias, bf16* dk, bf16* dv, int Nq, int Nk, int H,            \
+                                       int bias_batch, int has_mask, int causal, float scale) {                 \
+        attn_bwd_mma<DH, false>(q, k, v, dout, lse, drow, key_mask, bias, nullptr, dk, dv, nullptr, Nq, Nk, H,  \
+                                bias_batch, has_mask, causal, 0, scale);                                        \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(128)                                                           \
+        attn_bwd_dq_mma_d##DH##_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,             \
+                                     const float* lse, const float* drow, const float* key_mask,                \
+                                     const float* bias, bf16* dq, float* dbias, int Nq, int Nk, int H,          \
+                                     int bias_batch, int has_mask, int causal, int want_dbias, float scale) {   \
+        attn_bwd_dq_mma<DH>(q, k, v, dout, lse, drow, key_mask, bias, dq, dbias, Nq, Nk, H, bias_batch,         \
+                            has_mask, causal, want_dbias, scale);                                               \
     }
 
 ATTN_MMA_BWD(32)

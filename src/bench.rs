@@ -318,7 +318,8 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             }),
         });
         // The mma.sync kernels beside the default (GPU only; see
-        // cuda::attention::AttentionKernel): forward with both block sizes, and the backward.
+        // cuda::attention::AttentionKernel): forward with both block sizes, and the backward
+        // with atomics and the deterministic one.
         use crate::cuda::attention::{with_attention_kernel, AttentionKernel};
         let mma_kernels: &[AttentionKernel] =
             if device == Device::Cpu { &[] } else { &[AttentionKernel::Mma, AttentionKernel::Mma128] };
@@ -339,7 +340,9 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             });
         }
         let dout = rand(&[b, n, h, d], &mut rng, device)?;
-        for &kernel in mma_kernels.iter().take(1) {
+        let mma_backward: &[AttentionKernel] =
+            if device == Device::Cpu { &[] } else { &[AttentionKernel::Mma, AttentionKernel::MmaDeterministic] };
+        for &kernel in mma_backward {
             let (q, k, vv, dout) = (q.clone(), k.clone(), vv.clone(), dout.clone());
             v.push(BenchCase {
                 family: "attention",

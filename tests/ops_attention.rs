@@ -360,15 +360,15 @@ fn gpu_matches_cpu() {
     }
 }
 
-/// The mma.sync kernels (`SYNTHOS_CUDA_ATTENTION=mma|mma128`: both forward block sizes
-/// and the backward) against the CPU on every head dim, with masks, causal masking, biases
+/// The mma.sync kernels (`SYNTHOS_CUDA_ATTENTION=mma|mma128|mma-det`: both forward block
+/// sizes, the backward with atomics and the deterministic one) against the CPU on every head dim, with masks, causal masking, biases
 /// and several key and query tiles.
 #[test]
 fn gpu_mma_kernels_match_cpu() {
     use synthos_engine::cuda::attention::{with_attention_kernel, AttentionKernel};
     let Some(dev) = gpu() else { return };
     let mut rng = Rng::new(24);
-    for kernel in [AttentionKernel::Mma, AttentionKernel::Mma128] {
+    for kernel in [AttentionKernel::Mma, AttentionKernel::Mma128, AttentionKernel::MmaDeterministic] {
         with_attention_kernel(kernel, || {
             for dh in [32, 64, 80, 96, 128] {
                 let cases = [
@@ -382,6 +382,33 @@ fn gpu_mma_kernels_match_cpu() {
                 }
             }
         });
+    }
+}
+
+/// The deterministic backward (`mma-det`) gives bit-identical gradients, dbias of a bias
+/// shared by the batch included, when run twice on the same inputs.
+#[test]
+fn gpu_deterministic_backward_is_bit_identical() {
+    use synthos_engine::cuda::attention::{with_attention_kernel, AttentionKernel};
+    let Some(dev) = gpu() else { return };
+    let c = Case { mask: true, causal: true, bias_batch: 1, ..Case::new(3, 300, 300, 2, 128) };
+    let mut rng = Rng::new(25);
+    let raw = random_inputs(&c, &mut rng);
+    let on = |t: &Tensor, d: DType| t.to_device(dev, d).unwrap();
+    let x = Inputs {
+        q: on(&raw.q, DType::BF16),
+        k: on(&raw.k, DType::BF16),
+        v: on(&raw.v, DType::BF16),
+        mask: raw.mask.as_ref().map(|m| on(m, DType::F32)),
+        bias: raw.bias.as_ref().map(|b| on(b, DType::F32)),
+    };
+    let seed = on(&randn(&[c.b, c.nq, c.h, c.dh], &mut rng), DType::BF16);
+    let (first, second) =
+        with_attention_kernel(AttentionKernel::MmaDeterministic, || (run(&c, &x, &seed), run(&c, &x, &seed)));
+    assert_eq!(first.0, second.0, "output");
+    for (name, (a, b)) in ["dq", "dk", "dv", "dbias"].iter().zip(first.1.iter().zip(&second.1)) {
+        assert!(!a.is_empty(), "{name} missing");
+        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{name} differs between two runs");
     }
 }
 

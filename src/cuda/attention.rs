@@ -5,7 +5,7 @@
 //!
 //! Two sets of kernels exist (see [`AttentionKernel`]): the WMMA ones, the default, and the
 //! mma.sync ones with register-resident scores, which become the default once a GPU run
-//! has shown them correct and faster (docs/PERF.md). `SYNTHOS_CUDA_ATTENTION=wmma|mma|mma128`
+//! has shown them correct and faster (docs/PERF.md). `SYNTHOS_CUDA_ATTENTION=wmma|mma|mma128|mma-det`
 //! picks one for a process, [`with_attention_kernel`] for a closure on one thread.
 
 use std::cell::Cell;
@@ -50,6 +50,10 @@ pub enum AttentionKernel {
     /// As [`AttentionKernel::Mma`] with the forward's `attn_fwd_mma_w8_d<Dh>_bf16`: 128
     /// query rows per block of 8 warps, for head dims 64 and 128 (others use 4 warps).
     Mma128,
+    /// As [`AttentionKernel::Mma`], with the deterministic backward: dk and dv from
+    /// `attn_bwd_dkdv_mma_d<Dh>_bf16`, dq and dbias from `attn_bwd_dq_mma_d<Dh>_bf16`
+    /// (scores recomputed per query block), no atomics: bit-identical results run to run.
+    MmaDeterministic,
 }
 
 impl AttentionKernel {
@@ -59,17 +63,24 @@ impl AttentionKernel {
             AttentionKernel::Wmma => "wmma",
             AttentionKernel::Mma => "mma",
             AttentionKernel::Mma128 => "mma128",
+            AttentionKernel::MmaDeterministic => "mma-det",
         }
     }
 
     /// Every set.
-    pub const ALL: [AttentionKernel; 3] = [AttentionKernel::Wmma, AttentionKernel::Mma, AttentionKernel::Mma128];
+    pub const ALL: [AttentionKernel; 4] =
+        [AttentionKernel::Wmma, AttentionKernel::Mma, AttentionKernel::Mma128, AttentionKernel::MmaDeterministic];
+
+    /// True for the set whose backward uses no atomics.
+    pub fn deterministic_backward(self) -> bool {
+        self == AttentionKernel::MmaDeterministic
+    }
 
     /// Warps per block of the mma kernel used at `head_dim` (None for WMMA).
     fn mma_warps(self, head_dim: usize) -> Option<usize> {
         match self {
             AttentionKernel::Wmma => None,
-            AttentionKernel::Mma => Some(4),
+            AttentionKernel::Mma | AttentionKernel::MmaDeterministic => Some(4),
             AttentionKernel::Mma128 => Some(if head_dim == 64 || head_dim == 128 { 8 } else { 4 }),
         }
     }
@@ -91,7 +102,7 @@ pub fn attention_kernel() -> Result<AttentionKernel> {
         .get_or_init(|| match std::env::var("SYNTHOS_CUDA_ATTENTION") {
             Err(_) => Ok(AttentionKernel::Wmma),
             Ok(v) => AttentionKernel::ALL.into_iter().find(|k| k.name() == v).ok_or_else(|| {
-                format!("SYNTHOS_CUDA_ATTENTION={v:?} names no attention kernels (wmma, mma or mma128)")
+                format!("SYNTHOS_CUDA_ATTENTION={v:?} names no attention kernels (wmma, mma, mma128 or mma-det)")
             }),
         })
         .clone()
@@ -121,6 +132,15 @@ fn mma_fwd_smem_bytes(warps: usize, head_dim: usize) -> usize {
 /// fp32 each).
 fn mma_bwd_smem_bytes(head_dim: usize) -> usize {
     512 * (head_dim + 8) + 5632
+}
+
+/// Query rows per block of the deterministic backward's dq kernel (`MMA_DQ_BQ`).
+const DQ_QUERIES: usize = 64;
+
+/// Dynamic shared memory of the dq kernel (mirrors `MmaDq<DH>::BYTES`: Q, dO 64 rows and
+/// two stages of K, V 32 rows of Dh+8 bf16).
+fn mma_dq_smem_bytes(head_dim: usize) -> usize {
+    512 * (head_dim + 8)
 }
 
 /// Dynamic shared memory of the backward kernel (mirrors `BwdSmem<DH>::BYTES`).
@@ -284,9 +304,13 @@ pub fn backward(
         unsafe { lb.launch(super::grid_1d(rows * 32, 256)) }?;
     }
 
-    let (module, name, smem) = match attention_kernel()? {
+    let kernel = attention_kernel()?;
+    if kernel.deterministic_backward() {
+        return deterministic_backward(p, x, &drow, lse, dout, want_dbias, &kd);
+    }
+    let (module, name, smem) = match kernel {
         AttentionKernel::Wmma => ("attention", bwd, bwd_smem_bytes(p.head_dim)),
-        AttentionKernel::Mma | AttentionKernel::Mma128 => (
+        _ => (
             "attention_mma",
             kernel_name(&format!("attn_bwd_mma_d{}", p.head_dim), DType::BF16),
             mma_bwd_smem_bytes(p.head_dim),
@@ -327,4 +351,87 @@ pub fn backward(
     let n_q = p.batch * p.q_len * p.heads * p.head_dim;
     let dq = super::elementwise::cast(&CudaStorage { dev: dev.clone(), buf: CudaBuf::F32(dq32) }, DType::BF16, n_q)?;
     Ok(CudaAttentionGrads { dq, dk, dv, dbias: dbias.map(CudaBuf::F32) })
+}
+
+/// The deterministic backward (no atomics): `attn_bwd_dkdv_mma` (dk, dv; one block per 64
+/// keys) and `attn_bwd_dq_mma` (dq in bf16 and dbias per batch element; one block per 64
+/// queries), then a shared bias's gradient summed over the batch by the column-sum kernel
+/// (a fixed split, so also reproducible).
+fn deterministic_backward(
+    p: &AttentionParams,
+    x: &AttentionInputs<CudaStorage>,
+    drow: &CudaSlice<f32>,
+    lse: &CudaStorage,
+    dout: &CudaStorage,
+    want_dbias: bool,
+    kd: &KernelDims,
+) -> Result<CudaAttentionGrads> {
+    let dev = &x.q.dev;
+    let (q, k, v) = (bf16_slice("q", x.q)?, bf16_slice("k", x.k)?, bf16_slice("v", x.v)?);
+    let (g, l) = (bf16_slice("output gradient", dout)?, f32_slice("lse", lse)?);
+    let dummy = dev.stream.alloc_zeros::<f32>(1)?;
+    let mask = optional_f32("key_mask", x.key_mask, &dummy)?;
+    let bias = optional_f32("bias", x.bias, &dummy)?;
+    let (has_mask, causal, want) = (x.key_mask.is_some() as i32, p.causal as i32, want_dbias as i32);
+
+    let kv_elems = p.batch * p.kv_len * p.heads * p.head_dim;
+    let mut dk = dev.alloc(kv_elems, DType::BF16)?;
+    let mut dv = dev.alloc(kv_elems, DType::BF16)?;
+    {
+        let smem = mma_bwd_smem_bytes(p.head_dim);
+        let name = kernel_name(&format!("attn_bwd_dkdv_mma_d{}", p.head_dim), DType::BF16);
+        let f = kernel_with_smem(dev, "attention_mma", name, smem)?;
+        let cfg = LaunchConfig {
+            grid_dim: (p.kv_len.div_ceil(BWD_KEYS) as u32, p.heads as u32, p.batch as u32),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let mut lb = dev.stream.launch_builder(&f);
+        lb.arg(q).arg(k).arg(v).arg(g).arg(l).arg(drow).arg(mask).arg(bias);
+        lb.buf_mut(&mut dk).buf_mut(&mut dv);
+        lb.arg(&kd.q_len).arg(&kd.kv_len).arg(&kd.heads).arg(&kd.bias_batch);
+        lb.arg(&has_mask).arg(&causal).arg(&p.scale);
+        // SAFETY: inputs as in `backward`; dk, dv rows < Nk are each written by exactly
+        // one warp of the ceil(Nk/64) × H × B grid.
+        unsafe { lb.launch(cfg) }?;
+    }
+
+    let mut dq = dev.alloc(p.batch * p.q_len * p.heads * p.head_dim, DType::BF16)?;
+    // dbias of every batch element ([B, H, Nq, Nk]), every element written once.
+    let per_batch = p.batch * p.heads * p.q_len * p.kv_len;
+    let mut dbias_full = if want_dbias { Some(dev.stream.alloc_zeros::<f32>(per_batch)?) } else { None };
+    let mut dbias_dummy = dev.stream.alloc_zeros::<f32>(1)?;
+    {
+        let smem = mma_dq_smem_bytes(p.head_dim);
+        let name = kernel_name(&format!("attn_bwd_dq_mma_d{}", p.head_dim), DType::BF16);
+        let f = kernel_with_smem(dev, "attention_mma", name, smem)?;
+        let cfg = LaunchConfig {
+            grid_dim: (p.q_len.div_ceil(DQ_QUERIES) as u32, p.heads as u32, p.batch as u32),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let mut lb = dev.stream.launch_builder(&f);
+        lb.arg(q).arg(k).arg(v).arg(g).arg(l).arg(drow).arg(mask).arg(bias);
+        lb.buf_mut(&mut dq);
+        match dbias_full.as_mut() {
+            Some(db) => lb.arg(db),
+            None => lb.arg(&mut dbias_dummy),
+        };
+        lb.arg(&kd.q_len).arg(&kd.kv_len).arg(&kd.heads).arg(&kd.bias_batch);
+        lb.arg(&has_mask).arg(&causal).arg(&want).arg(&p.scale);
+        // SAFETY: inputs as in `backward`; dq rows < Nq are each written by exactly one
+        // warp of the ceil(Nq/64) × H × B grid, and with `want` every element of the
+        // [B, H, Nq, Nk] dbias buffer by exactly one lane.
+        unsafe { lb.launch(cfg) }?;
+    }
+    let dbias = match dbias_full {
+        None => None,
+        Some(full) if p.bias_batch == p.batch => Some(CudaBuf::F32(full)),
+        Some(full) => {
+            let len = p.heads * p.q_len * p.kv_len;
+            let storage = CudaStorage { dev: dev.clone(), buf: CudaBuf::F32(full) };
+            Some(super::reduce::sum_to(&storage, &[p.batch, len], &[1, len])?)
+        }
+    };
+    Ok(CudaAttentionGrads { dq, dk, dv, dbias })
 }

@@ -1,8 +1,8 @@
 // kernels/attention_mma.cu under emulation, launched as src/cuda/attention.rs does for
 // the mma kernels: the forward's output and row log-sum-exp for every compiled (warps,
 // head dim) pair, then the backward (attn_bwd_dot of attention.cu for D, the mma
-// backward, the cast of the f32 dq accumulator) for every head dim, against the
-// double-precision reference, with key masks (a batch whose keys are all
+// backward, the cast of the f32 dq accumulator) and the deterministic backward (dK/dV and
+// dQ kernels, no atomics) for every head dim, against the double-precision reference, with key masks (a batch whose keys are all
 // hidden, a query that sees no key), causal masking, shared and per-batch biases, and
 // lengths that leave partial tiles and need several tiles (both cp.async stages). The
 // mma, ldmatrix and cp.async emulation uses the PTX ISA's register layouts and defers
@@ -39,6 +39,36 @@ Bwd backward_kernel(size_t head_dim) {
         case 96: return EMU_KERNEL(attn_bwd_mma_d96_bf16);
         case 128: return EMU_KERNEL(attn_bwd_mma_d128_bf16);
         default: emu::fail("no mma attention backward for head dim %zu", head_dim);
+    }
+}
+
+// `mma_dq_smem_bytes`; 64 query rows a block, 128 threads.
+unsigned mma_dq_smem_bytes(size_t head_dim) { return (unsigned)(512 * (head_dim + 8)); }
+
+using Dkdv = emu::Kernel<const bf16*, const bf16*, const bf16*, const bf16*, const float*, const float*, const float*,
+                         const float*, bf16*, bf16*, int, int, int, int, int, int, float>;
+using Dq = emu::Kernel<const bf16*, const bf16*, const bf16*, const bf16*, const float*, const float*, const float*,
+                       const float*, bf16*, float*, int, int, int, int, int, int, int, float>;
+
+Dkdv dkdv_kernel(size_t head_dim) {
+    switch (head_dim) {
+        case 32: return EMU_KERNEL(attn_bwd_dkdv_mma_d32_bf16);
+        case 64: return EMU_KERNEL(attn_bwd_dkdv_mma_d64_bf16);
+        case 80: return EMU_KERNEL(attn_bwd_dkdv_mma_d80_bf16);
+        case 96: return EMU_KERNEL(attn_bwd_dkdv_mma_d96_bf16);
+        case 128: return EMU_KERNEL(attn_bwd_dkdv_mma_d128_bf16);
+        default: emu::fail("no mma attention backward for head dim %zu", head_dim);
+    }
+}
+
+Dq dq_kernel(size_t head_dim) {
+    switch (head_dim) {
+        case 32: return EMU_KERNEL(attn_bwd_dq_mma_d32_bf16);
+        case 64: return EMU_KERNEL(attn_bwd_dq_mma_d64_bf16);
+        case 80: return EMU_KERNEL(attn_bwd_dq_mma_d80_bf16);
+        case 96: return EMU_KERNEL(attn_bwd_dq_mma_d96_bf16);
+        case 128: return EMU_KERNEL(attn_bwd_dq_mma_d128_bf16);
+        default: emu::fail("no mma attention dq kernel for head dim %zu", head_dim);
     }
 }
 
@@ -105,6 +135,29 @@ void run(const Config& c, size_t warps, uint64_t seed) {
     check(report, "mma backward " + bname + ": dk", dkg.download(), ref.dk, 1e-2);
     check(report, "mma backward " + bname + ": dv", dvg.download(), ref.dv, 1e-2);
     if (c.want_dbias) check(report, "mma backward " + bname + ": dbias", dbias_out.download(), ref.dbias, 1e-2);
+
+    // The deterministic backward: attn_bwd_dkdv_mma, then attn_bwd_dq_mma (dq in bf16 and
+    // dbias per batch element with plain stores; the launcher then sums a shared bias's
+    // gradient over the batch, here on the host).
+    DeviceArray<bf16> dk2(B * Nk * H * D), dv2(B * Nk * H * D), dq2(n_q);
+    emu::launch(bcfg, dkdv_kernel(D), dq.ptr(), dk.ptr(), dv.ptr(), dg.ptr(), lse.ptr(), drow.ptr(), mask_ptr,
+                bias_ptr, dk2.ptr(), dv2.ptr(), (int)Nq, (int)Nk, (int)H, (int)c.bias_batch, (int)!x.mask.empty(),
+                (int)c.causal, x.scale);
+    DeviceArray<float> dbias_full(c.want_dbias ? B * H * Nq * Nk : 1);
+    const emu::LaunchConfig qcfg{dim3((unsigned)ceil_div(Nq, 64), (unsigned)H, (unsigned)B), dim3(128),
+                                 mma_dq_smem_bytes(D)};
+    emu::launch(qcfg, dq_kernel(D), dq.ptr(), dk.ptr(), dv.ptr(), dg.ptr(), lse.ptr(), drow.ptr(), mask_ptr, bias_ptr,
+                dq2.ptr(), c.want_dbias ? dbias_full.ptr() : dbias_dummy.ptr(), (int)Nq, (int)Nk, (int)H,
+                (int)c.bias_batch, (int)!x.mask.empty(), (int)c.causal, (int)c.want_dbias, x.scale);
+    check(report, "deterministic backward " + bname + ": dq", dq2.download(), ref.dq, 1e-2);
+    check(report, "deterministic backward " + bname + ": dk", dk2.download(), ref.dk, 1e-2);
+    check(report, "deterministic backward " + bname + ": dv", dv2.download(), ref.dv, 1e-2);
+    if (c.want_dbias) {
+        const std::vector<double> full = dbias_full.download();
+        std::vector<double> db(ref.dbias.size(), 0.0);
+        for (size_t e = 0; e < full.size(); ++e) db[e % db.size()] += full[e];  // sum over b when shared
+        check(report, "deterministic backward " + bname + ": dbias", db, ref.dbias, 1e-2);
+    }
 }
 
 }  // namespace
