@@ -22,10 +22,11 @@
 // pointers are 16-byte aligned — fresh allocations are — with a scalar tail for the last
 // n mod 8 elements, and a scalar loop for everything if a pointer is not aligned.
 //
-// Sum of squares: `sum_squares_<dtype>` runs a grid whose size depends only on n; block
-// b writes the fp32 sum of its grid-stride elements to partials[offset + b]. The host
-// packs the partials of every gradient tensor into one buffer and `sum_partials` (one
-// block) adds them in a fixed order, so the global norm is deterministic run to run.
+// Multi-tensor forms (`adamw_multi`, `sum_squares_multi`): one launch covers every
+// parameter of an optimizer step, block b taking one chunk of one tensor from a table the
+// host uploads (see below). Sum of squares: block b writes the fp32 sum of its chunk to
+// partials[b], and `sum_partials` (one block) adds them in a fixed order, so the global
+// norm is deterministic run to run.
 #include "common.cuh"
 
 // Mirrors `cpu::adamw::AdamWStep`.
@@ -81,16 +82,18 @@ __device__ __forceinline__ float adamw_update(float w, float& m, float& v, float
     return s.decay * w - (s.lr / s.bias_correction1) * (m / denom);
 }
 
-// COPY: also write the bf16 compute copy of the weights.
+// Updates elements [begin, end) of one tensor, this thread taking the vectors (then the
+// tail elements) tid, tid + stride, ... COPY: also write the bf16 compute copy of the
+// weights. The vector path needs every pointer 16-byte aligned at `begin`.
 template <typename G, bool COPY>
-__device__ void adamw_impl(const G* __restrict__ grad, float* __restrict__ w, float* __restrict__ m,
-                           float* __restrict__ v, bf16* __restrict__ copy, AdamWStep s, int64_t n) {
-    const int64_t tid = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-    const bool vec = aligned16(grad) && aligned16(w) && aligned16(m) && aligned16(v) && (!COPY || aligned16(copy));
-    const int64_t n_vec = vec ? n / VEC : 0;
+__device__ __forceinline__ void adamw_span(const G* __restrict__ grad, float* __restrict__ w, float* __restrict__ m,
+                                           float* __restrict__ v, bf16* __restrict__ copy, const AdamWStep& s,
+                                           int64_t begin, int64_t end, int64_t tid, int64_t stride) {
+    const bool vec = aligned16(grad + begin) && aligned16(w + begin) && aligned16(m + begin) &&
+                     aligned16(v + begin) && (!COPY || aligned16(copy + begin));
+    const int64_t n_vec = vec ? (end - begin) / VEC : 0;
     for (int64_t i = tid; i < n_vec; i += stride) {
-        const int64_t o = i * VEC;
+        const int64_t o = begin + i * VEC;
         float g[VEC], p[VEC], mm[VEC], vv[VEC];
         load8(grad, o, g);
         load8(w, o, p);
@@ -103,7 +106,7 @@ __device__ void adamw_impl(const G* __restrict__ grad, float* __restrict__ w, fl
         store8(v, o, vv);
         if constexpr (COPY) store8(copy, o, p);
     }
-    for (int64_t i = n_vec * VEC + tid; i < n; i += stride) {
+    for (int64_t i = begin + n_vec * VEC + tid; i < end; i += stride) {
         float mi = m[i], vi = v[i];
         const float p = adamw_update(w[i], mi, vi, load(grad, i), s);
         w[i] = p;
@@ -111,6 +114,13 @@ __device__ void adamw_impl(const G* __restrict__ grad, float* __restrict__ w, fl
         v[i] = vi;
         if constexpr (COPY) copy[i] = __float2bfloat16(p);
     }
+}
+
+template <typename G, bool COPY>
+__device__ void adamw_impl(const G* __restrict__ grad, float* __restrict__ w, float* __restrict__ m,
+                           float* __restrict__ v, bf16* __restrict__ copy, AdamWStep s, int64_t n) {
+    adamw_span<G, COPY>(grad, w, m, v, copy, s, 0, n, blockIdx.x * (int64_t)blockDim.x + threadIdx.x,
+                        (int64_t)gridDim.x * blockDim.x);
 }
 
 // f32 parameter: w is the parameter itself.
@@ -130,23 +140,75 @@ extern "C" __global__ void adamw_master_bf16(const bf16* grad, float* w, float* 
     adamw_impl<bf16, true>(grad, w, m, v, param, s, n);
 }
 
+// ---- Multi-tensor forms: one launch for every parameter of a step -----------------------
+// The host describes each tensor once (MultiTensor) and cuts every tensor into chunks of
+// `chunk` elements (a multiple of VEC); block b works on chunk chunks[b] with its 256
+// threads. Chunks depend only on the tensor sizes, so the sum of squares, reduced in chunk
+// order by sum_partials, is deterministic run to run.
+
+// Mirrors `cuda::adamw::MultiTensor`: a tensor's buffers, its element count and, for
+// AdamW, its step (the bias corrections and the decay differ per parameter).
+struct MultiTensor {
+    const void* grad;  // bf16 when grad_bf16, else f32 (the tensor itself for sum_squares)
+    float* w;          // AdamW: the fp32 weights (master), moments m and v
+    float* m;
+    float* v;
+    bf16* copy;        // AdamW: the bf16 compute copy of a master, or null
+    int64_t n;
+    AdamWStep s;
+    int grad_bf16;
+    int pad;
+};
+
+// Mirrors `cuda::adamw::MultiChunk`: chunk `chunk` of tensor `tensor`.
+struct MultiChunk {
+    int tensor;
+    int chunk;
+};
+
+extern "C" __global__ void adamw_multi(const MultiTensor* __restrict__ tensors, const MultiChunk* __restrict__ chunks,
+                                       int64_t chunk) {
+    const MultiChunk c = chunks[blockIdx.x];
+    const MultiTensor& t = tensors[c.tensor];
+    const int64_t begin = c.chunk * chunk, end = min(begin + chunk, t.n);
+    const int64_t tid = threadIdx.x, stride = blockDim.x;
+    if (t.grad_bf16) {
+        const bf16* g = static_cast<const bf16*>(t.grad);
+        if (t.copy != nullptr)
+            adamw_span<bf16, true>(g, t.w, t.m, t.v, t.copy, t.s, begin, end, tid, stride);
+        else
+            adamw_span<bf16, false>(g, t.w, t.m, t.v, nullptr, t.s, begin, end, tid, stride);
+    } else {
+        const float* g = static_cast<const float*>(t.grad);
+        if (t.copy != nullptr)
+            adamw_span<float, true>(g, t.w, t.m, t.v, t.copy, t.s, begin, end, tid, stride);
+        else
+            adamw_span<float, false>(g, t.w, t.m, t.v, nullptr, t.s, begin, end, tid, stride);
+    }
+}
+
 template <typename T>
-__device__ void sum_squares_impl(const T* x, int64_t n, float* partials, int64_t offset) {
-    __shared__ float scratch[32];
+__device__ __forceinline__ float sum_squares_span(const T* x, int64_t begin, int64_t end) {
     float acc = 0.f;
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
         const float g = load(x, i);
         acc += g * g;
     }
-    acc = block_sum(acc, scratch);
-    if (threadIdx.x == 0) partials[offset + blockIdx.x] = acc;
+    return acc;
 }
 
-extern "C" __global__ void sum_squares_f32(const float* x, int64_t n, float* partials, int64_t offset) {
-    sum_squares_impl(x, n, partials, offset);
-}
-extern "C" __global__ void sum_squares_bf16(const bf16* x, int64_t n, float* partials, int64_t offset) {
-    sum_squares_impl(x, n, partials, offset);
+// partials[b] = the fp32 sum of squares of chunk chunks[b] (of each tensor's `grad`).
+extern "C" __global__ void sum_squares_multi(const MultiTensor* __restrict__ tensors,
+                                             const MultiChunk* __restrict__ chunks, int64_t chunk,
+                                             float* __restrict__ partials) {
+    __shared__ float scratch[32];
+    const MultiChunk c = chunks[blockIdx.x];
+    const MultiTensor& t = tensors[c.tensor];
+    const int64_t begin = c.chunk * chunk, end = min(begin + chunk, t.n);
+    float acc = t.grad_bf16 ? sum_squares_span(static_cast<const bf16*>(t.grad), begin, end)
+                            : sum_squares_span(static_cast<const float*>(t.grad), begin, end);
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) partials[blockIdx.x] = acc;
 }
 
 // One block: out[0] = Σ partials[0..count), each thread a fixed strided subset, then a

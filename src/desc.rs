@@ -8,7 +8,7 @@
 /// The constants of one AdamW update of one parameter tensor, derived on the host.
 /// Passed by value to `kernels/adamw.cu`, whose `struct AdamWStep` mirrors this layout.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct AdamWStep {
     /// Learning rate of this step.
     pub lr: f32,

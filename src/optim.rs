@@ -149,12 +149,13 @@ impl AdamW {
                 }
             }
         }
-        self.steps += 1;
         let cfg = self.cfg;
-        for p in &mut self.params {
+        // (index of the parameter, its gradient, its step constants)
+        let mut items = Vec::with_capacity(self.params.len());
+        for (index, p) in self.params.iter_mut().enumerate() {
             let Some(g) = grads.get(&p.param) else { continue };
-            p.steps += 1;
-            let t = p.steps as f64;
+            let g = g.clone();
+            let t = (p.steps + 1) as f64;
             let lr64 = lr as f64;
             let s = AdamWStep {
                 lr,
@@ -166,7 +167,29 @@ impl AdamW {
                 bias_correction2_sqrt: (1.0 - (cfg.beta2 as f64).powf(t)).sqrt() as f32,
                 grad_scale,
             };
-            update(p, g, &s).map_err(|e| e.context(format!("AdamW step of {}", p.name)))?;
+            items.push((index, g, s));
+        }
+        // One update for every parameter (one launch on a GPU).
+        let batch: Vec<ops::AdamWItem<'_>> = items
+            .iter()
+            .map(|(index, g, s)| {
+                let p = &self.params[*index];
+                let (weights, compute) = match &p.master {
+                    Some(master) => (master, Some(&p.param)),
+                    None => (&p.param, None),
+                };
+                ops::AdamWItem { weights, compute, exp_avg: &p.exp_avg, exp_avg_sq: &p.exp_avg_sq, grad: g, s: *s }
+            })
+            .collect();
+        ops::adamw_update_many(&batch).map_err(|e| {
+            let names: Vec<&str> = items.iter().take(4).map(|(i, _, _)| self.params[*i].name.as_str()).collect();
+            let more = if items.len() > 4 { ", …" } else { "" };
+            e.context(format!("AdamW step of {} parameters ({}{more})", items.len(), names.join(", ")))
+        })?;
+        drop(batch);
+        self.steps += 1;
+        for (index, _, _) in &items {
+            self.params[*index].steps += 1;
         }
         Ok(())
     }
@@ -248,14 +271,6 @@ impl AdamW {
         }
         self.steps = steps;
         Ok(())
-    }
-}
-
-/// Runs one fused update of parameter `p` with gradient `g` on their device.
-fn update(p: &ParamState, g: &Tensor, s: &AdamWStep) -> Result<()> {
-    match &p.master {
-        Some(master) => ops::adamw_update(master, Some(&p.param), &p.exp_avg, &p.exp_avg_sq, g, s),
-        None => ops::adamw_update(&p.param, None, &p.exp_avg, &p.exp_avg_sq, g, s),
     }
 }
 

@@ -227,6 +227,11 @@ impl Tensor {
         self.inner.storage.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// An identity of the storage, equal for handles that share it (for duplicate checks).
+    pub(crate) fn storage_id(&self) -> usize {
+        Arc::as_ptr(&self.inner.storage) as *const () as usize
+    }
+
     /// True when both handles share one storage.
     pub fn same_storage(&self, other: &Tensor) -> bool {
         Arc::ptr_eq(&self.inner.storage, &other.inner.storage)

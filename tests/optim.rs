@@ -191,6 +191,42 @@ fn bad_state_and_parameters_are_errors() {
     assert_eq!(opt.step_count(), 1);
 }
 
+/// The batched update refuses items that share a tensor (the GPU path would lock it twice),
+/// naming the item, and changes nothing.
+#[test]
+fn batched_update_rejects_shared_tensors() {
+    use synthos_engine::desc::AdamWStep;
+    use synthos_engine::ops::{adamw_update_many, AdamWItem};
+    let mut rng = Rng::new(36);
+    let (w0, w1) = (randn(&[6], &mut rng), randn(&[6], &mut rng));
+    let zeros = || Tensor::zeros(&[6], DType::F32, Device::Cpu).unwrap();
+    let (m0, v0, m1, v1) = (zeros(), zeros(), zeros(), zeros());
+    let g = randn(&[6], &mut rng);
+    let s = AdamWStep {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        decay: 1.0,
+        bias_correction1: 0.1,
+        bias_correction2_sqrt: 0.03,
+        grad_scale: 1.0,
+    };
+    let item = |w, m, v, g| AdamWItem { weights: w, compute: None, exp_avg: m, exp_avg_sq: v, grad: g, s };
+    let before = w0.to_vec().unwrap();
+    let e = adamw_update_many(&[item(&w0, &m0, &v0, &g), item(&w1, &m1, &v1, &g)]).unwrap_err().to_string();
+    assert!(e.contains("item 1"), "{e}");
+    assert_eq!(w0.to_vec().unwrap(), before, "nothing changes");
+    // Distinct tensors: the same results as one update each.
+    let (g1, w0c, w1c) = (randn(&[6], &mut rng), w0.deep_copy().unwrap(), w1.deep_copy().unwrap());
+    adamw_update_many(&[item(&w0, &m0, &v0, &g), item(&w1, &m1, &v1, &g1)]).unwrap();
+    let (m2, v2, m3, v3) = (zeros(), zeros(), zeros(), zeros());
+    synthos_engine::ops::adamw_update(&w0c, None, &m2, &v2, &g, &s).unwrap();
+    synthos_engine::ops::adamw_update(&w1c, None, &m3, &v3, &g1, &s).unwrap();
+    assert_eq!(w0.to_vec().unwrap(), w0c.to_vec().unwrap());
+    assert_eq!(w1.to_vec().unwrap(), w1c.to_vec().unwrap());
+}
+
 #[test]
 fn grad_norm_and_clipping() {
     let mut rng = Rng::new(34);

@@ -1,5 +1,6 @@
-//! Launchers of `kernels/adamw.cu`: the fused AdamW update and the deterministic sum of
-//! squares behind the global gradient norm.
+//! Launchers of `kernels/adamw.cu`: the fused AdamW update (one tensor, or every
+//! parameter of a step in one launch) and the deterministic sum of squares behind the
+//! global gradient norm (one launch for all tensors).
 
 use std::sync::Arc;
 
@@ -7,7 +8,7 @@ use cudarc::driver::PushKernelArg;
 
 use half::bf16;
 
-use super::{grid_1d, kernel_name, CudaStorage, Elem, PushBuf};
+use super::{grid_1d, kernel_name, CudaBuf, CudaStorage, Elem, PushBuf};
 use crate::desc::AdamWStep;
 use crate::{bail, Result, ResultExt};
 
@@ -19,8 +20,6 @@ unsafe impl cudarc::driver::DeviceRepr for AdamWStep {}
 const VEC: usize = 8;
 /// Threads per block of every kernel in the module.
 const BLOCK: u32 = 256;
-/// Most blocks one tensor's sum of squares uses (beyond this, threads loop).
-const MAX_SUMSQ_BLOCKS: usize = 1024;
 
 /// One AdamW update of `n` elements: fp32 weights `w` (a master copy or an f32 parameter
 /// itself) and moments `m`, `v` updated in place from `grad` (f32 or bf16); when `copy`
@@ -57,8 +56,143 @@ pub fn step(
     Ok(())
 }
 
+/// Elements per chunk of the multi-tensor kernels (`chunk`; a multiple of `VEC`): one
+/// block of 256 threads per chunk.
+pub const MULTI_CHUNK: usize = 65536;
+
+/// One tensor of a multi-tensor launch (`struct MultiTensor` in kernels/adamw.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct MultiTensor {
+    grad: u64,
+    w: u64,
+    m: u64,
+    v: u64,
+    copy: u64,
+    n: i64,
+    s: AdamWStep,
+    grad_bf16: i32,
+    pad: i32,
+}
+
+/// One chunk of a multi-tensor launch (`struct MultiChunk`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct MultiChunk {
+    tensor: i32,
+    chunk: i32,
+}
+
+// SAFETY: plain `#[repr(C)]` data with the layouts of the kernel's structs (u64 device
+// addresses for its pointers).
+unsafe impl cudarc::driver::DeviceRepr for MultiTensor {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for MultiChunk {}
+
+/// The device address of a buffer (event tracking is off, so the record is a no-op).
+fn addr(buf: &CudaBuf, stream: &Arc<cudarc::driver::CudaStream>) -> u64 {
+    use cudarc::driver::DevicePtr;
+    match buf {
+        CudaBuf::F32(s) => s.device_ptr(stream).0,
+        CudaBuf::BF16(s) => s.device_ptr(stream).0,
+    }
+}
+
+/// The chunk table of tensors with `sizes` elements, in tensor order.
+fn chunks(sizes: &[usize]) -> Result<Vec<MultiChunk>> {
+    let mut out = Vec::new();
+    for (t, &n) in sizes.iter().enumerate() {
+        for c in 0..n.div_ceil(MULTI_CHUNK) {
+            let (Ok(tensor), Ok(chunk)) = (i32::try_from(t), i32::try_from(c)) else {
+                bail!("multi-tensor launch: tensor {t} chunk {c} beyond 32-bit indices");
+            };
+            out.push(MultiChunk { tensor, chunk });
+        }
+    }
+    if out.len() > i32::MAX as usize {
+        bail!("multi-tensor launch: {} chunks exceed the grid", out.len());
+    }
+    Ok(out)
+}
+
+/// One parameter of [`step_many`]: the same buffers as [`step`].
+pub struct AdamWEntry<'a> {
+    /// The gradient (f32 or bf16).
+    pub grad: &'a CudaStorage,
+    /// fp32 weights: the master of a bf16 parameter, or an f32 parameter itself.
+    pub w: &'a mut CudaStorage,
+    /// First moment (fp32).
+    pub m: &'a mut CudaStorage,
+    /// Second moment (fp32).
+    pub v: &'a mut CudaStorage,
+    /// The bf16 compute copy of the master `w`, if any.
+    pub copy: Option<&'a mut CudaStorage>,
+    /// This parameter's hyper-parameters of the step.
+    pub s: AdamWStep,
+    /// Elements to update.
+    pub n: usize,
+}
+
+/// [`step`] for many parameters in one launch (`adamw_multi`): the same arithmetic per
+/// element, so the results equal one [`step`] per parameter bit for bit. All buffers must
+/// live on one GPU.
+pub fn step_many(entries: &mut [AdamWEntry<'_>]) -> Result<()> {
+    let Some(first) = entries.first() else {
+        return Ok(());
+    };
+    let dev = first.w.dev.clone();
+    let mut table = Vec::with_capacity(entries.len());
+    for (i, e) in entries.iter().enumerate() {
+        let n = e.n;
+        let short = |c: &CudaStorage| c.buf.len() < n;
+        if short(e.grad) || short(e.w) || short(e.m) || short(e.v) || e.copy.as_ref().is_some_and(|c| short(c)) {
+            bail!("adamw: buffers of tensor {i} shorter than the {n} elements to update");
+        }
+        let same = |c: &CudaStorage| Arc::ptr_eq(&c.dev, &dev);
+        if !(same(e.grad) && same(e.w) && same(e.m) && same(e.v) && e.copy.as_ref().is_none_or(|c| same(c))) {
+            bail!("adamw: tensor {i} lives on another GPU");
+        }
+        for (what, b) in [("weights", &e.w.buf), ("exp_avg", &e.m.buf), ("exp_avg_sq", &e.v.buf)] {
+            if b.dtype() != crate::DType::F32 {
+                bail!("adamw: {what} of tensor {i} are {:?}, not f32", b.dtype());
+            }
+        }
+        if e.copy.as_ref().is_some_and(|c| c.buf.dtype() != crate::DType::BF16) {
+            bail!("adamw: the compute copy of tensor {i} is not bf16");
+        }
+        table.push(MultiTensor {
+            grad: addr(&e.grad.buf, &dev.stream),
+            w: addr(&e.w.buf, &dev.stream),
+            m: addr(&e.m.buf, &dev.stream),
+            v: addr(&e.v.buf, &dev.stream),
+            copy: e.copy.as_ref().map_or(0, |c| addr(&c.buf, &dev.stream)),
+            n: n as i64,
+            s: e.s,
+            grad_bf16: (e.grad.buf.dtype() == crate::DType::BF16) as i32,
+            pad: 0,
+        });
+    }
+    let chunk_table = chunks(&entries.iter().map(|e| e.n).collect::<Vec<_>>())?;
+    if chunk_table.is_empty() {
+        return Ok(());
+    }
+    let tensors = dev.stream.clone_htod(&table)?;
+    let chunks_dev = dev.stream.clone_htod(&chunk_table)?;
+    let f = dev.func("adamw", "adamw_multi")?;
+    let chunk = MULTI_CHUNK as i64;
+    let mut lb = dev.stream.launch_builder(&f);
+    lb.arg(&tensors).arg(&chunks_dev).arg(&chunk);
+    // SAFETY: every table entry holds live device addresses of buffers with at least n
+    // elements of the dtypes it names (checked above; the caller's borrows keep them alive
+    // and unaliased until the launch is queued, and frees are stream-ordered after it);
+    // block b updates only elements of chunk b, and chunks do not overlap.
+    unsafe { lb.launch(super::grid_rows(chunk_table.len(), BLOCK)) }?;
+    Ok(())
+}
+
 /// `Σ x²` over every element of every tensor (each given with its element count), in
-/// fp32 with a fixed reduction order. All tensors must live on one device.
+/// fp32 with a fixed reduction order (one `sum_squares_multi` launch, then
+/// `sum_partials`). All tensors must live on one device.
 pub fn sum_squares(xs: &[(&CudaStorage, usize)]) -> Result<f32> {
     let Some((first, _)) = xs.first() else {
         return Ok(0.0);
@@ -67,28 +201,40 @@ pub fn sum_squares(xs: &[(&CudaStorage, usize)]) -> Result<f32> {
     if xs.iter().any(|(x, _)| !Arc::ptr_eq(&x.dev, &dev)) {
         bail!("sum_squares: tensors on different GPUs");
     }
-    let blocks: Vec<usize> = xs.iter().map(|(_, n)| n.div_ceil(BLOCK as usize).clamp(1, MAX_SUMSQ_BLOCKS)).collect();
-    let total: usize = blocks.iter().sum();
-    let mut parts = dev.alloc_t::<f32>(total)?;
-    let mut offset = 0i64;
-    for ((x, n), nb) in xs.iter().zip(&blocks) {
+    let mut table = Vec::with_capacity(xs.len());
+    for (x, n) in xs {
         if x.buf.len() < *n {
             bail!("sum_squares: buffer of {} elements for {n}", x.buf.len());
         }
-        let f = dev.func("adamw", kernel_name("sum_squares", x.buf.dtype()))?;
-        let n64 = *n as i64;
+        table.push(MultiTensor {
+            grad: addr(&x.buf, &dev.stream),
+            w: 0,
+            m: 0,
+            v: 0,
+            copy: 0,
+            n: *n as i64,
+            s: AdamWStep::default(),
+            grad_bf16: (x.buf.dtype() == crate::DType::BF16) as i32,
+            pad: 0,
+        });
+    }
+    let chunk_table = chunks(&xs.iter().map(|(_, n)| *n).collect::<Vec<_>>())?;
+    if chunk_table.is_empty() {
+        return Ok(0.0);
+    }
+    let tensors = dev.stream.clone_htod(&table)?;
+    let chunks_dev = dev.stream.clone_htod(&chunk_table)?;
+    let total = chunk_table.len();
+    let mut parts = dev.alloc_t::<f32>(total)?;
+    {
+        let f = dev.func("adamw", "sum_squares_multi")?;
+        let chunk = MULTI_CHUNK as i64;
         let mut lb = dev.stream.launch_builder(&f);
-        lb.buf(&x.buf);
-        lb.arg(&n64).arg(&mut parts).arg(&offset);
-        let cfg = cudarc::driver::LaunchConfig {
-            grid_dim: (*nb as u32, 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: reads n elements of x; block b writes partials[offset + b] with
-        // b < nb, and offset + nb ≤ total.
-        unsafe { lb.launch(cfg) }?;
-        offset += *nb as i64;
+        lb.arg(&tensors).arg(&chunks_dev).arg(&chunk).arg(&mut parts);
+        // SAFETY: the table's addresses are live buffers of at least n elements of the
+        // dtype it names (checked above, borrowed by the caller); block b reads chunk b
+        // and writes partials[b], b < total.
+        unsafe { lb.launch(super::grid_rows(total, BLOCK)) }?;
     }
     let mut o = dev.alloc_t::<f32>(1)?;
     let f = dev.func("adamw", "sum_partials")?;

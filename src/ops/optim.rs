@@ -2,7 +2,7 @@
 //! differentiable and record nothing on the tape).
 
 use crate::desc::AdamWStep;
-use crate::{cpu, cuda, Device, Result, Tensor};
+use crate::{bail, cpu, cuda, Device, Result, Tensor};
 
 /// One fused AdamW update in place: `weights` (the fp32 master when `compute` is given,
 /// else the parameter itself), the moments `exp_avg` and `exp_avg_sq`, and with
@@ -32,6 +32,79 @@ pub fn adamw_update(
                 }
                 None => cuda::adamw::step(g, ws.as_cuda_mut()?, m, v, None, s, n),
             }
+        }
+    }
+}
+
+/// One parameter's update in [`adamw_update_many`]: the arguments of [`adamw_update`].
+pub struct AdamWItem<'a> {
+    /// The fp32 master when `compute` is given, else the parameter itself.
+    pub weights: &'a Tensor,
+    /// The bf16 copy the model computes with, if any.
+    pub compute: Option<&'a Tensor>,
+    /// First moment.
+    pub exp_avg: &'a Tensor,
+    /// Second moment.
+    pub exp_avg_sq: &'a Tensor,
+    /// The gradient.
+    pub grad: &'a Tensor,
+    /// This parameter's constants of the step.
+    pub s: AdamWStep,
+}
+
+/// [`adamw_update`] for many parameters (all on one device), with the same results: on
+/// the GPU in one launch for all of them, on the CPU one after another. Every tensor of
+/// one item must differ from those of the others.
+pub fn adamw_update_many(items: &[AdamWItem<'_>]) -> Result<()> {
+    if items.is_empty() {
+        return Ok(());
+    }
+    let mut all: Vec<&Tensor> = Vec::with_capacity(items.len() * 5);
+    let mut seen = std::collections::HashSet::with_capacity(items.len() * 5);
+    for (k, i) in items.iter().enumerate() {
+        for t in [i.weights, i.exp_avg, i.exp_avg_sq, i.grad].into_iter().chain(i.compute) {
+            if !seen.insert(t.storage_id()) {
+                bail!("adamw: item {k} names a tensor (storage) that an earlier argument names too");
+            }
+            all.push(t);
+        }
+    }
+    match super::same_device("adamw", &all)? {
+        Device::Cpu => {
+            for i in items {
+                adamw_update(i.weights, i.compute, i.exp_avg, i.exp_avg_sq, i.grad, &i.s)?;
+            }
+            Ok(())
+        }
+        Device::Cuda(_) => {
+            // Guards for every item first (write locks on the updated tensors), then one
+            // launch over all of them.
+            let mut guards = Vec::with_capacity(items.len());
+            for i in items {
+                guards.push((
+                    i.grad.storage(),
+                    i.weights.storage_mut(),
+                    i.exp_avg.storage_mut(),
+                    i.exp_avg_sq.storage_mut(),
+                    i.compute.map(|c| c.storage_mut()),
+                ));
+            }
+            let mut entries = Vec::with_capacity(items.len());
+            for ((g, w, m, v, c), i) in guards.iter_mut().zip(items) {
+                entries.push(cuda::adamw::AdamWEntry {
+                    grad: g.as_cuda()?,
+                    w: w.as_cuda_mut()?,
+                    m: m.as_cuda_mut()?,
+                    v: v.as_cuda_mut()?,
+                    copy: match c.as_mut() {
+                        Some(c) => Some(c.as_cuda_mut()?),
+                        None => None,
+                    },
+                    s: i.s,
+                    n: i.weights.numel(),
+                });
+            }
+            cuda::adamw::step_many(&mut entries)
         }
     }
 }
