@@ -22,11 +22,13 @@
 // pointers are 16-byte aligned — fresh allocations are — with a scalar tail for the last
 // n mod 8 elements, and a scalar loop for everything if a pointer is not aligned.
 //
-// Multi-tensor forms (`adamw_multi`, `sum_squares_multi`): one launch covers every
-// parameter of an optimizer step, block b taking one chunk of one tensor from a table the
-// host uploads (see below). Sum of squares: block b writes the fp32 sum of its chunk to
-// partials[b], and `sum_partials` (one block) adds them in a fixed order, so the global
-// norm is deterministic run to run.
+// Sum of squares: per tensor (`sum_squares_<dtype>`, partials of a fixed grid), or for
+// all tensors at once (`sum_squares_multi`, one partial per chunk); `sum_partials` (one
+// block) adds the partials in a fixed order, so the global norm is deterministic run to
+// run. The multi-tensor forms (`adamw_multi`, `sum_squares_multi`) cover every parameter
+// of an optimizer step in one launch, block b taking one chunk of one tensor from a table
+// the host uploads (see below); the host uses them with SYNTHOS_CUDA_MULTI_TENSOR=1 until
+// a GPU run has shown them correct and faster.
 #include "common.cuh"
 
 // Mirrors `cpu::adamw::AdamWStep`.
@@ -138,6 +140,27 @@ extern "C" __global__ void adamw_master_f32(const float* grad, float* w, float* 
 extern "C" __global__ void adamw_master_bf16(const bf16* grad, float* w, float* m, float* v, bf16* param,
                                              AdamWStep s, int64_t n) {
     adamw_impl<bf16, true>(grad, w, m, v, param, s, n);
+}
+
+template <typename T>
+__device__ void sum_squares_impl(const T* x, int64_t n, float* partials, int64_t offset) {
+    __shared__ float scratch[32];
+    float acc = 0.f;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        const float g = load(x, i);
+        acc += g * g;
+    }
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) partials[offset + blockIdx.x] = acc;
+}
+
+// One tensor's sum of squares: a grid whose size depends only on n; block b writes the
+// fp32 sum of its grid-stride elements to partials[offset + b].
+extern "C" __global__ void sum_squares_f32(const float* x, int64_t n, float* partials, int64_t offset) {
+    sum_squares_impl(x, n, partials, offset);
+}
+extern "C" __global__ void sum_squares_bf16(const bf16* x, int64_t n, float* partials, int64_t offset) {
+    sum_squares_impl(x, n, partials, offset);
 }
 
 // ---- Multi-tensor forms: one launch for every parameter of a step -----------------------

@@ -144,13 +144,17 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
 fi
 
 if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left)" -gt 130 ]; then
-  # The mma.sync attention forward (not yet the default) in the whole 1.3B b4 training
-  # step; the bench above timed it alone ("attention fwd[mma]" cases) and the tests
-  # compared it with the CPU (gpu_mma_forward_kernels_match_cpu).
-  stage "832x480 b4 training step with SYNTHOS_CUDA_ATTENTION=mma128"
-  SYNTHOS_CUDA_ATTENTION=mma128 timeout 90 "$ENGINE" bench --min-seconds 0.3 --filter "832x480" \
-    --json "$OUTDIR/bench-mma128.json" > "$OUTDIR/bench-mma128.txt" 2>&1
-  echo "rc $?"; grep -E "train step" "$OUTDIR/bench-mma128.txt" | head -4
+  # The opt-in kernels (not yet the defaults) in the whole 1.3B b4 training step: the mma
+  # attention (SYNTHOS_CUDA_ATTENTION; the bench above timed each alone, "attention
+  # fwd[mma]" ..., and the tests compared them with the CPU) and the multi-tensor AdamW and
+  # gradient norm (SYNTHOS_CUDA_MULTI_TENSOR=1). Defaults: the bench above.
+  for attn in mma128 mma-det; do
+    [ "$(left)" -gt 110 ] || break
+    stage "832x480 b4 training step with SYNTHOS_CUDA_ATTENTION=$attn SYNTHOS_CUDA_MULTI_TENSOR=1"
+    SYNTHOS_CUDA_ATTENTION=$attn SYNTHOS_CUDA_MULTI_TENSOR=1 timeout 80 "$ENGINE" bench --min-seconds 0.3 \
+      --filter "832x480" --json "$OUTDIR/bench-$attn-multi.json" > "$OUTDIR/bench-$attn-multi.txt" 2>&1
+    echo "rc $?"; grep -E "train step" "$OUTDIR/bench-$attn-multi.txt" | head -4
+  done
 fi
 
 if [ "${SKIP_PROFILE:-0}" != 1 ] && [ "$(left)" -gt 100 ]; then

@@ -263,6 +263,17 @@ fn gpu_param(shape: &[usize], dtype: DType, dev: Device, rng: &mut Rng) -> (Tens
 #[test]
 fn gpu_adamw_matches_cpu() {
     let Some(dev) = gpu() else { return };
+    check_adamw_matches_cpu(dev);
+}
+
+/// [`gpu_adamw_matches_cpu`] with the multi-tensor launches (`SYNTHOS_CUDA_MULTI_TENSOR=1`).
+#[test]
+fn gpu_adamw_matches_cpu_multi_tensor() {
+    let Some(dev) = gpu() else { return };
+    synthos_engine::cuda::adamw::with_multi_tensor(true, || check_adamw_matches_cpu(dev));
+}
+
+fn check_adamw_matches_cpu(dev: Device) {
     let cfg = AdamWConfig { beta1: 0.9, beta2: 0.995, eps: 1e-6, weight_decay: 0.1 };
     let mut rng = Rng::new(41);
     // (parameter dtype, gradient dtype, shape): sizes with a scalar tail, below one
@@ -355,6 +366,17 @@ fn gpu_adamw_matches_cpu() {
 #[test]
 fn gpu_grad_norm_matches_cpu() {
     let Some(dev) = gpu() else { return };
+    check_grad_norm_matches_cpu(dev);
+}
+
+/// [`gpu_grad_norm_matches_cpu`] with the multi-tensor launches (`SYNTHOS_CUDA_MULTI_TENSOR=1`).
+#[test]
+fn gpu_grad_norm_matches_cpu_multi_tensor() {
+    let Some(dev) = gpu() else { return };
+    synthos_engine::cuda::adamw::with_multi_tensor(true, || check_grad_norm_matches_cpu(dev));
+}
+
+fn check_grad_norm_matches_cpu(dev: Device) {
     let mut rng = Rng::new(42);
     let specs: [(&[usize], DType); 4] =
         [(&[1_000_003], DType::BF16), (&[77, 131], DType::F32), (&[5], DType::BF16), (&[300], DType::F32)];

@@ -190,10 +190,32 @@ pub fn step_many(entries: &mut [AdamWEntry<'_>]) -> Result<()> {
     Ok(())
 }
 
+/// The variable that turns the multi-tensor launches on (`1`; `0`, the default, launches
+/// per tensor).
+const MULTI_VAR: &str = "SYNTHOS_CUDA_MULTI_TENSOR";
+
+/// True when the optimizer's updates and the gradient norm use the multi-tensor launches
+/// on this thread: a [`with_multi_tensor`] override, else `SYNTHOS_CUDA_MULTI_TENSOR=1`.
+pub fn multi_tensor() -> Result<bool> {
+    Ok(super::choice::get(MULTI_VAR, &["0", "1"])? == 1)
+}
+
+/// Runs `f` with the multi-tensor launches on or off on this thread.
+pub fn with_multi_tensor<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    super::choice::with(MULTI_VAR, on as usize, f)
+}
+
+/// Most blocks one tensor's per-tensor sum of squares uses (beyond this, threads loop).
+const MAX_SUMSQ_BLOCKS: usize = 1024;
+
 /// `Σ x²` over every element of every tensor (each given with its element count), in
-/// fp32 with a fixed reduction order (one `sum_squares_multi` launch, then
-/// `sum_partials`). All tensors must live on one device.
+/// fp32 with a fixed reduction order: one `sum_squares_multi` launch (see
+/// [`multi_tensor`]) or one `sum_squares_<dtype>` per tensor, then `sum_partials`. All
+/// tensors must live on one device.
 pub fn sum_squares(xs: &[(&CudaStorage, usize)]) -> Result<f32> {
+    if !multi_tensor()? {
+        return sum_squares_per_tensor(xs);
+    }
     let Some((first, _)) = xs.first() else {
         return Ok(0.0);
     };
@@ -235,6 +257,48 @@ pub fn sum_squares(xs: &[(&CudaStorage, usize)]) -> Result<f32> {
         // dtype it names (checked above, borrowed by the caller); block b reads chunk b
         // and writes partials[b], b < total.
         unsafe { lb.launch(super::grid_rows(total, BLOCK)) }?;
+    }
+    let mut o = dev.alloc_t::<f32>(1)?;
+    let f = dev.func("adamw", "sum_partials")?;
+    let count = total as i64;
+    let mut lb = dev.stream.launch_builder(&f);
+    lb.arg(&parts).arg(&count).arg(&mut o);
+    // SAFETY: reads `total` partials, all written above on this stream; writes out[0].
+    unsafe { lb.launch(super::grid_rows(1, BLOCK)) }?;
+    Ok(dev.stream.clone_dtoh(&o)?[0])
+}
+
+/// [`sum_squares`] with one launch per tensor.
+fn sum_squares_per_tensor(xs: &[(&CudaStorage, usize)]) -> Result<f32> {
+    let Some((first, _)) = xs.first() else {
+        return Ok(0.0);
+    };
+    let dev = first.dev.clone();
+    if xs.iter().any(|(x, _)| !Arc::ptr_eq(&x.dev, &dev)) {
+        bail!("sum_squares: tensors on different GPUs");
+    }
+    let blocks: Vec<usize> = xs.iter().map(|(_, n)| n.div_ceil(BLOCK as usize).clamp(1, MAX_SUMSQ_BLOCKS)).collect();
+    let total: usize = blocks.iter().sum();
+    let mut parts = dev.alloc_t::<f32>(total)?;
+    let mut offset = 0i64;
+    for ((x, n), nb) in xs.iter().zip(&blocks) {
+        if x.buf.len() < *n {
+            bail!("sum_squares: buffer of {} elements for {n}", x.buf.len());
+        }
+        let f = dev.func("adamw", kernel_name("sum_squares", x.buf.dtype()))?;
+        let n64 = *n as i64;
+        let mut lb = dev.stream.launch_builder(&f);
+        lb.buf(&x.buf);
+        lb.arg(&n64).arg(&mut parts).arg(&offset);
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (*nb as u32, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: reads n elements of x; block b writes partials[offset + b] with
+        // b < nb, and offset + nb ≤ total.
+        unsafe { lb.launch(cfg) }?;
+        offset += *nb as i64;
     }
     let mut o = dev.alloc_t::<f32>(1)?;
     let f = dev.func("adamw", "sum_partials")?;

@@ -8,9 +8,6 @@
 //! has shown them correct and faster (docs/PERF.md). `SYNTHOS_CUDA_ATTENTION=wmma|mma|mma128|mma-det`
 //! picks one for a process, [`with_attention_kernel`] for a closure on one thread.
 
-use std::cell::Cell;
-use std::sync::OnceLock;
-
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -67,7 +64,7 @@ impl AttentionKernel {
         }
     }
 
-    /// Every set.
+    /// Every set (the first is the default).
     pub const ALL: [AttentionKernel; 4] =
         [AttentionKernel::Wmma, AttentionKernel::Mma, AttentionKernel::Mma128, AttentionKernel::MmaDeterministic];
 
@@ -86,39 +83,21 @@ impl AttentionKernel {
     }
 }
 
-thread_local! {
-    static KERNEL_OVERRIDE: Cell<Option<AttentionKernel>> = const { Cell::new(None) };
-}
+/// The variable that picks the attention kernels.
+const ATTENTION_VAR: &str = "SYNTHOS_CUDA_ATTENTION";
 
 /// The attention kernels in use on this thread: a [`with_attention_kernel`] override, else
 /// `SYNTHOS_CUDA_ATTENTION` (read once), else WMMA. An unknown value is an error naming
 /// the variable.
 pub fn attention_kernel() -> Result<AttentionKernel> {
-    if let Some(k) = KERNEL_OVERRIDE.with(Cell::get) {
-        return Ok(k);
-    }
-    static FROM_ENV: OnceLock<std::result::Result<AttentionKernel, String>> = OnceLock::new();
-    FROM_ENV
-        .get_or_init(|| match std::env::var("SYNTHOS_CUDA_ATTENTION") {
-            Err(_) => Ok(AttentionKernel::Wmma),
-            Ok(v) => AttentionKernel::ALL.into_iter().find(|k| k.name() == v).ok_or_else(|| {
-                format!("SYNTHOS_CUDA_ATTENTION={v:?} names no attention kernels (wmma, mma, mma128 or mma-det)")
-            }),
-        })
-        .clone()
-        .map_err(crate::Error::msg)
+    let names = AttentionKernel::ALL.map(AttentionKernel::name);
+    Ok(AttentionKernel::ALL[super::choice::get(ATTENTION_VAR, &names)?])
 }
 
 /// Runs `f` with `kernel` as this thread's attention kernels.
 pub fn with_attention_kernel<R>(kernel: AttentionKernel, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<AttentionKernel>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            KERNEL_OVERRIDE.with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(KERNEL_OVERRIDE.with(|c| c.replace(Some(kernel))));
-    f()
+    let index = AttentionKernel::ALL.iter().position(|k| *k == kernel).unwrap_or(0);
+    super::choice::with(ATTENTION_VAR, index, f)
 }
 
 /// Dynamic shared memory of the mma forward kernel with `warps` warps (mirrors

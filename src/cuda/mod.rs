@@ -619,6 +619,78 @@ pub fn suffix(dtype: DType) -> &'static str {
     }
 }
 
+/// Kernel choices that stay opt-in until a GPU run has shown the new kernel correct and
+/// faster: one environment variable each (read once per process), overridable per thread.
+pub mod choice {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+
+    use crate::{Error, Result};
+
+    thread_local! {
+        static OVERRIDES: RefCell<HashMap<&'static str, usize>> = RefCell::new(HashMap::new());
+    }
+
+    /// The index into `names` chosen for `var`: this thread's [`with`] override, else the
+    /// environment variable's value (read once), else 0. A value not in `names` is an
+    /// error naming the variable and the choices.
+    pub fn get(var: &'static str, names: &[&str]) -> Result<usize> {
+        if let Some(i) = OVERRIDES.with(|o| o.borrow().get(var).copied()) {
+            return Ok(i);
+        }
+        static FROM_ENV: OnceLock<Mutex<HashMap<&'static str, std::result::Result<usize, String>>>> = OnceLock::new();
+        let mut cache = FROM_ENV.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .entry(var)
+            .or_insert_with(|| match std::env::var(var) {
+                Err(_) => Ok(0),
+                Ok(v) => names
+                    .iter()
+                    .position(|n| *n == v)
+                    .ok_or_else(|| format!("{var}={v:?} is not one of {}", names.join(", "))),
+            })
+            .clone()
+            .map_err(Error::msg)
+    }
+
+    /// Runs `f` with choice `index` for `var` on this thread.
+    pub fn with<R>(var: &'static str, index: usize, f: impl FnOnce() -> R) -> R {
+        struct Restore(&'static str, Option<usize>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                OVERRIDES.with(|o| match self.1 {
+                    Some(i) => o.borrow_mut().insert(self.0, i),
+                    None => o.borrow_mut().remove(self.0),
+                });
+            }
+        }
+        let _restore = Restore(var, OVERRIDES.with(|o| o.borrow_mut().insert(var, index)));
+        f()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn environment_overrides_and_errors() {
+            // Variables of this test only (the values are cached per process).
+            std::env::set_var("SYNTHOS_TEST_CHOICE_B", "b");
+            std::env::set_var("SYNTHOS_TEST_CHOICE_BAD", "z");
+            assert_eq!(super::get("SYNTHOS_TEST_CHOICE_UNSET", &["a", "b"]).unwrap(), 0);
+            assert_eq!(super::get("SYNTHOS_TEST_CHOICE_B", &["a", "b"]).unwrap(), 1);
+            let e = super::get("SYNTHOS_TEST_CHOICE_BAD", &["a", "b"]).unwrap_err().to_string();
+            assert!(e.contains("SYNTHOS_TEST_CHOICE_BAD") && e.contains("\"z\"") && e.contains("a, b"), "{e}");
+            let inner = super::with("SYNTHOS_TEST_CHOICE_B", 0, || {
+                let nested =
+                    super::with("SYNTHOS_TEST_CHOICE_B", 1, || super::get("SYNTHOS_TEST_CHOICE_B", &["a", "b"]));
+                (nested.unwrap(), super::get("SYNTHOS_TEST_CHOICE_B", &["a", "b"]).unwrap())
+            });
+            assert_eq!(inner, (1, 0), "overrides nest and restore");
+            assert_eq!(super::get("SYNTHOS_TEST_CHOICE_B", &["a", "b"]).unwrap(), 1, "back to the environment");
+        }
+    }
+}
+
 pub mod adamw;
 pub mod attention;
 pub mod conv;

@@ -53,7 +53,8 @@ pub struct AdamWItem<'a> {
 }
 
 /// [`adamw_update`] for many parameters (all on one device), with the same results: on
-/// the GPU in one launch for all of them, on the CPU one after another. Every tensor of
+/// the GPU in one launch for all of them when `SYNTHOS_CUDA_MULTI_TENSOR=1` (see
+/// `cuda::adamw::multi_tensor`), otherwise one after another. Every tensor of
 /// one item must differ from those of the others.
 pub fn adamw_update_many(items: &[AdamWItem<'_>]) -> Result<()> {
     if items.is_empty() {
@@ -71,6 +72,12 @@ pub fn adamw_update_many(items: &[AdamWItem<'_>]) -> Result<()> {
     }
     match super::same_device("adamw", &all)? {
         Device::Cpu => {
+            for i in items {
+                adamw_update(i.weights, i.compute, i.exp_avg, i.exp_avg_sq, i.grad, &i.s)?;
+            }
+            Ok(())
+        }
+        Device::Cuda(_) if !cuda::adamw::multi_tensor()? => {
             for i in items {
                 adamw_update(i.weights, i.compute, i.exp_avg, i.exp_avg_sq, i.grad, &i.s)?;
             }

@@ -2,10 +2,11 @@
 // step (f32 or bf16 gradients, with or without the bf16 compute copy of an f32 master) at
 // odd sizes around its 8-element vectors, with each pointer in turn misaligned (the
 // vector path needs all of them 16-byte aligned: UBSan checks the float4/uint4
-// accesses); the multi-tensor step (adamw_multi: every result equal to the single-tensor
-// kernel's bit for bit) and the deterministic sum of squares of several tensors
-// (sum_squares_multi, then sum_partials), with the launcher's chunk size and a small one
-// that cuts tensors into many chunks.
+// accesses); the deterministic sum of squares of several tensors (sum_squares per tensor
+// into one partials buffer, then sum_partials); and the multi-tensor forms: the step
+// (adamw_multi, every result equal to the single-tensor kernel's bit for bit) and the sum
+// of squares (sum_squares_multi, then sum_partials), with the launcher's chunk size and a
+// small one that cuts tensors into many chunks.
 #include "harness.h"
 
 #include "adamw.cu"
@@ -20,6 +21,7 @@ Rng rng(0xADA3);
 constexpr size_t kVec = 8;             // VEC of src/cuda/adamw.rs
 constexpr unsigned kBlock = 256;       // BLOCK
 constexpr size_t kMultiChunk = 65536;   // MULTI_CHUNK
+constexpr size_t kMaxSumsqBlocks = 1024;  // MAX_SUMSQ_BLOCKS
 
 // Hyper-parameters of step t as `Optimizer::step` (src/optim.rs) computes them.
 AdamWStep step_params(double t, bool decay, float grad_scale) {
@@ -233,6 +235,40 @@ void sum_squares(const std::vector<std::pair<bool, size_t>>& tensors, size_t chu
     report.close(what, out.download(), {want}, 0, 1e-6);
 }
 
+// `cuda::adamw::sum_squares_per_tensor` over tensors of mixed dtypes: sum_squares_<dtype>
+// per tensor into one partials buffer, then sum_partials.
+void sum_squares_per_tensor(const std::vector<std::pair<bool, size_t>>& tensors) {  // (bf16?, n)
+    std::vector<size_t> blocks;
+    size_t total = 0;
+    for (const auto& [is_bf16, n] : tensors) {
+        blocks.push_back(std::clamp<size_t>(ceil_div(n, kBlock), 1, kMaxSumsqBlocks));
+        total += blocks.back();
+    }
+    DeviceArray<float> partials(total), out(1);
+    double want = 0;
+    int64_t offset = 0;
+    std::string what = "sum_squares per tensor of";
+    for (size_t k = 0; k < tensors.size(); ++k) {
+        const auto [is_bf16, n] = tensors[k];
+        const emu::LaunchConfig cfg{dim3((unsigned)blocks[k]), dim3(kBlock), 0};
+        std::vector<double> x;
+        if (is_bf16) {
+            x = rng.values<bf16>(n);
+            DeviceArray<bf16> dx(x);
+            emu::launch(cfg, EMU_KERNEL(sum_squares_bf16), dx.ptr(), (int64_t)n, partials.ptr(), offset);
+        } else {
+            x = rng.values<float>(n);
+            DeviceArray<float> dx(x);
+            emu::launch(cfg, EMU_KERNEL(sum_squares_f32), dx.ptr(), (int64_t)n, partials.ptr(), offset);
+        }
+        offset += (int64_t)blocks[k];
+        for (double e : x) want += e * e;
+        what += format(" %s[%zu]", is_bf16 ? "bf16" : "f32", n);
+    }
+    emu::launch(grid_rows(1, kBlock), EMU_KERNEL(sum_partials), partials.ptr(), (int64_t)total, out.ptr());
+    report.close(what, out.download(), {want}, 0, 1e-6);
+}
+
 }  // namespace
 
 int main() {
@@ -254,6 +290,9 @@ int main() {
 
     step_many({9, 100, 37, 1, 256, 1000}, 64);  // several chunks per tensor, partial chunks
     if (!kTsan) step_many({70001, 8}, kMultiChunk);
+    sum_squares_per_tensor({{false, 1}});
+    sum_squares_per_tensor({{true, 7}, {false, 300}, {true, 2049}, {false, 257}});
+    if (!kTsan) sum_squares_per_tensor({{false, 300001}, {true, 5}});  // 1024 blocks: threads stride
     sum_squares({{false, 1}}, kMultiChunk);
     sum_squares({{true, 7}, {false, 300}, {true, 2049}, {false, 257}}, 64);
     if (!kTsan) sum_squares({{false, 140001}, {true, 5}}, kMultiChunk);
