@@ -107,6 +107,18 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   echo "rc $?: $(grep -E '^test result' "$OUTDIR/sync-mode.txt" | tail -1)"
 fi
 
+if [ "${SKIP_TESTS:-0}" != 1 ] && [ "$(left)" -gt 260 ]; then
+  # The opt-in kernels and plans all on, in whole-model GPU tests: the tiny Wan forward and
+  # backward, the bf16 training step against its reference, CLIP, the VAE and convs.
+  stage "whole-model GPU tests with every opt-in on (mma-det attention, multi-tensor, GEMM plans)"
+  for t in wan train_step clip_model ops_conv; do
+    SYNTHOS_CUDA_ATTENTION=mma-det SYNTHOS_CUDA_MULTI_TENSOR=1 SYNTHOS_CUDA_GEMM_PLANS=1 \
+      timeout 60 "$B/tests/$t" gpu --skip full --test-threads=1 > "$OUTDIR/optin-$t.txt" 2>&1
+    echo "$t: rc $?, $(grep -E '^test result' "$OUTDIR/optin-$t.txt" | tail -1)"
+    grep -E "panicked at|FAILED" "$OUTDIR/optin-$t.txt" | head -4 | sed 's/^/    /'
+  done
+fi
+
 if [ "${SKIP_DEMO:-0}" != 1 ] && [ "$(left)" -gt 200 ]; then
   stage "the README's first command (demo train) on the GPU"
   rm -rf /tmp/demo-run
@@ -144,15 +156,16 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
 fi
 
 if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left)" -gt 130 ]; then
-  # The opt-in kernels (not yet the defaults) in the whole 1.3B b4 training step: the mma
+  # The opt-in kernels (not yet the defaults) in the whole 1.3B training steps: the mma
   # attention (SYNTHOS_CUDA_ATTENTION; the bench above timed each alone, "attention
   # fwd[mma]" ..., and the tests compared them with the CPU) and the multi-tensor AdamW and
-  # gradient norm (SYNTHOS_CUDA_MULTI_TENSOR=1). Defaults: the bench above.
+  # gradient norm (SYNTHOS_CUDA_MULTI_TENSOR=1), and cached cuBLASLt plans
+  # (SYNTHOS_CUDA_GEMM_PLANS=1; host time, so the b1 step shows it). Defaults: the bench above.
   for attn in mma128 mma-det; do
     [ "$(left)" -gt 110 ] || break
-    stage "832x480 b4 training step with SYNTHOS_CUDA_ATTENTION=$attn SYNTHOS_CUDA_MULTI_TENSOR=1"
-    SYNTHOS_CUDA_ATTENTION=$attn SYNTHOS_CUDA_MULTI_TENSOR=1 timeout 80 "$ENGINE" bench --min-seconds 0.3 \
-      --filter "832x480" --json "$OUTDIR/bench-$attn-multi.json" > "$OUTDIR/bench-$attn-multi.txt" 2>&1
+    stage "training steps with SYNTHOS_CUDA_ATTENTION=$attn, multi-tensor and GEMM plans"
+    SYNTHOS_CUDA_ATTENTION=$attn SYNTHOS_CUDA_MULTI_TENSOR=1 SYNTHOS_CUDA_GEMM_PLANS=1 timeout 80 "$ENGINE" bench \
+      --min-seconds 0.3 --filter "train step" --json "$OUTDIR/bench-$attn-multi.json" > "$OUTDIR/bench-$attn-multi.txt" 2>&1
     echo "rc $?"; grep -E "train step" "$OUTDIR/bench-$attn-multi.txt" | head -4
   done
 fi

@@ -237,6 +237,48 @@ const GN: usize = 97;
 #[test]
 fn gpu_matmul_matches_cpu() {
     let Some(dev) = gpu() else { return };
+    check_matmul(dev);
+}
+
+/// [`gpu_matmul_matches_cpu`] and [`gpu_linear_matches_cpu`] through cached cuBLASLt plans
+/// (`SYNTHOS_CUDA_GEMM_PLANS=1`), twice, so the second pass reuses every plan.
+#[test]
+fn gpu_gemm_plans_match_cpu() {
+    let Some(dev) = gpu() else { return };
+    synthos_engine::cuda::gemm_plan::with_plans(true, || {
+        for _ in 0..2 {
+            check_matmul(dev);
+            check_linear(dev);
+        }
+    });
+}
+
+/// The cached plans pick the algorithm the uncached path picks: the same bits.
+#[test]
+fn gpu_gemm_plans_are_bit_identical_to_uncached() {
+    use synthos_engine::cuda::gemm_plan::with_plans;
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng::new(23);
+    for dt in [DType::BF16, DType::F32] {
+        let on = |t: Tensor| t.to_device(dev, dt).unwrap();
+        let (x, w, b) = (on(randn(&[B, GM, GK], &mut rng)), on(randn(&[GN, GK], &mut rng)), on(randn(&[GN], &mut rng)));
+        let y = on(randn(&[B, GK, GN], &mut rng));
+        let run = || {
+            let l = ops::linear(&x, &w, Some(&b)).unwrap().to_vec().unwrap();
+            let m = ops::matmul(&x, &y).unwrap().to_vec().unwrap();
+            let t = ops::matmul_t(&x, &x, false, true).unwrap().to_vec().unwrap();
+            (l, m, t)
+        };
+        let plain = with_plans(false, run);
+        let cached = with_plans(true, || {
+            run();
+            run()
+        });
+        assert!(plain == cached, "{dt}: cached plans changed the results");
+    }
+}
+
+fn check_matmul(dev: Device) {
     let mut rng = Rng::new(21);
     for dt in [DType::BF16, DType::F32] {
         let mm = |x: &[Tensor]| ops::matmul(&x[0], &x[1]);
@@ -262,6 +304,10 @@ fn gpu_matmul_matches_cpu() {
 #[test]
 fn gpu_linear_matches_cpu() {
     let Some(dev) = gpu() else { return };
+    check_linear(dev);
+}
+
+fn check_linear(dev: Device) {
     let mut rng = Rng::new(22);
     let with_bias = |x: &[Tensor]| ops::linear(&x[0], &x[1], Some(&x[2]));
     let without = |x: &[Tensor]| ops::linear(&x[0], &x[1], None);

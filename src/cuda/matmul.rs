@@ -177,7 +177,12 @@ pub fn matmul<T: Elem>(
     let cfg = g.config()?;
     // SAFETY: `cfg` addresses exactly the spans of the stored operands described by `g`
     // (checked against the views above); the bias holds n elements.
-    unsafe { T::lt_matmul(blas, cfg, b, a, bias, c) }.with_ctx(|| format!("cuBLASLt {} gemm {g:?}", T::DTYPE))
+    let run = if super::gemm_plan::plans_enabled()? {
+        unsafe { super::gemm_plan::matmul(blas, &cfg, b, a, bias, c) }
+    } else {
+        unsafe { T::lt_matmul(blas, cfg, b, a, bias, c) }
+    };
+    run.with_ctx(|| format!("cuBLASLt {} gemm {g:?}", T::DTYPE))
 }
 
 /// `C = op(A)·op(B)` per batch (+ `bias` of length n along every row of C) on the GPU.

@@ -695,6 +695,7 @@ pub mod adamw;
 pub mod attention;
 pub mod conv;
 pub mod elementwise;
+pub mod gemm_plan;
 pub mod loss;
 pub mod matmul;
 pub mod norm;
