@@ -15,7 +15,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
 use crate::tensor::{Tensor, TensorId};
-use crate::{bail, ops, Result};
+use crate::{bail, ops, DType, Result};
 
 /// The backward function of one node: gradient of the output → gradients of the inputs
 /// (in the order they were recorded; `None` where an input gets no gradient).
@@ -159,10 +159,21 @@ impl Gradients {
     }
 
     /// Adds every gradient of `other` into this set (gradient accumulation over
-    /// micro-batches).
+    /// micro-batches). Sums are kept in fp32: a gradient met a second time becomes f32
+    /// (bf16 gradients of a bf16 parameter included), because adding many small bf16
+    /// contributions into a bf16 sum drops the low bits of each — at fine-tuning learning
+    /// rates that is the signal. AdamW takes f32 gradients for bf16 parameters.
     pub fn merge(&mut self, other: Gradients) -> Result<()> {
         for (id, g) in other.map {
-            self.accumulate(id, g)?;
+            match self.map.remove(&id) {
+                None => {
+                    self.map.insert(id, g);
+                }
+                Some(prev) => {
+                    let sum = ops::add(&ops::cast(&prev, DType::F32)?, &ops::cast(&g, DType::F32)?)?;
+                    self.map.insert(id, sum);
+                }
+            }
         }
         Ok(())
     }

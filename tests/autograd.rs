@@ -89,3 +89,24 @@ fn backward_leaves_other_graphs_on_the_tape() {
     assert_eq!(g2.get(&z).unwrap().to_vec().unwrap(), vec![18.0, -6.0]);
     assert_eq!(autograd::tape_len(), 0);
 }
+
+/// Gradient accumulation over micro-batches sums in fp32, even for bf16 gradients: 256 +
+/// 64 × 1 stays 256 in bf16 (its spacing at 256 is 2), and is 320 in f32.
+#[test]
+fn gpu_micro_batch_sums_are_fp32() {
+    use synthos_engine::DType;
+    let Some(dev) = gpu() else { return };
+    let p = Tensor::full(&[5], 0.5, DType::BF16, dev).unwrap().requires_grad();
+    let grad_of = |c: f32| {
+        let c = Tensor::full(&[5], c, DType::BF16, dev).unwrap();
+        autograd::backward(&ops::sum_all(&ops::mul(&p, &c).unwrap()).unwrap()).unwrap()
+    };
+    let mut acc = grad_of(256.0);
+    assert_eq!(acc.get(&p).unwrap().dtype(), DType::BF16, "one micro-batch keeps the parameter's dtype");
+    for _ in 0..64 {
+        acc.merge(grad_of(1.0)).unwrap();
+    }
+    let g = acc.get(&p).unwrap();
+    assert_eq!(g.dtype(), DType::F32);
+    assert_eq!(g.to_vec().unwrap(), vec![320.0; 5]);
+}
