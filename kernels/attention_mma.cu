@@ -198,10 +198,8 @@ __device__ __forceinline__ void attn_fwd_mma(const bf16* __restrict__ q, const b
         // dims +0/+8 (lm >> 1), transposed.
 #pragma unroll
         for (int ks = 0; ks < MMA_BK / 16; ++ks) {
-            const uint32_t pa[4] = {ptx::pack_bf16(s[2 * ks][0], s[2 * ks][1]),
-                                    ptx::pack_bf16(s[2 * ks][2], s[2 * ks][3]),
-                                    ptx::pack_bf16(s[2 * ks + 1][0], s[2 * ks + 1][1]),
-                                    ptx::pack_bf16(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+            uint32_t pa[4];
+            ptx::acc_to_a(s[2 * ks], s[2 * ks + 1], pa);
 #pragma unroll
             for (int dp = 0; dp < DT / 2; ++dp) {
                 uint32_t vb[4];
@@ -403,14 +401,10 @@ __device__ __forceinline__ void attn_bwd_mma(const bf16* __restrict__ q, const b
         // dV += P^T dO, dK += dS^T Q (queries as the k dimension).
 #pragma unroll
         for (int ks = 0; ks < MMA_BWD_BQ / 16; ++ks) {
-            const uint32_t pa[4] = {ptx::pack_bf16(s[2 * ks][0], s[2 * ks][1]),
-                                    ptx::pack_bf16(s[2 * ks][2], s[2 * ks][3]),
-                                    ptx::pack_bf16(s[2 * ks + 1][0], s[2 * ks + 1][1]),
-                                    ptx::pack_bf16(s[2 * ks + 1][2], s[2 * ks + 1][3])};
-            const uint32_t da[4] = {ptx::pack_bf16(dp[2 * ks][0], dp[2 * ks][1]),
-                                    ptx::pack_bf16(dp[2 * ks][2], dp[2 * ks][3]),
-                                    ptx::pack_bf16(dp[2 * ks + 1][0], dp[2 * ks + 1][1]),
-                                    ptx::pack_bf16(dp[2 * ks + 1][2], dp[2 * ks + 1][3])};
+            uint32_t pa[4];
+            ptx::acc_to_a(s[2 * ks], s[2 * ks + 1], pa);
+            uint32_t da[4];
+            ptx::acc_to_a(dp[2 * ks], dp[2 * ks + 1], da);
 #pragma unroll
             for (int dpi = 0; dpi < DT / 2; ++dpi) {
                 uint32_t ob[4], qb[4];
@@ -631,10 +625,8 @@ __device__ __forceinline__ void attn_bwd_dq_mma(const bf16* __restrict__ q, cons
         // dims +0/+8 (lm >> 1), transposed.
 #pragma unroll
         for (int ks = 0; ks < MMA_DQ_BK / 16; ++ks) {
-            const uint32_t da[4] = {ptx::pack_bf16(dp[2 * ks][0], dp[2 * ks][1]),
-                                    ptx::pack_bf16(dp[2 * ks][2], dp[2 * ks][3]),
-                                    ptx::pack_bf16(dp[2 * ks + 1][0], dp[2 * ks + 1][1]),
-                                    ptx::pack_bf16(dp[2 * ks + 1][2], dp[2 * ks + 1][3])};
+            uint32_t da[4];
+            ptx::acc_to_a(dp[2 * ks], dp[2 * ks + 1], da);
 #pragma unroll
             for (int dpi = 0; dpi < DT / 2; ++dpi) {
                 uint32_t kb[4];

@@ -80,4 +80,14 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     memcpy(&r, &v, sizeof r);
     return r;
 }
+
+// The A operand (16 x 16, bf16) holding two adjacent 16 x 8 fp32 accumulators, columns
+// 0..7 from `left` and 8..15 from `right`: with the layouts above, a lane's accumulator
+// elements are exactly its A elements, so this is a repack in registers.
+__device__ __forceinline__ void acc_to_a(const float (&left)[4], const float (&right)[4], uint32_t (&a)[4]) {
+    a[0] = pack_bf16(left[0], left[1]);
+    a[1] = pack_bf16(left[2], left[3]);
+    a[2] = pack_bf16(right[0], right[1]);
+    a[3] = pack_bf16(right[2], right[3]);
+}
 }  // namespace ptx

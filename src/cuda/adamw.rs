@@ -258,14 +258,7 @@ pub fn sum_squares(xs: &[(&CudaStorage, usize)]) -> Result<f32> {
         // and writes partials[b], b < total.
         unsafe { lb.launch(super::grid_rows(total, BLOCK)) }?;
     }
-    let mut o = dev.alloc_t::<f32>(1)?;
-    let f = dev.func("adamw", "sum_partials")?;
-    let count = total as i64;
-    let mut lb = dev.stream.launch_builder(&f);
-    lb.arg(&parts).arg(&count).arg(&mut o);
-    // SAFETY: reads `total` partials, all written above on this stream; writes out[0].
-    unsafe { lb.launch(super::grid_rows(1, BLOCK)) }?;
-    Ok(dev.stream.clone_dtoh(&o)?[0])
+    sum_partials(&dev, &parts, total)
 }
 
 /// [`sum_squares`] with one launch per tensor.
@@ -300,12 +293,17 @@ fn sum_squares_per_tensor(xs: &[(&CudaStorage, usize)]) -> Result<f32> {
         unsafe { lb.launch(cfg) }?;
         offset += *nb as i64;
     }
+    sum_partials(&dev, &parts, total)
+}
+
+/// `Σ partials[0..total)` in a fixed order (`sum_partials`, one block), read back.
+fn sum_partials(dev: &super::CudaDevice, parts: &cudarc::driver::CudaSlice<f32>, total: usize) -> Result<f32> {
     let mut o = dev.alloc_t::<f32>(1)?;
     let f = dev.func("adamw", "sum_partials")?;
     let count = total as i64;
     let mut lb = dev.stream.launch_builder(&f);
-    lb.arg(&parts).arg(&count).arg(&mut o);
-    // SAFETY: reads `total` partials, all written above on this stream; writes out[0].
+    lb.arg(parts).arg(&count).arg(&mut o);
+    // SAFETY: reads `total` partials, all written earlier on this stream; writes out[0].
     unsafe { lb.launch(super::grid_rows(1, BLOCK)) }?;
     Ok(dev.stream.clone_dtoh(&o)?[0])
 }
