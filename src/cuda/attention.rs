@@ -8,6 +8,9 @@
 //! has shown them correct and faster (docs/PERF.md). `SYNTHOS_CUDA_ATTENTION=wmma|mma|mma128|mma-det`
 //! picks one for a process, [`with_attention_kernel`] for a closure on one thread.
 
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock};
+
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -146,14 +149,22 @@ pub fn check_head_dim(head_dim: usize) -> Result<()> {
 }
 
 /// Loads `name` and allows it `bytes` of dynamic shared memory (above the default 48 KB
-/// a kernel must opt in), with an error when the GPU has less.
+/// a kernel must opt in), with an error when the GPU has less. The check and the
+/// attribute are done once per (device, kernel): each kernel always asks for the same
+/// size, and the attribute stays with the loaded function.
 fn kernel_with_smem(dev: &CudaDevice, module: &'static str, name: &'static str, bytes: usize) -> Result<CudaFunction> {
+    static CONFIGURED: OnceLock<Mutex<HashSet<(usize, &'static str)>>> = OnceLock::new();
     let f = dev.func(module, name)?;
-    let limit = dev.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
-    if bytes > limit {
-        bail!("attention: kernel {name} needs {bytes} bytes of shared memory per block, this GPU allows {limit}");
+    let mut done = CONFIGURED.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if !done.contains(&(dev.ordinal, name)) {
+        let limit =
+            dev.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
+        if bytes > limit {
+            bail!("attention: kernel {name} needs {bytes} bytes of shared memory per block, this GPU allows {limit}");
+        }
+        f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)?;
+        done.insert((dev.ordinal, name));
     }
-    f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)?;
     Ok(f)
 }
 
@@ -213,9 +224,9 @@ pub fn forward(p: &AttentionParams, x: &AttentionInputs<CudaStorage>) -> Result<
     };
     let f = kernel_with_smem(dev, module, name, smem)?;
     let (q, k, v) = (bf16_slice("q", x.q)?, bf16_slice("k", x.k)?, bf16_slice("v", x.v)?);
-    let dummy = dev.stream.alloc_zeros::<f32>(1)?;
-    let mask = optional_f32("key_mask", x.key_mask, &dummy)?;
-    let bias = optional_f32("bias", x.bias, &dummy)?;
+    let dummy = dev.unused_f32()?;
+    let mask = optional_f32("key_mask", x.key_mask, dummy)?;
+    let bias = optional_f32("bias", x.bias, dummy)?;
     let mut out = dev.alloc(p.batch * p.q_len * p.heads * p.head_dim, DType::BF16)?;
     let mut lse = dev.alloc(p.batch * p.heads * p.q_len, DType::F32)?;
     let (has_mask, causal) = (x.key_mask.is_some() as i32, p.causal as i32);
@@ -265,9 +276,9 @@ pub fn backward(
     let kd = kernel_dims(p)?;
     let (q, k, v) = (bf16_slice("q", x.q)?, bf16_slice("k", x.k)?, bf16_slice("v", x.v)?);
     let (o, g, l) = (bf16_slice("output", out)?, bf16_slice("output gradient", dout)?, f32_slice("lse", lse)?);
-    let dummy = dev.stream.alloc_zeros::<f32>(1)?;
-    let mask = optional_f32("key_mask", x.key_mask, &dummy)?;
-    let bias = optional_f32("bias", x.bias, &dummy)?;
+    let dummy = dev.unused_f32()?;
+    let mask = optional_f32("key_mask", x.key_mask, dummy)?;
+    let bias = optional_f32("bias", x.bias, dummy)?;
     let want_dbias = want_dbias && x.bias.is_some();
 
     // D = rowsum(dO ∘ O), one warp per (b, i, h) row.
@@ -305,7 +316,6 @@ pub fn backward(
     } else {
         None
     };
-    let mut dbias_dummy = dev.stream.alloc_zeros::<f32>(1)?;
     let (has_mask, causal, want) = (x.key_mask.is_some() as i32, p.causal as i32, want_dbias as i32);
     let cfg = LaunchConfig {
         grid_dim: (p.kv_len.div_ceil(BWD_KEYS) as u32, p.heads as u32, p.batch as u32),
@@ -317,7 +327,7 @@ pub fn backward(
     lb.arg(&mut dq32).buf_mut(&mut dk).buf_mut(&mut dv);
     match dbias.as_mut() {
         Some(db) => lb.arg(db),
-        None => lb.arg(&mut dbias_dummy),
+        None => lb.arg(dev.unused_f32()?),
     };
     lb.arg(&kd.q_len).arg(&kd.kv_len).arg(&kd.heads).arg(&kd.bias_batch);
     lb.arg(&has_mask).arg(&causal).arg(&want).arg(&p.scale);
@@ -348,9 +358,9 @@ fn deterministic_backward(
     let dev = &x.q.dev;
     let (q, k, v) = (bf16_slice("q", x.q)?, bf16_slice("k", x.k)?, bf16_slice("v", x.v)?);
     let (g, l) = (bf16_slice("output gradient", dout)?, f32_slice("lse", lse)?);
-    let dummy = dev.stream.alloc_zeros::<f32>(1)?;
-    let mask = optional_f32("key_mask", x.key_mask, &dummy)?;
-    let bias = optional_f32("bias", x.bias, &dummy)?;
+    let dummy = dev.unused_f32()?;
+    let mask = optional_f32("key_mask", x.key_mask, dummy)?;
+    let bias = optional_f32("bias", x.bias, dummy)?;
     let (has_mask, causal, want) = (x.key_mask.is_some() as i32, p.causal as i32, want_dbias as i32);
 
     let kv_elems = p.batch * p.kv_len * p.heads * p.head_dim;
@@ -379,7 +389,6 @@ fn deterministic_backward(
     // dbias of every batch element ([B, H, Nq, Nk]), every element written once.
     let per_batch = p.batch * p.heads * p.q_len * p.kv_len;
     let mut dbias_full = if want_dbias { Some(dev.stream.alloc_zeros::<f32>(per_batch)?) } else { None };
-    let mut dbias_dummy = dev.stream.alloc_zeros::<f32>(1)?;
     {
         let smem = mma_dq_smem_bytes(p.head_dim);
         let name = kernel_name(&format!("attn_bwd_dq_mma_d{}", p.head_dim), DType::BF16);
@@ -394,7 +403,7 @@ fn deterministic_backward(
         lb.buf_mut(&mut dq);
         match dbias_full.as_mut() {
             Some(db) => lb.arg(db),
-            None => lb.arg(&mut dbias_dummy),
+            None => lb.arg(dev.unused_f32()?),
         };
         lb.arg(&kd.q_len).arg(&kd.kv_len).arg(&kd.heads).arg(&kd.bias_batch);
         lb.arg(&has_mask).arg(&causal).arg(&want).arg(&p.scale);

@@ -75,6 +75,8 @@ pub struct CudaDevice {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
     blaslt: OnceLock<std::result::Result<Arc<CudaBlasLT>, String>>,
+    /// A one-element zero buffer for unused kernel arguments ([`CudaDevice::unused_f32`]).
+    unused: OnceLock<std::result::Result<CudaSlice<f32>, String>>,
     /// The last kernel issued (named in fault reports).
     last_launch: Mutex<&'static str>,
     /// When the last kernel was issued (profile mode).
@@ -153,6 +155,7 @@ pub fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
         modules: Mutex::new(HashMap::new()),
         functions: Mutex::new(HashMap::new()),
         blaslt: OnceLock::new(),
+        unused: OnceLock::new(),
         last_launch: Mutex::new("(none yet)"),
         launch_clock: Mutex::new(None),
     });
@@ -299,6 +302,15 @@ impl CudaDevice {
             })
             .clone()
             .map_err(|e| Error::msg(format!("cannot create a cuBLASLt handle: {e}")))
+    }
+
+    /// A one-element zero f32 buffer, allocated once per device, for kernel arguments a
+    /// launch does not use (their flag is off: the kernel neither reads nor writes them).
+    pub fn unused_f32(&self) -> Result<&CudaSlice<f32>> {
+        self.unused
+            .get_or_init(|| self.stream.alloc_zeros::<f32>(1).map_err(|e| format!("{e:?}")))
+            .as_ref()
+            .map_err(|e| Error::msg(format!("cannot allocate a device scalar: {e}")))
     }
 
     /// Allocates `n` uninitialised elements of `dtype` (filled with NaN when
