@@ -1,6 +1,7 @@
 // The emulation's own checks: kernels that break CUDA's rules (divergent or abandoned
 // barriers, deadlocks, partial-warp collectives, misaligned WMMA pointers, ldmatrix rows
-// that are misaligned or outside shared memory, cp.async copies never waited for,
+// that are misaligned or outside shared memory, cp.async copies never waited for, cp.async
+// and ldmatrix on the same rows from different warps with no barrier between them,
 // shared-memory overruns, bad launch shapes) must be reported, never silently computed.
 // Each case runs in a child process whose exit status and error output are checked. And
 // the PTX emulation's layouts agree with each other: a 16x16x16 product through cp.async,
@@ -89,6 +90,33 @@ __global__ void unwaited_cp_async(float* out) {
     ptx::cp_async_commit();
 }
 
+// Warp 1 reads rows by ldmatrix while warp 0 refills them by cp.async with no barrier in
+// between (the refill-before-everyone-is-done race of a double-buffered kernel).
+__global__ void refill_race(float* out) {
+    unsigned char* smem = emu::dynamic_smem();
+    uint32_t r[4] = {0, 0, 0, 0};
+    if (threadIdx.x >= 32) ptx::ldmatrix_x4(r, smem + 16 * (threadIdx.x % 32));
+    if (threadIdx.x < 32) {
+        ptx::cp_async_16(smem + 16 * threadIdx.x, out + 4 * threadIdx.x, true);
+        ptx::cp_async_commit();
+        ptx::cp_async_wait<0>();
+    }
+    out[threadIdx.x] = (float)r[0];
+}
+
+// Warp 1 reads rows warp 0 is still copying into (the wait but no barrier).
+__global__ void read_before_barrier(float* out) {
+    unsigned char* smem = emu::dynamic_smem();
+    uint32_t r[4] = {0, 0, 0, 0};
+    if (threadIdx.x < 32) {
+        ptx::cp_async_16(smem + 16 * threadIdx.x, out + 4 * threadIdx.x, true);
+        ptx::cp_async_commit();
+        ptx::cp_async_wait<0>();
+    }
+    if (threadIdx.x >= 32) ptx::ldmatrix_x4(r, smem + 16 * (threadIdx.x % 32));
+    out[threadIdx.x] = (float)r[0];
+}
+
 // C (16 x 16, row-major, f32) = A (16 x 16, row-major) B, with B given as B^T (row n holds
 // column n): one warp, the operands copied to shared memory (rows padded to 24 elements)
 // by cp.async, A read by ldmatrix.x4, B by ldmatrix.x4 on B^T's rows (two 8-column tiles).
@@ -144,6 +172,10 @@ const Case kCases[] = {
      [](float* out) { emu::launch({dim3(1), dim3(32), 1024}, EMU_KERNEL(ldmatrix_outside_shared), out); }},
     {"cp.async never waited for", "never waited for",
      [](float* out) { emu::launch({dim3(1), dim3(32), 1024}, EMU_KERNEL(unwaited_cp_async), out); }},
+    {"cp.async refill of rows another warp reads, no barrier between", "since the last __syncthreads: a race",
+     [](float* out) { emu::launch({dim3(1), dim3(64), 1024}, EMU_KERNEL(refill_race), out); }},
+    {"ldmatrix of rows another warp is copying into", "since the last __syncthreads: a race",
+     [](float* out) { emu::launch({dim3(1), dim3(64), 1024}, EMU_KERNEL(read_before_barrier), out); }},
     {"__trap", "__trap()", [](float* out) { emu::launch({dim3(2), dim3(32), 0}, EMU_KERNEL(trapping), out); }},
     {"block of 1025 threads", "invalid block",
      [](float* out) { emu::launch({dim3(1), dim3(1025), 0}, EMU_KERNEL(noop), out); }},

@@ -144,6 +144,15 @@ struct ThreadContext {
 // neither races with the fibers (each a thread of its own) nor orders them.
 inline std::atomic<ThreadContext*> running{nullptr};
 
+// Use of one 16-byte chunk of dynamic shared memory by ldmatrix (reads) or cp.async
+// (writes) since a block-barrier phase: the phase and a mask of the warps (ptx_emu.h
+// checks it). Relaxed atomics: under ThreadSanitizer this bookkeeping must neither race
+// nor order the fibers.
+struct SmemUse {
+    std::atomic<unsigned> phase{~0u};
+    std::atomic<uint64_t> warps{0};
+};
+
 // The launch in progress, written by the host between blocks only.
 struct LaunchContext {
     const char* kernel = nullptr;
@@ -152,6 +161,9 @@ struct LaunchContext {
     unsigned char* dynamic_smem = nullptr;
     unsigned dynamic_smem_bytes = 0;
     unsigned long launches = 0;  // launches so far (for the harness summary)
+    // Per 16-byte chunk of the running block's dynamic shared memory (fresh per block).
+    SmemUse* smem_reads = nullptr;
+    SmemUse* smem_writes = nullptr;
 };
 inline LaunchContext launch_ctx;
 
@@ -665,10 +677,14 @@ inline void run_grid(const char* name, const LaunchConfig& cfg, Scheduler::Body 
         }
         launch_ctx.dynamic_smem = static_cast<unsigned char*>(smem);
         launch_ctx.dynamic_smem_bytes = cfg.shared_mem_bytes;
+        std::unique_ptr<SmemUse[]> reads(new SmemUse[(cfg.shared_mem_bytes + 15) / 16]);
+        std::unique_ptr<SmemUse[]> writes(new SmemUse[(cfg.shared_mem_bytes + 15) / 16]);
+        launch_ctx.smem_reads = reads.get();
+        launch_ctx.smem_writes = writes.get();
         scheduler().run_block(cfg.block, warps, body, arg);
         free(smem);
     }
-    launch_ctx = {nullptr, {}, {}, {0, 0, 0}, nullptr, 0, launch_ctx.launches};
+    launch_ctx = {nullptr, {}, {}, {0, 0, 0}, nullptr, 0, launch_ctx.launches, nullptr, nullptr};
 }
 
 // A kernel entry point and its name (for error messages); see EMU_KERNEL.

@@ -15,12 +15,45 @@
 //     kernel that reads a tile before waiting for it sees poison, and one that refills a
 //     buffer another warp may still be reading races with that read (ThreadSanitizer).
 //     A thread that ends with copies it never waited for is a kernel error.
+//   * Across warps: a cp.async into 16 bytes another warp read by ldmatrix since the last
+//     __syncthreads, or an ldmatrix of 16 bytes another warp has a cp.async into since
+//     then, is reported as a race whatever the order the emulation ran them in.
 #pragma once
 #include "cuda_bf16.h"
 
 namespace ptx {
 
 namespace detail {
+
+// Who touched each 16-byte chunk of the block's dynamic shared memory through these
+// instructions since the toucher's last __syncthreads: the block-barrier phase and a mask
+// of the warps. A cp.async into a chunk that another warp read by ldmatrix in the same
+// phase (no barrier between them), or an ldmatrix of a chunk another warp has a cp.async
+// into in the same phase, is a race on the GPU whatever the timing, and is reported as a
+// kernel error. (ThreadSanitizer sees these too, but keeps only four accesses per 8 bytes,
+// and an ldmatrix row is read by many lanes of every warp.) The records live in
+// emu::launch_ctx, fresh for every block.
+//
+// Records that the calling thread's warp uses the 16 bytes at `p` (in dynamic shared
+// memory, checked), and fails if another warp used them the other way in the same phase.
+inline void record_use(const char* what, const void* p, bool write) {
+    constexpr auto relaxed = std::memory_order_relaxed;
+    const emu::ThreadContext& t = emu::self(what);
+    const size_t chunk = (size_t)(reinterpret_cast<const unsigned char*>(p) - emu::dynamic_smem()) / 16;
+    const uint64_t me = 1ull << (t.linear / 32 % 64);
+    const emu::SmemUse& other = write ? emu::launch_ctx.smem_reads[chunk] : emu::launch_ctx.smem_writes[chunk];
+    const uint64_t others = other.warps.load(relaxed) & ~me;
+    if (other.phase.load(relaxed) == t.block_phase && others != 0)
+        emu::fail("%s %s shared memory at offset %zu that warp(s) %#llx %s since the last __syncthreads: a race", what,
+                  write ? "overwrites" : "reads", chunk * 16, (unsigned long long)others,
+                  write ? "read" : "are copying into");
+    emu::SmemUse& mine = write ? emu::launch_ctx.smem_writes[chunk] : emu::launch_ctx.smem_reads[chunk];
+    if (mine.phase.load(relaxed) != t.block_phase) {
+        mine.phase.store(t.block_phase, relaxed);
+        mine.warps.store(0, relaxed);
+    }
+    mine.warps.fetch_or(me, relaxed);
+}
 
 inline void check_smem(const char* what, const void* p, unsigned bytes) {
     const auto a = reinterpret_cast<uintptr_t>(p);
@@ -54,6 +87,7 @@ inline void ldmatrix(uint32_t (&r)[4], const void* row, const char* what, const 
             const unsigned rr = TRANS ? 2 * t + k : g, cc = TRANS ? g : 2 * t + k;  // (row, column) of matrix m
             const auto* src = reinterpret_cast<const unsigned char*>(w.exchange[p][8 * m + rr]);
             check_smem(what, src, 16);
+            record_use(what, src, false);
             memcpy(&e[k], src + 2 * cc, 2);
         }
         r[m] = (uint32_t)e[0] | ((uint32_t)e[1] << 16);
@@ -107,6 +141,7 @@ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row, const emu::Loc&
 inline void cp_async_16(void* dst, const void* src, bool in_range) {
     emu::ThreadContext& self = emu::self("cp.async");
     detail::check_smem("cp.async", dst, 16);
+    detail::record_use("cp.async", dst, true);
     if (reinterpret_cast<uintptr_t>(src) % 16 != 0) emu::fail("cp.async: source %p is not 16-byte aligned", src);
     if (self.async_pending == emu::ThreadContext::kMaxAsyncCopies)
         emu::fail("cp.async: more than %u copies in flight in one thread (the emulation's limit)",
