@@ -63,6 +63,15 @@ struct TorchCase {
     peak_gib: Option<f64>,
 }
 
+/// The PyTorch case a case of ours compares with: its name without a kernel-variant tag
+/// (`attention fwd[mma] b1 n900 h12 d128` compares with `attention fwd b1 n900 h12 d128`).
+fn reference_name(name: &str) -> String {
+    match (name.find('['), name.find(']')) {
+        (Some(open), Some(close)) if open < close => format!("{}{}", &name[..open], &name[close + 1..]),
+        _ => name.to_string(),
+    }
+}
+
 fn read_torch(path: &std::path::Path) -> Result<std::collections::BTreeMap<String, TorchCase>> {
     let text = std::fs::read_to_string(path).with_ctx(|| format!("cannot read {}", path.display()))?;
     let doc: serde_json::Value =
@@ -126,7 +135,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if let Some(torch) = &torch {
         println!("\n{:<44} {:>11} {:>11} {:>7}  torch variant", "case", "ours ms", "torch ms", "ratio");
         for r in results.iter().filter(|r| r.error.is_none()) {
-            let Some(t) = torch.get(&r.name) else { continue };
+            let Some(t) = torch.get(&reference_name(&r.name)) else { continue };
             let ratio = t.seconds / r.seconds;
             println!(
                 "{:<44} {:>11.3} {:>11.3} {:>7.2}  {}",
@@ -142,8 +151,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 "ours_peak_gib": r.peak_bytes.map(|p| p as f64 / (1u64 << 30) as f64), "torch_peak_gib": t.peak_gib,
             }));
         }
-        let missing: Vec<&str> =
-            torch.keys().filter(|k| !results.iter().any(|r| &r.name == *k)).map(|k| k.as_str()).collect();
+        let missing: Vec<&str> = torch
+            .keys()
+            .filter(|k| !results.iter().any(|r| reference_name(&r.name) == **k))
+            .map(|k| k.as_str())
+            .collect();
         if !missing.is_empty() {
             println!("torch only (no case of ours by that name in this run): {}", missing.join(", "));
         }
@@ -170,4 +182,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn variant_tags_compare_with_the_plain_case() {
+        assert_eq!(super::reference_name("attention fwd[mma128] b1 n900 h12 d128"), "attention fwd b1 n900 h12 d128");
+        assert_eq!(
+            super::reference_name("attention fwd+bwd[mma-det] b1 n1560 k769 h12 d128"),
+            "attention fwd+bwd b1 n1560 k769 h12 d128"
+        );
+        assert_eq!(super::reference_name("train step 1.3b 480x480 b1"), "train step 1.3b 480x480 b1");
+    }
 }
