@@ -487,7 +487,8 @@ pub struct LazyCase {
 /// `Size::Full`, the tiny CLIP at batch 64 otherwise), and
 /// at `Size::Full` only: the Wan2.1-1.3B training step (Synthos full fine-tune: every DiT
 /// tensor trained with AdamW on fp32 masters, activation checkpointing, encoders cached)
-/// at 480×480 batch 1 and 832×480 batch 4, and the 25-step guided 480×480 sample (the
+/// at 480×480 batch 1 and 832×480 batch 4 (and 480×480 batch 1 with no checkpointing,
+/// where every activation fits), and the 25-step guided 480×480 sample (the
 /// DiT forwards alone, and the whole pipeline: umT5 and CLIP at full width but 1 and 2
 /// layers, the DiT, the tiled VAE decode).
 pub fn model_cases(device: Device, size: Size) -> Vec<LazyCase> {
@@ -514,10 +515,16 @@ pub fn model_cases(device: Device, size: Size) -> Vec<LazyCase> {
     for (w, h, b) in [(480usize, 480usize, 1usize), (832, 480, 4)] {
         v.push(LazyCase {
             family: "model",
-            name: format!("train step 1.3b {w}x{h} b{b}"),
-            build: Box::new(move || train_step_case(device, w, h, b)),
+            name: train_step_name(w, h, b, true),
+            build: Box::new(move || train_step_case(device, w, h, b, true)),
         });
     }
+    // At 480×480 batch 1 every activation fits: the step without the recompute.
+    v.push(LazyCase {
+        family: "model",
+        name: train_step_name(480, 480, 1, false),
+        build: Box::new(move || train_step_case(device, 480, 480, 1, false)),
+    });
     v.push(LazyCase {
         family: "model",
         name: "sample 1.3b 480x480 25 steps dit".into(),
@@ -711,7 +718,20 @@ fn train_case(
     }
 }
 
-fn train_step_case(device: Device, width: usize, height: usize, batch: usize) -> Result<BenchCase> {
+/// `train step 1.3b <w>x<h> b<batch>`, with ` no checkpointing` when every activation is
+/// kept (PyTorch's reference checkpoints, so that case has no counterpart there).
+fn train_step_name(width: usize, height: usize, batch: usize, checkpointing: bool) -> String {
+    let tail = if checkpointing { "" } else { " no checkpointing" };
+    format!("train step 1.3b {width}x{height} b{batch}{tail}")
+}
+
+fn train_step_case(
+    device: Device,
+    width: usize,
+    height: usize,
+    batch: usize,
+    checkpointing: bool,
+) -> Result<BenchCase> {
     use crate::train::{CacheMode, TrainConfig, Trainer};
     let dir = ScratchDir::new(&format!("train-{width}x{height}b{batch}"));
     // One epoch is one step, so the warm-up step fills the encoder cache and every timed
@@ -728,7 +748,7 @@ fn train_step_case(device: Device, width: usize, height: usize, batch: usize) ->
         // steps, before a long --min-seconds is reached).
         epochs: 0,
         max_steps: Some(1_000_000),
-        activation_checkpointing: true,
+        activation_checkpointing: checkpointing,
         cache: CacheMode::Memory,
         ..TrainConfig::synthos()
     };
@@ -738,8 +758,9 @@ fn train_step_case(device: Device, width: usize, height: usize, batch: usize) ->
     trainer.set_quiet(true);
     let tokens = (height / 16) * (width / 16);
     // forward + backward (2×) + the checkpointed forward recomputed in the backward.
-    let flops = 4.0 * batch as f64 * dit_forward_flops(&dit_cfg, tokens, 257 + dit_cfg.text_len);
-    Ok(train_case(format!("train step 1.3b {width}x{height} b{batch}"), flops, batch, trainer, dir))
+    let passes = if checkpointing { 4.0 } else { 3.0 };
+    let flops = passes * batch as f64 * dit_forward_flops(&dit_cfg, tokens, 257 + dit_cfg.text_len);
+    Ok(train_case(train_step_name(width, height, batch, checkpointing), flops, batch, trainer, dir))
 }
 
 fn sample_dit_case(device: Device) -> Result<BenchCase> {

@@ -294,3 +294,14 @@ fn learning_rate_schedule() {
     let c = TrainConfig { lr_schedule: LrSchedule::Constant, ..cfg };
     assert_eq!(c.lr_at(90, 104), 1.0);
 }
+
+/// `--checkpoint-blocks` without checkpointing is refused with an error that says how to
+/// turn it on; with it, the trainer checkpoints that many blocks.
+#[test]
+fn checkpoint_blocks_need_checkpointing() {
+    let cfg = TrainConfig { checkpoint_blocks: Some(1), activation_checkpointing: false, ..TrainConfig::demo() };
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("--checkpoint-blocks") && e.contains("--activation-checkpointing on"), "{e}");
+    let cfg = TrainConfig { checkpoint_blocks: Some(1), activation_checkpointing: true, ..TrainConfig::demo() };
+    cfg.validate().unwrap();
+}

@@ -337,14 +337,23 @@ fn checkpointed_blocks_match_plain() {
     let cfg = WanConfig::tiny();
     let mut model = WanModel::random(&cfg, 8, Device::Cpu, DType::F32).unwrap();
     let (out, grads) = forward_backward(&model, Device::Cpu, 9);
-    model.set_checkpointing(true);
-    let (out_c, grads_c) = forward_backward(&model, Device::Cpu, 9);
-    assert_close(&out_c, &out, 0.0, 0.0, "checkpointed forward");
-    // Gradients are summed in another order (per block, then across blocks): f32 rounding.
-    for ((name, a), (_, b)) in grads_c.iter().zip(&grads) {
-        let e = rel_err(a, b);
-        assert!(e < 1e-6, "checkpointed d/d{name}: relative error {e:e}");
+    // Every block, then only the first (`--checkpoint-blocks 1`).
+    let blocks = cfg.num_layers;
+    assert!(blocks >= 2, "the tiny config needs two blocks for a partial case");
+    for n in [blocks, 1] {
+        model.set_checkpointing(true);
+        model.set_checkpointed_blocks(n);
+        assert_eq!(model.checkpointed_blocks(), n);
+        let (out_c, grads_c) = forward_backward(&model, Device::Cpu, 9);
+        assert_close(&out_c, &out, 0.0, 0.0, &format!("forward, {n} blocks checkpointed"));
+        // Gradients are summed in another order (per block, then across blocks): f32 rounding.
+        for ((name, a), (_, b)) in grads_c.iter().zip(&grads) {
+            let e = rel_err(a, b);
+            assert!(e < 1e-6, "{n} blocks checkpointed: d/d{name}: relative error {e:e}");
+        }
     }
+    model.set_checkpointed_blocks(usize::MAX);
+    assert_eq!(model.checkpointed_blocks(), blocks, "clamped to the block count");
 }
 
 #[test]

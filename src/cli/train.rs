@@ -119,6 +119,10 @@ pub struct TrainArgs {
     /// Recompute DiT blocks in the backward pass (less memory); default on with weights.
     #[arg(long, value_enum)]
     activation_checkpointing: Option<Switch>,
+    /// With activation checkpointing: recompute only the first N DiT blocks and keep the
+    /// others' activations (less recompute time where memory allows; same gradients).
+    #[arg(long, value_name = "N")]
+    checkpoint_blocks: Option<usize>,
     /// Skip the demo's closing quality measurement (colour match and shape IoU of 72
     /// samples against the rendered targets).
     #[arg(long)]
@@ -218,6 +222,7 @@ impl TrainArgs {
             check_images: self.check_images,
             log_metrics: !self.no_log,
             activation_checkpointing,
+            checkpoint_blocks: self.checkpoint_blocks,
             max_grad_norm: self.max_grad_norm,
             resume: self.resume,
             demo_quality: !self.no_quality,

@@ -94,6 +94,8 @@ pub struct TrainConfig {
     pub log_metrics: bool,
     /// Recompute each DiT block in the backward pass instead of keeping its activations.
     pub activation_checkpointing: bool,
+    /// With `activation_checkpointing`: checkpoint only the first N blocks (`None`: all).
+    pub checkpoint_blocks: Option<usize>,
     /// Clip the global gradient norm to this value (the seed does not clip).
     pub max_grad_norm: Option<f32>,
     /// Continue the run in `output` from its resume state.
@@ -141,6 +143,7 @@ impl TrainConfig {
             check_images: false,
             log_metrics: true,
             activation_checkpointing: false,
+            checkpoint_blocks: None,
             max_grad_norm: None,
             resume: false,
             demo_quality: true,
@@ -164,6 +167,7 @@ impl TrainConfig {
             validation_cfg: 5.0,
             negative_prompt: crate::pipeline::DEFAULT_NEGATIVE_PROMPT.to_string(),
             activation_checkpointing: true,
+            checkpoint_blocks: None,
             shift: crate::schedule::SHIFT,
             keep_epochs: None,
             ..Self::demo()
@@ -182,6 +186,9 @@ impl TrainConfig {
         prob(self.image_dropout, "image dropout")?;
         if self.batch_size == 0 {
             bail!("batch size must be at least 1");
+        }
+        if self.checkpoint_blocks.is_some() && !self.activation_checkpointing {
+            bail!("--checkpoint-blocks chooses which blocks activation checkpointing recomputes: turn it on with --activation-checkpointing on");
         }
         if self.grad_accum == 0 {
             bail!("gradient accumulation must be at least 1 micro-batch");

@@ -106,6 +106,9 @@ impl Trainer {
         }
 
         pipe.dit.set_checkpointing(cfg.activation_checkpointing);
+        if let (true, Some(n)) = (cfg.activation_checkpointing, cfg.checkpoint_blocks) {
+            pipe.dit.set_checkpointed_blocks(n);
+        }
         let params = pipe.dit.trainable(cfg.trainable);
         if params.is_empty() {
             bail!("the trainable set {:?} selects no parameters", cfg.trainable);

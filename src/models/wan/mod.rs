@@ -130,7 +130,8 @@ pub struct WanModel {
     head: Linear,
     /// `[1, 2, D]`: learned offsets of the head's shift and scale.
     head_modulation: Tensor,
-    checkpointing: bool,
+    /// Blocks (the first ones) recomputed in the backward pass; 0 keeps every activation.
+    checkpoint_blocks: usize,
     notes: Vec<String>,
     /// The RoPE table of the last token grid (frames, rows, columns).
     rope: Mutex<Option<([usize; 3], Rope)>>,
@@ -180,7 +181,7 @@ impl WanModel {
             blocks,
             head,
             head_modulation,
-            checkpointing: false,
+            checkpoint_blocks: 0,
             notes: Vec::new(),
             rope: Mutex::new(None),
             pos_table: Mutex::new(None),
@@ -312,10 +313,22 @@ impl WanModel {
         &self.notes
     }
 
-    /// Switches per-block activation checkpointing: each block keeps only its inputs and
-    /// is recomputed during the backward pass.
+    /// Switches per-block activation checkpointing for every block: each block keeps only
+    /// its inputs and is recomputed during the backward pass.
     pub fn set_checkpointing(&mut self, on: bool) {
-        self.checkpointing = on;
+        self.checkpoint_blocks = if on { self.blocks.len() } else { 0 };
+    }
+
+    /// Checkpoints only the first `n` blocks (at most all of them); the others keep their
+    /// activations. Memory falls and recompute time rises with `n`: a run that fits with
+    /// fewer checkpointed blocks recomputes less. Gradients are the same for any `n`.
+    pub fn set_checkpointed_blocks(&mut self, n: usize) {
+        self.checkpoint_blocks = n.min(self.blocks.len());
+    }
+
+    /// How many (leading) blocks are checkpointed.
+    pub fn checkpointed_blocks(&self) -> usize {
+        self.checkpoint_blocks
     }
 
     /// Every parameter by original name (what the optimizer and checkpoints use). The
@@ -450,8 +463,8 @@ impl WanModel {
 
         let rope = self.rope_for([f, hp, wp])?;
         let context = ops::cast(context, self.dtype)?;
-        for block in &self.blocks {
-            x = if self.checkpointing {
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = if i < self.checkpoint_blocks {
                 let (blk, rp) = (block.clone(), rope.clone());
                 autograd::checkpoint(&[x, context.clone(), t_mod.clone()], &block.tensors(), move |xs| {
                     blk.forward(&xs[0], &xs[1], &xs[2], &rp)
