@@ -30,22 +30,21 @@ namespace {
 
 constexpr float MMA_LOG2E = 1.4426950408889634f;
 constexpr float MMA_LN2 = 0.6931471805599453f;
-constexpr int MMA_BK = 64;  // keys per tile
-
-template <int DH, int W>
+// Forward layout: W warps, each owning MT tiles of 16 query rows (16 MT W rows a block),
+// keys in tiles of BK.
+template <int DH, int W, int MT, int BK>
 struct MmaFwd {
     static constexpr int THREADS = 32 * W;
-    static constexpr int BQ = 16 * W;  // query rows per block
-    static constexpr int LD = DH + 8;  // row stride (bf16) of every tile
-    static constexpr int Q = 0;        // byte offsets
+    static constexpr int BQ = 16 * MT * W;  // query rows per block
+    static constexpr int LD = DH + 8;       // row stride (bf16) of every tile
+    static constexpr int Q = 0;             // byte offsets
     static constexpr int K = Q + BQ * LD * 2;
-    static constexpr int V = K + 2 * MMA_BK * LD * 2;
-    static constexpr int BYTES = V + 2 * MMA_BK * LD * 2;
-    static_assert(DH % 16 == 0, "head dim must be a multiple of 16");
+    static constexpr int V = K + 2 * BK * LD * 2;
+    static constexpr int BYTES = V + 2 * BK * LD * 2;
+    static_assert(DH % 16 == 0 && BK % 16 == 0, "head dim and key tile must be multiples of 16");
     // The host computes the same size (cuda/attention.rs, mma_fwd_smem_bytes).
-    static_assert(BYTES == (16 * W + 4 * MMA_BK) * (DH + 8) * 2, "shared-memory size changed: update the host");
+    static_assert(BYTES == (BQ + 4 * BK) * (DH + 8) * 2, "shared-memory size changed: update the host");
 };
-
 
 // Issues cp.async copies of tokens row0 .. row0+ROWS-1 of head h, batch b of a
 // [B, N, H, DH] bf16 tensor into shared memory (row stride LD), zeros for tokens >= N.
@@ -63,14 +62,17 @@ __device__ __forceinline__ void issue_tile(bf16* dst, const bf16* __restrict__ s
     }
 }
 
-template <int DH, int W>
+template <int DH, int W, int MT, int BK>
 __device__ __forceinline__ void attn_fwd_mma(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                              const bf16* __restrict__ v, const float* __restrict__ key_mask,
                                              const float* __restrict__ bias, bf16* __restrict__ out,
                                              float* __restrict__ lse, int Nq, int Nk, int H, int bias_batch,
                                              int has_mask, int causal, float scale) {
-    using L = MmaFwd<DH, W>;
-    constexpr int LD = L::LD, KD = DH / 16, NT = MMA_BK / 8, DT = DH / 8;
+    using L = MmaFwd<DH, W, MT, BK>;
+    constexpr int LD = L::LD, KD = DH / 16, NT = BK / 8, DT = DH / 8;
+    // One 16-row tile per warp keeps Q's A operands in registers; with two, they are
+    // re-read from shared memory per key tile (registers go to the second O and S).
+    constexpr bool Q_IN_REGS = MT == 1;
     DYNAMIC_SMEM(smem);
     if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
     bf16* Qs = reinterpret_cast<bf16*>(smem + L::Q);
@@ -83,157 +85,197 @@ __device__ __forceinline__ void attn_fwd_mma(const bf16* __restrict__ q, const b
     const int q0 = blockIdx.x * L::BQ;
     const int h = blockIdx.y;
     const int64_t b = blockIdx.z;
-    const int row_lo = q0 + warp * 16 + g;  // query rows of this lane's S and O elements:
-    const int rows[2] = {row_lo, row_lo + 8};  // e = 0, 1 -> rows[0]; e = 2, 3 -> rows[1]
+    // Query rows of this lane's S and O elements: tile mt, e = 0, 1 -> rows[mt][0];
+    // e = 2, 3 -> rows[mt][1]. The warp's tiles are rows 16 (MT warp + mt) ...
+    int rows[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        rows[mt][0] = q0 + (MT * warp + mt) * 16 + g;
+        rows[mt][1] = rows[mt][0] + 8;
+    }
 
     const int k_end = causal ? min(Nk, q0 + L::BQ) : Nk;
-    const int tiles = (k_end + MMA_BK - 1) / MMA_BK;
+    const int tiles = (k_end + BK - 1) / BK;
 
     issue_tile<DH, L::BQ, LD, L::THREADS>(Qs, q, b, q0, Nq, H, h);
     if (tiles > 0) {
-        issue_tile<DH, MMA_BK, LD, L::THREADS>(Ks, k, b, 0, Nk, H, h);
-        issue_tile<DH, MMA_BK, LD, L::THREADS>(Vs, v, b, 0, Nk, H, h);
+        issue_tile<DH, BK, LD, L::THREADS>(Ks, k, b, 0, Nk, H, h);
+        issue_tile<DH, BK, LD, L::THREADS>(Vs, v, b, 0, Nk, H, h);
     }
     ptx::cp_async_commit();
 
-    const float* brow[2] = {nullptr, nullptr};
-    if (bias_batch > 0)
+    const float* brow[MT][2];
 #pragma unroll
-        for (int e = 0; e < 2; ++e)
-            if (rows[e] < Nq)
-                brow[e] = bias + (((bias_batch == 1 ? 0 : b) * H + h) * (int64_t)Nq + rows[e]) * Nk;
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+            brow[mt][r] = bias_batch > 0 && rows[mt][r] < Nq
+                              ? bias + (((bias_batch == 1 ? 0 : b) * H + h) * (int64_t)Nq + rows[mt][r]) * Nk
+                              : nullptr;
 
-    uint32_t qf[KD][4];  // this warp's 16 query rows as A operands, all head dims
-    float o[DT][4];
+    uint32_t qf[Q_IN_REGS ? KD : 1][4];  // MT = 1: the warp's 16 query rows as A operands
+    float o[MT][DT][4];
 #pragma unroll
-    for (int d = 0; d < DT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
-    float m_run[2] = {-INFINITY, -INFINITY};  // running max of S * log2 e per row
-    float l_run[2] = {0.f, 0.f};              // this lane's part of the running sum per row
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int d = 0; d < DT; ++d) o[mt][d][0] = o[mt][d][1] = o[mt][d][2] = o[mt][d][3] = 0.f;
+    float m_run[MT][2], l_run[MT][2];  // running max of S log2 e and this lane's part of the sum
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        m_run[mt][0] = m_run[mt][1] = -INFINITY;
+        l_run[mt][0] = l_run[mt][1] = 0.f;
+    }
 
     for (int j = 0; j < tiles; ++j) {
-        const int stage = j & 1, k0 = j * MMA_BK;
+        const int stage = j & 1, k0 = j * BK;
         if (j + 1 < tiles) {  // tile j+1 into the other stage (free since the barrier ending j-1)
-            issue_tile<DH, MMA_BK, LD, L::THREADS>(Ks + (stage ^ 1) * MMA_BK * LD, k, b, k0 + MMA_BK, Nk, H, h);
-            issue_tile<DH, MMA_BK, LD, L::THREADS>(Vs + (stage ^ 1) * MMA_BK * LD, v, b, k0 + MMA_BK, Nk, H, h);
+            issue_tile<DH, BK, LD, L::THREADS>(Ks + (stage ^ 1) * BK * LD, k, b, k0 + BK, Nk, H, h);
+            issue_tile<DH, BK, LD, L::THREADS>(Vs + (stage ^ 1) * BK * LD, v, b, k0 + BK, Nk, H, h);
             ptx::cp_async_commit();
             ptx::cp_async_wait<1>();
         } else {
             ptx::cp_async_wait<0>();
         }
         __syncthreads();  // tile j (and, the first time, Q) is in shared memory for every warp
-        const bf16* Kt = Ks + stage * MMA_BK * LD;
-        const bf16* Vt = Vs + stage * MMA_BK * LD;
-        if (j == 0) {
+        const bf16* Kt = Ks + stage * BK * LD;
+        const bf16* Vt = Vs + stage * BK * LD;
+        // Q's A operand of tile mt, head dims 16kk..: matrices rows +0/+8 (lm & 1), columns
+        // +0/+8 (lm >> 1).
+        const auto q_rows = [&](int mt, int kk) {
+            return Qs + ((MT * warp + mt) * 16 + (lm & 1) * 8 + lr) * LD + kk * 16 + (lm >> 1) * 8;
+        };
+        if constexpr (Q_IN_REGS) {
+            if (j == 0) {
 #pragma unroll
-            for (int kk = 0; kk < KD; ++kk)  // matrices: rows +0/+8 (lm & 1), columns +0/+8 (lm >> 1)
-                ptx::ldmatrix_x4(qf[kk], Qs + (warp * 16 + (lm & 1) * 8 + lr) * LD + kk * 16 + (lm >> 1) * 8);
+                for (int kk = 0; kk < KD; ++kk) ptx::ldmatrix_x4(qf[kk], q_rows(0, kk));
+            }
         }
 
-        // S = Q K^T: two 8-key tiles per ldmatrix (matrices: keys +0/+8 (lm >> 1), dims +0/+8 (lm & 1)).
-        float s[NT][4];
+        // S = Q K^T: two 8-key tiles per ldmatrix (matrices: keys +0/+8 (lm >> 1), dims +0/+8
+        // (lm & 1)), each used by every row tile of the warp.
+        float s[MT][NT][4];
 #pragma unroll
-        for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int n = 0; n < NT; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < KD; ++kk) {
+            uint32_t qa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                if constexpr (Q_IN_REGS) {
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) qa[mt][i] = qf[kk][i];
+                } else {
+                    ptx::ldmatrix_x4(qa[mt], q_rows(mt, kk));
+                }
+            }
 #pragma unroll
             for (int np = 0; np < NT / 2; ++np) {
                 uint32_t kb[4];
                 ptx::ldmatrix_x4(kb, Kt + (np * 16 + (lm >> 1) * 8 + lr) * LD + kk * 16 + (lm & 1) * 8);
                 const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
-                ptx::mma_bf16_16816(s[2 * np], qf[kk], b0);
-                ptx::mma_bf16_16816(s[2 * np + 1], qf[kk], b1);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    ptx::mma_bf16_16816(s[mt][2 * np], qa[mt], b0);
+                    ptx::mma_bf16_16816(s[mt][2 * np + 1], qa[mt], b1);
+                }
             }
         }
 
-        // Scale, bias, masks; the tile's row maxima.
-        float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int n = 0; n < NT; ++n) {
+        for (int mt = 0; mt < MT; ++mt) {
+            // Scale, bias, masks; the tile's row maxima.
+            float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int i = rows[e >> 1], key = k0 + n * 8 + 2 * t + (e & 1);
-                bool keep = i < Nq && key < Nk && (!causal || key <= i);
-                if (keep && has_mask) keep = key_mask[b * Nk + key] != 0.f;
-                float x = -INFINITY;
-                if (keep) {
-                    x = s[n][e] * scale;
-                    if (brow[e >> 1] != nullptr) x += brow[e >> 1][key];
-                    x *= MMA_LOG2E;
+            for (int n = 0; n < NT; ++n) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int i = rows[mt][e >> 1], key = k0 + n * 8 + 2 * t + (e & 1);
+                    bool keep = i < Nq && key < Nk && (!causal || key <= i);
+                    if (keep && has_mask) keep = key_mask[b * Nk + key] != 0.f;
+                    float x = -INFINITY;
+                    if (keep) {
+                        x = s[mt][n][e] * scale;
+                        if (brow[mt][e >> 1] != nullptr) x += brow[mt][e >> 1][key];
+                        x *= MMA_LOG2E;
+                    }
+                    s[mt][n][e] = x;
+                    tmax[e >> 1] = fmaxf(tmax[e >> 1], x);
                 }
-                s[n][e] = x;
-                tmax[e >> 1] = fmaxf(tmax[e >> 1], x);
             }
-        }
-        float alpha[2], m_use[2];
+            float alpha[2], m_use[2];
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
-            tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
-            const float m_new = fmaxf(m_run[r], tmax[r]);
-            // While every key so far is hidden m_new is -inf: subtract 0 instead, so that
-            // exp2(-inf - 0) = 0 rather than exp2(-inf + inf) = NaN.
-            m_use[r] = m_new == -INFINITY ? 0.f : m_new;
-            alpha[r] = exp2f(m_run[r] - m_use[r]);
-            m_run[r] = m_new;
-            l_run[r] *= alpha[r];
-        }
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float p = exp2f(s[n][e] - m_use[e >> 1]);
-                s[n][e] = p;
-                l_run[e >> 1] += p;
+            for (int r = 0; r < 2; ++r) {
+                tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
+                tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
+                const float m_new = fmaxf(m_run[mt][r], tmax[r]);
+                // While every key so far is hidden m_new is -inf: subtract 0 instead, so
+                // that exp2(-inf - 0) = 0 rather than exp2(-inf + inf) = NaN.
+                m_use[r] = m_new == -INFINITY ? 0.f : m_new;
+                alpha[r] = exp2f(m_run[mt][r] - m_use[r]);
+                m_run[mt][r] = m_new;
+                l_run[mt][r] *= alpha[r];
             }
-        }
 #pragma unroll
-        for (int d = 0; d < DT; ++d) {
-            o[d][0] *= alpha[0];
-            o[d][1] *= alpha[0];
-            o[d][2] *= alpha[1];
-            o[d][3] *= alpha[1];
+            for (int n = 0; n < NT; ++n) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float p = exp2f(s[mt][n][e] - m_use[e >> 1]);
+                    s[mt][n][e] = p;
+                    l_run[mt][e >> 1] += p;
+                }
+            }
+#pragma unroll
+            for (int d = 0; d < DT; ++d) {
+                o[mt][d][0] *= alpha[0];
+                o[mt][d][1] *= alpha[0];
+                o[mt][d][2] *= alpha[1];
+                o[mt][d][3] *= alpha[1];
+            }
         }
 
         // O += P V: keys 16ks.. as the k dimension; V's matrices: keys +0/+8 (lm & 1),
-        // dims +0/+8 (lm >> 1), transposed.
+        // dims +0/+8 (lm >> 1), transposed; each V operand serves every row tile.
 #pragma unroll
-        for (int ks = 0; ks < MMA_BK / 16; ++ks) {
-            uint32_t pa[4];
-            ptx::acc_to_a(s[2 * ks], s[2 * ks + 1], pa);
+        for (int ks = 0; ks < BK / 16; ++ks) {
+            uint32_t pa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) ptx::acc_to_a(s[mt][2 * ks], s[mt][2 * ks + 1], pa[mt]);
 #pragma unroll
             for (int dp = 0; dp < DT / 2; ++dp) {
                 uint32_t vb[4];
                 ptx::ldmatrix_x4_trans(vb, Vt + (ks * 16 + (lm & 1) * 8 + lr) * LD + dp * 16 + (lm >> 1) * 8);
                 const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
-                ptx::mma_bf16_16816(o[2 * dp], pa, b0);
-                ptx::mma_bf16_16816(o[2 * dp + 1], pa, b1);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    ptx::mma_bf16_16816(o[mt][2 * dp], pa[mt], b0);
+                    ptx::mma_bf16_16816(o[mt][2 * dp + 1], pa[mt], b1);
+                }
             }
         }
         __syncthreads();  // every warp is done with this stage before it is refilled
     }
     if (tiles == 0) ptx::cp_async_wait<0>();  // (Q's copies; no key is visible to the block)
 
-    // Normalise and store: a lane writes 2 consecutive dims of rows g and g+8 per 8-dim tile.
-    float inv[2];
+    // Normalise and store: a lane writes 2 consecutive dims of rows g and g+8 of each of
+    // its row tiles per 8-dim tile.
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float l = l_run[r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        inv[r] = l > 0.f ? 1.f / l : 0.f;
-        const int i = rows[r];
-        if (t == 0 && i < Nq)
-            lse[(b * H + h) * (int64_t)Nq + i] = l > 0.f ? (m_run[r] + log2f(l)) * MMA_LN2 : INFINITY;
-    }
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int i = rows[r];
-        if (i >= Nq) continue;
-        bf16* orow = out + ((b * Nq + i) * H + h) * (int64_t)DH + 2 * t;
+        for (int r = 0; r < 2; ++r) {
+            float l = l_run[mt][r];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+            const int i = rows[mt][r];
+            if (i >= Nq) continue;
+            if (t == 0) lse[(b * H + h) * (int64_t)Nq + i] = l > 0.f ? (m_run[mt][r] + log2f(l)) * MMA_LN2 : INFINITY;
+            bf16* orow = out + ((b * Nq + i) * H + h) * (int64_t)DH + 2 * t;
 #pragma unroll
-        for (int d = 0; d < DT; ++d) {
-            const __nv_bfloat162 pair = __floats2bfloat162_rn(o[d][2 * r] * inv[r], o[d][2 * r + 1] * inv[r]);
-            *reinterpret_cast<__nv_bfloat162*>(orow + d * 8) = pair;
+            for (int d = 0; d < DT; ++d)
+                *reinterpret_cast<__nv_bfloat162*>(orow + d * 8) =
+                    __floats2bfloat162_rn(o[mt][d][2 * r] * inv, o[mt][d][2 * r + 1] * inv);
         }
     }
 }
@@ -657,21 +699,25 @@ __device__ __forceinline__ void attn_bwd_dq_mma(const bf16* __restrict__ q, cons
 
 }  // namespace
 
-#define ATTN_MMA_FWD(W, DH)                                                                                      \
+// attn_fwd_mma_w<W>[_m<MT>]_d<DH>_bf16: W warps of MT 16-row tiles, key tiles of 64
+// (MT = 1) or 32 (MT = 2, to leave registers for the second tile).
+#define ATTN_MMA_FWD(NAME, W, MT, BK, DH)                                                                       \
     extern "C" __global__ void __launch_bounds__(32 * W)                                                        \
-        attn_fwd_mma_w##W##_d##DH##_bf16(const bf16* q, const bf16* k, const bf16* v, const float* key_mask,    \
-                                         const float* bias, bf16* out, float* lse, int Nq, int Nk, int H,       \
-                                         int bias_batch, int has_mask, int causal, float scale) {               \
-        attn_fwd_mma<DH, W>(q, k, v, key_mask, bias, out, lse, Nq, Nk, H, bias_batch, has_mask, causal, scale); \
+        NAME(const bf16* q, const bf16* k, const bf16* v, const float* key_mask, const float* bias, bf16* out,   \
+             float* lse, int Nq, int Nk, int H, int bias_batch, int has_mask, int causal, float scale) {        \
+        attn_fwd_mma<DH, W, MT, BK>(q, k, v, key_mask, bias, out, lse, Nq, Nk, H, bias_batch, has_mask, causal, \
+                                    scale);                                                                     \
     }
 
-ATTN_MMA_FWD(4, 32)
-ATTN_MMA_FWD(4, 64)
-ATTN_MMA_FWD(4, 80)
-ATTN_MMA_FWD(4, 96)
-ATTN_MMA_FWD(4, 128)
-ATTN_MMA_FWD(8, 64)
-ATTN_MMA_FWD(8, 128)
+ATTN_MMA_FWD(attn_fwd_mma_w4_d32_bf16, 4, 1, 64, 32)
+ATTN_MMA_FWD(attn_fwd_mma_w4_d64_bf16, 4, 1, 64, 64)
+ATTN_MMA_FWD(attn_fwd_mma_w4_d80_bf16, 4, 1, 64, 80)
+ATTN_MMA_FWD(attn_fwd_mma_w4_d96_bf16, 4, 1, 64, 96)
+ATTN_MMA_FWD(attn_fwd_mma_w4_d128_bf16, 4, 1, 64, 128)
+ATTN_MMA_FWD(attn_fwd_mma_w8_d64_bf16, 8, 1, 64, 64)
+ATTN_MMA_FWD(attn_fwd_mma_w8_d128_bf16, 8, 1, 64, 128)
+ATTN_MMA_FWD(attn_fwd_mma_w4_m2_d64_bf16, 4, 2, 32, 64)
+ATTN_MMA_FWD(attn_fwd_mma_w4_m2_d128_bf16, 4, 2, 32, 128)
 
 #define ATTN_MMA_BWD(DH)                                                                                        \
     extern "C" __global__ void __launch_bounds__(128)                                                           \

@@ -161,7 +161,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left)" -gt 130 ]; then
   # fwd[mma]" ..., and the tests compared them with the CPU) and the multi-tensor AdamW and
   # gradient norm (SYNTHOS_CUDA_MULTI_TENSOR=1), and cached cuBLASLt plans
   # (SYNTHOS_CUDA_GEMM_PLANS=1; host time, so the b1 step shows it). Defaults: the bench above.
-  for attn in mma128 mma-det; do
+  for attn in mma-r32 mma-det; do
     [ "$(left)" -gt 110 ] || break
     stage "training steps with SYNTHOS_CUDA_ATTENTION=$attn, multi-tensor and GEMM plans"
     SYNTHOS_CUDA_ATTENTION=$attn SYNTHOS_CUDA_MULTI_TENSOR=1 SYNTHOS_CUDA_GEMM_PLANS=1 timeout 80 "$ENGINE" bench \

@@ -360,15 +360,17 @@ fn gpu_matches_cpu() {
     }
 }
 
-/// The mma.sync kernels (`SYNTHOS_CUDA_ATTENTION=mma|mma128|mma-det`: both forward block
-/// sizes, the backward with atomics and the deterministic one) against the CPU on every head dim, with masks, causal masking, biases
+/// The mma.sync kernels (`SYNTHOS_CUDA_ATTENTION=mma|mma128|mma-r32|mma-det`: every forward
+/// shape, the backward with atomics and the deterministic one) against the CPU on every head dim, with masks, causal masking, biases
 /// and several key and query tiles.
 #[test]
 fn gpu_mma_kernels_match_cpu() {
     use synthos_engine::cuda::attention::{with_attention_kernel, AttentionKernel};
     let Some(dev) = gpu() else { return };
     let mut rng = Rng::new(24);
-    for kernel in [AttentionKernel::Mma, AttentionKernel::Mma128, AttentionKernel::MmaDeterministic] {
+    for kernel in
+        [AttentionKernel::Mma, AttentionKernel::Mma128, AttentionKernel::MmaRows32, AttentionKernel::MmaDeterministic]
+    {
         with_attention_kernel(kernel, || {
             for dh in [32, 64, 80, 96, 128] {
                 let cases = [

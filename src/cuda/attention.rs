@@ -5,7 +5,7 @@
 //!
 //! Two sets of kernels exist (see [`AttentionKernel`]): the WMMA ones, the default, and the
 //! mma.sync ones with register-resident scores, which become the default once a GPU run
-//! has shown them correct and faster (docs/PERF.md). `SYNTHOS_CUDA_ATTENTION=wmma|mma|mma128|mma-det`
+//! has shown them correct and faster (docs/PERF.md). `SYNTHOS_CUDA_ATTENTION=wmma|mma|mma128|mma-r32|mma-det`
 //! picks one for a process, [`with_attention_kernel`] for a closure on one thread.
 
 use std::collections::HashSet;
@@ -50,6 +50,11 @@ pub enum AttentionKernel {
     /// As [`AttentionKernel::Mma`] with the forward's `attn_fwd_mma_w8_d<Dh>_bf16`: 128
     /// query rows per block of 8 warps, for head dims 64 and 128 (others use 4 warps).
     Mma128,
+    /// As [`AttentionKernel::Mma`] with the forward's `attn_fwd_mma_w4_m2_d<Dh>_bf16`: 128
+    /// query rows per block of 4 warps, 32 rows each (every K and V operand serves two row
+    /// tiles: half the shared-memory reads per product), key tiles of 32, for head dims
+    /// 64 and 128 (others use the 16-row form).
+    MmaRows32,
     /// As [`AttentionKernel::Mma`], with the deterministic backward: dk and dv from
     /// `attn_bwd_dkdv_mma_d<Dh>_bf16`, dq and dbias from `attn_bwd_dq_mma_d<Dh>_bf16`
     /// (scores recomputed per query block), no atomics: bit-identical results run to run.
@@ -63,26 +68,36 @@ impl AttentionKernel {
             AttentionKernel::Wmma => "wmma",
             AttentionKernel::Mma => "mma",
             AttentionKernel::Mma128 => "mma128",
+            AttentionKernel::MmaRows32 => "mma-r32",
             AttentionKernel::MmaDeterministic => "mma-det",
         }
     }
 
     /// Every set (the first is the default).
-    pub const ALL: [AttentionKernel; 4] =
-        [AttentionKernel::Wmma, AttentionKernel::Mma, AttentionKernel::Mma128, AttentionKernel::MmaDeterministic];
+    pub const ALL: [AttentionKernel; 5] = [
+        AttentionKernel::Wmma,
+        AttentionKernel::Mma,
+        AttentionKernel::Mma128,
+        AttentionKernel::MmaRows32,
+        AttentionKernel::MmaDeterministic,
+    ];
 
     /// True for the set whose backward uses no atomics.
     pub fn deterministic_backward(self) -> bool {
         self == AttentionKernel::MmaDeterministic
     }
 
-    /// Warps per block of the mma kernel used at `head_dim` (None for WMMA).
-    fn mma_warps(self, head_dim: usize) -> Option<usize> {
-        match self {
-            AttentionKernel::Wmma => None,
-            AttentionKernel::Mma | AttentionKernel::MmaDeterministic => Some(4),
-            AttentionKernel::Mma128 => Some(if head_dim == 64 || head_dim == 128 { 8 } else { 4 }),
-        }
+    /// The mma forward kernel's shape at `head_dim` (None for WMMA).
+    fn mma_forward(self, head_dim: usize) -> Option<MmaForward> {
+        let wide = head_dim == 64 || head_dim == 128;
+        let (warps, row_tiles, key_tile) = match self {
+            AttentionKernel::Wmma => return None,
+            AttentionKernel::Mma | AttentionKernel::MmaDeterministic => (4, 1, 64),
+            AttentionKernel::Mma128 if wide => (8, 1, 64),
+            AttentionKernel::MmaRows32 if wide => (4, 2, 32),
+            AttentionKernel::Mma128 | AttentionKernel::MmaRows32 => (4, 1, 64),
+        };
+        Some(MmaForward { warps, row_tiles, key_tile })
     }
 }
 
@@ -103,10 +118,34 @@ pub fn with_attention_kernel<R>(kernel: AttentionKernel, f: impl FnOnce() -> R) 
     super::choice::with(ATTENTION_VAR, index, f)
 }
 
-/// Dynamic shared memory of the mma forward kernel with `warps` warps (mirrors
-/// `MmaFwd<DH, W>::BYTES`: Q 16W rows and two stages of K and V 64 rows, Dh+8 bf16 each).
-fn mma_fwd_smem_bytes(warps: usize, head_dim: usize) -> usize {
-    (16 * warps + 256) * (head_dim + 8) * 2
+/// The shape of an mma forward kernel (`MmaFwd<DH, W, MT, BK>`).
+#[derive(Clone, Copy, Debug)]
+struct MmaForward {
+    /// Warps per block (W).
+    warps: usize,
+    /// 16-row query tiles per warp (MT).
+    row_tiles: usize,
+    /// Keys per tile (BK).
+    key_tile: usize,
+}
+
+impl MmaForward {
+    /// Query rows per block.
+    fn rows(&self) -> usize {
+        16 * self.row_tiles * self.warps
+    }
+
+    /// Entry point: `attn_fwd_mma_w<W>[_m<MT>]_d<Dh>_bf16`.
+    fn name(&self, head_dim: usize) -> &'static str {
+        let m = if self.row_tiles > 1 { format!("_m{}", self.row_tiles) } else { String::new() };
+        kernel_name(&format!("attn_fwd_mma_w{}{m}_d{head_dim}", self.warps), DType::BF16)
+    }
+
+    /// Dynamic shared memory (mirrors `MmaFwd::BYTES`: Q for the block's rows and two
+    /// stages of K and V tiles, Dh+8 bf16 per row).
+    fn smem_bytes(&self, head_dim: usize) -> usize {
+        (self.rows() + 4 * self.key_tile) * (head_dim + 8) * 2
+    }
 }
 
 /// Dynamic shared memory of the mma backward kernel (mirrors `MmaBwd<DH>::BYTES`: K, V
@@ -212,15 +251,9 @@ pub fn forward(p: &AttentionParams, x: &AttentionInputs<CudaStorage>) -> Result<
     let dev = &x.q.dev;
     let (wmma_name, _) = kernel_names(p.head_dim)?;
     let kd = kernel_dims(p)?;
-    let (module, name, smem, rows, threads) = match attention_kernel()?.mma_warps(p.head_dim) {
+    let (module, name, smem, rows, threads) = match attention_kernel()?.mma_forward(p.head_dim) {
         None => ("attention", wmma_name, fwd_smem_bytes(p.head_dim), FWD_QUERIES, THREADS),
-        Some(w) => (
-            "attention_mma",
-            kernel_name(&format!("attn_fwd_mma_w{w}_d{}", p.head_dim), DType::BF16),
-            mma_fwd_smem_bytes(w, p.head_dim),
-            16 * w,
-            32 * w as u32,
-        ),
+        Some(m) => ("attention_mma", m.name(p.head_dim), m.smem_bytes(p.head_dim), m.rows(), 32 * m.warps as u32),
     };
     let f = kernel_with_smem(dev, module, name, smem)?;
     let (q, k, v) = (bf16_slice("q", x.q)?, bf16_slice("k", x.k)?, bf16_slice("v", x.v)?);

@@ -1,6 +1,6 @@
 // kernels/attention_mma.cu under emulation, launched as src/cuda/attention.rs does for
 // the mma kernels: the forward's output and row log-sum-exp for every compiled (warps,
-// head dim) pair, then the backward (attn_bwd_dot of attention.cu for D, the mma
+// row tiles per warp, head dim) form, then the backward (attn_bwd_dot of attention.cu for D, the mma
 // backward, the cast of the f32 dq accumulator) and the deterministic backward (dK/dV and
 // dQ kernels, no atomics) for every head dim, against the double-precision reference, with key masks (a batch whose keys are all
 // hidden, a query that sees no key), causal masking, shared and per-batch biases, and
@@ -20,10 +20,13 @@ namespace {
 
 Report report("attention_mma");
 
-// Mirror of src/cuda/attention.rs (`mma_fwd_smem_bytes`; threads 32 W, 16 W rows a block).
-unsigned mma_fwd_smem_bytes(size_t warps, size_t head_dim) {
-    return (unsigned)((16 * warps + 256) * (head_dim + 8) * 2);
-}
+// Mirror of src/cuda/attention.rs (`MmaForward`): W warps of MT 16-row tiles (32 W threads,
+// 16 MT W rows a block), key tiles of BK.
+struct FwdShape {
+    size_t warps, row_tiles, key_tile;
+    size_t rows() const { return 16 * row_tiles * warps; }
+    unsigned smem_bytes(size_t head_dim) const { return (unsigned)((rows() + 4 * key_tile) * (head_dim + 8) * 2); }
+};
 
 // `mma_bwd_smem_bytes`; 64 keys a block, 128 threads.
 unsigned mma_bwd_smem_bytes(size_t head_dim) { return (unsigned)(512 * (head_dim + 8) + 5632); }
@@ -76,20 +79,23 @@ using Fwd = emu::Kernel<const bf16*, const bf16*, const bf16*, const float*, con
                         int, int, int, float>;
 
 // `mma_forward_name`.
-Fwd kernel(size_t warps, size_t head_dim) {
-    switch (warps * 1000 + head_dim) {
-        case 4032: return EMU_KERNEL(attn_fwd_mma_w4_d32_bf16);
-        case 4064: return EMU_KERNEL(attn_fwd_mma_w4_d64_bf16);
-        case 4080: return EMU_KERNEL(attn_fwd_mma_w4_d80_bf16);
-        case 4096: return EMU_KERNEL(attn_fwd_mma_w4_d96_bf16);
-        case 4128: return EMU_KERNEL(attn_fwd_mma_w4_d128_bf16);
-        case 8064: return EMU_KERNEL(attn_fwd_mma_w8_d64_bf16);
-        case 8128: return EMU_KERNEL(attn_fwd_mma_w8_d128_bf16);
-        default: emu::fail("no mma attention kernel for %zu warps, head dim %zu", warps, head_dim);
+// `MmaForward::name`.
+Fwd kernel(const FwdShape& f, size_t head_dim) {
+    switch ((f.warps * 10 + f.row_tiles) * 1000 + head_dim) {
+        case 41032: return EMU_KERNEL(attn_fwd_mma_w4_d32_bf16);
+        case 41064: return EMU_KERNEL(attn_fwd_mma_w4_d64_bf16);
+        case 41080: return EMU_KERNEL(attn_fwd_mma_w4_d80_bf16);
+        case 41096: return EMU_KERNEL(attn_fwd_mma_w4_d96_bf16);
+        case 41128: return EMU_KERNEL(attn_fwd_mma_w4_d128_bf16);
+        case 81064: return EMU_KERNEL(attn_fwd_mma_w8_d64_bf16);
+        case 81128: return EMU_KERNEL(attn_fwd_mma_w8_d128_bf16);
+        case 42064: return EMU_KERNEL(attn_fwd_mma_w4_m2_d64_bf16);
+        case 42128: return EMU_KERNEL(attn_fwd_mma_w4_m2_d128_bf16);
+        default: emu::fail("no mma attention kernel for %zu warps of %zu tiles, head dim %zu", f.warps, f.row_tiles, head_dim);
     }
 }
 
-void run(const Config& c, size_t warps, uint64_t seed) {
+void run(const Config& c, const FwdShape& f, uint64_t seed) {
     const size_t B = c.batch, Nq = c.q_len, Nk = c.kv_len, H = c.heads, D = c.head_dim;
     const Inputs x = draw(c, seed);
     const Reference ref = reference(c, x.scale, x.q, x.k, x.v, x.dout, x.mask, x.bias);
@@ -101,15 +107,15 @@ void run(const Config& c, size_t warps, uint64_t seed) {
     const float* bias_ptr = x.bias.empty() ? dummy.ptr() : dbias.ptr();
     DeviceArray<bf16> out(B * Nq * H * D);
     DeviceArray<float> lse(B * H * Nq);
-    const emu::LaunchConfig cfg{dim3((unsigned)ceil_div(Nq, 16 * warps), (unsigned)H, (unsigned)B),
-                                dim3((unsigned)(32 * warps)), mma_fwd_smem_bytes(warps, D)};
-    emu::launch(cfg, kernel(warps, D), dq.ptr(), dk.ptr(), dv.ptr(), mask_ptr, bias_ptr, out.ptr(), lse.ptr(), (int)Nq,
+    const emu::LaunchConfig cfg{dim3((unsigned)ceil_div(Nq, f.rows()), (unsigned)H, (unsigned)B),
+                                dim3((unsigned)(32 * f.warps)), f.smem_bytes(D)};
+    emu::launch(cfg, kernel(f, D), dq.ptr(), dk.ptr(), dv.ptr(), mask_ptr, bias_ptr, out.ptr(), lse.ptr(), (int)Nq,
                 (int)Nk, (int)H, (int)c.bias_batch, (int)!x.mask.empty(), (int)c.causal, x.scale);
 
-    const std::string name = format("w%zu ", warps) + attention_ref::name(c);
+    const std::string name = format("w%zu m%zu ", f.warps, f.row_tiles) + attention_ref::name(c);
     check(report, "mma forward " + name + ": out", out.download(), ref.out, 6e-3);
     report.close("mma forward " + name + ": lse", lse.download(), ref.lse, 1e-4, 1e-5);
-    if (warps != 4) return;  // one backward per configuration
+    if (f.warps != 4 || f.row_tiles != 1) return;  // one backward per configuration
 
     const size_t rows = B * Nq * H;
     DeviceArray<bf16> dg(x.dout);
@@ -179,8 +185,11 @@ int main() {
     for (size_t i = 0; i < std::size(configs); ++i) {
         if (kTsan && i != 0 && i != 2 && i != 5) continue;  // TSan: masks; uneven dQ work; several tiles
         const Config& c = configs[i];
-        run(c, 4, 300 + i);
-        if (c.head_dim == 64 || c.head_dim == 128) run(c, 8, 400 + i);
+        run(c, {4, 1, 64}, 300 + i);
+        if (c.head_dim == 64 || c.head_dim == 128) {
+            run(c, {8, 1, 64}, 400 + i);
+            run(c, {4, 2, 32}, 500 + i);
+        }
     }
     return report.finish();
 }
