@@ -3,10 +3,11 @@
 //! optionally dbias), bf16 tensors with fp32 statistics, for head dims 32, 64, 80, 96 and
 //! 128.
 //!
-//! Two sets of kernels exist (see [`AttentionKernel`]): the WMMA ones, the default, and the
-//! mma.sync ones with register-resident scores, which become the default once a GPU run
-//! has shown them correct and faster (docs/PERF.md). `SYNTHOS_CUDA_ATTENTION=wmma|mma|mma128|mma-r32|mma-det`
-//! picks one for a process, [`with_attention_kernel`] for a closure on one thread.
+//! Two kinds of kernels exist (see [`AttentionKernel`]): the WMMA ones, the default, and
+//! the mma.sync ones with register-resident scores, which become the default once a GPU
+//! run has shown them correct and faster (docs/PERF.md).
+//! `SYNTHOS_CUDA_ATTENTION=wmma|mma|mma128|mma-r32|mma-det` picks a set for a process,
+//! [`with_attention_kernel`] for a closure on one thread.
 
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
