@@ -75,7 +75,7 @@ fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f64, f64) -> f64) -> f64 {
     combine(lanes)
 }
 
-/// `Σ x_i` in f64 (eight lanes, see [`LANES`]).
+/// `Σ x_i` in f64 (eight lanes of partial sums, added in a fixed order).
 #[inline(always)]
 pub fn sum_f64(x: &[f32]) -> f64 {
     lane_sum(x, x, |v, _| v)
