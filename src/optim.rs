@@ -152,9 +152,8 @@ impl AdamW {
         let cfg = self.cfg;
         // (index of the parameter, its gradient, its step constants)
         let mut items = Vec::with_capacity(self.params.len());
-        for (index, p) in self.params.iter_mut().enumerate() {
+        for (index, p) in self.params.iter().enumerate() {
             let Some(g) = grads.get(&p.param) else { continue };
-            let g = g.clone();
             let t = (p.steps + 1) as f64;
             let lr64 = lr as f64;
             let s = AdamWStep {

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::PushKernelArg;
+use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use half::bf16;
 
@@ -172,12 +172,9 @@ pub fn step_many(entries: &mut [AdamWEntry<'_>]) -> Result<()> {
             pad: 0,
         });
     }
-    let chunk_table = chunks(&entries.iter().map(|e| e.n).collect::<Vec<_>>())?;
-    if chunk_table.is_empty() {
+    let Some((tensors, chunks_dev, count)) = upload_tables(&dev, &table)? else {
         return Ok(());
-    }
-    let tensors = dev.stream.clone_htod(&table)?;
-    let chunks_dev = dev.stream.clone_htod(&chunk_table)?;
+    };
     let f = dev.func("adamw", "adamw_multi")?;
     let chunk = MULTI_CHUNK as i64;
     let mut lb = dev.stream.launch_builder(&f);
@@ -186,8 +183,22 @@ pub fn step_many(entries: &mut [AdamWEntry<'_>]) -> Result<()> {
     // elements of the dtypes it names (checked above; the caller's borrows keep them alive
     // and unaliased until the launch is queued, and frees are stream-ordered after it);
     // block b updates only elements of chunk b, and chunks do not overlap.
-    unsafe { lb.launch(super::grid_rows(chunk_table.len(), BLOCK)) }?;
+    unsafe { lb.launch(super::grid_rows(count, BLOCK)) }?;
     Ok(())
+}
+
+/// A multi-tensor launch's tables on the device: the tensors, their chunks (in tensor
+/// order) and the chunk count, which is the grid; `None` when there is no element.
+#[allow(clippy::type_complexity)]
+fn upload_tables(
+    dev: &super::CudaDevice,
+    table: &[MultiTensor],
+) -> Result<Option<(CudaSlice<MultiTensor>, CudaSlice<MultiChunk>, usize)>> {
+    let chunk_table = chunks(&table.iter().map(|t| t.n as usize).collect::<Vec<_>>())?;
+    if chunk_table.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some((dev.stream.clone_htod(table)?, dev.stream.clone_htod(&chunk_table)?, chunk_table.len())))
 }
 
 /// The variable that turns the multi-tensor launches on (`1`; `0`, the default, launches
@@ -213,9 +224,6 @@ const MAX_SUMSQ_BLOCKS: usize = 1024;
 /// [`multi_tensor`]) or one `sum_squares_<dtype>` per tensor, then `sum_partials`. All
 /// tensors must live on one device.
 pub fn sum_squares(xs: &[(&CudaStorage, usize)]) -> Result<f32> {
-    if !multi_tensor()? {
-        return sum_squares_per_tensor(xs);
-    }
     let Some((first, _)) = xs.first() else {
         return Ok(0.0);
     };
@@ -223,12 +231,21 @@ pub fn sum_squares(xs: &[(&CudaStorage, usize)]) -> Result<f32> {
     if xs.iter().any(|(x, _)| !Arc::ptr_eq(&x.dev, &dev)) {
         bail!("sum_squares: tensors on different GPUs");
     }
-    let mut table = Vec::with_capacity(xs.len());
-    for (x, n) in xs {
-        if x.buf.len() < *n {
-            bail!("sum_squares: buffer of {} elements for {n}", x.buf.len());
-        }
-        table.push(MultiTensor {
+    if let Some((x, n)) = xs.iter().find(|(x, n)| x.buf.len() < *n) {
+        bail!("sum_squares: buffer of {} elements for {n}", x.buf.len());
+    }
+    if multi_tensor()? {
+        sum_squares_multi(&dev, xs)
+    } else {
+        sum_squares_per_tensor(&dev, xs)
+    }
+}
+
+/// [`sum_squares`] in one `sum_squares_multi` launch (one partial per chunk).
+fn sum_squares_multi(dev: &super::CudaDevice, xs: &[(&CudaStorage, usize)]) -> Result<f32> {
+    let table: Vec<MultiTensor> = xs
+        .iter()
+        .map(|(x, n)| MultiTensor {
             grad: addr(&x.buf, &dev.stream),
             w: 0,
             m: 0,
@@ -238,15 +255,11 @@ pub fn sum_squares(xs: &[(&CudaStorage, usize)]) -> Result<f32> {
             s: AdamWStep::default(),
             grad_bf16: (x.buf.dtype() == crate::DType::BF16) as i32,
             pad: 0,
-        });
-    }
-    let chunk_table = chunks(&xs.iter().map(|(_, n)| *n).collect::<Vec<_>>())?;
-    if chunk_table.is_empty() {
+        })
+        .collect();
+    let Some((tensors, chunks_dev, total)) = upload_tables(dev, &table)? else {
         return Ok(0.0);
-    }
-    let tensors = dev.stream.clone_htod(&table)?;
-    let chunks_dev = dev.stream.clone_htod(&chunk_table)?;
-    let total = chunk_table.len();
+    };
     let mut parts = dev.alloc_t::<f32>(total)?;
     {
         let f = dev.func("adamw", "sum_squares_multi")?;
@@ -254,30 +267,20 @@ pub fn sum_squares(xs: &[(&CudaStorage, usize)]) -> Result<f32> {
         let mut lb = dev.stream.launch_builder(&f);
         lb.arg(&tensors).arg(&chunks_dev).arg(&chunk).arg(&mut parts);
         // SAFETY: the table's addresses are live buffers of at least n elements of the
-        // dtype it names (checked above, borrowed by the caller); block b reads chunk b
-        // and writes partials[b], b < total.
+        // dtype it names (checked by the caller, which borrows them); block b reads chunk
+        // b and writes partials[b], b < total.
         unsafe { lb.launch(super::grid_rows(total, BLOCK)) }?;
     }
-    sum_partials(&dev, &parts, total)
+    sum_partials(dev, &parts, total)
 }
 
-/// [`sum_squares`] with one launch per tensor.
-fn sum_squares_per_tensor(xs: &[(&CudaStorage, usize)]) -> Result<f32> {
-    let Some((first, _)) = xs.first() else {
-        return Ok(0.0);
-    };
-    let dev = first.dev.clone();
-    if xs.iter().any(|(x, _)| !Arc::ptr_eq(&x.dev, &dev)) {
-        bail!("sum_squares: tensors on different GPUs");
-    }
+/// [`sum_squares`] with one `sum_squares_<dtype>` launch per tensor.
+fn sum_squares_per_tensor(dev: &super::CudaDevice, xs: &[(&CudaStorage, usize)]) -> Result<f32> {
     let blocks: Vec<usize> = xs.iter().map(|(_, n)| n.div_ceil(BLOCK as usize).clamp(1, MAX_SUMSQ_BLOCKS)).collect();
     let total: usize = blocks.iter().sum();
     let mut parts = dev.alloc_t::<f32>(total)?;
     let mut offset = 0i64;
     for ((x, n), nb) in xs.iter().zip(&blocks) {
-        if x.buf.len() < *n {
-            bail!("sum_squares: buffer of {} elements for {n}", x.buf.len());
-        }
         let f = dev.func("adamw", kernel_name("sum_squares", x.buf.dtype()))?;
         let n64 = *n as i64;
         let mut lb = dev.stream.launch_builder(&f);
@@ -288,16 +291,16 @@ fn sum_squares_per_tensor(xs: &[(&CudaStorage, usize)]) -> Result<f32> {
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: reads n elements of x; block b writes partials[offset + b] with
-        // b < nb, and offset + nb ≤ total.
+        // SAFETY: reads n elements of x (checked by the caller); block b writes
+        // partials[offset + b] with b < nb, and offset + nb ≤ total.
         unsafe { lb.launch(cfg) }?;
         offset += *nb as i64;
     }
-    sum_partials(&dev, &parts, total)
+    sum_partials(dev, &parts, total)
 }
 
 /// `Σ partials[0..total)` in a fixed order (`sum_partials`, one block), read back.
-fn sum_partials(dev: &super::CudaDevice, parts: &cudarc::driver::CudaSlice<f32>, total: usize) -> Result<f32> {
+fn sum_partials(dev: &super::CudaDevice, parts: &CudaSlice<f32>, total: usize) -> Result<f32> {
     let mut o = dev.alloc_t::<f32>(1)?;
     let f = dev.func("adamw", "sum_partials")?;
     let count = total as i64;

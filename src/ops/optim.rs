@@ -70,50 +70,44 @@ pub fn adamw_update_many(items: &[AdamWItem<'_>]) -> Result<()> {
             all.push(t);
         }
     }
-    match super::same_device("adamw", &all)? {
-        Device::Cpu => {
-            for i in items {
-                adamw_update(i.weights, i.compute, i.exp_avg, i.exp_avg_sq, i.grad, &i.s)?;
-            }
-            Ok(())
+    let batched = match super::same_device("adamw", &all)? {
+        Device::Cpu => false,
+        Device::Cuda(_) => cuda::adamw::multi_tensor()?,
+    };
+    if !batched {
+        for i in items {
+            adamw_update(i.weights, i.compute, i.exp_avg, i.exp_avg_sq, i.grad, &i.s)?;
         }
-        Device::Cuda(_) if !cuda::adamw::multi_tensor()? => {
-            for i in items {
-                adamw_update(i.weights, i.compute, i.exp_avg, i.exp_avg_sq, i.grad, &i.s)?;
-            }
-            Ok(())
-        }
-        Device::Cuda(_) => {
-            // Guards for every item first (write locks on the updated tensors), then one
-            // launch over all of them.
-            let mut guards = Vec::with_capacity(items.len());
-            for i in items {
-                guards.push((
-                    i.grad.storage(),
-                    i.weights.storage_mut(),
-                    i.exp_avg.storage_mut(),
-                    i.exp_avg_sq.storage_mut(),
-                    i.compute.map(|c| c.storage_mut()),
-                ));
-            }
-            let mut entries = Vec::with_capacity(items.len());
-            for ((g, w, m, v, c), i) in guards.iter_mut().zip(items) {
-                entries.push(cuda::adamw::AdamWEntry {
-                    grad: g.as_cuda()?,
-                    w: w.as_cuda_mut()?,
-                    m: m.as_cuda_mut()?,
-                    v: v.as_cuda_mut()?,
-                    copy: match c.as_mut() {
-                        Some(c) => Some(c.as_cuda_mut()?),
-                        None => None,
-                    },
-                    s: i.s,
-                    n: i.weights.numel(),
-                });
-            }
-            cuda::adamw::step_many(&mut entries)
-        }
+        return Ok(());
     }
+    // Guards for every item first (write locks on the updated tensors), then one
+    // launch over all of them.
+    let mut guards = Vec::with_capacity(items.len());
+    for i in items {
+        guards.push((
+            i.grad.storage(),
+            i.weights.storage_mut(),
+            i.exp_avg.storage_mut(),
+            i.exp_avg_sq.storage_mut(),
+            i.compute.map(|c| c.storage_mut()),
+        ));
+    }
+    let mut entries = Vec::with_capacity(items.len());
+    for ((g, w, m, v, c), i) in guards.iter_mut().zip(items) {
+        entries.push(cuda::adamw::AdamWEntry {
+            grad: g.as_cuda()?,
+            w: w.as_cuda_mut()?,
+            m: m.as_cuda_mut()?,
+            v: v.as_cuda_mut()?,
+            copy: match c.as_mut() {
+                Some(c) => Some(c.as_cuda_mut()?),
+                None => None,
+            },
+            s: i.s,
+            n: i.weights.numel(),
+        });
+    }
+    cuda::adamw::step_many(&mut entries)
 }
 
 /// `Σ x²` over every element of every tensor (all on one device): fp32 accumulation with a
