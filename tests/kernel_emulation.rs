@@ -210,8 +210,9 @@ fn emulate(family: &str, opt: &str, builds: &[Build]) {
 }
 
 // -O0 compiles fastest and is fast enough, except for the reductions, whose many blocks
-// of 256 synchronising threads run four times faster at -O1, and the mma attention, whose
-// warp-collective tensor-core instructions run three to four times faster at -O1.
+// of 256 synchronising threads run four times faster at -O1, and the mma and wgmma
+// attention, whose warp-collective tensor-core instructions run three to four times faster
+// at -O1.
 
 #[test]
 fn emulator_checks() {
@@ -271,4 +272,9 @@ fn softmax() {
 #[test]
 fn attention_mma() {
     emulate("attention_mma", "-O1", &[Build::Address, Build::Thread]);
+}
+
+#[test]
+fn attention_wgmma() {
+    emulate("attention_wgmma", "-O1", &[Build::Address, Build::Thread]);
 }

@@ -1,6 +1,6 @@
 // The double-precision attention reference shared by the attention harnesses
-// (attention.cpp, attention_mma.cpp): a test configuration, outputs and gradients
-// computed from the exact bf16 inputs, and the bf16 tolerance check.
+// (attention.cpp, attention_mma.cpp, attention_wgmma.cpp): a test configuration, outputs
+// and gradients computed from the exact bf16 inputs, and the bf16 tolerance check.
 #pragma once
 #include "harness.h"
 

@@ -137,6 +137,25 @@ struct ThreadContext {
     AsyncCopy async_copies[kMaxAsyncCopies];
     unsigned async_pending = 0;    // entries of async_copies in use
     unsigned async_committed = 0;  // groups committed so far
+    // Shared-memory chunks (16-byte indices) this thread's cp.async copies wrote since its
+    // last fence.proxy.async (see wgmma_emu.h).
+    std::vector<unsigned> unfenced_chunks;
+    // wgmma (see wgmma_emu.h): products issued and not yet complete (their results wait
+    // for the wgmma.wait_group that completes their group), groups committed, and whether
+    // a wgmma.fence came since the last wait.
+    struct Wgmma {
+        float* d;                // the accumulator registers
+        unsigned n;              // how many (N / 2)
+        unsigned group;
+        uint64_t a_desc, b_desc;
+        bool a_in_regs;
+        int trans_a, trans_b;
+        float a[2][16];          // this lane's two rows of A (read at issue)
+        float in[128], out[128];  // accumulators before and after
+    };
+    std::vector<Wgmma> wgmma_ops;
+    unsigned wgmma_committed = 0;
+    bool wgmma_fenced = false;
 };
 
 // The CUDA thread running now, null on the host. Set by the scheduler before it switches
@@ -151,6 +170,9 @@ inline std::atomic<ThreadContext*> running{nullptr};
 struct SmemUse {
     std::atomic<unsigned> phase{~0u};
     std::atomic<uint64_t> warps{0};
+    // (Written chunks only.) 1 + the thread whose cp.async wrote it, until that thread's
+    // fence.proxy.async; 0 when the tensor cores may read it (wgmma_emu.h).
+    std::atomic<unsigned> unfenced{0};
 };
 
 // The launch in progress, written by the host between blocks only.
@@ -356,6 +378,10 @@ class Scheduler {
             t.warp = &warps[i / 32];
             t.fiber = &f;
             t.async_pending = t.async_committed = 0;
+            t.unfenced_chunks.clear();
+            t.wgmma_ops.clear();
+            t.wgmma_committed = 0;
+            t.wgmma_fenced = false;
             f.wait.store(kRunning, std::memory_order_relaxed);
         }
         tsan_release(&start_token_);
@@ -562,6 +588,8 @@ inline void Scheduler::fiber_main(void* p) {
         s.body_(s.arg_);
         if (f.thread.async_pending != 0)
             fail("the thread ended with %u cp.async copies it never waited for", f.thread.async_pending);
+        if (!f.thread.wgmma_ops.empty())
+            fail("the thread ended with %zu wgmma products it never waited for", f.thread.wgmma_ops.size());
         tsan_release(&s.done_token_);
         s.yield(f, kFinished);
     }

@@ -64,6 +64,10 @@ inline void check_smem(const char* what, const void* p, unsigned bytes) {
                   emu::dynamic_smem_bytes(), emu::dynamic_smem());
 }
 
+// The emulation's shared window: dynamic shared memory starts at this address (not a
+// multiple of 1024, so kernels that need 1024-byte-aligned tiles must align them).
+constexpr unsigned kSharedBase = 0x80;
+
 inline float bf16_bits(uint32_t bits) {
     const uint32_t u = bits << 16;
     float f;
@@ -95,6 +99,14 @@ inline void ldmatrix(uint32_t (&r)[4], const void* row, const char* what, const 
 }
 
 }  // namespace detail
+
+// The shared-window address of `p` (in the block's dynamic shared memory), as cvta.
+inline unsigned smem_addr(const void* p) {
+    const auto a = reinterpret_cast<uintptr_t>(p), base = reinterpret_cast<uintptr_t>(emu::dynamic_smem());
+    if (base == 0 || a < base || a > base + emu::dynamic_smem_bytes())
+        emu::fail("smem_addr: %p is outside the block's dynamic shared memory", p);
+    return detail::kSharedBase + (unsigned)(a - base);
+}
 
 inline void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
                            const emu::Loc& loc = emu::Loc::current()) {
@@ -165,9 +177,14 @@ inline void cp_async_wait() {
     unsigned kept = 0;
     for (unsigned i = 0; i < self.async_pending; ++i) {
         auto& c = self.async_copies[i];
-        if (c.group + N < self.async_committed)  // among the groups the wait completes
+        if (c.group + N < self.async_committed) {  // among the groups the wait completes
             memcpy(c.dst, c.bytes, 16);
-        else
+            // Written through the generic proxy: the tensor cores may read it only after
+            // this thread's fence.proxy.async (wgmma_emu.h).
+            const unsigned chunk = (unsigned)((static_cast<unsigned char*>(c.dst) - emu::dynamic_smem()) / 16);
+            emu::launch_ctx.smem_writes[chunk].unfenced.store(self.linear + 1, std::memory_order_relaxed);
+            self.unfenced_chunks.push_back(chunk);
+        } else
             self.async_copies[kept++] = c;
     }
     self.async_pending = kept;

@@ -1,0 +1,241 @@
+// Attention forward on Hopper's warpgroup tensor-core instruction (wgmma, sm_90a): the
+// same math, inputs, outputs and conventions as attn_fwd in attention.cu and the mma.sync
+// forward of attention_mma.cu, whose backward kernels take its output and log-sum-exp.
+//
+// attn_fwd_wgmma_d<Dh>_bf16 (Dh 64 or 128): grid (ceil(Nq / 128), H, B), 256 threads =
+//   two warpgroups. The block owns 128 query rows, warpgroup wg the 64 rows 64wg.. and,
+//   within it, warp w (of 4) the 16 rows 16w.. of each product. The block walks the keys
+//   in tiles of 128 (causal: only up to its last row). Q, K and V tiles go to shared
+//   memory through cp.async in the 128-byte-swizzle layout of wgmma.cuh (Dh split into
+//   panels of 64 columns, one 128-byte row per token and panel); K and V are two stages
+//   deep, tile j+1 in flight while tile j is used. Per tile, each warpgroup:
+//     S (64 x 128 fp32, 64 registers a thread) = Q K^T: Dh/16 wgmma with Q and K from
+//       shared memory, both K-major (head dims contiguous);
+//     scale, bias, masks and the online softmax on S's registers, as in attention_mma.cu
+//       (S's register layout is mma.sync's, so a row's 4 lanes reduce with two shuffles);
+//     O (64 x Dh fp32, Dh/2 registers) = alpha O + P V: 8 wgmma with P's 16-key slices
+//       packed from S's registers as A operands and V from shared memory, N-major (V's
+//       rows are keys, its head dims contiguous).
+//   Out-of-range keys and query rows are zero-filled by cp.async and masked to -inf.
+//
+// Shared memory (dynamic): Q 128 rows, K and V 2 stages x 128 rows, Dh bf16 each, from the
+//   first 1024-byte boundary of the window: 1280 Dh + 1024 bytes (Dh 64: 82944, 128: 164864).
+// Built for sm_90a only; other targets get a kernel that traps (the host launches it only
+// on compute capability 9.0).
+#include "wgmma.cuh"
+
+namespace {
+
+template <int DH>
+struct WgFwd {
+    static constexpr int THREADS = 256;
+    static constexpr int BQ = 128;  // query rows per block
+    static constexpr int BK = 128;  // keys per tile
+    static constexpr int Q = 0;     // byte offsets from the aligned base
+    static constexpr int K = Q + BQ * DH * 2;
+    static constexpr int V = K + 2 * BK * DH * 2;
+    static constexpr int BYTES = V + 2 * BK * DH * 2 + 1024;  // + the alignment slack
+    static_assert(DH == 64 || DH == 128, "head dim 64 or 128");
+    // The host computes the same size (cuda/attention.rs, wgmma_fwd_smem_bytes).
+    static_assert(BYTES == 1280 * DH + 1024, "shared-memory size changed: update the host");
+};
+
+// Issues cp.async copies of tokens row0 .. row0+ROWS-1 of head h, batch b of a
+// [B, N, H, DH] bf16 tensor into a 128-byte-swizzled tile at `dst` (1024-byte aligned):
+// panel p (head dims 64p..64p+63) at dst + p ROWS 128, token r's row at + 128 r, its
+// 16-byte chunk c at chunk c ^ (r % 8). Zeros for tokens >= N.
+template <int DH, int ROWS, int THREADS>
+__device__ __forceinline__ void issue_tile_sw128(unsigned char* dst, const bf16* __restrict__ src, int64_t b,
+                                                 int row0, int N, int H, int h) {
+    constexpr int CPR = DH / 8;  // 16-byte chunks per row
+    static_assert(ROWS * CPR % THREADS == 0, "every thread copies the same number of chunks");
+#pragma unroll
+    for (int i = 0; i < ROWS * CPR / THREADS; ++i) {
+        const int idx = threadIdx.x + i * THREADS;
+        const int r = idx / CPR, c = idx % CPR;
+        const int n = row0 + r;
+        const bool in_range = n < N;
+        const bf16* from = src + ((b * N + (in_range ? n : 0)) * H + h) * (int64_t)DH + c * 8;
+        ptx::cp_async_16(dst + (c / 8) * (ROWS * 128) + r * 128 + (((c % 8) ^ (r % 8)) * 16), from, in_range);
+    }
+}
+
+template <int DH>
+__device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                               const bf16* __restrict__ v, const float* __restrict__ key_mask,
+                                               const float* __restrict__ bias, bf16* __restrict__ out,
+                                               float* __restrict__ lse, int Nq, int Nk, int H, int bias_batch,
+                                               int has_mask, int causal, float scale) {
+#if defined(SYNTHOS_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    using L = WgFwd<DH>;
+    constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
+    constexpr int BQ = L::BQ, BK = L::BK, NT = BK / 8, DT = DH / 8, KD = DH / 16;
+    DYNAMIC_SMEM(smem_raw);
+    if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
+    // The swizzle is a function of absolute shared-window addresses, repeating every 1024
+    // bytes: start the tiles on such a boundary.
+    unsigned char* smem = smem_raw + ((1024u - (ptx::smem_addr(smem_raw) & 1023u)) & 1023u);
+    unsigned char* Qs = smem + L::Q;
+    unsigned char* Ks = smem + L::K;
+    unsigned char* Vs = smem + L::V;
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp within it
+    const int g = lane >> 2, t = lane & 3;
+    const int q0 = blockIdx.x * BQ;
+    const int h = blockIdx.y;
+    const int64_t b = blockIdx.z;
+    // Query rows of this lane's S and O elements: e = 0, 1 -> rows[0]; e = 2, 3 -> rows[1].
+    int rows[2];
+    rows[0] = q0 + wg * 64 + wq * 16 + g;
+    rows[1] = rows[0] + 8;
+
+    const int k_end = causal ? min(Nk, q0 + BQ) : Nk;
+    const int tiles = (k_end + BK - 1) / BK;
+
+    issue_tile_sw128<DH, BQ, L::THREADS>(Qs, q, b, q0, Nq, H, h);
+    if (tiles > 0) {
+        issue_tile_sw128<DH, BK, L::THREADS>(Ks, k, b, 0, Nk, H, h);
+        issue_tile_sw128<DH, BK, L::THREADS>(Vs, v, b, 0, Nk, H, h);
+    }
+    ptx::cp_async_commit();
+
+    const float* brow[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+        brow[r] = bias_batch > 0 && rows[r] < Nq
+                      ? bias + (((bias_batch == 1 ? 0 : b) * H + h) * (int64_t)Nq + rows[r]) * Nk
+                      : nullptr;
+
+    float o[DH / 2];
+#pragma unroll
+    for (int i = 0; i < DH / 2; ++i) o[i] = 0.f;
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+    // This warpgroup's 64 rows of Q: panel kk / 4, 32 bytes per 16 head dims within it.
+    unsigned char* q_rows = Qs + wg * 64 * 128;
+
+    for (int j = 0; j < tiles; ++j) {
+        const int stage = j & 1, k0 = j * BK;
+        if (j + 1 < tiles) {  // tile j+1 into the other stage (free since the barrier ending j-1)
+            issue_tile_sw128<DH, BK, L::THREADS>(Ks + (stage ^ 1) * BK * DH * 2, k, b, k0 + BK, Nk, H, h);
+            issue_tile_sw128<DH, BK, L::THREADS>(Vs + (stage ^ 1) * BK * DH * 2, v, b, k0 + BK, Nk, H, h);
+            ptx::cp_async_commit();
+            ptx::cp_async_wait<1>();
+        } else {
+            ptx::cp_async_wait<0>();
+        }
+        ptx::fence_proxy_async();  // this thread's copies, visible to the tensor cores
+        __syncthreads();           // ... and every other thread's: tile j (and Q) is in place
+        unsigned char* Kt = Ks + stage * BK * DH * 2;
+        unsigned char* Vt = Vs + stage * BK * DH * 2;
+
+        // S = Q K^T over Dh in slices of 16: both operands K-major, 8-row groups 1024
+        // bytes apart (SBO); the leading offset is unused in this layout.
+        float s[BK / 2];
+        ptx::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) {
+            const int slice = (kk % 4) * 32;  // 16 head dims within the panel
+            const uint64_t da = ptx::wgmma_desc_sw128(q_rows + (kk / 4) * BQ * 128 + slice, 16, 1024);
+            const uint64_t db = ptx::wgmma_desc_sw128(Kt + (kk / 4) * BK * 128 + slice, 16, 1024);
+            ptx::wgmma_ss<BK, 0, 0>(s, da, db, kk > 0);
+        }
+        ptx::wgmma_commit();
+        ptx::wgmma_wait<0>();
+        ptx::wgmma_fence_operand(s);
+
+        // Scale, bias, masks; the tile's row maxima.
+        float tmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = rows[e >> 1], key = k0 + n * 8 + 2 * t + (e & 1);
+                bool keep = i < Nq && key < Nk && (!causal || key <= i);
+                if (keep && has_mask) keep = key_mask[b * Nk + key] != 0.f;
+                float x = -INFINITY;
+                if (keep) {
+                    x = s[4 * n + e] * scale;
+                    if (brow[e >> 1] != nullptr) x += brow[e >> 1][key];
+                    x *= LOG2E;
+                }
+                s[4 * n + e] = x;
+                tmax[e >> 1] = fmaxf(tmax[e >> 1], x);
+            }
+        }
+        float alpha[2], m_use[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
+            tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
+            const float m_new = fmaxf(m_run[r], tmax[r]);
+            // While every key so far is hidden m_new is -inf: subtract 0 instead, so that
+            // exp2(-inf - 0) = 0 rather than exp2(-inf + inf) = NaN.
+            m_use[r] = m_new == -INFINITY ? 0.f : m_new;
+            alpha[r] = exp2f(m_run[r] - m_use[r]);
+            m_run[r] = m_new;
+            l_run[r] *= alpha[r];
+        }
+#pragma unroll
+        for (int i = 0; i < BK / 2; ++i) {
+            const float p = exp2f(s[i] - m_use[(i >> 1) & 1]);
+            s[i] = p;
+            l_run[(i >> 1) & 1] += p;
+        }
+#pragma unroll
+        for (int i = 0; i < DH / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
+
+        // O += P V over the tile's keys in slices of 16: P's A operand is two adjacent
+        // 8-key accumulator tiles of S (ptx::acc_to_a's repack), V N-major: 64-column
+        // panels LBO apart, 8-key groups 1024 bytes apart.
+        // Every slice is packed before the fence, so that one fence covers all the
+        // products (packing between them would make the compiler fence each one).
+        uint32_t pa[BK / 16][4];
+#pragma unroll
+        for (int ks = 0; ks < BK / 16; ++ks)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) pa[ks][i] = ptx::pack_bf16(s[8 * ks + 2 * i], s[8 * ks + 2 * i + 1]);
+        ptx::wgmma_fence_operand(o);
+        ptx::wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < BK / 16; ++ks)
+            ptx::wgmma_rs<DH, 1>(o, pa[ks], ptx::wgmma_desc_sw128(Vt + ks * 16 * 128, BK * 128, 1024), 1);
+        ptx::wgmma_commit();
+        ptx::wgmma_wait<0>();
+        ptx::wgmma_fence_operand(o);
+        __syncthreads();  // every warpgroup is done with this stage before it is refilled
+    }
+    if (tiles == 0) ptx::cp_async_wait<0>();  // (Q's copies; no key is visible to the block)
+
+    // Normalise and store: a lane writes 2 consecutive dims of rows g and g+8 per 8-dim tile.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l = l_run[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const int i = rows[r];
+        if (i >= Nq) continue;
+        if (t == 0) lse[(b * H + h) * (int64_t)Nq + i] = l > 0.f ? (m_run[r] + log2f(l)) * LN2 : INFINITY;
+        bf16* orow = out + ((b * Nq + i) * H + h) * (int64_t)DH + 2 * t;
+#pragma unroll
+        for (int d = 0; d < DT; ++d)
+            *reinterpret_cast<__nv_bfloat162*>(orow + d * 8) =
+                __floats2bfloat162_rn(o[4 * d + 2 * r] * inv, o[4 * d + 2 * r + 1] * inv);
+    }
+#else
+    __trap();
+#endif
+}
+
+}  // namespace
+
+#define WGMMA_FWD(DH)                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                                          \
+        attn_fwd_wgmma_d##DH##_bf16(const bf16* q, const bf16* k, const bf16* v, const float* key_mask,           \
+                                    const float* bias, bf16* out, float* lse, int Nq, int Nk, int H,               \
+                                    int bias_batch, int has_mask, int causal, float scale) {                       \
+        attn_fwd_wgmma<DH>(q, k, v, key_mask, bias, out, lse, Nq, Nk, H, bias_batch, has_mask, causal, scale);     \
+    }
+WGMMA_FWD(64)
+WGMMA_FWD(128)
