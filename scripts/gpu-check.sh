@@ -156,12 +156,12 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
 fi
 
 if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left)" -gt 130 ]; then
-  # The opt-in kernels (not yet the defaults) in the whole 1.3B training steps: the mma
-  # attention (SYNTHOS_CUDA_ATTENTION; the bench above timed each alone, "attention
-  # fwd[mma]" ..., and the tests compared them with the CPU) and the multi-tensor AdamW and
+  # The opt-in kernels (not yet the defaults) in the whole 1.3B training steps: the wgmma
+  # and mma attention (SYNTHOS_CUDA_ATTENTION; the bench above timed each alone, "attention
+  # fwd[wgmma]" ..., and the tests compared them with the CPU) and the multi-tensor AdamW and
   # gradient norm (SYNTHOS_CUDA_MULTI_TENSOR=1), and cached cuBLASLt plans
   # (SYNTHOS_CUDA_GEMM_PLANS=1; host time, so the b1 step shows it). Defaults: the bench above.
-  for attn in mma-r32 mma-det; do
+  for attn in wgmma mma-r32 mma-det; do
     [ "$(left)" -gt 120 ] || break
     stage "training steps with SYNTHOS_CUDA_ATTENTION=$attn, multi-tensor and GEMM plans"
     SYNTHOS_CUDA_ATTENTION=$attn SYNTHOS_CUDA_MULTI_TENSOR=1 SYNTHOS_CUDA_GEMM_PLANS=1 timeout 100 "$ENGINE" bench \

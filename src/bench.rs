@@ -317,14 +317,14 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
                 autograd::no_grad(|| ops::attention(&q2, &k2, &v2, &AttentionOptions::new(d))).map(|_| ())
             }),
         });
-        // The mma.sync kernels beside the default (GPU only; see
+        // The mma.sync and wgmma kernels beside the default (GPU only; see
         // cuda::attention::AttentionKernel): forward in each shape, and the backward
         // with atomics and the deterministic one.
         use crate::cuda::attention::{with_attention_kernel, AttentionKernel};
         let mma_kernels: &[AttentionKernel] = if device == Device::Cpu {
             &[]
         } else {
-            &[AttentionKernel::Mma, AttentionKernel::Mma128, AttentionKernel::MmaRows32]
+            &[AttentionKernel::Mma, AttentionKernel::Mma128, AttentionKernel::MmaRows32, AttentionKernel::Wgmma]
         };
         for &kernel in mma_kernels {
             let (q2, k2, v2) = (q.clone(), k.clone(), vv.clone());

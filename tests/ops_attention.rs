@@ -360,9 +360,9 @@ fn gpu_matches_cpu() {
     }
 }
 
-/// The mma.sync kernels (`SYNTHOS_CUDA_ATTENTION=mma|mma128|mma-r32|mma-det`: every forward
-/// shape, the backward with atomics and the deterministic one) against the CPU on every head dim, with masks, causal masking, biases
-/// and several key and query tiles.
+/// The mma.sync kernels (`SYNTHOS_CUDA_ATTENTION=mma|mma128|mma-r32|mma-det`: every
+/// forward shape, the backward with atomics and the deterministic one) against the CPU on
+/// every head dim, with masks, causal masking, biases and several key and query tiles.
 #[test]
 fn gpu_mma_kernels_match_cpu() {
     use synthos_engine::cuda::attention::{with_attention_kernel, AttentionKernel};
@@ -385,6 +385,31 @@ fn gpu_mma_kernels_match_cpu() {
             }
         });
     }
+}
+
+/// The wgmma forward (`SYNTHOS_CUDA_ATTENTION=wgmma`, compute capability 9.0 only; other
+/// GPUs take the mma forward) against the CPU at its head dims, with masks, causal
+/// masking, biases, partial tiles, a block whose second warpgroup has no row, and the
+/// Wan shapes (1560 tokens, and 769 keys of cross-attention). The backward is the mma one.
+#[test]
+fn gpu_wgmma_forward_matches_cpu() {
+    use synthos_engine::cuda::attention::{with_attention_kernel, AttentionKernel};
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng::new(26);
+    with_attention_kernel(AttentionKernel::Wgmma, || {
+        for dh in [64, 128] {
+            let cases = [
+                (Case::new(2, 77, 131, 3, dh), DType::F32),
+                (Case { mask: true, causal: true, ..Case::new(2, 150, 300, 2, dh) }, DType::F32),
+                (Case { mask: true, bias_batch: 2, ..Case::new(2, 40, 45, 2, dh) }, DType::BF16),
+                (Case { mask: true, bias_batch: 1, ..Case::new(1, 257, 769, 2, dh) }, DType::F32),
+                (Case::new(1, 1560, 1560, 2, dh), DType::F32),
+            ];
+            for (c, bias_dtype) in cases {
+                compare_gpu(dev, &c, DType::BF16, bias_dtype, &mut rng);
+            }
+        }
+    });
 }
 
 /// The deterministic backward (`mma-det`) gives bit-identical gradients, dbias of a bias

@@ -3,11 +3,11 @@
 //! optionally dbias), bf16 tensors with fp32 statistics, for head dims 32, 64, 80, 96 and
 //! 128.
 //!
-//! Two kinds of kernels exist (see [`AttentionKernel`]): the WMMA ones, the default, and
-//! the mma.sync ones with register-resident scores, which become the default once a GPU
-//! run has shown them correct and faster (docs/PERF.md).
-//! `SYNTHOS_CUDA_ATTENTION=wmma|mma|mma128|mma-r32|mma-det` picks a set for a process,
-//! [`with_attention_kernel`] for a closure on one thread.
+//! Three kinds of kernels exist (see [`AttentionKernel`]): the WMMA ones, the default, the
+//! mma.sync ones with register-resident scores, and a wgmma forward for sm_90 (Hopper);
+//! the newer ones become the default once a GPU run has shown them correct and faster
+//! (docs/PERF.md). `SYNTHOS_CUDA_ATTENTION=wmma|mma|mma128|mma-r32|mma-det|wgmma` picks a
+//! set for a process, [`with_attention_kernel`] for a closure on one thread.
 
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
@@ -60,6 +60,11 @@ pub enum AttentionKernel {
     /// `attn_bwd_dkdv_mma_d<Dh>_bf16`, dq and dbias from `attn_bwd_dq_mma_d<Dh>_bf16`
     /// (scores recomputed per query block), no atomics: bit-identical results run to run.
     MmaDeterministic,
+    /// On compute capability 9.x, the forward's `attn_fwd_wgmma_d<Dh>_bf16`
+    /// (attention_wgmma.cu): Hopper's warpgroup tensor-core instruction, 128 query rows per
+    /// block of two warpgroups, key tiles of 128, for head dims 64 and 128; the backward,
+    /// other head dims and other GPUs as [`AttentionKernel::Mma`].
+    Wgmma,
 }
 
 impl AttentionKernel {
@@ -71,16 +76,18 @@ impl AttentionKernel {
             AttentionKernel::Mma128 => "mma128",
             AttentionKernel::MmaRows32 => "mma-r32",
             AttentionKernel::MmaDeterministic => "mma-det",
+            AttentionKernel::Wgmma => "wgmma",
         }
     }
 
     /// Every set (the first is the default).
-    pub const ALL: [AttentionKernel; 5] = [
+    pub const ALL: [AttentionKernel; 6] = [
         AttentionKernel::Wmma,
         AttentionKernel::Mma,
         AttentionKernel::Mma128,
         AttentionKernel::MmaRows32,
         AttentionKernel::MmaDeterministic,
+        AttentionKernel::Wgmma,
     ];
 
     /// True for the set whose backward uses no atomics.
@@ -93,7 +100,7 @@ impl AttentionKernel {
         let wide = head_dim == 64 || head_dim == 128;
         let (warps, row_tiles, key_tile) = match self {
             AttentionKernel::Wmma => return None,
-            AttentionKernel::Mma | AttentionKernel::MmaDeterministic => (4, 1, 64),
+            AttentionKernel::Mma | AttentionKernel::MmaDeterministic | AttentionKernel::Wgmma => (4, 1, 64),
             AttentionKernel::Mma128 if wide => (8, 1, 64),
             AttentionKernel::MmaRows32 if wide => (4, 2, 32),
             AttentionKernel::Mma128 | AttentionKernel::MmaRows32 => (4, 1, 64),
@@ -147,6 +154,18 @@ impl MmaForward {
     fn smem_bytes(&self, head_dim: usize) -> usize {
         (self.rows() + 4 * self.key_tile) * (head_dim + 8) * 2
     }
+}
+
+/// Head dims of the wgmma forward.
+const WGMMA_HEAD_DIMS: [usize; 2] = [64, 128];
+/// Query rows per block (and threads) of the wgmma forward (`WgFwd::BQ`, `THREADS`).
+const WGMMA_QUERIES: usize = 128;
+const WGMMA_THREADS: u32 = 256;
+
+/// Dynamic shared memory of the wgmma forward (mirrors `WgFwd<DH>::BYTES`: Q 128 rows and
+/// two stages of K and V 128 rows, Dh bf16 each, and 1024 bytes to align the tiles).
+fn wgmma_fwd_smem_bytes(head_dim: usize) -> usize {
+    1280 * head_dim + 1024
 }
 
 /// Dynamic shared memory of the mma backward kernel (mirrors `MmaBwd<DH>::BYTES`: K, V
@@ -252,7 +271,18 @@ pub fn forward(p: &AttentionParams, x: &AttentionInputs<CudaStorage>) -> Result<
     let dev = &x.q.dev;
     let (wmma_name, _) = kernel_names(p.head_dim)?;
     let kd = kernel_dims(p)?;
-    let (module, name, smem, rows, threads) = match attention_kernel()?.mma_forward(p.head_dim) {
+    let kernel = attention_kernel()?;
+    let hopper = kernel == AttentionKernel::Wgmma
+        && WGMMA_HEAD_DIMS.contains(&p.head_dim)
+        && dev.compute_capability()? == (9, 0);
+    let (module, name, smem, rows, threads) = match kernel.mma_forward(p.head_dim) {
+        _ if hopper => (
+            "attention_wgmma",
+            kernel_name(&format!("attn_fwd_wgmma_d{}", p.head_dim), DType::BF16),
+            wgmma_fwd_smem_bytes(p.head_dim),
+            WGMMA_QUERIES,
+            WGMMA_THREADS,
+        ),
         None => ("attention", wmma_name, fwd_smem_bytes(p.head_dim), FWD_QUERIES, THREADS),
         Some(m) => ("attention_mma", m.name(p.head_dim), m.smem_bytes(p.head_dim), m.rows(), 32 * m.warps as u32),
     };

@@ -77,6 +77,8 @@ pub struct CudaDevice {
     blaslt: OnceLock<std::result::Result<Arc<CudaBlasLT>, String>>,
     /// A one-element zero buffer for unused kernel arguments ([`CudaDevice::unused_f32`]).
     unused: OnceLock<std::result::Result<CudaSlice<f32>, String>>,
+    /// The compute capability (major, minor), read once.
+    capability: OnceLock<(i32, i32)>,
     /// The last kernel issued (named in fault reports).
     last_launch: Mutex<&'static str>,
     /// When the last kernel was issued (profile mode).
@@ -156,6 +158,7 @@ pub fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
         functions: Mutex::new(HashMap::new()),
         blaslt: OnceLock::new(),
         unused: OnceLock::new(),
+        capability: OnceLock::new(),
         last_launch: Mutex::new("(none yet)"),
         launch_clock: Mutex::new(None),
     });
@@ -311,6 +314,15 @@ impl CudaDevice {
             .get_or_init(|| self.stream.alloc_zeros::<f32>(1).map_err(|e| format!("{e:?}")))
             .as_ref()
             .map_err(|e| Error::msg(format!("cannot allocate a device scalar: {e}")))
+    }
+
+    /// The GPU's compute capability (major, minor), e.g. (9, 0) on H100 and H200.
+    pub fn compute_capability(&self) -> Result<(i32, i32)> {
+        if let Some(c) = self.capability.get() {
+            return Ok(*c);
+        }
+        let c = self.ctx.compute_capability()?;
+        Ok(*self.capability.get_or_init(|| c))
     }
 
     /// Allocates `n` uninitialised elements of `dtype` (filled with NaN when
