@@ -2,16 +2,23 @@
 // gradients) and row gathers (embeddings, pooling) with their scatter gradient. All but
 // the scatter are pure data movement: elements are copied as stored, never converted.
 //
-// permute: out has shape out_shape[d] = in_shape[perm[d]]; one thread per output
-// element decomposes its index over out_shape (rank <= 6) and reads the input at
-// Σ c_d·src_stride[d], where src_stride[d] is the input stride of dimension perm[d].
-// Writes are coalesced, reads strided: for the permutations used here (heads <-> tokens,
-// channels <-> pixels) the inner output dimension still reads within a few cache lines.
+// The host (cuda/shape.rs) first simplifies a permutation (desc::simplify_permutation:
+// size-1 dimensions dropped, input dimensions that stay adjacent merged), then picks:
+//   permute_rows16  the last dimension stays last and its rows are whole 16-byte words:
+//                   one thread per 16-byte word, one index decomposition per word;
+//   transpose_tiles the last dimension moves: 32 x 32 tiles through shared memory, read
+//                   along the input's last dimension and written along the output's, so
+//                   both sides are coalesced; the other dimensions index the tile batch;
+//   permute_<T>     anything else (short rows): one thread per output element decomposes
+//                   its index over out_shape (rank <= 6) and reads the input at
+//                   Σ c_d·src_stride[d], src_stride[d] being the input stride of perm[d].
 //
-// slab_copy: both tensors viewed as [outer, channels, inner];
-// dst[o, dst_off + c, i] = src[o, src_off + c, i] for c < len. One thread per copied
-// element, consecutive threads on consecutive i, so reads and writes are coalesced.
-// Launch: 1-D grid of 256 threads, grid-stride.
+// slab_copy: both tensors viewed as [outer, channels, inner]; for each o the copied
+// channels form one contiguous run of len·inner elements on both sides:
+// dst[(o·dst_dim + dst_off)·inner + j] = src[(o·src_dim + src_off)·inner + j], j < run.
+// Grid: x along the run, y (grid-stride) over o: no division per element. slab_copy16 does
+// the same in 16-byte words when every run start and length is a whole number of words.
+// Launch: 256 threads per block, grid-stride.
 #include "common.cuh"
 
 // Mirrors `cuda::shape::PermuteDesc`.
@@ -21,36 +28,112 @@ struct PermuteDesc {
     int64_t src_stride[6];
 };
 
+// Input offset of the output index `i` decomposed over d.out_shape.
+__device__ __forceinline__ int64_t permuted_offset(const PermuteDesc& d, int64_t i) {
+    int64_t off = 0;
+    // Unrolled with constant indices, so the descriptor stays in parameter space.
+#pragma unroll
+    for (int k = 5; k >= 0; --k) {
+        if (k >= d.rank) continue;
+        const int64_t q = i / d.out_shape[k];
+        off += (i - q * d.out_shape[k]) * d.src_stride[k];
+        i = q;
+    }
+    return off;
+}
+
 template <typename T>
 __device__ void permute_impl(const T* x, T* out, PermuteDesc d, int64_t n) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        int64_t rem = i, off = 0;
-        for (int k = d.rank - 1; k >= 0; --k) {
-            off += (rem % d.out_shape[k]) * d.src_stride[k];
-            rem /= d.out_shape[k];
-        }
-        out[i] = x[off];
-    }
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        out[i] = x[permuted_offset(d, i)];
 }
 extern "C" __global__ void permute_f32(const float* x, float* o, PermuteDesc d, int64_t n) { permute_impl(x, o, d, n); }
 extern "C" __global__ void permute_bf16(const bf16* x, bf16* o, PermuteDesc d, int64_t n) { permute_impl(x, o, d, n); }
 
-template <typename T>
-__device__ void slab_copy_impl(const T* src, T* dst, int64_t inner, int64_t src_dim, int64_t src_off,
-                               int64_t dst_dim, int64_t dst_off, int64_t len, int64_t n) {
+// Rows of `words` 16-byte words move whole: d describes the row index (out_shape of the
+// leading dimensions, src_stride in words); word w of output row r is input word
+// permuted_offset(d, r) + w. n = rows · words.
+extern "C" __global__ void permute_rows16(const uint4* x, uint4* out, PermuteDesc d, int64_t words, int64_t n) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t in = i % inner, rest = i / inner;
-        const int64_t c = rest % len, o = rest / len;
-        dst[(o * dst_dim + dst_off + c) * inner + in] = src[(o * src_dim + src_off + c) * inner + in];
+        const int64_t r = i / words;
+        out[i] = x[permuted_offset(d, r) + (i - r * words)];
     }
 }
-extern "C" __global__ void slab_copy_f32(const float* src, float* dst, int64_t inner, int64_t src_dim,
-                                         int64_t src_off, int64_t dst_dim, int64_t dst_off, int64_t len, int64_t n) {
-    slab_copy_impl(src, dst, inner, src_dim, src_off, dst_dim, dst_off, len, n);
+
+// Mirrors `cuda::shape::TransposeDesc`. Output element (batch, b, a) = input element
+// (batch, a, b) in the simplified shapes: `a` is the input's last dimension (length
+// len_a, output stride out_stride_a), `b` the output's last (length len_b, input stride
+// in_stride_b); the other dimensions, in output order, have sizes batch_shape and
+// strides batch_in / batch_out.
+struct TransposeDesc {
+    int32_t batch_rank;
+    int64_t batch_shape[4];
+    int64_t batch_in[4];
+    int64_t batch_out[4];
+    int64_t len_a, len_b, in_stride_b, out_stride_a, batches;
+};
+
+#define TT 32  // tile edge; blocks of 32 x 8 threads, 4 rows per thread
+
+// Grid: x over the tiles of (a, b), y grid-stride over the batch.
+template <typename T>
+__device__ void transpose_tiles_impl(const T* x, T* out, TransposeDesc d) {
+    __shared__ T tile[TT][TT + 1];
+    const int64_t tiles_a = (d.len_a + TT - 1) / TT;
+    const int64_t a0 = (blockIdx.x % tiles_a) * TT, b0 = (blockIdx.x / tiles_a) * TT;
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    for (int64_t bt = blockIdx.y; bt < d.batches; bt += gridDim.y) {
+        int64_t in_base = 0, out_base = 0, rem = bt;
+#pragma unroll
+        for (int k = 3; k >= 0; --k) {
+            if (k >= d.batch_rank) continue;
+            const int64_t q = rem / d.batch_shape[k], c = rem - q * d.batch_shape[k];
+            in_base += c * d.batch_in[k];
+            out_base += c * d.batch_out[k];
+            rem = q;
+        }
+        // Read: consecutive threads along a (the input's contiguous dimension).
+        for (int j = ty; j < TT; j += blockDim.y) {
+            const int64_t a = a0 + tx, b = b0 + j;
+            if (a < d.len_a && b < d.len_b) tile[j][tx] = x[in_base + b * d.in_stride_b + a];
+        }
+        __syncthreads();
+        // Write: consecutive threads along b (the output's contiguous dimension).
+        for (int j = ty; j < TT; j += blockDim.y) {
+            const int64_t a = a0 + j, b = b0 + tx;
+            if (a < d.len_a && b < d.len_b) out[out_base + a * d.out_stride_a + b] = tile[tx][j];
+        }
+        __syncthreads();  // the tile is refilled for the next batch entry
+    }
 }
-extern "C" __global__ void slab_copy_bf16(const bf16* src, bf16* dst, int64_t inner, int64_t src_dim,
-                                          int64_t src_off, int64_t dst_dim, int64_t dst_off, int64_t len, int64_t n) {
-    slab_copy_impl(src, dst, inner, src_dim, src_off, dst_dim, dst_off, len, n);
+extern "C" __global__ void transpose_tiles_f32(const float* x, float* o, TransposeDesc d) { transpose_tiles_impl(x, o, d); }
+extern "C" __global__ void transpose_tiles_bf16(const bf16* x, bf16* o, TransposeDesc d) { transpose_tiles_impl(x, o, d); }
+
+// One run per o: grid x along the run, y grid-stride over the outer index.
+template <typename T>
+__device__ void slab_runs(const T* src, T* dst, int64_t run, int64_t src_stride, int64_t src_base, int64_t dst_stride,
+                          int64_t dst_base, int64_t outer) {
+    for (int64_t o = blockIdx.y; o < outer; o += gridDim.y) {
+        const T* s = src + o * src_stride + src_base;
+        T* t = dst + o * dst_stride + dst_base;
+        for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < run; j += (int64_t)gridDim.x * blockDim.x)
+            t[j] = s[j];
+    }
+}
+// Arguments in elements: run = len·inner, src_stride = src_dim·inner, src_base =
+// src_off·inner, and the same for dst.
+extern "C" __global__ void slab_copy_f32(const float* src, float* dst, int64_t run, int64_t src_stride,
+                                         int64_t src_base, int64_t dst_stride, int64_t dst_base, int64_t outer) {
+    slab_runs(src, dst, run, src_stride, src_base, dst_stride, dst_base, outer);
+}
+extern "C" __global__ void slab_copy_bf16(const bf16* src, bf16* dst, int64_t run, int64_t src_stride,
+                                          int64_t src_base, int64_t dst_stride, int64_t dst_base, int64_t outer) {
+    slab_runs(src, dst, run, src_stride, src_base, dst_stride, dst_base, outer);
+}
+// The same in 16-byte words (every argument in words).
+extern "C" __global__ void slab_copy16(const uint4* src, uint4* dst, int64_t run, int64_t src_stride,
+                                       int64_t src_base, int64_t dst_stride, int64_t dst_base, int64_t outer) {
+    slab_runs(src, dst, run, src_stride, src_base, dst_stride, dst_base, outer);
 }
 
 // gather_rows: out[i, :] = table[idx[i], :] for i < rows, rows of d elements (an

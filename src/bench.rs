@@ -230,7 +230,8 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             run: Box::new(move || ops::rope(&x, &cos, &sin).map(|_| ())),
         });
     }
-    // Reductions and shape copies: a full sum, and the [B,N,H,D] -> [B,H,N,D] permute.
+    // Reductions and shape copies: a full sum, the [B,N,H,D] -> [B,H,N,D] permute and a
+    // channels-last transpose.
     {
         let x = rand(&[n], &mut rng, device)?;
         v.push(BenchCase {
@@ -252,6 +253,18 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bound: Bound::Memory,
             samples: None,
             run: Box::new(move || ops::permute(&y, &[0, 2, 1, 3]).map(|_| ())),
+        });
+        // Channels first to channels last (the last dimension moves: tiled transposes).
+        let (c, hw) = if full { (384, 120 * 120) } else { (32, 33 * 33) };
+        let z = rand(&[2, c, hw], &mut rng, device)?;
+        v.push(BenchCase {
+            family: "shape",
+            name: format!("permute 2x{c}x{hw} -> channels last"),
+            bytes: 2.0 * (2 * c * hw) as f64 * e,
+            flops: 0.0,
+            bound: Bound::Memory,
+            samples: None,
+            run: Box::new(move || ops::permute(&z, &[0, 2, 1]).map(|_| ())),
         });
     }
     // Loss: the SynthCLIP contrastive logits (global batch 4096 → 4096 classes per row).

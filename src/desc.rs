@@ -240,6 +240,33 @@ pub fn strides(shape: &[usize]) -> Vec<usize> {
     st
 }
 
+/// The same permutation in its fewest dimensions: `(shape, perm)` such that permuting the
+/// same data by them gives the same output. Dimensions of size 1 are dropped and input
+/// dimensions `d, d+1` that stay adjacent and in order in the output are merged, so that
+/// e.g. `[B, C, H, W]` by `[0, 2, 3, 1]` becomes `[B, C, H·W]` by `[0, 2, 1]`. An identity
+/// comes back as one dimension (or none for a shape with no dimension of size above 1).
+pub fn simplify_permutation(shape: &[usize], perm: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    // Output order of the input dimensions that are not 1.
+    let kept: Vec<usize> = perm.iter().copied().filter(|&d| shape[d] != 1).collect();
+    // Runs of consecutive input dimensions along the output order.
+    let mut runs: Vec<(usize, usize)> = Vec::new(); // (first input dim, last input dim)
+    for &d in &kept {
+        match runs.last_mut() {
+            Some(run) if run.1 + 1 == d || (run.1 < d && (run.1 + 1..d).all(|e| shape[e] == 1)) => run.1 = d,
+            _ => runs.push((d, d)),
+        }
+    }
+    // Input order of the runs gives the new input dimensions.
+    let mut by_input: Vec<usize> = (0..runs.len()).collect();
+    by_input.sort_by_key(|&r| runs[r].0);
+    let new_shape: Vec<usize> = by_input.iter().map(|&r| (runs[r].0..=runs[r].1).map(|d| shape[d]).product()).collect();
+    let mut new_perm = vec![0; runs.len()];
+    for (new_dim, &r) in by_input.iter().enumerate() {
+        new_perm[r] = new_dim;
+    }
+    (new_shape, new_perm)
+}
+
 /// One slab of a copy between tensors viewed as `[outer, channels, inner]`:
 /// `dst[o, dst_off + c, i] = src[o, src_off + c, i]` for `c < len`.
 #[derive(Clone, Copy, Debug)]
@@ -284,5 +311,48 @@ impl RowNorm {
     /// Number of parameter rows (`rows / rows_per_group`).
     pub fn groups(&self) -> usize {
         self.rows.div_ceil(self.rows_per_group.max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::simplify_permutation;
+
+    #[test]
+    fn simplified_permutations_move_the_same_elements() {
+        assert_eq!(simplify_permutation(&[2, 3, 4, 5], &[0, 2, 3, 1]), (vec![2, 3, 20], vec![0, 2, 1]));
+        assert_eq!(simplify_permutation(&[2, 3, 4, 5], &[0, 2, 1, 3]), (vec![2, 3, 4, 5], vec![0, 2, 1, 3]));
+        assert_eq!(simplify_permutation(&[2, 3, 4], &[0, 1, 2]), (vec![24], vec![0]));
+        assert_eq!(simplify_permutation(&[2, 1, 3], &[2, 1, 0]), (vec![2, 3], vec![1, 0]));
+        assert_eq!(simplify_permutation(&[1, 1], &[1, 0]), (vec![], vec![]));
+        // [B, C, h, 2, w, 2] -> [B, h, w, C, 2, 2] (patchify): C and its 2 are not adjacent.
+        assert_eq!(simplify_permutation(&[1, 4, 3, 2, 5, 2], &[0, 2, 4, 1, 3, 5]).1, vec![1, 3, 0, 2, 4]);
+
+        // Random shapes with dimensions of 1 and 2: the CPU permutation agrees.
+        let mut seed = 0x2545F4914F6CDD1Du64;
+        let mut next = |m: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % m as u64) as usize
+        };
+        for _ in 0..400 {
+            let rank = 1 + next(6);
+            let shape: Vec<usize> = (0..rank).map(|_| 1 + next(3)).collect();
+            let mut perm: Vec<usize> = (0..rank).collect();
+            for i in (1..rank).rev() {
+                perm.swap(i, next(i + 1));
+            }
+            let n: usize = shape.iter().product();
+            let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
+            let (s2, p2) = simplify_permutation(&shape, &perm);
+            assert_eq!(s2.iter().product::<usize>(), n);
+            assert!(s2.iter().all(|&d| d > 1), "{shape:?} {perm:?} -> {s2:?}");
+            let want = crate::cpu::shape::permute(&x, &shape, &perm);
+            let got = if s2.is_empty() { x.clone() } else { crate::cpu::shape::permute(&x, &s2, &p2) };
+            assert_eq!(got, want, "{shape:?} by {perm:?} simplified to {s2:?} by {p2:?}");
+            // Nothing left to merge: no two output-adjacent dimensions are input-adjacent.
+            assert!(p2.windows(2).all(|w| w[1] != w[0] + 1), "{s2:?} {p2:?}");
+        }
     }
 }

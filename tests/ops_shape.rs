@@ -199,12 +199,19 @@ fn exact_parity(name: &str, dev: Device, dtype: DType, inputs: &[Tensor], f: imp
 fn gpu_permute_matches_cpu() {
     let Some(dev) = gpu() else { return };
     let mut rng = Rng::new(41);
-    let cases: [(&[usize], &[usize]); 5] = [
+    // Each path of the launcher: element-wise, 16-byte rows, tiled transposes (one with
+    // more batch entries than a grid has rows of blocks), an identity after simplification.
+    let cases: [(&[usize], &[usize]); 10] = [
         (&[3, 5, 7], &[2, 0, 1]),
         (&[2, 37, 5, 13], &[0, 2, 1, 3]),
         (&[3, 5, 2, 7], &[3, 1, 0, 2]),
         (&[2, 3, 1, 5, 3, 7], &[5, 3, 1, 4, 0, 2]),
         (&[1, 1013, 67], &[0, 2, 1]),
+        (&[2, 37, 5, 16], &[0, 2, 1, 3]),
+        (&[2, 9, 12, 128], &[0, 2, 1, 3]),
+        (&[2, 3, 33, 35], &[0, 2, 3, 1]),
+        (&[70_000, 3, 2], &[0, 2, 1]),
+        (&[4, 1, 6], &[1, 0, 2]),
     ];
     for dt in [DType::F32, DType::BF16] {
         for (shape, perm) in cases {
@@ -241,6 +248,9 @@ fn gpu_concat_narrow_split_match_cpu() {
         }
         let big = randn(&[3, 100_003], &mut rng);
         exact_parity("narrow big", dev, dt, std::slice::from_ref(&big), |t| ops::narrow(&t[0], 1, 7, 99_001));
+        // 16-byte words, and more runs than a grid has rows of blocks.
+        let tall = randn(&[70_000, 24], &mut rng);
+        exact_parity("narrow tall", dev, dt, std::slice::from_ref(&tall), |t| ops::narrow(&t[0], 1, 8, 16));
     }
 }
 
