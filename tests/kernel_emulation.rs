@@ -226,7 +226,7 @@ fn elementwise() {
 
 #[test]
 fn shape() {
-    emulate("shape", "-O0", &[Build::Address]);
+    emulate("shape", "-O0", &[Build::Address, Build::Thread]);
 }
 
 #[test]

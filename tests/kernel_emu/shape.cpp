@@ -74,6 +74,10 @@ std::vector<size_t> strides(const Shape& shape) {
     return st;
 }
 
+// The launcher's cap on grid y (MAX_GRID_Y), lowered for a few cases so that the kernels'
+// grid-stride loops over y (and the transpose's barrier between batch entries) run.
+size_t grid_y_cap = 65535;
+
 // How many permutations took each path of the launcher.
 size_t rows16_runs = 0, transpose_runs = 0, element_runs = 0, identity_runs = 0;
 
@@ -129,7 +133,7 @@ void permute(const Shape& shape0, const Shape& perm0) {
             d.batches *= (int64_t)shape[perm[k]];
         }
         const unsigned tiles = (unsigned)(ceil_div(last, 32) * ceil_div(shape[b], 32));
-        emu::launch(emu::LaunchConfig{dim3(tiles, (unsigned)std::min<int64_t>(d.batches, 65535)), dim3(32, 8), 0},
+        emu::launch(emu::LaunchConfig{dim3(tiles, (unsigned)std::min<int64_t>(d.batches, (int64_t)grid_y_cap)), dim3(32, 8), 0},
                     K<T>::transpose, dx.ptr(), out.ptr(), d);
     } else {
         ++element_runs;
@@ -172,7 +176,7 @@ void launch_slab_runs(const void* src, void* dst, size_t elem, size_t run, size_
         for (size_t& v : a) v /= per_word;
     emu::LaunchConfig cfg = grid_1d(a[0], 256);
     cfg.grid.x = std::min(cfg.grid.x, 1u << 16);
-    cfg.grid.y = (unsigned)std::min<size_t>(outer, 65535);
+    cfg.grid.y = (unsigned)std::min<size_t>(outer, grid_y_cap);
     const int64_t r = (int64_t)a[0], ss = (int64_t)a[1], sb = (int64_t)a[2], ds = (int64_t)a[3], db = (int64_t)a[4];
     if (words)
         emu::launch(cfg, EMU_KERNEL(slab_copy16), static_cast<const uint4*>(src), static_cast<uint4*>(dst), r, ss, sb,
@@ -316,6 +320,14 @@ void family() {
         {2, 4, 6, 2, 3, 1, 2},        // inner 4: words for f32 only
     };
     for (const Slab& s : slabs) slab_copy<T>(s);
+
+    // Grid-stride loops over y: more batch entries and runs than blocks along y.
+    grid_y_cap = 2;
+    permute<T>({5, 40, 33}, {0, 2, 1});
+    permute<T>({3, 2, 7, 9}, {3, 1, 0, 2});
+    slab_copy<T>({5, 8, 4, 1, 6, 2, 3});
+    slab_copy<T>({7, 3, 5, 1, 4, 0, 3});
+    grid_y_cap = 65535;
 }
 
 }  // namespace
