@@ -127,10 +127,39 @@ struct Bcast {
 
 __device__ __forceinline__ void bcast_offsets(const Bcast& b, int64_t i, int64_t& ia, int64_t& ib) {
     ia = 0; ib = 0;
-    for (int d = b.rank - 1; d >= 0; --d) {
-        const int64_t c = i % b.shape[d];
-        i /= b.shape[d];
+    // Unrolled with constant indices, so the descriptor stays in parameter space.
+#pragma unroll
+    for (int d = 5; d >= 0; --d) {
+        if (d >= b.rank) continue;
+        const int64_t q = i / b.shape[d], c = i - q * b.shape[d];
         ia += c * b.sa[d];
         ib += c * b.sb[d];
+        i = q;
+    }
+}
+
+// The innermost dimension of a broadcast: its length and the strides of a and b along it
+// (length 1 and strides 0 for rank 0).
+__device__ __forceinline__ void bcast_inner(const Bcast& b, int64_t& len, int64_t& sa, int64_t& sb) {
+    len = 1; sa = 0; sb = 0;
+#pragma unroll
+    for (int d = 0; d < 6; ++d)
+        if (d == b.rank - 1) {
+            len = b.shape[d];
+            sa = b.sa[d];
+            sb = b.sb[d];
+        }
+}
+
+// VEC values of a row from p[i]: consecutive (contiguous, 16-byte words when they fit) or
+// one value repeated (the input is broadcast along the row).
+template <int VEC, typename T>
+__device__ __forceinline__ void load_row(const T* p, int64_t i, bool contiguous, float (&v)[VEC]) {
+    if (contiguous) {
+        load_vec<VEC>(p, i, v);
+    } else {
+        const float s = load(p, i);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) v[k] = s;
     }
 }

@@ -6,8 +6,12 @@
 // elements (grid sized n/8 by the launchers, `cuda::grid_chunks`).
 // Memory-bound, so the access width is what matters: when every pointer is 16-byte
 // aligned (fresh allocations are) a chunk moves as 16-byte words (one for 8 bf16, two
-// for 8 f32); the tail chunk and unaligned pointers go element by element. Broadcasting
-// binaries walk the index per element (their offsets are not contiguous).
+// for 8 f32); the tail chunk and unaligned pointers go element by element.
+// Broadcasting binaries and bcast_copy (with the broadcast simplified by the host,
+// `cuda::Bcast::new`): when the innermost dimension is a multiple of EW long and each
+// input is contiguous or constant along it, a chunk never leaves a row, so its offsets
+// are computed once per chunk and contiguous inputs load as 16-byte words; otherwise the
+// offsets are walked per element.
 #include "common.cuh"
 
 #define EW 8
@@ -23,11 +27,22 @@
 template <typename T>                                                                       \
 __device__ void NAME##_impl(const T* a, const T* b, T* out, Bcast bc, int64_t n, int same) { \
     const bool vec = same && aligned16(a) && aligned16(b) && aligned16(out);                \
+    int64_t len, sa, sb;                                                                     \
+    bcast_inner(bc, len, sa, sb);                                                            \
+    const bool rows = !same && len % EW == 0 && (sa == 0 || (sa == 1 && aligned16(a))) &&   \
+                      (sb == 0 || (sb == 1 && aligned16(b))) && aligned16(out);             \
     FOR_CHUNKS(i0, n) {                                                                      \
-        if (vec && i0 + EW <= n) {                                                           \
+        if ((vec || rows) && i0 + EW <= n) {                                                 \
             float xa[EW], yb[EW], o[EW];                                                     \
-            load_vec<EW>(a, i0, xa);                                                         \
-            load_vec<EW>(b, i0, yb);                                                         \
+            if (vec) {                                                                       \
+                load_vec<EW>(a, i0, xa);                                                     \
+                load_vec<EW>(b, i0, yb);                                                     \
+            } else {                                                                         \
+                int64_t ia, ib;                                                              \
+                bcast_offsets(bc, i0, ia, ib);                                               \
+                load_row<EW>(a, ia, sa == 1, xa);                                            \
+                load_row<EW>(b, ib, sb == 1, yb);                                            \
+            }                                                                                \
             _Pragma("unroll") for (int k = 0; k < EW; ++k) {                                 \
                 const float x = xa[k], y = yb[k];                                            \
                 o[k] = (EXPR);                                                               \
@@ -115,13 +130,26 @@ extern "C" __global__ void add_scalar_bf16(const bf16* x, bf16* o, float c, int6
 extern "C" __global__ void cast_f32_bf16(const float* x, bf16* o, int64_t n) { map_unary(x, o, n, Identity{}); }
 extern "C" __global__ void cast_bf16_f32(const bf16* x, float* o, int64_t n) { map_unary(x, o, n, Identity{}); }
 
-// out[i] = x[ia]: materialises a broadcast (the adjoint of sum_to). Uses `sa` of Bcast.
+// out[i] = x[ia]: materialises a broadcast (the adjoint of sum_to). Uses `sa` of Bcast;
+// chunks of EW as the broadcasting binaries.
 template <typename T>
 __device__ void bcast_copy_impl(const T* x, T* out, Bcast bc, int64_t n) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    int64_t len, sa, sb;
+    bcast_inner(bc, len, sa, sb);
+    const bool rows = len % EW == 0 && (sa == 0 || (sa == 1 && aligned16(x))) && aligned16(out);
+    FOR_CHUNKS(i0, n) {
         int64_t ia, ib;
-        bcast_offsets(bc, i, ia, ib);
-        store(out, i, load(x, ia));
+        if (rows && i0 + EW <= n) {
+            float v[EW];
+            bcast_offsets(bc, i0, ia, ib);
+            load_row<EW>(x, ia, sa == 1, v);
+            store_vec<EW>(out, i0, v);
+        } else {
+            for (int64_t i = i0; i < CHUNK_END(i0, n); ++i) {
+                bcast_offsets(bc, i, ia, ib);
+                store(out, i, load(x, ia));
+            }
+        }
     }
 }
 extern "C" __global__ void bcast_copy_f32(const float* x, float* o, Bcast bc, int64_t n) { bcast_copy_impl(x, o, bc, n); }

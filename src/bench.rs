@@ -161,6 +161,17 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             samples: None,
             run: Box::new(move || ops::add(&a, &b).map(|_| ())),
         });
+        // A broadcast: one row added to every token (the per-row chunk path).
+        let (x, row) = (rand(&[tokens, dim], &mut rng, device)?, rand(&[dim], &mut rng, device)?);
+        v.push(BenchCase {
+            family: "elementwise",
+            name: format!("add {tokens}x{dim} + row"),
+            bytes: 2.0 * n as f64 * e,
+            flops: n as f64,
+            bound: Bound::Memory,
+            samples: None,
+            run: Box::new(move || ops::add(&x, &row).map(|_| ())),
+        });
     }
     {
         let x = rand(&[n], &mut rng, device)?;

@@ -166,6 +166,42 @@ fn gpu_activations_match_cpu() {
 }
 
 #[test]
+fn gpu_broadcast_binaries_match_cpu() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng::new(25);
+    // Element-wise offsets (odd rows), and rows of a multiple of 8 where each input is
+    // contiguous or constant along the row (offsets once per 8-element chunk).
+    let cases: [(&[usize], &[usize]); 7] = [
+        (&[3, 5, 7], &[5, 1]),
+        (&[2, 1, 3, 5], &[3, 1]),
+        (&[6, 1536], &[1536]),
+        (&[4, 33, 24], &[4, 33, 1]),
+        (&[3, 40, 16], &[1, 40, 16]),
+        (&[2, 1001, 128], &[2, 1, 128]),
+        (&[1, 1, 1], &[1]),
+    ];
+    for (a_shape, b_shape) in cases {
+        let (a, b) = (randn(a_shape, &mut rng), randn(b_shape, &mut rng));
+        let two = [a.clone(), b.clone()];
+        for (dt, atol, rtol) in DTYPES {
+            let what = format!("{a_shape:?} by {b_shape:?}");
+            parity(&format!("add {what}"), dev, dt, &two, |t| ops::add(&t[0], &t[1]), atol, rtol);
+            parity(&format!("sub {what}"), dev, dt, &two, |t| ops::sub(&t[1], &t[0]), atol, rtol);
+            parity(&format!("mul {what}"), dev, dt, &two, |t| ops::mul(&t[0], &t[1]), atol, rtol);
+            parity(
+                &format!("broadcast_to {what}"),
+                dev,
+                dt,
+                std::slice::from_ref(&b),
+                |t| ops::broadcast_to(&t[0], a_shape),
+                atol,
+                rtol,
+            );
+        }
+    }
+}
+
+#[test]
 fn gpu_gated_residual_matches_cpu() {
     let Some(dev) = gpu() else { return };
     let mut rng = Rng::new(22);

@@ -93,7 +93,7 @@ pub fn broadcast(x: &CudaStorage, bc: &Bcast, n: usize) -> Result<CudaBuf> {
     let mut lb = dev.stream.launch_builder(&f);
     lb.buf(&x.buf).buf_mut(&mut out).arg(&bc).arg(&n64);
     // SAFETY: offsets computed from `bc` stay inside `x`; n writes into `out`.
-    unsafe { lb.launch(grid_1d(n, 256)) }?;
+    unsafe { lb.launch(grid_chunks(n)) }?;
     Ok(out)
 }
 

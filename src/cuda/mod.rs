@@ -747,7 +747,11 @@ pub struct Bcast {
 unsafe impl cudarc::driver::DeviceRepr for Bcast {}
 
 impl Bcast {
-    /// Describes broadcasting `a` and `b` (each right-aligned) to `out`.
+    /// Describes broadcasting `a` and `b` (each right-aligned) to `out`, in the fewest
+    /// dimensions: output dimensions of size 1 are dropped and neighbours that both inputs
+    /// walk as one (contiguous, or broadcast along both) are merged, so that e.g.
+    /// `[B, N, D] + [1, N, D]` is described as `[B, N·D]` with strides `(N·D, 1)` and
+    /// `(0, 1)`. The kernels then index once per row chunk (see `kernels/elementwise.cu`).
     pub fn new(out: &[usize], a: &[usize], b: &[usize]) -> Result<Bcast> {
         if out.len() > 6 {
             bail!("broadcasting supports at most 6 dimensions, got shape {out:?}");
@@ -765,11 +769,90 @@ impl Bcast {
             st
         };
         let (sa, sb) = (strides(a), strides(b));
-        for d in 0..out.len() {
-            bc.shape[d] = out[d] as i64;
-            bc.sa[d] = sa[d];
-            bc.sb[d] = sb[d];
+        // (size, stride in a, stride in b) of the simplified dimensions.
+        let mut dims: Vec<(i64, i64, i64)> = Vec::with_capacity(out.len());
+        for d in (0..out.len()).filter(|&d| out[d] != 1) {
+            let size = out[d] as i64;
+            match dims.last_mut() {
+                // Index c·size + c' with strides (s·size, s) is the merged index times s.
+                Some(prev) if prev.1 == sa[d] * size && prev.2 == sb[d] * size => *prev = (prev.0 * size, sa[d], sb[d]),
+                _ => dims.push((size, sa[d], sb[d])),
+            }
+        }
+        bc.rank = dims.len() as i32;
+        for (d, &(size, a_stride, b_stride)) in dims.iter().enumerate() {
+            bc.shape[d] = size;
+            bc.sa[d] = a_stride;
+            bc.sb[d] = b_stride;
         }
         Ok(bc)
+    }
+}
+
+#[cfg(test)]
+mod bcast_tests {
+    use super::Bcast;
+
+    /// Offsets of output element `i` in a and b, from the description.
+    fn offsets(bc: &Bcast, mut i: i64) -> (i64, i64) {
+        let (mut ia, mut ib) = (0, 0);
+        for d in (0..bc.rank as usize).rev() {
+            let c = i % bc.shape[d];
+            i /= bc.shape[d];
+            ia += c * bc.sa[d];
+            ib += c * bc.sb[d];
+        }
+        (ia, ib)
+    }
+
+    /// Offset of output element `i` in an input of shape `s` right-aligned against `out`.
+    fn naive(out: &[usize], s: &[usize], mut i: usize) -> i64 {
+        let mut coord = vec![0; out.len()];
+        for d in (0..out.len()).rev() {
+            coord[d] = i % out[d];
+            i /= out[d];
+        }
+        let mut idx = 0;
+        for (k, &size) in s.iter().enumerate() {
+            idx = idx * size + if size == 1 { 0 } else { coord[out.len() - s.len() + k] };
+        }
+        idx as i64
+    }
+
+    #[test]
+    fn simplified_broadcasts_address_the_same_elements() {
+        let bc = Bcast::new(&[4, 6, 16], &[1, 6, 16], &[4, 6, 16]).unwrap();
+        assert_eq!((bc.rank, &bc.shape[..2], &bc.sa[..2], &bc.sb[..2]), (2, &[4, 96][..], &[0, 1][..], &[96, 1][..]));
+        let bc = Bcast::new(&[3, 1, 8], &[3, 1, 8], &[3, 1, 1]).unwrap();
+        assert_eq!((bc.rank, &bc.shape[..2], &bc.sa[..2], &bc.sb[..2]), (2, &[3, 8][..], &[8, 1][..], &[1, 0][..]));
+        assert_eq!(Bcast::new(&[1, 1], &[1], &[1, 1]).unwrap().rank, 0);
+
+        let mut seed = 0x9E3779B97F4A7C15u64;
+        let mut next = |m: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % m as u64) as usize
+        };
+        for _ in 0..300 {
+            let rank = 1 + next(6);
+            let out: Vec<usize> = (0..rank).map(|_| 1 + next(4)).collect();
+            // Each input: a suffix of the output's dimensions, some of them 1.
+            let mut input = || -> Vec<usize> {
+                let keep = next(rank + 1);
+                out[rank - keep..].iter().map(|&d| if next(3) == 0 { 1 } else { d }).collect()
+            };
+            let (a, b) = (input(), input());
+            let bc = Bcast::new(&out, &a, &b).unwrap();
+            let n: usize = out.iter().product();
+            assert_eq!(bc.shape[..bc.rank as usize].iter().product::<i64>(), n as i64);
+            for i in 0..n {
+                assert_eq!(
+                    offsets(&bc, i as i64),
+                    (naive(&out, &a, i), naive(&out, &b, i)),
+                    "{out:?} {a:?} {b:?} at {i}"
+                );
+            }
+        }
     }
 }

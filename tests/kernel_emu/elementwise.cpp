@@ -91,11 +91,11 @@ std::string str(const Shape& s) {
 }
 
 // `Bcast::new` of src/cuda/mod.rs: a and b right-aligned against `out`, stride 0 along
-// their size-1 dimensions.
+// their size-1 dimensions; output dimensions of size 1 dropped and neighbours both inputs
+// walk as one merged.
 Bcast bcast_new(const Shape& out, const Shape& a, const Shape& b) {
-    Bcast bc{};
-    bc.rank = (int32_t)out.size();
-    auto strides = [&](const Shape& s, int64_t* st) {
+    std::vector<int64_t> sa(out.size(), 0), sb(out.size(), 0);
+    auto strides = [&](const Shape& s, std::vector<int64_t>& st) {
         int64_t acc = 1;
         for (size_t k = s.size(); k-- > 0;) {
             const size_t d = out.size() - s.size() + k;
@@ -103,9 +103,24 @@ Bcast bcast_new(const Shape& out, const Shape& a, const Shape& b) {
             acc *= (int64_t)s[k];
         }
     };
-    strides(a, bc.sa);
-    strides(b, bc.sb);
-    for (size_t d = 0; d < out.size(); ++d) bc.shape[d] = (int64_t)out[d];
+    strides(a, sa);
+    strides(b, sb);
+    Bcast bc{};
+    for (size_t d = 0; d < out.size(); ++d) {
+        if (out[d] == 1) continue;
+        const int64_t size = (int64_t)out[d];
+        const int r = bc.rank - 1;
+        if (r >= 0 && bc.sa[r] == sa[d] * size && bc.sb[r] == sb[d] * size) {
+            bc.shape[r] *= size;
+            bc.sa[r] = sa[d];
+            bc.sb[r] = sb[d];
+        } else {
+            bc.shape[bc.rank] = size;
+            bc.sa[bc.rank] = sa[d];
+            bc.sb[bc.rank] = sb[d];
+            ++bc.rank;
+        }
+    }
     return bc;
 }
 
@@ -146,37 +161,48 @@ void binary_broadcast(const char* name, Kern k, double (*f)(double, double)) {
         {{7, 1, 9}, {7, 1, 9}, {1}},
         {{2, 1, 3, 2, 1, 5}, {2, 1, 3, 1, 1, 5}, {1, 1, 3, 2, 1, 1}},
         {{33, 17}, {33, 1}, {17}},
+        // Rows of a multiple of 8: offsets once per chunk, 16-byte loads of contiguous rows.
+        {{4, 16}, {4, 16}, {16}},                // a bias row
+        {{3, 5, 24}, {3, 5, 24}, {3, 5, 1}},     // one value per row (merged to [15, 24])
+        {{2, 8, 8}, {1, 8, 8}, {2, 8, 8}},       // [B, N, D] + [1, N, D] (merged to [2, 64])
+        {{3, 1, 40}, {1, 1, 40}, {3, 1, 1}},     // both broadcast, a size-1 middle dimension
+        {{1, 1, 1}, {1}, {1, 1, 1}},             // a single element (rank 0 once simplified)
     };
-    for (const auto& c : cases) {
-        const Shape &out_s = c[0], &a_s = c[1], &b_s = c[2];
-        const size_t n = numel(out_s);
-        const auto a = rng.values<T>(numel(a_s)), b = rng.values<T>(numel(b_s));
-        DeviceArray<T> da(a), db(b), out(n);
-        emu::launch(grid_chunks(n), k, da.ptr(), db.ptr(), out.ptr(), bcast_new(out_s, a_s, b_s),
-                           (int64_t)n, 0);
-        std::vector<double> want(n);
-        for (size_t i = 0; i < n; ++i) want[i] = f(a[broadcast_index(out_s, a_s, i)], b[broadcast_index(out_s, b_s, i)]);
-        check<T>(format("%s_%s %s = %s op %s", name, Elem<T>::name, str(out_s).c_str(), str(a_s).c_str(),
-                        str(b_s).c_str()),
-                 out.download(), want);
-    }
+    for (const auto& c : cases)
+        for (const Views& v : kViews) {
+            const Shape &out_s = c[0], &a_s = c[1], &b_s = c[2];
+            const size_t n = numel(out_s);
+            const auto a = rng.values<T>(numel(a_s)), b = rng.values<T>(numel(b_s));
+            DeviceArray<T> da(a, v.in0), db(b, v.in1), out(n, v.out);
+            emu::launch(grid_chunks(n), k, da.ptr(), db.ptr(), out.ptr(), bcast_new(out_s, a_s, b_s), (int64_t)n, 0);
+            std::vector<double> want(n);
+            for (size_t i = 0; i < n; ++i)
+                want[i] = f(a[broadcast_index(out_s, a_s, i)], b[broadcast_index(out_s, b_s, i)]);
+            check<T>(format("%s_%s %s = %s op %s, %s", name, Elem<T>::name, str(out_s).c_str(), str(a_s).c_str(),
+                            str(b_s).c_str(), v.name),
+                     out.download(), want);
+        }
 }
 
 template <class T>
 void broadcast_copy() {
-    const Shape cases[][2] = {{{3, 4, 5}, {3, 1, 5}}, {{17}, {1}}, {{2, 3, 5}, {5}}, {{2, 1, 3, 2, 1, 5}, {3, 1, 1, 1}}};
-    for (const auto& c : cases) {
-        const Shape &out_s = c[0], &x_s = c[1];
-        const size_t n = numel(out_s);
-        const auto x = rng.values<T>(numel(x_s));
-        DeviceArray<T> dx(x), out(n);
-        emu::launch(grid_1d(n, 256), K<T>::bcast_copy, dx.ptr(), out.ptr(), bcast_new(out_s, x_s, out_s),
-                           (int64_t)n);
-        std::vector<double> want(n);
-        for (size_t i = 0; i < n; ++i) want[i] = x[broadcast_index(out_s, x_s, i)];
-        check<T>(format("bcast_copy_%s %s -> %s", Elem<T>::name, str(x_s).c_str(), str(out_s).c_str()),
-                 out.download(), want);
-    }
+    const Shape cases[][2] = {{{3, 4, 5}, {3, 1, 5}},  {{17}, {1}},        {{2, 3, 5}, {5}},
+                              {{2, 1, 3, 2, 1, 5}, {3, 1, 1, 1}}, {{5, 16}, {16}}, {{4, 3, 8}, {4, 3, 1}},
+                              {{2, 24, 8}, {1, 24, 8}}};
+    for (const auto& c : cases)
+        for (const Views& v : kViews) {
+            if (v.in1 != 0) continue;  // one input only
+            const Shape &out_s = c[0], &x_s = c[1];
+            const size_t n = numel(out_s);
+            const auto x = rng.values<T>(numel(x_s));
+            DeviceArray<T> dx(x, v.in0), out(n, v.out);
+            emu::launch(grid_chunks(n), K<T>::bcast_copy, dx.ptr(), out.ptr(), bcast_new(out_s, x_s, out_s),
+                        (int64_t)n);
+            std::vector<double> want(n);
+            for (size_t i = 0; i < n; ++i) want[i] = x[broadcast_index(out_s, x_s, i)];
+            check<T>(format("bcast_copy_%s %s -> %s, %s", Elem<T>::name, str(x_s).c_str(), str(out_s).c_str(), v.name),
+                     out.download(), want);
+        }
 }
 
 // Kernels of signature (x, out, [extra,] n) over every size and view.
