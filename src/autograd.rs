@@ -265,11 +265,145 @@ pub fn checkpoint<F>(inputs: &[Tensor], params: &[Tensor], f: F) -> Result<Tenso
 where
     F: Fn(&[Tensor]) -> Result<Tensor> + 'static,
 {
+    checkpoint_keeping(inputs, params, Keep::NOTHING, f)
+}
+
+/// Which op outputs a [`checkpoint_keeping`] block keeps from its first forward pass, so
+/// that the recompute in the backward pass reuses them instead of computing them again:
+/// selective checkpointing, trading memory (what is kept) against time (what is not
+/// recomputed). The gradients are the same whatever is kept: a kept output is the value
+/// the recompute would have produced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Keep {
+    /// Attention outputs with their row statistics: one `[tokens, heads·head_dim]` tensor
+    /// per call, the costliest op per byte kept.
+    pub attention: bool,
+    /// Outputs of `ops::linear` (after the bias): the projections and the MLP's
+    /// hidden layer, most of a transformer block's FLOPs and most of its activations.
+    pub linear: bool,
+}
+
+impl Keep {
+    /// Keep nothing: the whole block is recomputed (plain checkpointing).
+    pub const NOTHING: Keep = Keep { attention: false, linear: false };
+}
+
+/// The kinds of op outputs [`Keep`] chooses between.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kept {
+    Attention,
+    Linear,
+}
+
+impl Keep {
+    fn wants(self, kind: Kept) -> bool {
+        match kind {
+            Kept::Attention => self.attention,
+            Kept::Linear => self.linear,
+        }
+    }
+}
+
+/// What the ops of a checkpointed block do with the outputs [`Keep`] selects.
+enum KeepFrame {
+    /// First forward pass: store them, in call order.
+    Store(Keep, Vec<Vec<Tensor>>),
+    /// Recompute: take them back in the same order instead of computing.
+    Replay(Keep, std::collections::VecDeque<Vec<Tensor>>),
+}
+
+thread_local! {
+    static KEEP: RefCell<Vec<KeepFrame>> = const { RefCell::new(Vec::new()) };
+    static REUSED: Cell<usize> = const { Cell::new(0) };
+}
+
+/// How many op outputs checkpointed blocks have reused instead of recomputing, on this
+/// thread since it started (a diagnostic: what selective checkpointing saved).
+pub fn kept_outputs_reused() -> usize {
+    REUSED.with(|r| r.get())
+}
+
+/// Pushes a keep frame for the duration of a closure (popped even on error) and returns
+/// the frame popped with the closure's result.
+fn with_keep_frame<R>(frame: KeepFrame, f: impl FnOnce() -> R) -> (R, Option<KeepFrame>) {
+    struct Pop(bool);
+    impl Drop for Pop {
+        fn drop(&mut self) {
+            if self.0 {
+                KEEP.with(|k| k.borrow_mut().pop());
+            }
+        }
+    }
+    KEEP.with(|k| k.borrow_mut().push(frame));
+    let mut guard = Pop(true);
+    let r = f();
+    guard.0 = false;
+    (r, KEEP.with(|k| k.borrow_mut().pop()))
+}
+
+/// Computes an op's outputs (`shapes` gives their shapes), or, inside a checkpointed
+/// block whose [`Keep`] selects `kind`, stores them on the first pass and returns the
+/// stored ones on the recompute. Called by the ops [`Keep`] names, around their compute.
+pub(crate) fn kept_or_compute(
+    kind: Kept,
+    shapes: &[&[usize]],
+    compute: impl FnOnce() -> Result<Vec<Tensor>>,
+) -> Result<Vec<Tensor>> {
+    let replayed = KEEP.with(|k| match k.borrow_mut().last_mut() {
+        Some(KeepFrame::Replay(keep, queue)) if keep.wants(kind) => Some(queue.pop_front()),
+        _ => None,
+    });
+    match replayed {
+        Some(Some(kept)) => {
+            let same = kept.len() == shapes.len() && kept.iter().zip(shapes).all(|(t, s)| t.shape() == *s);
+            if !same {
+                bail!(
+                    "checkpointed block: the recompute asked for a {kind:?} output of shapes {shapes:?} where the first pass kept {:?}",
+                    kept.iter().map(|t| t.shape().to_vec()).collect::<Vec<_>>()
+                );
+            }
+            REUSED.with(|r| r.set(r.get() + 1));
+            Ok(kept.iter().map(Tensor::detach).collect())
+        }
+        Some(None) => bail!("checkpointed block: the recompute made more {kind:?} calls than the first pass"),
+        None => {
+            let out = compute()?;
+            KEEP.with(|k| {
+                if let Some(KeepFrame::Store(keep, kept)) = k.borrow_mut().last_mut() {
+                    if keep.wants(kind) {
+                        kept.push(out.iter().map(Tensor::detach).collect());
+                    }
+                }
+            });
+            Ok(out)
+        }
+    }
+}
+
+/// [`checkpoint`] that keeps the op outputs `keep` selects from the first pass and reuses
+/// them in the recompute (see [`Keep`]).
+pub fn checkpoint_keeping<F>(inputs: &[Tensor], params: &[Tensor], keep: Keep, f: F) -> Result<Tensor>
+where
+    F: Fn(&[Tensor]) -> Result<Tensor> + 'static,
+{
     let all: Vec<&Tensor> = inputs.iter().chain(params.iter()).collect();
     if !needs_grad(&all) {
         return f(inputs);
     }
-    let out = no_grad(|| f(inputs))?;
+    // A block checkpointed inside another one's recompute takes its kept outputs from the
+    // outer block's store; it keeps nothing of its own.
+    let nested = KEEP.with(|k| matches!(k.borrow().last(), Some(KeepFrame::Replay(..))));
+    let (out, kept) = if nested || keep == Keep::NOTHING {
+        (no_grad(|| f(inputs))?, std::collections::VecDeque::new())
+    } else {
+        let (out, frame) = with_keep_frame(KeepFrame::Store(keep, Vec::new()), || no_grad(|| f(inputs)));
+        let kept = match frame {
+            Some(KeepFrame::Store(_, kept)) => kept.into(),
+            _ => bail!("checkpointed block: its keep frame was lost"),
+        };
+        (out?, kept)
+    };
+    let keep = if nested { Keep::NOTHING } else { keep };
     let saved_inputs: Vec<Tensor> = inputs.to_vec();
     let saved_params: Vec<Tensor> = params.to_vec();
     Ok(record(
@@ -283,9 +417,15 @@ where
                 .map(|t| if t.is_tracked() { t.detach().requires_grad() } else { t.detach() })
                 .collect();
             FRAMES.with(|fr| fr.borrow_mut().push(Vec::new()));
-            let recomputed = with_recording(true, || f(&leaves));
+            let (recomputed, frame) =
+                with_keep_frame(KeepFrame::Replay(keep, kept), || with_recording(true, || f(&leaves)));
             let nodes = FRAMES.with(|fr| fr.borrow_mut().pop().unwrap_or_default());
             let y = recomputed?;
+            if let Some(KeepFrame::Replay(_, left)) = frame {
+                if !left.is_empty() {
+                    bail!("checkpointed block: the recompute made {} fewer kept calls than the first pass", left.len());
+                }
+            }
             if y.shape() != g.shape() {
                 bail!("checkpointed block changed its output shape on recompute");
             }
@@ -299,4 +439,89 @@ where
             Ok(out)
         }),
     ))
+}
+
+#[cfg(test)]
+mod keep_tests {
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    use super::{backward, checkpoint_keeping, kept_or_compute, no_grad, record, BackwardFn, Keep, Kept};
+    use crate::{ops, Device, Result, Tensor};
+
+    /// y = Σ ((x·w)·x)·w through two products that can be kept, checkpointed with `keep`;
+    /// returns (y, dx, dw, products computed).
+    fn run(keep: Keep) -> (Vec<f32>, Vec<f32>, Vec<f32>, usize) {
+        let x = Tensor::from_vec(vec![0.5, -1.25, 2.0, 0.75], &[2, 2], Device::Cpu).unwrap().requires_grad();
+        let w = Tensor::from_vec(vec![1.5, -0.5, 0.25, 2.0], &[2, 2], Device::Cpu).unwrap().requires_grad();
+        let computed = Rc::new(Cell::new(0));
+        let (c, wc) = (computed.clone(), w.clone());
+        let y =
+            checkpoint_keeping(std::slice::from_ref(&x), std::slice::from_ref(&w), keep, move |xs| -> Result<Tensor> {
+                // An op as the kept ones are written: the compute is wrapped, the node recorded
+                // after, around whichever output came back.
+                let product = |a: &Tensor, kind: Kept| -> Result<Tensor> {
+                    let out = kept_or_compute(kind, &[&[2, 2]], || {
+                        c.set(c.get() + 1);
+                        Ok(vec![no_grad(|| ops::mul(a, &wc))?])
+                    })?
+                    .remove(0);
+                    let (sa, sw) = (a.clone(), wc.clone());
+                    let backward: BackwardFn =
+                        Box::new(move |g: &Tensor| Ok(vec![Some(ops::mul(g, &sw)?), Some(ops::mul(g, &sa)?)]));
+                    Ok(record("product", out, &[a, &wc], backward))
+                };
+                let h = product(&xs[0], Kept::Linear)?;
+                let h = ops::mul(&h, &xs[0])?;
+                let h = product(&h, Kept::Attention)?;
+                ops::sum_all(&h)
+            })
+            .unwrap();
+        let g = backward(&y).unwrap();
+        let (dx, dw) = (g.get(&x).unwrap().to_vec().unwrap(), g.get(&w).unwrap().to_vec().unwrap());
+        (y.to_vec().unwrap(), dx, dw, computed.get())
+    }
+
+    #[test]
+    fn kept_outputs_are_reused_with_the_same_gradients() {
+        let plain = run(Keep::NOTHING);
+        assert_eq!(plain.3, 4, "two products, each computed again in the recompute");
+        for (keep, computed) in [
+            (Keep { attention: false, linear: true }, 3),
+            (Keep { attention: true, linear: false }, 3),
+            (Keep { attention: true, linear: true }, 2),
+        ] {
+            let r = run(keep);
+            assert_eq!(r.3, computed, "{keep:?}");
+            assert_eq!((&r.0, &r.1, &r.2), (&plain.0, &plain.1, &plain.2), "{keep:?}");
+        }
+        // Outside a checkpoint nothing is kept or replayed.
+        let n = Cell::new(0);
+        for _ in 0..2 {
+            kept_or_compute(Kept::Linear, &[&[1]], || {
+                n.set(n.get() + 1);
+                Ok(vec![Tensor::from_vec(vec![1.0], &[1], Device::Cpu)?])
+            })
+            .unwrap();
+        }
+        assert_eq!(n.get(), 2);
+    }
+
+    #[test]
+    fn a_recompute_that_differs_is_an_error() {
+        // The block's second pass asks for another shape than its first pass kept.
+        let x = Tensor::from_vec(vec![1.0, 2.0], &[2], Device::Cpu).unwrap().requires_grad();
+        let pass = Rc::new(Cell::new(0));
+        let p = pass.clone();
+        let keep = Keep { attention: false, linear: true };
+        let y = checkpoint_keeping(std::slice::from_ref(&x), &[], keep, move |xs| {
+            p.set(p.get() + 1);
+            let shape: &[usize] = if p.get() == 1 { &[2] } else { &[1, 2] };
+            let h = kept_or_compute(Kept::Linear, &[shape], || Ok(vec![ops::reshape(&xs[0], shape)?]))?.remove(0);
+            ops::sum_all(&h)
+        })
+        .unwrap();
+        let e = backward(&y).unwrap_err().to_string();
+        assert!(e.contains("checkpointed block") && e.contains("[1, 2]"), "{e}");
+    }
 }

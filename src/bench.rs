@@ -7,6 +7,7 @@
 use std::time::Instant;
 
 use crate::ops::{self, AttentionOptions, GeluApprox};
+use crate::train::CheckpointKeep;
 use crate::{autograd, cuda, Device, Result, Rng, Tensor};
 
 /// Problem sizes: `Full` is what the GPU figures are recorded at; `Small` keeps a CPU
@@ -515,7 +516,8 @@ pub struct LazyCase {
 /// at `Size::Full` only: the Wan2.1-1.3B training step (Synthos full fine-tune: every DiT
 /// tensor trained with AdamW on fp32 masters, activation checkpointing, encoders cached)
 /// at 480×480 batch 1 and 832×480 batch 4 (and both with no checkpointing, where every
-/// activation fits), and the 25-step guided 480×480 sample (the
+/// activation fits, and 832×480 batch 4 keeping the linear and attention outputs for the
+/// recompute), and the 25-step guided 480×480 sample (the
 /// DiT forwards alone, and the whole pipeline: umT5 and CLIP at full width but 1 and 2
 /// layers, the DiT, the tiled VAE decode).
 pub fn model_cases(device: Device, size: Size) -> Vec<LazyCase> {
@@ -539,21 +541,29 @@ pub fn model_cases(device: Device, size: Size) -> Vec<LazyCase> {
     if size != Size::Full {
         return v;
     }
+    let checkpointed = Some(CheckpointKeep::None);
     for (w, h, b) in [(480usize, 480usize, 1usize), (832, 480, 4)] {
         v.push(LazyCase {
             family: "model",
-            name: train_step_name(w, h, b, true),
-            build: Box::new(move || train_step_case(device, w, h, b, true)),
+            name: train_step_name(w, h, b, checkpointed),
+            build: Box::new(move || train_step_case(device, w, h, b, checkpointed)),
         });
     }
+    // Selective checkpointing: the recompute reuses the linear and attention outputs.
+    let kept = Some(CheckpointKeep::All);
+    v.push(LazyCase {
+        family: "model",
+        name: train_step_name(832, 480, 4, kept),
+        build: Box::new(move || train_step_case(device, 832, 480, 4, kept)),
+    });
     // The steps without the recompute, where every activation fits (the weights, fp32
     // masters, gradients and Adam state take about 22 GiB; the case records its peak, and
     // reports the allocation error if the device is too small).
     for (w, h, b) in [(480usize, 480usize, 1usize), (832, 480, 4)] {
         v.push(LazyCase {
             family: "model",
-            name: train_step_name(w, h, b, false),
-            build: Box::new(move || train_step_case(device, w, h, b, false)),
+            name: train_step_name(w, h, b, None),
+            build: Box::new(move || train_step_case(device, w, h, b, None)),
         });
     }
     v.push(LazyCase {
@@ -750,9 +760,16 @@ fn train_case(
 }
 
 /// `train step 1.3b <w>x<h> b<batch>`, with ` no checkpointing` when every activation is
-/// kept (PyTorch's reference checkpoints, so that case has no counterpart there).
-fn train_step_name(width: usize, height: usize, batch: usize, checkpointing: bool) -> String {
-    let tail = if checkpointing { "" } else { " no checkpointing" };
+/// kept (`checkpointing` None; PyTorch's reference checkpoints, so that case has no
+/// counterpart there) and ` keeping attention+linear` for selective checkpointing.
+fn train_step_name(width: usize, height: usize, batch: usize, checkpointing: Option<CheckpointKeep>) -> String {
+    let tail = match checkpointing {
+        None => " no checkpointing",
+        Some(CheckpointKeep::None) => "",
+        Some(CheckpointKeep::Attention) => " keeping attention",
+        Some(CheckpointKeep::Linear) => " keeping linear",
+        Some(CheckpointKeep::All) => " keeping attention+linear",
+    };
     format!("train step 1.3b {width}x{height} b{batch}{tail}")
 }
 
@@ -761,7 +778,7 @@ fn train_step_case(
     width: usize,
     height: usize,
     batch: usize,
-    checkpointing: bool,
+    checkpointing: Option<CheckpointKeep>,
 ) -> Result<BenchCase> {
     use crate::train::{CacheMode, TrainConfig, Trainer};
     let dir = ScratchDir::new(&format!("train-{width}x{height}b{batch}"));
@@ -779,7 +796,8 @@ fn train_step_case(
         // steps, before a long --min-seconds is reached).
         epochs: 0,
         max_steps: Some(1_000_000),
-        activation_checkpointing: checkpointing,
+        activation_checkpointing: checkpointing.is_some(),
+        checkpoint_keep: checkpointing.unwrap_or_default(),
         cache: CacheMode::Memory,
         ..TrainConfig::synthos()
     };
@@ -788,8 +806,12 @@ fn train_step_case(
     let mut trainer = Trainer::new(pipe, cfg)?;
     trainer.set_quiet(true);
     let tokens = (height / 16) * (width / 16);
-    // forward + backward (2×) + the checkpointed forward recomputed in the backward.
-    let passes = if checkpointing { 4.0 } else { 3.0 };
+    // forward + backward (2×) + the checkpointed forward recomputed in the backward (all
+    // but the elementwise work skipped when the linear and attention outputs are kept).
+    let passes = match checkpointing {
+        None | Some(CheckpointKeep::All) => 3.0,
+        Some(_) => 4.0,
+    };
     let flops = passes * batch as f64 * dit_forward_flops(&dit_cfg, tokens, 257 + dit_cfg.text_len);
     Ok(train_case(train_step_name(width, height, batch, checkpointing), flops, batch, trainer, dir))
 }

@@ -60,7 +60,7 @@ pub mod tokenizer;
 pub mod train;
 pub mod weights;
 
-pub use autograd::{backward, no_grad, Gradients};
+pub use autograd::{backward, no_grad, Gradients, Keep};
 pub use device::{DType, Device};
 pub use error::{Error, Result, ResultExt};
 pub use rng::Rng;

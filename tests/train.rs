@@ -9,7 +9,7 @@ use synthos_engine::data::csv::format_record;
 use synthos_engine::data::BadRowPolicy;
 use synthos_engine::models::wan::Trainable;
 use synthos_engine::pipeline::SynthosPipeline;
-use synthos_engine::train::{CacheMode, LrSchedule, TrainConfig, Trainer, RESUME_FILE};
+use synthos_engine::train::{CacheMode, CheckpointKeep, LrSchedule, TrainConfig, Trainer, RESUME_FILE};
 use synthos_engine::weights::WeightSet;
 use synthos_engine::{DType, Device};
 
@@ -304,4 +304,13 @@ fn checkpoint_blocks_need_checkpointing() {
     assert!(e.contains("--checkpoint-blocks") && e.contains("--activation-checkpointing on"), "{e}");
     let cfg = TrainConfig { checkpoint_blocks: Some(1), activation_checkpointing: true, ..TrainConfig::demo() };
     cfg.validate().unwrap();
+    // The same for what checkpointed blocks keep.
+    let keep = CheckpointKeep::All;
+    let cfg = TrainConfig { checkpoint_keep: keep, activation_checkpointing: false, ..TrainConfig::demo() };
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("--checkpoint-keep") && e.contains("--activation-checkpointing on"), "{e}");
+    let cfg = TrainConfig { checkpoint_keep: keep, activation_checkpointing: true, ..TrainConfig::demo() };
+    cfg.validate().unwrap();
+    assert_eq!(keep.keep(), synthos_engine::Keep { attention: true, linear: true });
+    assert_eq!(CheckpointKeep::None.keep(), synthos_engine::Keep::NOTHING);
 }

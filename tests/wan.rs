@@ -12,7 +12,7 @@ use std::time::Instant;
 use synthos_engine::models::wan::names::{self, Naming};
 use synthos_engine::models::wan::{Trainable, WanConfig, WanModel};
 use synthos_engine::weights::{self, FileDType, SaveDType, WeightSet};
-use synthos_engine::{autograd, bench, DType, Device, Gradients, Rng, Tensor};
+use synthos_engine::{autograd, bench, DType, Device, Gradients, Keep, Rng, Tensor};
 
 const FIXTURES: &str = "tests/fixtures/wan";
 /// Relative L2 error allowed against the float64 references on the f32 CPU path.
@@ -354,6 +354,27 @@ fn checkpointed_blocks_match_plain() {
     }
     model.set_checkpointed_blocks(usize::MAX);
     assert_eq!(model.checkpointed_blocks(), blocks, "clamped to the block count");
+
+    // Selective checkpointing: what the blocks keep changes no value (the recompute reuses
+    // exactly what it would have computed), so the results equal plain checkpointing's bit
+    // for bit.
+    let (out_c, grads_c) = forward_backward(&model, Device::Cpu, 9);
+    let mut reused = Vec::new();
+    for (attention, linear) in [(true, false), (false, true), (true, true)] {
+        model.set_checkpoint_keep(Keep { attention, linear });
+        assert_eq!(model.checkpoint_keep(), Keep { attention, linear });
+        let before = autograd::kept_outputs_reused();
+        let (out_k, grads_k) = forward_backward(&model, Device::Cpu, 9);
+        reused.push(autograd::kept_outputs_reused() - before);
+        let what = format!("keeping attention {attention}, linear {linear}");
+        assert_close(&out_k, &out_c, 0.0, 0.0, &format!("forward, {what}"));
+        for ((name, a), (_, b)) in grads_k.iter().zip(&grads_c) {
+            assert_close(a, b, 0.0, 0.0, &format!("{what}: d/d{name}"));
+        }
+    }
+    // Two attentions per block (self, cross) and more linears; "all" reuses both.
+    assert_eq!(reused[0], 2 * blocks, "attention outputs reused: {reused:?}");
+    assert!(reused[1] > reused[0] && reused[2] == reused[0] + reused[1], "outputs reused: {reused:?}");
 }
 
 #[test]
@@ -465,11 +486,17 @@ fn gpu_matches_cpu_tiny() {
     let paths = [fixture("wan_original.safetensors"), fixture("img_emb.safetensors")];
     let cpu_model = WanModel::load(&cfg, &paths, Device::Cpu, DType::F32).unwrap();
     let (out_c, grads_c) = forward_backward(&cpu_model, Device::Cpu, 21);
-    for checkpointing in [false, true] {
+    let all = Keep { attention: true, linear: true };
+    for (checkpointing, keep) in [(false, Keep::NOTHING), (true, Keep::NOTHING), (true, all)] {
         let mut gpu_model = WanModel::load(&cfg, &paths, dev, DType::BF16).unwrap();
         gpu_model.set_checkpointing(checkpointing);
+        gpu_model.set_checkpoint_keep(keep);
         let (out_g, grads_g) = forward_backward(&gpu_model, dev, 21);
-        let what = if checkpointing { "checkpointed" } else { "plain" };
+        let what = match (checkpointing, keep == all) {
+            (false, _) => "plain",
+            (true, false) => "checkpointed",
+            (true, true) => "checkpointed keeping attention and linear outputs",
+        };
         // bf16 activations through two blocks: a few bf16 ulps relative, checked in L2.
         let e = rel_err(&out_g, &out_c);
         println!("GPU {what} forward: relative error {e:.2e}");

@@ -6,7 +6,7 @@ use clap::Args;
 use synthos_engine::data::BadRowPolicy;
 use synthos_engine::models::wan::Trainable;
 use synthos_engine::report::format_duration;
-use synthos_engine::train::{CacheMode, LrSchedule, TrainConfig, Trainer};
+use synthos_engine::train::{CacheMode, CheckpointKeep, LrSchedule, TrainConfig, Trainer};
 use synthos_engine::{bail, Result};
 
 use crate::cli::model_args::ModelArgs;
@@ -123,6 +123,11 @@ pub struct TrainArgs {
     /// others' activations (less recompute time where memory allows; same gradients).
     #[arg(long, value_name = "N")]
     checkpoint_blocks: Option<usize>,
+    /// With activation checkpointing: what each checkpointed block keeps from its forward
+    /// pass so that the recompute skips it (selective checkpointing; same gradients, more
+    /// memory, less recompute time).
+    #[arg(long, value_enum, default_value_t = CheckpointKeep::None)]
+    checkpoint_keep: CheckpointKeep,
     /// Skip the demo's closing quality measurement (colour match and shape IoU of 72
     /// samples against the rendered targets).
     #[arg(long)]
@@ -223,6 +228,7 @@ impl TrainArgs {
             log_metrics: !self.no_log,
             activation_checkpointing,
             checkpoint_blocks: self.checkpoint_blocks,
+            checkpoint_keep: self.checkpoint_keep,
             max_grad_norm: self.max_grad_norm,
             resume: self.resume,
             demo_quality: !self.no_quality,

@@ -8,7 +8,7 @@
 //! cast back), fp32 softmax statistics, head dims 32, 64, 80, 96 and 128.
 
 use super::{cast, cpu_tensor, cuda_tensor, same_device};
-use crate::autograd::record;
+use crate::autograd::{self, record};
 use crate::desc::{AttentionInputs, AttentionParams};
 use crate::{bail, cpu, cuda, DType, Device, Result, Storage, Tensor};
 
@@ -135,23 +135,28 @@ fn attention_recorded(
     params: AttentionParams,
 ) -> Result<Tensor> {
     let out_shape = [params.batch, params.q_len, params.heads, params.head_dim];
-    let (out, lse) = {
+    let lse_shape = [params.batch, params.heads, params.q_len];
+    // Inside a checkpointed block that keeps attention outputs, the recompute reuses them.
+    let cpu = q.device() == Device::Cpu;
+    let shapes: &[&[usize]] = if cpu { &[&out_shape] } else { &[&out_shape, &lse_shape] };
+    let mut kept = autograd::kept_or_compute(autograd::Kept::Attention, shapes, || {
         let (sq, sk, sv) = (q.storage(), k.storage(), v.storage());
         let (sm, sb) = (key_mask.map(|m| m.storage()), bias.map(|b| b.storage()));
         match q.device() {
             Device::Cpu => {
                 let x = inputs_as(&sq, &sk, &sv, sm.as_deref(), sb.as_deref(), Storage::as_cpu)?;
-                (cpu_tensor(cpu::attention::forward(&params, &x), &out_shape)?, None)
+                Ok(vec![cpu_tensor(cpu::attention::forward(&params, &x), &out_shape)?])
             }
             Device::Cuda(_) => {
                 let x = inputs_as(&sq, &sk, &sv, sm.as_deref(), sb.as_deref(), Storage::as_cuda)?;
                 let (out, lse) = cuda::attention::forward(&params, &x)?;
                 let dev = &x.q.dev;
-                let lse_shape = [params.batch, params.heads, params.q_len];
-                (cuda_tensor(dev, out, &out_shape)?, Some(cuda_tensor(dev, lse, &lse_shape)?))
+                Ok(vec![cuda_tensor(dev, out, &out_shape)?, cuda_tensor(dev, lse, &lse_shape)?])
             }
         }
-    };
+    })?;
+    let lse = if cpu { None } else { kept.pop() };
+    let out = kept.remove(0);
     let mut inputs = vec![q, k, v];
     inputs.extend(bias);
     let saved = Saved {

@@ -8,7 +8,7 @@
 //! both faster and makes its gradient's sum over batches part of the product.
 
 use super::{cast, common_dtype, cpu_tensor, cuda_tensor, same_device, sum_to};
-use crate::autograd::record;
+use crate::autograd::{self, record};
 use crate::desc::Gemm;
 use crate::{bail, cpu, cuda, Device, Result, Tensor};
 
@@ -161,7 +161,11 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let g = Gemm { batch: 1, m: rows, k: in_f, n: out_f, trans_a: false, trans_b: true };
     let mut out_shape = x.shape()[..x.rank() - 1].to_vec();
     out_shape.push(out_f);
-    let out = run(&x, &w, bias.as_ref(), &g, &out_shape)?;
+    // Inside a checkpointed block that keeps linear outputs, the recompute reuses them.
+    let out = autograd::kept_or_compute(autograd::Kept::Linear, &[&out_shape], || {
+        Ok(vec![run(&x, &w, bias.as_ref(), &g, &out_shape)?])
+    })?
+    .remove(0);
 
     let mut inputs = vec![&x, &w];
     inputs.extend(bias.as_ref());

@@ -15,6 +15,34 @@ pub enum LrSchedule {
     Cosine,
 }
 
+/// What a checkpointed DiT block keeps from its first pass for the recompute to reuse
+/// (selective checkpointing, [`crate::autograd::Keep`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckpointKeep {
+    /// Nothing: the whole block is recomputed (least memory).
+    #[default]
+    None,
+    /// The attention outputs: little memory, the attention forward is not recomputed.
+    Attention,
+    /// The outputs of every linear layer: most of the block's FLOPs are not recomputed.
+    Linear,
+    /// Both: only the norms, modulations, activations and RoPE are recomputed.
+    All,
+}
+
+impl CheckpointKeep {
+    /// The autograd policy.
+    pub fn keep(self) -> crate::autograd::Keep {
+        let (attention, linear) = match self {
+            CheckpointKeep::None => (false, false),
+            CheckpointKeep::Attention => (true, false),
+            CheckpointKeep::Linear => (false, true),
+            CheckpointKeep::All => (true, true),
+        };
+        crate::autograd::Keep { attention, linear }
+    }
+}
+
 /// Where the frozen encoders' outputs are kept between epochs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CacheMode {
@@ -96,6 +124,9 @@ pub struct TrainConfig {
     pub activation_checkpointing: bool,
     /// With `activation_checkpointing`: checkpoint only the first N blocks (`None`: all).
     pub checkpoint_blocks: Option<usize>,
+    /// With `activation_checkpointing`: what each checkpointed block keeps for its
+    /// recompute to reuse.
+    pub checkpoint_keep: CheckpointKeep,
     /// Clip the global gradient norm to this value (the seed does not clip).
     pub max_grad_norm: Option<f32>,
     /// Continue the run in `output` from its resume state.
@@ -144,6 +175,7 @@ impl TrainConfig {
             log_metrics: true,
             activation_checkpointing: false,
             checkpoint_blocks: None,
+            checkpoint_keep: CheckpointKeep::None,
             max_grad_norm: None,
             resume: false,
             demo_quality: true,
@@ -168,6 +200,7 @@ impl TrainConfig {
             negative_prompt: crate::pipeline::DEFAULT_NEGATIVE_PROMPT.to_string(),
             activation_checkpointing: true,
             checkpoint_blocks: None,
+            checkpoint_keep: CheckpointKeep::None,
             shift: crate::schedule::SHIFT,
             keep_epochs: None,
             ..Self::demo()
@@ -189,6 +222,9 @@ impl TrainConfig {
         }
         if self.checkpoint_blocks.is_some() && !self.activation_checkpointing {
             bail!("--checkpoint-blocks chooses which blocks activation checkpointing recomputes: turn it on with --activation-checkpointing on");
+        }
+        if self.checkpoint_keep != CheckpointKeep::None && !self.activation_checkpointing {
+            bail!("--checkpoint-keep chooses what checkpointed blocks keep for their recompute: turn checkpointing on with --activation-checkpointing on");
         }
         if self.grad_accum == 0 {
             bail!("gradient accumulation must be at least 1 micro-batch");

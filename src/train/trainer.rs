@@ -109,6 +109,7 @@ impl Trainer {
         if let (true, Some(n)) = (cfg.activation_checkpointing, cfg.checkpoint_blocks) {
             pipe.dit.set_checkpointed_blocks(n);
         }
+        pipe.dit.set_checkpoint_keep(cfg.checkpoint_keep.keep());
         let params = pipe.dit.trainable(cfg.trainable);
         if params.is_empty() {
             bail!("the trainable set {:?} selects no parameters", cfg.trainable);

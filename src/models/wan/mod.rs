@@ -41,10 +41,11 @@ pub use config::{WanConfig, CLIP_VIT_H_DIM};
 
 use self::block::{Rope, WanBlock};
 use self::names::NameMap;
+use crate::autograd::{self, Keep};
 use crate::nn::{Init, LayerNorm, Linear, Module, NamedParam, ParamSource, RandomInit};
 use crate::ops::{self, GeluApprox};
 use crate::weights::{self, Loader, SaveDType, WeightSet};
-use crate::{autograd, bail, DType, Device, Result, Tensor};
+use crate::{bail, DType, Device, Result, Tensor};
 
 /// Epsilon of the image projector's LayerNorms (PyTorch's default, as in DiffSynth's
 /// `MLP` and diffusers' `WanImageEmbedding`).
@@ -132,6 +133,8 @@ pub struct WanModel {
     head_modulation: Tensor,
     /// Blocks (the first ones) recomputed in the backward pass; 0 keeps every activation.
     checkpoint_blocks: usize,
+    /// What a checkpointed block keeps from its first pass for the recompute to reuse.
+    checkpoint_keep: Keep,
     notes: Vec<String>,
     /// The RoPE table of the last token grid (frames, rows, columns).
     rope: Mutex<Option<([usize; 3], Rope)>>,
@@ -182,6 +185,7 @@ impl WanModel {
             head,
             head_modulation,
             checkpoint_blocks: 0,
+            checkpoint_keep: Keep::NOTHING,
             notes: Vec::new(),
             rope: Mutex::new(None),
             pos_table: Mutex::new(None),
@@ -326,6 +330,19 @@ impl WanModel {
         self.checkpoint_blocks = n.min(self.blocks.len());
     }
 
+    /// Selective checkpointing: the op outputs a checkpointed block keeps from its first
+    /// pass, which its recompute then reuses (attention outputs, linear outputs; see
+    /// [`Keep`]). Memory rises and recompute time falls with what is kept; gradients are
+    /// the same for any choice.
+    pub fn set_checkpoint_keep(&mut self, keep: Keep) {
+        self.checkpoint_keep = keep;
+    }
+
+    /// What checkpointed blocks keep (see [`WanModel::set_checkpoint_keep`]).
+    pub fn checkpoint_keep(&self) -> Keep {
+        self.checkpoint_keep
+    }
+
     /// How many (leading) blocks are checkpointed.
     pub fn checkpointed_blocks(&self) -> usize {
         self.checkpoint_blocks
@@ -466,7 +483,8 @@ impl WanModel {
         for (i, block) in self.blocks.iter().enumerate() {
             x = if i < self.checkpoint_blocks {
                 let (blk, rp) = (block.clone(), rope.clone());
-                autograd::checkpoint(&[x, context.clone(), t_mod.clone()], &block.tensors(), move |xs| {
+                let inputs = [x, context.clone(), t_mod.clone()];
+                autograd::checkpoint_keeping(&inputs, &block.tensors(), self.checkpoint_keep, move |xs| {
                     blk.forward(&xs[0], &xs[1], &xs[2], &rp)
                 })?
             } else {
