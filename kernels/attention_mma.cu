@@ -24,12 +24,11 @@
 //   of an ldmatrix fall on distinct banks. W = 4: Dh 128 -> 87040 bytes.
 // Head dims: 32, 64, 80, 96, 128 (multiples of 16). Warps per block: 4 (64-row tiles,
 // every head dim) and 8 (128-row tiles, Dh 64 and 128).
+#include "flash.cuh"
 #include "ptx.cuh"
 
 namespace {
 
-constexpr float MMA_LOG2E = 1.4426950408889634f;
-constexpr float MMA_LN2 = 0.6931471805599453f;
 // Forward layout: W warps, each owning MT tiles of 16 query rows (16 MT W rows a block),
 // keys in tiles of BK.
 template <int DH, int W, int MT, int BK>
@@ -109,9 +108,7 @@ __device__ __forceinline__ void attn_fwd_mma(const bf16* __restrict__ q, const b
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
-            brow[mt][r] = bias_batch > 0 && rows[mt][r] < Nq
-                              ? bias + (((bias_batch == 1 ? 0 : b) * H + h) * (int64_t)Nq + rows[mt][r]) * Nk
-                              : nullptr;
+            brow[mt][r] = flash::bias_row(bias, bias_batch, b, H, h, Nq, Nk, rows[mt][r]);
 
     uint32_t qf[Q_IN_REGS ? KD : 1][4];  // MT = 1: the warp's 16 query rows as A operands
     float o[MT][DT][4];
@@ -185,47 +182,9 @@ __device__ __forceinline__ void attn_fwd_mma(const bf16* __restrict__ q, const b
 
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-            // Scale, bias, masks; the tile's row maxima.
-            float tmax[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-            for (int n = 0; n < NT; ++n) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int i = rows[mt][e >> 1], key = k0 + n * 8 + 2 * t + (e & 1);
-                    bool keep = i < Nq && key < Nk && (!causal || key <= i);
-                    if (keep && has_mask) keep = key_mask[b * Nk + key] != 0.f;
-                    float x = -INFINITY;
-                    if (keep) {
-                        x = s[mt][n][e] * scale;
-                        if (brow[mt][e >> 1] != nullptr) x += brow[mt][e >> 1][key];
-                        x *= MMA_LOG2E;
-                    }
-                    s[mt][n][e] = x;
-                    tmax[e >> 1] = fmaxf(tmax[e >> 1], x);
-                }
-            }
-            float alpha[2], m_use[2];
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
-                tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
-                const float m_new = fmaxf(m_run[mt][r], tmax[r]);
-                // While every key so far is hidden m_new is -inf: subtract 0 instead, so
-                // that exp2(-inf - 0) = 0 rather than exp2(-inf + inf) = NaN.
-                m_use[r] = m_new == -INFINITY ? 0.f : m_new;
-                alpha[r] = exp2f(m_run[mt][r] - m_use[r]);
-                m_run[mt][r] = m_new;
-                l_run[mt][r] *= alpha[r];
-            }
-#pragma unroll
-            for (int n = 0; n < NT; ++n) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const float p = exp2f(s[mt][n][e] - m_use[e >> 1]);
-                    s[mt][n][e] = p;
-                    l_run[mt][e >> 1] += p;
-                }
-            }
+            float alpha[2];
+            flash::softmax_tile<NT>(s[mt], rows[mt], k0, t, Nq, Nk, causal, has_mask, key_mask, b, brow[mt], scale, m_run[mt],
+                                    l_run[mt], alpha);
 #pragma unroll
             for (int d = 0; d < DT; ++d) {
                 o[mt][d][0] *= alpha[0];
@@ -264,13 +223,9 @@ __device__ __forceinline__ void attn_fwd_mma(const bf16* __restrict__ q, const b
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            float l = l_run[mt][r];
-            l += __shfl_xor_sync(0xffffffffu, l, 1);
-            l += __shfl_xor_sync(0xffffffffu, l, 2);
-            const float inv = l > 0.f ? 1.f / l : 0.f;
             const int i = rows[mt][r];
+            const float inv = flash::finish_row(l_run[mt][r], m_run[mt][r], i, Nq, t, lse + (b * H + h) * (int64_t)Nq + i);
             if (i >= Nq) continue;
-            if (t == 0) lse[(b * H + h) * (int64_t)Nq + i] = l > 0.f ? (m_run[mt][r] + log2f(l)) * MMA_LN2 : INFINITY;
             bf16* orow = out + ((b * Nq + i) * H + h) * (int64_t)DH + 2 * t;
 #pragma unroll
             for (int d = 0; d < DT; ++d)
@@ -386,7 +341,7 @@ __device__ __forceinline__ void attn_bwd_mma(const bf16* __restrict__ q, const b
         if (threadIdx.x < MMA_BWD_BQ) {
             const int i = q0 + threadIdx.x;
             const int64_t row = (b * H + h) * (int64_t)Nq + i;
-            Ls[stage * MMA_BWD_BQ + threadIdx.x] = i < Nq ? lse[row] * MMA_LOG2E : 0.f;
+            Ls[stage * MMA_BWD_BQ + threadIdx.x] = i < Nq ? lse[row] * flash::LOG2E : 0.f;
             Ds[stage * MMA_BWD_BQ + threadIdx.x] = i < Nq ? drow[row] : 0.f;
         }
         __syncthreads();  // tile j (and, the first time, K and V) is in shared memory
@@ -431,7 +386,7 @@ __device__ __forceinline__ void attn_bwd_mma(const bf16* __restrict__ q, const b
                     float sv = s[n][e] * scale;
                     if (bias_batch > 0) sv += bias[bias_base + (int64_t)i * Nk + key];
                     // L_i is finite here: row i sees at least this key.
-                    p = exp2f(sv * MMA_LOG2E - Lt[c]);
+                    p = exp2f(sv * flash::LOG2E - Lt[c]);
                     ds = p * (dp[n][e] - Dt[c]);
                     if (WITH_DQ && want_dbias) atomicAdd(dbias + bias_base + (int64_t)i * Nk + key, ds);
                 }
@@ -576,9 +531,9 @@ __device__ __forceinline__ void attn_bwd_dq_mma(const bf16* __restrict__ q, cons
     for (int r = 0; r < 2; ++r) {
         const bool in = rows[r] < Nq;
         const int64_t row = (b * H + h) * (int64_t)Nq + rows[r];
-        lrow[r] = in ? lse[row] * MMA_LOG2E : 0.f;
+        lrow[r] = in ? lse[row] * flash::LOG2E : 0.f;
         drw[r] = in ? drow[row] : 0.f;
-        if (in && bias_batch > 0) brow[r] = bias + (((bias_batch == 1 ? 0 : b) * H + h) * (int64_t)Nq + rows[r]) * Nk;
+        brow[r] = flash::bias_row(bias, bias_batch, b, H, h, Nq, Nk, rows[r]);
         if (in && want_dbias) dbrow[r] = dbias + row * Nk;
     }
 
@@ -656,7 +611,7 @@ __device__ __forceinline__ void attn_bwd_dq_mma(const bf16* __restrict__ q, cons
                     float sv = s[n][e] * scale;
                     if (brow[r] != nullptr) sv += brow[r][key];
                     // L_i is finite here: row i sees at least this key.
-                    ds = exp2f(sv * MMA_LOG2E - lrow[r]) * (dp[n][e] - drw[r]);
+                    ds = exp2f(sv * flash::LOG2E - lrow[r]) * (dp[n][e] - drw[r]);
                 }
                 if (dbrow[r] != nullptr && key < Nk) dbrow[r][key] = ds;
                 dp[n][e] = ds;

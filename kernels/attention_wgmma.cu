@@ -22,6 +22,7 @@
 //   first 1024-byte boundary of the window: 1280 Dh + 1024 bytes (Dh 64: 82944, 128: 164864).
 // Built for sm_90a only; other targets get a kernel that traps (the host launches it only
 // on compute capability 9.0).
+#include "flash.cuh"
 #include "wgmma.cuh"
 
 namespace {
@@ -68,7 +69,6 @@ __device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const
                                                int has_mask, int causal, float scale) {
 #if defined(SYNTHOS_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using L = WgFwd<DH>;
-    constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
     constexpr int BQ = L::BQ, BK = L::BK, NT = BK / 8, DT = DH / 8, KD = DH / 16;
     DYNAMIC_SMEM(smem_raw);
     if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
@@ -103,9 +103,7 @@ __device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const
     const float* brow[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r)
-        brow[r] = bias_batch > 0 && rows[r] < Nq
-                      ? bias + (((bias_batch == 1 ? 0 : b) * H + h) * (int64_t)Nq + rows[r]) * Nk
-                      : nullptr;
+        brow[r] = flash::bias_row(bias, bias_batch, b, H, h, Nq, Nk, rows[r]);
 
     float o[DH / 2];
 #pragma unroll
@@ -144,44 +142,9 @@ __device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const
         ptx::wgmma_wait<0>();
         ptx::wgmma_fence_operand(s);
 
-        // Scale, bias, masks; the tile's row maxima.
-        float tmax[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int i = rows[e >> 1], key = k0 + n * 8 + 2 * t + (e & 1);
-                bool keep = i < Nq && key < Nk && (!causal || key <= i);
-                if (keep && has_mask) keep = key_mask[b * Nk + key] != 0.f;
-                float x = -INFINITY;
-                if (keep) {
-                    x = s[4 * n + e] * scale;
-                    if (brow[e >> 1] != nullptr) x += brow[e >> 1][key];
-                    x *= LOG2E;
-                }
-                s[4 * n + e] = x;
-                tmax[e >> 1] = fmaxf(tmax[e >> 1], x);
-            }
-        }
-        float alpha[2], m_use[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
-            tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
-            const float m_new = fmaxf(m_run[r], tmax[r]);
-            // While every key so far is hidden m_new is -inf: subtract 0 instead, so that
-            // exp2(-inf - 0) = 0 rather than exp2(-inf + inf) = NaN.
-            m_use[r] = m_new == -INFINITY ? 0.f : m_new;
-            alpha[r] = exp2f(m_run[r] - m_use[r]);
-            m_run[r] = m_new;
-            l_run[r] *= alpha[r];
-        }
-#pragma unroll
-        for (int i = 0; i < BK / 2; ++i) {
-            const float p = exp2f(s[i] - m_use[(i >> 1) & 1]);
-            s[i] = p;
-            l_run[(i >> 1) & 1] += p;
-        }
+        float alpha[2];
+        flash::softmax_tile<NT>(reinterpret_cast<float(&)[NT][4]>(s), rows, k0, t, Nq, Nk, causal, has_mask, key_mask, b, brow,
+                                scale, m_run, l_run, alpha);
 #pragma unroll
         for (int i = 0; i < DH / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
 
@@ -210,13 +173,9 @@ __device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const
     // Normalise and store: a lane writes 2 consecutive dims of rows g and g+8 per 8-dim tile.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        float l = l_run[r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const float inv = l > 0.f ? 1.f / l : 0.f;
         const int i = rows[r];
+        const float inv = flash::finish_row(l_run[r], m_run[r], i, Nq, t, lse + (b * H + h) * (int64_t)Nq + i);
         if (i >= Nq) continue;
-        if (t == 0) lse[(b * H + h) * (int64_t)Nq + i] = l > 0.f ? (m_run[r] + log2f(l)) * LN2 : INFINITY;
         bf16* orow = out + ((b * Nq + i) * H + h) * (int64_t)DH + 2 * t;
 #pragma unroll
         for (int d = 0; d < DT; ++d)

@@ -329,20 +329,12 @@ mod tests {
         assert_eq!(simplify_permutation(&[1, 4, 3, 2, 5, 2], &[0, 2, 4, 1, 3, 5]).1, vec![1, 3, 0, 2, 4]);
 
         // Random shapes with dimensions of 1 and 2: the CPU permutation agrees.
-        let mut seed = 0x2545F4914F6CDD1Du64;
-        let mut next = |m: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % m as u64) as usize
-        };
+        let mut rng = crate::Rng::new(5);
         for _ in 0..400 {
-            let rank = 1 + next(6);
-            let shape: Vec<usize> = (0..rank).map(|_| 1 + next(3)).collect();
+            let rank = 1 + rng.below(6);
+            let shape: Vec<usize> = (0..rank).map(|_| 1 + rng.below(3)).collect();
             let mut perm: Vec<usize> = (0..rank).collect();
-            for i in (1..rank).rev() {
-                perm.swap(i, next(i + 1));
-            }
+            rng.shuffle(&mut perm);
             let n: usize = shape.iter().product();
             let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
             let (s2, p2) = simplify_permutation(&shape, &perm);

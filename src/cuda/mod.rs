@@ -827,20 +827,14 @@ mod bcast_tests {
         assert_eq!((bc.rank, &bc.shape[..2], &bc.sa[..2], &bc.sb[..2]), (2, &[3, 8][..], &[8, 1][..], &[1, 0][..]));
         assert_eq!(Bcast::new(&[1, 1], &[1], &[1, 1]).unwrap().rank, 0);
 
-        let mut seed = 0x9E3779B97F4A7C15u64;
-        let mut next = |m: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % m as u64) as usize
-        };
+        let mut rng = crate::Rng::new(6);
         for _ in 0..300 {
-            let rank = 1 + next(6);
-            let out: Vec<usize> = (0..rank).map(|_| 1 + next(4)).collect();
+            let rank = 1 + rng.below(6);
+            let out: Vec<usize> = (0..rank).map(|_| 1 + rng.below(4)).collect();
             // Each input: a suffix of the output's dimensions, some of them 1.
             let mut input = || -> Vec<usize> {
-                let keep = next(rank + 1);
-                out[rank - keep..].iter().map(|&d| if next(3) == 0 { 1 } else { d }).collect()
+                let keep = rng.below(rank + 1);
+                out[rank - keep..].iter().map(|&d| if rng.below(3) == 0 { 1 } else { d }).collect()
             };
             let (a, b) = (input(), input());
             let bc = Bcast::new(&out, &a, &b).unwrap();
