@@ -37,6 +37,7 @@
 #define NORM_MAX_THREADS 256
 #define FWD_CACHE 4
 #define BWD_CACHE 2
+#define WARP_CACHE 8
 
 // The per-column factor w_offset + w[c] and shift b[c] of VEC columns from column c
 // (p points at the row's parameter group).
@@ -138,6 +139,59 @@ __device__ void norm_fwd(const T* __restrict__ x, T* __restrict__ y, const P* __
             float t[VEC];
             load_vec(xr, (int64_t)i * VEC, t);
             write_normed(yr, wg, bg, (int64_t)i * VEC, t, mean, rstd, w_offset);
+        }
+    }
+}
+
+// The same forward with one warp per row (norm_fwd_warp_*): a block of W warps handles
+// rows blockIdx.x·W + w, then strides by gridDim.x·W. Lane l holds the row's vectors l,
+// l + 32, ... (at most WARP_CACHE: rows of up to 32·WARP_CACHE vectors, checked by the
+// launcher) in registers; the sums are warp shuffles, with no shared memory and no block
+// barrier, so a block's rows proceed independently and many are in flight per SM.
+template <typename T, typename P, int VEC>
+__device__ void norm_fwd_warp(const T* __restrict__ x, T* __restrict__ y, const P* __restrict__ w,
+                              const P* __restrict__ b, float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                              int64_t rows, int d, int64_t rows_per_group, float w_offset, float eps, int rms) {
+    const int nvec = d / VEC;
+    const int lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
+    for (int64_t row = (int64_t)blockIdx.x * wpb + (threadIdx.x >> 5); row < rows; row += (int64_t)gridDim.x * wpb) {
+        const T* xr = x + row * d;
+        float v[WARP_CACHE][VEC];
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < WARP_CACHE; ++k) {
+            const int i = lane + 32 * k;
+            if (i < nvec) {
+                load_vec(xr, (int64_t)i * VEC, v[k]);
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) s += v[k][e];
+            }
+        }
+        const float mean = rms ? 0.f : warp_sum(s) / (float)d;
+        float s2 = 0.f;
+#pragma unroll
+        for (int k = 0; k < WARP_CACHE; ++k) {
+            if (lane + 32 * k < nvec) {
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) {
+                    const float c = v[k][e] - mean;
+                    s2 += c * c;
+                }
+            }
+        }
+        const float rstd = rsqrtf(warp_sum(s2) / (float)d + eps);
+        if (mean_out != nullptr && lane == 0) {
+            mean_out[row] = mean;
+            rstd_out[row] = rstd;
+        }
+        const int64_t poff = (row / rows_per_group) * d;
+        const P* wg = w != nullptr ? w + poff : nullptr;
+        const P* bg = b != nullptr ? b + poff : nullptr;
+        T* yr = y + row * d;
+#pragma unroll
+        for (int k = 0; k < WARP_CACHE; ++k) {
+            const int i = lane + 32 * k;
+            if (i < nvec) write_normed(yr, wg, bg, (int64_t)i * VEC, v[k], mean, rstd, w_offset);
         }
     }
 }
@@ -275,6 +329,12 @@ __device__ void reduce_partials(const float* __restrict__ part, P* __restrict__ 
                                     int64_t rows, int d, int64_t rows_per_group, float w_offset, float eps,      \
                                     int rms) {                                                                   \
         norm_fwd<T, P, VEC>(x, y, w, b, mean_out, rstd_out, rows, d, rows_per_group, w_offset, eps, rms);       \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(NORM_MAX_THREADS)                                               \
+        norm_fwd_warp_##TN##_##PN##_##VN(const T* x, T* y, const P* w, const P* b, float* mean_out,             \
+                                         float* rstd_out, int64_t rows, int d, int64_t rows_per_group,          \
+                                         float w_offset, float eps, int rms) {                                  \
+        norm_fwd_warp<T, P, VEC>(x, y, w, b, mean_out, rstd_out, rows, d, rows_per_group, w_offset, eps, rms);  \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(NORM_MAX_THREADS)                                               \
         norm_bwd_##TN##_##PN##_##VN(const T* x, const T* dy, const P* w, const float* mean, const float* rstd,  \

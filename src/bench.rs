@@ -210,7 +210,10 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             flops: 8.0 * n as f64,
             bound: Bound::Memory,
             samples: None,
-            run: Box::new(move || ops::layer_norm_modulate(&x2, &shift, &scale, 1e-6).map(|_| ())),
+            run: Box::new({
+                let (x2, shift, scale) = (x2.clone(), shift.clone(), scale.clone());
+                move || ops::layer_norm_modulate(&x2, &shift, &scale, 1e-6).map(|_| ())
+            }),
         });
         let x3 = rand(&[batch, per, dim], &mut rng, device)?;
         let w = rand(&[dim], &mut rng, device)?;
@@ -221,8 +224,37 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             flops: 5.0 * n as f64,
             bound: Bound::Memory,
             samples: None,
-            run: Box::new(move || ops::rms_norm(&x3, &w, 1e-6).map(|_| ())),
+            run: Box::new({
+                let (x3, w) = (x3.clone(), w.clone());
+                move || ops::rms_norm(&x3, &w, 1e-6).map(|_| ())
+            }),
         });
+        // The one-warp-per-row forward beside the default (GPU only; SYNTHOS_CUDA_NORM=warp).
+        if device != Device::Cpu {
+            use crate::cuda::norm::with_warp_forward;
+            let (x4, shift, scale) = (x2.clone(), shift.clone(), scale.clone());
+            v.push(BenchCase {
+                family: "norm",
+                name: format!("layer_norm_modulate[warp] {batch}x{per}x{dim}"),
+                bytes: 2.0 * n as f64 * e,
+                flops: 8.0 * n as f64,
+                bound: Bound::Memory,
+                samples: None,
+                run: Box::new(move || {
+                    with_warp_forward(true, || ops::layer_norm_modulate(&x4, &shift, &scale, 1e-6).map(|_| ()))
+                }),
+            });
+            let (x5, w5) = (x3.clone(), w.clone());
+            v.push(BenchCase {
+                family: "norm",
+                name: format!("rms_norm[warp] {batch}x{per}x{dim}"),
+                bytes: 2.0 * n as f64 * e,
+                flops: 5.0 * n as f64,
+                bound: Bound::Memory,
+                samples: None,
+                run: Box::new(move || with_warp_forward(true, || ops::rms_norm(&x5, &w5, 1e-6).map(|_| ()))),
+            });
+        }
     }
 
     // RoPE on the DiT's q: 30×52 latent patches (480×832), 12 heads of 128.

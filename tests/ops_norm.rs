@@ -334,6 +334,27 @@ fn gpu_norms_match_cpu() {
     }
 }
 
+/// The one-warp-per-row forward (`SYNTHOS_CUDA_NORM=warp`, opt-in) on the same ops and
+/// dtypes: rows of up to 256 vectors take it (odd widths, the DiT's 1536, more rows than
+/// warps in one block); 8200 stays on the block kernel.
+#[test]
+fn gpu_warp_forward_norms_match_cpu() {
+    let Some(dev) = gpu() else { return };
+    let ops_all = [Op::LayerNorm, Op::LayerNormPlain, Op::Modulate, Op::ModulateShared, Op::Rms];
+    let sizes = [(3, 5, 13), (2, 7, 1536), (2, 37, 200), (1, 3, 8200)];
+    let mut seed = 200;
+    synthos_engine::cuda::norm::with_warp_forward(true, || {
+        for op in ops_all {
+            for size in sizes {
+                for (xdt, pdt) in [(DType::F32, DType::F32), (DType::BF16, DType::BF16), (DType::BF16, DType::F32)] {
+                    seed += 1;
+                    gpu_parity(dev, op, size, xdt, pdt, seed);
+                }
+            }
+        }
+    });
+}
+
 #[test]
 fn gpu_norm_parameter_gradients_are_deterministic() {
     let Some(dev) = gpu() else { return };

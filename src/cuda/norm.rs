@@ -19,6 +19,25 @@ const BWD_CACHE: usize = 2;
 const PARAM_GRAD_BLOCKS: usize = 512;
 /// Cap on the grid size of the row loops (the kernels stride over the rest).
 const MAX_GRID: usize = 1 << 20;
+/// Vectors per lane the one-warp-per-row forward keeps in registers (`WARP_CACHE`).
+const WARP_CACHE: usize = 8;
+/// Rows (warps) per block of the one-warp-per-row forward.
+const WARP_ROWS: usize = 8;
+
+const NORM_VAR: &str = "SYNTHOS_CUDA_NORM";
+
+/// Whether the forward uses one warp per row (`norm_fwd_warp_*`, shuffles only) instead
+/// of one block per row, on this thread: a [`with_warp_forward`] override, else
+/// `SYNTHOS_CUDA_NORM=warp` (`block`, the default, until a GPU run has shown it faster).
+/// Rows longer than 32·8 vectors always take the block kernel.
+pub fn warp_forward() -> Result<bool> {
+    Ok(super::choice::get(NORM_VAR, &["block", "warp"])? == 1)
+}
+
+/// Runs `f` with the one-warp-per-row forward on or off on this thread (tests, bench).
+pub fn with_warp_forward<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    super::choice::with(NORM_VAR, on as usize, f)
+}
 
 /// A null device pointer for absent optional arguments (the kernels test for it).
 static NULL_PTR: u64 = 0;
@@ -42,7 +61,7 @@ fn threads_for(nvec: usize, cache: usize) -> u32 {
     (nvec.div_ceil(cache).div_ceil(32) * 32).clamp(32, MAX_THREADS) as u32
 }
 
-/// `norm_{fwd,bwd}_<tensor dtype>_<parameter dtype>_{v1,vec}`: the norm kernels are
+/// `norm_{fwd,fwd_warp,bwd}_<tensor dtype>_<parameter dtype>_{v1,vec}`: the norm kernels are
 /// templated on two element types and a vectorised (16-byte) or scalar row walk.
 fn norm_kernel(dir: &str, t: DType, p: DType, vectorised: bool) -> &'static str {
     let walk = if vectorised { "vec" } else { "v1" };
@@ -121,14 +140,23 @@ pub fn forward(
     check_len("weight", w, spec.groups() * spec.d)?;
     check_len("bias", b, spec.groups() * spec.d)?;
     let vec = vec_width(t, spec.d);
-    let f = dev.func("norm", norm_kernel("fwd", t, p, vec > 1))?;
+    let warp = spec.d / vec <= 32 * WARP_CACHE && warp_forward()?;
+    let f = dev.func("norm", norm_kernel(if warp { "fwd_warp" } else { "fwd" }, t, p, vec > 1))?;
     let mut y = dev.alloc(spec.rows * spec.d, t)?;
     let mut stats =
         if keep_stats { Some((dev.alloc(spec.rows, DType::F32)?, dev.alloc(spec.rows, DType::F32)?)) } else { None };
-    let cfg = LaunchConfig {
-        grid_dim: (spec.rows.min(MAX_GRID) as u32, 1, 1),
-        block_dim: (threads_for(spec.d / vec, FWD_CACHE), 1, 1),
-        shared_mem_bytes: 0,
+    let cfg = if warp {
+        LaunchConfig {
+            grid_dim: (spec.rows.div_ceil(WARP_ROWS).clamp(1, MAX_GRID) as u32, 1, 1),
+            block_dim: (32 * WARP_ROWS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    } else {
+        LaunchConfig {
+            grid_dim: (spec.rows.min(MAX_GRID) as u32, 1, 1),
+            block_dim: (threads_for(spec.d / vec, FWD_CACHE), 1, 1),
+            shared_mem_bytes: 0,
+        }
     };
     let (rows, d, rpg, rms) = (spec.rows as i64, spec.d as i32, spec.rows_per_group as i64, spec.rms as i32);
     let mut lb = dev.stream.launch_builder(&f);

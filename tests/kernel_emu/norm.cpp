@@ -41,21 +41,25 @@ struct K;
 template <>
 struct K<float, float> {
     static constexpr auto fwd_v1 = EMU_KERNEL(norm_fwd_f32_f32_v1), fwd_vec = EMU_KERNEL(norm_fwd_f32_f32_vec);
+    static constexpr auto warp_v1 = EMU_KERNEL(norm_fwd_warp_f32_f32_v1), warp_vec = EMU_KERNEL(norm_fwd_warp_f32_f32_vec);
     static constexpr auto bwd_v1 = EMU_KERNEL(norm_bwd_f32_f32_v1), bwd_vec = EMU_KERNEL(norm_bwd_f32_f32_vec);
 };
 template <>
 struct K<float, bf16> {
     static constexpr auto fwd_v1 = EMU_KERNEL(norm_fwd_f32_bf16_v1), fwd_vec = EMU_KERNEL(norm_fwd_f32_bf16_vec);
+    static constexpr auto warp_v1 = EMU_KERNEL(norm_fwd_warp_f32_bf16_v1), warp_vec = EMU_KERNEL(norm_fwd_warp_f32_bf16_vec);
     static constexpr auto bwd_v1 = EMU_KERNEL(norm_bwd_f32_bf16_v1), bwd_vec = EMU_KERNEL(norm_bwd_f32_bf16_vec);
 };
 template <>
 struct K<bf16, float> {
     static constexpr auto fwd_v1 = EMU_KERNEL(norm_fwd_bf16_f32_v1), fwd_vec = EMU_KERNEL(norm_fwd_bf16_f32_vec);
+    static constexpr auto warp_v1 = EMU_KERNEL(norm_fwd_warp_bf16_f32_v1), warp_vec = EMU_KERNEL(norm_fwd_warp_bf16_f32_vec);
     static constexpr auto bwd_v1 = EMU_KERNEL(norm_bwd_bf16_f32_v1), bwd_vec = EMU_KERNEL(norm_bwd_bf16_f32_vec);
 };
 template <>
 struct K<bf16, bf16> {
     static constexpr auto fwd_v1 = EMU_KERNEL(norm_fwd_bf16_bf16_v1), fwd_vec = EMU_KERNEL(norm_fwd_bf16_bf16_vec);
+    static constexpr auto warp_v1 = EMU_KERNEL(norm_fwd_warp_bf16_bf16_v1), warp_vec = EMU_KERNEL(norm_fwd_warp_bf16_bf16_vec);
     static constexpr auto bwd_v1 = EMU_KERNEL(norm_bwd_bf16_bf16_v1), bwd_vec = EMU_KERNEL(norm_bwd_bf16_bf16_vec);
 };
 template <class P>
@@ -70,6 +74,13 @@ template <class T>
 constexpr double rtol_of() {
     return std::is_same_v<T, bf16> ? 1.0 / 128 : 1e-5;
 }
+
+// The forward's kernel choice (`cuda::norm::warp_forward`), the launcher's grid cap for
+// the warp kernel (MAX_GRID; lowered for a few cases so that the row loop strides), and
+// how many forwards took the warp kernel.
+bool warp_forward = false;
+size_t warp_grid_cap = 1 << 20;
+size_t warp_runs = 0;
 
 // cpu::norm::RowNorm, plus which parameters the op has.
 struct Spec {
@@ -103,10 +114,21 @@ void run(const Spec& s, bool with_dx) {
     const size_t vec = vec_width<T>(d);
     DeviceArray<T> y(rows * d);
     DeviceArray<float> mean(rows), rstd(rows);
-    const emu::LaunchConfig fcfg{dim3((unsigned)std::min(rows, kMaxGrid)), dim3(threads_for(d / vec, kFwdCache)), 0};
-    const auto fwd = vec > 1 ? K<T, P>::fwd_vec : K<T, P>::fwd_v1;
-    emu::launch(fcfg, fwd, dx_in.ptr(), y.ptr(), w_ptr, b_ptr, mean.ptr(), rstd.ptr(), (int64_t)rows, (int)d,
-                (int64_t)s.rows_per_group, s.w_offset, s.eps, (int)s.rms);
+    // With `warp_forward` (SYNTHOS_CUDA_NORM=warp) rows of at most 32·8 vectors take the
+    // one-warp-per-row kernel: blocks of 8 warps, grid capped at `warp_grid_cap` blocks.
+    if (warp_forward && d / vec <= 32 * 8) {
+        ++warp_runs;
+        const emu::LaunchConfig wcfg{dim3((unsigned)std::clamp<size_t>(ceil_div(rows, 8), 1, warp_grid_cap)), dim3(256), 0};
+        const auto fwd = vec > 1 ? K<T, P>::warp_vec : K<T, P>::warp_v1;
+        emu::launch(wcfg, fwd, dx_in.ptr(), y.ptr(), w_ptr, b_ptr, mean.ptr(), rstd.ptr(), (int64_t)rows, (int)d,
+                    (int64_t)s.rows_per_group, s.w_offset, s.eps, (int)s.rms);
+    } else {
+        const emu::LaunchConfig fcfg{dim3((unsigned)std::min(rows, kMaxGrid)), dim3(threads_for(d / vec, kFwdCache)),
+                                     0};
+        const auto fwd = vec > 1 ? K<T, P>::fwd_vec : K<T, P>::fwd_v1;
+        emu::launch(fcfg, fwd, dx_in.ptr(), y.ptr(), w_ptr, b_ptr, mean.ptr(), rstd.ptr(), (int64_t)rows, (int)d,
+                    (int64_t)s.rows_per_group, s.w_offset, s.eps, (int)s.rms);
+    }
 
     std::vector<double> want_y(rows * d), want_mean(rows), want_rstd(rows), y_tol(rows * d);
     std::vector<double> xhat(rows * d), factor(rows * d);
@@ -220,5 +242,15 @@ int main() {
     family<float, bf16>();
     family<bf16, float>();
     family<bf16, bf16>();
+    // The one-warp-per-row forward on the same cases, then with a grid of 2 blocks (16
+    // warps) over 40 and 600 rows, so that warps stride over several rows each.
+    warp_forward = true;
+    family<float, float>();
+    family<bf16, bf16>();
+    family<bf16, float>();
+    warp_grid_cap = 2;
+    run<bf16, float>({"layer_norm_modulate", 40, 64, 20, 1.f, 1e-6f, false, true, true}, true);
+    run<float, float>({"rms_norm", 600, 37, 600, 0.f, 1e-6f, true, true, false}, true);
+    report.expect(warp_runs >= 30, format("the warp forward ran %zu times", warp_runs));
     return report.finish();
 }
