@@ -65,6 +65,7 @@ fn info() -> Result<()> {
             Err(e) => println!("  cuda:{i}: not usable: {e}"),
         }
     }
+    println!("kernel choices: {}", cuda::kernel_choices()?.join(", "));
     let best = Device::best_available();
     match best {
         Device::Cpu => println!("default device: cpu (no usable GPU)"),

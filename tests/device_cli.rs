@@ -80,6 +80,7 @@ fn cli_info_reports_the_build_and_devices() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("kernels:") && text.contains("visible GPUs:") && text.contains("default device:"), "{text}");
+    assert!(text.contains("kernel choices: SYNTHOS_CUDA_ATTENTION=") && text.contains("SYNTHOS_CUDA_NORM="), "{text}");
     if !cuda::KERNEL_MODULES.is_empty() {
         assert!(text.contains("sm_90a") && text.contains("attention"), "{text}");
     }

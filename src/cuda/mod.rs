@@ -643,6 +643,19 @@ pub fn suffix(dtype: DType) -> &'static str {
     }
 }
 
+/// The opt-in kernel choices in effect on this thread (see [`choice`]), as
+/// `VARIABLE=value` lines for `synthos-engine info` and run logs; a variable holding an
+/// unknown value gives its error.
+pub fn kernel_choices() -> Result<Vec<String>> {
+    let on = |b: bool| if b { "1" } else { "0" };
+    Ok(vec![
+        format!("SYNTHOS_CUDA_ATTENTION={}", attention::attention_kernel()?.name()),
+        format!("SYNTHOS_CUDA_MULTI_TENSOR={}", on(adamw::multi_tensor()?)),
+        format!("SYNTHOS_CUDA_GEMM_PLANS={}", on(gemm_plan::plans_enabled()?)),
+        format!("SYNTHOS_CUDA_NORM={}", if norm::warp_forward()? { "warp" } else { "block" }),
+    ])
+}
+
 /// Kernel choices that stay opt-in until a GPU run has shown the new kernel correct and
 /// faster: one environment variable each (read once per process), overridable per thread.
 pub mod choice {
