@@ -148,10 +148,19 @@ __device__ void norm_fwd(const T* __restrict__ x, T* __restrict__ y, const P* __
 // l + 32, ... (at most WARP_CACHE: rows of up to 32·WARP_CACHE vectors, checked by the
 // launcher) in registers; the sums are warp shuffles, with no shared memory and no block
 // barrier, so a block's rows proceed independently and many are in flight per SM.
-template <typename T, typename P, int VEC>
+//
+// With ROPE (norm_rope_fwd_warp_*: Wan's q/k RMSNorm followed by RoPE, one pass): the
+// row is token n = row % tokens of a [B, N, H·Dh] tensor, and each normalised pair of
+// columns (2j', 2j'+1) of a head, j = (column % head_dim) / 2, is rotated by the angle
+// whose cos and sin are cos_t / sin_t [N, head_dim/2] at (n, j), as in rope.cu. VEC is
+// even, so a pair never straddles two vectors.
+template <typename T, typename P, int VEC, bool ROPE = false>
 __device__ void norm_fwd_warp(const T* __restrict__ x, T* __restrict__ y, const P* __restrict__ w,
                               const P* __restrict__ b, float* __restrict__ mean_out, float* __restrict__ rstd_out,
-                              int64_t rows, int d, int64_t rows_per_group, float w_offset, float eps, int rms) {
+                              int64_t rows, int d, int64_t rows_per_group, float w_offset, float eps, int rms,
+                              const float* __restrict__ cos_t = nullptr, const float* __restrict__ sin_t = nullptr,
+                              int64_t tokens = 1, int head_dim = 2) {
+    static_assert(!ROPE || VEC % 2 == 0, "RoPE pairs must not straddle vectors");
     const int nvec = d / VEC;
     const int lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
     for (int64_t row = (int64_t)blockIdx.x * wpb + (threadIdx.x >> 5); row < rows; row += (int64_t)gridDim.x * wpb) {
@@ -188,10 +197,27 @@ __device__ void norm_fwd_warp(const T* __restrict__ x, T* __restrict__ y, const 
         const P* wg = w != nullptr ? w + poff : nullptr;
         const P* bg = b != nullptr ? b + poff : nullptr;
         T* yr = y + row * d;
+        const int64_t table_row = ROPE ? (row % tokens) * (head_dim / 2) : 0;
 #pragma unroll
         for (int k = 0; k < WARP_CACHE; ++k) {
             const int i = lane + 32 * k;
-            if (i < nvec) write_normed(yr, wg, bg, (int64_t)i * VEC, v[k], mean, rstd, w_offset);
+            if (i >= nvec) continue;
+            if constexpr (ROPE) {
+                float f[VEC], sh[VEC], o[VEC];
+                load_affine(wg, bg, (int64_t)i * VEC, w_offset, f, sh);
+                const int j0 = (i * VEC) % head_dim / 2;
+#pragma unroll
+                for (int p = 0; p < VEC / 2; ++p) {
+                    const float a = (v[k][2 * p] - mean) * rstd * f[2 * p] + sh[2 * p];
+                    const float bb = (v[k][2 * p + 1] - mean) * rstd * f[2 * p + 1] + sh[2 * p + 1];
+                    const float c = cos_t[table_row + j0 + p], sn = sin_t[table_row + j0 + p];
+                    o[2 * p] = a * c - bb * sn;
+                    o[2 * p + 1] = a * sn + bb * c;
+                }
+                store_vec(yr, (int64_t)i * VEC, o);
+            } else {
+                write_normed(yr, wg, bg, (int64_t)i * VEC, v[k], mean, rstd, w_offset);
+            }
         }
     }
 }
@@ -342,6 +368,19 @@ __device__ void reduce_partials(const float* __restrict__ part, P* __restrict__ 
                                     float w_offset, int rms) {                                                   \
         norm_bwd<T, P, VEC>(x, dy, w, mean, rstd, dx, part_w, part_b, rows_per_group, d, w_offset, rms);        \
     }
+
+// RMSNorm + RoPE, vector walk only (pairs inside one vector; head_dim a multiple of VEC).
+#define NORM_ROPE_ENTRY(TN, T, PN, P, VEC)                                                                      \
+    extern "C" __global__ void __launch_bounds__(NORM_MAX_THREADS)                                               \
+        norm_rope_fwd_warp_##TN##_##PN##_vec(const T* x, T* y, const P* w, float* mean_out, float* rstd_out,    \
+                                             int64_t rows, int d, float eps, const float* cos_t,                \
+                                             const float* sin_t, int64_t tokens, int head_dim) {                \
+        norm_fwd_warp<T, P, VEC, true>(x, y, w, nullptr, mean_out, rstd_out, rows, d, rows, 0.f, eps, 1, cos_t,  \
+                                       sin_t, tokens, head_dim);                                                 \
+    }
+NORM_ROPE_ENTRY(f32, float, f32, float, 4)
+NORM_ROPE_ENTRY(bf16, bf16, f32, float, 8)
+NORM_ROPE_ENTRY(bf16, bf16, bf16, bf16, 8)
 
 // `vec`: 16 bytes of T per vector (8 bf16 or 4 f32), used when D is a multiple of that.
 NORM_ENTRIES(f32, float, f32, float, v1, 1)

@@ -207,3 +207,60 @@ fn gpu_rope_matches_cpu() {
         gpu_parity(dev, (1, 12), (1, 30, 52), 128, dtype);
     }
 }
+
+/// `rms_norm_rope` on the CPU is `rope(rms_norm(x) as heads)` to the bit, gradients
+/// included; bad head sizes are errors naming the op.
+#[test]
+fn rms_norm_rope_is_norm_then_rope() {
+    let mut rng = Rng::new(77);
+    let (b, n, heads, dh) = (2, 6, 3, 8);
+    let (cos, sin) = table_tensors(1, 2, 3, dh);
+    let x = randn(&[b, n, heads * dh], &mut rng).requires_grad();
+    let w = randn(&[heads * dh], &mut rng).requires_grad();
+    let fused = ops::rms_norm_rope(&x, &w, &cos, &sin, dh, 1e-6).unwrap();
+    let g1 = autograd::backward(&ops::sum_all(&ops::mul(&fused, &fused).unwrap()).unwrap()).unwrap();
+    let normed = ops::reshape(&ops::rms_norm(&x, &w, 1e-6).unwrap(), &[b, n, heads, dh]).unwrap();
+    let plain = ops::rope(&normed, &cos, &sin).unwrap();
+    let g2 = autograd::backward(&ops::sum_all(&ops::mul(&plain, &plain).unwrap()).unwrap()).unwrap();
+    assert_eq!(fused.shape(), [b, n, heads, dh]);
+    assert_eq!(fused.to_vec().unwrap(), plain.to_vec().unwrap());
+    for t in [&x, &w] {
+        assert_eq!(g1.get(t).unwrap().to_vec().unwrap(), g2.get(t).unwrap().to_vec().unwrap());
+    }
+    for bad in [0, 5, 7] {
+        let e = ops::rms_norm_rope(&x, &w, &cos, &sin, bad, 1e-6).unwrap_err().to_string();
+        assert!(e.contains("rms_norm_rope") && e.contains("head_dim"), "{e}");
+    }
+}
+
+/// On a GPU with the one-warp-per-row norm forward on, `rms_norm_rope` runs one fused
+/// kernel (its backward rotates back, then the RMSNorm backward): output and gradients
+/// agree with the CPU's two ops, for Wan's heads of 128 and small odd shapes.
+#[test]
+fn gpu_rms_norm_rope_matches_cpu() {
+    let Some(dev) = gpu() else { return };
+    let cases = [((2, 7), (1, 1, 7), 3, 16), ((1, 12), (1, 5, 6), 12, 128), ((3, 5), (1, 1, 5), 2, 64)];
+    synthos_engine::cuda::norm::with_warp_forward(true, || {
+        for ((b, _), (f, gh, gw), heads, dh) in cases {
+            let n = f * gh * gw;
+            let table = ops::rope_table_3d(f, gh, gw, dh, THETA).unwrap();
+            let mut rng = Rng::new(78);
+            let inputs =
+                [randn(&[b, n, heads * dh], &mut rng), ops::add_scalar(&randn(&[heads * dh], &mut rng), 1.0).unwrap()];
+            for (dtype, atol, rtol) in PARITY_DTYPES {
+                parity(
+                    &format!("rms_norm_rope {b}x{n}x{heads}x{dh}"),
+                    dev,
+                    dtype,
+                    &inputs,
+                    |t| {
+                        let (cos, sin) = table.to_tensors(t[0].device())?;
+                        ops::rms_norm_rope(&t[0], &t[1], &cos, &sin, dh, 1e-6)
+                    },
+                    atol,
+                    rtol,
+                );
+            }
+        }
+    });
+}

@@ -182,6 +182,68 @@ pub fn forward(
     Ok((y, stats))
 }
 
+/// Whether [`forward_rope`] takes `x` (dtype `t`, rows of `d`) with an RMSNorm weight of
+/// dtype `p` and heads of `head_dim`: with the one-warp-per-row forward switched on
+/// ([`warp_forward`]), rows in 16-byte vectors that fit its register cache, heads a whole
+/// number of vectors, and a kernel for the dtype pair.
+pub fn rope_fusable(t: DType, p: DType, d: usize, head_dim: usize) -> Result<bool> {
+    let vec = vec_width(t, d);
+    let pair = matches!((t, p), (DType::F32, DType::F32) | (DType::BF16, _));
+    Ok(vec > 1 && head_dim.is_multiple_of(vec) && d / vec <= 32 * WARP_CACHE && pair && warp_forward()?)
+}
+
+/// RMSNorm (weight `w`, no bias) followed by RoPE in one pass, for rows that are tokens
+/// `row % tokens` of a `[B, N, H·head_dim]` tensor, with `cos`/`sin` `[N, head_dim/2]` f32
+/// (the `rope` kernel's table). Returns the output and each row's mean (0) and rstd for
+/// the backward. The caller has checked [`rope_fusable`].
+pub fn forward_rope(
+    x: &CudaStorage,
+    w: &CudaStorage,
+    cos: &CudaStorage,
+    sin: &CudaStorage,
+    spec: &RowNorm,
+    tokens: usize,
+    head_dim: usize,
+) -> Result<(CudaBuf, (CudaBuf, CudaBuf))> {
+    check_spec(spec)?;
+    let dev = &x.dev;
+    let (t, p) = (x.buf.dtype(), w.buf.dtype());
+    if !spec.rms || spec.rows_per_group != spec.rows || spec.w_offset != 0.0 {
+        bail!("norm_rope: only an RMSNorm with one weight row fuses with RoPE, got {spec:?}");
+    }
+    if tokens == 0 || !spec.rows.is_multiple_of(tokens) || !spec.d.is_multiple_of(head_dim) || !head_dim.is_multiple_of(2) {
+        bail!(
+            "norm_rope: {} rows of {} do not split into tokens of {tokens} and heads of {head_dim}",
+            spec.rows,
+            spec.d
+        );
+    }
+    check_len("x", Some(x), spec.rows * spec.d)?;
+    check_len("weight", Some(w), spec.d)?;
+    check_len("cos", Some(cos), tokens * head_dim / 2)?;
+    check_len("sin", Some(sin), tokens * head_dim / 2)?;
+    if cos.buf.dtype() != DType::F32 || sin.buf.dtype() != DType::F32 {
+        bail!("norm_rope: the angle table must be f32");
+    }
+    let f = dev.func("norm", super::intern(&format!("norm_rope_fwd_warp_{}_{}_vec", suffix(t), suffix(p))))?;
+    let mut y = dev.alloc(spec.rows * spec.d, t)?;
+    let (mut mean, mut rstd) = (dev.alloc(spec.rows, DType::F32)?, dev.alloc(spec.rows, DType::F32)?);
+    let cfg = LaunchConfig {
+        grid_dim: (spec.rows.div_ceil(WARP_ROWS).clamp(1, MAX_GRID) as u32, 1, 1),
+        block_dim: (32 * WARP_ROWS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (rows, d, tokens64, hd) = (spec.rows as i64, spec.d as i32, tokens as i64, head_dim as i32);
+    let mut lb = dev.stream.launch_builder(&f);
+    lb.buf(&x.buf).buf_mut(&mut y).buf(&w.buf).buf_mut(&mut mean).buf_mut(&mut rstd);
+    lb.arg(&rows).arg(&d).arg(&spec.eps).buf(&cos.buf).buf(&sin.buf).arg(&tokens64).arg(&hd);
+    // SAFETY: x and y hold rows·d elements, w d; row r reads table row r % tokens of
+    // head_dim/2 values (tokens rows checked); mean and rstd hold `rows` values; vector
+    // accesses are aligned as in `forward` (d and head_dim are multiples of the width).
+    unsafe { lb.launch(cfg) }?;
+    Ok((y, (mean, rstd)))
+}
+
 /// Gradients computed by [`backward`]; `None` where not asked for.
 pub struct NormGrads {
     /// Gradient of the input, in its dtype.

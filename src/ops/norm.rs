@@ -61,7 +61,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
 }
 
 /// Rows and row length of `x`, rejecting empty inputs and bad `eps`.
-fn rows_and_dim(op: &str, x: &Tensor, eps: f32) -> Result<(usize, usize)> {
+pub(super) fn rows_and_dim(op: &str, x: &Tensor, eps: f32) -> Result<(usize, usize)> {
     if x.rank() == 0 || x.numel() == 0 {
         bail!("{op}: x must have at least one non-empty dimension, got shape {:?}", x.shape());
     }
@@ -72,7 +72,7 @@ fn rows_and_dim(op: &str, x: &Tensor, eps: f32) -> Result<(usize, usize)> {
     Ok((x.numel() / d, d))
 }
 
-fn check_param(op: &str, name: &str, p: &Tensor, want: &[usize], x: &Tensor) -> Result<()> {
+pub(super) fn check_param(op: &str, name: &str, p: &Tensor, want: &[usize], x: &Tensor) -> Result<()> {
     if p.shape() != want {
         bail!("{op}: {name} has shape {:?}, expected {want:?} for x of shape {:?}", p.shape(), x.shape());
     }
@@ -143,10 +143,10 @@ fn row_norm(op: &'static str, x: &Tensor, w: Option<&Tensor>, b: Option<&Tensor>
     ))
 }
 
-type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+pub(super) type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 
 /// Gradients of `x`, `w` and `b` (each only when tracked).
-fn row_norm_backward(
+pub(super) fn row_norm_backward(
     x: &Tensor,
     g: &Tensor,
     w: Option<&Tensor>,

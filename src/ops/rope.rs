@@ -8,6 +8,7 @@
 
 use super::{cpu_tensor, cuda_tensor, same_device};
 use crate::autograd::record;
+use crate::desc::RowNorm;
 use crate::{bail, cpu, cuda, DType, Device, Result, Tensor};
 
 /// The cos/sin table of a 3D RoPE: `[tokens, head_dim/2]` each, tokens in
@@ -111,8 +112,69 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     ))
 }
 
+/// Wan's q/k path in one op: `rope(rms_norm(x, weight, eps)` viewed as heads of
+/// `head_dim`, `cos`, `sin)`. `x` is `[B, N, D]`, `weight` `[D]`, `cos`/`sin` as for
+/// [`rope`]; the result is `[B, N, D / head_dim, head_dim]`. On a GPU with the
+/// one-warp-per-row norm forward switched on (`SYNTHOS_CUDA_NORM=warp`), one kernel
+/// normalises and rotates each row, and the backward rotates the gradient back before the
+/// RMSNorm backward; otherwise (and on the CPU) the two ops run in turn, exactly as when
+/// called one after the other.
+pub fn rms_norm_rope(
+    x: &Tensor,
+    weight: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    head_dim: usize,
+    eps: f32,
+) -> Result<Tensor> {
+    const OP: &str = "rms_norm_rope";
+    let [b, n, d] = *x.shape() else {
+        bail!("{OP}: x must be [B, N, D], got {:?}", x.shape());
+    };
+    if head_dim == 0 || d % head_dim != 0 {
+        bail!("{OP}: head_dim {head_dim} does not divide the width {d} of x {:?}", x.shape());
+    }
+    let heads = d / head_dim;
+    let fused = x.device().is_cuda()
+        && same_device(OP, &[x, weight, cos, sin]).is_ok()
+        && weight.shape() == [d]
+        && [cos, sin].iter().all(|t| t.shape() == [n, head_dim / 2] && t.dtype() == DType::F32 && !t.is_tracked())
+        && cuda::norm::rope_fusable(x.dtype(), weight.dtype(), d, head_dim)?;
+    if !fused {
+        let y = super::reshape(&super::rms_norm(x, weight, eps)?, &[b, n, heads, head_dim])?;
+        return rope(&y, cos, sin);
+    }
+    let (rows, _) = super::norm::rows_and_dim(OP, x, eps)?;
+    let spec = RowNorm { rows, d, rows_per_group: rows, w_offset: 0.0, eps, rms: true };
+    let (out, mean, rstd) = {
+        let (sx, sw, sc, ss) = (x.storage(), weight.storage(), cos.storage(), sin.storage());
+        let cx = sx.as_cuda()?;
+        let (y, (mean, rstd)) =
+            cuda::norm::forward_rope(cx, sw.as_cuda()?, sc.as_cuda()?, ss.as_cuda()?, &spec, n, head_dim)?;
+        let dev = &cx.dev;
+        (
+            cuda_tensor(dev, y, &[b, n, heads, head_dim])?,
+            cuda_tensor(dev, mean, &[rows])?,
+            cuda_tensor(dev, rstd, &[rows])?,
+        )
+    };
+    let (xs, ws, cos, sin) = (x.clone(), weight.clone(), cos.clone(), sin.clone());
+    Ok(record(
+        OP,
+        out,
+        &[x, weight],
+        Box::new(move |g| {
+            let g = if g.dtype() != xs.dtype() { super::cast(g, xs.dtype())? } else { g.clone() };
+            // The rotation's adjoint is its inverse; then the RMSNorm backward.
+            let g = rotate(&g, &cos, &sin, -1.0)?;
+            let (dx, dw, _) = super::norm::row_norm_backward(&xs, &g, Some(&ws), None, &mean, &rstd, &spec)?;
+            Ok(vec![dx, dw])
+        }),
+    ))
+}
+
 /// Rotates the pairs of `x` by `sign`·angle (shapes checked by [`rope`]).
-fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor, sign: f32) -> Result<Tensor> {
+pub(super) fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor, sign: f32) -> Result<Tensor> {
     let [_, n, h, dh] = *x.shape() else {
         bail!("rope: x must be [B, N, H, head_dim], got {:?}", x.shape());
     };

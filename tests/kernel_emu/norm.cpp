@@ -207,6 +207,64 @@ void run(const Spec& s, bool with_dx) {
     if (s.has_b) report.within(what + ": db", db.download(), want_db, db_scale, "1e-5·Σ|dy| + rounding");
 }
 
+// `cuda::norm::forward_rope` (RMSNorm with a weight, then RoPE per head; entry points for
+// (f32, f32), (bf16, f32) and (bf16, bf16)), against the double reference of the two ops:
+// rows are tokens row % tokens; pair j of each head rotates by the table's (n, j) angle.
+template <class T, class P>
+void norm_rope(size_t batch, size_t tokens, size_t heads, size_t head_dim, unsigned grid_cap) {
+    const size_t rows = batch * tokens, d = heads * head_dim, half = head_dim / 2;
+    const float eps = 1e-6f;
+    const std::string what = format("rms_norm_rope x %s params %s batch=%zu tokens=%zu heads=%zu head_dim=%zu grid<=%u",
+                                    Elem<T>::name, Elem<P>::name, batch, tokens, heads, head_dim, grid_cap);
+    std::vector<double> x(rows * d);
+    for (size_t r = 0; r < rows; ++r) {
+        const double offset = 2 * rng.normal();
+        for (size_t c = 0; c < d; ++c) x[r * d + c] = round_to<T>(offset + rng.normal());
+    }
+    const auto w = rng.values<P>(d, 0.5);
+    std::vector<double> cos_t(tokens * half), sin_t(tokens * half);
+    for (size_t i = 0; i < tokens * half; ++i) {
+        const double theta = rng.uniform(-4, 4);
+        cos_t[i] = (float)std::cos(theta);
+        sin_t[i] = (float)std::sin(theta);
+    }
+    DeviceArray<T> dx(x), y(rows * d);
+    DeviceArray<P> dw(w);
+    DeviceArray<float> dcos(cos_t), dsin(sin_t), mean(rows), rstd(rows);
+    const emu::LaunchConfig cfg{dim3((unsigned)std::clamp<size_t>(ceil_div(rows, 8), 1, grid_cap)), dim3(256), 0};
+    const auto kernel = [] {
+        if constexpr (std::is_same_v<T, float>)
+            return EMU_KERNEL(norm_rope_fwd_warp_f32_f32_vec);
+        else if constexpr (std::is_same_v<P, float>)
+            return EMU_KERNEL(norm_rope_fwd_warp_bf16_f32_vec);
+        else
+            return EMU_KERNEL(norm_rope_fwd_warp_bf16_bf16_vec);
+    }();
+    emu::launch(cfg, kernel, dx.ptr(), y.ptr(), dw.ptr(), mean.ptr(), rstd.ptr(), (int64_t)rows, (int)d, eps,
+                dcos.ptr(), dsin.ptr(), (int64_t)tokens, (int)head_dim);
+
+    std::vector<double> want(rows * d), tol(rows * d), want_rstd(rows);
+    for (size_t r = 0; r < rows; ++r) {
+        double ms = 0;
+        for (size_t c = 0; c < d; ++c) ms += x[r * d + c] * x[r * d + c] / (double)d;
+        const double rs = 1 / std::sqrt(ms + (double)eps);
+        want_rstd[r] = rs;
+        const size_t n = r % tokens;
+        for (size_t c = 0; c < d; c += 2) {
+            const double a = x[r * d + c] * rs * w[c], b = x[r * d + c + 1] * rs * w[c + 1];
+            const size_t j = (c % head_dim) / 2;
+            const double co = cos_t[n * half + j], si = sin_t[n * half + j];
+            want[r * d + c] = a * co - b * si;
+            want[r * d + c + 1] = a * si + b * co;
+            for (size_t e = 0; e < 2; ++e)
+                tol[r * d + c + e] = 2e-5 * (std::fabs(a) + std::fabs(b) + 1) + rtol_of<T>() * std::fabs(want[r * d + c + e]);
+        }
+    }
+    report.within(what + ": y", y.download(), want, tol, "2e-5·(|a| + |b| + 1) + rounding");
+    report.close(what + ": rstd", rstd.download(), want_rstd, 0, 1e-4);
+    report.close(what + ": mean", mean.download(), std::vector<double>(rows, 0.0), 0, 0);
+}
+
 template <class T, class P>
 void ops(size_t d, size_t rows) {
     // ops::norm: layer_norm with and without affine parameters, layer_norm_modulate on
@@ -252,5 +310,12 @@ int main() {
     run<bf16, float>({"layer_norm_modulate", 40, 64, 20, 1.f, 1e-6f, false, true, true}, true);
     run<float, float>({"rms_norm", 600, 37, 600, 0.f, 1e-6f, true, true, false}, true);
     report.expect(warp_runs >= 30, format("the warp forward ran %zu times", warp_runs));
+    // RMSNorm + RoPE: Wan's heads of 128 and odd token counts, several heads per lane's
+    // vectors (head_dim 8 and 16), and a grid of 2 blocks so that warps stride over rows.
+    norm_rope<float, float>(2, 5, 3, 16, 1u << 20);
+    norm_rope<bf16, float>(1, 7, 2, 128, 1u << 20);
+    norm_rope<bf16, bf16>(3, 3, 4, 8, 1u << 20);
+    norm_rope<bf16, bf16>(2, 21, 2, 64, 2);
+    norm_rope<float, float>(1, 40, 1, 4, 2);
     return report.finish();
 }

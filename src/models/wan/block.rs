@@ -66,10 +66,23 @@ impl Attention {
         self.o.forward(&ops::reshape(&a, &[b, n, h * dh])?)
     }
 
+    /// `rope(norm(linear(x)))` as heads: one op when the norm is there (fused on a GPU
+    /// where `ops::rms_norm_rope` can), else the projection and the rotation.
+    fn project_rope(&self, x: &Tensor, linear: &Linear, norm: Option<&RmsNorm>, rope: &Rope) -> Result<Tensor> {
+        match norm {
+            Some(nm) => {
+                let y = linear.forward(x)?;
+                let head_dim = y.shape().last().copied().unwrap_or(0) / self.heads.max(1);
+                ops::rms_norm_rope(&y, &nm.weight, &rope.cos, &rope.sin, head_dim, nm.eps)
+            }
+            None => ops::rope(&self.project(x, linear, None)?, &rope.cos, &rope.sin),
+        }
+    }
+
     /// Self-attention on `x [B, N, D]` with RoPE on q and k.
     fn self_attention(&self, x: &Tensor, rope: &Rope) -> Result<Tensor> {
-        let q = ops::rope(&self.project(x, &self.q, self.norm_q.as_ref())?, &rope.cos, &rope.sin)?;
-        let k = ops::rope(&self.project(x, &self.k, self.norm_k.as_ref())?, &rope.cos, &rope.sin)?;
+        let q = self.project_rope(x, &self.q, self.norm_q.as_ref(), rope)?;
+        let k = self.project_rope(x, &self.k, self.norm_k.as_ref(), rope)?;
         let v = self.project(x, &self.v, None)?;
         self.attend(&q, &k, &v)
     }
