@@ -5,7 +5,8 @@
 // attn_fwd_wgmma_d<Dh>_bf16 (Dh 64 or 128): grid (ceil(Nq / 128), H, B), 256 threads =
 //   two warpgroups. The block owns 128 query rows, warpgroup wg the 64 rows 64wg.. and,
 //   within it, warp w (of 4) the 16 rows 16w.. of each product. The block walks the keys
-//   in tiles of 128 (causal: only up to its last row). Q, K and V tiles go to shared
+//   in tiles of 128 (causal: only up to its last row; a last tile of at most 64 keys runs
+//   as a 64-key tile). Q, K and V tiles go to shared
 //   memory through cp.async in the 128-byte-swizzle layout of wgmma.cuh (Dh split into
 //   panels of 64 columns, one 128-byte row per token and panel); K and V are two stages
 //   deep, tile j+1 in flight while tile j is used. Per tile, each warpgroup:
@@ -22,6 +23,8 @@
 //   first 1024-byte boundary of the window: 1280 Dh + 1024 bytes (Dh 64: 82944, 128: 164864).
 // Built for sm_90a only; other targets get a kernel that traps (the host launches it only
 // on compute capability 9.0).
+#include <type_traits>
+
 #include "flash.cuh"
 #include "wgmma.cuh"
 
@@ -69,7 +72,7 @@ __device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const
                                                int has_mask, int causal, float scale) {
 #if defined(SYNTHOS_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using L = WgFwd<DH>;
-    constexpr int BQ = L::BQ, BK = L::BK, NT = BK / 8, DT = DH / 8, KD = DH / 16;
+    constexpr int BQ = L::BQ, BK = L::BK, DT = DH / 8, KD = DH / 16;
     DYNAMIC_SMEM(smem_raw);
     if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
     // The swizzle is a function of absolute shared-window addresses, repeating every 1024
@@ -127,45 +130,54 @@ __device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const
         unsigned char* Kt = Ks + stage * BK * DH * 2;
         unsigned char* Vt = Vs + stage * BK * DH * 2;
 
-        // S = Q K^T over Dh in slices of 16: both operands K-major, 8-row groups 1024
-        // bytes apart (SBO); the leading offset is unused in this layout.
-        float s[BK / 2];
-        ptx::wgmma_fence();
+        // One tile of BKT keys (128, or 64 for a last tile of at most 64 keys: half the
+        // products where Nk leaves a short remainder, e.g. the 769-key cross-attention).
+        auto tile_step = [&](auto keys) {
+            constexpr int BKT = decltype(keys)::value, NTT = BKT / 8;
+            // S = Q K^T over Dh in slices of 16: both operands K-major, 8-row groups 1024
+            // bytes apart (SBO); the leading offset is unused in this layout.
+            float s[BKT / 2];
+            ptx::wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < KD; ++kk) {
-            const int slice = (kk % 4) * 32;  // 16 head dims within the panel
-            const uint64_t da = ptx::wgmma_desc_sw128(q_rows + (kk / 4) * BQ * 128 + slice, 16, 1024);
-            const uint64_t db = ptx::wgmma_desc_sw128(Kt + (kk / 4) * BK * 128 + slice, 16, 1024);
-            ptx::wgmma_ss<BK, 0, 0>(s, da, db, kk > 0);
-        }
-        ptx::wgmma_commit();
-        ptx::wgmma_wait<0>();
-        ptx::wgmma_fence_operand(s);
+            for (int kk = 0; kk < KD; ++kk) {
+                const int slice = (kk % 4) * 32;  // 16 head dims within the panel
+                const uint64_t da = ptx::wgmma_desc_sw128(q_rows + (kk / 4) * BQ * 128 + slice, 16, 1024);
+                const uint64_t db = ptx::wgmma_desc_sw128(Kt + (kk / 4) * BK * 128 + slice, 16, 1024);
+                ptx::wgmma_ss<BKT, 0, 0>(s, da, db, kk > 0);
+            }
+            ptx::wgmma_commit();
+            ptx::wgmma_wait<0>();
+            ptx::wgmma_fence_operand(s);
 
-        float alpha[2];
-        flash::softmax_tile<NT>(reinterpret_cast<float(&)[NT][4]>(s), rows, k0, t, Nq, Nk, causal, has_mask, key_mask, b, brow,
-                                scale, m_run, l_run, alpha);
+            float alpha[2];
+            flash::softmax_tile<NTT>(reinterpret_cast<float(&)[NTT][4]>(s), rows, k0, t, Nq, Nk, causal, has_mask,
+                                     key_mask, b, brow, scale, m_run, l_run, alpha);
 #pragma unroll
-        for (int i = 0; i < DH / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
+            for (int i = 0; i < DH / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
 
-        // O += P V over the tile's keys in slices of 16: P's A operand is two adjacent
-        // 8-key accumulator tiles of S (ptx::acc_to_a's repack), V N-major: 64-column
-        // panels LBO apart, 8-key groups 1024 bytes apart.
-        // Every slice is packed before the fence, so that one fence covers all the
-        // products (packing between them would make the compiler fence each one).
-        uint32_t pa[BK / 16][4];
+            // O += P V over the tile's keys in slices of 16: P's A operand is two adjacent
+            // 8-key accumulator tiles of S (ptx::acc_to_a's repack), V N-major: 64-column
+            // panels LBO = BK·128 apart (the stage's layout), 8-key groups 1024 bytes apart.
+            // Every slice is packed before the fence, so that one fence covers all the
+            // products (packing between them would make the compiler fence each one).
+            uint32_t pa[BKT / 16][4];
 #pragma unroll
-        for (int ks = 0; ks < BK / 16; ++ks)
+            for (int ks = 0; ks < BKT / 16; ++ks)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) pa[ks][i] = ptx::pack_bf16(s[8 * ks + 2 * i], s[8 * ks + 2 * i + 1]);
-        ptx::wgmma_fence_operand(o);
-        ptx::wgmma_fence();
+                for (int i = 0; i < 4; ++i) pa[ks][i] = ptx::pack_bf16(s[8 * ks + 2 * i], s[8 * ks + 2 * i + 1]);
+            ptx::wgmma_fence_operand(o);
+            ptx::wgmma_fence();
 #pragma unroll
-        for (int ks = 0; ks < BK / 16; ++ks)
-            ptx::wgmma_rs<DH, 1>(o, pa[ks], ptx::wgmma_desc_sw128(Vt + ks * 16 * 128, BK * 128, 1024), 1);
-        ptx::wgmma_commit();
-        ptx::wgmma_wait<0>();
-        ptx::wgmma_fence_operand(o);
+            for (int ks = 0; ks < BKT / 16; ++ks)
+                ptx::wgmma_rs<DH, 1>(o, pa[ks], ptx::wgmma_desc_sw128(Vt + ks * 16 * 128, BK * 128, 1024), 1);
+            ptx::wgmma_commit();
+            ptx::wgmma_wait<0>();
+            ptx::wgmma_fence_operand(o);
+        };
+        if (j + 1 == tiles && k_end - k0 <= BK / 2)
+            tile_step(std::integral_constant<int, BK / 2>{});
+        else
+            tile_step(std::integral_constant<int, BK>{});
         __syncthreads();  // every warpgroup is done with this stage before it is refilled
     }
     if (tiles == 0) ptx::cp_async_wait<0>();  // (Q's copies; no key is visible to the block)
