@@ -211,7 +211,11 @@ pub fn forward_rope(
     if !spec.rms || spec.rows_per_group != spec.rows || spec.w_offset != 0.0 {
         bail!("norm_rope: only an RMSNorm with one weight row fuses with RoPE, got {spec:?}");
     }
-    if tokens == 0 || !spec.rows.is_multiple_of(tokens) || !spec.d.is_multiple_of(head_dim) || !head_dim.is_multiple_of(2) {
+    if tokens == 0
+        || !spec.rows.is_multiple_of(tokens)
+        || !spec.d.is_multiple_of(head_dim)
+        || !head_dim.is_multiple_of(2)
+    {
         bail!(
             "norm_rope: {} rows of {} do not split into tokens of {tokens} and heads of {head_dim}",
             spec.rows,
