@@ -58,13 +58,21 @@ __device__ __forceinline__ void load_affine(const P* w, const P* b, int64_t c, f
     if (b != nullptr) load_vec(b, c, s);
 }
 
-template <int VEC, typename T, typename P>
-__device__ __forceinline__ void write_normed(T* yr, const P* w, const P* b, int64_t c, const float (&v)[VEC],
-                                             float mean, float rstd, float w_offset) {
-    float f[VEC], s[VEC], o[VEC];
+// o = (v - mean)·rstd·(w_offset + w) + b for VEC columns from column c.
+template <int VEC, typename P>
+__device__ __forceinline__ void normed(const P* w, const P* b, int64_t c, const float (&v)[VEC], float mean,
+                                       float rstd, float w_offset, float (&o)[VEC]) {
+    float f[VEC], s[VEC];
     load_affine(w, b, c, w_offset, f, s);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) o[e] = (v[e] - mean) * rstd * f[e] + s[e];
+}
+
+template <int VEC, typename T, typename P>
+__device__ __forceinline__ void write_normed(T* yr, const P* w, const P* b, int64_t c, const float (&v)[VEC],
+                                             float mean, float rstd, float w_offset) {
+    float o[VEC];
+    normed(w, b, c, v, mean, rstd, w_offset, o);
     store_vec(yr, c, o);
 }
 
@@ -203,13 +211,12 @@ __device__ void norm_fwd_warp(const T* __restrict__ x, T* __restrict__ y, const 
             const int i = lane + 32 * k;
             if (i >= nvec) continue;
             if constexpr (ROPE) {
-                float f[VEC], sh[VEC], o[VEC];
-                load_affine(wg, bg, (int64_t)i * VEC, w_offset, f, sh);
+                float o[VEC];
+                normed(wg, bg, (int64_t)i * VEC, v[k], mean, rstd, w_offset, o);
                 const int j0 = (i * VEC) % head_dim / 2;
 #pragma unroll
                 for (int p = 0; p < VEC / 2; ++p) {
-                    const float a = (v[k][2 * p] - mean) * rstd * f[2 * p] + sh[2 * p];
-                    const float bb = (v[k][2 * p + 1] - mean) * rstd * f[2 * p + 1] + sh[2 * p + 1];
+                    const float a = o[2 * p], bb = o[2 * p + 1];
                     const float c = cos_t[table_row + j0 + p], sn = sin_t[table_row + j0 + p];
                     o[2 * p] = a * c - bb * sn;
                     o[2 * p + 1] = a * sn + bb * c;

@@ -283,11 +283,6 @@ pub struct Keep {
     pub linear: bool,
 }
 
-impl Keep {
-    /// Keep nothing: the whole block is recomputed (plain checkpointing).
-    pub const NOTHING: Keep = Keep { attention: false, linear: false };
-}
-
 /// The kinds of op outputs [`Keep`] chooses between.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kept {
@@ -296,6 +291,9 @@ pub(crate) enum Kept {
 }
 
 impl Keep {
+    /// Keep nothing: the whole block is recomputed (plain checkpointing).
+    pub const NOTHING: Keep = Keep { attention: false, linear: false };
+
     fn wants(self, kind: Kept) -> bool {
         match kind {
             Kept::Attention => self.attention,

@@ -60,7 +60,7 @@ pub enum AttentionKernel {
     /// `attn_bwd_dkdv_mma_d<Dh>_bf16`, dq and dbias from `attn_bwd_dq_mma_d<Dh>_bf16`
     /// (scores recomputed per query block), no atomics: bit-identical results run to run.
     MmaDeterministic,
-    /// On compute capability 9.x, the forward's `attn_fwd_wgmma_d<Dh>_bf16`
+    /// On compute capability 9.0 (sm_90a code), the forward's `attn_fwd_wgmma_d<Dh>_bf16`
     /// (attention_wgmma.cu): Hopper's warpgroup tensor-core instruction, 128 query rows per
     /// block of two warpgroups, key tiles of 128, for head dims 64 and 128; the backward,
     /// other head dims and other GPUs as [`AttentionKernel::Mma`].

@@ -146,11 +146,7 @@ pub fn forward(
     let mut stats =
         if keep_stats { Some((dev.alloc(spec.rows, DType::F32)?, dev.alloc(spec.rows, DType::F32)?)) } else { None };
     let cfg = if warp {
-        LaunchConfig {
-            grid_dim: (spec.rows.div_ceil(WARP_ROWS).clamp(1, MAX_GRID) as u32, 1, 1),
-            block_dim: (32 * WARP_ROWS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        }
+        warp_rows_config(spec.rows)
     } else {
         LaunchConfig {
             grid_dim: (spec.rows.min(MAX_GRID) as u32, 1, 1),
@@ -187,15 +183,29 @@ pub fn forward(
 /// ([`warp_forward`]), rows in 16-byte vectors that fit its register cache, heads a whole
 /// number of vectors, and a kernel for the dtype pair.
 pub fn rope_fusable(t: DType, p: DType, d: usize, head_dim: usize) -> Result<bool> {
+    Ok(rope_kernel_takes(t, p, d, head_dim) && warp_forward()?)
+}
+
+/// The shapes and dtypes `norm_rope_fwd_warp_*` handles (see [`rope_fusable`]).
+fn rope_kernel_takes(t: DType, p: DType, d: usize, head_dim: usize) -> bool {
     let vec = vec_width(t, d);
     let pair = matches!((t, p), (DType::F32, DType::F32) | (DType::BF16, _));
-    Ok(vec > 1 && head_dim.is_multiple_of(vec) && d / vec <= 32 * WARP_CACHE && pair && warp_forward()?)
+    vec > 1 && head_dim > 0 && head_dim.is_multiple_of(vec) && d / vec <= 32 * WARP_CACHE && pair
+}
+
+/// The launch of the one-warp-per-row kernels: blocks of [`WARP_ROWS`] warps, one row each.
+fn warp_rows_config(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(WARP_ROWS).clamp(1, MAX_GRID) as u32, 1, 1),
+        block_dim: (32 * WARP_ROWS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// RMSNorm (weight `w`, no bias) followed by RoPE in one pass, for rows that are tokens
 /// `row % tokens` of a `[B, N, H·head_dim]` tensor, with `cos`/`sin` `[N, head_dim/2]` f32
 /// (the `rope` kernel's table). Returns the output and each row's mean (0) and rstd for
-/// the backward. The caller has checked [`rope_fusable`].
+/// the backward. Shapes or dtypes the kernel does not take are an error.
 pub fn forward_rope(
     x: &CudaStorage,
     w: &CudaStorage,
@@ -229,14 +239,13 @@ pub fn forward_rope(
     if cos.buf.dtype() != DType::F32 || sin.buf.dtype() != DType::F32 {
         bail!("norm_rope: the angle table must be f32");
     }
+    if !rope_kernel_takes(t, p, spec.d, head_dim) {
+        bail!("norm_rope: no fused kernel for rows of {} {t} with {p} weights and heads of {head_dim}", spec.d);
+    }
     let f = dev.func("norm", super::intern(&format!("norm_rope_fwd_warp_{}_{}_vec", suffix(t), suffix(p))))?;
     let mut y = dev.alloc(spec.rows * spec.d, t)?;
     let (mut mean, mut rstd) = (dev.alloc(spec.rows, DType::F32)?, dev.alloc(spec.rows, DType::F32)?);
-    let cfg = LaunchConfig {
-        grid_dim: (spec.rows.div_ceil(WARP_ROWS).clamp(1, MAX_GRID) as u32, 1, 1),
-        block_dim: (32 * WARP_ROWS as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = warp_rows_config(spec.rows);
     let (rows, d, tokens64, hd) = (spec.rows as i64, spec.d as i32, tokens as i64, head_dim as i32);
     let mut lb = dev.stream.launch_builder(&f);
     lb.buf(&x.buf).buf_mut(&mut y).buf(&w.buf).buf_mut(&mut mean).buf_mut(&mut rstd);

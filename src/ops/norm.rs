@@ -72,7 +72,7 @@ pub(super) fn rows_and_dim(op: &str, x: &Tensor, eps: f32) -> Result<(usize, usi
     Ok((x.numel() / d, d))
 }
 
-pub(super) fn check_param(op: &str, name: &str, p: &Tensor, want: &[usize], x: &Tensor) -> Result<()> {
+fn check_param(op: &str, name: &str, p: &Tensor, want: &[usize], x: &Tensor) -> Result<()> {
     if p.shape() != want {
         bail!("{op}: {name} has shape {:?}, expected {want:?} for x of shape {:?}", p.shape(), x.shape());
     }
