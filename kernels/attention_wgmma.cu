@@ -210,3 +210,313 @@ __device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const
     }
 WGMMA_FWD(64)
 WGMMA_FWD(128)
+
+// ---- Backward -----------------------------------------------------------------------------
+// attn_bwd_wgmma_d<Dh>_bf16 (Dh 64 or 128): the inputs and outputs of attn_bwd_mma_d<Dh>_bf16
+// in attention_mma.cu (D from attn_bwd_dot first; dq and dbias accumulated in fp32 with
+// atomics). Grid (ceil(Nk / 128), H, B), 256 threads = two warpgroups. The block owns 128
+// keys, warpgroup wg the 64 keys 64wg.. and, within it, warp w the 16 keys 16w.. of each
+// product, with dK and dV (64 x Dh fp32 per warpgroup, Dh/2 registers each) in registers.
+// K and V stay in shared memory; the block walks the queries in tiles of 64 (causal: from
+// the first tile that sees its keys), Q and dO through cp.async two stages deep, in the
+// 128-byte-swizzle layout of the forward. Per tile, each warpgroup:
+//   S^T = K_wg Q^T and dP^T = V_wg dO^T (64 keys x 64 queries, 32 registers each): Dh/16
+//     wgmma each, both operands K-major from shared memory;
+//   P^T = exp(S^T - L) and dS^T = P^T (dP^T - D) on the registers (L, D per query from
+//     shared memory), dbias += dS with fp32 atomics when asked;
+//   dV += P^T dO and dK += dS^T Q: P^T and dS^T packed from the registers as A operands,
+//     dO and Q N-major from shared memory (their head dims are contiguous);
+//   dS^T (bf16) to shared memory, 128-byte rows per key (swizzled); after a barrier,
+//     dQ (64 queries x 64 dims, 32 registers) = dS K with dS^T read M-major as A and K's
+//     tile N-major as B, added to the fp32 dq buffer with atomics: at Dh 128 warpgroup wg
+//     takes head dims 64wg.. over all 128 keys, at Dh 64 every head dim over its own 64
+//     keys (each dq element then gets two adds per block).
+// A warpgroup whose 64 keys all lie past Nk skips its products (a short last block).
+// attn_bwd_dkdv_wgmma_d<Dh>_bf16: the same without dQ and dbias (the deterministic
+// backward's dK/dV kernel; attn_bwd_dq_mma then computes dq without atomics).
+// Shared memory (dynamic): K, V 128 rows, Q, dO 2 stages x 64 rows, Dh bf16 each, dS^T
+//   128 x 64 bf16, L and D 2 x 64 fp32 each, and 1024 bytes to align the tiles:
+//   1024 Dh + 18432 bytes (Dh 64: 83968, 128: 149504).
+namespace {
+
+template <int DH>
+struct WgBwd {
+    static constexpr int THREADS = 256;
+    static constexpr int BK = 128;  // keys per block
+    static constexpr int BQ = 64;   // queries per tile
+    static constexpr int K = 0;     // byte offsets from the aligned base
+    static constexpr int V = K + BK * DH * 2;
+    static constexpr int Q = V + BK * DH * 2;
+    static constexpr int DO = Q + 2 * BQ * DH * 2;
+    static constexpr int DST = DO + 2 * BQ * DH * 2;
+    static constexpr int LSE = DST + BK * BQ * 2;
+    static constexpr int DROW = LSE + 2 * BQ * 4;
+    static constexpr int BYTES = DROW + 2 * BQ * 4 + 1024;  // + the alignment slack
+    static_assert(DH == 64 || DH == 128, "head dim 64 or 128");
+    static_assert(V % 1024 == 0 && Q % 1024 == 0 && DO % 1024 == 0 && DST % 1024 == 0 && BQ * DH * 2 % 1024 == 0,
+                  "every swizzled tile starts on a 1024-byte boundary");
+    // The host computes the same size (cuda/attention.rs, wgmma_bwd_smem_bytes).
+    static_assert(BYTES == 1024 * DH + 18432, "shared-memory size changed: update the host");
+};
+
+template <int DH, bool WITH_DQ>
+__device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                               const bf16* __restrict__ v, const bf16* __restrict__ dout,
+                                               const float* __restrict__ lse, const float* __restrict__ drow,
+                                               const float* __restrict__ key_mask, const float* __restrict__ bias,
+                                               float* __restrict__ dq_acc, bf16* __restrict__ dk,
+                                               bf16* __restrict__ dv, float* __restrict__ dbias, int Nq, int Nk,
+                                               int H, int bias_batch, int has_mask, int causal, int want_dbias,
+                                               float scale) {
+#if defined(SYNTHOS_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    using L = WgBwd<DH>;
+    constexpr int BK = L::BK, BQ = L::BQ, KD = DH / 16, DT = DH / 8, NT = BQ / 8, QS = BQ / 16;
+    DYNAMIC_SMEM(smem_raw);
+    if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
+    unsigned char* smem = smem_raw + ((1024u - (ptx::smem_addr(smem_raw) & 1023u)) & 1023u);
+    unsigned char* Ks = smem + L::K;
+    unsigned char* Vs = smem + L::V;
+    unsigned char* Qs = smem + L::Q;
+    unsigned char* dOs = smem + L::DO;
+    unsigned char* dSt = smem + L::DST;
+    float* Ls = reinterpret_cast<float*>(smem + L::LSE);
+    float* Ds = reinterpret_cast<float*>(smem + L::DROW);
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp within it
+    const int g = lane >> 2, t = lane & 3;
+    const int k0 = blockIdx.x * BK;
+    const int h = blockIdx.y;
+    const int64_t b = blockIdx.z;
+    const int64_t bias_base = bias_batch > 0 ? ((bias_batch == 1 ? 0 : b) * H + h) * (int64_t)Nq * Nk : 0;
+    // Keys of this lane's S^T elements (rows g and g+8 of its warp's 16: e = 0, 1 -> keys[0];
+    // e = 2, 3 -> keys[1]), and whether each takes part at all.
+    int keys[2];
+    bool key_on[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        keys[r] = k0 + wg * 64 + wq * 16 + g + 8 * r;
+        key_on[r] = keys[r] < Nk && (!has_mask || key_mask[b * Nk + keys[r]] != 0.f);
+    }
+    const bool wg_on = k0 + wg * 64 < Nk;  // (warp-group uniform) this warpgroup has a key < Nk
+    // dQ's 16-key slices: all 128 keys at Dh 128 (head dims split between the warpgroups),
+    // the warpgroup's own 64 at Dh 64 (none when they all lie past Nk). (Slices past Nk
+    // add zeros: K's rows there are zero-filled, dS^T's rows are 0.)
+    constexpr int DQ_SLICES = DH == 128 ? 8 : 4;
+    const int dq_first = DH == 128 ? 0 : wg * 4;
+    const bool dq_on = DH == 128 || wg_on;
+    const int dq_panel = DH == 128 ? wg : 0;
+
+    const int q_begin = causal ? (k0 / BQ) * BQ : 0;
+    const int tiles = Nq > q_begin ? (Nq - q_begin + BQ - 1) / BQ : 0;
+    issue_tile_sw128<DH, BK, L::THREADS>(Ks, k, b, k0, Nk, H, h);
+    issue_tile_sw128<DH, BK, L::THREADS>(Vs, v, b, k0, Nk, H, h);
+    if (tiles > 0) {
+        issue_tile_sw128<DH, BQ, L::THREADS>(Qs, q, b, q_begin, Nq, H, h);
+        issue_tile_sw128<DH, BQ, L::THREADS>(dOs, dout, b, q_begin, Nq, H, h);
+    }
+    ptx::cp_async_commit();
+
+    float dk_acc[DH / 2], dv_acc[DH / 2];
+#pragma unroll
+    for (int i = 0; i < DH / 2; ++i) dk_acc[i] = dv_acc[i] = 0.f;
+    // This warpgroup's 64 rows of K and V: panel kk / 4, 32 bytes per 16 head dims within it.
+    unsigned char* k_rows = Ks + wg * 64 * 128;
+    unsigned char* v_rows = Vs + wg * 64 * 128;
+
+    for (int j = 0; j < tiles; ++j) {
+        const int stage = j & 1, q0 = q_begin + j * BQ;
+        if (j + 1 < tiles) {  // tile j+1 into the other stage (its readers passed tile j-1's waits)
+            issue_tile_sw128<DH, BQ, L::THREADS>(Qs + (stage ^ 1) * BQ * DH * 2, q, b, q0 + BQ, Nq, H, h);
+            issue_tile_sw128<DH, BQ, L::THREADS>(dOs + (stage ^ 1) * BQ * DH * 2, dout, b, q0 + BQ, Nq, H, h);
+            ptx::cp_async_commit();
+            ptx::cp_async_wait<1>();
+        } else {
+            ptx::cp_async_wait<0>();
+        }
+        if (threadIdx.x < BQ) {
+            const int i = q0 + threadIdx.x;
+            const int64_t row = (b * H + h) * (int64_t)Nq + i;
+            Ls[stage * BQ + threadIdx.x] = i < Nq ? lse[row] * flash::LOG2E : 0.f;
+            Ds[stage * BQ + threadIdx.x] = i < Nq ? drow[row] : 0.f;
+        }
+        ptx::fence_proxy_async();  // this thread's copies, visible to the tensor cores
+        __syncthreads();           // ... and every other thread's: tile j (and K, V) is in place
+        unsigned char* Qt = Qs + stage * BQ * DH * 2;
+        unsigned char* dOt = dOs + stage * BQ * DH * 2;
+        const float* Lt = Ls + stage * BQ;
+        const float* Dt = Ds + stage * BQ;
+
+        // S^T = K_wg Q^T, dP^T = V_wg dO^T over Dh in slices of 16, all K-major: 8-row
+        // groups 1024 bytes apart (SBO).
+        float s[BQ / 2], dp[BQ / 2];
+        uint32_t pa[QS][4], da[QS][4];  // P^T and dS^T as A operands, 16 queries each
+        if (wg_on) {
+            ptx::wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < KD; ++kk) {
+                const int key_slice = (kk / 4) * BK * 128 + (kk % 4) * 32;  // panel kk / 4, 16 dims
+                const int query_slice = (kk / 4) * BQ * 128 + (kk % 4) * 32;
+                ptx::wgmma_ss<BQ, 0, 0>(s, ptx::wgmma_desc_sw128(k_rows + key_slice, 16, 1024),
+                                        ptx::wgmma_desc_sw128(Qt + query_slice, 16, 1024), kk > 0);
+            }
+#pragma unroll
+            for (int kk = 0; kk < KD; ++kk) {
+                const int key_slice = (kk / 4) * BK * 128 + (kk % 4) * 32;
+                const int query_slice = (kk / 4) * BQ * 128 + (kk % 4) * 32;
+                ptx::wgmma_ss<BQ, 0, 0>(dp, ptx::wgmma_desc_sw128(v_rows + key_slice, 16, 1024),
+                                        ptx::wgmma_desc_sw128(dOt + query_slice, 16, 1024), kk > 0);
+            }
+            ptx::wgmma_commit();
+            ptx::wgmma_wait<0>();
+            ptx::wgmma_fence_operand(s);
+            ptx::wgmma_fence_operand(dp);
+        } else {
+#pragma unroll
+            for (int i = 0; i < BQ / 2; ++i) s[i] = dp[i] = 0.f;
+        }
+
+        // P^T and dS^T in place of S^T and dP^T: element e of 8-query tile n is key
+        // keys[e / 2], query q0 + 8n + 2t + e % 2.
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int c = n * 8 + 2 * t + (e & 1), i = q0 + c, key = keys[e >> 1];
+                float p = 0.f, ds = 0.f;
+                if (i < Nq && key_on[e >> 1] && (!causal || key <= i)) {
+                    float sv = s[4 * n + e] * scale;
+                    if (bias_batch > 0) sv += bias[bias_base + (int64_t)i * Nk + key];
+                    // L_i is finite here: row i sees at least this key.
+                    p = exp2f(sv * flash::LOG2E - Lt[c]);
+                    ds = p * (dp[4 * n + e] - Dt[c]);
+                    if (WITH_DQ && want_dbias) atomicAdd(dbias + bias_base + (int64_t)i * Nk + key, ds);
+                }
+                s[4 * n + e] = p;
+                dp[4 * n + e] = ds;
+            }
+        }
+#pragma unroll
+        for (int ks = 0; ks < QS; ++ks)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                pa[ks][i] = ptx::pack_bf16(s[8 * ks + 2 * i], s[8 * ks + 2 * i + 1]);
+                da[ks][i] = ptx::pack_bf16(dp[8 * ks + 2 * i], dp[8 * ks + 2 * i + 1]);
+            }
+
+        // dV += P^T dO, dK += dS^T Q over the tile's queries in slices of 16: dO and Q
+        // N-major, 64-column panels LBO = BQ·128 apart, 8-query groups 1024 bytes apart.
+        if (wg_on) {
+            ptx::wgmma_fence_operand(dv_acc);
+            ptx::wgmma_fence_operand(dk_acc);
+            ptx::wgmma_fence();
+#pragma unroll
+            for (int ks = 0; ks < QS; ++ks)
+                ptx::wgmma_rs<DH, 1>(dv_acc, pa[ks], ptx::wgmma_desc_sw128(dOt + ks * 16 * 128, BQ * 128, 1024), 1);
+#pragma unroll
+            for (int ks = 0; ks < QS; ++ks)
+                ptx::wgmma_rs<DH, 1>(dk_acc, da[ks], ptx::wgmma_desc_sw128(Qt + ks * 16 * 128, BQ * 128, 1024), 1);
+            ptx::wgmma_commit();
+        }
+        if constexpr (WITH_DQ) {
+            // dS^T to shared memory (bf16, as the products above use it): key row 128 bytes,
+            // the 16-byte chunk of queries 8n.. at chunk n ^ (row % 8).
+            const int row0 = wg * 64 + wq * 16 + g;
+#pragma unroll
+            for (int n = 0; n < NT; ++n)
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int row = row0 + 8 * r;
+                    *reinterpret_cast<uint32_t*>(dSt + row * 128 + ((n ^ (row & 7)) * 16) + 4 * t) =
+                        da[n / 2][2 * (n % 2) + r];  // (dS^T's row g + 8r, queries 8n + 2t, +1)
+                }
+            ptx::fence_proxy_async();  // the stores, visible to the tensor cores
+        }
+        if (wg_on) {
+            // Tile j's Q and dO are read before the barrier below (the next tile's copies
+            // may refill this stage as soon as every thread has passed it).
+            ptx::wgmma_wait<0>();
+            ptx::wgmma_fence_operand(dv_acc);
+            ptx::wgmma_fence_operand(dk_acc);
+            ptx::wgmma_fence_operand(pa);
+            ptx::wgmma_fence_operand(da);
+        }
+        __syncthreads();  // dS^T of all 128 keys is in shared memory; this stage is read
+        if constexpr (WITH_DQ) {
+            if (dq_on) {
+                // dQ (64 x 64) = dS K over the slices: A = dS^T read M-major (the 64 queries of
+                // a key row contiguous; 8-key groups 1024 bytes apart), B = K's panel
+                // dq_panel N-major (8-key groups 1024 bytes apart).
+                float dqa[32];
+                ptx::wgmma_fence();
+#pragma unroll
+                for (int ks = 0; ks < DQ_SLICES; ++ks) {
+                    const int kk = dq_first + ks;
+                    ptx::wgmma_ss<64, 1, 1>(dqa, ptx::wgmma_desc_sw128(dSt + kk * 16 * 128, BQ * 128, 1024),
+                                            ptx::wgmma_desc_sw128(Ks + dq_panel * BK * 128 + kk * 16 * 128, BK * 128,
+                                                                  1024),
+                                            ks > 0);
+                }
+                ptx::wgmma_commit();
+                ptx::wgmma_wait<0>();
+                ptx::wgmma_fence_operand(dqa);
+                // Element e of 8-dim tile n: query q0 + 16wq + g + 8(e/2), head dim
+                // 64 dq_panel + 8n + 2t + e%2.
+#pragma unroll
+                for (int e2 = 0; e2 < 2; ++e2) {
+                    const int i = q0 + wq * 16 + g + 8 * e2;
+                    if (i >= Nq) continue;
+                    float* row = dq_acc + ((b * Nq + i) * H + h) * (int64_t)DH + dq_panel * 64 + 2 * t;
+#pragma unroll
+                    for (int n = 0; n < 8; ++n) {
+                        atomicAdd(row + 8 * n, scale * dqa[4 * n + 2 * e2]);
+                        atomicAdd(row + 8 * n + 1, scale * dqa[4 * n + 2 * e2 + 1]);
+                    }
+                }
+            }
+        }
+        // No barrier here: the next tile's copies and L, D go to the other stage, whose
+        // readers all passed the barrier above, and dS^T is rewritten only after the
+        // barrier at the top of the loop, which every thread reaches after its dQ wait.
+    }
+    if (tiles == 0) ptx::cp_async_wait<0>();  // (K and V; no query sees these keys)
+
+    // Every key < Nk belongs to exactly one warp: plain stores (zeros for keys no query sees).
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (keys[r] >= Nk) continue;
+        const int64_t base = ((b * Nk + keys[r]) * H + h) * (int64_t)DH + 2 * t;
+#pragma unroll
+        for (int d = 0; d < DT; ++d) {
+            *reinterpret_cast<__nv_bfloat162*>(dk + base + d * 8) =
+                __floats2bfloat162_rn(dk_acc[4 * d + 2 * r] * scale, dk_acc[4 * d + 2 * r + 1] * scale);
+            *reinterpret_cast<__nv_bfloat162*>(dv + base + d * 8) =
+                __floats2bfloat162_rn(dv_acc[4 * d + 2 * r], dv_acc[4 * d + 2 * r + 1]);
+        }
+    }
+#else
+    __trap();
+#endif
+}
+
+}  // namespace
+
+#define WGMMA_BWD(DH)                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                                          \
+        attn_bwd_wgmma_d##DH##_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,               \
+                                    const float* lse, const float* drow, const float* key_mask, const float* bias, \
+                                    float* dq_acc, bf16* dk, bf16* dv, float* dbias, int Nq, int Nk, int H,        \
+                                    int bias_batch, int has_mask, int causal, int want_dbias, float scale) {       \
+        attn_bwd_wgmma<DH, true>(q, k, v, dout, lse, drow, key_mask, bias, dq_acc, dk, dv, dbias, Nq, Nk, H,      \
+                                 bias_batch, has_mask, causal, want_dbias, scale);                                 \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                                          \
+        attn_bwd_dkdv_wgmma_d##DH##_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,          \
+                                         const float* lse, const float* drow, const float* key_mask,              \
+                                         const float* bias, bf16* dk, bf16* dv, int Nq, int Nk, int H,            \
+                                         int bias_batch, int has_mask, int causal, float scale) {                 \
+        attn_bwd_wgmma<DH, false>(q, k, v, dout, lse, drow, key_mask, bias, nullptr, dk, dv, nullptr, Nq, Nk, H,  \
+                                  bias_batch, has_mask, causal, 0, scale);                                         \
+    }
+WGMMA_BWD(64)
+WGMMA_BWD(128)

@@ -126,6 +126,16 @@ __device__ __forceinline__ void wgmma_fence_operand(float (&d)[N]) {
     for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
+// The same for A operands held in registers: fenced after the wait that retires their
+// products, they stay live (unreused) while the tensor cores may still read them.
+template <int M, int N>
+__device__ __forceinline__ void wgmma_fence_operand(uint32_t (&a)[M][N]) {
+#pragma unroll
+    for (int i = 0; i < M; ++i)
+#pragma unroll
+        for (int j = 0; j < N; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
+}
+
 }  // namespace ptx
 #endif
 

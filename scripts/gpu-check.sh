@@ -158,11 +158,12 @@ fi
 
 if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left)" -gt 130 ]; then
   # The opt-in kernels (not yet the defaults) in the whole 1.3B training steps: the wgmma
-  # and mma attention (SYNTHOS_CUDA_ATTENTION; the bench above timed each alone, "attention
-  # fwd[wgmma]" ..., and the tests compared them with the CPU) and the multi-tensor AdamW and
+  # and mma attention, forward and backward (SYNTHOS_CUDA_ATTENTION; the bench above timed
+  # each alone, "attention fwd[wgmma]", "attention fwd+bwd[wgmma-det]" ..., and the tests
+  # compared them with the CPU) and the multi-tensor AdamW and
   # gradient norm (SYNTHOS_CUDA_MULTI_TENSOR=1), and cached cuBLASLt plans
   # (SYNTHOS_CUDA_GEMM_PLANS=1; host time, so the b1 step shows it). Defaults: the bench above.
-  for attn in wgmma mma-r32 mma-det; do
+  for attn in wgmma wgmma-det mma-det mma-r32; do
     [ "$(left)" -gt 120 ] || break
     stage "training steps with SYNTHOS_CUDA_ATTENTION=$attn, multi-tensor and GEMM plans"
     SYNTHOS_CUDA_ATTENTION=$attn SYNTHOS_CUDA_MULTI_TENSOR=1 SYNTHOS_CUDA_GEMM_PLANS=1 timeout 100 "$ENGINE" bench \

@@ -400,8 +400,16 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             });
         }
         let dout = rand(&[b, n, h, d], &mut rng, device)?;
-        let mma_backward: &[AttentionKernel] =
-            if device == Device::Cpu { &[] } else { &[AttentionKernel::Mma, AttentionKernel::MmaDeterministic] };
+        let mma_backward: &[AttentionKernel] = if device == Device::Cpu {
+            &[]
+        } else {
+            &[
+                AttentionKernel::Mma,
+                AttentionKernel::MmaDeterministic,
+                AttentionKernel::Wgmma,
+                AttentionKernel::WgmmaDeterministic,
+            ]
+        };
         for &kernel in mma_backward {
             let (q, k, vv, dout) = (q.clone(), k.clone(), vv.clone(), dout.clone());
             v.push(BenchCase {

@@ -387,33 +387,37 @@ fn gpu_mma_kernels_match_cpu() {
     }
 }
 
-/// The wgmma forward (`SYNTHOS_CUDA_ATTENTION=wgmma`, compute capability 9.0 only; other
-/// GPUs take the mma forward) against the CPU at its head dims, with masks, causal
-/// masking, biases, partial tiles, a block whose second warpgroup has no row, and the
-/// Wan shapes (1560 tokens, and 769 keys of cross-attention). The backward is the mma one.
+/// The wgmma kernels (`SYNTHOS_CUDA_ATTENTION=wgmma|wgmma-det`, compute capability 9.0
+/// only; other GPUs take the mma ones), forward and backward, against the CPU at their
+/// head dims, with masks, causal masking, biases and their gradients, partial tiles,
+/// blocks whose second warpgroup has no query row or no key, and the Wan shapes (1560
+/// tokens, and 769 keys of cross-attention).
 #[test]
-fn gpu_wgmma_forward_matches_cpu() {
+fn gpu_wgmma_kernels_match_cpu() {
     use synthos_engine::cuda::attention::{with_attention_kernel, AttentionKernel};
     let Some(dev) = gpu() else { return };
     let mut rng = Rng::new(26);
-    with_attention_kernel(AttentionKernel::Wgmma, || {
-        for dh in [64, 128] {
-            let cases = [
-                (Case::new(2, 77, 131, 3, dh), DType::F32),
-                (Case { mask: true, causal: true, ..Case::new(2, 150, 300, 2, dh) }, DType::F32),
-                (Case { mask: true, bias_batch: 2, ..Case::new(2, 40, 45, 2, dh) }, DType::BF16),
-                (Case { mask: true, bias_batch: 1, ..Case::new(1, 257, 769, 2, dh) }, DType::F32),
-                (Case::new(1, 1560, 1560, 2, dh), DType::F32),
-            ];
-            for (c, bias_dtype) in cases {
-                compare_gpu(dev, &c, DType::BF16, bias_dtype, &mut rng);
+    for kernel in [AttentionKernel::Wgmma, AttentionKernel::WgmmaDeterministic] {
+        with_attention_kernel(kernel, || {
+            for dh in [64, 128] {
+                let cases = [
+                    (Case::new(2, 77, 131, 3, dh), DType::F32),
+                    (Case { mask: true, causal: true, ..Case::new(2, 150, 300, 2, dh) }, DType::F32),
+                    (Case { mask: true, bias_batch: 2, ..Case::new(2, 40, 45, 2, dh) }, DType::BF16),
+                    (Case { mask: true, bias_batch: 1, ..Case::new(1, 257, 769, 2, dh) }, DType::F32),
+                    (Case::new(1, 1560, 1560, 2, dh), DType::F32),
+                ];
+                for (c, bias_dtype) in cases {
+                    compare_gpu(dev, &c, DType::BF16, bias_dtype, &mut rng);
+                }
             }
-        }
-    });
+        });
+    }
 }
 
-/// The deterministic backward (`mma-det`) gives bit-identical gradients, dbias of a bias
-/// shared by the batch included, when run twice on the same inputs.
+/// The deterministic backwards (`mma-det`, and `wgmma-det` on compute capability 9.0) give
+/// bit-identical gradients, dbias of a bias shared by the batch included, when run twice
+/// on the same inputs.
 #[test]
 fn gpu_deterministic_backward_is_bit_identical() {
     use synthos_engine::cuda::attention::{with_attention_kernel, AttentionKernel};
@@ -430,12 +434,17 @@ fn gpu_deterministic_backward_is_bit_identical() {
         bias: raw.bias.as_ref().map(|b| on(b, DType::F32)),
     };
     let seed = on(&randn(&[c.b, c.nq, c.h, c.dh], &mut rng), DType::BF16);
-    let (first, second) =
-        with_attention_kernel(AttentionKernel::MmaDeterministic, || (run(&c, &x, &seed), run(&c, &x, &seed)));
-    assert_eq!(first.0, second.0, "output");
-    for (name, (a, b)) in ["dq", "dk", "dv", "dbias"].iter().zip(first.1.iter().zip(&second.1)) {
-        assert!(!a.is_empty(), "{name} missing");
-        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{name} differs between two runs");
+    for kernel in [AttentionKernel::MmaDeterministic, AttentionKernel::WgmmaDeterministic] {
+        let (first, second) = with_attention_kernel(kernel, || (run(&c, &x, &seed), run(&c, &x, &seed)));
+        assert_eq!(first.0, second.0, "output ({})", kernel.name());
+        for (name, (a, b)) in ["dq", "dk", "dv", "dbias"].iter().zip(first.1.iter().zip(&second.1)) {
+            assert!(!a.is_empty(), "{name} missing ({})", kernel.name());
+            assert!(
+                a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{name} differs between two runs ({})",
+                kernel.name()
+            );
+        }
     }
 }
 

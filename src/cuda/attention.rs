@@ -4,10 +4,10 @@
 //! 128.
 //!
 //! Three kinds of kernels exist (see [`AttentionKernel`]): the WMMA ones, the default, the
-//! mma.sync ones with register-resident scores, and a wgmma forward for sm_90 (Hopper);
-//! the newer ones become the default once a GPU run has shown them correct and faster
-//! (docs/PERF.md). `SYNTHOS_CUDA_ATTENTION=wmma|mma|mma128|mma-r32|mma-det|wgmma` picks a
-//! set for a process, [`with_attention_kernel`] for a closure on one thread.
+//! mma.sync ones with register-resident scores, and wgmma ones for sm_90 (Hopper); the
+//! newer ones become the default once a GPU run has shown them correct and faster
+//! (docs/PERF.md). `SYNTHOS_CUDA_ATTENTION=wmma|mma|mma128|mma-r32|mma-det|wgmma|wgmma-det`
+//! picks a set for a process, [`with_attention_kernel`] for a closure on one thread.
 
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
@@ -60,11 +60,17 @@ pub enum AttentionKernel {
     /// `attn_bwd_dkdv_mma_d<Dh>_bf16`, dq and dbias from `attn_bwd_dq_mma_d<Dh>_bf16`
     /// (scores recomputed per query block), no atomics: bit-identical results run to run.
     MmaDeterministic,
-    /// On compute capability 9.0 (sm_90a code), the forward's `attn_fwd_wgmma_d<Dh>_bf16`
-    /// (attention_wgmma.cu): Hopper's warpgroup tensor-core instruction, 128 query rows per
-    /// block of two warpgroups, key tiles of 128, for head dims 64 and 128; the backward,
-    /// other head dims and other GPUs as [`AttentionKernel::Mma`].
+    /// On compute capability 9.0 (sm_90a code), for head dims 64 and 128, the kernels of
+    /// attention_wgmma.cu on Hopper's warpgroup tensor-core instruction: the forward's
+    /// `attn_fwd_wgmma_d<Dh>_bf16` (128 query rows per block of two warpgroups, key tiles of
+    /// 128) and the backward's `attn_bwd_wgmma_d<Dh>_bf16` (128 keys per block, query tiles
+    /// of 64, dq and dbias with atomics); other head dims and other GPUs as
+    /// [`AttentionKernel::Mma`].
     Wgmma,
+    /// As [`AttentionKernel::Wgmma`], with the deterministic backward: dk and dv from
+    /// `attn_bwd_dkdv_wgmma_d<Dh>_bf16`, dq and dbias from `attn_bwd_dq_mma_d<Dh>_bf16`, no
+    /// atomics (elsewhere as [`AttentionKernel::MmaDeterministic`]).
+    WgmmaDeterministic,
 }
 
 impl AttentionKernel {
@@ -77,22 +83,32 @@ impl AttentionKernel {
             AttentionKernel::MmaRows32 => "mma-r32",
             AttentionKernel::MmaDeterministic => "mma-det",
             AttentionKernel::Wgmma => "wgmma",
+            AttentionKernel::WgmmaDeterministic => "wgmma-det",
         }
     }
 
     /// Every set (the first is the default).
-    pub const ALL: [AttentionKernel; 6] = [
+    pub const ALL: [AttentionKernel; 7] = [
         AttentionKernel::Wmma,
         AttentionKernel::Mma,
         AttentionKernel::Mma128,
         AttentionKernel::MmaRows32,
         AttentionKernel::MmaDeterministic,
         AttentionKernel::Wgmma,
+        AttentionKernel::WgmmaDeterministic,
     ];
 
     /// True for the set whose backward uses no atomics.
     pub fn deterministic_backward(self) -> bool {
-        self == AttentionKernel::MmaDeterministic
+        matches!(self, AttentionKernel::MmaDeterministic | AttentionKernel::WgmmaDeterministic)
+    }
+
+    /// True when this set runs its wgmma kernels for `head_dim` on `dev`: a wgmma set, head
+    /// dim 64 or 128, compute capability 9.0 (the sm_90a code).
+    fn hopper(self, head_dim: usize, dev: &CudaDevice) -> Result<bool> {
+        Ok(matches!(self, AttentionKernel::Wgmma | AttentionKernel::WgmmaDeterministic)
+            && WGMMA_HEAD_DIMS.contains(&head_dim)
+            && dev.compute_capability()? == (9, 0))
     }
 
     /// The mma forward kernel's shape at `head_dim` (None for WMMA).
@@ -100,7 +116,10 @@ impl AttentionKernel {
         let wide = head_dim == 64 || head_dim == 128;
         let (warps, row_tiles, key_tile) = match self {
             AttentionKernel::Wmma => return None,
-            AttentionKernel::Mma | AttentionKernel::MmaDeterministic | AttentionKernel::Wgmma => (4, 1, 64),
+            AttentionKernel::Mma
+            | AttentionKernel::MmaDeterministic
+            | AttentionKernel::Wgmma
+            | AttentionKernel::WgmmaDeterministic => (4, 1, 64),
             AttentionKernel::Mma128 if wide => (8, 1, 64),
             AttentionKernel::MmaRows32 if wide => (4, 2, 32),
             AttentionKernel::Mma128 | AttentionKernel::MmaRows32 => (4, 1, 64),
@@ -166,6 +185,16 @@ const WGMMA_THREADS: u32 = 256;
 /// two stages of K and V 128 rows, Dh bf16 each, and 1024 bytes to align the tiles).
 fn wgmma_fwd_smem_bytes(head_dim: usize) -> usize {
     1280 * head_dim + 1024
+}
+
+/// Keys per block (and threads) of the wgmma backward kernels (`WgBwd::BK`, `THREADS`).
+const WGMMA_BWD_KEYS: usize = 128;
+
+/// Dynamic shared memory of the wgmma backward kernels (mirrors `WgBwd<DH>::BYTES`: K, V
+/// 128 rows and two stages of Q, dO 64 rows, Dh bf16 each, dS^T 128 × 64 bf16, L and D
+/// 2 × 64 fp32 each, and 1024 bytes to align the tiles).
+fn wgmma_bwd_smem_bytes(head_dim: usize) -> usize {
+    1024 * head_dim + 18432
 }
 
 /// Dynamic shared memory of the mma backward kernel (mirrors `MmaBwd<DH>::BYTES`: K, V
@@ -272,9 +301,7 @@ pub fn forward(p: &AttentionParams, x: &AttentionInputs<CudaStorage>) -> Result<
     let (wmma_name, _) = kernel_names(p.head_dim)?;
     let kd = kernel_dims(p)?;
     let kernel = attention_kernel()?;
-    let hopper = kernel == AttentionKernel::Wgmma
-        && WGMMA_HEAD_DIMS.contains(&p.head_dim)
-        && dev.compute_capability()? == (9, 0);
+    let hopper = kernel.hopper(p.head_dim, dev)?;
     let (module, name, smem, rows, threads) = match kernel.mma_forward(p.head_dim) {
         _ if hopper => (
             "attention_wgmma",
@@ -359,15 +386,25 @@ pub fn backward(
     }
 
     let kernel = attention_kernel()?;
+    let hopper = kernel.hopper(p.head_dim, dev)?;
     if kernel.deterministic_backward() {
-        return deterministic_backward(p, x, &drow, lse, dout, want_dbias, &kd);
+        return deterministic_backward(p, x, &drow, lse, dout, want_dbias, &kd, hopper);
     }
-    let (module, name, smem) = match kernel {
-        AttentionKernel::Wmma => ("attention", bwd, bwd_smem_bytes(p.head_dim)),
+    let (module, name, smem, keys, threads) = match kernel {
+        _ if hopper => (
+            "attention_wgmma",
+            kernel_name(&format!("attn_bwd_wgmma_d{}", p.head_dim), DType::BF16),
+            wgmma_bwd_smem_bytes(p.head_dim),
+            WGMMA_BWD_KEYS,
+            WGMMA_THREADS,
+        ),
+        AttentionKernel::Wmma => ("attention", bwd, bwd_smem_bytes(p.head_dim), BWD_KEYS, THREADS),
         _ => (
             "attention_mma",
             kernel_name(&format!("attn_bwd_mma_d{}", p.head_dim), DType::BF16),
             mma_bwd_smem_bytes(p.head_dim),
+            BWD_KEYS,
+            THREADS,
         ),
     };
     let f = kernel_with_smem(dev, module, name, smem)?;
@@ -382,8 +419,8 @@ pub fn backward(
     };
     let (has_mask, causal, want) = (x.key_mask.is_some() as i32, p.causal as i32, want_dbias as i32);
     let cfg = LaunchConfig {
-        grid_dim: (p.kv_len.div_ceil(BWD_KEYS) as u32, p.heads as u32, p.batch as u32),
-        block_dim: (THREADS, 1, 1),
+        grid_dim: (p.kv_len.div_ceil(keys) as u32, p.heads as u32, p.batch as u32),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: smem as u32,
     };
     let mut lb = dev.stream.launch_builder(&f);
@@ -398,7 +435,9 @@ pub fn backward(
     // SAFETY: inputs as in `forward`, plus dout [B, Nq, H, Dh] bf16 and lse, drow
     // [B, H, Nq] f32; dq32 (zeroed, [B, Nq, H, Dh]) and dbias (zeroed,
     // [bias_batch, H, Nq, Nk], only when `want`) receive atomic adds at in-range
-    // positions; dk, dv rows < Nk are each written by exactly one warp.
+    // positions; dk, dv rows < Nk are each written by exactly one warp of the
+    // ceil(Nk/keys) × H × B grid of `threads`-thread blocks, with the shared memory the
+    // kernel was built for (checked by the kernel).
     unsafe { lb.launch(cfg) }?;
 
     let n_q = p.batch * p.q_len * p.heads * p.head_dim;
@@ -407,9 +446,11 @@ pub fn backward(
 }
 
 /// The deterministic backward (no atomics): `attn_bwd_dkdv_mma` (dk, dv; one block per 64
-/// keys) and `attn_bwd_dq_mma` (dq in bf16 and dbias per batch element; one block per 64
-/// queries), then a shared bias's gradient summed over the batch by the column-sum kernel
-/// (a fixed split, so also reproducible).
+/// keys), or with `hopper` `attn_bwd_dkdv_wgmma` (one block per 128 keys), and
+/// `attn_bwd_dq_mma` (dq in bf16 and dbias per batch element; one block per 64 queries),
+/// then a shared bias's gradient summed over the batch by the column-sum kernel (a fixed
+/// split, so also reproducible).
+#[allow(clippy::too_many_arguments)]
 fn deterministic_backward(
     p: &AttentionParams,
     x: &AttentionInputs<CudaStorage>,
@@ -418,6 +459,7 @@ fn deterministic_backward(
     dout: &CudaStorage,
     want_dbias: bool,
     kd: &KernelDims,
+    hopper: bool,
 ) -> Result<CudaAttentionGrads> {
     let dev = &x.q.dev;
     let (q, k, v) = (bf16_slice("q", x.q)?, bf16_slice("k", x.k)?, bf16_slice("v", x.v)?);
@@ -431,12 +473,16 @@ fn deterministic_backward(
     let mut dk = dev.alloc(kv_elems, DType::BF16)?;
     let mut dv = dev.alloc(kv_elems, DType::BF16)?;
     {
-        let smem = mma_bwd_smem_bytes(p.head_dim);
-        let name = kernel_name(&format!("attn_bwd_dkdv_mma_d{}", p.head_dim), DType::BF16);
-        let f = kernel_with_smem(dev, "attention_mma", name, smem)?;
+        let (module, kind, smem, keys, threads) = if hopper {
+            ("attention_wgmma", "wgmma", wgmma_bwd_smem_bytes(p.head_dim), WGMMA_BWD_KEYS, WGMMA_THREADS)
+        } else {
+            ("attention_mma", "mma", mma_bwd_smem_bytes(p.head_dim), BWD_KEYS, THREADS)
+        };
+        let name = kernel_name(&format!("attn_bwd_dkdv_{kind}_d{}", p.head_dim), DType::BF16);
+        let f = kernel_with_smem(dev, module, name, smem)?;
         let cfg = LaunchConfig {
-            grid_dim: (p.kv_len.div_ceil(BWD_KEYS) as u32, p.heads as u32, p.batch as u32),
-            block_dim: (THREADS, 1, 1),
+            grid_dim: (p.kv_len.div_ceil(keys) as u32, p.heads as u32, p.batch as u32),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         let mut lb = dev.stream.launch_builder(&f);
@@ -445,7 +491,8 @@ fn deterministic_backward(
         lb.arg(&kd.q_len).arg(&kd.kv_len).arg(&kd.heads).arg(&kd.bias_batch);
         lb.arg(&has_mask).arg(&causal).arg(&p.scale);
         // SAFETY: inputs as in `backward`; dk, dv rows < Nk are each written by exactly
-        // one warp of the ceil(Nk/64) × H × B grid.
+        // one warp of the ceil(Nk/keys) × H × B grid, with the shared memory the kernel was
+        // built for (checked by the kernel).
         unsafe { lb.launch(cfg) }?;
     }
 

@@ -1,6 +1,8 @@
 // kernels/attention_wgmma.cu under emulation, launched as src/cuda/attention.rs does:
-// the wgmma forward's output and row log-sum-exp for both head dims against the
-// double-precision reference, with key masks (a batch whose keys are all hidden, a query
+// the wgmma forward's output and row log-sum-exp, then the wgmma backward (attn_bwd_dot of
+// attention.cu for D, the wgmma backward, the cast of the f32 dq accumulator) and the
+// deterministic pair (the wgmma dK/dV kernel, attention_mma.cu's dq kernel), for both head
+// dims against the double-precision reference, with key masks (a batch whose keys are all hidden, a query
 // that sees no key), causal masking, shared and per-batch biases, a block whose second
 // warpgroup has no query row, and lengths that leave partial tiles and need both cp.async
 // stages twice. The wgmma emulation decodes the 128-byte-swizzled descriptors on a shared
@@ -8,7 +10,10 @@
 // fences (see include/wgmma_emu.h).
 #include "attention_ref.h"
 
+#include "attention.cu"
+#include "attention_mma.cu"
 #include "attention_wgmma.cu"
+#include "elementwise.cu"
 
 using namespace harness;
 using namespace attention_ref;
@@ -19,6 +24,30 @@ Report report("attention_wgmma");
 
 // `wgmma_fwd_smem_bytes` in src/cuda/attention.rs; 128 query rows a block, 256 threads.
 unsigned smem_bytes(size_t head_dim) { return (unsigned)(1280 * head_dim + 1024); }
+
+// `wgmma_bwd_smem_bytes`; 128 keys a block, 256 threads.
+unsigned bwd_smem_bytes(size_t head_dim) { return (unsigned)(1024 * head_dim + 18432); }
+
+using Bwd = emu::Kernel<const bf16*, const bf16*, const bf16*, const bf16*, const float*, const float*, const float*,
+                        const float*, float*, bf16*, bf16*, float*, int, int, int, int, int, int, int, float>;
+using Dkdv = emu::Kernel<const bf16*, const bf16*, const bf16*, const bf16*, const float*, const float*, const float*,
+                         const float*, bf16*, bf16*, int, int, int, int, int, int, float>;
+
+Bwd backward_kernel(size_t head_dim) {
+    switch (head_dim) {
+        case 64: return EMU_KERNEL(attn_bwd_wgmma_d64_bf16);
+        case 128: return EMU_KERNEL(attn_bwd_wgmma_d128_bf16);
+        default: emu::fail("no wgmma attention backward for head dim %zu", head_dim);
+    }
+}
+
+Dkdv dkdv_kernel(size_t head_dim) {
+    switch (head_dim) {
+        case 64: return EMU_KERNEL(attn_bwd_dkdv_wgmma_d64_bf16);
+        case 128: return EMU_KERNEL(attn_bwd_dkdv_wgmma_d128_bf16);
+        default: emu::fail("no wgmma dK/dV kernel for head dim %zu", head_dim);
+    }
+}
 
 using Fwd = emu::Kernel<const bf16*, const bf16*, const bf16*, const float*, const float*, bf16*, float*, int, int, int,
                         int, int, int, float>;
@@ -51,6 +80,47 @@ void run(const Config& c, uint64_t seed) {
     const std::string name = attention_ref::name(c);
     check(report, "wgmma forward " + name + ": out", out.download(), ref.out, 6e-3);
     report.close("wgmma forward " + name + ": lse", lse.download(), ref.lse, 1e-4, 1e-5);
+
+    const size_t rows = B * Nq * H;
+    DeviceArray<bf16> dg(x.dout);
+    DeviceArray<float> drow(std::max<size_t>(rows, 1));
+    drow.zero();
+    emu::launch(grid_1d(rows * 32, 256), EMU_KERNEL(attn_bwd_dot_bf16), out.ptr(), dg.ptr(), drow.ptr(), (int)Nq,
+                (int)H, (int)D, (int64_t)rows);
+    const size_t n_q = B * Nq * H * D;
+    DeviceArray<float> dq32(n_q), dbias_out(c.want_dbias ? c.bias_batch * H * Nq * Nk : 1), dbias_dummy(1);
+    dq32.zero();
+    dbias_out.zero();
+    dbias_dummy.zero();
+    DeviceArray<bf16> dkg(B * Nk * H * D), dvg(B * Nk * H * D);
+    const emu::LaunchConfig bcfg{dim3((unsigned)ceil_div(Nk, 128), (unsigned)H, (unsigned)B), dim3(256),
+                                 bwd_smem_bytes(D)};
+    emu::launch(bcfg, backward_kernel(D), dq.ptr(), dk.ptr(), dv.ptr(), dg.ptr(), lse.ptr(), drow.ptr(), mask_ptr,
+                bias_ptr, dq32.ptr(), dkg.ptr(), dvg.ptr(), c.want_dbias ? dbias_out.ptr() : dbias_dummy.ptr(),
+                (int)Nq, (int)Nk, (int)H, (int)c.bias_batch, (int)!x.mask.empty(), (int)c.causal, (int)c.want_dbias,
+                x.scale);
+    DeviceArray<bf16> dqg(n_q);
+    emu::launch(grid_chunks(n_q), EMU_KERNEL(cast_f32_bf16), dq32.ptr(), dqg.ptr(), (int64_t)n_q);
+    check(report, "wgmma backward " + name + ": dq", dqg.download(), ref.dq, 1e-2);
+    check(report, "wgmma backward " + name + ": dk", dkg.download(), ref.dk, 1e-2);
+    check(report, "wgmma backward " + name + ": dv", dvg.download(), ref.dv, 1e-2);
+    if (c.want_dbias) check(report, "wgmma backward " + name + ": dbias", dbias_out.download(), ref.dbias, 1e-2);
+
+    // The deterministic pair: the wgmma dK/dV kernel, then the mma dq kernel (dq in bf16,
+    // no atomics).
+    DeviceArray<bf16> dk2(B * Nk * H * D), dv2(B * Nk * H * D), dq2(n_q);
+    emu::launch(bcfg, dkdv_kernel(D), dq.ptr(), dk.ptr(), dv.ptr(), dg.ptr(), lse.ptr(), drow.ptr(), mask_ptr,
+                bias_ptr, dk2.ptr(), dv2.ptr(), (int)Nq, (int)Nk, (int)H, (int)c.bias_batch, (int)!x.mask.empty(),
+                (int)c.causal, x.scale);
+    const emu::LaunchConfig qcfg{dim3((unsigned)ceil_div(Nq, 64), (unsigned)H, (unsigned)B), dim3(128),
+                                 (unsigned)(512 * (D + 8))};
+    emu::launch(qcfg, D == 64 ? EMU_KERNEL(attn_bwd_dq_mma_d64_bf16) : EMU_KERNEL(attn_bwd_dq_mma_d128_bf16),
+                dq.ptr(), dk.ptr(), dv.ptr(), dg.ptr(), lse.ptr(), drow.ptr(), mask_ptr, bias_ptr, dq2.ptr(),
+                dbias_dummy.ptr(), (int)Nq, (int)Nk, (int)H, (int)c.bias_batch, (int)!x.mask.empty(), (int)c.causal, 0,
+                x.scale);
+    check(report, "wgmma dK/dV + mma dq " + name + ": dq", dq2.download(), ref.dq, 1e-2);
+    check(report, "wgmma dK/dV + mma dq " + name + ": dk", dk2.download(), ref.dk, 1e-2);
+    check(report, "wgmma dK/dV + mma dq " + name + ": dv", dv2.download(), ref.dv, 1e-2);
 }
 
 }  // namespace
@@ -58,16 +128,20 @@ void run(const Config& c, uint64_t seed) {
 int main() {
     emu::watchdog(600);
     // Fields: B, Nq, Nk, H, Dh, hidden key fraction, batch 1 hidden, causal, bias batch,
-    // dbias. Nk > 384 needs four key tiles (each stage twice), Nq > 128 two query blocks;
-    // Nq <= 64 leaves the second warpgroup without rows.
+    // dbias. Forward: Nk > 384 needs four key tiles (each stage twice), Nq > 128 two query
+    // blocks; Nq <= 64 leaves the second warpgroup without rows. Backward: Nq > 128 needs
+    // three query tiles (each stage, twice for one), Nk of 131 and 45 leave a last block
+    // whose second warpgroup has no key, Nk 200 one whose second warpgroup has 8.
     const Config configs[] = {
-        {2, 77, 131, 2, 64, 0.3, true, false, 1, false},
+        {2, 77, 131, 2, 64, 0.3, true, false, 1, true},
         {1, 150, 400, 1, 128, 0.1, false, false, 2, false},
         {1, 200, 200, 1, 64, 0.0, false, true, 0, false},
-        {2, 40, 45, 1, 128, 0.2, false, true, 2, false},
+        {2, 40, 45, 1, 128, 0.2, false, true, 2, true},
+        {1, 170, 200, 2, 128, 0.0, false, false, 0, false},
     };
     for (size_t i = 0; i < std::size(configs); ++i) {
-        if (kTsan && i != 0 && i != 2) continue;  // TSan: masks and a bias; causal with two query blocks
+        // TSan: masks and a shared bias with its gradient; causal with several query tiles.
+        if (kTsan && i != 0 && i != 2) continue;
         run(configs[i], 700 + i);
     }
     return report.finish();

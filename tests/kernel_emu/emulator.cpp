@@ -2,7 +2,8 @@
 // barriers, deadlocks, partial-warp collectives, misaligned WMMA pointers, ldmatrix rows
 // that are misaligned or outside shared memory, cp.async copies never waited for, cp.async
 // and ldmatrix on the same rows from different warps with no barrier between them,
-// shared-memory overruns, bad launch shapes, wgmma without its fence, wait or proxy fence,
+// shared-memory overruns, bad launch shapes, wgmma without its fence, wait or proxy fence
+// (after cp.async and after plain stores),
 // a wgmma operand rewritten in flight, wgmma outside whole warpgroups) must be reported,
 // never silently computed. Each case runs in a child process whose exit status and error
 // output are checked. And the PTX emulation's layouts agree with each other: a 16x16x16
@@ -205,6 +206,20 @@ __global__ void wgmma_unfenced_copy(float* out) {
     out[threadIdx.x] = d[0];
 }
 
+// The tiles come by plain stores, and no thread runs fence.proxy.async before the product.
+__global__ void wgmma_unfenced_store(float* out) {
+    unsigned char* s = emu::dynamic_smem();
+    s += (1024u - (ptx::smem_addr(s) & 1023u)) & 1023u;
+    bf16* e = reinterpret_cast<bf16*>(s);
+    for (unsigned i = threadIdx.x; i < 8192; i += blockDim.x) e[i] = __float2bfloat16((float)(i % 5) - 2.f);
+    __syncthreads();
+    float d[32];
+    ptx::wgmma_fence();
+    wg_issue(s, d);
+    ptx::wgmma_wait<0>();
+    out[threadIdx.x] = d[0];
+}
+
 __global__ void wgmma_partial_warpgroup(float* out) {
     unsigned char* s = wg_tiles();
     float d[32];
@@ -298,6 +313,8 @@ const Case kCases[] = {
      [](float* out) { emu::launch({dim3(1), dim3(128), 18432}, EMU_KERNEL(wgmma_tile_rewritten), out); }},
     {"wgmma on cp.async data without fence.proxy.async", "(fence.proxy.async)",
      [](float* out) { emu::launch({dim3(1), dim3(128), 18432}, EMU_KERNEL(wgmma_unfenced_copy), out); }},
+    {"wgmma on stored data without fence.proxy.async", "after the block's last fence.proxy.async",
+     [](float* out) { emu::launch({dim3(1), dim3(128), 18432}, EMU_KERNEL(wgmma_unfenced_store), out); }},
     {"wgmma in a block of 64 threads", "whole warpgroups",
      [](float* out) { emu::launch({dim3(1), dim3(64), 18432}, EMU_KERNEL(wgmma_partial_warpgroup), out); }},
 };

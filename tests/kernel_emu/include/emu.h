@@ -186,6 +186,9 @@ struct LaunchContext {
     // Per 16-byte chunk of the running block's dynamic shared memory (fresh per block).
     SmemUse* smem_reads = nullptr;
     SmemUse* smem_writes = nullptr;
+    // The running block's dynamic shared memory as the tensor cores (the async proxy) see
+    // it: a copy taken at the block's start and at every fence.proxy.async (wgmma_emu.h).
+    unsigned char* async_view = nullptr;
 };
 inline LaunchContext launch_ctx;
 
@@ -709,10 +712,13 @@ inline void run_grid(const char* name, const LaunchConfig& cfg, Scheduler::Body 
         std::unique_ptr<SmemUse[]> writes(new SmemUse[(cfg.shared_mem_bytes + 15) / 16]);
         launch_ctx.smem_reads = reads.get();
         launch_ctx.smem_writes = writes.get();
+        std::vector<unsigned char> view(static_cast<unsigned char*>(smem),
+                                        static_cast<unsigned char*>(smem) + cfg.shared_mem_bytes);
+        launch_ctx.async_view = view.data();
         scheduler().run_block(cfg.block, warps, body, arg);
         free(smem);
     }
-    launch_ctx = {nullptr, {}, {}, {0, 0, 0}, nullptr, 0, launch_ctx.launches, nullptr, nullptr};
+    launch_ctx = {nullptr, {}, {}, {0, 0, 0}, nullptr, 0, launch_ctx.launches, nullptr, nullptr, nullptr};
 }
 
 // A kernel entry point and its name (for error messages); see EMU_KERNEL.

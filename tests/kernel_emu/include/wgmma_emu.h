@@ -14,8 +14,12 @@
 //     read changed in between (a tile refilled while a product was in flight).
 //   * A product needs a wgmma_fence since the thread's last wait (or its start); its
 //     shared memory may not hold cp.async data whose writer has not run fence_proxy_async
-//     since; its reads count for the cross-warp race check of ptx_emu.h, at issue and at
-//     the wait. A thread that ends with products never waited for is a kernel error.
+//     since, nor bytes written by ordinary stores since the block's last
+//     fence_proxy_async (the emulation keeps the tensor cores' view of shared memory, a
+//     copy refreshed at every fence: a fence by any thread refreshes it, so it catches a
+//     missing fence, not one run by the wrong thread); its reads count for the cross-warp
+//     race check of ptx_emu.h, at issue and at the wait. A thread that ends with products
+//     never waited for is a kernel error.
 //   * Descriptors: only the 128-byte swizzle with base offset 0 (what the kernels use).
 #pragma once
 #include "ptx_emu.h"
@@ -63,8 +67,27 @@ inline float wg_operand(const WgDesc& d, unsigned mn, unsigned k, int trans, con
     return bf16_bits(bits);
 }
 
+// The tensor cores' view of shared memory (launch_ctx.async_view): refreshed from the
+// block's shared memory by fence.proxy.async, compared with it by wgmma reads. Neither is
+// instrumented: the copy reads every thread's bytes, which is not an access the kernel
+// makes (ThreadSanitizer would call it a race), and the loop is kept from becoming a call
+// to the (intercepted) memcpy.
+__attribute__((no_sanitize("thread", "address"), optimize("no-tree-loop-distribute-patterns"))) inline void
+refresh_async_view() {
+    volatile unsigned char* view = emu::launch_ctx.async_view;
+    const unsigned char* smem = emu::dynamic_smem();
+    for (unsigned i = 0, n = emu::dynamic_smem_bytes(); i < n; ++i) view[i] = smem[i];
+}
+
+__attribute__((no_sanitize("thread", "address"))) inline bool async_view_differs(const unsigned char* p) {
+    const size_t off = (size_t)(p - emu::dynamic_smem());
+    const volatile unsigned char* view = emu::launch_ctx.async_view;
+    return view[off] != p[0] || view[off + 1] != p[1];
+}
+
 // Every element of rows mn0 .. mn0+rows-1 (all 16 k): no cp.async data its writer has not
-// fenced, and the warp's reads recorded for the race check.
+// fenced, no bytes stored since the last fence, and the warp's reads recorded for the
+// race check.
 inline void wg_touch(uint64_t desc, unsigned mn0, unsigned rows, int trans, const char* what) {
     const WgDesc d = decode_desc(desc, what);
     for (unsigned mn = mn0; mn < mn0 + rows; ++mn)
@@ -76,6 +99,10 @@ inline void wg_touch(uint64_t desc, unsigned mn0, unsigned rows, int trans, cons
                 emu::fail("%s reads shared memory at offset %zu that thread %u wrote by cp.async and has not made "
                           "visible to the tensor cores (fence.proxy.async)",
                           what, chunk * 16, writer - 1);
+            if (async_view_differs(p))
+                emu::fail("%s reads shared memory at offset %zu that was stored to (st.shared, the generic proxy) "
+                          "after the block's last fence.proxy.async: the tensor cores may not see it",
+                          what, (size_t)(p - emu::dynamic_smem()));
             record_use(what, emu::dynamic_smem() + chunk * 16, false);
         }
 }
@@ -198,6 +225,7 @@ inline void fence_proxy_async() {
         if (u.load(std::memory_order_relaxed) == self.linear + 1) u.store(0, std::memory_order_relaxed);
     }
     self.unfenced_chunks.clear();
+    detail::refresh_async_view();
 }
 
 template <int N, int TA, int TB>
@@ -217,5 +245,7 @@ inline void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b, int 
 // (A compiler fence on the GPU; nothing to do here.)
 template <int N>
 inline void wgmma_fence_operand(float (&)[N]) {}
+template <int M, int N>
+inline void wgmma_fence_operand(uint32_t (&)[M][N]) {}
 
 }  // namespace ptx
