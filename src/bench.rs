@@ -922,20 +922,23 @@ fn sample_pipeline_case(device: Device) -> Result<BenchCase> {
 /// fraction of the measured copy bandwidth (memory-bound cases) or GEMM rate
 /// (compute-bound cases), then the whole-model cases of [`model_cases`].
 /// Cases other than the two ceilings are skipped unless their family or name contains
-/// `filter` (when given). A case that fails is reported with its error and the run goes
-/// on.
+/// `filter` (when given), and so is every case whose name contains one of `skip` (e.g.
+/// `[wgmma` for the cases of kernels a GPU test found wrong). A case that fails is
+/// reported with its error and the run goes on.
 pub fn run_all(
     device: Device,
     size: Size,
     min_seconds: f64,
     filter: Option<&str>,
+    skip: &[String],
     mut progress: impl FnMut(&BenchResult),
 ) -> Result<Vec<BenchResult>> {
     let mut results = Vec::new();
     let (mut copy_gbps, mut gemm_tflops) = (None, None);
     let selected = |family: &str, name: &str| {
         let ceiling = family == "copy" || name.starts_with("gemm");
-        ceiling || filter.is_none_or(|f| family.contains(f) || name.contains(f))
+        let skipped = skip.iter().any(|s| name.contains(s.as_str()));
+        ceiling || (!skipped && filter.is_none_or(|f| family.contains(f) || name.contains(f)))
     };
     let mut lazy: Vec<LazyCase> = cases(device, size)?
         .into_iter()

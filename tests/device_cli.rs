@@ -136,6 +136,30 @@ fn cli_bench_runs_on_the_cpu_and_writes_json() {
 }
 
 #[test]
+fn cli_bench_skip_leaves_cases_out() {
+    let out = cli(&[
+        "bench",
+        "--device",
+        "cpu",
+        "--size",
+        "small",
+        "--min-seconds",
+        "0.01",
+        "--filter",
+        "norm",
+        "--skip",
+        "rms_norm",
+        "--skip",
+        "gemm",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The ceilings run even when named: every fraction is of them.
+    assert!(text.contains("layer_norm") && text.contains("copy") && text.contains("gemm"), "{text}");
+    assert!(!text.contains("rms_norm"), "{text}");
+}
+
+#[test]
 fn cli_bench_times_the_demo_train_step_against_a_torch_file() {
     let dir = std::env::temp_dir().join(format!("synthos-bench-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

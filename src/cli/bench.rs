@@ -23,6 +23,10 @@ pub struct BenchArgs {
     /// Only run cases whose family or name contains this text (e.g. `attention`).
     #[arg(long)]
     filter: Option<String>,
+    /// Leave out cases whose name contains this text (repeatable; e.g. `--skip "[wgmma"`
+    /// for the wgmma attention cases). The two ceilings (copy, GEMM) always run.
+    #[arg(long, value_name = "TEXT")]
+    skip: Vec<String>,
     /// Also write the results to this JSON file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -111,7 +115,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     println!("device: {device}, sizes: {size:?}, at least {} s per case", args.min_seconds);
     println!("(fraction: of the measured copy bandwidth for memory-bound cases, of the measured GEMM rate for compute-bound ones)");
     let filter = args.filter.clone();
-    let results = bench::run_all(device, size, args.min_seconds, filter.as_deref(), |r| {
+    let results = bench::run_all(device, size, args.min_seconds, filter.as_deref(), &args.skip, |r| {
         println!("{}", fmt_row(r));
         let profile = synthos_engine::cuda::take_profile();
         if !profile.is_empty() {
