@@ -250,7 +250,8 @@ __device__ __forceinline__ void attn_fwd_mma(const bf16* __restrict__ q, const b
 //     operands and dO, Q from ldmatrix.trans;
 //   dS^T (bf16) to shared memory; after a barrier the 4 warps share dQ (32 x Dh) += dS K
 //     over the block's 64 keys (A from ldmatrix.trans on dS^T, B from ldmatrix.trans on
-//     K), one 16 x 16 piece at a time, added to the fp32 dq buffer with atomics.
+//     K), one 16 x 16 piece at a time, added to the fp32 dq buffer with atomics
+//     (8-byte vector atomics on sm_90 and in the emulation, scalar ones on sm_80).
 // Shared memory: K, V 64 x (Dh+8), Q, dO 2 x 32 x (Dh+8) bf16, dS^T 64 x 40 bf16, L and D
 //   2 x 32 fp32 each = 512 (Dh+8) + 5632 bytes (Dh 128: 75264).
 constexpr int MMA_BWD_BK = 64;  // keys per block
@@ -442,6 +443,18 @@ __device__ __forceinline__ void attn_bwd_mma(const bf16* __restrict__ q, const b
                 ptx::mma_bf16_16816(acc[0], sa, k0b);
                 ptx::mma_bf16_16816(acc[1], sa, k1b);
             }
+#if defined(SYNTHOS_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+            // sm_90: one 8-byte vector atomic per pair of head dims (half the operations).
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int i = q0 + rb * 16 + g + 8 * r;
+                if (i >= Nq) continue;
+                float* row = dq_acc + ((b * Nq + i) * H + h) * (int64_t)DH + f * 16 + 2 * t;
+                atomicAdd(reinterpret_cast<float2*>(row), make_float2(scale * acc[0][2 * r], scale * acc[0][2 * r + 1]));
+                atomicAdd(reinterpret_cast<float2*>(row + 8),
+                          make_float2(scale * acc[1][2 * r], scale * acc[1][2 * r + 1]));
+            }
+#else
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int i = q0 + rb * 16 + g + 8 * (e >> 1);
@@ -450,6 +463,7 @@ __device__ __forceinline__ void attn_bwd_mma(const bf16* __restrict__ q, const b
                 atomicAdd(row, scale * acc[0][e]);
                 atomicAdd(row + 8, scale * acc[1][e]);
             }
+#endif
         }
         // No barrier here: the next tile's copies and L, D go to the other stage, whose
         // last readers passed the dS^T barrier above, and dS^T is rewritten only after the

@@ -228,7 +228,8 @@ WGMMA_FWD(128)
 //     dO and Q N-major from shared memory (their head dims are contiguous);
 //   dS^T (bf16) to shared memory, 128-byte rows per key (swizzled); after a barrier,
 //     dQ (64 queries x 64 dims, 32 registers) = dS K with dS^T read M-major as A and K's
-//     tile N-major as B, added to the fp32 dq buffer with atomics: at Dh 128 warpgroup wg
+//     tile N-major as B, added to the fp32 dq buffer with 8-byte vector atomics (two head
+//     dims each; sm_90 has them, sm_80 does not): at Dh 128 warpgroup wg
 //     takes head dims 64wg.. over all 128 keys, at Dh 64 every head dim over its own 64
 //     keys (each dq element then gets two adds per block).
 // A warpgroup whose 64 keys all lie past Nk skips its products (a short last block).
@@ -467,11 +468,12 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
                     const int i = q0 + wq * 16 + g + 8 * e2;
                     if (i >= Nq) continue;
                     float* row = dq_acc + ((b * Nq + i) * H + h) * (int64_t)DH + dq_panel * 64 + 2 * t;
+                    // One 8-byte vector atomic per pair of head dims (sm_90): half the
+                    // atomic operations of two scalar adds.
 #pragma unroll
-                    for (int n = 0; n < 8; ++n) {
-                        atomicAdd(row + 8 * n, scale * dqa[4 * n + 2 * e2]);
-                        atomicAdd(row + 8 * n + 1, scale * dqa[4 * n + 2 * e2 + 1]);
-                    }
+                    for (int n = 0; n < 8; ++n)
+                        atomicAdd(reinterpret_cast<float2*>(row + 8 * n),
+                                  make_float2(scale * dqa[4 * n + 2 * e2], scale * dqa[4 * n + 2 * e2 + 1]));
                 }
             }
         }

@@ -825,4 +825,11 @@ T atomicAdd(T* address, T val) {
     return std::atomic_ref<T>(*address).fetch_add(val);
 }
 
+// The 8-byte vector form of sm_90 (atom.add.v2.f32): an aligned pair, each half atomic.
+inline float2 atomicAdd(float2* address, float2 val) {
+    if (reinterpret_cast<uintptr_t>(address) % 8 != 0)
+        emu::fail("atomicAdd(float2*) on %p, which is not 8-byte aligned", static_cast<void*>(address));
+    return {std::atomic_ref<float>(address->x).fetch_add(val.x), std::atomic_ref<float>(address->y).fetch_add(val.y)};
+}
+
 [[noreturn]] inline void __trap() { emu::fail("__trap()"); }
