@@ -40,7 +40,8 @@ pub struct ClipModelArgs {
     /// file. Default: synthclip-vit-b16 with --data, the demo's small CLIP without.
     #[arg(long, value_name = "PRESET|FILE")]
     model: Option<String>,
-    /// Weights: our checkpoints or SynthCLIP/SLIP safetensors (`visual.blocks.*`), or
+    /// Weights: our checkpoints, SynthCLIP/SLIP checkpoints (the released PyTorch `.pt`
+    /// files, read directly, or safetensors in their naming, `visual.blocks.*`), or
     /// OpenCLIP ViT-B-16 safetensors with `--model openclip-vit-b16`.
     #[arg(long, value_name = "FILE")]
     weights: Option<PathBuf>,
