@@ -306,11 +306,7 @@ __device__ __forceinline__ void attn_bwd_mma(const bf16* __restrict__ q, const b
     // each takes part at all.
     int keys[2];
     bool key_on[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        keys[r] = k0 + kw + g + 8 * r;
-        key_on[r] = keys[r] < Nk && (!has_mask || key_mask[b * Nk + keys[r]] != 0.f);
-    }
+    flash::bwd_keys(k0 + kw, g, Nk, has_mask, key_mask, b, keys, key_on);
 
     const int q_begin = causal ? (k0 / MMA_BWD_BQ) * MMA_BWD_BQ : 0;
     const int tiles = Nq > q_begin ? (Nq - q_begin + MMA_BWD_BQ - 1) / MMA_BWD_BQ : 0;
@@ -339,12 +335,7 @@ __device__ __forceinline__ void attn_bwd_mma(const bf16* __restrict__ q, const b
         } else {
             ptx::cp_async_wait<0>();
         }
-        if (threadIdx.x < MMA_BWD_BQ) {
-            const int i = q0 + threadIdx.x;
-            const int64_t row = (b * H + h) * (int64_t)Nq + i;
-            Ls[stage * MMA_BWD_BQ + threadIdx.x] = i < Nq ? lse[row] * flash::LOG2E : 0.f;
-            Ds[stage * MMA_BWD_BQ + threadIdx.x] = i < Nq ? drow[row] : 0.f;
-        }
+        flash::bwd_stats<MMA_BWD_BQ>(Ls + stage * MMA_BWD_BQ, Ds + stage * MMA_BWD_BQ, lse, drow, b, H, h, Nq, q0);
         __syncthreads();  // tile j (and, the first time, K and V) is in shared memory
         const bf16* Qt = Qs + stage * MMA_BWD_BQ * LD;
         const bf16* dOt = dOs + stage * MMA_BWD_BQ * LD;
@@ -377,24 +368,8 @@ __device__ __forceinline__ void attn_bwd_mma(const bf16* __restrict__ q, const b
         }
 
         // P^T and dS^T in place of S^T and dP^T.
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int c = n * 8 + 2 * t + (e & 1), i = q0 + c, key = keys[e >> 1];
-                float p = 0.f, ds = 0.f;
-                if (i < Nq && key_on[e >> 1] && (!causal || key <= i)) {
-                    float sv = s[n][e] * scale;
-                    if (bias_batch > 0) sv += bias[bias_base + (int64_t)i * Nk + key];
-                    // L_i is finite here: row i sees at least this key.
-                    p = exp2f(sv * flash::LOG2E - Lt[c]);
-                    ds = p * (dp[n][e] - Dt[c]);
-                    if (WITH_DQ && want_dbias) atomicAdd(dbias + bias_base + (int64_t)i * Nk + key, ds);
-                }
-                s[n][e] = p;
-                dp[n][e] = ds;
-            }
-        }
+        flash::bwd_probs<NT>(s, dp, keys, key_on, q0, t, Nq, Nk, causal, bias, bias_batch, bias_base, Lt, Dt, scale,
+                             WITH_DQ && want_dbias ? dbias : nullptr);
 
         // dV += P^T dO, dK += dS^T Q (queries as the k dimension).
 #pragma unroll
@@ -473,19 +448,8 @@ __device__ __forceinline__ void attn_bwd_mma(const bf16* __restrict__ q, const b
     }
     if (tiles == 0) ptx::cp_async_wait<0>();  // (K and V; no query sees these keys)
 
-    // Every key < Nk belongs to exactly one warp: plain stores (zeros for keys no query sees).
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        if (keys[r] >= Nk) continue;
-        const int64_t base = ((b * Nk + keys[r]) * H + h) * (int64_t)DH + 2 * t;
-#pragma unroll
-        for (int d = 0; d < DT; ++d) {
-            *reinterpret_cast<__nv_bfloat162*>(dk + base + d * 8) =
-                __floats2bfloat162_rn(dk_acc[d][2 * r] * scale, dk_acc[d][2 * r + 1] * scale);
-            *reinterpret_cast<__nv_bfloat162*>(dv + base + d * 8) =
-                __floats2bfloat162_rn(dv_acc[d][2 * r], dv_acc[d][2 * r + 1]);
-        }
-    }
+    // Zeros for keys no query sees.
+    flash::bwd_store_kv<DH>(dk_acc, dv_acc, keys, Nk, b, H, h, t, scale, dk, dv);
 }
 
 // attn_bwd_dq_mma_d<Dh>_bf16, the deterministic backward's second kernel: dq (bf16, plain

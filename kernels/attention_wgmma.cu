@@ -294,11 +294,7 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
     // e = 2, 3 -> keys[1]), and whether each takes part at all.
     int keys[2];
     bool key_on[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        keys[r] = k0 + wg * 64 + wq * 16 + g + 8 * r;
-        key_on[r] = keys[r] < Nk && (!has_mask || key_mask[b * Nk + keys[r]] != 0.f);
-    }
+    flash::bwd_keys(k0 + wg * 64 + wq * 16, g, Nk, has_mask, key_mask, b, keys, key_on);
     const bool wg_on = k0 + wg * 64 < Nk;  // (warp-group uniform) this warpgroup has a key < Nk
     // dQ's 16-key slices: all 128 keys at Dh 128 (head dims split between the warpgroups),
     // the warpgroup's own 64 at Dh 64 (none when they all lie past Nk). (Slices past Nk
@@ -335,12 +331,7 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
         } else {
             ptx::cp_async_wait<0>();
         }
-        if (threadIdx.x < BQ) {
-            const int i = q0 + threadIdx.x;
-            const int64_t row = (b * H + h) * (int64_t)Nq + i;
-            Ls[stage * BQ + threadIdx.x] = i < Nq ? lse[row] * flash::LOG2E : 0.f;
-            Ds[stage * BQ + threadIdx.x] = i < Nq ? drow[row] : 0.f;
-        }
+        flash::bwd_stats<BQ>(Ls + stage * BQ, Ds + stage * BQ, lse, drow, b, H, h, Nq, q0);
         ptx::fence_proxy_async();  // this thread's copies, visible to the tensor cores
         __syncthreads();           // ... and every other thread's: tile j (and K, V) is in place
         unsigned char* Qt = Qs + stage * BQ * DH * 2;
@@ -379,24 +370,9 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
 
         // P^T and dS^T in place of S^T and dP^T: element e of 8-query tile n is key
         // keys[e / 2], query q0 + 8n + 2t + e % 2.
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int c = n * 8 + 2 * t + (e & 1), i = q0 + c, key = keys[e >> 1];
-                float p = 0.f, ds = 0.f;
-                if (i < Nq && key_on[e >> 1] && (!causal || key <= i)) {
-                    float sv = s[4 * n + e] * scale;
-                    if (bias_batch > 0) sv += bias[bias_base + (int64_t)i * Nk + key];
-                    // L_i is finite here: row i sees at least this key.
-                    p = exp2f(sv * flash::LOG2E - Lt[c]);
-                    ds = p * (dp[4 * n + e] - Dt[c]);
-                    if (WITH_DQ && want_dbias) atomicAdd(dbias + bias_base + (int64_t)i * Nk + key, ds);
-                }
-                s[4 * n + e] = p;
-                dp[4 * n + e] = ds;
-            }
-        }
+        flash::bwd_probs<NT>(reinterpret_cast<float(&)[NT][4]>(s), reinterpret_cast<float(&)[NT][4]>(dp), keys,
+                             key_on, q0, t, Nq, Nk, causal, bias, bias_batch, bias_base, Lt, Dt, scale,
+                             WITH_DQ && want_dbias ? dbias : nullptr);
 #pragma unroll
         for (int ks = 0; ks < QS; ++ks)
 #pragma unroll
@@ -483,19 +459,9 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
     }
     if (tiles == 0) ptx::cp_async_wait<0>();  // (K and V; no query sees these keys)
 
-    // Every key < Nk belongs to exactly one warp: plain stores (zeros for keys no query sees).
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        if (keys[r] >= Nk) continue;
-        const int64_t base = ((b * Nk + keys[r]) * H + h) * (int64_t)DH + 2 * t;
-#pragma unroll
-        for (int d = 0; d < DT; ++d) {
-            *reinterpret_cast<__nv_bfloat162*>(dk + base + d * 8) =
-                __floats2bfloat162_rn(dk_acc[4 * d + 2 * r] * scale, dk_acc[4 * d + 2 * r + 1] * scale);
-            *reinterpret_cast<__nv_bfloat162*>(dv + base + d * 8) =
-                __floats2bfloat162_rn(dv_acc[4 * d + 2 * r], dv_acc[4 * d + 2 * r + 1]);
-        }
-    }
+    // Zeros for keys no query sees.
+    flash::bwd_store_kv<DH>(reinterpret_cast<const float(&)[DT][4]>(dk_acc),
+                            reinterpret_cast<const float(&)[DT][4]>(dv_acc), keys, Nk, b, H, h, t, scale, dk, dv);
 #else
     __trap();
 #endif

@@ -1,6 +1,7 @@
-// The per-row pieces the register-resident flash-attention forwards share
-// (attention_mma.cu with mma.sync, attention_wgmma.cu with wgmma). Both hold each 16-row
-// tile of S, P and O in the accumulator layout the two instructions share: lane 4g + t
+// The per-row pieces the register-resident flash-attention kernels share
+// (attention_mma.cu with mma.sync, attention_wgmma.cu with wgmma): the forwards' online
+// softmax and row finish, the backwards' probabilities, statistics and dK/dV stores. Both
+// hold each 16-row tile of S, P and O in the accumulator layout the two instructions share: lane 4g + t
 // holds rows g and g + 8 of the tile (element e of a group of 4: row e / 2) and, of each
 // 8-column tile n, columns 8n + 2t and 8n + 2t + 1 (e % 2). Scores live in the log2
 // domain (exp2 instead of exp); the row statistics are m_run, the running maximum, and
@@ -82,6 +83,85 @@ __device__ __forceinline__ float finish_row(float l, float m, int row, int Nq, i
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     if (row < Nq && t == 0) *lse_at = l > 0.f ? (m + log2f(l)) * LN2 : INFINITY;
     return l > 0.f ? 1.f / l : 0.f;
+}
+
+// ---- Backward ---------------------------------------------------------------------------
+// The register-resident backwards (attention_mma.cu, attention_wgmma.cu) hold S^T and dP^T
+// of 16 keys x (8 NT) queries in the same accumulator layout, with the keys as rows: lane
+// 4g + t holds keys g and g + 8 of its 16 (element e: keys[e / 2]) and, of each 8-query
+// tile n, queries 8n + 2t and 8n + 2t + 1 (e % 2).
+
+// The keys of this lane's rows (first: the first of its 16), and whether each takes part
+// (below Nk and not hidden by the key mask).
+__device__ __forceinline__ void bwd_keys(int first, int g, int Nk, int has_mask, const float* key_mask, int64_t b,
+                                         int (&keys)[2], bool (&key_on)[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        keys[r] = first + g + 8 * r;
+        key_on[r] = keys[r] < Nk && (!has_mask || key_mask[b * Nk + keys[r]] != 0.f);
+    }
+}
+
+// The row statistics of queries q0 .. q0+BQ-1 into shared memory (threads 0 .. BQ-1):
+// L in the log2 domain and D, zeros past Nq.
+template <int BQ>
+__device__ __forceinline__ void bwd_stats(float* Ls, float* Ds, const float* lse, const float* drow, int64_t b, int H,
+                                          int h, int Nq, int q0) {
+    if (threadIdx.x < BQ) {
+        const int i = q0 + threadIdx.x;
+        const int64_t row = (b * H + h) * (int64_t)Nq + i;
+        Ls[threadIdx.x] = i < Nq ? lse[row] * LOG2E : 0.f;
+        Ds[threadIdx.x] = i < Nq ? drow[row] : 0.f;
+    }
+}
+
+// P^T = exp(scale S^T + bias - L) and dS^T = P^T (dP^T - D) in place of S^T and dP^T, for
+// the NT 8-query tiles from q0 (L, D: the tile's statistics from bwd_stats); zeros where
+// the key is off, the query past Nq or (causal) before the key. With dbias (not null),
+// dS is added to it with fp32 atomics (bias_base: this (batch, head)'s [Nq, Nk] block).
+template <int NT>
+__device__ __forceinline__ void bwd_probs(float (&s)[NT][4], float (&dp)[NT][4], const int (&keys)[2],
+                                          const bool (&key_on)[2], int q0, int t, int Nq, int Nk, int causal,
+                                          const float* bias, int bias_batch, int64_t bias_base, const float* Lt,
+                                          const float* Dt, float scale, float* dbias) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int c = n * 8 + 2 * t + (e & 1), i = q0 + c, key = keys[e >> 1];
+            float p = 0.f, ds = 0.f;
+            if (i < Nq && key_on[e >> 1] && (!causal || key <= i)) {
+                float sv = s[n][e] * scale;
+                if (bias_batch > 0) sv += bias[bias_base + (int64_t)i * Nk + key];
+                // L_i is finite here: row i sees at least this key.
+                p = exp2f(sv * LOG2E - Lt[c]);
+                ds = p * (dp[n][e] - Dt[c]);
+                if (dbias != nullptr) atomicAdd(dbias + bias_base + (int64_t)i * Nk + key, ds);
+            }
+            s[n][e] = p;
+            dp[n][e] = ds;
+        }
+    }
+}
+
+// dK (times scale) and dV of this lane's keys below Nk, DT 8-dim tiles each, as bf16
+// ([B, Nk, H, DH] tensors): every key belongs to one warp, so plain stores.
+template <int DH>
+__device__ __forceinline__ void bwd_store_kv(const float (&dk_acc)[DH / 8][4], const float (&dv_acc)[DH / 8][4],
+                                             const int (&keys)[2], int Nk, int64_t b, int H, int h, int t, float scale,
+                                             bf16* dk, bf16* dv) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (keys[r] >= Nk) continue;
+        const int64_t base = ((b * Nk + keys[r]) * H + h) * (int64_t)DH + 2 * t;
+#pragma unroll
+        for (int d = 0; d < DH / 8; ++d) {
+            *reinterpret_cast<__nv_bfloat162*>(dk + base + d * 8) =
+                __floats2bfloat162_rn(dk_acc[d][2 * r] * scale, dk_acc[d][2 * r + 1] * scale);
+            *reinterpret_cast<__nv_bfloat162*>(dv + base + d * 8) =
+                __floats2bfloat162_rn(dv_acc[d][2 * r], dv_acc[d][2 * r + 1]);
+        }
+    }
 }
 
 }  // namespace flash
