@@ -503,17 +503,10 @@ __device__ __forceinline__ void attn_bwd_dq_mma(const bf16* __restrict__ q, cons
     const int64_t b = blockIdx.z;
     const int rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
     float lrow[2], drw[2];  // L (base 2) and D of this lane's two rows
-    const float* brow[2] = {nullptr, nullptr};
-    float* dbrow[2] = {nullptr, nullptr};
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const bool in = rows[r] < Nq;
-        const int64_t row = (b * H + h) * (int64_t)Nq + rows[r];
-        lrow[r] = in ? lse[row] * flash::LOG2E : 0.f;
-        drw[r] = in ? drow[row] : 0.f;
-        brow[r] = flash::bias_row(bias, bias_batch, b, H, h, Nq, Nk, rows[r]);
-        if (in && want_dbias) dbrow[r] = dbias + row * Nk;
-    }
+    const float* brow[2];
+    float* dbrow[2];
+    flash::bwd_row_setup(rows, lse, drow, bias, bias_batch, dbias, want_dbias, b, H, h, Nq, Nk, lrow, drw, brow,
+                         dbrow);
 
     const int k_end = causal ? min(Nk, q0 + MMA_DQ_BQ) : Nk;
     const int tiles = (k_end + MMA_DQ_BK - 1) / MMA_DQ_BK;
@@ -577,24 +570,8 @@ __device__ __forceinline__ void attn_bwd_dq_mma(const bf16* __restrict__ q, cons
         }
 
         // dS = P (dP - D) in place of dP.
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = e >> 1, i = rows[r], key = k0 + n * 8 + 2 * t + (e & 1);
-                bool keep = i < Nq && key < Nk && (!causal || key <= i);
-                if (keep && has_mask) keep = key_mask[b * Nk + key] != 0.f;
-                float ds = 0.f;
-                if (keep) {
-                    float sv = s[n][e] * scale;
-                    if (brow[r] != nullptr) sv += brow[r][key];
-                    // L_i is finite here: row i sees at least this key.
-                    ds = exp2f(sv * flash::LOG2E - lrow[r]) * (dp[n][e] - drw[r]);
-                }
-                if (dbrow[r] != nullptr && key < Nk) dbrow[r][key] = ds;
-                dp[n][e] = ds;
-            }
-        }
+        flash::bwd_ds_rows<NT>(s, dp, rows, k0, t, Nq, Nk, causal, has_mask, key_mask, b, brow, dbrow, lrow, drw,
+                               scale);
 
         // dQ += dS K: keys 16ks.. as the k dimension; K's matrices: keys +0/+8 (lm & 1),
         // dims +0/+8 (lm >> 1), transposed.
@@ -616,18 +593,8 @@ __device__ __forceinline__ void attn_bwd_dq_mma(const bf16* __restrict__ q, cons
     if (tiles == 0) ptx::cp_async_wait<0>();
 
     // Rows with no visible key keep dq = 0 (every dS was 0) and their dbias row untouched
-    // by the loop beyond the tiles walked: write the rest of it.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        if (dbrow[r] != nullptr)
-            for (int key = tiles * MMA_DQ_BK + t; key < Nk; key += 4) dbrow[r][key] = 0.f;
-        if (rows[r] >= Nq) continue;
-        bf16* orow = dq + ((b * Nq + rows[r]) * H + h) * (int64_t)DH + 2 * t;
-#pragma unroll
-        for (int d = 0; d < DT; ++d)
-            *reinterpret_cast<__nv_bfloat162*>(orow + d * 8) =
-                __floats2bfloat162_rn(acc[d][2 * r] * scale, acc[d][2 * r + 1] * scale);
-    }
+    // by the loop beyond the tiles walked: the rest of it is written here.
+    flash::bwd_store_dq<DH>(acc, rows, dbrow, tiles * MMA_DQ_BK, Nq, Nk, b, H, h, t, scale, dq);
 }
 
 }  // namespace

@@ -234,7 +234,7 @@ WGMMA_FWD(128)
 //     keys (each dq element then gets two adds per block).
 // A warpgroup whose 64 keys all lie past Nk skips its products (a short last block).
 // attn_bwd_dkdv_wgmma_d<Dh>_bf16: the same without dQ and dbias (the deterministic
-// backward's dK/dV kernel; attn_bwd_dq_mma then computes dq without atomics).
+// backward's dK/dV kernel; attn_bwd_dq_wgmma below then computes dq without atomics).
 // Shared memory (dynamic): K, V 128 rows, Q, dO 2 stages x 64 rows, Dh bf16 each, dS^T
 //   128 x 64 bf16, L and D 2 x 64 fp32 each, and 1024 bytes to align the tiles:
 //   1024 Dh + 18432 bytes (Dh 64: 83968, 128: 149504).
@@ -467,6 +467,157 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
 #endif
 }
 
+// attn_bwd_dq_wgmma_d<Dh>_bf16: the deterministic backward's dq kernel (the inputs and
+// outputs of attn_bwd_dq_mma_d<Dh>_bf16: dq in bf16 and dbias per batch element, plain
+// stores, no atomics), beside attn_bwd_dkdv_wgmma. Grid (ceil(Nq / 128), H, B), 256
+// threads: warpgroup wg owns query rows 64wg.. of the block's 128, warp w of it the 16
+// rows 16w.., with dQ (64 x Dh fp32, Dh/2 registers) in registers. It walks the keys in
+// tiles of 64 (K, V through cp.async, two stages deep; causal: up to its last row) and
+// recomputes, per tile, S = Q K^T and dP = dO V^T (64 x 64 each: Q, dO and K, V from
+// shared memory, all K-major), P = exp(S - L) and dS = P (dP - D) on the registers, then
+// dQ += dS K (dS packed from the registers as the A operand, K N-major). Every dq and
+// dbias element has one writer and one summation order: bit-identical run to run.
+// Shared memory (dynamic): Q, dO 128 rows, K, V 2 stages x 64 rows, Dh bf16 each, and
+//   1024 bytes to align the tiles: 1024 Dh + 1024 bytes (Dh 64: 66560, 128: 132096).
+template <int DH>
+struct WgDq {
+    static constexpr int THREADS = 256;
+    static constexpr int BQ = 128;  // query rows per block
+    static constexpr int BK = 64;   // keys per tile
+    static constexpr int Q = 0;     // byte offsets from the aligned base
+    static constexpr int DO = Q + BQ * DH * 2;
+    static constexpr int K = DO + BQ * DH * 2;
+    static constexpr int V = K + 2 * BK * DH * 2;
+    static constexpr int BYTES = V + 2 * BK * DH * 2 + 1024;  // + the alignment slack
+    static_assert(DH == 64 || DH == 128, "head dim 64 or 128");
+    static_assert(DO % 1024 == 0 && K % 1024 == 0 && V % 1024 == 0 && BK * DH * 2 % 1024 == 0,
+                  "every swizzled tile starts on a 1024-byte boundary");
+    // The host computes the same size (cuda/attention.rs, wgmma_dq_smem_bytes).
+    static_assert(BYTES == 1024 * DH + 1024, "shared-memory size changed: update the host");
+};
+
+template <int DH>
+__device__ __forceinline__ void attn_bwd_dq_wgmma(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                                  const bf16* __restrict__ v, const bf16* __restrict__ dout,
+                                                  const float* __restrict__ lse, const float* __restrict__ drow,
+                                                  const float* __restrict__ key_mask, const float* __restrict__ bias,
+                                                  bf16* __restrict__ dq, float* __restrict__ dbias, int Nq, int Nk,
+                                                  int H, int bias_batch, int has_mask, int causal, int want_dbias,
+                                                  float scale) {
+#if defined(SYNTHOS_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    using L = WgDq<DH>;
+    constexpr int BQ = L::BQ, BK = L::BK, KD = DH / 16, DT = DH / 8, NT = BK / 8;
+    DYNAMIC_SMEM(smem_raw);
+    if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
+    unsigned char* smem = smem_raw + ((1024u - (ptx::smem_addr(smem_raw) & 1023u)) & 1023u);
+    unsigned char* Qs = smem + L::Q;
+    unsigned char* dOs = smem + L::DO;
+    unsigned char* Ks = smem + L::K;
+    unsigned char* Vs = smem + L::V;
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp within it
+    const int g = lane >> 2, t = lane & 3;
+    const int q0 = blockIdx.x * BQ;
+    const int h = blockIdx.y;
+    const int64_t b = blockIdx.z;
+    // Query rows of this lane's S, dP and dQ elements: e = 0, 1 -> rows[0]; e = 2, 3 -> rows[1].
+    const int rows[2] = {q0 + wg * 64 + wq * 16 + g, q0 + wg * 64 + wq * 16 + g + 8};
+    float lrow[2], drw[2];  // L (base 2) and D of this lane's two rows
+    const float* brow[2];
+    float* dbrow[2];
+    flash::bwd_row_setup(rows, lse, drow, bias, bias_batch, dbias, want_dbias, b, H, h, Nq, Nk, lrow, drw, brow,
+                         dbrow);
+
+    const int k_end = causal ? min(Nk, q0 + BQ) : Nk;
+    const int tiles = (k_end + BK - 1) / BK;
+    issue_tile_sw128<DH, BQ, L::THREADS>(Qs, q, b, q0, Nq, H, h);
+    issue_tile_sw128<DH, BQ, L::THREADS>(dOs, dout, b, q0, Nq, H, h);
+    if (tiles > 0) {
+        issue_tile_sw128<DH, BK, L::THREADS>(Ks, k, b, 0, Nk, H, h);
+        issue_tile_sw128<DH, BK, L::THREADS>(Vs, v, b, 0, Nk, H, h);
+    }
+    ptx::cp_async_commit();
+
+    float acc[DH / 2];
+#pragma unroll
+    for (int i = 0; i < DH / 2; ++i) acc[i] = 0.f;
+    // This warpgroup's 64 rows of Q and dO: panel kk / 4, 32 bytes per 16 head dims within it.
+    unsigned char* q_rows = Qs + wg * 64 * 128;
+    unsigned char* o_rows = dOs + wg * 64 * 128;
+
+    for (int j = 0; j < tiles; ++j) {
+        const int stage = j & 1, k0 = j * BK;
+        if (j + 1 < tiles) {  // tile j+1 into the other stage (free since the barrier ending j-1)
+            issue_tile_sw128<DH, BK, L::THREADS>(Ks + (stage ^ 1) * BK * DH * 2, k, b, k0 + BK, Nk, H, h);
+            issue_tile_sw128<DH, BK, L::THREADS>(Vs + (stage ^ 1) * BK * DH * 2, v, b, k0 + BK, Nk, H, h);
+            ptx::cp_async_commit();
+            ptx::cp_async_wait<1>();
+        } else {
+            ptx::cp_async_wait<0>();
+        }
+        ptx::fence_proxy_async();  // this thread's copies, visible to the tensor cores
+        __syncthreads();           // ... and every other thread's: tile j (and Q, dO) is in place
+        unsigned char* Kt = Ks + stage * BK * DH * 2;
+        unsigned char* Vt = Vs + stage * BK * DH * 2;
+
+        // S = Q K^T and dP = dO V^T over Dh in slices of 16, all K-major: 8-row groups
+        // 1024 bytes apart (SBO).
+        float s[BK / 2], dp[BK / 2];
+        ptx::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) {
+            const int row_slice = (kk / 4) * BQ * 128 + (kk % 4) * 32;  // panel kk / 4, 16 dims
+            const int key_slice = (kk / 4) * BK * 128 + (kk % 4) * 32;
+            ptx::wgmma_ss<BK, 0, 0>(s, ptx::wgmma_desc_sw128(q_rows + row_slice, 16, 1024),
+                                    ptx::wgmma_desc_sw128(Kt + key_slice, 16, 1024), kk > 0);
+        }
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) {
+            const int row_slice = (kk / 4) * BQ * 128 + (kk % 4) * 32;
+            const int key_slice = (kk / 4) * BK * 128 + (kk % 4) * 32;
+            ptx::wgmma_ss<BK, 0, 0>(dp, ptx::wgmma_desc_sw128(o_rows + row_slice, 16, 1024),
+                                    ptx::wgmma_desc_sw128(Vt + key_slice, 16, 1024), kk > 0);
+        }
+        ptx::wgmma_commit();
+        ptx::wgmma_wait<0>();
+        ptx::wgmma_fence_operand(s);
+        ptx::wgmma_fence_operand(dp);
+
+        // dS = P (dP - D) in place of dP (and into dbias).
+        flash::bwd_ds_rows<NT>(reinterpret_cast<const float(&)[NT][4]>(s), reinterpret_cast<float(&)[NT][4]>(dp),
+                               rows, k0, t, Nq, Nk, causal, has_mask, key_mask, b, brow, dbrow, lrow, drw, scale);
+
+        // dQ += dS K over the tile's keys in slices of 16: dS's A operand packed from two
+        // adjacent 8-key tiles, K N-major (64-column panels LBO = BK·128 apart, 8-key groups
+        // 1024 bytes apart).
+        uint32_t da[BK / 16][4];
+#pragma unroll
+        for (int ks = 0; ks < BK / 16; ++ks)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) da[ks][i] = ptx::pack_bf16(dp[8 * ks + 2 * i], dp[8 * ks + 2 * i + 1]);
+        ptx::wgmma_fence_operand(acc);
+        ptx::wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < BK / 16; ++ks)
+            ptx::wgmma_rs<DH, 1>(acc, da[ks], ptx::wgmma_desc_sw128(Kt + ks * 16 * 128, BK * 128, 1024), 1);
+        ptx::wgmma_commit();
+        ptx::wgmma_wait<0>();
+        ptx::wgmma_fence_operand(acc);
+        ptx::wgmma_fence_operand(da);
+        __syncthreads();  // every warpgroup is done with this stage before it is refilled
+    }
+    if (tiles == 0) ptx::cp_async_wait<0>();  // (Q's and dO's copies; no key is visible to the block)
+
+    // Rows with no visible key keep dq = 0 (every dS was 0) and their dbias row untouched
+    // by the loop beyond the tiles walked: the rest of it is written here.
+    flash::bwd_store_dq<DH>(reinterpret_cast<const float(&)[DT][4]>(acc), rows, dbrow, tiles * BK, Nq, Nk, b, H, h,
+                            t, scale, dq);
+#else
+    __trap();
+#endif
+}
+
 }  // namespace
 
 #define WGMMA_BWD(DH)                                                                                             \
@@ -488,3 +639,15 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
     }
 WGMMA_BWD(64)
 WGMMA_BWD(128)
+
+#define WGMMA_DQ(DH)                                                                                              \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                                          \
+        attn_bwd_dq_wgmma_d##DH##_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,            \
+                                       const float* lse, const float* drow, const float* key_mask,                \
+                                       const float* bias, bf16* dq, float* dbias, int Nq, int Nk, int H,          \
+                                       int bias_batch, int has_mask, int causal, int want_dbias, float scale) {   \
+        attn_bwd_dq_wgmma<DH>(q, k, v, dout, lse, drow, key_mask, bias, dq, dbias, Nq, Nk, H, bias_batch,         \
+                              has_mask, causal, want_dbias, scale);                                               \
+    }
+WGMMA_DQ(64)
+WGMMA_DQ(128)

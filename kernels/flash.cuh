@@ -144,6 +144,72 @@ __device__ __forceinline__ void bwd_probs(float (&s)[NT][4], float (&dp)[NT][4],
     }
 }
 
+// The deterministic dq kernels hold S and dP with the queries as rows (as the forwards
+// do): dS = exp(scale S + bias - L) (dP - D) in place of dP, for the NT 8-key tiles from
+// k0 of this lane's rows (L in the log2 domain and D per row, brow the rows' bias rows or
+// null); zeros where the key is past Nk, masked or (causal) after the row. With dbrow[r]
+// (not null), row r's dS is stored there (every key below Nk: one writer each).
+template <int NT>
+__device__ __forceinline__ void bwd_ds_rows(const float (&s)[NT][4], float (&dp)[NT][4], const int rows[2], int k0,
+                                            int t, int Nq, int Nk, int causal, int has_mask, const float* key_mask,
+                                            int64_t b, const float* const brow[2], float* const dbrow[2],
+                                            const float (&lrow)[2], const float (&drw)[2], float scale) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = e >> 1, i = rows[r], key = k0 + n * 8 + 2 * t + (e & 1);
+            bool keep = i < Nq && key < Nk && (!causal || key <= i);
+            if (keep && has_mask) keep = key_mask[b * Nk + key] != 0.f;
+            float ds = 0.f;
+            if (keep) {
+                float sv = s[n][e] * scale;
+                if (brow[r] != nullptr) sv += brow[r][key];
+                // L_i is finite here: row i sees at least this key.
+                ds = exp2f(sv * LOG2E - lrow[r]) * (dp[n][e] - drw[r]);
+            }
+            if (dbrow[r] != nullptr && key < Nk) dbrow[r][key] = ds;
+            dp[n][e] = ds;
+        }
+    }
+}
+
+// The per-row set-up of a dq kernel: L (log2 domain) and D of this lane's rows, their
+// bias rows, and their dbias rows when asked for (dbias [B, H, Nq, Nk]).
+__device__ __forceinline__ void bwd_row_setup(const int rows[2], const float* lse, const float* drow,
+                                              const float* bias, int bias_batch, float* dbias, int want_dbias,
+                                              int64_t b, int H, int h, int Nq, int Nk, float (&lrow)[2],
+                                              float (&drw)[2], const float* (&brow)[2], float* (&dbrow)[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const bool in = rows[r] < Nq;
+        const int64_t row = (b * H + h) * (int64_t)Nq + rows[r];
+        lrow[r] = in ? lse[row] * LOG2E : 0.f;
+        drw[r] = in ? drow[row] : 0.f;
+        brow[r] = bias_row(bias, bias_batch, b, H, h, Nq, Nk, rows[r]);
+        dbrow[r] = in && want_dbias ? dbias + row * Nk : nullptr;
+    }
+}
+
+// The end of a dq kernel for this lane's rows: the dbias row past the keys walked (from
+// `walked`) set to 0, and dq (times scale, bf16, DT 8-dim tiles) stored for rows < Nq.
+template <int DH>
+__device__ __forceinline__ void bwd_store_dq(const float (&acc)[DH / 8][4], const int rows[2], float* const dbrow[2],
+                                             int walked, int Nq, int Nk, int64_t b, int H, int h, int t, float scale,
+                                             bf16* dq) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (dbrow[r] != nullptr)
+            for (int key = walked + t; key < Nk; key += 4) dbrow[r][key] = 0.f;
+        if (rows[r] >= Nq) continue;
+        bf16* orow = dq + ((b * Nq + rows[r]) * H + h) * (int64_t)DH + 2 * t;
+#pragma unroll
+        for (int d = 0; d < DH / 8; ++d)
+            *reinterpret_cast<__nv_bfloat162*>(orow + d * 8) =
+                __floats2bfloat162_rn(acc[d][2 * r] * scale, acc[d][2 * r + 1] * scale);
+    }
+}
+
 // dK (times scale) and dV of this lane's keys below Nk, DT 8-dim tiles each, as bf16
 // ([B, Nk, H, DH] tensors): every key belongs to one warp, so plain stores.
 template <int DH>

@@ -68,8 +68,9 @@ pub enum AttentionKernel {
     /// [`AttentionKernel::Mma`].
     Wgmma,
     /// As [`AttentionKernel::Wgmma`], with the deterministic backward: dk and dv from
-    /// `attn_bwd_dkdv_wgmma_d<Dh>_bf16`, dq and dbias from `attn_bwd_dq_mma_d<Dh>_bf16`, no
-    /// atomics (elsewhere as [`AttentionKernel::MmaDeterministic`]).
+    /// `attn_bwd_dkdv_wgmma_d<Dh>_bf16`, dq and dbias from `attn_bwd_dq_wgmma_d<Dh>_bf16`
+    /// (128 query rows per block, key tiles of 64), no atomics (elsewhere as
+    /// [`AttentionKernel::MmaDeterministic`]).
     WgmmaDeterministic,
 }
 
@@ -195,6 +196,15 @@ const WGMMA_BWD_KEYS: usize = 128;
 /// 2 × 64 fp32 each, and 1024 bytes to align the tiles).
 fn wgmma_bwd_smem_bytes(head_dim: usize) -> usize {
     1024 * head_dim + 18432
+}
+
+/// Query rows per block of the wgmma dq kernel (`WgDq::BQ`; 256 threads).
+const WGMMA_DQ_QUERIES: usize = 128;
+
+/// Dynamic shared memory of the wgmma dq kernel (mirrors `WgDq<DH>::BYTES`: Q, dO 128 rows
+/// and two stages of K, V 64 rows, Dh bf16 each, and 1024 bytes to align the tiles).
+fn wgmma_dq_smem_bytes(head_dim: usize) -> usize {
+    1024 * head_dim + 1024
 }
 
 /// Dynamic shared memory of the mma backward kernel (mirrors `MmaBwd<DH>::BYTES`: K, V
@@ -446,10 +456,10 @@ pub fn backward(
 }
 
 /// The deterministic backward (no atomics): `attn_bwd_dkdv_mma` (dk, dv; one block per 64
-/// keys), or with `hopper` `attn_bwd_dkdv_wgmma` (one block per 128 keys), and
-/// `attn_bwd_dq_mma` (dq in bf16 and dbias per batch element; one block per 64 queries),
-/// then a shared bias's gradient summed over the batch by the column-sum kernel (a fixed
-/// split, so also reproducible).
+/// keys) and `attn_bwd_dq_mma` (dq in bf16 and dbias per batch element; one block per 64
+/// queries), or with `hopper` `attn_bwd_dkdv_wgmma` (one block per 128 keys) and
+/// `attn_bwd_dq_wgmma` (one block per 128 queries), then a shared bias's gradient summed
+/// over the batch by the column-sum kernel (a fixed split, so also reproducible).
 #[allow(clippy::too_many_arguments)]
 fn deterministic_backward(
     p: &AttentionParams,
@@ -501,12 +511,16 @@ fn deterministic_backward(
     let per_batch = p.batch * p.heads * p.q_len * p.kv_len;
     let mut dbias_full = if want_dbias { Some(dev.stream.alloc_zeros::<f32>(per_batch)?) } else { None };
     {
-        let smem = mma_dq_smem_bytes(p.head_dim);
-        let name = kernel_name(&format!("attn_bwd_dq_mma_d{}", p.head_dim), DType::BF16);
-        let f = kernel_with_smem(dev, "attention_mma", name, smem)?;
+        let (module, kind, smem, rows, threads) = if hopper {
+            ("attention_wgmma", "wgmma", wgmma_dq_smem_bytes(p.head_dim), WGMMA_DQ_QUERIES, WGMMA_THREADS)
+        } else {
+            ("attention_mma", "mma", mma_dq_smem_bytes(p.head_dim), DQ_QUERIES, THREADS)
+        };
+        let name = kernel_name(&format!("attn_bwd_dq_{kind}_d{}", p.head_dim), DType::BF16);
+        let f = kernel_with_smem(dev, module, name, smem)?;
         let cfg = LaunchConfig {
-            grid_dim: (p.q_len.div_ceil(DQ_QUERIES) as u32, p.heads as u32, p.batch as u32),
-            block_dim: (THREADS, 1, 1),
+            grid_dim: (p.q_len.div_ceil(rows) as u32, p.heads as u32, p.batch as u32),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         let mut lb = dev.stream.launch_builder(&f);
@@ -519,8 +533,9 @@ fn deterministic_backward(
         lb.arg(&kd.q_len).arg(&kd.kv_len).arg(&kd.heads).arg(&kd.bias_batch);
         lb.arg(&has_mask).arg(&causal).arg(&want).arg(&p.scale);
         // SAFETY: inputs as in `backward`; dq rows < Nq are each written by exactly one
-        // warp of the ceil(Nq/64) × H × B grid, and with `want` every element of the
-        // [B, H, Nq, Nk] dbias buffer by exactly one lane.
+        // warp of the ceil(Nq/rows) × H × B grid, and with `want` every element of the
+        // [B, H, Nq, Nk] dbias buffer by exactly one lane; the shared memory is the
+        // kernel's (checked by the kernel).
         unsafe { lb.launch(cfg) }?;
     }
     let dbias = match dbias_full {

@@ -1,8 +1,8 @@
 // kernels/attention_wgmma.cu under emulation, launched as src/cuda/attention.rs does:
 // the wgmma forward's output and row log-sum-exp, then the wgmma backward (attn_bwd_dot of
 // attention.cu for D, the wgmma backward, the cast of the f32 dq accumulator) and the
-// deterministic pair (the wgmma dK/dV kernel, attention_mma.cu's dq kernel), for both head
-// dims against the double-precision reference, with key masks (a batch whose keys are all hidden, a query
+// deterministic pair (the wgmma dK/dV and dq kernels, no atomics), for both head dims
+// against the double-precision reference, with key masks (a batch whose keys are all hidden, a query
 // that sees no key), causal masking, shared and per-batch biases, a block whose second
 // warpgroup has no query row, and lengths that leave partial tiles and need both cp.async
 // stages twice. The wgmma emulation decodes the 128-byte-swizzled descriptors on a shared
@@ -11,7 +11,6 @@
 #include "attention_ref.h"
 
 #include "attention.cu"
-#include "attention_mma.cu"
 #include "attention_wgmma.cu"
 #include "elementwise.cu"
 
@@ -32,6 +31,20 @@ using Bwd = emu::Kernel<const bf16*, const bf16*, const bf16*, const bf16*, cons
                         const float*, float*, bf16*, bf16*, float*, int, int, int, int, int, int, int, float>;
 using Dkdv = emu::Kernel<const bf16*, const bf16*, const bf16*, const bf16*, const float*, const float*, const float*,
                          const float*, bf16*, bf16*, int, int, int, int, int, int, float>;
+
+// `wgmma_dq_smem_bytes`; 128 query rows a block, 256 threads.
+unsigned dq_smem_bytes(size_t head_dim) { return (unsigned)(1024 * head_dim + 1024); }
+
+using Dq = emu::Kernel<const bf16*, const bf16*, const bf16*, const bf16*, const float*, const float*, const float*,
+                       const float*, bf16*, float*, int, int, int, int, int, int, int, float>;
+
+Dq dq_kernel(size_t head_dim) {
+    switch (head_dim) {
+        case 64: return EMU_KERNEL(attn_bwd_dq_wgmma_d64_bf16);
+        case 128: return EMU_KERNEL(attn_bwd_dq_wgmma_d128_bf16);
+        default: emu::fail("no wgmma dq kernel for head dim %zu", head_dim);
+    }
+}
 
 Bwd backward_kernel(size_t head_dim) {
     switch (head_dim) {
@@ -106,21 +119,28 @@ void run(const Config& c, uint64_t seed) {
     check(report, "wgmma backward " + name + ": dv", dvg.download(), ref.dv, 1e-2);
     if (c.want_dbias) check(report, "wgmma backward " + name + ": dbias", dbias_out.download(), ref.dbias, 1e-2);
 
-    // The deterministic pair: the wgmma dK/dV kernel, then the mma dq kernel (dq in bf16,
-    // no atomics).
+    // The deterministic pair: the wgmma dK/dV kernel, then the wgmma dq kernel (dq in bf16
+    // and dbias per batch element with plain stores; the launcher then sums a shared
+    // bias's gradient over the batch, here on the host).
     DeviceArray<bf16> dk2(B * Nk * H * D), dv2(B * Nk * H * D), dq2(n_q);
     emu::launch(bcfg, dkdv_kernel(D), dq.ptr(), dk.ptr(), dv.ptr(), dg.ptr(), lse.ptr(), drow.ptr(), mask_ptr,
                 bias_ptr, dk2.ptr(), dv2.ptr(), (int)Nq, (int)Nk, (int)H, (int)c.bias_batch, (int)!x.mask.empty(),
                 (int)c.causal, x.scale);
-    const emu::LaunchConfig qcfg{dim3((unsigned)ceil_div(Nq, 64), (unsigned)H, (unsigned)B), dim3(128),
-                                 (unsigned)(512 * (D + 8))};
-    emu::launch(qcfg, D == 64 ? EMU_KERNEL(attn_bwd_dq_mma_d64_bf16) : EMU_KERNEL(attn_bwd_dq_mma_d128_bf16),
-                dq.ptr(), dk.ptr(), dv.ptr(), dg.ptr(), lse.ptr(), drow.ptr(), mask_ptr, bias_ptr, dq2.ptr(),
-                dbias_dummy.ptr(), (int)Nq, (int)Nk, (int)H, (int)c.bias_batch, (int)!x.mask.empty(), (int)c.causal, 0,
-                x.scale);
-    check(report, "wgmma dK/dV + mma dq " + name + ": dq", dq2.download(), ref.dq, 1e-2);
-    check(report, "wgmma dK/dV + mma dq " + name + ": dk", dk2.download(), ref.dk, 1e-2);
-    check(report, "wgmma dK/dV + mma dq " + name + ": dv", dv2.download(), ref.dv, 1e-2);
+    DeviceArray<float> dbias_full(c.want_dbias ? B * H * Nq * Nk : 1);
+    const emu::LaunchConfig qcfg{dim3((unsigned)ceil_div(Nq, 128), (unsigned)H, (unsigned)B), dim3(256),
+                                 dq_smem_bytes(D)};
+    emu::launch(qcfg, dq_kernel(D), dq.ptr(), dk.ptr(), dv.ptr(), dg.ptr(), lse.ptr(), drow.ptr(), mask_ptr, bias_ptr,
+                dq2.ptr(), c.want_dbias ? dbias_full.ptr() : dbias_dummy.ptr(), (int)Nq, (int)Nk, (int)H,
+                (int)c.bias_batch, (int)!x.mask.empty(), (int)c.causal, (int)c.want_dbias, x.scale);
+    check(report, "wgmma deterministic backward " + name + ": dq", dq2.download(), ref.dq, 1e-2);
+    check(report, "wgmma deterministic backward " + name + ": dk", dk2.download(), ref.dk, 1e-2);
+    check(report, "wgmma deterministic backward " + name + ": dv", dv2.download(), ref.dv, 1e-2);
+    if (c.want_dbias) {
+        const std::vector<double> full = dbias_full.download();
+        std::vector<double> db(ref.dbias.size(), 0.0);
+        for (size_t e = 0; e < full.size(); ++e) db[e % db.size()] += full[e];  // sum over b when shared
+        check(report, "wgmma deterministic backward " + name + ": dbias", db, ref.dbias, 1e-2);
+    }
 }
 
 }  // namespace
