@@ -921,15 +921,15 @@ fn sample_pipeline_case(device: Device) -> Result<BenchCase> {
 /// Runs every case for at least `min_seconds` each and reports throughput, with the
 /// fraction of the measured copy bandwidth (memory-bound cases) or GEMM rate
 /// (compute-bound cases), then the whole-model cases of [`model_cases`].
-/// Cases other than the two ceilings are skipped unless their family or name contains
-/// `filter` (when given), and so is every case whose name contains one of `skip` (e.g.
-/// `[wgmma` for the cases of kernels a GPU test found wrong). A case that fails is
-/// reported with its error and the run goes on.
+/// Cases other than the two ceilings are skipped unless their family or name contains one
+/// of `filter` (when any is given), and so is every case whose family or name contains one
+/// of `skip` (e.g. `[wgmma` for the cases of kernels a GPU test found wrong). A case that
+/// fails is reported with its error and the run goes on.
 pub fn run_all(
     device: Device,
     size: Size,
     min_seconds: f64,
-    filter: Option<&str>,
+    filter: &[String],
     skip: &[String],
     mut progress: impl FnMut(&BenchResult),
 ) -> Result<Vec<BenchResult>> {
@@ -937,8 +937,8 @@ pub fn run_all(
     let (mut copy_gbps, mut gemm_tflops) = (None, None);
     let selected = |family: &str, name: &str| {
         let ceiling = family == "copy" || name.starts_with("gemm");
-        let skipped = skip.iter().any(|s| name.contains(s.as_str()));
-        ceiling || (!skipped && filter.is_none_or(|f| family.contains(f) || name.contains(f)))
+        let matches = |texts: &[String]| texts.iter().any(|f| family.contains(f.as_str()) || name.contains(f.as_str()));
+        ceiling || (!matches(skip) && (filter.is_empty() || matches(filter)))
     };
     let mut lazy: Vec<LazyCase> = cases(device, size)?
         .into_iter()

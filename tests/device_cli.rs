@@ -136,27 +136,22 @@ fn cli_bench_runs_on_the_cpu_and_writes_json() {
 }
 
 #[test]
-fn cli_bench_skip_leaves_cases_out() {
-    let out = cli(&[
-        "bench",
-        "--device",
-        "cpu",
-        "--size",
-        "small",
-        "--min-seconds",
-        "0.01",
-        "--filter",
-        "norm",
-        "--skip",
-        "rms_norm",
-        "--skip",
-        "gemm",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8_lossy(&out.stdout);
-    // The ceilings run even when named: every fraction is of them.
+fn cli_bench_filters_and_skips_by_family_or_name() {
+    let bench = |extra: &[&str]| {
+        let mut args = vec!["bench", "--device", "cpu", "--size", "small", "--min-seconds", "0.01"];
+        args.extend_from_slice(extra);
+        let out = cli(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Two filters select the cases matching either; a skip leaves one out; the ceilings
+    // run even when named, since every fraction is of them.
+    let text = bench(&["--filter", "rms_norm", "--filter", "layer_norm", "--skip", "rms_norm", "--skip", "gemm"]);
     assert!(text.contains("layer_norm") && text.contains("copy") && text.contains("gemm"), "{text}");
-    assert!(!text.contains("rms_norm"), "{text}");
+    assert!(!text.contains("rms_norm") && !text.contains("attention"), "{text}");
+    // A skip by family ("norm") leaves out every case of it.
+    let text = bench(&["--filter", "norm", "--skip", "norm"]);
+    assert!(!text.contains("layer_norm") && !text.contains("rms_norm") && text.contains("copy"), "{text}");
 }
 
 #[test]

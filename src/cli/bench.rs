@@ -20,11 +20,12 @@ pub struct BenchArgs {
     /// Minimum seconds spent timing each case.
     #[arg(long, default_value_t = 0.5)]
     min_seconds: f64,
-    /// Only run cases whose family or name contains this text (e.g. `attention`).
-    #[arg(long)]
-    filter: Option<String>,
-    /// Leave out cases whose name contains this text (repeatable; e.g. `--skip "[wgmma"`
-    /// for the wgmma attention cases). The two ceilings (copy, GEMM) always run.
+    /// Only run cases whose family or name contains this text (e.g. `attention`;
+    /// repeatable: cases matching any of them).
+    #[arg(long, value_name = "TEXT")]
+    filter: Vec<String>,
+    /// Leave out cases whose family or name contains this text (repeatable; e.g. `--skip
+    /// "[wgmma"` for the wgmma attention cases). The two ceilings (copy, GEMM) always run.
     #[arg(long, value_name = "TEXT")]
     skip: Vec<String>,
     /// Also write the results to this JSON file.
@@ -114,8 +115,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     println!("device: {device}, sizes: {size:?}, at least {} s per case", args.min_seconds);
     println!("(fraction: of the measured copy bandwidth for memory-bound cases, of the measured GEMM rate for compute-bound ones)");
-    let filter = args.filter.clone();
-    let results = bench::run_all(device, size, args.min_seconds, filter.as_deref(), &args.skip, |r| {
+    let results = bench::run_all(device, size, args.min_seconds, &args.filter, &args.skip, |r| {
         println!("{}", fmt_row(r));
         let profile = synthos_engine::cuda::take_profile();
         if !profile.is_empty() {
