@@ -368,8 +368,8 @@ __device__ __forceinline__ void attn_bwd_mma(const bf16* __restrict__ q, const b
         }
 
         // P^T and dS^T in place of S^T and dP^T.
-        flash::bwd_probs<NT>(s, dp, keys, key_on, q0, t, Nq, Nk, causal, bias, bias_batch, bias_base, Lt, Dt, scale,
-                             WITH_DQ && want_dbias ? dbias : nullptr);
+        flash::bwd_p<NT>(s, keys, key_on, q0, t, Nq, Nk, causal, bias, bias_batch, bias_base, Lt, scale);
+        flash::bwd_ds<NT>(s, dp, keys, q0, t, Nk, bias_base, Dt, WITH_DQ && want_dbias ? dbias : nullptr);
 
         // dV += P^T dO, dK += dS^T Q (queries as the k dimension).
 #pragma unroll
@@ -570,8 +570,8 @@ __device__ __forceinline__ void attn_bwd_dq_mma(const bf16* __restrict__ q, cons
         }
 
         // dS = P (dP - D) in place of dP.
-        flash::bwd_ds_rows<NT>(s, dp, rows, k0, t, Nq, Nk, causal, has_mask, key_mask, b, brow, dbrow, lrow, drw,
-                               scale);
+        flash::bwd_p_rows<NT>(s, rows, k0, t, Nq, Nk, causal, has_mask, key_mask, b, brow, lrow, scale);
+        flash::bwd_ds_rows<NT>(s, dp, k0, t, Nk, dbrow, drw);
 
         // dQ += dS K: keys 16ks.. as the k dimension; K's matrices: keys +0/+8 (lm & 1),
         // dims +0/+8 (lm >> 1), transposed.

@@ -340,9 +340,12 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
         const float* Dt = Ds + stage * BQ;
 
         // S^T = K_wg Q^T, dP^T = V_wg dO^T over Dh in slices of 16, all K-major: 8-row
-        // groups 1024 bytes apart (SBO).
+        // groups 1024 bytes apart (SBO). Two groups, so that P^T is computed while dP^T's
+        // products run, and dS^T while dV's do.
         float s[BQ / 2], dp[BQ / 2];
         uint32_t pa[QS][4], da[QS][4];  // P^T and dS^T as A operands, 16 queries each
+        auto& s4 = reinterpret_cast<float(&)[NT][4]>(s);
+        auto& dp4 = reinterpret_cast<float(&)[NT][4]>(dp);
         if (wg_on) {
             ptx::wgmma_fence();
 #pragma unroll
@@ -352,6 +355,7 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
                 ptx::wgmma_ss<BQ, 0, 0>(s, ptx::wgmma_desc_sw128(k_rows + key_slice, 16, 1024),
                                         ptx::wgmma_desc_sw128(Qt + query_slice, 16, 1024), kk > 0);
             }
+            ptx::wgmma_commit();
 #pragma unroll
             for (int kk = 0; kk < KD; ++kk) {
                 const int key_slice = (kk / 4) * BK * 128 + (kk % 4) * 32;
@@ -360,36 +364,41 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
                                         ptx::wgmma_desc_sw128(dOt + query_slice, 16, 1024), kk > 0);
             }
             ptx::wgmma_commit();
-            ptx::wgmma_wait<0>();
+            ptx::wgmma_wait<1>();  // S^T
             ptx::wgmma_fence_operand(s);
-            ptx::wgmma_fence_operand(dp);
         } else {
 #pragma unroll
             for (int i = 0; i < BQ / 2; ++i) s[i] = dp[i] = 0.f;
         }
 
-        // P^T and dS^T in place of S^T and dP^T: element e of 8-query tile n is key
-        // keys[e / 2], query q0 + 8n + 2t + e % 2.
-        flash::bwd_probs<NT>(reinterpret_cast<float(&)[NT][4]>(s), reinterpret_cast<float(&)[NT][4]>(dp), keys,
-                             key_on, q0, t, Nq, Nk, causal, bias, bias_batch, bias_base, Lt, Dt, scale,
-                             WITH_DQ && want_dbias ? dbias : nullptr);
+        // P^T in place of S^T (element e of 8-query tile n: key keys[e / 2], query
+        // q0 + 8n + 2t + e % 2), then dV += P^T dO over the tile's queries in slices of 16:
+        // dO N-major, 64-column panels LBO = BQ·128 apart, 8-query groups 1024 bytes apart.
+        flash::bwd_p<NT>(s4, keys, key_on, q0, t, Nq, Nk, causal, bias, bias_batch, bias_base, Lt, scale);
 #pragma unroll
         for (int ks = 0; ks < QS; ++ks)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                pa[ks][i] = ptx::pack_bf16(s[8 * ks + 2 * i], s[8 * ks + 2 * i + 1]);
-                da[ks][i] = ptx::pack_bf16(dp[8 * ks + 2 * i], dp[8 * ks + 2 * i + 1]);
-            }
-
-        // dV += P^T dO, dK += dS^T Q over the tile's queries in slices of 16: dO and Q
-        // N-major, 64-column panels LBO = BQ·128 apart, 8-query groups 1024 bytes apart.
+            for (int i = 0; i < 4; ++i) pa[ks][i] = ptx::pack_bf16(s[8 * ks + 2 * i], s[8 * ks + 2 * i + 1]);
         if (wg_on) {
             ptx::wgmma_fence_operand(dv_acc);
-            ptx::wgmma_fence_operand(dk_acc);
             ptx::wgmma_fence();
 #pragma unroll
             for (int ks = 0; ks < QS; ++ks)
                 ptx::wgmma_rs<DH, 1>(dv_acc, pa[ks], ptx::wgmma_desc_sw128(dOt + ks * 16 * 128, BQ * 128, 1024), 1);
+            ptx::wgmma_commit();
+            ptx::wgmma_wait<1>();  // dP^T (dV's products may still run)
+            ptx::wgmma_fence_operand(dp);
+        }
+
+        // dS^T in place of dP^T, then dK += dS^T Q (Q N-major as dO above).
+        flash::bwd_ds<NT>(s4, dp4, keys, q0, t, Nk, bias_base, Dt, WITH_DQ && want_dbias ? dbias : nullptr);
+#pragma unroll
+        for (int ks = 0; ks < QS; ++ks)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) da[ks][i] = ptx::pack_bf16(dp[8 * ks + 2 * i], dp[8 * ks + 2 * i + 1]);
+        if (wg_on) {
+            ptx::wgmma_fence_operand(dk_acc);
+            ptx::wgmma_fence();
 #pragma unroll
             for (int ks = 0; ks < QS; ++ks)
                 ptx::wgmma_rs<DH, 1>(dk_acc, da[ks], ptx::wgmma_desc_sw128(Qt + ks * 16 * 128, BQ * 128, 1024), 1);
@@ -562,8 +571,10 @@ __device__ __forceinline__ void attn_bwd_dq_wgmma(const bf16* __restrict__ q, co
         unsigned char* Vt = Vs + stage * BK * DH * 2;
 
         // S = Q K^T and dP = dO V^T over Dh in slices of 16, all K-major: 8-row groups
-        // 1024 bytes apart (SBO).
+        // 1024 bytes apart (SBO). Two groups, so that P is computed while dP's products run.
         float s[BK / 2], dp[BK / 2];
+        auto& s4 = reinterpret_cast<float(&)[NT][4]>(s);
+        auto& dp4 = reinterpret_cast<float(&)[NT][4]>(dp);
         ptx::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < KD; ++kk) {
@@ -572,6 +583,7 @@ __device__ __forceinline__ void attn_bwd_dq_wgmma(const bf16* __restrict__ q, co
             ptx::wgmma_ss<BK, 0, 0>(s, ptx::wgmma_desc_sw128(q_rows + row_slice, 16, 1024),
                                     ptx::wgmma_desc_sw128(Kt + key_slice, 16, 1024), kk > 0);
         }
+        ptx::wgmma_commit();
 #pragma unroll
         for (int kk = 0; kk < KD; ++kk) {
             const int row_slice = (kk / 4) * BQ * 128 + (kk % 4) * 32;
@@ -580,13 +592,14 @@ __device__ __forceinline__ void attn_bwd_dq_wgmma(const bf16* __restrict__ q, co
                                     ptx::wgmma_desc_sw128(Vt + key_slice, 16, 1024), kk > 0);
         }
         ptx::wgmma_commit();
-        ptx::wgmma_wait<0>();
+        ptx::wgmma_wait<1>();  // S
         ptx::wgmma_fence_operand(s);
+        flash::bwd_p_rows<NT>(s4, rows, k0, t, Nq, Nk, causal, has_mask, key_mask, b, brow, lrow, scale);
+        ptx::wgmma_wait<0>();  // dP
         ptx::wgmma_fence_operand(dp);
 
         // dS = P (dP - D) in place of dP (and into dbias).
-        flash::bwd_ds_rows<NT>(reinterpret_cast<const float(&)[NT][4]>(s), reinterpret_cast<float(&)[NT][4]>(dp),
-                               rows, k0, t, Nq, Nk, causal, has_mask, key_mask, b, brow, dbrow, lrow, drw, scale);
+        flash::bwd_ds_rows<NT>(s4, dp4, k0, t, Nk, dbrow, drw);
 
         // dQ += dS K over the tile's keys in slices of 16: dS's A operand packed from two
         // adjacent 8-key tiles, K N-major (64-column panels LBO = BK·128 apart, 8-key groups

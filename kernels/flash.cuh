@@ -115,45 +115,57 @@ __device__ __forceinline__ void bwd_stats(float* Ls, float* Ds, const float* lse
     }
 }
 
-// P^T = exp(scale S^T + bias - L) and dS^T = P^T (dP^T - D) in place of S^T and dP^T, for
-// the NT 8-query tiles from q0 (L, D: the tile's statistics from bwd_stats); zeros where
-// the key is off, the query past Nq or (causal) before the key. With dbias (not null),
-// dS is added to it with fp32 atomics (bias_base: this (batch, head)'s [Nq, Nk] block).
+// P^T = exp(scale S^T + bias - L) in place of S^T, for the NT 8-query tiles from q0 (L: the
+// tile's statistics from bwd_stats); exactly 0 where the key is off, the query past Nq or
+// (causal) before the key.
 template <int NT>
-__device__ __forceinline__ void bwd_probs(float (&s)[NT][4], float (&dp)[NT][4], const int (&keys)[2],
-                                          const bool (&key_on)[2], int q0, int t, int Nq, int Nk, int causal,
-                                          const float* bias, int bias_batch, int64_t bias_base, const float* Lt,
-                                          const float* Dt, float scale, float* dbias) {
+__device__ __forceinline__ void bwd_p(float (&s)[NT][4], const int (&keys)[2], const bool (&key_on)[2], int q0, int t,
+                                      int Nq, int Nk, int causal, const float* bias, int bias_batch, int64_t bias_base,
+                                      const float* Lt, float scale) {
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int c = n * 8 + 2 * t + (e & 1), i = q0 + c, key = keys[e >> 1];
-            float p = 0.f, ds = 0.f;
+            float p = 0.f;
             if (i < Nq && key_on[e >> 1] && (!causal || key <= i)) {
                 float sv = s[n][e] * scale;
                 if (bias_batch > 0) sv += bias[bias_base + (int64_t)i * Nk + key];
                 // L_i is finite here: row i sees at least this key.
                 p = exp2f(sv * LOG2E - Lt[c]);
-                ds = p * (dp[n][e] - Dt[c]);
-                if (dbias != nullptr) atomicAdd(dbias + bias_base + (int64_t)i * Nk + key, ds);
             }
             s[n][e] = p;
+        }
+    }
+}
+
+// dS^T = P^T (dP^T - D) in place of dP^T (D: the tile's statistics), exactly 0 where P^T
+// is; with dbias (not null), each nonzero dS is added to it with fp32 atomics (bias_base:
+// this (batch, head)'s [Nq, Nk] block). Every position bwd_p hides has P = 0, so no
+// atomic leaves the block's rows and keys.
+template <int NT>
+__device__ __forceinline__ void bwd_ds(const float (&p)[NT][4], float (&dp)[NT][4], const int (&keys)[2], int q0,
+                                       int t, int Nk, int64_t bias_base, const float* Dt, float* dbias) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int c = n * 8 + 2 * t + (e & 1);
+            const float ds = p[n][e] != 0.f ? p[n][e] * (dp[n][e] - Dt[c]) : 0.f;
+            if (dbias != nullptr && p[n][e] != 0.f) atomicAdd(dbias + bias_base + (int64_t)(q0 + c) * Nk + keys[e >> 1], ds);
             dp[n][e] = ds;
         }
     }
 }
 
 // The deterministic dq kernels hold S and dP with the queries as rows (as the forwards
-// do): dS = exp(scale S + bias - L) (dP - D) in place of dP, for the NT 8-key tiles from
-// k0 of this lane's rows (L in the log2 domain and D per row, brow the rows' bias rows or
-// null); zeros where the key is past Nk, masked or (causal) after the row. With dbrow[r]
-// (not null), row r's dS is stored there (every key below Nk: one writer each).
+// do). P = exp(scale S + bias - L) in place of S, for the NT 8-key tiles from k0 of this
+// lane's rows (L in the log2 domain per row, brow the rows' bias rows or null); exactly 0
+// where the key is past Nk, masked or (causal) after the row.
 template <int NT>
-__device__ __forceinline__ void bwd_ds_rows(const float (&s)[NT][4], float (&dp)[NT][4], const int rows[2], int k0,
-                                            int t, int Nq, int Nk, int causal, int has_mask, const float* key_mask,
-                                            int64_t b, const float* const brow[2], float* const dbrow[2],
-                                            const float (&lrow)[2], const float (&drw)[2], float scale) {
+__device__ __forceinline__ void bwd_p_rows(float (&s)[NT][4], const int rows[2], int k0, int t, int Nq, int Nk,
+                                           int causal, int has_mask, const float* key_mask, int64_t b,
+                                           const float* const brow[2], const float (&lrow)[2], float scale) {
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
 #pragma unroll
@@ -161,13 +173,29 @@ __device__ __forceinline__ void bwd_ds_rows(const float (&s)[NT][4], float (&dp)
             const int r = e >> 1, i = rows[r], key = k0 + n * 8 + 2 * t + (e & 1);
             bool keep = i < Nq && key < Nk && (!causal || key <= i);
             if (keep && has_mask) keep = key_mask[b * Nk + key] != 0.f;
-            float ds = 0.f;
+            float p = 0.f;
             if (keep) {
                 float sv = s[n][e] * scale;
                 if (brow[r] != nullptr) sv += brow[r][key];
                 // L_i is finite here: row i sees at least this key.
-                ds = exp2f(sv * LOG2E - lrow[r]) * (dp[n][e] - drw[r]);
+                p = exp2f(sv * LOG2E - lrow[r]);
             }
+            s[n][e] = p;
+        }
+    }
+}
+
+// dS = P (dP - D) in place of dP (D per row), exactly 0 where P is; with dbrow[r] (not
+// null), row r's dS is stored there for every key below Nk (one writer each).
+template <int NT>
+__device__ __forceinline__ void bwd_ds_rows(const float (&p)[NT][4], float (&dp)[NT][4], int k0, int t, int Nk,
+                                            float* const dbrow[2], const float (&drw)[2]) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = e >> 1, key = k0 + n * 8 + 2 * t + (e & 1);
+            const float ds = p[n][e] != 0.f ? p[n][e] * (dp[n][e] - drw[r]) : 0.f;
             if (dbrow[r] != nullptr && key < Nk) dbrow[r][key] = ds;
             dp[n][e] = ds;
         }
