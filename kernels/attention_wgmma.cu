@@ -64,6 +64,60 @@ __device__ __forceinline__ void issue_tile_sw128(unsigned char* dst, const bf16*
     }
 }
 
+// Issues (without committing) S (64 x BKT) = Q_wg K^T over Dh in slices of 16: both
+// operands K-major, 8-row groups 1024 bytes apart (SBO; the leading offset is unused in
+// this layout). q_rows: the warpgroup's 64 rows of a Q tile of QROWS rows (panel kk / 4 at
+// QROWS·128, 32 bytes per 16 head dims within it); Kt: a key tile of KROWS rows.
+template <int DH, int BKT, int QROWS, int KROWS>
+__device__ __forceinline__ void issue_qk(float (&s)[BKT / 2], const unsigned char* q_rows, const unsigned char* Kt) {
+#pragma unroll
+    for (int kk = 0; kk < DH / 16; ++kk) {
+        const int slice = (kk % 4) * 32;  // 16 head dims within the panel
+        const uint64_t da = ptx::wgmma_desc_sw128(q_rows + (kk / 4) * QROWS * 128 + slice, 16, 1024);
+        const uint64_t db = ptx::wgmma_desc_sw128(Kt + (kk / 4) * KROWS * 128 + slice, 16, 1024);
+        ptx::wgmma_ss<BKT, 0, 0>(s, da, db, kk > 0);
+    }
+}
+
+// Issues (without committing) O += P V over BKT keys in slices of 16: P's A operands
+// (pa[ks]: two adjacent 8-key accumulator tiles of S, packed), V N-major: 64-column panels
+// LBO = KROWS·128 apart (the tile's layout), 8-key groups 1024 bytes apart.
+template <int DH, int BKT, int KROWS>
+__device__ __forceinline__ void issue_pv(float (&o)[DH / 2], const uint32_t (*pa)[4], const unsigned char* Vt) {
+#pragma unroll
+    for (int ks = 0; ks < BKT / 16; ++ks)
+        ptx::wgmma_rs<DH, 1>(o, pa[ks], ptx::wgmma_desc_sw128(Vt + ks * 16 * 128, KROWS * 128, 1024), 1);
+}
+
+// P's A operands from S's registers holding P (ptx::acc_to_a's repack: two adjacent 8-key
+// tiles make one 16-key slice).
+template <int BKT>
+__device__ __forceinline__ void pack_p(const float (&s)[BKT / 2], uint32_t (*pa)[4]) {
+#pragma unroll
+    for (int ks = 0; ks < BKT / 16; ++ks)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) pa[ks][i] = ptx::pack_bf16(s[8 * ks + 2 * i], s[8 * ks + 2 * i + 1]);
+}
+
+// The end of a forward: each row's log-sum-exp, and O normalised and stored (a lane
+// writes 2 consecutive dims of rows g and g+8 per 8-dim tile).
+template <int DH>
+__device__ __forceinline__ void store_out(const float (&o)[DH / 2], float (&l_run)[2], const float (&m_run)[2],
+                                          const int (&rows)[2], int Nq, int H, int h, int64_t b, int t, bf16* out,
+                                          float* lse) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int i = rows[r];
+        const float inv = flash::finish_row(l_run[r], m_run[r], i, Nq, t, lse + (b * H + h) * (int64_t)Nq + i);
+        if (i >= Nq) continue;
+        bf16* orow = out + ((b * Nq + i) * H + h) * (int64_t)DH + 2 * t;
+#pragma unroll
+        for (int d = 0; d < DH / 8; ++d)
+            *reinterpret_cast<__nv_bfloat162*>(orow + d * 8) =
+                __floats2bfloat162_rn(o[4 * d + 2 * r] * inv, o[4 * d + 2 * r + 1] * inv);
+    }
+}
+
 template <int DH>
 __device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                const bf16* __restrict__ v, const float* __restrict__ key_mask,
@@ -72,7 +126,7 @@ __device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const
                                                int has_mask, int causal, float scale) {
 #if defined(SYNTHOS_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using L = WgFwd<DH>;
-    constexpr int BQ = L::BQ, BK = L::BK, DT = DH / 8, KD = DH / 16;
+    constexpr int BQ = L::BQ, BK = L::BK;
     DYNAMIC_SMEM(smem_raw);
     if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
     // The swizzle is a function of absolute shared-window addresses, repeating every 1024
@@ -134,17 +188,9 @@ __device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const
         // products where Nk leaves a short remainder, e.g. the 769-key cross-attention).
         auto tile_step = [&](auto keys) {
             constexpr int BKT = decltype(keys)::value, NTT = BKT / 8;
-            // S = Q K^T over Dh in slices of 16: both operands K-major, 8-row groups 1024
-            // bytes apart (SBO); the leading offset is unused in this layout.
             float s[BKT / 2];
             ptx::wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < KD; ++kk) {
-                const int slice = (kk % 4) * 32;  // 16 head dims within the panel
-                const uint64_t da = ptx::wgmma_desc_sw128(q_rows + (kk / 4) * BQ * 128 + slice, 16, 1024);
-                const uint64_t db = ptx::wgmma_desc_sw128(Kt + (kk / 4) * BK * 128 + slice, 16, 1024);
-                ptx::wgmma_ss<BKT, 0, 0>(s, da, db, kk > 0);
-            }
+            issue_qk<DH, BKT, BQ, BK>(s, q_rows, Kt);
             ptx::wgmma_commit();
             ptx::wgmma_wait<0>();
             ptx::wgmma_fence_operand(s);
@@ -155,21 +201,14 @@ __device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const
 #pragma unroll
             for (int i = 0; i < DH / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
 
-            // O += P V over the tile's keys in slices of 16: P's A operand is two adjacent
-            // 8-key accumulator tiles of S (ptx::acc_to_a's repack), V N-major: 64-column
-            // panels LBO = BK·128 apart (the stage's layout), 8-key groups 1024 bytes apart.
-            // Every slice is packed before the fence, so that one fence covers all the
-            // products (packing between them would make the compiler fence each one).
+            // O += P V over the tile's keys. Every slice is packed before the fence, so that
+            // one fence covers all the products (packing between them would make the
+            // compiler fence each one).
             uint32_t pa[BKT / 16][4];
-#pragma unroll
-            for (int ks = 0; ks < BKT / 16; ++ks)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) pa[ks][i] = ptx::pack_bf16(s[8 * ks + 2 * i], s[8 * ks + 2 * i + 1]);
+            pack_p<BKT>(s, pa);
             ptx::wgmma_fence_operand(o);
             ptx::wgmma_fence();
-#pragma unroll
-            for (int ks = 0; ks < BKT / 16; ++ks)
-                ptx::wgmma_rs<DH, 1>(o, pa[ks], ptx::wgmma_desc_sw128(Vt + ks * 16 * 128, BK * 128, 1024), 1);
+            issue_pv<DH, BKT, BK>(o, pa, Vt);
             ptx::wgmma_commit();
             ptx::wgmma_wait<0>();
             ptx::wgmma_fence_operand(o);
@@ -181,19 +220,141 @@ __device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const
         __syncthreads();  // every warpgroup is done with this stage before it is refilled
     }
     if (tiles == 0) ptx::cp_async_wait<0>();  // (Q's copies; no key is visible to the block)
+    store_out<DH>(o, l_run, m_run, rows, Nq, H, h, b, t, out, lse);
+#else
+    __trap();
+#endif
+}
 
-    // Normalise and store: a lane writes 2 consecutive dims of rows g and g+8 per 8-dim tile.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int i = rows[r];
-        const float inv = flash::finish_row(l_run[r], m_run[r], i, Nq, t, lse + (b * H + h) * (int64_t)Nq + i);
-        if (i >= Nq) continue;
-        bf16* orow = out + ((b * Nq + i) * H + h) * (int64_t)DH + 2 * t;
-#pragma unroll
-        for (int d = 0; d < DT; ++d)
-            *reinterpret_cast<__nv_bfloat162*>(orow + d * 8) =
-                __floats2bfloat162_rn(o[4 * d + 2 * r] * inv, o[4 * d + 2 * r + 1] * inv);
+// attn_fwd_wgmma_ovl_d<Dh>_bf16: the same forward (inputs, outputs, grid, 256 threads, 128
+// query rows and key tiles of 128, the short last tile) with each warpgroup's softmax
+// overlapped with its tensor-core work, as FlashAttention-3 does within a warpgroup: per
+// tile j it issues S_j = Q K_j^T and O += P_{j-1} V_{j-1}, waits for S_j only, runs the
+// softmax of tile j while P_{j-1} V_{j-1} is in flight, then waits for it, rescales O and
+// keeps P_j packed for the next tile; the last P V runs after the loop. V_{j-1} is read
+// while tile j+1 loads, so V has three stages (K two): shared memory Q 128 rows, K 2 x 128,
+// V 3 x 128 rows, Dh bf16 each, + 1024: 1536 Dh + 1024 bytes (Dh 64: 99328, 128: 197632).
+template <int DH>
+struct WgFwdOvl {
+    static constexpr int THREADS = 256;
+    static constexpr int BQ = 128;  // query rows per block
+    static constexpr int BK = 128;  // keys per tile
+    static constexpr int Q = 0;     // byte offsets from the aligned base
+    static constexpr int K = Q + BQ * DH * 2;
+    static constexpr int V = K + 2 * BK * DH * 2;
+    static constexpr int BYTES = V + 3 * BK * DH * 2 + 1024;  // + the alignment slack
+    static_assert(DH == 64 || DH == 128, "head dim 64 or 128");
+    // The host computes the same size (cuda/attention.rs, wgmma_fwd_ovl_smem_bytes).
+    static_assert(BYTES == 1536 * DH + 1024, "shared-memory size changed: update the host");
+};
+
+template <int DH>
+__device__ __forceinline__ void attn_fwd_wgmma_ovl(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                                   const bf16* __restrict__ v, const float* __restrict__ key_mask,
+                                                   const float* __restrict__ bias, bf16* __restrict__ out,
+                                                   float* __restrict__ lse, int Nq, int Nk, int H, int bias_batch,
+                                                   int has_mask, int causal, float scale) {
+#if defined(SYNTHOS_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    using L = WgFwdOvl<DH>;
+    constexpr int BQ = L::BQ, BK = L::BK, TILE = BK * DH * 2;
+    DYNAMIC_SMEM(smem_raw);
+    if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
+    unsigned char* smem = smem_raw + ((1024u - (ptx::smem_addr(smem_raw) & 1023u)) & 1023u);
+    unsigned char* Qs = smem + L::Q;
+    unsigned char* Ks = smem + L::K;
+    unsigned char* Vs = smem + L::V;
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp within it
+    const int t = lane & 3;
+    const int q0 = blockIdx.x * BQ;
+    const int h = blockIdx.y;
+    const int64_t b = blockIdx.z;
+    int rows[2];
+    rows[0] = q0 + wg * 64 + wq * 16 + (lane >> 2);
+    rows[1] = rows[0] + 8;
+
+    const int k_end = causal ? min(Nk, q0 + BQ) : Nk;
+    const int tiles = (k_end + BK - 1) / BK;
+    // Tile j's keys: a last tile of at most 64 keys is a 64-key tile (see attn_fwd_wgmma).
+    const bool short_last = tiles > 0 && k_end - (tiles - 1) * BK <= BK / 2;
+
+    issue_tile_sw128<DH, BQ, L::THREADS>(Qs, q, b, q0, Nq, H, h);
+    if (tiles > 0) {
+        issue_tile_sw128<DH, BK, L::THREADS>(Ks, k, b, 0, Nk, H, h);
+        issue_tile_sw128<DH, BK, L::THREADS>(Vs, v, b, 0, Nk, H, h);
     }
+    ptx::cp_async_commit();
+
+    const float* brow[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) brow[r] = flash::bias_row(bias, bias_batch, b, H, h, Nq, Nk, rows[r]);
+
+    float o[DH / 2];
+#pragma unroll
+    for (int i = 0; i < DH / 2; ++i) o[i] = 0.f;
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+    const unsigned char* q_rows = Qs + wg * 64 * 128;
+    uint32_t pa[BK / 16][4];  // P of the previous tile, packed
+
+    for (int j = 0; j < tiles; ++j) {
+        const int k0 = j * BK;
+        if (j + 1 < tiles) {  // tile j+1: K into stage (j+1) % 2, V into (j+1) % 3, both free
+            issue_tile_sw128<DH, BK, L::THREADS>(Ks + ((j + 1) & 1) * TILE, k, b, k0 + BK, Nk, H, h);
+            issue_tile_sw128<DH, BK, L::THREADS>(Vs + ((j + 1) % 3) * TILE, v, b, k0 + BK, Nk, H, h);
+            ptx::cp_async_commit();
+            ptx::cp_async_wait<1>();
+        } else {
+            ptx::cp_async_wait<0>();
+        }
+        ptx::fence_proxy_async();  // this thread's copies, visible to the tensor cores
+        __syncthreads();           // ... and every other thread's: tile j (and Q) is in place
+        const unsigned char* Kt = Ks + (j & 1) * TILE;
+        const unsigned char* Vprev = Vs + ((j + 2) % 3) * TILE;  // V of tile j-1
+
+        auto tile_step = [&](auto keys) {
+            constexpr int BKT = decltype(keys)::value, NTT = BKT / 8;
+            float s[BKT / 2];
+            ptx::wgmma_fence_operand(o);
+            ptx::wgmma_fence();
+            issue_qk<DH, BKT, BQ, BK>(s, q_rows, Kt);
+            ptx::wgmma_commit();
+            if (j > 0) issue_pv<DH, BK, BK>(o, pa, Vprev);  // tile j-1 is never the short one
+            ptx::wgmma_commit();
+            ptx::wgmma_wait<1>();  // S_j (P_{j-1} V_{j-1} may still run)
+            ptx::wgmma_fence_operand(s);
+            float alpha[2];
+            flash::softmax_tile<NTT>(reinterpret_cast<float(&)[NTT][4]>(s), rows, k0, t, Nq, Nk, causal, has_mask,
+                                     key_mask, b, brow, scale, m_run, l_run, alpha);
+            ptx::wgmma_wait<0>();
+            ptx::wgmma_fence_operand(o);
+            ptx::wgmma_fence_operand(pa);
+#pragma unroll
+            for (int i = 0; i < DH / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
+            pack_p<BKT>(s, pa);
+        };
+        if (j + 1 == tiles && short_last)
+            tile_step(std::integral_constant<int, BK / 2>{});
+        else
+            tile_step(std::integral_constant<int, BK>{});
+        __syncthreads();  // K_j and V_{j-1} are read: their stages may be refilled
+    }
+    if (tiles > 0) {  // the last tile's P V (its V stays in place: no copy follows)
+        const unsigned char* Vlast = Vs + ((tiles - 1) % 3) * TILE;
+        ptx::wgmma_fence_operand(o);
+        ptx::wgmma_fence();
+        if (short_last)
+            issue_pv<DH, BK / 2, BK>(o, pa, Vlast);
+        else
+            issue_pv<DH, BK, BK>(o, pa, Vlast);
+        ptx::wgmma_commit();
+        ptx::wgmma_wait<0>();
+        ptx::wgmma_fence_operand(o);
+        ptx::wgmma_fence_operand(pa);
+    } else {
+        ptx::cp_async_wait<0>();  // (Q's copies; no key is visible to the block)
+    }
+    store_out<DH>(o, l_run, m_run, rows, Nq, H, h, b, t, out, lse);
 #else
     __trap();
 #endif
@@ -210,6 +371,16 @@ __device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const
     }
 WGMMA_FWD(64)
 WGMMA_FWD(128)
+
+#define WGMMA_FWD_OVL(DH)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                                          \
+        attn_fwd_wgmma_ovl_d##DH##_bf16(const bf16* q, const bf16* k, const bf16* v, const float* key_mask,       \
+                                        const float* bias, bf16* out, float* lse, int Nq, int Nk, int H,           \
+                                        int bias_batch, int has_mask, int causal, float scale) {                   \
+        attn_fwd_wgmma_ovl<DH>(q, k, v, key_mask, bias, out, lse, Nq, Nk, H, bias_batch, has_mask, causal, scale); \
+    }
+WGMMA_FWD_OVL(64)
+WGMMA_FWD_OVL(128)
 
 // ---- Backward -----------------------------------------------------------------------------
 // attn_bwd_wgmma_d<Dh>_bf16 (Dh 64 or 128): the inputs and outputs of attn_bwd_mma_d<Dh>_bf16

@@ -381,7 +381,13 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
         let mma_kernels: &[AttentionKernel] = if device == Device::Cpu {
             &[]
         } else {
-            &[AttentionKernel::Mma, AttentionKernel::Mma128, AttentionKernel::MmaRows32, AttentionKernel::Wgmma]
+            &[
+                AttentionKernel::Mma,
+                AttentionKernel::Mma128,
+                AttentionKernel::MmaRows32,
+                AttentionKernel::Wgmma,
+                AttentionKernel::WgmmaOverlap,
+            ]
         };
         for &kernel in mma_kernels {
             let (q2, k2, v2) = (q.clone(), k.clone(), vv.clone());

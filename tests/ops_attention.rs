@@ -387,8 +387,9 @@ fn gpu_mma_kernels_match_cpu() {
     }
 }
 
-/// The wgmma kernels (`SYNTHOS_CUDA_ATTENTION=wgmma|wgmma-det`, compute capability 9.0
-/// only; other GPUs take the mma ones), forward and backward, against the CPU at their
+/// The wgmma kernels (`SYNTHOS_CUDA_ATTENTION=wgmma|wgmma-det|wgmma-ovl`, compute
+/// capability 9.0 only; other GPUs take the mma ones), forward and backward, against the
+/// CPU at their
 /// head dims, with masks, causal masking, biases and their gradients, partial tiles,
 /// blocks whose second warpgroup has no query row or no key, and the Wan shapes (1560
 /// tokens, and 769 keys of cross-attention).
@@ -397,7 +398,7 @@ fn gpu_wgmma_kernels_match_cpu() {
     use synthos_engine::cuda::attention::{with_attention_kernel, AttentionKernel};
     let Some(dev) = gpu() else { return };
     let mut rng = Rng::new(26);
-    for kernel in [AttentionKernel::Wgmma, AttentionKernel::WgmmaDeterministic] {
+    for kernel in [AttentionKernel::Wgmma, AttentionKernel::WgmmaDeterministic, AttentionKernel::WgmmaOverlap] {
         with_attention_kernel(kernel, || {
             for dh in [64, 128] {
                 let cases = [

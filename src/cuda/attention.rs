@@ -6,8 +6,9 @@
 //! Three kinds of kernels exist (see [`AttentionKernel`]): the WMMA ones, the default, the
 //! mma.sync ones with register-resident scores, and wgmma ones for sm_90 (Hopper); the
 //! newer ones become the default once a GPU run has shown them correct and faster
-//! (docs/PERF.md). `SYNTHOS_CUDA_ATTENTION=wmma|mma|mma128|mma-r32|mma-det|wgmma|wgmma-det`
-//! picks a set for a process, [`with_attention_kernel`] for a closure on one thread.
+//! (docs/PERF.md). `SYNTHOS_CUDA_ATTENTION=wmma|mma|mma128|mma-r32|mma-det|wgmma|wgmma-det|
+//! wgmma-ovl` picks a set for a process, [`with_attention_kernel`] for a closure on one
+//! thread.
 
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
@@ -72,6 +73,10 @@ pub enum AttentionKernel {
     /// (128 query rows per block, key tiles of 64), no atomics (elsewhere as
     /// [`AttentionKernel::MmaDeterministic`]).
     WgmmaDeterministic,
+    /// As [`AttentionKernel::Wgmma`], with the forward's `attn_fwd_wgmma_ovl_d<Dh>_bf16`:
+    /// each warpgroup runs the softmax of key tile j while the products of tile j-1's P·V
+    /// are in flight (three V stages; 1536·Dh + 1024 bytes of shared memory).
+    WgmmaOverlap,
 }
 
 impl AttentionKernel {
@@ -85,11 +90,12 @@ impl AttentionKernel {
             AttentionKernel::MmaDeterministic => "mma-det",
             AttentionKernel::Wgmma => "wgmma",
             AttentionKernel::WgmmaDeterministic => "wgmma-det",
+            AttentionKernel::WgmmaOverlap => "wgmma-ovl",
         }
     }
 
     /// Every set (the first is the default).
-    pub const ALL: [AttentionKernel; 7] = [
+    pub const ALL: [AttentionKernel; 8] = [
         AttentionKernel::Wmma,
         AttentionKernel::Mma,
         AttentionKernel::Mma128,
@@ -97,6 +103,7 @@ impl AttentionKernel {
         AttentionKernel::MmaDeterministic,
         AttentionKernel::Wgmma,
         AttentionKernel::WgmmaDeterministic,
+        AttentionKernel::WgmmaOverlap,
     ];
 
     /// True for the set whose backward uses no atomics.
@@ -107,7 +114,7 @@ impl AttentionKernel {
     /// True when this set runs its wgmma kernels for `head_dim` on `dev`: a wgmma set, head
     /// dim 64 or 128, compute capability 9.0 (the sm_90a code).
     fn hopper(self, head_dim: usize, dev: &CudaDevice) -> Result<bool> {
-        Ok(matches!(self, AttentionKernel::Wgmma | AttentionKernel::WgmmaDeterministic)
+        Ok(matches!(self, AttentionKernel::Wgmma | AttentionKernel::WgmmaDeterministic | AttentionKernel::WgmmaOverlap)
             && WGMMA_HEAD_DIMS.contains(&head_dim)
             && dev.compute_capability()? == (9, 0))
     }
@@ -120,7 +127,8 @@ impl AttentionKernel {
             AttentionKernel::Mma
             | AttentionKernel::MmaDeterministic
             | AttentionKernel::Wgmma
-            | AttentionKernel::WgmmaDeterministic => (4, 1, 64),
+            | AttentionKernel::WgmmaDeterministic
+            | AttentionKernel::WgmmaOverlap => (4, 1, 64),
             AttentionKernel::Mma128 if wide => (8, 1, 64),
             AttentionKernel::MmaRows32 if wide => (4, 2, 32),
             AttentionKernel::Mma128 | AttentionKernel::MmaRows32 => (4, 1, 64),
@@ -186,6 +194,13 @@ const WGMMA_THREADS: u32 = 256;
 /// two stages of K and V 128 rows, Dh bf16 each, and 1024 bytes to align the tiles).
 fn wgmma_fwd_smem_bytes(head_dim: usize) -> usize {
     1280 * head_dim + 1024
+}
+
+/// Dynamic shared memory of the overlapped wgmma forward (mirrors `WgFwdOvl<DH>::BYTES`: Q
+/// 128 rows, two stages of K and three of V 128 rows, Dh bf16 each, and 1024 bytes to align
+/// the tiles).
+fn wgmma_fwd_ovl_smem_bytes(head_dim: usize) -> usize {
+    1536 * head_dim + 1024
 }
 
 /// Keys per block (and threads) of the wgmma backward kernels (`WgBwd::BK`, `THREADS`).
@@ -313,6 +328,13 @@ pub fn forward(p: &AttentionParams, x: &AttentionInputs<CudaStorage>) -> Result<
     let kernel = attention_kernel()?;
     let hopper = kernel.hopper(p.head_dim, dev)?;
     let (module, name, smem, rows, threads) = match kernel.mma_forward(p.head_dim) {
+        _ if hopper && kernel == AttentionKernel::WgmmaOverlap => (
+            "attention_wgmma",
+            kernel_name(&format!("attn_fwd_wgmma_ovl_d{}", p.head_dim), DType::BF16),
+            wgmma_fwd_ovl_smem_bytes(p.head_dim),
+            WGMMA_QUERIES,
+            WGMMA_THREADS,
+        ),
         _ if hopper => (
             "attention_wgmma",
             kernel_name(&format!("attn_fwd_wgmma_d{}", p.head_dim), DType::BF16),

@@ -1,5 +1,6 @@
 // kernels/attention_wgmma.cu under emulation, launched as src/cuda/attention.rs does:
-// the wgmma forward's output and row log-sum-exp, then the wgmma backward (attn_bwd_dot of
+// the wgmma forwards' output and row log-sum-exp (the plain one and the one that overlaps
+// its softmax with its products), then the wgmma backward (attn_bwd_dot of
 // attention.cu for D, the wgmma backward, the cast of the f32 dq accumulator) and the
 // deterministic pair (the wgmma dK/dV and dq kernels, no atomics), for both head dims
 // against the double-precision reference, with key masks (a batch whose keys are all hidden, a query
@@ -73,6 +74,17 @@ Fwd kernel(size_t head_dim) {
     }
 }
 
+// The forward with the softmax overlapped with the products (`wgmma_fwd_ovl_smem_bytes`).
+unsigned ovl_smem_bytes(size_t head_dim) { return (unsigned)(1536 * head_dim + 1024); }
+
+Fwd ovl_kernel(size_t head_dim) {
+    switch (head_dim) {
+        case 64: return EMU_KERNEL(attn_fwd_wgmma_ovl_d64_bf16);
+        case 128: return EMU_KERNEL(attn_fwd_wgmma_ovl_d128_bf16);
+        default: emu::fail("no overlapped wgmma attention kernel for head dim %zu", head_dim);
+    }
+}
+
 void run(const Config& c, uint64_t seed) {
     const size_t B = c.batch, Nq = c.q_len, Nk = c.kv_len, H = c.heads, D = c.head_dim;
     const Inputs x = draw(c, seed);
@@ -86,13 +98,22 @@ void run(const Config& c, uint64_t seed) {
     DeviceArray<bf16> out(B * Nq * H * D);
     DeviceArray<float> lse(B * H * Nq);
     const emu::LaunchConfig cfg{dim3((unsigned)ceil_div(Nq, 128), (unsigned)H, (unsigned)B), dim3(256),
-                                smem_bytes(D)};
+                                smem_bytes(D), true};
     emu::launch(cfg, kernel(D), dq.ptr(), dk.ptr(), dv.ptr(), mask_ptr, bias_ptr, out.ptr(), lse.ptr(), (int)Nq,
                 (int)Nk, (int)H, (int)c.bias_batch, (int)!x.mask.empty(), (int)c.causal, x.scale);
 
     const std::string name = attention_ref::name(c);
     check(report, "wgmma forward " + name + ": out", out.download(), ref.out, 6e-3);
     report.close("wgmma forward " + name + ": lse", lse.download(), ref.lse, 1e-4, 1e-5);
+    {
+        DeviceArray<bf16> out2(B * Nq * H * D);
+        DeviceArray<float> lse2(B * H * Nq);
+        const emu::LaunchConfig ocfg{cfg.grid, cfg.block, ovl_smem_bytes(D), true};
+        emu::launch(ocfg, ovl_kernel(D), dq.ptr(), dk.ptr(), dv.ptr(), mask_ptr, bias_ptr, out2.ptr(), lse2.ptr(),
+                    (int)Nq, (int)Nk, (int)H, (int)c.bias_batch, (int)!x.mask.empty(), (int)c.causal, x.scale);
+        check(report, "overlapped wgmma forward " + name + ": out", out2.download(), ref.out, 6e-3);
+        report.close("overlapped wgmma forward " + name + ": lse", lse2.download(), ref.lse, 1e-4, 1e-5);
+    }
 
     const size_t rows = B * Nq * H;
     DeviceArray<bf16> dg(x.dout);
@@ -107,7 +128,7 @@ void run(const Config& c, uint64_t seed) {
     dbias_dummy.zero();
     DeviceArray<bf16> dkg(B * Nk * H * D), dvg(B * Nk * H * D);
     const emu::LaunchConfig bcfg{dim3((unsigned)ceil_div(Nk, 128), (unsigned)H, (unsigned)B), dim3(256),
-                                 bwd_smem_bytes(D)};
+                                 bwd_smem_bytes(D), true};
     emu::launch(bcfg, backward_kernel(D), dq.ptr(), dk.ptr(), dv.ptr(), dg.ptr(), lse.ptr(), drow.ptr(), mask_ptr,
                 bias_ptr, dq32.ptr(), dkg.ptr(), dvg.ptr(), c.want_dbias ? dbias_out.ptr() : dbias_dummy.ptr(),
                 (int)Nq, (int)Nk, (int)H, (int)c.bias_batch, (int)!x.mask.empty(), (int)c.causal, (int)c.want_dbias,
@@ -128,7 +149,7 @@ void run(const Config& c, uint64_t seed) {
                 (int)c.causal, x.scale);
     DeviceArray<float> dbias_full(c.want_dbias ? B * H * Nq * Nk : 1);
     const emu::LaunchConfig qcfg{dim3((unsigned)ceil_div(Nq, 128), (unsigned)H, (unsigned)B), dim3(256),
-                                 dq_smem_bytes(D)};
+                                 dq_smem_bytes(D), true};
     emu::launch(qcfg, dq_kernel(D), dq.ptr(), dk.ptr(), dv.ptr(), dg.ptr(), lse.ptr(), drow.ptr(), mask_ptr, bias_ptr,
                 dq2.ptr(), c.want_dbias ? dbias_full.ptr() : dbias_dummy.ptr(), (int)Nq, (int)Nk, (int)H,
                 (int)c.bias_batch, (int)!x.mask.empty(), (int)c.causal, (int)c.want_dbias, x.scale);

@@ -109,8 +109,9 @@ namespace emu {
 using Loc = std::source_location;
 
 constexpr unsigned kMaxBlockThreads = 1024;
-// Largest dynamic shared memory per block (sm_80, after opting in: 163 KB).
+// Largest dynamic shared memory per block after opting in: sm_80 163 KB, sm_90 227 KB.
 constexpr unsigned kMaxDynamicSmem = 166912;
+constexpr unsigned kMaxDynamicSmemSm90 = 232448;
 
 struct Warp;
 struct Fiber;
@@ -666,6 +667,7 @@ struct LaunchConfig {
     dim3 grid;
     dim3 block;
     unsigned shared_mem_bytes = 0;
+    bool sm90 = false;  // a kernel built for sm_90a only: Hopper's shared-memory limit
 };
 
 inline void check_config(const LaunchConfig& c) {
@@ -675,9 +677,10 @@ inline void check_config(const LaunchConfig& c) {
         fail("invalid block (%u,%u,%u): 1 to 1024 threads, at most (1024,1024,64)", b.x, b.y, b.z);
     if (g.x == 0 || g.x > 0x7fffffffu || g.y == 0 || g.y > 65535 || g.z == 0 || g.z > 65535)
         fail("invalid grid (%u,%u,%u): x in 1..2^31-1, y and z in 1..65535", g.x, g.y, g.z);
-    if (c.shared_mem_bytes > kMaxDynamicSmem)
-        fail("%u bytes of dynamic shared memory: sm_80 allows at most %u per block", c.shared_mem_bytes,
-             kMaxDynamicSmem);
+    const unsigned limit = c.sm90 ? kMaxDynamicSmemSm90 : kMaxDynamicSmem;
+    if (c.shared_mem_bytes > limit)
+        fail("%u bytes of dynamic shared memory: %s allows at most %u per block", c.shared_mem_bytes,
+             c.sm90 ? "sm_90" : "sm_80", limit);
 }
 
 // Runs body(arg) once per CUDA thread of the grid.
