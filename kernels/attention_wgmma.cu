@@ -30,18 +30,23 @@
 
 namespace {
 
-template <int DH>
+// The forwards' layout: Q 128 rows, K two stages and V VS stages of 128 rows (VS = 2, or
+// 3 for the overlapped forward, whose P V of tile j-1 reads V while tile j+1 loads).
+template <int DH, bool OVERLAP>
 struct WgFwd {
     static constexpr int THREADS = 256;
     static constexpr int BQ = 128;  // query rows per block
     static constexpr int BK = 128;  // keys per tile
-    static constexpr int Q = 0;     // byte offsets from the aligned base
+    static constexpr int VS = OVERLAP ? 3 : 2;
+    static constexpr int TILE = BK * DH * 2;
+    static constexpr int Q = 0;  // byte offsets from the aligned base
     static constexpr int K = Q + BQ * DH * 2;
-    static constexpr int V = K + 2 * BK * DH * 2;
-    static constexpr int BYTES = V + 2 * BK * DH * 2 + 1024;  // + the alignment slack
+    static constexpr int V = K + 2 * TILE;
+    static constexpr int BYTES = V + VS * TILE + 1024;  // + the alignment slack
     static_assert(DH == 64 || DH == 128, "head dim 64 or 128");
-    // The host computes the same size (cuda/attention.rs, wgmma_fwd_smem_bytes).
-    static_assert(BYTES == 1280 * DH + 1024, "shared-memory size changed: update the host");
+    // The host computes the same sizes (cuda/attention.rs, wgmma_fwd_smem_bytes and
+    // wgmma_fwd_ovl_smem_bytes).
+    static_assert(BYTES == (OVERLAP ? 1536 : 1280) * DH + 1024, "shared-memory size changed: update the host");
 };
 
 // Issues cp.async copies of tokens row0 .. row0+ROWS-1 of head h, batch b of a
@@ -118,15 +123,22 @@ __device__ __forceinline__ void store_out(const float (&o)[DH / 2], float (&l_ru
     }
 }
 
-template <int DH>
+// OVERLAP (attn_fwd_wgmma_ovl_d<Dh>_bf16): the same forward with each warpgroup's softmax
+// overlapped with its tensor-core work, as FlashAttention-3 does within a warpgroup: per
+// tile j it issues S_j = Q K_j^T and O += P_{j-1} V_{j-1}, waits for S_j only, runs the
+// softmax of tile j while P_{j-1} V_{j-1} is in flight, then waits for it, rescales O and
+// keeps P_j packed for the next tile; the last P V runs after the loop. V_{j-1} is read
+// while tile j+1 loads, so V has three stages: 1536 Dh + 1024 bytes of shared memory
+// (Dh 64: 99328, 128: 197632).
+template <int DH, bool OVERLAP>
 __device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                const bf16* __restrict__ v, const float* __restrict__ key_mask,
                                                const float* __restrict__ bias, bf16* __restrict__ out,
                                                float* __restrict__ lse, int Nq, int Nk, int H, int bias_batch,
                                                int has_mask, int causal, float scale) {
 #if defined(SYNTHOS_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    using L = WgFwd<DH>;
-    constexpr int BQ = L::BQ, BK = L::BK;
+    using L = WgFwd<DH, OVERLAP>;
+    constexpr int BQ = L::BQ, BK = L::BK, TILE = L::TILE;
     DYNAMIC_SMEM(smem_raw);
     if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
     // The swizzle is a function of absolute shared-window addresses, repeating every 1024
@@ -149,6 +161,10 @@ __device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const
 
     const int k_end = causal ? min(Nk, q0 + BQ) : Nk;
     const int tiles = (k_end + BK - 1) / BK;
+    // A last tile of at most 64 keys runs as a 64-key tile: half the products where Nk
+    // leaves a short remainder (e.g. the 769-key cross-attention).
+    const bool short_last = tiles > 0 && k_end - (tiles - 1) * BK <= BK / 2;
+    const auto v_stage = [](int j) { return OVERLAP ? j % 3 : j & 1; };
 
     issue_tile_sw128<DH, BQ, L::THREADS>(Qs, q, b, q0, Nq, H, h);
     if (tiles > 0) {
@@ -167,141 +183,17 @@ __device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const
     for (int i = 0; i < DH / 2; ++i) o[i] = 0.f;
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
     // This warpgroup's 64 rows of Q: panel kk / 4, 32 bytes per 16 head dims within it.
-    unsigned char* q_rows = Qs + wg * 64 * 128;
-
-    for (int j = 0; j < tiles; ++j) {
-        const int stage = j & 1, k0 = j * BK;
-        if (j + 1 < tiles) {  // tile j+1 into the other stage (free since the barrier ending j-1)
-            issue_tile_sw128<DH, BK, L::THREADS>(Ks + (stage ^ 1) * BK * DH * 2, k, b, k0 + BK, Nk, H, h);
-            issue_tile_sw128<DH, BK, L::THREADS>(Vs + (stage ^ 1) * BK * DH * 2, v, b, k0 + BK, Nk, H, h);
-            ptx::cp_async_commit();
-            ptx::cp_async_wait<1>();
-        } else {
-            ptx::cp_async_wait<0>();
-        }
-        ptx::fence_proxy_async();  // this thread's copies, visible to the tensor cores
-        __syncthreads();           // ... and every other thread's: tile j (and Q) is in place
-        unsigned char* Kt = Ks + stage * BK * DH * 2;
-        unsigned char* Vt = Vs + stage * BK * DH * 2;
-
-        // One tile of BKT keys (128, or 64 for a last tile of at most 64 keys: half the
-        // products where Nk leaves a short remainder, e.g. the 769-key cross-attention).
-        auto tile_step = [&](auto keys) {
-            constexpr int BKT = decltype(keys)::value, NTT = BKT / 8;
-            float s[BKT / 2];
-            ptx::wgmma_fence();
-            issue_qk<DH, BKT, BQ, BK>(s, q_rows, Kt);
-            ptx::wgmma_commit();
-            ptx::wgmma_wait<0>();
-            ptx::wgmma_fence_operand(s);
-
-            float alpha[2];
-            flash::softmax_tile<NTT>(reinterpret_cast<float(&)[NTT][4]>(s), rows, k0, t, Nq, Nk, causal, has_mask,
-                                     key_mask, b, brow, scale, m_run, l_run, alpha);
-#pragma unroll
-            for (int i = 0; i < DH / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
-
-            // O += P V over the tile's keys. Every slice is packed before the fence, so that
-            // one fence covers all the products (packing between them would make the
-            // compiler fence each one).
-            uint32_t pa[BKT / 16][4];
-            pack_p<BKT>(s, pa);
-            ptx::wgmma_fence_operand(o);
-            ptx::wgmma_fence();
-            issue_pv<DH, BKT, BK>(o, pa, Vt);
-            ptx::wgmma_commit();
-            ptx::wgmma_wait<0>();
-            ptx::wgmma_fence_operand(o);
-        };
-        if (j + 1 == tiles && k_end - k0 <= BK / 2)
-            tile_step(std::integral_constant<int, BK / 2>{});
-        else
-            tile_step(std::integral_constant<int, BK>{});
-        __syncthreads();  // every warpgroup is done with this stage before it is refilled
-    }
-    if (tiles == 0) ptx::cp_async_wait<0>();  // (Q's copies; no key is visible to the block)
-    store_out<DH>(o, l_run, m_run, rows, Nq, H, h, b, t, out, lse);
-#else
-    __trap();
-#endif
-}
-
-// attn_fwd_wgmma_ovl_d<Dh>_bf16: the same forward (inputs, outputs, grid, 256 threads, 128
-// query rows and key tiles of 128, the short last tile) with each warpgroup's softmax
-// overlapped with its tensor-core work, as FlashAttention-3 does within a warpgroup: per
-// tile j it issues S_j = Q K_j^T and O += P_{j-1} V_{j-1}, waits for S_j only, runs the
-// softmax of tile j while P_{j-1} V_{j-1} is in flight, then waits for it, rescales O and
-// keeps P_j packed for the next tile; the last P V runs after the loop. V_{j-1} is read
-// while tile j+1 loads, so V has three stages (K two): shared memory Q 128 rows, K 2 x 128,
-// V 3 x 128 rows, Dh bf16 each, + 1024: 1536 Dh + 1024 bytes (Dh 64: 99328, 128: 197632).
-template <int DH>
-struct WgFwdOvl {
-    static constexpr int THREADS = 256;
-    static constexpr int BQ = 128;  // query rows per block
-    static constexpr int BK = 128;  // keys per tile
-    static constexpr int Q = 0;     // byte offsets from the aligned base
-    static constexpr int K = Q + BQ * DH * 2;
-    static constexpr int V = K + 2 * BK * DH * 2;
-    static constexpr int BYTES = V + 3 * BK * DH * 2 + 1024;  // + the alignment slack
-    static_assert(DH == 64 || DH == 128, "head dim 64 or 128");
-    // The host computes the same size (cuda/attention.rs, wgmma_fwd_ovl_smem_bytes).
-    static_assert(BYTES == 1536 * DH + 1024, "shared-memory size changed: update the host");
-};
-
-template <int DH>
-__device__ __forceinline__ void attn_fwd_wgmma_ovl(const bf16* __restrict__ q, const bf16* __restrict__ k,
-                                                   const bf16* __restrict__ v, const float* __restrict__ key_mask,
-                                                   const float* __restrict__ bias, bf16* __restrict__ out,
-                                                   float* __restrict__ lse, int Nq, int Nk, int H, int bias_batch,
-                                                   int has_mask, int causal, float scale) {
-#if defined(SYNTHOS_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    using L = WgFwdOvl<DH>;
-    constexpr int BQ = L::BQ, BK = L::BK, TILE = BK * DH * 2;
-    DYNAMIC_SMEM(smem_raw);
-    if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
-    unsigned char* smem = smem_raw + ((1024u - (ptx::smem_addr(smem_raw) & 1023u)) & 1023u);
-    unsigned char* Qs = smem + L::Q;
-    unsigned char* Ks = smem + L::K;
-    unsigned char* Vs = smem + L::V;
-
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp within it
-    const int t = lane & 3;
-    const int q0 = blockIdx.x * BQ;
-    const int h = blockIdx.y;
-    const int64_t b = blockIdx.z;
-    int rows[2];
-    rows[0] = q0 + wg * 64 + wq * 16 + (lane >> 2);
-    rows[1] = rows[0] + 8;
-
-    const int k_end = causal ? min(Nk, q0 + BQ) : Nk;
-    const int tiles = (k_end + BK - 1) / BK;
-    // Tile j's keys: a last tile of at most 64 keys is a 64-key tile (see attn_fwd_wgmma).
-    const bool short_last = tiles > 0 && k_end - (tiles - 1) * BK <= BK / 2;
-
-    issue_tile_sw128<DH, BQ, L::THREADS>(Qs, q, b, q0, Nq, H, h);
-    if (tiles > 0) {
-        issue_tile_sw128<DH, BK, L::THREADS>(Ks, k, b, 0, Nk, H, h);
-        issue_tile_sw128<DH, BK, L::THREADS>(Vs, v, b, 0, Nk, H, h);
-    }
-    ptx::cp_async_commit();
-
-    const float* brow[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) brow[r] = flash::bias_row(bias, bias_batch, b, H, h, Nq, Nk, rows[r]);
-
-    float o[DH / 2];
-#pragma unroll
-    for (int i = 0; i < DH / 2; ++i) o[i] = 0.f;
-    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
     const unsigned char* q_rows = Qs + wg * 64 * 128;
-    uint32_t pa[BK / 16][4];  // P of the previous tile, packed
+    uint32_t pa[BK / 16][4];  // P packed (OVERLAP: the previous tile's, kept across the loop)
 
     for (int j = 0; j < tiles; ++j) {
         const int k0 = j * BK;
-        if (j + 1 < tiles) {  // tile j+1: K into stage (j+1) % 2, V into (j+1) % 3, both free
+        // Tile j+1 into K stage (j+1) % 2 and its V stage, both free since the barrier
+        // ending tile j-1 (plain: their last reader was tile j-1; OVERLAP: K_{j-1}, and
+        // V_{j-2}, whose P V ran in tile j-1).
+        if (j + 1 < tiles) {
             issue_tile_sw128<DH, BK, L::THREADS>(Ks + ((j + 1) & 1) * TILE, k, b, k0 + BK, Nk, H, h);
-            issue_tile_sw128<DH, BK, L::THREADS>(Vs + ((j + 1) % 3) * TILE, v, b, k0 + BK, Nk, H, h);
+            issue_tile_sw128<DH, BK, L::THREADS>(Vs + v_stage(j + 1) * TILE, v, b, k0 + BK, Nk, H, h);
             ptx::cp_async_commit();
             ptx::cp_async_wait<1>();
         } else {
@@ -310,50 +202,73 @@ __device__ __forceinline__ void attn_fwd_wgmma_ovl(const bf16* __restrict__ q, c
         ptx::fence_proxy_async();  // this thread's copies, visible to the tensor cores
         __syncthreads();           // ... and every other thread's: tile j (and Q) is in place
         const unsigned char* Kt = Ks + (j & 1) * TILE;
-        const unsigned char* Vprev = Vs + ((j + 2) % 3) * TILE;  // V of tile j-1
 
+        // One tile of BKT keys (128, or 64 for the short last tile).
         auto tile_step = [&](auto keys) {
             constexpr int BKT = decltype(keys)::value, NTT = BKT / 8;
             float s[BKT / 2];
-            ptx::wgmma_fence_operand(o);
-            ptx::wgmma_fence();
-            issue_qk<DH, BKT, BQ, BK>(s, q_rows, Kt);
-            ptx::wgmma_commit();
-            if (j > 0) issue_pv<DH, BK, BK>(o, pa, Vprev);  // tile j-1 is never the short one
-            ptx::wgmma_commit();
-            ptx::wgmma_wait<1>();  // S_j (P_{j-1} V_{j-1} may still run)
-            ptx::wgmma_fence_operand(s);
             float alpha[2];
-            flash::softmax_tile<NTT>(reinterpret_cast<float(&)[NTT][4]>(s), rows, k0, t, Nq, Nk, causal, has_mask,
-                                     key_mask, b, brow, scale, m_run, l_run, alpha);
-            ptx::wgmma_wait<0>();
-            ptx::wgmma_fence_operand(o);
-            ptx::wgmma_fence_operand(pa);
+            if constexpr (!OVERLAP) {
+                ptx::wgmma_fence();
+                issue_qk<DH, BKT, BQ, BK>(s, q_rows, Kt);
+                ptx::wgmma_commit();
+                ptx::wgmma_wait<0>();
+                ptx::wgmma_fence_operand(s);
+                flash::softmax_tile<NTT>(reinterpret_cast<float(&)[NTT][4]>(s), rows, k0, t, Nq, Nk, causal,
+                                         has_mask, key_mask, b, brow, scale, m_run, l_run, alpha);
 #pragma unroll
-            for (int i = 0; i < DH / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
-            pack_p<BKT>(s, pa);
+                for (int i = 0; i < DH / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
+                // O += P V over the tile's keys. Every slice is packed before the fence, so
+                // that one fence covers all the products (packing between them would make
+                // the compiler fence each one).
+                pack_p<BKT>(s, pa);
+                ptx::wgmma_fence_operand(o);
+                ptx::wgmma_fence();
+                issue_pv<DH, BKT, BK>(o, pa, Vs + v_stage(j) * TILE);
+                ptx::wgmma_commit();
+                ptx::wgmma_wait<0>();
+                ptx::wgmma_fence_operand(o);
+            } else {
+                ptx::wgmma_fence_operand(o);
+                ptx::wgmma_fence();
+                issue_qk<DH, BKT, BQ, BK>(s, q_rows, Kt);
+                ptx::wgmma_commit();
+                if (j > 0) issue_pv<DH, BK, BK>(o, pa, Vs + v_stage(j - 1) * TILE);  // (never the short tile)
+                ptx::wgmma_commit();
+                ptx::wgmma_wait<1>();  // S_j (P_{j-1} V_{j-1} may still run)
+                ptx::wgmma_fence_operand(s);
+                flash::softmax_tile<NTT>(reinterpret_cast<float(&)[NTT][4]>(s), rows, k0, t, Nq, Nk, causal,
+                                         has_mask, key_mask, b, brow, scale, m_run, l_run, alpha);
+                ptx::wgmma_wait<0>();
+                ptx::wgmma_fence_operand(o);
+                ptx::wgmma_fence_operand(pa);
+#pragma unroll
+                for (int i = 0; i < DH / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
+                pack_p<BKT>(s, pa);
+            }
         };
         if (j + 1 == tiles && short_last)
             tile_step(std::integral_constant<int, BK / 2>{});
         else
             tile_step(std::integral_constant<int, BK>{});
-        __syncthreads();  // K_j and V_{j-1} are read: their stages may be refilled
+        __syncthreads();  // every warpgroup is done with these stages before they are refilled
     }
-    if (tiles > 0) {  // the last tile's P V (its V stays in place: no copy follows)
-        const unsigned char* Vlast = Vs + ((tiles - 1) % 3) * TILE;
-        ptx::wgmma_fence_operand(o);
-        ptx::wgmma_fence();
-        if (short_last)
-            issue_pv<DH, BK / 2, BK>(o, pa, Vlast);
-        else
-            issue_pv<DH, BK, BK>(o, pa, Vlast);
-        ptx::wgmma_commit();
-        ptx::wgmma_wait<0>();
-        ptx::wgmma_fence_operand(o);
-        ptx::wgmma_fence_operand(pa);
-    } else {
-        ptx::cp_async_wait<0>();  // (Q's copies; no key is visible to the block)
+    if constexpr (OVERLAP) {
+        if (tiles > 0) {  // the last tile's P V (its V stays in place: no copy follows)
+            const unsigned char* Vlast = Vs + v_stage(tiles - 1) * TILE;
+            ptx::wgmma_fence_operand(o);
+            ptx::wgmma_fence();
+            if (short_last)
+                issue_pv<DH, BK / 2, BK>(o, pa, Vlast);
+            else
+                issue_pv<DH, BK, BK>(o, pa, Vlast);
+            ptx::wgmma_commit();
+            ptx::wgmma_wait<0>();
+            ptx::wgmma_fence_operand(o);
+            ptx::wgmma_fence_operand(pa);
+        }
     }
+    if (tiles == 0) ptx::cp_async_wait<0>();  // (Q's copies; no key is visible to the block)
     store_out<DH>(o, l_run, m_run, rows, Nq, H, h, b, t, out, lse);
 #else
     __trap();
@@ -367,7 +282,8 @@ __device__ __forceinline__ void attn_fwd_wgmma_ovl(const bf16* __restrict__ q, c
         attn_fwd_wgmma_d##DH##_bf16(const bf16* q, const bf16* k, const bf16* v, const float* key_mask,           \
                                     const float* bias, bf16* out, float* lse, int Nq, int Nk, int H,               \
                                     int bias_batch, int has_mask, int causal, float scale) {                       \
-        attn_fwd_wgmma<DH>(q, k, v, key_mask, bias, out, lse, Nq, Nk, H, bias_batch, has_mask, causal, scale);     \
+        attn_fwd_wgmma<DH, false>(q, k, v, key_mask, bias, out, lse, Nq, Nk, H, bias_batch, has_mask, causal,      \
+                                  scale);                                                                         \
     }
 WGMMA_FWD(64)
 WGMMA_FWD(128)
@@ -377,7 +293,8 @@ WGMMA_FWD(128)
         attn_fwd_wgmma_ovl_d##DH##_bf16(const bf16* q, const bf16* k, const bf16* v, const float* key_mask,       \
                                         const float* bias, bf16* out, float* lse, int Nq, int Nk, int H,           \
                                         int bias_batch, int has_mask, int causal, float scale) {                   \
-        attn_fwd_wgmma_ovl<DH>(q, k, v, key_mask, bias, out, lse, Nq, Nk, H, bias_batch, has_mask, causal, scale); \
+        attn_fwd_wgmma<DH, true>(q, k, v, key_mask, bias, out, lse, Nq, Nk, H, bias_batch, has_mask, causal,       \
+                                 scale);                                                                          \
     }
 WGMMA_FWD_OVL(64)
 WGMMA_FWD_OVL(128)

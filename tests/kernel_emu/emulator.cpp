@@ -2,8 +2,9 @@
 // barriers, deadlocks, partial-warp collectives, misaligned WMMA pointers, ldmatrix rows
 // that are misaligned or outside shared memory, cp.async copies never waited for, cp.async
 // and ldmatrix on the same rows from different warps with no barrier between them,
-// shared-memory overruns, bad launch shapes, wgmma without its fence, wait or proxy fence
-// (after cp.async and after plain stores),
+// a read of rows whose cp.async is still in flight (after a barrier, before the copier's
+// wait), shared-memory overruns, bad launch shapes, wgmma without its fence, wait or proxy
+// fence (after cp.async and after plain stores),
 // a wgmma operand rewritten in flight, wgmma outside whole warpgroups) must be reported,
 // never silently computed. Each case runs in a child process whose exit status and error
 // output are checked. And the PTX emulation's layouts agree with each other: a 16x16x16
@@ -117,6 +118,21 @@ __global__ void read_before_barrier(float* out) {
         ptx::cp_async_wait<0>();
     }
     if (threadIdx.x >= 32) ptx::ldmatrix_x4(r, smem + 16 * (threadIdx.x % 32));
+    out[threadIdx.x] = (float)r[0];
+}
+
+// Warp 1 reads rows after a barrier, but warp 0 waits for its copy into them only later:
+// the copy is still in flight (a pipeline one stage too shallow does this).
+__global__ void read_inflight_copy(float* out) {
+    unsigned char* smem = emu::dynamic_smem();
+    uint32_t r[4] = {0, 0, 0, 0};
+    if (threadIdx.x < 32) {
+        ptx::cp_async_16(smem + 16 * threadIdx.x, out + 4 * threadIdx.x, true);
+        ptx::cp_async_commit();
+    }
+    __syncthreads();
+    if (threadIdx.x >= 32) ptx::ldmatrix_x4(r, smem + 16 * (threadIdx.x % 32));
+    if (threadIdx.x < 32) ptx::cp_async_wait<0>();
     out[threadIdx.x] = (float)r[0];
 }
 
@@ -298,6 +314,8 @@ const Case kCases[] = {
      [](float* out) { emu::launch({dim3(1), dim3(64), 1024}, EMU_KERNEL(refill_race), out); }},
     {"ldmatrix of rows another warp is copying into", "since the last __syncthreads: a race",
      [](float* out) { emu::launch({dim3(1), dim3(64), 1024}, EMU_KERNEL(read_before_barrier), out); }},
+    {"ldmatrix of rows whose cp.async completes only after the barrier", "a race",
+     [](float* out) { emu::launch({dim3(1), dim3(64), 1024}, EMU_KERNEL(read_inflight_copy), out); }},
     {"__trap", "__trap()", [](float* out) { emu::launch({dim3(2), dim3(32), 0}, EMU_KERNEL(trapping), out); }},
     {"block of 1025 threads", "invalid block",
      [](float* out) { emu::launch({dim3(1), dim3(1025), 0}, EMU_KERNEL(noop), out); }},

@@ -174,6 +174,14 @@ struct SmemUse {
     // (Written chunks only.) 1 + the thread whose cp.async wrote it, until that thread's
     // fence.proxy.async; 0 when the tensor cores may read it (wgmma_emu.h).
     std::atomic<unsigned> unfenced{0};
+    // (Written chunks only.) 1 + the thread whose cp.async into it is in flight (issued,
+    // not yet completed by that thread's wait), else 0: on the GPU the copy may land at
+    // any moment, so no read of the chunk is safe, whatever barriers come between. Once
+    // completed: the block-barrier phase of the completing wait and 1 + its thread, so
+    // that a read by another warp in that phase (no barrier after the wait) is a race.
+    std::atomic<unsigned> inflight{0};
+    std::atomic<unsigned> landed_phase{~0u};
+    std::atomic<unsigned> landed_by{0};
 };
 
 // The launch in progress, written by the host between blocks only.

@@ -31,8 +31,10 @@ namespace detail {
 // phase (no barrier between them), or an ldmatrix of a chunk another warp has a cp.async
 // into in the same phase, is a race on the GPU whatever the timing, and is reported as a
 // kernel error. (ThreadSanitizer sees these too, but keeps only four accesses per 8 bytes,
-// and an ldmatrix row is read by many lanes of every warp.) The records live in
-// emu::launch_ctx, fresh for every block.
+// and an ldmatrix row is read by many lanes of every warp.) So is any read (ldmatrix, a
+// wgmma operand) of a chunk whose cp.async is still in flight, barriers or not: the copy
+// lands at some moment before its thread's wait, and the emulation lands it only at the
+// wait. The records live in emu::launch_ctx, fresh for every block.
 //
 // Records that the calling thread's warp uses the 16 bytes at `p` (in dynamic shared
 // memory, checked), and fails if another warp used them the other way in the same phase.
@@ -47,6 +49,19 @@ inline void record_use(const char* what, const void* p, bool write) {
         emu::fail("%s %s shared memory at offset %zu that warp(s) %#llx %s since the last __syncthreads: a race", what,
                   write ? "overwrites" : "reads", chunk * 16, (unsigned long long)others,
                   write ? "read" : "are copying into");
+    if (!write) {
+        const emu::SmemUse& w = emu::launch_ctx.smem_writes[chunk];
+        const unsigned copier = w.inflight.load(relaxed);
+        if (copier != 0)
+            emu::fail("%s reads shared memory at offset %zu that a cp.async of thread %u, still in flight, will "
+                      "overwrite: a race whatever the barriers (the copy may land at any time before its wait)",
+                      what, chunk * 16, copier - 1);
+        const unsigned landed = w.landed_phase.load(relaxed), by = w.landed_by.load(relaxed);
+        if (landed != ~0u && landed >= t.block_phase && by != 0 && (by - 1) / 32 != t.linear / 32)
+            emu::fail("%s reads shared memory at offset %zu whose cp.async thread %u completed (its wait) after the "
+                      "last __syncthreads this warp passed: a race (the copy may land after the read)",
+                      what, chunk * 16, by - 1);
+    }
     emu::SmemUse& mine = write ? emu::launch_ctx.smem_writes[chunk] : emu::launch_ctx.smem_reads[chunk];
     if (mine.phase.load(relaxed) != t.block_phase) {
         mine.phase.store(t.block_phase, relaxed);
@@ -166,6 +181,8 @@ inline void cp_async_16(void* dst, const void* src, bool in_range) {
     else
         memset(c.bytes, 0, 16);
     memset(dst, 0xFF, 16);  // in flight: undefined until the wait (and a write other threads race with)
+    const size_t chunk = (size_t)(static_cast<unsigned char*>(dst) - emu::dynamic_smem()) / 16;
+    emu::launch_ctx.smem_writes[chunk].inflight.store(self.linear + 1, std::memory_order_relaxed);
 }
 
 inline void cp_async_commit() { ++emu::self("cp.async.commit_group").async_committed; }
@@ -182,6 +199,9 @@ inline void cp_async_wait() {
             // Written through the generic proxy: the tensor cores may read it only after
             // this thread's fence.proxy.async (wgmma_emu.h).
             const unsigned chunk = (unsigned)((static_cast<unsigned char*>(c.dst) - emu::dynamic_smem()) / 16);
+            emu::launch_ctx.smem_writes[chunk].inflight.store(0, std::memory_order_relaxed);
+            emu::launch_ctx.smem_writes[chunk].landed_phase.store(self.block_phase, std::memory_order_relaxed);
+            emu::launch_ctx.smem_writes[chunk].landed_by.store(self.linear + 1, std::memory_order_relaxed);
             emu::launch_ctx.smem_writes[chunk].unfenced.store(self.linear + 1, std::memory_order_relaxed);
             self.unfenced_chunks.push_back(chunk);
         } else
