@@ -190,13 +190,13 @@ const WGMMA_HEAD_DIMS: [usize; 2] = [64, 128];
 const WGMMA_QUERIES: usize = 128;
 const WGMMA_THREADS: u32 = 256;
 
-/// Dynamic shared memory of the wgmma forward (mirrors `WgFwd<DH>::BYTES`: Q 128 rows and
+/// Dynamic shared memory of the wgmma forward (mirrors `WgFwd<DH, false>::BYTES`: Q 128 rows and
 /// two stages of K and V 128 rows, Dh bf16 each, and 1024 bytes to align the tiles).
 fn wgmma_fwd_smem_bytes(head_dim: usize) -> usize {
     1280 * head_dim + 1024
 }
 
-/// Dynamic shared memory of the overlapped wgmma forward (mirrors `WgFwdOvl<DH>::BYTES`: Q
+/// Dynamic shared memory of the overlapped wgmma forward (mirrors `WgFwd<DH, true>::BYTES`: Q
 /// 128 rows, two stages of K and three of V 128 rows, Dh bf16 each, and 1024 bytes to align
 /// the tiles).
 fn wgmma_fwd_ovl_smem_bytes(head_dim: usize) -> usize {
