@@ -484,17 +484,11 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
         for (int ks = 0; ks < QS; ++ks)
 #pragma unroll
             for (int i = 0; i < 4; ++i) da[ks][i] = ptx::pack_bf16(dp[8 * ks + 2 * i], dp[8 * ks + 2 * i + 1]);
-        if (wg_on) {
-            ptx::wgmma_fence_operand(dk_acc);
-            ptx::wgmma_fence();
-#pragma unroll
-            for (int ks = 0; ks < QS; ++ks)
-                ptx::wgmma_rs<DH, 1>(dk_acc, da[ks], ptx::wgmma_desc_sw128(Qt + ks * 16 * 128, BQ * 128, 1024), 1);
-            ptx::wgmma_commit();
-        }
         if constexpr (WITH_DQ) {
-            // dS^T to shared memory (bf16, as the products above use it): key row 128 bytes,
-            // the 16-byte chunk of queries 8n.. at chunk n ^ (row % 8).
+            // dS^T to shared memory (bf16, as the products use it): key row 128 bytes, the
+            // 16-byte chunk of queries 8n.. at chunk n ^ (row % 8). Stored from da before the
+            // dK products that take da are issued: their A registers may not be accessed
+            // while they run.
             const int row0 = wg * 64 + wq * 16 + g;
 #pragma unroll
             for (int n = 0; n < NT; ++n)
@@ -505,6 +499,14 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
                         da[n / 2][2 * (n % 2) + r];  // (dS^T's row g + 8r, queries 8n + 2t, +1)
                 }
             ptx::fence_proxy_async();  // the stores, visible to the tensor cores
+        }
+        if (wg_on) {
+            ptx::wgmma_fence_operand(dk_acc);
+            ptx::wgmma_fence();
+#pragma unroll
+            for (int ks = 0; ks < QS; ++ks)
+                ptx::wgmma_rs<DH, 1>(dk_acc, da[ks], ptx::wgmma_desc_sw128(Qt + ks * 16 * 128, BQ * 128, 1024), 1);
+            ptx::wgmma_commit();
         }
         if (wg_on) {
             // Tile j's Q and dO are read before the barrier below (the next tile's copies
