@@ -64,6 +64,20 @@ fn info() -> Result<()> {
             Ok(desc) => println!("  cuda:{i}: {desc}"),
             Err(e) => println!("  cuda:{i}: not usable: {e}"),
         }
+        // On Hopper, the wgmma operand layouts the opt-in attention kernels rely on.
+        match cuda::device(i).and_then(|d| cuda::attention::wgmma_layout_errors(&d)) {
+            Ok(Some(errors)) => {
+                let worst = errors.iter().fold(0.0f64, |w, e| w.max(*e));
+                let verdict = if worst < 1e-5 { "ok" } else { "MISMATCH: the wgmma attention kernels will be wrong" };
+                let list: Vec<String> = errors.iter().map(|e| format!("{e:.1e}")).collect();
+                println!(
+                    "  cuda:{i}: wgmma layouts {verdict} (largest error per form, of the product: {})",
+                    list.join(", ")
+                );
+            }
+            Ok(None) => {}
+            Err(e) => println!("  cuda:{i}: wgmma layout probe failed: {e}"),
+        }
     }
     println!("kernel choices: {}", cuda::kernel_choices()?.join(", "));
     let best = Device::best_available();

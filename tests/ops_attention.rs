@@ -416,6 +416,26 @@ fn gpu_wgmma_kernels_match_cpu() {
     }
 }
 
+/// The wgmma operand layouts alone (`kernels/wgmma_probe.cu`, compute capability 9.0
+/// only): each of the three forms the wgmma attention kernels use gives the product to
+/// fp32 rounding. If `gpu_wgmma_kernels_match_cpu` fails and this passes, the fault is in
+/// the attention kernels, not in the descriptors and swizzle.
+#[test]
+fn gpu_wgmma_layouts_match_cpu() {
+    if gpu().is_none() {
+        return;
+    }
+    let dev = synthos_engine::cuda::device(0).unwrap();
+    match synthos_engine::cuda::attention::wgmma_layout_errors(&dev).unwrap() {
+        None => eprintln!("not compute capability 9.0: wgmma layout probe skipped"),
+        Some(errors) => {
+            for (form, e) in errors.iter().enumerate() {
+                assert!(*e < 1e-5, "wgmma layout form {form}: largest error {e} of the product's magnitude");
+            }
+        }
+    }
+}
+
 /// The deterministic backwards (`mma-det`, and `wgmma-det` on compute capability 9.0) give
 /// bit-identical gradients, dbias of a bias shared by the batch included, when run twice
 /// on the same inputs.

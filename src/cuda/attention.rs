@@ -571,3 +571,44 @@ fn deterministic_backward(
     };
     Ok(CudaAttentionGrads { dq, dk, dv, dbias })
 }
+
+/// The wgmma operand layouts on their own (`kernels/wgmma_probe.cu`): `D = A·Bᵀ` of a
+/// 64 × 16 and a 64 × 16 bf16 operand in each form the wgmma attention kernels use
+/// (0: both K-major in shared memory, as S = Q·Kᵀ; 1: A in registers and B N-major, as
+/// O += P·V; 2: A M-major and B N-major, as dQ = dS·K), each against the product computed
+/// here. Returns the largest absolute error of each form, relative to the largest
+/// magnitude of the product (a correct layout gives fp32 rounding, about 1e-7), or `None`
+/// when the device is not compute capability 9.0 (the probe is sm_90a code). When the
+/// attention kernels disagree with the CPU on a GPU, this tells whether the layouts
+/// themselves are at fault.
+pub fn wgmma_layout_errors(dev: &CudaDevice) -> Result<Option<[f64; 3]>> {
+    if dev.compute_capability()? != (9, 0) {
+        return Ok(None);
+    }
+    let mut rng = crate::Rng::new(0x5eed);
+    let to_bf16 = |v: Vec<f32>| -> Vec<bf16> { v.into_iter().map(bf16::from_f32).collect() };
+    let (a, b) = (to_bf16(rng.normal_vec(64 * 16, 1.0)), to_bf16(rng.normal_vec(64 * 16, 1.0)));
+    let mut want = vec![0.0f64; 64 * 64];
+    for m in 0..64 {
+        for n in 0..64 {
+            want[m * 64 + n] = (0..16).map(|k| a[m * 16 + k].to_f64() * b[n * 16 + k].to_f64()).sum();
+        }
+    }
+    let scale = want.iter().fold(0.0f64, |s, w| s.max(w.abs())).max(1e-30);
+    let (da, db) = (dev.stream.clone_htod(&a)?, dev.stream.clone_htod(&b)?);
+    let f = dev.func("wgmma_probe", "wgmma_probe_bf16")?;
+    let mut errors = [0.0f64; 3];
+    for (form, err) in errors.iter_mut().enumerate() {
+        let mut out = dev.stream.alloc_zeros::<f32>(64 * 64)?;
+        let form_arg = form as i32;
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 20480 + 1024 };
+        let mut lb = dev.stream.launch_builder(&f);
+        lb.arg(&da).arg(&db).arg(&mut out).arg(&form_arg);
+        // SAFETY: a and b hold 64 × 16 bf16, out 64 × 64 f32; one block of 128 threads
+        // (one warpgroup) with the shared memory the kernel checks for.
+        unsafe { lb.launch(cfg) }?;
+        let got = dev.stream.clone_dtoh(&out)?;
+        *err = got.iter().zip(&want).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max) / scale;
+    }
+    Ok(Some(errors))
+}

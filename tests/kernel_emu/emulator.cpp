@@ -9,13 +9,14 @@
 // never silently computed. Each case runs in a child process whose exit status and error
 // output are checked. And the PTX emulation's layouts agree with each other: a 16x16x16
 // product through cp.async, ldmatrix and mma.sync, used as kernels/attention_mma.cu uses
-// them, equals the matrix product, and so do 64x64x16 wgmma products on 128-byte-swizzled
-// tiles (both operands K-major; A in registers with B N-major).
+// them, equals the matrix product, and so do the 64x64x16 wgmma products of
+// kernels/wgmma_probe.cu on 128-byte-swizzled tiles (both operands K-major; A in registers
+// with B N-major; A M-major with B N-major), which the GPU runs too.
 #include "harness.h"
 
 #include <mma.h>
 
-#include "wgmma.cuh"
+#include "wgmma_probe.cu"
 #include <sys/wait.h>
 
 using namespace harness;
@@ -245,42 +246,6 @@ __global__ void wgmma_partial_warpgroup(float* out) {
     out[threadIdx.x] = d[0];
 }
 
-// One warpgroup: D1 (64 x 64) = A B^T with A (64 x 16) and B (64 x 16, N x K) in shared
-// memory, both K-major; D2 = A Bn with A from registers and Bn (16 x 64, K x N) N-major.
-// The operands come by cp.async into the 128-byte-swizzle layout of kernels/wgmma.cuh.
-__global__ void wgmma_product(const bf16* a, const bf16* b, const bf16* bn, float* d1_out, float* d2_out) {
-    unsigned char* s = emu::dynamic_smem();
-    s += (1024u - (ptx::smem_addr(s) & 1023u)) & 1023u;
-    unsigned char *sa = s, *sb = s + 8192, *sbn = s + 16384;
-    for (unsigned i = threadIdx.x; i < 128; i += blockDim.x) {  // 64 rows x 2 chunks
-        const unsigned r = i / 2, c = i % 2;
-        ptx::cp_async_16(sa + r * 128 + ((c ^ (r % 8)) * 16), a + r * 16 + c * 8, true);
-        ptx::cp_async_16(sb + r * 128 + ((c ^ (r % 8)) * 16), b + r * 16 + c * 8, true);
-        ptx::cp_async_16(sbn + (i / 8) * 128 + (((i % 8) ^ (i / 8 % 8)) * 16), bn + i * 8, true);  // 16 rows x 8
-    }
-    ptx::cp_async_commit();
-    ptx::cp_async_wait<0>();
-    ptx::fence_proxy_async();
-    __syncthreads();
-    const unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const auto pair = [&](unsigned row, unsigned col) {
-        return ptx::pack_bf16(__bfloat162float(a[row * 16 + col]), __bfloat162float(a[row * 16 + col + 1]));
-    };
-    const uint32_t ar[4] = {pair(16 * w + g, 2 * t), pair(16 * w + g + 8, 2 * t), pair(16 * w + g, 2 * t + 8),
-                            pair(16 * w + g + 8, 2 * t + 8)};
-    float d1[32], d2[32];
-    ptx::wgmma_fence();
-    ptx::wgmma_ss<64, 0, 0>(d1, ptx::wgmma_desc_sw128(sa, 16, 1024), ptx::wgmma_desc_sw128(sb, 16, 1024), 0);
-    ptx::wgmma_rs<64, 1>(d2, ar, ptx::wgmma_desc_sw128(sbn, 8192, 1024), 0);
-    ptx::wgmma_commit();
-    ptx::wgmma_wait<0>();
-    for (unsigned i = 0; i < 32; ++i) {
-        const unsigned row = 16 * w + g + 8 * (i % 4 / 2), col = 8 * (i / 4) + 2 * t + i % 2;
-        d1_out[row * 64 + col] = d1[i];
-        d2_out[row * 64 + col] = d2[i];
-    }
-}
-
 struct Case {
     const char* name;
     const char* expected;  // in the error output
@@ -387,20 +352,22 @@ int main() {
     emu::launch({dim3(1), dim3(32), 2 * 16 * 24 * 2}, EMU_KERNEL(mma_product), da.ptr(), dbt.ptr(), dc.ptr());
     report.close("cp.async + ldmatrix + mma.sync m16n8k16 = A B", dc.download(), want, 1e-5, 1e-5);
 
-    const std::vector<double> wa = rng.values<bf16>(64 * 16), wb = rng.values<bf16>(64 * 16),
-                              wbn = rng.values<bf16>(16 * 64);
-    std::vector<double> want1(64 * 64, 0.0), want2(64 * 64, 0.0);
+    // The wgmma layout probe (kernels/wgmma_probe.cu, which the GPU runs as well): D = A B^T
+    // in each operand form the attention kernels use.
+    const std::vector<double> wa = rng.values<bf16>(64 * 16), wb = rng.values<bf16>(64 * 16);
+    std::vector<double> want1(64 * 64, 0.0);
     for (int i = 0; i < 64; ++i)
         for (int j = 0; j < 64; ++j)
-            for (int k = 0; k < 16; ++k) {
-                want1[i * 64 + j] += wa[i * 16 + k] * wb[j * 16 + k];
-                want2[i * 64 + j] += wa[i * 16 + k] * wbn[k * 64 + j];
-            }
-    DeviceArray<bf16> dwa(wa), dwb(wb), dwbn(wbn);
-    DeviceArray<float> d1(64 * 64), d2(64 * 64);
-    emu::launch({dim3(1), dim3(128), 16384 + 2048 + 1024}, EMU_KERNEL(wgmma_product), dwa.ptr(), dwb.ptr(), dwbn.ptr(),
-                d1.ptr(), d2.ptr());
-    report.close("wgmma m64n64k16, A and B K-major in shared memory = A B^T", d1.download(), want1, 1e-5, 1e-5);
-    report.close("wgmma m64n64k16, A in registers, B N-major = A B", d2.download(), want2, 1e-5, 1e-5);
+            for (int k = 0; k < 16; ++k) want1[i * 64 + j] += wa[i * 16 + k] * wb[j * 16 + k];
+    DeviceArray<bf16> dwa(wa), dwb(wb);
+    const char* forms[3] = {"A and B K-major in shared memory", "A in registers, B N-major",
+                            "A M-major and B N-major in shared memory"};
+    for (int form = 0; form < 3; ++form) {
+        DeviceArray<float> d(64 * 64);
+        emu::launch({dim3(1), dim3(128), 20480 + 1024, true}, EMU_KERNEL(wgmma_probe_bf16), dwa.ptr(), dwb.ptr(),
+                    d.ptr(), form);
+        report.close(format("wgmma m64n64k16 probe, form %d (%s) = A B^T", form, forms[form]), d.download(), want1,
+                     1e-5, 1e-5);
+    }
     return report.finish();
 }
