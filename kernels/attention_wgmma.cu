@@ -141,9 +141,7 @@ __device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const
     constexpr int BQ = L::BQ, BK = L::BK, TILE = L::TILE;
     DYNAMIC_SMEM(smem_raw);
     if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
-    // The swizzle is a function of absolute shared-window addresses, repeating every 1024
-    // bytes: start the tiles on such a boundary.
-    unsigned char* smem = smem_raw + ((1024u - (ptx::smem_addr(smem_raw) & 1023u)) & 1023u);
+    unsigned char* smem = ptx::align_1024(smem_raw);
     unsigned char* Qs = smem + L::Q;
     unsigned char* Ks = smem + L::K;
     unsigned char* Vs = smem + L::V;
@@ -362,7 +360,7 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
     constexpr int BK = L::BK, BQ = L::BQ, KD = DH / 16, DT = DH / 8, NT = BQ / 8, QS = BQ / 16;
     DYNAMIC_SMEM(smem_raw);
     if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
-    unsigned char* smem = smem_raw + ((1024u - (ptx::smem_addr(smem_raw) & 1023u)) & 1023u);
+    unsigned char* smem = ptx::align_1024(smem_raw);
     unsigned char* Ks = smem + L::K;
     unsigned char* Vs = smem + L::V;
     unsigned char* Qs = smem + L::Q;
@@ -608,7 +606,7 @@ __device__ __forceinline__ void attn_bwd_dq_wgmma(const bf16* __restrict__ q, co
     constexpr int BQ = L::BQ, BK = L::BK, KD = DH / 16, DT = DH / 8, NT = BK / 8;
     DYNAMIC_SMEM(smem_raw);
     if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
-    unsigned char* smem = smem_raw + ((1024u - (ptx::smem_addr(smem_raw) & 1023u)) & 1023u);
+    unsigned char* smem = ptx::align_1024(smem_raw);
     unsigned char* Qs = smem + L::Q;
     unsigned char* dOs = smem + L::DO;
     unsigned char* Ks = smem + L::K;

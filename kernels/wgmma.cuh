@@ -140,6 +140,13 @@ __device__ __forceinline__ void wgmma_fence_operand(uint32_t (&a)[M][N]) {
 #endif
 
 namespace ptx {
+// The first 1024-byte boundary of the shared window at or after p: the 128-byte swizzle is
+// a function of absolute shared-window addresses, repeating every 1024 bytes, so swizzled
+// tiles start on such a boundary (a kernel asks for 1024 bytes of slack).
+__device__ __forceinline__ unsigned char* align_1024(unsigned char* p) {
+    return p + ((1024u - (smem_addr(p) & 1023u)) & 1023u);
+}
+
 // The descriptor of a 128-byte-swizzled tile starting at `p` (shared memory, 16-byte
 // aligned; the swizzle phase is that of p's absolute address): leading and stride byte
 // offsets as above (multiples of 16, below 256 KB).

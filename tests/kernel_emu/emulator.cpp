@@ -167,7 +167,7 @@ __global__ void mma_product(const bf16* a, const bf16* bt, float* c) {
 // from the first 1024-byte boundary of the shared window, written with plain stores.
 __device__ unsigned char* wg_tiles() {
     unsigned char* s = emu::dynamic_smem();
-    s += (1024u - (ptx::smem_addr(s) & 1023u)) & 1023u;
+    s = ptx::align_1024(s);
     bf16* e = reinterpret_cast<bf16*>(s);
     for (unsigned i = threadIdx.x; i < 8192; i += blockDim.x) e[i] = __float2bfloat16((float)(i % 7) - 3.f);
     ptx::fence_proxy_async();
@@ -210,7 +210,7 @@ __global__ void wgmma_tile_rewritten(float* out) {
 // The tiles come by cp.async, and no thread runs fence.proxy.async before the product.
 __global__ void wgmma_unfenced_copy(float* out) {
     unsigned char* s = emu::dynamic_smem();
-    s += (1024u - (ptx::smem_addr(s) & 1023u)) & 1023u;
+    s = ptx::align_1024(s);
     for (unsigned i = threadIdx.x; i < 1024; i += blockDim.x)
         ptx::cp_async_16(s + 16 * i, out + 4 * (i % 64), true);
     ptx::cp_async_commit();
@@ -226,7 +226,7 @@ __global__ void wgmma_unfenced_copy(float* out) {
 // The tiles come by plain stores, and no thread runs fence.proxy.async before the product.
 __global__ void wgmma_unfenced_store(float* out) {
     unsigned char* s = emu::dynamic_smem();
-    s += (1024u - (ptx::smem_addr(s) & 1023u)) & 1023u;
+    s = ptx::align_1024(s);
     bf16* e = reinterpret_cast<bf16*>(s);
     for (unsigned i = threadIdx.x; i < 8192; i += blockDim.x) e[i] = __float2bfloat16((float)(i % 5) - 2.f);
     __syncthreads();
