@@ -253,6 +253,18 @@ pub fn class_prompts(classes: &[String], templates: &[String]) -> Vec<String> {
     classes.iter().flat_map(|c| templates.iter().map(move |t| t.replace("{}", c))).collect()
 }
 
+/// The tokenizer must make rows as long as the model's text tower has positions.
+fn check_context_length(model: &ClipModel, tokenizer: &ClipTokenizer) -> Result<()> {
+    let (rows, positions) = (tokenizer.context_length(), model.config().text.context_length);
+    if rows != positions {
+        bail!(
+            "the tokenizer makes rows of {rows} token ids, but the model's text tower has {positions} positions: \
+             use ClipTokenizer::new()?.with_context_length({positions})"
+        );
+    }
+    Ok(())
+}
+
 /// Zero-shot classification of `folder` with class names `classes` and prompt
 /// `templates` (see the module documentation), `batch` images or prompts at a time.
 #[allow(clippy::too_many_arguments)]
@@ -269,6 +281,7 @@ pub fn zero_shot_eval(
     if classes.len() != folder.class_names().len() {
         bail!("{} class names for {} class folders", classes.len(), folder.class_names().len());
     }
+    check_context_length(model, tokenizer)?;
     if templates.is_empty() || templates.iter().any(|t| !t.contains("{}")) {
         bail!("zero-shot templates must be non-empty and each hold a {{}} for the class name");
     }
@@ -355,6 +368,7 @@ pub fn retrieval_eval(
     if n < 2 {
         bail!("retrieval needs at least 2 pairs, found {n}");
     }
+    check_context_length(model, tokenizer)?;
     let path_refs: Vec<&Path> = dataset.entries().iter().map(|e| e.path.as_path()).collect();
     let captions: Vec<String> = dataset.entries().iter().map(|e| e.prompt.clone()).collect();
     let img = ops::l2_normalize(&embed_images(model, &path_refs, batch)?)?;

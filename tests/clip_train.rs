@@ -184,12 +184,20 @@ fn zero_shot_and_retrieval_evaluation() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("3 class names for 18 class folders"), "{e}");
+    // A tokenizer whose rows do not fit the text tower (77 ids for 16 positions).
+    let long = ClipTokenizer::new().unwrap();
+    let e = zero_shot_eval(&model, &long, &folder, &set.classes, &set.templates, Truncation::KeepEnd, 8, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("rows of 77 token ids") && e.contains("with_context_length(16)"), "{e}");
     // Retrieval over the first 20 pairs.
     let tsv = std::fs::read_to_string(&set.train_tsv).unwrap();
     let small: String = tsv.lines().take(21).map(|l| format!("{l}\n")).collect();
     std::fs::write(dir.join("data/small.tsv"), small).unwrap();
     let ds = synthos_engine::data::CaptionDataset::open(dir.join("data/small.tsv"), &Default::default()).unwrap();
     let rr = retrieval_eval(&model, &tok, &ds, Truncation::KeepEnd, 8).unwrap();
+    let e = retrieval_eval(&model, &long, &ds, Truncation::KeepEnd, 8).unwrap_err().to_string();
+    assert!(e.contains("16 positions"), "{e}");
     assert_eq!(rr.pairs, 20);
     assert!(rr.image_to_text[0] <= rr.image_to_text[1] && rr.image_to_text[1] <= rr.image_to_text[2]);
 }
