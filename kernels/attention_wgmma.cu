@@ -1,6 +1,10 @@
-// Attention forward on Hopper's warpgroup tensor-core instruction (wgmma, sm_90a): the
-// same math, inputs, outputs and conventions as attn_fwd in attention.cu and the mma.sync
-// forward of attention_mma.cu, whose backward kernels take its output and log-sum-exp.
+// Attention on Hopper's warpgroup tensor-core instruction (wgmma, sm_90a): the same math,
+// inputs, outputs and conventions as attention.cu and attention_mma.cu. This file holds
+// the forward (attn_fwd_wgmma_d<Dh>_bf16, below), the forward with its softmax overlapped
+// with its products (attn_fwd_wgmma_ovl_d<Dh>_bf16), the backward with dq atomics
+// (attn_bwd_wgmma_d<Dh>_bf16) and the deterministic backward's two kernels
+// (attn_bwd_dkdv_wgmma_d<Dh>_bf16, attn_bwd_dq_wgmma_d<Dh>_bf16); each is described where
+// it is defined. The forwards' output and log-sum-exp feed any of the backwards.
 //
 // attn_fwd_wgmma_d<Dh>_bf16 (Dh 64 or 128): grid (ceil(Nq / 128), H, B), 256 threads =
 //   two warpgroups. The block owns 128 query rows, warpgroup wg the 64 rows 64wg.. and,
@@ -21,7 +25,7 @@
 //
 // Shared memory (dynamic): Q 128 rows, K and V 2 stages x 128 rows, Dh bf16 each, from the
 //   first 1024-byte boundary of the window: 1280 Dh + 1024 bytes (Dh 64: 82944, 128: 164864).
-// Built for sm_90a only; other targets get a kernel that traps (the host launches it only
+// Built for sm_90a only; other targets get kernels that trap (the host launches them only
 // on compute capability 9.0).
 #include <type_traits>
 
