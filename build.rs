@@ -138,5 +138,14 @@ fn compile(nvcc: &Path, include: &Path, src: &Path, out_dir: &Path) -> Result<Pa
             String::from_utf8_lossy(&output.stderr)
         ));
     }
+    // ptxas reports (as "info", without failing) when it serialises a kernel's wgmma
+    // instructions, e.g. for a wgmma issued under a run-time condition: the kernel then
+    // runs its tensor-core products one at a time. That is a bug in a Hopper kernel here.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let serialised: Vec<&str> =
+        stderr.lines().filter(|l| l.contains("wgmma.mma_async instructions are serialized")).collect();
+    if !serialised.is_empty() {
+        return Err(format!("ptxas serialises wgmma (a performance bug):\n{}", serialised.join("\n")));
+    }
     Ok(out)
 }

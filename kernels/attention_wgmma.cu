@@ -322,7 +322,6 @@ WGMMA_FWD_OVL(128)
 //     dims each; sm_90 has them, sm_80 does not): at Dh 128 warpgroup wg
 //     takes head dims 64wg.. over all 128 keys, at Dh 64 every head dim over its own 64
 //     keys (each dq element then gets two adds per block).
-// A warpgroup whose 64 keys all lie past Nk skips its products (a short last block).
 // attn_bwd_dkdv_wgmma_d<Dh>_bf16: the same without dQ and dbias (the deterministic
 // backward's dK/dV kernel; attn_bwd_dq_wgmma below then computes dq without atomics).
 // Shared memory (dynamic): K, V 128 rows, Q, dO 2 stages x 64 rows, Dh bf16 each, dS^T
@@ -385,13 +384,14 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
     int keys[2];
     bool key_on[2];
     flash::bwd_keys(k0 + wg * 64 + wq * 16, g, Nk, has_mask, key_mask, b, keys, key_on);
-    const bool wg_on = k0 + wg * 64 < Nk;  // (warp-group uniform) this warpgroup has a key < Nk
     // dQ's 16-key slices: all 128 keys at Dh 128 (head dims split between the warpgroups),
-    // the warpgroup's own 64 at Dh 64 (none when they all lie past Nk). (Slices past Nk
-    // add zeros: K's rows there are zero-filled, dS^T's rows are 0.)
+    // the warpgroup's own 64 at Dh 64. Keys past Nk add zeros (K's rows there are
+    // zero-filled, dS^T's rows are 0). Every warpgroup runs every product, even one whose
+    // keys all lie past Nk: ptxas serialises every wgmma of a kernel that issues them under
+    // a run-time condition (C7518, C7514), which costs far more than the idle products of
+    // a last block.
     constexpr int DQ_SLICES = DH == 128 ? 8 : 4;
     const int dq_first = DH == 128 ? 0 : wg * 4;
-    const bool dq_on = DH == 128 || wg_on;
     const int dq_panel = DH == 128 ? wg : 0;
 
     const int q_begin = causal ? (k0 / BQ) * BQ : 0;
@@ -436,7 +436,7 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
         uint32_t pa[QS][4], da[QS][4];  // P^T and dS^T as A operands, 16 queries each
         auto& s4 = reinterpret_cast<float(&)[NT][4]>(s);
         auto& dp4 = reinterpret_cast<float(&)[NT][4]>(dp);
-        if (wg_on) {
+        {
             ptx::wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < KD; ++kk) {
@@ -456,9 +456,6 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
             ptx::wgmma_commit();
             ptx::wgmma_wait<1>();  // S^T
             ptx::wgmma_fence_operand(s);
-        } else {
-#pragma unroll
-            for (int i = 0; i < BQ / 2; ++i) s[i] = dp[i] = 0.f;
         }
 
         // P^T in place of S^T (element e of 8-query tile n: key keys[e / 2], query
@@ -469,7 +466,7 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
         for (int ks = 0; ks < QS; ++ks)
 #pragma unroll
             for (int i = 0; i < 4; ++i) pa[ks][i] = ptx::pack_bf16(s[8 * ks + 2 * i], s[8 * ks + 2 * i + 1]);
-        if (wg_on) {
+        {
             ptx::wgmma_fence_operand(dv_acc);
             ptx::wgmma_fence();
 #pragma unroll
@@ -502,7 +499,7 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
                 }
             ptx::fence_proxy_async();  // the stores, visible to the tensor cores
         }
-        if (wg_on) {
+        {
             ptx::wgmma_fence_operand(dk_acc);
             ptx::wgmma_fence();
 #pragma unroll
@@ -510,7 +507,7 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
                 ptx::wgmma_rs<DH, 1>(dk_acc, da[ks], ptx::wgmma_desc_sw128(Qt + ks * 16 * 128, BQ * 128, 1024), 1);
             ptx::wgmma_commit();
         }
-        if (wg_on) {
+        {
             // Tile j's Q and dO are read before the barrier below (the next tile's copies
             // may refill this stage as soon as every thread has passed it).
             ptx::wgmma_wait<0>();
@@ -521,7 +518,7 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
         }
         __syncthreads();  // dS^T of all 128 keys is in shared memory; this stage is read
         if constexpr (WITH_DQ) {
-            if (dq_on) {
+            {
                 // dQ (64 x 64) = dS K over the slices: A = dS^T read M-major (the 64 queries of
                 // a key row contiguous; 8-key groups 1024 bytes apart), B = K's panel
                 // dq_panel N-major (8-key groups 1024 bytes apart).
