@@ -73,29 +73,33 @@ __device__ __forceinline__ void issue_tile_sw128(unsigned char* dst, const bf16*
     }
 }
 
-// Issues (without committing) S (64 x BKT) = Q_wg K^T over Dh in slices of 16: both
-// operands K-major, 8-row groups 1024 bytes apart (SBO; the leading offset is unused in
-// this layout). q_rows: the warpgroup's 64 rows of a Q tile of QROWS rows (panel kk / 4 at
-// QROWS·128, 32 bytes per 16 head dims within it); Kt: a key tile of KROWS rows.
-template <int DH, int BKT, int QROWS, int KROWS>
-__device__ __forceinline__ void issue_qk(float (&s)[BKT / 2], const unsigned char* q_rows, const unsigned char* Kt) {
+// Issues (without committing) D (64 x N) = A B^T over the head dims in slices of 16, with
+// A and B token tiles in the layout of issue_tile_sw128, both K-major (head dims
+// contiguous), 8-row groups 1024 bytes apart (SBO; the leading offset is unused in this
+// layout): S = Q K^T, and the backwards' S^T = K Q^T, dP = dO V^T and dP^T = V dO^T.
+// a_rows: the warpgroup's 64 rows of a tile of AROWS rows (panel kk / 4 at AROWS·128, 32
+// bytes per 16 head dims within it); b: a tile of BROWS rows, of which the first N.
+template <int DH, int N, int AROWS, int BROWS>
+__device__ __forceinline__ void issue_qk(float (&d)[N / 2], const unsigned char* a_rows, const unsigned char* b) {
 #pragma unroll
     for (int kk = 0; kk < DH / 16; ++kk) {
         const int slice = (kk % 4) * 32;  // 16 head dims within the panel
-        const uint64_t da = ptx::wgmma_desc_sw128(q_rows + (kk / 4) * QROWS * 128 + slice, 16, 1024);
-        const uint64_t db = ptx::wgmma_desc_sw128(Kt + (kk / 4) * KROWS * 128 + slice, 16, 1024);
-        ptx::wgmma_ss<BKT, 0, 0>(s, da, db, kk > 0);
+        const uint64_t da = ptx::wgmma_desc_sw128(a_rows + (kk / 4) * AROWS * 128 + slice, 16, 1024);
+        const uint64_t db = ptx::wgmma_desc_sw128(b + (kk / 4) * BROWS * 128 + slice, 16, 1024);
+        ptx::wgmma_ss<N, 0, 0>(d, da, db, kk > 0);
     }
 }
 
-// Issues (without committing) O += P V over BKT keys in slices of 16: P's A operands
-// (pa[ks]: two adjacent 8-key accumulator tiles of S, packed), V N-major: 64-column panels
-// LBO = KROWS·128 apart (the tile's layout), 8-key groups 1024 bytes apart.
-template <int DH, int BKT, int KROWS>
-__device__ __forceinline__ void issue_pv(float (&o)[DH / 2], const uint32_t (*pa)[4], const unsigned char* Vt) {
+// Issues (without committing) D (64 x DH) += P V over K tokens in slices of 16: P's A
+// operands from registers (pa[ks]: two adjacent 8-token accumulator tiles, packed), V a
+// token tile of ROWS rows read N-major: 64-column panels LBO = ROWS·128 apart, 8-token
+// groups 1024 bytes apart. O += P V, and the backwards' dV += P^T dO, dK += dS^T Q and
+// dQ += dS K.
+template <int DH, int K, int ROWS>
+__device__ __forceinline__ void issue_pv(float (&o)[DH / 2], const uint32_t (*pa)[4], const unsigned char* v) {
 #pragma unroll
-    for (int ks = 0; ks < BKT / 16; ++ks)
-        ptx::wgmma_rs<DH, 1>(o, pa[ks], ptx::wgmma_desc_sw128(Vt + ks * 16 * 128, KROWS * 128, 1024), 1);
+    for (int ks = 0; ks < K / 16; ++ks)
+        ptx::wgmma_rs<DH, 1>(o, pa[ks], ptx::wgmma_desc_sw128(v + ks * 16 * 128, ROWS * 128, 1024), 1);
 }
 
 // P's A operands from S's registers holding P (ptx::acc_to_a's repack: two adjacent 8-key
@@ -360,7 +364,7 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
                                                float scale) {
 #if defined(SYNTHOS_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using L = WgBwd<DH>;
-    constexpr int BK = L::BK, BQ = L::BQ, KD = DH / 16, DT = DH / 8, NT = BQ / 8, QS = BQ / 16;
+    constexpr int BK = L::BK, BQ = L::BQ, DT = DH / 8, NT = BQ / 8, QS = BQ / 16;
     DYNAMIC_SMEM(smem_raw);
     if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
     unsigned char* smem = ptx::align_1024(smem_raw);
@@ -438,21 +442,9 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
         auto& dp4 = reinterpret_cast<float(&)[NT][4]>(dp);
         {
             ptx::wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < KD; ++kk) {
-                const int key_slice = (kk / 4) * BK * 128 + (kk % 4) * 32;  // panel kk / 4, 16 dims
-                const int query_slice = (kk / 4) * BQ * 128 + (kk % 4) * 32;
-                ptx::wgmma_ss<BQ, 0, 0>(s, ptx::wgmma_desc_sw128(k_rows + key_slice, 16, 1024),
-                                        ptx::wgmma_desc_sw128(Qt + query_slice, 16, 1024), kk > 0);
-            }
+            issue_qk<DH, BQ, BK, BQ>(s, k_rows, Qt);
             ptx::wgmma_commit();
-#pragma unroll
-            for (int kk = 0; kk < KD; ++kk) {
-                const int key_slice = (kk / 4) * BK * 128 + (kk % 4) * 32;
-                const int query_slice = (kk / 4) * BQ * 128 + (kk % 4) * 32;
-                ptx::wgmma_ss<BQ, 0, 0>(dp, ptx::wgmma_desc_sw128(v_rows + key_slice, 16, 1024),
-                                        ptx::wgmma_desc_sw128(dOt + query_slice, 16, 1024), kk > 0);
-            }
+            issue_qk<DH, BQ, BK, BQ>(dp, v_rows, dOt);
             ptx::wgmma_commit();
             ptx::wgmma_wait<1>();  // S^T
             ptx::wgmma_fence_operand(s);
@@ -462,16 +454,11 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
         // q0 + 8n + 2t + e % 2), then dV += P^T dO over the tile's queries in slices of 16:
         // dO N-major, 64-column panels LBO = BQ·128 apart, 8-query groups 1024 bytes apart.
         flash::bwd_p<NT>(s4, keys, key_on, q0, t, Nq, Nk, causal, bias, bias_batch, bias_base, Lt, scale);
-#pragma unroll
-        for (int ks = 0; ks < QS; ++ks)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) pa[ks][i] = ptx::pack_bf16(s[8 * ks + 2 * i], s[8 * ks + 2 * i + 1]);
+        pack_p<BQ>(s, pa);
         {
             ptx::wgmma_fence_operand(dv_acc);
             ptx::wgmma_fence();
-#pragma unroll
-            for (int ks = 0; ks < QS; ++ks)
-                ptx::wgmma_rs<DH, 1>(dv_acc, pa[ks], ptx::wgmma_desc_sw128(dOt + ks * 16 * 128, BQ * 128, 1024), 1);
+            issue_pv<DH, BQ, BQ>(dv_acc, pa, dOt);
             ptx::wgmma_commit();
             ptx::wgmma_wait<1>();  // dP^T (dV's products may still run)
             ptx::wgmma_fence_operand(dp);
@@ -479,10 +466,7 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
 
         // dS^T in place of dP^T, then dK += dS^T Q (Q N-major as dO above).
         flash::bwd_ds<NT>(s4, dp4, keys, q0, t, Nk, bias_base, Dt, WITH_DQ && want_dbias ? dbias : nullptr);
-#pragma unroll
-        for (int ks = 0; ks < QS; ++ks)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) da[ks][i] = ptx::pack_bf16(dp[8 * ks + 2 * i], dp[8 * ks + 2 * i + 1]);
+        pack_p<BQ>(dp, da);
         if constexpr (WITH_DQ) {
             // dS^T to shared memory (bf16, as the products use it): key row 128 bytes, the
             // 16-byte chunk of queries 8n.. at chunk n ^ (row % 8). Stored from da before the
@@ -502,9 +486,7 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
         {
             ptx::wgmma_fence_operand(dk_acc);
             ptx::wgmma_fence();
-#pragma unroll
-            for (int ks = 0; ks < QS; ++ks)
-                ptx::wgmma_rs<DH, 1>(dk_acc, da[ks], ptx::wgmma_desc_sw128(Qt + ks * 16 * 128, BQ * 128, 1024), 1);
+            issue_pv<DH, BQ, BQ>(dk_acc, da, Qt);
             ptx::wgmma_commit();
         }
         {
@@ -604,7 +586,7 @@ __device__ __forceinline__ void attn_bwd_dq_wgmma(const bf16* __restrict__ q, co
                                                   float scale) {
 #if defined(SYNTHOS_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using L = WgDq<DH>;
-    constexpr int BQ = L::BQ, BK = L::BK, KD = DH / 16, DT = DH / 8, NT = BK / 8;
+    constexpr int BQ = L::BQ, BK = L::BK, DT = DH / 8, NT = BK / 8;
     DYNAMIC_SMEM(smem_raw);
     if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
     unsigned char* smem = ptx::align_1024(smem_raw);
@@ -665,21 +647,9 @@ __device__ __forceinline__ void attn_bwd_dq_wgmma(const bf16* __restrict__ q, co
         auto& s4 = reinterpret_cast<float(&)[NT][4]>(s);
         auto& dp4 = reinterpret_cast<float(&)[NT][4]>(dp);
         ptx::wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < KD; ++kk) {
-            const int row_slice = (kk / 4) * BQ * 128 + (kk % 4) * 32;  // panel kk / 4, 16 dims
-            const int key_slice = (kk / 4) * BK * 128 + (kk % 4) * 32;
-            ptx::wgmma_ss<BK, 0, 0>(s, ptx::wgmma_desc_sw128(q_rows + row_slice, 16, 1024),
-                                    ptx::wgmma_desc_sw128(Kt + key_slice, 16, 1024), kk > 0);
-        }
+        issue_qk<DH, BK, BQ, BK>(s, q_rows, Kt);
         ptx::wgmma_commit();
-#pragma unroll
-        for (int kk = 0; kk < KD; ++kk) {
-            const int row_slice = (kk / 4) * BQ * 128 + (kk % 4) * 32;
-            const int key_slice = (kk / 4) * BK * 128 + (kk % 4) * 32;
-            ptx::wgmma_ss<BK, 0, 0>(dp, ptx::wgmma_desc_sw128(o_rows + row_slice, 16, 1024),
-                                    ptx::wgmma_desc_sw128(Vt + key_slice, 16, 1024), kk > 0);
-        }
+        issue_qk<DH, BK, BQ, BK>(dp, o_rows, Vt);
         ptx::wgmma_commit();
         ptx::wgmma_wait<1>();  // S
         ptx::wgmma_fence_operand(s);
@@ -694,15 +664,10 @@ __device__ __forceinline__ void attn_bwd_dq_wgmma(const bf16* __restrict__ q, co
         // adjacent 8-key tiles, K N-major (64-column panels LBO = BK·128 apart, 8-key groups
         // 1024 bytes apart).
         uint32_t da[BK / 16][4];
-#pragma unroll
-        for (int ks = 0; ks < BK / 16; ++ks)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) da[ks][i] = ptx::pack_bf16(dp[8 * ks + 2 * i], dp[8 * ks + 2 * i + 1]);
+        pack_p<BK>(dp, da);
         ptx::wgmma_fence_operand(acc);
         ptx::wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < BK / 16; ++ks)
-            ptx::wgmma_rs<DH, 1>(acc, da[ks], ptx::wgmma_desc_sw128(Kt + ks * 16 * 128, BK * 128, 1024), 1);
+        issue_pv<DH, BK, BK>(acc, da, Kt);
         ptx::wgmma_commit();
         ptx::wgmma_wait<0>();
         ptx::wgmma_fence_operand(acc);
