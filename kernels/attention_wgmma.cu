@@ -440,29 +440,25 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
         uint32_t pa[QS][4], da[QS][4];  // P^T and dS^T as A operands, 16 queries each
         auto& s4 = reinterpret_cast<float(&)[NT][4]>(s);
         auto& dp4 = reinterpret_cast<float(&)[NT][4]>(dp);
-        {
-            ptx::wgmma_fence();
-            issue_qk<DH, BQ, BK, BQ>(s, k_rows, Qt);
-            ptx::wgmma_commit();
-            issue_qk<DH, BQ, BK, BQ>(dp, v_rows, dOt);
-            ptx::wgmma_commit();
-            ptx::wgmma_wait<1>();  // S^T
-            ptx::wgmma_fence_operand(s);
-        }
+        ptx::wgmma_fence();
+        issue_qk<DH, BQ, BK, BQ>(s, k_rows, Qt);
+        ptx::wgmma_commit();
+        issue_qk<DH, BQ, BK, BQ>(dp, v_rows, dOt);
+        ptx::wgmma_commit();
+        ptx::wgmma_wait<1>();  // S^T
+        ptx::wgmma_fence_operand(s);
 
         // P^T in place of S^T (element e of 8-query tile n: key keys[e / 2], query
         // q0 + 8n + 2t + e % 2), then dV += P^T dO over the tile's queries in slices of 16:
         // dO N-major, 64-column panels LBO = BQ·128 apart, 8-query groups 1024 bytes apart.
         flash::bwd_p<NT>(s4, keys, key_on, q0, t, Nq, Nk, causal, bias, bias_batch, bias_base, Lt, scale);
         pack_p<BQ>(s, pa);
-        {
-            ptx::wgmma_fence_operand(dv_acc);
-            ptx::wgmma_fence();
-            issue_pv<DH, BQ, BQ>(dv_acc, pa, dOt);
-            ptx::wgmma_commit();
-            ptx::wgmma_wait<1>();  // dP^T (dV's products may still run)
-            ptx::wgmma_fence_operand(dp);
-        }
+        ptx::wgmma_fence_operand(dv_acc);
+        ptx::wgmma_fence();
+        issue_pv<DH, BQ, BQ>(dv_acc, pa, dOt);
+        ptx::wgmma_commit();
+        ptx::wgmma_wait<1>();  // dP^T (dV's products may still run)
+        ptx::wgmma_fence_operand(dp);
 
         // dS^T in place of dP^T, then dK += dS^T Q (Q N-major as dO above).
         flash::bwd_ds<NT>(s4, dp4, keys, q0, t, Nk, bias_base, Dt, WITH_DQ && want_dbias ? dbias : nullptr);
@@ -483,54 +479,48 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
                 }
             ptx::fence_proxy_async();  // the stores, visible to the tensor cores
         }
-        {
-            ptx::wgmma_fence_operand(dk_acc);
-            ptx::wgmma_fence();
-            issue_pv<DH, BQ, BQ>(dk_acc, da, Qt);
-            ptx::wgmma_commit();
-        }
-        {
-            // Tile j's Q and dO are read before the barrier below (the next tile's copies
-            // may refill this stage as soon as every thread has passed it).
-            ptx::wgmma_wait<0>();
-            ptx::wgmma_fence_operand(dv_acc);
-            ptx::wgmma_fence_operand(dk_acc);
-            ptx::wgmma_fence_operand(pa);
-            ptx::wgmma_fence_operand(da);
-        }
+        ptx::wgmma_fence_operand(dk_acc);
+        ptx::wgmma_fence();
+        issue_pv<DH, BQ, BQ>(dk_acc, da, Qt);
+        ptx::wgmma_commit();
+        // Tile j's Q and dO are read before the barrier below (the next tile's copies
+        // may refill this stage as soon as every thread has passed it).
+        ptx::wgmma_wait<0>();
+        ptx::wgmma_fence_operand(dv_acc);
+        ptx::wgmma_fence_operand(dk_acc);
+        ptx::wgmma_fence_operand(pa);
+        ptx::wgmma_fence_operand(da);
         __syncthreads();  // dS^T of all 128 keys is in shared memory; this stage is read
         if constexpr (WITH_DQ) {
-            {
-                // dQ (64 x 64) = dS K over the slices: A = dS^T read M-major (the 64 queries of
-                // a key row contiguous; 8-key groups 1024 bytes apart), B = K's panel
-                // dq_panel N-major (8-key groups 1024 bytes apart).
-                float dqa[32];
-                ptx::wgmma_fence();
+            // dQ (64 x 64) = dS K over the slices: A = dS^T read M-major (the 64 queries of
+            // a key row contiguous; 8-key groups 1024 bytes apart), B = K's panel
+            // dq_panel N-major (8-key groups 1024 bytes apart).
+            float dqa[32];
+            ptx::wgmma_fence();
 #pragma unroll
-                for (int ks = 0; ks < DQ_SLICES; ++ks) {
-                    const int kk = dq_first + ks;
-                    ptx::wgmma_ss<64, 1, 1>(dqa, ptx::wgmma_desc_sw128(dSt + kk * 16 * 128, BQ * 128, 1024),
-                                            ptx::wgmma_desc_sw128(Ks + dq_panel * BK * 128 + kk * 16 * 128, BK * 128,
-                                                                  1024),
-                                            ks > 0);
-                }
-                ptx::wgmma_commit();
-                ptx::wgmma_wait<0>();
-                ptx::wgmma_fence_operand(dqa);
-                // Element e of 8-dim tile n: query q0 + 16wq + g + 8(e/2), head dim
-                // 64 dq_panel + 8n + 2t + e%2.
+            for (int ks = 0; ks < DQ_SLICES; ++ks) {
+                const int kk = dq_first + ks;
+                ptx::wgmma_ss<64, 1, 1>(dqa, ptx::wgmma_desc_sw128(dSt + kk * 16 * 128, BQ * 128, 1024),
+                                        ptx::wgmma_desc_sw128(Ks + dq_panel * BK * 128 + kk * 16 * 128, BK * 128,
+                                                              1024),
+                                        ks > 0);
+            }
+            ptx::wgmma_commit();
+            ptx::wgmma_wait<0>();
+            ptx::wgmma_fence_operand(dqa);
+            // Element e of 8-dim tile n: query q0 + 16wq + g + 8(e/2), head dim
+            // 64 dq_panel + 8n + 2t + e%2.
 #pragma unroll
-                for (int e2 = 0; e2 < 2; ++e2) {
-                    const int i = q0 + wq * 16 + g + 8 * e2;
-                    if (i >= Nq) continue;
-                    float* row = dq_acc + ((b * Nq + i) * H + h) * (int64_t)DH + dq_panel * 64 + 2 * t;
-                    // One 8-byte vector atomic per pair of head dims (sm_90): half the
-                    // atomic operations of two scalar adds.
+            for (int e2 = 0; e2 < 2; ++e2) {
+                const int i = q0 + wq * 16 + g + 8 * e2;
+                if (i >= Nq) continue;
+                float* row = dq_acc + ((b * Nq + i) * H + h) * (int64_t)DH + dq_panel * 64 + 2 * t;
+                // One 8-byte vector atomic per pair of head dims (sm_90): half the
+                // atomic operations of two scalar adds.
 #pragma unroll
-                    for (int n = 0; n < 8; ++n)
-                        atomicAdd(reinterpret_cast<float2*>(row + 8 * n),
-                                  make_float2(scale * dqa[4 * n + 2 * e2], scale * dqa[4 * n + 2 * e2 + 1]));
-                }
+                for (int n = 0; n < 8; ++n)
+                    atomicAdd(reinterpret_cast<float2*>(row + 8 * n),
+                              make_float2(scale * dqa[4 * n + 2 * e2], scale * dqa[4 * n + 2 * e2 + 1]));
             }
         }
         // No barrier here: the next tile's copies and L, D go to the other stage, whose
