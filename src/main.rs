@@ -68,7 +68,11 @@ fn info() -> Result<()> {
         match cuda::device(i).and_then(|d| cuda::attention::wgmma_layout_errors(&d)) {
             Ok(Some(errors)) => {
                 let worst = errors.iter().fold(0.0f64, |w, e| w.max(*e));
-                let verdict = if worst < 1e-5 { "ok" } else { "MISMATCH: the wgmma attention kernels will be wrong" };
+                let verdict = if worst < cuda::attention::WGMMA_LAYOUT_TOLERANCE {
+                    "ok"
+                } else {
+                    "MISMATCH: the wgmma attention kernels will be wrong"
+                };
                 let list: Vec<String> = errors.iter().map(|e| format!("{e:.1e}")).collect();
                 println!(
                     "  cuda:{i}: wgmma layouts {verdict} (largest error per form, of the product: {})",

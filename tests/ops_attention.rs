@@ -426,11 +426,15 @@ fn gpu_wgmma_layouts_match_cpu() {
         return;
     }
     let dev = synthos_engine::cuda::device(0).unwrap();
-    match synthos_engine::cuda::attention::wgmma_layout_errors(&dev).unwrap() {
+    use synthos_engine::cuda::attention::{wgmma_layout_errors, WGMMA_LAYOUT_TOLERANCE};
+    match wgmma_layout_errors(&dev).unwrap() {
         None => eprintln!("not compute capability 9.0: wgmma layout probe skipped"),
         Some(errors) => {
             for (form, e) in errors.iter().enumerate() {
-                assert!(*e < 1e-5, "wgmma layout form {form}: largest error {e} of the product's magnitude");
+                assert!(
+                    *e < WGMMA_LAYOUT_TOLERANCE,
+                    "wgmma layout form {form}: largest error {e} of the product's magnitude"
+                );
             }
         }
     }

@@ -572,6 +572,11 @@ fn deterministic_backward(
     Ok(CudaAttentionGrads { dq, dk, dv, dbias })
 }
 
+/// The largest error of [`wgmma_layout_errors`], relative to the product, that a correct
+/// layout stays under (fp32 rounding of 16 bf16 products is about 1e-7; a wrong layout
+/// gives errors of order 1).
+pub const WGMMA_LAYOUT_TOLERANCE: f64 = 1e-5;
+
 /// The wgmma operand layouts on their own (`kernels/wgmma_probe.cu`): `D = A·Bᵀ` of a
 /// 64 × 16 and a 64 × 16 bf16 operand in each form the wgmma attention kernels use
 /// (0: both K-major in shared memory, as S = Q·Kᵀ; 1: A in registers and B N-major, as
@@ -582,6 +587,8 @@ fn deterministic_backward(
 /// attention kernels disagree with the CPU on a GPU, this tells whether the layouts
 /// themselves are at fault.
 pub fn wgmma_layout_errors(dev: &CudaDevice) -> Result<Option<[f64; 3]>> {
+    // The probe's shared memory: its four tiles (20 KB) and 1024 bytes to align them.
+    const PROBE_SMEM: u32 = 20480 + 1024;
     if dev.compute_capability()? != (9, 0) {
         return Ok(None);
     }
@@ -601,7 +608,7 @@ pub fn wgmma_layout_errors(dev: &CudaDevice) -> Result<Option<[f64; 3]>> {
     for (form, err) in errors.iter_mut().enumerate() {
         let mut out = dev.stream.alloc_zeros::<f32>(64 * 64)?;
         let form_arg = form as i32;
-        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 20480 + 1024 };
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: PROBE_SMEM };
         let mut lb = dev.stream.launch_builder(&f);
         lb.arg(&da).arg(&db).arg(&mut out).arg(&form_arg);
         // SAFETY: a and b hold 64 × 16 bf16, out 64 × 64 f32; one block of 128 threads
