@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "flash.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 namespace {
@@ -304,6 +305,207 @@ WGMMA_FWD(128)
     }
 WGMMA_FWD_OVL(64)
 WGMMA_FWD_OVL(128)
+
+// ---- Warp-specialised forward -------------------------------------------------------------
+// attn_fwd_wgmma_ws_d<Dh>_bf16 (Dh 64 or 128): the forward of attn_fwd_wgmma_ovl with its
+// loads moved to a producer and its two warpgroups in pingpong, as FlashAttention-3 runs
+// on Hopper. Grid (ceil(Nq / 128), H, B), 384 threads = three warpgroups:
+//   warpgroup 0, the producer, gives most of its registers back (setmaxnreg 24); one
+//     thread loads Q once and then, per key tile j, K_j and V_j with TMA (q_map, k_map,
+//     v_map: the [B, N, H, Dh] tensors as 4-d maps, boxes of 64 head dims x 1 head x 128
+//     tokens, 128-byte swizzle, so each box lands in the layout of issue_tile_sw128) into
+//     stage j % 2 of K and of V, each stage guarded by a "full" mbarrier (one arrival
+//     with the tile's transaction bytes) and an "empty" one (an arrival of every consumer
+//     thread);
+//   warpgroups 1 and 2, the consumers (setmaxnreg 240), own query rows 0..63 and 64..127
+//     and run the overlapped tile step of attn_fwd_wgmma_ovl: issue S_j = Q K_j^T and
+//     O += P_{j-1} V_{j-1}, wait for S_j (K_j's stage is then free), the softmax of tile
+//     j while P_{j-1} V_{j-1} runs, wait for it (V_{j-1}'s stage is then free), rescale,
+//     pack P_j. Pingpong: a consumer issues its products only after the other has issued
+//     its own (named barriers 1 and 2, 256 threads: the waiting warpgroup's bar.sync and
+//     the other's bar.arrive), so one warpgroup's softmax runs while the other's products
+//     occupy the tensor cores.
+// No thread waits for a copy it issued and no block barrier follows the set-up: the
+// consumers wait only for data and for their turn.
+// Shared memory (dynamic): Q 128 rows, K and V 2 stages x 128 rows, Dh bf16 each, 9
+//   mbarriers (128 bytes) and 1024 bytes to align the tiles: 1280 Dh + 1152 bytes
+//   (Dh 64: 83072, 128: 164992).
+namespace {
+
+template <int DH>
+struct WgWs {
+    static constexpr int THREADS = 384;  // (the launch bounds below; the host's WGMMA_WS_THREADS)
+    static constexpr int CONSUMERS = 256;  // threads of the two consumer warpgroups
+    static constexpr int BQ = 128;         // query rows per block
+    static constexpr int BK = 128;         // keys per tile
+    static constexpr int TILE = BK * DH * 2;
+    static constexpr int Q = 0;  // byte offsets from the aligned base
+    static constexpr int K = Q + BQ * DH * 2;
+    static constexpr int V = K + 2 * TILE;
+    static constexpr int BAR = V + 2 * TILE;
+    static constexpr int BYTES = BAR + 128 + 1024;
+    static_assert(DH == 64 || DH == 128, "head dim 64 or 128");
+    // The host computes the same size (cuda/attention.rs, wgmma_fwd_ws_smem_bytes).
+    static_assert(BYTES == 1280 * DH + 1152, "shared-memory size changed: update the host");
+};
+
+template <int DH>
+__device__ __forceinline__ void attn_fwd_wgmma_ws(const ptx::TmaMap* q_map, const ptx::TmaMap* k_map,
+                                                  const ptx::TmaMap* v_map, const float* __restrict__ key_mask,
+                                                  const float* __restrict__ bias, bf16* __restrict__ out,
+                                                  float* __restrict__ lse, int Nq, int Nk, int H, int bias_batch,
+                                                  int has_mask, int causal, float scale) {
+#if defined(SYNTHOS_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    using L = WgWs<DH>;
+    constexpr int BQ = L::BQ, BK = L::BK, TILE = L::TILE, PANELS = DH / 64;
+    DYNAMIC_SMEM(smem_raw);
+    if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
+    unsigned char* smem = ptx::align_1024(smem_raw);
+    unsigned char* Qs = smem + L::Q;
+    unsigned char* Ks = smem + L::K;
+    unsigned char* Vs = smem + L::V;
+    uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::BAR);
+    uint64_t* q_full = bars;
+    uint64_t* k_full = bars + 1;   // [2]
+    uint64_t* k_empty = bars + 3;  // [2]
+    uint64_t* v_full = bars + 5;   // [2]
+    uint64_t* v_empty = bars + 7;  // [2]
+
+    const int q0 = blockIdx.x * BQ;
+    const int h = blockIdx.y;
+    const int b = blockIdx.z;
+    const int k_end = causal ? min(Nk, q0 + BQ) : Nk;
+    const int tiles = (k_end + BK - 1) / BK;
+    const bool short_last = tiles > 0 && k_end - (tiles - 1) * BK <= BK / 2;
+    // The warpgroup, from lane 0: ptxas then knows it is uniform in each warp (the wgmma
+    // of a branch it cannot prove warp-uniform are serialised).
+    const int wg = __shfl_sync(0xffffffffu, (int)(threadIdx.x >> 7), 0);
+
+    if (threadIdx.x == 0) {
+        ptx::mbar_init(q_full, 1);
+        for (int s = 0; s < 2; ++s) {
+            ptx::mbar_init(k_full + s, 1);
+            ptx::mbar_init(v_full + s, 1);
+            ptx::mbar_init(k_empty + s, L::CONSUMERS);
+            ptx::mbar_init(v_empty + s, L::CONSUMERS);
+        }
+        ptx::fence_mbar_init();
+    }
+    __syncthreads();
+
+    if (wg == 0) {  // the producer
+        ptx::setmaxnreg_dec<24>();
+        if (threadIdx.x != 0 || tiles == 0) return;
+        ptx::mbar_arrive_expect_tx(q_full, BQ * DH * 2);
+        for (int p = 0; p < PANELS; ++p) ptx::tma_load_4d(Qs + p * BQ * 128, q_map, 64 * p, h, q0, b, q_full);
+        for (int j = 0; j < tiles; ++j) {
+            const int s = j & 1;
+            const unsigned free_parity = ((j >> 1) & 1) ^ 1;  // the stage's previous use released
+            ptx::mbar_wait(k_empty + s, free_parity);
+            ptx::mbar_arrive_expect_tx(k_full + s, TILE);
+            for (int p = 0; p < PANELS; ++p)
+                ptx::tma_load_4d(Ks + s * TILE + p * BK * 128, k_map, 64 * p, h, j * BK, b, k_full + s);
+            ptx::mbar_wait(v_empty + s, free_parity);
+            ptx::mbar_arrive_expect_tx(v_full + s, TILE);
+            for (int p = 0; p < PANELS; ++p)
+                ptx::tma_load_4d(Vs + s * TILE + p * BK * 128, v_map, 64 * p, h, j * BK, b, v_full + s);
+        }
+        return;
+    }
+
+    ptx::setmaxnreg_inc<240>();
+    const int cw = wg - 1;  // consumer 0 or 1
+    const int wq = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    int rows[2];
+    rows[0] = q0 + cw * 64 + wq * 16 + g;
+    rows[1] = rows[0] + 8;
+    const float* brow[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+        brow[r] = flash::bias_row(bias, bias_batch, b, H, h, Nq, Nk, rows[r]);
+    float o[DH / 2];
+#pragma unroll
+    for (int i = 0; i < DH / 2; ++i) o[i] = 0.f;
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+    const unsigned char* q_rows = Qs + cw * 64 * 128;
+    uint32_t pa[BK / 16][4];  // the previous tile's P, packed
+    // Pingpong: consumer c issues at its barrier (1 + c) once the other has issued; the
+    // first turn is consumer 0's.
+    const unsigned my_turn = 1 + cw, their_turn = 2 - cw;
+    if (tiles > 0) {
+        ptx::mbar_wait(q_full, 0);
+        if (cw == 1) ptx::named_bar_arrive(1, L::CONSUMERS);
+    }
+
+    for (int j = 0; j < tiles; ++j) {
+        const int k0 = j * BK, s = j & 1;
+        ptx::mbar_wait(k_full + s, (j >> 1) & 1);
+        if (j > 0) ptx::mbar_wait(v_full + ((j - 1) & 1), ((j - 1) >> 1) & 1);
+        const unsigned char* Kt = Ks + s * TILE;
+        auto tile_step = [&](auto keys) {
+            constexpr int BKT = decltype(keys)::value, NTT = BKT / 8;
+            float sc[BKT / 2];
+            float alpha[2];
+            ptx::named_bar_sync(my_turn, L::CONSUMERS);
+            ptx::wgmma_fence_operand(o);
+            ptx::wgmma_fence();
+            issue_qk<DH, BKT, BQ, BK>(sc, q_rows, Kt);
+            ptx::wgmma_commit();
+            if (j > 0) issue_pv<DH, BK, BK>(o, pa, Vs + ((j - 1) & 1) * TILE);  // (never the short tile)
+            ptx::wgmma_commit();
+            // The other consumer's turn (consumer 1's last turn has no one to hand to).
+            if (cw == 0 || j + 1 < tiles) ptx::named_bar_arrive(their_turn, L::CONSUMERS);
+            ptx::wgmma_wait<1>();  // S_j (P_{j-1} V_{j-1} may still run)
+            ptx::wgmma_fence_operand(sc);
+            ptx::mbar_arrive(k_empty + s);  // K_j is read
+            flash::softmax_tile<NTT>(reinterpret_cast<float(&)[NTT][4]>(sc), rows, k0, t, Nq, Nk, causal, has_mask,
+                                     key_mask, b, brow, scale, m_run, l_run, alpha);
+            ptx::wgmma_wait<0>();
+            ptx::wgmma_fence_operand(o);
+            ptx::wgmma_fence_operand(pa);
+            if (j > 0) ptx::mbar_arrive(v_empty + ((j - 1) & 1));  // V_{j-1} is read
+#pragma unroll
+            for (int i = 0; i < DH / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
+            pack_p<BKT>(sc, pa);
+        };
+        if (j + 1 == tiles && short_last)
+            tile_step(std::integral_constant<int, BK / 2>{});
+        else
+            tile_step(std::integral_constant<int, BK>{});
+    }
+    if (tiles > 0) {  // the last tile's P V
+        const int s = (tiles - 1) & 1;
+        ptx::mbar_wait(v_full + s, ((tiles - 1) >> 1) & 1);
+        ptx::wgmma_fence_operand(o);
+        ptx::wgmma_fence();
+        if (short_last)
+            issue_pv<DH, BK / 2, BK>(o, pa, Vs + s * TILE);
+        else
+            issue_pv<DH, BK, BK>(o, pa, Vs + s * TILE);
+        ptx::wgmma_commit();
+        ptx::wgmma_wait<0>();
+        ptx::wgmma_fence_operand(o);
+        ptx::wgmma_fence_operand(pa);
+    }
+    store_out<DH>(o, l_run, m_run, rows, Nq, H, h, b, t, out, lse);
+#else
+    __trap();
+#endif
+}
+
+}  // namespace
+
+#define WGMMA_FWD_WS(DH)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(384, 1) attn_fwd_wgmma_ws_d##DH##_bf16(                           \
+        const SYNTHOS_GRID_CONSTANT ptx::TmaMap q_map, const SYNTHOS_GRID_CONSTANT ptx::TmaMap k_map,              \
+        const SYNTHOS_GRID_CONSTANT ptx::TmaMap v_map, const float* key_mask, const float* bias, bf16* out,        \
+        float* lse, int Nq, int Nk, int H, int bias_batch, int has_mask, int causal, float scale) {               \
+        attn_fwd_wgmma_ws<DH>(&q_map, &k_map, &v_map, key_mask, bias, out, lse, Nq, Nk, H, bias_batch, has_mask,   \
+                              causal, scale);                                                                     \
+    }
+WGMMA_FWD_WS(64)
+WGMMA_FWD_WS(128)
 
 // ---- Backward -----------------------------------------------------------------------------
 // attn_bwd_wgmma_d<Dh>_bf16 (Dh 64 or 128): the inputs and outputs of attn_bwd_mma_d<Dh>_bf16

@@ -116,7 +116,7 @@ gate() {  # gate <test executable> <test> <text of its bench cases> [attention s
   BENCH_SKIP+=(--skip "$text"); SKIP_ATTN+="$* "
 }
 gate ops_attention gpu_mma_kernels_match_cpu "[mma" mma-det mma-r32
-gate ops_attention gpu_wgmma_kernels_match_cpu "[wgmma" wgmma wgmma-det wgmma-ovl
+gate ops_attention gpu_wgmma_kernels_match_cpu "[wgmma" wgmma wgmma-det wgmma-ovl wgmma-ws
 gate ops_norm gpu_warp_forward_norms_match_cpu "[warp]"
 if [ -d "$OUTDIR/tests" ]; then
   # One archive of the logs ($OUT returns at most 8 files).
@@ -172,7 +172,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left)" -gt 150 ]; then
   # compared them with the CPU) and the multi-tensor AdamW and
   # gradient norm (SYNTHOS_CUDA_MULTI_TENSOR=1), and cached cuBLASLt plans
   # (SYNTHOS_CUDA_GEMM_PLANS=1; host time, so the b1 step shows it). Defaults: the bench above.
-  for attn in wgmma wgmma-ovl wgmma-det mma-det mma-r32; do
+  for attn in wgmma wgmma-ws wgmma-ovl wgmma-det mma-det mma-r32; do
     [ "$(left)" -gt 140 ] || break
     case "$SKIP_ATTN" in *" $attn "*) echo "training steps with $attn: left out (its parity test did not pass)"; continue;; esac
     stage "training steps with SYNTHOS_CUDA_ATTENTION=$attn, multi-tensor and GEMM plans"

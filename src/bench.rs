@@ -387,6 +387,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
                 AttentionKernel::MmaRows32,
                 AttentionKernel::Wgmma,
                 AttentionKernel::WgmmaOverlap,
+                AttentionKernel::WgmmaWarpSpecialized,
             ]
         };
         for &kernel in mma_kernels {

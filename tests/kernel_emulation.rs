@@ -32,6 +32,8 @@ const COMMON_FLAGS: &[&str] = &[
     "-Wno-unknown-pragmas",
     "-Wno-sign-compare",
     "-Wno-unused-parameter",
+    // (g++'s note that 64-byte-aligned parameters, the tensor maps, pass differently since GCC 4.6)
+    "-Wno-psabi",
 ];
 
 /// A sanitizer build of a harness.

@@ -387,7 +387,7 @@ fn gpu_mma_kernels_match_cpu() {
     }
 }
 
-/// The wgmma kernels (`SYNTHOS_CUDA_ATTENTION=wgmma|wgmma-det|wgmma-ovl`, compute
+/// The wgmma kernels (`SYNTHOS_CUDA_ATTENTION=wgmma|wgmma-det|wgmma-ovl|wgmma-ws`, compute
 /// capability 9.0 only; other GPUs take the mma ones), forward and backward, against the
 /// CPU at their
 /// head dims, with masks, causal masking, biases and their gradients, partial tiles,
@@ -398,7 +398,12 @@ fn gpu_wgmma_kernels_match_cpu() {
     use synthos_engine::cuda::attention::{with_attention_kernel, AttentionKernel};
     let Some(dev) = gpu() else { return };
     let mut rng = Rng::new(26);
-    for kernel in [AttentionKernel::Wgmma, AttentionKernel::WgmmaDeterministic, AttentionKernel::WgmmaOverlap] {
+    for kernel in [
+        AttentionKernel::Wgmma,
+        AttentionKernel::WgmmaDeterministic,
+        AttentionKernel::WgmmaOverlap,
+        AttentionKernel::WgmmaWarpSpecialized,
+    ] {
         with_attention_kernel(kernel, || {
             for dh in [64, 128] {
                 let cases = [

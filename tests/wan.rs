@@ -530,6 +530,7 @@ fn gpu_matches_cpu_with_wide_heads_under_each_attention_set() {
             AttentionKernel::Wgmma,
             AttentionKernel::WgmmaDeterministic,
             AttentionKernel::WgmmaOverlap,
+            AttentionKernel::WgmmaWarpSpecialized,
         ] {
             let (out_g, grads_g) = with_attention_kernel(kernel, || forward_backward(&gpu_model, dev, 22));
             let what = format!("head dim {head_dim}, attention {}", kernel.name());

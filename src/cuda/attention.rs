@@ -7,14 +7,14 @@
 //! mma.sync ones with register-resident scores, and wgmma ones for sm_90 (Hopper); the
 //! newer ones become the default once a GPU run has shown them correct and faster
 //! (docs/PERF.md). `SYNTHOS_CUDA_ATTENTION=wmma|mma|mma128|mma-r32|mma-det|wgmma|wgmma-det|
-//! wgmma-ovl` picks a set for a process, [`with_attention_kernel`] for a closure on one
-//! thread.
+//! wgmma-ovl|wgmma-ws` picks a set for a process, [`with_attention_kernel`] for a closure on
+//! one thread.
 
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
 
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::{kernel_name, CudaBuf, CudaDevice, CudaStorage, Elem, PushBuf};
@@ -77,6 +77,13 @@ pub enum AttentionKernel {
     /// each warpgroup runs the softmax of key tile j while the products of tile j-1's P·V
     /// are in flight (three V stages; 1536·Dh + 1024 bytes of shared memory).
     WgmmaOverlap,
+    /// As [`AttentionKernel::Wgmma`], with the forward's `attn_fwd_wgmma_ws_d<Dh>_bf16`
+    /// (FlashAttention-3's schedule): a producer warpgroup loads Q, K and V with TMA into
+    /// mbarrier-guarded stages, and two consumer warpgroups run the overlapped tile step in
+    /// pingpong (one's softmax while the other's products run); 384 threads, 1280·Dh + 1152
+    /// bytes of shared memory. Tensors whose base is not 16-byte aligned (a TMA rule) take
+    /// the overlapped forward.
+    WgmmaWarpSpecialized,
 }
 
 impl AttentionKernel {
@@ -91,11 +98,12 @@ impl AttentionKernel {
             AttentionKernel::Wgmma => "wgmma",
             AttentionKernel::WgmmaDeterministic => "wgmma-det",
             AttentionKernel::WgmmaOverlap => "wgmma-ovl",
+            AttentionKernel::WgmmaWarpSpecialized => "wgmma-ws",
         }
     }
 
     /// Every set (the first is the default).
-    pub const ALL: [AttentionKernel; 8] = [
+    pub const ALL: [AttentionKernel; 9] = [
         AttentionKernel::Wmma,
         AttentionKernel::Mma,
         AttentionKernel::Mma128,
@@ -104,6 +112,7 @@ impl AttentionKernel {
         AttentionKernel::Wgmma,
         AttentionKernel::WgmmaDeterministic,
         AttentionKernel::WgmmaOverlap,
+        AttentionKernel::WgmmaWarpSpecialized,
     ];
 
     /// True for the set whose backward uses no atomics.
@@ -114,8 +123,13 @@ impl AttentionKernel {
     /// True when this set runs its wgmma kernels for `head_dim` on `dev`: a wgmma set, head
     /// dim 64 or 128, compute capability 9.0 (the sm_90a code).
     fn hopper(self, head_dim: usize, dev: &CudaDevice) -> Result<bool> {
-        Ok(matches!(self, AttentionKernel::Wgmma | AttentionKernel::WgmmaDeterministic | AttentionKernel::WgmmaOverlap)
-            && WGMMA_HEAD_DIMS.contains(&head_dim)
+        Ok(matches!(
+            self,
+            AttentionKernel::Wgmma
+                | AttentionKernel::WgmmaDeterministic
+                | AttentionKernel::WgmmaOverlap
+                | AttentionKernel::WgmmaWarpSpecialized
+        ) && WGMMA_HEAD_DIMS.contains(&head_dim)
             && dev.compute_capability()? == (9, 0))
     }
 
@@ -128,7 +142,8 @@ impl AttentionKernel {
             | AttentionKernel::MmaDeterministic
             | AttentionKernel::Wgmma
             | AttentionKernel::WgmmaDeterministic
-            | AttentionKernel::WgmmaOverlap => (4, 1, 64),
+            | AttentionKernel::WgmmaOverlap
+            | AttentionKernel::WgmmaWarpSpecialized => (4, 1, 64),
             AttentionKernel::Mma128 if wide => (8, 1, 64),
             AttentionKernel::MmaRows32 if wide => (4, 2, 32),
             AttentionKernel::Mma128 | AttentionKernel::MmaRows32 => (4, 1, 64),
@@ -201,6 +216,74 @@ fn wgmma_fwd_smem_bytes(head_dim: usize) -> usize {
 /// the tiles).
 fn wgmma_fwd_ovl_smem_bytes(head_dim: usize) -> usize {
     1536 * head_dim + 1024
+}
+
+/// Threads of the warp-specialised wgmma forward (`WgWs::THREADS`: a producer and two
+/// consumer warpgroups; 128 query rows per block).
+const WGMMA_WS_THREADS: u32 = 384;
+
+/// Dynamic shared memory of the warp-specialised wgmma forward (mirrors `WgWs<DH>::BYTES`:
+/// Q 128 rows, two stages of K and V 128 rows, Dh bf16 each, 9 mbarriers in 128 bytes, and
+/// 1024 bytes to align the tiles).
+fn wgmma_fwd_ws_smem_bytes(head_dim: usize) -> usize {
+    1280 * head_dim + 1152
+}
+
+/// A TMA tensor map (`CUtensorMap`), passed to a kernel by value (`const __grid_constant__
+/// ptx::TmaMap` in kernels/tma.cuh).
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct TmaMap([u64; 16]);
+
+// SAFETY: a plain 128-byte, 64-byte-aligned value, as the kernel parameter is declared.
+unsafe impl DeviceRepr for TmaMap {}
+
+/// The tensor map of a `[B, N, H, Dh]` bf16 tensor at device address `ptr` for the
+/// warp-specialised forward: a 4-d map (Dh innermost), boxes of 64 head dims × 1 head × 128
+/// tokens in the 128-byte swizzle (each box lands as one 64-column panel of the kernel's
+/// tiles), tokens past N zero-filled. None when `ptr` is not 16-byte aligned; an error
+/// names the tensor when the driver refuses the map.
+fn bhnd_tensor_map(
+    what: &str,
+    ptr: u64,
+    batch: usize,
+    n: usize,
+    heads: usize,
+    head_dim: usize,
+) -> Result<Option<TmaMap>> {
+    if !ptr.is_multiple_of(16) {
+        return Ok(None);
+    }
+    let row = (head_dim * 2) as u64;
+    let dims: [u64; 4] = [head_dim as u64, heads as u64, n as u64, batch as u64];
+    let strides: [u64; 3] = [row, row * heads as u64, row * (heads * n) as u64];
+    let boxes: [u32; 4] = [64, 1, WGMMA_QUERIES as u32, 1];
+    let element_strides: [u32; 4] = [1; 4];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::uninit();
+    // SAFETY: every array has the rank's length; the driver writes the 128-byte map and reads
+    // nothing else.
+    let status = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            4,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            element_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if status != sys::CUresult::CUDA_SUCCESS {
+        bail!("attention: the driver refused the TMA tensor map of {what} ([{batch}, {n}, {heads}, {head_dim}] bf16): {status:?}");
+    }
+    // SAFETY: initialised by the successful call; CUtensorMap is 16 u64 words.
+    let words: [u64; 16] = unsafe { std::mem::transmute(map.assume_init()) };
+    Ok(Some(TmaMap(words)))
 }
 
 /// Keys per block (and threads) of the wgmma backward kernels (`WgBwd::BK`, `THREADS`).
@@ -327,8 +410,33 @@ pub fn forward(p: &AttentionParams, x: &AttentionInputs<CudaStorage>) -> Result<
     let kd = kernel_dims(p)?;
     let kernel = attention_kernel()?;
     let hopper = kernel.hopper(p.head_dim, dev)?;
+    let (q, k, v) = (bf16_slice("q", x.q)?, bf16_slice("k", x.k)?, bf16_slice("v", x.v)?);
+    // The warp-specialised forward reads q, k and v through TMA tensor maps (the guards
+    // record those reads for cudarc's stream tracking when dropped, after the launch).
+    let (qp, _read_q) = q.device_ptr(&dev.stream);
+    let (kp, _read_k) = k.device_ptr(&dev.stream);
+    let (vp, _read_v) = v.device_ptr(&dev.stream);
+    let maps = match hopper && kernel == AttentionKernel::WgmmaWarpSpecialized {
+        true => match (
+            bhnd_tensor_map("q", qp, p.batch, p.q_len, p.heads, p.head_dim)?,
+            bhnd_tensor_map("k", kp, p.batch, p.kv_len, p.heads, p.head_dim)?,
+            bhnd_tensor_map("v", vp, p.batch, p.kv_len, p.heads, p.head_dim)?,
+        ) {
+            (Some(qm), Some(km), Some(vm)) => Some([qm, km, vm]),
+            _ => None,
+        },
+        false => None,
+    };
     let (module, name, smem, rows, threads) = match kernel.mma_forward(p.head_dim) {
-        _ if hopper && kernel == AttentionKernel::WgmmaOverlap => (
+        _ if maps.is_some() => (
+            "attention_wgmma",
+            kernel_name(&format!("attn_fwd_wgmma_ws_d{}", p.head_dim), DType::BF16),
+            wgmma_fwd_ws_smem_bytes(p.head_dim),
+            WGMMA_QUERIES,
+            WGMMA_WS_THREADS,
+        ),
+        // (also the warp-specialised set's forward when a tensor is not 16-byte aligned)
+        _ if hopper && matches!(kernel, AttentionKernel::WgmmaOverlap | AttentionKernel::WgmmaWarpSpecialized) => (
             "attention_wgmma",
             kernel_name(&format!("attn_fwd_wgmma_ovl_d{}", p.head_dim), DType::BF16),
             wgmma_fwd_ovl_smem_bytes(p.head_dim),
@@ -346,7 +454,6 @@ pub fn forward(p: &AttentionParams, x: &AttentionInputs<CudaStorage>) -> Result<
         Some(m) => ("attention_mma", m.name(p.head_dim), m.smem_bytes(p.head_dim), m.rows(), 32 * m.warps as u32),
     };
     let f = kernel_with_smem(dev, module, name, smem)?;
-    let (q, k, v) = (bf16_slice("q", x.q)?, bf16_slice("k", x.k)?, bf16_slice("v", x.v)?);
     let dummy = dev.unused_f32()?;
     let mask = optional_f32("key_mask", x.key_mask, dummy)?;
     let bias = optional_f32("bias", x.bias, dummy)?;
@@ -359,10 +466,15 @@ pub fn forward(p: &AttentionParams, x: &AttentionInputs<CudaStorage>) -> Result<
         shared_mem_bytes: smem as u32,
     };
     let mut lb = dev.stream.launch_builder(&f);
-    lb.arg(q).arg(k).arg(v).arg(mask).arg(bias).buf_mut(&mut out).buf_mut(&mut lse);
+    match &maps {
+        Some([qm, km, vm]) => lb.arg(qm).arg(km).arg(vm),
+        None => lb.arg(q).arg(k).arg(v),
+    };
+    lb.arg(mask).arg(bias).buf_mut(&mut out).buf_mut(&mut lse);
     lb.arg(&kd.q_len).arg(&kd.kv_len).arg(&kd.heads).arg(&kd.bias_batch);
     lb.arg(&has_mask).arg(&causal).arg(&p.scale);
-    // SAFETY: q is [B, Nq, H, Dh] and k, v [B, Nk, H, Dh] bf16; the mask ([B, Nk]) and
+    // SAFETY: q is [B, Nq, H, Dh] and k, v [B, Nk, H, Dh] bf16 (passed as pointers, or as
+    // tensor maps of exactly those shapes over the same buffers); the mask ([B, Nk]) and
     // bias ([bias_batch, H, Nq, Nk]) are read only when their flags are set; the kernel
     // writes out rows < Nq and lse [B, H, Nq], all in range, and the grid covers
     // ceil(Nq/rows) × H × B blocks of the kernel's thread count, with the shared memory

@@ -1,6 +1,7 @@
 // kernels/attention_wgmma.cu under emulation, launched as src/cuda/attention.rs does:
 // the wgmma forwards' output and row log-sum-exp (the plain one and the one that overlaps
-// its softmax with its products), then the wgmma backward (attn_bwd_dot of
+// its softmax with its products, and the warp-specialised one that loads by TMA and runs
+// its two consumer warpgroups in pingpong), then the wgmma backward (attn_bwd_dot of
 // attention.cu for D, the wgmma backward, the cast of the f32 dq accumulator) and the
 // deterministic pair (the wgmma dK/dV and dq kernels, no atomics), for both head dims
 // against the double-precision reference, with key masks (a batch whose keys are all hidden, a query
@@ -85,6 +86,29 @@ Fwd ovl_kernel(size_t head_dim) {
     }
 }
 
+// The warp-specialised forward (`wgmma_fwd_ws_smem_bytes`; 384 threads) and its tensor
+// maps, encoded as `bhnd_tensor_map` in src/cuda/attention.rs encodes them: [B, N, H, Dh]
+// as a 4-d map (Dh innermost), boxes of 64 head dims x 1 head x 128 tokens, 128-byte swizzle.
+unsigned ws_smem_bytes(size_t head_dim) { return (unsigned)(1280 * head_dim + 1152); }
+
+ptx::TmaMap tensor_map(const bf16* base, size_t B, size_t N, size_t H, size_t D) {
+    const uint64_t dims[4] = {D, H, N, B};
+    const uint64_t strides[3] = {D * 2, H * D * 2, N * H * D * 2};
+    const uint32_t box[4] = {64, 1, 128, 1};
+    return ptx::tma_encode_4d_bf16(base, dims, strides, box, true);
+}
+
+using FwdWs = emu::Kernel<ptx::TmaMap, ptx::TmaMap, ptx::TmaMap, const float*, const float*, bf16*, float*, int, int,
+                          int, int, int, int, float>;
+
+FwdWs ws_kernel(size_t head_dim) {
+    switch (head_dim) {
+        case 64: return EMU_KERNEL(attn_fwd_wgmma_ws_d64_bf16);
+        case 128: return EMU_KERNEL(attn_fwd_wgmma_ws_d128_bf16);
+        default: emu::fail("no warp-specialised wgmma attention kernel for head dim %zu", head_dim);
+    }
+}
+
 void run(const Config& c, uint64_t seed) {
     const size_t B = c.batch, Nq = c.q_len, Nk = c.kv_len, H = c.heads, D = c.head_dim;
     const Inputs x = draw(c, seed);
@@ -113,6 +137,16 @@ void run(const Config& c, uint64_t seed) {
                     (int)Nq, (int)Nk, (int)H, (int)c.bias_batch, (int)!x.mask.empty(), (int)c.causal, x.scale);
         check(report, "overlapped wgmma forward " + name + ": out", out2.download(), ref.out, 6e-3);
         report.close("overlapped wgmma forward " + name + ": lse", lse2.download(), ref.lse, 1e-4, 1e-5);
+    }
+    {
+        DeviceArray<bf16> out3(B * Nq * H * D);
+        DeviceArray<float> lse3(B * H * Nq);
+        const emu::LaunchConfig wcfg{cfg.grid, dim3(384), ws_smem_bytes(D), true};
+        emu::launch(wcfg, ws_kernel(D), tensor_map(dq.ptr(), B, Nq, H, D), tensor_map(dk.ptr(), B, Nk, H, D),
+                    tensor_map(dv.ptr(), B, Nk, H, D), mask_ptr, bias_ptr, out3.ptr(), lse3.ptr(), (int)Nq, (int)Nk,
+                    (int)H, (int)c.bias_batch, (int)!x.mask.empty(), (int)c.causal, x.scale);
+        check(report, "warp-specialised wgmma forward " + name + ": out", out3.download(), ref.out, 6e-3);
+        report.close("warp-specialised wgmma forward " + name + ": lse", lse3.download(), ref.lse, 1e-4, 1e-5);
     }
 
     const size_t rows = B * Nq * H;

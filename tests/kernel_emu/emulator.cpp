@@ -5,17 +5,23 @@
 // a read of rows whose cp.async is still in flight (after a barrier, before the copier's
 // wait), shared-memory overruns, bad launch shapes, wgmma without its fence, wait or proxy
 // fence (after cp.async and after plain stores),
-// a wgmma operand rewritten in flight, wgmma outside whole warpgroups) must be reported,
+// a wgmma operand rewritten in flight, wgmma outside whole warpgroups, TMA loads nobody
+// waits for or that land on an operand in flight, mbarriers used before their init or
+// that never complete, unbalanced named barriers, tensor maps that break
+// cuTensorMapEncodeTiled's rules) must be reported,
 // never silently computed. Each case runs in a child process whose exit status and error
 // output are checked. And the PTX emulation's layouts agree with each other: a 16x16x16
 // product through cp.async, ldmatrix and mma.sync, used as kernels/attention_mma.cu uses
 // them, equals the matrix product, and so do the 64x64x16 wgmma products of
 // kernels/wgmma_probe.cu on 128-byte-swizzled tiles (both operands K-major; A in registers
-// with B N-major; A M-major with B N-major), which the GPU runs too.
+// with B N-major; A M-major with B N-major), which the GPU runs too; and a TMA box lands
+// in the layout kernels/attention_wgmma.cu's cp.async loader writes (128-byte swizzle),
+// zero-filled past the tensor.
 #include "harness.h"
 
 #include <mma.h>
 
+#include "tma.cuh"
 #include "wgmma_probe.cu"
 #include <sys/wait.h>
 
@@ -246,6 +252,98 @@ __global__ void wgmma_partial_warpgroup(float* out) {
     out[threadIdx.x] = d[0];
 }
 
+// A tensor map over `out` as a [1, 16, 1, 64] bf16 tensor (2048 bytes), boxes of 16 rows.
+ptx::TmaMap out_map(float* out) {
+    const uint64_t dims[4] = {64, 1, 16, 1}, strides[3] = {128, 128, 2048};
+    const uint32_t box[4] = {64, 1, 16, 1};
+    return ptx::tma_encode_4d_bf16(out, dims, strides, box, true);
+}
+
+// Shared memory of the TMA cases: 1024 bytes of alignment slack, a 2 KB tile, an mbarrier.
+constexpr unsigned kTmaSmem = 1024 + 2048 + 8;
+
+uint64_t* tma_barrier(unsigned char* s, unsigned count) {
+    uint64_t* bar = reinterpret_cast<uint64_t*>(s + 2048);
+    if (threadIdx.x == 0) {
+        ptx::mbar_init(bar, count);
+        ptx::fence_mbar_init();
+    }
+    __syncthreads();
+    return bar;
+}
+
+__global__ void tma_never_waited(float* out) {
+    const ptx::TmaMap map = out_map(out);
+    unsigned char* s = ptx::align_1024(emu::dynamic_smem());
+    uint64_t* bar = tma_barrier(s, 1);
+    if (threadIdx.x == 0) {
+        ptx::mbar_arrive_expect_tx(bar, 2048);
+        ptx::tma_load_4d(s, &map, 0, 0, 0, 0, bar);
+    }
+}
+
+// Two arrivals expected, one made: every thread waits forever.
+__global__ void mbar_never_completes(float* out) {
+    unsigned char* s = ptx::align_1024(emu::dynamic_smem());
+    uint64_t* bar = tma_barrier(s, 2);
+    if (threadIdx.x == 0) ptx::mbar_arrive(bar);
+    ptx::mbar_wait(bar, 0);
+    out[threadIdx.x] = 1.f;
+}
+
+__global__ void mbar_before_init(float* out) {
+    unsigned char* s = ptx::align_1024(emu::dynamic_smem());
+    ptx::mbar_arrive(reinterpret_cast<uint64_t*>(s + 2048));
+    out[threadIdx.x] = 1.f;
+}
+
+// Warp 0 hands a turn to warp 1, which never takes it.
+__global__ void named_barrier_unbalanced(float* out) {
+    if (threadIdx.x < 32) ptx::named_bar_arrive(1, 64);
+    out[threadIdx.x] = 1.f;
+}
+
+// A TMA load into the B tile of a product in flight.
+__global__ void tma_into_operand_in_flight(float* out) {
+    const ptx::TmaMap map = out_map(out);
+    unsigned char* s = wg_tiles();
+    uint64_t* bar = reinterpret_cast<uint64_t*>(s + 16384);
+    if (threadIdx.x == 0) {
+        ptx::mbar_init(bar, 1);
+        ptx::fence_mbar_init();
+    }
+    __syncthreads();
+    float d[32];
+    ptx::wgmma_fence();
+    wg_issue(s, d);
+    if (threadIdx.x == 0) {
+        ptx::mbar_arrive_expect_tx(bar, 2048);
+        ptx::tma_load_4d(s + 8192, &map, 0, 0, 0, 0, bar);
+    }
+    ptx::wgmma_wait<0>();
+    ptx::mbar_wait(bar, 0);
+    out[threadIdx.x] = d[0];
+}
+
+__global__ void tma_map_misaligned(float* out) {
+    const uint64_t dims[4] = {64, 1, 16, 1}, strides[3] = {128, 128, 2048};
+    const uint32_t box[4] = {64, 1, 16, 1};
+    const ptx::TmaMap map = ptx::tma_encode_4d_bf16(reinterpret_cast<char*>(out) + 2, dims, strides, box, true);
+    out[threadIdx.x] = (float)map.words[0];
+}
+
+// A 64 x 1 x 16 x 1 box of head 1 of a [1, 10, 2, 64] tensor: rows 10..15 lie past it.
+__global__ void tma_box(ptx::TmaMap map, bf16* out) {
+    unsigned char* s = ptx::align_1024(emu::dynamic_smem());
+    uint64_t* bar = tma_barrier(s, 1);
+    if (threadIdx.x == 0) {
+        ptx::mbar_arrive_expect_tx(bar, 2048);
+        ptx::tma_load_4d(s, &map, 0, 1, 0, 0, bar);
+    }
+    ptx::mbar_wait(bar, 0);
+    for (unsigned i = threadIdx.x; i < 1024; i += blockDim.x) out[i] = reinterpret_cast<const bf16*>(s)[i];
+}
+
 struct Case {
     const char* name;
     const char* expected;  // in the error output
@@ -300,6 +398,18 @@ const Case kCases[] = {
      [](float* out) { emu::launch({dim3(1), dim3(128), 18432}, EMU_KERNEL(wgmma_unfenced_store), out); }},
     {"wgmma in a block of 64 threads", "whole warpgroups",
      [](float* out) { emu::launch({dim3(1), dim3(64), 18432}, EMU_KERNEL(wgmma_partial_warpgroup), out); }},
+    {"TMA load whose mbarrier nobody waits for", "whose mbarrier no thread waited for",
+     [](float* out) { emu::launch({dim3(1), dim3(64), kTmaSmem}, EMU_KERNEL(tma_never_waited), out); }},
+    {"mbarrier that never completes", "deadlock",
+     [](float* out) { emu::launch({dim3(1), dim3(64), kTmaSmem}, EMU_KERNEL(mbar_never_completes), out); }},
+    {"mbarrier used before its init", "before mbarrier.init",
+     [](float* out) { emu::launch({dim3(1), dim3(32), kTmaSmem}, EMU_KERNEL(mbar_before_init), out); }},
+    {"named barrier left part-arrived", "unbalanced",
+     [](float* out) { emu::launch({dim3(1), dim3(64), 0}, EMU_KERNEL(named_barrier_unbalanced), out); }},
+    {"TMA load into a wgmma operand in flight", "changed before the wgmma.wait_group",
+     [](float* out) { emu::launch({dim3(1), dim3(128), 18432}, EMU_KERNEL(tma_into_operand_in_flight), out); }},
+    {"tensor map over a misaligned address", "not 16-byte aligned",
+     [](float* out) { emu::launch({dim3(1), dim3(32), 0}, EMU_KERNEL(tma_map_misaligned), out); }},
 };
 
 // Runs a case in a child process; true when it failed with the expected message.
@@ -369,5 +479,18 @@ int main() {
         report.close(format("wgmma m64n64k16 probe, form %d (%s) = A B^T", form, forms[form]), d.download(), want1,
                      1e-5, 1e-5);
     }
+
+    // TMA: the box lands as issue_tile_sw128 writes a tile (row r at 128 r, its 16-byte
+    // chunk c at chunk c ^ (r % 8)), zeros past the tensor's 10 rows.
+    const std::vector<double> x = rng.values<bf16>(10 * 2 * 64);
+    std::vector<double> tile(1024, 0.0);
+    for (int r = 0; r < 10; ++r)
+        for (int c = 0; c < 64; ++c) tile[r * 64 + (((c / 8) ^ (r % 8)) * 8) + c % 8] = x[(r * 2 + 1) * 64 + c];
+    DeviceArray<bf16> dx(x), dtile(1024);
+    const uint64_t dims[4] = {64, 2, 10, 1}, strides[3] = {128, 256, 2560};
+    const uint32_t box[4] = {64, 1, 16, 1};
+    emu::launch({dim3(1), dim3(64), kTmaSmem}, EMU_KERNEL(tma_box),
+                ptx::tma_encode_4d_bf16(dx.ptr(), dims, strides, box, true), dtile.ptr());
+    report.close("a TMA box lands 128-byte-swizzled, zero-filled past the tensor", dtile.download(), tile, 0, 0);
     return report.finish();
 }

@@ -7,7 +7,7 @@
 //     or finishes, then the next; a barrier completes when all its participants are there.
 //     Passes over the runnable threads alternate in direction, so code that depends on
 //     the order of threads between barriers tends to compute wrong values.
-//   * `__syncthreads` is a barrier of the block; `__syncwarp`, `__shfl_xor_sync` and
+//   * `__syncthreads` is a barrier of the block; `__syncwarp`, `__shfl_sync`, `__shfl_xor_sync` and
 //     `wmma::mma_sync` are barriers of the warp (32 consecutive linear thread ids). A
 //     block barrier must be reached by every thread from one call site, a warp
 //     collective by every lane with the same intrinsic and the whole-warp mask, and no
@@ -337,7 +337,9 @@ inline void switch_context(Context& from, Context& to) {
 // ---- Threads of a block -----------------------------------------------------------------
 
 // What a fiber is stopped at.
-enum Wait : int { kRunning, kBlockBarrier, kWarpCollective, kFinished };
+// kCondition: waiting until a predicate of emulator state holds (tma_emu.h's mbarriers and
+// named barriers); kPaused: resumed only when no other thread can run.
+enum Wait : int { kRunning, kBlockBarrier, kWarpCollective, kCondition, kPaused, kFinished };
 
 struct Warp {
     unsigned lanes = 32;  // fewer in the last warp of a block that is not a multiple of 32
@@ -360,6 +362,9 @@ struct Fiber {
     std::atomic<int> wait{kRunning};
     std::atomic<const char*> what{""}, file{""};
     std::atomic<unsigned> line{0}, column{0};
+    // At kCondition: resumed once cond(cond_arg) holds (evaluated by the scheduler).
+    std::atomic<bool (*)(const void*)> cond{nullptr};
+    std::atomic<const void*> cond_arg{nullptr};
 #ifdef __SANITIZE_ADDRESS__
     void* fake_stack = nullptr;
 #endif
@@ -421,6 +426,34 @@ class Scheduler {
         tsan_release(sync);
         yield(f, kind);
         tsan_acquire(sync);
+    }
+
+    // Called on a fiber: stop until cond(arg) holds (at once when it already does), then
+    // acquire `sync` (the address the threads that make it true release).
+    void wait_until(bool (*cond)(const void*), const void* arg, const char* what, void* sync, const Loc& loc) {
+        if (!cond(arg)) {
+            Fiber& f = *running.load(std::memory_order_relaxed)->fiber;
+            f.what.store(what, std::memory_order_relaxed);
+            f.file.store(loc.file_name(), std::memory_order_relaxed);
+            f.line.store(loc.line(), std::memory_order_relaxed);
+            f.column.store(loc.column(), std::memory_order_relaxed);
+            f.cond.store(cond, std::memory_order_relaxed);
+            f.cond_arg.store(arg, std::memory_order_relaxed);
+            yield(f, kCondition);
+        }
+        tsan_acquire(sync);
+    }
+
+    // Called on a fiber: stop until no other thread can run, so that the threads this one
+    // just released run first (an mbarrier arrival: the producer it frees may refill a
+    // buffer at once on the GPU, before the arriving warp's next instruction).
+    void pause(const char* what, const Loc& loc) {
+        Fiber& f = *running.load(std::memory_order_relaxed)->fiber;
+        f.what.store(what, std::memory_order_relaxed);
+        f.file.store(loc.file_name(), std::memory_order_relaxed);
+        f.line.store(loc.line(), std::memory_order_relaxed);
+        f.column.store(loc.column(), std::memory_order_relaxed);
+        yield(f, kPaused);
     }
 
     // The ThreadSanitizer sync address of block barrier phases of this parity.
@@ -487,11 +520,15 @@ class Scheduler {
     bool release_waiters(unsigned n, const std::vector<Warp>& warps, std::vector<unsigned>& ready) const {
         unsigned finished = 0, at_block = 0;
         for (unsigned i = 0; i < n; ++i) {
-            const int w = fibers_[i]->wait.load(std::memory_order_relaxed);
+            const Fiber& f = *fibers_[i];
+            const int w = f.wait.load(std::memory_order_relaxed);
             finished += w == kFinished;
             at_block += w == kBlockBarrier;
+            if (w == kCondition && f.cond.load(std::memory_order_relaxed)(f.cond_arg.load(std::memory_order_relaxed)))
+                ready.push_back(i);
         }
         if (finished == n) return false;
+        if (!ready.empty()) return true;
         if (at_block > 0 && at_block + finished == n) {
             const Fiber& first = *first_at(0, n, kBlockBarrier);
             for (unsigned i = 0; i < n; ++i) {
@@ -528,6 +565,9 @@ class Scheduler {
                 ready.push_back(i);
             }
         }
+        if (ready.empty())  // nothing else can run: the paused threads go on
+            for (unsigned i = 0; i < n; ++i)
+                if (fibers_[i]->wait.load(std::memory_order_relaxed) == kPaused) ready.push_back(i);
         if (ready.empty()) {
             std::string where;
             for (unsigned i = 0, shown = 0; i < n && shown < 8; ++i) {
@@ -691,6 +731,17 @@ inline void check_config(const LaunchConfig& c) {
              c.sm90 ? "sm_90" : "sm_80", limit);
 }
 
+// Functions run before and after every block (tma_emu.h resets and checks its per-block
+// state with them).
+inline std::vector<void (*)()>& block_start_hooks() {
+    static std::vector<void (*)()> hooks;
+    return hooks;
+}
+inline std::vector<void (*)()>& block_end_hooks() {
+    static std::vector<void (*)()> hooks;
+    return hooks;
+}
+
 // Runs body(arg) once per CUDA thread of the grid.
 inline void run_grid(const char* name, const LaunchConfig& cfg, Scheduler::Body body, const void* arg) {
     launch_ctx.kernel = name;
@@ -726,7 +777,9 @@ inline void run_grid(const char* name, const LaunchConfig& cfg, Scheduler::Body 
         std::vector<unsigned char> view(static_cast<unsigned char*>(smem),
                                         static_cast<unsigned char*>(smem) + cfg.shared_mem_bytes);
         launch_ctx.async_view = view.data();
+        for (auto hook : block_start_hooks()) hook();
         scheduler().run_block(cfg.block, warps, body, arg);
+        for (auto hook : block_end_hooks()) hook();
         free(smem);
     }
     launch_ctx = {nullptr, {}, {}, {0, 0, 0}, nullptr, 0, launch_ctx.launches, nullptr, nullptr, nullptr};
@@ -812,6 +865,21 @@ inline void watchdog(unsigned seconds) {
 inline void __syncthreads(const emu::Loc& loc = emu::Loc::current()) { emu::syncthreads(loc); }
 inline void __syncwarp(unsigned mask = 0xffffffffu, const emu::Loc& loc = emu::Loc::current()) {
     emu::syncwarp(mask, loc);
+}
+
+// Every lane receives `var` of lane `src_lane` (of its segment of `width` lanes).
+template <class T>
+T __shfl_sync(unsigned mask, T var, int src_lane, int width = warpSize, const emu::Loc& loc = emu::Loc::current()) {
+    static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "shuffles move values of up to 8 bytes");
+    if (width <= 0 || width > 32 || (width & (width - 1)) != 0)
+        emu::fail("__shfl_sync width %d is not a power of two up to 32", width);
+    const unsigned lane = emu::self("__shfl_sync").lane;
+    const unsigned src = lane / width * width + ((unsigned)src_lane % (unsigned)width);
+    uint64_t bits = 0;
+    memcpy(&bits, &var, sizeof var);
+    bits = emu::warp_exchange(mask, bits, src, "__shfl_sync", loc);
+    memcpy(&var, &bits, sizeof var);
+    return var;
 }
 
 template <class T>
