@@ -401,11 +401,11 @@ __device__ __forceinline__ void attn_fwd_wgmma_ws(const ptx::TmaMap* q_map, cons
         for (int j = 0; j < tiles; ++j) {
             const int s = j & 1;
             const unsigned free_parity = ((j >> 1) & 1) ^ 1;  // the stage's previous use released
-            ptx::mbar_wait(k_empty + s, free_parity);
+            ptx::mbar_wait_or_trap(k_empty + s, free_parity);
             ptx::mbar_arrive_expect_tx(k_full + s, TILE);
             for (int p = 0; p < PANELS; ++p)
                 ptx::tma_load_4d(Ks + s * TILE + p * BK * 128, k_map, 64 * p, h, j * BK, b, k_full + s);
-            ptx::mbar_wait(v_empty + s, free_parity);
+            ptx::mbar_wait_or_trap(v_empty + s, free_parity);
             ptx::mbar_arrive_expect_tx(v_full + s, TILE);
             for (int p = 0; p < PANELS; ++p)
                 ptx::tma_load_4d(Vs + s * TILE + p * BK * 128, v_map, 64 * p, h, j * BK, b, v_full + s);

@@ -18,7 +18,8 @@
 //     transaction byte announced with mbar_arrive_expect_tx has landed. mbar_wait(bar, p)
 //     returns once the phase of parity p has completed: phases alternate in parity from 0,
 //     and before the first completion the (virtual) phase of parity 1 counts as complete,
-//     so a producer's first wait for a free stage passes at once.
+//     so a producer's first wait for a free stage passes at once. mbar_wait_or_trap traps
+//     after seconds of waiting instead of hanging.
 //   * named_bar_sync(id, n) waits until n threads (whole warps) have arrived at barrier id
 //     (1..15; 0 is __syncthreads) through named_bar_sync or named_bar_arrive, which does
 //     not wait.
@@ -63,15 +64,28 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, unsigned by
                  : "memory");
 }
 
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
+__device__ __forceinline__ bool mbar_try_wait(uint64_t* bar, unsigned parity) {
     uint32_t done;
-    do {
-        asm volatile(
-            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-            : "=r"(done)
-            : "r"(smem_addr(bar)), "r"(parity)
-            : "memory");
-    } while (!done);
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+    return done != 0;
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
+    while (!mbar_try_wait(bar, parity)) {
+    }
+}
+
+// The same, but a phase that has not completed after 2^28 polls (seconds: each try_wait
+// also suspends the thread a while) traps instead of hanging, a kernel error the host
+// reports where a hang would cost the rest of a GPU run. For threads with registers to
+// spare (a producer): the count costs the compute warpgroups' wgmma their registers.
+__device__ __forceinline__ void mbar_wait_or_trap(uint64_t* bar, unsigned parity) {
+    for (uint32_t polls = 0; !mbar_try_wait(bar, parity); ++polls)
+        if (polls == (1u << 28)) __trap();
 }
 
 __device__ __forceinline__ void tma_load_4d(void* dst, const TmaMap* map, int c0, int c1, int c2, int c3,

@@ -328,6 +328,11 @@ inline void mbar_wait(uint64_t* bar, unsigned parity, const emu::Loc& loc = emu:
     emu::tsan_acquire(const_cast<char*>(&m->sync[parity]));
 }
 
+// (The emulation reports a wait that can never end as a deadlock.)
+inline void mbar_wait_or_trap(uint64_t* bar, unsigned parity, const emu::Loc& loc = emu::Loc::current()) {
+    mbar_wait(bar, parity, loc);
+}
+
 inline void tma_load_4d(void* dst, const TmaMap* map, int c0, int c1, int c2, int c3, uint64_t* bar) {
     const char* what = "cp.async.bulk.tensor.4d";
     emu::self(what);
