@@ -13,6 +13,10 @@
 //     collective by every lane with the same intrinsic and the whole-warp mask, and no
 //     participant may have exited; anything else, or threads waiting at barriers that can
 //     never complete (a deadlock), is a kernel error. CUDA leaves all of these undefined.
+//   * Threads may also wait for a condition of the emulation's state (tma_emu.h: an
+//     mbarrier phase, a named barrier) and are resumed once it holds; a thread that pauses
+//     (after an mbarrier arrival) is resumed only when no other thread can run, so that
+//     the threads its arrival released run first.
 //   * Under ThreadSanitizer each fiber is a thread of its own with no ordering between
 //     them except what barriers establish (__tsan_release on arrival, __tsan_acquire on
 //     departure), so a missing barrier is reported as a data race. AddressSanitizer is told
