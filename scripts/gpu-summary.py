@@ -102,7 +102,7 @@ def cases(d):
                "ratio": (t["seconds"] / ours) if (t and ours) else None,
                "tflops": r.get("tflops"), "gbps": r.get("gbps"),
                "fraction_of_ceiling": r.get("fraction_of_ceiling"),
-               "samples_per_s": r.get("samples_per_s"), "peak_gib": r.get("peak_gib"),
+               "samples_per_s": r.get("samples_per_s"), "peak_gib": r.get("peak_gib"), "mfu": r.get("mfu"),
                "torch_variant": t.get("variant") if t else None,
                "torch_tflops": t.get("tflops") if t else None, "torch_gbps": t.get("gbps") if t else None,
                "torch_peak_gib": t.get("peak_mem_gib") if t else None,
@@ -148,7 +148,9 @@ def main():
     print(f"kernels: {len(summary['kernels'])}, spilling: {sorted(spills)}")
     for c in summary["cases"]:
         if c.get("ratio"):
-            print(f"{c['name']:<44} ours {c['ours_s']*1e3:10.3f} ms  torch {c['torch_s']*1e3:10.3f} ms  ratio {c['ratio']:.2f}")
+            mfu = f"  MFU {100 * c['mfu']:.1f}%" if c.get("mfu") else ""
+            print(f"{c['name']:<44} ours {c['ours_s']*1e3:10.3f} ms  torch {c['torch_s']*1e3:10.3f} ms  "
+                  f"ratio {c['ratio']:.2f}{mfu}")
 
 
 if __name__ == "__main__":

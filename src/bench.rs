@@ -44,6 +44,9 @@ pub struct BenchCase {
     pub bound: Bound,
     /// Samples one run processes (training steps and sampling), for samples/s.
     pub samples: Option<usize>,
+    /// FLOPs of the model's own math in one run (whole-model cases), without the
+    /// recomputation of activation checkpointing that `flops` counts: the numerator of MFU.
+    pub model_flops: Option<f64>,
     /// Issues the work once (asynchronously on a GPU).
     pub run: Box<dyn FnMut() -> Result<()>>,
 }
@@ -65,6 +68,10 @@ pub struct BenchResult {
     pub fraction: Option<f64>,
     /// Samples per second (training steps and sampling).
     pub samples_per_s: Option<f64>,
+    /// Model FLOPs utilisation (whole-model cases): `model_flops` per second over the
+    /// device's peak, its nominal dense bf16 rate where [`nominal_bf16_tflops`] knows the
+    /// GPU, else the measured GEMM rate (see [`mfu_peak`]).
+    pub mfu: Option<f64>,
     /// The most device memory allocated at once while the case ran (GPU whole-model
     /// cases only).
     pub peak_bytes: Option<u64>,
@@ -117,6 +124,7 @@ pub fn copy_case(device: Device, size: Size) -> Result<BenchCase> {
         flops: 0.0,
         bound: Bound::Memory,
         samples: None,
+        model_flops: None,
         run: Box::new(move || x.deep_copy().map(|_| ())),
     })
 }
@@ -137,6 +145,7 @@ pub fn gemm_case(device: Device, size: Size) -> Result<BenchCase> {
         flops: 2.0 * (n as f64).powi(3),
         bound: Bound::Compute,
         samples: None,
+        model_flops: None,
         run: Box::new(move || ops::matmul(&a, &b).map(|_| ())),
     })
 }
@@ -160,6 +169,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             flops: n as f64,
             bound: Bound::Memory,
             samples: None,
+            model_flops: None,
             run: Box::new(move || ops::add(&a, &b).map(|_| ())),
         });
         // A broadcast: one row added to every token (the per-row chunk path).
@@ -171,6 +181,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             flops: n as f64,
             bound: Bound::Memory,
             samples: None,
+            model_flops: None,
             run: Box::new(move || ops::add(&x, &row).map(|_| ())),
         });
     }
@@ -183,6 +194,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             flops: 10.0 * n as f64,
             bound: Bound::Memory,
             samples: None,
+            model_flops: None,
             run: Box::new(move || ops::gelu(&x, GeluApprox::Tanh).map(|_| ())),
         });
     }
@@ -199,6 +211,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             flops: 2.0 * n as f64,
             bound: Bound::Memory,
             samples: None,
+            model_flops: None,
             run: Box::new(move || ops::gated_residual(&x, &g, &y).map(|_| ())),
         });
         let (shift, scale) = (rand(&[batch, 1, dim], &mut rng, device)?, rand(&[batch, 1, dim], &mut rng, device)?);
@@ -210,6 +223,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             flops: 8.0 * n as f64,
             bound: Bound::Memory,
             samples: None,
+            model_flops: None,
             run: Box::new({
                 let (x2, shift, scale) = (x2.clone(), shift.clone(), scale.clone());
                 move || ops::layer_norm_modulate(&x2, &shift, &scale, 1e-6).map(|_| ())
@@ -224,6 +238,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             flops: 5.0 * n as f64,
             bound: Bound::Memory,
             samples: None,
+            model_flops: None,
             run: Box::new({
                 let (x3, w) = (x3.clone(), w.clone());
                 move || ops::rms_norm(&x3, &w, 1e-6).map(|_| ())
@@ -240,6 +255,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
                 flops: 8.0 * n as f64,
                 bound: Bound::Memory,
                 samples: None,
+                model_flops: None,
                 run: Box::new(move || {
                     with_warp_forward(true, || ops::layer_norm_modulate(&x4, &shift, &scale, 1e-6).map(|_| ()))
                 }),
@@ -252,6 +268,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
                 flops: 5.0 * n as f64,
                 bound: Bound::Memory,
                 samples: None,
+                model_flops: None,
                 run: Box::new(move || with_warp_forward(true, || ops::rms_norm(&x5, &w5, 1e-6).map(|_| ()))),
             });
         }
@@ -271,6 +288,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             flops: 3.0 * n,
             bound: Bound::Memory,
             samples: None,
+            model_flops: None,
             run: Box::new(move || ops::rope(&x, &cos, &sin).map(|_| ())),
         });
     }
@@ -285,6 +303,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             flops: n as f64,
             bound: Bound::Memory,
             samples: None,
+            model_flops: None,
             run: Box::new(move || ops::sum_all(&x).map(|_| ())),
         });
         let (b, nn, h, d) = if full { (8, 1560, 12, 128) } else { (16, 64, 8, 32) };
@@ -296,6 +315,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             flops: 0.0,
             bound: Bound::Memory,
             samples: None,
+            model_flops: None,
             run: Box::new(move || ops::permute(&y, &[0, 2, 1, 3]).map(|_| ())),
         });
         // Channels first to channels last (the last dimension moves: tiled transposes).
@@ -308,6 +328,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             flops: 0.0,
             bound: Bound::Memory,
             samples: None,
+            model_flops: None,
             run: Box::new(move || ops::permute(&z, &[0, 2, 1]).map(|_| ())),
         });
     }
@@ -323,6 +344,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             flops: 4.0 * (rows * rows) as f64,
             bound: Bound::Memory,
             samples: None,
+            model_flops: None,
             run: Box::new(move || ops::cross_entropy(&logits, &targets).map(|_| ())),
         });
     }
@@ -340,6 +362,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             flops: 2.0 * (m * k * nn) as f64,
             bound: Bound::Compute,
             samples: None,
+            model_flops: None,
             run: Box::new(move || ops::linear(&x, &w, Some(&b)).map(|_| ())),
         });
     }
@@ -370,6 +393,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             flops,
             bound: Bound::Compute,
             samples: None,
+            model_flops: None,
             run: Box::new(move || {
                 autograd::no_grad(|| ops::attention(&q2, &k2, &v2, &AttentionOptions::new(d))).map(|_| ())
             }),
@@ -399,6 +423,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
                 flops,
                 bound: Bound::Compute,
                 samples: None,
+                model_flops: None,
                 run: Box::new(move || {
                     with_attention_kernel(kernel, || {
                         autograd::no_grad(|| ops::attention(&q2, &k2, &v2, &AttentionOptions::new(d))).map(|_| ())
@@ -426,6 +451,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
                 flops: 3.5 * flops,
                 bound: Bound::Compute,
                 samples: None,
+                model_flops: None,
                 run: Box::new(move || {
                     with_attention_kernel(kernel, || {
                         let (q, k, v) =
@@ -443,6 +469,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             flops: 3.5 * flops,
             bound: Bound::Compute,
             samples: None,
+            model_flops: None,
             run: Box::new(move || {
                 let (q, k, v) = (q.detach().requires_grad(), k.detach().requires_grad(), vv.detach().requires_grad());
                 let o = ops::attention(&q, &k, &v, &AttentionOptions::new(d))?;
@@ -472,6 +499,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             flops: 15.0 * n,
             bound: Bound::Memory,
             samples: None,
+            model_flops: None,
             run: Box::new(move || opt.step(&grads, 1e-4, 1.0)),
         });
     }
@@ -488,6 +516,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             flops: 2.0 * (c * c * 9 * hw * hw) as f64,
             bound: Bound::Compute,
             samples: None,
+            model_flops: None,
             run: Box::new(move || ops::conv2d(&x, &w, Some(&b), 1, 1).map(|_| ())),
         });
     }
@@ -538,6 +567,7 @@ pub fn dit_step_case(device: Device, size: Size) -> Result<BenchCase> {
         flops,
         bound: Bound::Compute,
         samples: None,
+        model_flops: None,
         run: Box::new(move || {
             let v = model.forward(&x, &[500.0], &text, Some(&clip))?;
             let loss = ops::mean_all(&ops::mul(&v, &v)?)?;
@@ -683,6 +713,7 @@ pub fn clip_train_step_case(device: Device, preset: &str, batch: usize) -> Resul
         flops,
         bound: Bound::Compute,
         samples: Some(batch),
+        model_flops: Some(flops),
         run: Box::new(move || {
             let img = model.encode_image(&pixels)?;
             let txt = model.encode_text(&ids, batch)?;
@@ -780,7 +811,7 @@ pub fn demo_train_step_case(device: Device) -> Result<BenchCase> {
     // forward + backward (2×), no recompute; every sample counted with the image tokens
     // (the ~10% whose image is dropped attend over the text rows only).
     let flops = 3.0 * batch as f64 * dit_forward_flops(&dit_cfg, tokens, clip_tokens + dit_cfg.text_len);
-    Ok(train_case(demo_train_step_name(), flops, batch, trainer, dir))
+    Ok(train_case(demo_train_step_name(), flops, flops, batch, trainer, dir))
 }
 
 /// A `model` case timing `trainer.train_step()` on `batch` samples, keeping the
@@ -788,6 +819,7 @@ pub fn demo_train_step_case(device: Device) -> Result<BenchCase> {
 fn train_case(
     name: String,
     flops: f64,
+    model_flops: f64,
     batch: usize,
     mut trainer: crate::train::Trainer,
     dir: ScratchDir,
@@ -799,6 +831,7 @@ fn train_case(
         flops,
         bound: Bound::Compute,
         samples: Some(batch),
+        model_flops: Some(model_flops),
         run: Box::new(move || {
             let _keep = &dir;
             trainer.train_step().map(|_| ())
@@ -859,8 +892,9 @@ fn train_step_case(
         None | Some(CheckpointKeep::All) => 3.0,
         Some(_) => 4.0,
     };
-    let flops = passes * batch as f64 * dit_forward_flops(&dit_cfg, tokens, 257 + dit_cfg.text_len);
-    Ok(train_case(train_step_name(width, height, batch, checkpointing), flops, batch, trainer, dir))
+    let forward = batch as f64 * dit_forward_flops(&dit_cfg, tokens, 257 + dit_cfg.text_len);
+    let name = train_step_name(width, height, batch, checkpointing);
+    Ok(train_case(name, passes * forward, 3.0 * forward, batch, trainer, dir))
 }
 
 fn sample_dit_case(device: Device) -> Result<BenchCase> {
@@ -883,6 +917,7 @@ fn sample_dit_case(device: Device) -> Result<BenchCase> {
         flops,
         bound: Bound::Compute,
         samples: Some(1),
+        model_flops: Some(flops),
         run: Box::new(move || {
             autograd::no_grad(|| {
                 let context = model.context(&text, Some(&clip))?;
@@ -921,8 +956,39 @@ fn sample_pipeline_case(device: Device) -> Result<BenchCase> {
         flops,
         bound: Bound::Compute,
         samples: Some(1),
+        model_flops: Some(flops),
         run: Box::new(move || pipe.generate(&opts, Some(&reference)).map(|_| ())),
     })
+}
+
+/// The nominal dense bf16 tensor-core rate (TFLOP/s, fp32 accumulation, no sparsity) of a
+/// GPU by its CUDA device name, from NVIDIA's datasheets (half of the "with sparsity"
+/// figures): H100 SXM and H200 989.4, H100 NVL 835.5, H100 PCIe 756.5, A100 312. None for
+/// other names.
+pub fn nominal_bf16_tflops(name: &str) -> Option<f64> {
+    let n = name.to_ascii_uppercase();
+    if n.contains("H200") {
+        Some(989.4)
+    } else if n.contains("H100") && n.contains("NVL") {
+        Some(835.5)
+    } else if n.contains("H100") && n.contains("PCIE") {
+        Some(756.5)
+    } else if n.contains("H100") {
+        Some(989.4)
+    } else if n.contains("A100") {
+        Some(312.0)
+    } else {
+        None
+    }
+}
+
+/// The peak MFU is taken against on `device`: the nominal rate of [`nominal_bf16_tflops`]
+/// and a label naming it, or None where the GPU is not in that table or the device is the
+/// CPU (then MFU is of the measured GEMM rate).
+pub fn mfu_peak(device: Device) -> Result<Option<(f64, String)>> {
+    let Device::Cuda(i) = device else { return Ok(None) };
+    let name = cuda::device(i)?.name()?;
+    Ok(nominal_bf16_tflops(&name).map(|t| (t, format!("{name}: nominal dense bf16 {t} TFLOP/s"))))
 }
 
 /// Runs every case for at least `min_seconds` each and reports throughput, with the
@@ -942,6 +1008,7 @@ pub fn run_all(
 ) -> Result<Vec<BenchResult>> {
     let mut results = Vec::new();
     let (mut copy_gbps, mut gemm_tflops) = (None, None);
+    let nominal = mfu_peak(device)?.map(|(t, _)| t);
     let selected = |family: &str, name: &str| {
         let ceiling = family == "copy" || name.starts_with("gemm");
         let matches = |texts: &[String]| texts.iter().any(|f| family.contains(f.as_str()) || name.contains(f.as_str()));
@@ -984,7 +1051,19 @@ pub fn run_all(
                     Bound::Compute => gemm_tflops.map(|g| tflops / g),
                 };
                 let samples_per_s = case.samples.map(|n| n as f64 / seconds);
-                BenchResult { family, name, seconds, gbps, tflops, fraction, samples_per_s, peak_bytes, error: None }
+                let mfu = case.model_flops.zip(nominal.or(gemm_tflops)).map(|(m, peak)| m / seconds / 1e12 / peak);
+                BenchResult {
+                    family,
+                    name,
+                    seconds,
+                    gbps,
+                    tflops,
+                    fraction,
+                    samples_per_s,
+                    mfu,
+                    peak_bytes,
+                    error: None,
+                }
             }
             Err(e) => BenchResult {
                 family,
@@ -994,6 +1073,7 @@ pub fn run_all(
                 tflops: f64::NAN,
                 fraction: None,
                 samples_per_s: None,
+                mfu: None,
                 peak_bytes: None,
                 error: Some(e.to_string()),
             },

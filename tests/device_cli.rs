@@ -188,6 +188,12 @@ fn cli_bench_times_the_demo_train_step_against_a_torch_file() {
     let row = json["results"].as_array().unwrap().iter().find(|r| r["name"] == name).expect("the demo case ran");
     assert!(row["error"].is_null(), "{row}");
     assert!(row["samples_per_s"].as_f64().unwrap() > 0.0 && row["tflops"].as_f64().unwrap() > 0.0, "{row}");
+    // MFU: on the CPU of the measured GEMM rate; the demo step recomputes nothing, so its
+    // model FLOPs are all its FLOPs and MFU equals the fraction of the GEMM ceiling.
+    assert_eq!(json["mfu_peak"], "measured GEMM rate");
+    let (mfu, fraction) = (row["mfu"].as_f64().unwrap(), row["fraction_of_ceiling"].as_f64().unwrap());
+    assert!(mfu > 0.0 && (mfu - fraction).abs() < 1e-12 * fraction, "{row}");
+    assert!(text.contains("MFU") && text.contains("over the measured GEMM rate"), "{text}");
     let cmp = &json["cases"][0];
     assert_eq!(cmp["name"], name);
     assert_eq!(cmp["torch_s"], 1.0);

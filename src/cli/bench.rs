@@ -43,11 +43,14 @@ fn fmt_row(r: &BenchResult) -> String {
     if let Some(e) = &r.error {
         return format!("{:<12} {:<44} FAILED: {e}", r.family, r.name);
     }
-    let extra = match (r.samples_per_s, r.peak_bytes) {
+    let mut extra = match (r.samples_per_s, r.peak_bytes) {
         (Some(s), Some(p)) => format!("  {s:.2} samples/s, peak {:.2} GiB", p as f64 / (1u64 << 30) as f64),
         (Some(s), None) => format!("  {s:.2} samples/s"),
         _ => String::new(),
     };
+    if let Some(m) = r.mfu {
+        extra += &format!(", MFU {:.1}%", 100.0 * m);
+    }
     let frac = r.fraction.map(|f| format!("{:5.1}%", 100.0 * f)).unwrap_or_else(|| "     -".into());
     format!(
         "{:<12} {:<44} {:>10.3} ms {:>9.1} GB/s {:>8.2} TFLOP/s {}",
@@ -115,6 +118,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     println!("device: {device}, sizes: {size:?}, at least {} s per case", args.min_seconds);
     println!("(fraction: of the measured copy bandwidth for memory-bound cases, of the measured GEMM rate for compute-bound ones)");
+    let mfu_peak = bench::mfu_peak(device)?;
+    println!(
+        "(MFU of whole-model cases: model FLOPs without checkpointing's recompute, over {})",
+        mfu_peak.as_ref().map_or("the measured GEMM rate", |(_, label)| label.as_str())
+    );
     let results = bench::run_all(device, size, args.min_seconds, &args.filter, &args.skip, |r| {
         println!("{}", fmt_row(r));
         let profile = synthos_engine::cuda::take_profile();
@@ -172,12 +180,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 serde_json::json!({
                     "family": r.family, "name": r.name, "seconds": num(r.seconds),
                     "gbps": num(r.gbps), "tflops": num(r.tflops), "fraction_of_ceiling": r.fraction,
-                    "samples_per_s": r.samples_per_s,
+                    "samples_per_s": r.samples_per_s, "mfu": r.mfu,
                     "peak_gib": r.peak_bytes.map(|p| p as f64 / (1u64 << 30) as f64), "error": r.error,
                 })
             })
             .collect();
-        let mut doc = serde_json::json!({ "device": device.to_string(), "size": format!("{size:?}"), "results": rows });
+        let mut doc = serde_json::json!({
+            "device": device.to_string(), "size": format!("{size:?}"), "results": rows,
+            "mfu_peak": mfu_peak.as_ref().map_or("measured GEMM rate".to_string(), |(_, label)| label.clone()),
+        });
         if torch.is_some() {
             doc["cases"] = serde_json::Value::Array(compared);
         }
@@ -190,6 +201,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn nominal_peaks_by_device_name() {
+        use synthos_engine::bench::nominal_bf16_tflops as peak;
+        assert_eq!(peak("NVIDIA H200"), Some(989.4));
+        assert_eq!(peak("NVIDIA H100 80GB HBM3"), Some(989.4));
+        assert_eq!(peak("NVIDIA H100 PCIe"), Some(756.5));
+        assert_eq!(peak("NVIDIA H100 NVL"), Some(835.5));
+        assert_eq!(peak("NVIDIA A100-SXM4-80GB"), Some(312.0));
+        assert_eq!(peak("NVIDIA GeForce RTX 4090"), None);
+    }
+
     #[test]
     fn variant_tags_compare_with_the_plain_case() {
         assert_eq!(super::reference_name("attention fwd[mma128] b1 n900 h12 d128"), "attention fwd b1 n900 h12 d128");

@@ -410,6 +410,11 @@ impl CudaDevice {
         self.check_fault()
     }
 
+    /// The GPU's name as the driver reports it (e.g. `NVIDIA H200`).
+    pub fn name(&self) -> Result<String> {
+        Ok(self.ctx.name()?)
+    }
+
     /// One line describing the GPU: name, compute capability, multiprocessors, memory,
     /// and a check that our kernels load on it.
     pub fn describe(&self) -> Result<String> {
