@@ -206,13 +206,17 @@ int main() {
     // dbias. Forward: Nk > 384 needs four key tiles (each stage twice), Nq > 128 two query
     // blocks; Nq <= 64 leaves the second warpgroup without rows. Backward: Nq > 128 needs
     // three query tiles (each stage, twice for one), Nk of 131 and 45 leave a last block
-    // whose second warpgroup has no key, Nk 200 one whose second warpgroup has 8.
+    // whose second warpgroup has no key, Nk 200 one whose second warpgroup has 8, Nk 769
+    // seven blocks.
     const Config configs[] = {
         {2, 77, 131, 2, 64, 0.3, true, false, 1, true},
         {1, 150, 400, 1, 128, 0.1, false, false, 2, false},
         {1, 200, 200, 1, 64, 0.0, false, true, 0, false},
         {2, 40, 45, 1, 128, 0.2, false, true, 2, true},
         {1, 170, 200, 2, 128, 0.0, false, false, 0, false},
+        // The cross-attention's 769 keys: six full key tiles and a short one (each forward
+        // stage used three or four times, so the mbarrier parities wrap), one query block.
+        {1, 64, 769, 1, 128, 0.1, false, false, 1, false},
     };
     for (size_t i = 0; i < std::size(configs); ++i) {
         // TSan: masks and a shared bias with its gradient; causal with several query tiles.
