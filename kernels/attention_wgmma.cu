@@ -132,6 +132,80 @@ __device__ __forceinline__ void store_out(const float (&o)[DH / 2], float (&l_ru
     }
 }
 
+// A forward warpgroup's rows at the start: this lane's two query rows (row0 and row0 + 8:
+// S and O elements e = 0, 1 and e = 2, 3), their bias rows, O = 0 and the running maxima and
+// sums of the online softmax.
+template <int DH>
+__device__ __forceinline__ void fwd_rows_start(int row0, const float* bias, int bias_batch, int64_t b, int H, int h,
+                                               int Nq, int Nk, int (&rows)[2], const float* (&brow)[2],
+                                               float (&o)[DH / 2], float (&m_run)[2], float (&l_run)[2]) {
+    rows[0] = row0;
+    rows[1] = row0 + 8;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        brow[r] = flash::bias_row(bias, bias_batch, b, H, h, Nq, Nk, rows[r]);
+        m_run[r] = -INFINITY;
+        l_run[r] = 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < DH / 2; ++i) o[i] = 0.f;
+}
+
+// One key tile of BKT keys (at k0, in kt) of the overlapped forwards (attn_fwd_wgmma_ovl,
+// attn_fwd_wgmma_ws): issues S_j = Q K_j^T and, unless v_prev is null (the first tile),
+// O += P_{j-1} V_{j-1} with P_{j-1} packed in pa and V_{j-1} in v_prev, as two groups; runs
+// issued() once both are issued; waits for S_j and runs s_read() (K_j is read); runs the
+// softmax of tile j while P V is in flight; waits for it and runs pv_read() (V_{j-1} is
+// read); rescales O and packs P_j into pa.
+template <int DH, int BKT, int BQ, int BK, class Issued, class SRead, class PvRead>
+__device__ __forceinline__ void overlapped_tile(float (&o)[DH / 2], uint32_t (&pa)[BK / 16][4],
+                                                const unsigned char* q_rows, const unsigned char* kt,
+                                                const unsigned char* v_prev, const int (&rows)[2], int k0, int t,
+                                                int Nq, int Nk, int causal, int has_mask, const float* key_mask,
+                                                int64_t b, const float* const (&brow)[2], float scale,
+                                                float (&m_run)[2], float (&l_run)[2], Issued issued, SRead s_read,
+                                                PvRead pv_read) {
+    constexpr int NTT = BKT / 8;
+    float s[BKT / 2];
+    float alpha[2];
+    ptx::wgmma_fence_operand(o);
+    ptx::wgmma_fence();
+    issue_qk<DH, BKT, BQ, BK>(s, q_rows, kt);
+    ptx::wgmma_commit();
+    if (v_prev != nullptr) issue_pv<DH, BK, BK>(o, pa, v_prev);  // (never the short tile)
+    ptx::wgmma_commit();
+    issued();
+    ptx::wgmma_wait<1>();  // S_j (P_{j-1} V_{j-1} may still run)
+    ptx::wgmma_fence_operand(s);
+    s_read();
+    flash::softmax_tile<NTT>(reinterpret_cast<float(&)[NTT][4]>(s), rows, k0, t, Nq, Nk, causal, has_mask, key_mask, b,
+                             brow, scale, m_run, l_run, alpha);
+    ptx::wgmma_wait<0>();
+    ptx::wgmma_fence_operand(o);
+    ptx::wgmma_fence_operand(pa);
+    pv_read();
+#pragma unroll
+    for (int i = 0; i < DH / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
+    pack_p<BKT>(s, pa);
+}
+
+// The overlapped forwards' last P V, after their tile loop (v: the last tile's V; a short
+// last tile has BK / 2 keys).
+template <int DH, int BK>
+__device__ __forceinline__ void final_pv(float (&o)[DH / 2], uint32_t (&pa)[BK / 16][4], const unsigned char* v,
+                                         bool short_tile) {
+    ptx::wgmma_fence_operand(o);
+    ptx::wgmma_fence();
+    if (short_tile)
+        issue_pv<DH, BK / 2, BK>(o, pa, v);
+    else
+        issue_pv<DH, BK, BK>(o, pa, v);
+    ptx::wgmma_commit();
+    ptx::wgmma_wait<0>();
+    ptx::wgmma_fence_operand(o);
+    ptx::wgmma_fence_operand(pa);
+}
+
 // OVERLAP (attn_fwd_wgmma_ovl_d<Dh>_bf16): the same forward with each warpgroup's softmax
 // overlapped with its tensor-core work, as FlashAttention-3 does within a warpgroup: per
 // tile j it issues S_j = Q K_j^T and O += P_{j-1} V_{j-1}, waits for S_j only, runs the
@@ -161,10 +235,6 @@ __device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const
     const int q0 = blockIdx.x * BQ;
     const int h = blockIdx.y;
     const int64_t b = blockIdx.z;
-    // Query rows of this lane's S and O elements: e = 0, 1 -> rows[0]; e = 2, 3 -> rows[1].
-    int rows[2];
-    rows[0] = q0 + wg * 64 + wq * 16 + g;
-    rows[1] = rows[0] + 8;
 
     const int k_end = causal ? min(Nk, q0 + BQ) : Nk;
     const int tiles = (k_end + BK - 1) / BK;
@@ -180,15 +250,10 @@ __device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const
     }
     ptx::cp_async_commit();
 
+    int rows[2];
     const float* brow[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-        brow[r] = flash::bias_row(bias, bias_batch, b, H, h, Nq, Nk, rows[r]);
-
-    float o[DH / 2];
-#pragma unroll
-    for (int i = 0; i < DH / 2; ++i) o[i] = 0.f;
-    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+    float o[DH / 2], m_run[2], l_run[2];
+    fwd_rows_start<DH>(q0 + wg * 64 + wq * 16 + g, bias, bias_batch, b, H, h, Nq, Nk, rows, brow, o, m_run, l_run);
     // This warpgroup's 64 rows of Q: panel kk / 4, 32 bytes per 16 head dims within it.
     const unsigned char* q_rows = Qs + wg * 64 * 128;
     uint32_t pa[BK / 16][4];  // P packed (OVERLAP: the previous tile's, kept across the loop)
@@ -213,9 +278,9 @@ __device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const
         // One tile of BKT keys (128, or 64 for the short last tile).
         auto tile_step = [&](auto keys) {
             constexpr int BKT = decltype(keys)::value, NTT = BKT / 8;
-            float s[BKT / 2];
-            float alpha[2];
             if constexpr (!OVERLAP) {
+                float s[BKT / 2];
+                float alpha[2];
                 ptx::wgmma_fence();
                 issue_qk<DH, BKT, BQ, BK>(s, q_rows, Kt);
                 ptx::wgmma_commit();
@@ -236,22 +301,10 @@ __device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const
                 ptx::wgmma_wait<0>();
                 ptx::wgmma_fence_operand(o);
             } else {
-                ptx::wgmma_fence_operand(o);
-                ptx::wgmma_fence();
-                issue_qk<DH, BKT, BQ, BK>(s, q_rows, Kt);
-                ptx::wgmma_commit();
-                if (j > 0) issue_pv<DH, BK, BK>(o, pa, Vs + v_stage(j - 1) * TILE);  // (never the short tile)
-                ptx::wgmma_commit();
-                ptx::wgmma_wait<1>();  // S_j (P_{j-1} V_{j-1} may still run)
-                ptx::wgmma_fence_operand(s);
-                flash::softmax_tile<NTT>(reinterpret_cast<float(&)[NTT][4]>(s), rows, k0, t, Nq, Nk, causal,
-                                         has_mask, key_mask, b, brow, scale, m_run, l_run, alpha);
-                ptx::wgmma_wait<0>();
-                ptx::wgmma_fence_operand(o);
-                ptx::wgmma_fence_operand(pa);
-#pragma unroll
-                for (int i = 0; i < DH / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
-                pack_p<BKT>(s, pa);
+                const auto none = [] {};
+                overlapped_tile<DH, BKT, BQ, BK>(o, pa, q_rows, Kt, j > 0 ? Vs + v_stage(j - 1) * TILE : nullptr, rows,
+                                                 k0, t, Nq, Nk, causal, has_mask, key_mask, b, brow, scale, m_run,
+                                                 l_run, none, none, none);
             }
         };
         if (j + 1 == tiles && short_last)
@@ -261,19 +314,8 @@ __device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const
         __syncthreads();  // every warpgroup is done with these stages before they are refilled
     }
     if constexpr (OVERLAP) {
-        if (tiles > 0) {  // the last tile's P V (its V stays in place: no copy follows)
-            const unsigned char* Vlast = Vs + v_stage(tiles - 1) * TILE;
-            ptx::wgmma_fence_operand(o);
-            ptx::wgmma_fence();
-            if (short_last)
-                issue_pv<DH, BK / 2, BK>(o, pa, Vlast);
-            else
-                issue_pv<DH, BK, BK>(o, pa, Vlast);
-            ptx::wgmma_commit();
-            ptx::wgmma_wait<0>();
-            ptx::wgmma_fence_operand(o);
-            ptx::wgmma_fence_operand(pa);
-        }
+        if (tiles > 0)  // the last tile's P V (its V stays in place: no copy follows)
+            final_pv<DH, BK>(o, pa, Vs + v_stage(tiles - 1) * TILE, short_last);
     }
     if (tiles == 0) ptx::cp_async_wait<0>();  // (Q's copies; no key is visible to the block)
     store_out<DH>(o, l_run, m_run, rows, Nq, H, h, b, t, out, lse);
@@ -418,16 +460,9 @@ __device__ __forceinline__ void attn_fwd_wgmma_ws(const ptx::TmaMap* q_map, cons
     const int wq = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     int rows[2];
-    rows[0] = q0 + cw * 64 + wq * 16 + g;
-    rows[1] = rows[0] + 8;
     const float* brow[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-        brow[r] = flash::bias_row(bias, bias_batch, b, H, h, Nq, Nk, rows[r]);
-    float o[DH / 2];
-#pragma unroll
-    for (int i = 0; i < DH / 2; ++i) o[i] = 0.f;
-    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+    float o[DH / 2], m_run[2], l_run[2];
+    fwd_rows_start<DH>(q0 + cw * 64 + wq * 16 + g, bias, bias_batch, b, H, h, Nq, Nk, rows, brow, o, m_run, l_run);
     const unsigned char* q_rows = Qs + cw * 64 * 128;
     uint32_t pa[BK / 16][4];  // the previous tile's P, packed
     // Pingpong: consumer c issues at its barrier (1 + c) once the other has issued; the
@@ -444,30 +479,19 @@ __device__ __forceinline__ void attn_fwd_wgmma_ws(const ptx::TmaMap* q_map, cons
         if (j > 0) ptx::mbar_wait(v_full + ((j - 1) & 1), ((j - 1) >> 1) & 1);
         const unsigned char* Kt = Ks + s * TILE;
         auto tile_step = [&](auto keys) {
-            constexpr int BKT = decltype(keys)::value, NTT = BKT / 8;
-            float sc[BKT / 2];
-            float alpha[2];
+            constexpr int BKT = decltype(keys)::value;
             ptx::named_bar_sync(my_turn, L::CONSUMERS);
-            ptx::wgmma_fence_operand(o);
-            ptx::wgmma_fence();
-            issue_qk<DH, BKT, BQ, BK>(sc, q_rows, Kt);
-            ptx::wgmma_commit();
-            if (j > 0) issue_pv<DH, BK, BK>(o, pa, Vs + ((j - 1) & 1) * TILE);  // (never the short tile)
-            ptx::wgmma_commit();
-            // The other consumer's turn (consumer 1's last turn has no one to hand to).
-            if (cw == 0 || j + 1 < tiles) ptx::named_bar_arrive(their_turn, L::CONSUMERS);
-            ptx::wgmma_wait<1>();  // S_j (P_{j-1} V_{j-1} may still run)
-            ptx::wgmma_fence_operand(sc);
-            ptx::mbar_arrive(k_empty + s);  // K_j is read
-            flash::softmax_tile<NTT>(reinterpret_cast<float(&)[NTT][4]>(sc), rows, k0, t, Nq, Nk, causal, has_mask,
-                                     key_mask, b, brow, scale, m_run, l_run, alpha);
-            ptx::wgmma_wait<0>();
-            ptx::wgmma_fence_operand(o);
-            ptx::wgmma_fence_operand(pa);
-            if (j > 0) ptx::mbar_arrive(v_empty + ((j - 1) & 1));  // V_{j-1} is read
-#pragma unroll
-            for (int i = 0; i < DH / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
-            pack_p<BKT>(sc, pa);
+            overlapped_tile<DH, BKT, BQ, BK>(
+                o, pa, q_rows, Kt, j > 0 ? Vs + ((j - 1) & 1) * TILE : nullptr, rows, k0, t, Nq, Nk, causal, has_mask,
+                key_mask, b, brow, scale, m_run, l_run,
+                // The other consumer's turn (consumer 1's last turn has no one to hand to).
+                [&] {
+                    if (cw == 0 || j + 1 < tiles) ptx::named_bar_arrive(their_turn, L::CONSUMERS);
+                },
+                [&] { ptx::mbar_arrive(k_empty + s); },  // K_j is read
+                [&] {
+                    if (j > 0) ptx::mbar_arrive(v_empty + ((j - 1) & 1));  // V_{j-1} is read
+                });
         };
         if (j + 1 == tiles && short_last)
             tile_step(std::integral_constant<int, BK / 2>{});
@@ -477,16 +501,7 @@ __device__ __forceinline__ void attn_fwd_wgmma_ws(const ptx::TmaMap* q_map, cons
     if (tiles > 0) {  // the last tile's P V
         const int s = (tiles - 1) & 1;
         ptx::mbar_wait(v_full + s, ((tiles - 1) >> 1) & 1);
-        ptx::wgmma_fence_operand(o);
-        ptx::wgmma_fence();
-        if (short_last)
-            issue_pv<DH, BK / 2, BK>(o, pa, Vs + s * TILE);
-        else
-            issue_pv<DH, BK, BK>(o, pa, Vs + s * TILE);
-        ptx::wgmma_commit();
-        ptx::wgmma_wait<0>();
-        ptx::wgmma_fence_operand(o);
-        ptx::wgmma_fence_operand(pa);
+        final_pv<DH, BK>(o, pa, Vs + s * TILE, short_last);
     }
     store_out<DH>(o, l_run, m_run, rows, Nq, H, h, b, t, out, lse);
 #else
