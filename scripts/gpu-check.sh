@@ -118,6 +118,7 @@ gate() {  # gate <test executable> <test> <text of its bench cases> [attention s
 gate ops_attention gpu_mma_kernels_match_cpu "[mma" mma-det mma-r32
 gate ops_attention gpu_wgmma_kernels_match_cpu "[wgmma" wgmma wgmma-det wgmma-ovl wgmma-ws
 gate ops_attention gpu_wgmma_ws_matches_cpu "[wgmma-ws" wgmma-ws
+gate ops_attention gpu_tma_probe_matches_the_wgmma_layout "[wgmma-ws" wgmma-ws
 gate ops_norm gpu_warp_forward_norms_match_cpu "[warp]"
 if [ -d "$OUTDIR/tests" ]; then
   # One archive of the logs ($OUT returns at most 8 files).

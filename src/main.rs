@@ -82,6 +82,15 @@ fn info() -> Result<()> {
             Ok(None) => {}
             Err(e) => println!("  cuda:{i}: wgmma layout probe failed: {e}"),
         }
+        // And the TMA loads of the warp-specialised forward (`wgmma-ws`).
+        match cuda::device(i).and_then(|d| cuda::attention::tma_layout_mismatches(&d)) {
+            Ok(Some(0)) => println!("  cuda:{i}: TMA tile loads ok (a box lands in the wgmma layout)"),
+            Ok(Some(bad)) => println!(
+                "  cuda:{i}: TMA tile loads MISMATCH: {bad} of 8192 elements (the wgmma-ws forward will be wrong)"
+            ),
+            Ok(None) => {}
+            Err(e) => println!("  cuda:{i}: TMA probe failed: {e}"),
+        }
     }
     println!("kernel choices: {}", cuda::kernel_choices()?.join(", "));
     let best = Device::best_available();

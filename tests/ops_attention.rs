@@ -455,6 +455,22 @@ fn gpu_wgmma_layouts_match_cpu() {
     }
 }
 
+/// The TMA path of the warp-specialised forward alone (`kernels/tma_probe.cu`, compute
+/// capability 9.0 only): a box loaded through a tensor map encoded as the forward's lands in
+/// the layout the wgmma descriptors read, bit for bit, zeros past the tensor. If
+/// `gpu_wgmma_ws_matches_cpu` fails and this passes, the fault is in the kernel's logic.
+#[test]
+fn gpu_tma_probe_matches_the_wgmma_layout() {
+    if gpu().is_none() {
+        return;
+    }
+    let dev = synthos_engine::cuda::device(0).unwrap();
+    match synthos_engine::cuda::attention::tma_layout_mismatches(&dev).unwrap() {
+        None => eprintln!("not compute capability 9.0: TMA probe skipped"),
+        Some(bad) => assert_eq!(bad, 0, "TMA probe: {bad} of 8192 elements differ from the wgmma layout"),
+    }
+}
+
 /// The deterministic backwards (`mma-det`, and `wgmma-det` on compute capability 9.0) give
 /// bit-identical gradients, dbias of a bias shared by the batch included, when run twice
 /// on the same inputs.

@@ -684,6 +684,51 @@ fn deterministic_backward(
     Ok(CudaAttentionGrads { dq, dk, dv, dbias })
 }
 
+/// The TMA path of the warp-specialised forward on its own (`kernels/tma_probe.cu`): one
+/// box of a `[2, 150, 3, 128]` bf16 tensor, its map encoded as the forward's
+/// ([`bhnd_tensor_map`]), at head dims 64.., head 2, tokens 100..227 (the last 78 past the
+/// tensor) of batch element 1, loaded into shared memory and copied out as it lies there.
+/// Returns how many of its 8192 elements differ (bit for bit) from the layout the wgmma
+/// descriptors read (token r's 16-byte chunk c at chunk c ^ (r % 8), zeros past the
+/// tensor), or `None` when the device is not compute capability 9.0.
+pub fn tma_layout_mismatches(dev: &CudaDevice) -> Result<Option<usize>> {
+    const PROBE_SMEM: u32 = 16384 + 1024 + 8;
+    let (batch, n, heads, head_dim) = (2usize, 150usize, 3usize, 128usize);
+    let (c0, c1, c2, c3) = (64i32, 2i32, 100i32, 1i32);
+    if dev.compute_capability()? != (9, 0) {
+        return Ok(None);
+    }
+    let mut rng = crate::Rng::new(0x7a3a);
+    let x: Vec<bf16> = rng.normal_vec(batch * n * heads * head_dim, 1.0).into_iter().map(bf16::from_f32).collect();
+    let mut want = vec![bf16::ZERO; 128 * 64];
+    for r in 0..128 {
+        let token = c2 as usize + r;
+        if token >= n {
+            continue;
+        }
+        for c in 0..64 {
+            let src = ((c3 as usize * n + token) * heads + c1 as usize) * head_dim + c0 as usize + c;
+            want[r * 64 + ((c / 8) ^ (r % 8)) * 8 + c % 8] = x[src];
+        }
+    }
+    let dx = dev.stream.clone_htod(&x)?;
+    let (ptr, _read) = dx.device_ptr(&dev.stream);
+    let Some(map) = bhnd_tensor_map("the TMA probe's tensor", ptr, batch, n, heads, head_dim)? else {
+        bail!("TMA probe: the device allocation is not 16-byte aligned");
+    };
+    let f = dev.func("tma_probe", "tma_probe_bf16")?;
+    let mut out = dev.stream.alloc_zeros::<bf16>(128 * 64)?;
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: PROBE_SMEM };
+    let mut lb = dev.stream.launch_builder(&f);
+    lb.arg(&map).arg(&mut out).arg(&c0).arg(&c1).arg(&c2).arg(&c3);
+    // SAFETY: the map describes dx ([2, 150, 3, 128] bf16, alive until after the copy
+    // back); out holds the box's 128 × 64 bf16; one block of 32 threads with the shared
+    // memory the kernel checks for.
+    unsafe { lb.launch(cfg) }?;
+    let got = dev.stream.clone_dtoh(&out)?;
+    Ok(Some(got.iter().zip(&want).filter(|(g, w)| g.to_bits() != w.to_bits()).count()))
+}
+
 /// The largest error of [`wgmma_layout_errors`], relative to the product, that a correct
 /// layout stays under (fp32 rounding of 16 bf16 products is about 1e-7; a wrong layout
 /// gives errors of order 1).

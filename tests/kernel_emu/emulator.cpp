@@ -14,14 +14,14 @@
 // product through cp.async, ldmatrix and mma.sync, used as kernels/attention_mma.cu uses
 // them, equals the matrix product, and so do the 64x64x16 wgmma products of
 // kernels/wgmma_probe.cu on 128-byte-swizzled tiles (both operands K-major; A in registers
-// with B N-major; A M-major with B N-major), which the GPU runs too; and a TMA box lands
-// in the layout kernels/attention_wgmma.cu's cp.async loader writes (128-byte swizzle),
-// zero-filled past the tensor.
+// with B N-major; A M-major with B N-major), which the GPU runs too; and so does the TMA
+// probe of kernels/tma_probe.cu: a box lands in the layout kernels/attention_wgmma.cu's
+// cp.async loader writes (128-byte swizzle), zero-filled past the tensor.
 #include "harness.h"
 
 #include <mma.h>
 
-#include "tma.cuh"
+#include "tma_probe.cu"
 #include "wgmma_probe.cu"
 #include <sys/wait.h>
 
@@ -332,18 +332,6 @@ __global__ void tma_map_misaligned(float* out) {
     out[threadIdx.x] = (float)map.words[0];
 }
 
-// A 64 x 1 x 16 x 1 box of head 1 of a [1, 10, 2, 64] tensor: rows 10..15 lie past it.
-__global__ void tma_box(ptx::TmaMap map, bf16* out) {
-    unsigned char* s = ptx::align_1024(emu::dynamic_smem());
-    uint64_t* bar = tma_barrier(s, 1);
-    if (threadIdx.x == 0) {
-        ptx::mbar_arrive_expect_tx(bar, 2048);
-        ptx::tma_load_4d(s, &map, 0, 1, 0, 0, bar);
-    }
-    ptx::mbar_wait(bar, 0);
-    for (unsigned i = threadIdx.x; i < 1024; i += blockDim.x) out[i] = reinterpret_cast<const bf16*>(s)[i];
-}
-
 struct Case {
     const char* name;
     const char* expected;  // in the error output
@@ -480,17 +468,22 @@ int main() {
                      1e-5, 1e-5);
     }
 
-    // TMA: the box lands as issue_tile_sw128 writes a tile (row r at 128 r, its 16-byte
-    // chunk c at chunk c ^ (r % 8)), zeros past the tensor's 10 rows.
-    const std::vector<double> x = rng.values<bf16>(10 * 2 * 64);
-    std::vector<double> tile(1024, 0.0);
-    for (int r = 0; r < 10; ++r)
-        for (int c = 0; c < 64; ++c) tile[r * 64 + (((c / 8) ^ (r % 8)) * 8) + c % 8] = x[(r * 2 + 1) * 64 + c];
-    DeviceArray<bf16> dx(x), dtile(1024);
-    const uint64_t dims[4] = {64, 2, 10, 1}, strides[3] = {128, 256, 2560};
-    const uint32_t box[4] = {64, 1, 16, 1};
-    emu::launch({dim3(1), dim3(64), kTmaSmem}, EMU_KERNEL(tma_box),
-                ptx::tma_encode_4d_bf16(dx.ptr(), dims, strides, box, true), dtile.ptr());
-    report.close("a TMA box lands 128-byte-swizzled, zero-filled past the tensor", dtile.download(), tile, 0, 0);
+    // The TMA probe as `tma_layout_mismatches` (src/cuda/attention.rs) runs it: a box of a
+    // [2, 150, 3, 128] tensor whose map is encoded as `bhnd_tensor_map` encodes it, at head
+    // dims 64.., head 2, tokens 100..227 of batch element 1, lands as issue_tile_sw128 writes
+    // a tile (token r's 16-byte chunk c at chunk c ^ (r % 8)), zeros past the 150 tokens.
+    const size_t B = 2, N = 150, H = 3, D = 128;
+    const std::vector<double> x = rng.values<bf16>(B * N * H * D);
+    std::vector<double> tile(128 * 64, 0.0);
+    for (size_t r = 0; r < 128 && 100 + r < N; ++r)
+        for (size_t c = 0; c < 64; ++c)
+            tile[r * 64 + (((c / 8) ^ (r % 8)) * 8) + c % 8] = x[((1 * N + 100 + r) * H + 2) * D + 64 + c];
+    DeviceArray<bf16> dx(x), dtile(128 * 64);
+    const uint64_t dims[4] = {D, H, N, B}, strides[3] = {D * 2, H * D * 2, N * H * D * 2};
+    const uint32_t box[4] = {64, 1, 128, 1};
+    emu::launch({dim3(1), dim3(32), 16384 + 1024 + 8, true}, EMU_KERNEL(tma_probe_bf16),
+                ptx::tma_encode_4d_bf16(dx.ptr(), dims, strides, box, true), dtile.ptr(), 64, 2, 100, 1);
+    report.close("the TMA probe: a box lands 128-byte-swizzled, zero-filled past the tensor", dtile.download(), tile,
+                 0, 0);
     return report.finish();
 }
