@@ -1,7 +1,9 @@
 // Attention on Hopper's warpgroup tensor-core instruction (wgmma, sm_90a): the same math,
 // inputs, outputs and conventions as attention.cu and attention_mma.cu. This file holds
 // the forward (attn_fwd_wgmma_d<Dh>_bf16, below), the forward with its softmax overlapped
-// with its products (attn_fwd_wgmma_ovl_d<Dh>_bf16), the backward with dq atomics
+// with its products (attn_fwd_wgmma_ovl_d<Dh>_bf16), the same warp-specialised with TMA
+// loads and two consumer warpgroups in pingpong (attn_fwd_wgmma_ws_d<Dh>_bf16, which takes
+// tensor maps instead of q, k, v pointers), the backward with dq atomics
 // (attn_bwd_wgmma_d<Dh>_bf16) and the deterministic backward's two kernels
 // (attn_bwd_dkdv_wgmma_d<Dh>_bf16, attn_bwd_dq_wgmma_d<Dh>_bf16); each is described where
 // it is defined. The forwards' output and log-sum-exp feed any of the backwards.
