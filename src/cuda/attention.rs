@@ -281,9 +281,8 @@ fn bhnd_tensor_map(
     if status != sys::CUresult::CUDA_SUCCESS {
         bail!("attention: the driver refused the TMA tensor map of {what} ([{batch}, {n}, {heads}, {head_dim}] bf16): {status:?}");
     }
-    // SAFETY: initialised by the successful call; CUtensorMap is 16 u64 words.
-    let words: [u64; 16] = unsafe { std::mem::transmute(map.assume_init()) };
-    Ok(Some(TmaMap(words)))
+    // SAFETY: initialised by the successful call.
+    Ok(Some(TmaMap(unsafe { map.assume_init() }.opaque)))
 }
 
 /// Keys per block (and threads) of the wgmma backward kernels (`WgBwd::BK`, `THREADS`).
