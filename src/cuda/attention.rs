@@ -685,7 +685,7 @@ fn deterministic_backward(
 
 /// The TMA path of the warp-specialised forward on its own (`kernels/tma_probe.cu`): one
 /// box of a `[2, 150, 3, 128]` bf16 tensor, its map encoded as the forward's
-/// ([`bhnd_tensor_map`]), at head dims 64.., head 2, tokens 100..227 (the last 78 past the
+/// (`bhnd_tensor_map`), at head dims 64.., head 2, tokens 100..227 (the last 78 past the
 /// tensor) of batch element 1, loaded into shared memory and copied out as it lies there.
 /// Returns how many of its 8192 elements differ (bit for bit) from the layout the wgmma
 /// descriptors read (token r's 16-byte chunk c at chunk c ^ (r % 8), zeros past the
