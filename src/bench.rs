@@ -534,6 +534,16 @@ pub fn dit_forward_flops(cfg: &crate::models::wan::WanConfig, tokens: usize, ctx
     cfg.num_layers as f64 * per_block
 }
 
+/// FLOPs of a guided `steps`-step sample of one image (both branches every step) at
+/// `tokens` latent tokens and `ctx` context rows: the cross-attention keys and values are
+/// projected once for all steps ([`crate::models::wan::WanModel::cross_kv`]), the rest of
+/// the forward every step.
+pub fn dit_sample_flops(cfg: &crate::models::wan::WanConfig, tokens: usize, ctx: usize, steps: usize) -> f64 {
+    let (d, m) = (cfg.dim as f64, ctx as f64);
+    let cross_kv = cfg.num_layers as f64 * 2.0 * m * (2.0 * d * d);
+    2.0 * (steps as f64 * (dit_forward_flops(cfg, tokens, ctx) - cross_kv) + cross_kv)
+}
+
 fn dit_step_name(size: Size) -> String {
     match size {
         Size::Full => "dit fwd+bwd 1.3B 60x60 latent, 257+512 ctx".into(),
@@ -909,7 +919,7 @@ fn sample_dit_case(device: Device) -> Result<BenchCase> {
     let clip = rand(&[2, 257, cfg.clip_dim], &mut rng, device)?;
     let steps = 25;
     let sigmas = crate::schedule::sample_sigmas(steps, crate::schedule::SHIFT);
-    let flops = 2.0 * steps as f64 * dit_forward_flops(&cfg, (lat / 2) * (lat / 2), 257 + cfg.text_len);
+    let flops = dit_sample_flops(&cfg, (lat / 2) * (lat / 2), 257 + cfg.text_len, steps);
     Ok(BenchCase {
         family: "model",
         name: "sample 1.3b 480x480 25 steps dit".into(),
@@ -920,12 +930,12 @@ fn sample_dit_case(device: Device) -> Result<BenchCase> {
         model_flops: Some(flops),
         run: Box::new(move || {
             autograd::no_grad(|| {
-                let context = model.context(&text, Some(&clip))?;
+                let kv = model.cross_kv(&model.context(&text, Some(&clip))?)?;
                 let mut x = x0.clone();
                 for i in 0..steps {
                     let t = crate::schedule::timestep(sigmas[i]) as f32;
                     let xx = ops::concat(&[&x, &x], 0)?;
-                    let v = model.forward_with_context(&xx, &[t, t], &context)?;
+                    let v = model.forward_with_cross_kv(&xx, &[t, t], &kv)?;
                     let cond = ops::narrow(&v, 0, 0, 1)?;
                     let uncond = ops::narrow(&v, 0, 1, 1)?;
                     let guided = ops::add(&uncond, &ops::scale(&ops::sub(&cond, &uncond)?, 5.0)?)?;
@@ -948,7 +958,7 @@ fn sample_pipeline_case(device: Device) -> Result<BenchCase> {
     let pixels: Vec<u8> = (0..224 * 224 * 3).map(|i| ((i * 37) % 251) as u8).collect();
     let reference = ImageRgb::new(224, 224, pixels)?;
     let opts = GenerateOptions { prompt: "a lighthouse at dusk".into(), ..Default::default() };
-    let flops = 2.0 * 25.0 * dit_forward_flops(&cfg, 900, 257 + cfg.text_len);
+    let flops = dit_sample_flops(&cfg, 900, 257 + cfg.text_len, 25);
     Ok(BenchCase {
         family: "model",
         name: "sample 1.3b 480x480 25 steps pipeline".into(),

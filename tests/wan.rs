@@ -332,6 +332,30 @@ fn forward_backward(model: &WanModel, device: Device, seed: u64) -> (Vec<f32>, V
     (out.to_vec().unwrap(), all)
 }
 
+/// The sampler's forward with the context's cross-attention keys and values computed once
+/// (`cross_kv`) gives exactly the forward on the context, image tokens included, step after
+/// step on the same cache; a cache made for another batch is refused with a clear error.
+#[test]
+fn cached_cross_attention_keys_and_values_match_the_context() {
+    let cfg = WanConfig::tiny();
+    let model = WanModel::random(&cfg, 12, Device::Cpu, DType::F32).unwrap();
+    let mut rng = Rng::new(13);
+    let text = randn(&[2, 7, 32], &mut rng);
+    let clip = randn(&[2, 11, 32], &mut rng);
+    let context = model.context(&text, Some(&clip)).unwrap();
+    let kv = model.cross_kv(&context).unwrap();
+    for (step, t) in [[937.5f32, 937.5], [12.0, 480.0]].iter().enumerate() {
+        let latents = randn(&[2, 16, 1, 6, 10], &mut rng);
+        let want = model.forward_with_context(&latents, t, &context).unwrap().to_vec().unwrap();
+        let got = model.forward_with_cross_kv(&latents, t, &kv).unwrap().to_vec().unwrap();
+        assert_close(&got, &want, 0.0, 0.0, &format!("step {step}: cached keys and values"));
+    }
+    let first = synthos_engine::ops::narrow(&text, 0, 0, 1).unwrap();
+    let one = model.cross_kv(&model.context(&first, None).unwrap()).unwrap();
+    let err = model.forward_with_cross_kv(&randn(&[2, 16, 1, 6, 10], &mut rng), &[1.0, 1.0], &one).unwrap_err();
+    assert!(err.to_string().contains("cached cross-attention keys and values for a batch of 1"), "{err}");
+}
+
 #[test]
 fn checkpointed_blocks_match_plain() {
     let cfg = WanConfig::tiny();

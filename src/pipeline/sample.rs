@@ -144,10 +144,12 @@ impl SynthosPipeline {
         let mut x = Tensor::from_vec(noise, &[b, c, 1, h, w], dev)?;
         let sigmas = sample_sigmas(opts.steps, opts.shift);
         let branches = if guided { 2 * b } else { b };
+        // The cross-attention keys and values of the context, the same at every step.
+        let kv = self.dit.cross_kv(&context)?;
         for (i, &sigma) in sigmas.iter().enumerate() {
             let t = vec![crate::schedule::timestep(sigma) as f32; branches];
             let input = if guided { ops::concat(&[&x, &x], 0)? } else { x.clone() };
-            let v = ops::cast(&self.dit.forward_with_context(&input, &t, &context)?, DType::F32)?;
+            let v = ops::cast(&self.dit.forward_with_cross_kv(&input, &t, &kv)?, DType::F32)?;
             let v = if guided {
                 let halves = ops::split(&v, 0, &[b, b])?;
                 let diff = ops::sub(&halves[0], &halves[1])?;

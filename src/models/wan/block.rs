@@ -87,13 +87,30 @@ impl Attention {
         self.attend(&q, &k, &v)
     }
 
-    /// Cross-attention of `x [B, N, D]` on `context [B, L, D]`, no RoPE, no mask.
-    fn cross_attention(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let q = self.project(x, &self.q, self.norm_q.as_ref())?;
-        let k = self.project(context, &self.k, self.norm_k.as_ref())?;
-        let v = self.project(context, &self.v, None)?;
-        self.attend(&q, &k, &v)
+    /// The keys and values of a cross-attention on `context [B, L, D]`, as heads.
+    fn context_kv(&self, context: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((self.project(context, &self.k, self.norm_k.as_ref())?, self.project(context, &self.v, None)?))
     }
+
+    /// Cross-attention of `x [B, N, D]` on the context (its keys and values made here, or
+    /// given), no RoPE, no mask.
+    fn cross_attention(&self, x: &Tensor, context: &CrossContext) -> Result<Tensor> {
+        let q = self.project(x, &self.q, self.norm_q.as_ref())?;
+        match context {
+            CrossContext::Tokens(c) => {
+                let (k, v) = self.context_kv(c)?;
+                self.attend(&q, &k, &v)
+            }
+            CrossContext::KeysValues(k, v) => self.attend(&q, k, v),
+        }
+    }
+}
+
+/// What a block's cross-attention attends to: the context tokens `[B, L, D]`, or their
+/// keys and values already projected (`[B, L, H, Dh]` each, from [`WanBlock::context_kv`]).
+pub(super) enum CrossContext<'a> {
+    Tokens(&'a Tensor),
+    KeysValues(&'a Tensor, &'a Tensor),
 }
 
 impl Module for Attention {
@@ -138,9 +155,21 @@ impl WanBlock {
         Ok(WanBlock { self_attn, cross_attn, norm3, ffn_in, ffn_out, modulation, name: p, eps: cfg.eps })
     }
 
+    /// The keys and values this block's cross-attention computes from `context [B, L, D]`
+    /// (constant over a sampler's steps).
+    pub fn context_kv(&self, context: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.cross_attn.context_kv(context)
+    }
+
     /// `x [B, N, D]` → `x [B, N, D]`, with `context [B, L, D]` and the time projection
     /// `t_mod [B, 6, D]`.
     pub fn forward(&self, x: &Tensor, context: &Tensor, t_mod: &Tensor, rope: &Rope) -> Result<Tensor> {
+        self.forward_on(x, &CrossContext::Tokens(context), t_mod, rope)
+    }
+
+    /// [`WanBlock::forward`] with the cross-attention's context as tokens or as their
+    /// keys and values.
+    pub fn forward_on(&self, x: &Tensor, context: &CrossContext, t_mod: &Tensor, rope: &Rope) -> Result<Tensor> {
         // The six modulation vectors, once per block: [B, 6, D] → six [B, 1, D].
         let m = ops::add(&self.modulation, t_mod)?;
         let m = ops::split(&m, 1, &[1; 6])?;
