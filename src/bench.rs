@@ -42,13 +42,20 @@ pub struct BenchCase {
     pub flops: f64,
     /// Which ceiling applies.
     pub bound: Bound,
-    /// Samples one run processes (training steps and sampling), for samples/s.
-    pub samples: Option<usize>,
-    /// FLOPs of the model's own math in one run (whole-model cases), without the
-    /// recomputation of activation checkpointing that `flops` counts: the numerator of MFU.
-    pub model_flops: Option<f64>,
+    /// What one run of a whole-model case (training steps and sampling) processes.
+    pub model: Option<ModelWork>,
     /// Issues the work once (asynchronously on a GPU).
     pub run: Box<dyn FnMut() -> Result<()>>,
+}
+
+/// The work of one run of a whole-model case.
+#[derive(Clone, Copy, Debug)]
+pub struct ModelWork {
+    /// Samples processed, for samples/s.
+    pub samples: usize,
+    /// FLOPs of the model's own math, without the recomputation of activation
+    /// checkpointing that the case's `flops` counts: the numerator of MFU.
+    pub model_flops: f64,
 }
 
 /// The timing of one case.
@@ -68,7 +75,7 @@ pub struct BenchResult {
     pub fraction: Option<f64>,
     /// Samples per second (training steps and sampling).
     pub samples_per_s: Option<f64>,
-    /// Model FLOPs utilisation (whole-model cases): `model_flops` per second over the
+    /// Model FLOPs utilisation (whole-model cases): [`ModelWork::model_flops`] per second over the
     /// device's peak, its nominal dense bf16 rate where [`nominal_bf16_tflops`] knows the
     /// GPU, else the measured GEMM rate (see [`mfu_peak`]).
     pub mfu: Option<f64>,
@@ -123,8 +130,7 @@ pub fn copy_case(device: Device, size: Size) -> Result<BenchCase> {
         bytes,
         flops: 0.0,
         bound: Bound::Memory,
-        samples: None,
-        model_flops: None,
+        model: None,
         run: Box::new(move || x.deep_copy().map(|_| ())),
     })
 }
@@ -144,8 +150,7 @@ pub fn gemm_case(device: Device, size: Size) -> Result<BenchCase> {
         bytes: 3.0 * (n * n) as f64 * e,
         flops: 2.0 * (n as f64).powi(3),
         bound: Bound::Compute,
-        samples: None,
-        model_flops: None,
+        model: None,
         run: Box::new(move || ops::matmul(&a, &b).map(|_| ())),
     })
 }
@@ -168,8 +173,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes: 3.0 * n as f64 * e,
             flops: n as f64,
             bound: Bound::Memory,
-            samples: None,
-            model_flops: None,
+            model: None,
             run: Box::new(move || ops::add(&a, &b).map(|_| ())),
         });
         // A broadcast: one row added to every token (the per-row chunk path).
@@ -180,8 +184,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes: 2.0 * n as f64 * e,
             flops: n as f64,
             bound: Bound::Memory,
-            samples: None,
-            model_flops: None,
+            model: None,
             run: Box::new(move || ops::add(&x, &row).map(|_| ())),
         });
     }
@@ -193,8 +196,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes: 2.0 * n as f64 * e,
             flops: 10.0 * n as f64,
             bound: Bound::Memory,
-            samples: None,
-            model_flops: None,
+            model: None,
             run: Box::new(move || ops::gelu(&x, GeluApprox::Tanh).map(|_| ())),
         });
     }
@@ -210,8 +212,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes: 3.0 * n as f64 * e,
             flops: 2.0 * n as f64,
             bound: Bound::Memory,
-            samples: None,
-            model_flops: None,
+            model: None,
             run: Box::new(move || ops::gated_residual(&x, &g, &y).map(|_| ())),
         });
         let (shift, scale) = (rand(&[batch, 1, dim], &mut rng, device)?, rand(&[batch, 1, dim], &mut rng, device)?);
@@ -222,8 +223,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes: 2.0 * n as f64 * e,
             flops: 8.0 * n as f64,
             bound: Bound::Memory,
-            samples: None,
-            model_flops: None,
+            model: None,
             run: Box::new({
                 let (x2, shift, scale) = (x2.clone(), shift.clone(), scale.clone());
                 move || ops::layer_norm_modulate(&x2, &shift, &scale, 1e-6).map(|_| ())
@@ -237,8 +237,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes: 2.0 * n as f64 * e,
             flops: 5.0 * n as f64,
             bound: Bound::Memory,
-            samples: None,
-            model_flops: None,
+            model: None,
             run: Box::new({
                 let (x3, w) = (x3.clone(), w.clone());
                 move || ops::rms_norm(&x3, &w, 1e-6).map(|_| ())
@@ -254,8 +253,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
                 bytes: 2.0 * n as f64 * e,
                 flops: 8.0 * n as f64,
                 bound: Bound::Memory,
-                samples: None,
-                model_flops: None,
+                model: None,
                 run: Box::new(move || {
                     with_warp_forward(true, || ops::layer_norm_modulate(&x4, &shift, &scale, 1e-6).map(|_| ()))
                 }),
@@ -267,8 +265,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
                 bytes: 2.0 * n as f64 * e,
                 flops: 5.0 * n as f64,
                 bound: Bound::Memory,
-                samples: None,
-                model_flops: None,
+                model: None,
                 run: Box::new(move || with_warp_forward(true, || ops::rms_norm(&x5, &w5, 1e-6).map(|_| ()))),
             });
         }
@@ -287,8 +284,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes: 2.0 * n * e,
             flops: 3.0 * n,
             bound: Bound::Memory,
-            samples: None,
-            model_flops: None,
+            model: None,
             run: Box::new(move || ops::rope(&x, &cos, &sin).map(|_| ())),
         });
     }
@@ -302,8 +298,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes: n as f64 * e,
             flops: n as f64,
             bound: Bound::Memory,
-            samples: None,
-            model_flops: None,
+            model: None,
             run: Box::new(move || ops::sum_all(&x).map(|_| ())),
         });
         let (b, nn, h, d) = if full { (8, 1560, 12, 128) } else { (16, 64, 8, 32) };
@@ -314,8 +309,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes: 2.0 * (b * nn * h * d) as f64 * e,
             flops: 0.0,
             bound: Bound::Memory,
-            samples: None,
-            model_flops: None,
+            model: None,
             run: Box::new(move || ops::permute(&y, &[0, 2, 1, 3]).map(|_| ())),
         });
         // Channels first to channels last (the last dimension moves: tiled transposes).
@@ -327,8 +321,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes: 2.0 * (2 * c * hw) as f64 * e,
             flops: 0.0,
             bound: Bound::Memory,
-            samples: None,
-            model_flops: None,
+            model: None,
             run: Box::new(move || ops::permute(&z, &[0, 2, 1]).map(|_| ())),
         });
     }
@@ -343,8 +336,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes: (rows * rows) as f64 * e,
             flops: 4.0 * (rows * rows) as f64,
             bound: Bound::Memory,
-            samples: None,
-            model_flops: None,
+            model: None,
             run: Box::new(move || ops::cross_entropy(&logits, &targets).map(|_| ())),
         });
     }
@@ -361,8 +353,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes: ((m * k) + (nn * k) + (m * nn)) as f64 * e,
             flops: 2.0 * (m * k * nn) as f64,
             bound: Bound::Compute,
-            samples: None,
-            model_flops: None,
+            model: None,
             run: Box::new(move || ops::linear(&x, &w, Some(&b)).map(|_| ())),
         });
     }
@@ -392,8 +383,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes,
             flops,
             bound: Bound::Compute,
-            samples: None,
-            model_flops: None,
+            model: None,
             run: Box::new(move || {
                 autograd::no_grad(|| ops::attention(&q2, &k2, &v2, &AttentionOptions::new(d))).map(|_| ())
             }),
@@ -422,8 +412,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
                 bytes,
                 flops,
                 bound: Bound::Compute,
-                samples: None,
-                model_flops: None,
+                model: None,
                 run: Box::new(move || {
                     with_attention_kernel(kernel, || {
                         autograd::no_grad(|| ops::attention(&q2, &k2, &v2, &AttentionOptions::new(d))).map(|_| ())
@@ -450,8 +439,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
                 bytes: 2.5 * bytes,
                 flops: 3.5 * flops,
                 bound: Bound::Compute,
-                samples: None,
-                model_flops: None,
+                model: None,
                 run: Box::new(move || {
                     with_attention_kernel(kernel, || {
                         let (q, k, v) =
@@ -468,8 +456,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes: 2.5 * bytes,
             flops: 3.5 * flops,
             bound: Bound::Compute,
-            samples: None,
-            model_flops: None,
+            model: None,
             run: Box::new(move || {
                 let (q, k, v) = (q.detach().requires_grad(), k.detach().requires_grad(), vv.detach().requires_grad());
                 let o = ops::attention(&q, &k, &v, &AttentionOptions::new(d))?;
@@ -498,8 +485,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes,
             flops: 15.0 * n,
             bound: Bound::Memory,
-            samples: None,
-            model_flops: None,
+            model: None,
             run: Box::new(move || opt.step(&grads, 1e-4, 1.0)),
         });
     }
@@ -515,8 +501,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             bytes: (2 * c * hw * hw + 9 * c * c) as f64 * e,
             flops: 2.0 * (c * c * 9 * hw * hw) as f64,
             bound: Bound::Compute,
-            samples: None,
-            model_flops: None,
+            model: None,
             run: Box::new(move || ops::conv2d(&x, &w, Some(&b), 1, 1).map(|_| ())),
         });
     }
@@ -576,8 +561,7 @@ pub fn dit_step_case(device: Device, size: Size) -> Result<BenchCase> {
         bytes,
         flops,
         bound: Bound::Compute,
-        samples: None,
-        model_flops: None,
+        model: None,
         run: Box::new(move || {
             let v = model.forward(&x, &[500.0], &text, Some(&clip))?;
             let loss = ops::mean_all(&ops::mul(&v, &v)?)?;
@@ -722,8 +706,7 @@ pub fn clip_train_step_case(device: Device, preset: &str, batch: usize) -> Resul
         bytes: 0.0,
         flops,
         bound: Bound::Compute,
-        samples: Some(batch),
-        model_flops: Some(flops),
+        model: Some(ModelWork { samples: batch, model_flops: flops }),
         run: Box::new(move || {
             let img = model.encode_image(&pixels)?;
             let txt = model.encode_text(&ids, batch)?;
@@ -840,8 +823,7 @@ fn train_case(
         bytes: 0.0,
         flops,
         bound: Bound::Compute,
-        samples: Some(batch),
-        model_flops: Some(model_flops),
+        model: Some(ModelWork { samples: batch, model_flops }),
         run: Box::new(move || {
             let _keep = &dir;
             trainer.train_step().map(|_| ())
@@ -926,8 +908,7 @@ fn sample_dit_case(device: Device) -> Result<BenchCase> {
         bytes: 0.0,
         flops,
         bound: Bound::Compute,
-        samples: Some(1),
-        model_flops: Some(flops),
+        model: Some(ModelWork { samples: 1, model_flops: flops }),
         run: Box::new(move || {
             autograd::no_grad(|| {
                 let kv = model.cross_kv(&model.context(&text, Some(&clip))?)?;
@@ -965,8 +946,7 @@ fn sample_pipeline_case(device: Device) -> Result<BenchCase> {
         bytes: 0.0,
         flops,
         bound: Bound::Compute,
-        samples: Some(1),
-        model_flops: Some(flops),
+        model: Some(ModelWork { samples: 1, model_flops: flops }),
         run: Box::new(move || pipe.generate(&opts, Some(&reference)).map(|_| ())),
     })
 }
@@ -1043,7 +1023,7 @@ pub fn run_all(
             let seconds = time(device, min_seconds, &mut case.run)?;
             // Only whole-model cases own the memory in use; the kernel cases' inputs are
             // all allocated up front.
-            let peak = if case.samples.is_some() { device.peak_memory()? } else { None };
+            let peak = if case.model.is_some() { device.peak_memory()? } else { None };
             Ok((seconds, case, peak))
         })();
         let r = match outcome {
@@ -1060,8 +1040,9 @@ pub fn run_all(
                     Bound::Memory => copy_gbps.map(|c| gbps / c),
                     Bound::Compute => gemm_tflops.map(|g| tflops / g),
                 };
-                let samples_per_s = case.samples.map(|n| n as f64 / seconds);
-                let mfu = case.model_flops.zip(nominal.or(gemm_tflops)).map(|(m, peak)| m / seconds / 1e12 / peak);
+                let samples_per_s = case.model.map(|m| m.samples as f64 / seconds);
+                let mfu =
+                    case.model.zip(nominal.or(gemm_tflops)).map(|(m, peak)| m.model_flops / seconds / 1e12 / peak);
                 BenchResult {
                     family,
                     name,
