@@ -412,19 +412,18 @@ pub fn forward(p: &AttentionParams, x: &AttentionInputs<CudaStorage>) -> Result<
     let (q, k, v) = (bf16_slice("q", x.q)?, bf16_slice("k", x.k)?, bf16_slice("v", x.v)?);
     // The warp-specialised forward reads q, k and v through TMA tensor maps (the guards
     // record those reads for cudarc's stream tracking when dropped, after the launch).
-    let (qp, _read_q) = q.device_ptr(&dev.stream);
-    let (kp, _read_k) = k.device_ptr(&dev.stream);
-    let (vp, _read_v) = v.device_ptr(&dev.stream);
-    let maps = match hopper && kernel == AttentionKernel::WgmmaWarpSpecialized {
-        true => match (
-            bhnd_tensor_map("q", qp, p.batch, p.q_len, p.heads, p.head_dim)?,
-            bhnd_tensor_map("k", kp, p.batch, p.kv_len, p.heads, p.head_dim)?,
-            bhnd_tensor_map("v", vp, p.batch, p.kv_len, p.heads, p.head_dim)?,
+    let pointers = (hopper && kernel == AttentionKernel::WgmmaWarpSpecialized)
+        .then(|| (q.device_ptr(&dev.stream), k.device_ptr(&dev.stream), v.device_ptr(&dev.stream)));
+    let maps = match &pointers {
+        Some(((qp, _), (kp, _), (vp, _))) => match (
+            bhnd_tensor_map("q", *qp, p.batch, p.q_len, p.heads, p.head_dim)?,
+            bhnd_tensor_map("k", *kp, p.batch, p.kv_len, p.heads, p.head_dim)?,
+            bhnd_tensor_map("v", *vp, p.batch, p.kv_len, p.heads, p.head_dim)?,
         ) {
             (Some(qm), Some(km), Some(vm)) => Some([qm, km, vm]),
             _ => None,
         },
-        false => None,
+        None => None,
     };
     let (module, name, smem, rows, threads) = match kernel.mma_forward(p.head_dim) {
         _ if maps.is_some() => (
