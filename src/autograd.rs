@@ -179,11 +179,61 @@ impl Gradients {
     }
 }
 
+/// The watched leaves of a streaming backward pass (see [`backward_streaming`]): for each,
+/// its index in the caller's list and how many nodes still to run name it as an input.
+struct Watch<'a> {
+    pending: HashMap<TensorId, (usize, usize)>,
+    ready: &'a mut dyn FnMut(usize, Tensor) -> Result<()>,
+}
+
+impl Watch<'_> {
+    /// Counts the uses of each watched leaf among `nodes`.
+    fn count(&mut self, nodes: &[Node]) {
+        for id in nodes.iter().flat_map(|n| n.inputs.iter().flatten()) {
+            if let Some((_, uses)) = self.pending.get_mut(id) {
+                *uses += 1;
+            }
+        }
+    }
+
+    /// After `node` has run (or was skipped): hands over every watched gradient that no
+    /// later node can add to.
+    fn node_done(&mut self, node_inputs: &[Option<TensorId>], grads: &mut Gradients) -> Result<()> {
+        for id in node_inputs.iter().flatten() {
+            let Some((index, uses)) = self.pending.get_mut(id) else { continue };
+            *uses -= 1;
+            if *uses == 0 {
+                let index = *index;
+                self.pending.remove(id);
+                if let Some(g) = grads.map.remove(id) {
+                    (self.ready)(index, g)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 fn run_reverse(nodes: Vec<Node>, seed_id: TensorId, seed: Tensor) -> Result<Gradients> {
+    run_reverse_watching(nodes, seed_id, seed, None)
+}
+
+fn run_reverse_watching(
+    nodes: Vec<Node>,
+    seed_id: TensorId,
+    seed: Tensor,
+    mut watch: Option<Watch<'_>>,
+) -> Result<Gradients> {
     let mut grads = Gradients::default();
     grads.map.insert(seed_id, seed);
+    if let Some(w) = watch.as_mut() {
+        w.count(&nodes);
+    }
     for node in nodes.into_iter().rev() {
         let Some(g) = grads.map.remove(&node.output) else {
+            if let Some(w) = watch.as_mut() {
+                w.node_done(&node.inputs, &mut grads)?;
+            }
             continue;
         };
         let input_grads = (node.backward)(&g).map_err(|e| e.context(format!("backward of {}", node.name)))?;
@@ -199,6 +249,9 @@ fn run_reverse(nodes: Vec<Node>, seed_id: TensorId, seed: Tensor) -> Result<Grad
             if let (Some(id), Some(gi)) = (id, gi) {
                 grads.accumulate(*id, gi)?;
             }
+        }
+        if let Some(w) = watch.as_mut() {
+            w.node_done(&node.inputs, &mut grads)?;
         }
     }
     Ok(grads)
@@ -217,6 +270,38 @@ pub fn backward(loss: &Tensor) -> Result<Gradients> {
 /// Back-propagates from `out` seeded with `grad` (same shape) through the current tape
 /// (consuming the operations `out` depends on; see [`backward`]).
 pub fn backward_with(out: &Tensor, grad: Tensor) -> Result<Gradients> {
+    backward_watching(out, grad, None)
+}
+
+/// [`backward`] that hands the gradient of each tensor in `watched` to `ready(index in
+/// watched, gradient)` as soon as it is final — when no node left in the pass names that
+/// tensor as an input — and keeps no copy of it, so that the caller can use it (an
+/// optimizer update) and drop it while the pass goes on. Watched tensors the loss does
+/// not reach get no call. Returns the gradients of the other tracked leaves.
+///
+/// Every node that reads a watched tensor has run by the time its gradient is handed
+/// over, so `ready` may update that tensor in place: the rest of the pass (checkpointed
+/// blocks recomputed later included) reads only tensors whose gradients are still to
+/// come. Error from `ready` stops the pass.
+pub fn backward_streaming(
+    loss: &Tensor,
+    watched: &[Tensor],
+    ready: &mut dyn FnMut(usize, Tensor) -> Result<()>,
+) -> Result<Gradients> {
+    if loss.numel() != 1 {
+        bail!("backward() needs a one-element loss, got shape {:?}", loss.shape());
+    }
+    let mut pending = HashMap::with_capacity(watched.len());
+    for (index, t) in watched.iter().enumerate() {
+        if pending.insert(t.id(), (index, 0)).is_some() {
+            bail!("backward_streaming: watched tensor {index} is listed twice");
+        }
+    }
+    let seed = Tensor::full(loss.shape(), 1.0, loss.dtype(), loss.device())?;
+    backward_watching(loss, seed, Some(Watch { pending, ready }))
+}
+
+fn backward_watching(out: &Tensor, grad: Tensor, watch: Option<Watch<'_>>) -> Result<Gradients> {
     if grad.shape() != out.shape() {
         bail!("backward seed of shape {:?} for an output of shape {:?}", grad.shape(), out.shape());
     }
@@ -232,7 +317,7 @@ pub fn backward_with(out: &Tensor, grad: Tensor) -> Result<Gradients> {
             frame.extend(newer);
         }
     });
-    with_recording(false, || run_reverse(reached, out.id(), grad))
+    with_recording(false, || run_reverse_watching(reached, out.id(), grad, watch))
 }
 
 /// Splits the tape into the nodes `out` depends on (consumed by its backward) and the

@@ -110,3 +110,78 @@ fn gpu_micro_batch_sums_are_fp32() {
     assert_eq!(g.dtype(), DType::F32);
     assert_eq!(g.to_vec().unwrap(), vec![320.0; 5]);
 }
+
+/// `backward_streaming` hands each watched gradient over once no later node can add to it,
+/// so the callback may overwrite the parameter: here it fills it with NaN, and every
+/// gradient must still equal the plain backward pass's (a parameter poisoned too early
+/// would reach the input gradient through the first product, or the checkpointed block's
+/// recompute).
+#[test]
+fn streaming_backward_hands_over_final_gradients_only() {
+    let mut rng = Rng::new(11);
+    let x0 = randn(&[4, 6], &mut rng);
+    let w1_0 = randn(&[6, 6], &mut rng);
+    let w2_0 = randn(&[6, 6], &mut rng);
+    let b0 = randn(&[6], &mut rng);
+    let u0 = randn(&[6], &mut rng);
+    // loss = Σ (lin(ckpt(lin(x, w1, b)), w1))² with ckpt(h) = lin(h·h, w2): w1 is read
+    // first and last, w2 only inside the checkpointed block, u never.
+    let run = |x: &Tensor, w1: &Tensor, w2: &Tensor, b: &Tensor| -> synthos_engine::Result<Tensor> {
+        let h1 = ops::linear(x, w1, Some(b))?;
+        let w2c = w2.clone();
+        let h2 = autograd::checkpoint(&[h1], std::slice::from_ref(w2), move |xs| {
+            ops::linear(&ops::mul(&xs[0], &xs[0])?, &w2c, None)
+        })?;
+        let h3 = ops::linear(&h2, w1, None)?;
+        ops::sum_all(&ops::mul(&h3, &h3)?)
+    };
+    let fresh = |t: &Tensor| t.deep_copy().unwrap().requires_grad();
+
+    let (x, w1, w2, b) = (fresh(&x0), fresh(&w1_0), fresh(&w2_0), fresh(&b0));
+    let plain = autograd::backward(&run(&x, &w1, &w2, &b).unwrap()).unwrap();
+    let expect: Vec<Vec<f32>> = [&w1, &w2, &b].iter().map(|p| plain.get(p).unwrap().to_vec().unwrap()).collect();
+    let expect_x = plain.get(&x).unwrap().to_vec().unwrap();
+
+    let (x, w1, w2, b, u) = (fresh(&x0), fresh(&w1_0), fresh(&w2_0), fresh(&b0), fresh(&u0));
+    let loss = run(&x, &w1, &w2, &b).unwrap();
+    let watched = vec![w1.clone(), w2.clone(), b.clone(), u.clone()];
+    let mut got: Vec<(usize, Vec<f32>)> = Vec::new();
+    let rest = autograd::backward_streaming(&loss, &watched, &mut |i, g| {
+        got.push((i, g.to_vec()?));
+        watched[i].copy_from_slice(&vec![f32::NAN; watched[i].numel()])
+    })
+    .unwrap();
+    // Order of finality: w2 (its block's recompute), then w1 and b (the first product).
+    let order: Vec<usize> = got.iter().map(|(i, _)| *i).collect();
+    assert_eq!(order, vec![1, 0, 2], "u is not reached and gets no call");
+    for (i, g) in &got {
+        assert_eq!(g, &expect[*i], "gradient of watched tensor {i}");
+    }
+    assert_eq!(rest.get(&x).unwrap().to_vec().unwrap(), expect_x, "the input's gradient, after w1 was poisoned");
+    assert!(rest.get(&w1).is_none() && rest.get(&b).is_none(), "handed-over gradients are not kept");
+    assert_eq!(autograd::tape_len(), 0);
+
+    let dup = autograd::backward_streaming(&loss, &[w1.clone(), w1], &mut |_, _| Ok(())).unwrap_err().to_string();
+    assert!(dup.contains("listed twice"), "{dup}");
+}
+
+/// A node whose output gets no gradient still counts as done: a watched tensor it reads is
+/// handed over after it, not left behind in the returned set.
+#[test]
+fn streaming_backward_counts_nodes_that_get_no_gradient() {
+    let x = Tensor::from_vec(vec![1.0, 2.0, 3.0], &[3], Device::Cpu).unwrap();
+    let v = Tensor::from_vec(vec![0.5, -1.0, 2.0], &[3], Device::Cpu).unwrap().requires_grad();
+    let a = ops::mul(&x, &v).unwrap();
+    // A node that passes no gradient back to `a`: `a`'s own node runs with none.
+    let stopped = autograd::no_grad(|| ops::scale(&a, 1.0)).unwrap();
+    let stopped = autograd::record("stop", stopped, &[&a], Box::new(|_| Ok(vec![None])));
+    let loss = ops::sum_all(&ops::add(&stopped, &ops::mul(&x, &v).unwrap()).unwrap()).unwrap();
+    let mut got = Vec::new();
+    let rest = autograd::backward_streaming(&loss, std::slice::from_ref(&v), &mut |i, g| {
+        got.push((i, g.to_vec()?));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(got, vec![(0, vec![1.0, 2.0, 3.0])]);
+    assert!(rest.is_empty());
+}
