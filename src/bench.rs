@@ -620,6 +620,13 @@ pub fn model_cases(device: Device, size: Size) -> Vec<LazyCase> {
             build: Box::new(move || train_step_case(device, w, h, b, checkpointed)),
         });
     }
+    // The recipe's step with the AdamW update after the backward pass rather than inside
+    // it: the gradients of the whole model held at once (peak memory against time).
+    v.push(LazyCase {
+        family: "model",
+        name: format!("{}{OPTIMIZER_AFTER}", train_step_name(832, 480, 4, checkpointed)),
+        build: Box::new(move || train_step_case_with(device, 832, 480, 4, checkpointed, false)),
+    });
     // Selective checkpointing: the recompute reuses the linear and attention outputs.
     let kept = Some(CheckpointKeep::All);
     v.push(LazyCase {
@@ -845,12 +852,28 @@ fn train_step_name(width: usize, height: usize, batch: usize, checkpointing: Opt
     format!("train step 1.3b {width}x{height} b{batch}{tail}")
 }
 
+/// Name suffix of the training step with the optimizer update after the backward pass.
+const OPTIMIZER_AFTER: &str = " optimizer after backward";
+
 fn train_step_case(
     device: Device,
     width: usize,
     height: usize,
     batch: usize,
     checkpointing: Option<CheckpointKeep>,
+) -> Result<BenchCase> {
+    train_step_case_with(device, width, height, batch, checkpointing, true)
+}
+
+/// [`train_step_case`] with the AdamW update inside the backward pass (the recipe's) or
+/// after it.
+fn train_step_case_with(
+    device: Device,
+    width: usize,
+    height: usize,
+    batch: usize,
+    checkpointing: Option<CheckpointKeep>,
+    optimizer_in_backward: bool,
 ) -> Result<BenchCase> {
     use crate::train::{CacheMode, TrainConfig, Trainer};
     let dir = ScratchDir::new(&format!("train-{width}x{height}b{batch}"));
@@ -871,6 +894,7 @@ fn train_step_case(
         activation_checkpointing: checkpointing.is_some(),
         checkpoint_keep: checkpointing.unwrap_or_default(),
         cache: CacheMode::Memory,
+        optimizer_in_backward,
         ..TrainConfig::synthos()
     };
     let pipe = random_pipeline_1_3b(device)?;
@@ -885,7 +909,10 @@ fn train_step_case(
         Some(_) => 4.0,
     };
     let forward = batch as f64 * dit_forward_flops(&dit_cfg, tokens, 257 + dit_cfg.text_len);
-    let name = train_step_name(width, height, batch, checkpointing);
+    let mut name = train_step_name(width, height, batch, checkpointing);
+    if !optimizer_in_backward {
+        name.push_str(OPTIMIZER_AFTER);
+    }
     Ok(train_case(name, passes * forward, 3.0 * forward, batch, trainer, dir))
 }
 

@@ -131,66 +131,80 @@ impl AdamW {
     /// by `grad_scale` first (a clipping coefficient times 1/accumulation steps). A
     /// non-finite `grad_scale` or gradient poisons the weights: skip such steps.
     pub fn step(&mut self, grads: &Gradients, lr: f32, grad_scale: f32) -> Result<()> {
+        let present: Vec<(usize, &Tensor)> =
+            self.params.iter().enumerate().filter_map(|(i, p)| grads.get(&p.param).map(|g| (i, g))).collect();
+        self.update_params(&present, lr, grad_scale)?;
+        self.end_step();
+        Ok(())
+    }
+
+    /// Part of a step whose gradients arrive in groups (the update inside the backward
+    /// pass, see [`crate::autograd::backward_streaming`]): updates the parameters given by
+    /// their registration index (the order of [`AdamW::params`]) with their gradients, as
+    /// [`AdamW::step`] does. Each parameter may appear once per step; call
+    /// [`AdamW::end_step`] after the last group. Nothing changes unless every gradient
+    /// matches its parameter.
+    pub fn update_params(&mut self, grads: &[(usize, &Tensor)], lr: f32, grad_scale: f32) -> Result<()> {
         // Check everything before the first parameter changes.
-        for p in &self.params {
-            if let Some(g) = grads.get(&p.param) {
-                if g.shape() != p.param.shape() || g.device() != p.param.device() {
-                    bail!(
-                        "AdamW: gradient of {} is {:?} on {}, the parameter {:?} on {}",
-                        p.name,
-                        g.shape(),
-                        g.device(),
-                        p.param.shape(),
-                        p.param.device()
-                    );
-                }
-                if g.same_storage(&p.param) {
-                    bail!("AdamW: the gradient of {} shares the parameter's storage", p.name);
-                }
+        for &(index, g) in grads {
+            let Some(p) = self.params.get(index) else {
+                bail!("AdamW: no parameter with index {index} ({} registered)", self.params.len());
+            };
+            if g.shape() != p.param.shape() || g.device() != p.param.device() {
+                bail!(
+                    "AdamW: gradient of {} is {:?} on {}, the parameter {:?} on {}",
+                    p.name,
+                    g.shape(),
+                    g.device(),
+                    p.param.shape(),
+                    p.param.device()
+                );
+            }
+            if g.same_storage(&p.param) {
+                bail!("AdamW: the gradient of {} shares the parameter's storage", p.name);
             }
         }
         let cfg = self.cfg;
-        // (index of the parameter, its gradient, its step constants)
-        let mut items = Vec::with_capacity(self.params.len());
-        for (index, p) in self.params.iter().enumerate() {
-            let Some(g) = grads.get(&p.param) else { continue };
-            let t = (p.steps + 1) as f64;
-            let lr64 = lr as f64;
-            let s = AdamWStep {
-                lr,
-                beta1: cfg.beta1,
-                beta2: cfg.beta2,
-                eps: cfg.eps,
-                decay: if p.decay { (1.0 - lr64 * cfg.weight_decay as f64) as f32 } else { 1.0 },
-                bias_correction1: (1.0 - (cfg.beta1 as f64).powf(t)) as f32,
-                bias_correction2_sqrt: (1.0 - (cfg.beta2 as f64).powf(t)).sqrt() as f32,
-                grad_scale,
-            };
-            items.push((index, g, s));
-        }
         // One update for every parameter (one launch on a GPU).
-        let batch: Vec<ops::AdamWItem<'_>> = items
+        let batch: Vec<ops::AdamWItem<'_>> = grads
             .iter()
-            .map(|(index, g, s)| {
-                let p = &self.params[*index];
+            .map(|&(index, g)| {
+                let p = &self.params[index];
+                let t = (p.steps + 1) as f64;
+                let lr64 = lr as f64;
+                let s = AdamWStep {
+                    lr,
+                    beta1: cfg.beta1,
+                    beta2: cfg.beta2,
+                    eps: cfg.eps,
+                    decay: if p.decay { (1.0 - lr64 * cfg.weight_decay as f64) as f32 } else { 1.0 },
+                    bias_correction1: (1.0 - (cfg.beta1 as f64).powf(t)) as f32,
+                    bias_correction2_sqrt: (1.0 - (cfg.beta2 as f64).powf(t)).sqrt() as f32,
+                    grad_scale,
+                };
                 let (weights, compute) = match &p.master {
                     Some(master) => (master, Some(&p.param)),
                     None => (&p.param, None),
                 };
-                ops::AdamWItem { weights, compute, exp_avg: &p.exp_avg, exp_avg_sq: &p.exp_avg_sq, grad: g, s: *s }
+                ops::AdamWItem { weights, compute, exp_avg: &p.exp_avg, exp_avg_sq: &p.exp_avg_sq, grad: g, s }
             })
             .collect();
         ops::adamw_update_many(&batch).map_err(|e| {
-            let names: Vec<&str> = items.iter().take(4).map(|(i, _, _)| self.params[*i].name.as_str()).collect();
-            let more = if items.len() > 4 { ", …" } else { "" };
-            e.context(format!("AdamW step of {} parameters ({}{more})", items.len(), names.join(", ")))
+            let names: Vec<&str> = grads.iter().take(4).map(|(i, _)| self.params[*i].name.as_str()).collect();
+            let more = if grads.len() > 4 { ", …" } else { "" };
+            e.context(format!("AdamW step of {} parameters ({}{more})", grads.len(), names.join(", ")))
         })?;
         drop(batch);
-        self.steps += 1;
-        for (index, _, _) in &items {
-            self.params[*index].steps += 1;
+        for &(index, _) in grads {
+            self.params[index].steps += 1;
         }
         Ok(())
+    }
+
+    /// Ends a step made of [`AdamW::update_params`] groups: counts it in
+    /// [`AdamW::step_count`].
+    pub fn end_step(&mut self) {
+        self.steps += 1;
     }
 
     /// Global L2 norm of the gradients of the registered parameters (see [`grad_norm`]).

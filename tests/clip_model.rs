@@ -358,6 +358,7 @@ fn slip_learning_rate_schedule() {
         lr_end: 1e-5,
         lr_schedule: LrSchedule::Cosine,
         max_grad_norm: None,
+        optimizer_in_backward: false,
         seed: 0,
         save_every: None,
         keep_epochs: None,

@@ -78,6 +78,7 @@ fn settings(output: &Path, max_steps: u64, resume: bool) -> LoopSettings {
         lr_end: 0.0,
         lr_schedule: LrSchedule::Cosine,
         max_grad_norm: Some(10.0),
+        optimizer_in_backward: false,
         seed: 11,
         save_every: Some(5),
         keep_epochs: None,
@@ -145,4 +146,55 @@ fn a_second_task_resumes_to_the_same_weights() {
     assert!(e.contains("other settings") && e.contains("task"), "{e}");
     std::fs::remove_dir_all(whole).unwrap();
     std::fs::remove_dir_all(parts).unwrap();
+}
+
+/// The optimizer inside the backward pass makes the same updates as the step after it:
+/// the same weights and losses, bit for bit; it refuses accumulation and clipping.
+#[test]
+fn the_optimizer_inside_the_backward_pass_gives_the_same_run() {
+    let run_with = |inside: bool| {
+        let dir = temp_dir(if inside { "run-loop-inside" } else { "run-loop-after" });
+        let mut task = Toy::new();
+        let s = LoopSettings {
+            grad_accum: 1,
+            max_grad_norm: None,
+            optimizer_in_backward: inside,
+            log_metrics: false,
+            save_every: None,
+            ..settings(&dir, 17, false)
+        };
+        let mut run = RunLoop::new(s, vec![("w".into(), task.w.clone())], 37).unwrap();
+        run.set_quiet(true);
+        run.start(&task).unwrap();
+        let stats: Vec<(f64, f64)> = (0..17)
+            .map(|_| {
+                let st = run.train_step(&mut task).unwrap();
+                (st.loss, st.grad_norm)
+            })
+            .collect();
+        std::fs::remove_dir_all(dir).unwrap();
+        (task.w.to_vec().unwrap(), stats)
+    };
+    let (after, after_stats) = run_with(false);
+    let (inside, inside_stats) = run_with(true);
+    assert_eq!(inside, after);
+    for ((la, ga), (li, gi)) in after_stats.iter().zip(&inside_stats) {
+        assert_eq!(la, li);
+        assert!((ga - gi).abs() <= 1e-6 * ga, "gradient norm {ga} vs {gi}");
+    }
+    let mean = |s: &[(f64, f64)]| s.iter().map(|x| x.0).sum::<f64>() / s.len() as f64;
+    assert!(mean(&after_stats[12..]) < 0.5 * mean(&after_stats[..5]), "the toy trains: {after_stats:?}");
+
+    let dir = temp_dir("run-loop-inside-bad");
+    for (accum, clip) in [(2, None), (1, Some(1.0))] {
+        let s = LoopSettings {
+            grad_accum: accum,
+            max_grad_norm: clip,
+            optimizer_in_backward: true,
+            ..settings(&dir, 5, false)
+        };
+        let e = RunLoop::new(s, vec![("w".into(), Toy::new().w)], 37).err().unwrap().to_string();
+        assert!(e.contains("gradient accumulation") && e.contains("clipping"), "{e}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -314,3 +314,55 @@ fn checkpoint_blocks_need_checkpointing() {
     assert_eq!(keep.keep(), synthos_engine::Keep { attention: true, linear: true });
     assert_eq!(CheckpointKeep::None.keep(), synthos_engine::Keep::NOTHING);
 }
+
+/// The optimizer inside the backward pass changes no weight, with activation
+/// checkpointing too (each block's recompute runs after later blocks were updated); a
+/// non-finite step still stops the run, and says the weights in memory were partly
+/// updated.
+#[test]
+fn the_optimizer_inside_the_backward_pass_changes_no_weight() {
+    let base = common::temp_dir("train-inside");
+    let run = |name: &str, inside: bool, checkpointing: bool| {
+        let cfg = TrainConfig {
+            max_steps: Some(4),
+            optimizer_in_backward: inside,
+            activation_checkpointing: checkpointing,
+            log_metrics: false,
+            ..small(&base.join(name))
+        };
+        let mut t = trainer(cfg);
+        let losses: Vec<f64> = (0..4).map(|_| t.train_step().unwrap().loss).collect();
+        (t, losses)
+    };
+    for checkpointing in [false, true] {
+        let tag = if checkpointing { "-ckpt" } else { "" };
+        let (after, la) = run(&format!("after{tag}"), false, checkpointing);
+        let (inside, li) = run(&format!("inside{tag}"), true, checkpointing);
+        assert_eq!(la, li, "losses, checkpointing {checkpointing}");
+        assert_same_params(
+            &after,
+            &inside,
+            &format!("optimizer inside the backward pass, checkpointing {checkpointing}"),
+        );
+    }
+    let e =
+        Trainer::new(pipe(), TrainConfig { optimizer_in_backward: true, grad_accum: 2, ..small(&base.join("accum")) })
+            .err()
+            .unwrap()
+            .to_string();
+    assert!(e.contains("--optimizer-in-backward") && e.contains("--grad-accum"), "{e}");
+
+    let dir = base.join("nan");
+    let mut t = trainer(TrainConfig {
+        lr: 1e30,
+        warmup_steps: 0,
+        save_every: Some(1),
+        max_steps: Some(5),
+        optimizer_in_backward: true,
+        ..small(&dir)
+    });
+    let err = t.run().unwrap_err().to_string();
+    assert!(err.contains("not finite") && err.contains("partly updated") && err.contains("step-"), "{err}");
+    assert!(dir.join("step-1.safetensors").is_file());
+    std::fs::remove_dir_all(base).unwrap();
+}

@@ -227,6 +227,16 @@ pub fn sum_squares(xs: &[(&CudaStorage, usize)]) -> Result<f32> {
     let Some((first, _)) = xs.first() else {
         return Ok(0.0);
     };
+    let o = sum_squares_on_device(xs)?;
+    Ok(first.dev.stream.clone_dtoh(&o)?[0])
+}
+
+/// [`sum_squares`] left on the device: a one-element fp32 buffer, with no host
+/// synchronisation (`xs` must not be empty).
+pub fn sum_squares_on_device(xs: &[(&CudaStorage, usize)]) -> Result<CudaSlice<f32>> {
+    let Some((first, _)) = xs.first() else {
+        bail!("sum_squares: no tensors");
+    };
     let dev = first.dev.clone();
     if xs.iter().any(|(x, _)| !Arc::ptr_eq(&x.dev, &dev)) {
         bail!("sum_squares: tensors on different GPUs");
@@ -241,8 +251,8 @@ pub fn sum_squares(xs: &[(&CudaStorage, usize)]) -> Result<f32> {
     }
 }
 
-/// [`sum_squares`] in one `sum_squares_multi` launch (one partial per chunk).
-fn sum_squares_multi(dev: &super::CudaDevice, xs: &[(&CudaStorage, usize)]) -> Result<f32> {
+/// [`sum_squares_on_device`] in one `sum_squares_multi` launch (one partial per chunk).
+fn sum_squares_multi(dev: &super::CudaDevice, xs: &[(&CudaStorage, usize)]) -> Result<CudaSlice<f32>> {
     let table: Vec<MultiTensor> = xs
         .iter()
         .map(|(x, n)| MultiTensor {
@@ -258,7 +268,7 @@ fn sum_squares_multi(dev: &super::CudaDevice, xs: &[(&CudaStorage, usize)]) -> R
         })
         .collect();
     let Some((tensors, chunks_dev, total)) = upload_tables(dev, &table)? else {
-        return Ok(0.0);
+        return f32::take(dev.zeros(1, crate::DType::F32)?);
     };
     let mut parts = dev.alloc_t::<f32>(total)?;
     {
@@ -274,8 +284,8 @@ fn sum_squares_multi(dev: &super::CudaDevice, xs: &[(&CudaStorage, usize)]) -> R
     sum_partials(dev, &parts, total)
 }
 
-/// [`sum_squares`] with one `sum_squares_<dtype>` launch per tensor.
-fn sum_squares_per_tensor(dev: &super::CudaDevice, xs: &[(&CudaStorage, usize)]) -> Result<f32> {
+/// [`sum_squares_on_device`] with one `sum_squares_<dtype>` launch per tensor.
+fn sum_squares_per_tensor(dev: &super::CudaDevice, xs: &[(&CudaStorage, usize)]) -> Result<CudaSlice<f32>> {
     let blocks: Vec<usize> = xs.iter().map(|(_, n)| n.div_ceil(BLOCK as usize).clamp(1, MAX_SUMSQ_BLOCKS)).collect();
     let total: usize = blocks.iter().sum();
     let mut parts = dev.alloc_t::<f32>(total)?;
@@ -299,8 +309,9 @@ fn sum_squares_per_tensor(dev: &super::CudaDevice, xs: &[(&CudaStorage, usize)])
     sum_partials(dev, &parts, total)
 }
 
-/// `Σ partials[0..total)` in a fixed order (`sum_partials`, one block), read back.
-fn sum_partials(dev: &super::CudaDevice, parts: &CudaSlice<f32>, total: usize) -> Result<f32> {
+/// `Σ partials[0..total)` in a fixed order (`sum_partials`, one block), into a
+/// one-element buffer.
+fn sum_partials(dev: &super::CudaDevice, parts: &CudaSlice<f32>, total: usize) -> Result<CudaSlice<f32>> {
     let mut o = dev.alloc_t::<f32>(1)?;
     let f = dev.func("adamw", "sum_partials")?;
     let count = total as i64;
@@ -308,5 +319,5 @@ fn sum_partials(dev: &super::CudaDevice, parts: &CudaSlice<f32>, total: usize) -
     lb.arg(parts).arg(&count).arg(&mut o);
     // SAFETY: reads `total` partials, all written earlier on this stream; writes out[0].
     unsafe { lb.launch(super::grid_rows(1, BLOCK)) }?;
-    Ok(dev.stream.clone_dtoh(&o)?[0])
+    Ok(o)
 }

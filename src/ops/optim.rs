@@ -133,3 +133,27 @@ pub fn sum_squares(xs: &[&Tensor]) -> Result<f64> {
         }
     })
 }
+
+/// [`sum_squares`] as a one-element f32 tensor on the tensors' device, with no host
+/// synchronisation on a GPU: for sums that are added up over a pass and read once at its
+/// end. `xs` must not be empty.
+pub fn sum_squares_tensor(xs: &[&Tensor]) -> Result<Tensor> {
+    if xs.is_empty() {
+        bail!("sum_squares_tensor: no tensors");
+    }
+    let device = super::same_device("sum_squares", xs)?;
+    match device {
+        Device::Cpu => Tensor::scalar(sum_squares(xs)? as f32, Device::Cpu),
+        Device::Cuda(_) => {
+            let guards: Vec<_> = xs.iter().map(|g| g.storage()).collect();
+            let parts =
+                guards.iter().zip(xs).map(|(s, g)| Ok((s.as_cuda()?, g.numel()))).collect::<Result<Vec<_>>>()?;
+            let dev = parts[0].0.dev.clone();
+            let sum = cuda::adamw::sum_squares_on_device(&parts)?;
+            Tensor::from_storage(
+                crate::tensor::Storage::Cuda(cuda::CudaStorage { dev, buf: cuda::CudaBuf::F32(sum) }),
+                &[],
+            )
+        }
+    }
+}

@@ -207,6 +207,8 @@ impl ClipTrainConfig {
             lr_end: self.lr_end,
             lr_schedule: LrSchedule::Cosine,
             max_grad_norm: None,
+            // SynthCLIP accumulates micro-batches, which needs every gradient first.
+            optimizer_in_backward: false,
             seed: self.seed,
             save_every: self.save_every,
             keep_epochs: self.keep_epochs,

@@ -129,6 +129,11 @@ pub struct TrainConfig {
     pub checkpoint_keep: CheckpointKeep,
     /// Clip the global gradient norm to this value (the seed does not clip).
     pub max_grad_norm: Option<f32>,
+    /// Update each parameter inside the backward pass as soon as its gradient is final,
+    /// so the gradients of the whole model are never held at once (same updates; see
+    /// [`super::run_loop::LoopSettings::optimizer_in_backward`]). Needs `grad_accum` 1 and
+    /// no `max_grad_norm`.
+    pub optimizer_in_backward: bool,
     /// Continue the run in `output` from its resume state.
     pub resume: bool,
     /// At the end of a demo run, measure how well samples follow prompts and reference
@@ -177,6 +182,7 @@ impl TrainConfig {
             checkpoint_blocks: None,
             checkpoint_keep: CheckpointKeep::None,
             max_grad_norm: None,
+            optimizer_in_backward: false,
             resume: false,
             demo_quality: true,
         }
@@ -184,7 +190,9 @@ impl TrainConfig {
 
     /// The Synthos full fine-tune: every DiT tensor, 480×480, batch 1, lr 1e-5 constant,
     /// 10 epochs, weight decay 0.01, dropout 0.1/0.1, activation checkpointing, validation
-    /// at 25 steps and guidance 5 with the default negative prompt; output `runs/synthos`.
+    /// at 25 steps and guidance 5 with the default negative prompt; output `runs/synthos`;
+    /// the optimizer runs inside the backward pass (the memory of one set of gradients
+    /// saved).
     pub fn synthos() -> Self {
         TrainConfig {
             output: PathBuf::from("runs/synthos"),
@@ -203,6 +211,7 @@ impl TrainConfig {
             checkpoint_keep: CheckpointKeep::None,
             shift: crate::schedule::SHIFT,
             keep_epochs: None,
+            optimizer_in_backward: true,
             ..Self::demo()
         }
     }
@@ -261,6 +270,12 @@ impl TrainConfig {
                 bail!("max grad norm must be a positive number, got {m}");
             }
         }
+        if self.optimizer_in_backward && (self.grad_accum > 1 || self.max_grad_norm.is_some()) {
+            bail!(
+                "--optimizer-in-backward on updates each weight as soon as its gradient is final, which --grad-accum \
+                 above 1 and --max-grad-norm rule out (both need every gradient first): turn one of them off"
+            );
+        }
         Ok(())
     }
 
@@ -287,6 +302,7 @@ impl TrainConfig {
             lr_end: 0.0,
             lr_schedule: self.lr_schedule,
             max_grad_norm: self.max_grad_norm,
+            optimizer_in_backward: self.optimizer_in_backward,
             seed: self.seed,
             save_every: self.save_every,
             keep_epochs: self.keep_epochs,
