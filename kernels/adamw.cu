@@ -22,6 +22,15 @@
 // pointers are 16-byte aligned — fresh allocations are — with a scalar tail for the last
 // n mod 8 elements, and a scalar loop for everything if a pointer is not aligned.
 //
+// Split masters (`adamw_split_<grad>`, opt-in: SYNTHOS_CUDA_SPLIT_MASTER=1): a bf16
+// parameter's fp32 master is kept as the parameter itself (the high 16 bits, rounded) and
+// a 16-bit array `lo` of the low bits, so the master costs 2 bytes per weight instead of
+// 4 and is still exact. With M the master's bit pattern, lo = M & 0xFFFF and
+// hi = (M + 0x8000) >> 16: round to nearest with ties away from zero (round-to-nearest-
+// even differs at exact ties only), and M = (hi << 16) + sign-extended lo. A NaN keeps a
+// NaN high half. `master_join` and `master_split` convert to and from an fp32 master
+// (checkpoints, resume).
+//
 // Sum of squares: per tensor (`sum_squares_<dtype>`, partials of a fixed grid), or for
 // all tensors at once (`sum_squares_multi`, one partial per chunk); `sum_partials` (one
 // block) adds the partials in a fixed order, so the global norm is deterministic run to
@@ -76,6 +85,43 @@ __device__ __forceinline__ void store8(bf16* p, int64_t i, const float* v) {
     *reinterpret_cast<uint4*>(p + i) = raw;
 }
 
+// The fp32 master whose high half (rounded) is `hi` and low half `lo` (see the top).
+__device__ __forceinline__ float join_master(uint16_t hi, uint16_t lo) {
+    return __uint_as_float(((uint32_t)hi << 16) + (uint32_t)(int32_t)(int16_t)lo);
+}
+
+// Splits an fp32 master into its rounded high half (the bf16 parameter) and low half.
+__device__ __forceinline__ void split_master(float w, uint16_t& hi, uint16_t& lo) {
+    const uint32_t bits = __float_as_uint(w);
+    lo = (uint16_t)(bits & 0xFFFFu);
+    hi = (w != w) ? (uint16_t)((bits >> 16) | 0x0040u) : (uint16_t)((bits + 0x8000u) >> 16);
+}
+
+__device__ __forceinline__ void load8_split(const bf16* hi, const uint16_t* lo, int64_t i, float* out) {
+    const uint4 h = *reinterpret_cast<const uint4*>(hi + i);
+    const uint4 l = *reinterpret_cast<const uint4*>(lo + i);
+    const uint32_t hw[4] = {h.x, h.y, h.z, h.w}, lw[4] = {l.x, l.y, l.z, l.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        out[2 * k] = join_master((uint16_t)(hw[k] & 0xFFFFu), (uint16_t)(lw[k] & 0xFFFFu));
+        out[2 * k + 1] = join_master((uint16_t)(hw[k] >> 16), (uint16_t)(lw[k] >> 16));
+    }
+}
+
+__device__ __forceinline__ void store8_split(bf16* hi, uint16_t* lo, int64_t i, const float* v) {
+    uint32_t hw[4], lw[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        uint16_t h0, l0, h1, l1;
+        split_master(v[2 * k], h0, l0);
+        split_master(v[2 * k + 1], h1, l1);
+        hw[k] = (uint32_t)h0 | ((uint32_t)h1 << 16);
+        lw[k] = (uint32_t)l0 | ((uint32_t)l1 << 16);
+    }
+    *reinterpret_cast<uint4*>(hi + i) = make_uint4(hw[0], hw[1], hw[2], hw[3]);
+    *reinterpret_cast<uint4*>(lo + i) = make_uint4(lw[0], lw[1], lw[2], lw[3]);
+}
+
 __device__ __forceinline__ float adamw_update(float w, float& m, float& v, float grad, const AdamWStep& s) {
     const float g = grad * s.grad_scale;
     m = s.beta1 * m + (1.f - s.beta1) * g;
@@ -84,62 +130,114 @@ __device__ __forceinline__ float adamw_update(float w, float& m, float& v, float
     return s.decay * w - (s.lr / s.bias_correction1) * (m / denom);
 }
 
+// Where a tensor's weights live: fp32 `w` alone (an f32 parameter), fp32 `w` and its bf16
+// compute copy `copy` (a master), or the split master: `copy` (the bf16 parameter, the
+// high halves) and `lo` (the low halves), `w` unused.
+enum WeightMode { kWeightsPlain, kWeightsCopy, kWeightsSplit };
+
 // Updates elements [begin, end) of one tensor, this thread taking the vectors (then the
-// tail elements) tid, tid + stride, ... COPY: also write the bf16 compute copy of the
-// weights. The vector path needs every pointer 16-byte aligned at `begin`.
-template <typename G, bool COPY>
+// tail elements) tid, tid + stride, ... The vector path needs every pointer 16-byte
+// aligned at `begin`.
+template <typename G, int MODE>
 __device__ __forceinline__ void adamw_span(const G* __restrict__ grad, float* __restrict__ w, float* __restrict__ m,
-                                           float* __restrict__ v, bf16* __restrict__ copy, const AdamWStep& s,
-                                           int64_t begin, int64_t end, int64_t tid, int64_t stride) {
-    const bool vec = aligned16(grad + begin) && aligned16(w + begin) && aligned16(m + begin) &&
-                     aligned16(v + begin) && (!COPY || aligned16(copy + begin));
+                                           float* __restrict__ v, bf16* __restrict__ copy, uint16_t* __restrict__ lo,
+                                           const AdamWStep& s, int64_t begin, int64_t end, int64_t tid,
+                                           int64_t stride) {
+    const bool vec = aligned16(grad + begin) && aligned16(m + begin) && aligned16(v + begin) &&
+                     (MODE == kWeightsSplit || aligned16(w + begin)) && (MODE == kWeightsPlain || aligned16(copy + begin)) &&
+                     (MODE != kWeightsSplit || aligned16(lo + begin));
     const int64_t n_vec = vec ? (end - begin) / VEC : 0;
     for (int64_t i = tid; i < n_vec; i += stride) {
         const int64_t o = begin + i * VEC;
         float g[VEC], p[VEC], mm[VEC], vv[VEC];
         load8(grad, o, g);
-        load8(w, o, p);
+        if constexpr (MODE == kWeightsSplit)
+            load8_split(copy, lo, o, p);
+        else
+            load8(w, o, p);
         load8(m, o, mm);
         load8(v, o, vv);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) p[k] = adamw_update(p[k], mm[k], vv[k], g[k], s);
-        store8(w, o, p);
+        if constexpr (MODE == kWeightsSplit) {
+            store8_split(copy, lo, o, p);
+        } else {
+            store8(w, o, p);
+            if constexpr (MODE == kWeightsCopy) store8(copy, o, p);
+        }
         store8(m, o, mm);
         store8(v, o, vv);
-        if constexpr (COPY) store8(copy, o, p);
     }
     for (int64_t i = begin + n_vec * VEC + tid; i < end; i += stride) {
         float mi = m[i], vi = v[i];
-        const float p = adamw_update(w[i], mi, vi, load(grad, i), s);
-        w[i] = p;
+        float wi;
+        if constexpr (MODE == kWeightsSplit)
+            wi = join_master(__bfloat16_as_ushort(copy[i]), lo[i]);
+        else
+            wi = w[i];
+        const float p = adamw_update(wi, mi, vi, load(grad, i), s);
+        if constexpr (MODE == kWeightsSplit) {
+            uint16_t h, l;
+            split_master(p, h, l);
+            copy[i] = __ushort_as_bfloat16(h);
+            lo[i] = l;
+        } else {
+            w[i] = p;
+            if constexpr (MODE == kWeightsCopy) copy[i] = __float2bfloat16(p);
+        }
         m[i] = mi;
         v[i] = vi;
-        if constexpr (COPY) copy[i] = __float2bfloat16(p);
     }
 }
 
-template <typename G, bool COPY>
+template <typename G, int MODE>
 __device__ void adamw_impl(const G* __restrict__ grad, float* __restrict__ w, float* __restrict__ m,
-                           float* __restrict__ v, bf16* __restrict__ copy, AdamWStep s, int64_t n) {
-    adamw_span<G, COPY>(grad, w, m, v, copy, s, 0, n, blockIdx.x * (int64_t)blockDim.x + threadIdx.x,
+                           float* __restrict__ v, bf16* __restrict__ copy, uint16_t* __restrict__ lo, AdamWStep s,
+                           int64_t n) {
+    adamw_span<G, MODE>(grad, w, m, v, copy, lo, s, 0, n, blockIdx.x * (int64_t)blockDim.x + threadIdx.x,
                         (int64_t)gridDim.x * blockDim.x);
 }
 
 // f32 parameter: w is the parameter itself.
 extern "C" __global__ void adamw_f32(const float* grad, float* w, float* m, float* v, AdamWStep s, int64_t n) {
-    adamw_impl<float, false>(grad, w, m, v, nullptr, s, n);
+    adamw_impl<float, kWeightsPlain>(grad, w, m, v, nullptr, nullptr, s, n);
 }
 extern "C" __global__ void adamw_bf16(const bf16* grad, float* w, float* m, float* v, AdamWStep s, int64_t n) {
-    adamw_impl<bf16, false>(grad, w, m, v, nullptr, s, n);
+    adamw_impl<bf16, kWeightsPlain>(grad, w, m, v, nullptr, nullptr, s, n);
 }
 // bf16 parameter: w is its fp32 master, `param` its compute copy.
 extern "C" __global__ void adamw_master_f32(const float* grad, float* w, float* m, float* v, bf16* param,
                                             AdamWStep s, int64_t n) {
-    adamw_impl<float, true>(grad, w, m, v, param, s, n);
+    adamw_impl<float, kWeightsCopy>(grad, w, m, v, param, nullptr, s, n);
 }
 extern "C" __global__ void adamw_master_bf16(const bf16* grad, float* w, float* m, float* v, bf16* param,
                                              AdamWStep s, int64_t n) {
-    adamw_impl<bf16, true>(grad, w, m, v, param, s, n);
+    adamw_impl<bf16, kWeightsCopy>(grad, w, m, v, param, nullptr, s, n);
+}
+// bf16 parameter with a split master: `param` holds the high halves, `lo` the low ones.
+extern "C" __global__ void adamw_split_f32(const float* grad, bf16* param, uint16_t* lo, float* m, float* v,
+                                           AdamWStep s, int64_t n) {
+    adamw_impl<float, kWeightsSplit>(grad, nullptr, m, v, param, lo, s, n);
+}
+extern "C" __global__ void adamw_split_bf16(const bf16* grad, bf16* param, uint16_t* lo, float* m, float* v,
+                                            AdamWStep s, int64_t n) {
+    adamw_impl<bf16, kWeightsSplit>(grad, nullptr, m, v, param, lo, s, n);
+}
+
+// w[i] = the split master (param[i], lo[i]), for i < n.
+extern "C" __global__ void master_join(const bf16* param, const uint16_t* lo, float* w, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        w[i] = join_master(__bfloat16_as_ushort(param[i]), lo[i]);
+}
+
+// (param[i], lo[i]) = the split of the fp32 master w[i], for i < n.
+extern "C" __global__ void master_split(const float* w, bf16* param, uint16_t* lo, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        uint16_t h, l;
+        split_master(w[i], h, l);
+        param[i] = __ushort_as_bfloat16(h);
+        lo[i] = l;
+    }
 }
 
 template <typename T>
@@ -176,7 +274,8 @@ struct MultiTensor {
     float* w;          // AdamW: the fp32 weights (master), moments m and v
     float* m;
     float* v;
-    bf16* copy;        // AdamW: the bf16 compute copy of a master, or null
+    bf16* copy;        // AdamW: the bf16 compute copy of a master (or a split master's high halves), or null
+    uint16_t* lo;      // AdamW: a split master's low halves (w unused), or null
     int64_t n;
     AdamWStep s;
     int grad_bf16;
@@ -197,16 +296,20 @@ extern "C" __global__ void adamw_multi(const MultiTensor* __restrict__ tensors, 
     const int64_t tid = threadIdx.x, stride = blockDim.x;
     if (t.grad_bf16) {
         const bf16* g = static_cast<const bf16*>(t.grad);
-        if (t.copy != nullptr)
-            adamw_span<bf16, true>(g, t.w, t.m, t.v, t.copy, t.s, begin, end, tid, stride);
+        if (t.lo != nullptr)
+            adamw_span<bf16, kWeightsSplit>(g, nullptr, t.m, t.v, t.copy, t.lo, t.s, begin, end, tid, stride);
+        else if (t.copy != nullptr)
+            adamw_span<bf16, kWeightsCopy>(g, t.w, t.m, t.v, t.copy, nullptr, t.s, begin, end, tid, stride);
         else
-            adamw_span<bf16, false>(g, t.w, t.m, t.v, nullptr, t.s, begin, end, tid, stride);
+            adamw_span<bf16, kWeightsPlain>(g, t.w, t.m, t.v, nullptr, nullptr, t.s, begin, end, tid, stride);
     } else {
         const float* g = static_cast<const float*>(t.grad);
-        if (t.copy != nullptr)
-            adamw_span<float, true>(g, t.w, t.m, t.v, t.copy, t.s, begin, end, tid, stride);
+        if (t.lo != nullptr)
+            adamw_span<float, kWeightsSplit>(g, nullptr, t.m, t.v, t.copy, t.lo, t.s, begin, end, tid, stride);
+        else if (t.copy != nullptr)
+            adamw_span<float, kWeightsCopy>(g, t.w, t.m, t.v, t.copy, nullptr, t.s, begin, end, tid, stride);
         else
-            adamw_span<float, false>(g, t.w, t.m, t.v, nullptr, t.s, begin, end, tid, stride);
+            adamw_span<float, kWeightsPlain>(g, t.w, t.m, t.v, nullptr, nullptr, t.s, begin, end, tid, stride);
     }
 }
 

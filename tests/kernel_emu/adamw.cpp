@@ -6,7 +6,10 @@
 // into one partials buffer, then sum_partials); and the multi-tensor forms: the step
 // (adamw_multi, every result equal to the single-tensor kernel's bit for bit) and the sum
 // of squares (sum_squares_multi, then sum_partials), with the launcher's chunk size and a
-// small one that cuts tensors into many chunks.
+// small one that cuts tensors into many chunks. The split master (a bf16 parameter and
+// the 16 low bits of its fp32 master): master_split and master_join on edge and random
+// bit patterns (exact round trip, ties away from zero), and adamw_split_<grad>, alone and
+// in adamw_multi, against adamw_master_<grad> on the joined master, bit for bit.
 #include "harness.h"
 
 #include "adamw.cu"
@@ -100,6 +103,115 @@ void step(size_t n, bool copy, Shift shift, double t) {
     }
 }
 
+uint32_t bits_of(float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    return u;
+}
+float float_of(uint32_t u) {
+    float x;
+    std::memcpy(&x, &u, 4);
+    return x;
+}
+
+// The split of master bits M (src/optim.rs, kernels/adamw.cu), written out here from its
+// definition: (hi, lo) with lo = M mod 2^16 and hi the high half rounded to nearest, ties
+// away from zero; a NaN keeps a NaN high half (its quiet bit set).
+std::pair<uint16_t, uint16_t> split_bits(uint32_t m) {
+    const uint16_t lo = (uint16_t)(m & 0xFFFF);
+    const bool nan = (m & 0x7FFFFFFFu) > 0x7F800000u;
+    if (nan) return {(uint16_t)((m >> 16) | 0x40), lo};
+    return {(uint16_t)((m >> 16) + (lo >= 0x8000 ? 1 : 0)), lo};
+}
+
+// master_split then master_join over `patterns` (fp32 bits): the high half as above, the
+// same bits back (a NaN stays a NaN), and the high half equal to round-to-nearest-even
+// except at exact ties.
+void split_round_trip(const std::vector<uint32_t>& patterns) {
+    const size_t n = patterns.size();
+    DeviceArray<float> w(n);
+    for (size_t i = 0; i < n; ++i) w.ptr()[i] = float_of(patterns[i]);
+    DeviceArray<bf16> hi(n);
+    DeviceArray<uint16_t> lo(n);
+    DeviceArray<float> back(n);
+    const auto cfg = grid_1d(ceil_div(n, (size_t)kBlock), kBlock);
+    emu::launch(cfg, EMU_KERNEL(master_split), (const float*)w.ptr(), hi.ptr(), lo.ptr(), (int64_t)n);
+    emu::launch(cfg, EMU_KERNEL(master_join), (const bf16*)hi.ptr(), (const uint16_t*)lo.ptr(), back.ptr(),
+                (int64_t)n);
+    size_t bad_split = 0, bad_join = 0, ties = 0, off_rne = 0;
+    for (size_t i = 0; i < n; ++i) {
+        const uint32_t m = patterns[i];
+        const auto [h, l] = split_bits(m);
+        if (hi.ptr()[i].raw != h || lo.ptr()[i] != l) ++bad_split;
+        const uint32_t b = bits_of(back.ptr()[i]);
+        const bool nan = (m & 0x7FFFFFFFu) > 0x7F800000u;
+        if (nan ? !((b & 0x7FFFFFFFu) > 0x7F800000u) : b != m) ++bad_join;
+        if (!nan) {
+            const bool tie = (m & 0xFFFF) == 0x8000;
+            ties += tie;
+            const uint16_t rne = __float2bfloat16(float_of(m)).raw;
+            if (rne != h && !tie) ++off_rne;
+        }
+    }
+    const std::string what = format("master_split/master_join on %zu patterns (%zu ties)", n, ties);
+    report.expect(bad_split == 0, what + format(": %zu splits differ from the definition", bad_split));
+    report.expect(bad_join == 0, what + format(": %zu masters not restored", bad_join));
+    report.expect(off_rne == 0, what + format(": %zu high halves off round-to-nearest-even away from ties", off_rne));
+}
+
+// adamw_split_<G> on a split master against adamw_master_<G> on the same fp32 master:
+// m, v and the joined master bit for bit, the parameter the split of the new master.
+// `shift` misaligns one argument (kW: the low halves, kCopy: the parameter).
+template <class G>
+void step_split(size_t n, Shift shift, double t) {
+    const AdamWStep s = step_params(t, n % 2 == 0, n % 3 == 0 ? 0.5f : 1.0f);
+    const auto g = rng.values<G>(n);
+    // Masters with low bits of every kind (a bf16 value plus noise below its last bit).
+    std::vector<double> w0(n), m0(n), v0(n);
+    for (size_t i = 0; i < n; ++i) {
+        w0[i] = round_to<float>(rng.normal() * (1.0 + 1e-3 * rng.normal()));
+        m0[i] = round_to<float>(0.1 * rng.normal());
+        v0[i] = round_to<float>(0.01 * std::fabs(rng.normal()));
+    }
+    DeviceArray<G> dg(g, shift == kGrad);
+    DeviceArray<float> m(m0, shift == kM), v(v0, shift == kV);
+    DeviceArray<bf16> hi(n, shift == kCopy);
+    DeviceArray<uint16_t> lo(n, shift == kW);
+    for (size_t i = 0; i < n; ++i) {
+        const auto [h, l] = split_bits(bits_of((float)w0[i]));
+        hi.ptr()[i].raw = h;
+        lo.ptr()[i] = l;
+    }
+    DeviceArray<G> rg(g);
+    DeviceArray<float> rw(w0), rm(m0), rv(v0);
+    DeviceArray<bf16> rc(n);
+    const auto cfg = grid_1d(ceil_div(n, kVec), kBlock);
+    if constexpr (std::is_same_v<G, float>) {
+        emu::launch(cfg, EMU_KERNEL(adamw_split_f32), (const float*)dg.ptr(), hi.ptr(), lo.ptr(), m.ptr(), v.ptr(), s,
+                    (int64_t)n);
+        emu::launch(cfg, EMU_KERNEL(adamw_master_f32), (const float*)rg.ptr(), rw.ptr(), rm.ptr(), rv.ptr(),
+                    rc.ptr(), s, (int64_t)n);
+    } else {
+        emu::launch(cfg, EMU_KERNEL(adamw_split_bf16), (const bf16*)dg.ptr(), hi.ptr(), lo.ptr(), m.ptr(), v.ptr(),
+                    s, (int64_t)n);
+        emu::launch(cfg, EMU_KERNEL(adamw_master_bf16), (const bf16*)rg.ptr(), rw.ptr(), rm.ptr(), rv.ptr(),
+                    rc.ptr(), s, (int64_t)n);
+    }
+    const std::string what =
+        format("adamw_split_%s n=%zu step %g %s", Elem<G>::name, n, t, shift == kW ? "lo misaligned" : shift_name(shift));
+    size_t bad_master = 0, bad_param = 0;
+    for (size_t i = 0; i < n; ++i) {
+        const uint32_t want = bits_of(rw.ptr()[i]);
+        const uint32_t got = ((uint32_t)hi.ptr()[i].raw << 16) + (uint32_t)(int32_t)(int16_t)lo.ptr()[i];
+        bad_master += got != want;
+        bad_param += hi.ptr()[i].raw != split_bits(want).first;
+    }
+    report.expect(bad_master == 0, what + format(": %zu masters differ from adamw_master's", bad_master));
+    report.expect(bad_param == 0, what + format(": %zu parameters are not the split of the master", bad_param));
+    report.close(what + ": m", m.download(), rm.download(), 0, 0);
+    report.close(what + ": v", v.download(), rv.download(), 0, 0);
+}
+
 // The chunk table of `cuda::adamw::chunks`: chunk c of tensor t for every c < ceil(n/chunk).
 std::vector<MultiChunk> chunk_table(const std::vector<size_t>& sizes, size_t chunk) {
     std::vector<MultiChunk> out;
@@ -125,14 +237,14 @@ struct Table {
 // must equal the single-tensor kernel's bit for bit.
 void step_many(const std::vector<size_t>& sizes, size_t chunk) {
     struct One {
-        bool bf16_grad, copy;
+        bool bf16_grad, copy, split;  // split: a split master (the copy holds the high halves)
         AdamWStep s;
         std::vector<double> g, w0, m0, v0;
     };
     std::vector<One> ones;
     for (size_t k = 0; k < sizes.size(); ++k) {
         const size_t n = sizes[k];
-        One o{k % 2 == 1, k % 3 != 0, step_params((double)(1 + k), k % 2 == 0, 0.75f), {}, {}, {}, {}};
+        One o{k % 2 == 1, k % 3 != 0, k % 3 == 2, step_params((double)(1 + k), k % 2 == 0, 0.75f), {}, {}, {}, {}};
         o.g = o.bf16_grad ? rng.values<bf16>(n) : rng.values<float>(n);
         o.w0 = rng.values<float>(n);
         o.m0.resize(n);
@@ -146,6 +258,7 @@ void step_many(const std::vector<size_t>& sizes, size_t chunk) {
     // Device buffers for the multi launch and for the reference single launches.
     std::vector<std::unique_ptr<DeviceArray<float>>> gf, w, m, v, w1, m1, v1;
     std::vector<std::unique_ptr<DeviceArray<bf16>>> gb, c, c1;
+    std::vector<std::unique_ptr<DeviceArray<uint16_t>>> lo, lo1;
     std::vector<MultiTensor> table;
     for (size_t k = 0; k < ones.size(); ++k) {
         const One& o = ones[k];
@@ -160,8 +273,17 @@ void step_many(const std::vector<size_t>& sizes, size_t chunk) {
         m1.push_back(std::make_unique<DeviceArray<float>>(o.m0));
         v1.push_back(std::make_unique<DeviceArray<float>>(o.v0));
         c1.push_back(std::make_unique<DeviceArray<bf16>>(o.w0.size()));
+        lo.push_back(std::make_unique<DeviceArray<uint16_t>>(o.w0.size(), shift));
+        lo1.push_back(std::make_unique<DeviceArray<uint16_t>>(o.w0.size()));
+        if (o.split)  // the split master of w0 in both the multi and the single launch's buffers
+            for (size_t i = 0; i < o.w0.size(); ++i) {
+                const auto [h, l] = split_bits(bits_of((float)o.w0[i]));
+                c[k]->ptr()[i].raw = c1[k]->ptr()[i].raw = h;
+                lo[k]->ptr()[i] = lo1[k]->ptr()[i] = l;
+            }
         const void* grad = o.bf16_grad ? (const void*)gb[k]->ptr() : (const void*)gf[k]->ptr();
-        table.push_back({grad, w[k]->ptr(), m[k]->ptr(), v[k]->ptr(), o.copy ? c[k]->ptr() : nullptr,
+        table.push_back({grad, o.split ? nullptr : w[k]->ptr(), m[k]->ptr(), v[k]->ptr(),
+                         (o.copy || o.split) ? c[k]->ptr() : nullptr, o.split ? lo[k]->ptr() : nullptr,
                          (int64_t)sizes[k], o.s, (int)o.bf16_grad, 0});
     }
     Table<MultiTensor> tensors(table);
@@ -175,7 +297,17 @@ void step_many(const std::vector<size_t>& sizes, size_t chunk) {
         const One& o = ones[k];
         const size_t n = sizes[k];
         const auto cfg = grid_1d(ceil_div(n, kVec), kBlock);
-        if (o.bf16_grad) {
+        if (o.split) {
+            if (o.bf16_grad) {
+                DeviceArray<bf16> g1(o.g);
+                emu::launch(cfg, EMU_KERNEL(adamw_split_bf16), (const bf16*)g1.ptr(), c1[k]->ptr(), lo1[k]->ptr(),
+                            m1[k]->ptr(), v1[k]->ptr(), o.s, (int64_t)n);
+            } else {
+                DeviceArray<float> g1(o.g);
+                emu::launch(cfg, EMU_KERNEL(adamw_split_f32), (const float*)g1.ptr(), c1[k]->ptr(), lo1[k]->ptr(),
+                            m1[k]->ptr(), v1[k]->ptr(), o.s, (int64_t)n);
+            }
+        } else if (o.bf16_grad) {
             DeviceArray<bf16> g1(o.g);
             if (o.copy)
                 emu::launch(cfg, EMU_KERNEL(adamw_master_bf16), g1.ptr(), w1[k]->ptr(), m1[k]->ptr(), v1[k]->ptr(),
@@ -193,11 +325,12 @@ void step_many(const std::vector<size_t>& sizes, size_t chunk) {
                             (int64_t)n);
         }
         const std::string t = what + format(": tensor %zu (%s grad%s)", k, o.bf16_grad ? "bf16" : "f32",
-                                            o.copy ? ", copy" : "");
-        report.close(t + " w", w[k]->download(), w1[k]->download(), 0, 0);
+                                            o.split ? ", split master" : o.copy ? ", copy" : "");
+        if (!o.split) report.close(t + " w", w[k]->download(), w1[k]->download(), 0, 0);
         report.close(t + " m", m[k]->download(), m1[k]->download(), 0, 0);
         report.close(t + " v", v[k]->download(), v1[k]->download(), 0, 0);
-        if (o.copy) report.close(t + " copy", c[k]->download(), c1[k]->download(), 0, 0);
+        if (o.copy || o.split) report.close(t + " copy", c[k]->download(), c1[k]->download(), 0, 0);
+        if (o.split) report.close(t + " lo", lo[k]->download(), lo1[k]->download(), 0, 0);
     }
 }
 
@@ -220,7 +353,7 @@ void sum_squares(const std::vector<std::pair<bool, size_t>>& tensors, size_t chu
             fs.push_back(std::make_unique<DeviceArray<float>>(x));
             p = fs.back()->ptr();
         }
-        table.push_back({p, nullptr, nullptr, nullptr, nullptr, (int64_t)n, AdamWStep{}, (int)is_bf16, 0});
+        table.push_back({p, nullptr, nullptr, nullptr, nullptr, nullptr, (int64_t)n, AdamWStep{}, (int)is_bf16, 0});
         sizes.push_back(n);
         for (double e : x) want += e * e;
         what += format(" %s[%zu]", is_bf16 ? "bf16" : "f32", n);
@@ -288,8 +421,24 @@ int main() {
                 step<bf16>(n, copy, shift, t);
             }
 
+    // Split masters: edge patterns (zeros, subnormals, ties on odd and even high halves,
+    // low halves around 0x8000, the largest finite values, infinities, NaNs) and random bits.
+    std::vector<uint32_t> patterns = {0x00000000, 0x80000000, 0x00000001, 0x80007FFF, 0x3F800000, 0x3F808000,
+                                      0x3F818000, 0xBF808000, 0xBF818000, 0x3F807FFF, 0x3F80FFFF, 0x3F7F8000,
+                                      0x7F7F7FFF, 0x7F7F8000, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F800000, 0xFF800000,
+                                      0x7FC00000, 0x7F800001, 0x7F808000, 0x7FFFFFFF, 0xFFFFFFFF, 0xFF80FFFF};
+    for (int i = 0; i < (kTsan ? 2000 : 200000); ++i) patterns.push_back((uint32_t)(rng.below(1ull << 32)));
+    split_round_trip(patterns);
+    for (size_t n : sizes)
+        for (Shift shift : {kNone, kGrad, kW, kM, kV, kCopy}) {
+            if (shift != kNone && n < kVec) continue;
+            const double t = (double)(1 + n % 4);
+            step_split<float>(n, shift, t);
+            step_split<bf16>(n, shift, t);
+        }
+
     step_many({9, 100, 37, 1, 256, 1000}, 64);  // several chunks per tensor, partial chunks
-    if (!kTsan) step_many({70001, 8}, kMultiChunk);
+    if (!kTsan) step_many({70001, 8, 5, 4099}, kMultiChunk);
     sum_squares_per_tensor({{false, 1}});
     sum_squares_per_tensor({{true, 7}, {false, 300}, {true, 2049}, {false, 257}});
     if (!kTsan) sum_squares_per_tensor({{false, 300001}, {true, 5}});  // 1024 blocks: threads stride

@@ -61,6 +61,13 @@ struct Elem<bf16> {
     static double to(bf16 v) { return __bfloat162float(v); }
 };
 
+template <>
+struct Elem<uint16_t> {
+    static constexpr const char* name = "u16";
+    static uint16_t from(double v) { return (uint16_t)v; }
+    static double to(uint16_t v) { return v; }
+};
+
 // `v` as stored in T.
 template <class T>
 double round_to(double v) {

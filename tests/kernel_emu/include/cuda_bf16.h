@@ -26,6 +26,10 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
     return {(unsigned short)(u >> 16)};
 }
 
+// The bits of a bf16 and back (CUDA's reinterpretations).
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.raw; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return {u}; }
+
 inline float2 __bfloat1622float2(__nv_bfloat162 h) { return {__bfloat162float(h.x), __bfloat162float(h.y)}; }
 
 inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__float2bfloat16(a), __float2bfloat16(b)}; }

@@ -96,6 +96,16 @@ constexpr int warpSize = 32;
 
 // ---- Device math that is not in <cmath> -------------------------------------------------
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+inline unsigned int __float_as_uint(float x) {
+    unsigned int u;
+    memcpy(&u, &x, sizeof u);
+    return u;
+}
+inline float __uint_as_float(unsigned int u) {
+    float x;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
 // CUDA's integer min/max overloads (the usual arithmetic conversions, as there).
 template <class A, class B>
 constexpr std::common_type_t<A, B> min(A a, B b) {
