@@ -196,7 +196,7 @@ fn bad_state_and_parameters_are_errors() {
 #[test]
 fn batched_update_rejects_shared_tensors() {
     use synthos_engine::desc::AdamWStep;
-    use synthos_engine::ops::{adamw_update_many, AdamWItem};
+    use synthos_engine::ops::{adamw_update_many, AdamWItem, AdamWWeights};
     let mut rng = Rng::new(36);
     let (w0, w1) = (randn(&[6], &mut rng), randn(&[6], &mut rng));
     let zeros = || Tensor::zeros(&[6], DType::F32, Device::Cpu).unwrap();
@@ -212,7 +212,7 @@ fn batched_update_rejects_shared_tensors() {
         bias_correction2_sqrt: 0.03,
         grad_scale: 1.0,
     };
-    let item = |w, m, v, g| AdamWItem { weights: w, compute: None, exp_avg: m, exp_avg_sq: v, grad: g, s };
+    let item = |w, m, v, g| AdamWItem { weights: AdamWWeights::Plain(w), exp_avg: m, exp_avg_sq: v, grad: g, s };
     let before = w0.to_vec().unwrap();
     let e = adamw_update_many(&[item(&w0, &m0, &v0, &g), item(&w1, &m1, &v1, &g)]).unwrap_err().to_string();
     assert!(e.contains("item 1"), "{e}");
@@ -221,8 +221,8 @@ fn batched_update_rejects_shared_tensors() {
     let (g1, w0c, w1c) = (randn(&[6], &mut rng), w0.deep_copy().unwrap(), w1.deep_copy().unwrap());
     adamw_update_many(&[item(&w0, &m0, &v0, &g), item(&w1, &m1, &v1, &g1)]).unwrap();
     let (m2, v2, m3, v3) = (zeros(), zeros(), zeros(), zeros());
-    synthos_engine::ops::adamw_update(&w0c, None, &m2, &v2, &g, &s).unwrap();
-    synthos_engine::ops::adamw_update(&w1c, None, &m3, &v3, &g1, &s).unwrap();
+    synthos_engine::ops::adamw_update(&item(&w0c, &m2, &v2, &g)).unwrap();
+    synthos_engine::ops::adamw_update(&item(&w1c, &m3, &v3, &g1)).unwrap();
     assert_eq!(w0.to_vec().unwrap(), w0c.to_vec().unwrap());
     assert_eq!(w1.to_vec().unwrap(), w1c.to_vec().unwrap());
 }
@@ -393,4 +393,101 @@ fn check_grad_norm_matches_cpu(dev: Device) {
     let norm = grad_norm(&g, &params).unwrap();
     assert!((norm as f64 - direct).abs() <= 1e-5 * direct, "GPU norm {norm} vs {direct}");
     assert_eq!(grad_norm(&g, &params).unwrap().to_bits(), norm.to_bits(), "deterministic");
+}
+
+/// The split of fp32 master bits: the high half rounded to nearest with ties away from
+/// zero (a NaN keeps a NaN high half), as kernels/adamw.cu defines it.
+fn split_high_half(master: f32) -> u16 {
+    let m = master.to_bits();
+    if master.is_nan() {
+        ((m >> 16) | 0x40) as u16
+    } else {
+        ((m >> 16) + u32::from(m & 0xFFFF >= 0x8000)) as u16
+    }
+}
+
+/// Split masters (`SYNTHOS_CUDA_SPLIT_MASTER=1`) make the same updates as fp32 masters:
+/// after several steps the masters and moments are equal bit for bit, each bf16 parameter
+/// is its master's high half rounded, and a saved state restores into a fresh optimizer.
+#[test]
+fn gpu_split_masters_match_fp32_masters() {
+    let Some(dev) = gpu() else { return };
+    for multi in [false, true] {
+        synthos_engine::cuda::adamw::with_multi_tensor(multi, || check_split_masters(dev));
+    }
+}
+
+fn check_split_masters(dev: Device) {
+    use synthos_engine::cuda::adamw::with_split_masters;
+    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.995, eps: 1e-6, weight_decay: 0.1 };
+    let mut rng = Rng::new(43);
+    let cases: [(DType, &[usize]); 4] =
+        [(DType::BF16, &[77, 131]), (DType::F32, &[1003]), (DType::BF16, &[8 * 4099 + 5]), (DType::BF16, &[3])];
+    let (mut full, mut split) = (AdamW::new(cfg), AdamW::new(cfg));
+    let mut params = Vec::new();
+    for (i, (gd, shape)) in cases.iter().enumerate() {
+        let a = randn(shape, &mut rng).to_device(dev, DType::BF16).unwrap().requires_grad();
+        let b = a.deep_copy().unwrap().requires_grad();
+        full.add_param(&format!("p{i}"), &a, i % 2 == 0).unwrap();
+        with_split_masters(true, || split.add_param(&format!("p{i}"), &b, i % 2 == 0)).unwrap();
+        params.push((a, b, *gd));
+    }
+    for step in 0..6 {
+        let lr = 3e-2 / (1.0 + step as f32);
+        let (mut ga, mut gb) = (Vec::new(), Vec::new());
+        for (a, b, gd) in &params {
+            let g = Tensor::randn(a.shape(), 0.1, &mut rng, Device::Cpu).unwrap().to_device(dev, *gd).unwrap();
+            ga.push((a, g.clone()));
+            gb.push((b, g));
+        }
+        full.step(&inject(&ga), lr, 0.7).unwrap();
+        split.step(&inject(&gb), lr, 0.7).unwrap();
+    }
+    let (sf, ss) = (full.state_tensors().unwrap(), split.state_tensors().unwrap());
+    let bits = |t: &Tensor| t.to_vec().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    for ((kf, tf), (ks, ts)) in sf.iter().zip(&ss) {
+        assert_eq!(kf, ks);
+        assert_eq!(bits(tf), bits(ts), "{kf}: equal bit for bit (multi-tensor {})", cuda_multi());
+    }
+    for (i, (_, b, _)) in params.iter().enumerate() {
+        let master = ss.iter().find(|(k, _)| *k == format!("p{i}.master")).unwrap().1.to_vec().unwrap();
+        let want: Vec<u32> = master.iter().map(|&m| (split_high_half(m) as u32) << 16).collect();
+        assert_eq!(bits(b), want, "p{i}: the parameter is the master's rounded high half");
+    }
+    // A restored split optimizer rewrites each parameter from its master.
+    let saved: Vec<(String, Tensor)> =
+        ss.iter().map(|(k, t)| (k.clone(), t.to_device(Device::Cpu, DType::F32).unwrap())).collect();
+    let fresh: Vec<Tensor> =
+        params.iter().map(|(a, _, _)| Tensor::zeros(a.shape(), DType::BF16, dev).unwrap().requires_grad()).collect();
+    let mut restored = AdamW::new(cfg);
+    for (i, p) in fresh.iter().enumerate() {
+        with_split_masters(true, || restored.add_param(&format!("p{i}"), p, i % 2 == 0)).unwrap();
+    }
+    restored.load_state(&saved).unwrap();
+    for (i, (p, (_, b, _))) in fresh.iter().zip(&params).enumerate() {
+        assert_eq!(bits(p), bits(b), "p{i}: restored parameter");
+    }
+    let rs = restored.state_tensors().unwrap();
+    for ((k, a), (_, b)) in ss.iter().zip(&rs) {
+        assert_eq!(bits(a), bits(b), "{k}: restored state");
+    }
+}
+
+fn cuda_multi() -> bool {
+    synthos_engine::cuda::adamw::multi_tensor().unwrap()
+}
+
+/// Split masters are a GPU form: the CPU's parameters are f32, their own masters, and the
+/// ops that join and split say so.
+#[test]
+fn split_masters_live_on_gpus_only() {
+    assert!(!synthos_engine::ops::split_masters(Device::Cpu).unwrap());
+    let p = Tensor::zeros(&[4], DType::F32, Device::Cpu).unwrap();
+    let e = synthos_engine::ops::master_join(&p, &p).unwrap_err().to_string();
+    assert!(e.contains("master_join") && e.contains("bf16"), "{e}");
+    let e = synthos_engine::ops::master_split(&p, &p, &p).unwrap_err().to_string();
+    assert!(e.contains("master_split"), "{e}");
+    assert_eq!(split_high_half(f32::from_bits(0x3F80_8000)), 0x3F81, "a tie rounds away from zero");
+    assert_eq!(split_high_half(f32::from_bits(0xBF80_7FFF)), 0xBF80);
+    assert_eq!(split_high_half(f32::from_bits(0x7F7F_FFFF)), 0x7F80, "past the largest bf16: inf");
 }

@@ -21,39 +21,156 @@ const VEC: usize = 8;
 /// Threads per block of every kernel in the module.
 const BLOCK: u32 = 256;
 
-/// One AdamW update of `n` elements: fp32 weights `w` (a master copy or an f32 parameter
-/// itself) and moments `m`, `v` updated in place from `grad` (f32 or bf16); when `copy`
-/// is given (the bf16 parameter of the master `w`) it receives the rounded new weights.
+/// Where the weights of an update live (the kernels' three modes).
+pub enum Weights<'a> {
+    /// fp32 weights: an f32 parameter itself.
+    Plain(&'a mut CudaStorage),
+    /// An fp32 master `w` and the bf16 parameter `copy`, rewritten as the rounded master.
+    Master {
+        /// The fp32 master.
+        w: &'a mut CudaStorage,
+        /// The bf16 parameter.
+        copy: &'a mut CudaStorage,
+    },
+    /// A split master: the bf16 parameter (the rounded high halves) and the low halves
+    /// (raw 16-bit patterns in a bf16 buffer).
+    Split {
+        /// The bf16 parameter.
+        param: &'a mut CudaStorage,
+        /// The low halves.
+        lo: &'a mut CudaStorage,
+    },
+}
+
+impl Weights<'_> {
+    /// Checks the buffers' dtypes and lengths against `n` elements; `what` names the tensor.
+    fn check(&self, n: usize, what: &str) -> Result<()> {
+        let want = |c: &CudaStorage, dtype: crate::DType, role: &str| -> Result<()> {
+            if c.buf.dtype() != dtype {
+                bail!("adamw: {role} of {what} are {:?}, not {dtype:?}", c.buf.dtype());
+            }
+            if c.buf.len() < n {
+                bail!("adamw: {role} of {what} hold {} elements, fewer than the {n} to update", c.buf.len());
+            }
+            Ok(())
+        };
+        use crate::DType::{BF16, F32};
+        match self {
+            Weights::Plain(w) => want(w, F32, "the weights"),
+            Weights::Master { w, copy } => want(w, F32, "the master").and(want(copy, BF16, "the compute copy")),
+            Weights::Split { param, lo } => want(param, BF16, "the parameter").and(want(lo, BF16, "the low halves")),
+        }
+    }
+
+    /// The buffers, for the device checks.
+    fn storages(&self) -> Vec<&CudaStorage> {
+        match self {
+            Weights::Plain(w) => vec![w],
+            Weights::Master { w, copy } => vec![w, copy],
+            Weights::Split { param, lo } => vec![param, lo],
+        }
+    }
+}
+
+/// One AdamW update of `n` elements: the weights (see [`Weights`]) and the fp32 moments
+/// `m`, `v` updated in place from `grad` (f32 or bf16).
 pub fn step(
     grad: &CudaStorage,
-    w: &mut CudaStorage,
+    weights: Weights<'_>,
     m: &mut CudaStorage,
     v: &mut CudaStorage,
-    copy: Option<&mut CudaStorage>,
     s: &AdamWStep,
     n: usize,
 ) -> Result<()> {
-    let dev = w.dev.clone();
+    let dev = m.dev.clone();
+    weights.check(n, "the parameter")?;
     let short = |c: &CudaStorage| c.buf.len() < n;
-    if short(grad) || short(w) || short(m) || short(v) || copy.as_ref().is_some_and(|c| short(c)) {
+    if short(grad) || short(m) || short(v) {
         bail!("adamw: buffers shorter than the {n} elements to update");
     }
-    let name = kernel_name(if copy.is_some() { "adamw_master" } else { "adamw" }, grad.buf.dtype());
-    let f = dev.func("adamw", name)?;
+    let base = match weights {
+        Weights::Plain(_) => "adamw",
+        Weights::Master { .. } => "adamw_master",
+        Weights::Split { .. } => "adamw_split",
+    };
+    let f = dev.func("adamw", kernel_name(base, grad.buf.dtype()))?;
+    // The entry points' orders: (grad, w, m, v[, copy], s, n) and (grad, param, lo, m, v, s, n).
+    let (w, copy, split) = match weights {
+        Weights::Plain(w) => (Some(w), None, None),
+        Weights::Master { w, copy } => (Some(w), Some(copy), None),
+        Weights::Split { param, lo } => (None, None, Some((param, lo))),
+    };
     let n64 = n as i64;
     let mut lb = dev.stream.launch_builder(&f);
     lb.buf(&grad.buf);
-    for state in [&mut w.buf, &mut m.buf, &mut v.buf] {
-        lb.arg(f32::of_mut(state).ctx("adamw: weights and moments")?);
+    if let Some(w) = w {
+        lb.arg(f32::of_mut(&mut w.buf)?);
     }
-    if let Some(c) = copy {
-        lb.arg(bf16::of_mut(&mut c.buf).ctx("adamw: the compute copy of a master")?);
+    if let Some((param, lo)) = split {
+        lb.arg(bf16::of_mut(&mut param.buf)?).arg(bf16::of_mut(&mut lo.buf)?);
+    }
+    lb.arg(f32::of_mut(&mut m.buf).ctx("adamw: first moment")?);
+    lb.arg(f32::of_mut(&mut v.buf).ctx("adamw: second moment")?);
+    if let Some(copy) = copy {
+        lb.arg(bf16::of_mut(&mut copy.buf)?);
     }
     lb.arg(s).arg(&n64);
     // SAFETY: every buffer holds at least n elements (checked above) of the dtype the
-    // entry point expects; each thread reads and writes only its own elements.
+    // entry point expects (the low halves are 16-bit patterns, read as uint16_t); each
+    // thread reads and writes only its own elements.
     unsafe { lb.launch(grid_1d(n.div_ceil(VEC), BLOCK)) }?;
     Ok(())
+}
+
+/// The fp32 masters of `n` split-master elements (`master_join`): a new f32 buffer.
+pub fn master_join(param: &CudaStorage, lo: &CudaStorage, n: usize) -> Result<CudaBuf> {
+    let dev = param.dev.clone();
+    if !Arc::ptr_eq(&lo.dev, &dev) {
+        bail!("master_join: the parameter and its low halves live on different GPUs");
+    }
+    if param.buf.len() < n || lo.buf.len() < n {
+        bail!("master_join: buffers shorter than the {n} elements");
+    }
+    let mut out = dev.alloc_t::<f32>(n)?;
+    let f = dev.func("adamw", "master_join")?;
+    let n64 = n as i64;
+    let mut lb = dev.stream.launch_builder(&f);
+    lb.arg(bf16::of(&param.buf)?).arg(bf16::of(&lo.buf)?).arg(&mut out).arg(&n64);
+    // SAFETY: reads n elements of both inputs and writes n of `out` (all long enough).
+    unsafe { lb.launch(grid_1d(n, BLOCK)) }?;
+    Ok(CudaBuf::F32(out))
+}
+
+/// Splits `n` fp32 masters into the bf16 parameter and the low halves (`master_split`).
+pub fn master_split(w: &CudaStorage, param: &mut CudaStorage, lo: &mut CudaStorage, n: usize) -> Result<()> {
+    let dev = w.dev.clone();
+    if !Arc::ptr_eq(&param.dev, &dev) || !Arc::ptr_eq(&lo.dev, &dev) {
+        bail!("master_split: buffers on different GPUs");
+    }
+    if w.buf.len() < n || param.buf.len() < n || lo.buf.len() < n {
+        bail!("master_split: buffers shorter than the {n} elements");
+    }
+    let f = dev.func("adamw", "master_split")?;
+    let n64 = n as i64;
+    let mut lb = dev.stream.launch_builder(&f);
+    lb.arg(f32::of(&w.buf)?).arg(bf16::of_mut(&mut param.buf)?).arg(bf16::of_mut(&mut lo.buf)?).arg(&n64);
+    // SAFETY: reads n masters and writes n elements of each output (all long enough).
+    unsafe { lb.launch(grid_1d(n, BLOCK)) }?;
+    Ok(())
+}
+
+/// The variable that turns split masters on (`1`; `0`, the default, keeps fp32 masters).
+const SPLIT_VAR: &str = "SYNTHOS_CUDA_SPLIT_MASTER";
+
+/// True when new bf16 parameters get split masters: `SYNTHOS_CUDA_SPLIT_MASTER=1` (or a
+/// [`with_split_masters`] override on this thread).
+pub fn split_masters() -> Result<bool> {
+    Ok(super::choice::get(SPLIT_VAR, &["0", "1"])? == 1)
+}
+
+/// Runs `f` with split masters on or off on this thread.
+pub fn with_split_masters<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    super::choice::with(SPLIT_VAR, on as usize, f)
 }
 
 /// Elements per chunk of the multi-tensor kernels (`chunk`; a multiple of `VEC`): one
@@ -69,6 +186,7 @@ struct MultiTensor {
     m: u64,
     v: u64,
     copy: u64,
+    lo: u64,
     n: i64,
     s: AdamWStep,
     grad_bf16: i32,
@@ -119,14 +237,12 @@ fn chunks(sizes: &[usize]) -> Result<Vec<MultiChunk>> {
 pub struct AdamWEntry<'a> {
     /// The gradient (f32 or bf16).
     pub grad: &'a CudaStorage,
-    /// fp32 weights: the master of a bf16 parameter, or an f32 parameter itself.
-    pub w: &'a mut CudaStorage,
+    /// The weights.
+    pub weights: Weights<'a>,
     /// First moment (fp32).
     pub m: &'a mut CudaStorage,
     /// Second moment (fp32).
     pub v: &'a mut CudaStorage,
-    /// The bf16 compute copy of the master `w`, if any.
-    pub copy: Option<&'a mut CudaStorage>,
     /// This parameter's hyper-parameters of the step.
     pub s: AdamWStep,
     /// Elements to update.
@@ -140,32 +256,38 @@ pub fn step_many(entries: &mut [AdamWEntry<'_>]) -> Result<()> {
     let Some(first) = entries.first() else {
         return Ok(());
     };
-    let dev = first.w.dev.clone();
+    let dev = first.m.dev.clone();
     let mut table = Vec::with_capacity(entries.len());
     for (i, e) in entries.iter().enumerate() {
         let n = e.n;
+        let what = format!("tensor {i}");
+        e.weights.check(n, &what)?;
         let short = |c: &CudaStorage| c.buf.len() < n;
-        if short(e.grad) || short(e.w) || short(e.m) || short(e.v) || e.copy.as_ref().is_some_and(|c| short(c)) {
-            bail!("adamw: buffers of tensor {i} shorter than the {n} elements to update");
+        if short(e.grad) || short(e.m) || short(e.v) {
+            bail!("adamw: buffers of {what} shorter than the {n} elements to update");
         }
         let same = |c: &CudaStorage| Arc::ptr_eq(&c.dev, &dev);
-        if !(same(e.grad) && same(e.w) && same(e.m) && same(e.v) && e.copy.as_ref().is_none_or(|c| same(c))) {
-            bail!("adamw: tensor {i} lives on another GPU");
+        if !(same(e.grad) && same(e.m) && same(e.v) && e.weights.storages().into_iter().all(same)) {
+            bail!("adamw: {what} lives on another GPU");
         }
-        for (what, b) in [("weights", &e.w.buf), ("exp_avg", &e.m.buf), ("exp_avg_sq", &e.v.buf)] {
+        for (role, b) in [("exp_avg", &e.m.buf), ("exp_avg_sq", &e.v.buf)] {
             if b.dtype() != crate::DType::F32 {
-                bail!("adamw: {what} of tensor {i} are {:?}, not f32", b.dtype());
+                bail!("adamw: {role} of {what} are {:?}, not f32", b.dtype());
             }
         }
-        if e.copy.as_ref().is_some_and(|c| c.buf.dtype() != crate::DType::BF16) {
-            bail!("adamw: the compute copy of tensor {i} is not bf16");
-        }
+        let a = |c: &CudaStorage| addr(&c.buf, &dev.stream);
+        let (w, copy, lo) = match &e.weights {
+            Weights::Plain(w) => (a(w), 0, 0),
+            Weights::Master { w, copy } => (a(w), a(copy), 0),
+            Weights::Split { param, lo } => (0, a(param), a(lo)),
+        };
         table.push(MultiTensor {
-            grad: addr(&e.grad.buf, &dev.stream),
-            w: addr(&e.w.buf, &dev.stream),
-            m: addr(&e.m.buf, &dev.stream),
-            v: addr(&e.v.buf, &dev.stream),
-            copy: e.copy.as_ref().map_or(0, |c| addr(&c.buf, &dev.stream)),
+            grad: a(e.grad),
+            w,
+            m: a(e.m),
+            v: a(e.v),
+            copy,
+            lo,
             n: n as i64,
             s: e.s,
             grad_bf16: (e.grad.buf.dtype() == crate::DType::BF16) as i32,
@@ -261,6 +383,7 @@ fn sum_squares_multi(dev: &super::CudaDevice, xs: &[(&CudaStorage, usize)]) -> R
             m: 0,
             v: 0,
             copy: 0,
+            lo: 0,
             n: *n as i64,
             s: AdamWStep::default(),
             grad_bf16: (x.buf.dtype() == crate::DType::BF16) as i32,

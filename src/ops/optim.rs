@@ -2,54 +2,93 @@
 //! differentiable and record nothing on the tape).
 
 use crate::desc::AdamWStep;
-use crate::{bail, cpu, cuda, Device, Result, Tensor};
+use crate::{bail, cpu, cuda, DType, Device, Result, Tensor};
 
-/// One fused AdamW update in place: `weights` (the fp32 master when `compute` is given,
-/// else the parameter itself), the moments `exp_avg` and `exp_avg_sq`, and with
-/// `compute` the bf16 copy the model computes with, rounded from the new master.
-pub fn adamw_update(
-    weights: &Tensor,
-    compute: Option<&Tensor>,
-    exp_avg: &Tensor,
-    exp_avg_sq: &Tensor,
-    grad: &Tensor,
-    s: &AdamWStep,
-) -> Result<()> {
-    let device = super::same_device("adamw", &[weights, exp_avg, exp_avg_sq, grad])?;
-    let gs = grad.storage();
-    let mut ms = exp_avg.storage_mut();
-    let mut vs = exp_avg_sq.storage_mut();
-    let mut ws = weights.storage_mut();
-    match device {
-        Device::Cpu => cpu::adamw::step(ws.as_cpu_mut()?, gs.as_cpu()?, ms.as_cpu_mut()?, vs.as_cpu_mut()?, s),
-        Device::Cuda(_) => {
-            let n = weights.numel();
-            let (g, m, v) = (gs.as_cuda()?, ms.as_cuda_mut()?, vs.as_cuda_mut()?);
-            match compute {
-                Some(c) => {
-                    let mut cs = c.storage_mut();
-                    cuda::adamw::step(g, ws.as_cuda_mut()?, m, v, Some(cs.as_cuda_mut()?), s, n)
-                }
-                None => cuda::adamw::step(g, ws.as_cuda_mut()?, m, v, None, s, n),
-            }
+/// Where the weights of one AdamW update live.
+#[derive(Clone, Copy)]
+pub enum AdamWWeights<'a> {
+    /// An f32 parameter: its own master.
+    Plain(&'a Tensor),
+    /// A bf16 parameter and its fp32 master; the parameter is rewritten as the new master
+    /// rounded to nearest even.
+    Master {
+        /// The fp32 master the update runs on.
+        master: &'a Tensor,
+        /// The bf16 parameter the model computes with.
+        param: &'a Tensor,
+    },
+    /// A bf16 parameter whose fp32 master is split (GPU only): the parameter holds the
+    /// master's high 16 bits rounded to nearest (ties away from zero), `lo` (a 16-bit
+    /// tensor, dtype bf16, holding raw bits, not values) the low 16 bits. See
+    /// [`master_join`] and [`master_split`].
+    Split {
+        /// The bf16 parameter: the rounded high halves.
+        param: &'a Tensor,
+        /// The low halves.
+        lo: &'a Tensor,
+    },
+}
+
+impl<'a> AdamWWeights<'a> {
+    /// The tensors the update writes (besides the moments).
+    fn tensors(&self) -> Vec<&'a Tensor> {
+        match *self {
+            AdamWWeights::Plain(w) => vec![w],
+            AdamWWeights::Master { master, param } => vec![master, param],
+            AdamWWeights::Split { param, lo } => vec![param, lo],
         }
     }
 }
 
-/// One parameter's update in [`adamw_update_many`]: the arguments of [`adamw_update`].
+/// One parameter's fused AdamW update: its weights, moments, gradient and step constants.
 pub struct AdamWItem<'a> {
-    /// The fp32 master when `compute` is given, else the parameter itself.
-    pub weights: &'a Tensor,
-    /// The bf16 copy the model computes with, if any.
-    pub compute: Option<&'a Tensor>,
-    /// First moment.
+    /// The weights (and, for a bf16 parameter, its master).
+    pub weights: AdamWWeights<'a>,
+    /// First moment (fp32).
     pub exp_avg: &'a Tensor,
-    /// Second moment.
+    /// Second moment (fp32).
     pub exp_avg_sq: &'a Tensor,
     /// The gradient.
     pub grad: &'a Tensor,
     /// This parameter's constants of the step.
     pub s: AdamWStep,
+}
+
+/// One fused AdamW update in place: the weights (see [`AdamWWeights`]), the moments
+/// `exp_avg` and `exp_avg_sq`, from the gradient.
+pub fn adamw_update(item: &AdamWItem<'_>) -> Result<()> {
+    let mut all = item.weights.tensors();
+    all.extend([item.exp_avg, item.exp_avg_sq, item.grad]);
+    let device = super::same_device("adamw", &all)?;
+    let gs = item.grad.storage();
+    let mut ms = item.exp_avg.storage_mut();
+    let mut vs = item.exp_avg_sq.storage_mut();
+    match (device, item.weights) {
+        (Device::Cpu, AdamWWeights::Plain(w)) => {
+            let mut ws = w.storage_mut();
+            cpu::adamw::step(ws.as_cpu_mut()?, gs.as_cpu()?, ms.as_cpu_mut()?, vs.as_cpu_mut()?, &item.s)
+        }
+        (Device::Cpu, _) => bail!("adamw: a CPU parameter is f32, its own master"),
+        (Device::Cuda(_), weights) => {
+            let n = item.grad.numel();
+            let (g, m, v) = (gs.as_cuda()?, ms.as_cuda_mut()?, vs.as_cuda_mut()?);
+            match weights {
+                AdamWWeights::Plain(w) => {
+                    cuda::adamw::step(g, cuda::adamw::Weights::Plain(w.storage_mut().as_cuda_mut()?), m, v, &item.s, n)
+                }
+                AdamWWeights::Master { master, param } => {
+                    let (mut ws, mut ps) = (master.storage_mut(), param.storage_mut());
+                    let w = cuda::adamw::Weights::Master { w: ws.as_cuda_mut()?, copy: ps.as_cuda_mut()? };
+                    cuda::adamw::step(g, w, m, v, &item.s, n)
+                }
+                AdamWWeights::Split { param, lo } => {
+                    let (mut ps, mut ls) = (param.storage_mut(), lo.storage_mut());
+                    let w = cuda::adamw::Weights::Split { param: ps.as_cuda_mut()?, lo: ls.as_cuda_mut()? };
+                    cuda::adamw::step(g, w, m, v, &item.s, n)
+                }
+            }
+        }
+    }
 }
 
 /// [`adamw_update`] for many parameters (all on one device), with the same results: on
@@ -63,7 +102,7 @@ pub fn adamw_update_many(items: &[AdamWItem<'_>]) -> Result<()> {
     let mut all: Vec<&Tensor> = Vec::with_capacity(items.len() * 5);
     let mut seen = std::collections::HashSet::with_capacity(items.len() * 5);
     for (k, i) in items.iter().enumerate() {
-        for t in [i.weights, i.exp_avg, i.exp_avg_sq, i.grad].into_iter().chain(i.compute) {
+        for t in i.weights.tensors().into_iter().chain([i.exp_avg, i.exp_avg_sq, i.grad]) {
             if !seen.insert(t.storage_id()) {
                 bail!("adamw: item {k} names a tensor (storage) that an earlier argument names too");
             }
@@ -76,7 +115,7 @@ pub fn adamw_update_many(items: &[AdamWItem<'_>]) -> Result<()> {
     };
     if !batched {
         for i in items {
-            adamw_update(i.weights, i.compute, i.exp_avg, i.exp_avg_sq, i.grad, &i.s)?;
+            adamw_update(i)?;
         }
         return Ok(());
     }
@@ -84,30 +123,81 @@ pub fn adamw_update_many(items: &[AdamWItem<'_>]) -> Result<()> {
     // launch over all of them.
     let mut guards = Vec::with_capacity(items.len());
     for i in items {
-        guards.push((
-            i.grad.storage(),
-            i.weights.storage_mut(),
-            i.exp_avg.storage_mut(),
-            i.exp_avg_sq.storage_mut(),
-            i.compute.map(|c| c.storage_mut()),
-        ));
+        let weights: Vec<_> = i.weights.tensors().into_iter().map(|t| t.storage_mut()).collect();
+        guards.push((i.grad.storage(), weights, i.exp_avg.storage_mut(), i.exp_avg_sq.storage_mut()));
     }
     let mut entries = Vec::with_capacity(items.len());
-    for ((g, w, m, v, c), i) in guards.iter_mut().zip(items) {
+    for ((g, ws, m, v), i) in guards.iter_mut().zip(items) {
+        let weights = match (i.weights, ws.as_mut_slice()) {
+            (AdamWWeights::Plain(_), [w]) => cuda::adamw::Weights::Plain(w.as_cuda_mut()?),
+            (AdamWWeights::Master { .. }, [w, c]) => {
+                cuda::adamw::Weights::Master { w: w.as_cuda_mut()?, copy: c.as_cuda_mut()? }
+            }
+            (AdamWWeights::Split { .. }, [p, l]) => {
+                cuda::adamw::Weights::Split { param: p.as_cuda_mut()?, lo: l.as_cuda_mut()? }
+            }
+            _ => bail!("adamw: the weights' guards do not match their kind"),
+        };
         entries.push(cuda::adamw::AdamWEntry {
             grad: g.as_cuda()?,
-            w: w.as_cuda_mut()?,
+            weights,
             m: m.as_cuda_mut()?,
             v: v.as_cuda_mut()?,
-            copy: match c.as_mut() {
-                Some(c) => Some(c.as_cuda_mut()?),
-                None => None,
-            },
             s: i.s,
-            n: i.weights.numel(),
+            n: i.grad.numel(),
         });
     }
     cuda::adamw::step_many(&mut entries)
+}
+
+/// The fp32 master of a split master ([`AdamWWeights::Split`]): a new f32 tensor on the
+/// parameter's device.
+pub fn master_join(param: &Tensor, lo: &Tensor) -> Result<Tensor> {
+    let device = super::same_device("master_join", &[param, lo])?;
+    if param.shape() != lo.shape() || param.dtype() != DType::BF16 || lo.dtype() != DType::BF16 {
+        bail!(
+            "master_join: the parameter ({:?}, {:?}) and its low halves ({:?}, {:?}) must be bf16 of one shape",
+            param.shape(),
+            param.dtype(),
+            lo.shape(),
+            lo.dtype()
+        );
+    }
+    let Device::Cuda(_) = device else {
+        bail!("master_join: split masters live on a GPU");
+    };
+    let (ps, ls) = (param.storage(), lo.storage());
+    let (p, l) = (ps.as_cuda()?, ls.as_cuda()?);
+    let buf = cuda::adamw::master_join(p, l, param.numel())?;
+    Tensor::from_storage(crate::tensor::Storage::Cuda(cuda::CudaStorage { dev: p.dev.clone(), buf }), param.shape())
+}
+
+/// Writes the split of the fp32 `master` into `param` (the rounded high halves) and `lo`
+/// (the low halves), all three of one shape on one GPU ([`AdamWWeights::Split`]).
+pub fn master_split(master: &Tensor, param: &Tensor, lo: &Tensor) -> Result<()> {
+    let device = super::same_device("master_split", &[master, param, lo])?;
+    if master.shape() != param.shape() || lo.shape() != param.shape() {
+        bail!("master_split: shapes {:?}, {:?} and {:?} differ", master.shape(), param.shape(), lo.shape());
+    }
+    if master.dtype() != DType::F32 || param.dtype() != DType::BF16 || lo.dtype() != DType::BF16 {
+        bail!("master_split: needs an f32 master, a bf16 parameter and bf16 low halves");
+    }
+    let Device::Cuda(_) = device else {
+        bail!("master_split: split masters live on a GPU");
+    };
+    let ms = master.storage();
+    let (mut ps, mut ls) = (param.storage_mut(), lo.storage_mut());
+    cuda::adamw::master_split(ms.as_cuda()?, ps.as_cuda_mut()?, ls.as_cuda_mut()?, master.numel())
+}
+
+/// True when bf16 parameters on `device` keep split masters ([`AdamWWeights::Split`]):
+/// on a GPU with `SYNTHOS_CUDA_SPLIT_MASTER=1` (opt-in until a GPU run has shown the
+/// kernels), never on the CPU, whose parameters are f32.
+pub fn split_masters(device: Device) -> Result<bool> {
+    match device {
+        Device::Cpu => Ok(false),
+        Device::Cuda(_) => cuda::adamw::split_masters(),
+    }
 }
 
 /// `Σ x²` over every element of every tensor (all on one device): fp32 accumulation with a
