@@ -301,6 +301,35 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             model: None,
             run: Box::new(move || ops::sum_all(&x).map(|_| ())),
         });
+        // Bias and gate gradients: column sums of [B·N, D] onto [D] and of [B, N, D] onto
+        // [B, 1, D] (split over the rows), with the 16-byte vector kernel beside the default
+        // on a GPU (SYNTHOS_CUDA_COLSUM=vec).
+        let (b, nn, dd) = if full { (8, 1560, 1536) } else { (16, 64, 256) };
+        let g = rand(&[b, nn, dd], &mut rng, device)?;
+        let variants: &[bool] = if device == Device::Cpu { &[false] } else { &[false, true] };
+        for &vector in variants {
+            let tag = if vector { "[vec]" } else { "" };
+            for (what, to) in [("bias", vec![dd]), ("gate", vec![b, 1, dd])] {
+                let (g, x2) = (g.clone(), if what == "bias" { Some(ops::reshape(&g, &[b * nn, dd])?) } else { None });
+                let out = to.iter().product::<usize>();
+                v.push(BenchCase {
+                    family: "reduce",
+                    name: format!("sum_to {what} grad{tag} {b}x{nn}x{dd} -> {to:?}"),
+                    bytes: (b * nn * dd + out) as f64 * e,
+                    flops: (b * nn * dd) as f64,
+                    bound: Bound::Memory,
+                    model: None,
+                    run: Box::new(move || {
+                        let run = || ops::sum_to(x2.as_ref().unwrap_or(&g), &to).map(|_| ());
+                        if vector {
+                            crate::cuda::reduce::with_vector_columns(true, run)
+                        } else {
+                            run()
+                        }
+                    }),
+                });
+            }
+        }
         let (b, nn, h, d) = if full { (8, 1560, 12, 128) } else { (16, 64, 8, 32) };
         let y = rand(&[b, nn, h, d], &mut rng, device)?;
         v.push(BenchCase {

@@ -143,6 +143,35 @@ fn gpu_sum_to_every_launch_path_matches_cpu() {
     }
 }
 
+/// The 16-byte vector column sums (`SYNTHOS_CUDA_COLSUM=vec`) on bias and gate gradient
+/// shapes, a ragged last tile of columns, and a width that is not a multiple of the vector
+/// (the scalar kernel then), against the CPU; deterministic run to run.
+#[test]
+fn gpu_vector_column_sums_match_cpu() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng::new(28);
+    let cases: [(&[usize], &[usize]); 5] = [
+        (&[3121, 1536], &[1536]),
+        (&[4, 1560, 1536], &[4, 1, 1536]),
+        (&[2, 1561, 264], &[2, 1, 264]),
+        (&[4099, 8], &[8]),
+        (&[2, 1561, 45], &[2, 1, 45]),
+    ];
+    synthos_engine::cuda::reduce::with_vector_columns(true, || {
+        for (shape, to) in cases {
+            let x = randn(shape, &mut rng);
+            for (dt, atol, rtol) in DTYPES {
+                let what = format!("sum_to[vec] {shape:?} -> {to:?}");
+                parity(&what, dev, dt, std::slice::from_ref(&x), |t| ops::sum_to(&t[0], to), atol, rtol);
+                let xg = x.to_device(dev, dt).unwrap();
+                let a = ops::sum_to(&xg, to).unwrap().to_vec().unwrap();
+                let b = ops::sum_to(&xg, to).unwrap().to_vec().unwrap();
+                assert_eq!(a, b, "{what} {dt}: not deterministic");
+            }
+        }
+    });
+}
+
 #[test]
 fn gpu_big_sum_is_accurate() {
     let Some(dev) = gpu() else { return };

@@ -658,6 +658,8 @@ pub fn kernel_choices() -> Result<Vec<String>> {
         format!("SYNTHOS_CUDA_MULTI_TENSOR={}", on(adamw::multi_tensor()?)),
         format!("SYNTHOS_CUDA_GEMM_PLANS={}", on(gemm_plan::plans_enabled()?)),
         format!("SYNTHOS_CUDA_NORM={}", if norm::warp_forward()? { "warp" } else { "block" }),
+        format!("SYNTHOS_CUDA_COLSUM={}", if reduce::vector_columns()? { "vec" } else { "scalar" }),
+        format!("SYNTHOS_CUDA_SPLIT_MASTER={}", on(adamw::split_masters()?)),
     ])
 }
 

@@ -158,15 +158,46 @@ pub fn col_sum(x: &CudaStorage, outer: usize, len: usize, inner: usize, scale: f
     Ok(out)
 }
 
+const COLSUM_VAR: &str = "SYNTHOS_CUDA_COLSUM";
+
+/// Whether the split column sums (bias and gate gradients) read 16-byte vectors
+/// (`col_partial_vec_*`, 32 × 8 bf16 columns per block) on this thread: a
+/// [`with_vector_columns`] override, else `SYNTHOS_CUDA_COLSUM=vec` (`scalar`, the default,
+/// until a GPU run has shown it faster). Widths that are not a multiple of the vector
+/// keep the scalar kernel.
+pub fn vector_columns() -> Result<bool> {
+    Ok(super::choice::get(COLSUM_VAR, &["scalar", "vec"])? == 1)
+}
+
+/// Runs `f` with the vector column sums on or off on this thread (tests, bench).
+pub fn with_vector_columns<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    super::choice::with(COLSUM_VAR, on as usize, f)
+}
+
+/// The device address of a buffer.
+fn device_addr(buf: &CudaBuf, stream: &std::sync::Arc<cudarc::driver::CudaStream>) -> u64 {
+    use cudarc::driver::DevicePtr;
+    match buf {
+        CudaBuf::F32(s) => s.device_ptr(stream).0,
+        CudaBuf::BF16(s) => s.device_ptr(stream).0,
+    }
+}
+
 /// Blocks the split column sums aim for (several per SM on current GPUs).
 const COL_TARGET_BLOCKS: usize = 1024;
 /// Fewest rows one split covers, so that the finish pass stays small.
 const COL_MIN_ROWS: usize = 64;
 
-/// The split of [`col_sum_split`]: `(splits, chunk)` rows per split. Depends only on the
-/// sizes, so results are reproducible run to run.
+/// The split of [`col_sum_split`] with the scalar kernel: `(splits, chunk)` rows per
+/// split. Depends only on the sizes, so results are reproducible run to run.
 pub fn col_splits(outer: usize, len: usize, inner: usize) -> (usize, usize) {
-    let base = (outer * inner.div_ceil(32)).max(1);
+    col_splits_for(outer, len, inner, 32)
+}
+
+/// [`col_splits`] for blocks that cover `cols` columns each (32 for `col_partial`,
+/// 32 × the vector width for `col_partial_vec`).
+pub fn col_splits_for(outer: usize, len: usize, inner: usize, cols: usize) -> (usize, usize) {
+    let base = (outer * inner.div_ceil(cols)).max(1);
     let splits = COL_TARGET_BLOCKS.div_ceil(base).clamp(1, len.div_ceil(COL_MIN_ROWS).max(1));
     let chunk = len.div_ceil(splits).max(1);
     (len.div_ceil(chunk).max(1), chunk)
@@ -180,24 +211,30 @@ pub fn col_sum_split(x: &CudaStorage, outer: usize, len: usize, inner: usize, sc
     if outer * inner == 0 {
         return dev.alloc(0, dtype);
     }
-    let (splits, chunk) = col_splits(outer, len, inner);
+    // The vector kernel reads whole 16-byte words of each row.
+    let width = 16 / dtype.size();
+    let vector =
+        vector_columns()? && inner.is_multiple_of(width) && device_addr(&x.buf, &dev.stream).is_multiple_of(16);
+    let cols = if vector { 32 * width } else { 32 };
+    let (splits, chunk) = col_splits_for(outer, len, inner, cols);
     if splits == 1 {
         return col_sum(x, outer, len, inner, scale);
     }
-    let blocks = outer * splits * inner.div_ceil(32);
+    let blocks = outer * splits * inner.div_ceil(cols);
     if blocks > MAX_GRID {
         bail!("sum_to: {outer}x{inner} outputs exceed one launch");
     }
     let mut part = dev.alloc_t::<f32>(outer * splits * inner)?;
     let (len64, inner64, splits64, chunk64) = (len as i64, inner as i64, splits as i64, chunk as i64);
-    let f = dev.func("reduce", kernel_name("col_partial", dtype))?;
+    let f = dev.func("reduce", kernel_name(if vector { "col_partial_vec" } else { "col_partial" }, dtype))?;
     let mut lb = dev.stream.launch_builder(&f);
     lb.buf(&x.buf);
     lb.arg(&mut part).arg(&len64).arg(&inner64).arg(&splits64).arg(&chunk64);
     let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
     // SAFETY: block (o, s, tile) reads rows [s·chunk, min((s+1)·chunk, len)) of slab o
-    // (inside x's outer·len·inner elements) and writes partials[(o·splits + s)·inner + i]
-    // for i < inner.
+    // (inside x's outer·len·inner elements; the vector kernel's 16-byte words lie inside
+    // a row since inner is a multiple of the width, and are aligned since x and every row
+    // start are) and writes partials[(o·splits + s)·inner + i] for i < inner.
     unsafe { lb.launch(cfg) }?;
 
     let mut out = dev.alloc(outer * inner, dtype)?;

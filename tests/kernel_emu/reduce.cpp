@@ -1,6 +1,7 @@
 // kernels/reduce.cu under emulation, launched as src/cuda/reduce.rs does: sum_to onto
 // broadcast shapes, the two-pass row sums (row_partial + row_finish, split by
-// `blocks_per_row`) and the column sums over a middle dimension (32x8 blocks).
+// `blocks_per_row`) and the column sums over a middle dimension (32x8 blocks), split or
+// not, with scalar or 16-byte vector reads.
 #include "harness.h"
 
 #include "reduce.cu"
@@ -25,9 +26,9 @@ size_t blocks_per_row(size_t rows, size_t len) {
     return std::clamp<size_t>(ceil_div(len, kMinPerBlock), 1, std::max<size_t>(kMaxPartialBlocks / std::max<size_t>(rows, 1), 1));
 }
 
-// `col_splits`: (splits, chunk) of the split column sums.
-std::pair<size_t, size_t> col_splits(size_t outer, size_t len, size_t inner) {
-    const size_t base = std::max<size_t>(outer * ceil_div(inner, 32), 1);
+// `col_splits_for`: (splits, chunk) of the split column sums with `cols` columns per block.
+std::pair<size_t, size_t> col_splits(size_t outer, size_t len, size_t inner, size_t cols = 32) {
+    const size_t base = std::max<size_t>(outer * ceil_div(inner, cols), 1);
     const size_t splits = std::clamp<size_t>(ceil_div(kColTargetBlocks, base), 1, std::max<size_t>(ceil_div(len, kColMinRows), 1));
     const size_t chunk = std::max<size_t>(ceil_div(len, splits), 1);
     return {std::max<size_t>(ceil_div(len, chunk), 1), chunk};
@@ -39,13 +40,15 @@ template <>
 struct K<float> {
     static constexpr auto sum_to = EMU_KERNEL(sum_to_f32), row_partial = EMU_KERNEL(row_partial_f32),
                           row_finish = EMU_KERNEL(row_finish_f32), col_sum = EMU_KERNEL(col_sum_f32),
-                          col_partial = EMU_KERNEL(col_partial_f32), col_finish = EMU_KERNEL(col_finish_f32);
+                          col_partial = EMU_KERNEL(col_partial_f32), col_finish = EMU_KERNEL(col_finish_f32),
+                          col_partial_vec = EMU_KERNEL(col_partial_vec_f32);
 };
 template <>
 struct K<bf16> {
     static constexpr auto sum_to = EMU_KERNEL(sum_to_bf16), row_partial = EMU_KERNEL(row_partial_bf16),
                           row_finish = EMU_KERNEL(row_finish_bf16), col_sum = EMU_KERNEL(col_sum_bf16),
-                          col_partial = EMU_KERNEL(col_partial_bf16), col_finish = EMU_KERNEL(col_finish_bf16);
+                          col_partial = EMU_KERNEL(col_partial_bf16), col_finish = EMU_KERNEL(col_finish_bf16),
+                          col_partial_vec = EMU_KERNEL(col_partial_vec_bf16);
 };
 
 // Sums of terms whose magnitudes add up to sum_abs: f32 accumulation stays well within
@@ -171,6 +174,42 @@ void col_sum_split(size_t outer, size_t len, size_t inner, float scale) {
                   out.download(), want, sum_abs);
 }
 
+// `cuda::reduce::col_sum_split` with `SYNTHOS_CUDA_COLSUM=vec` (inner a multiple of the
+// vector width): col_partial_vec over the split of 32·VW-column blocks, then col_finish,
+// against the reference; and with col_partial's own split, partials equal to
+// col_partial's bit for bit (the same order of additions per column).
+template <class T>
+void col_sum_split_vec(size_t outer, size_t len, size_t inner, float scale) {
+    constexpr size_t kWidth = 16 / sizeof(T), kCols = 32 * kWidth;
+    const auto x = rng.values<T>(outer * len * inner);
+    DeviceArray<T> dx(x), out(outer * inner);
+    const std::string shape = format("[%zu, %zu, %zu]", outer, len, inner);
+    {
+        const auto [splits, chunk] = col_splits(outer, len, inner);
+        DeviceArray<float> scalar(outer * splits * inner), vec(outer * splits * inner);
+        emu::launch(emu::LaunchConfig{dim3((unsigned)(outer * splits * ceil_div(inner, 32))), dim3(32, 8), 0},
+                    K<T>::col_partial, dx.ptr(), scalar.ptr(), (int64_t)len, (int64_t)inner, (int64_t)splits,
+                    (int64_t)chunk);
+        emu::launch(emu::LaunchConfig{dim3((unsigned)(outer * splits * ceil_div(inner, kCols))), dim3(32, 8), 0},
+                    K<T>::col_partial_vec, dx.ptr(), vec.ptr(), (int64_t)len, (int64_t)inner, (int64_t)splits,
+                    (int64_t)chunk);
+        report.close(format("col_partial_vec_%s %s (%zu splits of %zu rows) = col_partial", Elem<T>::name,
+                            shape.c_str(), splits, chunk),
+                     vec.download(), scalar.download(), 0, 0);
+    }
+    const auto [splits, chunk] = col_splits(outer, len, inner, kCols);
+    DeviceArray<float> partials(outer * splits * inner);
+    emu::launch(emu::LaunchConfig{dim3((unsigned)(outer * splits * ceil_div(inner, kCols))), dim3(32, 8), 0},
+                K<T>::col_partial_vec, dx.ptr(), partials.ptr(), (int64_t)len, (int64_t)inner, (int64_t)splits,
+                (int64_t)chunk);
+    emu::launch(emu::LaunchConfig{dim3((unsigned)(outer * ceil_div(inner, 32))), dim3(32, 8), 0}, K<T>::col_finish,
+                partials.ptr(), out.ptr(), (int64_t)splits, (int64_t)inner, scale);
+    const auto [want, sum_abs] = col_ref(x, outer, len, inner, scale);
+    check_sums<T>(format("col_sum_split vec %s %s (%zu splits of %zu rows) scale=%g", Elem<T>::name, shape.c_str(),
+                         splits, chunk, scale),
+                  out.download(), want, sum_abs);
+}
+
 template <class T>
 void family() {
     sum_to<T>({3, 5, 7}, {3, 1, 7});
@@ -208,6 +247,15 @@ void family() {
         splits.push_back({3, 777, 70});
     }
     for (const ColCase& c : splits) col_sum_split<T>(c.outer, c.len, c.inner, c.len % 2 ? 1.f : 0.25f);
+
+    // Vector column sums: one word, a ragged last tile (264 = 256 + 8 columns), ragged
+    // last splits (rows not a multiple of the chunk, nor of 4 rows per thread row).
+    std::vector<ColCase> vec = {{1, 130, 8}, {2, 97, 264}, {1, 7, 16}};
+    if (!kTsan) {
+        vec.push_back({1, 4099, 264});
+        vec.push_back({3, 301, 520});
+    }
+    for (const ColCase& c : vec) col_sum_split_vec<T>(c.outer, c.len, c.inner, c.len % 2 ? 1.f : 0.25f);
 }
 
 }  // namespace
