@@ -120,6 +120,8 @@ gate ops_attention gpu_wgmma_kernels_match_cpu "[wgmma" wgmma wgmma-det wgmma-ov
 gate ops_attention gpu_wgmma_ws_matches_cpu "[wgmma-ws" wgmma-ws
 gate ops_attention gpu_tma_probe_matches_the_wgmma_layout "[wgmma-ws" wgmma-ws
 gate ops_norm gpu_warp_forward_norms_match_cpu "[warp]"
+gate ops_reduce gpu_vector_column_sums_match_cpu "[vec]"
+gate optim gpu_split_masters_match_fp32_masters "SPLIT_MASTER"  # no bench case: the stage below
 if [ -d "$OUTDIR/tests" ]; then
   # One archive of the logs ($OUT returns at most 8 files).
   tar -C "$OUTDIR" -czf "$OUTDIR/test-logs.tar.gz" tests && rm -rf "$OUTDIR/tests"
@@ -135,10 +137,10 @@ if [ "${SKIP_TESTS:-0}" != 1 ] && [ "$(left)" -gt 260 ]; then
   # The opt-in kernels and plans all on, in whole-model GPU tests: the tiny Wan forward and
   # backward, the bf16 training step against its reference, CLIP, the VAE and convs (the
   # bench times the one-warp-per-row norm forward alone: "rms_norm[warp]" ...).
-  stage "whole-model GPU tests with every opt-in on (mma-det attention, multi-tensor, GEMM plans, warp norms)"
+  stage "whole-model GPU tests with every opt-in on (mma-det attention, multi-tensor, GEMM plans, warp norms, vector column sums, split masters)"
   for t in wan train_step clip_model ops_conv; do
     SYNTHOS_CUDA_ATTENTION=mma-det SYNTHOS_CUDA_MULTI_TENSOR=1 SYNTHOS_CUDA_GEMM_PLANS=1 SYNTHOS_CUDA_NORM=warp \
-      timeout 60 "$B/tests/$t" gpu --skip full --test-threads=1 > "$OUTDIR/optin-$t.txt" 2>&1
+      SYNTHOS_CUDA_COLSUM=vec SYNTHOS_CUDA_SPLIT_MASTER=1 timeout 60 "$B/tests/$t" gpu --skip full --test-threads=1 > "$OUTDIR/optin-$t.txt" 2>&1
     echo "$t: rc $?, $(grep -E '^test result' "$OUTDIR/optin-$t.txt" | tail -1)"
     grep -E "panicked at|FAILED" "$OUTDIR/optin-$t.txt" | head -4 | sed 's/^/    /'
   done
@@ -167,7 +169,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     --json "$OUTDIR/bench.json" $(compare_args) ${BENCH_SKIP[@]+"${BENCH_SKIP[@]}"} 2>&1 | tee "$OUTDIR/bench.txt"
 fi
 
-if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left)" -gt 170 ]; then
+if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left)" -gt 170 ] && [[ "${BENCH_SKIP[*]-}" != *SPLIT_MASTER* ]]; then
   # Split fp32 masters (SYNTHOS_CUDA_SPLIT_MASTER=1): the recipe's b4 step, for its peak
   # memory against the default's in bench.json (gpu_split_masters_match_fp32_masters
   # tested the kernels above).
