@@ -6,6 +6,7 @@
 // column matrix has K = C·kh·kw rows and npix = rows·w_out columns:
 //   im2col:   cols[(c·kh + ky)·kw + kx, (oy − r0)·w_out + ox]
 //                 = x[c, oy·s − pad_top + ky, ox·s − pad_left + kx]   (0 in the padding)
+//             (one thread per element; im2col_rows, opt-in, one warp per row segment)
 //   col2im:   dx[c, iy, ix] += Σ_{ky,kx} dcols[(c·kh+ky)·kw+kx, (oy − r0)·w_out + ox]
 //             over the taps with oy·s = iy + pad_top − ky, ox·s = ix + pad_left − kx
 //             that land in the band. A gather (one thread per input pixel) rather than a
@@ -61,6 +62,37 @@ __device__ void im2col_impl(const T* x, int64_t x_off, T* cols, ConvDesc g, int6
         float v = 0.f;
         if (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w) v = load(x, x_off + (c * g.h + iy) * g.w + ix);
         store(cols, i, v);
+    }
+}
+
+// im2col by rows (opt-in: SYNTHOS_CUDA_IM2COL=rows): the same column matrix, bit for bit,
+// written one row segment at a time. A warp takes one (k, output row) pair: the segment
+// of cols row k = (c, ky, kx) that holds the w_out pixels of output row oy. The index
+// arithmetic (five divisions) is done once per pair instead of once per element, and
+// lane l copies pixels l, l + 32, …, so consecutive lanes read consecutive input pixels
+// (stride 1) and write consecutive columns. Blocks of 32×8 threads (8 pairs), grid-stride
+// over pairs.
+template <typename T>
+__device__ void im2col_rows_impl(const T* x, int64_t x_off, T* cols, ConvDesc g, int64_t r0, int64_t rows) {
+    const int64_t npix = rows * g.w_out;
+    const int64_t pairs = g.c_in * g.kh * g.kw * rows;
+    for (int64_t q = blockIdx.x * (int64_t)blockDim.y + threadIdx.y; q < pairs;
+         q += (int64_t)gridDim.x * blockDim.y) {
+        const int64_t k = q / rows, oyr = q - k * rows;
+        const int64_t kx = k % g.kw, t = k / g.kw;
+        const int64_t ky = t % g.kh, c = t / g.kh;
+        const int64_t iy = (r0 + oyr) * g.stride - g.pad_top + ky;
+        T* dst = cols + k * npix + oyr * g.w_out;
+        if (iy < 0 || iy >= g.h) {
+            for (int64_t ox = threadIdx.x; ox < g.w_out; ox += 32) store(dst, ox, 0.f);
+            continue;
+        }
+        const T* src = x + x_off + (c * g.h + iy) * g.w;
+        const int64_t shift = kx - g.pad_left;
+        for (int64_t ox = threadIdx.x; ox < g.w_out; ox += 32) {
+            const int64_t ix = ox * g.stride + shift;
+            store(dst, ox, (ix >= 0 && ix < g.w) ? load(src, ix) : 0.f);
+        }
     }
 }
 
@@ -223,6 +255,10 @@ __device__ void crn_bwd_impl(const T* x, const float* gamma, const T* dy, T* dx,
     extern "C" __global__ void im2col_##SFX(const T* x, int64_t x_off, T* cols, ConvDesc g, int64_t r0,             \
                                             int64_t rows) {                                                          \
         im2col_impl(x, x_off, cols, g, r0, rows);                                                                    \
+    }                                                                                                                 \
+    extern "C" __global__ void im2col_rows_##SFX(const T* x, int64_t x_off, T* cols, ConvDesc g, int64_t r0,        \
+                                                 int64_t rows) {                                                     \
+        im2col_rows_impl(x, x_off, cols, g, r0, rows);                                                               \
     }                                                                                                                 \
     extern "C" __global__ void col2im_##SFX(const T* dcols, T* dx, int64_t dx_off, ConvDesc g, int64_t r0,          \
                                             int64_t rows, int64_t iy0, int64_t iy1) {                                \

@@ -121,6 +121,7 @@ gate ops_attention gpu_wgmma_ws_matches_cpu "[wgmma-ws" wgmma-ws
 gate ops_attention gpu_tma_probe_matches_the_wgmma_layout "[wgmma-ws" wgmma-ws
 gate ops_norm gpu_warp_forward_norms_match_cpu "[warp]"
 gate ops_reduce gpu_vector_column_sums_match_cpu "[vec]"
+gate ops_conv gpu_im2col_by_rows_matches_the_element_kernel "[rows]"
 gate optim gpu_split_masters_match_fp32_masters "SPLIT_MASTER"  # no bench case: the stage below
 if [ -d "$OUTDIR/tests" ]; then
   # One archive of the logs ($OUT returns at most 8 files).
@@ -137,10 +138,10 @@ if [ "${SKIP_TESTS:-0}" != 1 ] && [ "$(left)" -gt 260 ]; then
   # The opt-in kernels and plans all on, in whole-model GPU tests: the tiny Wan forward and
   # backward, the bf16 training step against its reference, CLIP, the VAE and convs (the
   # bench times the one-warp-per-row norm forward alone: "rms_norm[warp]" ...).
-  stage "whole-model GPU tests with every opt-in on (mma-det attention, multi-tensor, GEMM plans, warp norms, vector column sums, split masters)"
+  stage "whole-model GPU tests with every opt-in on (mma-det attention, multi-tensor, GEMM plans, warp norms, vector column sums, split masters, im2col by rows)"
   for t in wan train_step clip_model ops_conv; do
     SYNTHOS_CUDA_ATTENTION=mma-det SYNTHOS_CUDA_MULTI_TENSOR=1 SYNTHOS_CUDA_GEMM_PLANS=1 SYNTHOS_CUDA_NORM=warp \
-      SYNTHOS_CUDA_COLSUM=vec SYNTHOS_CUDA_SPLIT_MASTER=1 timeout 60 "$B/tests/$t" gpu --skip full --test-threads=1 > "$OUTDIR/optin-$t.txt" 2>&1
+      SYNTHOS_CUDA_COLSUM=vec SYNTHOS_CUDA_SPLIT_MASTER=1 SYNTHOS_CUDA_IM2COL=rows timeout 60 "$B/tests/$t" gpu --skip full --test-threads=1 > "$OUTDIR/optin-$t.txt" 2>&1
     echo "$t: rc $?, $(grep -E '^test result' "$OUTDIR/optin-$t.txt" | tail -1)"
     grep -E "panicked at|FAILED" "$OUTDIR/optin-$t.txt" | head -4 | sed 's/^/    /'
   done
@@ -178,6 +179,15 @@ if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left)" -gt 170 ] && [[ "${BENCH_SKIP[*]-}
     --skip keeping --skip "no checkpointing" --skip "optimizer after" --json "$OUTDIR/bench-split-master.json" \
     > "$OUTDIR/bench-split-master.txt" 2>&1
   echo "rc $?"; grep -E "train step" "$OUTDIR/bench-split-master.txt" | head -2
+fi
+
+if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left)" -gt 160 ] && [[ "${BENCH_SKIP[*]-}" != *"[rows]"* ]]; then
+  # The column matrix by rows (SYNTHOS_CUDA_IM2COL=rows) in the whole sampling pipeline,
+  # whose VAE decode is all convolutions (the conv2d[rows] case times one alone).
+  stage "the 480x480 sampling pipeline with im2col by rows"
+  SYNTHOS_CUDA_IM2COL=rows timeout 60 "$ENGINE" bench --min-seconds 0.3 --filter "pipeline" \
+    --json "$OUTDIR/bench-im2col-rows.json" > "$OUTDIR/bench-im2col-rows.txt" 2>&1
+  echo "rc $?"; grep -E "pipeline" "$OUTDIR/bench-im2col-rows.txt" | head -2
 fi
 
 if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left)" -gt 150 ]; then

@@ -84,6 +84,18 @@ def cases(d):
             continue
         have = {r["name"] for r in bench["results"]}
         bench["results"] += [r for r in results if r["name"] not in have]
+    # The opt-in runs (bench-<tag>.json: split masters, im2col by rows, the attention sets
+    # in the training steps) under their tag, without their ceilings.
+    for name in sorted(os.listdir(d)):
+        m = re.fullmatch(r"bench-(.+)\.json", name)
+        if not m or m[1] == "rest":
+            continue
+        try:
+            results = json.loads(read(os.path.join(d, name)) or "{}").get("results", [])
+        except json.JSONDecodeError:
+            continue
+        bench["results"] += [dict(r, name=f"{r['name']} {{{m[1]}}}") for r in results
+                             if r.get("family") not in ("copy", "matmul")]
     torch = {}
     try:
         for c in json.loads(read(os.path.join(d, "torch.json")) or "{}").get("cases", []):

@@ -531,8 +531,25 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             flops: 2.0 * (c * c * 9 * hw * hw) as f64,
             bound: Bound::Compute,
             model: None,
-            run: Box::new(move || ops::conv2d(&x, &w, Some(&b), 1, 1).map(|_| ())),
+            run: Box::new({
+                let (x, w, b) = (x.clone(), w.clone(), b.clone());
+                move || ops::conv2d(&x, &w, Some(&b), 1, 1).map(|_| ())
+            }),
         });
+        // The column matrix written by rows (GPU only; SYNTHOS_CUDA_IM2COL=rows).
+        if device != Device::Cpu {
+            v.push(BenchCase {
+                family: "conv",
+                name: format!("conv2d[rows] 3x3 {c}->{c} {hw}x{hw}"),
+                bytes: (2 * c * hw * hw + 9 * c * c) as f64 * e,
+                flops: 2.0 * (c * c * 9 * hw * hw) as f64,
+                bound: Bound::Compute,
+                model: None,
+                run: Box::new(move || {
+                    crate::cuda::conv::with_im2col_by_rows(true, || ops::conv2d(&x, &w, Some(&b), 1, 1).map(|_| ()))
+                }),
+            });
+        }
     }
     Ok(v)
 }

@@ -407,6 +407,41 @@ fn gpu_conv2d_matches_cpu() {
     }
 }
 
+/// The column matrix written by rows (`SYNTHOS_CUDA_IM2COL=rows`) gives every convolution
+/// of `gpu_conv2d_matches_cpu`'s cases the same outputs and gradients, bit for bit, as
+/// the element kernel.
+#[test]
+fn gpu_im2col_by_rows_matches_the_element_kernel() {
+    use synthos_engine::cuda::conv::with_im2col_by_rows;
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng::new(43);
+    let mut all = cases();
+    all.push(Case::new(1, 5, (9, 128), 6, (3, 3), 1, Padding2d::same(1)));
+    all.push(Case::new(2, 19, (34, 30), 19, (3, 3), 2, Padding2d { top: 0, bottom: 1, left: 0, right: 1 }));
+    for c in all {
+        let (_, wo) = c.out_hw();
+        let (x, w, b) = c.inputs(&mut rng);
+        for dtype in [DType::BF16, DType::F32] {
+            for max_col in [ops::DEFAULT_MAX_COL_ELEMS, c.c * c.kh * c.kw * wo * 2] {
+                let opts = c.opts(max_col);
+                let run = |rows: bool| {
+                    with_im2col_by_rows(rows, || {
+                        let xg = x.to_device(dev, dtype).unwrap().requires_grad();
+                        let wg = w.to_device(dev, dtype).unwrap().requires_grad();
+                        let bg = b.as_ref().map(|b| b.to_device(dev, dtype).unwrap().requires_grad());
+                        let y = ops::conv2d_opts(&xg, &wg, bg.as_ref(), &opts).unwrap();
+                        let g = autograd::backward(&ops::sum_all(&ops::mul(&y, &y).unwrap()).unwrap()).unwrap();
+                        let mut out = vec![y.to_vec().unwrap(), g.get(&xg).unwrap().to_vec().unwrap()];
+                        out.push(g.get(&wg).unwrap().to_vec().unwrap());
+                        out
+                    })
+                };
+                assert_eq!(run(true), run(false), "conv2d {c:?} {dtype} max_col {max_col}: rows vs elements");
+            }
+        }
+    }
+}
+
 #[test]
 fn gpu_conv2d_mixed_dtypes() {
     let Some(dev) = gpu() else { return };

@@ -140,14 +140,41 @@ fn im2col<T: Elem>(
     if x.len() < x_off + g.in_image() || cols.len() < n {
         bail!("im2col: buffers too short for {g:?}");
     }
-    let f = dev.func("conv", kernel_name("im2col", T::DTYPE))?;
-    let (d, xo, r0, rows) = (ConvDesc::new(g), x_off as i64, r0 as i64, rows as i64);
+    let by_rows = im2col_by_rows()?;
+    let f = dev.func("conv", kernel_name(if by_rows { "im2col_rows" } else { "im2col" }, T::DTYPE))?;
+    let (d, xo, r0_64, rows_64) = (ConvDesc::new(g), x_off as i64, r0 as i64, rows as i64);
     let mut lb = dev.stream.launch_builder(&f);
-    lb.arg(x).arg(&xo).arg(cols).arg(&d).arg(&r0).arg(&rows);
+    lb.arg(x).arg(&xo).arg(cols).arg(&d).arg(&r0_64).arg(&rows_64);
+    let cfg = if by_rows {
+        // One warp per (tap, output row) pair, 8 pairs per block.
+        let blocks = (g.k() * rows).div_ceil(IM2COL_ROWS_PAIRS).clamp(1, MAX_BLOCKS) as u32;
+        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (32, IM2COL_ROWS_PAIRS as u32, 1), shared_mem_bytes: 0 }
+    } else {
+        grid(n)
+    };
     // SAFETY: reads stay in the image at x_off (checked above, taps are bounds-tested in
     // the kernel); the k·rows·w_out writes fit `cols`.
-    unsafe { lb.launch(grid(n)) }?;
+    unsafe { lb.launch(cfg) }?;
     Ok(())
+}
+
+/// (tap, output row) pairs per block of `im2col_rows` (its blockDim.y).
+const IM2COL_ROWS_PAIRS: usize = 8;
+
+const IM2COL_VAR: &str = "SYNTHOS_CUDA_IM2COL";
+
+/// Whether the convolution's column matrix is written by `im2col_rows_*` (one warp per
+/// row segment, the divisions once per segment) instead of one thread per element, on
+/// this thread: a [`with_im2col_by_rows`] override, else `SYNTHOS_CUDA_IM2COL=rows`
+/// (`elements`, the default, until a GPU run has shown it faster). The matrix is the same
+/// bit for bit.
+pub fn im2col_by_rows() -> Result<bool> {
+    Ok(super::choice::get(IM2COL_VAR, &["elements", "rows"])? == 1)
+}
+
+/// Runs `f` with `im2col_rows` on or off on this thread (tests, bench).
+pub fn with_im2col_by_rows<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    super::choice::with(IM2COL_VAR, on as usize, f)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -659,6 +659,7 @@ pub fn kernel_choices() -> Result<Vec<String>> {
         format!("SYNTHOS_CUDA_GEMM_PLANS={}", on(gemm_plan::plans_enabled()?)),
         format!("SYNTHOS_CUDA_NORM={}", if norm::warp_forward()? { "warp" } else { "block" }),
         format!("SYNTHOS_CUDA_COLSUM={}", if reduce::vector_columns()? { "vec" } else { "scalar" }),
+        format!("SYNTHOS_CUDA_IM2COL={}", if conv::im2col_by_rows()? { "rows" } else { "elements" }),
         format!("SYNTHOS_CUDA_SPLIT_MASTER={}", on(adamw::split_masters()?)),
     ])
 }

@@ -1,5 +1,6 @@
 // kernels/conv.cu under emulation, launched as src/cuda/conv.rs does:
-// - the convolution's band loop, forward and backward (`forward_t`, `backward_t`): im2col,
+// - the convolution's band loop, forward and backward (`forward_t`, `backward_t`): im2col
+//   (and im2col_rows, equal to it bit for bit),
 //   col2im, rows_copy[_bias], rows_bias_add and accumulate_f32_from_*, with the cuBLASLt
 //   products computed on the host (in double, rounded to the element type, as cuBLASLt
 //   stores them) at the same offsets and leading dimensions, so that the kernels see
@@ -34,6 +35,7 @@ constexpr size_t kMaxBlocks = size_t(1) << 20;  // MAX_BLOCKS
 constexpr size_t kGemmAlign = 256;            // GEMM_ALIGN
 constexpr size_t kCrnPix = 32, kCrnRows = 8;  // CRN_PIX, CRN_ROWS
 constexpr size_t kCrnMaxBlocks = 4096;        // CRN_MAX_BLOCKS
+constexpr size_t kIm2colRowsPairs = 8;        // IM2COL_ROWS_PAIRS
 
 // The launchers' grid caps. The real ones bind only at sizes too large to emulate, so a
 // few cases run with them lowered to a handful of blocks: the grids the launchers make
@@ -56,6 +58,7 @@ struct K;
 template <>
 struct K<float> {
     static constexpr auto im2col = EMU_KERNEL(im2col_f32), col2im = EMU_KERNEL(col2im_f32);
+    static constexpr auto im2col_rows = EMU_KERNEL(im2col_rows_f32);
     static constexpr auto rows_copy = EMU_KERNEL(rows_copy_f32), rows_copy_bias = EMU_KERNEL(rows_copy_bias_f32);
     static constexpr auto rows_bias_add = EMU_KERNEL(rows_bias_add_f32);
     static constexpr auto accumulate = EMU_KERNEL(accumulate_f32_from_f32);
@@ -65,6 +68,7 @@ struct K<float> {
 template <>
 struct K<bf16> {
     static constexpr auto im2col = EMU_KERNEL(im2col_bf16), col2im = EMU_KERNEL(col2im_bf16);
+    static constexpr auto im2col_rows = EMU_KERNEL(im2col_rows_bf16);
     static constexpr auto rows_copy = EMU_KERNEL(rows_copy_bf16), rows_copy_bias = EMU_KERNEL(rows_copy_bias_bf16);
     static constexpr auto rows_bias_add = EMU_KERNEL(rows_bias_add_bf16);
     static constexpr auto accumulate = EMU_KERNEL(accumulate_f32_from_bf16);
@@ -171,12 +175,25 @@ void rows_bias_add(DeviceArray<T>& dst, size_t off, size_t ld, size_t rows, size
                 (int64_t)cols, (const float*)bias.ptr());
 }
 
-// `im2col`
+// `im2col`, with the element kernel; `im2col_rows` (SYNTHOS_CUDA_IM2COL=rows) writes the
+// same band again into a buffer of its own, which must equal it bit for bit (the buffer
+// starts as NaN, so an element it leaves unwritten differs).
 template <class T>
 void im2col(const DeviceArray<T>& x, size_t x_off, DeviceArray<T>& cols, const Geom& g, size_t r0, size_t rows) {
     const size_t n = g.k() * rows * g.w_out();
     emu::launch(grid(n), K<T>::im2col, (const T*)x.ptr(), (int64_t)x_off, cols.ptr(), g.desc(), (int64_t)r0,
                 (int64_t)rows);
+    DeviceArray<T> by_rows(n);
+    const size_t pairs = g.k() * rows;
+    const emu::LaunchConfig cfg{dim3((unsigned)std::clamp<size_t>(ceil_div(pairs, kIm2colRowsPairs), 1, max_blocks)),
+                                dim3(32, (unsigned)kIm2colRowsPairs), 0};
+    emu::launch(cfg, K<T>::im2col_rows, (const T*)x.ptr(), (int64_t)x_off, by_rows.ptr(), g.desc(), (int64_t)r0,
+                (int64_t)rows);
+    std::vector<double> want(n);
+    for (size_t i = 0; i < n; ++i) want[i] = Elem<T>::to(cols.ptr()[i]);
+    report.close(format("im2col_rows = im2col: %s %s band r0=%zu rows=%zu grid cap %zu", g.name().c_str(),
+                        Elem<T>::name, r0, rows, max_blocks),
+                 by_rows.download(), want, 0, 0);
 }
 
 // `col2im` (nothing to launch when the band's taps all fall in the padding)
@@ -466,6 +483,8 @@ void family() {
         {1, 4, 6, 5, 3, 1, 1, 2, 1, 1, 1, 1, 1},       // 1x1, pad 1, stride 2: a band of padding only
         {1, 2, 9, 16, 3, 3, 3, 1, 1, 1, 1, 1, 18 * 16 * 4},  // bands of 4 rows: r0 = 4, 8 start aligned
         {1, 11, 4, 3, 2, 3, 3, 1, 1, 1, 1, 1, 1 << 20},      // one band for the whole image
+        {1, 3, 5, 71, 2, 3, 3, 1, 1, 1, 1, 1, 27 * 71 * 2},  // rows of 71 pixels: lanes take 3 each
+        {1, 2, 4, 80, 2, 3, 3, 2, 1, 1, 1, 1, 1 << 20},      // stride 2: 40 output pixels per row
     };
     for (const Geom& g : geoms) {
         conv<T>(g, true);
