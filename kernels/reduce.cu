@@ -129,15 +129,24 @@ extern "C" __global__ void col_sum_bf16(const bf16* x, bf16* out, int64_t len, i
 //                partials[(o·splits + s)·inner + i] (fp32);
 //   col_finish:  col_sum over partials viewed as [outer, splits, inner], scaled, in T.
 // The split depends only on the sizes, so results are the same run to run.
+// Block b of a split column sum with `cols` columns per block: slab o, split s, column
+// tile t (blocks run over tiles fastest, then splits, then slabs).
+__device__ __forceinline__ void col_block(int64_t cols, int64_t inner, int64_t splits, int64_t& o, int64_t& s,
+                                          int64_t& t) {
+    const int64_t tiles = (inner + cols - 1) / cols;
+    const int64_t b = blockIdx.x;
+    o = b / (tiles * splits);
+    s = (b / tiles) % splits;
+    t = b % tiles;
+}
+
 template <typename T>
 __device__ void col_partial_impl(const T* x, float* partials, int64_t len, int64_t inner, int64_t splits,
                                  int64_t chunk) {
     __shared__ float tile[COL_ROWS][33];
-    const int64_t tiles = (inner + 31) / 32;
-    const int64_t b = blockIdx.x;
-    const int64_t o = b / (tiles * splits);
-    const int64_t s = (b / tiles) % splits;
-    const int64_t i = (b % tiles) * 32 + threadIdx.x;
+    int64_t o, s, t;
+    col_block(32, inner, splits, o, s, t);
+    const int64_t i = t * 32 + threadIdx.x;
     const int64_t r0 = s * chunk;
     const int64_t r1 = r0 + chunk < len ? r0 + chunk : len;
     float acc = 0.f;
@@ -175,11 +184,9 @@ __device__ void col_partial_vec_impl(const T* x, float* partials, int64_t len, i
     constexpr int VW = 16 / (int)sizeof(T);
     constexpr int COLS = 32 * VW;
     __shared__ float tile[COL_ROWS][COLS];
-    const int64_t tiles = (inner + COLS - 1) / COLS;
-    const int64_t b = blockIdx.x;
-    const int64_t o = b / (tiles * splits);
-    const int64_t s = (b / tiles) % splits;
-    const int64_t c0 = (b % tiles) * COLS;
+    int64_t o, s, t;
+    col_block(COLS, inner, splits, o, s, t);
+    const int64_t c0 = t * COLS;
     const int64_t c = c0 + threadIdx.x * VW;
     const int64_t r0 = s * chunk;
     const int64_t r1 = r0 + chunk < len ? r0 + chunk : len;
@@ -209,13 +216,13 @@ __device__ void col_partial_vec_impl(const T* x, float* partials, int64_t len, i
 #pragma unroll
     for (int j = 0; j < VW; ++j) tile[threadIdx.y][threadIdx.x * VW + j] = acc[j];
     __syncthreads();
-    // Thread t finishes column t of the tile (COLS ≤ 256 threads).
-    const int t = threadIdx.y * 32 + threadIdx.x;
-    if (t < COLS && c0 + t < inner) {
+    // Thread j finishes column j of the tile (COLS ≤ 256 threads).
+    const int j = threadIdx.y * 32 + threadIdx.x;
+    if (j < COLS && c0 + j < inner) {
         float sum = 0.f;
 #pragma unroll
-        for (int k = 0; k < COL_ROWS; ++k) sum += tile[k][t];
-        partials[(o * splits + s) * inner + c0 + t] = sum;
+        for (int k = 0; k < COL_ROWS; ++k) sum += tile[k][j];
+        partials[(o * splits + s) * inner + c0 + j] = sum;
     }
 }
 extern "C" __global__ void col_partial_vec_f32(const float* x, float* partials, int64_t len, int64_t inner,

@@ -524,29 +524,25 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
         let x = rand(&[1, c, hw, hw], &mut rng, device)?;
         let w = Tensor::randn(&[c, c, 3, 3], 0.02, &mut rng, device)?;
         let b = rand(&[c], &mut rng, device)?;
-        v.push(BenchCase {
-            family: "conv",
-            name: format!("conv2d 3x3 {c}->{c} {hw}x{hw}"),
-            bytes: (2 * c * hw * hw + 9 * c * c) as f64 * e,
-            flops: 2.0 * (c * c * 9 * hw * hw) as f64,
-            bound: Bound::Compute,
-            model: None,
-            run: Box::new({
-                let (x, w, b) = (x.clone(), w.clone(), b.clone());
-                move || ops::conv2d(&x, &w, Some(&b), 1, 1).map(|_| ())
-            }),
-        });
-        // The column matrix written by rows (GPU only; SYNTHOS_CUDA_IM2COL=rows).
-        if device != Device::Cpu {
+        // With the column matrix written by rows beside the default on a GPU
+        // (SYNTHOS_CUDA_IM2COL=rows).
+        let variants: &[bool] = if device == Device::Cpu { &[false] } else { &[false, true] };
+        for &by_rows in variants {
+            let (x, w, b) = (x.clone(), w.clone(), b.clone());
             v.push(BenchCase {
                 family: "conv",
-                name: format!("conv2d[rows] 3x3 {c}->{c} {hw}x{hw}"),
+                name: format!("conv2d{} 3x3 {c}->{c} {hw}x{hw}", if by_rows { "[rows]" } else { "" }),
                 bytes: (2 * c * hw * hw + 9 * c * c) as f64 * e,
                 flops: 2.0 * (c * c * 9 * hw * hw) as f64,
                 bound: Bound::Compute,
                 model: None,
                 run: Box::new(move || {
-                    crate::cuda::conv::with_im2col_by_rows(true, || ops::conv2d(&x, &w, Some(&b), 1, 1).map(|_| ()))
+                    let run = || ops::conv2d(&x, &w, Some(&b), 1, 1).map(|_| ());
+                    if by_rows {
+                        crate::cuda::conv::with_im2col_by_rows(true, run)
+                    } else {
+                        run()
+                    }
                 }),
             });
         }

@@ -207,15 +207,6 @@ unsafe impl cudarc::driver::DeviceRepr for MultiTensor {}
 // SAFETY: as above.
 unsafe impl cudarc::driver::DeviceRepr for MultiChunk {}
 
-/// The device address of a buffer (event tracking is off, so the record is a no-op).
-fn addr(buf: &CudaBuf, stream: &Arc<cudarc::driver::CudaStream>) -> u64 {
-    use cudarc::driver::DevicePtr;
-    match buf {
-        CudaBuf::F32(s) => s.device_ptr(stream).0,
-        CudaBuf::BF16(s) => s.device_ptr(stream).0,
-    }
-}
-
 /// The chunk table of tensors with `sizes` elements, in tensor order.
 fn chunks(sizes: &[usize]) -> Result<Vec<MultiChunk>> {
     let mut out = Vec::new();
@@ -275,7 +266,7 @@ pub fn step_many(entries: &mut [AdamWEntry<'_>]) -> Result<()> {
                 bail!("adamw: {role} of {what} are {:?}, not f32", b.dtype());
             }
         }
-        let a = |c: &CudaStorage| addr(&c.buf, &dev.stream);
+        let a = |c: &CudaStorage| c.buf.device_addr(&dev.stream);
         let (w, copy, lo) = match &e.weights {
             Weights::Plain(w) => (a(w), 0, 0),
             Weights::Master { w, copy } => (a(w), a(copy), 0),
@@ -378,7 +369,7 @@ fn sum_squares_multi(dev: &super::CudaDevice, xs: &[(&CudaStorage, usize)]) -> R
     let table: Vec<MultiTensor> = xs
         .iter()
         .map(|(x, n)| MultiTensor {
-            grad: addr(&x.buf, &dev.stream),
+            grad: x.buf.device_addr(&dev.stream),
             w: 0,
             m: 0,
             v: 0,

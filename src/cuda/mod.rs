@@ -53,6 +53,16 @@ impl CudaBuf {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The device address of the first element (for tables a kernel reads, alignment
+    /// checks). Event tracking is off, so the access record this takes is a no-op.
+    pub fn device_addr(&self, stream: &Arc<cudarc::driver::CudaStream>) -> u64 {
+        use cudarc::driver::DevicePtr;
+        match self {
+            CudaBuf::F32(s) => s.device_ptr(stream).0,
+            CudaBuf::BF16(s) => s.device_ptr(stream).0,
+        }
+    }
 }
 
 /// A tensor's storage on a GPU: the buffer and the device that owns it.

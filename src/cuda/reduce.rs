@@ -174,15 +174,6 @@ pub fn with_vector_columns<R>(on: bool, f: impl FnOnce() -> R) -> R {
     super::choice::with(COLSUM_VAR, on as usize, f)
 }
 
-/// The device address of a buffer.
-fn device_addr(buf: &CudaBuf, stream: &std::sync::Arc<cudarc::driver::CudaStream>) -> u64 {
-    use cudarc::driver::DevicePtr;
-    match buf {
-        CudaBuf::F32(s) => s.device_ptr(stream).0,
-        CudaBuf::BF16(s) => s.device_ptr(stream).0,
-    }
-}
-
 /// Blocks the split column sums aim for (several per SM on current GPUs).
 const COL_TARGET_BLOCKS: usize = 1024;
 /// Fewest rows one split covers, so that the finish pass stays small.
@@ -213,8 +204,7 @@ pub fn col_sum_split(x: &CudaStorage, outer: usize, len: usize, inner: usize, sc
     }
     // The vector kernel reads whole 16-byte words of each row.
     let width = 16 / dtype.size();
-    let vector =
-        vector_columns()? && inner.is_multiple_of(width) && device_addr(&x.buf, &dev.stream).is_multiple_of(16);
+    let vector = vector_columns()? && inner.is_multiple_of(width) && x.buf.device_addr(&dev.stream).is_multiple_of(16);
     let cols = if vector { 32 * width } else { 32 };
     let (splits, chunk) = col_splits_for(outer, len, inner, cols);
     if splits == 1 {
