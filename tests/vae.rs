@@ -121,10 +121,10 @@ fn tiled_decode_matches_diffusers() {
     let io = io();
     let z = io_tensor(&io, "z_tiled");
     // diffusers' enable_tiling(64-pixel tiles, 40-pixel stride) = 8-pixel latent tiles every 5.
-    let tiled = no_grad(|| vae.decode_tiled(&z, &TileOptions { tile: 8, stride: 5 })).unwrap();
+    let tiled = no_grad(|| vae.decode_tiled(&z, &TileOptions { tile: 8, stride: 5, whole_up_to: 0 })).unwrap();
     assert_eq!(tiled.shape(), &[1, 3, 104, 88]);
     assert_rel(&tiled.to_vec().unwrap(), &io.read_f32("decoded_tiled").unwrap(), 1e-4, "tiled decode");
-    let e = vae.decode_tiled(&z, &TileOptions { tile: 4, stride: 5 }).unwrap_err().to_string();
+    let e = vae.decode_tiled(&z, &TileOptions { tile: 4, stride: 5, whole_up_to: 0 }).unwrap_err().to_string();
     assert!(e.contains("stride ≤ tile"), "{e}");
 }
 
@@ -146,7 +146,7 @@ fn tiled_decode_agrees_with_untiled() {
     let z = Tensor::randn(&[1, 16, 1, 13, 11], 1.0, &mut rng, Device::Cpu).unwrap();
     let whole = no_grad(|| vae.decode(&z)).unwrap().to_vec().unwrap();
     // One tile covering everything is the untiled decode.
-    let one = no_grad(|| vae.decode_tiled(&z, &TileOptions { tile: 13, stride: 13 })).unwrap();
+    let one = no_grad(|| vae.decode_tiled(&z, &TileOptions { tile: 13, stride: 13, whole_up_to: 0 })).unwrap();
     assert_eq!(one.to_vec().unwrap(), whole);
     // With diffusers' proportions (tiles of 32, stride 24) on a 40×40 latent the tiles
     // agree with the whole image up to the context a tile lacks: the middle attention
@@ -154,12 +154,30 @@ fn tiled_decode_agrees_with_untiled() {
     // make that context matter more than trained ones do).
     let z = Tensor::randn(&[1, 16, 1, 40, 40], 1.0, &mut rng, Device::Cpu).unwrap();
     let whole = no_grad(|| vae.decode(&z)).unwrap().to_vec().unwrap();
-    let tiled = no_grad(|| vae.decode_tiled(&z, &TileOptions::default())).unwrap().to_vec().unwrap();
+    let diffusers_tiles = TileOptions { whole_up_to: 0, ..TileOptions::default() };
+    let tiled = no_grad(|| vae.decode_tiled(&z, &diffusers_tiles)).unwrap().to_vec().unwrap();
     let e = rel_err(&tiled, &whole);
     assert!(e < 0.1, "tiled vs untiled: relative L2 error {e}");
     // The blending leaves no seam: no jump between neighbours beyond the image's own.
     let (a, b) = (max_step(&tiled, 320, 320), max_step(&whole, 320, 320));
     assert!(a <= 1.25 * b, "tiled image has a seam: largest step {a} vs {b} untiled");
+}
+
+/// Latents of at most `whole_up_to` pixels decode whole (the default: up to 128×128, so a
+/// 480×480 image is one decode); larger ones in tiles.
+#[test]
+fn small_latents_decode_whole() {
+    let vae = tiny_cpu();
+    let mut rng = Rng::new(53);
+    let opts = TileOptions { tile: 8, stride: 5, whole_up_to: 100 };
+    let z = Tensor::randn(&[1, 16, 1, 9, 11], 1.0, &mut rng, Device::Cpu).unwrap();
+    let whole = no_grad(|| vae.decode(&z)).unwrap().to_vec().unwrap();
+    assert_eq!(no_grad(|| vae.decode_tiled(&z, &opts)).unwrap().to_vec().unwrap(), whole, "99 pixels: whole");
+    let z = Tensor::randn(&[1, 16, 1, 13, 11], 1.0, &mut rng, Device::Cpu).unwrap();
+    let whole = no_grad(|| vae.decode(&z)).unwrap().to_vec().unwrap();
+    assert_ne!(no_grad(|| vae.decode_tiled(&z, &opts)).unwrap().to_vec().unwrap(), whole, "143 pixels: tiles");
+    let d = TileOptions::default();
+    assert!(60 * 60 <= d.whole_up_to && d.whole_up_to < 129 * 129, "{d:?}");
 }
 
 #[test]

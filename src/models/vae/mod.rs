@@ -42,7 +42,7 @@ mod tiles;
 
 pub use attention::{spatial_attention, DEFAULT_MAX_SCORE_ELEMS};
 pub use config::{VaeConfig, WAN21_LATENTS_MEAN, WAN21_LATENTS_STD};
-pub use tiles::TileOptions;
+pub use tiles::{TileOptions, WHOLE_DECODE_MAX_PIXELS};
 
 use crate::nn::{Module, NamedParam, ParamSource};
 use crate::ops;
@@ -156,13 +156,14 @@ impl Vae {
     /// `tiled_decode` does: tiles of `opts.tile` latent pixels every `opts.stride`, each
     /// decoded alone; each tile is blended linearly into the (already blended) tile above
     /// and to its left over their overlap, then cut to the stride and the pieces joined.
-    /// A latent no larger than one tile is decoded whole. Clamped to [−1, 1].
+    /// A latent no larger than one tile, or of at most `opts.whole_up_to` pixels, is
+    /// decoded whole. Clamped to [−1, 1].
     pub fn decode_tiled(&self, latent: &Tensor, opts: &TileOptions) -> Result<Tensor> {
         let (b, h, w) = self.latent_dims(latent, "vae.decode_tiled")?;
         if opts.stride == 0 || opts.stride > opts.tile {
             bail!("vae.decode_tiled: need 0 < stride ≤ tile, got {opts:?}");
         }
-        if h <= opts.tile && w <= opts.tile {
+        if (h <= opts.tile && w <= opts.tile) || h * w <= opts.whole_up_to {
             return self.decode(latent);
         }
         let f = self.config.spatial_factor();

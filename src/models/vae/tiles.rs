@@ -5,19 +5,30 @@ use crate::{Result, Tensor};
 
 /// How [`Vae::decode_tiled`](super::Vae::decode_tiled) splits a latent: square tiles of `tile` latent pixels
 /// starting every `stride` pixels; neighbouring decoded tiles overlap by
-/// `(tile − stride)·8` image pixels, across which they are blended linearly.
+/// `(tile − stride)·8` image pixels, across which they are blended linearly. Latents of
+/// at most `whole_up_to` pixels decode whole.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TileOptions {
     /// Tile side in latent pixels.
     pub tile: usize,
     /// Distance between tile starts in latent pixels (≤ `tile`).
     pub stride: usize,
+    /// Latents of at most this many pixels (h·w) decode whole, tiles or not. A whole
+    /// decode is the model's exact output (diffusers decodes whole unless tiling is
+    /// enabled), and it is faster: tiles recompute their overlaps (at 480×480, 9 tiles of
+    /// diffusers' size decode 1.6× the pixels) and their products are smaller.
+    pub whole_up_to: usize,
 }
 
+/// Latent pixels up to which the default decodes whole: 128×128, a 1024×1024 image, whose
+/// largest decoder activation (96 channels at full size) is 400 MB in f32.
+pub const WHOLE_DECODE_MAX_PIXELS: usize = 128 * 128;
+
 impl Default for TileOptions {
-    /// diffusers' defaults: 256-pixel tiles every 192 pixels (32 and 24 latent pixels).
+    /// diffusers' tiles, 256 pixels every 192 (32 and 24 latent pixels), for latents above
+    /// [`WHOLE_DECODE_MAX_PIXELS`].
     fn default() -> Self {
-        TileOptions { tile: 32, stride: 24 }
+        TileOptions { tile: 32, stride: 24, whole_up_to: WHOLE_DECODE_MAX_PIXELS }
     }
 }
 
