@@ -174,6 +174,8 @@ fn cli_mistakes_get_readable_errors() {
     assert!(e.contains("trainable"), "{e}");
     let e = err(&["train", "--device", "cpu", "--resume", "--output", &out]);
     assert!(e.contains("resume"), "{e}");
+    let e = err(&["train", "--device", "cpu", "--optimizer-in-backward", "on", "--grad-accum", "2", "--output", &out]);
+    assert!(e.contains("--optimizer-in-backward") && e.contains("--grad-accum"), "{e}");
 }
 
 #[test]
