@@ -470,9 +470,11 @@ impl RunLoop {
         self.opt.end_step();
         autograd::clear_tape();
         let loss_total = loss.item()? as f64;
+        // No gradient at all (say, only the image projector trains and every image of the
+        // batch was dropped): nothing was updated, as the step after the pass would do.
         let grad_norm = match squares {
             Some(s) => (s.item()? as f64).sqrt(),
-            None => bail!("step {}: the loss reaches no trainable parameter", step + 1),
+            None => 0.0,
         };
         self.check_finite(
             step,
