@@ -366,3 +366,36 @@ fn the_optimizer_inside_the_backward_pass_changes_no_weight() {
     assert!(dir.join("step-1.safetensors").is_file());
     std::fs::remove_dir_all(base).unwrap();
 }
+
+/// On a GPU (bf16 weights, fp32 masters), the update inside the backward pass moves every
+/// weight as the update after it does: the same weights to within the rounding the
+/// default attention backward's atomics leave run to run.
+#[test]
+fn gpu_optimizer_inside_the_backward_pass_matches() {
+    let Some(dev) = common::gpu() else { return };
+    let base = common::temp_dir("gpu-train-inside");
+    let run = |name: &str, inside: bool| {
+        let cfg = TrainConfig {
+            max_steps: Some(3),
+            optimizer_in_backward: inside,
+            log_metrics: false,
+            ..small(&base.join(name))
+        };
+        let mut t = Trainer::new(SynthosPipeline::demo(dev, DType::BF16, &[]).unwrap(), cfg).unwrap();
+        t.set_quiet(true);
+        let start = param_values(&t);
+        for _ in 0..3 {
+            t.train_step().unwrap();
+        }
+        (start, param_values(&t))
+    };
+    let (start, after) = run("after", false);
+    let (_, inside) = run("inside", true);
+    for (((name, s), (_, a)), (_, i)) in start.iter().zip(&after).zip(&inside) {
+        assert!(a != s && i != s, "{name}: not updated");
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
+        let worst = a.iter().zip(i).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(worst <= 0.02 * scale, "{name}: largest difference {worst} (values up to {scale})");
+    }
+    std::fs::remove_dir_all(base).unwrap();
+}
