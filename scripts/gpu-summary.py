@@ -131,6 +131,31 @@ def cases(d):
     return rows
 
 
+def opt_ins(cases):
+    """Each opt-in case beside its default: `op[variant] shape` against `op shape`, and
+    `name {tag}` (a run with a switch set, bench-<tag>.json) against `name`, and the
+    training step with the update after the backward pass against the recipe's. Speedup is the
+    default's time over the opt-in's (above 1: the opt-in is faster)."""
+    by_name = {c["name"]: c for c in cases}
+    out = []
+    for c in cases:
+        m = re.fullmatch(r"(.*) \{(.+)\}", c["name"]) or re.fullmatch(r"(.*) (optimizer after backward)", c["name"])
+        if m:
+            base, variant = m[1], m[2]
+        else:
+            m = re.fullmatch(r"([^\[]*)\[([^\]]+)\](.*)", c["name"])
+            if not m:
+                continue
+            base, variant = m[1] + m[3], m[2]
+        d = by_name.get(base)
+        if not d or not d.get("ours_s") or not c.get("ours_s"):
+            continue
+        out.append({"case": base, "variant": variant, "default_s": d["ours_s"], "variant_s": c["ours_s"],
+                    "speedup": d["ours_s"] / c["ours_s"], "default_peak_gib": d.get("peak_gib"),
+                    "variant_peak_gib": c.get("peak_gib")})
+    return out
+
+
 def main():
     d = sys.argv[1]
     smi = read(os.path.join(d, "nvidia-smi.txt")).splitlines()
@@ -151,6 +176,7 @@ def main():
         "demo": read(os.path.join(d, "demo.txt")).strip().splitlines()[-3:],
         "torch_source": read(os.path.join(d, "torch-source.txt")).strip() or "this run",
     }
+    summary["opt_ins"] = opt_ins(summary["cases"])
     with open(os.path.join(d, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     t = summary["tests"]
@@ -163,6 +189,14 @@ def main():
             mfu = f"  MFU {100 * c['mfu']:.1f}%" if c.get("mfu") else ""
             print(f"{c['name']:<44} ours {c['ours_s']*1e3:10.3f} ms  torch {c['torch_s']*1e3:10.3f} ms  "
                   f"ratio {c['ratio']:.2f}{mfu}")
+    if summary["opt_ins"]:
+        print("opt-in against default (speedup > 1: the opt-in is faster):")
+    for o in summary["opt_ins"]:
+        peak = ""
+        if o.get("default_peak_gib") and o.get("variant_peak_gib"):
+            peak = f"  peak {o['default_peak_gib']:.2f} -> {o['variant_peak_gib']:.2f} GiB"
+        print(f"  {o['case']:<44} [{o['variant']}] {o['default_s']*1e3:10.3f} -> {o['variant_s']*1e3:10.3f} ms  "
+              f"speedup {o['speedup']:.2f}{peak}")
 
 
 if __name__ == "__main__":
