@@ -137,8 +137,8 @@ pub struct TrainArgs {
     max_grad_norm: Option<f32>,
     /// Update each weight inside the backward pass as soon as its gradient is final, so
     /// the whole model's gradients are never held at once (2.65 GiB less for Wan2.1-1.3B;
-    /// the same updates). Default: on with model weights, unless --grad-accum above 1 or
-    /// --max-grad-norm (both need every gradient first); off for the demo. On a
+    /// the same updates). Default: on with model weights, off for the demo; --grad-accum
+    /// above 1 and --max-grad-norm turn it off (both need every gradient first). On a
     /// non-finite loss the run stops either way; with this on, the weights in memory are
     /// then partly updated, the checkpoints on disk untouched.
     #[arg(long, value_enum)]
@@ -238,13 +238,16 @@ impl TrainArgs {
             checkpoint_blocks: self.checkpoint_blocks,
             checkpoint_keep: self.checkpoint_keep,
             max_grad_norm: self.max_grad_norm,
-            optimizer_in_backward: match self.optimizer_in_backward {
-                Some(s) => s == Switch::On,
-                None => base.optimizer_in_backward && self.grad_accum == 1 && self.max_grad_norm.is_none(),
-            },
+            optimizer_in_backward: self.optimizer_in_backward.map_or(base.optimizer_in_backward, |s| s == Switch::On),
             resume: self.resume,
             demo_quality: !self.no_quality,
         };
+        if self.optimizer_in_backward == Some(Switch::On) && (self.grad_accum > 1 || self.max_grad_norm.is_some()) {
+            bail!(
+                "--optimizer-in-backward on updates each weight as soon as its gradient is final, which --grad-accum \
+                 above 1 and --max-grad-norm rule out (both need every gradient first): leave one of them out"
+            );
+        }
         cfg.validate()?;
         Ok(cfg)
     }

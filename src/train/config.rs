@@ -131,8 +131,9 @@ pub struct TrainConfig {
     pub max_grad_norm: Option<f32>,
     /// Update each parameter inside the backward pass as soon as its gradient is final,
     /// so the gradients of the whole model are never held at once (same updates; see
-    /// [`super::run_loop::LoopSettings::optimizer_in_backward`]). Needs `grad_accum` 1 and
-    /// no `max_grad_norm`.
+    /// [`super::run_loop::LoopSettings::optimizer_in_backward`]), when the step allows it:
+    /// with `grad_accum` 1 and no `max_grad_norm`. Otherwise (both need every gradient
+    /// first) the update runs after the pass.
     pub optimizer_in_backward: bool,
     /// Continue the run in `output` from its resume state.
     pub resume: bool,
@@ -270,12 +271,6 @@ impl TrainConfig {
                 bail!("max grad norm must be a positive number, got {m}");
             }
         }
-        if self.optimizer_in_backward && (self.grad_accum > 1 || self.max_grad_norm.is_some()) {
-            bail!(
-                "--optimizer-in-backward on updates each weight as soon as its gradient is final, which --grad-accum \
-                 above 1 and --max-grad-norm rule out (both need every gradient first): turn one of them off"
-            );
-        }
         Ok(())
     }
 
@@ -302,7 +297,7 @@ impl TrainConfig {
             lr_end: 0.0,
             lr_schedule: self.lr_schedule,
             max_grad_norm: self.max_grad_norm,
-            optimizer_in_backward: self.optimizer_in_backward,
+            optimizer_in_backward: self.optimizer_in_backward && self.grad_accum == 1 && self.max_grad_norm.is_none(),
             seed: self.seed,
             save_every: self.save_every,
             keep_epochs: self.keep_epochs,
