@@ -3,7 +3,7 @@
 //! channel RMS norm.
 //!
 //! The convolution walks one image and one band of output rows at a time (the bands of
-//! [`ConvGeom::rows_per_chunk`]), so the column matrix stays within a set number of
+//! [`ConvGeom::rows_per_chunk`], rounded so that bands start aligned), so the column matrix stays within a set number of
 //! elements whatever the image size. Per band, in row-major terms:
 //!
 //! ```text
@@ -120,6 +120,29 @@ fn view_mut<T>(s: &mut CudaSlice<T>, range: std::ops::Range<usize>) -> Result<Cu
 /// True when element `off` of a (256-byte-aligned) allocation is aligned for cuBLASLt.
 fn aligned<T>(off: usize) -> bool {
     (off * std::mem::size_of::<T>()).is_multiple_of(GEMM_ALIGN)
+}
+
+/// Output rows per band: [`ConvGeom::rows_per_chunk`], rounded down to a multiple of the
+/// rows that keep every band's start [`GEMM_ALIGN`]-aligned (when at least one such
+/// multiple fits), so that the products read and write each band of an aligned image in
+/// place instead of through a scratch buffer and a strided copy. A 480-pixel bf16 row is
+/// 960 bytes: bands of a multiple of 4 rows.
+fn band_rows<T>(g: &ConvGeom, max_col_elems: usize) -> usize {
+    let per = g.rows_per_chunk(max_col_elems);
+    if per >= g.h_out {
+        return per;
+    }
+    let row_bytes = g.w_out * std::mem::size_of::<T>();
+    let (mut a, mut b) = (GEMM_ALIGN, row_bytes.max(1));
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    let step = GEMM_ALIGN / a;
+    if per >= step {
+        per / step * step
+    } else {
+        per
+    }
 }
 
 /// Elements a row-major `[rows, cols]` matrix with row length `ld` spans.
@@ -331,7 +354,7 @@ fn forward_t<T: Elem>(
 ) -> Result<CudaSlice<T>> {
     let (k, opix, o) = (g.k(), g.out_pixels(), g.c_out);
     let blas = dev.blaslt()?;
-    let per = g.rows_per_chunk(max_col_elems);
+    let per = band_rows::<T>(g, max_col_elems);
     let mut out = alloc_t::<T>(dev, g.batch * g.out_image())?;
     let (mut cols_slot, mut band_slot) = (None, None);
     for b in 0..g.batch {
@@ -462,7 +485,7 @@ fn backward_t<T: Elem>(
     for b in 0..g.batch {
         let (xo, oo) = (b * g.in_image(), b * g.out_image());
         let direct = in_place::<T>(g, b);
-        let per = if direct { g.h_out } else { g.rows_per_chunk(max_col_elems) };
+        let per = if direct { g.h_out } else { band_rows::<T>(g, max_col_elems) };
         for (r0, rows) in bands(g, per) {
             let npix = rows * g.w_out;
             let src = oo + r0 * g.w_out;
@@ -629,4 +652,44 @@ pub fn channel_rms_norm_backward(
     // b < blocks (the grid size) and ch < c.
     unsafe { lb.launch(cfg) }?;
     Ok((dx, part, blocks))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::band_rows;
+    use crate::desc::ConvGeom;
+
+    /// A 3×3, stride-1, same-padded convolution of one image.
+    fn geom(c_in: usize, h: usize, w: usize) -> ConvGeom {
+        ConvGeom {
+            batch: 1,
+            c_in,
+            h,
+            w,
+            c_out: 4,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad_top: 1,
+            pad_left: 1,
+            h_out: h,
+            w_out: w,
+        }
+    }
+
+    #[test]
+    fn bands_start_aligned_when_they_can() {
+        // 96 channels × 9 taps × 480 pixels per row: 161 rows fit 2^26 elements; bf16 rows
+        // of 960 bytes start aligned every 4 rows.
+        let g = geom(96, 480, 480);
+        assert_eq!(g.rows_per_chunk(1 << 26), 161);
+        assert_eq!(band_rows::<half::bf16>(&g, 1 << 26), 160);
+        assert_eq!(band_rows::<f32>(&g, 1 << 26), 160, "1920-byte rows: every 2 rows");
+        // One band for the whole image stays one band; fewer rows than a step stay as they are.
+        assert_eq!(band_rows::<half::bf16>(&geom(4, 10, 480), 1 << 26), 10);
+        assert_eq!(band_rows::<half::bf16>(&geom(96, 480, 480), 864 * 480 * 3), 3);
+        // 120-pixel bf16 rows (240 bytes): every 16 rows.
+        let g = geom(384, 120, 120);
+        assert_eq!((g.rows_per_chunk(1 << 24), band_rows::<half::bf16>(&g, 1 << 24)), (40, 32));
+    }
 }

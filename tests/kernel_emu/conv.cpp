@@ -21,6 +21,7 @@
 #include "conv.cu"
 
 #include <memory>
+#include <numeric>
 
 using namespace harness;
 
@@ -112,11 +113,21 @@ struct Geom {
                 (int64_t)stride, (int64_t)pad_top, (int64_t)pad_left, (int64_t)h_out(), (int64_t)w_out()};
     }
     std::string name() const {
-        return format("conv b=%zu c_in=%zu %zux%zu c_out=%zu k=%zux%zu s=%zu pad t%zu l%zu b%zu r%zu band=%zu rows",
+        return format("conv b=%zu c_in=%zu %zux%zu c_out=%zu k=%zux%zu s=%zu pad t%zu l%zu b%zu r%zu band≤%zu rows",
                       batch, c_in, h, w, c_out, kh, kw, stride, pad_top, pad_left, pad_bottom, pad_right,
                       rows_per_chunk());
     }
 };
+
+// `band_rows`: rows_per_chunk rounded down to a multiple of the rows that keep band starts
+// 256-byte aligned, when one fits.
+template <class T>
+size_t band_rows(const Geom& g) {
+    const size_t per = g.rows_per_chunk();
+    if (per >= g.h_out()) return per;
+    const size_t step = kGemmAlign / std::gcd(kGemmAlign, std::max<size_t>(g.w_out() * sizeof(T), 1));
+    return per >= step ? per / step * step : per;
+}
 
 // `in_place`: image b uses the 1×1 path (input and output both aligned).
 template <class T>
@@ -241,7 +252,7 @@ void conv(const Geom& g, bool with_bias) {
     const DeviceArray<float>* bias_ptr = with_bias ? &bias : nullptr;
 
     // ---- forward (`forward_t`)
-    const size_t per = g.rows_per_chunk();
+    const size_t per = band_rows<T>(g);
     DeviceArray<T> out(g.batch * g.out_image());
     std::unique_ptr<DeviceArray<T>> cols_slot, band_slot;
     for (size_t b = 0; b < g.batch; ++b) {
@@ -485,6 +496,7 @@ void family() {
         {1, 11, 4, 3, 2, 3, 3, 1, 1, 1, 1, 1, 1 << 20},      // one band for the whole image
         {1, 3, 5, 71, 2, 3, 3, 1, 1, 1, 1, 1, 27 * 71 * 2},  // rows of 71 pixels: lanes take 3 each
         {1, 2, 4, 80, 2, 3, 3, 2, 1, 1, 1, 1, 1 << 20},      // stride 2: 40 output pixels per row
+        {1, 2, 30, 16, 3, 3, 3, 1, 1, 1, 1, 1, 3300},        // 11 rows fit, bands of 8 start aligned
     };
     for (const Geom& g : geoms) {
         conv<T>(g, true);
