@@ -145,6 +145,49 @@ __device__ void rows_bias_add_impl(T* dst, int64_t off, int64_t ld, int64_t rows
     }
 }
 
+// The same copies by rows (with SYNTHOS_CUDA_IM2COL=rows): a 2-D grid, blockIdx.y over
+// rows (grid-stride) and blockIdx.x × threads over a row's columns, so there is no
+// per-element division; the values are the same bit for bit.
+#define FOR_ROWS(r, rows) for (int64_t r = blockIdx.y; r < (rows); r += gridDim.y)
+#define FOR_ROW_COLS(c, cols) \
+    for (int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; c < (cols); c += (int64_t)gridDim.x * blockDim.x)
+
+template <typename T, bool BIAS>
+__device__ void rows_copy_by_rows_impl(const T* src, int64_t src_off, int64_t src_ld, T* dst, int64_t dst_off,
+                                       int64_t dst_ld, int64_t rows, int64_t cols, const float* bias) {
+    FOR_ROWS(r, rows) {
+        const T* s = src + src_off + r * src_ld;
+        T* d = dst + dst_off + r * dst_ld;
+        FOR_ROW_COLS(c, cols) {
+            float v = load(s, c);
+            if (BIAS) v += bias[r];
+            store(d, c, v);
+        }
+    }
+}
+
+template <typename T>
+__device__ void rows_bias_add_by_rows_impl(T* dst, int64_t off, int64_t ld, int64_t rows, int64_t cols,
+                                           const float* bias) {
+    FOR_ROWS(r, rows) {
+        T* d = dst + off + r * ld;
+        FOR_ROW_COLS(c, cols) store(d, c, load(d, c) + bias[r]);
+    }
+}
+
+// Output row q = (p, oy) of the 2× upsampling copies input row (p, oy / 2), each input
+// pixel twice.
+template <typename T>
+__device__ void upsample2x_by_rows_impl(const T* x, T* out, int64_t h, int64_t w, int64_t n_out) {
+    const int64_t rows = n_out / (2 * w);
+    FOR_ROWS(q, rows) {
+        const int64_t p = q / (2 * h), oy = q - p * 2 * h;
+        const T* s = x + (p * h + oy / 2) * w;
+        T* d = out + q * 2 * w;
+        FOR_ROW_COLS(c, 2 * w) d[c] = s[c >> 1];
+    }
+}
+
 template <typename T>
 __device__ void accumulate_impl(float* acc, const T* x, int64_t n) {
     GRID_STRIDE(i, n) acc[i] += load(x, i);
@@ -259,6 +302,22 @@ __device__ void crn_bwd_impl(const T* x, const float* gamma, const T* dy, T* dx,
     extern "C" __global__ void im2col_rows_##SFX(const T* x, int64_t x_off, T* cols, ConvDesc g, int64_t r0,        \
                                                  int64_t rows) {                                                     \
         im2col_rows_impl(x, x_off, cols, g, r0, rows);                                                               \
+    }                                                                                                                 \
+    extern "C" __global__ void rows_copy_by_rows_##SFX(const T* src, int64_t src_off, int64_t src_ld, T* dst,       \
+                                                       int64_t dst_off, int64_t dst_ld, int64_t rows, int64_t cols) { \
+        rows_copy_by_rows_impl<T, false>(src, src_off, src_ld, dst, dst_off, dst_ld, rows, cols, nullptr);           \
+    }                                                                                                                 \
+    extern "C" __global__ void rows_copy_bias_by_rows_##SFX(const T* src, int64_t src_off, int64_t src_ld, T* dst,  \
+                                                            int64_t dst_off, int64_t dst_ld, int64_t rows,            \
+                                                            int64_t cols, const float* bias) {                        \
+        rows_copy_by_rows_impl<T, true>(src, src_off, src_ld, dst, dst_off, dst_ld, rows, cols, bias);               \
+    }                                                                                                                 \
+    extern "C" __global__ void rows_bias_add_by_rows_##SFX(T* dst, int64_t off, int64_t ld, int64_t rows,           \
+                                                           int64_t cols, const float* bias) {                         \
+        rows_bias_add_by_rows_impl(dst, off, ld, rows, cols, bias);                                                  \
+    }                                                                                                                 \
+    extern "C" __global__ void upsample2x_by_rows_##SFX(const T* x, T* out, int64_t h, int64_t w, int64_t n_out) {  \
+        upsample2x_by_rows_impl(x, out, h, w, n_out);                                                                \
     }                                                                                                                 \
     extern "C" __global__ void col2im_##SFX(const T* dcols, T* dx, int64_t dx_off, ConvDesc g, int64_t r0,          \
                                             int64_t rows, int64_t iy0, int64_t iy1) {                                \

@@ -407,9 +407,10 @@ fn gpu_conv2d_matches_cpu() {
     }
 }
 
-/// The column matrix written by rows (`SYNTHOS_CUDA_IM2COL=rows`) gives every convolution
-/// of `gpu_conv2d_matches_cpu`'s cases the same outputs and gradients, bit for bit, as
-/// the element kernel.
+/// The convolution's data movement by rows (`SYNTHOS_CUDA_IM2COL=rows`: the column
+/// matrix, band copies and bias adds) gives every convolution of `gpu_conv2d_matches_cpu`'s
+/// cases the same outputs and gradients, bit for bit, as the element kernels; so does the
+/// 2× upsampling.
 #[test]
 fn gpu_im2col_by_rows_matches_the_element_kernel() {
     use synthos_engine::cuda::conv::with_im2col_by_rows;
@@ -439,6 +440,19 @@ fn gpu_im2col_by_rows_matches_the_element_kernel() {
                 assert_eq!(run(true), run(false), "conv2d {c:?} {dtype} max_col {max_col}: rows vs elements");
             }
         }
+    }
+    // The 2× upsampling by rows, and its gradient.
+    let x = randn(&[2, 3, 7, 33], &mut rng);
+    for dtype in [DType::BF16, DType::F32] {
+        let run = |rows: bool| {
+            with_im2col_by_rows(rows, || {
+                let xg = x.to_device(dev, dtype).unwrap().requires_grad();
+                let y = ops::upsample_nearest2x(&xg).unwrap();
+                let g = autograd::backward(&ops::sum_all(&ops::mul(&y, &y).unwrap()).unwrap()).unwrap();
+                (y.to_vec().unwrap(), g.get(&xg).unwrap().to_vec().unwrap())
+            })
+        };
+        assert_eq!(run(true), run(false), "upsample_nearest2x {dtype}: rows vs elements");
     }
 }
 

@@ -186,11 +186,12 @@ const IM2COL_ROWS_PAIRS: usize = 8;
 
 const IM2COL_VAR: &str = "SYNTHOS_CUDA_IM2COL";
 
-/// Whether the convolution's column matrix is written by `im2col_rows_*` (one warp per
-/// row segment, the divisions once per segment) instead of one thread per element, on
-/// this thread: a [`with_im2col_by_rows`] override, else `SYNTHOS_CUDA_IM2COL=rows`
-/// (`elements`, the default, until a GPU run has shown it faster). The matrix is the same
-/// bit for bit.
+/// Whether the convolution's data movement runs by rows on this thread: the column
+/// matrix by `im2col_rows_*` (one warp per row segment, the divisions once per segment),
+/// and the band copies, bias adds and 2× upsampling by `*_by_rows_*` (2-D grids, no
+/// per-element division), instead of one thread per element. A [`with_im2col_by_rows`]
+/// override, else `SYNTHOS_CUDA_IM2COL=rows` (`elements`, the default, until a GPU run has
+/// shown it faster). The results are the same bit for bit.
 pub fn im2col_by_rows() -> Result<bool> {
     Ok(super::choice::get(IM2COL_VAR, &["elements", "rows"])? == 1)
 }
@@ -236,6 +237,26 @@ struct Block {
     ld: usize,
 }
 
+/// The entry point and launch of a `[rows, cols]` pass: `by_rows` on a 2-D grid
+/// (rows along y, grid-stride past 65535; columns along x) with `SYNTHOS_CUDA_IM2COL=rows`,
+/// else `base` with one thread per element.
+fn row_pass(
+    base: &str,
+    by_rows: &str,
+    dtype: crate::DType,
+    rows: usize,
+    cols: usize,
+) -> Result<(&'static str, LaunchConfig)> {
+    if im2col_by_rows()? {
+        let x = cols.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32;
+        let y = rows.clamp(1, 65535) as u32;
+        let cfg = LaunchConfig { grid_dim: (x, y, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        Ok((kernel_name(by_rows, dtype), cfg))
+    } else {
+        Ok((kernel_name(base, dtype), grid(rows * cols)))
+    }
+}
+
 /// `dst_block = src_block (+ bias[r] on row r)` for `[rows, cols]` blocks.
 #[allow(clippy::too_many_arguments)]
 fn rows_copy<T: Elem>(
@@ -254,8 +275,10 @@ fn rows_copy<T: Elem>(
     if bias.is_some_and(|b| b.len() < rows) {
         bail!("rows_copy: bias shorter than {rows} rows");
     }
-    let base = if bias.is_some() { "rows_copy_bias" } else { "rows_copy" };
-    let f = dev.func("conv", kernel_name(base, T::DTYPE))?;
+    let (base, by_rows) =
+        if bias.is_some() { ("rows_copy_bias", "rows_copy_bias_by_rows") } else { ("rows_copy", "rows_copy_by_rows") };
+    let (name, cfg) = row_pass(base, by_rows, T::DTYPE, rows, cols)?;
+    let f = dev.func("conv", name)?;
     let args = [s.off, s.ld, d.off, d.ld, rows, cols].map(|v| v as i64);
     let mut lb = dev.stream.launch_builder(&f);
     lb.arg(src).arg(&args[0]).arg(&args[1]).arg(dst).arg(&args[2]).arg(&args[3]).arg(&args[4]).arg(&args[5]);
@@ -263,7 +286,7 @@ fn rows_copy<T: Elem>(
         lb.arg(b);
     }
     // SAFETY: both blocks were checked to lie inside their buffers; bias has ≥ rows values.
-    unsafe { lb.launch(grid(rows * cols)) }?;
+    unsafe { lb.launch(cfg) }?;
     Ok(())
 }
 
@@ -279,12 +302,13 @@ fn rows_bias_add<T: Elem>(
     if dst.len() < d.off + span(rows, cols, d.ld) || bias.len() < rows {
         bail!("rows_bias_add: [{rows}, {cols}] block {d:?} out of range");
     }
-    let f = dev.func("conv", kernel_name("rows_bias_add", T::DTYPE))?;
+    let (name, cfg) = row_pass("rows_bias_add", "rows_bias_add_by_rows", T::DTYPE, rows, cols)?;
+    let f = dev.func("conv", name)?;
     let args = [d.off, d.ld, rows, cols].map(|v| v as i64);
     let mut lb = dev.stream.launch_builder(&f);
     lb.arg(dst).arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&args[3]).arg(bias);
     // SAFETY: the block lies inside dst (checked); bias has ≥ rows values.
-    unsafe { lb.launch(grid(rows * cols)) }?;
+    unsafe { lb.launch(cfg) }?;
     Ok(())
 }
 
@@ -569,13 +593,19 @@ fn upsample_launch(
     if n_out == 0 {
         return Ok(out);
     }
-    let f = dev.func("conv", kernel_name(kernel, x.buf.dtype()))?;
+    // The forward by rows: output rows of 2w pixels (the backward keeps its element kernel).
+    let (name, cfg) = if out_factor == 4 {
+        row_pass(kernel, "upsample2x_by_rows", x.buf.dtype(), planes * 2 * h, 2 * w)?
+    } else {
+        (kernel_name(kernel, x.buf.dtype()), grid(n_out))
+    };
+    let f = dev.func("conv", name)?;
     let args = [h, w, n_out].map(|v| v as i64);
     let mut lb = dev.stream.launch_builder(&f);
     lb.buf(&x.buf).buf_mut(&mut out).arg(&args[0]).arg(&args[1]).arg(&args[2]);
     // SAFETY: n_out writes into `out`; the forward reads x[(p·h + y/2)·w + x/2] <
     // planes·h·w, the backward reads the 2×2 block of each output below planes·2h·2w.
-    unsafe { lb.launch(grid(n_out)) }?;
+    unsafe { lb.launch(cfg) }?;
     Ok(out)
 }
 

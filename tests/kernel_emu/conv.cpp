@@ -11,6 +11,8 @@
 //   rows_bias_add) and not (scratch + rows_copy), the in-place 1×1 path, a band that sees
 //   only padding (col2im skipped);
 // - nearest 2× upsampling and its backward;
+// - the by-rows forms of im2col, the band copies, the bias adds and the upsampling
+//   (SYNTHOS_CUDA_IM2COL=rows), each equal to its element kernel bit for bit;
 // - the channel RMS norm forward and backward (32×8 blocks, per-block dγ partials, more
 //   pixel groups than CRN_MAX_BLOCKS), with pixels whose norm is clamped at eps;
 // - a few of these again with the grid caps lowered, so that every grid-stride loop runs.
@@ -42,6 +44,8 @@ constexpr size_t kIm2colRowsPairs = 8;        // IM2COL_ROWS_PAIRS
 // few cases run with them lowered to a handful of blocks: the grids the launchers make
 // for huge inputs, in miniature, so that the kernels' grid-stride loops run too.
 size_t max_blocks = kMaxBlocks, crn_max_blocks = kCrnMaxBlocks;
+// The row kernels' cap on grid rows (65535 in `row_pass`), lowered with the others.
+size_t max_rows = 65535;
 
 // `grid`: 1-D, 256 threads, capped at MAX_BLOCKS.
 emu::LaunchConfig grid(size_t n) {
@@ -62,6 +66,10 @@ struct K<float> {
     static constexpr auto im2col_rows = EMU_KERNEL(im2col_rows_f32);
     static constexpr auto rows_copy = EMU_KERNEL(rows_copy_f32), rows_copy_bias = EMU_KERNEL(rows_copy_bias_f32);
     static constexpr auto rows_bias_add = EMU_KERNEL(rows_bias_add_f32);
+    static constexpr auto rows_copy_by_rows = EMU_KERNEL(rows_copy_by_rows_f32),
+                          rows_copy_bias_by_rows = EMU_KERNEL(rows_copy_bias_by_rows_f32),
+                          rows_bias_add_by_rows = EMU_KERNEL(rows_bias_add_by_rows_f32),
+                          upsample_by_rows = EMU_KERNEL(upsample2x_by_rows_f32);
     static constexpr auto accumulate = EMU_KERNEL(accumulate_f32_from_f32);
     static constexpr auto upsample = EMU_KERNEL(upsample2x_f32), upsample_bwd = EMU_KERNEL(upsample2x_bwd_f32);
     static constexpr auto crn = EMU_KERNEL(channel_rms_norm_f32), crn_bwd = EMU_KERNEL(channel_rms_norm_bwd_f32);
@@ -72,6 +80,10 @@ struct K<bf16> {
     static constexpr auto im2col_rows = EMU_KERNEL(im2col_rows_bf16);
     static constexpr auto rows_copy = EMU_KERNEL(rows_copy_bf16), rows_copy_bias = EMU_KERNEL(rows_copy_bias_bf16);
     static constexpr auto rows_bias_add = EMU_KERNEL(rows_bias_add_bf16);
+    static constexpr auto rows_copy_by_rows = EMU_KERNEL(rows_copy_by_rows_bf16),
+                          rows_copy_bias_by_rows = EMU_KERNEL(rows_copy_bias_by_rows_bf16),
+                          rows_bias_add_by_rows = EMU_KERNEL(rows_bias_add_by_rows_bf16),
+                          upsample_by_rows = EMU_KERNEL(upsample2x_by_rows_bf16);
     static constexpr auto accumulate = EMU_KERNEL(accumulate_f32_from_bf16);
     static constexpr auto upsample = EMU_KERNEL(upsample2x_bf16), upsample_bwd = EMU_KERNEL(upsample2x_bwd_bf16);
     static constexpr auto crn = EMU_KERNEL(channel_rms_norm_bf16), crn_bwd = EMU_KERNEL(channel_rms_norm_bwd_bf16);
@@ -167,23 +179,58 @@ DeviceArray<T>& scratch(std::unique_ptr<DeviceArray<T>>& slot, size_t n) {
     return *slot;
 }
 
-// `rows_copy`: dst[d_off + r·d_ld + c] = src[s_off + r·s_ld + c] (+ bias[r]).
+// `row_pass` with SYNTHOS_CUDA_IM2COL=rows: 256 threads, columns along x, rows along y.
+emu::LaunchConfig row_grid(size_t rows, size_t cols) {
+    return {dim3((unsigned)std::clamp<size_t>(ceil_div(cols, kThreads), 1, max_blocks),
+                 (unsigned)std::clamp<size_t>(rows, 1, max_rows)),
+            dim3(kThreads), 0};
+}
+
+// A copy of `a` (its whole allocation, so offsets keep their meaning).
+template <class T>
+std::unique_ptr<DeviceArray<T>> clone(const DeviceArray<T>& a) {
+    auto c = std::make_unique<DeviceArray<T>>(a.size());
+    std::memcpy(static_cast<void*>(c->ptr()), a.ptr(), a.size() * sizeof(T));
+    return c;
+}
+
+// Every element of the two arrays equal, bit for bit (NaN poison included).
+template <class T>
+void same_bits(const std::string& what, const DeviceArray<T>& a, const DeviceArray<T>& b) {
+    report.expect(std::memcmp(a.ptr(), b.ptr(), a.size() * sizeof(T)) == 0, what);
+}
+
+// `rows_copy`: dst[d_off + r·d_ld + c] = src[s_off + r·s_ld + c] (+ bias[r]); the by-rows
+// kernel writes the same into a copy of dst, which must then equal it bit for bit.
 template <class T>
 void rows_copy(const DeviceArray<T>& src, size_t s_off, size_t s_ld, DeviceArray<T>& dst, size_t d_off, size_t d_ld,
                size_t rows, size_t cols, const DeviceArray<float>* bias) {
     const int64_t a[] = {(int64_t)s_off, (int64_t)s_ld, (int64_t)d_off, (int64_t)d_ld, (int64_t)rows, (int64_t)cols};
-    if (bias)
+    auto other = clone(dst);
+    const auto rg = row_grid(rows, cols);
+    if (bias) {
         emu::launch(grid(rows * cols), K<T>::rows_copy_bias, src.ptr(), a[0], a[1], dst.ptr(), a[2], a[3], a[4], a[5],
                     (const float*)bias->ptr());
-    else
+        emu::launch(rg, K<T>::rows_copy_bias_by_rows, src.ptr(), a[0], a[1], other->ptr(), a[2], a[3], a[4], a[5],
+                    (const float*)bias->ptr());
+    } else {
         emu::launch(grid(rows * cols), K<T>::rows_copy, src.ptr(), a[0], a[1], dst.ptr(), a[2], a[3], a[4], a[5]);
+        emu::launch(rg, K<T>::rows_copy_by_rows, src.ptr(), a[0], a[1], other->ptr(), a[2], a[3], a[4], a[5]);
+    }
+    same_bits(format("rows_copy%s_by_rows = rows_copy%s: [%zu, %zu] %s", bias ? "_bias" : "", bias ? "_bias" : "",
+                     rows, cols, Elem<T>::name),
+              *other, dst);
 }
 
 // `rows_bias_add`
 template <class T>
 void rows_bias_add(DeviceArray<T>& dst, size_t off, size_t ld, size_t rows, size_t cols, const DeviceArray<float>& bias) {
+    auto other = clone(dst);
+    emu::launch(row_grid(rows, cols), K<T>::rows_bias_add_by_rows, other->ptr(), (int64_t)off, (int64_t)ld,
+                (int64_t)rows, (int64_t)cols, (const float*)bias.ptr());
     emu::launch(grid(rows * cols), K<T>::rows_bias_add, dst.ptr(), (int64_t)off, (int64_t)ld, (int64_t)rows,
                 (int64_t)cols, (const float*)bias.ptr());
+    same_bits(format("rows_bias_add_by_rows = rows_bias_add: [%zu, %zu] %s", rows, cols, Elem<T>::name), *other, dst);
 }
 
 // `im2col`, with the element kernel; `im2col_rows` (SYNTHOS_CUDA_IM2COL=rows) writes the
@@ -365,6 +412,10 @@ void upsample(size_t planes, size_t h, size_t w) {
     DeviceArray<T> x(xv), g(gv), out(n_out), dx(n_in);
     const int64_t hh = (int64_t)h, ww = (int64_t)w;
     emu::launch(grid(n_out), K<T>::upsample, (const T*)x.ptr(), out.ptr(), hh, ww, (int64_t)n_out);
+    DeviceArray<T> by_rows(n_out);
+    emu::launch(row_grid(planes * 2 * h, 2 * w), K<T>::upsample_by_rows, (const T*)x.ptr(), by_rows.ptr(), hh, ww,
+                (int64_t)n_out);
+    same_bits(what + ": upsample2x_by_rows = upsample2x", by_rows, out);
     emu::launch(grid(n_in), K<T>::upsample_bwd, (const T*)g.ptr(), dx.ptr(), hh, ww, (int64_t)n_in);
 
     std::vector<double> want(n_out), want_dx(n_in, 0.0), dx_abs(n_in, 0.0);
@@ -462,6 +513,7 @@ template <class T>
 void small_grids() {
     max_blocks = 3;
     crn_max_blocks = 2;
+    max_rows = 2;
     channel_rms_norm<T>(3, 21, 45, 1e-12f, 3);
     channel_rms_norm<T>(2, 13, 7, 0.5f, 4);
     if (!kTsan) {
@@ -471,6 +523,7 @@ void small_grids() {
     }
     max_blocks = kMaxBlocks;
     crn_max_blocks = kCrnMaxBlocks;
+    max_rows = 65535;
 }
 
 template <class T>
