@@ -170,22 +170,22 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     --json "$OUTDIR/bench.json" $(compare_args) ${BENCH_SKIP[@]+"${BENCH_SKIP[@]}"} 2>&1 | tee "$OUTDIR/bench.txt"
 fi
 
-if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left)" -gt 170 ] && [[ "${BENCH_SKIP[*]-}" != *SPLIT_MASTER* ]]; then
+if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left)" -gt 200 ] && [[ "${BENCH_SKIP[*]-}" != *SPLIT_MASTER* ]]; then
   # Split fp32 masters (SYNTHOS_CUDA_SPLIT_MASTER=1): the recipe's b4 step, for its peak
   # memory against the default's in bench.json (gpu_split_masters_match_fp32_masters
   # tested the kernels above).
   stage "the b4 training step with split masters"
-  SYNTHOS_CUDA_SPLIT_MASTER=1 timeout 60 "$ENGINE" bench --min-seconds 0.3 --filter "train step 1.3b 832x480 b4" \
+  SYNTHOS_CUDA_SPLIT_MASTER=1 timeout 45 "$ENGINE" bench --min-seconds 0.3 --filter "train step 1.3b 832x480 b4" \
     --skip keeping --skip "no checkpointing" --skip "optimizer after" --json "$OUTDIR/bench-split-master.json" \
     > "$OUTDIR/bench-split-master.txt" 2>&1
   echo "rc $?"; grep -E "train step" "$OUTDIR/bench-split-master.txt" | head -2
 fi
 
-if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left)" -gt 160 ] && [[ "${BENCH_SKIP[*]-}" != *"[rows]"* ]]; then
+if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left)" -gt 190 ] && [[ "${BENCH_SKIP[*]-}" != *"[rows]"* ]]; then
   # The column matrix by rows (SYNTHOS_CUDA_IM2COL=rows) in the whole sampling pipeline,
   # whose VAE decode is all convolutions (the conv2d[rows] case times one alone).
   stage "the 480x480 sampling pipeline with im2col by rows"
-  SYNTHOS_CUDA_IM2COL=rows timeout 60 "$ENGINE" bench --min-seconds 0.3 --filter "pipeline" \
+  SYNTHOS_CUDA_IM2COL=rows timeout 45 "$ENGINE" bench --min-seconds 0.3 --filter "pipeline" \
     --json "$OUTDIR/bench-im2col-rows.json" > "$OUTDIR/bench-im2col-rows.txt" 2>&1
   echo "rc $?"; grep -E "pipeline" "$OUTDIR/bench-im2col-rows.txt" | head -2
 fi
