@@ -254,6 +254,17 @@ fn run_reverse_watching(
             w.node_done(&node.inputs, &mut grads)?;
         }
     }
+    // A watched tensor no node reads but that holds a gradient (the seed itself: a loss
+    // that is a watched leaf) is final too.
+    if let Some(w) = watch.as_mut() {
+        let mut left: Vec<(usize, TensorId)> = w.pending.iter().map(|(id, (index, _))| (*index, *id)).collect();
+        left.sort();
+        for (index, id) in left {
+            if let Some(g) = grads.map.remove(&id) {
+                (w.ready)(index, g)?;
+            }
+        }
+    }
     Ok(grads)
 }
 

@@ -184,4 +184,14 @@ fn streaming_backward_counts_nodes_that_get_no_gradient() {
     .unwrap();
     assert_eq!(got, vec![(0, vec![1.0, 2.0, 3.0])]);
     assert!(rest.is_empty());
+
+    // A loss that is itself a watched leaf: its gradient, the seed, is handed over too.
+    let w = Tensor::from_vec(vec![2.5], &[1], Device::Cpu).unwrap().requires_grad();
+    let mut got = Vec::new();
+    autograd::backward_streaming(&w, std::slice::from_ref(&w), &mut |i, g| {
+        got.push((i, g.to_vec()?));
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(got, vec![(0, vec![1.0])]);
 }
