@@ -471,6 +471,13 @@ fn check_split_masters(dev: Device) {
     for ((k, a), (_, b)) in ss.iter().zip(&rs) {
         assert_eq!(bits(a), bits(b), "{k}: restored state");
     }
+    // Clamping goes through the joined master and splits the result back.
+    restored.clamp_param("p3", -0.05, 0.05).unwrap();
+    let master = restored.state_tensors().unwrap().into_iter().find(|(k, _)| k == "p3.master").unwrap().1;
+    let mv = master.to_vec().unwrap();
+    assert!(mv.iter().all(|v| (-0.05..=0.05).contains(v)), "clamped master {mv:?}");
+    let want: Vec<u32> = mv.iter().map(|&m| (split_high_half(m) as u32) << 16).collect();
+    assert_eq!(bits(&fresh[3]), want, "the clamped parameter is its master's high half");
 }
 
 fn cuda_multi() -> bool {
