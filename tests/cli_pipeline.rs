@@ -73,6 +73,8 @@ fn killed_run_resumes_to_the_same_weights_and_samples_repeat() {
     resume.push("--resume".into());
     let text = ok(&run(&resume));
     assert!(text.contains("resuming"), "{text}");
+    // The run says what it keeps in memory (the demo: the update after the pass).
+    assert!(text.contains("AdamW update: after the backward pass"), "{text}");
     for step in [10, 30] {
         let name = format!("step-{step}.safetensors");
         let (x, y) = (std::fs::read(a.join(&name)).unwrap(), std::fs::read(b.join(&name)).unwrap());

@@ -253,11 +253,40 @@ impl TrainArgs {
     }
 }
 
+/// One line on what the run keeps in memory: activation checkpointing and where the
+/// AdamW update runs.
+fn memory_plan(cfg: &TrainConfig) -> String {
+    let checkpointing = if !cfg.activation_checkpointing {
+        "off (every activation kept)".to_string()
+    } else {
+        let blocks =
+            cfg.checkpoint_blocks.map_or("every DiT block".to_string(), |n| format!("the first {n} DiT blocks"));
+        let kept = match cfg.checkpoint_keep {
+            CheckpointKeep::None => "",
+            CheckpointKeep::Attention => "attention",
+            CheckpointKeep::Linear => "linear-layer",
+            CheckpointKeep::All => "attention and linear-layer",
+        };
+        if kept.is_empty() {
+            blocks
+        } else {
+            format!("{blocks}, keeping their {kept} outputs for the recompute")
+        }
+    };
+    let update = if cfg.loop_settings().optimizer_in_backward {
+        "inside the backward pass (each gradient freed once used)"
+    } else {
+        "after the backward pass"
+    };
+    format!("activation checkpointing: {checkpointing}; AdamW update: {update}")
+}
+
 /// Runs `train`.
 pub fn run(args: &TrainArgs) -> Result<()> {
     let cfg = args.config()?;
     let pipe = args.model.load(&args.model.paths())?;
     let output = cfg.output.clone();
+    let memory = memory_plan(&cfg);
     let mut trainer = Trainer::new(pipe, cfg)?;
     eprintln!(
         "training {} samples, {} steps ({} per epoch) into {}",
@@ -266,6 +295,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         trainer.steps_per_epoch(),
         output.display()
     );
+    eprintln!("{memory}");
     let summary = trainer.run()?;
     let fmt = |v: Option<f64>| v.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into());
     println!(
