@@ -134,6 +134,18 @@ __device__ __forceinline__ void store_out(const float (&o)[DH / 2], float (&l_ru
     }
 }
 
+// The key tiles a forward block of BQ queries from q0 visits: ceil(k_end / BK), where
+// k_end is Nk, or with the causal mask the block's last query + 1. `short_last`: the last
+// tile holds at most BK / 2 keys and runs as a half tile (half the products where Nk leaves
+// a short remainder, e.g. the 769-key cross-attention).
+template <int BQ, int BK>
+__device__ __forceinline__ int fwd_key_tiles(int q0, int Nk, int causal, bool& short_last) {
+    const int k_end = causal ? min(Nk, q0 + BQ) : Nk;
+    const int tiles = (k_end + BK - 1) / BK;
+    short_last = tiles > 0 && k_end - (tiles - 1) * BK <= BK / 2;
+    return tiles;
+}
+
 // A forward warpgroup's rows at the start: this lane's two query rows (row0 and row0 + 8:
 // S and O elements e = 0, 1 and e = 2, 3), their bias rows, O = 0 and the running maxima and
 // sums of the online softmax.
@@ -238,11 +250,8 @@ __device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const
     const int h = blockIdx.y;
     const int64_t b = blockIdx.z;
 
-    const int k_end = causal ? min(Nk, q0 + BQ) : Nk;
-    const int tiles = (k_end + BK - 1) / BK;
-    // A last tile of at most 64 keys runs as a 64-key tile: half the products where Nk
-    // leaves a short remainder (e.g. the 769-key cross-attention).
-    const bool short_last = tiles > 0 && k_end - (tiles - 1) * BK <= BK / 2;
+    bool short_last;
+    const int tiles = fwd_key_tiles<BQ, BK>(q0, Nk, causal, short_last);
     const auto v_stage = [](int j) { return OVERLAP ? j % 3 : j & 1; };
 
     issue_tile_sw128<DH, BQ, L::THREADS>(Qs, q, b, q0, Nq, H, h);
@@ -418,9 +427,8 @@ __device__ __forceinline__ void attn_fwd_wgmma_ws(const ptx::TmaMap* q_map, cons
     const int q0 = blockIdx.x * BQ;
     const int h = blockIdx.y;
     const int b = blockIdx.z;
-    const int k_end = causal ? min(Nk, q0 + BQ) : Nk;
-    const int tiles = (k_end + BK - 1) / BK;
-    const bool short_last = tiles > 0 && k_end - (tiles - 1) * BK <= BK / 2;
+    bool short_last;
+    const int tiles = fwd_key_tiles<BQ, BK>(q0, Nk, causal, short_last);
     // The warpgroup, from lane 0: ptxas then knows it is uniform in each warp (the wgmma
     // of a branch it cannot prove warp-uniform are serialised).
     const int wg = __shfl_sync(0xffffffffu, (int)(threadIdx.x >> 7), 0);

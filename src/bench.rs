@@ -310,7 +310,8 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
         for &vector in variants {
             let tag = if vector { "[vec]" } else { "" };
             for (what, to) in [("bias", vec![dd]), ("gate", vec![b, 1, dd])] {
-                let (g, x2) = (g.clone(), if what == "bias" { Some(ops::reshape(&g, &[b * nn, dd])?) } else { None });
+                // A bias gradient sums a [B·N, D] gradient, a gate gradient a [B, N, D] one.
+                let x = if what == "bias" { ops::reshape(&g, &[b * nn, dd])? } else { g.clone() };
                 let out = to.iter().product::<usize>();
                 v.push(BenchCase {
                     family: "reduce",
@@ -320,7 +321,7 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
                     bound: Bound::Memory,
                     model: None,
                     run: Box::new(move || {
-                        let run = || ops::sum_to(x2.as_ref().unwrap_or(&g), &to).map(|_| ());
+                        let run = || ops::sum_to(&x, &to).map(|_| ());
                         if vector {
                             crate::cuda::reduce::with_vector_columns(true, run)
                         } else {
