@@ -12,7 +12,7 @@
 //             that land in the band. A gather (one thread per input pixel) rather than a
 //             scatter, so there are no atomics and the sum order is fixed; bands run one
 //             after another on the stream, so the read-modify-write of a pixel shared by
-//             two bands is race-free.
+//             two bands is race-free. (col2im_rows, opt-in, one warp per input row.)
 //   rows_copy[_bias]: dst[dst_off + r·dst_ld + c] = src[src_off + r·src_ld + c] (+ bias[r]),
 //             a strided [rows, cols] copy between a band-sized buffer and its place in
 //             the [O, H·W] output (cuBLASLt gets only 256-byte-aligned pointers, so a band
@@ -23,7 +23,8 @@
 // columns / pixels, so stores are coalesced (and loads too for stride 1).
 //
 // Upsample: out[p, y, x] = x[p, y/2, x/2] over planes p; its backward sums each 2x2 block.
-// One thread per output (forward) or input (backward) element.
+// One thread per output (forward) or input (backward) element; the opt-in *_by_rows forms
+// take one row per grid row.
 //
 // Channel RMS norm (Wan's RMS_norm, F.normalize over the channel dimension), x viewed as
 // [B, C, S] with S pixels per plane; per pixel, over its C channels (stride S):
@@ -125,6 +126,62 @@ __device__ void col2im_impl(const T* dcols, T* dx, int64_t dx_off, ConvDesc g, i
     }
 }
 
+// col2im by rows (opt-in: SYNTHOS_CUDA_IM2COL=rows): the same dx, bit for bit. A warp takes
+// one input row (c, iy) of the band's rows [iy0, iy1), lane l its pixels l, l + 32, …
+// A tap contributes where iy + pad_top − ky is a non-negative multiple of the stride s:
+// with iy + pad_top = qy·s + ry those are ky = ry + j·s, for output row oy = qy − j, and
+// the j whose oy falls in the band are a contiguous run. So the rows' taps follow from
+// one division per row, and the columns' likewise from ix + pad_left = qx·s + rx: lane l
+// divides once for its first pixel and steps (qx, rx) by 32 pixels with an add and a
+// compare. Both loops run ky and kx upwards and leave out only taps that col2im_impl
+// skips, so every pixel adds the same terms in the same order, from the same 0.f, and
+// adds its sum to dx last, as there. Consecutive lanes read and write consecutive dx
+// pixels (and consecutive dcols columns for stride 1). Blocks of 32×8 threads (8 rows),
+// grid-stride over rows.
+template <typename T>
+__device__ void col2im_rows_impl(const T* dcols, T* dx, int64_t dx_off, ConvDesc g, int64_t r0, int64_t rows,
+                                 int64_t iy0, int64_t iy1) {
+    const int64_t npix = rows * g.w_out;
+    const int64_t nrows = iy1 - iy0;
+    const int64_t n = g.c_in * nrows;
+    const int64_t s = g.stride;
+    // The lane's first pixel and the lanes' step of 32 pixels, as quotient and remainder.
+    const int64_t u0 = threadIdx.x + g.pad_left;
+    const int64_t qx0 = u0 / s, rx0 = u0 - qx0 * s;
+    const int64_t dq = 32 / s, dr = 32 - dq * s;
+    for (int64_t q = blockIdx.x * (int64_t)blockDim.y + threadIdx.y; q < n; q += (int64_t)gridDim.x * blockDim.y) {
+        const int64_t c = q / nrows, iy = iy0 + (q - c * nrows);
+        const int64_t uy = iy + g.pad_top;
+        const int64_t qy = uy / s, ry = uy - qy * s;
+        // The first tap whose output row is inside the band (oy ≤ r0 + rows − 1); the
+        // loops below stop at ky = kh or at oy = r0 − 1.
+        const int64_t jy = qy - (r0 + rows - 1) > 0 ? qy - (r0 + rows - 1) : 0;
+        const int64_t ky0 = ry + jy * s, oy0 = qy - jy;
+        // Tap (ky, kx) of channel c is row (c·kh + ky)·kw + kx of dcols; output pixel
+        // (oy, ox) its column (oy − r0)·w_out + ox.
+        const T* taps = dcols + c * g.kh * g.kw * npix;
+        T* d = dx + dx_off + (c * g.h + iy) * g.w;
+        int64_t qx = qx0, rx = rx0;
+        for (int64_t ix = threadIdx.x; ix < g.w; ix += 32) {
+            // Likewise along the row: the first kx with ox ≤ w_out − 1; stop at kw or ox = −1.
+            const int64_t jx = qx - (g.w_out - 1) > 0 ? qx - (g.w_out - 1) : 0;
+            const int64_t kx0 = rx + jx * s, ox0 = qx - jx;
+            float acc = 0.f;
+            for (int64_t ky = ky0, oy = oy0; ky < g.kh && oy >= r0; ky += s, --oy) {
+                const T* row = taps + ky * g.kw * npix + (oy - r0) * g.w_out;
+                for (int64_t kx = kx0, ox = ox0; kx < g.kw && ox >= 0; kx += s, --ox) acc += load(row, kx * npix + ox);
+            }
+            store(d, ix, load(d, ix) + acc);
+            qx += dq;
+            rx += dr;
+            if (rx >= s) {
+                rx -= s;
+                ++qx;
+            }
+        }
+    }
+}
+
 template <typename T, bool BIAS>
 __device__ void rows_copy_impl(const T* src, int64_t src_off, int64_t src_ld, T* dst, int64_t dst_off, int64_t dst_ld,
                                int64_t rows, int64_t cols, const float* bias) {
@@ -185,6 +242,23 @@ __device__ void upsample2x_by_rows_impl(const T* x, T* out, int64_t h, int64_t w
         const T* s = x + (p * h + oy / 2) * w;
         T* d = out + q * 2 * w;
         FOR_ROW_COLS(c, 2 * w) d[c] = s[c >> 1];
+    }
+}
+
+// Input row q = (p, iy) of the upsampling's backward sums the 2×2 blocks of output rows
+// 2q and 2q + 1 (plane p's rows 2iy and 2iy + 1, as p·2h + 2iy = 2q): no division but the
+// row count. The four terms are added in upsample2x_bwd_impl's order, so dx is the same
+// bit for bit.
+template <typename T>
+__device__ void upsample2x_bwd_by_rows_impl(const T* g, T* dx, int64_t h, int64_t w, int64_t n_in) {
+    const int64_t rows = n_in / w, w2 = 2 * w;
+    FOR_ROWS(q, rows) {
+        const T* s = g + q * 2 * w2;
+        T* d = dx + q * w;
+        FOR_ROW_COLS(c, w) {
+            const int64_t o = 2 * c;
+            store(d, c, load(s, o) + load(s, o + 1) + load(s, o + w2) + load(s, o + w2 + 1));
+        }
     }
 }
 
@@ -323,6 +397,10 @@ __device__ void crn_bwd_impl(const T* x, const float* gamma, const T* dy, T* dx,
                                             int64_t rows, int64_t iy0, int64_t iy1) {                                \
         col2im_impl(dcols, dx, dx_off, g, r0, rows, iy0, iy1);                                                       \
     }                                                                                                                 \
+    extern "C" __global__ void col2im_rows_##SFX(const T* dcols, T* dx, int64_t dx_off, ConvDesc g, int64_t r0,     \
+                                                 int64_t rows, int64_t iy0, int64_t iy1) {                           \
+        col2im_rows_impl(dcols, dx, dx_off, g, r0, rows, iy0, iy1);                                                  \
+    }                                                                                                                 \
     extern "C" __global__ void rows_copy_##SFX(const T* src, int64_t src_off, int64_t src_ld, T* dst,               \
                                                int64_t dst_off, int64_t dst_ld, int64_t rows, int64_t cols) {        \
         rows_copy_impl<T, false>(src, src_off, src_ld, dst, dst_off, dst_ld, rows, cols, nullptr);                   \
@@ -344,6 +422,10 @@ __device__ void crn_bwd_impl(const T* x, const float* gamma, const T* dy, T* dx,
     }                                                                                                                 \
     extern "C" __global__ void upsample2x_bwd_##SFX(const T* g, T* dx, int64_t h, int64_t w, int64_t n_in) {        \
         upsample2x_bwd_impl(g, dx, h, w, n_in);                                                                      \
+    }                                                                                                                 \
+    extern "C" __global__ void upsample2x_bwd_by_rows_##SFX(const T* g, T* dx, int64_t h, int64_t w,                \
+                                                            int64_t n_in) {                                           \
+        upsample2x_bwd_by_rows_impl(g, dx, h, w, n_in);                                                              \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(CRN_PIX * CRN_ROWS)                                                 \
         channel_rms_norm_##SFX(const T* x, const float* gamma, T* y, int64_t c, int64_t s, int64_t npix, float eps, \

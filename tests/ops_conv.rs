@@ -408,9 +408,10 @@ fn gpu_conv2d_matches_cpu() {
 }
 
 /// The convolution's data movement by rows (`SYNTHOS_CUDA_IM2COL=rows`: the column
-/// matrix, band copies and bias adds) gives every convolution of `gpu_conv2d_matches_cpu`'s
-/// cases the same outputs and gradients, bit for bit, as the element kernels; so does the
-/// 2× upsampling.
+/// matrix, band copies and bias adds, and `col2im_rows` for the input gradient) gives
+/// every convolution of `gpu_conv2d_matches_cpu`'s cases, and a few with input rows wider
+/// than a warp, the same outputs and gradients, bit for bit, as the element kernels; so
+/// does the 2× upsampling, forward and backward.
 #[test]
 fn gpu_im2col_by_rows_matches_the_element_kernel() {
     use synthos_engine::cuda::conv::with_im2col_by_rows;
@@ -419,6 +420,11 @@ fn gpu_im2col_by_rows_matches_the_element_kernel() {
     let mut all = cases();
     all.push(Case::new(1, 5, (9, 128), 6, (3, 3), 1, Padding2d::same(1)));
     all.push(Case::new(2, 19, (34, 30), 19, (3, 3), 2, Padding2d { top: 0, bottom: 1, left: 0, right: 1 }));
+    // col2im_rows' lanes walk rows of 70 and 45 input pixels (32 = 3·10 + 2 at stride 3);
+    // at stride 2, a 1×1 kernel leaves every other input pixel without a tap.
+    all.push(Case::new(1, 3, (7, 70), 2, (3, 3), 3, Padding2d { top: 1, bottom: 1, left: 2, right: 1 }));
+    all.push(Case::new(2, 5, (6, 45), 3, (3, 3), 2, Padding2d::same(1)));
+    all.push(Case { bias: false, ..Case::new(1, 6, (5, 37), 2, (1, 1), 2, Padding2d::same(0)) });
     for c in all {
         let (_, wo) = c.out_hw();
         let (x, w, b) = c.inputs(&mut rng);
@@ -441,18 +447,21 @@ fn gpu_im2col_by_rows_matches_the_element_kernel() {
             }
         }
     }
-    // The 2× upsampling by rows, and its gradient.
-    let x = randn(&[2, 3, 7, 33], &mut rng);
-    for dtype in [DType::BF16, DType::F32] {
-        let run = |rows: bool| {
-            with_im2col_by_rows(rows, || {
-                let xg = x.to_device(dev, dtype).unwrap().requires_grad();
-                let y = ops::upsample_nearest2x(&xg).unwrap();
-                let g = autograd::backward(&ops::sum_all(&ops::mul(&y, &y).unwrap()).unwrap()).unwrap();
-                (y.to_vec().unwrap(), g.get(&xg).unwrap().to_vec().unwrap())
-            })
-        };
-        assert_eq!(run(true), run(false), "upsample_nearest2x {dtype}: rows vs elements");
+    // The 2× upsampling by rows, and its gradient (upsample2x_bwd_by_rows); rows of 300
+    // input pixels take two blocks of columns.
+    for shape in [[2, 3, 7, 33], [1, 2, 3, 300]] {
+        let x = randn(&shape, &mut rng);
+        for dtype in [DType::BF16, DType::F32] {
+            let run = |rows: bool| {
+                with_im2col_by_rows(rows, || {
+                    let xg = x.to_device(dev, dtype).unwrap().requires_grad();
+                    let y = ops::upsample_nearest2x(&xg).unwrap();
+                    let g = autograd::backward(&ops::sum_all(&ops::mul(&y, &y).unwrap()).unwrap()).unwrap();
+                    (y.to_vec().unwrap(), g.get(&xg).unwrap().to_vec().unwrap())
+                })
+            };
+            assert_eq!(run(true), run(false), "upsample_nearest2x {shape:?} {dtype}: rows vs elements");
+        }
     }
 }
 

@@ -181,17 +181,20 @@ fn im2col<T: Elem>(
     Ok(())
 }
 
-/// (tap, output row) pairs per block of `im2col_rows` (its blockDim.y).
+/// (tap, output row) pairs per block of `im2col_rows`, and input rows per block of
+/// `col2im_rows` (their blockDim.y: one warp each).
 const IM2COL_ROWS_PAIRS: usize = 8;
 
 const IM2COL_VAR: &str = "SYNTHOS_CUDA_IM2COL";
 
 /// Whether the convolution's data movement runs by rows on this thread: the column
 /// matrix by `im2col_rows_*` (one warp per row segment, the divisions once per segment),
-/// and the band copies, bias adds and 2× upsampling by `*_by_rows_*` (2-D grids, no
-/// per-element division), instead of one thread per element. A [`with_im2col_by_rows`]
-/// override, else `SYNTHOS_CUDA_IM2COL=rows` (`elements`, the default, until a GPU run has
-/// shown it faster). The results are the same bit for bit.
+/// its backward into the input by `col2im_rows_*` (one warp per input row, the divisions
+/// once per row), and the band copies, bias adds and 2× upsampling and its backward by
+/// `*_by_rows_*` (`upsample2x_bwd_by_rows_*` for the backward; 2-D grids, no per-element
+/// division), instead of one thread per element. A [`with_im2col_by_rows`] override, else
+/// `SYNTHOS_CUDA_IM2COL=rows` (`elements`, the default, until a GPU run has shown it
+/// faster). The results are the same bit for bit.
 pub fn im2col_by_rows() -> Result<bool> {
     Ok(super::choice::get(IM2COL_VAR, &["elements", "rows"])? == 1)
 }
@@ -219,14 +222,22 @@ fn col2im<T: Elem>(
     if dcols.len() < g.k() * rows * g.w_out || dx.len() < dx_off + g.in_image() || iy1 > g.h {
         bail!("col2im: buffers too short for {g:?}");
     }
-    let f = dev.func("conv", kernel_name("col2im", T::DTYPE))?;
+    let by_rows = im2col_by_rows()?;
+    let f = dev.func("conv", kernel_name(if by_rows { "col2im_rows" } else { "col2im" }, T::DTYPE))?;
     let d = ConvDesc::new(g);
     let args = [dx_off, r0, rows, iy0, iy1].map(|v| v as i64);
     let mut lb = dev.stream.launch_builder(&f);
     lb.arg(dcols).arg(dx).arg(&args[0]).arg(&d).arg(&args[1]).arg(&args[2]).arg(&args[3]).arg(&args[4]);
+    let cfg = if by_rows {
+        // One warp per input row (channel, iy), 8 rows per block.
+        let blocks = (g.c_in * (iy1 - iy0)).div_ceil(IM2COL_ROWS_PAIRS).clamp(1, MAX_BLOCKS) as u32;
+        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (32, IM2COL_ROWS_PAIRS as u32, 1), shared_mem_bytes: 0 }
+    } else {
+        grid(n)
+    };
     // SAFETY: writes go to rows [iy0, iy1) of the image at dx_off (inside dx); reads are
     // taps of output rows [r0, r0 + rows), inside the k·rows·w_out column matrix.
-    unsafe { lb.launch(grid(n)) }?;
+    unsafe { lb.launch(cfg) }?;
     Ok(())
 }
 
@@ -564,20 +575,21 @@ fn backward_t<T: Elem>(
 
 /// Nearest 2× upsampling of `planes` planes of `h × w`.
 pub fn upsample_nearest2x(x: &CudaStorage, planes: usize, h: usize, w: usize) -> Result<CudaBuf> {
-    upsample_launch(x, "upsample2x", "upsample_nearest2x", planes, h, w, 4)
+    upsample_launch(x, ("upsample2x", "upsample2x_by_rows"), "upsample_nearest2x", planes, h, w, 4)
 }
 
 /// Backward of [`upsample_nearest2x`]: sums each 2×2 block of `g`.
 pub fn upsample_nearest2x_backward(g: &CudaStorage, planes: usize, h: usize, w: usize) -> Result<CudaBuf> {
-    upsample_launch(g, "upsample2x_bwd", "upsample_nearest2x backward", planes, h, w, 1)
+    upsample_launch(g, ("upsample2x_bwd", "upsample2x_bwd_by_rows"), "upsample_nearest2x backward", planes, h, w, 1)
 }
 
-/// Launches `kernel` over the `planes·h·w·out_factor` outputs of an upsampling pass whose
-/// input holds `planes·h·w·4 / out_factor` elements (the forward reads a quarter of what
-/// it writes, the backward four times as much).
+/// Launches an upsampling pass over its `planes·h·w·out_factor` outputs, whose input
+/// holds `planes·h·w·4 / out_factor` elements (the forward reads a quarter of what it
+/// writes, the backward four times as much): the element `kernel`, or `by_rows` with
+/// [`im2col_by_rows`] on.
 fn upsample_launch(
     x: &CudaStorage,
-    kernel: &str,
+    (kernel, by_rows): (&str, &str),
     op: &str,
     planes: usize,
     h: usize,
@@ -593,12 +605,10 @@ fn upsample_launch(
     if n_out == 0 {
         return Ok(out);
     }
-    // The forward by rows: output rows of 2w pixels (the backward keeps its element kernel).
-    let (name, cfg) = if out_factor == 4 {
-        row_pass(kernel, "upsample2x_by_rows", x.buf.dtype(), planes * 2 * h, 2 * w)?
-    } else {
-        (kernel_name(kernel, x.buf.dtype()), grid(n_out))
-    };
+    // By rows, one grid row per output row: the forward's rows of 2w pixels (planes·2h of
+    // them), the backward's of w (planes·h).
+    let (rows, cols) = if out_factor == 4 { (planes * 2 * h, 2 * w) } else { (planes * h, w) };
+    let (name, cfg) = row_pass(kernel, by_rows, x.buf.dtype(), rows, cols)?;
     let f = dev.func("conv", name)?;
     let args = [h, w, n_out].map(|v| v as i64);
     let mut lb = dev.stream.launch_builder(&f);

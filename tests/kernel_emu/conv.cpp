@@ -11,8 +11,11 @@
 //   rows_bias_add) and not (scratch + rows_copy), the in-place 1×1 path, a band that sees
 //   only padding (col2im skipped);
 // - nearest 2× upsampling and its backward;
-// - the by-rows forms of im2col, the band copies, the bias adds and the upsampling
-//   (SYNTHOS_CUDA_IM2COL=rows), each equal to its element kernel bit for bit;
+// - the by-rows forms of im2col, col2im, the band copies, the bias adds and the upsampling
+//   and its backward (SYNTHOS_CUDA_IM2COL=rows), each equal to its element kernel bit for
+//   bit (col2im_rows accumulating dx over the bands on its own, checked against the
+//   reference too, and again on every band from a dx that is not zero, with -0 where it
+//   must not write);
 // - the channel RMS norm forward and backward (32×8 blocks, per-block dγ partials, more
 //   pixel groups than CRN_MAX_BLOCKS), with pixels whose norm is clamped at eps;
 // - a few of these again with the grid caps lowered, so that every grid-stride loop runs.
@@ -63,7 +66,7 @@ struct K;
 template <>
 struct K<float> {
     static constexpr auto im2col = EMU_KERNEL(im2col_f32), col2im = EMU_KERNEL(col2im_f32);
-    static constexpr auto im2col_rows = EMU_KERNEL(im2col_rows_f32);
+    static constexpr auto im2col_rows = EMU_KERNEL(im2col_rows_f32), col2im_rows = EMU_KERNEL(col2im_rows_f32);
     static constexpr auto rows_copy = EMU_KERNEL(rows_copy_f32), rows_copy_bias = EMU_KERNEL(rows_copy_bias_f32);
     static constexpr auto rows_bias_add = EMU_KERNEL(rows_bias_add_f32);
     static constexpr auto rows_copy_by_rows = EMU_KERNEL(rows_copy_by_rows_f32),
@@ -72,12 +75,13 @@ struct K<float> {
                           upsample_by_rows = EMU_KERNEL(upsample2x_by_rows_f32);
     static constexpr auto accumulate = EMU_KERNEL(accumulate_f32_from_f32);
     static constexpr auto upsample = EMU_KERNEL(upsample2x_f32), upsample_bwd = EMU_KERNEL(upsample2x_bwd_f32);
+    static constexpr auto upsample_bwd_by_rows = EMU_KERNEL(upsample2x_bwd_by_rows_f32);
     static constexpr auto crn = EMU_KERNEL(channel_rms_norm_f32), crn_bwd = EMU_KERNEL(channel_rms_norm_bwd_f32);
 };
 template <>
 struct K<bf16> {
     static constexpr auto im2col = EMU_KERNEL(im2col_bf16), col2im = EMU_KERNEL(col2im_bf16);
-    static constexpr auto im2col_rows = EMU_KERNEL(im2col_rows_bf16);
+    static constexpr auto im2col_rows = EMU_KERNEL(im2col_rows_bf16), col2im_rows = EMU_KERNEL(col2im_rows_bf16);
     static constexpr auto rows_copy = EMU_KERNEL(rows_copy_bf16), rows_copy_bias = EMU_KERNEL(rows_copy_bias_bf16);
     static constexpr auto rows_bias_add = EMU_KERNEL(rows_bias_add_bf16);
     static constexpr auto rows_copy_by_rows = EMU_KERNEL(rows_copy_by_rows_bf16),
@@ -86,6 +90,7 @@ struct K<bf16> {
                           upsample_by_rows = EMU_KERNEL(upsample2x_by_rows_bf16);
     static constexpr auto accumulate = EMU_KERNEL(accumulate_f32_from_bf16);
     static constexpr auto upsample = EMU_KERNEL(upsample2x_bf16), upsample_bwd = EMU_KERNEL(upsample2x_bwd_bf16);
+    static constexpr auto upsample_bwd_by_rows = EMU_KERNEL(upsample2x_bwd_by_rows_bf16);
     static constexpr auto crn = EMU_KERNEL(channel_rms_norm_bf16), crn_bwd = EMU_KERNEL(channel_rms_norm_bwd_bf16);
 };
 
@@ -254,14 +259,54 @@ void im2col(const DeviceArray<T>& x, size_t x_off, DeviceArray<T>& cols, const G
                  by_rows.download(), want, 0, 0);
 }
 
-// `col2im` (nothing to launch when the band's taps all fall in the padding)
+// `col2im`'s launch of `col2im_rows`: one warp per input row, 8 rows per block.
+emu::LaunchConfig col2im_rows_grid(const Geom& g, std::pair<size_t, size_t> iy) {
+    const size_t rows = g.c_in * (iy.second - iy.first);
+    return {dim3((unsigned)std::clamp<size_t>(ceil_div(rows, kIm2colRowsPairs), 1, max_blocks)),
+            dim3(32, (unsigned)kIm2colRowsPairs), 0};
+}
+
+// `col2im` (nothing to launch when the band's taps all fall in the padding): the element
+// kernel adds the band into dx, `col2im_rows` (SYNTHOS_CUDA_IM2COL=rows) into dx_rows,
+// each summing over the bands on its own; after every band the two must be equal bit
+// for bit.
 template <class T>
-void col2im(const DeviceArray<T>& dcols, DeviceArray<T>& dx, size_t dx_off, const Geom& g, size_t r0, size_t rows,
-            std::pair<size_t, size_t> iy) {
+void col2im(const DeviceArray<T>& dcols, DeviceArray<T>& dx, DeviceArray<T>& dx_rows, size_t dx_off, const Geom& g,
+            size_t r0, size_t rows, std::pair<size_t, size_t> iy) {
     const size_t n = g.c_in * (iy.second - iy.first) * g.w;
     if (n == 0) return;
-    emu::launch(grid(n), K<T>::col2im, (const T*)dcols.ptr(), dx.ptr(), (int64_t)dx_off, g.desc(), (int64_t)r0,
-                (int64_t)rows, (int64_t)iy.first, (int64_t)iy.second);
+    const int64_t a[] = {(int64_t)dx_off, (int64_t)r0, (int64_t)rows, (int64_t)iy.first, (int64_t)iy.second};
+    emu::launch(grid(n), K<T>::col2im, (const T*)dcols.ptr(), dx.ptr(), a[0], g.desc(), a[1], a[2], a[3], a[4]);
+    emu::launch(col2im_rows_grid(g, iy), K<T>::col2im_rows, (const T*)dcols.ptr(), dx_rows.ptr(), a[0], g.desc(), a[1],
+                a[2], a[3], a[4]);
+    same_bits(format("col2im_rows = col2im: %s %s band r0=%zu rows=%zu iy [%zu, %zu) grid cap %zu", g.name().c_str(),
+                     Elem<T>::name, r0, rows, iy.first, iy.second, max_blocks),
+              dx_rows, dx);
+}
+
+// Both col2im kernels on every band of `g`'s last image (so that dx_off > 0), each from
+// the same dx and dcols, random but for -0 on every row outside the band (and the other
+// images) and on every 7th pixel inside it: the element kernel adds 0.f to each pixel of
+// the band, turning its -0 into +0, and leaves the rest alone, so a pixel that the rows
+// kernel skips or a write outside the band differs in its bits. A dx that is not zero
+// also fixes when the sum meets dx (after all its taps).
+template <class T>
+void col2im_bands(const Geom& g) {
+    const size_t per = band_rows<T>(g), b = g.batch - 1, xo = b * g.in_image();
+    const DeviceArray<T> dcols(rng.values<T>(g.k() * per * g.w_out()));
+    for (auto [r0, rows] : bands(g, per)) {
+        const auto iy = g.input_rows(r0, rows);
+        std::vector<double> init(g.batch * g.in_image(), -0.0);
+        const auto v = rng.values<T>(init.size());
+        for (size_t c = 0; c < g.c_in; ++c)
+            for (size_t y = iy.first; y < iy.second; ++y)
+                for (size_t x = 0; x < g.w; ++x) {
+                    const size_t i = xo + (c * g.h + y) * g.w + x;
+                    init[i] = i % 7 == 0 ? -0.0 : v[i];
+                }
+        DeviceArray<T> dx(init), dx_rows(init);
+        col2im(dcols, dx, dx_rows, xo, g, r0, rows, iy);
+    }
 }
 
 // `accumulate`
@@ -326,8 +371,9 @@ void conv(const Geom& g, bool with_bias) {
     }
 
     // ---- backward (`backward_t`, both gradients)
-    DeviceArray<T> dx(g.batch * g.in_image());
+    DeviceArray<T> dx(g.batch * g.in_image()), dx_rows(g.batch * g.in_image());
     dx.zero();
+    dx_rows.zero();
     DeviceArray<float> dw(o * k);
     dw.zero();
     std::unique_ptr<DeviceArray<T>> bcols_slot, dcols_slot, bband_slot, part_slot;
@@ -348,10 +394,11 @@ void conv(const Geom& g, bool with_bias) {
             accumulate(dw, part, o * k);
             if (direct) {
                 host_gemm(k, npix, o, w.ptr(), k, true, dy_view, ld_dy, false, dx.ptr() + xo, npix);
+                host_gemm(k, npix, o, w.ptr(), k, true, dy_view, ld_dy, false, dx_rows.ptr() + xo, npix);
             } else {
                 auto& dcols = scratch(dcols_slot, k * bper * wo);
                 host_gemm(k, npix, o, w.ptr(), k, true, dy_view, ld_dy, false, dcols.ptr(), npix);
-                col2im(dcols, dx, xo, g, r0, rows, g.input_rows(r0, rows));
+                col2im(dcols, dx, dx_rows, xo, g, r0, rows, g.input_rows(r0, rows));
             }
         }
     }
@@ -397,6 +444,7 @@ void conv(const Geom& g, bool with_bias) {
     report.norm_close(what + ": y (L2)", got_y, want_y, rel);
     report.within(what + ": dx", got_dx, want_dx, tol(dx_abs), "(1e-6 + rounding)·Σ|w·dy|");
     report.norm_close(what + ": dx (L2)", got_dx, want_dx, rel);
+    report.within(what + ": dx by rows", dx_rows.download(), want_dx, tol(dx_abs), "(1e-6 + rounding)·Σ|w·dy|");
     report.within(what + ": dw", got_dw, want_dw, tol(dw_abs), "(1e-6 + rounding)·Σ|dy·x|");
     report.norm_close(what + ": dw (L2)", got_dw, want_dw, rel);
 }
@@ -417,6 +465,10 @@ void upsample(size_t planes, size_t h, size_t w) {
                 (int64_t)n_out);
     same_bits(what + ": upsample2x_by_rows = upsample2x", by_rows, out);
     emu::launch(grid(n_in), K<T>::upsample_bwd, (const T*)g.ptr(), dx.ptr(), hh, ww, (int64_t)n_in);
+    DeviceArray<T> dx_by_rows(n_in);
+    emu::launch(row_grid(planes * h, w), K<T>::upsample_bwd_by_rows, (const T*)g.ptr(), dx_by_rows.ptr(), hh, ww,
+                (int64_t)n_in);
+    same_bits(what + ": upsample2x_bwd_by_rows = upsample2x_bwd", dx_by_rows, dx);
 
     std::vector<double> want(n_out), want_dx(n_in, 0.0), dx_abs(n_in, 0.0);
     for (size_t p = 0; p < planes; ++p)
@@ -431,6 +483,7 @@ void upsample(size_t planes, size_t h, size_t w) {
     std::vector<double> tol(n_in);
     for (size_t i = 0; i < n_in; ++i) tol[i] = 1e-6 * dx_abs[i] + rtol_of<T>() * std::fabs(want_dx[i]);
     report.within(what + ": dx", dx.download(), want_dx, tol, "1e-6·Σ|g| + rounding");
+    report.within(what + ": dx by rows", dx_by_rows.download(), want_dx, tol, "1e-6·Σ|g| + rounding");
 }
 
 // ---- Channel RMS norm -----------------------------------------------------------------
@@ -519,7 +572,14 @@ void small_grids() {
     if (!kTsan) {
         conv<T>({2, 5, 7, 9, 6, 3, 3, 1, 1, 1, 1, 1, 900}, true);
         conv<T>({1, 3, 11, 10, 4, 5, 3, 2, 2, 1, 1, 0, 700}, false);
+        // 13 channels × 9 input rows in one band: col2im_rows' 3 blocks of 8 rows loop.
+        const Geom many_rows{1, 13, 9, 7, 3, 3, 3, 2, 1, 1, 1, 1, 1 << 20};
+        conv<T>(many_rows, false);
+        col2im_bands<T>(many_rows);
+        col2im_bands<T>({2, 5, 7, 9, 6, 3, 3, 1, 1, 1, 1, 1, 900});
         upsample<T>(3, 37, 29);
+        // Rows of 1000 input pixels: 4 blocks of columns wanted, 3 allowed.
+        upsample<T>(1, 2, 1000);
     }
     max_blocks = kMaxBlocks;
     crn_max_blocks = kCrnMaxBlocks;
@@ -550,10 +610,14 @@ void family() {
         {1, 3, 5, 71, 2, 3, 3, 1, 1, 1, 1, 1, 27 * 71 * 2},  // rows of 71 pixels: lanes take 3 each
         {1, 2, 4, 80, 2, 3, 3, 2, 1, 1, 1, 1, 1 << 20},      // stride 2: 40 output pixels per row
         {1, 2, 30, 16, 3, 3, 3, 1, 1, 1, 1, 1, 3300},        // 11 rows fit, bands of 8 start aligned
+        {1, 3, 7, 70, 2, 3, 3, 3, 1, 2, 1, 1, 1 << 20},      // stride 3, 70-pixel input rows: 32 = 3·10 + 2
+        {2, 5, 6, 45, 3, 3, 3, 2, 1, 1, 1, 1, 45 * 23 * 2},  // stride 2, 45-pixel rows, bands of 2 rows
+        {1, 6, 5, 37, 2, 1, 1, 2, 0, 0, 0, 0, 6 * 19},       // 1x1 stride 2: odd input pixels get no tap
     };
     for (const Geom& g : geoms) {
         conv<T>(g, true);
         conv<T>(g, false);
+        col2im_bands<T>(g);
     }
     upsample<T>(5, 3, 7);
     upsample<T>(1, 1, 1);
