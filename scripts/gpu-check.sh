@@ -123,6 +123,14 @@ gate ops_norm gpu_warp_forward_norms_match_cpu "[warp]"
 gate ops_reduce gpu_vector_column_sums_match_cpu "[vec]"
 gate ops_conv gpu_im2col_by_rows_matches_the_element_kernel "[rows]"
 gate optim gpu_split_masters_match_fp32_masters "SPLIT_MASTER"  # no bench case: the stage below
+gate pipeline gpu_graph_replays_match_plain_runs "[graphs]"
+gate pipeline gpu_graph_recording_errors_are_clear "[graphs]"
+# The demos run with CUDA graphs when their tests passed (the bench times both ways:
+# "sample[graphs] demo ..." beside "sample demo ...").
+DEMO_ENV=()
+if [ "${SKIP_TESTS:-0}" != 1 ] && [ -z "${TEST_FILTER:-}" ] && [[ "${BENCH_SKIP[*]-}" != *"[graphs]"* ]]; then
+  DEMO_ENV=(SYNTHOS_CUDA_GRAPHS=1)
+fi
 if [ -d "$OUTDIR/tests" ]; then
   # One archive of the logs ($OUT returns at most 8 files).
   tar -C "$OUTDIR" -czf "$OUTDIR/test-logs.tar.gz" tests && rm -rf "$OUTDIR/tests"
@@ -219,8 +227,8 @@ if [ "${SKIP_DEMO:-0}" != 1 ] && [ "$(left)" -gt 170 ]; then
   stage "the README's first command (demo train) on the GPU"
   rm -rf /tmp/demo-run
   s0=$(date +%s%N)
-  timeout 150 "$ENGINE" train --output /tmp/demo-run > "$OUTDIR/demo.txt" 2>&1; rc=$?
-  echo "demo train: rc $rc, $(( ($(date +%s%N) - s0) / 1000000 )) ms" | tee -a "$OUTDIR/demo.txt"
+  env ${DEMO_ENV[@]+"${DEMO_ENV[@]}"} timeout 150 "$ENGINE" train --output /tmp/demo-run > "$OUTDIR/demo.txt" 2>&1; rc=$?
+  echo "demo train (${DEMO_ENV[*]:-no CUDA graphs}): rc $rc, $(( ($(date +%s%N) - s0) / 1000000 )) ms" | tee -a "$OUTDIR/demo.txt"
   tail -5 "$OUTDIR/demo.txt"
 fi
 
@@ -228,8 +236,8 @@ if [ "${SKIP_SYNTH_DEMO:-0}" != 1 ] && [ "$(left)" -gt 170 ]; then
   stage "synth demo (the flywheel) on the GPU"
   rm -rf /tmp/synth-demo
   s0=$(date +%s%N)
-  timeout 150 "$ENGINE" synth demo --output /tmp/synth-demo > "$OUTDIR/synth-demo.txt" 2>&1; rc=$?
-  echo "synth demo: rc $rc, $(( ($(date +%s%N) - s0) / 1000000 )) ms" | tee -a "$OUTDIR/synth-demo.txt"
+  env ${DEMO_ENV[@]+"${DEMO_ENV[@]}"} timeout 150 "$ENGINE" synth demo --output /tmp/synth-demo > "$OUTDIR/synth-demo.txt" 2>&1; rc=$?
+  echo "synth demo (${DEMO_ENV[*]:-no CUDA graphs}): rc $rc, $(( ($(date +%s%N) - s0) / 1000000 )) ms" | tee -a "$OUTDIR/synth-demo.txt"
   tail -5 "$OUTDIR/synth-demo.txt"
 fi
 

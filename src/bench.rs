@@ -631,9 +631,10 @@ pub struct LazyCase {
 /// tensor trained with AdamW on fp32 masters, activation checkpointing, encoders cached)
 /// at 480×480 batch 1 and 832×480 batch 4 (and both with no checkpointing, where every
 /// activation fits, and 832×480 batch 4 keeping the linear and attention outputs for the
-/// recompute), and the 25-step guided 480×480 sample (the
+/// recompute), the 25-step guided 480×480 sample (the
 /// DiT forwards alone, and the whole pipeline: umT5 and CLIP at full width but 1 and 2
-/// layers, the DiT, the tiled VAE decode).
+/// layers, the DiT, the tiled VAE decode) and the 25-step guided sample of a demo batch
+/// ([`demo_sample_case`]), these two also with CUDA graphs (`sample[graphs] …`).
 pub fn model_cases(device: Device, size: Size) -> Vec<LazyCase> {
     let mut v = vec![
         LazyCase { family: "model", name: dit_step_name(size), build: Box::new(move || dit_step_case(device, size)) },
@@ -694,12 +695,59 @@ pub fn model_cases(device: Device, size: Size) -> Vec<LazyCase> {
         name: "sample 1.3b 480x480 25 steps dit".into(),
         build: Box::new(move || sample_dit_case(device)),
     });
-    v.push(LazyCase {
-        family: "model",
-        name: "sample 1.3b 480x480 25 steps pipeline".into(),
-        build: Box::new(move || sample_pipeline_case(device)),
-    });
+    for graphs in [false, true] {
+        let tag = if graphs { "[graphs]" } else { "" };
+        // With the sampler's DiT forward replayed as a CUDA graph (SYNTHOS_CUDA_GRAPHS=1).
+        v.push(LazyCase {
+            family: "model",
+            name: format!("sample{tag} 1.3b 480x480 25 steps pipeline"),
+            build: Box::new(move || sample_pipeline_case(device, graphs)),
+        });
+        v.push(LazyCase {
+            family: "model",
+            name: demo_sample_name(graphs),
+            build: Box::new(move || demo_sample_case(device, graphs)),
+        });
+    }
     v
+}
+
+/// Name of [`demo_sample_case`]: `sample demo 64x64 b16 25 steps` (`sample[graphs] …`
+/// with CUDA graphs).
+pub fn demo_sample_name(graphs: bool) -> String {
+    let side = crate::pipeline::demo::IMAGE_SIZE;
+    let tag = if graphs { "[graphs]" } else { "" };
+    format!("sample{tag} demo {side}x{side} b{} 25 steps", crate::train::TrainConfig::demo().batch_size)
+}
+
+/// A guided 25-step sample of one demo batch (16 prompts, both branches in one forward,
+/// random demo weights): the launch-bound sampling of the demo's quality measure and of
+/// `synth demo`'s synthetic set. With `graphs`, under `SYNTHOS_CUDA_GRAPHS=1`.
+fn demo_sample_case(device: Device, graphs: bool) -> Result<BenchCase> {
+    use crate::pipeline::{demo, GenerateOptions, SynthosPipeline};
+    let pipe = SynthosPipeline::demo(device, device.default_dtype(), &[])?;
+    let batch = crate::train::TrainConfig::demo().batch_size;
+    let captions: Vec<String> = crate::data::demo::DemoAttrs::all().iter().take(batch).map(|a| a.caption()).collect();
+    let side = demo::IMAGE_SIZE;
+    let opts = GenerateOptions { width: side, height: side, shift: demo::SHIFT, ..Default::default() };
+    let cfg = pipe.dit.config().clone();
+    let latent = side / demo::PIXEL_FACTOR;
+    let [_, ph, pw] = cfg.patch_size;
+    let tokens = (latent / ph) * (latent / pw);
+    let context = demo::clip_config().tokens() + cfg.text_len;
+    let flops = batch as f64 * dit_sample_flops(&cfg, tokens, context, opts.steps);
+    Ok(BenchCase {
+        family: "model",
+        name: demo_sample_name(graphs),
+        bytes: 0.0,
+        flops,
+        bound: Bound::Compute,
+        model: Some(ModelWork { samples: batch, model_flops: flops }),
+        run: Box::new(move || {
+            let prompts: Vec<&str> = captions.iter().map(String::as_str).collect();
+            cuda::graph::with_graphs(graphs, || pipe.generate_batch(&prompts, &opts, None, &mut |_, _| {}).map(|_| ()))
+        }),
+    })
 }
 
 /// Name of [`clip_train_step_case`]: `clip train step <preset> b<batch>`;
@@ -1003,7 +1051,7 @@ fn sample_dit_case(device: Device) -> Result<BenchCase> {
     })
 }
 
-fn sample_pipeline_case(device: Device) -> Result<BenchCase> {
+fn sample_pipeline_case(device: Device, graphs: bool) -> Result<BenchCase> {
     use crate::image::ImageRgb;
     use crate::pipeline::GenerateOptions;
     let pipe = random_pipeline_1_3b(device)?;
@@ -1014,12 +1062,12 @@ fn sample_pipeline_case(device: Device) -> Result<BenchCase> {
     let flops = dit_sample_flops(&cfg, 900, 257 + cfg.text_len, 25);
     Ok(BenchCase {
         family: "model",
-        name: "sample 1.3b 480x480 25 steps pipeline".into(),
+        name: format!("sample{} 1.3b 480x480 25 steps pipeline", if graphs { "[graphs]" } else { "" }),
         bytes: 0.0,
         flops,
         bound: Bound::Compute,
         model: Some(ModelWork { samples: 1, model_flops: flops }),
-        run: Box::new(move || pipe.generate(&opts, Some(&reference)).map(|_| ())),
+        run: Box::new(move || cuda::graph::with_graphs(graphs, || pipe.generate(&opts, Some(&reference)).map(|_| ()))),
     })
 }
 

@@ -353,6 +353,16 @@ impl Tensor {
         if self.same_storage(src) {
             return Ok(());
         }
+        // On one GPU in one element type: a device copy, queued like any op (this is
+        // also how inputs reach a recorded CUDA graph).
+        if self.device().is_cuda() && self.device() == src.device() && self.dtype() == src.dtype() {
+            let from = src.storage();
+            let mut to = self.storage_mut();
+            let (Storage::Cuda(a), Storage::Cuda(b)) = (&*from, &mut *to) else {
+                bail!("assign: CUDA tensors without device storage");
+            };
+            return a.dev.copy_buf(&a.buf, &mut b.buf);
+        }
         let v = src.to_vec()?;
         self.copy_from_slice(&v)
     }

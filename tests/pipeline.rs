@@ -345,3 +345,92 @@ fn synth_images_runs_on_a_diffusers_wan_folder() {
     let ds = synthos_engine::data::CaptionDataset::open(out.join("train.tsv"), &Default::default()).unwrap();
     assert_eq!(ds.caption(1), Some("a red kite over the sea"));
 }
+
+/// CUDA graphs (`SYNTHOS_CUDA_GRAPHS`, opt-in): a recorded replay of the sampler's DiT
+/// forward gives the plain run's bits, call after call with new inputs, and the whole
+/// guided sampler (text prompts and an image-only reference) gives the same images with
+/// graphs on and off. GPU only.
+#[test]
+fn gpu_graph_replays_match_plain_runs() {
+    use synthos_engine::cuda::graph::with_graphs;
+    use synthos_engine::models::wan::{WanConfig, WanModel};
+    use synthos_engine::{autograd, ops, Rng, Tensor};
+    let Some(dev) = common::gpu() else { return };
+    let cfg = WanConfig::tiny();
+    let model = WanModel::random(&cfg, 5, dev, DType::BF16).unwrap();
+    let mut rng = Rng::new(3);
+    let (b, h, w) = (2, 4, 6);
+    let mut rand = |shape: &[usize]| {
+        let n = shape.iter().product();
+        Tensor::from_vec(rng.normal_vec(n, 1.0), shape, dev).unwrap()
+    };
+    let context = rand(&[b, 7, cfg.text_dim]);
+    let clip = rand(&[b, 257, cfg.clip_dim]);
+    autograd::no_grad(|| {
+        let kv = model.cross_kv(&model.context(&context, Some(&clip)).unwrap()).unwrap();
+        let forward = |xt: &[Tensor]| ops::cast(&model.forward_with_cross_kv_at(&xt[0], &xt[1], &kv)?, DType::F32);
+        let mut graphed = ops::GraphedFn::new("test forward", forward);
+        for call in 0..4 {
+            let x = rand(&[b, cfg.in_channels, 1, h, w]);
+            let t = model.time_frequencies(&[900.0 - 200.0 * call as f32, 50.0 * call as f32]).unwrap();
+            let plain = forward(&[x.clone(), t.clone()]).unwrap().to_vec().unwrap();
+            let replayed = with_graphs(true, || graphed.call(&[&x, &t])).unwrap().to_vec().unwrap();
+            assert_eq!(graphed.is_recorded(), call >= 1, "recorded from the second call on");
+            assert!(plain.iter().all(|v| v.is_finite()));
+            let differ = plain.iter().zip(&replayed).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            assert_eq!(differ, 0, "call {call}: {differ} of {} values differ from the plain run", plain.len());
+        }
+        // The recorded shapes are the only ones a replay takes.
+        let x = rand(&[b, cfg.in_channels, 1, h, w + 2]);
+        let t = model.time_frequencies(&[1.0, 2.0]).unwrap();
+        let e = with_graphs(true, || graphed.call(&[&x, &t])).unwrap_err().to_string();
+        assert!(e.contains("test forward") && e.contains("recorded for inputs"), "{e}");
+    });
+
+    let pipe = SynthosPipeline::demo(dev, DType::BF16, &[]).unwrap();
+    let opts = GenerateOptions { height: 32, width: 48, steps: 5, ..Default::default() };
+    let prompts = ["a red circle on a blue background", "a small green square with dots on a white background"];
+    let target = render(
+        &DemoAttrs {
+            shape: Shape::Circle,
+            colour: Colour::Red,
+            background: Colour::Blue,
+            size: ShapeSize::Large,
+            texture: Texture::Plain,
+        },
+        64,
+    )
+    .unwrap();
+    let sample = |on: bool| {
+        with_graphs(on, || {
+            let texts = pipe.generate_batch(&prompts, &opts, None, &mut |_, _| {}).unwrap();
+            let alone = pipe.generate_batch(&[""], &opts, Some(&target), &mut |_, _| {}).unwrap();
+            texts.into_iter().chain(alone).map(|i| i.data().to_vec()).collect::<Vec<_>>()
+        })
+    };
+    let plain = sample(false);
+    assert_eq!(plain, sample(true), "the sampler with graphs on");
+    assert_eq!(plain, sample(true), "the sampler with graphs on, recorded again");
+}
+
+/// A function that reads a device value on the host cannot be recorded: the error says
+/// why, and the device runs work normally afterwards. GPU only.
+#[test]
+fn gpu_graph_recording_errors_are_clear() {
+    use synthos_engine::cuda::graph::with_graphs;
+    use synthos_engine::{autograd, ops, Tensor};
+    let Some(dev) = common::gpu() else { return };
+    let x = Tensor::from_vec_dtype(vec![1.0, 2.0, 3.0], &[3], dev, DType::F32).unwrap();
+    autograd::no_grad(|| {
+        let mut reads = ops::GraphedFn::new("a host read", |xs: &[Tensor]| {
+            let s = ops::sum_all(&xs[0])?.item()?;
+            ops::scale(&xs[0], s)
+        });
+        assert_eq!(with_graphs(true, || reads.call(&[&x])).unwrap().to_vec().unwrap(), [6.0, 12.0, 18.0]);
+        let e = with_graphs(true, || reads.call(&[&x])).unwrap_err().to_string();
+        assert!(e.contains("CUDA graph"), "{e}");
+        assert!(!reads.is_recorded());
+    });
+    let y = ops::add(&x, &x).unwrap();
+    assert_eq!(y.to_vec().unwrap(), [2.0, 4.0, 6.0], "the device after a failed recording");
+}

@@ -447,14 +447,21 @@ impl CudaDevice {
     }
 
     /// The most bytes allocated from the device's memory pool at once since the last
-    /// [`reset_peak_memory`](Self::reset_peak_memory) (what `torch.cuda.max_memory_allocated` reports).
+    /// [`reset_peak_memory`](Self::reset_peak_memory) (what `torch.cuda.max_memory_allocated` reports),
+    /// plus the most the driver reserved for CUDA graphs in that time (0 unless a graph
+    /// was recorded; the two peaks may fall at different moments, so the sum bounds the
+    /// true peak from above).
     pub fn peak_memory(&self) -> Result<u64> {
-        self.pool_attr(cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, None)
+        let pool = self.pool_attr(cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, None)?;
+        // A driver without graph memory attributes has no graph memory either.
+        Ok(pool + self.graph_memory_peak().unwrap_or(0))
     }
 
     /// Restarts the peak of [`peak_memory`](Self::peak_memory) from the bytes in use now.
     pub fn reset_peak_memory(&self) -> Result<()> {
-        self.pool_attr(cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, Some(0)).map(|_| ())
+        self.pool_attr(cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, Some(0))?;
+        let _ = self.reset_graph_memory_peak();
+        Ok(())
     }
 
     /// Reads (value `None`) or writes a u64 attribute of the default memory pool.
@@ -671,6 +678,7 @@ pub fn kernel_choices() -> Result<Vec<String>> {
         format!("SYNTHOS_CUDA_COLSUM={}", if reduce::vector_columns()? { "vec" } else { "scalar" }),
         format!("SYNTHOS_CUDA_IM2COL={}", if conv::im2col_by_rows()? { "rows" } else { "elements" }),
         format!("SYNTHOS_CUDA_SPLIT_MASTER={}", on(adamw::split_masters()?)),
+        format!("SYNTHOS_CUDA_GRAPHS={}", on(graph::graphs_enabled()?)),
     ])
 }
 
@@ -751,6 +759,7 @@ pub mod attention;
 pub mod conv;
 pub mod elementwise;
 pub mod gemm_plan;
+pub mod graph;
 pub mod loss;
 pub mod matmul;
 pub mod norm;

@@ -9,6 +9,7 @@
 mod attention;
 mod conv;
 mod elementwise;
+mod graph;
 mod loss;
 mod matmul;
 mod norm;
@@ -21,6 +22,7 @@ mod softmax;
 pub use attention::*;
 pub use conv::*;
 pub use elementwise::*;
+pub use graph::*;
 pub use loss::*;
 pub use matmul::*;
 pub use norm::*;

@@ -146,17 +146,21 @@ impl SynthosPipeline {
         let branches = if guided { 2 * b } else { b };
         // The cross-attention keys and values of the context, the same at every step.
         let kv = self.dit.cross_kv(&context)?;
+        // The guided velocity of latents x at time frequencies t: the same launches at
+        // every step, so on a GPU it can be replayed as one CUDA graph (SYNTHOS_CUDA_GRAPHS).
+        let mut velocity = ops::GraphedFn::new("the sampler's guided velocity", |xt: &[Tensor]| {
+            let input = if guided { ops::concat(&[&xt[0], &xt[0]], 0)? } else { xt[0].clone() };
+            let v = ops::cast(&self.dit.forward_with_cross_kv_at(&input, &xt[1], &kv)?, DType::F32)?;
+            if !guided {
+                return Ok(v);
+            }
+            let halves = ops::split(&v, 0, &[b, b])?;
+            let diff = ops::sub(&halves[0], &halves[1])?;
+            ops::add(&halves[1], &ops::scale(&diff, opts.cfg_scale)?)
+        });
         for (i, &sigma) in sigmas.iter().enumerate() {
-            let t = vec![crate::schedule::timestep(sigma) as f32; branches];
-            let input = if guided { ops::concat(&[&x, &x], 0)? } else { x.clone() };
-            let v = ops::cast(&self.dit.forward_with_cross_kv(&input, &t, &kv)?, DType::F32)?;
-            let v = if guided {
-                let halves = ops::split(&v, 0, &[b, b])?;
-                let diff = ops::sub(&halves[0], &halves[1])?;
-                ops::add(&halves[1], &ops::scale(&diff, opts.cfg_scale)?)?
-            } else {
-                v
-            };
+            let t = self.dit.time_frequencies(&vec![crate::schedule::timestep(sigma) as f32; branches])?;
+            let v = velocity.call(&[&x, &t])?;
             let dt = (next_sigma(&sigmas, i) - sigma) as f32;
             x = ops::add(&x, &ops::scale(&v, dt)?)?;
             progress(i + 1, opts.steps);

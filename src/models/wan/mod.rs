@@ -129,6 +129,13 @@ enum Context<'a> {
     KeysValues(&'a CrossKv),
 }
 
+/// A forward's timesteps: values on the host, or their sinusoidal frequencies on the device.
+#[derive(Clone, Copy)]
+enum Time<'a> {
+    Steps(&'a [f32]),
+    Frequencies(&'a Tensor),
+}
+
 /// The Wan2.1 DiT with the Synthos image projector, on one device.
 pub struct WanModel {
     cfg: WanConfig,
@@ -454,7 +461,7 @@ impl WanModel {
     /// [`WanModel::forward`] with a context made by [`WanModel::context`] (which the
     /// sampler reuses across steps).
     pub fn forward_with_context(&self, latents: &Tensor, timesteps: &[f32], context: &Tensor) -> Result<Tensor> {
-        self.forward_impl(latents, timesteps, Context::Tokens(context))
+        self.forward_impl(latents, Time::Steps(timesteps), Context::Tokens(context))
     }
 
     /// The keys and values every block's cross-attention computes from `context` (made by
@@ -474,7 +481,26 @@ impl WanModel {
     /// (this is the sampler's forward; gradients still flow, through the cached keys and
     /// values too).
     pub fn forward_with_cross_kv(&self, latents: &Tensor, timesteps: &[f32], kv: &CrossKv) -> Result<Tensor> {
-        self.forward_impl(latents, timesteps, Context::KeysValues(kv))
+        self.forward_impl(latents, Time::Steps(timesteps), Context::KeysValues(kv))
+    }
+
+    /// The sinusoidal frequencies `[B, freq_dim]` of `timesteps` (t = σ·1000, one per
+    /// sample, finite), on the model's device in its dtype: the forward's first input
+    /// besides the latents, made on the host.
+    pub fn time_frequencies(&self, timesteps: &[f32]) -> Result<Tensor> {
+        if timesteps.is_empty() || timesteps.iter().any(|t| !t.is_finite()) {
+            bail!("WanModel: timesteps must be finite values t = σ·1000, one per sample, got {timesteps:?}");
+        }
+        let dim = self.cfg.freq_dim;
+        Tensor::from_vec_dtype(sinusoid(timesteps, dim), &[timesteps.len(), dim], self.device, self.dtype)
+    }
+
+    /// [`WanModel::forward_with_cross_kv`] with the timesteps given as their frequencies
+    /// ([`WanModel::time_frequencies`]): the same result, and no host data enters the
+    /// forward, so that it can be recorded once and replayed as a CUDA graph
+    /// (`ops::GraphedFn`).
+    pub fn forward_with_cross_kv_at(&self, latents: &Tensor, time_freq: &Tensor, kv: &CrossKv) -> Result<Tensor> {
+        self.forward_impl(latents, Time::Frequencies(time_freq), Context::KeysValues(kv))
     }
 
     /// The batch of a context `[B, L, dim]`, checked (against `b` when given).
@@ -490,7 +516,7 @@ impl WanModel {
         }
     }
 
-    fn forward_impl(&self, latents: &Tensor, timesteps: &[f32], context: Context) -> Result<Tensor> {
+    fn forward_impl(&self, latents: &Tensor, time: Time, context: Context) -> Result<Tensor> {
         let cfg = &self.cfg;
         let [b, c, f, h, w] = *latents.shape() else {
             bail!("WanModel: latents must be [B, {}, F, H, W], got {:?}", cfg.in_channels, latents.shape());
@@ -503,8 +529,16 @@ impl WanModel {
                 latents.shape()
             );
         }
-        if timesteps.len() != b || timesteps.iter().any(|t| !t.is_finite()) {
-            bail!("WanModel: {} timesteps given for a batch of {b} (one finite t = σ·1000 each)", timesteps.len());
+        match time {
+            Time::Steps(t) if t.len() != b || t.iter().any(|t| !t.is_finite()) => {
+                bail!("WanModel: {} timesteps given for a batch of {b} (one finite t = σ·1000 each)", t.len())
+            }
+            Time::Frequencies(t) if t.shape() != [b, cfg.freq_dim] => bail!(
+                "WanModel: time frequencies must be [{b}, {}] for a batch of {b}, got {:?}",
+                cfg.freq_dim,
+                t.shape()
+            ),
+            _ => {}
         }
         match context {
             Context::Tokens(c) => {
@@ -533,8 +567,10 @@ impl WanModel {
         }
 
         // Time: e [B, D] and its six-way projection [B, 6, D].
-        let t_freq =
-            Tensor::from_vec_dtype(sinusoid(timesteps, cfg.freq_dim), &[b, cfg.freq_dim], self.device, self.dtype)?;
+        let t_freq = match time {
+            Time::Steps(t) => self.time_frequencies(t)?,
+            Time::Frequencies(t) => ops::cast(t, self.dtype)?,
+        };
         let e = self.time_embedding[1].forward(&ops::silu(&self.time_embedding[0].forward(&t_freq)?)?)?;
         let t_mod = ops::reshape(&self.time_projection.forward(&ops::silu(&e)?)?, &[b, 6, cfg.dim])?;
 
