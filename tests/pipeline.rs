@@ -368,23 +368,27 @@ fn gpu_graph_replays_match_plain_runs() {
     let clip = rand(&[b, 257, cfg.clip_dim]);
     autograd::no_grad(|| {
         let kv = model.cross_kv(&model.context(&context, Some(&clip)).unwrap()).unwrap();
-        let forward = |xt: &[Tensor]| ops::cast(&model.forward_with_cross_kv_at(&xt[0], &xt[1], &kv)?, DType::F32);
-        let mut graphed = ops::GraphedFn::new("test forward", forward);
+        let forward =
+            |xt: &[Tensor]| Ok(vec![ops::cast(&model.forward_with_cross_kv_at(&xt[0], &xt[1], &kv)?, DType::F32)?]);
+        let mut graphs = ops::GraphRunner::new("test forward", 1);
         for call in 0..4 {
             let x = rand(&[b, cfg.in_channels, 1, h, w]);
             let t = model.time_frequencies(&[900.0 - 200.0 * call as f32, 50.0 * call as f32]).unwrap();
-            let plain = forward(&[x.clone(), t.clone()]).unwrap().to_vec().unwrap();
-            let replayed = with_graphs(true, || graphed.call(&[&x, &t])).unwrap().to_vec().unwrap();
-            assert_eq!(graphed.is_recorded(), call >= 1, "recorded from the second call on");
+            let plain = forward(&[x.clone(), t.clone()]).unwrap()[0].to_vec().unwrap();
+            let replayed = with_graphs(true, || graphs.call(&[&x, &t], forward)).unwrap()[0].to_vec().unwrap();
+            assert_eq!(graphs.recorded_layouts(), usize::from(call >= 1), "recorded at the second call");
             assert!(plain.iter().all(|v| v.is_finite()));
             let differ = plain.iter().zip(&replayed).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
             assert_eq!(differ, 0, "call {call}: {differ} of {} values differ from the plain run", plain.len());
         }
-        // The recorded shapes are the only ones a replay takes.
+        // Another layout of inputs runs plainly (the runner records one at most) and
+        // gives the plain results; the recorded layout still replays after it.
         let x = rand(&[b, cfg.in_channels, 1, h, w + 2]);
         let t = model.time_frequencies(&[1.0, 2.0]).unwrap();
-        let e = with_graphs(true, || graphed.call(&[&x, &t])).unwrap_err().to_string();
-        assert!(e.contains("test forward") && e.contains("recorded for inputs"), "{e}");
+        let plain = forward(&[x.clone(), t.clone()]).unwrap()[0].to_vec().unwrap();
+        let other = with_graphs(true, || graphs.call(&[&x, &t], forward)).unwrap()[0].to_vec().unwrap();
+        assert_eq!(plain, other, "a layout past the limit");
+        assert_eq!(graphs.recorded_layouts(), 1);
     });
 
     let pipe = SynthosPipeline::demo(dev, DType::BF16, &[]).unwrap();
@@ -422,14 +426,15 @@ fn gpu_graph_recording_errors_are_clear() {
     let Some(dev) = common::gpu() else { return };
     let x = Tensor::from_vec_dtype(vec![1.0, 2.0, 3.0], &[3], dev, DType::F32).unwrap();
     autograd::no_grad(|| {
-        let mut reads = ops::GraphedFn::new("a host read", |xs: &[Tensor]| {
+        let reads = |xs: &[Tensor]| {
             let s = ops::sum_all(&xs[0])?.item()?;
-            ops::scale(&xs[0], s)
-        });
-        assert_eq!(with_graphs(true, || reads.call(&[&x])).unwrap().to_vec().unwrap(), [6.0, 12.0, 18.0]);
-        let e = with_graphs(true, || reads.call(&[&x])).unwrap_err().to_string();
-        assert!(e.contains("CUDA graph"), "{e}");
-        assert!(!reads.is_recorded());
+            Ok(vec![ops::scale(&xs[0], s)?])
+        };
+        let mut graphs = ops::GraphRunner::new("a host read", 1);
+        assert_eq!(with_graphs(true, || graphs.call(&[&x], reads)).unwrap()[0].to_vec().unwrap(), [6.0, 12.0, 18.0]);
+        let e = with_graphs(true, || graphs.call(&[&x], reads)).unwrap_err().to_string();
+        assert!(e.contains("CUDA graph") && e.contains("must not synchronise"), "{e}");
+        assert_eq!(graphs.recorded_layouts(), 0);
     });
     let y = ops::add(&x, &x).unwrap();
     assert_eq!(y.to_vec().unwrap(), [2.0, 4.0, 6.0], "the device after a failed recording");

@@ -8,7 +8,7 @@
 //! allocation that outlives the recording (a cache filled on first use) makes the second
 //! replay fail. Hence the first call of a function runs it plainly, which fills such
 //! caches, loads the kernel modules and sets the launch attributes, and only the second
-//! call records it (see `ops::GraphedFn`).
+//! call records it (see `ops::GraphRunner`).
 //!
 //! Opt-in until a GPU run has shown replays bit-identical to plain runs and faster:
 //! `SYNTHOS_CUDA_GRAPHS=1`, or [`with_graphs`].

@@ -1,134 +1,171 @@
 //! Functions of tensors that run as CUDA graphs: the sampler's DiT forward issues about
-//! a thousand launches per step, and a small model's step is nothing but launches, so
-//! replaying them with one call removes the host's share of the time.
+//! a thousand launches per step, and a small model's training step is nothing but
+//! launches, so replaying them with one call removes the host's share of the time.
 
 use crate::cuda::graph::Recorded;
 use crate::tensor::Storage;
 use crate::{autograd, bail, cuda, DType, Device, Result, Tensor};
 
-/// A function of tensors that, on a GPU with `SYNTHOS_CUDA_GRAPHS=1`, runs plainly once
-/// and is replayed as a recorded CUDA graph from its second call on. Elsewhere (the CPU,
-/// graphs off, or while the tape records, since a replay has no backward) every call
-/// runs the function.
+/// Runs a function of tensors, given anew at each call, as recorded CUDA graphs on a GPU
+/// with `SYNTHOS_CUDA_GRAPHS=1`: each layout of inputs (their shapes and element types)
+/// runs plainly the first time it is seen, is recorded the second time, and is replayed
+/// with one launch from then on. Elsewhere (the CPU, graphs off) every call runs the
+/// function.
 ///
-/// The function must give the same launches for inputs of the same shapes: the same
-/// shapes and element types at every call, no host reads or writes of device values,
-/// and nothing kept beyond the call (a replay reuses the recorded pointers, so values
-/// the function reads besides its inputs, such as weights or a cached context, are read
-/// from where they were when it was recorded and must stay there). A replay gives the
-/// same result as running the function, bit for bit.
+/// The caller's side of the bargain:
+/// - the function given for one runner is the same at every call: for inputs of one
+///   layout it issues the same launches, reads no device value on the host, uploads
+///   nothing, and keeps nothing it makes beyond the call;
+/// - whatever the function reads besides its inputs (weights, a cached context) stays in
+///   place while the runner lives: a replay reads the buffers that were read when it was
+///   recorded (in-place updates, such as the optimizer's, are seen; a tensor replaced by
+///   a new one is not);
+/// - results of a replay are the runner's own buffers, overwritten by the next call:
+///   use them before calling again, or copy them.
+///
+/// A replay gives the same results as running the function, bit for bit, for functions
+/// whose kernels are deterministic.
 ///
 /// ```
 /// use synthos_engine::{ops, Device, Tensor};
 /// let w = Tensor::from_vec(vec![2.0, 3.0], &[2], Device::Cpu)?;
-/// let mut scaled = ops::GraphedFn::new("scale", |xs: &[Tensor]| ops::mul(&xs[0], &w));
+/// let mut scaled = ops::GraphRunner::new("scale", 1);
 /// let x = Tensor::from_vec(vec![1.0, 1.0], &[2], Device::Cpu)?;
 /// for _ in 0..3 {
-///     assert_eq!(scaled.call(&[&x])?.to_vec()?, vec![2.0, 3.0]);
+///     let y = scaled.call(&[&x], |xs| Ok(vec![ops::mul(&xs[0], &w)?]))?;
+///     assert_eq!(y[0].to_vec()?, vec![2.0, 3.0]);
 /// }
 /// # Ok::<(), synthos_engine::Error>(())
 /// ```
-pub struct GraphedFn<'a> {
+pub struct GraphRunner {
     what: &'static str,
-    f: Box<TensorFn<'a>>,
-    state: State,
+    max_layouts: usize,
+    backward_inside: bool,
+    layouts: Vec<Layout>,
+    /// The buffers every recorded graph writes its results to (one set: the results have
+    /// the same shapes for every layout).
+    outputs: Vec<Tensor>,
 }
 
-/// A function of tensors to one tensor.
-type TensorFn<'a> = dyn Fn(&[Tensor]) -> Result<Tensor> + 'a;
+/// The shapes and element types of a call's inputs.
+type Signature = Vec<(Vec<usize>, DType)>;
 
-enum State {
-    /// Not yet run on a GPU with graphs on.
-    Fresh,
-    /// Run once plainly (caches filled, modules loaded): the next call records. The
-    /// output's shape and type.
-    WarmedUp(Vec<usize>, DType),
-    /// Recorded: the graph reads its inputs from, and writes its output to, these.
-    Recorded { inputs: Vec<Tensor>, output: Tensor, graph: Recorded },
+struct Layout {
+    signature: Signature,
+    /// `None` until the layout's second call records it: then the graph, and the buffers
+    /// it reads its inputs from.
+    recorded: Option<(Recorded, Vec<Tensor>)>,
 }
 
-impl<'a> GraphedFn<'a> {
-    /// Wraps `f`; `what` names it in errors.
-    pub fn new(what: &'static str, f: impl Fn(&[Tensor]) -> Result<Tensor> + 'a) -> Self {
-        GraphedFn { what, f: Box::new(f), state: State::Fresh }
+impl GraphRunner {
+    /// A runner for a function without a backward (inference: run under
+    /// [`autograd::no_grad`]; while the tape records, calls run plainly, since a replay's
+    /// results carry no backward). `what` names it in errors; at most `max_layouts` input
+    /// layouts are recorded (each keeps its graph's working memory), others run plainly.
+    pub fn new(what: &'static str, max_layouts: usize) -> Self {
+        GraphRunner { what, max_layouts, backward_inside: false, layouts: Vec::new(), outputs: Vec::new() }
     }
 
-    /// True once a graph has been recorded (later calls replay it).
-    pub fn is_recorded(&self) -> bool {
-        matches!(self.state, State::Recorded { .. })
+    /// A runner for a function that runs its own backward pass (a training step: the loss,
+    /// its backward, and the gradients among the results), recorded whether or not the
+    /// tape records outside it.
+    pub fn with_backward_inside(what: &'static str, max_layouts: usize) -> Self {
+        GraphRunner { backward_inside: true, ..GraphRunner::new(what, max_layouts) }
     }
 
-    /// `f(inputs)`: run, or replayed with the new input values (then the result is a
-    /// fresh tensor, not the graph's own output buffer).
-    pub fn call(&mut self, inputs: &[&Tensor]) -> Result<Tensor> {
+    /// Number of input layouts recorded so far.
+    pub fn recorded_layouts(&self) -> usize {
+        self.layouts.iter().filter(|l| l.recorded.is_some()).count()
+    }
+
+    /// `f(inputs)`: run plainly, recorded, or replayed with the new input values (see the
+    /// type's documentation for what `f` must keep to).
+    pub fn call(
+        &mut self,
+        inputs: &[&Tensor],
+        f: impl FnOnce(&[Tensor]) -> Result<Vec<Tensor>>,
+    ) -> Result<Vec<Tensor>> {
         if inputs.is_empty() {
             bail!("{}: called without inputs", self.what);
         }
         let device = super::same_device(self.what, inputs)?;
-        let Device::Cuda(ordinal) = device else { return self.run(inputs) };
-        if autograd::is_recording() || !cuda::graph::graphs_enabled()? {
-            return self.run(inputs);
+        let plain = |f: &mut dyn FnMut(&[Tensor]) -> Result<Vec<Tensor>>| {
+            let owned: Vec<Tensor> = inputs.iter().map(|&t| t.clone()).collect();
+            f(&owned)
+        };
+        let mut f = Some(f);
+        let mut run_plain = |inputs: &[Tensor]| match f.take() {
+            Some(f) => f(inputs),
+            None => bail!("graph runner: function called twice"),
+        };
+        let Device::Cuda(ordinal) = device else { return plain(&mut run_plain) };
+        if (autograd::is_recording() && !self.backward_inside) || !cuda::graph::graphs_enabled()? {
+            return plain(&mut run_plain);
         }
-        match std::mem::replace(&mut self.state, State::Fresh) {
-            State::Fresh => {
-                let y = self.run(inputs)?;
-                self.state = State::WarmedUp(y.shape().to_vec(), y.dtype());
-                Ok(y)
+        let signature: Signature = inputs.iter().map(|t| (t.shape().to_vec(), t.dtype())).collect();
+        let Some(at) = self.layouts.iter().position(|l| l.signature == signature) else {
+            // A new layout runs plainly; it is recorded when it comes again.
+            let ys = plain(&mut run_plain)?;
+            if self.layouts.len() < self.max_layouts {
+                self.check_outputs(&ys)?;
+                self.layouts.push(Layout { signature, recorded: None });
             }
-            State::WarmedUp(shape, dtype) => {
-                let dev = cuda::device(ordinal)?;
-                let statics = inputs.iter().map(|t| t.deep_copy()).collect::<Result<Vec<_>>>()?;
-                let output = Tensor::from_storage(
-                    Storage::Cuda(cuda::CudaStorage {
-                        buf: dev.alloc(crate::tensor::numel(&shape), dtype)?,
-                        dev: dev.clone(),
-                    }),
-                    &shape,
-                )?;
-                let graph = dev.record(|| {
-                    let y = (self.f)(&statics)?;
-                    if y.shape() != output.shape() || y.dtype() != output.dtype() {
-                        bail!(
-                            "{}: gave {:?} {} when recorded, {:?} {} when run",
-                            self.what,
-                            y.shape(),
-                            y.dtype(),
-                            output.shape(),
-                            output.dtype()
-                        );
-                    }
-                    output.assign(&y)
-                })?;
-                self.state = State::Recorded { inputs: statics, output, graph };
-                self.replay(inputs)
+            return Ok(ys);
+        };
+        if self.layouts[at].recorded.is_none() {
+            let dev = cuda::device(ordinal)?;
+            if self.outputs.is_empty() {
+                return Err(crate::Error::msg(format!("{}: recorded without results", self.what)));
             }
-            recorded => {
-                self.state = recorded;
-                self.replay(inputs)
-            }
+            let statics = inputs.iter().map(|t| t.deep_copy()).collect::<Result<Vec<_>>>()?;
+            let outputs = &self.outputs;
+            let what = self.what;
+            let graph = dev.record(|| {
+                let ys = run_plain(&statics)?;
+                check_same(what, &ys, outputs)?;
+                for (o, y) in outputs.iter().zip(&ys) {
+                    o.assign(y)?;
+                }
+                Ok(())
+            })?;
+            self.layouts[at].recorded = Some((graph, statics));
         }
-    }
-
-    fn run(&self, inputs: &[&Tensor]) -> Result<Tensor> {
-        let owned: Vec<Tensor> = inputs.iter().map(|&t| t.clone()).collect();
-        (self.f)(&owned)
-    }
-
-    fn replay(&self, inputs: &[&Tensor]) -> Result<Tensor> {
-        let State::Recorded { inputs: statics, output, graph } = &self.state else {
+        let Some((graph, statics)) = &self.layouts[at].recorded else {
             bail!("{}: replayed before it was recorded", self.what);
         };
-        if statics.len() != inputs.len()
-            || statics.iter().zip(inputs).any(|(s, t)| s.shape() != t.shape() || s.dtype() != t.dtype())
-        {
-            let had: Vec<_> = statics.iter().map(|t| (t.shape().to_vec(), t.dtype())).collect();
-            let got: Vec<_> = inputs.iter().map(|t| (t.shape().to_vec(), t.dtype())).collect();
-            bail!("{}: recorded for inputs {had:?}, called with {got:?}", self.what);
-        }
         for (s, t) in statics.iter().zip(inputs) {
             s.assign(t)?;
         }
         graph.replay()?;
-        output.deep_copy()
+        Ok(self.outputs.clone())
     }
+
+    /// Keeps buffers shaped like the first results, or checks new ones against them.
+    fn check_outputs(&mut self, ys: &[Tensor]) -> Result<()> {
+        if !self.outputs.is_empty() {
+            return check_same(self.what, ys, &self.outputs);
+        }
+        if ys.is_empty() {
+            bail!("{}: the function gave no result", self.what);
+        }
+        self.outputs = ys
+            .iter()
+            .map(|y| {
+                let st = y.storage();
+                let c = st.as_cuda()?;
+                let buf = c.dev.alloc(y.numel(), y.dtype())?;
+                Tensor::from_storage(Storage::Cuda(cuda::CudaStorage { dev: c.dev.clone(), buf }), y.shape())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(())
+    }
+}
+
+/// Checks that results `ys` have the shapes and types of `outputs`.
+fn check_same(what: &str, ys: &[Tensor], outputs: &[Tensor]) -> Result<()> {
+    let sig = |ts: &[Tensor]| ts.iter().map(|t| (t.shape().to_vec(), t.dtype())).collect::<Vec<_>>();
+    if sig(ys) != sig(outputs) {
+        bail!("{what}: the results differ in shape between calls: {:?}, then {:?}", sig(outputs), sig(ys));
+    }
+    Ok(())
 }

@@ -148,19 +148,21 @@ impl SynthosPipeline {
         let kv = self.dit.cross_kv(&context)?;
         // The guided velocity of latents x at time frequencies t: the same launches at
         // every step, so on a GPU it can be replayed as one CUDA graph (SYNTHOS_CUDA_GRAPHS).
-        let mut velocity = ops::GraphedFn::new("the sampler's guided velocity", |xt: &[Tensor]| {
+        let velocity = |xt: &[Tensor]| -> Result<Vec<Tensor>> {
             let input = if guided { ops::concat(&[&xt[0], &xt[0]], 0)? } else { xt[0].clone() };
             let v = ops::cast(&self.dit.forward_with_cross_kv_at(&input, &xt[1], &kv)?, DType::F32)?;
             if !guided {
-                return Ok(v);
+                return Ok(vec![v]);
             }
             let halves = ops::split(&v, 0, &[b, b])?;
             let diff = ops::sub(&halves[0], &halves[1])?;
-            ops::add(&halves[1], &ops::scale(&diff, opts.cfg_scale)?)
-        });
+            Ok(vec![ops::add(&halves[1], &ops::scale(&diff, opts.cfg_scale)?)?])
+        };
+        let mut graphs = ops::GraphRunner::new("the sampler's guided velocity", 1);
         for (i, &sigma) in sigmas.iter().enumerate() {
             let t = self.dit.time_frequencies(&vec![crate::schedule::timestep(sigma) as f32; branches])?;
-            let v = velocity.call(&[&x, &t])?;
+            // (The runner's own buffer when replayed: used before the next step's call.)
+            let v = graphs.call(&[&x, &t], velocity)?.swap_remove(0);
             let dt = (next_sigma(&sigmas, i) - sigma) as f32;
             x = ops::add(&x, &ops::scale(&v, dt)?)?;
             progress(i + 1, opts.steps);

@@ -498,7 +498,7 @@ impl WanModel {
     /// [`WanModel::forward_with_cross_kv`] with the timesteps given as their frequencies
     /// ([`WanModel::time_frequencies`]): the same result, and no host data enters the
     /// forward, so that it can be recorded once and replayed as a CUDA graph
-    /// (`ops::GraphedFn`).
+    /// (`ops::GraphRunner`).
     pub fn forward_with_cross_kv_at(&self, latents: &Tensor, time_freq: &Tensor, kv: &CrossKv) -> Result<Tensor> {
         self.forward_impl(latents, Time::Frequencies(time_freq), Context::KeysValues(kv))
     }
