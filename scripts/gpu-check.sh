@@ -125,8 +125,10 @@ gate ops_conv gpu_im2col_by_rows_matches_the_element_kernel "[rows]"
 gate optim gpu_split_masters_match_fp32_masters "SPLIT_MASTER"  # no bench case: the stage below
 gate pipeline gpu_graph_replays_match_plain_runs "[graphs]"
 gate pipeline gpu_graph_recording_errors_are_clear "[graphs]"
+gate train gpu_training_steps_replayed_as_graphs_match "[graphs]"
 # The demos run with CUDA graphs when their tests passed (the bench times both ways:
-# "sample[graphs] demo ..." beside "sample demo ...").
+# "sample[graphs] demo ..." beside "sample demo ...", "train step[graphs] demo ..." beside
+# "train step demo ...").
 DEMO_ENV=()
 if [ "${SKIP_TESTS:-0}" != 1 ] && [ -z "${TEST_FILTER:-}" ] && [[ "${BENCH_SKIP[*]-}" != *"[graphs]"* ]]; then
   DEMO_ENV=(SYNTHOS_CUDA_GRAPHS=1)

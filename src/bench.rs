@@ -644,6 +644,13 @@ pub fn model_cases(device: Device, size: Size) -> Vec<LazyCase> {
             build: Box::new(move || demo_train_step_case(device)),
         },
     ];
+    if device.is_cuda() {
+        v.push(LazyCase {
+            family: "model",
+            name: demo_train_step_graphs_name(),
+            build: Box::new(move || demo_train_step_graphs_case(device)),
+        });
+    }
     let (clip_preset, clip_batch) = match size {
         Size::Full => ("synthclip-vit-b16", 256),
         Size::Small => ("tiny", 64),
@@ -869,6 +876,11 @@ pub fn demo_train_step_name() -> String {
     format!("train step demo {side}x{side} b{}", crate::train::TrainConfig::demo().batch_size)
 }
 
+/// [`demo_train_step_name`] of the step replayed as CUDA graphs: `train step[graphs] demo …`.
+pub fn demo_train_step_graphs_name() -> String {
+    demo_train_step_name().replacen("train step", "train step[graphs]", 1)
+}
+
 /// One optimizer step of the built-in demo (`synthos-engine train` with no arguments):
 /// the demo pipeline ([`crate::pipeline::SynthosPipeline::demo`]: random demo DiT, frozen
 /// tiny umT5 and CLIP, pixel codec) trained by [`crate::train::TrainConfig::demo`] — 64×64,
@@ -877,6 +889,16 @@ pub fn demo_train_step_name() -> String {
 /// fills the encoder cache and every timed step reads it, as the demo run does after its
 /// first epoch. Runs the same on every device and `Size` (f32 on the CPU).
 pub fn demo_train_step_case(device: Device) -> Result<BenchCase> {
+    demo_train_step_case_named(device, demo_train_step_name())
+}
+
+/// [`demo_train_step_case`] with its loss and backward pass replayed as CUDA graphs
+/// (`SYNTHOS_CUDA_GRAPHS=1`; the update stays outside the graph).
+pub fn demo_train_step_graphs_case(device: Device) -> Result<BenchCase> {
+    demo_train_step_case_named(device, demo_train_step_graphs_name())
+}
+
+fn demo_train_step_case_named(device: Device, name: String) -> Result<BenchCase> {
     use crate::pipeline::{demo, SynthosPipeline};
     use crate::train::{TrainConfig, Trainer};
     let demo_cfg = TrainConfig::demo();
@@ -904,7 +926,7 @@ pub fn demo_train_step_case(device: Device) -> Result<BenchCase> {
     // forward + backward (2×), no recompute; every sample counted with the image tokens
     // (the ~10% whose image is dropped attend over the text rows only).
     let flops = 3.0 * batch as f64 * dit_forward_flops(&dit_cfg, tokens, clip_tokens + dit_cfg.text_len);
-    Ok(train_case(demo_train_step_name(), flops, flops, batch, trainer, dir))
+    Ok(train_case(name, flops, flops, batch, trainer, dir))
 }
 
 /// A `model` case timing `trainer.train_step()` on `batch` samples, keeping the
@@ -917,6 +939,7 @@ fn train_case(
     mut trainer: crate::train::Trainer,
     dir: ScratchDir,
 ) -> BenchCase {
+    let graphs = name.contains("[graphs]");
     BenchCase {
         family: "model",
         name,
@@ -926,7 +949,8 @@ fn train_case(
         model: Some(ModelWork { samples: batch, model_flops }),
         run: Box::new(move || {
             let _keep = &dir;
-            trainer.train_step().map(|_| ())
+            // A case named `…[graphs]…` runs with CUDA graphs, the others without.
+            cuda::graph::with_graphs(graphs, || trainer.train_step().map(|_| ()))
         }),
     }
 }

@@ -154,7 +154,16 @@ impl Tensor {
 
     /// A tensor filled with `value`.
     pub fn full(shape: &[usize], value: f32, dtype: DType, device: Device) -> Result<Tensor> {
-        Tensor::from_vec_dtype(vec![value; numel(shape)], shape, device, dtype)
+        match device {
+            Device::Cpu => Tensor::from_vec_dtype(vec![value; numel(shape)], shape, device, dtype),
+            // Set on the device (no host copy: the backward pass's seed inside a
+            // training step recorded as a CUDA graph).
+            Device::Cuda(i) => {
+                let dev = crate::cuda::device(i)?;
+                let buf = dev.filled(numel(shape), dtype, value)?;
+                Tensor::from_storage(Storage::Cuda(CudaStorage { dev, buf }), shape)
+            }
+        }
     }
 
     /// Standard normal values scaled by `std`, from a seeded generator (identical on every

@@ -146,6 +146,23 @@ fn clamp_forward_and_gradient() {
 /// (dtype, atol, rtol) for the GPU checks: bf16 tolerances are a few bf16 ulps.
 const DTYPES: [(DType, f32, f32); 2] = PARITY_DTYPES;
 
+/// `Tensor::full` on the GPU is a device memset: every element is the value (rounded to
+/// nearest in bf16), at sizes whose tails are not a multiple of anything.
+#[test]
+fn gpu_full_sets_every_element() {
+    let Some(dev) = gpu() else { return };
+    for n in [1usize, 7, 1_000_003] {
+        for value in [1.0f32, -2.5, 1.0 / 3.0] {
+            let f = Tensor::full(&[n], value, DType::F32, dev).unwrap().to_vec().unwrap();
+            assert!(f.iter().all(|&v| v.to_bits() == value.to_bits()), "f32 {value} x {n}");
+            let b = Tensor::full(&[n], value, DType::BF16, dev).unwrap().to_vec().unwrap();
+            let want = half::bf16::from_f32(value).to_f32();
+            assert!(b.iter().all(|&v| v.to_bits() == want.to_bits()), "bf16 {value} x {n}");
+        }
+    }
+    assert_eq!(Tensor::full(&[], 4.0, DType::F32, dev).unwrap().item().unwrap(), 4.0);
+}
+
 #[test]
 fn gpu_activations_match_cpu() {
     let Some(dev) = gpu() else { return };

@@ -407,3 +407,51 @@ fn gpu_optimizer_inside_the_backward_pass_matches() {
     }
     std::fs::remove_dir_all(base).unwrap();
 }
+
+/// CUDA graphs (`SYNTHOS_CUDA_GRAPHS=1`): a training step whose loss and backward pass are
+/// replayed as a recorded graph moves every weight as the plain step does (to within the
+/// rounding the default attention backward's atomics leave run to run), with one input
+/// layout (no dropout: every step after the second replays) and with the demo's dropout
+/// (the batch's groups vary in size, so several layouts are recorded). GPU only.
+#[test]
+fn gpu_training_steps_replayed_as_graphs_match() {
+    use synthos_engine::cuda::graph::with_graphs;
+    let Some(dev) = common::gpu() else { return };
+    let base = common::temp_dir("gpu-train-graphs");
+    for dropout in [0.0, 0.1] {
+        let run = |name: &str, graphs: bool| {
+            let cfg = TrainConfig {
+                text_dropout: dropout,
+                image_dropout: dropout,
+                log_metrics: false,
+                ..small(&base.join(format!("{name}-{dropout}")))
+            };
+            let mut t = Trainer::new(SynthosPipeline::demo(dev, DType::BF16, &[]).unwrap(), cfg).unwrap();
+            t.set_quiet(true);
+            let start = param_values(&t);
+            let losses: Vec<f64> =
+                with_graphs(graphs, || (0..8).map(|_| t.train_step().unwrap().loss).collect::<Vec<_>>());
+            (start, param_values(&t), losses, t.recorded_step_graphs())
+        };
+        let (start, plain, plain_losses, none) = run("plain", false);
+        let (_, graphed, graphed_losses, recorded) = run("graphs", true);
+        assert_eq!(none, 0);
+        assert!(recorded >= 1, "dropout {dropout}: no step was recorded");
+        if dropout == 0.0 {
+            assert_eq!(recorded, 1, "one input layout");
+        }
+        for (i, (a, b)) in plain_losses.iter().zip(&graphed_losses).enumerate() {
+            assert!(a.is_finite() && (a - b).abs() <= 0.02 * a.abs().max(1e-3), "step {}: loss {a} vs {b}", i + 1);
+        }
+        for (((name, s), (_, a)), (_, g)) in start.iter().zip(&plain).zip(&graphed) {
+            assert!(a != s && g != s, "{name}: not updated");
+            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
+            let worst = a.iter().zip(g).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                worst <= 0.02 * scale,
+                "dropout {dropout}, {name}: largest difference {worst} (values up to {scale})"
+            );
+        }
+    }
+    std::fs::remove_dir_all(base).unwrap();
+}

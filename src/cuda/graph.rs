@@ -41,6 +41,12 @@ pub struct Recorded {
     graph: Option<CudaGraph>,
 }
 
+// SAFETY: a graph and its executable may be used from any thread as long as no two
+// threads use them at once (the driver's rule); `Recorded` is not `Sync`, and its owner
+// moves it between threads only whole (a training step run on a pool thread), so every
+// use is serialised. Each driver call binds the context to the calling thread first.
+unsafe impl Send for Recorded {}
+
 impl Recorded {
     /// Issues every recorded launch again (asynchronously, in stream order).
     pub fn replay(&self) -> Result<()> {

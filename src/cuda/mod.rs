@@ -387,6 +387,25 @@ impl CudaDevice {
         })
     }
 
+    /// Allocates `n` elements of `dtype`, each `value` (rounded to nearest for bf16), set by
+    /// a device memset: no host copy, so that it can be recorded in a CUDA graph.
+    pub fn filled(&self, n: usize, dtype: DType, value: f32) -> Result<CudaBuf> {
+        use cudarc::driver::sys;
+        let buf = self.alloc(n, dtype)?;
+        let (addr, len, stream) = (buf.device_addr(&self.stream), buf.len(), self.stream.cu_stream());
+        self.ctx.bind_to_thread()?;
+        // SAFETY: `addr` is a live allocation of `len` elements of the memset's width on
+        // this stream; the bits are a valid f32 / bf16 value.
+        let r = unsafe {
+            match dtype {
+                DType::F32 => sys::cuMemsetD32Async(addr, value.to_bits(), len, stream),
+                DType::BF16 => sys::cuMemsetD16Async(addr, bf16::from_f32(value).to_bits(), len, stream),
+            }
+        };
+        r.result()?;
+        Ok(buf)
+    }
+
     /// Copies host f32 data to a new buffer of `dtype` (rounding to nearest for bf16).
     pub fn upload(&self, data: &[f32], dtype: DType) -> Result<CudaBuf> {
         Ok(match dtype {

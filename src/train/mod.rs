@@ -12,6 +12,6 @@ mod trainer;
 
 pub use cache::{Encoded, EncoderCache};
 pub use config::{CacheMode, CheckpointKeep, LrSchedule, TrainConfig};
-pub use loss::{flow_matching_loss, flow_matching_loss_sum};
+pub use loss::{flow_matching_loss, flow_matching_loss_sum, flow_matching_loss_sum_at, FlowMatchingTimes};
 pub use run_loop::{check_run_folder, LoopSettings, RunLoop, StepStats, TrainSummary, TrainTask, RESUME_FILE};
 pub use trainer::{memory_in_use, Trainer};

@@ -161,6 +161,18 @@ pub trait TrainTask {
     /// by 1/`n_step` (the samples of the whole step) so that accumulated gradients are
     /// those of the step's mean loss. Recorded on the tape.
     fn micro_loss(&mut self, step: u64, micro: usize, indices: &[usize], n_step: usize) -> Result<Tensor>;
+    /// The device inputs of [`TrainTask::micro_loss`]: every host value the loss needs,
+    /// uploaded, so that [`TrainTask::loss_from_inputs`] issues launches only and a step
+    /// can be recorded as a CUDA graph (`SYNTHOS_CUDA_GRAPHS=1`). The default, no inputs,
+    /// keeps the task's steps plain.
+    fn micro_inputs(&mut self, _step: u64, _micro: usize, _indices: &[usize], _n_step: usize) -> Result<Vec<Tensor>> {
+        Ok(Vec::new())
+    }
+    /// The loss of the micro-batch whose inputs [`TrainTask::micro_inputs`] gave: the
+    /// value and the tape of [`TrainTask::micro_loss`].
+    fn loss_from_inputs(&self, _inputs: &[Tensor]) -> Result<Tensor> {
+        bail!("this task's loss is not computed from device inputs")
+    }
     /// Writes the trained weights (atomically) to `path`.
     fn save_weights(&self, path: &Path) -> Result<()>;
     /// Writes validation outputs for step `step`; returns the files written.
@@ -227,7 +239,17 @@ pub struct RunLoop {
     metrics: Option<MetricsWriter>,
     last_checkpoint: Option<PathBuf>,
     quiet: bool,
+    /// The step from device inputs, recorded as CUDA graphs (`SYNTHOS_CUDA_GRAPHS=1`).
+    graphs: ops::GraphRunner,
+    /// Per layout of a step's inputs, the parameters (by registration index) that get a
+    /// gradient: what a replay's results are the gradients of.
+    graph_params: HashMap<Vec<(Vec<usize>, crate::DType)>, Vec<usize>>,
 }
+
+/// Input layouts of a step recorded as CUDA graphs (with image dropout, a batch splits
+/// into groups whose sizes vary from step to step; each recorded layout keeps its graph's
+/// working memory, so the rarer ones run plainly).
+const STEP_GRAPH_LAYOUTS: usize = 4;
 
 impl RunLoop {
     /// A loop training `params` (every one decayed) over a dataset of `dataset_len`
@@ -296,7 +318,15 @@ impl RunLoop {
             metrics: None,
             last_checkpoint: None,
             quiet: false,
+            graphs: ops::GraphRunner::with_backward_inside("the training step", STEP_GRAPH_LAYOUTS),
+            graph_params: HashMap::new(),
         })
+    }
+
+    /// Input layouts of the step recorded as CUDA graphs so far
+    /// (steps whose task gives device inputs, [`TrainTask::micro_inputs`]).
+    pub fn recorded_step_graphs(&self) -> usize {
+        self.graphs.recorded_layouts()
     }
 
     /// Restores the resume state (with `resume`) and opens the metrics file.
@@ -389,6 +419,13 @@ impl RunLoop {
             let (loss_total, grad_norm) = self.streamed_step(task, step, &batches, n_samples, lr)?;
             return self.finish_step(task, t0, epoch, loss_total, grad_norm, lr, n_samples);
         }
+        if let [indices] = batches.as_slice() {
+            let inputs = task.micro_inputs(step, 0, indices, n_samples)?;
+            if !inputs.is_empty() {
+                let (loss_total, grad_norm) = self.step_from_inputs(task, step, &inputs, lr)?;
+                return self.finish_step(task, t0, epoch, loss_total, grad_norm, lr, n_samples);
+            }
+        }
         let mut grads: Option<Gradients> = None;
         let mut losses = Vec::with_capacity(batches.len());
         for (m, indices) in batches.iter().enumerate() {
@@ -415,6 +452,54 @@ impl RunLoop {
         let scale = self.settings.max_grad_norm.map_or(1.0, |m| clip_coefficient(grad_norm as f32, m));
         self.opt.step(&grads, lr as f32, scale)?;
         self.finish_step(task, t0, epoch, loss_total, grad_norm, lr, n_samples)
+    }
+
+    /// A step of one micro-batch whose loss the task computes from device inputs
+    /// ([`TrainTask::micro_inputs`]): the loss and its backward pass run through the loop's
+    /// [`ops::GraphRunner`] (replayed as a CUDA graph from the second step of an input
+    /// layout on, with `SYNTHOS_CUDA_GRAPHS=1` on a GPU; plainly elsewhere), then the
+    /// update runs as in [`RunLoop::train_step`]. Returns (loss, gradient norm).
+    fn step_from_inputs(&mut self, task: &impl TrainTask, step: u64, inputs: &[Tensor], lr: f64) -> Result<(f64, f64)> {
+        let epoch = step / self.steps_per_epoch;
+        let params = self.opt.params();
+        let layout: Vec<_> = inputs.iter().map(|t| (t.shape().to_vec(), t.dtype())).collect();
+        let mut present_now = None;
+        let refs: Vec<&Tensor> = inputs.iter().collect();
+        let results = self.graphs.call(&refs, |xs| {
+            let loss = task.loss_from_inputs(xs)?;
+            let grads = autograd::backward(&loss)?;
+            // Nothing recorded outlives the step (nor, when recorded, the graph).
+            autograd::clear_tape();
+            let mut out = vec![loss];
+            let mut present = Vec::new();
+            for (i, p) in params.iter().enumerate() {
+                if let Some(g) = grads.get(p) {
+                    present.push(i);
+                    out.push(g.clone());
+                }
+            }
+            present_now = Some(present);
+            Ok(out)
+        })?;
+        if let Some(present) = present_now {
+            self.graph_params.insert(layout.clone(), present);
+        }
+        let present = self.graph_params.get(&layout).ok_or_else(|| {
+            Error::msg(format!("step {}: a replayed training step whose gradients are not known", step + 1))
+        })?;
+        let (loss, grads) = results.split_first().ok_or_else(|| Error::msg("the training step gave no loss"))?;
+        if grads.len() != present.len() {
+            bail!("step {}: {} gradients for {} parameters", step + 1, grads.len(), present.len());
+        }
+        let loss_total = loss.item()? as f64;
+        let grad_list: Vec<&Tensor> = grads.iter().collect();
+        let grad_norm = ops::sum_squares(&grad_list)?.sqrt() as f32 as f64;
+        self.check_finite(step, epoch, loss_total, grad_norm, "The weights were not updated")?;
+        let scale = self.settings.max_grad_norm.map_or(1.0, |m| clip_coefficient(grad_norm as f32, m));
+        let items: Vec<(usize, &Tensor)> = present.iter().copied().zip(grads).collect();
+        self.opt.update_params(&items, lr as f32, scale)?;
+        self.opt.end_step();
+        Ok((loss_total, grad_norm))
     }
 
     /// The step's single backward pass with each parameter updated as soon as its

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use super::cache::{Encoded, EncoderCache};
 use super::config::{CacheMode, TrainConfig};
-use super::loss::flow_matching_loss_sum;
+use super::loss::{flow_matching_loss_sum_at, FlowMatchingTimes};
 use crate::data::{demo as demo_data, DatasetOptions, SynthosDataset};
 use crate::fsutil::write_atomic;
 use crate::image::resize::resize_cover_crop;
@@ -189,6 +189,12 @@ impl Trainer {
         self.task.cache.hits()
     }
 
+    /// Input layouts of the step recorded as CUDA graphs so far (0 unless
+    /// `SYNTHOS_CUDA_GRAPHS=1` on a GPU; see [`crate::ops::GraphRunner`]).
+    pub fn recorded_step_graphs(&self) -> usize {
+        self.run.recorded_step_graphs()
+    }
+
     /// The trainable parameters by name.
     pub fn params(&self) -> &[NamedParam] {
         self.run.params()
@@ -299,6 +305,14 @@ impl TrainTask for SynthosTask {
     }
 
     fn micro_loss(&mut self, step: u64, micro: usize, indices: &[usize], n_step: usize) -> Result<Tensor> {
+        let inputs = self.micro_inputs(step, micro, indices, n_step)?;
+        self.loss_from_inputs(&inputs)
+    }
+
+    /// Per group (with the image, then without; an empty group is left out): x0, noise,
+    /// σ, 1 − σ, the time frequencies, w(t), the text rows, and the CLIP tokens for the
+    /// group with the image; then 1/`n_step` as a one-element tensor.
+    fn micro_inputs(&mut self, step: u64, micro: usize, indices: &[usize], n_step: usize) -> Result<Vec<Tensor>> {
         let dev = self.pipe.device();
         let dcfg = self.pipe.dit.config().clone();
         let f = self.pipe.codec.factor();
@@ -334,29 +348,55 @@ impl TrainTask for SynthosTask {
                 g.clip.extend_from_slice(&enc.clip);
             }
         }
-        let mut total: Option<Tensor> = None;
+        let mut inputs = Vec::new();
         for (dropped, g) in groups.into_iter().enumerate() {
             let b = g.idx.len();
             if b == 0 {
                 continue;
             }
-            let x0 = Tensor::from_vec(g.x0, &[b, c, 1, h, w], dev)?;
-            let noise = Tensor::from_vec(g.noise, &[b, c, 1, h, w], dev)?;
-            let text = Tensor::from_vec(g.text, &[b, l, d], dev)?;
-            let clip = if dropped == 0 {
+            inputs.push(Tensor::from_vec(g.x0, &[b, c, 1, h, w], dev)?);
+            inputs.push(Tensor::from_vec(g.noise, &[b, c, 1, h, w], dev)?);
+            let t = FlowMatchingTimes::new(&self.pipe.dit, &self.schedule, &g.idx, dev)?;
+            inputs.extend([t.sigma, t.keep, t.frequencies, t.weight]);
+            inputs.push(Tensor::from_vec(g.text, &[b, l, d], dev)?);
+            if dropped == 0 {
                 let n = g.clip.len() / (b * dcfg.clip_dim);
-                Some(Tensor::from_vec(g.clip, &[b, n, dcfg.clip_dim], dev)?)
-            } else {
-                None
+                inputs.push(Tensor::from_vec(g.clip, &[b, n, dcfg.clip_dim], dev)?);
+            }
+        }
+        if inputs.is_empty() {
+            bail!("empty micro-batch");
+        }
+        inputs.push(Tensor::from_vec(vec![1.0 / n_step as f32], &[1], dev)?);
+        Ok(inputs)
+    }
+
+    fn loss_from_inputs(&self, inputs: &[Tensor]) -> Result<Tensor> {
+        // Groups of 8 tensors (with the image) or 7 (without), in that order, then 1/n.
+        let (groups, inv_n) = inputs.split_at(inputs.len().saturating_sub(1));
+        let parts: Vec<(&[Tensor], bool)> = match groups.len() {
+            15 => vec![(&groups[..8], true), (&groups[8..], false)],
+            8 => vec![(groups, true)],
+            7 => vec![(groups, false)],
+            n => bail!("the Synthos loss takes 7, 8 or 15 group inputs, got {n}"),
+        };
+        let mut total: Option<Tensor> = None;
+        for (g, with_image) in parts {
+            let t = FlowMatchingTimes {
+                sigma: g[2].clone(),
+                keep: g[3].clone(),
+                frequencies: g[4].clone(),
+                weight: g[5].clone(),
             };
-            let s = flow_matching_loss_sum(&self.pipe.dit, &self.schedule, &x0, &noise, &g.idx, &text, clip.as_ref())?;
+            let clip = if with_image { Some(&g[7]) } else { None };
+            let s = flow_matching_loss_sum_at(&self.pipe.dit, &g[0], &g[1], &t, &g[6], clip)?;
             total = Some(match total {
                 Some(t) => ops::add(&t, &s)?,
                 None => s,
             });
         }
         let total = total.ok_or_else(|| Error::msg("empty micro-batch"))?;
-        ops::scale(&total, 1.0 / n_step as f32)
+        ops::mul(&total, &ops::reshape(&inv_n[0], &[])?)
     }
 
     fn save_weights(&self, path: &Path) -> Result<()> {

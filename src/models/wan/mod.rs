@@ -458,6 +458,20 @@ impl WanModel {
         self.forward_with_context(latents, timesteps, &context)
     }
 
+    /// [`WanModel::forward`] with the timesteps given as their frequencies
+    /// ([`WanModel::time_frequencies`]): the same result, with no host data entering the
+    /// forward (a training step recorded as a CUDA graph).
+    pub fn forward_at(
+        &self,
+        latents: &Tensor,
+        time_freq: &Tensor,
+        text: &Tensor,
+        clip_tokens: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let context = self.context(text, clip_tokens)?;
+        self.forward_impl(latents, Time::Frequencies(time_freq), Context::Tokens(&context))
+    }
+
     /// [`WanModel::forward`] with a context made by [`WanModel::context`] (which the
     /// sampler reuses across steps).
     pub fn forward_with_context(&self, latents: &Tensor, timesteps: &[f32], context: &Tensor) -> Result<Tensor> {
