@@ -389,6 +389,22 @@ fn gpu_graph_replays_match_plain_runs() {
         let other = with_graphs(true, || graphs.call(&[&x, &t], forward)).unwrap()[0].to_vec().unwrap();
         assert_eq!(plain, other, "a layout past the limit");
         assert_eq!(graphs.recorded_layouts(), 1);
+
+        // Two input layouts whose results differ in shape: each recorded with its own
+        // result buffers, each replay right.
+        let double = |xs: &[Tensor]| Ok(vec![ops::scale(&xs[0], 2.0)?, ops::sum_all(&xs[0])?]);
+        let mut two = ops::GraphRunner::new("two layouts", 2);
+        for round in 0..3 {
+            for n in [3usize, 5] {
+                let v: Vec<f32> = (0..n).map(|i| (i + round) as f32).collect();
+                let x = Tensor::from_vec_dtype(v.clone(), &[n], dev, DType::F32).unwrap();
+                let ys = with_graphs(true, || two.call(&[&x], double)).unwrap();
+                let want: Vec<f32> = v.iter().map(|a| 2.0 * a).collect();
+                assert_eq!(ys[0].to_vec().unwrap(), want, "round {round}, n {n}");
+                assert_eq!(ys[1].item().unwrap(), v.iter().sum::<f32>(), "round {round}, n {n}");
+            }
+        }
+        assert_eq!(two.recorded_layouts(), 2);
     });
 
     let pipe = SynthosPipeline::demo(dev, DType::BF16, &[]).unwrap();

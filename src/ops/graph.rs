@@ -42,9 +42,9 @@ pub struct GraphRunner {
     max_layouts: usize,
     backward_inside: bool,
     layouts: Vec<Layout>,
-    /// The buffers every recorded graph writes its results to (one set: the results have
-    /// the same shapes for every layout).
-    outputs: Vec<Tensor>,
+    /// The buffers recorded graphs write their results to: one set per layout of the
+    /// results, shared by the input layouts that give it.
+    outputs: Vec<Vec<Tensor>>,
 }
 
 /// The shapes and element types of a call's inputs.
@@ -52,6 +52,8 @@ type Signature = Vec<(Vec<usize>, DType)>;
 
 struct Layout {
     signature: Signature,
+    /// Which set of [`GraphRunner::outputs`] its graph writes.
+    outputs: usize,
     /// `None` until the layout's second call records it: then the graph, and the buffers
     /// it reads its inputs from.
     recorded: Option<(Recorded, Vec<Tensor>)>,
@@ -107,18 +109,16 @@ impl GraphRunner {
             // A new layout runs plainly; it is recorded when it comes again.
             let ys = plain(&mut run_plain)?;
             if self.layouts.len() < self.max_layouts {
-                self.check_outputs(&ys)?;
-                self.layouts.push(Layout { signature, recorded: None });
+                let outputs = self.outputs_for(&ys)?;
+                self.layouts.push(Layout { signature, outputs, recorded: None });
             }
             return Ok(ys);
         };
+        let out_set = self.layouts[at].outputs;
         if self.layouts[at].recorded.is_none() {
             let dev = cuda::device(ordinal)?;
-            if self.outputs.is_empty() {
-                return Err(crate::Error::msg(format!("{}: recorded without results", self.what)));
-            }
             let statics = inputs.iter().map(|t| t.deep_copy()).collect::<Result<Vec<_>>>()?;
-            let outputs = &self.outputs;
+            let outputs = &self.outputs[out_set];
             let what = self.what;
             let graph = dev.record(|| {
                 let ys = run_plain(&statics)?;
@@ -137,18 +137,18 @@ impl GraphRunner {
             s.assign(t)?;
         }
         graph.replay()?;
-        Ok(self.outputs.clone())
+        Ok(self.outputs[out_set].clone())
     }
 
-    /// Keeps buffers shaped like the first results, or checks new ones against them.
-    fn check_outputs(&mut self, ys: &[Tensor]) -> Result<()> {
-        if !self.outputs.is_empty() {
-            return check_same(self.what, ys, &self.outputs);
-        }
+    /// The index of the result buffers shaped like `ys`, made when none are.
+    fn outputs_for(&mut self, ys: &[Tensor]) -> Result<usize> {
         if ys.is_empty() {
             bail!("{}: the function gave no result", self.what);
         }
-        self.outputs = ys
+        if let Some(i) = self.outputs.iter().position(|o| check_same(self.what, ys, o).is_ok()) {
+            return Ok(i);
+        }
+        let set = ys
             .iter()
             .map(|y| {
                 let st = y.storage();
@@ -157,7 +157,8 @@ impl GraphRunner {
                 Tensor::from_storage(Storage::Cuda(cuda::CudaStorage { dev: c.dev.clone(), buf }), y.shape())
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(())
+        self.outputs.push(set);
+        Ok(self.outputs.len() - 1)
     }
 }
 
@@ -165,7 +166,7 @@ impl GraphRunner {
 fn check_same(what: &str, ys: &[Tensor], outputs: &[Tensor]) -> Result<()> {
     let sig = |ts: &[Tensor]| ts.iter().map(|t| (t.shape().to_vec(), t.dtype())).collect::<Vec<_>>();
     if sig(ys) != sig(outputs) {
-        bail!("{what}: the results differ in shape between calls: {:?}, then {:?}", sig(outputs), sig(ys));
+        bail!("{what}: recorded with results {:?}, gave {:?}", sig(outputs), sig(ys));
     }
     Ok(())
 }
