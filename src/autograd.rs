@@ -61,7 +61,8 @@ pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
 /// A job that may run on a shared thread pool needs this: the tape is per thread, and
 /// a pool thread that waits inside one job (a parallel loop, a join) may run another,
 /// so without a tape of its own the second job would record onto, and be switched off
-/// by, the state of the first.
+/// by, the state of the first. For the same reason `f` starts outside any
+/// [`crate::forbid_host_transfers`] of the job it may run inside.
 pub fn isolated<R>(recording: bool, f: impl FnOnce() -> R) -> R {
     struct PopFrame;
     impl Drop for PopFrame {
@@ -71,7 +72,7 @@ pub fn isolated<R>(recording: bool, f: impl FnOnce() -> R) -> R {
     }
     FRAMES.with(|fr| fr.borrow_mut().push(Vec::new()));
     let _pop = PopFrame;
-    with_recording(recording, f)
+    crate::tensor::allow_host_transfers(|| with_recording(recording, f))
 }
 
 /// True when an op with these inputs must record itself.

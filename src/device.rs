@@ -56,6 +56,7 @@ impl Device {
 
     /// Waits for all work issued on this device (nothing to wait for on the CPU).
     pub fn synchronize(self) -> crate::Result<()> {
+        crate::tensor::check_host_transfer("waiting for the device")?;
         match self {
             Device::Cpu => Ok(()),
             Device::Cuda(i) => crate::cuda::device(i)?.synchronize(),

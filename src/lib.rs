@@ -64,4 +64,4 @@ pub use autograd::{backward, no_grad, Gradients, Keep};
 pub use device::{DType, Device};
 pub use error::{Error, Result, ResultExt};
 pub use rng::Rng;
-pub use tensor::{numel, Storage, Tensor, TensorId};
+pub use tensor::{forbid_host_transfers, numel, Storage, Tensor, TensorId};

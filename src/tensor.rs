@@ -12,6 +12,51 @@ use crate::cuda::{CudaBuf, CudaStorage};
 use crate::rng::Rng;
 use crate::{bail, DType, Device, Error, Result};
 
+thread_local! {
+    /// While set, the function being run as a CUDA graph recording (see
+    /// [`forbid_host_transfers`]).
+    static NO_HOST_TRANSFERS: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with every copy of tensor data between the host and a device refused on this
+/// thread, with an error naming `what`: the rule of a function recorded as a CUDA graph
+/// (`ops::GraphRunner`). Applied on every device, the CPU included, where nothing is
+/// recorded, so that a function breaking the rule fails the CPU tests too: making a tensor
+/// from host values, reading one on the host, or waiting for a device.
+pub fn forbid_host_transfers<R>(what: &'static str, f: impl FnOnce() -> R) -> R {
+    with_transfer_rule(Some(what), f)
+}
+
+/// Runs `f` with host transfers allowed on this thread, whatever the job it runs inside
+/// forbids (a pool thread waiting inside one job may run another: see
+/// [`crate::autograd::isolated`]).
+pub(crate) fn allow_host_transfers<R>(f: impl FnOnce() -> R) -> R {
+    with_transfer_rule(None, f)
+}
+
+/// Runs `f` with the thread's host-transfer rule set to `rule`, restored after.
+fn with_transfer_rule<R>(rule: Option<&'static str>, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<&'static str>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            NO_HOST_TRANSFERS.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(NO_HOST_TRANSFERS.with(|c| c.replace(rule)));
+    f()
+}
+
+/// An error when `op` (a host transfer) runs inside [`forbid_host_transfers`].
+pub(crate) fn check_host_transfer(op: &str) -> Result<()> {
+    match NO_HOST_TRANSFERS.with(|c| c.get()) {
+        Some(what) => bail!(
+            "{op} inside {what}, which runs as a recorded CUDA graph: a recorded function must not copy to or from \
+             the host or wait for the device (make such values inputs of the function)"
+        ),
+        None => Ok(()),
+    }
+}
+
 /// The identity of a tensor on the autograd tape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TensorId(u64);
@@ -125,6 +170,7 @@ impl Tensor {
         if data.len() != numel(shape) {
             bail!("{} values given for shape {shape:?} ({} elements)", data.len(), numel(shape));
         }
+        check_host_transfer("a tensor made from host values")?;
         match device {
             Device::Cpu => {
                 if dtype != DType::F32 {
@@ -155,7 +201,9 @@ impl Tensor {
     /// A tensor filled with `value`.
     pub fn full(shape: &[usize], value: f32, dtype: DType, device: Device) -> Result<Tensor> {
         match device {
-            Device::Cpu => Tensor::from_vec_dtype(vec![value; numel(shape)], shape, device, dtype),
+            // (Not a host transfer where the GPU's is a memset.)
+            Device::Cpu if dtype == DType::F32 => Tensor::from_storage(Storage::Cpu(vec![value; numel(shape)]), shape),
+            Device::Cpu => bail!("CPU tensors are f32 (asked for {dtype})"),
             // Set on the device (no host copy: the backward pass's seed inside a
             // training step recorded as a CUDA graph).
             Device::Cuda(i) => {
@@ -248,6 +296,7 @@ impl Tensor {
 
     /// Copies the elements to the host as f32.
     pub fn to_vec(&self) -> Result<Vec<f32>> {
+        check_host_transfer("a tensor read on the host")?;
         let s = self.storage();
         match &*s {
             Storage::Cpu(v) => Ok(v.clone()),
@@ -343,6 +392,7 @@ impl Tensor {
         if data.len() != self.numel() {
             bail!("copy of {} values into a tensor of shape {:?}", data.len(), self.shape());
         }
+        check_host_transfer("a copy of host values into a tensor")?;
         let mut s = self.storage_mut();
         match &mut *s {
             Storage::Cpu(v) => v.copy_from_slice(data),

@@ -455,3 +455,30 @@ fn gpu_graph_recording_errors_are_clear() {
     let y = ops::add(&x, &x).unwrap();
     assert_eq!(y.to_vec().unwrap(), [2.0, 4.0, 6.0], "the device after a failed recording");
 }
+
+/// The rule of a function recorded as a CUDA graph (no copy between host and device
+/// inside it) holds on the CPU too: from a layout's second call on, `GraphRunner` runs the
+/// function under `forbid_host_transfers`, so a function that reads a value on the host
+/// fails here as it would when recorded on a GPU; the first call (which fills caches) may.
+#[test]
+fn graph_runner_enforces_the_recording_rule_on_the_cpu() {
+    use synthos_engine::{ops, Tensor};
+    let x = Tensor::from_vec(vec![1.0, 2.0, 3.0], &[3], Device::Cpu).unwrap();
+    let reads = |xs: &[Tensor]| Ok(vec![ops::scale(&xs[0], ops::sum_all(&xs[0])?.item()?)?]);
+    let mut graphs = ops::GraphRunner::new("a host read", 1);
+    assert_eq!(graphs.call(&[&x], reads).unwrap()[0].to_vec().unwrap(), [6.0, 12.0, 18.0]);
+    let e = graphs.call(&[&x], reads).unwrap_err().to_string();
+    assert!(e.contains("a tensor read on the host inside a host read") && e.contains("recorded CUDA graph"), "{e}");
+    let uploads = |xs: &[Tensor]| Ok(vec![ops::add(&xs[0], &Tensor::from_vec(vec![1.0; 3], &[3], Device::Cpu)?)?]);
+    let mut graphs = ops::GraphRunner::new("an upload", 1);
+    graphs.call(&[&x], uploads).unwrap();
+    let e = graphs.call(&[&x], uploads).unwrap_err().to_string();
+    assert!(e.contains("a tensor made from host values inside an upload"), "{e}");
+    // A function that keeps the rule runs every time; the guard ends with the call.
+    let mut graphs = ops::GraphRunner::new("a product", 1);
+    for _ in 0..3 {
+        let y = graphs.call(&[&x], |xs| Ok(vec![ops::mul(&xs[0], &xs[0])?])).unwrap();
+        assert_eq!(y[0].to_vec().unwrap(), [1.0, 4.0, 9.0]);
+    }
+    assert_eq!(graphs.recorded_layouts(), 0, "nothing is recorded on the CPU");
+}

@@ -52,11 +52,16 @@ type Signature = Vec<(Vec<usize>, DType)>;
 
 struct Layout {
     signature: Signature,
-    /// Which set of [`GraphRunner::outputs`] its graph writes.
-    outputs: usize,
-    /// `None` until the layout's second call records it: then the graph, and the buffers
-    /// it reads its inputs from.
-    recorded: Option<(Recorded, Vec<Tensor>)>,
+    /// The shapes and types of its results (from its first call).
+    results: Signature,
+    /// Once recorded: the graph, the buffers it reads its inputs from, and which set of
+    /// [`GraphRunner::outputs`] it writes.
+    recorded: Option<(Recorded, Vec<Tensor>, usize)>,
+}
+
+/// The shapes and element types of tensors.
+fn signature_of<'a>(ts: impl IntoIterator<Item = &'a Tensor>) -> Signature {
+    ts.into_iter().map(|t| (t.shape().to_vec(), t.dtype())).collect()
 }
 
 impl GraphRunner {
@@ -82,6 +87,10 @@ impl GraphRunner {
 
     /// `f(inputs)`: run plainly, recorded, or replayed with the new input values (see the
     /// type's documentation for what `f` must keep to).
+    ///
+    /// A layout's calls after its first run `f` under [`crate::forbid_host_transfers`] on
+    /// every device, recorded or not: a function that breaks the rule of recordings then
+    /// fails on the CPU too.
     pub fn call(
         &mut self,
         inputs: &[&Tensor],
@@ -91,70 +100,66 @@ impl GraphRunner {
             bail!("{}: called without inputs", self.what);
         }
         let device = super::same_device(self.what, inputs)?;
-        let plain = |f: &mut dyn FnMut(&[Tensor]) -> Result<Vec<Tensor>>| {
-            let owned: Vec<Tensor> = inputs.iter().map(|&t| t.clone()).collect();
-            f(&owned)
-        };
-        let mut f = Some(f);
-        let mut run_plain = |inputs: &[Tensor]| match f.take() {
-            Some(f) => f(inputs),
-            None => bail!("graph runner: function called twice"),
-        };
-        let Device::Cuda(ordinal) = device else { return plain(&mut run_plain) };
-        if (autograd::is_recording() && !self.backward_inside) || !cuda::graph::graphs_enabled()? {
-            return plain(&mut run_plain);
-        }
-        let signature: Signature = inputs.iter().map(|t| (t.shape().to_vec(), t.dtype())).collect();
+        let owned: Vec<Tensor> = inputs.iter().map(|&t| t.clone()).collect();
+        let signature = signature_of(inputs.iter().copied());
         let Some(at) = self.layouts.iter().position(|l| l.signature == signature) else {
-            // A new layout runs plainly; it is recorded when it comes again.
-            let ys = plain(&mut run_plain)?;
+            // A new layout runs plainly (filling caches); it is recorded when it comes again.
+            let ys = f(&owned)?;
+            if ys.is_empty() {
+                bail!("{}: the function gave no result", self.what);
+            }
             if self.layouts.len() < self.max_layouts {
-                let outputs = self.outputs_for(&ys)?;
-                self.layouts.push(Layout { signature, outputs, recorded: None });
+                self.layouts.push(Layout { signature, results: signature_of(&ys), recorded: None });
             }
             return Ok(ys);
         };
-        let out_set = self.layouts[at].outputs;
+        let what = self.what;
+        let graphs = match device {
+            Device::Cuda(ordinal) if (self.backward_inside || !autograd::is_recording()) => {
+                cuda::graph::graphs_enabled()?.then_some(ordinal)
+            }
+            _ => None,
+        };
+        let Some(ordinal) = graphs else {
+            return crate::forbid_host_transfers(what, || f(&owned));
+        };
         if self.layouts[at].recorded.is_none() {
             let dev = cuda::device(ordinal)?;
+            let out_set = self.outputs_for(at, &dev)?;
             let statics = inputs.iter().map(|t| t.deep_copy()).collect::<Result<Vec<_>>>()?;
             let outputs = &self.outputs[out_set];
-            let what = self.what;
             let graph = dev.record(|| {
-                let ys = run_plain(&statics)?;
+                let ys = crate::forbid_host_transfers(what, || f(&statics))?;
                 check_same(what, &ys, outputs)?;
                 for (o, y) in outputs.iter().zip(&ys) {
                     o.assign(y)?;
                 }
                 Ok(())
             })?;
-            self.layouts[at].recorded = Some((graph, statics));
+            self.layouts[at].recorded = Some((graph, statics, out_set));
         }
-        let Some((graph, statics)) = &self.layouts[at].recorded else {
-            bail!("{}: replayed before it was recorded", self.what);
+        let Some((graph, statics, out_set)) = &self.layouts[at].recorded else {
+            bail!("{what}: replayed before it was recorded");
         };
         for (s, t) in statics.iter().zip(inputs) {
             s.assign(t)?;
         }
         graph.replay()?;
-        Ok(self.outputs[out_set].clone())
+        Ok(self.outputs[*out_set].clone())
     }
 
-    /// The index of the result buffers shaped like `ys`, made when none are.
-    fn outputs_for(&mut self, ys: &[Tensor]) -> Result<usize> {
-        if ys.is_empty() {
-            bail!("{}: the function gave no result", self.what);
-        }
-        if let Some(i) = self.outputs.iter().position(|o| check_same(self.what, ys, o).is_ok()) {
+    /// The index of the result buffers of layout `at` (on `dev`), made when no set has
+    /// its results' shapes.
+    fn outputs_for(&mut self, at: usize, dev: &std::sync::Arc<cuda::CudaDevice>) -> Result<usize> {
+        let results = &self.layouts[at].results;
+        if let Some(i) = self.outputs.iter().position(|o| signature_of(o) == *results) {
             return Ok(i);
         }
-        let set = ys
+        let set = results
             .iter()
-            .map(|y| {
-                let st = y.storage();
-                let c = st.as_cuda()?;
-                let buf = c.dev.alloc(y.numel(), y.dtype())?;
-                Tensor::from_storage(Storage::Cuda(cuda::CudaStorage { dev: c.dev.clone(), buf }), y.shape())
+            .map(|(shape, dtype)| {
+                let buf = dev.alloc(crate::tensor::numel(shape), *dtype)?;
+                Tensor::from_storage(Storage::Cuda(cuda::CudaStorage { dev: dev.clone(), buf }), shape)
             })
             .collect::<Result<Vec<_>>>()?;
         self.outputs.push(set);
@@ -164,9 +169,8 @@ impl GraphRunner {
 
 /// Checks that results `ys` have the shapes and types of `outputs`.
 fn check_same(what: &str, ys: &[Tensor], outputs: &[Tensor]) -> Result<()> {
-    let sig = |ts: &[Tensor]| ts.iter().map(|t| (t.shape().to_vec(), t.dtype())).collect::<Vec<_>>();
-    if sig(ys) != sig(outputs) {
-        bail!("{what}: recorded with results {:?}, gave {:?}", sig(outputs), sig(ys));
+    if signature_of(ys) != signature_of(outputs) {
+        bail!("{what}: first gave results {:?}, then {:?}", signature_of(outputs), signature_of(ys));
     }
     Ok(())
 }
