@@ -281,12 +281,27 @@ fn memory_plan(cfg: &TrainConfig) -> String {
     format!("activation checkpointing: {checkpointing}; AdamW update: {update}")
 }
 
+/// One line on what runs as CUDA graphs, when `SYNTHOS_CUDA_GRAPHS=1` on a GPU.
+fn graphs_plan(cfg: &TrainConfig, device: synthos_engine::Device) -> Result<Option<String>> {
+    if !device.is_cuda() || !synthos_engine::cuda::graph::graphs_enabled()? {
+        return Ok(None);
+    }
+    let s = cfg.loop_settings();
+    let step = if s.grad_accum == 1 && !s.optimizer_in_backward {
+        "the loss and backward pass replayed from the second step of each batch layout (up to 4)"
+    } else {
+        "not used for the step (gradient accumulation or the update inside the backward pass)"
+    };
+    Ok(Some(format!("CUDA graphs: sampling replayed from each sample's second step; training: {step}")))
+}
+
 /// Runs `train`.
 pub fn run(args: &TrainArgs) -> Result<()> {
     let cfg = args.config()?;
     let pipe = args.model.load(&args.model.paths())?;
     let output = cfg.output.clone();
     let memory = memory_plan(&cfg);
+    let graphs = graphs_plan(&cfg, pipe.device())?;
     let mut trainer = Trainer::new(pipe, cfg)?;
     eprintln!(
         "training {} samples, {} steps ({} per epoch) into {}",
@@ -296,7 +311,13 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         output.display()
     );
     eprintln!("{memory}");
+    if let Some(line) = graphs {
+        eprintln!("{line}");
+    }
     let summary = trainer.run()?;
+    if trainer.recorded_step_graphs() > 0 {
+        eprintln!("CUDA graphs: {} batch layouts of the step were replayed", trainer.recorded_step_graphs());
+    }
     let fmt = |v: Option<f64>| v.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into());
     println!(
         "done: {} steps in {}; loss {} (first step) → {} (last tenth)",

@@ -10,7 +10,8 @@ use crate::{autograd, bail, cuda, DType, Device, Result, Tensor};
 /// with `SYNTHOS_CUDA_GRAPHS=1`: each layout of inputs (their shapes and element types)
 /// runs plainly the first time it is seen, is recorded the second time, and is replayed
 /// with one launch from then on. Elsewhere (the CPU, graphs off) every call runs the
-/// function.
+/// function, and from a layout's second call on it runs under
+/// [`crate::forbid_host_transfers`], so that the rule below is checked on every device.
 ///
 /// The caller's side of the bargain:
 /// - the function given for one runner is the same at every call: for inputs of one
