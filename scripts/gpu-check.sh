@@ -148,10 +148,11 @@ if [ "${SKIP_TESTS:-0}" != 1 ] && [ "$(left)" -gt 260 ]; then
   # The opt-in kernels and plans all on, in whole-model GPU tests: the tiny Wan forward and
   # backward, the bf16 training step against its reference, CLIP, the VAE and convs (the
   # bench times the one-warp-per-row norm forward alone: "rms_norm[warp]" ...).
-  stage "whole-model GPU tests with every opt-in on (mma-det attention, multi-tensor, GEMM plans, warp norms, vector column sums, split masters, im2col by rows)"
-  for t in wan train_step clip_model ops_conv; do
+  stage "whole-model GPU tests with every opt-in on (mma-det attention, multi-tensor, GEMM plans, warp norms, vector column sums, split masters, im2col by rows, CUDA graphs)"
+  for t in wan train_step clip_model ops_conv pipeline; do
     SYNTHOS_CUDA_ATTENTION=mma-det SYNTHOS_CUDA_MULTI_TENSOR=1 SYNTHOS_CUDA_GEMM_PLANS=1 SYNTHOS_CUDA_NORM=warp \
-      SYNTHOS_CUDA_COLSUM=vec SYNTHOS_CUDA_SPLIT_MASTER=1 SYNTHOS_CUDA_IM2COL=rows timeout 60 "$B/tests/$t" gpu --skip full --test-threads=1 > "$OUTDIR/optin-$t.txt" 2>&1
+      SYNTHOS_CUDA_COLSUM=vec SYNTHOS_CUDA_SPLIT_MASTER=1 SYNTHOS_CUDA_IM2COL=rows SYNTHOS_CUDA_GRAPHS=1 \
+      timeout 60 "$B/tests/$t" gpu --skip full --skip 1_3b --test-threads=1 > "$OUTDIR/optin-$t.txt" 2>&1
     echo "$t: rc $?, $(grep -E '^test result' "$OUTDIR/optin-$t.txt" | tail -1)"
     grep -E "panicked at|FAILED" "$OUTDIR/optin-$t.txt" | head -4 | sed 's/^/    /'
   done

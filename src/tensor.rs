@@ -189,7 +189,9 @@ impl Tensor {
     /// All zeros.
     pub fn zeros(shape: &[usize], dtype: DType, device: Device) -> Result<Tensor> {
         match device {
-            Device::Cpu => Tensor::from_vec_dtype(vec![0.0; numel(shape)], shape, device, dtype),
+            // (Not a host transfer: the GPU's is a memset.)
+            Device::Cpu if dtype == DType::F32 => Tensor::from_storage(Storage::Cpu(vec![0.0; numel(shape)]), shape),
+            Device::Cpu => bail!("CPU tensors are f32 (asked for {dtype})"),
             Device::Cuda(i) => {
                 let dev = crate::cuda::device(i)?;
                 let buf = dev.zeros(numel(shape), dtype)?;
@@ -387,7 +389,8 @@ impl Tensor {
         self.inner.tracked.load(Ordering::Relaxed)
     }
 
-    /// Replaces the elements in place with host values (same count).
+    /// Replaces the elements in place with host values (same count); on a GPU the
+    /// buffer keeps its address.
     pub fn copy_from_slice(&self, data: &[f32]) -> Result<()> {
         if data.len() != self.numel() {
             bail!("copy of {} values into a tensor of shape {:?}", data.len(), self.shape());
@@ -396,10 +399,8 @@ impl Tensor {
         let mut s = self.storage_mut();
         match &mut *s {
             Storage::Cpu(v) => v.copy_from_slice(data),
-            Storage::Cuda(c) => {
-                let buf = c.dev.upload(data, c.buf.dtype())?;
-                c.buf = buf;
-            }
+            // In place: the buffer keeps its address (see `ops::GraphRunner`).
+            Storage::Cuda(c) => c.dev.upload_into(data, &mut c.buf)?,
         }
         Ok(())
     }

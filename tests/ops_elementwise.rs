@@ -163,6 +163,28 @@ fn gpu_full_sets_every_element() {
     assert_eq!(Tensor::full(&[], 4.0, DType::F32, dev).unwrap().item().unwrap(), 4.0);
 }
 
+/// `Tensor::copy_from_slice` on the GPU writes the buffer in place (a recorded CUDA graph
+/// reads its address), rounding to nearest in bf16.
+#[test]
+fn gpu_copy_from_slice_keeps_the_buffer() {
+    let Some(dev) = gpu() else { return };
+    let addr = |t: &Tensor| {
+        let st = t.storage();
+        let c = st.as_cuda().unwrap();
+        c.buf.device_addr(&c.dev.stream)
+    };
+    for dt in [DType::F32, DType::BF16] {
+        let t = Tensor::zeros(&[5], dt, dev).unwrap();
+        let before = addr(&t);
+        let v = [1.0f32, -2.5, 1.0 / 3.0, 7.0, 0.1];
+        t.copy_from_slice(&v).unwrap();
+        assert_eq!(addr(&t), before, "{dt}: the buffer moved");
+        let want: Vec<f32> =
+            v.iter().map(|&x| if dt == DType::BF16 { half::bf16::from_f32(x).to_f32() } else { x }).collect();
+        assert_eq!(t.to_vec().unwrap(), want, "{dt}");
+    }
+}
+
 #[test]
 fn gpu_activations_match_cpu() {
     let Some(dev) = gpu() else { return };

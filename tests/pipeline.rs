@@ -474,10 +474,19 @@ fn graph_runner_enforces_the_recording_rule_on_the_cpu() {
     graphs.call(&[&x], uploads).unwrap();
     let e = graphs.call(&[&x], uploads).unwrap_err().to_string();
     assert!(e.contains("a tensor made from host values inside an upload"), "{e}");
-    // A function that keeps the rule runs every time; the guard ends with the call.
+    // A function that keeps the rule runs every time (zeros and constants are device
+    // memsets on a GPU, not transfers); the guard ends with the call.
     let mut graphs = ops::GraphRunner::new("a product", 1);
     for _ in 0..3 {
-        let y = graphs.call(&[&x], |xs| Ok(vec![ops::mul(&xs[0], &xs[0])?])).unwrap();
+        let y = graphs
+            .call(&[&x], |xs| {
+                let c = ops::add(
+                    &Tensor::zeros(&[3], DType::F32, Device::Cpu)?,
+                    &Tensor::full(&[3], 1.0, DType::F32, Device::Cpu)?,
+                )?;
+                Ok(vec![ops::mul(&ops::mul(&xs[0], &xs[0])?, &c)?])
+            })
+            .unwrap();
         assert_eq!(y[0].to_vec().unwrap(), [1.0, 4.0, 9.0]);
     }
     assert_eq!(graphs.recorded_layouts(), 0, "nothing is recorded on the CPU");

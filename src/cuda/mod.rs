@@ -417,6 +417,26 @@ impl CudaDevice {
         })
     }
 
+    /// Copies host f32 data into the first `data.len()` elements of `buf` (rounding to
+    /// nearest for bf16), in place: the buffer keeps its address (a recorded CUDA graph
+    /// that reads it sees the new values).
+    pub fn upload_into(&self, data: &[f32], buf: &mut CudaBuf) -> Result<()> {
+        if data.len() > buf.len() {
+            bail!("upload of {} values into a device buffer of {}", data.len(), buf.len());
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        match buf {
+            CudaBuf::F32(s) => self.stream.memcpy_htod(data, s)?,
+            CudaBuf::BF16(s) => {
+                let v: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                self.stream.memcpy_htod(&v, s)?
+            }
+        }
+        Ok(())
+    }
+
     /// Copies host indices to the device as `i64` (class targets, gathered rows).
     pub fn upload_indices(&self, idx: &[usize]) -> Result<CudaSlice<i64>> {
         let v: Vec<i64> = idx.iter().map(|&t| t as i64).collect();
