@@ -129,9 +129,16 @@ gate train gpu_training_steps_replayed_as_graphs_match "[graphs]"
 # The demos run with CUDA graphs when their tests passed (the bench times both ways:
 # "sample[graphs] demo ..." beside "sample demo ...", "train step[graphs] demo ..." beside
 # "train step demo ...").
+# The multi-tensor AdamW and gradient norm and the cached GEMM plans (host time, which the
+# demo is made of outside its graphs) join them when their tests passed.
 DEMO_ENV=()
-if [ "${SKIP_TESTS:-0}" != 1 ] && [ -z "${TEST_FILTER:-}" ] && [[ "${BENCH_SKIP[*]-}" != *"[graphs]"* ]]; then
-  DEMO_ENV=(SYNTHOS_CUDA_GRAPHS=1)
+passed() { grep -q "^test $2 \.\.\. ok$" "$OUTDIR/tests/$1.log" 2>/dev/null; }
+if [ "${SKIP_TESTS:-0}" != 1 ] && [ -z "${TEST_FILTER:-}" ]; then
+  [[ "${BENCH_SKIP[*]-}" != *"[graphs]"* ]] && DEMO_ENV+=(SYNTHOS_CUDA_GRAPHS=1)
+  passed optim gpu_adamw_matches_cpu_multi_tensor && passed optim gpu_grad_norm_matches_cpu_multi_tensor \
+    && DEMO_ENV+=(SYNTHOS_CUDA_MULTI_TENSOR=1)
+  passed ops_matmul gpu_gemm_plans_are_bit_identical_to_uncached && passed ops_matmul gpu_gemm_plans_match_cpu \
+    && DEMO_ENV+=(SYNTHOS_CUDA_GEMM_PLANS=1)
 fi
 if [ -d "$OUTDIR/tests" ]; then
   # One archive of the logs ($OUT returns at most 8 files).
