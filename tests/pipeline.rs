@@ -491,3 +491,23 @@ fn graph_runner_enforces_the_recording_rule_on_the_cpu() {
     }
     assert_eq!(graphs.recorded_layouts(), 0, "nothing is recorded on the CPU");
 }
+
+/// A batch with a reference image per prompt gives the images of one generation per
+/// reference, bit for bit on the CPU; a count mismatch is an error.
+#[test]
+fn references_per_prompt_equal_one_generation_each() {
+    let pipe = demo_pipe();
+    let opts = GenerateOptions { cfg_scale: 1.0, ..small_opts() };
+    let attrs = DemoAttrs::all();
+    let targets: Vec<ImageRgb> = [0, 7, 100].iter().map(|&i| render(&attrs[i], 64).unwrap()).collect();
+    let refs: Vec<&ImageRgb> = targets.iter().collect();
+    let prompts = ["", "a red circle on a blue background", ""];
+    let seeds = [5u64, 6, 7];
+    let batch = pipe.generate_with_references(&prompts, &seeds, &opts, &refs, &mut |_, _| {}).unwrap();
+    for i in 0..3 {
+        let one = pipe.generate_seeded(&prompts[i..=i], &seeds[i..=i], &opts, Some(refs[i]), &mut |_, _| {}).unwrap();
+        assert_eq!(batch[i].data(), one[0].data(), "image {i}");
+    }
+    let e = pipe.generate_with_references(&prompts, &seeds, &opts, &refs[..2], &mut |_, _| {}).unwrap_err().to_string();
+    assert!(e.contains("2 reference images for 3 prompts"), "{e}");
+}

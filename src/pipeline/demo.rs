@@ -179,17 +179,21 @@ pub fn quality(pipe: &super::SynthosPipeline, opts: &super::GenerateOptions) -> 
     let captions: Vec<String> = set.iter().map(DemoAttrs::caption).collect();
     let prompts: Vec<&str> = captions.iter().map(String::as_str).collect();
     let texts = pipe.generate_batch(&prompts, &opts, None, &mut |_, _| {})?;
-    let (mut matched, mut iou, mut img_matched, mut img_iou) = (0usize, 0f64, 0usize, 0f64);
+    // The image-only samples in one batch, each from its own reference (the same images
+    // as one generation per reference).
+    let targets = set.iter().map(|a| render(a, IMAGE_SIZE)).collect::<crate::Result<Vec<_>>>()?;
     let unguided = super::GenerateOptions { cfg_scale: 1.0, ..opts.clone() };
-    for (i, (attrs, sample)) in set.iter().zip(&texts).enumerate() {
-        let target = render(attrs, IMAGE_SIZE)?;
-        let want = read_image(&target)?;
+    let empty = vec![""; set.len()];
+    let seeds: Vec<u64> = (0..set.len()).map(|i| opts.seed.wrapping_add(i as u64)).collect();
+    let refs: Vec<&crate::image::ImageRgb> = targets.iter().collect();
+    let alone = pipe.generate_with_references(&empty, &seeds, &unguided, &refs, &mut |_, _| {})?;
+    let (mut matched, mut iou, mut img_matched, mut img_iou) = (0usize, 0f64, 0usize, 0f64);
+    for (((attrs, sample), target), only) in set.iter().zip(&texts).zip(&targets).zip(&alone) {
+        let want = read_image(target)?;
         let got = read_image(sample)?;
         matched += usize::from(got.colours_match(attrs));
         iou += got.iou(&want);
-        let seeded = super::GenerateOptions { seed: opts.seed.wrapping_add(i as u64), ..unguided.clone() };
-        let alone = pipe.generate_batch(&[""], &seeded, Some(&target), &mut |_, _| {})?;
-        let got = read_image(&alone[0])?;
+        let got = read_image(only)?;
         img_matched += usize::from(got.colours_match(attrs));
         img_iou += got.iou(&want);
     }

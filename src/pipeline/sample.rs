@@ -5,6 +5,16 @@ use crate::image::ImageRgb;
 use crate::schedule::{next_sigma, sample_sigmas};
 use crate::{autograd, bail, ops, DType, Result, Rng, Tensor};
 
+/// The reference images of a generation.
+#[derive(Clone, Copy)]
+enum References<'a> {
+    None,
+    /// One image guiding every prompt.
+    Shared(&'a ImageRgb),
+    /// One image per prompt.
+    Each(&'a [&'a ImageRgb]),
+}
+
 /// The negative prompt of the Synthos sampler.
 pub const DEFAULT_NEGATIVE_PROMPT: &str = "ugly, deformed, blurry, low quality";
 
@@ -87,6 +97,34 @@ impl SynthosPipeline {
         reference: Option<&ImageRgb>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Vec<ImageRgb>> {
+        self.check_options(prompts, seeds, opts)?;
+        let references = match reference {
+            Some(img) => References::Shared(img),
+            None => References::None,
+        };
+        autograd::no_grad(|| self.sample(prompts, seeds, opts, references, progress))
+    }
+
+    /// [`SynthosPipeline::generate_seeded`] with a reference image of its own for each
+    /// prompt (`references[i]` guides image `i`), all denoised together: the same images
+    /// as one call per reference, in one batch.
+    pub fn generate_with_references(
+        &self,
+        prompts: &[&str],
+        seeds: &[u64],
+        opts: &GenerateOptions,
+        references: &[&ImageRgb],
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<ImageRgb>> {
+        self.check_options(prompts, seeds, opts)?;
+        if references.len() != prompts.len() {
+            bail!("generate: {} reference images for {} prompts", references.len(), prompts.len());
+        }
+        autograd::no_grad(|| self.sample(prompts, seeds, opts, References::Each(references), progress))
+    }
+
+    /// The arguments every generation checks before it starts.
+    fn check_options(&self, prompts: &[&str], seeds: &[u64], opts: &GenerateOptions) -> Result<()> {
         if prompts.is_empty() {
             bail!("generate: no prompts given");
         }
@@ -102,8 +140,7 @@ impl SynthosPipeline {
         if !(opts.shift.is_finite() && opts.shift > 0.0) {
             bail!("generate: the sigma shift must be a positive number, got {}", opts.shift);
         }
-        self.check_size(opts.width, opts.height)?;
-        autograd::no_grad(|| self.sample(prompts, seeds, opts, reference, progress))
+        self.check_size(opts.width, opts.height)
     }
 
     fn sample(
@@ -111,19 +148,26 @@ impl SynthosPipeline {
         prompts: &[&str],
         seeds: &[u64],
         opts: &GenerateOptions,
-        reference: Option<&ImageRgb>,
+        references: References,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Vec<ImageRgb>> {
         let b = prompts.len();
         let dev = self.device();
         let guided = opts.cfg_scale != 1.0;
-        let clip = match reference {
-            Some(img) => {
+        let clip = match references {
+            References::Shared(img) => {
                 let tokens = self.encode_reference(img, opts.width, opts.height)?;
                 let s = tokens.shape().to_vec();
                 Some(ops::broadcast_to(&tokens, &[b, s[1], s[2]])?)
             }
-            None => None,
+            References::Each(imgs) => {
+                let tokens = imgs
+                    .iter()
+                    .map(|img| self.encode_reference(img, opts.width, opts.height))
+                    .collect::<Result<Vec<_>>>()?;
+                Some(ops::concat(&tokens.iter().collect::<Vec<_>>(), 0)?)
+            }
+            References::None => None,
         };
         let pos = self.pad_text(&self.encode_prompts(prompts)?)?;
         let mut context = self.dit.context(&pos, clip.as_ref())?;
