@@ -417,17 +417,27 @@ impl TrainTask for SynthosTask {
             written.push(path);
         }
         if !self.references.is_empty() {
+            // Every reference's image-only sample in one batch, then every reference with
+            // its prompt in another (each image as if generated alone, from the run's seed).
+            let n = self.references.len();
+            let imgs: Vec<&ImageRgb> = self.references.iter().map(|(_, img, _)| img).collect();
+            let seeds = vec![opts.seed; n];
+            let alone = self.pipe.generate_with_references(&vec![""; n], &seeds, &opts, &imgs, &mut |_, _| {})?;
+            let paired: Vec<&str> = (0..n).filter_map(|i| prompts.get(i % prompts.len().max(1)).copied()).collect();
+            let both = if paired.is_empty() {
+                Vec::new()
+            } else {
+                self.pipe.generate_with_references(&paired, &seeds, &opts, &imgs, &mut |_, _| {})?
+            };
             let mut cells = Vec::new();
             let mut labels = Vec::new();
-            for (i, (file, img, thumb)) in self.references.iter().enumerate() {
+            for (i, (file, _, thumb)) in self.references.iter().enumerate() {
                 cells.push(thumb.clone());
                 labels.push(format!("reference {}", file.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
-                let alone = self.pipe.generate_batch(&[""], &opts, Some(img), &mut |_, _| {})?;
-                cells.extend(alone);
+                cells.push(alone[i].clone());
                 labels.push("image only".to_string());
-                if let Some(p) = prompts.get(i % prompts.len().max(1)) {
-                    let both = self.pipe.generate_batch(&[p], &opts, Some(img), &mut |_, _| {})?;
-                    cells.extend(both);
+                if let (Some(p), Some(img)) = (paired.get(i), both.get(i)) {
+                    cells.push(img.clone());
                     labels.push(format!("+ {p}"));
                 }
             }
