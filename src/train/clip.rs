@@ -239,6 +239,8 @@ struct ClipTask {
     cached: Vec<(Tensor, Tensor)>,
     /// Figures of the step for metrics.jsonl.
     metrics: Map<String, Value>,
+    /// The step's image-text logits for `clip_acc`, read after its update is queued.
+    accuracy_logits: Option<Tensor>,
     val: Option<(ImageFolder, Vec<String>)>,
     skipped_images: usize,
 }
@@ -248,15 +250,23 @@ impl ClipTask {
         Ok((self.model.encode_image(&c.pixels)?, self.model.encode_text(&c.ids, c.rows)?))
     }
 
-    /// Top-1 accuracy of image → text matching over the step's whole batch (SLIP's
-    /// `clip_acc`), from the cached or given features; skipped above 1024 pairs (the
-    /// logits would make a large host copy).
-    fn record_accuracy(&mut self, img: &Tensor, txt: &Tensor) -> Result<()> {
-        let n = img.shape()[0];
-        if n > 1024 {
-            return Ok(());
+    /// Queues the logits for the top-1 accuracy of image → text matching over the step's
+    /// whole batch (SLIP's `clip_acc`), from the cached or given features; skipped above
+    /// 1024 pairs (the logits would make a large host copy). They are read after the
+    /// step's update is queued ([`ClipTask::record_accuracy`]), so that the host does not
+    /// wait for the forward pass before it issues the backward.
+    fn queue_accuracy(&mut self, img: &Tensor, txt: &Tensor) -> Result<()> {
+        if img.shape()[0] <= 1024 {
+            self.accuracy_logits = Some(autograd::no_grad(|| ops::clip_logits(img, txt, self.model.logit_scale()))?);
         }
-        let logits = autograd::no_grad(|| ops::clip_logits(img, txt, self.model.logit_scale()))?.to_vec()?;
+        Ok(())
+    }
+
+    /// Reads the logits [`ClipTask::queue_accuracy`] queued into the step's `clip_acc`.
+    fn record_accuracy(&mut self) -> Result<()> {
+        let Some(logits) = self.accuracy_logits.take() else { return Ok(()) };
+        let n = logits.shape()[0];
+        let logits = logits.to_vec()?;
         let hits = logits
             .chunks(n)
             .enumerate()
@@ -281,6 +291,7 @@ impl TrainTask for ClipTask {
         self.chunks.clear();
         self.cached.clear();
         self.metrics.clear();
+        self.accuracy_logits = None;
         for want in batches {
             let batch = loader
                 .next()
@@ -304,7 +315,7 @@ impl TrainTask for ClipTask {
             let img: Vec<&Tensor> = cached.iter().map(|(i, _)| i).collect();
             let txt: Vec<&Tensor> = cached.iter().map(|(_, t)| t).collect();
             let (img, txt) = (ops::concat(&img, 0)?, ops::concat(&txt, 0)?);
-            self.record_accuracy(&img, &txt)?;
+            self.queue_accuracy(&img, &txt)?;
             self.cached = cached;
         }
         Ok(())
@@ -319,7 +330,7 @@ impl TrainTask for ClipTask {
                 return Tensor::scalar(0.0, self.model.device()).map(|z| z.requires_grad());
             }
             let (img, txt) = self.encode(c)?;
-            self.record_accuracy(&img.detach(), &txt.detach())?;
+            self.queue_accuracy(&img.detach(), &txt.detach())?;
             return ops::clip_loss(&img, &txt, self.model.logit_scale());
         }
         let k = self.chunks.len();
@@ -391,6 +402,7 @@ impl TrainTask for ClipTask {
     }
 
     fn after_step(&mut self, opt: &mut AdamW) -> Result<()> {
+        self.record_accuracy()?;
         let name = format!("{}logit_scale", self.model.prefix());
         opt.clamp_param(&name, 0.0, LOGIT_SCALE_MAX)?;
         let s = self.model.logit_scale().item()?;
@@ -464,6 +476,7 @@ impl ClipTrainer {
             chunks: Vec::new(),
             cached: Vec::new(),
             metrics: Map::new(),
+            accuracy_logits: None,
             val,
             skipped_images: 0,
         };
