@@ -188,22 +188,13 @@ impl Tensor {
 
     /// All zeros.
     pub fn zeros(shape: &[usize], dtype: DType, device: Device) -> Result<Tensor> {
-        match device {
-            // (Not a host transfer: the GPU's is a memset.)
-            Device::Cpu if dtype == DType::F32 => Tensor::from_storage(Storage::Cpu(vec![0.0; numel(shape)]), shape),
-            Device::Cpu => bail!("CPU tensors are f32 (asked for {dtype})"),
-            Device::Cuda(i) => {
-                let dev = crate::cuda::device(i)?;
-                let buf = dev.zeros(numel(shape), dtype)?;
-                Tensor::from_storage(Storage::Cuda(CudaStorage { dev, buf }), shape)
-            }
-        }
+        Tensor::full(shape, 0.0, dtype, device)
     }
 
     /// A tensor filled with `value`.
     pub fn full(shape: &[usize], value: f32, dtype: DType, device: Device) -> Result<Tensor> {
         match device {
-            // (Not a host transfer where the GPU's is a memset.)
+            // (Not a host transfer: the GPU's is a memset.)
             Device::Cpu if dtype == DType::F32 => Tensor::from_storage(Storage::Cpu(vec![value; numel(shape)]), shape),
             Device::Cpu => bail!("CPU tensors are f32 (asked for {dtype})"),
             // Set on the device (no host copy: the backward pass's seed inside a

@@ -408,13 +408,9 @@ impl CudaDevice {
 
     /// Copies host f32 data to a new buffer of `dtype` (rounding to nearest for bf16).
     pub fn upload(&self, data: &[f32], dtype: DType) -> Result<CudaBuf> {
-        Ok(match dtype {
-            DType::F32 => CudaBuf::F32(self.stream.clone_htod(data)?),
-            DType::BF16 => {
-                let v: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
-                CudaBuf::BF16(self.stream.clone_htod(&v)?)
-            }
-        })
+        let mut buf = self.alloc(data.len(), dtype)?;
+        self.upload_into(data, &mut buf)?;
+        Ok(buf)
     }
 
     /// Copies host f32 data into the first `data.len()` elements of `buf` (rounding to

@@ -49,8 +49,8 @@ pub struct GraphRunner {
     outputs: Vec<Vec<Tensor>>,
 }
 
-/// The shapes and element types of a call's inputs.
-type Signature = Vec<(Vec<usize>, DType)>;
+/// The shapes and element types of tensors (a call's inputs or results).
+pub(crate) type Signature = Vec<(Vec<usize>, DType)>;
 
 struct Layout {
     signature: Signature,
@@ -61,8 +61,8 @@ struct Layout {
     recorded: Option<(Recorded, Vec<Tensor>, usize)>,
 }
 
-/// The shapes and element types of tensors.
-fn signature_of<'a>(ts: impl IntoIterator<Item = &'a Tensor>) -> Signature {
+/// The [`Signature`] of tensors.
+pub(crate) fn signature_of<'a>(ts: impl IntoIterator<Item = &'a Tensor>) -> Signature {
     ts.into_iter().map(|t| (t.shape().to_vec(), t.dtype())).collect()
 }
 

@@ -23,6 +23,7 @@ pub use attention::*;
 pub use conv::*;
 pub use elementwise::*;
 pub use graph::*;
+pub(crate) use graph::{signature_of, Signature};
 pub use loss::*;
 pub use matmul::*;
 pub use norm::*;

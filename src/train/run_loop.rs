@@ -243,7 +243,7 @@ pub struct RunLoop {
     graphs: ops::GraphRunner,
     /// Per layout of a step's inputs, the parameters (by registration index) that get a
     /// gradient: what a replay's results are the gradients of.
-    graph_params: HashMap<Vec<(Vec<usize>, crate::DType)>, Vec<usize>>,
+    graph_params: HashMap<ops::Signature, Vec<usize>>,
 }
 
 /// Input layouts of a step recorded as CUDA graphs (with image dropout, a batch splits
@@ -462,7 +462,7 @@ impl RunLoop {
     fn step_from_inputs(&mut self, task: &impl TrainTask, step: u64, inputs: &[Tensor], lr: f64) -> Result<(f64, f64)> {
         let epoch = step / self.steps_per_epoch;
         let params = self.opt.params();
-        let layout: Vec<_> = inputs.iter().map(|t| (t.shape().to_vec(), t.dtype())).collect();
+        let layout = ops::signature_of(inputs);
         let mut present_now = None;
         let refs: Vec<&Tensor> = inputs.iter().collect();
         let results = self.graphs.call(&refs, |xs| {
