@@ -703,7 +703,7 @@ pub fn model_cases(device: Device, size: Size) -> Vec<LazyCase> {
         build: Box::new(move || sample_dit_case(device)),
     });
     for graphs in [false, true] {
-        let tag = if graphs { "[graphs]" } else { "" };
+        let tag = graphs_tag(graphs);
         // With the sampler's DiT forward replayed as a CUDA graph (SYNTHOS_CUDA_GRAPHS=1).
         v.push(LazyCase {
             family: "model",
@@ -719,11 +719,20 @@ pub fn model_cases(device: Device, size: Size) -> Vec<LazyCase> {
     v
 }
 
+/// The tag of a case run with CUDA graphs (`SYNTHOS_CUDA_GRAPHS=1`), after its op: `sample[graphs] …`.
+fn graphs_tag(graphs: bool) -> &'static str {
+    if graphs {
+        "[graphs]"
+    } else {
+        ""
+    }
+}
+
 /// Name of [`demo_sample_case`]: `sample demo 64x64 b16 25 steps` (`sample[graphs] …`
 /// with CUDA graphs).
 pub fn demo_sample_name(graphs: bool) -> String {
     let side = crate::pipeline::demo::IMAGE_SIZE;
-    let tag = if graphs { "[graphs]" } else { "" };
+    let tag = graphs_tag(graphs);
     format!("sample{tag} demo {side}x{side} b{} 25 steps", crate::train::TrainConfig::demo().batch_size)
 }
 
@@ -878,7 +887,7 @@ pub fn demo_train_step_name() -> String {
 
 /// [`demo_train_step_name`] of the step replayed as CUDA graphs: `train step[graphs] demo …`.
 pub fn demo_train_step_graphs_name() -> String {
-    demo_train_step_name().replacen("train step", "train step[graphs]", 1)
+    demo_train_step_name().replacen("train step", &format!("train step{}", graphs_tag(true)), 1)
 }
 
 /// One optimizer step of the built-in demo (`synthos-engine train` with no arguments):
@@ -939,7 +948,7 @@ fn train_case(
     mut trainer: crate::train::Trainer,
     dir: ScratchDir,
 ) -> BenchCase {
-    let graphs = name.contains("[graphs]");
+    let graphs = name.contains(graphs_tag(true));
     BenchCase {
         family: "model",
         name,
@@ -1086,7 +1095,7 @@ fn sample_pipeline_case(device: Device, graphs: bool) -> Result<BenchCase> {
     let flops = dit_sample_flops(&cfg, 900, 257 + cfg.text_len, 25);
     Ok(BenchCase {
         family: "model",
-        name: format!("sample{} 1.3b 480x480 25 steps pipeline", if graphs { "[graphs]" } else { "" }),
+        name: format!("sample{} 1.3b 480x480 25 steps pipeline", graphs_tag(graphs)),
         bytes: 0.0,
         flops,
         bound: Bound::Compute,
