@@ -13,12 +13,12 @@
 //! `CI` is set: then they fail.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-/// The compiler; the emulation relies on GCC's sanitizer macros and builtins.
-const CXX: &str = "g++";
+mod emu_build;
+use emu_build::CXX;
 
 /// Flags of every build. `-fno-strict-aliasing`: kernels reinterpret 16-byte words as
 /// element arrays, which nvcc compiles as intended and g++ may not otherwise.
@@ -70,51 +70,6 @@ impl Build {
     }
 }
 
-/// The oldest g++ with everything the emulation uses (C++20 `<source_location>`,
-/// `std::atomic_ref`, the sanitizers' fiber interfaces).
-const MIN_GCC: u32 = 12;
-
-/// The compiler's version (`-dumpfullversion`), or why it cannot be used.
-fn compiler_version() -> Result<String, String> {
-    let out = Command::new(CXX).arg("-dumpfullversion").output().map_err(|e| format!("cannot run {CXX}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("`{CXX} -dumpfullversion` exited with {}", out.status));
-    }
-    let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    match version.split('.').next().and_then(|major| major.parse::<u32>().ok()) {
-        Some(major) if major >= MIN_GCC => Ok(version),
-        _ => Err(format!("{CXX} {version} is older than {MIN_GCC}")),
-    }
-}
-
-/// FNV-1a, 64 bits: a stable hash for the cache key (std's hasher may change between
-/// Rust releases, which would only cost a rebuild, but this one never does).
-fn fnv1a(hash: &mut u64, bytes: &[u8]) {
-    for &b in bytes {
-        *hash ^= b as u64;
-        *hash = hash.wrapping_mul(0x100_0000_01b3);
-    }
-}
-
-/// Every file under `dir`, sorted.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let entries = fs::read_dir(&d).unwrap_or_else(|e| panic!("cannot list {}: {e}", d.display()));
-        for entry in entries {
-            let path = entry.unwrap_or_else(|e| panic!("cannot list {}: {e}", d.display())).path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                out.push(path);
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 /// Compiles (unless cached) and runs one build of a family's harness; panics with its
 /// output when it fails.
 fn run_build(family: &str, opt: &str, build: Build, version: &str) {
@@ -126,13 +81,7 @@ fn run_build(family: &str, opt: &str, build: Build, version: &str) {
     flags.push(opt.to_string());
 
     // The key covers everything the harness can include: the emulation, all kernels.
-    let mut key = 0xcbf2_9ce4_8422_2325u64;
-    fnv1a(&mut key, version.as_bytes());
-    fnv1a(&mut key, flags.join(" ").as_bytes());
-    for file in files_under(&emu_dir).into_iter().chain(files_under(&kernels)) {
-        fnv1a(&mut key, file.strip_prefix(root).unwrap_or(&file).to_string_lossy().as_bytes());
-        fnv1a(&mut key, &fs::read(&file).unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display())));
-    }
+    let key = emu_build::key(&[version, &flags.join(" ")], &["tests/kernel_emu", "kernels"]);
     let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel_emu");
     fs::create_dir_all(&cache).unwrap_or_else(|e| panic!("cannot create {}: {e}", cache.display()));
     let stem = format!("{family}-{}-", build.name());
@@ -196,15 +145,8 @@ fn run_build(family: &str, opt: &str, build: Build, version: &str) {
 
 /// Runs the harness of `family` in each of `builds`, compiled at optimisation `opt`.
 fn emulate(family: &str, opt: &str, builds: &[Build]) {
-    let version = match compiler_version() {
-        Ok(v) => v,
-        Err(why) if std::env::var_os("CI").is_some() => {
-            panic!("the kernel emulation tier needs g++ {MIN_GCC} or newer and CI is set: {why}")
-        }
-        Err(why) => {
-            eprintln!("kernel emulation tier skipped for {family}: {why} (install g++ {MIN_GCC} or newer to run it)");
-            return;
-        }
+    let Some(version) = emu_build::compiler_or_skip(&format!("kernel emulation tier ({family})")) else {
+        return;
     };
     for &build in builds {
         run_build(family, opt, build, &version);

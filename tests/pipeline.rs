@@ -201,6 +201,7 @@ fn gpu_1_3b_sample_and_train_step_480() {
     use synthos_engine::tokenizer::T5Tokenizer;
     use synthos_engine::train::{memory_in_use, TrainConfig, Trainer};
     let Some(dev) = common::gpu() else { return };
+    let _shared = common::beside_recordings();
     synthos_engine::cuda::set_poison(false);
     let dt = DType::BF16;
     let fx = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
@@ -356,6 +357,7 @@ fn gpu_graph_replays_match_plain_runs() {
     use synthos_engine::models::wan::{WanConfig, WanModel};
     use synthos_engine::{autograd, ops, Rng, Tensor};
     let Some(dev) = common::gpu() else { return };
+    let _alone = common::recording_alone();
     let cfg = WanConfig::tiny();
     let model = WanModel::random(&cfg, 5, dev, DType::BF16).unwrap();
     let mut rng = Rng::new(3);
@@ -440,6 +442,7 @@ fn gpu_graph_recording_errors_are_clear() {
     use synthos_engine::cuda::graph::with_graphs;
     use synthos_engine::{autograd, ops, Tensor};
     let Some(dev) = common::gpu() else { return };
+    let _alone = common::recording_alone();
     let x = Tensor::from_vec_dtype(vec![1.0, 2.0, 3.0], &[3], dev, DType::F32).unwrap();
     autograd::no_grad(|| {
         let reads = |xs: &[Tensor]| {

@@ -381,6 +381,7 @@ fn the_optimizer_inside_the_backward_pass_changes_no_weight() {
 #[test]
 fn gpu_optimizer_inside_the_backward_pass_matches() {
     let Some(dev) = common::gpu() else { return };
+    let _shared = common::beside_recordings();
     let base = common::temp_dir("gpu-train-inside");
     let run = |name: &str, inside: bool| {
         let cfg = TrainConfig {
@@ -431,6 +432,7 @@ fn assert_same_run(start: &[(String, Vec<f32>)], a: &[(String, Vec<f32>)], b: &[
 fn gpu_training_steps_replayed_as_graphs_match() {
     use synthos_engine::cuda::graph::with_graphs;
     let Some(dev) = common::gpu() else { return };
+    let _alone = common::recording_alone();
     let base = common::temp_dir("gpu-train-graphs");
     for dropout in [0.0, 0.1] {
         let run = |name: &str, graphs: bool| {

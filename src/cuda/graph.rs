@@ -71,7 +71,10 @@ impl Drop for Recorded {
 impl CudaDevice {
     /// Records the launches `f` issues on this device's stream into a graph, without
     /// running them. `f` must not synchronise or copy to or from the host (the error
-    /// says so), and must free whatever it allocates.
+    /// says so), and must free whatever it allocates. No other thread may use the device
+    /// meanwhile: the device has one stream, and work issued there from another thread
+    /// (a launch, an upload, the free of a dropped buffer) would join the recording or
+    /// break it.
     pub fn record(self: &Arc<Self>, f: impl FnOnce() -> Result<()>) -> Result<Recorded> {
         if sync_mode() || profile_mode() {
             bail!(

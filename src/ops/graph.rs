@@ -23,7 +23,9 @@ use crate::{autograd, bail, cuda, DType, Device, Result, Tensor};
 ///   recorded (in-place updates, such as the optimizer's, are seen; a tensor replaced by
 ///   a new one is not);
 /// - results of a replay are the runner's own buffers, overwritten by the next call:
-///   use them before calling again, or copy them.
+///   use them before calling again, or copy them;
+/// - no other thread uses the GPU while a call records (the device has one stream; see
+///   [`crate::cuda::CudaDevice::record`]).
 ///
 /// A replay gives the same results as running the function, bit for bit, for functions
 /// whose kernels are deterministic.

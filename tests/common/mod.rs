@@ -80,12 +80,35 @@ pub fn gradcheck(name: &str, f: impl Fn(&[Tensor]) -> Result<Tensor>, inputs: &[
     }
 }
 
-/// The GPU to test on (with output poisoning switched on), or `None` (test prints that it skipped) when none is usable.
+/// The device has one stream: while a test records a CUDA graph on it, work that another
+/// thread of the same test executable issues there joins the recording or breaks it (a
+/// free of an older buffer, an upload). Tests that record hold this alone
+/// ([`recording_alone`]); the other GPU tests of their executables share it
+/// ([`beside_recordings`]).
+static RECORDING: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Held by a GPU test that records CUDA graphs, for its whole run.
+pub fn recording_alone() -> std::sync::RwLockWriteGuard<'static, ()> {
+    RECORDING.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Held by the other GPU tests of an executable with tests that record CUDA graphs.
+pub fn beside_recordings() -> std::sync::RwLockReadGuard<'static, ()> {
+    RECORDING.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The GPU to test on (with output poisoning switched on), or `None` (test prints that it
+/// skipped) when none is usable; with `SYNTHOS_REQUIRE_GPU=1` (the device emulation tier
+/// sets it) a missing GPU is a failure.
 pub fn gpu() -> Option<Device> {
     if synthos_engine::cuda::is_usable(0) {
         synthos_engine::cuda::set_poison(true);
         Some(Device::Cuda(0))
     } else {
+        assert!(
+            std::env::var("SYNTHOS_REQUIRE_GPU").as_deref() != Ok("1"),
+            "SYNTHOS_REQUIRE_GPU=1 but no usable CUDA device"
+        );
         eprintln!("no usable CUDA device: GPU check skipped");
         None
     }
