@@ -14,10 +14,15 @@
 //     host, or freeing memory the capture did not allocate, fails the capture;
 //   * a graph whose allocations are still live cannot be launched again.
 // Fresh allocations are filled with 0xFF bytes (NaN in f32 and bf16), so that an output
-// element no kernel writes shows. Kernel errors end the process with status 70, as in the
-// kernel emulation.
+// element no kernel writes shows, and end at an unmapped page, so that an access past the
+// end faults and is reported with the kernel and the allocation (writes into the rounding
+// to 256 bytes before that page are found when the allocation is freed). Kernel errors
+// end the process with status 70, as in the kernel emulation.
 #include <dlfcn.h>
 #include <dirent.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdarg>
@@ -86,11 +91,52 @@ std::map<uintptr_t, Allocation>& allocations() {
 }
 unsigned long long pool_used = 0, pool_high = 0;
 
+// Allocations end at a page that is not mapped (rounded up to 256 bytes, the alignment
+// of the driver's allocations), so that a kernel access past the end faults at once and
+// the fault handler names the kernel and the allocation; the bytes between the end and
+// the guard page hold kSlack, checked at free.
+constexpr size_t kPage = 4096;
+constexpr unsigned char kSlack = 0xA5;
+
+size_t round_up(size_t x, size_t to) { return (x + to - 1) / to * to; }
+
+// The mapping that holds an allocation of `bytes` at `ptr`: its start and length
+// (including the guard page).
+std::pair<uintptr_t, size_t> mapping_of(uintptr_t ptr, size_t bytes) {
+    const size_t body = round_up(std::max<size_t>(bytes, 1), 256), span = round_up(body, kPage);
+    return {ptr + body - span, span + kPage};
+}
+
 uintptr_t allocate(size_t bytes) {
-    void* p = nullptr;
-    if (posix_memalign(&p, 256, std::max<size_t>(bytes, 1)) != 0) return 0;
+    const size_t body = round_up(std::max<size_t>(bytes, 1), 256), span = round_up(body, kPage);
+    void* base = mmap(nullptr, span + kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) return 0;
+    if (mprotect(static_cast<char*>(base) + span, kPage, PROT_NONE) != 0) {
+        munmap(base, span + kPage);
+        return 0;
+    }
+    unsigned char* p = static_cast<unsigned char*>(base) + span - body;
     memset(p, 0xFF, bytes);
+    memset(p + bytes, kSlack, body - bytes);
     return reinterpret_cast<uintptr_t>(p);
+}
+
+// The kernel running now (for fault reports), or null.
+const char* running_kernel = nullptr;
+
+void release(uintptr_t ptr, size_t bytes) {
+    const size_t body = round_up(std::max<size_t>(bytes, 1), 256);
+    const unsigned char* p = reinterpret_cast<const unsigned char*>(ptr);
+    for (size_t i = bytes; i < body; ++i)
+        if (p[i] != kSlack) {
+            fprintf(stderr,
+                    "emu driver: byte %zu past the end of the %zu-byte allocation at %#lx was written (found when it "
+                    "was freed)\n",
+                    i - bytes, bytes, (unsigned long)ptr);
+            abort();
+        }
+    auto [start, len] = mapping_of(ptr, bytes);
+    munmap(reinterpret_cast<void*>(start), len);
 }
 
 // True when [ptr, ptr + bytes) lies inside one live allocation.
@@ -144,6 +190,60 @@ std::unordered_map<std::string, Function>& functions() {
         return out;
     }();
     return fns;
+}
+
+// ---- Faults ---------------------------------------------------------------------------
+
+struct sigaction previous_segv;
+
+// A fault in the guard page of a live allocation: names the kernel and the allocation,
+// then ends the process (status 70, as kernel errors in the emulation do). Other faults go
+// to the handler that was there before (Rust's stack-overflow report).
+void on_fault(int sig, siginfo_t* info, void* ctx) {
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(info->si_addr);
+    for (const auto& [ptr, a] : allocations()) {
+        const size_t body = round_up(std::max<size_t>(a.bytes, 1), 256);
+        if (addr >= ptr + body && addr < ptr + body + kPage) {
+            char msg[512];
+            const int n = snprintf(msg, sizeof msg,
+                                   "emu driver: %s accessed byte %lu past the end of the %zu-byte allocation at "
+                                   "%#lx\n",
+                                   running_kernel != nullptr ? running_kernel : "a host copy", (unsigned long)(addr - ptr - a.bytes),
+                                   a.bytes, (unsigned long)ptr);
+            (void)!write(2, msg, n);
+            _exit(70);
+        }
+    }
+    if (previous_segv.sa_flags & SA_SIGINFO) {
+        previous_segv.sa_sigaction(sig, info, ctx);
+    } else if (previous_segv.sa_handler != SIG_DFL && previous_segv.sa_handler != SIG_IGN) {
+        previous_segv.sa_handler(sig);
+    } else {
+        signal(sig, SIG_DFL);
+        raise(sig);
+    }
+}
+
+// Installs on_fault (once) with an alternate stack for the calling thread (kernel threads
+// are fibers with small stacks).
+void watch_faults() {
+    static thread_local bool stack_set = false;
+    if (!stack_set) {
+        stack_t st{};
+        st.ss_size = 64 * 1024;
+        st.ss_sp = malloc(st.ss_size);
+        sigaltstack(&st, nullptr);
+        stack_set = true;
+    }
+    static bool installed = [] {
+        struct sigaction sa{};
+        sa.sa_sigaction = on_fault;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGSEGV, &sa, &previous_segv);
+        return true;
+    }();
+    (void)installed;
 }
 
 // ---- Streams, capture and graphs --------------------------------------------------------
@@ -204,7 +304,7 @@ bool any_capture() {
 void release_graph(Graph* g) {
     for (size_t i = 0; i < g->owned.size(); ++i) {
         allocations().erase(g->owned[i]);
-        free(reinterpret_cast<void*>(g->owned[i]));
+        release(g->owned[i], g->owned_bytes[i]);
         graph_reserved -= g->owned_bytes[i];
     }
     g->owned.clear();
@@ -396,7 +496,7 @@ EXPORT CUresult cuMemFreeAsync(CUdeviceptr ptr, void* stream) {
         return INVALID_VALUE;
     }
     pool_used -= it->second.bytes;
-    free(reinterpret_cast<void*>(ptr));
+    release(ptr, it->second.bytes);
     allocations().erase(it);
     return OK;
 }
@@ -595,10 +695,13 @@ EXPORT CUresult cuLaunchKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, 
         static_cast<unsigned char*>(aligned_alloc(128, (offset + 127) / 128 * 128 + 128)), free);
     for (int i = 0; i < k->param_count; ++i) memcpy(bytes.get() + at[i], params[i], k->params[i].size);
     EmuLaunch launch{{gx, gy, gz}, {bx, by, bz}, smem};
+    watch_faults();
     return enqueue(stream, [k, launch, bytes, at]() -> CUresult {
         std::vector<void*> args(at.size());
         for (size_t i = 0; i < at.size(); ++i) args[i] = bytes.get() + at[i];
+        running_kernel = k->name;
         k->run(k->fn, k->name, &launch, args.data());
+        running_kernel = nullptr;
         return OK;
     });
 }
@@ -673,6 +776,7 @@ EXPORT CUresult cuGraphLaunch(void* exec, void* stream) {
     LOCK;
     Graph* g = static_cast<Exec*>(exec)->graph;
     if (capturing(stream)) return refuse_in_capture(stream, "a graph launch");
+    watch_faults();
     for (auto& node : g->nodes)
         if (CUresult r = node(); r != OK) return r;
     return OK;
