@@ -30,40 +30,31 @@ const TOO_LARGE: &[&str] = &[
     "gpu_1_3b_sample_and_train_step_480",
 ];
 
-/// Flags of every library: optimised (the emulated threads are fibers; -O1 runs the
-/// tensor-core emulation several times faster than -O0), position independent, and
-/// exporting only the entry points.
-const FLAGS: &[&str] = &[
-    "-std=c++20",
-    "-O1",
-    "-g0",
-    "-fPIC",
-    "-shared",
-    "-fvisibility=hidden",
-    "-fno-strict-aliasing",
-    "-DSYNTHOS_EMU",
-    "-Wall",
-    "-Wextra",
-    "-Wno-unknown-pragmas",
-    "-Wno-sign-compare",
-    "-Wno-unused-parameter",
-    "-Wno-psabi",
-];
+/// Flags of every library besides [`emu_build::FLAGS`]: optimised (the emulated threads
+/// are fibers; -O1 runs the tensor-core emulation several times faster than -O0),
+/// position independent, and exporting only the entry points.
+const LIBRARY_FLAGS: &[&str] = &["-O1", "-g0", "-fPIC", "-shared", "-fvisibility=hidden"];
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Runs g++ with the common flags and `args`; panics with its output when it fails.
+/// The include folders of every compilation: the kernel emulation's headers, the kernels
+/// and this tier's own.
+fn includes() -> Vec<String> {
+    ["tests/kernel_emu/include", "kernels", "tests/device_emu"]
+        .iter()
+        .flat_map(|dir| ["-I".to_string(), root().join(dir).to_string_lossy().into_owned()])
+        .collect()
+}
+
+/// Runs g++ with the flags of every library and `args`; panics with its output when it
+/// fails.
 fn compile(args: &[String], what: &str) {
     let out = Command::new(CXX)
-        .args(FLAGS)
-        .arg("-I")
-        .arg(root().join("tests/kernel_emu/include"))
-        .arg("-I")
-        .arg(root().join("kernels"))
-        .arg("-I")
-        .arg(root().join("tests/device_emu"))
+        .args(emu_build::FLAGS)
+        .args(LIBRARY_FLAGS)
+        .args(includes())
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {CXX}: {e}"));
@@ -79,10 +70,8 @@ fn compile(args: &[String], what: &str) {
 /// (macros expanded), without the emulation's own.
 fn kernel_names(file: &Path) -> Vec<String> {
     let out = Command::new(CXX)
-        .args(["-std=c++20", "-x", "c++", "-E", "-P", "-DSYNTHOS_EMU", "-I"])
-        .arg(root().join("tests/kernel_emu/include"))
-        .arg("-I")
-        .arg(root().join("kernels"))
+        .args(["-std=c++20", "-x", "c++", "-E", "-P", "-DSYNTHOS_EMU"])
+        .args(includes())
         .arg(file)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {CXX}: {e}"));
@@ -101,8 +90,10 @@ fn kernel_names(file: &Path) -> Vec<String> {
 
 /// Builds (unless cached) the driver, cuBLASLt and kernel libraries; returns their folder.
 fn build_libraries(version: &str) -> PathBuf {
-    let key =
-        emu_build::key(&[version, &FLAGS.join(" ")], &["tests/kernel_emu/include", "tests/device_emu", "kernels"]);
+    let key = emu_build::key(
+        &[version, &emu_build::FLAGS.join(" "), &LIBRARY_FLAGS.join(" ")],
+        &["tests/kernel_emu/include", "tests/device_emu", "kernels"],
+    );
     let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("device_emu");
     let dir = cache.join(format!("{key:016x}"));
     if dir.join("complete").exists() {

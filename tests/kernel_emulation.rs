@@ -20,22 +20,6 @@ use std::time::Instant;
 mod emu_build;
 use emu_build::CXX;
 
-/// Flags of every build. `-fno-strict-aliasing`: kernels reinterpret 16-byte words as
-/// element arrays, which nvcc compiles as intended and g++ may not otherwise.
-const COMMON_FLAGS: &[&str] = &[
-    "-std=c++20",
-    "-g1",
-    "-fno-strict-aliasing",
-    "-DSYNTHOS_EMU",
-    "-Wall",
-    "-Wextra",
-    "-Wno-unknown-pragmas",
-    "-Wno-sign-compare",
-    "-Wno-unused-parameter",
-    // (g++'s note that 64-byte-aligned parameters, the tensor maps, pass differently since GCC 4.6)
-    "-Wno-psabi",
-];
-
 /// A sanitizer build of a harness.
 #[derive(Clone, Copy, Debug)]
 enum Build {
@@ -77,7 +61,8 @@ fn run_build(family: &str, opt: &str, build: Build, version: &str) {
     let emu_dir = root.join("tests/kernel_emu");
     let kernels = root.join("kernels");
     let source = emu_dir.join(format!("{family}.cpp"));
-    let mut flags: Vec<String> = COMMON_FLAGS.iter().chain(build.flags()).map(|s| s.to_string()).collect();
+    let mut flags: Vec<String> =
+        emu_build::FLAGS.iter().chain(&["-g1"]).chain(build.flags()).map(|s| s.to_string()).collect();
     flags.push(opt.to_string());
 
     // The key covers everything the harness can include: the emulation, all kernels.

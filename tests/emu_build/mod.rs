@@ -8,6 +8,22 @@ use std::process::Command;
 /// The compiler; the emulation relies on GCC's sanitizer macros and builtins.
 pub const CXX: &str = "g++";
 
+/// Flags of every build of kernels for the CPU. `-fno-strict-aliasing`: kernels
+/// reinterpret 16-byte words as element arrays, which nvcc compiles as intended and g++
+/// may not otherwise.
+pub const FLAGS: &[&str] = &[
+    "-std=c++20",
+    "-fno-strict-aliasing",
+    "-DSYNTHOS_EMU",
+    "-Wall",
+    "-Wextra",
+    "-Wno-unknown-pragmas",
+    "-Wno-sign-compare",
+    "-Wno-unused-parameter",
+    // (g++'s note that 64-byte-aligned parameters, the tensor maps, pass differently since GCC 4.6)
+    "-Wno-psabi",
+];
+
 /// The oldest g++ with everything the emulation uses (C++20 `<source_location>`,
 /// `std::atomic_ref`, the sanitizers' fiber interfaces).
 pub const MIN_GCC: u32 = 12;
