@@ -587,6 +587,43 @@ pub fn backward(
     Ok(CudaAttentionGrads { dq, dk, dv, dbias: dbias.map(CudaBuf::F32) })
 }
 
+/// The two kernels of [`deterministic_backward`].
+#[derive(Clone, Copy)]
+enum BwdPart {
+    /// dk and dv: blocks along the keys.
+    DkDv,
+    /// dq (and dbias): blocks along the queries.
+    Dq,
+}
+
+/// The function and launch shape of one kernel of the deterministic backward,
+/// `attn_bwd_{dkdv|dq}_{mma|wgmma}_d{Dh}`: one block per tile of keys (dk, dv) or queries
+/// (dq) of each head and batch element, with the kernel's shared memory.
+fn deterministic_kernel(
+    dev: &CudaDevice,
+    p: &AttentionParams,
+    part: BwdPart,
+    hopper: bool,
+) -> Result<(CudaFunction, LaunchConfig)> {
+    let dh = p.head_dim;
+    let (module, kind, threads) =
+        if hopper { ("attention_wgmma", "wgmma", WGMMA_THREADS) } else { ("attention_mma", "mma", THREADS) };
+    let (what, len, smem, tile) = match (part, hopper) {
+        (BwdPart::DkDv, true) => ("dkdv", p.kv_len, wgmma_bwd_smem_bytes(dh), WGMMA_BWD_KEYS),
+        (BwdPart::DkDv, false) => ("dkdv", p.kv_len, mma_bwd_smem_bytes(dh), BWD_KEYS),
+        (BwdPart::Dq, true) => ("dq", p.q_len, wgmma_dq_smem_bytes(dh), WGMMA_DQ_QUERIES),
+        (BwdPart::Dq, false) => ("dq", p.q_len, mma_dq_smem_bytes(dh), DQ_QUERIES),
+    };
+    let name = kernel_name(&format!("attn_bwd_{what}_{kind}_d{dh}"), DType::BF16);
+    let f = kernel_with_smem(dev, module, name, smem)?;
+    let cfg = LaunchConfig {
+        grid_dim: (len.div_ceil(tile) as u32, p.heads as u32, p.batch as u32),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    Ok((f, cfg))
+}
+
 /// The deterministic backward (no atomics): `attn_bwd_dkdv_mma` (dk, dv; one block per 64
 /// keys) and `attn_bwd_dq_mma` (dq in bf16 and dbias per batch element; one block per 64
 /// queries), or with `hopper` `attn_bwd_dkdv_wgmma` (one block per 128 keys) and
@@ -615,18 +652,7 @@ fn deterministic_backward(
     let mut dk = dev.alloc(kv_elems, DType::BF16)?;
     let mut dv = dev.alloc(kv_elems, DType::BF16)?;
     {
-        let (module, kind, smem, keys, threads) = if hopper {
-            ("attention_wgmma", "wgmma", wgmma_bwd_smem_bytes(p.head_dim), WGMMA_BWD_KEYS, WGMMA_THREADS)
-        } else {
-            ("attention_mma", "mma", mma_bwd_smem_bytes(p.head_dim), BWD_KEYS, THREADS)
-        };
-        let name = kernel_name(&format!("attn_bwd_dkdv_{kind}_d{}", p.head_dim), DType::BF16);
-        let f = kernel_with_smem(dev, module, name, smem)?;
-        let cfg = LaunchConfig {
-            grid_dim: (p.kv_len.div_ceil(keys) as u32, p.heads as u32, p.batch as u32),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
+        let (f, cfg) = deterministic_kernel(dev, p, BwdPart::DkDv, hopper)?;
         let mut lb = dev.stream.launch_builder(&f);
         lb.arg(q).arg(k).arg(v).arg(g).arg(l).arg(drow).arg(mask).arg(bias);
         lb.buf_mut(&mut dk).buf_mut(&mut dv);
@@ -643,18 +669,7 @@ fn deterministic_backward(
     let per_batch = p.batch * p.heads * p.q_len * p.kv_len;
     let mut dbias_full = if want_dbias { Some(dev.stream.alloc_zeros::<f32>(per_batch)?) } else { None };
     {
-        let (module, kind, smem, rows, threads) = if hopper {
-            ("attention_wgmma", "wgmma", wgmma_dq_smem_bytes(p.head_dim), WGMMA_DQ_QUERIES, WGMMA_THREADS)
-        } else {
-            ("attention_mma", "mma", mma_dq_smem_bytes(p.head_dim), DQ_QUERIES, THREADS)
-        };
-        let name = kernel_name(&format!("attn_bwd_dq_{kind}_d{}", p.head_dim), DType::BF16);
-        let f = kernel_with_smem(dev, module, name, smem)?;
-        let cfg = LaunchConfig {
-            grid_dim: (p.q_len.div_ceil(rows) as u32, p.heads as u32, p.batch as u32),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
+        let (f, cfg) = deterministic_kernel(dev, p, BwdPart::Dq, hopper)?;
         let mut lb = dev.stream.launch_builder(&f);
         lb.arg(q).arg(k).arg(v).arg(g).arg(l).arg(drow).arg(mask).arg(bias);
         lb.buf_mut(&mut dq);
