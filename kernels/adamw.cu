@@ -198,31 +198,26 @@ __device__ void adamw_impl(const G* __restrict__ grad, float* __restrict__ w, fl
                         (int64_t)gridDim.x * blockDim.x);
 }
 
-// f32 parameter: w is the parameter itself.
-extern "C" __global__ void adamw_f32(const float* grad, float* w, float* m, float* v, AdamWStep s, int64_t n) {
-    adamw_impl<float, kWeightsPlain>(grad, w, m, v, nullptr, nullptr, s, n);
-}
-extern "C" __global__ void adamw_bf16(const bf16* grad, float* w, float* m, float* v, AdamWStep s, int64_t n) {
-    adamw_impl<bf16, kWeightsPlain>(grad, w, m, v, nullptr, nullptr, s, n);
-}
-// bf16 parameter: w is its fp32 master, `param` its compute copy.
-extern "C" __global__ void adamw_master_f32(const float* grad, float* w, float* m, float* v, bf16* param,
-                                            AdamWStep s, int64_t n) {
-    adamw_impl<float, kWeightsCopy>(grad, w, m, v, param, nullptr, s, n);
-}
-extern "C" __global__ void adamw_master_bf16(const bf16* grad, float* w, float* m, float* v, bf16* param,
-                                             AdamWStep s, int64_t n) {
-    adamw_impl<bf16, kWeightsCopy>(grad, w, m, v, param, nullptr, s, n);
-}
-// bf16 parameter with a split master: `param` holds the high halves, `lo` the low ones.
-extern "C" __global__ void adamw_split_f32(const float* grad, bf16* param, uint16_t* lo, float* m, float* v,
-                                           AdamWStep s, int64_t n) {
-    adamw_impl<float, kWeightsSplit>(grad, nullptr, m, v, param, lo, s, n);
-}
-extern "C" __global__ void adamw_split_bf16(const bf16* grad, bf16* param, uint16_t* lo, float* m, float* v,
-                                            AdamWStep s, int64_t n) {
-    adamw_impl<bf16, kWeightsSplit>(grad, nullptr, m, v, param, lo, s, n);
-}
+// The three update kernels of one gradient type G (suffix f32 or bf16):
+// - adamw_<G>: an f32 parameter, w is the parameter itself;
+// - adamw_master_<G>: a bf16 parameter, w is its fp32 master and `param` its compute copy;
+// - adamw_split_<G>: a bf16 parameter with a split master, `param` holding the high
+//   halves and `lo` the low ones.
+#define ADAMW_ENTRIES(G, SUFFIX)                                                                                  \
+    extern "C" __global__ void adamw_##SUFFIX(const G* grad, float* w, float* m, float* v, AdamWStep s,          \
+                                              int64_t n) {                                                      \
+        adamw_impl<G, kWeightsPlain>(grad, w, m, v, nullptr, nullptr, s, n);                                    \
+    }                                                                                                           \
+    extern "C" __global__ void adamw_master_##SUFFIX(const G* grad, float* w, float* m, float* v, bf16* param,   \
+                                                     AdamWStep s, int64_t n) {                                  \
+        adamw_impl<G, kWeightsCopy>(grad, w, m, v, param, nullptr, s, n);                                       \
+    }                                                                                                           \
+    extern "C" __global__ void adamw_split_##SUFFIX(const G* grad, bf16* param, uint16_t* lo, float* m, float* v, \
+                                                    AdamWStep s, int64_t n) {                                   \
+        adamw_impl<G, kWeightsSplit>(grad, nullptr, m, v, param, lo, s, n);                                     \
+    }
+ADAMW_ENTRIES(float, f32)
+ADAMW_ENTRIES(bf16, bf16)
 
 // w[i] = the split master (param[i], lo[i]), for i < n.
 extern "C" __global__ void master_join(const bf16* param, const uint16_t* lo, float* w, int64_t n) {
@@ -288,29 +283,28 @@ struct MultiChunk {
     int chunk;
 };
 
+// Elements [begin, end) of one tensor of a multi-tensor step, with its gradient g of type
+// G, updated in the tensor's weight mode (split master, master with a copy, or plain).
+template <typename G>
+__device__ __forceinline__ void adamw_tensor_span(const MultiTensor& t, const G* g, int64_t begin, int64_t end) {
+    const int64_t tid = threadIdx.x, stride = blockDim.x;
+    if (t.lo != nullptr)
+        adamw_span<G, kWeightsSplit>(g, nullptr, t.m, t.v, t.copy, t.lo, t.s, begin, end, tid, stride);
+    else if (t.copy != nullptr)
+        adamw_span<G, kWeightsCopy>(g, t.w, t.m, t.v, t.copy, nullptr, t.s, begin, end, tid, stride);
+    else
+        adamw_span<G, kWeightsPlain>(g, t.w, t.m, t.v, nullptr, nullptr, t.s, begin, end, tid, stride);
+}
+
 extern "C" __global__ void adamw_multi(const MultiTensor* __restrict__ tensors, const MultiChunk* __restrict__ chunks,
                                        int64_t chunk) {
     const MultiChunk c = chunks[blockIdx.x];
     const MultiTensor& t = tensors[c.tensor];
     const int64_t begin = c.chunk * chunk, end = min(begin + chunk, t.n);
-    const int64_t tid = threadIdx.x, stride = blockDim.x;
-    if (t.grad_bf16) {
-        const bf16* g = static_cast<const bf16*>(t.grad);
-        if (t.lo != nullptr)
-            adamw_span<bf16, kWeightsSplit>(g, nullptr, t.m, t.v, t.copy, t.lo, t.s, begin, end, tid, stride);
-        else if (t.copy != nullptr)
-            adamw_span<bf16, kWeightsCopy>(g, t.w, t.m, t.v, t.copy, nullptr, t.s, begin, end, tid, stride);
-        else
-            adamw_span<bf16, kWeightsPlain>(g, t.w, t.m, t.v, nullptr, nullptr, t.s, begin, end, tid, stride);
-    } else {
-        const float* g = static_cast<const float*>(t.grad);
-        if (t.lo != nullptr)
-            adamw_span<float, kWeightsSplit>(g, nullptr, t.m, t.v, t.copy, t.lo, t.s, begin, end, tid, stride);
-        else if (t.copy != nullptr)
-            adamw_span<float, kWeightsCopy>(g, t.w, t.m, t.v, t.copy, nullptr, t.s, begin, end, tid, stride);
-        else
-            adamw_span<float, kWeightsPlain>(g, t.w, t.m, t.v, nullptr, nullptr, t.s, begin, end, tid, stride);
-    }
+    if (t.grad_bf16)
+        adamw_tensor_span(t, static_cast<const bf16*>(t.grad), begin, end);
+    else
+        adamw_tensor_span(t, static_cast<const float*>(t.grad), begin, end);
 }
 
 template <typename T>

@@ -182,8 +182,7 @@ __device__ __forceinline__ void attn_fwd(const bf16* __restrict__ q, const bf16*
     using L = FwdSmem<DH>;
     constexpr int LDQ = L::LDQ;
     constexpr int DF = DH / 16;  // 16-wide column blocks of the head dim
-    DYNAMIC_SMEM(smem);
-    if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
+    unsigned char* smem = dynamic_smem_at_least<L::BYTES>();
     bf16* Qs = reinterpret_cast<bf16*>(smem + L::Q);
     bf16* Ks = reinterpret_cast<bf16*>(smem + L::K);
     bf16* Vs = reinterpret_cast<bf16*>(smem + L::V);
@@ -330,8 +329,7 @@ __device__ __forceinline__ void attn_bwd(const bf16* __restrict__ q, const bf16*
     using L = BwdSmem<DH>;
     constexpr int LDQ = L::LDQ;
     constexpr int DF = DH / 16;
-    DYNAMIC_SMEM(smem);
-    if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
+    unsigned char* smem = dynamic_smem_at_least<L::BYTES>();
     bf16* Ks = reinterpret_cast<bf16*>(smem + L::K);
     bf16* Vs = reinterpret_cast<bf16*>(smem + L::V);
     bf16* Qs = reinterpret_cast<bf16*>(smem + L::Q);

@@ -72,8 +72,7 @@ __device__ __forceinline__ void attn_fwd_mma(const bf16* __restrict__ q, const b
     // One 16-row tile per warp keeps Q's A operands in registers; with two, they are
     // re-read from shared memory per key tile (registers go to the second O and S).
     constexpr bool Q_IN_REGS = MT == 1;
-    DYNAMIC_SMEM(smem);
-    if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
+    unsigned char* smem = dynamic_smem_at_least<L::BYTES>();
     bf16* Qs = reinterpret_cast<bf16*>(smem + L::Q);
     bf16* Ks = reinterpret_cast<bf16*>(smem + L::K);
     bf16* Vs = reinterpret_cast<bf16*>(smem + L::V);
@@ -125,14 +124,10 @@ __device__ __forceinline__ void attn_fwd_mma(const bf16* __restrict__ q, const b
 
     for (int j = 0; j < tiles; ++j) {
         const int stage = j & 1, k0 = j * BK;
-        if (j + 1 < tiles) {  // tile j+1 into the other stage (free since the barrier ending j-1)
+        flash::prefetch_next(j, tiles, [&] {
             issue_tile<DH, BK, LD, L::THREADS>(Ks + (stage ^ 1) * BK * LD, k, b, k0 + BK, Nk, H, h);
             issue_tile<DH, BK, LD, L::THREADS>(Vs + (stage ^ 1) * BK * LD, v, b, k0 + BK, Nk, H, h);
-            ptx::cp_async_commit();
-            ptx::cp_async_wait<1>();
-        } else {
-            ptx::cp_async_wait<0>();
-        }
+        });
         __syncthreads();  // tile j (and, the first time, Q) is in shared memory for every warp
         const bf16* Kt = Ks + stage * BK * LD;
         const bf16* Vt = Vs + stage * BK * LD;
@@ -285,8 +280,7 @@ __device__ __forceinline__ void attn_bwd_mma(const bf16* __restrict__ q, const b
                                              float scale) {
     using L = MmaBwd<DH>;
     constexpr int LD = L::LD, KD = DH / 16, DT = DH / 8, NT = MMA_BWD_BQ / 8, THREADS = 128;
-    DYNAMIC_SMEM(smem);
-    if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
+    unsigned char* smem = dynamic_smem_at_least<L::BYTES>();
     bf16* Ks = reinterpret_cast<bf16*>(smem + L::K);
     bf16* Vs = reinterpret_cast<bf16*>(smem + L::V);
     bf16* Qs = reinterpret_cast<bf16*>(smem + L::Q);
@@ -326,15 +320,11 @@ __device__ __forceinline__ void attn_bwd_mma(const bf16* __restrict__ q, const b
 
     for (int j = 0; j < tiles; ++j) {
         const int stage = j & 1, q0 = q_begin + j * MMA_BWD_BQ;
-        if (j + 1 < tiles) {
+        flash::prefetch_next(j, tiles, [&] {
             const int off = (stage ^ 1) * MMA_BWD_BQ * LD;
             issue_tile<DH, MMA_BWD_BQ, LD, THREADS>(Qs + off, q, b, q0 + MMA_BWD_BQ, Nq, H, h);
             issue_tile<DH, MMA_BWD_BQ, LD, THREADS>(dOs + off, dout, b, q0 + MMA_BWD_BQ, Nq, H, h);
-            ptx::cp_async_commit();
-            ptx::cp_async_wait<1>();
-        } else {
-            ptx::cp_async_wait<0>();
-        }
+        });
         flash::bwd_stats<MMA_BWD_BQ>(Ls + stage * MMA_BWD_BQ, Ds + stage * MMA_BWD_BQ, lse, drow, b, H, h, Nq, q0);
         __syncthreads();  // tile j (and, the first time, K and V) is in shared memory
         const bf16* Qt = Qs + stage * MMA_BWD_BQ * LD;
@@ -489,8 +479,7 @@ __device__ __forceinline__ void attn_bwd_dq_mma(const bf16* __restrict__ q, cons
                                                 float scale) {
     using L = MmaDq<DH>;
     constexpr int LD = L::LD, KD = DH / 16, DT = DH / 8, NT = MMA_DQ_BK / 8, THREADS = 128;
-    DYNAMIC_SMEM(smem);
-    if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
+    unsigned char* smem = dynamic_smem_at_least<L::BYTES>();
     bf16* Qs = reinterpret_cast<bf16*>(smem + L::Q);
     bf16* dOs = reinterpret_cast<bf16*>(smem + L::DO);
     bf16* Ks = reinterpret_cast<bf16*>(smem + L::K);
@@ -525,15 +514,11 @@ __device__ __forceinline__ void attn_bwd_dq_mma(const bf16* __restrict__ q, cons
 
     for (int j = 0; j < tiles; ++j) {
         const int stage = j & 1, k0 = j * MMA_DQ_BK;
-        if (j + 1 < tiles) {
+        flash::prefetch_next(j, tiles, [&] {
             const int off = (stage ^ 1) * MMA_DQ_BK * LD;
             issue_tile<DH, MMA_DQ_BK, LD, THREADS>(Ks + off, k, b, k0 + MMA_DQ_BK, Nk, H, h);
             issue_tile<DH, MMA_DQ_BK, LD, THREADS>(Vs + off, v, b, k0 + MMA_DQ_BK, Nk, H, h);
-            ptx::cp_async_commit();
-            ptx::cp_async_wait<1>();
-        } else {
-            ptx::cp_async_wait<0>();
-        }
+        });
         __syncthreads();  // tile j (and, the first time, Q and dO) is in shared memory
         const bf16* Kt = Ks + stage * MMA_DQ_BK * LD;
         const bf16* Vt = Vs + stage * MMA_DQ_BK * LD;
@@ -619,34 +604,8 @@ ATTN_MMA_FWD(attn_fwd_mma_w8_d128_bf16, 8, 1, 64, 128)
 ATTN_MMA_FWD(attn_fwd_mma_w4_m2_d64_bf16, 4, 2, 32, 64)
 ATTN_MMA_FWD(attn_fwd_mma_w4_m2_d128_bf16, 4, 2, 32, 128)
 
-#define ATTN_MMA_BWD(DH)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(128)                                                           \
-        attn_bwd_mma_d##DH##_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,                \
-                                  const float* lse, const float* drow, const float* key_mask, const float* bias,\
-                                  float* dq_acc, bf16* dk, bf16* dv, float* dbias, int Nq, int Nk, int H,       \
-                                  int bias_batch, int has_mask, int causal, int want_dbias, float scale) {      \
-        attn_bwd_mma<DH, true>(q, k, v, dout, lse, drow, key_mask, bias, dq_acc, dk, dv, dbias, Nq, Nk, H,      \
-                               bias_batch, has_mask, causal, want_dbias, scale);                                \
-    }                                                                                                           \
-    extern "C" __global__ void __launch_bounds__(128)                                                           \
-        attn_bwd_dkdv_mma_d##DH##_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,           \
-                                       const float* lse, const float* drow, const float* key_mask,              \
-                                       const float* bias, bf16* dk, bf16* dv, int Nq, int Nk, int H,            \
-                                       int bias_batch, int has_mask, int causal, float scale) {                 \
-        attn_bwd_mma<DH, false>(q, k, v, dout, lse, drow, key_mask, bias, nullptr, dk, dv, nullptr, Nq, Nk, H,  \
-                                bias_batch, has_mask, causal, 0, scale);                                        \
-    }                                                                                                           \
-    extern "C" __global__ void __launch_bounds__(128)                                                           \
-        attn_bwd_dq_mma_d##DH##_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,             \
-                                     const float* lse, const float* drow, const float* key_mask,                \
-                                     const float* bias, bf16* dq, float* dbias, int Nq, int Nk, int H,          \
-                                     int bias_batch, int has_mask, int causal, int want_dbias, float scale) {   \
-        attn_bwd_dq_mma<DH>(q, k, v, dout, lse, drow, key_mask, bias, dq, dbias, Nq, Nk, H, bias_batch,         \
-                            has_mask, causal, want_dbias, scale);                                               \
-    }
-
-ATTN_MMA_BWD(32)
-ATTN_MMA_BWD(64)
-ATTN_MMA_BWD(80)
-ATTN_MMA_BWD(96)
-ATTN_MMA_BWD(128)
+FLASH_BWD_ENTRIES(mma, 32, 128)
+FLASH_BWD_ENTRIES(mma, 64, 128)
+FLASH_BWD_ENTRIES(mma, 80, 128)
+FLASH_BWD_ENTRIES(mma, 96, 128)
+FLASH_BWD_ENTRIES(mma, 128, 128)

@@ -115,6 +115,33 @@ __device__ __forceinline__ void pack_p(const float (&s)[BKT / 2], uint32_t (*pa)
         for (int i = 0; i < 4; ++i) pa[ks][i] = ptx::pack_bf16(s[8 * ks + 2 * i], s[8 * ks + 2 * i + 1]);
 }
 
+// O += P V (issue_pv's operands), run to completion: fenced, issued as one group and
+// waited for.
+template <int DH, int K, int ROWS>
+__device__ __forceinline__ void pv_now(float (&o)[DH / 2], const uint32_t (*pa)[4], const unsigned char* v) {
+    ptx::wgmma_fence_operand(o);
+    ptx::wgmma_fence();
+    issue_pv<DH, K, ROWS>(o, pa, v);
+    ptx::wgmma_commit();
+    ptx::wgmma_wait<0>();
+    ptx::wgmma_fence_operand(o);
+}
+
+// The backwards' two score products of a tile (issue_qk's operands: S or S^T from a1 and
+// b1, dP or dP^T from a2 and b2) issued as two groups; returns once the first is done, so
+// that P is computed while dP's products run.
+template <int DH, int N, int AROWS, int BROWS>
+__device__ __forceinline__ void s_and_dp(float (&s)[N / 2], const unsigned char* a1, const unsigned char* b1,
+                                         float (&dp)[N / 2], const unsigned char* a2, const unsigned char* b2) {
+    ptx::wgmma_fence();
+    issue_qk<DH, N, AROWS, BROWS>(s, a1, b1);
+    ptx::wgmma_commit();
+    issue_qk<DH, N, AROWS, BROWS>(dp, a2, b2);
+    ptx::wgmma_commit();
+    ptx::wgmma_wait<1>();
+    ptx::wgmma_fence_operand(s);
+}
+
 // The end of a forward: each row's log-sum-exp, and O normalised and stored (a lane
 // writes 2 consecutive dims of rows g and g+8 per 8-dim tile).
 template <int DH>
@@ -236,9 +263,7 @@ __device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const
 #if defined(SYNTHOS_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using L = WgFwd<DH, OVERLAP>;
     constexpr int BQ = L::BQ, BK = L::BK, TILE = L::TILE;
-    DYNAMIC_SMEM(smem_raw);
-    if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
-    unsigned char* smem = ptx::align_1024(smem_raw);
+    unsigned char* smem = ptx::align_1024(dynamic_smem_at_least<L::BYTES>());
     unsigned char* Qs = smem + L::Q;
     unsigned char* Ks = smem + L::K;
     unsigned char* Vs = smem + L::V;
@@ -274,14 +299,10 @@ __device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const
         // Tile j+1 into K stage (j+1) % 2 and its V stage, both free since the barrier
         // ending tile j-1 (plain: their last reader was tile j-1; OVERLAP: K_{j-1}, and
         // V_{j-2}, whose P V ran in tile j-1).
-        if (j + 1 < tiles) {
+        flash::prefetch_next(j, tiles, [&] {
             issue_tile_sw128<DH, BK, L::THREADS>(Ks + ((j + 1) & 1) * TILE, k, b, k0 + BK, Nk, H, h);
             issue_tile_sw128<DH, BK, L::THREADS>(Vs + v_stage(j + 1) * TILE, v, b, k0 + BK, Nk, H, h);
-            ptx::cp_async_commit();
-            ptx::cp_async_wait<1>();
-        } else {
-            ptx::cp_async_wait<0>();
-        }
+        });
         ptx::fence_proxy_async();  // this thread's copies, visible to the tensor cores
         __syncthreads();           // ... and every other thread's: tile j (and Q) is in place
         const unsigned char* Kt = Ks + (j & 1) * TILE;
@@ -305,12 +326,7 @@ __device__ __forceinline__ void attn_fwd_wgmma(const bf16* __restrict__ q, const
                 // that one fence covers all the products (packing between them would make
                 // the compiler fence each one).
                 pack_p<BKT>(s, pa);
-                ptx::wgmma_fence_operand(o);
-                ptx::wgmma_fence();
-                issue_pv<DH, BKT, BK>(o, pa, Vs + v_stage(j) * TILE);
-                ptx::wgmma_commit();
-                ptx::wgmma_wait<0>();
-                ptx::wgmma_fence_operand(o);
+                pv_now<DH, BKT, BK>(o, pa, Vs + v_stage(j) * TILE);
             } else {
                 const auto none = [] {};
                 overlapped_tile<DH, BKT, BQ, BK>(o, pa, q_rows, Kt, j > 0 ? Vs + v_stage(j - 1) * TILE : nullptr, rows,
@@ -411,9 +427,7 @@ __device__ __forceinline__ void attn_fwd_wgmma_ws(const ptx::TmaMap* q_map, cons
 #if defined(SYNTHOS_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using L = WgWs<DH>;
     constexpr int BQ = L::BQ, BK = L::BK, TILE = L::TILE, PANELS = DH / 64;
-    DYNAMIC_SMEM(smem_raw);
-    if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
-    unsigned char* smem = ptx::align_1024(smem_raw);
+    unsigned char* smem = ptx::align_1024(dynamic_smem_at_least<L::BYTES>());
     unsigned char* Qs = smem + L::Q;
     unsigned char* Ks = smem + L::K;
     unsigned char* Vs = smem + L::V;
@@ -592,9 +606,7 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
 #if defined(SYNTHOS_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using L = WgBwd<DH>;
     constexpr int BK = L::BK, BQ = L::BQ, DT = DH / 8, NT = BQ / 8, QS = BQ / 16;
-    DYNAMIC_SMEM(smem_raw);
-    if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
-    unsigned char* smem = ptx::align_1024(smem_raw);
+    unsigned char* smem = ptx::align_1024(dynamic_smem_at_least<L::BYTES>());
     unsigned char* Ks = smem + L::K;
     unsigned char* Vs = smem + L::V;
     unsigned char* Qs = smem + L::Q;
@@ -644,14 +656,10 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
 
     for (int j = 0; j < tiles; ++j) {
         const int stage = j & 1, q0 = q_begin + j * BQ;
-        if (j + 1 < tiles) {  // tile j+1 into the other stage (its readers passed tile j-1's waits)
+        flash::prefetch_next(j, tiles, [&] {  // (the other stage's readers passed tile j-1's waits)
             issue_tile_sw128<DH, BQ, L::THREADS>(Qs + (stage ^ 1) * BQ * DH * 2, q, b, q0 + BQ, Nq, H, h);
             issue_tile_sw128<DH, BQ, L::THREADS>(dOs + (stage ^ 1) * BQ * DH * 2, dout, b, q0 + BQ, Nq, H, h);
-            ptx::cp_async_commit();
-            ptx::cp_async_wait<1>();
-        } else {
-            ptx::cp_async_wait<0>();
-        }
+        });
         flash::bwd_stats<BQ>(Ls + stage * BQ, Ds + stage * BQ, lse, drow, b, H, h, Nq, q0);
         ptx::fence_proxy_async();  // this thread's copies, visible to the tensor cores
         __syncthreads();           // ... and every other thread's: tile j (and K, V) is in place
@@ -667,13 +675,7 @@ __device__ __forceinline__ void attn_bwd_wgmma(const bf16* __restrict__ q, const
         uint32_t pa[QS][4], da[QS][4];  // P^T and dS^T as A operands, 16 queries each
         auto& s4 = reinterpret_cast<float(&)[NT][4]>(s);
         auto& dp4 = reinterpret_cast<float(&)[NT][4]>(dp);
-        ptx::wgmma_fence();
-        issue_qk<DH, BQ, BK, BQ>(s, k_rows, Qt);
-        ptx::wgmma_commit();
-        issue_qk<DH, BQ, BK, BQ>(dp, v_rows, dOt);
-        ptx::wgmma_commit();
-        ptx::wgmma_wait<1>();  // S^T
-        ptx::wgmma_fence_operand(s);
+        s_and_dp<DH, BQ, BK, BQ>(s, k_rows, Qt, dp, v_rows, dOt);
 
         // P^T in place of S^T (element e of 8-query tile n: key keys[e / 2], query
         // q0 + 8n + 2t + e % 2), then dV += P^T dO over the tile's queries in slices of 16:
@@ -804,9 +806,7 @@ __device__ __forceinline__ void attn_bwd_dq_wgmma(const bf16* __restrict__ q, co
 #if defined(SYNTHOS_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using L = WgDq<DH>;
     constexpr int BQ = L::BQ, BK = L::BK, DT = DH / 8, NT = BK / 8;
-    DYNAMIC_SMEM(smem_raw);
-    if (dynamic_smem_bytes() < (unsigned)L::BYTES) __trap();
-    unsigned char* smem = ptx::align_1024(smem_raw);
+    unsigned char* smem = ptx::align_1024(dynamic_smem_at_least<L::BYTES>());
     unsigned char* Qs = smem + L::Q;
     unsigned char* dOs = smem + L::DO;
     unsigned char* Ks = smem + L::K;
@@ -845,14 +845,10 @@ __device__ __forceinline__ void attn_bwd_dq_wgmma(const bf16* __restrict__ q, co
 
     for (int j = 0; j < tiles; ++j) {
         const int stage = j & 1, k0 = j * BK;
-        if (j + 1 < tiles) {  // tile j+1 into the other stage (free since the barrier ending j-1)
+        flash::prefetch_next(j, tiles, [&] {
             issue_tile_sw128<DH, BK, L::THREADS>(Ks + (stage ^ 1) * BK * DH * 2, k, b, k0 + BK, Nk, H, h);
             issue_tile_sw128<DH, BK, L::THREADS>(Vs + (stage ^ 1) * BK * DH * 2, v, b, k0 + BK, Nk, H, h);
-            ptx::cp_async_commit();
-            ptx::cp_async_wait<1>();
-        } else {
-            ptx::cp_async_wait<0>();
-        }
+        });
         ptx::fence_proxy_async();  // this thread's copies, visible to the tensor cores
         __syncthreads();           // ... and every other thread's: tile j (and Q, dO) is in place
         unsigned char* Kt = Ks + stage * BK * DH * 2;
@@ -863,13 +859,7 @@ __device__ __forceinline__ void attn_bwd_dq_wgmma(const bf16* __restrict__ q, co
         float s[BK / 2], dp[BK / 2];
         auto& s4 = reinterpret_cast<float(&)[NT][4]>(s);
         auto& dp4 = reinterpret_cast<float(&)[NT][4]>(dp);
-        ptx::wgmma_fence();
-        issue_qk<DH, BK, BQ, BK>(s, q_rows, Kt);
-        ptx::wgmma_commit();
-        issue_qk<DH, BK, BQ, BK>(dp, o_rows, Vt);
-        ptx::wgmma_commit();
-        ptx::wgmma_wait<1>();  // S
-        ptx::wgmma_fence_operand(s);
+        s_and_dp<DH, BK, BQ, BK>(s, q_rows, Kt, dp, o_rows, Vt);
         flash::bwd_p_rows<NT>(s4, rows, k0, t, Nq, Nk, causal, has_mask, key_mask, b, brow, lrow, scale);
         ptx::wgmma_wait<0>();  // dP
         ptx::wgmma_fence_operand(dp);
@@ -882,12 +872,7 @@ __device__ __forceinline__ void attn_bwd_dq_wgmma(const bf16* __restrict__ q, co
         // 1024 bytes apart).
         uint32_t da[BK / 16][4];
         pack_p<BK>(dp, da);
-        ptx::wgmma_fence_operand(acc);
-        ptx::wgmma_fence();
-        issue_pv<DH, BK, BK>(acc, da, Kt);
-        ptx::wgmma_commit();
-        ptx::wgmma_wait<0>();
-        ptx::wgmma_fence_operand(acc);
+        pv_now<DH, BK, BK>(acc, da, Kt);
         ptx::wgmma_fence_operand(da);
         __syncthreads();  // every warpgroup is done with this stage before it is refilled
     }
@@ -904,34 +889,5 @@ __device__ __forceinline__ void attn_bwd_dq_wgmma(const bf16* __restrict__ q, co
 
 }  // namespace
 
-#define WGMMA_BWD(DH)                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256, 1)                                                          \
-        attn_bwd_wgmma_d##DH##_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,               \
-                                    const float* lse, const float* drow, const float* key_mask, const float* bias, \
-                                    float* dq_acc, bf16* dk, bf16* dv, float* dbias, int Nq, int Nk, int H,        \
-                                    int bias_batch, int has_mask, int causal, int want_dbias, float scale) {       \
-        attn_bwd_wgmma<DH, true>(q, k, v, dout, lse, drow, key_mask, bias, dq_acc, dk, dv, dbias, Nq, Nk, H,      \
-                                 bias_batch, has_mask, causal, want_dbias, scale);                                 \
-    }                                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256, 1)                                                          \
-        attn_bwd_dkdv_wgmma_d##DH##_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,          \
-                                         const float* lse, const float* drow, const float* key_mask,              \
-                                         const float* bias, bf16* dk, bf16* dv, int Nq, int Nk, int H,            \
-                                         int bias_batch, int has_mask, int causal, float scale) {                 \
-        attn_bwd_wgmma<DH, false>(q, k, v, dout, lse, drow, key_mask, bias, nullptr, dk, dv, nullptr, Nq, Nk, H,  \
-                                  bias_batch, has_mask, causal, 0, scale);                                         \
-    }
-WGMMA_BWD(64)
-WGMMA_BWD(128)
-
-#define WGMMA_DQ(DH)                                                                                              \
-    extern "C" __global__ void __launch_bounds__(256, 1)                                                          \
-        attn_bwd_dq_wgmma_d##DH##_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,            \
-                                       const float* lse, const float* drow, const float* key_mask,                \
-                                       const float* bias, bf16* dq, float* dbias, int Nq, int Nk, int H,          \
-                                       int bias_batch, int has_mask, int causal, int want_dbias, float scale) {   \
-        attn_bwd_dq_wgmma<DH>(q, k, v, dout, lse, drow, key_mask, bias, dq, dbias, Nq, Nk, H, bias_batch,         \
-                              has_mask, causal, want_dbias, scale);                                               \
-    }
-WGMMA_DQ(64)
-WGMMA_DQ(128)
+FLASH_BWD_ENTRIES(wgmma, 64, 256, 1)
+FLASH_BWD_ENTRIES(wgmma, 128, 256, 1)

@@ -21,53 +21,71 @@ __device__ __forceinline__ unsigned dynamic_smem_bytes() {
 }
 #endif
 
+// The block's dynamic shared memory, once the kernel has checked that the launch gave it
+// at least BYTES: a host that sized it from another layout traps here instead of having
+// the kernel run past the end.
+template <unsigned BYTES>
+__device__ __forceinline__ unsigned char* dynamic_smem_at_least() {
+    DYNAMIC_SMEM(smem);
+    if (dynamic_smem_bytes() < BYTES) __trap();
+    return smem;
+}
+
 __device__ __forceinline__ float load(const float* p, int64_t i) { return p[i]; }
 __device__ __forceinline__ float load(const bf16* p, int64_t i) { return __bfloat162float(p[i]); }
 __device__ __forceinline__ void store(float* p, int64_t i, float v) { p[i] = v; }
 __device__ __forceinline__ void store(bf16* p, int64_t i, float v) { p[i] = __float2bfloat16(v); }
 
-__device__ __forceinline__ float warp_sum(float v) {
+// The two reductions warps and blocks run: a sum, and a maximum (identity −∞).
+struct SumOp {
+    static constexpr float identity = 0.f;
+    __device__ __forceinline__ static float apply(float a, float b) { return a + b; }
+};
+struct MaxOp {
+    static constexpr float identity = -INFINITY;
+    __device__ __forceinline__ static float apply(float a, float b) { return fmaxf(a, b); }
+};
+
+// Op over the 32 lanes of a warp (butterfly shuffles): every lane receives the result.
+template <class Op>
+__device__ __forceinline__ float warp_reduce(float v) {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    for (int o = 16; o > 0; o >>= 1) v = Op::apply(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce<SumOp>(v); }
+__device__ __forceinline__ float warp_max(float v) { return warp_reduce<MaxOp>(v); }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-// Sum over the whole block (blockDim.x a multiple of 32, at most 1024). `scratch` holds
-// 32 floats of shared memory. Every thread receives the total.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+// Op over the whole block (blockDim.x a multiple of 32, at most 1024). `scratch` holds 32
+// floats of shared memory. Every thread receives the result. Starts with a barrier, so
+// `scratch` may be reused right after another block reduction.
+template <class Op>
+__device__ __forceinline__ float block_reduce(float v, float* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_sum(v);
+    v = warp_reduce<Op>(v);
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
     const int nwarps = (blockDim.x + 31) >> 5;
-    float t = (threadIdx.x < nwarps) ? scratch[threadIdx.x] : 0.f;
-    if (warp == 0) t = warp_sum(t);
+    float t = (threadIdx.x < nwarps) ? scratch[threadIdx.x] : Op::identity;
+    if (warp == 0) t = warp_reduce<Op>(t);
     if (threadIdx.x == 0) scratch[0] = t;
     __syncthreads();
     return scratch[0];
 }
+__device__ __forceinline__ float block_sum(float v, float* scratch) { return block_reduce<SumOp>(v, scratch); }
+__device__ __forceinline__ float block_max(float v, float* scratch) { return block_reduce<MaxOp>(v, scratch); }
 
-// Max over the whole block (blockDim.x a multiple of 32); every thread receives it.
-// Starts with a barrier so `scratch` may be reused right after another block reduction.
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    const int nwarps = (blockDim.x + 31) >> 5;
-    float t = (threadIdx.x < nwarps) ? scratch[threadIdx.x] : -INFINITY;
-    if (warp == 0) t = warp_max(t);
-    if (threadIdx.x == 0) scratch[0] = t;
-    __syncthreads();
-    return scratch[0];
+// The largest m of the n values x[0..n) and Σ exp(x − m) over them, reduced by the whole
+// block (every thread receives both): a softmax's or a log-sum-exp's row statistics.
+template <typename T>
+__device__ __forceinline__ void block_max_sumexp(const T* x, int64_t n, float* scratch, float& m, float& s) {
+    m = -INFINITY;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, load(x, j));
+    m = block_max(m, scratch);
+    s = 0.f;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) s += expf(load(x, j) - m);
+    s = block_sum(s, scratch);
 }
 
 // Loads VEC consecutive elements starting at p[i] as fp32. When VEC elements span whole

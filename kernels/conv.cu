@@ -294,65 +294,74 @@ __device__ void upsample2x_bwd_impl(const T* g, T* dx, int64_t h, int64_t w, int
 // Pixel p of B·S lives at (p / S)·C·S + p % S; channel c is c·S further.
 __device__ __forceinline__ int64_t crn_base(int64_t p, int64_t c, int64_t s) { return (p / s) * c * s + p % s; }
 
+// Walks this block's groups of CRN_PIX pixels (grid-stride): body(valid, base) for pixel
+// first + threadIdx.x of each group, base being its channel-0 offset (0 past npix). Every
+// thread runs every group, so the body's barriers are reached by the whole block.
+template <class Body>
+__device__ __forceinline__ void crn_for_groups(int64_t npix, int64_t c, int64_t s, Body body) {
+    for (int64_t first = blockIdx.x * (int64_t)CRN_PIX; first < npix; first += (int64_t)gridDim.x * CRN_PIX) {
+        const int64_t p = first + threadIdx.x;
+        const bool valid = p < npix;
+        body(valid, valid ? crn_base(p, c, s) : 0);
+    }
+}
+
+// The pixel group's N sums over channels: thread row ty holds its partials (channels ty,
+// ty + CRN_ROWS, ...) of pixel tx; afterwards every thread of column tx holds the totals.
+// Barriers before and after, so `part` may be rewritten by the next group.
+template <int N>
+__device__ __forceinline__ void crn_column_totals(float (&part)[N][CRN_ROWS][CRN_PIX + 1], float (&v)[N], int tx,
+                                                  int ty) {
+#pragma unroll
+    for (int q = 0; q < N; ++q) part[q][ty][tx] = v[q];
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < N; ++q) {
+        v[q] = 0.f;
+#pragma unroll
+        for (int k = 0; k < CRN_ROWS; ++k) v[q] += part[q][k][tx];
+    }
+    __syncthreads();
+}
+
 template <typename T>
 __device__ void crn_fwd_impl(const T* x, const float* gamma, T* y, int64_t c, int64_t s, int64_t npix, float eps,
                              float scale) {
-    __shared__ float part[CRN_ROWS][CRN_PIX + 1];
+    __shared__ float part[1][CRN_ROWS][CRN_PIX + 1];
     const int tx = threadIdx.x, ty = threadIdx.y;
-    for (int64_t first = blockIdx.x * (int64_t)CRN_PIX; first < npix; first += (int64_t)gridDim.x * CRN_PIX) {
-        const int64_t p = first + tx;
-        const bool valid = p < npix;
-        const int64_t base = valid ? crn_base(p, c, s) : 0;
-        float ss = 0.f;
+    crn_for_groups(npix, c, s, [&](bool valid, int64_t base) {
+        float ss[1] = {0.f};
         if (valid)
             for (int64_t ch = ty; ch < c; ch += CRN_ROWS) {
                 const float v = load(x, base + ch * s);
-                ss += v * v;
+                ss[0] += v * v;
             }
-        part[ty][tx] = ss;
-        __syncthreads();
-        float total = 0.f;
-#pragma unroll
-        for (int k = 0; k < CRN_ROWS; ++k) total += part[k][tx];
-        __syncthreads();  // `part` is rewritten by the next group
-        const float r = 1.f / fmaxf(sqrtf(total), eps);
+        crn_column_totals(part, ss, tx, ty);
+        const float r = 1.f / fmaxf(sqrtf(ss[0]), eps);
         if (valid)
             for (int64_t ch = ty; ch < c; ch += CRN_ROWS)
                 store(y, base + ch * s, load(x, base + ch * s) * r * scale * gamma[ch]);
-    }
+    });
 }
 
 // dgamma_part: [gridDim.x, C] f32, zero-initialised by the host.
 template <typename T>
 __device__ void crn_bwd_impl(const T* x, const float* gamma, const T* dy, T* dx, float* dgamma_part, int64_t c,
                              int64_t s, int64_t npix, float eps, float scale) {
-    __shared__ float part_ss[CRN_ROWS][CRN_PIX + 1];
-    __shared__ float part_dot[CRN_ROWS][CRN_PIX + 1];
+    __shared__ float part[2][CRN_ROWS][CRN_PIX + 1];
     const int tx = threadIdx.x, ty = threadIdx.y;
-    for (int64_t first = blockIdx.x * (int64_t)CRN_PIX; first < npix; first += (int64_t)gridDim.x * CRN_PIX) {
-        const int64_t p = first + tx;
-        const bool valid = p < npix;
-        const int64_t base = valid ? crn_base(p, c, s) : 0;
-        float ss = 0.f, dot = 0.f;
+    crn_for_groups(npix, c, s, [&](bool valid, int64_t base) {
+        float sums[2] = {0.f, 0.f};  // Σ x², Σ γ·dy·x
         if (valid)
             for (int64_t ch = ty; ch < c; ch += CRN_ROWS) {
                 const float xv = load(x, base + ch * s);
-                ss += xv * xv;
-                dot += gamma[ch] * load(dy, base + ch * s) * xv;
+                sums[0] += xv * xv;
+                sums[1] += gamma[ch] * load(dy, base + ch * s) * xv;
             }
-        part_ss[ty][tx] = ss;
-        part_dot[ty][tx] = dot;
-        __syncthreads();
-        float total_ss = 0.f, total_dot = 0.f;
-#pragma unroll
-        for (int k = 0; k < CRN_ROWS; ++k) {
-            total_ss += part_ss[k][tx];
-            total_dot += part_dot[k][tx];
-        }
-        __syncthreads();
-        const float norm = sqrtf(total_ss);
+        crn_column_totals(part, sums, tx, ty);
+        const float norm = sqrtf(sums[0]);
         const float r = 1.f / fmaxf(norm, eps);
-        const float proj = norm > eps ? r * r * total_dot : 0.f;
+        const float proj = norm > eps ? r * r * sums[1] : 0.f;
         // The loop bound depends on ty only, so the whole warp (one ty row) runs it
         // together and the shuffles in warp_sum see all 32 lanes.
         for (int64_t ch = ty; ch < c; ch += CRN_ROWS) {
@@ -365,7 +374,7 @@ __device__ void crn_bwd_impl(const T* x, const float* gamma, const T* dy, T* dx,
             contrib = warp_sum(contrib);
             if (tx == 0) dgamma_part[blockIdx.x * c + ch] += contrib;
         }
-    }
+    });
 }
 
 #define CONV_ENTRY_POINTS(T, SFX)                                                                                     \

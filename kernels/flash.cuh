@@ -8,10 +8,28 @@
 // l_run, this lane's part of the row sum.
 #pragma once
 #include "common.cuh"
+#include "ptx.cuh"
 
 namespace flash {
 
 constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
+
+// The tile walks' double buffering, run before tile j of `tiles` is read: when a tile
+// j+1 exists, `issue_next` starts its copies (into the stage tile j-1 used, whose readers
+// all passed the barrier that ended tile j-1) and they are committed as one group; then
+// this thread waits for its copies of tile j and of everything committed before it. The
+// caller's barrier (after an async-proxy fence where tensor cores read the tiles) makes
+// every thread's copies visible.
+template <class IssueNext>
+__device__ __forceinline__ void prefetch_next(int j, int tiles, IssueNext issue_next) {
+    if (j + 1 < tiles) {
+        issue_next();
+        ptx::cp_async_commit();
+        ptx::cp_async_wait<1>();
+    } else {
+        ptx::cp_async_wait<0>();
+    }
+}
 
 // The bias row of query `row` (bias [bias_batch, H, Nq, Nk], one shared by the batch when
 // bias_batch is 1), or null without a bias or for a row past Nq.
@@ -259,3 +277,39 @@ __device__ __forceinline__ void bwd_store_kv(const float (&dk_acc)[DH / 8][4], c
 }
 
 }  // namespace flash
+
+// The three backward entry points of a flash-attention family (mma or wgmma) at head dim
+// DH, each forwarding to the family's device templates attn_bwd_<family><DH, WITH_DQ> and
+// attn_bwd_dq_<family><DH>:
+// - attn_bwd_<family>_d<DH>_bf16: dK and dV stored, dQ added to dq_acc (fp32, atomics);
+// - attn_bwd_dkdv_<family>_d<DH>_bf16: the deterministic mode's dK and dV alone;
+// - attn_bwd_dq_<family>_d<DH>_bf16: the deterministic mode's dQ (and dbias), one writer
+//   per element.
+// The launch bounds follow (threads, and the minimum blocks per SM where given).
+#define FLASH_BWD_ENTRIES(FAMILY, DH, ...)                                                                          \
+    extern "C" __global__ void __launch_bounds__(__VA_ARGS__)                                                       \
+        attn_bwd_##FAMILY##_d##DH##_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,            \
+                                         const float* lse, const float* drow, const float* key_mask,               \
+                                         const float* bias, float* dq_acc, bf16* dk, bf16* dv, float* dbias,       \
+                                         int Nq, int Nk, int H, int bias_batch, int has_mask, int causal,          \
+                                         int want_dbias, float scale) {                                            \
+        attn_bwd_##FAMILY<DH, true>(q, k, v, dout, lse, drow, key_mask, bias, dq_acc, dk, dv, dbias, Nq, Nk, H,    \
+                                    bias_batch, has_mask, causal, want_dbias, scale);                               \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(__VA_ARGS__)                                                       \
+        attn_bwd_dkdv_##FAMILY##_d##DH##_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,       \
+                                              const float* lse, const float* drow, const float* key_mask,          \
+                                              const float* bias, bf16* dk, bf16* dv, int Nq, int Nk, int H,        \
+                                              int bias_batch, int has_mask, int causal, float scale) {             \
+        attn_bwd_##FAMILY<DH, false>(q, k, v, dout, lse, drow, key_mask, bias, nullptr, dk, dv, nullptr, Nq, Nk, \
+                                     H, bias_batch, has_mask, causal, 0, scale);                                    \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(__VA_ARGS__)                                                       \
+        attn_bwd_dq_##FAMILY##_d##DH##_bf16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,         \
+                                            const float* lse, const float* drow, const float* key_mask,            \
+                                            const float* bias, bf16* dq, float* dbias, int Nq, int Nk, int H,      \
+                                            int bias_batch, int has_mask, int causal, int want_dbias,              \
+                                            float scale) {                                                         \
+        attn_bwd_dq_##FAMILY<DH>(q, k, v, dout, lse, drow, key_mask, bias, dq, dbias, Nq, Nk, H, bias_batch,      \
+                                 has_mask, causal, want_dbias, scale);                                              \
+    }

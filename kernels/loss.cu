@@ -68,12 +68,8 @@ __device__ void ce_fwd_impl(const T* logits, const int64_t* targets, float* loss
     __shared__ float scratch[32];
     const int64_t row = blockIdx.x;
     const T* x = logits + row * classes;
-    float m = -INFINITY;
-    for (int64_t c = threadIdx.x; c < classes; c += blockDim.x) m = fmaxf(m, load(x, c));
-    m = block_max(m, scratch);
-    float s = 0.f;
-    for (int64_t c = threadIdx.x; c < classes; c += blockDim.x) s += expf(load(x, c) - m);
-    s = block_sum(s, scratch);
+    float m, s;
+    block_max_sumexp(x, classes, scratch, m, s);
     if (threadIdx.x == 0) {
         const float l = m + logf(s);
         lse[row] = l;

@@ -29,9 +29,9 @@
 //
 // The backward's parameter gradients are a deterministic two-stage reduction: the grid is
 // (J, groups); block (j, g) handles rows j, j+J, ... of group g, accumulates dy·xhat and
-// dy for its columns in registers and writes one partial row; `norm_reduce_partials` then
-// sums the J partials of each (g, c) in a fixed order. No atomics, so results are
-// bitwise reproducible.
+// dy for its columns in registers and writes one partial row; reduce.cu's `col_finish`
+// then sums the J partial rows of each group in a fixed order. No atomics, so results
+// are bitwise reproducible.
 #include "common.cuh"
 
 #define NORM_MAX_THREADS 256
@@ -74,6 +74,23 @@ __device__ __forceinline__ void write_normed(T* yr, const P* w, const P* b, int6
     float o[VEC];
     normed(w, b, c, v, mean, rstd, w_offset, o);
     store_vec(yr, c, o);
+}
+
+// Where a forward's row ends its statistics: mean and rstd stored for the backward when
+// the caller keeps them (by the one thread `leader`), and wg, bg set to the weight and
+// bias rows of the row's group (null where absent).
+template <typename P>
+__device__ __forceinline__ void finish_row_stats(int64_t row, float mean, float rstd, bool leader,
+                                                 float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                                                 const P* w, const P* b, int64_t rows_per_group, int d,
+                                                 const P*& wg, const P*& bg) {
+    if (mean_out != nullptr && leader) {
+        mean_out[row] = mean;
+        rstd_out[row] = rstd;
+    }
+    const int64_t poff = (row / rows_per_group) * d;
+    wg = w != nullptr ? w + poff : nullptr;
+    bg = b != nullptr ? b + poff : nullptr;
 }
 
 template <typename T, typename P, int VEC>
@@ -129,14 +146,8 @@ __device__ void norm_fwd(const T* __restrict__ x, T* __restrict__ y, const P* __
             }
         }
         const float rstd = rsqrtf(block_sum(s2, scratch) / (float)d + eps);
-        if (mean_out != nullptr && tid == 0) {
-            mean_out[row] = mean;
-            rstd_out[row] = rstd;
-        }
-
-        const int64_t poff = (row / rows_per_group) * d;
-        const P* wg = w != nullptr ? w + poff : nullptr;
-        const P* bg = b != nullptr ? b + poff : nullptr;
+        const P *wg, *bg;
+        finish_row_stats(row, mean, rstd, tid == 0, mean_out, rstd_out, w, b, rows_per_group, d, wg, bg);
         T* yr = y + row * d;
 #pragma unroll
         for (int k = 0; k < FWD_CACHE; ++k) {
@@ -197,13 +208,8 @@ __device__ void norm_fwd_warp(const T* __restrict__ x, T* __restrict__ y, const 
             }
         }
         const float rstd = rsqrtf(warp_sum(s2) / (float)d + eps);
-        if (mean_out != nullptr && lane == 0) {
-            mean_out[row] = mean;
-            rstd_out[row] = rstd;
-        }
-        const int64_t poff = (row / rows_per_group) * d;
-        const P* wg = w != nullptr ? w + poff : nullptr;
-        const P* bg = b != nullptr ? b + poff : nullptr;
+        const P *wg, *bg;
+        finish_row_stats(row, mean, rstd, lane == 0, mean_out, rstd_out, w, b, rows_per_group, d, wg, bg);
         T* yr = y + row * d;
         const int64_t table_row = ROPE ? (row % tokens) * (head_dim / 2) : 0;
 #pragma unroll
@@ -340,22 +346,6 @@ __device__ void norm_bwd(const T* __restrict__ x, const T* __restrict__ dy, cons
     }
 }
 
-// out[g, c] = Σ_j part[(g·J + j)·D + c]: the second stage of the parameter-gradient
-// reduction. One thread per output element; consecutive threads read consecutive
-// columns, so reads are coalesced.
-template <typename P>
-__device__ void reduce_partials(const float* __restrict__ part, P* __restrict__ out, int64_t groups, int64_t nblk,
-                                int d) {
-    const int64_t n = groups * d;
-    for (int64_t o = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; o < n; o += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t g = o / d, c = o % d;
-        const float* p = part + g * nblk * d + c;
-        float acc = 0.f;
-        for (int64_t j = 0; j < nblk; ++j) acc += p[j * d];
-        store(out, o, acc);
-    }
-}
-
 #define NORM_ENTRIES(TN, T, PN, P, VN, VEC)                                                                      \
     extern "C" __global__ void __launch_bounds__(NORM_MAX_THREADS)                                               \
         norm_fwd_##TN##_##PN##_##VN(const T* x, T* y, const P* w, const P* b, float* mean_out, float* rstd_out, \
@@ -398,12 +388,3 @@ NORM_ENTRIES(bf16, bf16, f32, float, v1, 1)
 NORM_ENTRIES(bf16, bf16, f32, float, vec, 8)
 NORM_ENTRIES(bf16, bf16, bf16, bf16, v1, 1)
 NORM_ENTRIES(bf16, bf16, bf16, bf16, vec, 8)
-
-extern "C" __global__ void norm_reduce_partials_f32(const float* part, float* out, int64_t groups, int64_t nblk,
-                                                    int d) {
-    reduce_partials(part, out, groups, nblk, d);
-}
-extern "C" __global__ void norm_reduce_partials_bf16(const float* part, bf16* out, int64_t groups, int64_t nblk,
-                                                     int d) {
-    reduce_partials(part, out, groups, nblk, d);
-}

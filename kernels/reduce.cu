@@ -53,13 +53,6 @@ __device__ void sum_to_impl(const T* x, T* out, ReduceDesc d, int64_t n_out, int
     }
 }
 
-extern "C" __global__ void sum_to_f32(const float* x, float* o, ReduceDesc d, int64_t n_out, int64_t n_red) {
-    sum_to_impl(x, o, d, n_out, n_red);
-}
-extern "C" __global__ void sum_to_bf16(const bf16* x, bf16* o, ReduceDesc d, int64_t n_out, int64_t n_red) {
-    sum_to_impl(x, o, d, n_out, n_red);
-}
-
 template <typename T>
 __device__ void row_partial_impl(const T* x, float* partials, int64_t len, int64_t bpr) {
     __shared__ float scratch[32];
@@ -70,12 +63,6 @@ __device__ void row_partial_impl(const T* x, float* partials, int64_t len, int64
     const float total = block_sum(acc, scratch);
     if (threadIdx.x == 0) partials[blockIdx.x] = total;
 }
-extern "C" __global__ void row_partial_f32(const float* x, float* partials, int64_t len, int64_t bpr) {
-    row_partial_impl(x, partials, len, bpr);
-}
-extern "C" __global__ void row_partial_bf16(const bf16* x, float* partials, int64_t len, int64_t bpr) {
-    row_partial_impl(x, partials, len, bpr);
-}
 
 template <typename T>
 __device__ void row_finish_impl(const float* partials, T* out, int64_t bpr, float scale) {
@@ -85,12 +72,6 @@ __device__ void row_finish_impl(const float* partials, T* out, int64_t bpr, floa
     for (int64_t i = threadIdx.x; i < bpr; i += blockDim.x) acc += p[i];
     const float total = block_sum(acc, scratch);
     if (threadIdx.x == 0) store(out, blockIdx.x, total * scale);
-}
-extern "C" __global__ void row_finish_f32(const float* partials, float* out, int64_t bpr, float scale) {
-    row_finish_impl(partials, out, bpr, scale);
-}
-extern "C" __global__ void row_finish_bf16(const float* partials, bf16* out, int64_t bpr, float scale) {
-    row_finish_impl(partials, out, bpr, scale);
 }
 
 // blockDim must be (32, COL_ROWS).
@@ -114,12 +95,6 @@ __device__ void col_sum_impl(const Tin* x, Tout* out, int64_t len, int64_t inner
         for (int k = 0; k < COL_ROWS; ++k) s += tile[k][threadIdx.x];
         store(out, o * inner + i, s * scale);
     }
-}
-extern "C" __global__ void col_sum_f32(const float* x, float* out, int64_t len, int64_t inner, float scale) {
-    col_sum_impl(x, out, len, inner, scale);
-}
-extern "C" __global__ void col_sum_bf16(const bf16* x, bf16* out, int64_t len, int64_t inner, float scale) {
-    col_sum_impl(x, out, len, inner, scale);
 }
 
 // Split column sums, for long columns (bias and gate gradients: [B·N, D] -> [D] and
@@ -162,14 +137,6 @@ __device__ void col_partial_impl(const T* x, float* partials, int64_t len, int64
         for (int k = 0; k < COL_ROWS; ++k) t += tile[k][threadIdx.x];
         partials[(o * splits + s) * inner + i] = t;
     }
-}
-extern "C" __global__ void col_partial_f32(const float* x, float* partials, int64_t len, int64_t inner,
-                                           int64_t splits, int64_t chunk) {
-    col_partial_impl(x, partials, len, inner, splits, chunk);
-}
-extern "C" __global__ void col_partial_bf16(const bf16* x, float* partials, int64_t len, int64_t inner,
-                                            int64_t splits, int64_t chunk) {
-    col_partial_impl(x, partials, len, inner, splits, chunk);
 }
 // Vector column partials (opt-in: SYNTHOS_CUDA_COLSUM=vec): col_partial with each thread
 // reading VW = 16 / sizeof(T) consecutive columns as one 16-byte vector (8 bf16 or 4 f32)
@@ -225,20 +192,32 @@ __device__ void col_partial_vec_impl(const T* x, float* partials, int64_t len, i
         partials[(o * splits + s) * inner + c0 + j] = sum;
     }
 }
-extern "C" __global__ void col_partial_vec_f32(const float* x, float* partials, int64_t len, int64_t inner,
-                                               int64_t splits, int64_t chunk) {
-    col_partial_vec_impl(x, partials, len, inner, splits, chunk);
-}
-extern "C" __global__ void col_partial_vec_bf16(const bf16* x, float* partials, int64_t len, int64_t inner,
-                                                int64_t splits, int64_t chunk) {
-    col_partial_vec_impl(x, partials, len, inner, splits, chunk);
-}
 
-extern "C" __global__ void col_finish_f32(const float* partials, float* out, int64_t splits, int64_t inner,
-                                          float scale) {
-    col_sum_impl(partials, out, splits, inner, scale);
-}
-extern "C" __global__ void col_finish_bf16(const float* partials, bf16* out, int64_t splits, int64_t inner,
-                                           float scale) {
-    col_sum_impl(partials, out, splits, inner, scale);
-}
+// The entry points of one element type T (suffix f32 or bf16): partials are always fp32.
+#define REDUCE_ENTRY_POINTS(T, SFX)                                                                               \
+    extern "C" __global__ void sum_to_##SFX(const T* x, T* o, ReduceDesc d, int64_t n_out, int64_t n_red) {     \
+        sum_to_impl(x, o, d, n_out, n_red);                                                                     \
+    }                                                                                                           \
+    extern "C" __global__ void row_partial_##SFX(const T* x, float* partials, int64_t len, int64_t bpr) {        \
+        row_partial_impl(x, partials, len, bpr);                                                                \
+    }                                                                                                           \
+    extern "C" __global__ void row_finish_##SFX(const float* partials, T* out, int64_t bpr, float scale) {       \
+        row_finish_impl(partials, out, bpr, scale);                                                             \
+    }                                                                                                           \
+    extern "C" __global__ void col_sum_##SFX(const T* x, T* out, int64_t len, int64_t inner, float scale) {      \
+        col_sum_impl(x, out, len, inner, scale);                                                                \
+    }                                                                                                           \
+    extern "C" __global__ void col_partial_##SFX(const T* x, float* partials, int64_t len, int64_t inner,        \
+                                                 int64_t splits, int64_t chunk) {                               \
+        col_partial_impl(x, partials, len, inner, splits, chunk);                                               \
+    }                                                                                                           \
+    extern "C" __global__ void col_partial_vec_##SFX(const T* x, float* partials, int64_t len, int64_t inner,    \
+                                                     int64_t splits, int64_t chunk) {                           \
+        col_partial_vec_impl(x, partials, len, inner, splits, chunk);                                           \
+    }                                                                                                           \
+    extern "C" __global__ void col_finish_##SFX(const float* partials, T* out, int64_t splits, int64_t inner,    \
+                                                float scale) {                                                  \
+        col_sum_impl(partials, out, splits, inner, scale);                                                      \
+    }
+REDUCE_ENTRY_POINTS(float, f32)
+REDUCE_ENTRY_POINTS(bf16, bf16)

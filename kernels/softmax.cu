@@ -19,12 +19,8 @@ __device__ void softmax_fwd_impl(const T* x, T* y, int64_t rows, int64_t n) {
     for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
         const T* xr = x + r * n;
         T* yr = y + r * n;
-        float m = -INFINITY;
-        for (int64_t j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, load(xr, j));
-        m = block_max(m, scratch);
-        float s = 0.f;
-        for (int64_t j = threadIdx.x; j < n; j += blockDim.x) s += expf(load(xr, j) - m);
-        s = block_sum(s, scratch);
+        float m, s;
+        block_max_sumexp(xr, n, scratch, m, s);
         const float inv = 1.f / s;
         for (int64_t j = threadIdx.x; j < n; j += blockDim.x) store(yr, j, expf(load(xr, j) - m) * inv);
     }

@@ -18,9 +18,7 @@ extern "C" __global__ void __launch_bounds__(32) tma_probe_bf16(const SYNTHOS_GR
                                                                 int c0, int c1, int c2, int c3) {
 #if defined(SYNTHOS_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int BYTES = 128 * 128;  // 128 rows of 64 bf16
-    DYNAMIC_SMEM(smem_raw);
-    if (dynamic_smem_bytes() < BYTES + 1024 + 8) __trap();
-    unsigned char* s = ptx::align_1024(smem_raw);
+    unsigned char* s = ptx::align_1024(dynamic_smem_at_least<BYTES + 1024 + 8>());
     uint64_t* bar = reinterpret_cast<uint64_t*>(s + BYTES);
     if (threadIdx.x == 0) {
         ptx::mbar_init(bar, 1);

@@ -27,9 +27,7 @@ __device__ __forceinline__ int sw128(int r, int c) { return r * 128 + (((c / 8) 
 extern "C" __global__ void __launch_bounds__(128) wgmma_probe_bf16(const bf16* a, const bf16* b, float* out,
                                                                    int form) {
 #if defined(SYNTHOS_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    DYNAMIC_SMEM(smem_raw);
-    if (dynamic_smem_bytes() < 20480 + 1024) __trap();
-    unsigned char* s = ptx::align_1024(smem_raw);
+    unsigned char* s = ptx::align_1024(dynamic_smem_at_least<20480 + 1024>());
     // K-major A and B: 64 rows (m or n) of 128 bytes, k in the first 32 of each (8 KB each);
     // N-major B and M-major A: 16 rows (k) of 128 bytes, n or m across them (2 KB each).
     unsigned char *a_k = s, *b_k = s + 8192, *b_n = s + 16384, *a_m = s + 18432;

@@ -3,7 +3,7 @@
 
 use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
 
-use super::{grid_1d, kernel_name, suffix, CudaBuf, CudaStorage, PushBuf};
+use super::{suffix, CudaBuf, CudaStorage, PushBuf};
 use crate::desc::RowNorm;
 use crate::{bail, DType, Result};
 
@@ -341,20 +341,12 @@ pub fn backward(
         unsafe { lb.launch(cfg) }?;
     }
 
+    // The partial rows of each group, [groups, nblk, d], summed over the blocks.
     let reduce = |part: Option<CudaBuf>, dtype: Option<DType>| -> Result<Option<CudaBuf>> {
         let (Some(part), Some(dtype)) = (part, dtype) else {
             return Ok(None);
         };
-        let mut out = dev.alloc(groups * spec.d, dtype)?;
-        let f = dev.func("norm", kernel_name("norm_reduce_partials", dtype))?;
-        let (g64, nblk64, d) = (groups as i64, nblk as i64, spec.d as i32);
-        let mut lb = dev.stream.launch_builder(&f);
-        lb.buf(&part);
-        lb.buf_mut(&mut out);
-        lb.arg(&g64).arg(&nblk64).arg(&d);
-        // SAFETY: reads groups·nblk·d partials and writes groups·d outputs.
-        unsafe { lb.launch(grid_1d(groups * spec.d, 256)) }?;
-        Ok(Some(out))
+        super::reduce::col_finish(dev, &part, groups, nblk, spec.d, 1.0, dtype).map(Some)
     };
     let dw = reduce(part_w, want.dw)?;
     let db = reduce(part_b, want.db)?;

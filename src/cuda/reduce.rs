@@ -4,7 +4,8 @@ use cudarc::driver::PushKernelArg;
 
 use cudarc::driver::LaunchConfig;
 
-use super::{grid_1d, grid_rows, kernel_name, CudaBuf, CudaStorage, PushBuf};
+use super::{grid_1d, grid_rows, kernel_name, CudaBuf, CudaDevice, CudaStorage, PushBuf};
+use crate::DType;
 use crate::{bail, Result};
 
 /// Threads per block of the row kernels.
@@ -214,12 +215,13 @@ pub fn col_sum_split(x: &CudaStorage, outer: usize, len: usize, inner: usize, sc
     if blocks > MAX_GRID {
         bail!("sum_to: {outer}x{inner} outputs exceed one launch");
     }
-    let mut part = dev.alloc_t::<f32>(outer * splits * inner)?;
+    let mut part = dev.alloc(outer * splits * inner, DType::F32)?;
     let (len64, inner64, splits64, chunk64) = (len as i64, inner as i64, splits as i64, chunk as i64);
     let f = dev.func("reduce", kernel_name(if vector { "col_partial_vec" } else { "col_partial" }, dtype))?;
     let mut lb = dev.stream.launch_builder(&f);
     lb.buf(&x.buf);
-    lb.arg(&mut part).arg(&len64).arg(&inner64).arg(&splits64).arg(&chunk64);
+    lb.buf_mut(&mut part);
+    lb.arg(&len64).arg(&inner64).arg(&splits64).arg(&chunk64);
     let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
     // SAFETY: block (o, s, tile) reads rows [s·chunk, min((s+1)·chunk, len)) of slab o
     // (inside x's outer·len·inner elements; the vector kernel's 16-byte words lie inside
@@ -227,18 +229,38 @@ pub fn col_sum_split(x: &CudaStorage, outer: usize, len: usize, inner: usize, sc
     // start are) and writes partials[(o·splits + s)·inner + i] for i < inner.
     unsafe { lb.launch(cfg) }?;
 
+    col_finish(dev, &part, outer, splits, inner, scale, dtype)
+}
+
+/// `part` (fp32) viewed as `[outer, splits, inner]`: `out[o, i] = scale · Σ_s part[o, s, i]`
+/// in `dtype`. The second pass of [`col_sum_split`], and of the norms' parameter
+/// gradients (one partial row per block).
+pub(crate) fn col_finish(
+    dev: &CudaDevice,
+    part: &CudaBuf,
+    outer: usize,
+    splits: usize,
+    inner: usize,
+    scale: f32,
+    dtype: DType,
+) -> Result<CudaBuf> {
+    if part.dtype() != DType::F32 || part.len() < outer * splits * inner {
+        bail!("col_finish: the partials must be {outer}x{splits}x{inner} fp32 values");
+    }
+    let blocks = outer * inner.div_ceil(32);
+    if blocks > MAX_GRID {
+        bail!("col_finish: {outer}x{inner} outputs exceed one launch");
+    }
     let mut out = dev.alloc(outer * inner, dtype)?;
+    let (splits64, inner64) = (splits as i64, inner as i64);
     let f = dev.func("reduce", kernel_name("col_finish", dtype))?;
     let mut lb = dev.stream.launch_builder(&f);
-    lb.arg(&part);
+    lb.buf(part);
     lb.buf_mut(&mut out);
     lb.arg(&splits64).arg(&inner64).arg(&scale);
-    let cfg = LaunchConfig {
-        grid_dim: ((outer * inner.div_ceil(32)) as u32, 1, 1),
-        block_dim: (32, 8, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: as `col_sum` over the partials viewed as [outer, splits, inner].
+    let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
+    // SAFETY: as `col_sum` over the partials viewed as [outer, splits, inner] (checked
+    // above to lie inside `part`); writes outer·inner outputs.
     unsafe { lb.launch(cfg) }?;
     Ok(out)
 }

@@ -1,12 +1,14 @@
 // kernels/norm.cu under emulation, launched as src/cuda/norm.rs does: LayerNorm (with and
 // without affine parameters), LayerNorm fused with the adaLN modulation (one parameter
 // group per batch element) and RMSNorm, forward (output, mean, rstd) and backward (dx and
-// the two-stage parameter-gradient reduction), for every pairing of f32/bf16 activations
-// with f32/bf16 parameters, at row lengths that take the scalar and the 16-byte vector
-// entry points and rows too long for the kernels' register caches.
+// the two-stage parameter-gradient reduction, finished by reduce.cu's col_finish), for
+// every pairing of f32/bf16 activations with f32/bf16 parameters, at row lengths that take
+// the scalar and the 16-byte vector entry points and rows too long for the kernels'
+// register caches.
 #include "harness.h"
 
 #include "norm.cu"
+#include "reduce.cu"  // col_finish: the second stage of the parameter gradients
 
 using namespace harness;
 
@@ -63,11 +65,11 @@ struct K<bf16, bf16> {
     static constexpr auto bwd_v1 = EMU_KERNEL(norm_bwd_bf16_bf16_v1), bwd_vec = EMU_KERNEL(norm_bwd_bf16_bf16_vec);
 };
 template <class P>
-constexpr auto reduce_partials_kernel() {
+constexpr auto col_finish_kernel() {
     if constexpr (std::is_same_v<P, float>)
-        return EMU_KERNEL(norm_reduce_partials_f32);
+        return EMU_KERNEL(col_finish_f32);
     else
-        return EMU_KERNEL(norm_reduce_partials_bf16);
+        return EMU_KERNEL(col_finish_bf16);
 }
 
 template <class T>
@@ -169,8 +171,9 @@ void run(const Spec& s, bool with_dx) {
                 (int)s.rms);
     DeviceArray<P> dw(groups * d), db(groups * d);
     const auto reduce = [&](const DeviceArray<float>& part, DeviceArray<P>& out) {
-        emu::launch(grid_1d(groups * d, 256), reduce_partials_kernel<P>(), part.ptr(), out.ptr(), (int64_t)groups,
-                    (int64_t)nblk, (int)d);
+        // reduce.rs `col_finish` over the partials viewed as [groups, nblk, d].
+        const emu::LaunchConfig fcfg{dim3((unsigned)(groups * ceil_div(d, 32))), dim3(32, 8), 0};
+        emu::launch(fcfg, col_finish_kernel<P>(), part.ptr(), out.ptr(), (int64_t)nblk, (int64_t)d, 1.0f);
     };
     if (s.has_w) reduce(part_w, dw);
     if (s.has_b) reduce(part_b, db);
