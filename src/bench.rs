@@ -48,6 +48,36 @@ pub struct BenchCase {
     pub run: Box<dyn FnMut() -> Result<()>>,
 }
 
+impl BenchCase {
+    /// A kernel case: compared with the measured copy bandwidth (`Bound::Memory`) or
+    /// GEMM rate (`Bound::Compute`).
+    pub fn kernel(
+        bound: Bound,
+        family: &'static str,
+        name: String,
+        bytes: f64,
+        flops: f64,
+        run: impl FnMut() -> Result<()> + 'static,
+    ) -> Self {
+        BenchCase { family, name, bytes, flops, bound, model: None, run: Box::new(run) }
+    }
+
+    /// A whole-model case (family "model": training steps and sampling), compared with the
+    /// GEMM rate: `flops` is everything the run computes (recomputation included), `work`
+    /// what it processes.
+    pub fn model(name: String, flops: f64, work: ModelWork, run: impl FnMut() -> Result<()> + 'static) -> Self {
+        BenchCase {
+            family: "model",
+            name,
+            bytes: 0.0,
+            flops,
+            bound: Bound::Compute,
+            model: Some(work),
+            run: Box::new(run),
+        }
+    }
+}
+
 /// The work of one run of a whole-model case.
 #[derive(Clone, Copy, Debug)]
 pub struct ModelWork {
@@ -124,15 +154,7 @@ pub fn copy_case(device: Device, size: Size) -> Result<BenchCase> {
     };
     let x = rand(&[n], &mut Rng::new(1), device)?;
     let bytes = 2.0 * (n * x.dtype().size()) as f64;
-    Ok(BenchCase {
-        family: "copy",
-        name: format!("copy {n}"),
-        bytes,
-        flops: 0.0,
-        bound: Bound::Memory,
-        model: None,
-        run: Box::new(move || x.deep_copy().map(|_| ())),
-    })
+    Ok(BenchCase::kernel(Bound::Memory, "copy", format!("copy {n}"), bytes, 0.0, move || x.deep_copy().map(|_| ())))
 }
 
 /// The GEMM ceiling: a square matmul through cuBLASLt (or the CPU GEMM).
@@ -144,15 +166,14 @@ pub fn gemm_case(device: Device, size: Size) -> Result<BenchCase> {
     let mut rng = Rng::new(2);
     let (a, b) = (rand(&[n, n], &mut rng, device)?, rand(&[n, n], &mut rng, device)?);
     let e = a.dtype().size() as f64;
-    Ok(BenchCase {
-        family: "matmul",
-        name: format!("gemm {n}x{n}x{n}"),
-        bytes: 3.0 * (n * n) as f64 * e,
-        flops: 2.0 * (n as f64).powi(3),
-        bound: Bound::Compute,
-        model: None,
-        run: Box::new(move || ops::matmul(&a, &b).map(|_| ())),
-    })
+    Ok(BenchCase::kernel(
+        Bound::Compute,
+        "matmul",
+        format!("gemm {n}x{n}x{n}"),
+        3.0 * (n * n) as f64 * e,
+        2.0 * (n as f64).powi(3),
+        move || ops::matmul(&a, &b).map(|_| ()),
+    ))
 }
 
 /// Every benchmark case on `device` (the ceilings first).
@@ -167,38 +188,35 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
     let n = tokens * dim;
     {
         let (a, b) = (rand(&[n], &mut rng, device)?, rand(&[n], &mut rng, device)?);
-        v.push(BenchCase {
-            family: "elementwise",
-            name: format!("add {n}"),
-            bytes: 3.0 * n as f64 * e,
-            flops: n as f64,
-            bound: Bound::Memory,
-            model: None,
-            run: Box::new(move || ops::add(&a, &b).map(|_| ())),
-        });
+        v.push(BenchCase::kernel(
+            Bound::Memory,
+            "elementwise",
+            format!("add {n}"),
+            3.0 * n as f64 * e,
+            n as f64,
+            move || ops::add(&a, &b).map(|_| ()),
+        ));
         // A broadcast: one row added to every token (the per-row chunk path).
         let (x, row) = (rand(&[tokens, dim], &mut rng, device)?, rand(&[dim], &mut rng, device)?);
-        v.push(BenchCase {
-            family: "elementwise",
-            name: format!("add {tokens}x{dim} + row"),
-            bytes: 2.0 * n as f64 * e,
-            flops: n as f64,
-            bound: Bound::Memory,
-            model: None,
-            run: Box::new(move || ops::add(&x, &row).map(|_| ())),
-        });
+        v.push(BenchCase::kernel(
+            Bound::Memory,
+            "elementwise",
+            format!("add {tokens}x{dim} + row"),
+            2.0 * n as f64 * e,
+            n as f64,
+            move || ops::add(&x, &row).map(|_| ()),
+        ));
     }
     {
         let x = rand(&[n], &mut rng, device)?;
-        v.push(BenchCase {
-            family: "elementwise",
-            name: format!("gelu_tanh {n}"),
-            bytes: 2.0 * n as f64 * e,
-            flops: 10.0 * n as f64,
-            bound: Bound::Memory,
-            model: None,
-            run: Box::new(move || ops::gelu(&x, GeluApprox::Tanh).map(|_| ())),
-        });
+        v.push(BenchCase::kernel(
+            Bound::Memory,
+            "elementwise",
+            format!("gelu_tanh {n}"),
+            2.0 * n as f64 * e,
+            10.0 * n as f64,
+            move || ops::gelu(&x, GeluApprox::Tanh).map(|_| ()),
+        ));
     }
     {
         let batch = if full { 8 } else { 16 };
@@ -206,68 +224,61 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
         let x = rand(&[batch, per, dim], &mut rng, device)?;
         let g = rand(&[batch, 1, dim], &mut rng, device)?;
         let y = rand(&[batch, per, dim], &mut rng, device)?;
-        v.push(BenchCase {
-            family: "elementwise",
-            name: format!("gated_residual {batch}x{per}x{dim}"),
-            bytes: 3.0 * n as f64 * e,
-            flops: 2.0 * n as f64,
-            bound: Bound::Memory,
-            model: None,
-            run: Box::new(move || ops::gated_residual(&x, &g, &y).map(|_| ())),
-        });
+        v.push(BenchCase::kernel(
+            Bound::Memory,
+            "elementwise",
+            format!("gated_residual {batch}x{per}x{dim}"),
+            3.0 * n as f64 * e,
+            2.0 * n as f64,
+            move || ops::gated_residual(&x, &g, &y).map(|_| ()),
+        ));
         let (shift, scale) = (rand(&[batch, 1, dim], &mut rng, device)?, rand(&[batch, 1, dim], &mut rng, device)?);
         let x2 = rand(&[batch, per, dim], &mut rng, device)?;
-        v.push(BenchCase {
-            family: "norm",
-            name: format!("layer_norm_modulate {batch}x{per}x{dim}"),
-            bytes: 2.0 * n as f64 * e,
-            flops: 8.0 * n as f64,
-            bound: Bound::Memory,
-            model: None,
-            run: Box::new({
+        v.push(BenchCase::kernel(
+            Bound::Memory,
+            "norm",
+            format!("layer_norm_modulate {batch}x{per}x{dim}"),
+            2.0 * n as f64 * e,
+            8.0 * n as f64,
+            {
                 let (x2, shift, scale) = (x2.clone(), shift.clone(), scale.clone());
                 move || ops::layer_norm_modulate(&x2, &shift, &scale, 1e-6).map(|_| ())
-            }),
-        });
+            },
+        ));
         let x3 = rand(&[batch, per, dim], &mut rng, device)?;
         let w = rand(&[dim], &mut rng, device)?;
-        v.push(BenchCase {
-            family: "norm",
-            name: format!("rms_norm {batch}x{per}x{dim}"),
-            bytes: 2.0 * n as f64 * e,
-            flops: 5.0 * n as f64,
-            bound: Bound::Memory,
-            model: None,
-            run: Box::new({
+        v.push(BenchCase::kernel(
+            Bound::Memory,
+            "norm",
+            format!("rms_norm {batch}x{per}x{dim}"),
+            2.0 * n as f64 * e,
+            5.0 * n as f64,
+            {
                 let (x3, w) = (x3.clone(), w.clone());
                 move || ops::rms_norm(&x3, &w, 1e-6).map(|_| ())
-            }),
-        });
+            },
+        ));
         // The one-warp-per-row forward beside the default (GPU only; SYNTHOS_CUDA_NORM=warp).
         if device != Device::Cpu {
             use crate::cuda::norm::with_warp_forward;
             let (x4, shift, scale) = (x2.clone(), shift.clone(), scale.clone());
-            v.push(BenchCase {
-                family: "norm",
-                name: format!("layer_norm_modulate[warp] {batch}x{per}x{dim}"),
-                bytes: 2.0 * n as f64 * e,
-                flops: 8.0 * n as f64,
-                bound: Bound::Memory,
-                model: None,
-                run: Box::new(move || {
-                    with_warp_forward(true, || ops::layer_norm_modulate(&x4, &shift, &scale, 1e-6).map(|_| ()))
-                }),
-            });
+            v.push(BenchCase::kernel(
+                Bound::Memory,
+                "norm",
+                format!("layer_norm_modulate[warp] {batch}x{per}x{dim}"),
+                2.0 * n as f64 * e,
+                8.0 * n as f64,
+                move || with_warp_forward(true, || ops::layer_norm_modulate(&x4, &shift, &scale, 1e-6).map(|_| ())),
+            ));
             let (x5, w5) = (x3.clone(), w.clone());
-            v.push(BenchCase {
-                family: "norm",
-                name: format!("rms_norm[warp] {batch}x{per}x{dim}"),
-                bytes: 2.0 * n as f64 * e,
-                flops: 5.0 * n as f64,
-                bound: Bound::Memory,
-                model: None,
-                run: Box::new(move || with_warp_forward(true, || ops::rms_norm(&x5, &w5, 1e-6).map(|_| ()))),
-            });
+            v.push(BenchCase::kernel(
+                Bound::Memory,
+                "norm",
+                format!("rms_norm[warp] {batch}x{per}x{dim}"),
+                2.0 * n as f64 * e,
+                5.0 * n as f64,
+                move || with_warp_forward(true, || ops::rms_norm(&x5, &w5, 1e-6).map(|_| ())),
+            ));
         }
     }
 
@@ -278,29 +289,22 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
         let (cos, sin) = table.to_tensors(device)?;
         let x = rand(&[b, fh * fw, h, d], &mut rng, device)?;
         let n = (b * fh * fw * h * d) as f64;
-        v.push(BenchCase {
-            family: "rope",
-            name: format!("rope {b}x{}x{h}x{d}", fh * fw),
-            bytes: 2.0 * n * e,
-            flops: 3.0 * n,
-            bound: Bound::Memory,
-            model: None,
-            run: Box::new(move || ops::rope(&x, &cos, &sin).map(|_| ())),
-        });
+        v.push(BenchCase::kernel(
+            Bound::Memory,
+            "rope",
+            format!("rope {b}x{}x{h}x{d}", fh * fw),
+            2.0 * n * e,
+            3.0 * n,
+            move || ops::rope(&x, &cos, &sin).map(|_| ()),
+        ));
     }
     // Reductions and shape copies: a full sum, the [B,N,H,D] -> [B,H,N,D] permute and a
     // channels-last transpose.
     {
         let x = rand(&[n], &mut rng, device)?;
-        v.push(BenchCase {
-            family: "reduce",
-            name: format!("sum_all {n}"),
-            bytes: n as f64 * e,
-            flops: n as f64,
-            bound: Bound::Memory,
-            model: None,
-            run: Box::new(move || ops::sum_all(&x).map(|_| ())),
-        });
+        v.push(BenchCase::kernel(Bound::Memory, "reduce", format!("sum_all {n}"), n as f64 * e, n as f64, move || {
+            ops::sum_all(&x).map(|_| ())
+        }));
         // Bias and gate gradients: column sums of [B·N, D] onto [D] and of [B, N, D] onto
         // [B, 1, D] (split over the rows), with the 16-byte vector kernel beside the default
         // on a GPU (SYNTHOS_CUDA_COLSUM=vec).
@@ -313,62 +317,58 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
                 // A bias gradient sums a [B·N, D] gradient, a gate gradient a [B, N, D] one.
                 let x = if what == "bias" { ops::reshape(&g, &[b * nn, dd])? } else { g.clone() };
                 let out = to.iter().product::<usize>();
-                v.push(BenchCase {
-                    family: "reduce",
-                    name: format!("sum_to {what} grad{tag} {b}x{nn}x{dd} -> {to:?}"),
-                    bytes: (b * nn * dd + out) as f64 * e,
-                    flops: (b * nn * dd) as f64,
-                    bound: Bound::Memory,
-                    model: None,
-                    run: Box::new(move || {
+                v.push(BenchCase::kernel(
+                    Bound::Memory,
+                    "reduce",
+                    format!("sum_to {what} grad{tag} {b}x{nn}x{dd} -> {to:?}"),
+                    (b * nn * dd + out) as f64 * e,
+                    (b * nn * dd) as f64,
+                    move || {
                         let run = || ops::sum_to(&x, &to).map(|_| ());
                         if vector {
                             crate::cuda::reduce::with_vector_columns(true, run)
                         } else {
                             run()
                         }
-                    }),
-                });
+                    },
+                ));
             }
         }
         let (b, nn, h, d) = if full { (8, 1560, 12, 128) } else { (16, 64, 8, 32) };
         let y = rand(&[b, nn, h, d], &mut rng, device)?;
-        v.push(BenchCase {
-            family: "shape",
-            name: format!("permute {b}x{nn}x{h}x{d} -> bhnd"),
-            bytes: 2.0 * (b * nn * h * d) as f64 * e,
-            flops: 0.0,
-            bound: Bound::Memory,
-            model: None,
-            run: Box::new(move || ops::permute(&y, &[0, 2, 1, 3]).map(|_| ())),
-        });
+        v.push(BenchCase::kernel(
+            Bound::Memory,
+            "shape",
+            format!("permute {b}x{nn}x{h}x{d} -> bhnd"),
+            2.0 * (b * nn * h * d) as f64 * e,
+            0.0,
+            move || ops::permute(&y, &[0, 2, 1, 3]).map(|_| ()),
+        ));
         // Channels first to channels last (the last dimension moves: tiled transposes).
         let (c, hw) = if full { (384, 120 * 120) } else { (32, 33 * 33) };
         let z = rand(&[2, c, hw], &mut rng, device)?;
-        v.push(BenchCase {
-            family: "shape",
-            name: format!("permute 2x{c}x{hw} -> channels last"),
-            bytes: 2.0 * (2 * c * hw) as f64 * e,
-            flops: 0.0,
-            bound: Bound::Memory,
-            model: None,
-            run: Box::new(move || ops::permute(&z, &[0, 2, 1]).map(|_| ())),
-        });
+        v.push(BenchCase::kernel(
+            Bound::Memory,
+            "shape",
+            format!("permute 2x{c}x{hw} -> channels last"),
+            2.0 * (2 * c * hw) as f64 * e,
+            0.0,
+            move || ops::permute(&z, &[0, 2, 1]).map(|_| ()),
+        ));
     }
     // Loss: the SynthCLIP contrastive logits (global batch 4096 → 4096 classes per row).
     {
         let rows = if full { 4096 } else { 256 };
         let logits = rand(&[rows, rows], &mut rng, device)?;
         let targets: Vec<usize> = (0..rows).collect();
-        v.push(BenchCase {
-            family: "loss",
-            name: format!("cross_entropy {rows}x{rows}"),
-            bytes: (rows * rows) as f64 * e,
-            flops: 4.0 * (rows * rows) as f64,
-            bound: Bound::Memory,
-            model: None,
-            run: Box::new(move || ops::cross_entropy(&logits, &targets).map(|_| ())),
-        });
+        v.push(BenchCase::kernel(
+            Bound::Memory,
+            "loss",
+            format!("cross_entropy {rows}x{rows}"),
+            (rows * rows) as f64 * e,
+            4.0 * (rows * rows) as f64,
+            move || ops::cross_entropy(&logits, &targets).map(|_| ()),
+        ));
     }
 
     // Linear layers of the DiT block: 1536 → 8960 (FFN up).
@@ -377,15 +377,14 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
         let x = rand(&[m, k], &mut rng, device)?;
         let w = rand(&[nn, k], &mut rng, device)?;
         let b = rand(&[nn], &mut rng, device)?;
-        v.push(BenchCase {
-            family: "matmul",
-            name: format!("linear+bias {m}x{k}->{nn}"),
-            bytes: ((m * k) + (nn * k) + (m * nn)) as f64 * e,
-            flops: 2.0 * (m * k * nn) as f64,
-            bound: Bound::Compute,
-            model: None,
-            run: Box::new(move || ops::linear(&x, &w, Some(&b)).map(|_| ())),
-        });
+        v.push(BenchCase::kernel(
+            Bound::Compute,
+            "matmul",
+            format!("linear+bias {m}x{k}->{nn}"),
+            ((m * k) + (nn * k) + (m * nn)) as f64 * e,
+            2.0 * (m * k * nn) as f64,
+            move || ops::linear(&x, &w, Some(&b)).map(|_| ()),
+        ));
     }
 
     // Attention at Wan's shapes: head dim 128, 12 heads; self-attention over the latent
@@ -407,17 +406,14 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
         let bytes = (2 * b * n * h * d + 2 * b * nk * h * d) as f64 * e;
         let shape = if nk == n { format!("b{b} n{n} h{h} d{d}") } else { format!("b{b} n{n} k{nk} h{h} d{d}") };
         let (q2, k2, v2) = (q.clone(), k.clone(), vv.clone());
-        v.push(BenchCase {
-            family: "attention",
-            name: format!("attention fwd {shape}"),
+        v.push(BenchCase::kernel(
+            Bound::Compute,
+            "attention",
+            format!("attention fwd {shape}"),
             bytes,
             flops,
-            bound: Bound::Compute,
-            model: None,
-            run: Box::new(move || {
-                autograd::no_grad(|| ops::attention(&q2, &k2, &v2, &AttentionOptions::new(d))).map(|_| ())
-            }),
-        });
+            move || autograd::no_grad(|| ops::attention(&q2, &k2, &v2, &AttentionOptions::new(d))).map(|_| ()),
+        ));
         // The mma.sync and wgmma kernels beside the default (GPU only; see
         // cuda::attention::AttentionKernel): forward in each shape, and the backward
         // with atomics and the deterministic one.
@@ -436,19 +432,18 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
         };
         for &kernel in mma_kernels {
             let (q2, k2, v2) = (q.clone(), k.clone(), vv.clone());
-            v.push(BenchCase {
-                family: "attention",
-                name: format!("attention fwd[{}] {shape}", kernel.name()),
+            v.push(BenchCase::kernel(
+                Bound::Compute,
+                "attention",
+                format!("attention fwd[{}] {shape}", kernel.name()),
                 bytes,
                 flops,
-                bound: Bound::Compute,
-                model: None,
-                run: Box::new(move || {
+                move || {
                     with_attention_kernel(kernel, || {
                         autograd::no_grad(|| ops::attention(&q2, &k2, &v2, &AttentionOptions::new(d))).map(|_| ())
                     })
-                }),
-            });
+                },
+            ));
         }
         let dout = rand(&[b, n, h, d], &mut rng, device)?;
         let mma_backward: &[AttentionKernel] = if device == Device::Cpu {
@@ -463,36 +458,34 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
         };
         for &kernel in mma_backward {
             let (q, k, vv, dout) = (q.clone(), k.clone(), vv.clone(), dout.clone());
-            v.push(BenchCase {
-                family: "attention",
-                name: format!("attention fwd+bwd[{}] {shape}", kernel.name()),
-                bytes: 2.5 * bytes,
-                flops: 3.5 * flops,
-                bound: Bound::Compute,
-                model: None,
-                run: Box::new(move || {
+            v.push(BenchCase::kernel(
+                Bound::Compute,
+                "attention",
+                format!("attention fwd+bwd[{}] {shape}", kernel.name()),
+                2.5 * bytes,
+                3.5 * flops,
+                move || {
                     with_attention_kernel(kernel, || {
                         let (q, k, v) =
                             (q.detach().requires_grad(), k.detach().requires_grad(), vv.detach().requires_grad());
                         let o = ops::attention(&q, &k, &v, &AttentionOptions::new(d))?;
                         autograd::backward_with(&o, dout.clone()).map(|_| ())
                     })
-                }),
-            });
+                },
+            ));
         }
-        v.push(BenchCase {
-            family: "attention",
-            name: format!("attention fwd+bwd {shape}"),
-            bytes: 2.5 * bytes,
-            flops: 3.5 * flops,
-            bound: Bound::Compute,
-            model: None,
-            run: Box::new(move || {
+        v.push(BenchCase::kernel(
+            Bound::Compute,
+            "attention",
+            format!("attention fwd+bwd {shape}"),
+            2.5 * bytes,
+            3.5 * flops,
+            move || {
                 let (q, k, v) = (q.detach().requires_grad(), k.detach().requires_grad(), vv.detach().requires_grad());
                 let o = ops::attention(&q, &k, &v, &AttentionOptions::new(d))?;
                 autograd::backward_with(&o, dout.clone()).map(|_| ())
-            }),
-        });
+            },
+        ));
     }
 
     // AdamW over a 1536×8960 weight (one FFN matrix).
@@ -509,15 +502,9 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
         let n = (r * c) as f64;
         // grad (e) + master, m, v (4 B each, read and written) + compute copy (e) written.
         let bytes = n * (e + 6.0 * 4.0 + e);
-        v.push(BenchCase {
-            family: "adamw",
-            name: format!("adamw {r}x{c}"),
-            bytes,
-            flops: 15.0 * n,
-            bound: Bound::Memory,
-            model: None,
-            run: Box::new(move || opt.step(&grads, 1e-4, 1.0)),
-        });
+        v.push(BenchCase::kernel(Bound::Memory, "adamw", format!("adamw {r}x{c}"), bytes, 15.0 * n, move || {
+            opt.step(&grads, 1e-4, 1.0)
+        }));
     }
     // A VAE decoder convolution: 3×3, 384 → 384 channels at 120×120 (480×480 output / 4).
     {
@@ -530,22 +517,21 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
         let variants: &[bool] = if device == Device::Cpu { &[false] } else { &[false, true] };
         for &by_rows in variants {
             let (x, w, b) = (x.clone(), w.clone(), b.clone());
-            v.push(BenchCase {
-                family: "conv",
-                name: format!("conv2d{} 3x3 {c}->{c} {hw}x{hw}", if by_rows { "[rows]" } else { "" }),
-                bytes: (2 * c * hw * hw + 9 * c * c) as f64 * e,
-                flops: 2.0 * (c * c * 9 * hw * hw) as f64,
-                bound: Bound::Compute,
-                model: None,
-                run: Box::new(move || {
+            v.push(BenchCase::kernel(
+                Bound::Compute,
+                "conv",
+                format!("conv2d{} 3x3 {c}->{c} {hw}x{hw}", if by_rows { "[rows]" } else { "" }),
+                (2 * c * hw * hw + 9 * c * c) as f64 * e,
+                2.0 * (c * c * 9 * hw * hw) as f64,
+                move || {
                     let run = || ops::conv2d(&x, &w, Some(&b), 1, 1).map(|_| ());
                     if by_rows {
                         crate::cuda::conv::with_im2col_by_rows(true, run)
                     } else {
                         run()
                     }
-                }),
-            });
+                },
+            ));
         }
     }
     Ok(v)
@@ -598,19 +584,11 @@ pub fn dit_step_case(device: Device, size: Size) -> Result<BenchCase> {
     let flops = 3.0 * dit_forward_flops(&cfg, tokens, 257 + cfg.text_len);
     let bytes = params.iter().map(|p| p.numel() as f64 * p.dtype().size() as f64).sum::<f64>() * 3.0;
     let name = dit_step_name(size);
-    Ok(BenchCase {
-        family: "model",
-        name,
-        bytes,
-        flops,
-        bound: Bound::Compute,
-        model: None,
-        run: Box::new(move || {
-            let v = model.forward(&x, &[500.0], &text, Some(&clip))?;
-            let loss = ops::mean_all(&ops::mul(&v, &v)?)?;
-            autograd::backward(&loss).map(|_| ())
-        }),
-    })
+    Ok(BenchCase::kernel(Bound::Compute, "model", name, bytes, flops, move || {
+        let v = model.forward(&x, &[500.0], &text, Some(&clip))?;
+        let loss = ops::mean_all(&ops::mul(&v, &v)?)?;
+        autograd::backward(&loss).map(|_| ())
+    }))
 }
 
 /// A case whose set-up is heavy (whole models), built only when it is selected.
@@ -752,18 +730,10 @@ fn demo_sample_case(device: Device, graphs: bool) -> Result<BenchCase> {
     let tokens = (latent / ph) * (latent / pw);
     let context = demo::clip_config().tokens() + cfg.text_len;
     let flops = batch as f64 * dit_sample_flops(&cfg, tokens, context, opts.steps);
-    Ok(BenchCase {
-        family: "model",
-        name: demo_sample_name(graphs),
-        bytes: 0.0,
-        flops,
-        bound: Bound::Compute,
-        model: Some(ModelWork { samples: batch, model_flops: flops }),
-        run: Box::new(move || {
-            let prompts: Vec<&str> = captions.iter().map(String::as_str).collect();
-            cuda::graph::with_graphs(graphs, || pipe.generate_batch(&prompts, &opts, None, &mut |_, _| {}).map(|_| ()))
-        }),
-    })
+    Ok(BenchCase::model(demo_sample_name(graphs), flops, ModelWork { samples: batch, model_flops: flops }, move || {
+        let prompts: Vec<&str> = captions.iter().map(String::as_str).collect();
+        cuda::graph::with_graphs(graphs, || pipe.generate_batch(&prompts, &opts, None, &mut |_, _| {}).map(|_| ()))
+    }))
 }
 
 /// Name of [`clip_train_step_case`]: `clip train step <preset> b<batch>`;
@@ -780,11 +750,11 @@ pub fn clip_forward_flops(cfg: &crate::models::clip::ClipConfig) -> f64 {
         layers as f64 * n * (2.0 * (4.0 * w * w + 2.0 * w * m) + 4.0 * n * w)
     };
     let (v, t) = (&cfg.vision, &cfg.text);
-    let patch = 2.0 * (v.grid() * v.grid()) as f64 * (3 * v.patch_size * v.patch_size * v.width) as f64;
+    let patch = 2.0 * (v.grid() * v.grid()) as f64 * (3 * v.patch_size * v.patch_size * v.trunk.width) as f64;
     patch
-        + tower(v.tokens(), v.width, v.layers, v.mlp_dim)
-        + tower(t.context_length, t.width, t.layers, t.mlp_dim)
-        + 2.0 * (v.width + t.width) as f64 * cfg.embed_dim as f64
+        + tower(v.tokens(), v.trunk.width, v.trunk.layers, v.trunk.mlp_dim)
+        + tower(t.context_length, t.trunk.width, t.trunk.layers, t.trunk.mlp_dim)
+        + 2.0 * (v.trunk.width + t.trunk.width) as f64 * cfg.embed_dim as f64
 }
 
 /// One SynthCLIP training step: the CLIP of `preset` with random weights (bf16 on a GPU
@@ -816,14 +786,11 @@ pub fn clip_train_step_case(device: Device, preset: &str, batch: usize) -> Resul
         row[len - 1] = 49407;
     }
     let flops = 3.0 * batch as f64 * clip_forward_flops(&cfg);
-    Ok(BenchCase {
-        family: "model",
-        name: clip_train_step_name(preset, batch),
-        bytes: 0.0,
+    Ok(BenchCase::model(
+        clip_train_step_name(preset, batch),
         flops,
-        bound: Bound::Compute,
-        model: Some(ModelWork { samples: batch, model_flops: flops }),
-        run: Box::new(move || {
+        ModelWork { samples: batch, model_flops: flops },
+        move || {
             let img = model.encode_image(&pixels)?;
             let txt = model.encode_text(&ids, batch)?;
             let loss = ops::clip_loss(&img, &txt, model.logit_scale())?;
@@ -831,8 +798,8 @@ pub fn clip_train_step_case(device: Device, preset: &str, batch: usize) -> Resul
             autograd::clear_tape();
             opt.step(&grads, 5e-4, 1.0)?;
             opt.clamp_param("logit_scale", 0.0, LOGIT_SCALE_MAX)
-        }),
-    })
+        },
+    ))
 }
 
 /// The 1.3B Synthos pipeline with random weights: umT5-XXL width with 1 layer, CLIP
@@ -949,19 +916,11 @@ fn train_case(
     dir: ScratchDir,
 ) -> BenchCase {
     let graphs = name.contains(graphs_tag(true));
-    BenchCase {
-        family: "model",
-        name,
-        bytes: 0.0,
-        flops,
-        bound: Bound::Compute,
-        model: Some(ModelWork { samples: batch, model_flops }),
-        run: Box::new(move || {
-            let _keep = &dir;
-            // A case named `…[graphs]…` runs with CUDA graphs, the others without.
-            cuda::graph::with_graphs(graphs, || trainer.train_step().map(|_| ()))
-        }),
-    }
+    BenchCase::model(name, flops, ModelWork { samples: batch, model_flops }, move || {
+        let _keep = &dir;
+        // A case named `…[graphs]…` runs with CUDA graphs, the others without.
+        cuda::graph::with_graphs(graphs, || trainer.train_step().map(|_| ()))
+    })
 }
 
 /// `train step 1.3b <w>x<h> b<batch>`, with ` no checkpointing` when every activation is
@@ -1055,14 +1014,11 @@ fn sample_dit_case(device: Device) -> Result<BenchCase> {
     let steps = 25;
     let sigmas = crate::schedule::sample_sigmas(steps, crate::schedule::SHIFT);
     let flops = dit_sample_flops(&cfg, (lat / 2) * (lat / 2), 257 + cfg.text_len, steps);
-    Ok(BenchCase {
-        family: "model",
-        name: "sample 1.3b 480x480 25 steps dit".into(),
-        bytes: 0.0,
+    Ok(BenchCase::model(
+        "sample 1.3b 480x480 25 steps dit".into(),
         flops,
-        bound: Bound::Compute,
-        model: Some(ModelWork { samples: 1, model_flops: flops }),
-        run: Box::new(move || {
+        ModelWork { samples: 1, model_flops: flops },
+        move || {
             autograd::no_grad(|| {
                 let kv = model.cross_kv(&model.context(&text, Some(&clip))?)?;
                 let mut x = x0.clone();
@@ -1080,8 +1036,8 @@ fn sample_dit_case(device: Device) -> Result<BenchCase> {
                 }
                 ops::sum_all(&x)?.item().map(|_| ())
             })
-        }),
-    })
+        },
+    ))
 }
 
 fn sample_pipeline_case(device: Device, graphs: bool) -> Result<BenchCase> {
@@ -1093,15 +1049,12 @@ fn sample_pipeline_case(device: Device, graphs: bool) -> Result<BenchCase> {
     let reference = ImageRgb::new(224, 224, pixels)?;
     let opts = GenerateOptions { prompt: "a lighthouse at dusk".into(), ..Default::default() };
     let flops = dit_sample_flops(&cfg, 900, 257 + cfg.text_len, 25);
-    Ok(BenchCase {
-        family: "model",
-        name: format!("sample{} 1.3b 480x480 25 steps pipeline", graphs_tag(graphs)),
-        bytes: 0.0,
+    Ok(BenchCase::model(
+        format!("sample{} 1.3b 480x480 25 steps pipeline", graphs_tag(graphs)),
         flops,
-        bound: Bound::Compute,
-        model: Some(ModelWork { samples: 1, model_flops: flops }),
-        run: Box::new(move || cuda::graph::with_graphs(graphs, || pipe.generate(&opts, Some(&reference)).map(|_| ()))),
-    })
+        ModelWork { samples: 1, model_flops: flops },
+        move || cuda::graph::with_graphs(graphs, || pipe.generate(&opts, Some(&reference)).map(|_| ())),
+    ))
 }
 
 /// The nominal dense bf16 tensor-core rate (TFLOP/s, fp32 accumulation, no sparsity) of a

@@ -25,13 +25,13 @@ fn fixture(name: &str) -> PathBuf {
 fn fixture_config(form: VisionForm) -> ClipConfig {
     let mut c = ClipConfig::tiny();
     c.embed_dim = 24;
-    (c.vision.width, c.vision.heads, c.vision.mlp_dim) = (32, 1, 128);
-    (c.text.width, c.text.heads, c.text.mlp_dim) = (64, 2, 256);
+    (c.vision.trunk.width, c.vision.trunk.heads, c.vision.trunk.mlp_dim) = (32, 1, 128);
+    (c.text.trunk.width, c.text.trunk.heads, c.text.trunk.mlp_dim) = (64, 2, 256);
     c.text.vocab_size = 64;
     if form == VisionForm::OpenClip {
         c.vision.form = VisionForm::OpenClip;
-        c.vision.eps = 1e-5;
-        c.text.act = ClipAct::Gelu;
+        c.vision.trunk.eps = 1e-5;
+        c.text.trunk.act = ClipAct::Gelu;
     }
     c
 }
@@ -85,7 +85,7 @@ fn presets_and_parameter_count() {
     let e = ClipConfig::from_json(&serde_json::json!({"text": {"widht": 5}})).unwrap_err().to_string();
     assert!(e.contains("text.widht"), "{e}");
     let c = ClipConfig::from_json(&serde_json::json!({"preset": "tiny", "text": {"act": "gelu"}})).unwrap();
-    assert_eq!((c.text.act, c.vision.width), (ClipAct::Gelu, 64));
+    assert_eq!((c.text.trunk.act, c.vision.trunk.width), (ClipAct::Gelu, 64));
 }
 
 #[test]

@@ -55,6 +55,72 @@ impl VisionForm {
     }
 }
 
+/// The transformer a tower is built on: pre-norm blocks of attention and an MLP.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ClipTrunk {
+    /// Width (768 image, 512 text).
+    pub width: usize,
+    /// Blocks (12).
+    pub layers: usize,
+    /// Attention heads (12 image, 8 text).
+    pub heads: usize,
+    /// MLP hidden width (3072 image, 2048 text).
+    pub mlp_dim: usize,
+    /// LayerNorm epsilon (1e-6 timm, 1e-5 OpenCLIP and the text tower).
+    pub eps: f32,
+    /// MLP activation.
+    pub act: ClipAct,
+}
+
+impl ClipTrunk {
+    /// Parameters of one block: two LayerNorms, the fused QKV and output projections, the
+    /// MLP's two layers, each with its bias.
+    pub fn block_params(&self) -> usize {
+        let (w, m) = (self.width, self.mlp_dim);
+        4 * w + (3 * w * w + 3 * w) + (w * w + w) + (w * m + m) + (m * w + w)
+    }
+
+    /// Checks the sizes of `tower`'s trunk; errors name the field as `tower.field`.
+    fn validate(&self, tower: &str) -> Result<()> {
+        let sizes = [("width", self.width), ("layers", self.layers), ("heads", self.heads), ("mlp_dim", self.mlp_dim)];
+        if let Some((k, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            bail!("CLIP config: {tower}.{k} must be positive");
+        }
+        if !self.width.is_multiple_of(self.heads) {
+            bail!("CLIP config: {tower}.width {} is not a multiple of {tower}.heads {}", self.width, self.heads);
+        }
+        if self.eps.is_nan() || self.eps <= 0.0 {
+            bail!("CLIP config: {tower}.eps (the LayerNorm epsilon) must be positive");
+        }
+        Ok(())
+    }
+
+    /// Adds the trunk's fields to a tower's JSON object.
+    fn write_json(&self, o: &mut Map<String, Value>) {
+        o.insert("width".into(), json!(self.width));
+        o.insert("layers".into(), json!(self.layers));
+        o.insert("heads".into(), json!(self.heads));
+        o.insert("mlp_dim".into(), json!(self.mlp_dim));
+        o.insert("eps".into(), json!(self.eps));
+        o.insert("act".into(), json!(self.act.name()));
+    }
+
+    /// Sets field `k` from `val` (`key`: its full name, for errors); false when `k` is
+    /// not a trunk field.
+    fn set_json(&mut self, k: &str, val: &Value, key: &str) -> Result<bool> {
+        match k {
+            "width" => self.width = as_usize(val, key)?,
+            "layers" => self.layers = as_usize(val, key)?,
+            "heads" => self.heads = as_usize(val, key)?,
+            "mlp_dim" => self.mlp_dim = as_usize(val, key)?,
+            "eps" => self.eps = as_f32(val, key)?,
+            "act" => self.act = ClipAct::parse(val.as_str().unwrap_or_default(), key)?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
 /// The image tower.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClipVisionTower {
@@ -64,18 +130,8 @@ pub struct ClipVisionTower {
     pub image_size: usize,
     /// Patch side (16).
     pub patch_size: usize,
-    /// Width (768).
-    pub width: usize,
-    /// Blocks (12).
-    pub layers: usize,
-    /// Attention heads (12).
-    pub heads: usize,
-    /// MLP hidden width (3072).
-    pub mlp_dim: usize,
-    /// LayerNorm epsilon (1e-6 timm, 1e-5 OpenCLIP).
-    pub eps: f32,
-    /// MLP activation.
-    pub act: ClipAct,
+    /// Its transformer (width 768, 12 blocks of 12 heads, MLP 3072).
+    pub trunk: ClipTrunk,
 }
 
 impl ClipVisionTower {
@@ -97,18 +153,8 @@ pub struct ClipTextTower {
     pub context_length: usize,
     /// Vocabulary (49408).
     pub vocab_size: usize,
-    /// Width (512).
-    pub width: usize,
-    /// Blocks (12).
-    pub layers: usize,
-    /// Attention heads (8).
-    pub heads: usize,
-    /// MLP hidden width (2048).
-    pub mlp_dim: usize,
-    /// LayerNorm epsilon (1e-5).
-    pub eps: f32,
-    /// MLP activation.
-    pub act: ClipAct,
+    /// Its transformer (width 512, 12 blocks of 8 heads, MLP 2048).
+    pub trunk: ClipTrunk,
 }
 
 /// A CLIP model: both towers and the shared embedding width.
@@ -135,22 +181,19 @@ impl ClipConfig {
                 form: VisionForm::Timm,
                 image_size: 224,
                 patch_size: 16,
-                width: 768,
-                layers: 12,
-                heads: 12,
-                mlp_dim: 3072,
-                eps: 1e-6,
-                act: ClipAct::Gelu,
+                trunk: ClipTrunk { width: 768, layers: 12, heads: 12, mlp_dim: 3072, eps: 1e-6, act: ClipAct::Gelu },
             },
             text: ClipTextTower {
                 context_length: 77,
                 vocab_size: 49408,
-                width: 512,
-                layers: 12,
-                heads: 8,
-                mlp_dim: 2048,
-                eps: 1e-5,
-                act: ClipAct::QuickGelu,
+                trunk: ClipTrunk {
+                    width: 512,
+                    layers: 12,
+                    heads: 8,
+                    mlp_dim: 2048,
+                    eps: 1e-5,
+                    act: ClipAct::QuickGelu,
+                },
             },
         }
     }
@@ -160,8 +203,8 @@ impl ClipConfig {
     pub fn openclip_vit_b16() -> ClipConfig {
         let mut c = Self::synthclip_vit_b16();
         c.vision.form = VisionForm::OpenClip;
-        c.vision.eps = 1e-5;
-        c.text.act = ClipAct::Gelu;
+        c.vision.trunk.eps = 1e-5;
+        c.text.trunk.act = ClipAct::Gelu;
         c
     }
 
@@ -172,9 +215,9 @@ impl ClipConfig {
     pub fn tiny() -> ClipConfig {
         let mut c = Self::synthclip_vit_b16();
         c.embed_dim = 32;
-        c.vision =
-            ClipVisionTower { image_size: 32, patch_size: 8, width: 64, layers: 2, heads: 2, mlp_dim: 128, ..c.vision };
-        c.text = ClipTextTower { context_length: 16, width: 64, layers: 2, heads: 2, mlp_dim: 128, ..c.text };
+        let small = |t: ClipTrunk| ClipTrunk { width: 64, layers: 2, heads: 2, mlp_dim: 128, ..t };
+        c.vision = ClipVisionTower { image_size: 32, patch_size: 8, trunk: small(c.vision.trunk), ..c.vision };
+        c.text = ClipTextTower { context_length: 16, trunk: small(c.text.trunk), ..c.text };
         c
     }
 
@@ -196,20 +239,14 @@ impl ClipConfig {
             ("embed_dim", self.embed_dim),
             ("vision.image_size", v.image_size),
             ("vision.patch_size", v.patch_size),
-            ("vision.width", v.width),
-            ("vision.layers", v.layers),
-            ("vision.heads", v.heads),
-            ("vision.mlp_dim", v.mlp_dim),
             ("text.context_length", t.context_length),
             ("text.vocab_size", t.vocab_size),
-            ("text.width", t.width),
-            ("text.layers", t.layers),
-            ("text.heads", t.heads),
-            ("text.mlp_dim", t.mlp_dim),
         ];
         if let Some((k, _)) = positive.iter().find(|(_, v)| *v == 0) {
             bail!("CLIP config: {k} must be positive");
         }
+        v.trunk.validate("vision")?;
+        t.trunk.validate("text")?;
         if !v.image_size.is_multiple_of(v.patch_size) {
             bail!(
                 "CLIP config: vision.image_size {} is not a multiple of vision.patch_size {}",
@@ -217,47 +254,33 @@ impl ClipConfig {
                 v.patch_size
             );
         }
-        if !v.width.is_multiple_of(v.heads) {
-            bail!("CLIP config: vision.width {} is not a multiple of vision.heads {}", v.width, v.heads);
-        }
-        if !t.width.is_multiple_of(t.heads) {
-            bail!("CLIP config: text.width {} is not a multiple of text.heads {}", t.width, t.heads);
-        }
-        if !(v.eps > 0.0 && t.eps > 0.0) {
-            bail!("CLIP config: LayerNorm eps must be positive");
-        }
         Ok(())
     }
 
     /// Parameters in the model: both towers, the projections and `logit_scale`.
     pub fn num_params(&self) -> usize {
-        let block = |w: usize, m: usize| 4 * w + (3 * w * w + 3 * w) + (w * w + w) + (w * m + m) + (m * w + w);
-        let v = &self.vision;
-        let t = &self.text;
-        let patch = 3 * v.patch_size * v.patch_size * v.width + if v.form == VisionForm::Timm { v.width } else { 0 };
-        let pre = if v.form == VisionForm::OpenClip { 2 * v.width } else { 0 };
-        let vision = patch + v.width + v.tokens() * v.width + pre + v.layers * block(v.width, v.mlp_dim) + 2 * v.width;
-        let text =
-            t.vocab_size * t.width + t.context_length * t.width + t.layers * block(t.width, t.mlp_dim) + 2 * t.width;
-        vision + text + v.width * self.embed_dim + t.width * self.embed_dim + 1
+        let (v, t) = (&self.vision, &self.text);
+        let (vw, tw) = (v.trunk.width, t.trunk.width);
+        let patch = 3 * v.patch_size * v.patch_size * vw + if v.form == VisionForm::Timm { vw } else { 0 };
+        let pre = if v.form == VisionForm::OpenClip { 2 * vw } else { 0 };
+        let vision = patch + vw + v.tokens() * vw + pre + v.trunk.layers * v.trunk.block_params() + 2 * vw;
+        let text = t.vocab_size * tw + t.context_length * tw + t.trunk.layers * t.trunk.block_params() + 2 * tw;
+        vision + text + vw * self.embed_dim + tw * self.embed_dim + 1
     }
 
     /// The JSON form ([`ClipConfig::from_json`] reads it back).
     pub fn to_json(&self) -> Value {
-        let v = &self.vision;
-        let t = &self.text;
-        json!({
-            "embed_dim": self.embed_dim,
-            "vision": {
-                "form": v.form.name(), "image_size": v.image_size, "patch_size": v.patch_size,
-                "width": v.width, "layers": v.layers, "heads": v.heads, "mlp_dim": v.mlp_dim,
-                "eps": v.eps, "act": v.act.name(),
-            },
-            "text": {
-                "context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
-                "layers": t.layers, "heads": t.heads, "mlp_dim": t.mlp_dim, "eps": t.eps, "act": t.act.name(),
-            },
-        })
+        let (v, t) = (&self.vision, &self.text);
+        let mut vision = Map::new();
+        vision.insert("form".into(), json!(v.form.name()));
+        vision.insert("image_size".into(), json!(v.image_size));
+        vision.insert("patch_size".into(), json!(v.patch_size));
+        v.trunk.write_json(&mut vision);
+        let mut text = Map::new();
+        text.insert("context_length".into(), json!(t.context_length));
+        text.insert("vocab_size".into(), json!(t.vocab_size));
+        t.trunk.write_json(&mut text);
+        json!({ "embed_dim": self.embed_dim, "vision": vision, "text": text })
     }
 
     /// Reads the JSON form. `"preset"` names a base ([`CLIP_PRESETS`], default
@@ -291,12 +314,7 @@ impl ClipConfig {
                     }
                     "image_size" => tw.image_size = as_usize(val, &key)?,
                     "patch_size" => tw.patch_size = as_usize(val, &key)?,
-                    "width" => tw.width = as_usize(val, &key)?,
-                    "layers" => tw.layers = as_usize(val, &key)?,
-                    "heads" => tw.heads = as_usize(val, &key)?,
-                    "mlp_dim" => tw.mlp_dim = as_usize(val, &key)?,
-                    "eps" => tw.eps = as_f32(val, &key)?,
-                    "act" => tw.act = ClipAct::parse(val.as_str().unwrap_or_default(), &key)?,
+                    _ if tw.trunk.set_json(k, val, &key)? => {}
                     _ => bail!("unknown key {key:?} in the CLIP config"),
                 }
             }
@@ -309,12 +327,7 @@ impl ClipConfig {
                 match k.as_str() {
                     "context_length" => tw.context_length = as_usize(val, &key)?,
                     "vocab_size" => tw.vocab_size = as_usize(val, &key)?,
-                    "width" => tw.width = as_usize(val, &key)?,
-                    "layers" => tw.layers = as_usize(val, &key)?,
-                    "heads" => tw.heads = as_usize(val, &key)?,
-                    "mlp_dim" => tw.mlp_dim = as_usize(val, &key)?,
-                    "eps" => tw.eps = as_f32(val, &key)?,
-                    "act" => tw.act = ClipAct::parse(val.as_str().unwrap_or_default(), &key)?,
+                    _ if tw.trunk.set_json(k, val, &key)? => {}
                     _ => bail!("unknown key {key:?} in the CLIP config"),
                 }
             }

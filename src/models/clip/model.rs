@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::config::{ClipAct, ClipConfig, VisionForm};
+use super::config::{ClipAct, ClipConfig, ClipTrunk, VisionForm};
 use crate::nn::{Init, LayerNorm, Linear, Module, NamedParam, ParamSource, RandomInit};
 use crate::ops::{self, AttentionOptions, GeluApprox};
 use crate::weights::{Loader, WeightSet};
@@ -78,19 +78,14 @@ struct Block {
 }
 
 impl Block {
-    #[allow(clippy::too_many_arguments)]
     fn new(
         src: &mut dyn ParamSource,
         names: BlockNames,
-        width: usize,
-        heads: usize,
-        mlp: usize,
-        eps: f32,
-        act: ClipAct,
+        trunk: &ClipTrunk,
         causal: bool,
         init: BlockInit,
     ) -> Result<Block> {
-        let w = width;
+        let (w, mlp, eps) = (trunk.width, trunk.mlp_dim, trunk.eps);
         let qkv = Linear {
             name: String::new(),
             weight: src.param(&names.qkv_weight, &[3 * w, w], Init::Normal(init.qkv))?,
@@ -104,8 +99,8 @@ impl Block {
             fc1: Linear::with_init(src, &names.fc1, w, mlp, true, Init::Normal(init.fc1), Init::Zeros)?,
             fc2: Linear::with_init(src, &names.fc2, mlp, w, true, Init::Normal(init.fc2), Init::Zeros)?,
             names,
-            heads,
-            act,
+            heads: trunk.heads,
+            act: trunk.act,
             causal,
         })
     }
@@ -202,7 +197,7 @@ impl ClipModel {
         cfg.validate()?;
         let (v, t) = (&cfg.vision, &cfg.text);
         let p = |s: &str| format!("{prefix}{s}");
-        let (vw, p_sz) = (v.width, v.patch_size);
+        let (vw, p_sz) = (v.trunk.width, v.patch_size);
         // timm: Linear weights N(0, 0.02) with zero biases, the class token N(0, 1e-6), the
         // patch convolution as PyTorch creates it.
         let vinit = BlockInit { qkv: 0.02, out: 0.02, fc1: 0.02, fc2: 0.02 };
@@ -224,13 +219,13 @@ impl ClipModel {
                 class_token: Named::new(src, p("visual.cls_token"), &[1, 1, vw], Init::Normal(1e-6))?,
                 pos: Named::new(src, p("visual.pos_embed"), &[1, v.tokens(), vw], Init::Normal(0.02))?,
                 ln_pre: None,
-                blocks: (0..v.layers)
+                blocks: (0..v.trunk.layers)
                     .map(|i| {
                         let names = BlockNames::timm(&p(&format!("visual.blocks.{i}")));
-                        Block::new(src, names, vw, v.heads, v.mlp_dim, v.eps, v.act, false, vinit)
+                        Block::new(src, names, &v.trunk, false, vinit)
                     })
                     .collect::<Result<_>>()?,
-                norm: LayerNorm::new(src, &p("visual.norm"), vw, v.eps, true)?,
+                norm: LayerNorm::new(src, &p("visual.norm"), vw, v.trunk.eps, true)?,
                 proj: Named::new(
                     src,
                     p("image_projection"),
@@ -250,38 +245,38 @@ impl ClipModel {
                     patch_bias: None,
                     class_token: Named::new(src, p("visual.class_embedding"), &[vw], Init::Normal(scale))?,
                     pos: Named::new(src, p("visual.positional_embedding"), &[v.tokens(), vw], Init::Normal(scale))?,
-                    ln_pre: Some(LayerNorm::new(src, &p("visual.ln_pre"), vw, v.eps, true)?),
-                    blocks: (0..v.layers)
+                    ln_pre: Some(LayerNorm::new(src, &p("visual.ln_pre"), vw, v.trunk.eps, true)?),
+                    blocks: (0..v.trunk.layers)
                         .map(|i| {
                             let names = BlockNames::openai(&p(&format!("visual.transformer.resblocks.{i}")));
-                            Block::new(src, names, vw, v.heads, v.mlp_dim, v.eps, v.act, false, vinit)
+                            Block::new(src, names, &v.trunk, false, vinit)
                         })
                         .collect::<Result<_>>()?,
-                    norm: LayerNorm::new(src, &p("visual.ln_post"), vw, v.eps, true)?,
+                    norm: LayerNorm::new(src, &p("visual.ln_post"), vw, v.trunk.eps, true)?,
                     proj: Named::new(src, p("visual.proj"), &[vw, cfg.embed_dim], Init::Normal(scale))?,
                 }
             }
         };
         // SLIP's `initialize_parameters` for the text tower.
-        let tw = t.width as f32;
-        let proj_std = tw.powf(-0.5) * (2.0 * t.layers as f32).powf(-0.5);
+        let (tk, tw) = (&t.trunk, t.trunk.width as f32);
+        let proj_std = tw.powf(-0.5) * (2.0 * tk.layers as f32).powf(-0.5);
         let tinit = BlockInit { qkv: tw.powf(-0.5), out: proj_std, fc1: (2.0 * tw).powf(-0.5), fc2: proj_std };
         let text = TextTower {
             token_embedding: Named::new(
                 src,
                 p("token_embedding.weight"),
-                &[t.vocab_size, t.width],
+                &[t.vocab_size, tk.width],
                 Init::Normal(0.02),
             )?,
-            pos: Named::new(src, p("positional_embedding"), &[t.context_length, t.width], Init::Normal(0.01))?,
-            blocks: (0..t.layers)
+            pos: Named::new(src, p("positional_embedding"), &[t.context_length, tk.width], Init::Normal(0.01))?,
+            blocks: (0..tk.layers)
                 .map(|i| {
                     let names = BlockNames::openai(&p(&format!("transformer.resblocks.{i}")));
-                    Block::new(src, names, t.width, t.heads, t.mlp_dim, t.eps, t.act, true, tinit)
+                    Block::new(src, names, tk, true, tinit)
                 })
                 .collect::<Result<_>>()?,
-            ln_final: LayerNorm::new(src, &p("ln_final"), t.width, t.eps, true)?,
-            proj: Named::new(src, p("text_projection"), &[t.width, cfg.embed_dim], Init::Normal(tw.powf(-0.5)))?,
+            ln_final: LayerNorm::new(src, &p("ln_final"), tk.width, tk.eps, true)?,
+            proj: Named::new(src, p("text_projection"), &[tk.width, cfg.embed_dim], Init::Normal(tw.powf(-0.5)))?,
         };
         let logit_scale = src.param(&p("logit_scale"), &[], Init::Constant(LOGIT_SCALE_INIT))?;
         Ok(ClipModel {
@@ -360,7 +355,7 @@ impl ClipModel {
     /// `[B, 3, S, S]`.
     pub fn encode_image(&self, pixels: &Tensor) -> Result<Tensor> {
         let v = &self.cfg.vision;
-        let (s, p, w) = (v.image_size, v.patch_size, v.width);
+        let (s, p, w) = (v.image_size, v.patch_size, v.trunk.width);
         let ps = pixels.shape();
         if ps.len() != 4 || ps[1] != 3 || ps[2] != s || ps[3] != s || ps[0] == 0 {
             bail!("ClipModel::encode_image: pixels must be [B, 3, {s}, {s}], got {ps:?}");
@@ -407,12 +402,12 @@ impl ClipModel {
         }
         let tower = &self.text;
         let x = ops::gather_rows(&tower.token_embedding.t, &flat)?;
-        let mut x = ops::add(&ops::reshape(&x, &[batch, c, t.width])?, &tower.pos.t)?;
+        let mut x = ops::add(&ops::reshape(&x, &[batch, c, t.trunk.width])?, &tower.pos.t)?;
         for block in &tower.blocks {
             x = block.forward(&x)?;
         }
         let pooled: Vec<usize> = flat.chunks(c).enumerate().map(|(r, row)| r * c + argmax_first(row)).collect();
-        let x = ops::gather_rows(&ops::reshape(&x, &[batch * c, t.width])?, &pooled)?;
+        let x = ops::gather_rows(&ops::reshape(&x, &[batch * c, t.trunk.width])?, &pooled)?;
         ops::matmul(&tower.ln_final.forward(&x)?, &tower.proj.t)
     }
 
