@@ -19,42 +19,40 @@ fn tap(g: &ConvGeom, oy: usize, ox: usize, ky: usize, kx: usize) -> Option<(usiz
     (iy < g.h && ix < g.w).then_some((iy, ix))
 }
 
-/// Column matrix of output rows `[r0, r0 + rows)` of one image `x_img` (`[c_in, h, w]`):
-/// `cols[(c·kh + ky)·kw + kx, (oy − r0)·w_out + ox] = x[c, oy·s − pad_top + ky, ox·s −
-/// pad_left + kx]` (0 in the padding). `cols` holds `k · rows · w_out` elements.
-pub fn im2col(x_img: &[f32], g: &ConvGeom, r0: usize, rows: usize, cols: &mut [f32]) {
+/// Visits the column matrix of output rows `[r0, r0 + rows)` in storage order:
+/// `f(e, src)` for entry `e` = `(c·kh + ky)·kw + kx` row, `(oy − r0)·w_out + ox` column,
+/// with `src` the index in one `[c_in, h, w]` image of the input pixel it holds (`None`
+/// in the padding).
+fn for_each_column_entry(g: &ConvGeom, r0: usize, rows: usize, mut f: impl FnMut(usize, Option<usize>)) {
     let npix = rows * g.w_out;
     for c in 0..g.c_in {
         for ky in 0..g.kh {
             for kx in 0..g.kw {
                 let k = (c * g.kh + ky) * g.kw + kx;
-                let row = &mut cols[k * npix..(k + 1) * npix];
-                for (p, v) in row.iter_mut().enumerate() {
+                for p in 0..npix {
                     let (oy, ox) = (r0 + p / g.w_out, p % g.w_out);
-                    *v = tap(g, oy, ox, ky, kx).map_or(0.0, |(iy, ix)| x_img[(c * g.h + iy) * g.w + ix]);
+                    f(k * npix + p, tap(g, oy, ox, ky, kx).map(|(iy, ix)| (c * g.h + iy) * g.w + ix));
                 }
             }
         }
     }
 }
 
+/// Column matrix of output rows `[r0, r0 + rows)` of one image `x_img` (`[c_in, h, w]`):
+/// `cols[(c·kh + ky)·kw + kx, (oy − r0)·w_out + ox] = x[c, oy·s − pad_top + ky, ox·s −
+/// pad_left + kx]` (0 in the padding). `cols` holds `k · rows · w_out` elements.
+pub fn im2col(x_img: &[f32], g: &ConvGeom, r0: usize, rows: usize, cols: &mut [f32]) {
+    for_each_column_entry(g, r0, rows, |e, src| cols[e] = src.map_or(0.0, |i| x_img[i]));
+}
+
 /// The adjoint of [`im2col`]: adds every column entry back onto the input pixel it was
-/// read from (`dx_img` is one image, `[c_in, h, w]`).
+/// read from (`dx_img` is one image, `[c_in, h, w]`), in the column matrix's order.
 pub fn col2im_add(dcols: &[f32], g: &ConvGeom, r0: usize, rows: usize, dx_img: &mut [f32]) {
-    let npix = rows * g.w_out;
-    for c in 0..g.c_in {
-        for ky in 0..g.kh {
-            for kx in 0..g.kw {
-                let k = (c * g.kh + ky) * g.kw + kx;
-                for (p, &v) in dcols[k * npix..(k + 1) * npix].iter().enumerate() {
-                    let (oy, ox) = (r0 + p / g.w_out, p % g.w_out);
-                    if let Some((iy, ix)) = tap(g, oy, ox, ky, kx) {
-                        dx_img[(c * g.h + iy) * g.w + ix] += v;
-                    }
-                }
-            }
+    for_each_column_entry(g, r0, rows, |e, src| {
+        if let Some(i) = src {
+            dx_img[i] += dcols[e];
         }
-    }
+    });
 }
 
 /// The bands of output rows: `(r0, rows)` pairs covering `0..h_out`.
