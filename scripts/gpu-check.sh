@@ -16,8 +16,10 @@
 # per-kernel profile of the 1.3B b4 training step (SYNTHOS_CUDA_PROFILE=1),
 # compute-sanitizer memcheck/racecheck on the op tests where the machine supports it, and
 # one summary.json (scripts/gpu-summary.py). Stages: set SKIP_TESTS, SKIP_DEMO, SKIP_SYNTH_DEMO, SKIP_TORCH,
-# SKIP_BENCH, SKIP_PROFILE, SKIP_SANITIZER to 1 to leave one out; TEST_FILTER narrows the tests;
-# SKIP_TEST_BINARIES (default: kernel_emulation, CPU only) lists executables not run.
+# SKIP_BENCH, SKIP_PROFILE, SKIP_SANITIZER to 1 to leave one out; TEST_FILTER narrows the tests
+# (and turns off the gates below); TEST_SKIP ("--skip NAME ...") leaves tests out and keeps
+# the gates; SKIP_TEST_BINARIES (default: kernel_emulation device_emulation, the two CPU
+# emulation tiers) lists executables not run.
 # Opt-in kernels whose GPU parity test did not pass are left out of the timing stages.
 set -uo pipefail
 T0=$(date +%s)
@@ -84,13 +86,18 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   run_test() {
     local t=$1 name; name=$(basename "$t")
     local s0; s0=$(date +%s)
-    timeout "${TEST_TIMEOUT:-300}" "$t" ${TEST_FILTER:-} --test-threads=1 > "$OUTDIR/tests/$name.log" 2>&1
+    # (SYNTHOS_REQUIRE_GPU=1: a GPU test that finds no usable device fails instead of
+    # skipping, so an unusable driver cannot pass a gate)
+    # shellcheck disable=SC2086
+    SYNTHOS_REQUIRE_GPU=1 timeout "${TEST_TIMEOUT:-300}" "$t" ${TEST_FILTER:-} ${TEST_SKIP:-} --test-threads=1 \
+      > "$OUTDIR/tests/$name.log" 2>&1
     echo "$? $(( $(date +%s) - s0 ))" > "$OUTDIR/tests/$name.rc"
   }
-  export -f run_test; export OUTDIR TEST_FILTER TEST_TIMEOUT
+  export -f run_test; export OUTDIR TEST_FILTER TEST_SKIP TEST_TIMEOUT
   mkdir -p "$OUTDIR/tests"
-  # kernel_emulation runs the kernels' CPU emulation only (covered by CI): skipped here.
-  skip=" ${SKIP_TEST_BINARIES-kernel_emulation} "
+  # kernel_emulation and device_emulation run the CPU emulation tiers (covered by CI; the
+  # second would build g++ libraries and find no test executables beside it): skipped here.
+  skip=" ${SKIP_TEST_BINARIES-kernel_emulation device_emulation} "
   for t in "$B"/tests/*; do case "$skip" in *" $(basename "$t") "*) ;; *) echo "$t";; esac; done \
     | xargs -P 4 -I{} bash -c 'run_test {}'
   for t in "$B"/tests/*; do
