@@ -282,3 +282,15 @@ fn gpu_tests_on_the_emulated_device() {
     assert!(total > 0, "no GPU test was found beside {}", std::env::current_exe().unwrap().display());
     println!("{total} GPU tests passed on the emulated device in {:.1} s", started.elapsed().as_secs_f64());
 }
+
+/// Not a check: builds the emulated libraries (or finds them built) and prints their
+/// folder and the tests too large to emulate, for `scripts/gpu-check-emulated.sh`, which
+/// rehearses the GPU machine's script on the emulated device. Run it with
+/// `cargo test --test device_emulation -- --ignored emulated_libraries --nocapture`.
+#[test]
+#[ignore = "a tool for scripts/gpu-check-emulated.sh, not a check"]
+fn emulated_libraries() {
+    let version = emu_build::compiler_or_skip("device emulation tier").expect("g++ 12 or newer is needed");
+    println!("emulated libraries: {}", build_libraries(&version).display());
+    println!("too large to emulate: {}", TOO_LARGE.join(" "));
+}
