@@ -745,15 +745,15 @@ pub fn clip_train_step_name(preset: &str, batch: usize) -> String {
 /// Forward FLOPs of one CLIP sample (both towers; matrix products only): per token and
 /// block 24·W² for the projections and the MLP (MLP 4×) and 4·N·W for attention.
 pub fn clip_forward_flops(cfg: &crate::models::clip::ClipConfig) -> f64 {
-    let tower = |tokens: usize, width: usize, layers: usize, mlp: usize| {
-        let (n, w, m) = (tokens as f64, width as f64, mlp as f64);
-        layers as f64 * n * (2.0 * (4.0 * w * w + 2.0 * w * m) + 4.0 * n * w)
+    let tower = |tokens: usize, k: &crate::models::clip::ClipTrunk| {
+        let (n, w, m) = (tokens as f64, k.width as f64, k.mlp_dim as f64);
+        k.layers as f64 * n * (2.0 * (4.0 * w * w + 2.0 * w * m) + 4.0 * n * w)
     };
     let (v, t) = (&cfg.vision, &cfg.text);
     let patch = 2.0 * (v.grid() * v.grid()) as f64 * (3 * v.patch_size * v.patch_size * v.trunk.width) as f64;
     patch
-        + tower(v.tokens(), v.trunk.width, v.trunk.layers, v.trunk.mlp_dim)
-        + tower(t.context_length, t.trunk.width, t.trunk.layers, t.trunk.mlp_dim)
+        + tower(v.tokens(), &v.trunk)
+        + tower(t.context_length, &t.trunk)
         + 2.0 * (v.trunk.width + t.trunk.width) as f64 * cfg.embed_dim as f64
 }
 

@@ -5,8 +5,7 @@ use cudarc::driver::PushKernelArg;
 use cudarc::driver::LaunchConfig;
 
 use super::{grid_1d, grid_rows, kernel_name, CudaBuf, CudaDevice, CudaStorage, PushBuf};
-use crate::DType;
-use crate::{bail, Result};
+use crate::{bail, DType, Result};
 
 /// Threads per block of the row kernels.
 const ROW_THREADS: u32 = 256;
