@@ -63,7 +63,10 @@ extern "C" __global__ void sq_err_bwd_bf16(const bf16* p, const bf16* t, const f
     sq_err_bwd_impl(p, t, g, dp, len, coef, n);
 }
 
-template <typename T>
+// Cross-entropy by rows: one block per row. The targets come as int64 (uploaded with the
+// call), or are the row index itself (`_diag`: CLIP's contrastive targets, 0..N, with
+// nothing uploaded, so that the loss can run inside a recorded CUDA graph).
+template <typename T, bool DIAG>
 __device__ void ce_fwd_impl(const T* logits, const int64_t* targets, float* loss, float* lse, int64_t classes) {
     __shared__ float scratch[32];
     const int64_t row = blockIdx.x;
@@ -73,34 +76,37 @@ __device__ void ce_fwd_impl(const T* logits, const int64_t* targets, float* loss
     if (threadIdx.x == 0) {
         const float l = m + logf(s);
         lse[row] = l;
-        loss[row] = l - load(x, targets[row]);
+        loss[row] = l - load(x, DIAG ? row : targets[row]);
     }
 }
-extern "C" __global__ void ce_fwd_f32(const float* logits, const int64_t* targets, float* loss, float* lse,
-                                      int64_t classes) {
-    ce_fwd_impl(logits, targets, loss, lse, classes);
-}
-extern "C" __global__ void ce_fwd_bf16(const bf16* logits, const int64_t* targets, float* loss, float* lse,
-                                       int64_t classes) {
-    ce_fwd_impl(logits, targets, loss, lse, classes);
-}
 
-template <typename T>
+template <typename T, bool DIAG>
 __device__ void ce_bwd_impl(const T* logits, const int64_t* targets, const float* lse, const float* g, T* dx,
                             int64_t classes, float inv_rows) {
     const int64_t row = blockIdx.x;
-    const int64_t base = row * classes, target = targets[row];
+    const int64_t base = row * classes, target = DIAG ? row : targets[row];
     const float l = lse[row], k = g[0] * inv_rows;
     for (int64_t c = threadIdx.x; c < classes; c += blockDim.x) {
         const float p = expf(load(logits, base + c) - l);
         store(dx, base + c, k * (p - (c == target ? 1.f : 0.f)));
     }
 }
-extern "C" __global__ void ce_bwd_f32(const float* logits, const int64_t* targets, const float* lse, const float* g,
-                                      float* dx, int64_t classes, float inv_rows) {
-    ce_bwd_impl(logits, targets, lse, g, dx, classes, inv_rows);
-}
-extern "C" __global__ void ce_bwd_bf16(const bf16* logits, const int64_t* targets, const float* lse, const float* g,
-                                       bf16* dx, int64_t classes, float inv_rows) {
-    ce_bwd_impl(logits, targets, lse, g, dx, classes, inv_rows);
-}
+
+#define CE_ENTRIES(SUFFIX, T)                                                                                     \
+    extern "C" __global__ void ce_fwd_##SUFFIX(const T* logits, const int64_t* targets, float* loss, float* lse,   \
+                                               int64_t classes) {                                                  \
+        ce_fwd_impl<T, false>(logits, targets, loss, lse, classes);                                                \
+    }                                                                                                              \
+    extern "C" __global__ void ce_fwd_diag_##SUFFIX(const T* logits, float* loss, float* lse, int64_t classes) {  \
+        ce_fwd_impl<T, true>(logits, nullptr, loss, lse, classes);                                                 \
+    }                                                                                                              \
+    extern "C" __global__ void ce_bwd_##SUFFIX(const T* logits, const int64_t* targets, const float* lse,          \
+                                               const float* g, T* dx, int64_t classes, float inv_rows) {           \
+        ce_bwd_impl<T, false>(logits, targets, lse, g, dx, classes, inv_rows);                                     \
+    }                                                                                                              \
+    extern "C" __global__ void ce_bwd_diag_##SUFFIX(const T* logits, const float* lse, const float* g, T* dx,      \
+                                                    int64_t classes, float inv_rows) {                             \
+        ce_bwd_impl<T, true>(logits, nullptr, lse, g, dx, classes, inv_rows);                                      \
+    }
+CE_ENTRIES(f32, float)
+CE_ENTRIES(bf16, bf16)

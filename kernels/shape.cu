@@ -138,17 +138,32 @@ extern "C" __global__ void slab_copy16(const uint4* src, uint4* dst, int64_t run
 
 // gather_rows: out[i, :] = table[idx[i], :] for i < rows, rows of d elements (an
 // embedding lookup, or picking one token per sequence). One thread per output element.
-template <typename T>
-__device__ void gather_rows_impl(const T* table, const int64_t* idx, T* out, int64_t d, int64_t n) {
+// The indices come as int64 (uploaded with the call) or as exact integers in f32 (an index
+// tensor made before a recorded step, `ops::RowIndices`); an index outside [0, rows)
+// reads zeros instead of memory the table does not own.
+template <typename T, typename I>
+__device__ void gather_rows_impl(const T* table, const I* idx, T* out, int64_t d, int64_t n, int64_t rows) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        out[i] = table[idx[i / d] * d + i % d];
+        const int64_t r = (int64_t)idx[i / d];
+        if (r >= 0 && r < rows)
+            out[i] = table[r * d + i % d];
+        else
+            store(out, i, 0.f);
     }
 }
 extern "C" __global__ void gather_rows_f32(const float* t, const int64_t* idx, float* o, int64_t d, int64_t n) {
-    gather_rows_impl(t, idx, o, d, n);
+    gather_rows_impl(t, idx, o, d, n, INT64_MAX);
 }
 extern "C" __global__ void gather_rows_bf16(const bf16* t, const int64_t* idx, bf16* o, int64_t d, int64_t n) {
-    gather_rows_impl(t, idx, o, d, n);
+    gather_rows_impl(t, idx, o, d, n, INT64_MAX);
+}
+extern "C" __global__ void gather_rows_fidx_f32(const float* t, const float* idx, float* o, int64_t d, int64_t n,
+                                                int64_t rows) {
+    gather_rows_impl(t, idx, o, d, n, rows);
+}
+extern "C" __global__ void gather_rows_fidx_bf16(const bf16* t, const float* idx, bf16* o, int64_t d, int64_t n,
+                                                 int64_t rows) {
+    gather_rows_impl(t, idx, o, d, n, rows);
 }
 
 // scatter_rows, the gradient of gather_rows, without atomics: the host groups the output
@@ -156,21 +171,41 @@ extern "C" __global__ void gather_rows_bf16(const bf16* t, const int64_t* idx, b
 // pos[start[u] .. start[u+1]], in increasing order). One thread per (u, column) sums
 // those rows of g in fp32 in that fixed order and writes dtable[uniq[u], column]; rows
 // nobody read keep the zeros the host filled in. The result does not depend on the launch.
-template <typename T>
-__device__ void scatter_rows_impl(const T* g, const int64_t* uniq, const int64_t* start, const int64_t* pos,
-                                  T* dtable, int64_t d, int64_t n) {
+// With f32 indices the groups are padded to a fixed count (one per gathered row) so that
+// the launch does not depend on the indices: a padding group has uniq < 0 and no rows.
+// Groups outside the table, and positions outside g (npos: its rows, also the length of
+// pos), are skipped.
+template <typename T, typename I>
+__device__ void scatter_rows_impl(const T* g, const I* uniq, const I* start, const I* pos, T* dtable, int64_t d,
+                                  int64_t n, int64_t rows, int64_t npos) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t u = i / d, c = i % d;
+        const int64_t u = i / d, c = i % d, r = (int64_t)uniq[u];
+        if (r < 0 || r >= rows) continue;
+        const int64_t s0 = (int64_t)start[u], s1 = (int64_t)start[u + 1];
+        const int64_t lo = s0 > 0 ? s0 : 0, hi = s1 < npos ? s1 : npos;
         float acc = 0.f;
-        for (int64_t k = start[u]; k < start[u + 1]; ++k) acc += load(g, pos[k] * d + c);
-        store(dtable, uniq[u] * d + c, acc);
+        for (int64_t k = lo; k < hi; ++k) {
+            const int64_t p = (int64_t)pos[k];
+            if (p >= 0 && p < npos) acc += load(g, p * d + c);
+        }
+        store(dtable, r * d + c, acc);
     }
 }
 extern "C" __global__ void scatter_rows_f32(const float* g, const int64_t* uniq, const int64_t* start,
                                             const int64_t* pos, float* dt, int64_t d, int64_t n) {
-    scatter_rows_impl(g, uniq, start, pos, dt, d, n);
+    scatter_rows_impl(g, uniq, start, pos, dt, d, n, INT64_MAX, INT64_MAX);
 }
 extern "C" __global__ void scatter_rows_bf16(const bf16* g, const int64_t* uniq, const int64_t* start,
                                              const int64_t* pos, bf16* dt, int64_t d, int64_t n) {
-    scatter_rows_impl(g, uniq, start, pos, dt, d, n);
+    scatter_rows_impl(g, uniq, start, pos, dt, d, n, INT64_MAX, INT64_MAX);
+}
+extern "C" __global__ void scatter_rows_fidx_f32(const float* g, const float* uniq, const float* start,
+                                                 const float* pos, float* dt, int64_t d, int64_t n, int64_t rows,
+                                                 int64_t npos) {
+    scatter_rows_impl(g, uniq, start, pos, dt, d, n, rows, npos);
+}
+extern "C" __global__ void scatter_rows_fidx_bf16(const bf16* g, const float* uniq, const float* start,
+                                                  const float* pos, bf16* dt, int64_t d, int64_t n, int64_t rows,
+                                                  int64_t npos) {
+    scatter_rows_impl(g, uniq, start, pos, dt, d, n, rows, npos);
 }

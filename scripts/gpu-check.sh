@@ -133,6 +133,7 @@ gate optim gpu_split_masters_match_fp32_masters "SPLIT_MASTER"  # no bench case:
 gate pipeline gpu_graph_replays_match_plain_runs "[graphs]"
 gate pipeline gpu_graph_recording_errors_are_clear "[graphs]"
 gate train gpu_training_steps_replayed_as_graphs_match "[graphs]"
+gate clip_train gpu_clip_steps_replayed_as_graphs_match "[graphs]"
 # The demos run with CUDA graphs when their tests passed (the bench times both ways:
 # "sample[graphs] demo ..." beside "sample demo ...", "train step[graphs] demo ..." beside
 # "train step demo ...").

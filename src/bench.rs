@@ -604,7 +604,8 @@ pub struct LazyCase {
 /// The whole-model cases: the `dit fwd+bwd` step at `size`, the built-in demo's
 /// training step ([`demo_train_step_case`], at the demo's own sizes whatever `size`), the
 /// SynthCLIP training step ([`clip_train_step_case`]: ViT-B/16 at batch 256 at
-/// `Size::Full`, the tiny CLIP at batch 64 otherwise), and
+/// `Size::Full`, the tiny CLIP at batch 64 otherwise), on a GPU the CLIP demo's step
+/// through its trainer, plain and replayed as CUDA graphs ([`clip_demo_step_case`]), and
 /// at `Size::Full` only: the Wan2.1-1.3B training step (Synthos full fine-tune: every DiT
 /// tensor trained with AdamW on fp32 masters, activation checkpointing, encoders cached)
 /// at 480×480 batch 1 and 832×480 batch 4 (and both with no checkpointing, where every
@@ -628,6 +629,15 @@ pub fn model_cases(device: Device, size: Size) -> Vec<LazyCase> {
             name: demo_train_step_graphs_name(),
             build: Box::new(move || demo_train_step_graphs_case(device)),
         });
+        // The CLIP demo's step through its trainer (`clip-train` and `synth demo`), plain and
+        // replayed as CUDA graphs: launch-bound on a GPU, as the generator's.
+        for graphs in [false, true] {
+            v.push(LazyCase {
+                family: "model",
+                name: clip_demo_step_name(graphs),
+                build: Box::new(move || clip_demo_step_case(device, graphs)),
+            });
+        }
     }
     let (clip_preset, clip_batch) = match size {
         Size::Full => ("synthclip-vit-b16", 256),
@@ -798,6 +808,48 @@ pub fn clip_train_step_case(device: Device, preset: &str, batch: usize) -> Resul
             autograd::clear_tape();
             opt.step(&grads, 5e-4, 1.0)?;
             opt.clamp_param("logit_scale", 0.0, LOGIT_SCALE_MAX)
+        },
+    ))
+}
+
+/// Name of [`clip_demo_step_case`]: `clip train step demo b64` (`clip train step[graphs]
+/// demo b64` with CUDA graphs).
+pub fn clip_demo_step_name(graphs: bool) -> String {
+    format!("clip train step{} demo b{}", graphs_tag(graphs), crate::train::clip::DEMO_BATCH_SIZE)
+}
+
+/// One optimizer step of the CLIP demo (`clip-train` with no arguments, and each of the two
+/// CLIPs `synth demo` trains): the tiny CLIP trained by [`crate::train::clip::ClipTrainConfig::demo`]
+/// through its trainer (data loader, augmentation, the step, AdamW, the `logit_scale`
+/// clamp, the accuracy metric) on the generated demo set, with the step's loss and
+/// backward pass replayed as CUDA graphs when `graphs`.
+pub fn clip_demo_step_case(device: Device, graphs: bool) -> Result<BenchCase> {
+    use crate::data::demo::{generate_clip_demo, CLIP_DEMO_IMAGE_SIZE};
+    use crate::models::clip::{ClipConfig, ClipModel};
+    use crate::train::clip::{ClipTrainConfig, ClipTrainer};
+    let dir = ScratchDir::new(&format!("clip-demo{}", if graphs { "-graphs" } else { "" }));
+    let cfg = ClipConfig::tiny();
+    let set = generate_clip_demo(dir.0.join("data"), cfg.vision.image_size.max(CLIP_DEMO_IMAGE_SIZE), 0)?;
+    let tcfg = ClipTrainConfig {
+        // No epoch limit, and no validation: as many steps as the timing asks for.
+        epochs: 0,
+        max_steps: Some(10_000),
+        val_folder: None,
+        log_metrics: false,
+        ..ClipTrainConfig::demo(&set, dir.0.join("run"))
+    };
+    let batch = tcfg.batch_size;
+    let model = ClipModel::random(&cfg, 5, device, device.default_dtype())?;
+    let mut trainer = ClipTrainer::new(model, tcfg)?;
+    trainer.set_quiet(true);
+    let flops = 3.0 * batch as f64 * clip_forward_flops(&cfg);
+    Ok(BenchCase::model(
+        clip_demo_step_name(graphs),
+        flops,
+        ModelWork { samples: batch, model_flops: flops },
+        move || {
+            let _keep = &dir;
+            cuda::graph::with_graphs(graphs, || trainer.train_step().map(|_| ()))
         },
     ))
 }

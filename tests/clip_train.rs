@@ -254,3 +254,42 @@ fn a_step_run_inside_no_grad_on_a_pool_thread_still_trains() {
     let after = weights(t.model());
     assert!(before.iter().zip(&after).any(|(a, b)| a.1 != b.1), "the step changed the weights");
 }
+
+/// On a GPU with CUDA graphs, the CLIP step (no accumulation) is recorded once and replayed:
+/// the same losses and weights as plain steps (f32 weights, so that the rounding the
+/// attention backward's atomics leave from run to run stays far below the updates). GPU
+/// only.
+#[test]
+fn gpu_clip_steps_replayed_as_graphs_match() {
+    use synthos_engine::cuda::graph::with_graphs;
+    let Some(dev) = common::gpu() else { return };
+    let _alone = common::recording_alone();
+    let dir = temp_dir("gpu_clip_graphs");
+    let set = generate_clip_demo(dir.join("data"), 32, 1).unwrap();
+    let run = |name: &str, graphs: bool| {
+        let model = ClipModel::random(&ClipConfig::tiny(), 9, dev, DType::F32).unwrap();
+        let start = weights(&model);
+        let c = ClipTrainConfig { log_metrics: false, ..short(&set.train_tsv, &dir.join(name), 16, 1, 6) };
+        let mut t = ClipTrainer::new(model, c).unwrap();
+        t.set_quiet(true);
+        let losses: Vec<f64> = with_graphs(graphs, || (0..6).map(|_| t.train_step().unwrap().loss).collect());
+        (start, losses, weights(t.model()), t.recorded_step_graphs())
+    };
+    let (start, plain_losses, plain, none) = run("plain", false);
+    let (_, graphed_losses, graphed, recorded) = run("graphs", true);
+    assert_eq!((none, recorded), (0, 1), "one input layout, recorded once");
+    for (i, (a, b)) in plain_losses.iter().zip(&graphed_losses).enumerate() {
+        assert!(a.is_finite() && (a - b).abs() <= 1e-3 * a.abs().max(1e-3), "step {}: loss {a} vs {b}", i + 1);
+    }
+    for (((name, s), (_, a)), (_, b)) in start.iter().zip(&plain).zip(&graphed) {
+        assert!(a != s && b != s, "{name}: not updated");
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
+        let off = a.iter().zip(b).filter(|(x, y)| (*x - *y).abs() > 1e-4 * scale).count();
+        assert!(
+            off <= (a.len() / 100).max(1),
+            "{name}: {off} of {} values differ by more than 1e-4 of {scale}",
+            a.len()
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

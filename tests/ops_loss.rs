@@ -113,6 +113,36 @@ fn cross_entropy_rejects_bad_inputs() {
     assert!(e.contains("cross_entropy") && e.contains("[4, 13, 1]"), "{e}");
 }
 
+/// CLIP's loss takes its targets (0..N) from the row index: nothing is uploaded, so it may
+/// run, with its backward pass, where a recorded CUDA graph runs, and it equals the two
+/// cross-entropies against explicit targets. `cross_entropy` with host targets is refused
+/// there, with the rule named.
+#[test]
+fn clip_loss_uploads_no_targets() {
+    let mut rng = Rng::new(57);
+    let (img, txt, s) = (randn(&[6, 8], &mut rng), randn(&[6, 8], &mut rng), randn(&[], &mut rng));
+    let (img, txt) = (img.requires_grad(), txt.requires_grad());
+    let inside = synthos_engine::forbid_host_transfers("a test", || -> Result<_> {
+        let loss = ops::clip_loss(&img, &txt, &s)?;
+        let g = autograd::backward(&loss)?;
+        Ok((loss, g.get(&img).unwrap().clone()))
+    })
+    .unwrap();
+    let logits = ops::clip_logits(&img, &txt, &s).unwrap();
+    let targets: Vec<usize> = (0..6).collect();
+    let by_image = ops::cross_entropy(&logits, &targets).unwrap();
+    let by_text = ops::cross_entropy(&ops::transpose(&logits, 0, 1).unwrap(), &targets).unwrap();
+    let want = ops::scale(&ops::add(&by_image, &by_text).unwrap(), 0.5).unwrap();
+    assert_eq!(inside.0.item().unwrap(), want.item().unwrap());
+    let g = autograd::backward(&want).unwrap();
+    assert_eq!(inside.1.to_vec().unwrap(), g.get(&img).unwrap().to_vec().unwrap());
+
+    let e = synthos_engine::forbid_host_transfers("a test", || ops::cross_entropy(&logits, &targets))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cross_entropy") && e.contains("a test") && e.contains("recorded CUDA graph"), "{e}");
+}
+
 // ---------------------------------------------------------------------------------
 // GPU parity
 
@@ -182,4 +212,35 @@ fn gpu_cross_entropy_matches_cpu() {
     let got = ops::cross_entropy(&shifted, &targets).unwrap().item().unwrap();
     let want = direct_cross_entropy(&shifted.to_vec().unwrap(), 257, &targets);
     assert!(got.is_finite() && (got as f64 - want).abs() < 1e-3 * want.max(1.0), "shifted: {got} vs {want}");
+
+    // CLIP's loss: its diagonal-target kernels against the CPU, and bit for bit against the
+    // uploaded-target kernels with targets 0..N.
+    for n in [1, 7, 64] {
+        let (img, txt) = (randn(&[n, 24], &mut rng), randn(&[n, 24], &mut rng));
+        let scale = Tensor::from_vec(vec![2.3], &[], Device::Cpu).unwrap();
+        let inputs = [img, txt, scale];
+        for (dt, atol, rtol) in DTYPES {
+            loss_parity(
+                &format!("clip_loss n={n}"),
+                dev,
+                dt,
+                &inputs,
+                |t| ops::clip_loss(&t[0], &t[1], &t[2]),
+                atol,
+                rtol,
+            );
+            let g: Vec<Tensor> = inputs.iter().map(|t| t.to_device(dev, dt).unwrap().requires_grad()).collect();
+            let logits = ops::clip_logits(&g[0], &g[1], &g[2]).unwrap();
+            let targets: Vec<usize> = (0..n).collect();
+            let by_image = ops::cross_entropy(&logits, &targets).unwrap();
+            let by_text = ops::cross_entropy(&ops::transpose(&logits, 0, 1).unwrap(), &targets).unwrap();
+            let want = ops::scale(&ops::add(&by_image, &by_text).unwrap(), 0.5).unwrap();
+            let got = ops::clip_loss(&g[0], &g[1], &g[2]).unwrap();
+            assert_eq!(got.item().unwrap(), want.item().unwrap(), "clip_loss n={n} {dt}");
+            let (gw, gg) = (autograd::backward(&want).unwrap(), autograd::backward(&got).unwrap());
+            for t in &g {
+                assert_eq!(gw.get(t).unwrap().to_vec().unwrap(), gg.get(t).unwrap().to_vec().unwrap(), "n={n} {dt}");
+            }
+        }
+    }
 }

@@ -173,6 +173,41 @@ fn gather_rows_picks_rows_and_scatters_gradients() {
     assert!(e.contains("gather_rows") && e.contains("2-D"), "{e}");
 }
 
+#[test]
+fn gather_rows_at_equals_gather_rows_and_uploads_nothing() {
+    let mut rng = Rng::new(73);
+    let table = randn(&[9, 5], &mut rng);
+    for ids in [vec![4usize, 0, 4, 8, 4, 2], vec![], vec![3], (0..40).map(|i| (i * 7) % 9).collect()] {
+        let idx = ops::RowIndices::new(&ids, 9, Device::Cpu).unwrap();
+        assert_eq!((idx.len(), idx.rows(), idx.tensor().shape()), (ids.len(), 9, &[4 * ids.len() + 1][..]));
+        // The same rows, and the same gradient bit for bit (the same sums in the same order).
+        let t = table.clone().requires_grad();
+        let seed = randn(&[ids.len(), 5], &mut rng);
+        let a = ops::gather_rows(&t, &ids).unwrap();
+        // Inside the rule of recorded functions: the index tensor was made before.
+        let b = synthos_engine::forbid_host_transfers("a test", || ops::gather_rows_at(&t, &idx)).unwrap();
+        assert_eq!(a.to_vec().unwrap(), b.to_vec().unwrap(), "ids {ids:?}");
+        let ga = autograd::backward_with(&a, seed.clone()).unwrap();
+        let gb = autograd::backward_with(&b, seed).unwrap();
+        assert_eq!(ga.get(&t).unwrap().to_vec().unwrap(), gb.get(&t).unwrap().to_vec().unwrap(), "ids {ids:?}");
+        // A copy of the tensor (a recorded step's input) serves as well.
+        let again = ops::RowIndices::from_tensor(&idx.tensor().deep_copy().unwrap(), 9).unwrap();
+        assert_eq!(ops::gather_rows_at(&table, &again).unwrap().to_vec().unwrap(), a.to_vec().unwrap());
+    }
+    let idx = ops::RowIndices::new(&[1, 8, 8], 9, Device::Cpu).unwrap();
+    gradcheck("gather_rows_at", |t| ops::gather_rows_at(&t[0], &idx), std::slice::from_ref(&table), 1e-2, 1e-2);
+
+    // The host-index op is refused where a recorded function runs; its errors name the index.
+    let e = synthos_engine::forbid_host_transfers("a test", || ops::gather_rows(&table, &[1])).unwrap_err().to_string();
+    assert!(e.contains("gather_rows") && e.contains("a test") && e.contains("gather_rows_at"), "{e}");
+    let e = ops::RowIndices::new(&[1, 9], 9, Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("index 9 (position 1)") && e.contains("9 rows"), "{e}");
+    let e = ops::gather_rows_at(&randn(&[8, 5], &mut rng), &idx).unwrap_err().to_string();
+    assert!(e.contains("gather_rows_at") && e.contains("9 rows") && e.contains("[8, 5]"), "{e}");
+    let e = ops::RowIndices::from_tensor(&randn(&[6], &mut rng), 9).err().unwrap().to_string();
+    assert!(e.contains("[6]") && e.contains("[4n + 1]"), "{e}");
+}
+
 /// Runs `f` on the CPU and on the GPU (inputs in `dtype`) and checks that the output and
 /// the gradients of every input for one random output gradient are identical.
 fn exact_parity(name: &str, dev: Device, dtype: DType, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>) {
@@ -296,6 +331,23 @@ fn gpu_gather_rows_matches_cpu() {
     let t = table.to_device(dev, DType::BF16).unwrap().requires_grad();
     let seed = randn(&[ids.len(), 40], &mut rng).to_device(dev, DType::BF16).unwrap();
     let a = autograd::backward_with(&ops::gather_rows(&t, &ids).unwrap(), seed.clone()).unwrap();
-    let b = autograd::backward_with(&ops::gather_rows(&t, &ids).unwrap(), seed).unwrap();
+    let b = autograd::backward_with(&ops::gather_rows(&t, &ids).unwrap(), seed.clone()).unwrap();
     assert_eq!(a.get(&t).unwrap().to_vec().unwrap(), b.get(&t).unwrap().to_vec().unwrap());
+
+    // With the indices made beforehand (f32 index tensors, padded groups): the same bits as
+    // the CPU, and as the uploaded-index kernels, in both dtypes.
+    exact_parity("gather_rows_at", dev, DType::F32, std::slice::from_ref(&table), |t| {
+        ops::gather_rows_at(&t[0], &ops::RowIndices::new(&ids, 101, t[0].device())?)
+    });
+    let idx = ops::RowIndices::new(&ids, 101, dev).unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let t = table.to_device(dev, dtype).unwrap().requires_grad();
+        let seed = seed.to_device(dev, dtype).unwrap();
+        let plain = ops::gather_rows(&t, &ids).unwrap();
+        let at = ops::gather_rows_at(&t, &idx).unwrap();
+        assert_eq!(plain.to_vec().unwrap(), at.to_vec().unwrap(), "{dtype}");
+        let gp = autograd::backward_with(&plain, seed.clone()).unwrap();
+        let ga = autograd::backward_with(&at, seed).unwrap();
+        assert_eq!(gp.get(&t).unwrap().to_vec().unwrap(), ga.get(&t).unwrap().to_vec().unwrap(), "{dtype}");
+    }
 }

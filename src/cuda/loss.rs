@@ -82,28 +82,65 @@ pub fn sq_err_backward(p: &CudaStorage, t: &CudaStorage, g: &CudaStorage, len: u
     Ok(out)
 }
 
+/// The targets of [`cross_entropy`]: one class per row, uploaded, or the row index itself
+/// (CLIP's contrastive targets 0..N, with nothing uploaded).
+#[derive(Clone, Copy)]
+pub enum Targets<'a> {
+    /// `targets[r]` is row r's class.
+    Rows(&'a CudaSlice<i64>),
+    /// Row r's class is r.
+    Diagonal,
+}
+
+impl Targets<'_> {
+    fn check(&self, rows: usize, classes: usize) -> Result<()> {
+        let ok = match self {
+            Targets::Rows(t) => t.len() == rows,
+            Targets::Diagonal => rows <= classes,
+        };
+        if rows == 0 || classes == 0 || !ok {
+            let given = match self {
+                Targets::Rows(t) => format!("{} targets", t.len()),
+                Targets::Diagonal => "diagonal targets".to_string(),
+            };
+            bail!("cross_entropy: {rows} rows of {classes} classes with {given}");
+        }
+        Ok(())
+    }
+
+    /// `rows` or `diagonal`: the kernel for these targets.
+    fn pick(&self, rows: &'static str, diagonal: &'static str) -> &'static str {
+        match self {
+            Targets::Rows(_) => rows,
+            Targets::Diagonal => diagonal,
+        }
+    }
+}
+
 /// Mean cross-entropy of `logits` (`[rows, classes]`) against `targets`: the f32 scalar
 /// loss and each row's log-sum-exp (f32 `[rows]`, for the backward pass).
 pub fn cross_entropy(
     logits: &CudaStorage,
-    targets: &CudaSlice<i64>,
+    targets: Targets<'_>,
     rows: usize,
     classes: usize,
 ) -> Result<(CudaBuf, CudaBuf)> {
     let dev = &logits.dev;
     let dtype = logits.buf.dtype();
-    if rows == 0 || classes == 0 || targets.len() != rows {
-        bail!("cross_entropy: {rows} rows of {classes} classes with {} targets", targets.len());
-    }
+    targets.check(rows, classes)?;
     let mut loss_rows = dev.alloc_t::<f32>(rows)?;
     let mut lse = dev.alloc(rows, DType::F32)?;
     let classes64 = classes as i64;
-    let f = dev.func("loss", kernel_name("ce_fwd", dtype))?;
+    let f = dev.func("loss", kernel_name(targets.pick("ce_fwd", "ce_fwd_diag"), dtype))?;
     let mut lb = dev.stream.launch_builder(&f);
     lb.buf(&logits.buf);
-    lb.arg(targets).arg(&mut loss_rows).buf_mut(&mut lse).arg(&classes64);
-    // SAFETY: block r reads row r of logits (classes elements) and targets[r] (< classes,
-    // checked by the op), and writes loss_rows[r] and lse[r], r < rows.
+    if let Targets::Rows(t) = targets {
+        lb.arg(t);
+    }
+    lb.arg(&mut loss_rows).buf_mut(&mut lse).arg(&classes64);
+    // SAFETY: block r reads row r of logits (classes elements) and its target (targets[r]
+    // < classes, checked by the op, or r < classes, checked above), and writes
+    // loss_rows[r] and lse[r], r < rows.
     unsafe { lb.launch(grid_rows(rows, THREADS)) }?;
     let loss = rows_finish(dev, &loss_rows, 1, rows, 1.0 / rows as f32)?;
     Ok((loss, lse))
@@ -113,7 +150,7 @@ pub fn cross_entropy(
 /// in the logits' dtype; `g` is the f32 scalar incoming gradient.
 pub fn cross_entropy_backward(
     logits: &CudaStorage,
-    targets: &CudaSlice<i64>,
+    targets: Targets<'_>,
     lse: &CudaStorage,
     g: &CudaStorage,
     rows: usize,
@@ -123,15 +160,20 @@ pub fn cross_entropy_backward(
     let dtype = logits.buf.dtype();
     let lse = f32_of(&lse.buf, "cross_entropy: saved log-sum-exp")?;
     let g = f32_of(&g.buf, "cross_entropy: incoming gradient")?;
-    if targets.len() != rows || lse.len() < rows || rows == 0 {
-        bail!("cross_entropy backward: {rows} rows with {} targets and {} saved rows", targets.len(), lse.len());
+    targets.check(rows, classes)?;
+    if lse.len() < rows {
+        bail!("cross_entropy backward: {rows} rows with {} saved rows", lse.len());
     }
     let mut out = dev.alloc(rows * classes, dtype)?;
     let classes64 = classes as i64;
     let inv_rows = 1.0 / rows as f32;
-    let f = dev.func("loss", kernel_name("ce_bwd", dtype))?;
+    let f = dev.func("loss", kernel_name(targets.pick("ce_bwd", "ce_bwd_diag"), dtype))?;
     let mut lb = dev.stream.launch_builder(&f);
-    lb.buf(&logits.buf).arg(targets).arg(lse).arg(g).buf_mut(&mut out);
+    lb.buf(&logits.buf);
+    if let Targets::Rows(t) = targets {
+        lb.arg(t);
+    }
+    lb.arg(lse).arg(g).buf_mut(&mut out);
     lb.arg(&classes64).arg(&inv_rows);
     // SAFETY: block r reads and writes row r (classes elements) of logits and out, and
     // reads targets[r], lse[r] and g[0].

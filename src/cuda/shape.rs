@@ -218,6 +218,68 @@ pub fn gather_rows(table: &CudaStorage, idx: &CudaSlice<i64>, d: usize) -> Resul
     Ok(out)
 }
 
+/// Rows of `table` (`[rows, d]`) picked by the first `n` values of `ix`, exact integers in
+/// f32 (the layout of `ops::RowIndices`), as `[n, d]`. The index tensor was checked when
+/// it was made; an index outside the table reads zeros.
+pub fn gather_rows_fidx(table: &CudaStorage, ix: &CudaStorage, n: usize, rows: usize, d: usize) -> Result<CudaBuf> {
+    let dev = &table.dev;
+    let dtype = table.buf.dtype();
+    let ix = f32_indices(ix, n)?;
+    if table.buf.len() < rows * d {
+        bail!("gather_rows: a table of {} elements is not {rows} rows of {d}", table.buf.len());
+    }
+    let mut out = dev.alloc(n * d, dtype)?;
+    if n * d == 0 {
+        return Ok(out);
+    }
+    let (d64, n64, rows64) = (d as i64, (n * d) as i64, rows as i64);
+    let f = dev.func("shape", kernel_name("gather_rows_fidx", dtype))?;
+    let mut lb = dev.stream.launch_builder(&f);
+    let ids = ix.slice(0..n);
+    lb.buf(&table.buf).arg(&ids).buf_mut(&mut out).arg(&d64).arg(&n64).arg(&rows64);
+    // SAFETY: output element i reads ids[i / d] (i < n·d) and, when that index is inside
+    // [0, rows), table element index·d + i % d < rows·d ≤ the table's length.
+    unsafe { lb.launch(grid_1d(n * d, 256)) }?;
+    Ok(out)
+}
+
+/// The gradient of [`gather_rows_fidx`]: `dtable[r] = Σ_{i: ids[i] = r} g[i]` for a table
+/// of `rows` rows of `d`, from the CSR that `ops::RowIndices` holds after its `n` ids
+/// (positions, table rows padded to `n` groups with −1, starts padded with `n`). One
+/// launch shape for any ids (a recorded step replays it); the same sums, in the same
+/// order, as [`scatter_rows`].
+pub fn scatter_rows_fidx(g: &CudaStorage, ix: &CudaStorage, n: usize, rows: usize, d: usize) -> Result<CudaBuf> {
+    let dev = &g.dev;
+    let dtype = g.buf.dtype();
+    let ix = f32_indices(ix, n)?;
+    if g.buf.len() < n * d {
+        bail!("scatter_rows: a gradient of {} elements is not {n} rows of {d}", g.buf.len());
+    }
+    let mut out = dev.zeros(rows * d, dtype)?;
+    if n * d == 0 {
+        return Ok(out);
+    }
+    let (d64, m64, rows64, n64) = (d as i64, (n * d) as i64, rows as i64, n as i64);
+    let (pos, uniq, start) = (ix.slice(n..2 * n), ix.slice(2 * n..3 * n), ix.slice(3 * n..4 * n + 1));
+    let f = dev.func("shape", kernel_name("scatter_rows_fidx", dtype))?;
+    let mut lb = dev.stream.launch_builder(&f);
+    lb.buf(&g.buf).arg(&uniq).arg(&start).arg(&pos).buf_mut(&mut out);
+    lb.arg(&d64).arg(&m64).arg(&rows64).arg(&n64);
+    // SAFETY: thread (u, c), u < n, reads uniq[u], start[u], start[u + 1] (≤ n + 1 values),
+    // pos[k] for k clamped to [0, n), g rows pos[k] only inside [0, n) (g holds n rows,
+    // checked above), and writes row uniq[u] only inside [0, rows) of the output.
+    unsafe { lb.launch(grid_1d(n * d, 256)) }?;
+    Ok(out)
+}
+
+/// The f32 buffer of an index tensor laid out as `ops::RowIndices` (4n + 1 values).
+fn f32_indices(ix: &CudaStorage, n: usize) -> Result<&CudaSlice<f32>> {
+    match &ix.buf {
+        CudaBuf::F32(s) if s.len() > 4 * n => Ok(s),
+        b => bail!("row indices: {} {} values, not the {} f32 values of {n} indices", b.len(), b.dtype(), 4 * n + 1),
+    }
+}
+
 /// The gradient of [`gather_rows`]: `dtable[r] = Σ_{i: ids[i] = r} g[i]` for a table of
 /// `rows` rows of `d` (zeros where no index points), summed in fp32 in increasing `i`,
 /// without atomics: bit-identical from run to run.

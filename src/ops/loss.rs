@@ -7,6 +7,7 @@ use super::elementwise::in_dtype;
 use super::{cpu_tensor, cuda_tensor, same_device};
 use crate::autograd::record;
 use crate::{bail, cpu, cuda, DType, Device, Result, Tensor};
+use cudarc::driver::CudaSlice;
 
 /// Mean squared error over rows: `[]` when `per_sample` is off (one row), else `[B]`
 /// with one row per leading index.
@@ -80,32 +81,53 @@ pub fn mse_per_sample(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
 
 /// Mean cross-entropy of `logits` `[N, C]` against class indices `targets` (`N` of them,
 /// each `< C`), shape `[]`. The softmax runs in fp32 with the row maximum subtracted.
+///
+/// The targets are host values (uploaded on a GPU), so the op may not run inside a
+/// function recorded as a CUDA graph ([`crate::forbid_host_transfers`]).
 pub fn cross_entropy(logits: &Tensor, targets: &[usize]) -> Result<Tensor> {
-    let &[rows, classes] = logits.shape() else {
-        bail!("cross_entropy: logits must have shape [N, C], got {:?}", logits.shape());
-    };
-    if rows == 0 || classes == 0 {
-        bail!("cross_entropy: empty logits of shape {:?}", logits.shape());
-    }
+    let (rows, classes) = ce_shape(logits)?;
     if targets.len() != rows {
         bail!("cross_entropy: {} targets for logits of shape {:?}", targets.len(), logits.shape());
     }
     if let Some((i, t)) = targets.iter().enumerate().find(|(_, &t)| t >= classes) {
         bail!("cross_entropy: target {t} of row {i} out of range for {classes} classes (logits {:?})", logits.shape());
     }
+    crate::tensor::check_host_transfer("cross_entropy's class targets given from the host")?;
+    cross_entropy_of(logits, Some(targets))
+}
+
+/// `[N, C]` of cross-entropy logits, both non-zero.
+fn ce_shape(logits: &Tensor) -> Result<(usize, usize)> {
+    let &[rows, classes] = logits.shape() else {
+        bail!("cross_entropy: logits must have shape [N, C], got {:?}", logits.shape());
+    };
+    if rows == 0 || classes == 0 {
+        bail!("cross_entropy: empty logits of shape {:?}", logits.shape());
+    }
+    Ok((rows, classes))
+}
+
+/// [`cross_entropy`] against `targets` (checked), or with `None` against the row index
+/// (row r's class is r; needs N ≤ C), which uploads nothing.
+fn cross_entropy_of(logits: &Tensor, targets: Option<&[usize]>) -> Result<Tensor> {
+    let (rows, classes) = ce_shape(logits)?;
+    if targets.is_none() && rows > classes {
+        bail!("cross_entropy: diagonal targets need no more rows than classes, got logits {:?}", logits.shape());
+    }
     let x = logits.clone();
     match logits.device() {
         Device::Cpu => {
-            let (loss, lse) = cpu::loss::cross_entropy_rows(logits.storage().as_cpu()?, classes, targets);
+            let targets = targets.map_or_else(|| (0..rows).collect(), <[usize]>::to_vec);
+            let (loss, lse) = cpu::loss::cross_entropy_rows(logits.storage().as_cpu()?, classes, &targets);
             let mean = loss.iter().map(|&v| v as f64).sum::<f64>() / rows as f64;
             let out = cpu_tensor(vec![mean as f32], &[])?;
-            let targets = targets.to_vec();
             Ok(record(
                 "cross_entropy",
                 out,
                 &[logits],
                 Box::new(move |g| {
-                    let g = g.item()?;
+                    // (The incoming gradient's one value, read from CPU storage.)
+                    let g = g.storage().as_cpu()?[0];
                     let d = cpu::loss::cross_entropy_grad(x.storage().as_cpu()?, classes, &targets, &lse, g);
                     Ok(vec![Some(cpu_tensor(d, &[rows, classes])?)])
                 }),
@@ -115,8 +137,8 @@ pub fn cross_entropy(logits: &Tensor, targets: &[usize]) -> Result<Tensor> {
             let st = logits.storage();
             let c = st.as_cuda()?;
             let dev = c.dev.clone();
-            let targets = dev.upload_indices(targets)?;
-            let (loss, lse) = cuda::loss::cross_entropy(c, &targets, rows, classes)?;
+            let targets = targets.map(|t| dev.upload_indices(t)).transpose()?;
+            let (loss, lse) = cuda::loss::cross_entropy(c, targets_of(&targets), rows, classes)?;
             let out = cuda_tensor(&dev, loss, &[])?;
             let lse = cuda_tensor(&dev, lse, &[rows])?;
             drop(st);
@@ -128,12 +150,17 @@ pub fn cross_entropy(logits: &Tensor, targets: &[usize]) -> Result<Tensor> {
                     let g = in_dtype(g, DType::F32)?;
                     let (sx, sl, sg) = (x.storage(), lse.storage(), g.storage());
                     let (cx, cl, cg) = (sx.as_cuda()?, sl.as_cuda()?, sg.as_cuda()?);
-                    let d = cuda::loss::cross_entropy_backward(cx, &targets, cl, cg, rows, classes)?;
+                    let d = cuda::loss::cross_entropy_backward(cx, targets_of(&targets), cl, cg, rows, classes)?;
                     Ok(vec![Some(cuda_tensor(&dev, d, &[rows, classes])?)])
                 }),
             ))
         }
     }
+}
+
+/// The kernel's targets for uploaded ones, or the diagonal.
+fn targets_of(t: &Option<CudaSlice<i64>>) -> cuda::loss::Targets<'_> {
+    t.as_ref().map_or(cuda::loss::Targets::Diagonal, cuda::loss::Targets::Rows)
 }
 
 /// Rows scaled to unit L2 norm over the last dimension, as `F.normalize(x, dim=-1)`:
@@ -143,7 +170,8 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     let Some(&d) = x.shape().last() else {
         bail!("l2_normalize: x must have at least one dimension, got a scalar");
     };
-    let w = Tensor::from_vec_dtype(vec![1.0 / (d.max(1) as f32).sqrt(); d], &[d], x.device(), x.dtype())?;
+    // (Filled on the device: nothing is uploaded, so the op can run in a recorded step.)
+    let w = Tensor::full(&[d], 1.0 / (d.max(1) as f32).sqrt(), x.dtype(), x.device())?;
     super::rms_norm(x, &w, 1e-24)
 }
 
@@ -183,8 +211,8 @@ pub fn clip_loss(image: &Tensor, text: &Tensor, logit_scale: &Tensor) -> Result<
         bail!("clip_loss: {:?} image and {:?} text embeddings do not pair up", image.shape(), text.shape());
     }
     let logits = clip_logits(image, text, logit_scale)?;
-    let targets: Vec<usize> = (0..logits.shape()[0]).collect();
-    let by_image = cross_entropy(&logits, &targets)?;
-    let by_text = cross_entropy(&super::transpose(&logits, 0, 1)?, &targets)?;
+    // Pair i's target is i both ways (no targets uploaded).
+    let by_image = cross_entropy_of(&logits, None)?;
+    let by_text = cross_entropy_of(&super::transpose(&logits, 0, 1)?, None)?;
     super::scale(&super::add(&by_image, &by_text)?, 0.5)
 }

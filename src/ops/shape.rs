@@ -210,6 +210,9 @@ pub fn split(x: &Tensor, dim: usize, sizes: &[usize]) -> Result<Vec<Tensor>> {
 /// end-token pooling of `[B·T, D]` hidden states). The gradient adds each output row's
 /// gradient into the table row it came from, in a fixed order on both devices (no atomics:
 /// bit-identical from run to run); it comes back in the table's dtype.
+///
+/// The indices are host values (uploaded on a GPU), so the op may not run inside a function
+/// recorded as a CUDA graph: [`gather_rows_at`] takes them as a tensor made beforehand.
 pub fn gather_rows(table: &Tensor, ids: &[usize]) -> Result<Tensor> {
     let &[rows, d] = table.shape() else {
         bail!("gather_rows: the table must be 2-D [rows, dim], got {:?}", table.shape());
@@ -220,6 +223,7 @@ pub fn gather_rows(table: &Tensor, ids: &[usize]) -> Result<Tensor> {
             table.shape()
         );
     }
+    crate::tensor::check_host_transfer("gather_rows's indices given from the host (use gather_rows_at)")?;
     let shape = [ids.len(), d];
     let out = match table.device() {
         Device::Cpu => cpu_tensor(cpu::shape::gather_rows(table.storage().as_cpu()?, ids, d), &shape)?,
@@ -243,6 +247,153 @@ pub fn gather_rows(table: &Tensor, ids: &[usize]) -> Result<Tensor> {
                     let st = g.storage();
                     let c = st.as_cuda()?;
                     cuda_tensor(&c.dev, cuda::shape::scatter_rows(c, &ids, rows, d)?, &[rows, d])?
+                }
+            };
+            Ok(vec![Some(dt)])
+        }),
+    ))
+}
+
+/// Row indices for [`gather_rows_at`], made on the host ahead of use as one f32 tensor
+/// (`[4n + 1]`, on the device that will gather), together with the grouping its gradient
+/// needs, so that neither the gather nor its backward pass uploads anything: a training
+/// step recorded as a CUDA graph takes the tensor as one of its inputs
+/// ([`RowIndices::tensor`], [`RowIndices::from_tensor`]).
+///
+/// Layout (exact integers in f32): the `n` ids; the positions `0..n` stably sorted by id;
+/// the distinct ids in that order, padded to `n` with −1; the start of each id's run of
+/// positions, padded to `n + 1` with `n`. Every id and position is below 2²⁴, where f32
+/// holds integers exactly.
+///
+/// ```
+/// use synthos_engine::{ops, Device, Tensor};
+/// let table = Tensor::from_vec((0..8).map(|v| v as f32).collect(), &[4, 2], Device::Cpu)?;
+/// let idx = ops::RowIndices::new(&[3, 0, 3], 4, Device::Cpu)?;
+/// assert_eq!(ops::gather_rows_at(&table, &idx)?.to_vec()?, vec![6.0, 7.0, 0.0, 1.0, 6.0, 7.0]);
+/// # Ok::<(), synthos_engine::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct RowIndices {
+    tensor: Tensor,
+    n: usize,
+    rows: usize,
+}
+
+impl RowIndices {
+    /// The largest table (rows) and number of indices: f32 holds integers exactly up to 2²⁴.
+    pub const MAX: usize = 1 << 24;
+
+    /// The indices `ids` into a table of `rows` rows, on `device`. An id outside the table
+    /// is an error naming its position.
+    pub fn new(ids: &[usize], rows: usize, device: Device) -> Result<RowIndices> {
+        if rows > Self::MAX || ids.len() > Self::MAX {
+            bail!("row indices: {} indices into {rows} rows; at most {} of each (exact in f32)", ids.len(), Self::MAX);
+        }
+        if let Some((i, r)) = ids.iter().enumerate().find(|(_, &r)| r >= rows) {
+            bail!("row indices: index {r} (position {i}) out of range for a table of {rows} rows");
+        }
+        let n = ids.len();
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by_key(|&i| ids[i]);
+        let (mut uniq, mut start) = (Vec::with_capacity(n), Vec::with_capacity(n + 1));
+        for (k, &i) in order.iter().enumerate() {
+            if uniq.last() != Some(&(ids[i] as f32)) {
+                uniq.push(ids[i] as f32);
+                start.push(k as f32);
+            }
+        }
+        uniq.resize(n, -1.0);
+        start.resize(n + 1, n as f32);
+        let mut v = Vec::with_capacity(4 * n + 1);
+        v.extend(ids.iter().map(|&r| r as f32));
+        v.extend(order.iter().map(|&i| i as f32));
+        v.extend(uniq);
+        v.extend(start);
+        let tensor = Tensor::from_vec_dtype(v, &[4 * n + 1], device, DType::F32)?;
+        Ok(RowIndices { tensor, n, rows })
+    }
+
+    /// The indices held in `tensor`, a [`RowIndices::tensor`] (or a copy of one, such as a
+    /// recorded step's input), into a table of `rows` rows. Only the shape and type are
+    /// checked here (the values were checked when they were made); a gather from a tensor
+    /// that was not made by [`RowIndices::new`] reads zeros for indices outside the table.
+    pub fn from_tensor(tensor: &Tensor, rows: usize) -> Result<RowIndices> {
+        let len = tensor.numel();
+        if tensor.rank() != 1 || tensor.dtype() != DType::F32 || len % 4 != 1 || rows > Self::MAX {
+            bail!(
+                "row indices: a tensor of shape {:?} ({}) into {rows} rows is not an index tensor ([4n + 1] f32 values, \
+                 at most {} rows)",
+                tensor.shape(),
+                tensor.dtype(),
+                Self::MAX
+            );
+        }
+        Ok(RowIndices { tensor: tensor.clone(), n: len / 4, rows })
+    }
+
+    /// The tensor holding the indices and their grouping.
+    pub fn tensor(&self) -> &Tensor {
+        &self.tensor
+    }
+
+    /// Number of indices.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// True when there are no indices.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Rows of the table the indices point into.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The ids, read from CPU storage.
+    fn cpu_ids(&self) -> Result<Vec<usize>> {
+        Ok(self.tensor.storage().as_cpu()?[..self.n].iter().map(|&v| v as usize).collect())
+    }
+}
+
+/// [`gather_rows`] with indices made beforehand ([`RowIndices`]): rows `idx[i]` of a 2-D
+/// `table` `[rows, D]` (`rows` = [`RowIndices::rows`]), as `[idx.len(), D]`, and the same
+/// gradient, summed in the same order, without uploading anything. So it runs inside a
+/// function recorded as a CUDA graph.
+pub fn gather_rows_at(table: &Tensor, idx: &RowIndices) -> Result<Tensor> {
+    let &[rows, d] = table.shape() else {
+        bail!("gather_rows_at: the table must be 2-D [rows, dim], got {:?}", table.shape());
+    };
+    if rows != idx.rows {
+        bail!("gather_rows_at: indices into {} rows given a table of shape {:?}", idx.rows, table.shape());
+    }
+    super::same_device("gather_rows_at", &[table, &idx.tensor])?;
+    let (n, shape) = (idx.n, [idx.n, d]);
+    let out = match table.device() {
+        Device::Cpu => cpu_tensor(cpu::shape::gather_rows(table.storage().as_cpu()?, &idx.cpu_ids()?, d), &shape)?,
+        Device::Cuda(_) => {
+            let (st, si) = (table.storage(), idx.tensor.storage());
+            let (c, ci) = (st.as_cuda()?, si.as_cuda()?);
+            cuda_tensor(&c.dev, cuda::shape::gather_rows_fidx(c, ci, n, rows, d)?, &shape)?
+        }
+    };
+    let (idx, tdt) = (idx.clone(), table.dtype());
+    Ok(record(
+        "gather_rows_at",
+        out,
+        &[table],
+        Box::new(move |g| {
+            let dt = match g.device() {
+                Device::Cpu => {
+                    let ids = idx.cpu_ids()?;
+                    cpu_tensor(cpu::shape::scatter_rows(g.storage().as_cpu()?, &ids, rows, d), &[rows, d])?
+                }
+                Device::Cuda(_) => {
+                    let g = in_dtype(g, tdt)?;
+                    let (st, si) = (g.storage(), idx.tensor.storage());
+                    let (c, ci) = (st.as_cuda()?, si.as_cuda()?);
+                    cuda_tensor(&c.dev, cuda::shape::scatter_rows_fidx(c, ci, n, rows, d)?, &[rows, d])?
                 }
             };
             Ok(vec![Some(dt)])

@@ -92,6 +92,9 @@ pub struct ClipTrainConfig {
     pub truncation: Truncation,
 }
 
+/// The CLIP demo's contrastive batch ([`ClipTrainConfig::demo`]).
+pub const DEMO_BATCH_SIZE: usize = 64;
+
 /// SynthCLIP's seven zero-shot templates.
 pub const SYNTHCLIP_TEMPLATES: [&str; 7] = [
     "itap of a {}.",
@@ -143,7 +146,7 @@ impl ClipTrainConfig {
     /// held-out images at the end.
     pub fn demo(set: &crate::data::demo::ClipDemoSet, output: impl Into<PathBuf>) -> ClipTrainConfig {
         ClipTrainConfig {
-            batch_size: 64,
+            batch_size: DEMO_BATCH_SIZE,
             epochs: 150,
             lr: 2e-3,
             lr_start: 1e-5,
@@ -220,6 +223,9 @@ impl ClipTrainConfig {
     }
 }
 
+/// The largest batch whose `clip_acc` is measured (its logits are copied to the host).
+const ACCURACY_MAX_PAIRS: usize = 1024;
+
 /// One micro-batch on the device: pixels and token ids.
 struct Chunk {
     pixels: Tensor,
@@ -256,7 +262,7 @@ impl ClipTask {
     /// step's update is queued ([`ClipTask::record_accuracy`]), so that the host does not
     /// wait for the forward pass before it issues the backward.
     fn queue_accuracy(&mut self, img: &Tensor, txt: &Tensor) -> Result<()> {
-        if img.shape()[0] <= 1024 {
+        if img.shape()[0] <= ACCURACY_MAX_PAIRS {
             self.accuracy_logits = Some(autograd::no_grad(|| ops::clip_logits(img, txt, self.model.logit_scale()))?);
         }
         Ok(())
@@ -321,17 +327,17 @@ impl TrainTask for ClipTask {
         Ok(())
     }
 
-    fn micro_loss(&mut self, _step: u64, micro: usize, _indices: &[usize], _n_step: usize) -> Result<Tensor> {
+    fn micro_loss(&mut self, step: u64, micro: usize, indices: &[usize], n_step: usize) -> Result<Tensor> {
         if self.chunks.len() <= 1 {
             // (Under the skip policy a micro-batch may have lost all its pairs: then the
             // whole step is one chunk, and only its first micro-batch carries the loss.)
-            let Some(c) = self.chunks.first() else { bail!("CLIP training: no data for this step") };
             if micro > 0 {
                 return Tensor::scalar(0.0, self.model.device()).map(|z| z.requires_grad());
             }
-            let (img, txt) = self.encode(c)?;
-            self.queue_accuracy(&img.detach(), &txt.detach())?;
-            return ops::clip_loss(&img, &txt, self.model.logit_scale());
+            let inputs = self.micro_inputs(step, micro, indices, n_step)?;
+            let (loss, logits) = self.loss_from_inputs(&inputs)?;
+            self.keep_step_outputs(logits)?;
+            return Ok(loss);
         }
         let k = self.chunks.len();
         if micro >= k {
@@ -357,6 +363,43 @@ impl TrainTask for ClipTask {
         // batch loss); its gradient is the batch loss's gradient through this chunk.
         let constant = ops::scale(&loss.detach(), -(1.0 - 1.0 / k as f32))?;
         ops::add(&loss, &constant)
+    }
+
+    /// With the whole batch in one chunk (no accumulation): the pixels `[B, 3, S, S]` and
+    /// the caption's two index tensors ([`crate::models::clip::TextIndices`]), so that the
+    /// step can be recorded as a CUDA graph. With accumulation, none (the steps run plainly).
+    fn micro_inputs(&mut self, _step: u64, micro: usize, _indices: &[usize], _n_step: usize) -> Result<Vec<Tensor>> {
+        match self.chunks.as_slice() {
+            [c] if micro == 0 => {
+                let idx = self.model.text_indices(&c.ids, c.rows)?;
+                let [tokens, pooled] = idx.tensors();
+                Ok(vec![c.pixels.clone(), tokens.clone(), pooled.clone()])
+            }
+            [] => bail!("CLIP training: no data for this step"),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// The contrastive loss of the batch, and its logits for `clip_acc` (without the tape;
+    /// none above 1024 pairs, as [`ClipTask::queue_accuracy`]).
+    fn loss_from_inputs(&self, inputs: &[Tensor]) -> Result<(Tensor, Vec<Tensor>)> {
+        let [pixels, tokens, pooled] = inputs else {
+            bail!("the CLIP loss takes 3 inputs (pixels, token indices, end-token indices), got {}", inputs.len());
+        };
+        let img = self.model.encode_image(pixels)?;
+        let txt = self.model.encode_text_at(&self.model.text_indices_from(tokens, pooled)?)?;
+        let scale = self.model.logit_scale();
+        let logits = if img.shape()[0] <= ACCURACY_MAX_PAIRS {
+            vec![autograd::no_grad(|| ops::clip_logits(&img.detach(), &txt.detach(), scale))?]
+        } else {
+            Vec::new()
+        };
+        Ok((ops::clip_loss(&img, &txt, scale)?, logits))
+    }
+
+    fn keep_step_outputs(&mut self, outputs: Vec<Tensor>) -> Result<()> {
+        self.accuracy_logits = outputs.into_iter().next();
+        Ok(())
     }
 
     fn save_weights(&self, path: &Path) -> Result<()> {
@@ -525,6 +568,12 @@ impl ClipTrainer {
     /// Steps done so far.
     pub fn step_count(&self) -> u64 {
         self.run.step_count()
+    }
+
+    /// Input layouts of the step recorded as CUDA graphs so far (`SYNTHOS_CUDA_GRAPHS=1`
+    /// on a GPU, without accumulation).
+    pub fn recorded_step_graphs(&self) -> usize {
+        self.run.recorded_step_graphs()
     }
 
     /// Steps of the whole run.

@@ -168,10 +168,18 @@ pub trait TrainTask {
     fn micro_inputs(&mut self, _step: u64, _micro: usize, _indices: &[usize], _n_step: usize) -> Result<Vec<Tensor>> {
         Ok(Vec::new())
     }
-    /// The loss of the micro-batch whose inputs [`TrainTask::micro_inputs`] gave: the
-    /// value and the tape of [`TrainTask::micro_loss`].
-    fn loss_from_inputs(&self, _inputs: &[Tensor]) -> Result<Tensor> {
+    /// The loss of the micro-batch whose inputs [`TrainTask::micro_inputs`] gave (the
+    /// value and the tape of [`TrainTask::micro_loss`]), and tensors the task wants back
+    /// after the step (say, the logits of a metric; computed without the tape), which it
+    /// receives through [`TrainTask::keep_step_outputs`].
+    fn loss_from_inputs(&self, _inputs: &[Tensor]) -> Result<(Tensor, Vec<Tensor>)> {
         bail!("this task's loss is not computed from device inputs")
+    }
+    /// Receives the extra tensors [`TrainTask::loss_from_inputs`] gave for the step being
+    /// run, before its update. Read them at the latest in [`TrainTask::after_step`]: the
+    /// step after may overwrite them (they may be a recorded graph's result buffers).
+    fn keep_step_outputs(&mut self, _outputs: Vec<Tensor>) -> Result<()> {
+        Ok(())
     }
     /// Writes the trained weights (atomically) to `path`.
     fn save_weights(&self, path: &Path) -> Result<()>;
@@ -241,9 +249,17 @@ pub struct RunLoop {
     quiet: bool,
     /// The step from device inputs, recorded as CUDA graphs (`SYNTHOS_CUDA_GRAPHS=1`).
     graphs: ops::GraphRunner,
-    /// Per layout of a step's inputs, the parameters (by registration index) that get a
-    /// gradient: what a replay's results are the gradients of.
-    graph_params: HashMap<ops::Signature, Vec<usize>>,
+    /// Per layout of a step's inputs, what a replay's results are: the task's extra
+    /// tensors, then the gradients of which parameters (by registration index).
+    graph_params: HashMap<ops::Signature, GraphedStep>,
+}
+
+/// What a step function recorded for one input layout returns, besides the loss: how many
+/// extra tensors for the task, then the gradients of these parameters (indices into the
+/// optimizer's list; a layout may leave some parameters without a gradient).
+struct GraphedStep {
+    extras: usize,
+    params: Vec<usize>,
 }
 
 /// Input layouts of a step recorded as CUDA graphs (with image dropout, a batch splits
@@ -459,18 +475,27 @@ impl RunLoop {
     /// [`ops::GraphRunner`] (replayed as a CUDA graph from the second step of an input
     /// layout on, with `SYNTHOS_CUDA_GRAPHS=1` on a GPU; plainly elsewhere), then the
     /// update runs as in [`RunLoop::train_step`]. Returns (loss, gradient norm).
-    fn step_from_inputs(&mut self, task: &impl TrainTask, step: u64, inputs: &[Tensor], lr: f64) -> Result<(f64, f64)> {
+    fn step_from_inputs(
+        &mut self,
+        task: &mut impl TrainTask,
+        step: u64,
+        inputs: &[Tensor],
+        lr: f64,
+    ) -> Result<(f64, f64)> {
         let epoch = step / self.steps_per_epoch;
         let params = self.opt.params();
         let layout = ops::signature_of(inputs);
-        let mut present_now = None;
+        let mut graphed_now = None;
         let refs: Vec<&Tensor> = inputs.iter().collect();
+        let task_ref = &*task;
         let results = self.graphs.call(&refs, |xs| {
-            let loss = task.loss_from_inputs(xs)?;
+            let (loss, extras) = task_ref.loss_from_inputs(xs)?;
             let grads = autograd::backward(&loss)?;
             // Nothing recorded outlives the step (nor, when recorded, the graph).
             autograd::clear_tape();
             let mut out = vec![loss];
+            let n_extras = extras.len();
+            out.extend(extras);
             let mut present = Vec::new();
             for (i, p) in params.iter().enumerate() {
                 if let Some(g) = grads.get(p) {
@@ -478,19 +503,28 @@ impl RunLoop {
                     out.push(g.clone());
                 }
             }
-            present_now = Some(present);
+            graphed_now = Some(GraphedStep { extras: n_extras, params: present });
             Ok(out)
         })?;
-        if let Some(present) = present_now {
-            self.graph_params.insert(layout.clone(), present);
+        if let Some(graphed) = graphed_now {
+            self.graph_params.insert(layout.clone(), graphed);
         }
-        let present = self.graph_params.get(&layout).ok_or_else(|| {
+        let graphed = self.graph_params.get(&layout).ok_or_else(|| {
             Error::msg(format!("step {}: a replayed training step whose gradients are not known", step + 1))
         })?;
-        let (loss, grads) = results.split_first().ok_or_else(|| Error::msg("the training step gave no loss"))?;
-        if grads.len() != present.len() {
-            bail!("step {}: {} gradients for {} parameters", step + 1, grads.len(), present.len());
+        let present = &graphed.params;
+        let (loss, rest) = results.split_first().ok_or_else(|| Error::msg("the training step gave no loss"))?;
+        if rest.len() != graphed.extras + present.len() {
+            bail!(
+                "step {}: {} results for {} extra tensors and {} gradients",
+                step + 1,
+                rest.len(),
+                graphed.extras,
+                present.len()
+            );
         }
+        let (extras, grads) = rest.split_at(graphed.extras);
+        task.keep_step_outputs(extras.to_vec())?;
         let loss_total = loss.item()? as f64;
         let grad_list: Vec<&Tensor> = grads.iter().collect();
         let grad_norm = ops::sum_squares(&grad_list)?.sqrt() as f32 as f64;

@@ -306,7 +306,7 @@ impl TrainTask for SynthosTask {
 
     fn micro_loss(&mut self, step: u64, micro: usize, indices: &[usize], n_step: usize) -> Result<Tensor> {
         let inputs = self.micro_inputs(step, micro, indices, n_step)?;
-        self.loss_from_inputs(&inputs)
+        Ok(self.loss_from_inputs(&inputs)?.0)
     }
 
     /// Per group (with the image, then without; an empty group is left out): x0, noise,
@@ -371,7 +371,7 @@ impl TrainTask for SynthosTask {
         Ok(inputs)
     }
 
-    fn loss_from_inputs(&self, inputs: &[Tensor]) -> Result<Tensor> {
+    fn loss_from_inputs(&self, inputs: &[Tensor]) -> Result<(Tensor, Vec<Tensor>)> {
         // Groups of 8 tensors (with the image) or 7 (without), in that order, then 1/n.
         let (groups, inv_n) = inputs.split_at(inputs.len().saturating_sub(1));
         let parts: Vec<(&[Tensor], bool)> = match groups.len() {
@@ -396,7 +396,7 @@ impl TrainTask for SynthosTask {
             });
         }
         let total = total.ok_or_else(|| Error::msg("empty micro-batch"))?;
-        ops::mul(&total, &ops::reshape(&inv_n[0], &[])?)
+        Ok((ops::mul(&total, &ops::reshape(&inv_n[0], &[])?)?, Vec::new()))
     }
 
     fn save_weights(&self, path: &Path) -> Result<()> {

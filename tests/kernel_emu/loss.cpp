@@ -26,11 +26,13 @@ template <>
 struct K<float> {
     static constexpr auto sq_err_partial = EMU_KERNEL(sq_err_partial_f32), sq_err_bwd = EMU_KERNEL(sq_err_bwd_f32),
                           ce_fwd = EMU_KERNEL(ce_fwd_f32), ce_bwd = EMU_KERNEL(ce_bwd_f32);
+    static constexpr auto ce_fwd_diag = EMU_KERNEL(ce_fwd_diag_f32), ce_bwd_diag = EMU_KERNEL(ce_bwd_diag_f32);
 };
 template <>
 struct K<bf16> {
     static constexpr auto sq_err_partial = EMU_KERNEL(sq_err_partial_bf16), sq_err_bwd = EMU_KERNEL(sq_err_bwd_bf16),
                           ce_fwd = EMU_KERNEL(ce_fwd_bf16), ce_bwd = EMU_KERNEL(ce_bwd_bf16);
+    static constexpr auto ce_fwd_diag = EMU_KERNEL(ce_fwd_diag_bf16), ce_bwd_diag = EMU_KERNEL(ce_bwd_diag_bf16);
 };
 
 template <class T>
@@ -77,19 +79,24 @@ void squared_error(size_t rows, size_t len) {
     report.close("mse backward " + shape, grad.download(), want_grad, 1e-7, out_rtol<T>());
 }
 
-// `cuda::loss::cross_entropy` and `cross_entropy_backward` on [rows, classes] logits.
+// `cuda::loss::cross_entropy` and `cross_entropy_backward` on [rows, classes] logits; with
+// `diagonal`, the `_diag` kernels, whose target is the row index (no target array).
 template <class T>
-void cross_entropy(size_t rows, size_t classes, double scale) {
+void cross_entropy(size_t rows, size_t classes, double scale, bool diagonal = false) {
     auto x = rng.values<T>(rows * classes, scale);
     if (rows > 1) x[classes] = round_to<T>(80.0);  // exp(80) overflows f32 without the max shift
     std::vector<int64_t> targets(rows);
-    for (auto& t : targets) t = (int64_t)rng.below(classes);
+    for (size_t r = 0; r < rows; ++r) targets[r] = diagonal ? (int64_t)r : (int64_t)rng.below(classes);
     DeviceArray<T> dx(x);
     DeviceArray<int64_t> dtargets(rows);
     for (size_t r = 0; r < rows; ++r) dtargets.ptr()[r] = targets[r];
     DeviceArray<float> loss_rows(rows), lse(rows), loss(1);
-    emu::launch(grid_rows(rows, kThreads), K<T>::ce_fwd, dx.ptr(), dtargets.ptr(), loss_rows.ptr(), lse.ptr(),
-                (int64_t)classes);
+    if (diagonal)
+        emu::launch(grid_rows(rows, kThreads), K<T>::ce_fwd_diag, dx.ptr(), loss_rows.ptr(), lse.ptr(),
+                    (int64_t)classes);
+    else
+        emu::launch(grid_rows(rows, kThreads), K<T>::ce_fwd, dx.ptr(), dtargets.ptr(), loss_rows.ptr(), lse.ptr(),
+                    (int64_t)classes);
     finish_rows(loss_rows, loss, 1, rows, 1.0f / (float)rows);
 
     std::vector<double> want_lse(rows), want_rows(rows);
@@ -103,7 +110,8 @@ void cross_entropy(size_t rows, size_t classes, double scale) {
         want_rows[r] = want_lse[r] - row[targets[r]];
         mean += want_rows[r] / (double)rows;
     }
-    const std::string shape = format("%s rows=%zu classes=%zu", Elem<T>::name, rows, classes);
+    const std::string shape =
+        format("%s rows=%zu classes=%zu%s", Elem<T>::name, rows, classes, diagonal ? " diagonal" : "");
     report.close("cross_entropy lse " + shape, lse.download(), want_lse, 1e-5, 1e-6);
     report.close("cross_entropy row losses " + shape, loss_rows.download(), want_rows, 1e-5, 1e-5);
     report.close("cross_entropy mean " + shape, loss.download(), {mean}, 1e-5, 1e-5);
@@ -112,8 +120,12 @@ void cross_entropy(size_t rows, size_t classes, double scale) {
     const double g = round_to<float>(rng.normal());
     DeviceArray<float> dg(std::vector<double>{g});
     DeviceArray<T> grad(rows * classes);
-    emu::launch(grid_rows(rows, kThreads), K<T>::ce_bwd, dx.ptr(), dtargets.ptr(), lse.ptr(), dg.ptr(), grad.ptr(),
-                (int64_t)classes, 1.0f / (float)rows);
+    if (diagonal)
+        emu::launch(grid_rows(rows, kThreads), K<T>::ce_bwd_diag, dx.ptr(), lse.ptr(), dg.ptr(), grad.ptr(),
+                    (int64_t)classes, 1.0f / (float)rows);
+    else
+        emu::launch(grid_rows(rows, kThreads), K<T>::ce_bwd, dx.ptr(), dtargets.ptr(), lse.ptr(), dg.ptr(),
+                    grad.ptr(), (int64_t)classes, 1.0f / (float)rows);
     std::vector<double> want_grad(rows * classes);
     for (size_t r = 0; r < rows; ++r)
         for (size_t c = 0; c < classes; ++c)
@@ -134,6 +146,8 @@ void family() {
     std::vector<Case> ce = {{1, 1}, {1, 2}, {5, 37}, {3, 1000}};
     if (!kTsan) ce.push_back({33, 3001});
     for (const Case& c : ce) cross_entropy<T>(c.rows, c.len, 3.0);
+    // CLIP's contrastive targets (0..N on square logits; also fewer rows than classes).
+    for (const Case& c : std::vector<Case>{{1, 1}, {7, 7}, {5, 37}, {64, 64}}) cross_entropy<T>(c.rows, c.len, 3.0, true);
 }
 
 }  // namespace

@@ -43,6 +43,6 @@ mod vision;
 mod zero_shot;
 
 pub use config::{ClipAct, ClipConfig, ClipTextTower, ClipTrunk, ClipVisionTower, VisionForm, CLIP_PRESETS};
-pub use model::{weight_decay_applies, ClipModel, LOGIT_SCALE_INIT, LOGIT_SCALE_MAX};
+pub use model::{weight_decay_applies, ClipModel, TextIndices, LOGIT_SCALE_INIT, LOGIT_SCALE_MAX};
 pub use vision::{ClipVisionConfig, ClipVisionEncoder};
 pub use zero_shot::{top_k_hits, zero_shot_classifier, zero_shot_logits};

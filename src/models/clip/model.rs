@@ -192,6 +192,23 @@ pub struct ClipModel {
     logit_scale: Named,
 }
 
+/// Token ids of a text batch as index tensors, made before the text tower runs so that
+/// it uploads nothing ([`ClipModel::text_indices`], [`ClipModel::encode_text_at`]).
+#[derive(Clone)]
+pub struct TextIndices {
+    /// The token-embedding rows, `B·C` of them.
+    pub tokens: ops::RowIndices,
+    /// Each row's end token among the `B·C` hidden states.
+    pub pooled: ops::RowIndices,
+}
+
+impl TextIndices {
+    /// The two tensors (tokens, end tokens), for a recorded step's inputs.
+    pub fn tensors(&self) -> [&Tensor; 2] {
+        [self.tokens.tensor(), self.pooled.tensor()]
+    }
+}
+
 impl ClipModel {
     fn build(cfg: &ClipConfig, src: &mut dyn ParamSource, prefix: &str) -> Result<ClipModel> {
         cfg.validate()?;
@@ -386,6 +403,14 @@ impl ClipModel {
     /// `C` = the context length), pooled at each row's end token: the position of the
     /// largest id (the first one if several), as `text.argmax(dim=-1)`.
     pub fn encode_text(&self, ids: &[u32], batch: usize) -> Result<Tensor> {
+        self.encode_text_at(&self.text_indices(ids, batch)?)
+    }
+
+    /// The index tensors of token ids `[B, C]` for [`ClipModel::encode_text_at`]: the
+    /// token-embedding rows and each row's end-token position (see
+    /// [`ClipModel::encode_text`]), checked against the vocabulary and placed on the
+    /// model's device.
+    pub fn text_indices(&self, ids: &[u32], batch: usize) -> Result<TextIndices> {
         let t = &self.cfg.text;
         let c = t.context_length;
         if batch == 0 || ids.len() != batch * c {
@@ -400,14 +425,52 @@ impl ClipModel {
                 t.vocab_size
             );
         }
+        let pooled: Vec<usize> = flat.chunks(c).enumerate().map(|(r, row)| r * c + argmax_first(row)).collect();
+        Ok(TextIndices {
+            tokens: ops::RowIndices::new(&flat, t.vocab_size, self.device)?,
+            pooled: ops::RowIndices::new(&pooled, batch * c, self.device)?,
+        })
+    }
+
+    /// [`TextIndices`] from their two tensors ([`TextIndices::tensors`], or copies of
+    /// them: the inputs of a recorded training step).
+    pub fn text_indices_from(&self, tokens: &Tensor, pooled: &Tensor) -> Result<TextIndices> {
+        let c = self.cfg.text.context_length;
+        let pooled_rows = (pooled.numel() / 4) * c;
+        let idx = TextIndices {
+            tokens: ops::RowIndices::from_tensor(tokens, self.cfg.text.vocab_size)?,
+            pooled: ops::RowIndices::from_tensor(pooled, pooled_rows)?,
+        };
+        if idx.tokens.len() != idx.pooled.len() * c {
+            bail!(
+                "ClipModel::text_indices_from: {} token indices for {} rows of {c}",
+                idx.tokens.len(),
+                idx.pooled.len()
+            );
+        }
+        Ok(idx)
+    }
+
+    /// [`ClipModel::encode_text`] of token ids given as [`TextIndices`]: nothing is
+    /// uploaded, so it runs inside a training step recorded as a CUDA graph.
+    pub fn encode_text_at(&self, idx: &TextIndices) -> Result<Tensor> {
+        let t = &self.cfg.text;
+        let (c, batch) = (t.context_length, idx.pooled.len());
+        if batch == 0 || idx.tokens.len() != batch * c || idx.pooled.rows() != batch * c {
+            bail!(
+                "ClipModel::encode_text: {} token indices and {} end tokens into {} rows, for rows of {c}",
+                idx.tokens.len(),
+                batch,
+                idx.pooled.rows()
+            );
+        }
         let tower = &self.text;
-        let x = ops::gather_rows(&tower.token_embedding.t, &flat)?;
+        let x = ops::gather_rows_at(&tower.token_embedding.t, &idx.tokens)?;
         let mut x = ops::add(&ops::reshape(&x, &[batch, c, t.trunk.width])?, &tower.pos.t)?;
         for block in &tower.blocks {
             x = block.forward(&x)?;
         }
-        let pooled: Vec<usize> = flat.chunks(c).enumerate().map(|(r, row)| r * c + argmax_first(row)).collect();
-        let x = ops::gather_rows(&ops::reshape(&x, &[batch * c, t.trunk.width])?, &pooled)?;
+        let x = ops::gather_rows_at(&ops::reshape(&x, &[batch * c, t.trunk.width])?, &idx.pooled)?;
         ops::matmul(&tower.ln_final.forward(&x)?, &tower.proj.t)
     }
 
