@@ -64,6 +64,42 @@ __device__ void row_partial_impl(const T* x, float* partials, int64_t len, int64
     if (threadIdx.x == 0) partials[blockIdx.x] = total;
 }
 
+// row_partial with 16-byte reads (SYNTHOS_CUDA_COLSUM=vec): the row's W-element words
+// (W = 16 / sizeof(T); the row starts 16-byte aligned, which the launcher checks) are
+// dealt to the row's blocks as row_partial deals elements, four words per thread in
+// flight; the len % W last elements go to the first threads of the row's first block.
+// Its blocks cover four times row_partial's elements (`blocks_per_row_vec`), so that each
+// thread has several words to load; the count still depends only on the sizes, and the
+// finish pass is row_finish.
+template <typename T>
+__device__ void row_partial_vec_impl(const T* x, float* partials, int64_t len, int64_t bpr) {
+    constexpr int W = 16 / sizeof(T);
+    __shared__ float scratch[32];
+    const int64_t row = blockIdx.x / bpr, chunk = blockIdx.x % bpr;
+    const T* xr = x + row * len;
+    const int64_t words = len / W, stride = bpr * blockDim.x;
+    float acc = 0.f;
+    int64_t i = chunk * blockDim.x + threadIdx.x;
+    for (; i + 3 * stride < words; i += 4 * stride) {
+        float v[4][W];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) load_vec<W>(xr, (i + q * stride) * W, v[q]);
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+#pragma unroll
+            for (int k = 0; k < W; ++k) acc += v[q][k];
+    }
+    for (; i < words; i += stride) {
+        float v[W];
+        load_vec<W>(xr, i * W, v);
+#pragma unroll
+        for (int k = 0; k < W; ++k) acc += v[k];
+    }
+    if (chunk == 0 && threadIdx.x < len - words * W) acc += load(xr, words * W + threadIdx.x);
+    const float total = block_sum(acc, scratch);
+    if (threadIdx.x == 0) partials[blockIdx.x] = total;
+}
+
 template <typename T>
 __device__ void row_finish_impl(const float* partials, T* out, int64_t bpr, float scale) {
     __shared__ float scratch[32];
@@ -200,6 +236,9 @@ __device__ void col_partial_vec_impl(const T* x, float* partials, int64_t len, i
     }                                                                                                           \
     extern "C" __global__ void row_partial_##SFX(const T* x, float* partials, int64_t len, int64_t bpr) {        \
         row_partial_impl(x, partials, len, bpr);                                                                \
+    }                                                                                                           \
+    extern "C" __global__ void row_partial_vec_##SFX(const T* x, float* partials, int64_t len, int64_t bpr) {    \
+        row_partial_vec_impl(x, partials, len, bpr);                                                            \
     }                                                                                                           \
     extern "C" __global__ void row_finish_##SFX(const float* partials, T* out, int64_t bpr, float scale) {       \
         row_finish_impl(partials, out, bpr, scale);                                                             \

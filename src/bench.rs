@@ -302,9 +302,15 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
     // channels-last transpose.
     {
         let x = rand(&[n], &mut rng, device)?;
-        v.push(BenchCase::kernel(Bound::Memory, "reduce", format!("sum_all {n}"), n as f64 * e, n as f64, move || {
-            ops::sum_all(&x).map(|_| ())
-        }));
+        // With the 16-byte row kernel beside the default on a GPU (SYNTHOS_CUDA_COLSUM=vec).
+        let variants: &[bool] = if device == Device::Cpu { &[false] } else { &[false, true] };
+        for &vector in variants {
+            let x = x.clone();
+            let name = format!("sum_all{} {n}", if vector { "[vec]" } else { "" });
+            v.push(BenchCase::kernel(Bound::Memory, "reduce", name, n as f64 * e, n as f64, move || {
+                crate::cuda::reduce::with_vector_columns(vector, || ops::sum_all(&x).map(|_| ()))
+            }));
+        }
         // Bias and gate gradients: column sums of [B·N, D] onto [D] and of [B, N, D] onto
         // [B, 1, D] (split over the rows), with the 16-byte vector kernel beside the default
         // on a GPU (SYNTHOS_CUDA_COLSUM=vec).

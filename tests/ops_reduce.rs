@@ -169,6 +169,28 @@ fn gpu_vector_column_sums_match_cpu() {
                 assert_eq!(a, b, "{what} {dt}: not deterministic");
             }
         }
+        // The row sums read 16-byte words too: one row of any length (a tail after the
+        // last word), rows of whole words, and rows that are not (the scalar kernel).
+        for shape in [&[3_000_007][..], &[1_048_576], &[37], &[5, 40_000], &[3, 8], &[4, 1003]] {
+            let x = randn(shape, &mut rng);
+            for (dt, atol, rtol) in DTYPES {
+                let what = format!("sum_all[vec] {shape:?}");
+                parity(&what, dev, dt, std::slice::from_ref(&x), |t| ops::sum_all(&t[0]), atol, rtol);
+                let last = shape.len() - 1;
+                parity(
+                    &format!("mean over the last dim[vec] {shape:?}"),
+                    dev,
+                    dt,
+                    std::slice::from_ref(&x),
+                    |t| ops::mean_dim(&t[0], last, false),
+                    atol,
+                    rtol,
+                );
+                let xg = x.to_device(dev, dt).unwrap();
+                let a = ops::sum_all(&xg).unwrap().item().unwrap();
+                assert_eq!(a, ops::sum_all(&xg).unwrap().item().unwrap(), "{what} {dt}: not deterministic");
+            }
+        }
     });
 }
 

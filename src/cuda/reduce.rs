@@ -100,24 +100,37 @@ pub fn blocks_per_row(rows: usize, len: usize) -> usize {
     len.div_ceil(MIN_PER_BLOCK).clamp(1, (MAX_PARTIAL_BLOCKS / rows.max(1)).max(1))
 }
 
-/// `x` viewed as `[rows, len]`: `out[r] = scale · Σ x[r, :]`, in `x`'s dtype.
+/// [`blocks_per_row`] of the 16-byte row kernel: four times the elements per block, so
+/// that each thread has several words in flight.
+pub fn blocks_per_row_vec(rows: usize, len: usize) -> usize {
+    len.div_ceil(4 * MIN_PER_BLOCK).clamp(1, (MAX_PARTIAL_BLOCKS / rows.max(1)).max(1))
+}
+
+/// `x` viewed as `[rows, len]`: `out[r] = scale · Σ x[r, :]`, in `x`'s dtype (with
+/// `SYNTHOS_CUDA_COLSUM=vec`, through 16-byte reads where the rows allow).
 pub fn row_sum(x: &CudaStorage, rows: usize, len: usize, scale: f32) -> Result<CudaBuf> {
     let dev = &x.dev;
     let dtype = x.buf.dtype();
     if rows == 0 {
         return dev.alloc(0, dtype);
     }
-    let bpr = blocks_per_row(rows, len);
+    // 16-byte reads need every row to start on a 16-byte boundary: one row (the buffer
+    // is aligned), or rows of whole words.
+    let vector = vector_columns()?
+        && (rows == 1 || len.is_multiple_of(16 / dtype.size()))
+        && x.buf.device_addr(&dev.stream).is_multiple_of(16);
+    let bpr = if vector { blocks_per_row_vec(rows, len) } else { blocks_per_row(rows, len) };
     if rows * bpr > MAX_GRID {
         bail!("sum: {rows} rows exceed one launch");
     }
     let mut part = dev.alloc_t::<f32>(rows * bpr)?;
     let (len64, bpr64) = (len as i64, bpr as i64);
-    let f = dev.func("reduce", kernel_name("row_partial", dtype))?;
+    let f = dev.func("reduce", kernel_name(if vector { "row_partial_vec" } else { "row_partial" }, dtype))?;
     let mut lb = dev.stream.launch_builder(&f);
     lb.buf(&x.buf);
     lb.arg(&mut part).arg(&len64).arg(&bpr64);
-    // SAFETY: block b reads row b / bpr (len elements, inside x's rows·len) and writes
+    // SAFETY: block b reads row b / bpr (len elements, inside x's rows·len; the vector
+    // kernel's words lie inside the row and are aligned, as checked above) and writes
     // partials[b], b < rows·bpr.
     unsafe { lb.launch(grid_rows(rows * bpr, ROW_THREADS)) }?;
 
@@ -161,10 +174,11 @@ pub fn col_sum(x: &CudaStorage, outer: usize, len: usize, inner: usize, scale: f
 const COLSUM_VAR: &str = "SYNTHOS_CUDA_COLSUM";
 
 /// Whether the split column sums (bias and gate gradients) read 16-byte vectors
-/// (`col_partial_vec_*`, 32 × 8 bf16 columns per block) on this thread: a
-/// [`with_vector_columns`] override, else `SYNTHOS_CUDA_COLSUM=vec` (`scalar`, the default,
-/// until a GPU run has shown it faster). Widths that are not a multiple of the vector
-/// keep the scalar kernel.
+/// (`col_partial_vec_*`, 32 × 8 bf16 columns per block), and the row sums too
+/// (`row_partial_vec_*`: `sum_all`, `mean_all`, sums over the last dimension), on this
+/// thread: a [`with_vector_columns`] override, else `SYNTHOS_CUDA_COLSUM=vec` (`scalar`,
+/// the default, until a GPU run has shown it faster). Shapes whose rows do not start on
+/// 16-byte boundaries keep the scalar kernels.
 pub fn vector_columns() -> Result<bool> {
     Ok(super::choice::get(COLSUM_VAR, &["scalar", "vec"])? == 1)
 }

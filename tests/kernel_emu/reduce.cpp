@@ -22,8 +22,8 @@ constexpr size_t kMaxPartialBlocks = 4096;  // MAX_PARTIAL_BLOCKS
 constexpr size_t kColTargetBlocks = 1024;   // COL_TARGET_BLOCKS
 constexpr size_t kColMinRows = 64;          // COL_MIN_ROWS
 
-size_t blocks_per_row(size_t rows, size_t len) {
-    return std::clamp<size_t>(ceil_div(len, kMinPerBlock), 1, std::max<size_t>(kMaxPartialBlocks / std::max<size_t>(rows, 1), 1));
+size_t blocks_per_row(size_t rows, size_t len, size_t per_block = kMinPerBlock) {
+    return std::clamp<size_t>(ceil_div(len, per_block), 1, std::max<size_t>(kMaxPartialBlocks / std::max<size_t>(rows, 1), 1));
 }
 
 // `col_splits_for`: (splits, chunk) of the split column sums with `cols` columns per block.
@@ -41,14 +41,16 @@ struct K<float> {
     static constexpr auto sum_to = EMU_KERNEL(sum_to_f32), row_partial = EMU_KERNEL(row_partial_f32),
                           row_finish = EMU_KERNEL(row_finish_f32), col_sum = EMU_KERNEL(col_sum_f32),
                           col_partial = EMU_KERNEL(col_partial_f32), col_finish = EMU_KERNEL(col_finish_f32),
-                          col_partial_vec = EMU_KERNEL(col_partial_vec_f32);
+                          col_partial_vec = EMU_KERNEL(col_partial_vec_f32),
+                          row_partial_vec = EMU_KERNEL(row_partial_vec_f32);
 };
 template <>
 struct K<bf16> {
     static constexpr auto sum_to = EMU_KERNEL(sum_to_bf16), row_partial = EMU_KERNEL(row_partial_bf16),
                           row_finish = EMU_KERNEL(row_finish_bf16), col_sum = EMU_KERNEL(col_sum_bf16),
                           col_partial = EMU_KERNEL(col_partial_bf16), col_finish = EMU_KERNEL(col_finish_bf16),
-                          col_partial_vec = EMU_KERNEL(col_partial_vec_bf16);
+                          col_partial_vec = EMU_KERNEL(col_partial_vec_bf16),
+                          row_partial_vec = EMU_KERNEL(row_partial_vec_bf16);
 };
 
 // Sums of terms whose magnitudes add up to sum_abs: f32 accumulation stays well within
@@ -125,6 +127,21 @@ void row_sum(size_t rows, size_t len, float scale) {
     check_sums<T>(format("row_sum_%s rows=%zu len=%zu (%zu blocks per row) scale=%g", Elem<T>::name, rows, len, bpr,
                          scale),
                   out.download(), want, sum_abs);
+
+    // With 16-byte reads (`SYNTHOS_CUDA_COLSUM=vec`: one row, or rows of whole words).
+    // `blocks_per_row_vec`: four times the elements per block.
+    if (rows == 1 || len % (16 / sizeof(T)) == 0) {
+        const size_t vbpr = blocks_per_row(rows, len, 4 * kMinPerBlock);
+        DeviceArray<T> vout(rows);
+        DeviceArray<float> vpartials(rows * vbpr);
+        emu::launch(grid_rows(rows * vbpr, kRowThreads), K<T>::row_partial_vec, dx.ptr(), vpartials.ptr(),
+                    (int64_t)len, (int64_t)vbpr);
+        emu::launch(grid_rows(rows, kRowThreads), K<T>::row_finish, vpartials.ptr(), vout.ptr(), (int64_t)vbpr,
+                    scale);
+        check_sums<T>(format("row_sum vec %s rows=%zu len=%zu (%zu blocks per row) scale=%g", Elem<T>::name, rows,
+                             len, vbpr, scale),
+                      vout.download(), want, sum_abs);
+    }
 }
 
 // Reference column sums of x as [outer, len, inner]: (scale·Σ_r x[o, r, i], Σ_r |scale·x|).
@@ -222,10 +239,12 @@ void family() {
     struct RowCase {
         size_t rows, len;
     };
-    std::vector<RowCase> rows = {{1, 1}, {1, 37}, {3, 2049}, {2, 5001}, {37, 129}};
+    std::vector<RowCase> rows = {{1, 1}, {1, 37}, {3, 2049}, {2, 5001}, {37, 129}, {5, 4096}, {3, 24}, {4, 8}};
     if (!kTsan) {
-        rows.push_back({1, 70001});  // 35 blocks, each thread striding over its chunk
-        rows.push_back({2049, 3});   // blocks_per_row clamped by MAX_PARTIAL_BLOCKS
+        rows.push_back({1, 70001});     // 35 blocks, each thread striding over its chunk
+        rows.push_back({2049, 3});      // blocks_per_row clamped by MAX_PARTIAL_BLOCKS
+        rows.push_back({1, 1000003});   // words four at a time over 489 blocks, and a tail
+        rows.push_back({3, 400008});    // rows of whole words, several blocks each
     }
     for (const RowCase& c : rows) row_sum<T>(c.rows, c.len, c.rows == 1 ? 1.f : 1.f / (float)c.len);
 
