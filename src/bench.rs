@@ -619,7 +619,7 @@ pub struct LazyCase {
 /// recompute), the 25-step guided 480×480 sample (the
 /// DiT forwards alone, and the whole pipeline: umT5 and CLIP at full width but 1 and 2
 /// layers, the DiT, the tiled VAE decode) and the 25-step guided sample of a demo batch
-/// ([`demo_sample_case`]), these two also with CUDA graphs (`sample[graphs] …`).
+/// (`demo_sample_case`), these two also with CUDA graphs (`sample[graphs] …`).
 pub fn model_cases(device: Device, size: Size) -> Vec<LazyCase> {
     let mut v = vec![
         LazyCase { family: "model", name: dit_step_name(size), build: Box::new(move || dit_step_case(device, size)) },
@@ -722,7 +722,7 @@ fn graphs_tag(graphs: bool) -> &'static str {
     }
 }
 
-/// Name of [`demo_sample_case`]: `sample demo 64x64 b16 25 steps` (`sample[graphs] …`
+/// Name of `demo_sample_case`: `sample demo 64x64 b16 25 steps` (`sample[graphs] …`
 /// with CUDA graphs).
 pub fn demo_sample_name(graphs: bool) -> String {
     let side = crate::pipeline::demo::IMAGE_SIZE;
