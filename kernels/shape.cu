@@ -136,13 +136,13 @@ extern "C" __global__ void slab_copy16(const uint4* src, uint4* dst, int64_t run
     slab_runs(src, dst, run, src_stride, src_base, dst_stride, dst_base, outer);
 }
 
-// gather_rows: out[i, :] = table[idx[i], :] for i < rows, rows of d elements (an
-// embedding lookup, or picking one token per sequence). One thread per output element.
-// The indices come as int64 (uploaded with the call) or as exact integers in f32 (an index
-// tensor made before a recorded step, `ops::RowIndices`); an index outside [0, rows)
-// reads zeros instead of memory the table does not own.
-template <typename T, typename I>
-__device__ void gather_rows_impl(const T* table, const I* idx, T* out, int64_t d, int64_t n, int64_t rows) {
+// gather_rows: out[i, :] = table[idx[i], :] for i < n rows of d elements (an embedding
+// lookup, or picking one token per sequence). One thread per output element. The indices
+// are exact integers in f32, made on the host before the op (`ops::RowIndices`, so that
+// a recorded CUDA graph can take them as an input); an index outside [0, rows) reads
+// zeros instead of memory the table does not own.
+template <typename T>
+__device__ void gather_rows_impl(const T* table, const float* idx, T* out, int64_t d, int64_t n, int64_t rows) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         const int64_t r = (int64_t)idx[i / d];
         if (r >= 0 && r < rows)
@@ -151,18 +151,12 @@ __device__ void gather_rows_impl(const T* table, const I* idx, T* out, int64_t d
             store(out, i, 0.f);
     }
 }
-extern "C" __global__ void gather_rows_f32(const float* t, const int64_t* idx, float* o, int64_t d, int64_t n) {
-    gather_rows_impl(t, idx, o, d, n, INT64_MAX);
-}
-extern "C" __global__ void gather_rows_bf16(const bf16* t, const int64_t* idx, bf16* o, int64_t d, int64_t n) {
-    gather_rows_impl(t, idx, o, d, n, INT64_MAX);
-}
-extern "C" __global__ void gather_rows_fidx_f32(const float* t, const float* idx, float* o, int64_t d, int64_t n,
-                                                int64_t rows) {
+extern "C" __global__ void gather_rows_f32(const float* t, const float* idx, float* o, int64_t d, int64_t n,
+                                           int64_t rows) {
     gather_rows_impl(t, idx, o, d, n, rows);
 }
-extern "C" __global__ void gather_rows_fidx_bf16(const bf16* t, const float* idx, bf16* o, int64_t d, int64_t n,
-                                                 int64_t rows) {
+extern "C" __global__ void gather_rows_bf16(const bf16* t, const float* idx, bf16* o, int64_t d, int64_t n,
+                                            int64_t rows) {
     gather_rows_impl(t, idx, o, d, n, rows);
 }
 
@@ -171,13 +165,12 @@ extern "C" __global__ void gather_rows_fidx_bf16(const bf16* t, const float* idx
 // pos[start[u] .. start[u+1]], in increasing order). One thread per (u, column) sums
 // those rows of g in fp32 in that fixed order and writes dtable[uniq[u], column]; rows
 // nobody read keep the zeros the host filled in. The result does not depend on the launch.
-// With f32 indices the groups are padded to a fixed count (one per gathered row) so that
-// the launch does not depend on the indices: a padding group has uniq < 0 and no rows.
-// Groups outside the table, and positions outside g (npos: its rows, also the length of
-// pos), are skipped.
-template <typename T, typename I>
-__device__ void scatter_rows_impl(const T* g, const I* uniq, const I* start, const I* pos, T* dtable, int64_t d,
-                                  int64_t n, int64_t rows, int64_t npos) {
+// The groups are padded to a fixed count (one per gathered row), so that the launch does
+// not depend on the indices: a padding group has uniq < 0 and no rows. Groups outside the
+// table, and positions outside g (npos: its rows, also the length of pos), are skipped.
+template <typename T>
+__device__ void scatter_rows_impl(const T* g, const float* uniq, const float* start, const float* pos, T* dtable,
+                                  int64_t d, int64_t n, int64_t rows, int64_t npos) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         const int64_t u = i / d, c = i % d, r = (int64_t)uniq[u];
         if (r < 0 || r >= rows) continue;
@@ -191,21 +184,11 @@ __device__ void scatter_rows_impl(const T* g, const I* uniq, const I* start, con
         store(dtable, r * d + c, acc);
     }
 }
-extern "C" __global__ void scatter_rows_f32(const float* g, const int64_t* uniq, const int64_t* start,
-                                            const int64_t* pos, float* dt, int64_t d, int64_t n) {
-    scatter_rows_impl(g, uniq, start, pos, dt, d, n, INT64_MAX, INT64_MAX);
-}
-extern "C" __global__ void scatter_rows_bf16(const bf16* g, const int64_t* uniq, const int64_t* start,
-                                             const int64_t* pos, bf16* dt, int64_t d, int64_t n) {
-    scatter_rows_impl(g, uniq, start, pos, dt, d, n, INT64_MAX, INT64_MAX);
-}
-extern "C" __global__ void scatter_rows_fidx_f32(const float* g, const float* uniq, const float* start,
-                                                 const float* pos, float* dt, int64_t d, int64_t n, int64_t rows,
-                                                 int64_t npos) {
+extern "C" __global__ void scatter_rows_f32(const float* g, const float* uniq, const float* start, const float* pos,
+                                            float* dt, int64_t d, int64_t n, int64_t rows, int64_t npos) {
     scatter_rows_impl(g, uniq, start, pos, dt, d, n, rows, npos);
 }
-extern "C" __global__ void scatter_rows_fidx_bf16(const bf16* g, const float* uniq, const float* start,
-                                                  const float* pos, bf16* dt, int64_t d, int64_t n, int64_t rows,
-                                                  int64_t npos) {
+extern "C" __global__ void scatter_rows_bf16(const bf16* g, const float* uniq, const float* start, const float* pos,
+                                             bf16* dt, int64_t d, int64_t n, int64_t rows, int64_t npos) {
     scatter_rows_impl(g, uniq, start, pos, dt, d, n, rows, npos);
 }

@@ -198,30 +198,10 @@ fn launch_slab(
     Ok(())
 }
 
-/// Rows `idx[i]` of `table` (`[_, d]`), as `[idx.len(), d]`; the op has checked every
-/// index against the table's row count.
-pub fn gather_rows(table: &CudaStorage, idx: &CudaSlice<i64>, d: usize) -> Result<CudaBuf> {
-    let n = idx.len() * d;
-    let dev = &table.dev;
-    let dtype = table.buf.dtype();
-    let mut out = dev.alloc(n, dtype)?;
-    if n == 0 {
-        return Ok(out);
-    }
-    let (d64, n64) = (d as i64, n as i64);
-    let f = dev.func("shape", kernel_name("gather_rows", dtype))?;
-    let mut lb = dev.stream.launch_builder(&f);
-    lb.buf(&table.buf).arg(idx).buf_mut(&mut out).arg(&d64).arg(&n64);
-    // SAFETY: output element i reads table[idx[i / d]·d + i % d], in range because every
-    // index is below the table's row count (checked by the op).
-    unsafe { lb.launch(grid_1d(n, 256)) }?;
-    Ok(out)
-}
-
 /// Rows of `table` (`[rows, d]`) picked by the first `n` values of `ix`, exact integers in
 /// f32 (the layout of `ops::RowIndices`), as `[n, d]`. The index tensor was checked when
 /// it was made; an index outside the table reads zeros.
-pub fn gather_rows_fidx(table: &CudaStorage, ix: &CudaStorage, n: usize, rows: usize, d: usize) -> Result<CudaBuf> {
+pub fn gather_rows(table: &CudaStorage, ix: &CudaStorage, n: usize, rows: usize, d: usize) -> Result<CudaBuf> {
     let dev = &table.dev;
     let dtype = table.buf.dtype();
     let ix = f32_indices(ix, n)?;
@@ -233,7 +213,7 @@ pub fn gather_rows_fidx(table: &CudaStorage, ix: &CudaStorage, n: usize, rows: u
         return Ok(out);
     }
     let (d64, n64, rows64) = (d as i64, (n * d) as i64, rows as i64);
-    let f = dev.func("shape", kernel_name("gather_rows_fidx", dtype))?;
+    let f = dev.func("shape", kernel_name("gather_rows", dtype))?;
     let mut lb = dev.stream.launch_builder(&f);
     let ids = ix.slice(0..n);
     lb.buf(&table.buf).arg(&ids).buf_mut(&mut out).arg(&d64).arg(&n64).arg(&rows64);
@@ -243,12 +223,12 @@ pub fn gather_rows_fidx(table: &CudaStorage, ix: &CudaStorage, n: usize, rows: u
     Ok(out)
 }
 
-/// The gradient of [`gather_rows_fidx`]: `dtable[r] = Σ_{i: ids[i] = r} g[i]` for a table
+/// The gradient of [`gather_rows`]: `dtable[r] = Σ_{i: ids[i] = r} g[i]` for a table
 /// of `rows` rows of `d`, from the CSR that `ops::RowIndices` holds after its `n` ids
 /// (positions, table rows padded to `n` groups with −1, starts padded with `n`). One
-/// launch shape for any ids (a recorded step replays it); the same sums, in the same
-/// order, as [`scatter_rows`].
-pub fn scatter_rows_fidx(g: &CudaStorage, ix: &CudaStorage, n: usize, rows: usize, d: usize) -> Result<CudaBuf> {
+/// launch shape for any ids (a recorded step replays it); each row's gradients are summed
+/// in fp32 in increasing position, without atomics: bit-identical from run to run.
+pub fn scatter_rows(g: &CudaStorage, ix: &CudaStorage, n: usize, rows: usize, d: usize) -> Result<CudaBuf> {
     let dev = &g.dev;
     let dtype = g.buf.dtype();
     let ix = f32_indices(ix, n)?;
@@ -261,7 +241,7 @@ pub fn scatter_rows_fidx(g: &CudaStorage, ix: &CudaStorage, n: usize, rows: usiz
     }
     let (d64, m64, rows64, n64) = (d as i64, (n * d) as i64, rows as i64, n as i64);
     let (pos, uniq, start) = (ix.slice(n..2 * n), ix.slice(2 * n..3 * n), ix.slice(3 * n..4 * n + 1));
-    let f = dev.func("shape", kernel_name("scatter_rows_fidx", dtype))?;
+    let f = dev.func("shape", kernel_name("scatter_rows", dtype))?;
     let mut lb = dev.stream.launch_builder(&f);
     lb.buf(&g.buf).arg(&uniq).arg(&start).arg(&pos).buf_mut(&mut out);
     lb.arg(&d64).arg(&m64).arg(&rows64).arg(&n64);
@@ -278,44 +258,4 @@ fn f32_indices(ix: &CudaStorage, n: usize) -> Result<&CudaSlice<f32>> {
         CudaBuf::F32(s) if s.len() > 4 * n => Ok(s),
         b => bail!("row indices: {} {} values, not the {} f32 values of {n} indices", b.len(), b.dtype(), 4 * n + 1),
     }
-}
-
-/// The gradient of [`gather_rows`]: `dtable[r] = Σ_{i: ids[i] = r} g[i]` for a table of
-/// `rows` rows of `d` (zeros where no index points), summed in fp32 in increasing `i`,
-/// without atomics: bit-identical from run to run.
-pub fn scatter_rows(g: &CudaStorage, ids: &[usize], rows: usize, d: usize) -> Result<CudaBuf> {
-    let dev = &g.dev;
-    let dtype = g.buf.dtype();
-    if g.buf.len() < ids.len() * d || ids.iter().any(|&r| r >= rows) {
-        bail!(
-            "scatter_rows: {} indices of rows of {d} do not fit a gradient of {} elements and {rows} rows",
-            ids.len(),
-            g.buf.len()
-        );
-    }
-    let mut out = dev.zeros(rows * d, dtype)?;
-    // CSR of the output rows by table row: a stable sort keeps each group in increasing order.
-    let mut order: Vec<usize> = (0..ids.len()).collect();
-    order.sort_by_key(|&i| ids[i]);
-    let (mut uniq, mut start) = (Vec::new(), Vec::new());
-    for (k, &i) in order.iter().enumerate() {
-        if uniq.last() != Some(&ids[i]) {
-            uniq.push(ids[i]);
-            start.push(k);
-        }
-    }
-    start.push(order.len());
-    let n = uniq.len() * d;
-    if n == 0 {
-        return Ok(out);
-    }
-    let (uniq, start, pos) = (dev.upload_indices(&uniq)?, dev.upload_indices(&start)?, dev.upload_indices(&order)?);
-    let (d64, n64) = (d as i64, n as i64);
-    let f = dev.func("shape", kernel_name("scatter_rows", dtype))?;
-    let mut lb = dev.stream.launch_builder(&f);
-    lb.buf(&g.buf).arg(&uniq).arg(&start).arg(&pos).buf_mut(&mut out).arg(&d64).arg(&n64);
-    // SAFETY: thread (u, c) reads g rows pos[start[u]..start[u+1]] (each < ids.len(), whose
-    // rows g holds, checked above) and writes row uniq[u] < rows of the zeroed output.
-    unsafe { lb.launch(grid_1d(n, 256)) }?;
-    Ok(out)
 }

@@ -9,7 +9,7 @@ use super::{cpu_tensor, cuda_tensor, result_dtype, same_device};
 use crate::autograd::record;
 use crate::desc::Slab;
 use crate::tensor::numel;
-use crate::{bail, cpu, cuda, DType, Device, Result, Tensor};
+use crate::{bail, cpu, cuda, DType, Device, Error, Result, Tensor};
 
 /// The largest rank the permute kernel handles.
 const MAX_RANK: usize = 6;
@@ -212,46 +212,16 @@ pub fn split(x: &Tensor, dim: usize, sizes: &[usize]) -> Result<Vec<Tensor>> {
 /// bit-identical from run to run); it comes back in the table's dtype.
 ///
 /// The indices are host values (uploaded on a GPU), so the op may not run inside a function
-/// recorded as a CUDA graph: [`gather_rows_at`] takes them as a tensor made beforehand.
+/// recorded as a CUDA graph: [`gather_rows_at`] takes them as a tensor made beforehand
+/// (this op is that one with the tensor made here).
 pub fn gather_rows(table: &Tensor, ids: &[usize]) -> Result<Tensor> {
-    let &[rows, d] = table.shape() else {
+    let &[rows, _] = table.shape() else {
         bail!("gather_rows: the table must be 2-D [rows, dim], got {:?}", table.shape());
     };
-    if let Some((i, r)) = ids.iter().enumerate().find(|(_, &r)| r >= rows) {
-        bail!(
-            "gather_rows: index {r} (position {i}) out of range for a table of {rows} rows (shape {:?})",
-            table.shape()
-        );
-    }
     crate::tensor::check_host_transfer("gather_rows's indices given from the host (use gather_rows_at)")?;
-    let shape = [ids.len(), d];
-    let out = match table.device() {
-        Device::Cpu => cpu_tensor(cpu::shape::gather_rows(table.storage().as_cpu()?, ids, d), &shape)?,
-        Device::Cuda(_) => {
-            let st = table.storage();
-            let c = st.as_cuda()?;
-            let idx = c.dev.upload_indices(ids)?;
-            cuda_tensor(&c.dev, cuda::shape::gather_rows(c, &idx, d)?, &shape)?
-        }
-    };
-    let (ids, tdt) = (ids.to_vec(), table.dtype());
-    Ok(record(
-        "gather_rows",
-        out,
-        &[table],
-        Box::new(move |g| {
-            let dt = match g.device() {
-                Device::Cpu => cpu_tensor(cpu::shape::scatter_rows(g.storage().as_cpu()?, &ids, rows, d), &[rows, d])?,
-                Device::Cuda(_) => {
-                    let g = in_dtype(g, tdt)?;
-                    let st = g.storage();
-                    let c = st.as_cuda()?;
-                    cuda_tensor(&c.dev, cuda::shape::scatter_rows(c, &ids, rows, d)?, &[rows, d])?
-                }
-            };
-            Ok(vec![Some(dt)])
-        }),
-    ))
+    let idx = RowIndices::new(ids, rows, table.device())
+        .map_err(|e| Error::msg(format!("gather_rows: {e} (table shape {:?})", table.shape())))?;
+    gather_rows_at(table, &idx)
 }
 
 /// Row indices for [`gather_rows_at`], made on the host ahead of use as one f32 tensor
@@ -358,9 +328,9 @@ impl RowIndices {
 }
 
 /// [`gather_rows`] with indices made beforehand ([`RowIndices`]): rows `idx[i]` of a 2-D
-/// `table` `[rows, D]` (`rows` = [`RowIndices::rows`]), as `[idx.len(), D]`, and the same
-/// gradient, summed in the same order, without uploading anything. So it runs inside a
-/// function recorded as a CUDA graph.
+/// `table` `[rows, D]` (`rows` = [`RowIndices::rows`]), as `[idx.len(), D]`, and its
+/// gradient, without uploading anything. So it runs inside a function recorded as a CUDA
+/// graph.
 pub fn gather_rows_at(table: &Tensor, idx: &RowIndices) -> Result<Tensor> {
     let &[rows, d] = table.shape() else {
         bail!("gather_rows_at: the table must be 2-D [rows, dim], got {:?}", table.shape());
@@ -375,7 +345,7 @@ pub fn gather_rows_at(table: &Tensor, idx: &RowIndices) -> Result<Tensor> {
         Device::Cuda(_) => {
             let (st, si) = (table.storage(), idx.tensor.storage());
             let (c, ci) = (st.as_cuda()?, si.as_cuda()?);
-            cuda_tensor(&c.dev, cuda::shape::gather_rows_fidx(c, ci, n, rows, d)?, &shape)?
+            cuda_tensor(&c.dev, cuda::shape::gather_rows(c, ci, n, rows, d)?, &shape)?
         }
     };
     let (idx, tdt) = (idx.clone(), table.dtype());
@@ -393,7 +363,7 @@ pub fn gather_rows_at(table: &Tensor, idx: &RowIndices) -> Result<Tensor> {
                     let g = in_dtype(g, tdt)?;
                     let (st, si) = (g.storage(), idx.tensor.storage());
                     let (c, ci) = (st.as_cuda()?, si.as_cuda()?);
-                    cuda_tensor(&c.dev, cuda::shape::scatter_rows_fidx(c, ci, n, rows, d)?, &[rows, d])?
+                    cuda_tensor(&c.dev, cuda::shape::scatter_rows(c, ci, n, rows, d)?, &[rows, d])?
                 }
             };
             Ok(vec![Some(dt)])

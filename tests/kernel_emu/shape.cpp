@@ -27,16 +27,12 @@ struct K<float> {
     static constexpr auto permute = EMU_KERNEL(permute_f32), slab_copy = EMU_KERNEL(slab_copy_f32);
     static constexpr auto transpose = EMU_KERNEL(transpose_tiles_f32);
     static constexpr auto gather_rows = EMU_KERNEL(gather_rows_f32), scatter_rows = EMU_KERNEL(scatter_rows_f32);
-    static constexpr auto gather_fidx = EMU_KERNEL(gather_rows_fidx_f32);
-    static constexpr auto scatter_fidx = EMU_KERNEL(scatter_rows_fidx_f32);
 };
 template <>
 struct K<bf16> {
     static constexpr auto permute = EMU_KERNEL(permute_bf16), slab_copy = EMU_KERNEL(slab_copy_bf16);
     static constexpr auto transpose = EMU_KERNEL(transpose_tiles_bf16);
     static constexpr auto gather_rows = EMU_KERNEL(gather_rows_bf16), scatter_rows = EMU_KERNEL(scatter_rows_bf16);
-    static constexpr auto gather_fidx = EMU_KERNEL(gather_rows_fidx_bf16);
-    static constexpr auto scatter_fidx = EMU_KERNEL(scatter_rows_fidx_bf16);
 };
 
 std::string str(const Shape& s) {
@@ -223,24 +219,15 @@ void slab_copy(const Slab& s) {
 }
 
 // `cuda::shape::gather_rows` and `cuda::shape::scatter_rows` for `ids` into a table of
-// `rows` rows of `d`: the gather is a bit-exact copy; the scatter, given the CSR the host
-// builds (a stable sort of the output rows by table row), sums each group in fp32 in
-// increasing order and leaves rows nobody read at zero.
+// `rows` rows of `d`, with the index tensor laid out as `ops::RowIndices` does (f32: the
+// ids; the positions stably sorted by id; the table rows padded to one group per id with
+// -1; their starts padded with n). The gather is a bit-exact copy; the scatter sums each
+// group in fp32 in increasing order and leaves rows nobody read at zero. One launch shape
+// whatever the ids.
 template <class T>
 void gather_scatter(size_t rows, size_t d, const std::vector<int64_t>& ids) {
     const size_t n = ids.size();
     const auto table = rng.values<T>(rows * d);
-    DeviceArray<T> dtable(table), out(n * d);
-    if (n * d > 0)
-        emu::launch(grid_1d(n * d, 256), K<T>::gather_rows, dtable.ptr(), ids.data(), out.ptr(), (int64_t)d,
-                    (int64_t)(n * d));
-    std::vector<double> want(n * d);
-    for (size_t i = 0; i < n; ++i)
-        for (size_t c = 0; c < d; ++c) want[i * d + c] = table[ids[i] * d + c];
-    const std::string what = format("rows %zu d %zu, %zu ids", rows, d, n);
-    report.close(format("gather_rows_%s %s", Elem<T>::name, what.c_str()), out.download(), want, 0, 0);
-
-    const auto g = rng.values<T>(n * d);
     std::vector<int64_t> order(n);
     for (size_t i = 0; i < n; ++i) order[i] = (int64_t)i;
     std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[a] < ids[b]; });
@@ -250,15 +237,31 @@ void gather_scatter(size_t rows, size_t d, const std::vector<int64_t>& ids) {
             uniq.push_back(ids[order[k]]);
             start.push_back((int64_t)k);
         }
-    start.push_back((int64_t)n);
+    std::vector<double> ix;
+    for (int64_t v : ids) ix.push_back((double)v);
+    for (int64_t v : order) ix.push_back((double)v);
+    for (size_t u = 0; u < n; ++u) ix.push_back(u < uniq.size() ? (double)uniq[u] : -1.0);
+    for (size_t u = 0; u <= n; ++u) ix.push_back(u < start.size() ? (double)start[u] : (double)n);
+    DeviceArray<float> dix(ix);
+
+    DeviceArray<T> dtable(table), out(n * d);
+    if (n * d > 0)
+        emu::launch(grid_1d(n * d, 256), K<T>::gather_rows, dtable.ptr(), dix.ptr(), out.ptr(), (int64_t)d,
+                    (int64_t)(n * d), (int64_t)rows);
+    std::vector<double> want(n * d);
+    for (size_t i = 0; i < n; ++i)
+        for (size_t c = 0; c < d; ++c) want[i * d + c] = table[ids[i] * d + c];
+    const std::string what = format("rows %zu d %zu, %zu ids", rows, d, n);
+    report.close(format("gather_rows_%s %s", Elem<T>::name, what.c_str()), out.download(), want, 0, 0);
+
+    const auto g = rng.values<T>(n * d);
     DeviceArray<T> dg(g), dt(rows * d);
     // The host fills zeros first (`CudaDevice::zeros`).
-    std::vector<double> want_t(rows * d, 0.0);
     for (size_t i = 0; i < rows * d; ++i) dt.ptr()[i] = Elem<T>::from(0.0);
-    const size_t m = uniq.size() * d;
-    if (m > 0)
-        emu::launch(grid_1d(m, 256), K<T>::scatter_rows, dg.ptr(), uniq.data(), start.data(), order.data(), dt.ptr(),
-                    (int64_t)d, (int64_t)m);
+    if (n * d > 0)
+        emu::launch(grid_1d(n * d, 256), K<T>::scatter_rows, dg.ptr(), dix.ptr() + 2 * n, dix.ptr() + 3 * n,
+                    dix.ptr() + n, dt.ptr(), (int64_t)d, (int64_t)(n * d), (int64_t)rows, (int64_t)n);
+    std::vector<double> want_t(rows * d, 0.0);
     for (size_t r = 0; r < rows; ++r)
         for (size_t c = 0; c < d; ++c) {
             float acc = 0.f;
@@ -267,51 +270,31 @@ void gather_scatter(size_t rows, size_t d, const std::vector<int64_t>& ids) {
             want_t[r * d + c] = round_to<T>(acc);
         }
     report.close(format("scatter_rows_%s %s", Elem<T>::name, what.c_str()), dt.download(), want_t, 0, 0);
-
-    // The same through f32 indices, laid out as `ops::RowIndices` does: ids, positions
-    // (the stable order), table rows padded to one group per id with -1, starts padded
-    // with n. One launch shape whatever the ids; the results are the same bits.
-    std::vector<double> ix;
-    for (int64_t v : ids) ix.push_back((double)v);
-    for (int64_t v : order) ix.push_back((double)v);
-    for (size_t u = 0; u < n; ++u) ix.push_back(u < uniq.size() ? (double)uniq[u] : -1.0);
-    for (size_t u = 0; u <= n; ++u) ix.push_back(u < start.size() ? (double)start[u] : (double)n);
-    DeviceArray<float> dix(ix);
-    DeviceArray<T> out_f(n * d), dt_f(rows * d);
-    for (size_t i = 0; i < rows * d; ++i) dt_f.ptr()[i] = Elem<T>::from(0.0);
-    if (n * d > 0) {
-        emu::launch(grid_1d(n * d, 256), K<T>::gather_fidx, dtable.ptr(), dix.ptr(), out_f.ptr(), (int64_t)d,
-                    (int64_t)(n * d), (int64_t)rows);
-        emu::launch(grid_1d(n * d, 256), K<T>::scatter_fidx, dg.ptr(), dix.ptr() + 2 * n, dix.ptr() + 3 * n,
-                    dix.ptr() + n, dt_f.ptr(), (int64_t)d, (int64_t)(n * d), (int64_t)rows, (int64_t)n);
-    }
-    report.close(format("gather_rows_fidx_%s %s", Elem<T>::name, what.c_str()), out_f.download(), want, 0, 0);
-    report.close(format("scatter_rows_fidx_%s %s", Elem<T>::name, what.c_str()), dt_f.download(), want_t, 0, 0);
 }
 
 // Indices outside the table (a forged index tensor) read zeros and write nothing.
 template <class T>
-void fidx_out_of_range() {
+void out_of_range() {
     const size_t rows = 4, d = 3;
     const auto table = rng.values<T>(rows * d);
     DeviceArray<T> dtable(table), out(3 * d), g(rng.values<T>(3 * d)), dt(rows * d);
     const std::vector<double> ids = {1, 4, -1};
     DeviceArray<float> dids(ids);
-    emu::launch(grid_1d(3 * d, 256), K<T>::gather_fidx, dtable.ptr(), dids.ptr(), out.ptr(), (int64_t)d,
+    emu::launch(grid_1d(3 * d, 256), K<T>::gather_rows, dtable.ptr(), dids.ptr(), out.ptr(), (int64_t)d,
                 (int64_t)(3 * d), (int64_t)rows);
     std::vector<double> want(3 * d, 0.0);
     for (size_t c = 0; c < d; ++c) want[c] = table[d + c];
-    report.close(format("gather_rows_fidx_%s out of range", Elem<T>::name), out.download(), want, 0, 0);
+    report.close(format("gather_rows_%s out of range", Elem<T>::name), out.download(), want, 0, 0);
     // Groups: row 7 (outside), row 2 with positions 0..3 of which 5 and 9 are outside g.
     const std::vector<double> uniq = {7, 2, -1}, start = {0, 1, 4, 4}, pos = {0, 5, 1, 9};
     DeviceArray<float> du(uniq), ds(start), dp(pos);
     for (size_t i = 0; i < rows * d; ++i) dt.ptr()[i] = Elem<T>::from(0.0);
     const auto gv = g.download();
-    emu::launch(grid_1d(3 * d, 256), K<T>::scatter_fidx, g.ptr(), du.ptr(), ds.ptr(), dp.ptr(), dt.ptr(), (int64_t)d,
+    emu::launch(grid_1d(3 * d, 256), K<T>::scatter_rows, g.ptr(), du.ptr(), ds.ptr(), dp.ptr(), dt.ptr(), (int64_t)d,
                 (int64_t)(3 * d), (int64_t)rows, (int64_t)3);
     std::vector<double> want_t(rows * d, 0.0);
     for (size_t c = 0; c < d; ++c) want_t[2 * d + c] = round_to<T>((float)gv[d + c]);
-    report.close(format("scatter_rows_fidx_%s out of range", Elem<T>::name), dt.download(), want_t, 0, 0);
+    report.close(format("scatter_rows_%s out of range", Elem<T>::name), dt.download(), want_t, 0, 0);
 }
 
 template <class T>
@@ -325,7 +308,7 @@ void family() {
         for (size_t i = 0; i < many.size(); ++i) many[i] = (int64_t)((i * 7919) % 97);
         gather_scatter<T>(101, 40, many);  // several blocks, every group several rows long
     }
-    fidx_out_of_range<T>();
+    out_of_range<T>();
 
     permute<T>({17}, {0});
     permute<T>({5, 7}, {1, 0});
