@@ -64,6 +64,29 @@ __device__ void row_partial_impl(const T* x, float* partials, int64_t len, int64
     if (threadIdx.x == 0) partials[blockIdx.x] = total;
 }
 
+// acc[j] += value j of the VEC-wide loads at p + at(k), for k = first, first + step, …
+// below end: four loads in flight before their adds, which keep k's order.
+template <int VEC, typename T, typename At>
+__device__ __forceinline__ void add_strided(const T* p, int64_t first, int64_t end, int64_t step, At at,
+                                            float (&acc)[VEC]) {
+    int64_t k = first;
+    for (; k + 3 * step < end; k += 4 * step) {
+        float v[4][VEC];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) load_vec<VEC>(p, at(k + q * step), v[q]);
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) acc[j] += v[q][j];
+    }
+    for (; k < end; k += step) {
+        float v[VEC];
+        load_vec<VEC>(p, at(k), v);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) acc[j] += v[j];
+    }
+}
+
 // row_partial with 16-byte reads (SYNTHOS_CUDA_COLSUM=vec): the row's W-element words
 // (W = 16 / sizeof(T); the row starts 16-byte aligned, which the launcher checks) are
 // dealt to the row's blocks as row_partial deals elements, four words per thread in
@@ -77,24 +100,13 @@ __device__ void row_partial_vec_impl(const T* x, float* partials, int64_t len, i
     __shared__ float scratch[32];
     const int64_t row = blockIdx.x / bpr, chunk = blockIdx.x % bpr;
     const T* xr = x + row * len;
-    const int64_t words = len / W, stride = bpr * blockDim.x;
+    const int64_t words = len / W;
+    float lanes[W] = {};
+    add_strided<W>(xr, chunk * blockDim.x + threadIdx.x, words, bpr * blockDim.x, [](int64_t i) { return i * W; },
+                   lanes);
     float acc = 0.f;
-    int64_t i = chunk * blockDim.x + threadIdx.x;
-    for (; i + 3 * stride < words; i += 4 * stride) {
-        float v[4][W];
 #pragma unroll
-        for (int q = 0; q < 4; ++q) load_vec<W>(xr, (i + q * stride) * W, v[q]);
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-#pragma unroll
-            for (int k = 0; k < W; ++k) acc += v[q][k];
-    }
-    for (; i < words; i += stride) {
-        float v[W];
-        load_vec<W>(xr, i * W, v);
-#pragma unroll
-        for (int k = 0; k < W; ++k) acc += v[k];
-    }
+    for (int k = 0; k < W; ++k) acc += lanes[k];
     if (chunk == 0 && threadIdx.x < len - words * W) acc += load(xr, words * W + threadIdx.x);
     const float total = block_sum(acc, scratch);
     if (threadIdx.x == 0) partials[blockIdx.x] = total;
@@ -198,23 +210,8 @@ __device__ void col_partial_vec_impl(const T* x, float* partials, int64_t len, i
     for (int j = 0; j < VW; ++j) acc[j] = 0.f;
     if (c < inner) {
         const T* base = x + o * len * inner + c;
-        int64_t r = r0 + threadIdx.y;
         // Four rows' loads in flight before their adds (which keep the row order).
-        for (; r + 3 * COL_ROWS < r1; r += 4 * COL_ROWS) {
-            float v[4][VW];
-#pragma unroll
-            for (int q = 0; q < 4; ++q) load_vec<VW>(base, (r + q * COL_ROWS) * inner, v[q]);
-#pragma unroll
-            for (int q = 0; q < 4; ++q)
-#pragma unroll
-                for (int j = 0; j < VW; ++j) acc[j] += v[q][j];
-        }
-        for (; r < r1; r += COL_ROWS) {
-            float v[VW];
-            load_vec<VW>(base, r * inner, v);
-#pragma unroll
-            for (int j = 0; j < VW; ++j) acc[j] += v[j];
-        }
+        add_strided<VW>(base, r0 + threadIdx.y, r1, COL_ROWS, [=](int64_t r) { return r * inner; }, acc);
     }
 #pragma unroll
     for (int j = 0; j < VW; ++j) tile[threadIdx.y][threadIdx.x * VW + j] = acc[j];
