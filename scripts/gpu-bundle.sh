@@ -7,8 +7,19 @@
 # staged became 14 MB (33 MB with -9e's 64 MiB window), well under the device tool's 64 MiB
 # carry limit. Then run there, through the device tool with carry [".gpu-bundle"] (and
 # ".whl" without a stored PyTorch reference):   bash scripts/gpu-check.sh
+#
+# The bundle records the commit it was built from (.gpu-bundle/commit). When that is HEAD
+# and the tracked files are unchanged, the script says so and builds nothing (FORCE=1
+# rebuilds): a bundle built at the end of one session serves the next one's lease at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+stamp() { echo "$(git rev-parse HEAD) $(git status --porcelain --untracked-files=no | grep -q . && echo changed || echo clean)"; }
+if [ "${FORCE:-0}" != 1 ] && [ -s .gpu-bundle/bundle.tar.xz ] && [ -f .gpu-bundle/commit ] \
+  && [ "$(cat .gpu-bundle/commit)" = "$(stamp)" ] && [[ "$(stamp)" == *" clean" ]]; then
+  echo "gpu-bundle: .gpu-bundle is up to date (built from $(cut -d' ' -f1 .gpu-bundle/commit)); FORCE=1 rebuilds"
+  exit 0
+fi
+built_from=$(stamp)
 bash scripts/install-cuda-toolchain.sh >/dev/null
 export SYNTHOS_REQUIRE_NVCC=1
 stage=target/gpu-bundle-stage
@@ -45,7 +56,9 @@ cp target/release/build/synthos-engine-*/out/*.fatbin "$stage/fatbin/" 2>/dev/nu
 # Test executables find their fixtures by the absolute path they were built in.
 pwd > "$stage/built-in"
 strip "$stage"/synthos-engine "$stage"/bench-kernels "$stage"/tests/*
+echo "$built_from" > "$stage/commit"
 tar -C "$stage" -cf - . | xz -T1 --lzma2=preset=6,dict=768MiB > .gpu-bundle/bundle.tar.xz
+cp "$stage/commit" .gpu-bundle/commit
 ls "$stage/tests"
 du -sh "$stage" .gpu-bundle/bundle.tar.xz
 # The PyTorch reference's packages the GPU image lacks (pure-Python wheels; it has torch,

@@ -36,6 +36,7 @@ rm -rf "$B" && mkdir -p "$B" && xz -dc .gpu-bundle/bundle.tar.xz | tar -C "$B" -
 # Test executables name their fixtures by the absolute checkout path they were built in,
 # and the CLI tests run the binary at its build path.
 built_in=$(cat "$B/built-in" 2>/dev/null || echo /work/main)
+echo "bundle built from: $(cat "$B/commit" 2>/dev/null || echo "an unrecorded commit")"
 if [ "$built_in" != "$ROOT" ] && [ ! -e "$built_in" ]; then mkdir -p "$(dirname "$built_in")" && ln -s "$ROOT" "$built_in"; fi
 mkdir -p target/release && cp "$B/synthos-engine" target/release/
 ENGINE="$B/synthos-engine"
