@@ -177,6 +177,15 @@ fi
 # A stored PyTorch reference (GPU_CHECK_TORCH_JSON, a bench_torch.py output of an earlier
 # run on the same kind of GPU) stands in for the PyTorch stage, which then does not run:
 # that leaves its minutes to our own cases. The summary names the file it used.
+# Only from the same GPU model: an H200's PyTorch times say nothing about an H100's.
+if [ -n "${GPU_CHECK_TORCH_JSON:-}" ]; then
+  stored_gpu=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("device",""))' "$GPU_CHECK_TORCH_JSON" 2>/dev/null)
+  this_gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+  if [ -z "$stored_gpu" ] || [[ "$this_gpu" != *"$stored_gpu"* ]]; then
+    echo "GPU_CHECK_TORCH_JSON=$GPU_CHECK_TORCH_JSON was measured on \"${stored_gpu:-an unrecorded GPU}\", this is \"$this_gpu\": the PyTorch stage runs"
+    GPU_CHECK_TORCH_JSON=
+  fi
+fi
 if [ -n "${GPU_CHECK_TORCH_JSON:-}" ]; then
   if cp "$GPU_CHECK_TORCH_JSON" "$OUTDIR/torch.json"; then
     echo "$GPU_CHECK_TORCH_JSON" > "$OUTDIR/torch-source.txt"
