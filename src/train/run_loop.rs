@@ -251,7 +251,7 @@ pub struct RunLoop {
     graphs: ops::GraphRunner,
     /// Per layout of a step's inputs, what a replay's results are: the task's extra
     /// tensors, then the gradients of which parameters (by registration index).
-    graph_params: HashMap<ops::Signature, GraphedStep>,
+    graphed_steps: HashMap<ops::Signature, GraphedStep>,
 }
 
 /// What a step function recorded for one input layout returns, besides the loss: how many
@@ -335,7 +335,7 @@ impl RunLoop {
             last_checkpoint: None,
             quiet: false,
             graphs: ops::GraphRunner::with_backward_inside("the training step", STEP_GRAPH_LAYOUTS),
-            graph_params: HashMap::new(),
+            graphed_steps: HashMap::new(),
         })
     }
 
@@ -507,9 +507,9 @@ impl RunLoop {
             Ok(out)
         })?;
         if let Some(graphed) = graphed_now {
-            self.graph_params.insert(layout.clone(), graphed);
+            self.graphed_steps.insert(layout.clone(), graphed);
         }
-        let graphed = self.graph_params.get(&layout).ok_or_else(|| {
+        let graphed = self.graphed_steps.get(&layout).ok_or_else(|| {
             Error::msg(format!("step {}: a replayed training step whose gradients are not known", step + 1))
         })?;
         let present = &graphed.params;
