@@ -400,27 +400,8 @@ fn gpu_optimizer_inside_the_backward_pass_matches() {
     };
     let (start, after) = run("after", false);
     let (_, inside) = run("inside", true);
-    assert_same_run(&start, &after, &inside, "the update inside the backward pass");
+    common::assert_same_run(&start, &after, &inside, 1e-3, "the update inside the backward pass");
     std::fs::remove_dir_all(base).unwrap();
-}
-
-/// Two GPU runs from the same `start` agree: every weight moved, and all but 1% of each
-/// tensor's values agree to 1e-3 of its largest. Adam turns a gradient near zero into an
-/// update of ±lr, so the rounding the attention backward's atomics leave run to run may
-/// flip a few elements by up to 2·lr a step; a run that read stale inputs, weights or
-/// gradients would move most of them away.
-fn assert_same_run(start: &[(String, Vec<f32>)], a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)], what: &str) {
-    for (((name, s), (_, a)), (_, b)) in start.iter().zip(a).zip(b) {
-        assert!(a != s && b != s, "{what}, {name}: not updated");
-        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
-        let off = a.iter().zip(b).filter(|(x, y)| (*x - *y).abs() > 1e-3 * scale).count();
-        assert!(
-            off <= (a.len() / 100).max(1),
-            "{what}, {name}: {off} of {} values differ by more than {:.1e}",
-            a.len(),
-            1e-3 * scale
-        );
-    }
 }
 
 /// CUDA graphs (`SYNTHOS_CUDA_GRAPHS=1`): a training step whose loss and backward pass are
@@ -459,7 +440,7 @@ fn gpu_training_steps_replayed_as_graphs_match() {
         for (i, (a, b)) in plain_losses.iter().zip(&graphed_losses).enumerate() {
             assert!(a.is_finite() && (a - b).abs() <= 0.02 * a.abs().max(1e-3), "step {}: loss {a} vs {b}", i + 1);
         }
-        assert_same_run(&start, &plain, &graphed, &format!("graphs, dropout {dropout}"));
+        common::assert_same_run(&start, &plain, &graphed, 1e-3, &format!("graphs, dropout {dropout}"));
     }
     std::fs::remove_dir_all(base).unwrap();
 }

@@ -218,3 +218,28 @@ pub fn temp_dir(tag: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Two runs from the same `start` (named weights before, and after each run) agree: every
+/// weight moved, and all but 1% of each tensor's values agree to `rel` of its largest.
+/// Adam turns a gradient near zero into an update of ±lr, so the rounding the attention
+/// backward's atomics leave run to run may flip a few elements by up to 2·lr a step; a run
+/// that read stale inputs, weights or gradients would move most of them away.
+pub fn assert_same_run(
+    start: &[(String, Vec<f32>)],
+    a: &[(String, Vec<f32>)],
+    b: &[(String, Vec<f32>)],
+    rel: f32,
+    what: &str,
+) {
+    for (((name, s), (_, a)), (_, b)) in start.iter().zip(a).zip(b) {
+        assert!(a != s && b != s, "{what}, {name}: not updated");
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
+        let off = a.iter().zip(b).filter(|(x, y)| (*x - *y).abs() > rel * scale).count();
+        assert!(
+            off <= (a.len() / 100).max(1),
+            "{what}, {name}: {off} of {} values differ by more than {:.1e}",
+            a.len(),
+            rel * scale
+        );
+    }
+}
