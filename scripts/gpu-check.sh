@@ -129,6 +129,7 @@ gate ops_attention gpu_wgmma_ws_matches_cpu "[wgmma-ws" wgmma-ws
 gate ops_attention gpu_tma_probe_matches_the_wgmma_layout "[wgmma-ws" wgmma-ws
 gate ops_norm gpu_warp_forward_norms_match_cpu "[warp]"
 gate ops_reduce gpu_vector_column_sums_match_cpu "[vec]"
+gate ops_matmul gpu_gelu_epilogue_matches_cpu "[epilogue]"
 gate ops_conv gpu_im2col_by_rows_matches_the_element_kernel "[rows]"
 gate optim gpu_split_masters_match_fp32_masters "SPLIT_MASTER"  # no bench case: the stage below
 gate pipeline gpu_graph_replays_match_plain_runs "[graphs]"
@@ -164,9 +165,10 @@ if [ "${SKIP_TESTS:-0}" != 1 ] && [ "$(left)" -gt 260 ]; then
   # The opt-in kernels and plans all on, in whole-model GPU tests: the tiny Wan forward and
   # backward, the bf16 training step against its reference, CLIP, the VAE and convs (the
   # bench times the one-warp-per-row norm forward alone: "rms_norm[warp]" ...).
-  stage "whole-model GPU tests with every opt-in on (mma-det attention, multi-tensor, GEMM plans, warp norms, vector column sums, split masters, im2col by rows, CUDA graphs)"
+  stage "whole-model GPU tests with every opt-in on (mma-det attention, multi-tensor, GEMM plans, GELU epilogue, warp norms, vector column sums, split masters, im2col by rows, CUDA graphs)"
   for t in wan train_step clip_model ops_conv pipeline; do
     SYNTHOS_CUDA_ATTENTION=mma-det SYNTHOS_CUDA_MULTI_TENSOR=1 SYNTHOS_CUDA_GEMM_PLANS=1 SYNTHOS_CUDA_NORM=warp \
+      SYNTHOS_CUDA_GELU_EPILOGUE=1 \
       SYNTHOS_CUDA_COLSUM=vec SYNTHOS_CUDA_SPLIT_MASTER=1 SYNTHOS_CUDA_IM2COL=rows SYNTHOS_CUDA_GRAPHS=1 \
       timeout 60 "$B/tests/$t" gpu --skip full --skip 1_3b --test-threads=1 > "$OUTDIR/optin-$t.txt" 2>&1
     echo "$t: rc $?, $(grep -E '^test result' "$OUTDIR/optin-$t.txt" | tail -1)"

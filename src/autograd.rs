@@ -410,6 +410,27 @@ enum KeepFrame {
 thread_local! {
     static KEEP: RefCell<Vec<KeepFrame>> = const { RefCell::new(Vec::new()) };
     static REUSED: Cell<usize> = const { Cell::new(0) };
+    static CHECKPOINTED: Cell<usize> = const { Cell::new(0) };
+}
+
+/// True while a checkpointed block runs on this thread, in its first pass or in its
+/// recompute: an op must then compute exactly what it would in the other pass (so, for
+/// instance, no epilogue fusion that only the tape-free pass could use).
+pub(crate) fn inside_checkpoint() -> bool {
+    CHECKPOINTED.with(|c| c.get() > 0)
+}
+
+/// Runs `f` counted as a pass of a checkpointed block ([`inside_checkpoint`]).
+fn checkpointed_pass<R>(f: impl FnOnce() -> R) -> R {
+    struct Leave;
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            CHECKPOINTED.with(|c| c.set(c.get().saturating_sub(1)));
+        }
+    }
+    CHECKPOINTED.with(|c| c.set(c.get() + 1));
+    let _leave = Leave;
+    f()
 }
 
 /// How many op outputs checkpointed blocks have reused instead of recomputing, on this
@@ -489,9 +510,10 @@ where
     // outer block's store; it keeps nothing of its own.
     let nested = KEEP.with(|k| matches!(k.borrow().last(), Some(KeepFrame::Replay(..))));
     let (out, kept) = if nested || keep == Keep::NOTHING {
-        (no_grad(|| f(inputs))?, std::collections::VecDeque::new())
+        (checkpointed_pass(|| no_grad(|| f(inputs)))?, std::collections::VecDeque::new())
     } else {
-        let (out, frame) = with_keep_frame(KeepFrame::Store(keep, Vec::new()), || no_grad(|| f(inputs)));
+        let (out, frame) =
+            with_keep_frame(KeepFrame::Store(keep, Vec::new()), || checkpointed_pass(|| no_grad(|| f(inputs))));
         let kept = match frame {
             Some(KeepFrame::Store(_, kept)) => kept.into(),
             _ => bail!("checkpointed block: its keep frame was lost"),
@@ -512,8 +534,9 @@ where
                 .map(|t| if t.is_tracked() { t.detach().requires_grad() } else { t.detach() })
                 .collect();
             FRAMES.with(|fr| fr.borrow_mut().push(Vec::new()));
-            let (recomputed, frame) =
-                with_keep_frame(KeepFrame::Replay(keep, kept), || with_recording(true, || f(&leaves)));
+            let (recomputed, frame) = with_keep_frame(KeepFrame::Replay(keep, kept), || {
+                checkpointed_pass(|| with_recording(true, || f(&leaves)))
+            });
             let nodes = FRAMES.with(|fr| fr.borrow_mut().pop().unwrap_or_default());
             let y = recomputed?;
             if let Some(KeepFrame::Replay(_, left)) = frame {

@@ -389,8 +389,30 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
             format!("linear+bias {m}x{k}->{nn}"),
             ((m * k) + (nn * k) + (m * nn)) as f64 * e,
             2.0 * (m * k * nn) as f64,
-            move || ops::linear(&x, &w, Some(&b)).map(|_| ()),
+            {
+                let (x, w, b) = (x.clone(), w.clone(), b.clone());
+                move || ops::linear(&x, &w, Some(&b)).map(|_| ())
+            },
         ));
+        // The FFN's first layer with its GELU-tanh, as the sampler runs it (outside the
+        // tape): a second pass over the output, or (GPU only, SYNTHOS_CUDA_GELU_EPILOGUE=1)
+        // cuBLASLt's GELU_BIAS epilogue.
+        let variants: &[bool] = if device == Device::Cpu { &[false] } else { &[false, true] };
+        for &fused in variants {
+            let (x, w, b) = (x.clone(), w.clone(), b.clone());
+            v.push(BenchCase::kernel(
+                Bound::Compute,
+                "matmul",
+                format!("linear+bias+gelu{} {m}x{k}->{nn}", if fused { "[epilogue]" } else { "" }),
+                ((m * k) + (nn * k) + (m * nn)) as f64 * e,
+                2.0 * (m * k * nn) as f64,
+                move || {
+                    cuda::matmul::with_gelu_epilogue(fused, || {
+                        autograd::no_grad(|| ops::linear_gelu_tanh(&x, &w, Some(&b)).map(|_| ()))
+                    })
+                },
+            ));
+        }
     }
 
     // Attention at Wan's shapes: head dim 128, 12 heads; self-attention over the latent

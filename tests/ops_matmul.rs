@@ -155,6 +155,32 @@ fn linear_gradients() {
     gradcheck("linear vector", with_bias, &[randn(&[K], &mut rng), w, b], 1e-2, 1e-2);
 }
 
+/// `linear_gelu_tanh` is `linear` then `gelu(…, Tanh)`: the same bits and the same
+/// gradients on the CPU (which never fuses), with and without a bias.
+#[test]
+fn linear_gelu_tanh_is_linear_then_gelu() {
+    let mut rng = Rng::new(18);
+    let (x, w, b) = (randn(&[B, M, K], &mut rng), randn(&[N, K], &mut rng), randn(&[N], &mut rng));
+    for bias in [Some(&b), None] {
+        let (xt, wt) = (x.detach().requires_grad(), w.detach().requires_grad());
+        let bt = bias.map(|b| b.detach().requires_grad());
+        assert!(!ops::gelu_epilogue_applies(&xt, &wt, bt.as_ref()).unwrap(), "the CPU never fuses");
+        let fused = ops::linear_gelu_tanh(&xt, &wt, bt.as_ref()).unwrap();
+        let plain = ops::gelu(&ops::linear(&xt, &wt, bt.as_ref()).unwrap(), ops::GeluApprox::Tanh).unwrap();
+        assert_eq!(vals(&fused), vals(&plain), "bias {}: values", bias.is_some());
+        let seed = randn(&[B, M, N], &mut rng);
+        let gf = autograd::backward_with(&fused, seed.clone()).unwrap();
+        let gp = autograd::backward_with(&plain, seed).unwrap();
+        let mut all = vec![&xt, &wt];
+        all.extend(bt.as_ref());
+        for (i, t) in all.into_iter().enumerate() {
+            assert_eq!(vals(gf.get(t).unwrap()), vals(gp.get(t).unwrap()), "bias {}: gradient {i}", bias.is_some());
+        }
+    }
+    let e = err(ops::linear_gelu_tanh(&x, &randn(&[N, K + 1], &mut rng), None));
+    assert!(e.contains("linear") && e.contains("[3, 7, 13]") && e.contains("[5, 14]"), "{e}");
+}
+
 #[test]
 fn frozen_inputs_get_no_gradient_and_one_node_is_recorded() {
     let mut rng = Rng::new(17);
@@ -299,6 +325,73 @@ fn check_matmul(dev: Device) {
     // Mixed dtypes compute in bf16; each gradient returns in its input's dtype.
     let ins = [randn(&[B, GM, GK], &mut rng), bf16_exact(randn(&[GK, GN], &mut rng))];
     gpu_vs_cpu("matmul bf16·f32", dev, &ins, &[DType::BF16, DType::F32], |x| ops::matmul(&x[0], &x[1]));
+}
+
+/// GELU-tanh in cuBLASLt's epilogue (`SYNTHOS_CUDA_GELU_EPILOGUE=1`): where
+/// `linear_gelu_tanh` fuses (outside the tape and outside checkpointed blocks), the fused
+/// product against the CPU's `linear` then GELU, with and without a bias, in bf16 and f32
+/// at odd sizes; where it does not, the same bits as the two ops in turn.
+#[test]
+fn gpu_gelu_epilogue_matches_cpu() {
+    use synthos_engine::cuda::matmul::with_gelu_epilogue;
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng::new(24);
+    let gelu = |t: &Tensor| ops::gelu(t, ops::GeluApprox::Tanh).unwrap();
+    for plans in [false, true] {
+        synthos_engine::cuda::gemm_plan::with_plans(plans, || {
+            with_gelu_epilogue(true, || {
+                for dt in [DType::BF16, DType::F32] {
+                    let (x, w, b) = (
+                        bf16_exact(randn(&[B, GM, GK], &mut rng)),
+                        bf16_exact(randn(&[GN, GK], &mut rng)),
+                        bf16_exact(randn(&[GN], &mut rng)),
+                    );
+                    let on = |t: &Tensor| t.to_device(dev, dt).unwrap();
+                    let (xg, wg, bg) = (on(&x), on(&w), on(&b));
+                    for bias in [true, false] {
+                        let (bc, bgpu) = if bias { (Some(&b), Some(&bg)) } else { (None, None) };
+                        let name = format!("linear_gelu_tanh {dt} bias {bias} plans {plans}");
+                        let want = vals(&gelu(&ops::linear(&x, &w, bc).unwrap()));
+                        let got = autograd::no_grad(|| {
+                            assert!(ops::gelu_epilogue_applies(&xg, &wg, bgpu).unwrap(), "{name}: not fused");
+                            ops::linear_gelu_tanh(&xg, &wg, bgpu).unwrap()
+                        });
+                        assert_eq!(got.shape(), [B, GM, GN]);
+                        assert_eq!(got.dtype(), dt);
+                        let (atol, rtol) = match dt {
+                            DType::BF16 => (2f32.powi(-8), 2f32.powi(-7)),
+                            DType::F32 => (2f32.powi(-7), 2f32.powi(-9)),
+                        };
+                        let rms = (want.iter().map(|v| v * v).sum::<f32>() / want.len() as f32).sqrt();
+                        assert_close(&vals(&got), &want, atol * rms, rtol, &name);
+                        assert!(rel_err(&vals(&got), &want) < 4.0 * rtol as f64, "{name}: relative error");
+
+                        // On the tape and inside a checkpointed block: the two ops, bit for bit.
+                        let wt = wg.detach().requires_grad();
+                        assert!(!ops::gelu_epilogue_applies(&xg, &wt, bgpu).unwrap(), "{name}: fused on the tape");
+                        let taped = ops::linear_gelu_tanh(&xg, &wt, bgpu).unwrap();
+                        let plain = autograd::no_grad(|| {
+                            synthos_engine::cuda::matmul::with_gelu_epilogue(false, || {
+                                gelu(&ops::linear(&xg, &wg, bgpu).unwrap())
+                            })
+                        });
+                        assert_eq!(vals(&taped), vals(&plain), "{name}: the tape's path changed");
+                        autograd::clear_tape();
+                        let params = vec![wt.clone()];
+                        let (xc, bc2) = (xg.clone(), bgpu.cloned());
+                        let y = autograd::checkpoint(std::slice::from_ref(&xc), &params, move |xs| {
+                            let w = wt.detach();
+                            assert!(!ops::gelu_epilogue_applies(&xs[0], &w, bc2.as_ref())?, "fused in a checkpoint");
+                            ops::linear_gelu_tanh(&xs[0], &w, bc2.as_ref())
+                        })
+                        .unwrap();
+                        assert_eq!(vals(&y), vals(&plain), "{name}: a checkpointed block's first pass");
+                        autograd::clear_tape();
+                    }
+                }
+            })
+        });
+    }
 }
 
 #[test]

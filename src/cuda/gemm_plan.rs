@@ -42,7 +42,7 @@ pub fn with_plans<R>(on: bool, f: impl FnOnce() -> R) -> R {
 }
 
 /// What determines a plan: the element type and every field of the configuration that
-/// reaches a layout or the descriptor, and whether a bias epilogue is used.
+/// reaches a layout or the descriptor, and the epilogue: bias, GELU-tanh.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Key {
     dtype: DType,
@@ -52,6 +52,7 @@ struct Key {
     strides: (Option<i64>, Option<i64>, Option<i64>),
     batch: Option<i32>,
     bias: bool,
+    gelu: bool,
 }
 
 /// The cuBLASLt objects of one product shape.
@@ -165,10 +166,11 @@ fn build(blas: &CudaBlasLT, key: &Key, cfg: &MatmulConfig, workspace: usize) -> 
     plan.b = layout(dt, b_rows, b_cols, cfg.ldb, batch(cfg.stride_b))?;
     plan.c = layout(dt, cfg.m, cfg.n, cfg.ldc, batch(cfg.stride_c))?;
     plan.desc = result::create_matmul_desc(compute, cudaDataType_t::CUDA_R_32F)?;
-    let epilogue = if key.bias {
-        cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
-    } else {
-        cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT
+    let epilogue = match (key.bias, key.gelu) {
+        (true, false) => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+        (true, true) => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS,
+        (false, true) => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU,
+        (false, false) => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
     };
     // SAFETY: the descriptor is live; transposes and the epilogue are 4-byte values.
     unsafe {
@@ -197,8 +199,9 @@ fn build(blas: &CudaBlasLT, key: &Key, cfg: &MatmulConfig, workspace: usize) -> 
     Ok(plan)
 }
 
-/// `c = op(a)·op(b)` (+ bias) as cudarc's `Matmul::matmul(cfg, a, b, c, bias, None)`
-/// computes it, through the cached plan of its shape.
+/// `c = op(a)·op(b)` (+ bias, then GELU-tanh when `gelu`) as cudarc's
+/// `Matmul::matmul(cfg, a, b, c, bias, act)` computes it (`act` = `Activation::Gelu` when
+/// `gelu`), through the cached plan of its shape.
 ///
 /// # Safety
 /// `cfg` must address only elements inside the views (as for cudarc's `matmul`).
@@ -208,6 +211,7 @@ pub unsafe fn matmul<T: Elem>(
     a: &CudaView<'_, T>,
     b: &CudaView<'_, T>,
     bias: Option<&CudaView<'_, T>>,
+    gelu: bool,
     c: &mut CudaViewMut<'_, T>,
 ) -> Result<()> {
     let key = Key {
@@ -218,6 +222,7 @@ pub unsafe fn matmul<T: Elem>(
         strides: (cfg.stride_a, cfg.stride_b, cfg.stride_c),
         batch: cfg.batch_size,
         bias: bias.is_some(),
+        gelu,
     };
     if cfg.stride_bias.is_some() {
         return Err(Error::msg("gemm plans: batched bias strides are not used by the engine"));

@@ -29,6 +29,10 @@
 //! needs. cudarc passes the bias with the element type of the matrices, which is also
 //! cuBLASLt's default bias type for these (bf16 in, bf16 out; f32 in, f32 out) cases.
 //!
+//! GELU epilogue (`CUBLASLT_EPILOGUE_GELU[_BIAS]`, opt-in `SYNTHOS_CUDA_GELU_EPILOGUE=1`,
+//! used by `ops::linear_gelu_tanh` outside the tape): GELU-tanh applied element-wise to
+//! D after the bias, in fp32, before D is rounded to its type.
+//!
 //! Precision: bf16 products use fp32 compute (`CUBLAS_COMPUTE_32F`); cudarc runs f32
 //! products as `CUBLAS_COMPUTE_32F_FAST_TF32` (inputs rounded to TF32 on tensor cores,
 //! fp32 accumulation), so f32 GEMMs on the GPU carry ~2⁻¹¹ relative input rounding.
@@ -152,6 +156,21 @@ impl RowGemm {
     }
 }
 
+/// The variable that moves GELU-tanh into the GEMM's epilogue where an op allows it
+/// (`ops::linear_gelu_tanh` outside the tape).
+const GELU_VAR: &str = "SYNTHOS_CUDA_GELU_EPILOGUE";
+
+/// True when `ops::linear_gelu_tanh` may run its GELU in cuBLASLt's epilogue on this
+/// thread (a [`with_gelu_epilogue`] override, else `SYNTHOS_CUDA_GELU_EPILOGUE=1`).
+pub fn gelu_epilogue() -> Result<bool> {
+    Ok(super::choice::get(GELU_VAR, &["0", "1"])? == 1)
+}
+
+/// Runs `f` with the GELU epilogue on or off on this thread.
+pub fn with_gelu_epilogue<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    super::choice::with(GELU_VAR, on as usize, f)
+}
+
 /// Runs `g` through cuBLASLt on views of the stored operands, writing C (`beta` = 0),
 /// with `bias` (length n, unbatched products only) added along every row of C. The
 /// spans of the three matrices are checked against the views first.
@@ -161,6 +180,20 @@ pub fn matmul<T: Elem>(
     a: &CudaView<'_, T>,
     b: &CudaView<'_, T>,
     bias: Option<&CudaView<'_, T>>,
+    c: &mut CudaViewMut<'_, T>,
+) -> Result<()> {
+    matmul_epilogue(blas, g, a, b, bias, false, c)
+}
+
+/// [`matmul`], then GELU-tanh applied to every element of C when `gelu` (cuBLASLt's
+/// `GELU` / `GELU_BIAS` epilogue: on the fp32 result, before it is rounded to C's type).
+pub fn matmul_epilogue<T: Elem>(
+    blas: &CudaBlasLT,
+    g: &RowGemm,
+    a: &CudaView<'_, T>,
+    b: &CudaView<'_, T>,
+    bias: Option<&CudaView<'_, T>>,
+    gelu: bool,
     c: &mut CudaViewMut<'_, T>,
 ) -> Result<()> {
     let Some([na, nb, nc]) = g.spans() else {
@@ -174,20 +207,36 @@ pub fn matmul<T: Elem>(
             bail!("gemm: a bias of {} elements for {g:?} (unbatched products, n elements)", bias.len());
         }
     }
+    if gelu && g.batch != 1 {
+        bail!("gemm: the GELU epilogue is only used for unbatched products, not {g:?}");
+    }
     let cfg = g.config()?;
     // SAFETY: `cfg` addresses exactly the spans of the stored operands described by `g`
     // (checked against the views above); the bias holds n elements.
     let run = if super::gemm_plan::plans_enabled()? {
-        unsafe { super::gemm_plan::matmul(blas, &cfg, b, a, bias, c) }
+        unsafe { super::gemm_plan::matmul(blas, &cfg, b, a, bias, gelu, c) }
     } else {
-        unsafe { T::lt_matmul(blas, cfg, b, a, bias, c) }
+        unsafe { T::lt_matmul(blas, cfg, b, a, bias, gelu, c) }
     };
-    run.with_ctx(|| format!("cuBLASLt {} gemm {g:?}", T::DTYPE))
+    let epilogue = if gelu { " with the GELU epilogue" } else { "" };
+    run.with_ctx(|| format!("cuBLASLt {} gemm {g:?}{epilogue}", T::DTYPE))
 }
 
 /// `C = op(A)·op(B)` per batch (+ `bias` of length n along every row of C) on the GPU.
 /// A, B and the bias must share one dtype, which is also C's.
 pub fn gemm(a: &CudaStorage, b: &CudaStorage, bias: Option<&CudaStorage>, g: &Gemm) -> Result<CudaBuf> {
+    gemm_epilogue(a, b, bias, false, g)
+}
+
+/// [`gemm`], then GELU-tanh on every element of C when `gelu` (in cuBLASLt's epilogue;
+/// unbatched products only).
+pub fn gemm_epilogue(
+    a: &CudaStorage,
+    b: &CudaStorage,
+    bias: Option<&CudaStorage>,
+    gelu: bool,
+    g: &Gemm,
+) -> Result<CudaBuf> {
     let dtype = a.buf.dtype();
     if b.buf.dtype() != dtype || bias.is_some_and(|c| c.buf.dtype() != dtype) {
         bail!("gemm: operands must share one dtype ({dtype} and {})", b.buf.dtype());
@@ -196,16 +245,22 @@ pub fn gemm(a: &CudaStorage, b: &CudaStorage, bias: Option<&CudaStorage>, g: &Ge
     if a.buf.len() < na || b.buf.len() < nb || bias.is_some_and(|c| c.buf.len() < g.n) {
         bail!("gemm: buffers too small for {g:?}");
     }
-    if bias.is_some() && g.batch != 1 {
-        bail!("gemm: the bias epilogue is only used for unbatched products");
+    if (bias.is_some() || gelu) && g.batch != 1 {
+        bail!("gemm: the bias and GELU epilogues are only used for unbatched products");
     }
     match dtype {
-        crate::DType::F32 => gemm_t::<f32>(a, b, bias, g),
-        crate::DType::BF16 => gemm_t::<half::bf16>(a, b, bias, g),
+        crate::DType::F32 => gemm_t::<f32>(a, b, bias, gelu, g),
+        crate::DType::BF16 => gemm_t::<half::bf16>(a, b, bias, gelu, g),
     }
 }
 
-fn gemm_t<T: Elem>(a: &CudaStorage, b: &CudaStorage, bias: Option<&CudaStorage>, g: &Gemm) -> Result<CudaBuf> {
+fn gemm_t<T: Elem>(
+    a: &CudaStorage,
+    b: &CudaStorage,
+    bias: Option<&CudaStorage>,
+    gelu: bool,
+    g: &Gemm,
+) -> Result<CudaBuf> {
     let dev = &a.dev;
     let (_, _, nc) = g.sizes();
     let mut out = T::take(dev.alloc(nc, T::DTYPE)?)?;
@@ -217,12 +272,13 @@ fn gemm_t<T: Elem>(a: &CudaStorage, b: &CudaStorage, bias: Option<&CudaStorage>,
     }
     let bias = bias.map(|c| T::of(&c.buf).map(|s| s.as_view())).transpose()?;
     let blas = dev.blaslt()?;
-    matmul(
+    matmul_epilogue(
         &blas,
         &RowGemm::dense(g),
         &T::of(&a.buf)?.as_view(),
         &T::of(&b.buf)?.as_view(),
         bias.as_ref(),
+        gelu,
         &mut out.as_view_mut(),
     )?;
     Ok(T::wrap(out))

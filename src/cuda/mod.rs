@@ -588,8 +588,9 @@ pub trait Elem: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + C
     fn take(buf: CudaBuf) -> Result<CudaSlice<Self>>;
     /// The untyped buffer of a typed slice.
     fn wrap(s: CudaSlice<Self>) -> CudaBuf;
-    /// cuBLASLt's `c = op(a)·op(b) (+ bias)` in its column-major terms (callers go
-    /// through [`matmul::matmul`], which checks the spans).
+    /// cuBLASLt's `c = op(a)·op(b) (+ bias)`, then GELU-tanh when `gelu` (the
+    /// `GELU[_BIAS]` epilogue), in its column-major terms (callers go through
+    /// [`matmul::matmul`], which checks the spans).
     ///
     /// # Safety
     /// `cfg` must address only elements inside the views.
@@ -599,6 +600,7 @@ pub trait Elem: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + C
         a: &cudarc::driver::CudaView<'_, Self>,
         b: &cudarc::driver::CudaView<'_, Self>,
         bias: Option<&cudarc::driver::CudaView<'_, Self>>,
+        gelu: bool,
         c: &mut cudarc::driver::CudaViewMut<'_, Self>,
     ) -> Result<()>;
 }
@@ -639,11 +641,13 @@ macro_rules! impl_elem {
                 a: &cudarc::driver::CudaView<'_, Self>,
                 b: &cudarc::driver::CudaView<'_, Self>,
                 bias: Option<&cudarc::driver::CudaView<'_, Self>>,
+                gelu: bool,
                 c: &mut cudarc::driver::CudaViewMut<'_, Self>,
             ) -> Result<()> {
-                use cudarc::cublaslt::Matmul;
+                use cudarc::cublaslt::{Activation, Matmul};
+                let act = gelu.then_some(Activation::Gelu);
                 // SAFETY: forwarded from the caller's contract.
-                unsafe { blas.matmul(cfg, a, b, c, bias, None) }.map_err(crate::Error::from)
+                unsafe { blas.matmul(cfg, a, b, c, bias, act.as_ref()) }.map_err(crate::Error::from)
             }
         }
     };
@@ -709,6 +713,7 @@ pub fn kernel_choices() -> Result<Vec<String>> {
         format!("SYNTHOS_CUDA_ATTENTION={}", attention::attention_kernel()?.name()),
         format!("SYNTHOS_CUDA_MULTI_TENSOR={}", on(adamw::multi_tensor()?)),
         format!("SYNTHOS_CUDA_GEMM_PLANS={}", on(gemm_plan::plans_enabled()?)),
+        format!("SYNTHOS_CUDA_GELU_EPILOGUE={}", on(matmul::gelu_epilogue()?)),
         format!("SYNTHOS_CUDA_NORM={}", if norm::warp_forward()? { "warp" } else { "block" }),
         format!("SYNTHOS_CUDA_COLSUM={}", if reduce::vector_columns()? { "vec" } else { "scalar" }),
         format!("SYNTHOS_CUDA_IM2COL={}", if conv::im2col_by_rows()? { "rows" } else { "elements" }),

@@ -40,7 +40,7 @@ use std::sync::Mutex;
 use serde_json::Value;
 
 use crate::nn::{Init, Linear, Module, NamedParam, ParamSource, RandomInit, RmsNorm};
-use crate::ops::{self, AttentionOptions, GeluApprox};
+use crate::ops::{self, AttentionOptions};
 use crate::tokenizer::{T5Tokenizer, TokenBatch, UMT5_TEXT_LEN};
 use crate::weights::{Loader, WeightSet};
 use crate::{autograd, bail, DType, Device, Error, Result, Tensor};
@@ -261,7 +261,7 @@ impl T5Layer {
         let a = self.o.forward(&ops::reshape(&a, &[b, l, cfg.inner_dim()])?)?;
         let x = ops::add(x, &a)?;
         let h = self.ffn_norm.forward(&x)?;
-        let gate = ops::gelu(&self.wi_0.forward(&h)?, GeluApprox::Tanh)?;
+        let gate = self.wi_0.forward_gelu_tanh(&h)?;
         let f = self.wo.forward(&ops::mul(&gate, &self.wi_1.forward(&h)?)?)?;
         ops::add(&x, &f)
     }

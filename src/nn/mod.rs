@@ -135,6 +135,12 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::linear(x, &self.weight, self.bias.as_ref())
     }
+
+    /// Applies the layer, then GELU-tanh ([`ops::linear_gelu_tanh`]: one GEMM with the
+    /// activation in its epilogue where that is allowed).
+    pub fn forward_gelu_tanh(&self, x: &Tensor) -> Result<Tensor> {
+        ops::linear_gelu_tanh(x, &self.weight, self.bias.as_ref())
+    }
 }
 
 impl Module for Linear {

@@ -15,9 +15,22 @@ use crate::{bail, cpu, cuda, Device, Result, Tensor};
 /// Runs `g` (plus `bias` along every output row) on the operands' device; operands and
 /// bias already share one dtype.
 fn run(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, g: &Gemm, out_shape: &[usize]) -> Result<Tensor> {
+    run_epilogue(a, b, bias, false, g, out_shape)
+}
+
+/// [`run`], then GELU-tanh in the GEMM's epilogue when `gelu` (GPU only).
+fn run_epilogue(
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    gelu: bool,
+    g: &Gemm,
+    out_shape: &[usize],
+) -> Result<Tensor> {
     let (sa, sb) = (a.storage(), b.storage());
     let sbias = bias.map(|t| t.storage());
     match a.device() {
+        Device::Cpu if gelu => bail!("linear: the GELU epilogue runs on the GPU only"),
         Device::Cpu => {
             let bias = sbias.as_ref().map(|s| s.as_cpu()).transpose()?;
             cpu_tensor(cpu::matmul::gemm(sa.as_cpu()?, sb.as_cpu()?, bias, g)?, out_shape)
@@ -25,7 +38,7 @@ fn run(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, g: &Gemm, out_shape: &[usi
         Device::Cuda(_) => {
             let bias = sbias.as_ref().map(|s| s.as_cuda()).transpose()?;
             let x = sa.as_cuda()?;
-            cuda_tensor(&x.dev, cuda::matmul::gemm(x, sb.as_cuda()?, bias, g)?, out_shape)
+            cuda_tensor(&x.dev, cuda::matmul::gemm_epilogue(x, sb.as_cuda()?, bias, gelu, g)?, out_shape)
         }
     }
 }
@@ -129,27 +142,34 @@ fn matmul_grad_b(grad: &Tensor, a: &Tensor, b: &Tensor, trans_a: bool, trans_b: 
     }
 }
 
-/// Affine map `x·wᵀ + bias`: x `[..., in]`, w `[out, in]` (PyTorch layout), bias `[out]`
-/// → `[..., out]`. One tape node; on the GPU the bias is added in the GEMM epilogue and
-/// x, w (and bias) of different dtypes are brought to bf16.
-pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+/// The operands of `linear` checked and brought to one dtype (on the GPU), with the
+/// product they describe and the output shape.
+struct LinearOperands {
+    x: Tensor,
+    w: Tensor,
+    bias: Option<Tensor>,
+    gemm: Gemm,
+    out_shape: Vec<usize>,
+}
+
+fn linear_operands(op: &str, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<LinearOperands> {
     let mut all = vec![x, w];
     all.extend(bias);
-    let device = same_device("linear", &all)?;
+    let device = same_device(op, &all)?;
     if w.rank() != 2 || x.rank() < 1 || x.shape()[x.rank() - 1] != w.shape()[1] {
         bail!(
-            "linear: input {:?} and weight {:?} do not fit (weight must be [out, in] with in = the input's last dimension)",
+            "{op}: input {:?} and weight {:?} do not fit (weight must be [out, in] with in = the input's last dimension)",
             x.shape(),
             w.shape()
         );
     }
     let (out_f, in_f) = (w.shape()[0], w.shape()[1]);
     if in_f == 0 {
-        bail!("linear: weight {:?} has no input features", w.shape());
+        bail!("{op}: weight {:?} has no input features", w.shape());
     }
     if let Some(b) = bias {
         if b.shape() != [out_f] {
-            bail!("linear: bias of shape {:?} for weight {:?} (expected [{out_f}])", b.shape(), w.shape());
+            bail!("{op}: bias of shape {:?} for weight {:?} (expected [{out_f}])", b.shape(), w.shape());
         }
     }
     let (x, w) = if device.is_cuda() { common_dtype(x, w)? } else { (x.clone(), w.clone()) };
@@ -158,9 +178,18 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         other => other.cloned(),
     };
     let rows = x.numel() / in_f;
-    let g = Gemm { batch: 1, m: rows, k: in_f, n: out_f, trans_a: false, trans_b: true };
+    let gemm = Gemm { batch: 1, m: rows, k: in_f, n: out_f, trans_a: false, trans_b: true };
     let mut out_shape = x.shape()[..x.rank() - 1].to_vec();
     out_shape.push(out_f);
+    Ok(LinearOperands { x, w, bias, gemm, out_shape })
+}
+
+/// Affine map `x·wᵀ + bias`: x `[..., in]`, w `[out, in]` (PyTorch layout), bias `[out]`
+/// → `[..., out]`. One tape node; on the GPU the bias is added in the GEMM epilogue and
+/// x, w (and bias) of different dtypes are brought to bf16.
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let LinearOperands { x, w, bias, gemm: g, out_shape } = linear_operands("linear", x, w, bias)?;
+    let out_f = g.n;
     // Inside a checkpointed block that keeps linear outputs, the recompute reuses them.
     let out = autograd::kept_or_compute(autograd::Kept::Linear, &[&out_shape], || {
         Ok(vec![run(&x, &w, bias.as_ref(), &g, &out_shape)?])
@@ -188,4 +217,32 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
             Ok(grads)
         }),
     ))
+}
+
+/// `gelu(linear(x, w, bias), GeluApprox::Tanh)`: the MLP's first layer and its
+/// activation. The same value and tape as the two ops in turn, except on the GPU with
+/// `SYNTHOS_CUDA_GELU_EPILOGUE=1` outside the tape (inference: no input tracked, or
+/// recording off) and outside checkpointed blocks (whose recompute must reproduce their
+/// first pass exactly). There one GEMM applies GELU-tanh in cuBLASLt's epilogue, to the
+/// fp32 result before it is rounded, instead of a second pass over the `[..., out]`
+/// output: one write of it instead of a write, a read and a write.
+pub fn linear_gelu_tanh(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    if !gelu_epilogue_applies(x, w, bias)? {
+        return super::gelu(&linear(x, w, bias)?, super::GeluApprox::Tanh);
+    }
+    let LinearOperands { x, w, bias, gemm, out_shape } = linear_operands("linear_gelu_tanh", x, w, bias)?;
+    run_epilogue(&x, &w, bias.as_ref(), true, &gemm, &out_shape)
+}
+
+/// Whether [`linear_gelu_tanh`] would apply its GELU in the GEMM's epilogue for these
+/// operands here and now: on a GPU, with `SYNTHOS_CUDA_GELU_EPILOGUE=1` (or its
+/// per-thread override), when no tape node would be recorded and no checkpointed block
+/// is running.
+pub fn gelu_epilogue_applies(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<bool> {
+    let mut all = vec![x, w];
+    all.extend(bias);
+    Ok(x.device().is_cuda()
+        && !autograd::needs_grad(&all)
+        && !autograd::inside_checkpoint()
+        && cuda::matmul::gelu_epilogue()?)
 }

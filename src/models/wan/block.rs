@@ -2,7 +2,7 @@
 //! modulated gated feed-forward network.
 
 use crate::nn::{Init, LayerNorm, Linear, Module, NamedParam, ParamSource, RmsNorm};
-use crate::ops::{self, AttentionOptions, GeluApprox};
+use crate::ops::{self, AttentionOptions};
 use crate::{Result, Tensor};
 
 use super::WanConfig;
@@ -186,7 +186,7 @@ impl WanBlock {
         let x = ops::add(&x, &self.cross_attn.cross_attention(&h, context)?)?;
 
         let h = ops::layer_norm_modulate(&x, shift_mlp, scale_mlp, self.eps)?;
-        let f = self.ffn_out.forward(&ops::gelu(&self.ffn_in.forward(&h)?, GeluApprox::Tanh)?)?;
+        let f = self.ffn_out.forward(&self.ffn_in.forward_gelu_tanh(&h)?)?;
         ops::gated_residual(&x, gate_mlp, &f)
     }
 

@@ -425,7 +425,7 @@ impl WanModel {
             bail!("WanModel: text must be [B, L, {}] with L > 0, got {:?}", self.cfg.text_dim, text.shape());
         }
         let text = ops::cast(text, self.dtype)?;
-        let h = ops::gelu(&self.text_embedding[0].forward(&text)?, GeluApprox::Tanh)?;
+        let h = self.text_embedding[0].forward_gelu_tanh(&text)?;
         let text_ctx = self.text_embedding[1].forward(&h)?;
         let Some(clip) = clip_tokens else {
             return Ok(text_ctx);
