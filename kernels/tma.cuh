@@ -19,7 +19,7 @@
 //     returns once the phase of parity p has completed: phases alternate in parity from 0,
 //     and before the first completion the (virtual) phase of parity 1 counts as complete,
 //     so a producer's first wait for a free stage passes at once. mbar_wait_or_trap traps
-//     after seconds of waiting instead of hanging.
+//     after two seconds of waiting instead of hanging.
 //   * named_bar_sync(id, n) waits until n threads (whole warps) have arrived at barrier id
 //     (1..15; 0 is __syncthreads) through named_bar_sync or named_bar_arrive, which does
 //     not wait.
@@ -79,13 +79,25 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
     }
 }
 
-// The same, but a phase that has not completed after 2^28 polls (seconds: each try_wait
-// also suspends the thread a while) traps instead of hanging, a kernel error the host
-// reports where a hang would cost the rest of a GPU run. For threads with registers to
-// spare (a producer): the count costs the compute warpgroups' wgmma their registers.
+// The GPU's nanosecond clock (%globaltimer; it advances in steps of up to a microsecond).
+__device__ __forceinline__ uint64_t global_timer_ns() {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
+    return t;
+}
+
+// The same, but a phase that has not completed two seconds after the first failed poll
+// (no wait of these kernels lasts more than milliseconds) traps instead of hanging: a
+// kernel error the host reports, where a hang would cost a GPU run the minutes until its
+// timeout. The clock is read once per 4096 polls: how long one try_wait suspends the
+// thread is up to the hardware, so a count of polls alone bounds nothing. For threads
+// with registers to spare (a producer): the clock costs the compute warpgroups' wgmma
+// their registers.
 __device__ __forceinline__ void mbar_wait_or_trap(uint64_t* bar, unsigned parity) {
-    for (uint32_t polls = 0; !mbar_try_wait(bar, parity); ++polls)
-        if (polls == (1u << 28)) __trap();
+    if (mbar_try_wait(bar, parity)) return;
+    const uint64_t start = global_timer_ns();
+    for (uint32_t polls = 1; !mbar_try_wait(bar, parity); ++polls)
+        if ((polls & 4095u) == 0 && global_timer_ns() - start > 2000000000ull) __trap();
 }
 
 __device__ __forceinline__ void tma_load_4d(void* dst, const TmaMap* map, int c0, int c1, int c2, int c3,
