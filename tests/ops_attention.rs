@@ -432,9 +432,11 @@ fn gpu_wgmma_ws_matches_cpu() {
 }
 
 /// The wgmma operand layouts alone (`kernels/wgmma_probe.cu`, compute capability 9.0
-/// only): each of the three forms the wgmma attention kernels use gives the product to
-/// fp32 rounding. If `gpu_wgmma_kernels_match_cpu` fails and this passes, the fault is in
-/// the attention kernels, not in the descriptors and swizzle.
+/// only): each of the six forms the wgmma attention kernels use (the three operand forms at
+/// N = 64; K-major k-steps at +32 bytes in the swizzled rows; a two-panel N-major B and
+/// both K-major at N = 128, the m64n128 instructions) gives the product to fp32 rounding.
+/// If `gpu_wgmma_kernels_match_cpu` fails and this passes, the fault is in the attention
+/// kernels, not in the descriptors and swizzle.
 #[test]
 fn gpu_wgmma_layouts_match_cpu() {
     if gpu().is_none() {
@@ -445,12 +447,21 @@ fn gpu_wgmma_layouts_match_cpu() {
     match wgmma_layout_errors(&dev).unwrap() {
         None => eprintln!("not compute capability 9.0: wgmma layout probe skipped"),
         Some(errors) => {
-            for (form, e) in errors.iter().enumerate() {
-                assert!(
-                    *e < WGMMA_LAYOUT_TOLERANCE,
-                    "wgmma layout form {form}: largest error {e} of the product's magnitude"
-                );
+            // Every form's verdict at once: which of them fail tells which layout is wrong.
+            let names = [
+                "0: A, B K-major (n64)",
+                "1: A in registers, B N-major (n64)",
+                "2: A M-major, B N-major (n64)",
+                "3: A, B K-major, k-steps at +32 bytes (n64, K = 64)",
+                "4: A in registers, B N-major in two panels (n128)",
+                "5: A, B K-major (n128)",
+            ];
+            for (name, e) in names.iter().zip(&errors) {
+                eprintln!("wgmma layout form {name}: largest error {e:.1e} of the product's magnitude");
             }
+            let failed = |e: f64| e.is_nan() || e >= WGMMA_LAYOUT_TOLERANCE;
+            let bad: Vec<&str> = names.iter().zip(&errors).filter(|(_, e)| failed(**e)).map(|(n, _)| *n).collect();
+            assert!(bad.is_empty(), "wgmma layout forms off by more than {WGMMA_LAYOUT_TOLERANCE:e}: {bad:?}");
         }
     }
 }

@@ -743,46 +743,55 @@ pub fn tma_layout_mismatches(dev: &CudaDevice) -> Result<Option<usize>> {
 }
 
 /// The largest error of [`wgmma_layout_errors`], relative to the product, that a correct
-/// layout stays under (fp32 rounding of 16 bf16 products is about 1e-7; a wrong layout
-/// gives errors of order 1).
+/// layout stays under (fp32 rounding of 16 to 64 bf16 products is about 1e-7; a wrong
+/// layout gives errors of order 1).
 pub const WGMMA_LAYOUT_TOLERANCE: f64 = 1e-5;
 
+/// The forms of the wgmma layout probe (`kernels/wgmma_probe.cu`), in its order: the
+/// product's K and N (A is 64 × K, B is N × K, D = A·Bᵀ is 64 × N).
+const WGMMA_PROBE_FORMS: [(usize, usize); 6] = [(16, 64), (16, 64), (16, 64), (64, 64), (16, 128), (16, 128)];
+
 /// The wgmma operand layouts on their own (`kernels/wgmma_probe.cu`): `D = A·Bᵀ` of a
-/// 64 × 16 and a 64 × 16 bf16 operand in each form the wgmma attention kernels use
+/// 64 × K and an N × K bf16 operand in each form the wgmma attention kernels use
 /// (0: both K-major in shared memory, as S = Q·Kᵀ; 1: A in registers and B N-major, as
-/// O += P·V; 2: A M-major and B N-major, as dQ = dS·K), each against the product computed
-/// here. Returns the largest absolute error of each form, relative to the largest
-/// magnitude of the product (a correct layout gives fp32 rounding, about 1e-7), or `None`
-/// when the device is not compute capability 9.0 (the probe is sm_90a code). When the
-/// attention kernels disagree with the CPU on a GPU, this tells whether the layouts
-/// themselves are at fault.
-pub fn wgmma_layout_errors(dev: &CudaDevice) -> Result<Option<[f64; 3]>> {
-    // The probe's shared memory: its four tiles (20 KB) and 1024 bytes to align them.
-    const PROBE_SMEM: u32 = 20480 + 1024;
+/// O += P·V; 2: A M-major and B N-major, as dQ = dS·K; all three at K = 16, N = 64;
+/// 3: form 0 at K = 64 in four k-steps whose descriptors start 32 bytes further into the
+/// swizzled rows, as Q·Kᵀ's steps through a 64-dim panel; 4: form 1 at N = 128, B in two
+/// 64-column panels a leading byte offset apart, as P·V at head dim 128; 5: form 0 at
+/// N = 128, as S = Q·Kᵀ of a 128-key tile), each against the product computed here.
+/// Returns the largest absolute error of each form, relative to the largest magnitude of
+/// its product (a correct layout gives fp32 rounding, about 1e-7), or `None` when the
+/// device is not compute capability 9.0 (the probe is sm_90a code). When the attention
+/// kernels disagree with the CPU on a GPU, this tells whether the layouts themselves are
+/// at fault.
+pub fn wgmma_layout_errors(dev: &CudaDevice) -> Result<Option<[f64; 6]>> {
+    // The probe's shared memory: its four tiles (30 KB) and 1024 bytes to align them.
+    const PROBE_SMEM: u32 = 30720 + 1024;
     if dev.compute_capability()? != (9, 0) {
         return Ok(None);
     }
     let mut rng = crate::Rng::new(0x5eed);
     let to_bf16 = |v: Vec<f32>| -> Vec<bf16> { v.into_iter().map(bf16::from_f32).collect() };
-    let (a, b) = (to_bf16(rng.normal_vec(64 * 16, 1.0)), to_bf16(rng.normal_vec(64 * 16, 1.0)));
-    let mut want = vec![0.0f64; 64 * 64];
-    for m in 0..64 {
-        for n in 0..64 {
-            want[m * 64 + n] = (0..16).map(|k| a[m * 16 + k].to_f64() * b[n * 16 + k].to_f64()).sum();
-        }
-    }
-    let scale = want.iter().fold(0.0f64, |s, w| s.max(w.abs())).max(1e-30);
-    let (da, db) = (dev.stream.clone_htod(&a)?, dev.stream.clone_htod(&b)?);
     let f = dev.func("wgmma_probe", "wgmma_probe_bf16")?;
-    let mut errors = [0.0f64; 3];
-    for (form, err) in errors.iter_mut().enumerate() {
-        let mut out = dev.stream.alloc_zeros::<f32>(64 * 64)?;
+    let mut errors = [0.0f64; 6];
+    for (form, (err, &(k, n))) in errors.iter_mut().zip(&WGMMA_PROBE_FORMS).enumerate() {
+        let (a, b) = (to_bf16(rng.normal_vec(64 * k, 1.0)), to_bf16(rng.normal_vec(n * k, 1.0)));
+        let mut want = vec![0.0f64; 64 * n];
+        for i in 0..64 {
+            for j in 0..n {
+                want[i * n + j] = (0..k).map(|kk| a[i * k + kk].to_f64() * b[j * k + kk].to_f64()).sum();
+            }
+        }
+        let scale = want.iter().fold(0.0f64, |s, w| s.max(w.abs())).max(1e-30);
+        let (da, db) = (dev.stream.clone_htod(&a)?, dev.stream.clone_htod(&b)?);
+        let mut out = dev.stream.alloc_zeros::<f32>(64 * n)?;
         let form_arg = form as i32;
         let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: PROBE_SMEM };
         let mut lb = dev.stream.launch_builder(&f);
         lb.arg(&da).arg(&db).arg(&mut out).arg(&form_arg);
-        // SAFETY: a and b hold 64 × 16 bf16, out 64 × 64 f32; one block of 128 threads
-        // (one warpgroup) with the shared memory the kernel checks for.
+        // SAFETY: a holds 64 × k bf16, b n × k bf16 and out 64 × n f32, the form's shapes;
+        // one block of 128 threads (one warpgroup) with the shared memory the kernel checks
+        // for.
         unsafe { lb.launch(cfg) }?;
         let got = dev.stream.clone_dtoh(&out)?;
         *err = got.iter().zip(&want).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max) / scale;

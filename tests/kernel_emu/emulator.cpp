@@ -12,9 +12,11 @@
 // never silently computed. Each case runs in a child process whose exit status and error
 // output are checked. And the PTX emulation's layouts agree with each other: a 16x16x16
 // product through cp.async, ldmatrix and mma.sync, used as kernels/attention_mma.cu uses
-// them, equals the matrix product, and so do the 64x64x16 wgmma products of
-// kernels/wgmma_probe.cu on 128-byte-swizzled tiles (both operands K-major; A in registers
-// with B N-major; A M-major with B N-major), which the GPU runs too; and so does the TMA
+// them, equals the matrix product, and so do the wgmma products of kernels/wgmma_probe.cu
+// on 128-byte-swizzled tiles (both operands K-major; A in registers with B N-major; A
+// M-major with B N-major; at N = 64 and K = 16, and K-major over four k-steps at K = 64,
+// A in registers with a two-panel N-major B and both K-major at N = 128), which the GPU
+// runs too; and so does the TMA
 // probe of kernels/tma_probe.cu: a box lands in the layout kernels/attention_wgmma.cu's
 // cp.async loader writes (128-byte swizzle), zero-filled past the tensor.
 #include "harness.h"
@@ -450,22 +452,36 @@ int main() {
     emu::launch({dim3(1), dim3(32), 2 * 16 * 24 * 2}, EMU_KERNEL(mma_product), da.ptr(), dbt.ptr(), dc.ptr());
     report.close("cp.async + ldmatrix + mma.sync m16n8k16 = A B", dc.download(), want, 1e-5, 1e-5);
 
-    // The wgmma layout probe (kernels/wgmma_probe.cu, which the GPU runs as well): D = A B^T
-    // in each operand form the attention kernels use.
-    const std::vector<double> wa = rng.values<bf16>(64 * 16), wb = rng.values<bf16>(64 * 16);
-    std::vector<double> want1(64 * 64, 0.0);
-    for (int i = 0; i < 64; ++i)
-        for (int j = 0; j < 64; ++j)
-            for (int k = 0; k < 16; ++k) want1[i * 64 + j] += wa[i * 16 + k] * wb[j * 16 + k];
-    DeviceArray<bf16> dwa(wa), dwb(wb);
-    const char* forms[3] = {"A and B K-major in shared memory", "A in registers, B N-major",
-                            "A M-major and B N-major in shared memory"};
-    for (int form = 0; form < 3; ++form) {
-        DeviceArray<float> d(64 * 64);
-        emu::launch({dim3(1), dim3(128), 20480 + 1024, true}, EMU_KERNEL(wgmma_probe_bf16), dwa.ptr(), dwb.ptr(),
+    // The wgmma layout probe (kernels/wgmma_probe.cu, which the GPU runs as well, as
+    // `wgmma_layout_errors` in src/cuda/attention.rs launches it): D (64 x N) = A B^T of A
+    // (64 x K) and B (N x K) in each operand form the attention kernels use.
+    struct ProbeForm {
+        int k, n;
+        const char* what;
+    };
+    const ProbeForm forms[6] = {
+        {16, 64, "A and B K-major in shared memory"},
+        {16, 64, "A in registers, B N-major"},
+        {16, 64, "A M-major and B N-major in shared memory"},
+        {64, 64, "A and B K-major, four k-steps at +32 bytes in the swizzled rows"},
+        {16, 128, "A in registers, B N-major in two 64-column panels"},
+        {16, 128, "A and B K-major in shared memory, 128 rows of B"},
+    };
+    for (int form = 0; form < 6; ++form) {
+        const int K = forms[form].k, N = forms[form].n;
+        const std::vector<double> wa = rng.values<bf16>(64 * K), wb = rng.values<bf16>(N * K);
+        std::vector<double> want(64 * N, 0.0);
+        for (int i = 0; i < 64; ++i)
+            for (int j = 0; j < N; ++j)
+                for (int k = 0; k < K; ++k) want[i * N + j] += wa[i * K + k] * wb[j * K + k];
+        DeviceArray<bf16> dwa(wa), dwb(wb);
+        DeviceArray<float> d(64 * N);
+        emu::launch({dim3(1), dim3(128), 30720 + 1024, true}, EMU_KERNEL(wgmma_probe_bf16), dwa.ptr(), dwb.ptr(),
                     d.ptr(), form);
-        report.close(format("wgmma m64n64k16 probe, form %d (%s) = A B^T", form, forms[form]), d.download(), want1,
-                     1e-5, 1e-5);
+        // fp32 sums of K products: 1e-5 per 16 (a wrong layout errs by order 1).
+        const double tol = 1e-5 * K / 16;
+        report.close(format("wgmma m64n%dk16 probe, form %d (%s, K = %d) = A B^T", N, form, forms[form].what, K),
+                     d.download(), want, tol, tol);
     }
 
     // The TMA probe as `tma_layout_mismatches` (src/cuda/attention.rs) runs it: a box of a
