@@ -39,7 +39,7 @@
 #define SYNTHOS_GRID_CONSTANT __grid_constant__
 namespace ptx {
 
-struct alignas(64) TmaMap {
+struct alignas(128) TmaMap {
     unsigned long long words[16];
 };
 

@@ -84,9 +84,10 @@ fn info() -> Result<()> {
         }
         // And the TMA loads of the warp-specialised forward (`wgmma-ws`).
         match cuda::device(i).and_then(|d| cuda::attention::tma_layout_mismatches(&d)) {
-            Ok(Some(0)) => println!("  cuda:{i}: TMA tile loads ok (a box lands in the wgmma layout)"),
+            Ok(Some(0)) => println!("  cuda:{i}: TMA tile loads ok (boxes land in the wgmma layout)"),
             Ok(Some(bad)) => println!(
-                "  cuda:{i}: TMA tile loads MISMATCH: {bad} of 8192 elements (the wgmma-ws forward will be wrong)"
+                "  cuda:{i}: TMA tile loads MISMATCH: {bad} of 2 × {} elements (the wgmma-ws forward will be wrong)",
+                cuda::attention::TMA_PROBE_BOX
             ),
             Ok(None) => {}
             Err(e) => println!("  cuda:{i}: TMA probe failed: {e}"),

@@ -478,7 +478,12 @@ fn gpu_tma_probe_matches_the_wgmma_layout() {
     let dev = synthos_engine::cuda::device(0).unwrap();
     match synthos_engine::cuda::attention::tma_layout_mismatches(&dev).unwrap() {
         None => eprintln!("not compute capability 9.0: TMA probe skipped"),
-        Some(bad) => assert_eq!(bad, 0, "TMA probe: {bad} of 8192 elements differ from the wgmma layout"),
+        Some(bad) => assert_eq!(
+            bad,
+            0,
+            "TMA probe: {bad} of 2 × {} elements differ from the wgmma layout",
+            synthos_engine::cuda::attention::TMA_PROBE_BOX
+        ),
     }
 }
 

@@ -230,12 +230,13 @@ fn wgmma_fwd_ws_smem_bytes(head_dim: usize) -> usize {
 }
 
 /// A TMA tensor map (`CUtensorMap`), passed to a kernel by value (`const __grid_constant__
-/// ptx::TmaMap` in kernels/tma.cuh).
-#[repr(C, align(64))]
+/// ptx::TmaMap` in kernels/tma.cuh). 128-byte aligned, as CUDA 13's `CUtensorMap` is
+/// declared (the hardware needs 64).
+#[repr(C, align(128))]
 #[derive(Clone, Copy)]
 struct TmaMap([u64; 16]);
 
-// SAFETY: a plain 128-byte, 64-byte-aligned value, as the kernel parameter is declared.
+// SAFETY: a plain 128-byte, 128-byte-aligned value, as the kernel parameter is declared.
 unsafe impl DeviceRepr for TmaMap {}
 
 /// The tensor map of a `[B, N, H, Dh]` bf16 tensor at device address `ptr` for the
@@ -244,6 +245,7 @@ unsafe impl DeviceRepr for TmaMap {}
 /// tiles), tokens past N zero-filled. None when `ptr` is not 16-byte aligned; an error
 /// names the tensor when the driver refuses the map.
 fn bhnd_tensor_map(
+    dev: &CudaDevice,
     what: &str,
     ptr: u64,
     batch: usize,
@@ -260,6 +262,8 @@ fn bhnd_tensor_map(
     let boxes: [u32; 4] = [64, 1, WGMMA_QUERIES as u32, 1];
     let element_strides: [u32; 4] = [1; 4];
     let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::uninit();
+    // The encoding is a driver call: it needs the device's context current on this thread.
+    dev.ctx.bind_to_thread()?;
     // SAFETY: every array has the rank's length; the driver writes the 128-byte map and reads
     // nothing else.
     let status = unsafe {
@@ -416,9 +420,9 @@ pub fn forward(p: &AttentionParams, x: &AttentionInputs<CudaStorage>) -> Result<
         .then(|| (q.device_ptr(&dev.stream), k.device_ptr(&dev.stream), v.device_ptr(&dev.stream)));
     let maps = match &pointers {
         Some(((qp, _), (kp, _), (vp, _))) => match (
-            bhnd_tensor_map("q", *qp, p.batch, p.q_len, p.heads, p.head_dim)?,
-            bhnd_tensor_map("k", *kp, p.batch, p.kv_len, p.heads, p.head_dim)?,
-            bhnd_tensor_map("v", *vp, p.batch, p.kv_len, p.heads, p.head_dim)?,
+            bhnd_tensor_map(dev, "q", *qp, p.batch, p.q_len, p.heads, p.head_dim)?,
+            bhnd_tensor_map(dev, "k", *kp, p.batch, p.kv_len, p.heads, p.head_dim)?,
+            bhnd_tensor_map(dev, "v", *vp, p.batch, p.kv_len, p.heads, p.head_dim)?,
         ) {
             (Some(qm), Some(km), Some(vm)) => Some([qm, km, vm]),
             _ => None,
@@ -697,49 +701,63 @@ fn deterministic_backward(
     Ok(CudaAttentionGrads { dq, dk, dv, dbias })
 }
 
+/// Elements of one box of the TMA probe (128 tokens × 64 head dims).
+pub const TMA_PROBE_BOX: usize = 128 * 64;
+
+/// The cases of [`tma_layout_mismatches`]: tokens in the tensor and the first token of the
+/// box (a box running past a longer tensor, and a tensor shorter than the box, as the
+/// 77 keys of a text encoder's context are).
+const TMA_PROBE_CASES: [(usize, i32); 2] = [(150, 100), (77, 0)];
+
 /// The TMA path of the warp-specialised forward on its own (`kernels/tma_probe.cu`): one
-/// box of a `[2, 150, 3, 128]` bf16 tensor, its map encoded as the forward's
-/// (`bhnd_tensor_map`), at head dims 64.., head 2, tokens 100..227 (the last 78 past the
-/// tensor) of batch element 1, loaded into shared memory and copied out as it lies there.
-/// Returns how many of its 8192 elements differ (bit for bit) from the layout the wgmma
-/// descriptors read (token r's 16-byte chunk c at chunk c ^ (r % 8), zeros past the
-/// tensor), or `None` when the device is not compute capability 9.0.
+/// box of a `[2, N, 3, 128]` bf16 tensor, its map encoded as the forward's
+/// (`bhnd_tensor_map`), at head dims 64.., head 2 and 128 tokens of batch element 1, loaded
+/// into shared memory and copied out as it lies there; twice: N = 150 from token 100 (the
+/// last 78 tokens past the tensor), and N = 77 from token 0 (a tensor shorter than the
+/// box). Returns how many of the 2 × [`TMA_PROBE_BOX`] elements differ (bit for bit) from
+/// the layout the wgmma descriptors read (token r's 16-byte chunk c at chunk c ^ (r % 8),
+/// zeros past the tensor), or `None` when the device is not compute capability 9.0.
 pub fn tma_layout_mismatches(dev: &CudaDevice) -> Result<Option<usize>> {
     const PROBE_SMEM: u32 = 16384 + 1024 + 8;
-    let (batch, n, heads, head_dim) = (2usize, 150usize, 3usize, 128usize);
-    let (c0, c1, c2, c3) = (64i32, 2i32, 100i32, 1i32);
     if dev.compute_capability()? != (9, 0) {
         return Ok(None);
     }
+    let (batch, heads, head_dim) = (2usize, 3usize, 128usize);
+    let (c0, c1, c3) = (64i32, 2i32, 1i32);
     let mut rng = crate::Rng::new(0x7a3a);
-    let x: Vec<bf16> = rng.normal_vec(batch * n * heads * head_dim, 1.0).into_iter().map(bf16::from_f32).collect();
-    let mut want = vec![bf16::ZERO; 128 * 64];
-    for r in 0..128 {
-        let token = c2 as usize + r;
-        if token >= n {
-            continue;
-        }
-        for c in 0..64 {
-            let src = ((c3 as usize * n + token) * heads + c1 as usize) * head_dim + c0 as usize + c;
-            want[r * 64 + ((c / 8) ^ (r % 8)) * 8 + c % 8] = x[src];
-        }
-    }
-    let dx = dev.stream.clone_htod(&x)?;
-    let (ptr, _read) = dx.device_ptr(&dev.stream);
-    let Some(map) = bhnd_tensor_map("the TMA probe's tensor", ptr, batch, n, heads, head_dim)? else {
-        bail!("TMA probe: the device allocation is not 16-byte aligned");
-    };
     let f = dev.func("tma_probe", "tma_probe_bf16")?;
-    let mut out = dev.stream.alloc_zeros::<bf16>(128 * 64)?;
-    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: PROBE_SMEM };
-    let mut lb = dev.stream.launch_builder(&f);
-    lb.arg(&map).arg(&mut out).arg(&c0).arg(&c1).arg(&c2).arg(&c3);
-    // SAFETY: the map describes dx ([2, 150, 3, 128] bf16, alive until after the copy
-    // back); out holds the box's 128 × 64 bf16; one block of 32 threads with the shared
-    // memory the kernel checks for.
-    unsafe { lb.launch(cfg) }?;
-    let got = dev.stream.clone_dtoh(&out)?;
-    Ok(Some(got.iter().zip(&want).filter(|(g, w)| g.to_bits() != w.to_bits()).count()))
+    let mut bad = 0;
+    for (n, c2) in TMA_PROBE_CASES {
+        let x: Vec<bf16> =
+            rng.normal_vec(batch * n * heads * head_dim, 1.0).into_iter().map(bf16::from_f32).collect();
+        let mut want = vec![bf16::ZERO; TMA_PROBE_BOX];
+        for r in 0..128 {
+            let token = c2 as usize + r;
+            if token >= n {
+                continue;
+            }
+            for c in 0..64 {
+                let src = ((c3 as usize * n + token) * heads + c1 as usize) * head_dim + c0 as usize + c;
+                want[r * 64 + ((c / 8) ^ (r % 8)) * 8 + c % 8] = x[src];
+            }
+        }
+        let dx = dev.stream.clone_htod(&x)?;
+        let (ptr, _read) = dx.device_ptr(&dev.stream);
+        let Some(map) = bhnd_tensor_map(dev, "the TMA probe's tensor", ptr, batch, n, heads, head_dim)? else {
+            bail!("TMA probe: the device allocation is not 16-byte aligned");
+        };
+        let mut out = dev.stream.alloc_zeros::<bf16>(TMA_PROBE_BOX)?;
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: PROBE_SMEM };
+        let mut lb = dev.stream.launch_builder(&f);
+        lb.arg(&map).arg(&mut out).arg(&c0).arg(&c1).arg(&c2).arg(&c3);
+        // SAFETY: the map describes dx ([2, n, 3, 128] bf16, alive until after the copy
+        // back); out holds the box's 128 × 64 bf16; one block of 32 threads with the shared
+        // memory the kernel checks for.
+        unsafe { lb.launch(cfg) }?;
+        let got = dev.stream.clone_dtoh(&out)?;
+        bad += got.iter().zip(&want).filter(|(g, w)| g.to_bits() != w.to_bits()).count();
+    }
+    Ok(Some(bad))
 }
 
 /// The largest error of [`wgmma_layout_errors`], relative to the product, that a correct

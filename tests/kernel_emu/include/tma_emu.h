@@ -41,7 +41,7 @@
 
 namespace ptx {
 
-struct alignas(64) TmaMap {
+struct alignas(128) TmaMap {
     unsigned long long words[16];
 };
 
