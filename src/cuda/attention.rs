@@ -728,8 +728,7 @@ pub fn tma_layout_mismatches(dev: &CudaDevice) -> Result<Option<usize>> {
     let f = dev.func("tma_probe", "tma_probe_bf16")?;
     let mut bad = 0;
     for (n, c2) in TMA_PROBE_CASES {
-        let x: Vec<bf16> =
-            rng.normal_vec(batch * n * heads * head_dim, 1.0).into_iter().map(bf16::from_f32).collect();
+        let x: Vec<bf16> = rng.normal_vec(batch * n * heads * head_dim, 1.0).into_iter().map(bf16::from_f32).collect();
         let mut want = vec![bf16::ZERO; TMA_PROBE_BOX];
         for r in 0..128 {
             let token = c2 as usize + r;
