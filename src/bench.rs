@@ -261,76 +261,43 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
         // Forward and backward as a training step runs them: the input and the parameters
         // (the modulation, the weight) tracked. The backward reads x and dy and writes dx,
         // and reduces the parameter gradients over the rows (the bytes count 5 tensors:
-        // the forward's read and write, the backward's two reads and a write).
-        {
+        // the forward's read and write, the backward's two reads and a write). On a GPU
+        // also with SYNTHOS_CUDA_NORM=warp (`[warp]`).
+        let variants: &[bool] = if device == Device::Cpu { &[false] } else { &[false, true] };
+        for &warp in variants {
+            let tag = if warp { "[warp]" } else { "" };
             let (xa, sha, sca, dya) =
                 (x2.clone(), shift.clone(), scale.clone(), rand(&[batch, per, dim], &mut rng, device)?);
             v.push(BenchCase::kernel(
                 Bound::Memory,
                 "norm",
-                format!("layer_norm_modulate fwd+bwd {batch}x{per}x{dim}"),
+                format!("layer_norm_modulate fwd+bwd{tag} {batch}x{per}x{dim}"),
                 5.0 * n as f64 * e,
                 20.0 * n as f64,
                 move || {
-                    let (x, sh, sc) =
-                        (xa.detach().requires_grad(), sha.detach().requires_grad(), sca.detach().requires_grad());
-                    let y = ops::layer_norm_modulate(&x, &sh, &sc, 1e-6)?;
-                    autograd::backward_with(&y, dya.clone()).map(|_| ())
+                    crate::cuda::norm::with_warp_forward(warp, || {
+                        let (x, sh, sc) =
+                            (xa.detach().requires_grad(), sha.detach().requires_grad(), sca.detach().requires_grad());
+                        let y = ops::layer_norm_modulate(&x, &sh, &sc, 1e-6)?;
+                        autograd::backward_with(&y, dya.clone()).map(|_| ())
+                    })
                 },
             ));
             let (xb, wb, dyb) = (x3.clone(), w.clone(), rand(&[batch, per, dim], &mut rng, device)?);
             v.push(BenchCase::kernel(
                 Bound::Memory,
                 "norm",
-                format!("rms_norm fwd+bwd {batch}x{per}x{dim}"),
+                format!("rms_norm fwd+bwd{tag} {batch}x{per}x{dim}"),
                 5.0 * n as f64 * e,
                 14.0 * n as f64,
                 move || {
-                    let (x, w) = (xb.detach().requires_grad(), wb.detach().requires_grad());
-                    let y = ops::rms_norm(&x, &w, 1e-6)?;
-                    autograd::backward_with(&y, dyb.clone()).map(|_| ())
+                    crate::cuda::norm::with_warp_forward(warp, || {
+                        let (x, w) = (xb.detach().requires_grad(), wb.detach().requires_grad());
+                        let y = ops::rms_norm(&x, &w, 1e-6)?;
+                        autograd::backward_with(&y, dyb.clone()).map(|_| ())
+                    })
                 },
             ));
-            // The same with SYNTHOS_CUDA_NORM=warp (GPU only): the forward and the backward
-            // by warps.
-            if device != Device::Cpu {
-                use crate::cuda::norm::with_warp_forward;
-                let (x2, shift, scale, dy2) =
-                    (x2.clone(), shift.clone(), scale.clone(), rand(&[batch, per, dim], &mut rng, device)?);
-                v.push(BenchCase::kernel(
-                    Bound::Memory,
-                    "norm",
-                    format!("layer_norm_modulate fwd+bwd[warp] {batch}x{per}x{dim}"),
-                    5.0 * n as f64 * e,
-                    20.0 * n as f64,
-                    move || {
-                        with_warp_forward(true, || {
-                            let (x, sh, sc) = (
-                                x2.detach().requires_grad(),
-                                shift.detach().requires_grad(),
-                                scale.detach().requires_grad(),
-                            );
-                            let y = ops::layer_norm_modulate(&x, &sh, &sc, 1e-6)?;
-                            autograd::backward_with(&y, dy2.clone()).map(|_| ())
-                        })
-                    },
-                ));
-                let (x3, w, dy3) = (x3.clone(), w.clone(), rand(&[batch, per, dim], &mut rng, device)?);
-                v.push(BenchCase::kernel(
-                    Bound::Memory,
-                    "norm",
-                    format!("rms_norm fwd+bwd[warp] {batch}x{per}x{dim}"),
-                    5.0 * n as f64 * e,
-                    14.0 * n as f64,
-                    move || {
-                        with_warp_forward(true, || {
-                            let (x, w) = (x3.detach().requires_grad(), w.detach().requires_grad());
-                            let y = ops::rms_norm(&x, &w, 1e-6)?;
-                            autograd::backward_with(&y, dy3.clone()).map(|_| ())
-                        })
-                    },
-                ));
-            }
         }
         // The one-warp-per-row forward beside the default (GPU only; SYNTHOS_CUDA_NORM=warp).
         if device != Device::Cpu {
