@@ -31,7 +31,9 @@
 // (J, groups); block (j, g) handles rows j, j+J, ... of group g, accumulates dy·xhat and
 // dy for its columns in registers and writes one partial row; reduce.cu's `col_finish`
 // then sums the J partial rows of each group in a fixed order. No atomics, so results
-// are bitwise reproducible.
+// are bitwise reproducible. The opt-in warp backward (below norm_bwd) splits the work in
+// two kernels instead: dx with one warp per row, and the parameter gradients as a column
+// reduction over each group's rows into partial rows, finished by the same col_finish.
 #include "common.cuh"
 
 #define NORM_MAX_THREADS 256
@@ -346,6 +348,181 @@ __device__ void norm_bwd(const T* __restrict__ x, const T* __restrict__ dy, cons
     }
 }
 
+// ---- The one-warp-per-row backward (SYNTHOS_CUDA_NORM=warp), in two kernels: dx by rows,
+// then the parameter gradients by columns. Both take only the 16-byte vector walk (VEC
+// elements of T are one uint4) and rows of at most 32·WARP_CACHE vectors, the rows the
+// warp forward takes; the launcher sends every other row to norm_bwd.
+
+// One 16-byte vector of T at p[i] as it is stored (p + i 16-byte aligned).
+template <typename T>
+__device__ __forceinline__ uint4 load_raw(const T* p, int64_t i) {
+    return *reinterpret_cast<const uint4*>(p + i);
+}
+
+// The VEC values of T packed in one 16-byte vector, as fp32.
+template <int VEC, typename T>
+__device__ __forceinline__ void unpack(const uint4& raw, float (&v)[VEC]) {
+    static_assert(VEC * sizeof(T) == 16, "one vector is 16 bytes of T");
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = load(e, k);
+}
+
+// bwd_load from raw vectors of x and dy: xhat and gh = dy·(w_offset + w) for VEC columns
+// from c.
+template <int VEC, typename T, typename P>
+__device__ __forceinline__ void bwd_terms(const uint4& xraw, const uint4& graw, const P* wg, int64_t c, float mu,
+                                          float rs, float w_offset, float (&xh)[VEC], float (&gh)[VEC]) {
+    float f[VEC], unused[VEC];
+    unpack<VEC, T>(xraw, xh);
+    unpack<VEC, T>(graw, gh);
+    load_affine<VEC, P>(wg, nullptr, c, w_offset, f, unused);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+        xh[e] = (xh[e] - mu) * rs;
+        gh[e] *= f[e];
+    }
+}
+
+// dx with one warp per row (norm_bwd_dx_warp_*): the warp forward's layout (blocks of W
+// warps, rows blockIdx.x·W + w, striding by gridDim.x·W; lane l owns vectors l, l + 32,
+// ...). The lane keeps its vectors of x and dy as loaded (16-byte words, not fp32), so
+// the row costs the registers of the forward's cache; pass 1 sums gh and gh·xhat (warp
+// shuffles), pass 2 recomputes xhat and gh from the words and stores dx. No shared
+// memory, no block barrier.
+template <typename T, typename P, int VEC>
+__device__ void norm_bwd_dx_warp(const T* __restrict__ x, const T* __restrict__ dy, const P* __restrict__ w,
+                                 const float* __restrict__ mean, const float* __restrict__ rstd, T* __restrict__ dx,
+                                 int64_t rows, int d, int64_t rows_per_group, float w_offset, int rms) {
+    const int nvec = d / VEC;
+    const int lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
+    for (int64_t row = (int64_t)blockIdx.x * wpb + (threadIdx.x >> 5); row < rows; row += (int64_t)gridDim.x * wpb) {
+        const int64_t off = row * d;
+        const float mu = mean[row], rs = rstd[row];
+        const P* wg = w != nullptr ? w + (row / rows_per_group) * d : nullptr;
+        uint4 xv[WARP_CACHE], gv[WARP_CACHE];
+#pragma unroll
+        for (int k = 0; k < WARP_CACHE; ++k) {
+            const int i = lane + 32 * k;
+            if (i < nvec) {
+                xv[k] = load_raw(x, off + (int64_t)i * VEC);
+                gv[k] = load_raw(dy, off + (int64_t)i * VEC);
+            }
+        }
+        float s_g = 0.f, s_gx = 0.f;
+#pragma unroll
+        for (int k = 0; k < WARP_CACHE; ++k) {
+            const int i = lane + 32 * k;
+            if (i < nvec) {
+                float xh[VEC], gh[VEC];
+                bwd_terms<VEC, T>(xv[k], gv[k], wg, (int64_t)i * VEC, mu, rs, w_offset, xh, gh);
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) {
+                    s_g += gh[e];
+                    s_gx += gh[e] * xh[e];
+                }
+            }
+        }
+        // `rms` is uniform over the grid and a warp's lanes share the row: every lane of
+        // the warp reaches each shuffle.
+        const float mg = rms ? 0.f : warp_sum(s_g) / (float)d;
+        const float mgx = warp_sum(s_gx) / (float)d;
+        T* dxr = dx + off;
+#pragma unroll
+        for (int k = 0; k < WARP_CACHE; ++k) {
+            const int i = lane + 32 * k;
+            if (i < nvec) {
+                float xh[VEC], gh[VEC], o[VEC];
+                bwd_terms<VEC, T>(xv[k], gv[k], wg, (int64_t)i * VEC, mu, rs, w_offset, xh, gh);
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) o[e] = rs * (gh[e] - mg - xh[e] * mgx);
+                store_vec(dxr, (int64_t)i * VEC, o);
+            }
+        }
+    }
+}
+
+// Rows of threads of a norm_param_grad block (blockDim = (32, PGRAD_ROWS)).
+#define PGRAD_ROWS 8
+
+// aw += dy·(x − mu)·rs and ab += dy for the VEC columns of one row's raw vectors.
+template <int VEC, typename T>
+__device__ __forceinline__ void add_param_grads(const uint4& xraw, const uint4& graw, float mu, float rs,
+                                                float (&aw)[VEC], float (&ab)[VEC]) {
+    float xv[VEC], gv[VEC];
+    unpack<VEC, T>(xraw, xv);
+    unpack<VEC, T>(graw, gv);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+        aw[e] += gv[e] * ((xv[e] - mu) * rs);
+        ab[e] += gv[e];
+    }
+}
+
+// The parameter gradients' partial rows (norm_param_grad_*), a column reduction over each
+// group's rows shaped like reduce.cu's col_partial_vec: block (t, s, g), 32 × PGRAD_ROWS
+// threads, covers the 32·VEC columns of tile t over split s of group g, i.e. the group's
+// rows [s·chunk, min((s + 1)·chunk, rows_per_group)); thread (l, y) owns the 16-byte
+// vector of columns c = (32t + l)·VEC and takes the split's rows y, y + PGRAD_ROWS, ...,
+// four rows' loads in flight before their adds (which keep the row order), accumulating
+// Σ dy·xhat and Σ dy in fp32. One shared-memory step then adds the PGRAD_ROWS rows of
+// threads in order and the block writes part[(g·splits + s)·d + c] (both buffers, where
+// present), which reduce.cu's col_finish sums over s. The split depends only on the sizes
+// (the launcher's `param_grad_splits`), so results are bitwise reproducible.
+template <typename T, int VEC>
+__device__ void norm_param_grad(const T* __restrict__ x, const T* __restrict__ dy, const float* __restrict__ mean,
+                                const float* __restrict__ rstd, float* __restrict__ part_w,
+                                float* __restrict__ part_b, int64_t rows_per_group, int d, int64_t splits,
+                                int64_t chunk) {
+    constexpr int COLS = 32 * VEC;
+    __shared__ float tile[PGRAD_ROWS][COLS];
+    const int64_t g = blockIdx.z, s = blockIdx.y;
+    const int64_t c0 = (int64_t)blockIdx.x * COLS;
+    const int64_t c = c0 + (int64_t)threadIdx.x * VEC;
+    const int64_t base = g * rows_per_group;
+    const int64_t r1 = base + (s * chunk + chunk < rows_per_group ? s * chunk + chunk : rows_per_group);
+    float aw[VEC], ab[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) aw[e] = ab[e] = 0.f;
+    if (c < d) {
+        int64_t r = base + s * chunk + threadIdx.y;
+        for (; r + 3 * PGRAD_ROWS < r1; r += 4 * PGRAD_ROWS) {
+            uint4 xv[4], gv[4];
+            float mu[4], rs[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int64_t rq = r + q * PGRAD_ROWS;
+                xv[q] = load_raw(x, rq * d + c);
+                gv[q] = load_raw(dy, rq * d + c);
+                mu[q] = mean[rq];
+                rs[q] = rstd[rq];
+            }
+#pragma unroll
+            for (int q = 0; q < 4; ++q) add_param_grads<VEC, T>(xv[q], gv[q], mu[q], rs[q], aw, ab);
+        }
+        for (; r < r1; r += PGRAD_ROWS)
+            add_param_grads<VEC, T>(load_raw(x, r * d + c), load_raw(dy, r * d + c), mean[r], rstd[r], aw, ab);
+    }
+    // Thread j finishes column c0 + j of the tile (COLS ≤ 256 threads), for each buffer.
+    const int j = threadIdx.y * 32 + threadIdx.x;
+    float* const parts[2] = {part_w, part_b};
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+        float* part = parts[p];
+        if (part == nullptr) continue;  // uniform over the grid: the block skips it together
+        __syncthreads();  // the previous buffer's reads of the tile are done
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) tile[threadIdx.y][threadIdx.x * VEC + e] = p == 0 ? aw[e] : ab[e];
+        __syncthreads();
+        if (j < COLS && c0 + j < d) {
+            float sum = 0.f;
+#pragma unroll
+            for (int k = 0; k < PGRAD_ROWS; ++k) sum += tile[k][j];
+            part[(g * splits + s) * d + c0 + j] = sum;
+        }
+    }
+}
+
 #define NORM_ENTRIES(TN, T, PN, P, VN, VEC)                                                                      \
     extern "C" __global__ void __launch_bounds__(NORM_MAX_THREADS)                                               \
         norm_fwd_##TN##_##PN##_##VN(const T* x, T* y, const P* w, const P* b, float* mean_out, float* rstd_out, \
@@ -378,6 +555,27 @@ __device__ void norm_bwd(const T* __restrict__ x, const T* __restrict__ dy, cons
 NORM_ROPE_ENTRY(f32, float, f32, float, 4)
 NORM_ROPE_ENTRY(bf16, bf16, f32, float, 8)
 NORM_ROPE_ENTRY(bf16, bf16, bf16, bf16, 8)
+
+// The warp backward, vector walk only: dx by warps and the parameter-gradient partials. The
+// partials do not read the parameters; P only names the entry point after the pair, as
+// for the other norm kernels (the launcher's `norm_kernel`).
+#define NORM_WARP_BWD_ENTRIES(TN, T, PN, P, VEC)                                                                \
+    extern "C" __global__ void __launch_bounds__(NORM_MAX_THREADS)                                               \
+        norm_bwd_dx_warp_##TN##_##PN##_vec(const T* x, const T* dy, const P* w, const float* mean,              \
+                                           const float* rstd, T* dx, int64_t rows, int d, int64_t rows_per_group, \
+                                           float w_offset, int rms) {                                           \
+        norm_bwd_dx_warp<T, P, VEC>(x, dy, w, mean, rstd, dx, rows, d, rows_per_group, w_offset, rms);          \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(NORM_MAX_THREADS)                                               \
+        norm_param_grad_##TN##_##PN##_vec(const T* x, const T* dy, const float* mean, const float* rstd,        \
+                                          float* part_w, float* part_b, int64_t rows_per_group, int d,          \
+                                          int64_t splits, int64_t chunk) {                                      \
+        norm_param_grad<T, VEC>(x, dy, mean, rstd, part_w, part_b, rows_per_group, d, splits, chunk);           \
+    }
+NORM_WARP_BWD_ENTRIES(f32, float, f32, float, 4)
+NORM_WARP_BWD_ENTRIES(f32, float, bf16, bf16, 4)
+NORM_WARP_BWD_ENTRIES(bf16, bf16, f32, float, 8)
+NORM_WARP_BWD_ENTRIES(bf16, bf16, bf16, bf16, 8)
 
 // `vec`: 16 bytes of T per vector (8 bf16 or 4 f32), used when D is a multiple of that.
 NORM_ENTRIES(f32, float, f32, float, v1, 1)

@@ -258,7 +258,7 @@ fn max_abs(v: &[f32]) -> f32 {
 
 /// Runs `op` on the GPU with x in `xdt` and parameters in `pdt`, and on the CPU on the
 /// same (rounded) values; compares the outputs and every input's gradient. Returns the
-/// GPU parameter gradients (for the determinism check).
+/// GPU gradients of every input, x's first (for the determinism checks).
 fn gpu_parity(
     dev: Device,
     op: Op,
@@ -297,18 +297,16 @@ fn gpu_parity(
     let sc = sg.to_device(Device::Cpu, DType::F32).unwrap();
     let gg = autograd::backward_with(&yg, sg).unwrap();
     let gc = autograd::backward_with(&yc, sc).unwrap();
-    let mut param_grads = Vec::new();
+    let mut grads = Vec::new();
     for (k, (tg, tc)) in gpu.iter().zip(&cpu).enumerate() {
         let g = gg.get(tg).unwrap_or_else(|| panic!("{what}: no GPU gradient for input {k}"));
         assert_eq!(g.dtype(), tg.dtype(), "{what}: gradient {k} dtype");
         let (g, c) = (g.to_vec().unwrap(), gc.get(tc).unwrap().to_vec().unwrap());
         let (a, r) = tol(tg.dtype());
         assert_close(&g, &c, a * max_abs(&c), r, &format!("{what}: gradient of input {k}"));
-        if k > 0 {
-            param_grads.push(g);
-        }
+        grads.push(g);
     }
-    param_grads
+    grads
 }
 
 #[test]
@@ -334,9 +332,12 @@ fn gpu_norms_match_cpu() {
     }
 }
 
-/// The one-warp-per-row forward (`SYNTHOS_CUDA_NORM=warp`, opt-in) on the same ops and
-/// dtypes: rows of up to 256 vectors take it (odd widths, the DiT's 1536, more rows than
-/// warps in one block); 8200 stays on the block kernel.
+/// The warp norms (`SYNTHOS_CUDA_NORM=warp`, opt-in: the one-warp-per-row forward, and the
+/// backward's `dx` by warps with the parameter gradients by a column reduction) on the same
+/// ops and dtypes. Rows of up to 256 vectors take the warp forward (odd widths, the DiT's
+/// 1536, more rows than warps in one block), and the warp backward where they are also
+/// whole 16-byte vectors (1536 and 200); 13 and 8200 stay on the block kernels. 901 rows per
+/// group split the parameter gradients into several row blocks with a short last one.
 #[test]
 fn gpu_warp_forward_norms_match_cpu() {
     let Some(dev) = gpu() else { return };
@@ -352,6 +353,15 @@ fn gpu_warp_forward_norms_match_cpu() {
                 }
             }
         }
+        // Many rows per group, with two groups (Modulate) and one (RMSNorm).
+        for (op, xdt, pdt) in [
+            (Op::Modulate, DType::BF16, DType::F32),
+            (Op::Modulate, DType::F32, DType::BF16),
+            (Op::Rms, DType::BF16, DType::BF16),
+        ] {
+            seed += 1;
+            gpu_parity(dev, op, (2, 901, 1536), xdt, pdt, seed);
+        }
     });
 }
 
@@ -362,6 +372,20 @@ fn gpu_norm_parameter_gradients_are_deterministic() {
     for op in [Op::Modulate, Op::LayerNorm] {
         let a = gpu_parity(dev, op, (2, 901, 1536), DType::BF16, DType::F32, 7);
         let b = gpu_parity(dev, op, (2, 901, 1536), DType::BF16, DType::F32, 7);
-        assert_eq!(a, b, "{op:?}: parameter gradients differ between identical runs");
+        assert_eq!(a, b, "{op:?}: gradients differ between identical runs");
     }
+}
+
+/// The warp backward (`SYNTHOS_CUDA_NORM=warp`) is reproducible bit for bit: its parameter
+/// gradients' row split depends only on the sizes, with no atomics.
+#[test]
+fn gpu_warp_backward_is_deterministic() {
+    let Some(dev) = gpu() else { return };
+    synthos_engine::cuda::norm::with_warp_forward(true, || {
+        for op in [Op::Modulate, Op::LayerNorm] {
+            let a = gpu_parity(dev, op, (2, 901, 1536), DType::BF16, DType::F32, 8);
+            let b = gpu_parity(dev, op, (2, 901, 1536), DType::BF16, DType::F32, 8);
+            assert_eq!(a, b, "{op:?}: gradients differ between identical warp runs");
+        }
+    });
 }

@@ -21,20 +21,36 @@ const PARAM_GRAD_BLOCKS: usize = 512;
 const MAX_GRID: usize = 1 << 20;
 /// Vectors per lane the one-warp-per-row forward keeps in registers (`WARP_CACHE`).
 const WARP_CACHE: usize = 8;
-/// Rows (warps) per block of the one-warp-per-row forward.
+/// Rows (warps) per block of the one-warp-per-row kernels.
 const WARP_ROWS: usize = 8;
+/// Blocks the warp backward's parameter-gradient partials (`norm_param_grad_*`) aim for:
+/// with 64 registers per thread (bf16; 54 for f32) four of its 256-thread blocks fit an
+/// SM, 528 on an H100's 132, so 1024 blocks fill it about twice over, while the partial
+/// buffers stay near 1024 blocks × 32·8 columns ≈ 1 MiB of f32 each for bf16 rows (half
+/// for f32), against the rows·d·4 bytes of x and dy the kernel reads (77 MiB for the DiT's
+/// 12480 × 1536 bf16).
+const PARAM_GRAD_TARGET_BLOCKS: usize = 1024;
+/// Fewest rows of a group one block of `norm_param_grad_*` covers: each of its 8 rows of
+/// threads then has at least one batch of four rows' loads in flight.
+const PARAM_GRAD_MIN_ROWS: usize = 32;
+/// Rows of threads of a `norm_param_grad_*` block (`PGRAD_ROWS`).
+const PARAM_GRAD_THREAD_ROWS: u32 = 8;
 
 const NORM_VAR: &str = "SYNTHOS_CUDA_NORM";
 
-/// Whether the forward uses one warp per row (`norm_fwd_warp_*`, shuffles only) instead
-/// of one block per row, on this thread: a [`with_warp_forward`] override, else
-/// `SYNTHOS_CUDA_NORM=warp` (`block`, the default, until a GPU run has shown it faster).
-/// Rows longer than 32·8 vectors always take the block kernel.
+/// Whether the norms run by warps instead of one block per row, on this thread: a
+/// [`with_warp_forward`] override, else `SYNTHOS_CUDA_NORM=warp` (`block`, the default,
+/// until a GPU run has shown it faster). With it the forward uses one warp per row
+/// (`norm_fwd_warp_*`, shuffles only), and the backward computes `dx` with one warp per
+/// row (`norm_bwd_dx_warp_*`) and the parameter gradients by a separate column reduction
+/// (`norm_param_grad_*`). Rows longer than 32·8 vectors always take the block kernels, and
+/// so does the backward of rows that are not a whole number of 16-byte vectors.
 pub fn warp_forward() -> Result<bool> {
     Ok(super::choice::get(NORM_VAR, &["block", "warp"])? == 1)
 }
 
-/// Runs `f` with the one-warp-per-row forward on or off on this thread (tests, bench).
+/// Runs `f` with the warp norms (forward and backward, see [`warp_forward`]) on or off on
+/// this thread (tests, bench).
 pub fn with_warp_forward<R>(on: bool, f: impl FnOnce() -> R) -> R {
     super::choice::with(NORM_VAR, on as usize, f)
 }
@@ -61,8 +77,9 @@ fn threads_for(nvec: usize, cache: usize) -> u32 {
     (nvec.div_ceil(cache).div_ceil(32) * 32).clamp(32, MAX_THREADS) as u32
 }
 
-/// `norm_{fwd,fwd_warp,bwd}_<tensor dtype>_<parameter dtype>_{v1,vec}`: the norm kernels are
-/// templated on two element types and a vectorised (16-byte) or scalar row walk.
+/// `norm_{fwd,fwd_warp,bwd,bwd_dx_warp,param_grad}_<tensor dtype>_<parameter dtype>_{v1,vec}`:
+/// the norm kernels are templated on two element types and a vectorised (16-byte) or scalar
+/// row walk (the warp backward's two kernels exist only with `vec`).
 fn norm_kernel(dir: &str, t: DType, p: DType, vectorised: bool) -> &'static str {
     let walk = if vectorised { "vec" } else { "v1" };
     super::intern(&format!("norm_{dir}_{}_{}_{walk}", suffix(t), suffix(p)))
@@ -202,6 +219,18 @@ fn warp_rows_config(rows: usize) -> LaunchConfig {
     }
 }
 
+/// The split of the warp backward's parameter gradients over the `rows_per_group` rows
+/// of each of `groups` groups, for rows of `nvec` 16-byte vectors: `(splits, chunk)`, block
+/// (tile, s, g) of `norm_param_grad_*` summing rows [s·chunk, (s+1)·chunk) of group g, with
+/// every split non-empty (the last may be short). Depends only on the sizes, so results are
+/// reproducible run to run.
+fn param_grad_splits(groups: usize, rows_per_group: usize, nvec: usize) -> (usize, usize) {
+    let base = groups * nvec.div_ceil(32);
+    let splits = PARAM_GRAD_TARGET_BLOCKS.div_ceil(base).clamp(1, rows_per_group.div_ceil(PARAM_GRAD_MIN_ROWS));
+    let chunk = rows_per_group.div_ceil(splits);
+    (rows_per_group.div_ceil(chunk), chunk)
+}
+
 /// RMSNorm (weight `w`, no bias) followed by RoPE in one pass, for rows that are tokens
 /// `row % tokens` of a `[B, N, H·head_dim]` tensor, with `cos`/`sin` `[N, head_dim/2]` f32
 /// (the `rope` kernel's table). Returns the output and each row's mean (0) and rstd for
@@ -308,6 +337,10 @@ pub fn backward(
     }
     let params = want.dw.is_some() || want.db.is_some();
     let rpg = spec.rows_per_group;
+    let vec = vec_width(t, spec.d);
+    if vec > 1 && spec.d / vec <= 32 * WARP_CACHE && warp_forward()? {
+        return backward_warp(x, dy, w, mean, rstd, spec, want, (t, p));
+    }
     let nblk = if params { PARAM_GRAD_BLOCKS.div_ceil(groups).clamp(1, rpg) } else { rpg.min(MAX_GRID) };
     let n_part = groups * nblk * spec.d;
     let mut dx = if want.dx { Some(dev.alloc(spec.rows * spec.d, t)?) } else { None };
@@ -315,7 +348,6 @@ pub fn backward(
     let mut part_b = if want.db.is_some() { Some(dev.alloc(n_part, DType::F32)?) } else { None };
 
     if want.dx || params {
-        let vec = vec_width(t, spec.d);
         let f = dev.func("norm", norm_kernel("bwd", t, p, vec > 1))?;
         let cfg = LaunchConfig {
             grid_dim: (nblk as u32, groups as u32, 1),
@@ -342,13 +374,92 @@ pub fn backward(
     }
 
     // The partial rows of each group, [groups, nblk, d], summed over the blocks.
-    let reduce = |part: Option<CudaBuf>, dtype: Option<DType>| -> Result<Option<CudaBuf>> {
-        let (Some(part), Some(dtype)) = (part, dtype) else {
-            return Ok(None);
-        };
-        super::reduce::col_finish(dev, &part, groups, nblk, spec.d, 1.0, dtype).map(Some)
+    let dw = finish_partials(dev, part_w, want.dw, groups, nblk, spec.d)?;
+    let db = finish_partials(dev, part_b, want.db, groups, nblk, spec.d)?;
+    Ok(NormGrads { dx, dw, db })
+}
+
+/// A parameter gradient from its partial rows `[groups, parts, d]` (f32), summed over the
+/// parts in a fixed order (`col_finish`) into `dtype`; `None` where it is not wanted.
+fn finish_partials(
+    dev: &super::CudaDevice,
+    part: Option<CudaBuf>,
+    dtype: Option<DType>,
+    groups: usize,
+    parts: usize,
+    d: usize,
+) -> Result<Option<CudaBuf>> {
+    let (Some(part), Some(dtype)) = (part, dtype) else {
+        return Ok(None);
     };
-    let dw = reduce(part_w, want.dw)?;
-    let db = reduce(part_b, want.db)?;
+    super::reduce::col_finish(dev, &part, groups, parts, d, 1.0, dtype).map(Some)
+}
+
+/// [`backward`] with `SYNTHOS_CUDA_NORM=warp`, for rows of at most 32·[`WARP_CACHE`]
+/// 16-byte vectors (checked by the caller, as the spec, dtypes and lengths are): `dx` by
+/// `norm_bwd_dx_warp_*` (one warp per row), the parameter gradients by
+/// `norm_param_grad_*` (partial rows of a fixed split, [`param_grad_splits`]) finished by
+/// `col_finish`. Each kernel runs only where its results are wanted.
+#[allow(clippy::too_many_arguments)]
+fn backward_warp(
+    x: &CudaStorage,
+    dy: &CudaStorage,
+    w: Option<&CudaStorage>,
+    mean: &CudaStorage,
+    rstd: &CudaStorage,
+    spec: &RowNorm,
+    want: Wanted,
+    (t, p): (DType, DType),
+) -> Result<NormGrads> {
+    let dev = &x.dev;
+    let (groups, rpg) = (spec.groups(), spec.rows_per_group);
+    let (rows64, d, rpg64, rms) = (spec.rows as i64, spec.d as i32, rpg as i64, spec.rms as i32);
+    let mut dx = None;
+    if want.dx {
+        let mut out = dev.alloc(spec.rows * spec.d, t)?;
+        let f = dev.func("norm", norm_kernel("bwd_dx_warp", t, p, true))?;
+        let mut lb = dev.stream.launch_builder(&f);
+        lb.buf(&x.buf).buf(&dy.buf);
+        push_opt(&mut lb, w.map(|s| &s.buf));
+        lb.buf(&mean.buf).buf(&rstd.buf).buf_mut(&mut out);
+        lb.arg(&rows64).arg(&d).arg(&rpg64).arg(&spec.w_offset).arg(&rms);
+        // SAFETY: warp k of the grid reads rows k, k + warps, ... < rows of x and dy (rows·d
+        // elements each) and of mean/rstd (rows values), parameter row row/rows_per_group <
+        // groups of w, and writes those rows of dx. d is a multiple of the vector width, so
+        // every 16-byte access is aligned (allocations are 256-byte aligned).
+        unsafe { lb.launch(warp_rows_config(spec.rows)) }?;
+        dx = Some(out);
+    }
+    if want.dw.is_none() && want.db.is_none() {
+        return Ok(NormGrads { dx, dw: None, db: None });
+    }
+
+    let vec = vec_width(t, spec.d);
+    let (splits, chunk) = param_grad_splits(groups, rpg, spec.d / vec);
+    let n_part = groups * splits * spec.d;
+    let mut part_w = if want.dw.is_some() { Some(dev.alloc(n_part, DType::F32)?) } else { None };
+    let mut part_b = if want.db.is_some() { Some(dev.alloc(n_part, DType::F32)?) } else { None };
+    let f = dev.func("norm", norm_kernel("param_grad", t, p, true))?;
+    let cfg = LaunchConfig {
+        grid_dim: ((spec.d / vec).div_ceil(32) as u32, splits as u32, groups as u32),
+        block_dim: (32, PARAM_GRAD_THREAD_ROWS, 1),
+        shared_mem_bytes: 0,
+    };
+    let (splits64, chunk64) = (splits as i64, chunk as i64);
+    let mut lb = dev.stream.launch_builder(&f);
+    lb.buf(&x.buf).buf(&dy.buf).buf(&mean.buf).buf(&rstd.buf);
+    push_opt_mut(&mut lb, part_w.as_mut());
+    push_opt_mut(&mut lb, part_b.as_mut());
+    lb.arg(&rpg64).arg(&d).arg(&splits64).arg(&chunk64);
+    // SAFETY: block (tile, s, g) reads the 16-byte vectors of columns below d of rows
+    // g·rows_per_group + [s·chunk, min((s+1)·chunk, rows_per_group)) of x and dy (inside
+    // rows·d elements; aligned as above) and those rows of mean/rstd, and writes
+    // part[(g·splits + s)·d + c] for c < d, inside the groups·splits·d floats (splits ≤
+    // 1024 and groups ≤ 65535 fit the grid's y and z).
+    unsafe { lb.launch(cfg) }?;
+
+    // The partial rows of each group, [groups, splits, d], summed over the splits.
+    let dw = finish_partials(dev, part_w, want.dw, groups, splits, spec.d)?;
+    let db = finish_partials(dev, part_b, want.db, groups, splits, spec.d)?;
     Ok(NormGrads { dx, dw, db })
 }

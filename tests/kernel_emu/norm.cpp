@@ -4,7 +4,10 @@
 // the two-stage parameter-gradient reduction, finished by reduce.cu's col_finish), for
 // every pairing of f32/bf16 activations with f32/bf16 parameters, at row lengths that take
 // the scalar and the 16-byte vector entry points and rows too long for the kernels'
-// register caches.
+// register caches. With the warp switch (SYNTHOS_CUDA_NORM=warp) the same cases run the
+// one-warp-per-row forward and, for 16-byte rows that fit a warp, the warp backward: dx by
+// warps and the parameter gradients' column reduction (norm_param_grad), with grids where
+// warps stride over rows and row splits that do not divide the rows.
 #include "harness.h"
 
 #include "norm.cu"
@@ -23,12 +26,23 @@ constexpr size_t kFwdCache = 4;             // FWD_CACHE
 constexpr size_t kBwdCache = 2;             // BWD_CACHE
 constexpr size_t kParamGradBlocks = 512;    // PARAM_GRAD_BLOCKS
 constexpr size_t kMaxGrid = size_t(1) << 20;  // MAX_GRID
+constexpr size_t kWarpCache = 8;            // WARP_CACHE
+constexpr size_t kParamGradTarget = 1024;   // PARAM_GRAD_TARGET_BLOCKS
+constexpr size_t kParamGradMinRows = 32;    // PARAM_GRAD_MIN_ROWS
 
 // `vec_width`: 16 bytes of T when d is a multiple of that, else 1.
 template <class T>
 size_t vec_width(size_t d) {
     const size_t v = 16 / sizeof(T);
     return d % v == 0 ? v : 1;
+}
+
+// `param_grad_splits`: (splits, chunk) of the warp backward's parameter gradients.
+std::pair<size_t, size_t> param_grad_splits(size_t groups, size_t rpg, size_t nvec) {
+    const size_t base = groups * ceil_div(nvec, 32);
+    const size_t splits = std::clamp<size_t>(ceil_div(kParamGradTarget, base), 1, ceil_div(rpg, kParamGradMinRows));
+    const size_t chunk = ceil_div(rpg, splits);
+    return {ceil_div(rpg, chunk), chunk};
 }
 
 // `threads_for`: a multiple of 32, at most 256, so that each thread holds at most `cache`
@@ -45,24 +59,32 @@ struct K<float, float> {
     static constexpr auto fwd_v1 = EMU_KERNEL(norm_fwd_f32_f32_v1), fwd_vec = EMU_KERNEL(norm_fwd_f32_f32_vec);
     static constexpr auto warp_v1 = EMU_KERNEL(norm_fwd_warp_f32_f32_v1), warp_vec = EMU_KERNEL(norm_fwd_warp_f32_f32_vec);
     static constexpr auto bwd_v1 = EMU_KERNEL(norm_bwd_f32_f32_v1), bwd_vec = EMU_KERNEL(norm_bwd_f32_f32_vec);
+    static constexpr auto bwd_dx_warp = EMU_KERNEL(norm_bwd_dx_warp_f32_f32_vec);
+    static constexpr auto param_grad = EMU_KERNEL(norm_param_grad_f32_f32_vec);
 };
 template <>
 struct K<float, bf16> {
     static constexpr auto fwd_v1 = EMU_KERNEL(norm_fwd_f32_bf16_v1), fwd_vec = EMU_KERNEL(norm_fwd_f32_bf16_vec);
     static constexpr auto warp_v1 = EMU_KERNEL(norm_fwd_warp_f32_bf16_v1), warp_vec = EMU_KERNEL(norm_fwd_warp_f32_bf16_vec);
     static constexpr auto bwd_v1 = EMU_KERNEL(norm_bwd_f32_bf16_v1), bwd_vec = EMU_KERNEL(norm_bwd_f32_bf16_vec);
+    static constexpr auto bwd_dx_warp = EMU_KERNEL(norm_bwd_dx_warp_f32_bf16_vec);
+    static constexpr auto param_grad = EMU_KERNEL(norm_param_grad_f32_bf16_vec);
 };
 template <>
 struct K<bf16, float> {
     static constexpr auto fwd_v1 = EMU_KERNEL(norm_fwd_bf16_f32_v1), fwd_vec = EMU_KERNEL(norm_fwd_bf16_f32_vec);
     static constexpr auto warp_v1 = EMU_KERNEL(norm_fwd_warp_bf16_f32_v1), warp_vec = EMU_KERNEL(norm_fwd_warp_bf16_f32_vec);
     static constexpr auto bwd_v1 = EMU_KERNEL(norm_bwd_bf16_f32_v1), bwd_vec = EMU_KERNEL(norm_bwd_bf16_f32_vec);
+    static constexpr auto bwd_dx_warp = EMU_KERNEL(norm_bwd_dx_warp_bf16_f32_vec);
+    static constexpr auto param_grad = EMU_KERNEL(norm_param_grad_bf16_f32_vec);
 };
 template <>
 struct K<bf16, bf16> {
     static constexpr auto fwd_v1 = EMU_KERNEL(norm_fwd_bf16_bf16_v1), fwd_vec = EMU_KERNEL(norm_fwd_bf16_bf16_vec);
     static constexpr auto warp_v1 = EMU_KERNEL(norm_fwd_warp_bf16_bf16_v1), warp_vec = EMU_KERNEL(norm_fwd_warp_bf16_bf16_vec);
     static constexpr auto bwd_v1 = EMU_KERNEL(norm_bwd_bf16_bf16_v1), bwd_vec = EMU_KERNEL(norm_bwd_bf16_bf16_vec);
+    static constexpr auto bwd_dx_warp = EMU_KERNEL(norm_bwd_dx_warp_bf16_bf16_vec);
+    static constexpr auto param_grad = EMU_KERNEL(norm_param_grad_bf16_bf16_vec);
 };
 template <class P>
 constexpr auto col_finish_kernel() {
@@ -83,6 +105,9 @@ constexpr double rtol_of() {
 bool warp_forward = false;
 size_t warp_grid_cap = 1 << 20;
 size_t warp_runs = 0;
+// Backwards that took the warp kernels, and those whose parameter gradients were split in
+// more than one block of rows (of them, with a short last split).
+size_t warp_bwd_runs = 0, split_runs = 0, short_split_runs = 0;
 
 // cpu::norm::RowNorm, plus which parameters the op has.
 struct Spec {
@@ -160,23 +185,50 @@ void run(const Spec& s, bool with_dx) {
     // ---- backward (`cuda::norm::backward`), from the kernel's own statistics
     const bool params = s.has_w || s.has_b;
     const size_t rpg = s.rows_per_group;
-    const size_t nblk = params ? std::clamp<size_t>(ceil_div(kParamGradBlocks, groups), 1, rpg) : std::min(rpg, kMaxGrid);
-    const size_t n_part = groups * nblk * d;
     DeviceArray<T> dx(rows * d);
-    DeviceArray<float> part_w(n_part), part_b(n_part);
-    const emu::LaunchConfig bcfg{dim3((unsigned)nblk, (unsigned)groups), dim3(threads_for(d / vec, kBwdCache)), 0};
-    const auto bwd = vec > 1 ? K<T, P>::bwd_vec : K<T, P>::bwd_v1;
-    emu::launch(bcfg, bwd, dx_in.ptr(), ddy.ptr(), w_ptr, mean.ptr(), rstd.ptr(), with_dx ? dx.ptr() : nullptr,
-                s.has_w ? part_w.ptr() : nullptr, s.has_b ? part_b.ptr() : nullptr, (int64_t)rpg, (int)d, s.w_offset,
-                (int)s.rms);
     DeviceArray<P> dw(groups * d), db(groups * d);
-    const auto reduce = [&](const DeviceArray<float>& part, DeviceArray<P>& out) {
-        // reduce.rs `col_finish` over the partials viewed as [groups, nblk, d].
+    // Partials [groups, splits, d] summed by reduce.rs `col_finish`.
+    const auto reduce = [&](const DeviceArray<float>& part, size_t splits, DeviceArray<P>& out) {
         const emu::LaunchConfig fcfg{dim3((unsigned)(groups * ceil_div(d, 32))), dim3(32, 8), 0};
-        emu::launch(fcfg, col_finish_kernel<P>(), part.ptr(), out.ptr(), (int64_t)nblk, (int64_t)d, 1.0f);
+        emu::launch(fcfg, col_finish_kernel<P>(), part.ptr(), out.ptr(), (int64_t)splits, (int64_t)d, 1.0f);
     };
-    if (s.has_w) reduce(part_w, dw);
-    if (s.has_b) reduce(part_b, db);
+    if (warp_forward && vec > 1 && d / vec <= 32 * kWarpCache) {
+        // `backward_warp`: dx by warps (the forward's launch shape, same grid cap), then the
+        // parameter-gradient partials over a (tiles, splits, groups) grid of 32×8 blocks.
+        ++warp_bwd_runs;
+        if (with_dx) {
+            const emu::LaunchConfig wcfg{dim3((unsigned)std::clamp<size_t>(ceil_div(rows, 8), 1, warp_grid_cap)),
+                                         dim3(256), 0};
+            emu::launch(wcfg, K<T, P>::bwd_dx_warp, dx_in.ptr(), ddy.ptr(), w_ptr, mean.ptr(), rstd.ptr(), dx.ptr(),
+                        (int64_t)rows, (int)d, (int64_t)rpg, s.w_offset, (int)s.rms);
+        }
+        if (params) {
+            const auto [splits, chunk] = param_grad_splits(groups, rpg, d / vec);
+            if (splits > 1) ++split_runs;
+            if (splits > 1 && rpg % splits != 0) ++short_split_runs;
+            const size_t n_part = groups * splits * d;
+            DeviceArray<float> part_w(n_part), part_b(n_part);
+            const emu::LaunchConfig pcfg{dim3((unsigned)ceil_div(d / vec, 32), (unsigned)splits, (unsigned)groups),
+                                         dim3(32, 8), 0};
+            emu::launch(pcfg, K<T, P>::param_grad, dx_in.ptr(), ddy.ptr(), mean.ptr(), rstd.ptr(),
+                        s.has_w ? part_w.ptr() : nullptr, s.has_b ? part_b.ptr() : nullptr, (int64_t)rpg, (int)d,
+                        (int64_t)splits, (int64_t)chunk);
+            if (s.has_w) reduce(part_w, splits, dw);
+            if (s.has_b) reduce(part_b, splits, db);
+        }
+    } else {
+        const size_t nblk =
+            params ? std::clamp<size_t>(ceil_div(kParamGradBlocks, groups), 1, rpg) : std::min(rpg, kMaxGrid);
+        const size_t n_part = groups * nblk * d;
+        DeviceArray<float> part_w(n_part), part_b(n_part);
+        const emu::LaunchConfig bcfg{dim3((unsigned)nblk, (unsigned)groups), dim3(threads_for(d / vec, kBwdCache)), 0};
+        const auto bwd = vec > 1 ? K<T, P>::bwd_vec : K<T, P>::bwd_v1;
+        emu::launch(bcfg, bwd, dx_in.ptr(), ddy.ptr(), w_ptr, mean.ptr(), rstd.ptr(), with_dx ? dx.ptr() : nullptr,
+                    s.has_w ? part_w.ptr() : nullptr, s.has_b ? part_b.ptr() : nullptr, (int64_t)rpg, (int)d,
+                    s.w_offset, (int)s.rms);
+        if (s.has_w) reduce(part_w, nblk, dw);
+        if (s.has_b) reduce(part_b, nblk, db);
+    }
 
     std::vector<double> want_dx(rows * d), dx_tol(rows * d), want_dw(groups * d, 0.0), want_db(groups * d, 0.0),
         dw_scale(groups * d, 0.0), db_scale(groups * d, 0.0);
@@ -303,16 +355,30 @@ int main() {
     family<float, bf16>();
     family<bf16, float>();
     family<bf16, bf16>();
-    // The one-warp-per-row forward on the same cases, then with a grid of 2 blocks (16
-    // warps) over 40 and 600 rows, so that warps stride over several rows each.
+    // The warp norms (forward and backward) on the same cases and every dtype pair, then
+    // with a grid of 2 blocks (16 warps) over 40 to 666 rows, so that warps stride over
+    // several rows each, and with row splits of the parameter gradients that leave a short
+    // last split (333 rows in 11 splits of 31; 97 in 4 of 25) over one to three column tiles.
     warp_forward = true;
     family<float, float>();
     family<bf16, bf16>();
     family<bf16, float>();
+    family<float, bf16>();
     warp_grid_cap = 2;
     run<bf16, float>({"layer_norm_modulate", 40, 64, 20, 1.f, 1e-6f, false, true, true}, true);
     run<float, float>({"rms_norm", 600, 37, 600, 0.f, 1e-6f, true, true, false}, true);
+    run<float, float>({"rms_norm", 600, 40, 600, 0.f, 1e-6f, true, true, false}, true);
+    run<bf16, bf16>({"layer_norm_modulate", 666, 64, 333, 1.f, 1e-6f, false, true, true}, true);
+    run<float, bf16>({"layer_norm_modulate", 666, 64, 333, 1.f, 1e-6f, false, true, true}, true);
+    run<float, float>({"rms_norm", 97, 264, 97, 0.f, 1e-6f, true, true, false}, true);
+    run<bf16, float>({"layer_norm", 97, 264, 97, 0.f, 1e-5f, false, true, true}, true);
+    run<bf16, bf16>({"layer_norm (no affine)", 150, 264, 150, 1.f, 1e-6f, false, false, false}, true);
+    run<float, float>({"layer_norm_modulate (no dx)", 666, 264, 222, 1.f, 1e-6f, false, true, true}, false);
     report.expect(warp_runs >= 30, format("the warp forward ran %zu times", warp_runs));
+    report.expect(warp_bwd_runs >= (kTsan ? 26u : 39u), format("the warp backward ran %zu times", warp_bwd_runs));
+    report.expect(short_split_runs >= 4,
+                  format("%zu warp backwards split the rows (%zu with a short last split)", split_runs,
+                         short_split_runs));
     // RMSNorm + RoPE: Wan's heads of 128 and odd token counts, several heads per lane's
     // vectors (head_dim 8 and 16), and a grid of 2 blocks so that warps stride over rows.
     norm_rope<float, float>(2, 5, 3, 16, 1u << 20);
