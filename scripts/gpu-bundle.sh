@@ -8,15 +8,26 @@
 # carry limit. Then run there, through the device tool with carry [".gpu-bundle"] (and
 # ".whl" without a stored PyTorch reference):   bash scripts/gpu-check.sh
 #
-# The bundle records the commit it was built from (.gpu-bundle/commit). When that is HEAD
-# and the tracked files are unchanged, the script says so and builds nothing (FORCE=1
-# rebuilds): a bundle built at the end of one session serves the next one's lease at once.
+# The bundle records the commit it was built from (.gpu-bundle/commit). When it was built
+# from a clean tree and nothing it is built from has changed since (every tracked file but
+# the documentation and the scripts that run from the checkout on the device), the script
+# says so and builds nothing (FORCE=1 rebuilds): a bundle built at the end of one session
+# serves the next one's lease at once, whatever notes were committed after it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stamp() { echo "$(git rev-parse HEAD) $(git status --porcelain --untracked-files=no | grep -q . && echo changed || echo clean)"; }
-if [ "${FORCE:-0}" != 1 ] && [ -s .gpu-bundle/bundle.tar.xz ] && [ -f .gpu-bundle/commit ] \
-  && [ "$(cat .gpu-bundle/commit)" = "$(stamp)" ] && [[ "$(stamp)" == *" clean" ]]; then
-  echo "gpu-bundle: .gpu-bundle is up to date (built from $(cut -d' ' -f1 .gpu-bundle/commit)); FORCE=1 rebuilds"
+inputs=(. ':!docs' ':!*.md' ':!scripts/gpu-check.sh' ':!scripts/gpu-check-emulated.sh' ':!scripts/gpu-summary.py'
+  ':!scripts/reference')
+up_to_date() {
+  [ -s .gpu-bundle/bundle.tar.xz ] && [ -f .gpu-bundle/commit ] || return 1
+  local commit state
+  read -r commit state < .gpu-bundle/commit
+  # Against the working tree: uncommitted changes to the inputs count too.
+  [ "$state" = clean ] && git diff --quiet "$commit" -- "${inputs[@]}" 2>/dev/null
+}
+if [ "${FORCE:-0}" != 1 ] && up_to_date; then
+  echo "gpu-bundle: .gpu-bundle is up to date (built from $(cut -d' ' -f1 .gpu-bundle/commit); nothing it is" \
+    "built from has changed since); FORCE=1 rebuilds"
   exit 0
 fi
 built_from=$(stamp)
