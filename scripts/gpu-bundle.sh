@@ -34,7 +34,9 @@ built_from=$(stamp)
 bash scripts/install-cuda-toolchain.sh >/dev/null
 export SYNTHOS_REQUIRE_NVCC=1
 stage=target/gpu-bundle-stage
-rm -rf .gpu-bundle "$stage" && mkdir -p .gpu-bundle "$stage/tests"
+# The old bundle stays in place until the new one is complete (an interrupted build
+# leaves it as it was).
+rm -rf "$stage" && mkdir -p .gpu-bundle "$stage/tests"
 cargo build --release --bin synthos-engine
 cp target/release/synthos-engine "$stage/"
 # Test and bench executables (release, so timings in benches are meaningful).
@@ -68,7 +70,8 @@ cp target/release/build/synthos-engine-*/out/*.fatbin "$stage/fatbin/" 2>/dev/nu
 pwd > "$stage/built-in"
 strip "$stage"/synthos-engine "$stage"/bench-kernels "$stage"/tests/*
 echo "$built_from" > "$stage/commit"
-tar -C "$stage" -cf - . | xz -T1 --lzma2=preset=6,dict=768MiB > .gpu-bundle/bundle.tar.xz
+tar -C "$stage" -cf - . | xz -T1 --lzma2=preset=6,dict=768MiB > .gpu-bundle/bundle.tar.xz.part
+mv .gpu-bundle/bundle.tar.xz.part .gpu-bundle/bundle.tar.xz
 cp "$stage/commit" .gpu-bundle/commit
 ls "$stage/tests"
 du -sh "$stage" .gpu-bundle/bundle.tar.xz
