@@ -371,9 +371,7 @@ fn gpu_gelu_epilogue_matches_cpu() {
                         assert!(!ops::gelu_epilogue_applies(&xg, &wt, bgpu).unwrap(), "{name}: fused on the tape");
                         let taped = ops::linear_gelu_tanh(&xg, &wt, bgpu).unwrap();
                         let plain = autograd::no_grad(|| {
-                            synthos_engine::cuda::matmul::with_gelu_epilogue(false, || {
-                                gelu(&ops::linear(&xg, &wg, bgpu).unwrap())
-                            })
+                            with_gelu_epilogue(false, || gelu(&ops::linear(&xg, &wg, bgpu).unwrap()))
                         });
                         assert_eq!(vals(&taped), vals(&plain), "{name}: the tape's path changed");
                         autograd::clear_tape();

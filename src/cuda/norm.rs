@@ -21,6 +21,12 @@ const PARAM_GRAD_BLOCKS: usize = 512;
 const MAX_GRID: usize = 1 << 20;
 /// Vectors per lane the one-warp-per-row forward keeps in registers (`WARP_CACHE`).
 const WARP_CACHE: usize = 8;
+
+/// Whether a row of `d` values in vectors of `vec` fits the warp kernels' register cache
+/// (32 lanes × [`WARP_CACHE`] vectors).
+fn fits_warp(d: usize, vec: usize) -> bool {
+    d / vec <= 32 * WARP_CACHE
+}
 /// Rows (warps) per block of the one-warp-per-row kernels.
 const WARP_ROWS: usize = 8;
 /// Blocks the warp backward's parameter-gradient partials (`norm_param_grad_*`) aim for:
@@ -157,7 +163,7 @@ pub fn forward(
     check_len("weight", w, spec.groups() * spec.d)?;
     check_len("bias", b, spec.groups() * spec.d)?;
     let vec = vec_width(t, spec.d);
-    let warp = spec.d / vec <= 32 * WARP_CACHE && warp_forward()?;
+    let warp = fits_warp(spec.d, vec) && warp_forward()?;
     let f = dev.func("norm", norm_kernel(if warp { "fwd_warp" } else { "fwd" }, t, p, vec > 1))?;
     let mut y = dev.alloc(spec.rows * spec.d, t)?;
     let mut stats =
@@ -207,7 +213,7 @@ pub fn rope_fusable(t: DType, p: DType, d: usize, head_dim: usize) -> Result<boo
 fn rope_kernel_takes(t: DType, p: DType, d: usize, head_dim: usize) -> bool {
     let vec = vec_width(t, d);
     let pair = matches!((t, p), (DType::F32, DType::F32) | (DType::BF16, _));
-    vec > 1 && head_dim > 0 && head_dim.is_multiple_of(vec) && d / vec <= 32 * WARP_CACHE && pair
+    vec > 1 && head_dim > 0 && head_dim.is_multiple_of(vec) && fits_warp(d, vec) && pair
 }
 
 /// The launch of the one-warp-per-row kernels: blocks of [`WARP_ROWS`] warps, one row each.
@@ -338,7 +344,7 @@ pub fn backward(
     let params = want.dw.is_some() || want.db.is_some();
     let rpg = spec.rows_per_group;
     let vec = vec_width(t, spec.d);
-    if vec > 1 && spec.d / vec <= 32 * WARP_CACHE && warp_forward()? {
+    if vec > 1 && fits_warp(spec.d, vec) && warp_forward()? {
         return backward_warp(x, dy, w, mean, rstd, spec, want, (t, p));
     }
     let nblk = if params { PARAM_GRAD_BLOCKS.div_ceil(groups).clamp(1, rpg) } else { rpg.min(MAX_GRID) };
