@@ -131,6 +131,7 @@ gate ops_norm gpu_warp_forward_norms_match_cpu "[warp]"
 gate ops_norm gpu_warp_backward_is_deterministic "[warp]"
 gate ops_reduce gpu_vector_column_sums_match_cpu "[vec]"
 gate ops_matmul gpu_gelu_epilogue_matches_cpu "[epilogue]"
+gate ops_matmul gpu_mlp_gelu_epilogue_matches_cpu "[epilogue]"
 gate ops_conv gpu_im2col_by_rows_matches_the_element_kernel "[rows]"
 gate optim gpu_split_masters_match_fp32_masters "SPLIT_MASTER"  # no bench case: the stage below
 gate pipeline gpu_graph_replays_match_plain_runs "[graphs]"

@@ -411,6 +411,33 @@ thread_local! {
     static KEEP: RefCell<Vec<KeepFrame>> = const { RefCell::new(Vec::new()) };
     static REUSED: Cell<usize> = const { Cell::new(0) };
     static CHECKPOINTED: Cell<usize> = const { Cell::new(0) };
+    static UNFUSED: Cell<usize> = const { Cell::new(0) };
+}
+
+/// False while a checkpointed block that keeps `linear` outputs runs (either pass), and in
+/// the recompute of any block whose first pass ran where this was false. There an op whose
+/// tape-recording form fuses across a linear output (`ops::mlp_gelu_tanh`'s GELU in the
+/// GEMM epilogue) must run unfused: a kept output is the unfused op's, and the recompute
+/// must take or reproduce exactly what the first pass computed.
+pub(crate) fn linear_fusion_allowed() -> bool {
+    UNFUSED.with(|c| c.get() == 0)
+}
+
+/// Runs `f` with [`linear_fusion_allowed`] false when `unfused`.
+fn fusion_context<R>(unfused: bool, f: impl FnOnce() -> R) -> R {
+    struct Leave(bool);
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            if self.0 {
+                UNFUSED.with(|c| c.set(c.get().saturating_sub(1)));
+            }
+        }
+    }
+    if unfused {
+        UNFUSED.with(|c| c.set(c.get() + 1));
+    }
+    let _leave = Leave(unfused);
+    f()
 }
 
 /// True while a checkpointed block runs on this thread, in its first pass or in its
@@ -509,11 +536,14 @@ where
     // A block checkpointed inside another one's recompute takes its kept outputs from the
     // outer block's store; it keeps nothing of its own.
     let nested = KEEP.with(|k| matches!(k.borrow().last(), Some(KeepFrame::Replay(..))));
+    // Both passes run in the fusion context of the first (see `linear_fusion_allowed`).
+    let unfused = keep.linear || !linear_fusion_allowed();
     let (out, kept) = if nested || keep == Keep::NOTHING {
-        (checkpointed_pass(|| no_grad(|| f(inputs)))?, std::collections::VecDeque::new())
+        (fusion_context(unfused, || checkpointed_pass(|| no_grad(|| f(inputs))))?, std::collections::VecDeque::new())
     } else {
-        let (out, frame) =
-            with_keep_frame(KeepFrame::Store(keep, Vec::new()), || checkpointed_pass(|| no_grad(|| f(inputs))));
+        let (out, frame) = with_keep_frame(KeepFrame::Store(keep, Vec::new()), || {
+            fusion_context(unfused, || checkpointed_pass(|| no_grad(|| f(inputs))))
+        });
         let kept = match frame {
             Some(KeepFrame::Store(_, kept)) => kept.into(),
             _ => bail!("checkpointed block: its keep frame was lost"),
@@ -535,7 +565,7 @@ where
                 .collect();
             FRAMES.with(|fr| fr.borrow_mut().push(Vec::new()));
             let (recomputed, frame) = with_keep_frame(KeepFrame::Replay(keep, kept), || {
-                checkpointed_pass(|| with_recording(true, || f(&leaves)))
+                fusion_context(unfused, || checkpointed_pass(|| with_recording(true, || f(&leaves))))
             });
             let nodes = FRAMES.with(|fr| fr.borrow_mut().pop().unwrap_or_default());
             let y = recomputed?;

@@ -454,6 +454,31 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
                 },
             ));
         }
+        // The whole FFN forward and backward as a training step runs it (input, weights and
+        // biases tracked): the three ops, or (GPU only, SYNTHOS_CUDA_GELU_EPILOGUE=1) one
+        // tape node with GELU_AUX_BIAS forward and DGELU_BGRAD backward. Six products of
+        // 2·m·k·n FLOPs; the bytes count the operands and outputs of the six products.
+        let w2 = rand(&[k, nn], &mut rng, device)?;
+        let b2 = rand(&[k], &mut rng, device)?;
+        let dy = rand(&[m, k], &mut rng, device)?;
+        for &fused in variants {
+            let (x, w, b, w2, b2, dy) = (x.clone(), w.clone(), b.clone(), w2.clone(), b2.clone(), dy.clone());
+            v.push(BenchCase::kernel(
+                Bound::Compute,
+                "matmul",
+                format!("mlp fwd+bwd{} {m}x{k}->{nn}->{k}", if fused { "[epilogue]" } else { "" }),
+                6.0 * ((m * k) + (nn * k) + (m * nn)) as f64 * e,
+                12.0 * (m * k * nn) as f64,
+                move || {
+                    cuda::matmul::with_gelu_epilogue(fused, || {
+                        let t = |v: &Tensor| v.detach().requires_grad();
+                        let (x, w, b, w2, b2) = (t(&x), t(&w), t(&b), t(&w2), t(&b2));
+                        let y = ops::mlp_gelu_tanh(&x, &w, Some(&b), &w2, Some(&b2))?;
+                        autograd::backward_with(&y, dy.clone()).map(|_| ())
+                    })
+                },
+            ));
+        }
     }
 
     // Attention at Wan's shapes: head dim 128, 12 heads; self-attention over the latent

@@ -11,6 +11,12 @@
 //! algorithm: results are identical to the uncached path. Only the bias pointer changes
 //! between calls; it is set on the cached descriptor just before each call, under the
 //! cache's lock (cuBLASLt reads descriptor attributes when the call is made).
+//!
+//! The GELU training epilogues, which cudarc's wrapper does not offer, always run through
+//! plans ([`matmul_gelu_aux`], [`matmul_dgelu`]): `GELU_AUX[_BIAS]` writes the GELU input
+//! to an aux matrix beside the output, `DGELU[_BGRAD]` multiplies the product by the GELU
+//! derivative at that aux matrix and writes its column sums as a bias gradient. The aux
+//! matrix has the output's layout; its leading dimension is part of the plan.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -41,8 +47,23 @@ pub fn with_plans<R>(on: bool, f: impl FnOnce() -> R) -> R {
     super::choice::with(PLANS_VAR, on as usize, f)
 }
 
+/// What cuBLASLt applies after the product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Epilogue {
+    /// The product (+ bias).
+    Plain,
+    /// GELU-tanh of the product (+ bias).
+    Gelu,
+    /// GELU-tanh of the product (+ bias), its input written to the aux matrix.
+    GeluAux,
+    /// The product times GELU-tanh' at the aux matrix; with a bias pointer, the result's
+    /// sums along the rows of our C (cuBLASLt's columns) written there.
+    DGelu,
+}
+
 /// What determines a plan: the element type and every field of the configuration that
-/// reaches a layout or the descriptor, and the epilogue: bias, GELU-tanh.
+/// reaches a layout or the descriptor, and the epilogue: bias (or bias gradient), GELU-tanh
+/// and its aux matrix's leading dimension.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Key {
     dtype: DType,
@@ -52,7 +73,42 @@ struct Key {
     strides: (Option<i64>, Option<i64>, Option<i64>),
     batch: Option<i32>,
     bias: bool,
-    gelu: bool,
+    epilogue: Epilogue,
+}
+
+impl Key {
+    fn new<T: Elem>(cfg: &MatmulConfig, bias: bool, epilogue: Epilogue) -> Key {
+        Key {
+            dtype: T::DTYPE,
+            trans: (cfg.transa, cfg.transb, cfg.transc),
+            mnk: (cfg.m, cfg.n, cfg.k),
+            ld: (cfg.lda, cfg.ldb, cfg.ldc),
+            strides: (cfg.stride_a, cfg.stride_b, cfg.stride_c),
+            batch: cfg.batch_size,
+            bias,
+            epilogue,
+        }
+    }
+
+    /// cuBLASLt's epilogue for this key.
+    fn cublaslt_epilogue(&self) -> cublasLtEpilogue_t {
+        use cublasLtEpilogue_t as E;
+        match (self.epilogue, self.bias) {
+            (Epilogue::Plain, false) => E::CUBLASLT_EPILOGUE_DEFAULT,
+            (Epilogue::Plain, true) => E::CUBLASLT_EPILOGUE_BIAS,
+            (Epilogue::Gelu, false) => E::CUBLASLT_EPILOGUE_GELU,
+            (Epilogue::Gelu, true) => E::CUBLASLT_EPILOGUE_GELU_BIAS,
+            (Epilogue::GeluAux, false) => E::CUBLASLT_EPILOGUE_GELU_AUX,
+            (Epilogue::GeluAux, true) => E::CUBLASLT_EPILOGUE_GELU_AUX_BIAS,
+            (Epilogue::DGelu, false) => E::CUBLASLT_EPILOGUE_DGELU,
+            (Epilogue::DGelu, true) => E::CUBLASLT_EPILOGUE_DGELU_BGRAD,
+        }
+    }
+
+    /// Whether the epilogue reads or writes an aux matrix (laid out as C).
+    fn aux(&self) -> bool {
+        matches!(self.epilogue, Epilogue::GeluAux | Epilogue::DGelu)
+    }
 }
 
 /// The cuBLASLt objects of one product shape.
@@ -166,18 +222,23 @@ fn build(blas: &CudaBlasLT, key: &Key, cfg: &MatmulConfig, workspace: usize) -> 
     plan.b = layout(dt, b_rows, b_cols, cfg.ldb, batch(cfg.stride_b))?;
     plan.c = layout(dt, cfg.m, cfg.n, cfg.ldc, batch(cfg.stride_c))?;
     plan.desc = result::create_matmul_desc(compute, cudaDataType_t::CUDA_R_32F)?;
-    let epilogue = match (key.bias, key.gelu) {
-        (true, false) => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
-        (true, true) => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS,
-        (false, true) => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU,
-        (false, false) => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
-    };
-    // SAFETY: the descriptor is live; transposes and the epilogue are 4-byte values.
+    // SAFETY: the descriptor is live; transposes and the epilogue are 4-byte values, the
+    // aux leading dimension an i64.
     unsafe {
         set_desc_u32(plan.desc, DescAttr::CUBLASLT_MATMUL_DESC_TRANSA, cfg.transa as u32)?;
         set_desc_u32(plan.desc, DescAttr::CUBLASLT_MATMUL_DESC_TRANSB, cfg.transb as u32)?;
         set_desc_u32(plan.desc, DescAttr::CUBLASLT_MATMUL_DESC_TRANSC, cfg.transc as u32)?;
-        set_desc_u32(plan.desc, DescAttr::CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue as u32)?;
+        set_desc_u32(plan.desc, DescAttr::CUBLASLT_MATMUL_DESC_EPILOGUE, key.cublaslt_epilogue() as u32)?;
+        if key.aux() {
+            // The aux matrix is laid out as C: its leading dimension is C's.
+            let ld: i64 = cfg.ldc;
+            result::set_matmul_desc_attribute(
+                plan.desc,
+                DescAttr::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD,
+                (&ld) as *const i64 as *const c_void,
+                8,
+            )?;
+        }
     }
     let pref = result::create_matmul_pref()?;
     // SAFETY: `pref` is live and destroyed below; the workspace size is a usize, as the
@@ -214,18 +275,98 @@ pub unsafe fn matmul<T: Elem>(
     gelu: bool,
     c: &mut CudaViewMut<'_, T>,
 ) -> Result<()> {
-    let key = Key {
-        dtype: T::DTYPE,
-        trans: (cfg.transa, cfg.transb, cfg.transc),
-        mnk: (cfg.m, cfg.n, cfg.k),
-        ld: (cfg.lda, cfg.ldb, cfg.ldc),
-        strides: (cfg.stride_a, cfg.stride_b, cfg.stride_c),
-        batch: cfg.batch_size,
-        bias: bias.is_some(),
-        gelu,
-    };
+    let epilogue = if gelu { Epilogue::Gelu } else { Epilogue::Plain };
+    let key = Key::new::<T>(cfg, bias.is_some(), epilogue);
+    let stream = blas.stream();
+    let (bias_ptr, _rb) = bias.map(|x| x.device_ptr(stream)).unzip();
+    // SAFETY: per the contract; the bias holds n elements (checked by the caller).
+    unsafe { launch(blas, &key, cfg, bias_ptr, None, a, b, c) }
+}
+
+/// `c = GELU-tanh(op(a)·op(b) + bias)` with the GELU input (the product + bias) written
+/// to `aux`, laid out as `c` (cuBLASLt's `GELU_AUX[_BIAS]` epilogue), through the cached
+/// plan of its shape. Unbatched products only; C's leading dimension (the aux matrix's)
+/// must be a multiple of 8, as cuBLASLt requires.
+///
+/// # Safety
+/// `cfg` must address only elements inside the views; `aux` must hold as many elements as
+/// `c` spans and the bias (when given) `cfg.m`.
+pub unsafe fn matmul_gelu_aux<T: Elem>(
+    blas: &CudaBlasLT,
+    cfg: &MatmulConfig,
+    a: &CudaView<'_, T>,
+    b: &CudaView<'_, T>,
+    bias: Option<&CudaView<'_, T>>,
+    aux: &mut CudaViewMut<'_, T>,
+    c: &mut CudaViewMut<'_, T>,
+) -> Result<()> {
+    let key = Key::new::<T>(cfg, bias.is_some(), Epilogue::GeluAux);
+    let stream = blas.stream();
+    let (bias_ptr, _rb) = bias.map(|x| x.device_ptr(stream)).unzip();
+    let (aux_ptr, _rx) = aux.device_ptr_mut(stream);
+    // SAFETY: per the contract.
+    unsafe { launch(blas, &key, cfg, bias_ptr, Some(aux_ptr), a, b, c) }
+}
+
+/// `c = (op(a)·op(b)) · GELU-tanh'(aux)` element-wise, `aux` laid out as `c` (cuBLASLt's
+/// `DGELU` epilogue); with `bias_grad`, also the sums of `c` along its rows' direction
+/// (one per column of our row-major C, `cfg.m` of them: `DGELU_BGRAD`) written there.
+/// Unbatched products only; C's leading dimension must be a multiple of 8.
+///
+/// # Safety
+/// `cfg` must address only elements inside the views; `aux` must hold as many elements as
+/// `c` spans and `bias_grad` (when given) `cfg.m`.
+pub unsafe fn matmul_dgelu<T: Elem>(
+    blas: &CudaBlasLT,
+    cfg: &MatmulConfig,
+    a: &CudaView<'_, T>,
+    b: &CudaView<'_, T>,
+    aux: &CudaView<'_, T>,
+    bias_grad: Option<&mut CudaViewMut<'_, T>>,
+    c: &mut CudaViewMut<'_, T>,
+) -> Result<()> {
+    let key = Key::new::<T>(cfg, bias_grad.is_some(), Epilogue::DGelu);
+    let stream = blas.stream();
+    let (grad_ptr, _rg) = bias_grad.map(|x| x.device_ptr_mut(stream)).unzip();
+    let (aux_ptr, _rx) = aux.device_ptr(stream);
+    // SAFETY: per the contract.
+    unsafe { launch(blas, &key, cfg, grad_ptr, Some(aux_ptr), a, b, c) }
+}
+
+/// Sets a device pointer attribute of a descriptor.
+///
+/// # Safety
+/// `desc` must be live and `attr` a pointer attribute.
+unsafe fn set_desc_ptr(desc: sys::cublasLtMatmulDesc_t, attr: DescAttr, ptr: u64) -> Result<()> {
+    // SAFETY: per the contract; the value is a device address.
+    unsafe {
+        result::set_matmul_desc_attribute(desc, attr, (&ptr) as *const u64 as *const c_void, std::mem::size_of::<u64>())
+    }?;
+    Ok(())
+}
+
+/// Runs the product of `key` through its cached plan (built on first use), with the bias
+/// (or bias gradient) and aux pointers set on the descriptor just before the call.
+///
+/// # Safety
+/// `cfg` must address only elements inside the views; the pointers must address what the
+/// key's epilogue reads or writes.
+#[allow(clippy::too_many_arguments)]
+unsafe fn launch<T: Elem>(
+    blas: &CudaBlasLT,
+    key: &Key,
+    cfg: &MatmulConfig,
+    bias_ptr: Option<u64>,
+    aux_ptr: Option<u64>,
+    a: &CudaView<'_, T>,
+    b: &CudaView<'_, T>,
+    c: &mut CudaViewMut<'_, T>,
+) -> Result<()> {
     if cfg.stride_bias.is_some() {
         return Err(Error::msg("gemm plans: batched bias strides are not used by the engine"));
+    }
+    if key.aux() && (cfg.batch_size.is_some() || aux_ptr.is_none()) {
+        return Err(Error::msg("gemm plans: a GELU aux epilogue needs an unbatched product and an aux matrix"));
     }
     let handle_id = *blas.handle() as usize;
     let mut all = cache().lock().unwrap_or_else(|e| e.into_inner());
@@ -239,24 +380,22 @@ pub unsafe fn matmul<T: Elem>(
         }
     };
     let ws_bytes = entry.workspace.len();
-    let plan = match entry.plans.entry(key) {
+    let plan = match entry.plans.entry(*key) {
         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-        std::collections::hash_map::Entry::Vacant(v) => v.insert(build(blas, &key, cfg, ws_bytes)?),
+        std::collections::hash_map::Entry::Vacant(v) => v.insert(build(blas, key, cfg, ws_bytes)?),
     };
-    let stream = blas.stream();
-    let (bias_ptr, _rb) = bias.map(|x| x.device_ptr(stream)).unzip();
-    if let Some(ptr) = bias_ptr {
-        // SAFETY: the descriptor is live and owned by this plan, used under the lock; the
-        // value is a device address of the bias (n elements, checked by the caller).
-        unsafe {
-            result::set_matmul_desc_attribute(
-                plan.desc,
-                DescAttr::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                (&ptr) as *const u64 as *const c_void,
-                std::mem::size_of::<u64>(),
-            )
-        }?;
+    // SAFETY: the descriptor is live and owned by this plan, used under the lock; the
+    // values are device addresses of what the epilogue reads or writes (the caller's
+    // contract).
+    unsafe {
+        if let Some(ptr) = bias_ptr {
+            set_desc_ptr(plan.desc, DescAttr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, ptr)?;
+        }
+        if let Some(ptr) = aux_ptr {
+            set_desc_ptr(plan.desc, DescAttr::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, ptr)?;
+        }
     }
+    let stream = blas.stream();
     let (pa, _ra) = a.device_ptr(stream);
     let (pb, _rb2) = b.device_ptr(stream);
     let (pc, _rc) = c.device_ptr_mut(stream);

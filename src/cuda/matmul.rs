@@ -283,3 +283,129 @@ fn gemm_t<T: Elem>(
     )?;
     Ok(T::wrap(out))
 }
+
+/// Whether the GELU training epilogues ([`gemm_gelu_aux`], [`gemm_dgelu`]) can run `g`:
+/// an unbatched product whose output rows (our `n`, the aux matrix's leading dimension)
+/// are a multiple of 8, as cuBLASLt requires of the aux matrix.
+pub fn gelu_aux_fits(g: &Gemm) -> bool {
+    g.batch == 1 && g.n.is_multiple_of(8) && g.m > 0 && g.n > 0 && g.k > 0
+}
+
+/// Checks the operands of a GELU training epilogue and returns the product's description.
+fn aux_operands(what: &str, a: &CudaStorage, b: &CudaStorage, more: &[&CudaStorage], g: &Gemm) -> Result<RowGemm> {
+    let dtype = a.buf.dtype();
+    if b.buf.dtype() != dtype || more.iter().any(|c| c.buf.dtype() != dtype) {
+        bail!("{what}: operands must share one dtype ({dtype} and {})", b.buf.dtype());
+    }
+    if !gelu_aux_fits(g) {
+        bail!("{what}: {g:?} is not an unbatched product with a multiple of 8 output columns");
+    }
+    let (na, nb, _) = g.sizes();
+    if a.buf.len() < na || b.buf.len() < nb {
+        bail!("{what}: buffers too small for {g:?}");
+    }
+    Ok(RowGemm::dense(g))
+}
+
+/// `C = GELU-tanh(op(A)·op(B) + bias)` and the GELU input `op(A)·op(B) + bias` beside it
+/// (cuBLASLt's `GELU_AUX[_BIAS]` epilogue), both `[m, n]` in A's dtype: the forward of an
+/// MLP's first layer on the tape, which keeps the GELU input for the backward. Needs
+/// [`gelu_aux_fits`]. Returns `(C, GELU input)`.
+pub fn gemm_gelu_aux(
+    a: &CudaStorage,
+    b: &CudaStorage,
+    bias: Option<&CudaStorage>,
+    g: &Gemm,
+) -> Result<(CudaBuf, CudaBuf)> {
+    let rg = aux_operands("gemm with GELU aux", a, b, &bias.into_iter().collect::<Vec<_>>(), g)?;
+    if bias.is_some_and(|c| c.buf.len() < g.n) {
+        bail!("gemm with GELU aux: a bias shorter than {} for {g:?}", g.n);
+    }
+    match a.buf.dtype() {
+        crate::DType::F32 => gelu_aux_t::<f32>(a, b, bias, &rg),
+        crate::DType::BF16 => gelu_aux_t::<half::bf16>(a, b, bias, &rg),
+    }
+}
+
+fn gelu_aux_t<T: Elem>(
+    a: &CudaStorage,
+    b: &CudaStorage,
+    bias: Option<&CudaStorage>,
+    rg: &RowGemm,
+) -> Result<(CudaBuf, CudaBuf)> {
+    let dev = &a.dev;
+    let nc = rg.m * rg.n;
+    let mut out = T::take(dev.alloc(nc, T::DTYPE)?)?;
+    let mut aux = T::take(dev.alloc(nc, T::DTYPE)?)?;
+    let bias = bias.map(|c| T::of(&c.buf).map(|s| s.as_view())).transpose()?;
+    let blas = dev.blaslt()?;
+    let cfg = rg.config()?;
+    // SAFETY: `cfg` describes dense `[m, k]`/`[k, m]` and `[k, n]`/`[n, k]` operands whose
+    // buffers were checked to hold them, and C and the aux matrix of m·n elements each;
+    // the bias holds n elements.
+    unsafe {
+        super::gemm_plan::matmul_gelu_aux(
+            &blas,
+            &cfg,
+            &T::of(&b.buf)?.as_view(),
+            &T::of(&a.buf)?.as_view(),
+            bias.as_ref(),
+            &mut aux.as_view_mut(),
+            &mut out.as_view_mut(),
+        )
+    }
+    .with_ctx(|| format!("cuBLASLt {} gemm {rg:?} with the GELU aux epilogue", T::DTYPE))?;
+    Ok((T::wrap(out), T::wrap(aux)))
+}
+
+/// `C = (op(A)·op(B)) · GELU-tanh'(pre)` element-wise, `pre` (the GELU input) `[m, n]` like
+/// C (cuBLASLt's `DGELU` epilogue), and with `bias_grad` also C's sums over its m rows, the
+/// gradient of the bias added before the GELU (`DGELU_BGRAD`): the backward of an MLP's
+/// GELU and first-layer bias, fused into the product that gives the gradient of the GELU
+/// output. Needs [`gelu_aux_fits`]. Returns `(C, bias gradient)`.
+pub fn gemm_dgelu(
+    a: &CudaStorage,
+    b: &CudaStorage,
+    pre: &CudaStorage,
+    bias_grad: bool,
+    g: &Gemm,
+) -> Result<(CudaBuf, Option<CudaBuf>)> {
+    let rg = aux_operands("gemm with GELU gradient", a, b, &[pre], g)?;
+    if pre.buf.len() < g.m * g.n {
+        bail!("gemm with GELU gradient: a GELU input of {} elements for {g:?}", pre.buf.len());
+    }
+    match a.buf.dtype() {
+        crate::DType::F32 => dgelu_t::<f32>(a, b, pre, bias_grad, &rg),
+        crate::DType::BF16 => dgelu_t::<half::bf16>(a, b, pre, bias_grad, &rg),
+    }
+}
+
+fn dgelu_t<T: Elem>(
+    a: &CudaStorage,
+    b: &CudaStorage,
+    pre: &CudaStorage,
+    bias_grad: bool,
+    rg: &RowGemm,
+) -> Result<(CudaBuf, Option<CudaBuf>)> {
+    let dev = &a.dev;
+    let mut out = T::take(dev.alloc(rg.m * rg.n, T::DTYPE)?)?;
+    let mut grad = if bias_grad { Some(T::take(dev.alloc(rg.n, T::DTYPE)?)?) } else { None };
+    let blas = dev.blaslt()?;
+    let cfg = rg.config()?;
+    let mut grad_view = grad.as_mut().map(|s| s.as_view_mut());
+    // SAFETY: as in `gelu_aux_t`; the GELU input holds m·n elements laid out as C, the
+    // bias gradient n.
+    unsafe {
+        super::gemm_plan::matmul_dgelu(
+            &blas,
+            &cfg,
+            &T::of(&b.buf)?.as_view(),
+            &T::of(&a.buf)?.as_view(),
+            &T::of(&pre.buf)?.as_view(),
+            grad_view.as_mut(),
+            &mut out.as_view_mut(),
+        )
+    }
+    .with_ctx(|| format!("cuBLASLt {} gemm {rg:?} with the GELU gradient epilogue", T::DTYPE))?;
+    Ok((T::wrap(out), grad.map(T::wrap)))
+}

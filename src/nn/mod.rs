@@ -141,6 +141,13 @@ impl Linear {
     pub fn forward_gelu_tanh(&self, x: &Tensor) -> Result<Tensor> {
         ops::linear_gelu_tanh(x, &self.weight, self.bias.as_ref())
     }
+
+    /// Applies this layer, GELU-tanh, then `second`: a transformer MLP
+    /// ([`ops::mlp_gelu_tanh`]: the GELU in the GEMM epilogues, forward and backward, where
+    /// that is allowed).
+    pub fn forward_mlp_gelu_tanh(&self, second: &Linear, x: &Tensor) -> Result<Tensor> {
+        ops::mlp_gelu_tanh(x, &self.weight, self.bias.as_ref(), &second.weight, second.bias.as_ref())
+    }
 }
 
 impl Module for Linear {

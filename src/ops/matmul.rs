@@ -246,3 +246,111 @@ pub fn gelu_epilogue_applies(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> R
         && !autograd::inside_checkpoint()
         && cuda::matmul::gelu_epilogue()?)
 }
+
+/// A transformer MLP with GELU-tanh: `linear(gelu(linear(x, w1, b1), Tanh), w2, b2)`, x
+/// `[..., in]`, w1 `[hidden, in]`, w2 `[out, hidden]` → `[..., out]`. The same value and
+/// gradients as the three ops in turn, with two fusions on a GPU with
+/// `SYNTHOS_CUDA_GELU_EPILOGUE=1`:
+///
+/// - outside the tape and outside checkpointed blocks, [`linear_gelu_tanh`]'s `GELU_BIAS`
+///   epilogue (inference);
+/// - on the tape, and in checkpointed blocks that do not keep linear outputs (both
+///   passes alike), one tape node whose forward runs the first layer with cuBLASLt's
+///   `GELU_AUX_BIAS` epilogue (the GELU output, and its input kept for the backward) and
+///   whose backward runs the product that gives the GELU output's gradient with
+///   `DGELU_BGRAD` (the GELU gradient applied, and the first bias's gradient summed, in
+///   its epilogue). That removes the separate GELU pass of the forward and the GELU
+///   gradient and bias gradient passes of the backward, each over the `[..., hidden]`
+///   activation. It needs a hidden size that is a multiple of 8 (cuBLASLt's rule for the
+///   kept GELU input); other sizes run unfused.
+///
+/// [`mlp_gelu_fuses`] says which form runs.
+pub fn mlp_gelu_tanh(x: &Tensor, w1: &Tensor, b1: Option<&Tensor>, w2: &Tensor, b2: Option<&Tensor>) -> Result<Tensor> {
+    if !mlp_gelu_fuses(x, w1, b1, w2, b2)? {
+        return linear(&linear_gelu_tanh(x, w1, b1)?, w2, b2);
+    }
+    let LinearOperands { x, w: w1, bias: b1, gemm: g1, out_shape: h_shape } =
+        linear_operands("mlp_gelu_tanh", x, w1, b1)?;
+    let dev = x.device();
+    let Device::Cuda(_) = dev else { bail!("mlp_gelu_tanh: the fused form runs on the GPU only") };
+    let (h, pre) = {
+        let (sx, sw) = (x.storage(), w1.storage());
+        let sb = b1.as_ref().map(|b| b.storage());
+        let xs = sx.as_cuda()?;
+        let bias = sb.as_ref().map(|s| s.as_cuda()).transpose()?;
+        let (h, pre) = cuda::matmul::gemm_gelu_aux(xs, sw.as_cuda()?, bias, &g1)?;
+        (cuda_tensor(&xs.dev, h, &h_shape)?, cuda_tensor(&xs.dev, pre, &h_shape)?)
+    };
+    let LinearOperands { w: w2, bias: b2, gemm: g2, out_shape, .. } =
+        linear_operands("mlp_gelu_tanh (second layer)", &h, w2, b2)?;
+    let y = run(&h, &w2, b2.as_ref(), &g2, &out_shape)?;
+
+    let mut inputs = vec![&x, &w1];
+    inputs.extend(b1.as_ref());
+    inputs.push(&w2);
+    inputs.extend(b2.as_ref());
+    let tracked = |t: Option<&Tensor>| t.is_some_and(|t| t.is_tracked());
+    let (b1_tracked, b2_tracked) = (tracked(b1.as_ref()), tracked(b2.as_ref()));
+    let (has_b1, has_b2) = (b1.is_some(), b2.is_some());
+    let (sx, sw1, sw2) = (x.clone(), w1.clone(), w2.clone());
+    let (hidden, out_f) = (g1.n, g2.n);
+    Ok(record(
+        "mlp_gelu_tanh",
+        y,
+        &inputs,
+        Box::new(move |grad| {
+            let dy = cast(&rows_view(grad)?, pre.dtype())?;
+            // Second layer: dw2 = dyᵀ·h, db2 = Σ dy.
+            let gw2 = if sw2.is_tracked() { Some(matmul_t(&dy, &rows_view(&h)?, true, false)?) } else { None };
+            let gb2 = if b2_tracked { Some(sum_to(&dy, &[out_f])?) } else { None };
+            // d pre = (dy·w2) · GELU'(pre) and db1 = Σ d pre, in one product's epilogue.
+            let (gx, gw1, gb1) = if sx.is_tracked() || sw1.is_tracked() || b1_tracked {
+                let g = Gemm { batch: 1, m: dy.shape()[0], k: out_f, n: hidden, trans_a: false, trans_b: false };
+                let (sd, sw, sp) = (dy.storage(), sw2.storage(), pre.storage());
+                let d = sd.as_cuda()?;
+                let (dpre, db1) = cuda::matmul::gemm_dgelu(d, sw.as_cuda()?, sp.as_cuda()?, b1_tracked, &g)?;
+                let dpre = cuda_tensor(&d.dev, dpre, &[g.m, hidden])?;
+                let gb1 = db1.map(|b| cuda_tensor(&d.dev, b, &[hidden])).transpose()?;
+                let gw1 = if sw1.is_tracked() { Some(matmul_t(&dpre, &rows_view(&sx)?, true, false)?) } else { None };
+                let gx = if sx.is_tracked() {
+                    Some(matmul_t(&dpre, &sw1, false, false)?.view_as(sx.shape())?)
+                } else {
+                    None
+                };
+                (gx, gw1, gb1)
+            } else {
+                (None, None, None)
+            };
+            let mut grads = vec![gx, gw1];
+            if has_b1 {
+                grads.push(gb1);
+            }
+            grads.push(gw2);
+            if has_b2 {
+                grads.push(gb2);
+            }
+            Ok(grads)
+        }),
+    ))
+}
+
+/// Whether [`mlp_gelu_tanh`] would run its fused training form for these operands here and
+/// now: on a GPU with `SYNTHOS_CUDA_GELU_EPILOGUE=1` (or its per-thread override), when a
+/// tape node would be recorded or a checkpointed block is running, no checkpointed block
+/// that keeps linear outputs is involved, and the hidden size is a multiple of 8.
+pub fn mlp_gelu_fuses(x: &Tensor, w1: &Tensor, b1: Option<&Tensor>, w2: &Tensor, b2: Option<&Tensor>) -> Result<bool> {
+    let mut all = vec![x, w1, w2];
+    all.extend(b1);
+    all.extend(b2);
+    if !x.device().is_cuda() || !(autograd::needs_grad(&all) || autograd::inside_checkpoint()) {
+        return Ok(false);
+    }
+    // cuBLASLt keeps the GELU input with the hidden activation's row length, which must be
+    // a multiple of 8 (`cuda::matmul::gelu_aux_fits`).
+    let hidden = if w1.rank() == 2 { w1.shape()[0] } else { return Ok(false) };
+    Ok(hidden > 0
+        && hidden.is_multiple_of(8)
+        && x.numel() > 0
+        && autograd::linear_fusion_allowed()
+        && cuda::matmul::gelu_epilogue()?)
+}

@@ -1,7 +1,12 @@
 // An emulated cuBLASLt (libcublasLt.so) for the device emulation tier
 // (tests/device_emu/README.md). It computes D = alpha·op(A)·op(B) + beta·C (+ bias, then
 // ReLU or GELU-tanh) column-major, as cuBLASLt defines it, with strided batches, in f32 or
-// bf16 operands, accumulating in double and rounding once to D's type. Operands must lie
+// bf16 operands, accumulating in double and rounding once to D's type. The training
+// epilogues are emulated too: GELU_AUX[_BIAS] (D = GELU(x), the GELU input x written to the
+// aux matrix) and DGELU[_BGRAD] (D = product · GELU'(aux), and the bias gradient: D summed
+// along its columns, into the bias pointer), with cuBLASLt's rule that the aux leading
+// dimension be a multiple of 8 no smaller than D's rows (checked by the heuristic, as
+// cuBLASLt's finds no algorithm then, and by the call). Operands must lie
 // inside live allocations of the emulated driver; the product runs on the stream as the
 // driver runs everything (at once, or recorded while the stream is captured).
 // Anything else cuBLASLt offers (other types, orders, epilogues) is refused with
@@ -91,6 +96,10 @@ struct Desc {
     const void* bias = nullptr;
     int64_t bias_stride = 0;
     int bias_type = -1;  // D's type unless set
+    void* aux = nullptr;
+    int64_t aux_ld = 0;
+    int64_t aux_stride = 0;
+    int aux_type = -1;  // D's type unless set
     int32_t pointer_mode = 0;
 };
 
@@ -104,13 +113,45 @@ struct Op {
 
 size_t span(const Layout& l) { return (size_t)(l.batch - 1) * l.stride + (l.cols - 1) * l.ld + l.rows; }
 
+// cublasLtEpilogue_t values and what they involve.
+enum : uint32_t { GELU_AUX = 160, GELU_AUX_BIAS = 164, DGELU = 192, DGELU_BGRAD = 208 };
+bool reads_bias(uint32_t e) { return e == 4 || e == 6 || e == 36 || e == GELU_AUX_BIAS; }
+bool uses_aux(uint32_t e) { return e == GELU_AUX || e == GELU_AUX_BIAS || e == DGELU || e == DGELU_BGRAD; }
+bool gelu_forward(uint32_t e) { return e == 32 || e == 36 || e == GELU_AUX || e == GELU_AUX_BIAS; }
+
+constexpr double kGeluC = 0.7978845608028654;  // sqrt(2/pi)
+double gelu_tanh(double v) { return 0.5 * v * (1 + std::tanh(kGeluC * (v + 0.044715 * v * v * v))); }
+double gelu_tanh_grad(double v) {
+    const double t = std::tanh(kGeluC * (v + 0.044715 * v * v * v));
+    return 0.5 * (1 + t) + 0.5 * v * (1 - t * t) * kGeluC * (1 + 3 * 0.044715 * v * v);
+}
+
+// The aux rules cuBLASLt documents for the GELU epilogues: a pointer, a leading dimension
+// that is a multiple of 8 and at least D's rows; one batch. Returns 0 or a status. The
+// heuristic runs before the pointer is set (`need_pointer` false).
+Status check_aux(const Desc& d, uint64_t rows, int32_t batches, bool need_pointer) {
+    if (!uses_aux(d.epilogue)) return SUCCESS;
+    if (need_pointer && d.aux == nullptr) {
+        fprintf(stderr, "emu cuBLASLt: epilogue %u without an aux pointer\n", d.epilogue);
+        return INVALID_VALUE;
+    }
+    if (d.aux_ld % 8 != 0 || d.aux_ld < (int64_t)rows) {
+        fprintf(stderr, "emu cuBLASLt: aux leading dimension %ld for %lu rows (a multiple of 8, at least the rows)\n",
+                (long)d.aux_ld, (unsigned long)rows);
+        return NOT_SUPPORTED;
+    }
+    if (batches != 1) return unsupported("a GELU aux epilogue over %ld batches", batches);
+    return SUCCESS;
+}
+
 int run(void* ctx) {
     const Op& o = *static_cast<const Op*>(ctx);
     const bool ta = o.desc.trans[0] != 0, tb = o.desc.trans[1] != 0;
     const uint64_t m = o.d.rows, n = o.d.cols, k = ta ? o.a.rows : o.a.cols;
     const uint32_t epi = o.desc.epilogue;
-    const bool has_bias = epi == 4 || epi == 6 || epi == 36;
+    const bool has_bias = reads_bias(epi), bgrad = epi == DGELU_BGRAD, aux = uses_aux(epi);
     const int bias_type = o.desc.bias_type >= 0 ? o.desc.bias_type : o.d.type;
+    const int aux_type = o.desc.aux_type >= 0 ? o.desc.aux_type : o.d.type;
     struct Operand {
         const char* what;
         const Layout* l;
@@ -126,9 +167,15 @@ int run(void* ctx) {
         if (!emu_driver_check_range(what, (uintptr_t)op.p, span(*op.l) * type_size(op.t))) return EXECUTION_FAILED;
     }
     const int32_t batches = o.d.batch;
-    if (has_bias && !emu_driver_check_range("cuBLASLt matmul bias", (uintptr_t)o.bias,
-                                            ((size_t)(batches - 1) * o.desc.bias_stride + m) * type_size(bias_type)))
+    if ((has_bias || bgrad) &&
+        !emu_driver_check_range(bgrad ? "cuBLASLt matmul bias gradient" : "cuBLASLt matmul bias", (uintptr_t)o.bias,
+                                ((size_t)(batches - 1) * o.desc.bias_stride + m) * type_size(bias_type)))
         return EXECUTION_FAILED;
+    if (aux && !emu_driver_check_range("cuBLASLt matmul aux", (uintptr_t)o.desc.aux,
+                                       ((n - 1) * (size_t)o.desc.aux_ld + m) * type_size(aux_type)))
+        return EXECUTION_FAILED;
+    double* bias_grad = bgrad ? new double[m]() : nullptr;
+    auto* aux_p = static_cast<unsigned char*>(o.desc.aux);
     for (int32_t bt = 0; bt < batches; ++bt) {
         const unsigned char* A = o.pa + (size_t)bt * o.a.stride * type_size(o.a.type);
         const unsigned char* B = o.pb + (size_t)bt * o.b.stride * type_size(o.b.type);
@@ -146,9 +193,16 @@ int run(void* ctx) {
                 if (o.beta != 0) v += o.beta * load(o.c.type, C, i + j * o.c.ld);
                 if (has_bias) v += load(bias_type, o.bias, (size_t)bt * o.desc.bias_stride + i);
                 if (epi == 2 || epi == 6) v = v > 0 ? v : 0;
-                if (epi == 32 || epi == 36) v = 0.5 * v * (1 + std::tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)));
+                if (aux && gelu_forward(epi)) store(aux_type, aux_p, i + j * o.desc.aux_ld, v);
+                if (gelu_forward(epi)) v = gelu_tanh(v);
+                if (epi == DGELU || epi == DGELU_BGRAD) v *= gelu_tanh_grad(load(aux_type, aux_p, i + j * o.desc.aux_ld));
+                if (bgrad) bias_grad[i] += v;
                 store(o.d.type, D, i + j * o.d.ld, v);
             }
+    }
+    if (bgrad) {
+        for (uint64_t i = 0; i < m; ++i) store(bias_type, const_cast<unsigned char*>(o.bias), i, bias_grad[i]);
+        delete[] bias_grad;
     }
     return 0;
 }
@@ -210,11 +264,18 @@ EXPORT Status cublasLtMatmulDescSetAttribute(void* desc, int attr, const void* b
         case 7:
             memcpy(&d->epilogue, buf, 4);
             if (d->epilogue != 1 && d->epilogue != 2 && d->epilogue != 4 && d->epilogue != 6 && d->epilogue != 32 &&
-                d->epilogue != 36)
+                d->epilogue != 36 && !uses_aux(d->epilogue))
                 return unsupported("epilogue %ld", d->epilogue);
             break;
         case 8: memcpy(&d->bias, buf, sizeof(void*)); break;
         case 10: memcpy(&d->bias_stride, buf, 8); break;
+        case 11: memcpy(&d->aux, buf, sizeof(void*)); break;
+        case 12: memcpy(&d->aux_ld, buf, 8); break;
+        case 13:
+            memcpy(&d->aux_stride, buf, 8);
+            if (d->aux_stride != 0) return unsupported("aux batch stride %ld", d->aux_stride);
+            break;
+        case 22: memcpy(&d->aux_type, buf, 4); break;
         case 26: memcpy(&d->bias_type, buf, 4); break;
         default: return unsupported("matmul descriptor attribute %ld", attr);
     }
@@ -238,9 +299,14 @@ struct Heuristic {
     float waves;
     int reserved[4];
 };
-EXPORT Status cublasLtMatmulAlgoGetHeuristic(void*, void*, void*, void*, void*, void*, void*, int requested,
+EXPORT Status cublasLtMatmulAlgoGetHeuristic(void*, void* desc, void*, void*, void*, void* ddesc, void*, int requested,
                                             Heuristic* results, int* count) {
     if (requested < 1) return INVALID_VALUE;
+    const Layout& d = *static_cast<Layout*>(ddesc);
+    if (const Status s = check_aux(*static_cast<Desc*>(desc), d.rows, d.batch, false); s != SUCCESS) {
+        *count = 0;
+        return s;
+    }
     memset(&results[0], 0, sizeof(Heuristic));
     results[0].algo[0] = 0xE3u;  // any non-zero mark
     results[0].waves = 1;
@@ -287,11 +353,14 @@ EXPORT Status cublasLtMatmul(void*, void* desc, const void* alpha, const void* a
         delete op;
         return INVALID_VALUE;
     }
-    const bool has_bias = ds.epilogue == 4 || ds.epilogue == 6 || ds.epilogue == 36;
-    if (has_bias && ds.bias == nullptr) {
+    if ((reads_bias(ds.epilogue) || ds.epilogue == DGELU_BGRAD) && ds.bias == nullptr) {
         fprintf(stderr, "emu cuBLASLt: a bias epilogue without a bias pointer\n");
         delete op;
         return INVALID_VALUE;
+    }
+    if (const Status s = check_aux(ds, m, op->d.batch, true); s != SUCCESS) {
+        delete op;
+        return s;
     }
     const int r = emu_driver_enqueue(stream, run, op, [](void* p) { delete static_cast<Op*>(p); });
     return r == 0 ? SUCCESS : EXECUTION_FAILED;

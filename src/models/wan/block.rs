@@ -186,7 +186,7 @@ impl WanBlock {
         let x = ops::add(&x, &self.cross_attn.cross_attention(&h, context)?)?;
 
         let h = ops::layer_norm_modulate(&x, shift_mlp, scale_mlp, self.eps)?;
-        let f = self.ffn_out.forward(&self.ffn_in.forward_gelu_tanh(&h)?)?;
+        let f = self.ffn_in.forward_mlp_gelu_tanh(&self.ffn_out, &h)?;
         ops::gated_residual(&x, gate_mlp, &f)
     }
 
