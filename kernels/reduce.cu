@@ -64,24 +64,48 @@ __device__ void row_partial_impl(const T* x, float* partials, int64_t len, int64
     if (threadIdx.x == 0) partials[blockIdx.x] = total;
 }
 
-// acc[j] += value j of the VEC-wide loads at p + at(k), for k = first, first + step, …
-// below end: four loads in flight before their adds, which keep k's order.
-template <int VEC, typename T, typename At>
-__device__ __forceinline__ void add_strided(const T* p, int64_t first, int64_t end, int64_t step, At at,
+// One term of a sum: x[k], or the product x[k]·y[k] (in fp32) when MUL: the gate
+// gradient Σ g·y summed without writing g·y first.
+template <bool MUL, typename T>
+__device__ __forceinline__ float term(const T* x, const T* y, int64_t k) {
+    if constexpr (MUL) {
+        return load(x, k) * load(y, k);
+    } else {
+        return load(x, k);
+    }
+}
+
+// The VEC-wide terms at i: p[i..i+VEC), times q[i..i+VEC) when MUL.
+template <int VEC, bool MUL, typename T>
+__device__ __forceinline__ void load_terms(const T* p, const T* q, int64_t i, float (&v)[VEC]) {
+    load_vec<VEC>(p, i, v);
+    if constexpr (MUL) {
+        float w[VEC];
+        load_vec<VEC>(q, i, w);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) v[j] *= w[j];
+    }
+}
+
+// acc[j] += value j of the VEC-wide terms at at(k) (loads of p, times those of q when
+// MUL), for k = first, first + step, … below end: four loads in flight before their
+// adds, which keep k's order.
+template <int VEC, bool MUL = false, typename T, typename At>
+__device__ __forceinline__ void add_strided(const T* p, const T* q, int64_t first, int64_t end, int64_t step, At at,
                                             float (&acc)[VEC]) {
     int64_t k = first;
     for (; k + 3 * step < end; k += 4 * step) {
         float v[4][VEC];
 #pragma unroll
-        for (int q = 0; q < 4; ++q) load_vec<VEC>(p, at(k + q * step), v[q]);
+        for (int u = 0; u < 4; ++u) load_terms<VEC, MUL>(p, q, at(k + u * step), v[u]);
 #pragma unroll
-        for (int q = 0; q < 4; ++q)
+        for (int u = 0; u < 4; ++u)
 #pragma unroll
-            for (int j = 0; j < VEC; ++j) acc[j] += v[q][j];
+            for (int j = 0; j < VEC; ++j) acc[j] += v[u][j];
     }
     for (; k < end; k += step) {
         float v[VEC];
-        load_vec<VEC>(p, at(k), v);
+        load_terms<VEC, MUL>(p, q, at(k), v);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) acc[j] += v[j];
     }
@@ -102,8 +126,8 @@ __device__ void row_partial_vec_impl(const T* x, float* partials, int64_t len, i
     const T* xr = x + row * len;
     const int64_t words = len / W;
     float lanes[W] = {};
-    add_strided<W>(xr, chunk * blockDim.x + threadIdx.x, words, bpr * blockDim.x, [](int64_t i) { return i * W; },
-                   lanes);
+    add_strided<W>(xr, xr, chunk * blockDim.x + threadIdx.x, words, bpr * blockDim.x,
+                   [](int64_t i) { return i * W; }, lanes);
     float acc = 0.f;
 #pragma unroll
     for (int k = 0; k < W; ++k) acc += lanes[k];
@@ -163,8 +187,11 @@ __device__ __forceinline__ void col_block(int64_t cols, int64_t inner, int64_t s
     t = b % tiles;
 }
 
-template <typename T>
-__device__ void col_partial_impl(const T* x, float* partials, int64_t len, int64_t inner, int64_t splits,
+//   With MUL (col_partial_mul, col_partial_vec_mul) the terms are x·y, y laid out as x:
+//   the gate gradient Σ_r g·y in one pass over g and y, instead of writing g·y and
+//   summing it. The products are fp32, not rounded to T.
+template <bool MUL, typename T>
+__device__ void col_partial_impl(const T* x, const T* y, float* partials, int64_t len, int64_t inner, int64_t splits,
                                  int64_t chunk) {
     __shared__ float tile[COL_ROWS][33];
     int64_t o, s, t;
@@ -174,8 +201,8 @@ __device__ void col_partial_impl(const T* x, float* partials, int64_t len, int64
     const int64_t r1 = r0 + chunk < len ? r0 + chunk : len;
     float acc = 0.f;
     if (i < inner) {
-        const T* base = x + o * len * inner + i;
-        for (int64_t r = r0 + threadIdx.y; r < r1; r += COL_ROWS) acc += load(base, r * inner);
+        const int64_t base = o * len * inner + i;
+        for (int64_t r = r0 + threadIdx.y; r < r1; r += COL_ROWS) acc += term<MUL>(x, y, base + r * inner);
     }
     tile[threadIdx.y][threadIdx.x] = acc;
     __syncthreads();
@@ -193,9 +220,9 @@ __device__ void col_partial_impl(const T* x, float* partials, int64_t len, int64
 // (rows y, y + 8, … per thread row y, then the 8 rows of threads in order), so for the
 // same split the partials are equal bit for bit. Needs inner % VW == 0 and x 16-byte
 // aligned (the launcher checks both).
-template <typename T>
-__device__ void col_partial_vec_impl(const T* x, float* partials, int64_t len, int64_t inner, int64_t splits,
-                                     int64_t chunk) {
+template <bool MUL, typename T>
+__device__ void col_partial_vec_impl(const T* x, const T* y, float* partials, int64_t len, int64_t inner,
+                                     int64_t splits, int64_t chunk) {
     constexpr int VW = 16 / (int)sizeof(T);
     constexpr int COLS = 32 * VW;
     __shared__ float tile[COL_ROWS][COLS];
@@ -209,9 +236,9 @@ __device__ void col_partial_vec_impl(const T* x, float* partials, int64_t len, i
 #pragma unroll
     for (int j = 0; j < VW; ++j) acc[j] = 0.f;
     if (c < inner) {
-        const T* base = x + o * len * inner + c;
+        const int64_t base = o * len * inner + c;
         // Four rows' loads in flight before their adds (which keep the row order).
-        add_strided<VW>(base, r0 + threadIdx.y, r1, COL_ROWS, [=](int64_t r) { return r * inner; }, acc);
+        add_strided<VW, MUL>(x, y, r0 + threadIdx.y, r1, COL_ROWS, [=](int64_t r) { return base + r * inner; }, acc);
     }
 #pragma unroll
     for (int j = 0; j < VW; ++j) tile[threadIdx.y][threadIdx.x * VW + j] = acc[j];
@@ -245,11 +272,19 @@ __device__ void col_partial_vec_impl(const T* x, float* partials, int64_t len, i
     }                                                                                                           \
     extern "C" __global__ void col_partial_##SFX(const T* x, float* partials, int64_t len, int64_t inner,        \
                                                  int64_t splits, int64_t chunk) {                               \
-        col_partial_impl(x, partials, len, inner, splits, chunk);                                               \
+        col_partial_impl<false>(x, x, partials, len, inner, splits, chunk);                                     \
+    }                                                                                                           \
+    extern "C" __global__ void col_partial_mul_##SFX(const T* x, const T* y, float* partials, int64_t len,      \
+                                                     int64_t inner, int64_t splits, int64_t chunk) {            \
+        col_partial_impl<true>(x, y, partials, len, inner, splits, chunk);                                      \
     }                                                                                                           \
     extern "C" __global__ void col_partial_vec_##SFX(const T* x, float* partials, int64_t len, int64_t inner,    \
                                                      int64_t splits, int64_t chunk) {                           \
-        col_partial_vec_impl(x, partials, len, inner, splits, chunk);                                           \
+        col_partial_vec_impl<false>(x, x, partials, len, inner, splits, chunk);                                 \
+    }                                                                                                           \
+    extern "C" __global__ void col_partial_vec_mul_##SFX(const T* x, const T* y, float* partials, int64_t len,  \
+                                                         int64_t inner, int64_t splits, int64_t chunk) {        \
+        col_partial_vec_impl<true>(x, y, partials, len, inner, splits, chunk);                                  \
     }                                                                                                           \
     extern "C" __global__ void col_finish_##SFX(const float* partials, T* out, int64_t splits, int64_t inner,    \
                                                 float scale) {                                                  \

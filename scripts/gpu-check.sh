@@ -130,6 +130,7 @@ gate ops_attention gpu_tma_probe_matches_the_wgmma_layout "[wgmma-ws" wgmma-ws
 gate ops_norm gpu_warp_forward_norms_match_cpu "[warp]"
 gate ops_norm gpu_warp_backward_is_deterministic "[warp]"
 gate ops_reduce gpu_vector_column_sums_match_cpu "[vec]"
+gate ops_reduce gpu_sum_of_products_matches_cpu "[vec]"
 gate ops_matmul gpu_gelu_epilogue_matches_cpu "[epilogue]"
 gate ops_matmul gpu_mlp_gelu_epilogue_matches_cpu "[epilogue]"
 gate ops_conv gpu_im2col_by_rows_matches_the_element_kernel "[rows]"

@@ -381,6 +381,25 @@ pub fn cases(device: Device, size: Size) -> Result<Vec<BenchCase>> {
                 ));
             }
         }
+        // A gate's gradient, Σ over the tokens of g·y ([B, N, D] -> [B, 1, D]): the product
+        // written then summed, or (GPU, SYNTHOS_CUDA_COLSUM=vec) one pass over g and y.
+        // The bytes count the two reads and the output.
+        let y = rand(&[b, nn, dd], &mut rng, device)?;
+        for &vector in variants {
+            let (g, y) = (g.clone(), y.clone());
+            v.push(BenchCase::kernel(
+                Bound::Memory,
+                "reduce",
+                format!("sum_to gate grad of g*y{} {b}x{nn}x{dd} -> [{b}, 1, {dd}]", if vector { "[vec]" } else { "" }),
+                (2 * b * nn * dd + b * dd) as f64 * e,
+                (2 * b * nn * dd) as f64,
+                move || {
+                    crate::cuda::reduce::with_vector_columns(vector, || {
+                        ops::sum_to_product(&g, &y, &[b, 1, dd]).map(|_| ())
+                    })
+                },
+            ));
+        }
         let (b, nn, h, d) = if full { (8, 1560, 12, 128) } else { (16, 64, 8, 32) };
         let y = rand(&[b, nn, h, d], &mut rng, device)?;
         v.push(BenchCase::kernel(

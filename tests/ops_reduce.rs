@@ -194,6 +194,82 @@ fn gpu_vector_column_sums_match_cpu() {
     });
 }
 
+/// `sum_to_product` is `sum_to(mul(a, b))` on the CPU: the same bits, and on the tape the
+/// same gradients.
+#[test]
+fn sum_to_product_is_sum_to_of_mul() {
+    let mut rng = Rng::new(30);
+    let (a, b) = (randn(&[3, 11, 6], &mut rng).requires_grad(), randn(&[3, 11, 6], &mut rng).requires_grad());
+    for to in [&[3, 1, 6][..], &[6], &[3, 11, 1]] {
+        let fused = ops::sum_to_product(&a, &b, to).unwrap();
+        let plain = ops::sum_to(&ops::mul(&a, &b).unwrap(), to).unwrap();
+        assert_eq!(fused.to_vec().unwrap(), plain.to_vec().unwrap(), "{to:?}");
+        let seed = randn(fused.shape(), &mut rng);
+        let gf = synthos_engine::autograd::backward_with(&fused, seed.clone()).unwrap();
+        let gp = synthos_engine::autograd::backward_with(&plain, seed).unwrap();
+        for t in [&a, &b] {
+            assert_eq!(gf.get(t).unwrap().to_vec().unwrap(), gp.get(t).unwrap().to_vec().unwrap(), "{to:?}");
+        }
+    }
+}
+
+/// The sum of a product in one pass (`ops::sum_to_product` with `SYNTHOS_CUDA_COLSUM=vec`,
+/// the gate gradient `Σ g·y`): against the CPU's sum of the products of the same rounded
+/// values, in f32 and bf16, through the vector kernel, the scalar one (columns not a
+/// multiple of the vector width), one split, and a layout that is not a column sum (the
+/// two ops); the same bits run to run. Then `gated_residual`'s gradients, whose gate
+/// gradient takes this path, against the CPU.
+#[test]
+fn gpu_sum_of_products_matches_cpu() {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng::new(29);
+    let cases: [(&[usize], &[usize]); 6] = [
+        (&[4, 1560, 1536], &[4, 1, 1536]),
+        (&[2, 1561, 264], &[2, 1, 264]),
+        (&[2, 1561, 45], &[2, 1, 45]),
+        (&[3121, 24], &[24]),
+        (&[2, 9, 16], &[2, 1, 16]),
+        (&[3, 5, 7], &[3, 5, 1]),
+    ];
+    synthos_engine::cuda::reduce::with_vector_columns(true, || {
+        for (shape, to) in cases {
+            let (a, b) = (randn(shape, &mut rng), randn(shape, &mut rng));
+            for (dt, atol, rtol) in DTYPES {
+                let what = format!("sum_to_product {dt} {shape:?} -> {to:?}");
+                let (ag, bg) = (a.to_device(dev, dt).unwrap(), b.to_device(dev, dt).unwrap());
+                let cpu = |t: &Tensor| t.to_device(Device::Cpu, DType::F32).unwrap();
+                let want = ops::sum_to(&ops::mul(&cpu(&ag), &cpu(&bg)).unwrap(), to).unwrap().to_vec().unwrap();
+                let got = ops::sum_to_product(&ag, &bg, to).unwrap();
+                assert_eq!(got.shape(), to, "{what}: shape");
+                assert_eq!(got.dtype(), dt, "{what}: dtype");
+                let got = got.to_vec().unwrap();
+                let tol = atol * want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert_close(&got, &want, tol, rtol, &what);
+                let again = ops::sum_to_product(&ag, &bg, to).unwrap().to_vec().unwrap();
+                assert_eq!(got, again, "{what}: not deterministic");
+            }
+        }
+        let (a, b) = (randn(&[2, 3, 4], &mut rng), randn(&[2, 3, 4], &mut rng));
+        let (ag, bg) = (a.to_device(dev, DType::BF16).unwrap(), b.to_device(dev, DType::BF16).unwrap());
+        let e = ops::sum_to_product(&ag, &bg, &[5]).unwrap_err().to_string();
+        assert!(e.contains("sum_to") && e.contains("[2, 3, 4]") && e.contains("[5]"), "{e}");
+
+        let (x, gate) = (randn(&[3, 77, 264], &mut rng), randn(&[3, 1, 264], &mut rng));
+        let y = randn(&[3, 77, 264], &mut rng);
+        for (dt, atol, rtol) in DTYPES {
+            parity(
+                &format!("gated_residual[vec] {dt}"),
+                dev,
+                dt,
+                &[x.clone(), gate.clone(), y.clone()],
+                |t| ops::gated_residual(&t[0], &t[1], &t[2]),
+                atol,
+                rtol,
+            );
+        }
+    });
+}
+
 #[test]
 fn gpu_big_sum_is_accurate() {
     let Some(dev) = gpu() else { return };

@@ -211,6 +211,44 @@ pub fn col_splits_for(outer: usize, len: usize, inner: usize, cols: usize) -> (u
 /// `x` viewed as `[outer, len, inner]`: `out[o, i] = scale · Σ_r x[o, r, i]`, in `x`'s
 /// dtype, with the rows split across blocks (fp32 partials, then a finish pass).
 pub fn col_sum_split(x: &CudaStorage, outer: usize, len: usize, inner: usize, scale: f32) -> Result<CudaBuf> {
+    col_split(x, None, outer, len, inner, scale)
+}
+
+/// [`col_sum_split`] of the element-wise product `x·y` (same shape and dtype) without
+/// writing it: `out[o, i] = scale · Σ_r x[o, r, i]·y[o, r, i]`, each product in fp32 (not
+/// rounded to the dtype), in one pass over x and y (`col_partial_mul`, or
+/// `col_partial_vec_mul` under the same conditions as the vector column sums). A gate's
+/// gradient, `Σ g·y` over the tokens.
+pub fn col_sum_split_product(
+    x: &CudaStorage,
+    y: &CudaStorage,
+    outer: usize,
+    len: usize,
+    inner: usize,
+    scale: f32,
+) -> Result<CudaBuf> {
+    let n = outer * len * inner;
+    if y.buf.dtype() != x.buf.dtype() || x.buf.len() < n || y.buf.len() < n {
+        bail!(
+            "sum of a product: x ({} of {}) and y ({} of {}) must be two {outer}x{len}x{inner} tensors of one dtype",
+            x.buf.dtype(),
+            x.buf.len(),
+            y.buf.dtype(),
+            y.buf.len()
+        );
+    }
+    col_split(x, Some(y), outer, len, inner, scale)
+}
+
+/// The split column sums of `x`, or of `x·y` when `y` is given.
+fn col_split(
+    x: &CudaStorage,
+    y: Option<&CudaStorage>,
+    outer: usize,
+    len: usize,
+    inner: usize,
+    scale: f32,
+) -> Result<CudaBuf> {
     let dev = &x.dev;
     let dtype = x.buf.dtype();
     if outer * inner == 0 {
@@ -218,10 +256,11 @@ pub fn col_sum_split(x: &CudaStorage, outer: usize, len: usize, inner: usize, sc
     }
     // The vector kernel reads whole 16-byte words of each row.
     let width = 16 / dtype.size();
-    let vector = vector_columns()? && inner.is_multiple_of(width) && x.buf.device_addr(&dev.stream).is_multiple_of(16);
+    let aligned = |s: &CudaStorage| s.buf.device_addr(&dev.stream).is_multiple_of(16);
+    let vector = vector_columns()? && inner.is_multiple_of(width) && aligned(x) && y.is_none_or(aligned);
     let cols = if vector { 32 * width } else { 32 };
     let (splits, chunk) = col_splits_for(outer, len, inner, cols);
-    if splits == 1 {
+    if splits == 1 && y.is_none() {
         return col_sum(x, outer, len, inner, scale);
     }
     let blocks = outer * splits * inner.div_ceil(cols);
@@ -230,19 +269,48 @@ pub fn col_sum_split(x: &CudaStorage, outer: usize, len: usize, inner: usize, sc
     }
     let mut part = dev.alloc(outer * splits * inner, DType::F32)?;
     let (len64, inner64, splits64, chunk64) = (len as i64, inner as i64, splits as i64, chunk as i64);
-    let f = dev.func("reduce", kernel_name(if vector { "col_partial_vec" } else { "col_partial" }, dtype))?;
+    let name = match (vector, y.is_some()) {
+        (false, false) => "col_partial",
+        (true, false) => "col_partial_vec",
+        (false, true) => "col_partial_mul",
+        (true, true) => "col_partial_vec_mul",
+    };
+    let f = dev.func("reduce", kernel_name(name, dtype))?;
     let mut lb = dev.stream.launch_builder(&f);
     lb.buf(&x.buf);
+    if let Some(y) = y {
+        lb.buf(&y.buf);
+    }
     lb.buf_mut(&mut part);
     lb.arg(&len64).arg(&inner64).arg(&splits64).arg(&chunk64);
     let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
     // SAFETY: block (o, s, tile) reads rows [s·chunk, min((s+1)·chunk, len)) of slab o
-    // (inside x's outer·len·inner elements; the vector kernel's 16-byte words lie inside
-    // a row since inner is a multiple of the width, and are aligned since x and every row
-    // start are) and writes partials[(o·splits + s)·inner + i] for i < inner.
+    // (inside x's, and y's, outer·len·inner elements; the vector kernel's 16-byte words
+    // lie inside a row since inner is a multiple of the width, and are aligned since the
+    // buffers and every row start are) and writes partials[(o·splits + s)·inner + i] for
+    // i < inner.
     unsafe { lb.launch(cfg) }?;
 
     col_finish(dev, &part, outer, splits, inner, scale, dtype)
+}
+
+/// [`sum_to`] of the product `x·y` (same shape and dtype) in one pass, where the sum is
+/// a split column sum (a reduced run of dimensions followed by a kept one: bias and gate
+/// gradient layouts); `None` for other layouts.
+pub fn sum_to_product(
+    x: &CudaStorage,
+    y: &CudaStorage,
+    in_shape: &[usize],
+    out_shape: &[usize],
+) -> Result<Option<CudaBuf>> {
+    if in_shape.len() != out_shape.len() {
+        return Ok(None);
+    }
+    Ok(match merged_runs(in_shape, out_shape).as_slice() {
+        [(true, r), (false, k)] => Some(col_sum_split_product(x, y, 1, *r, *k, 1.0)?),
+        [(false, k1), (true, r), (false, k2)] => Some(col_sum_split_product(x, y, *k1, *r, *k2, 1.0)?),
+        _ => None,
+    })
 }
 
 /// `part` (fp32) viewed as `[outer, splits, inner]`: `out[o, i] = scale · Σ_s part[o, s, i]`

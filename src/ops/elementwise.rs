@@ -377,7 +377,7 @@ pub fn gated_residual(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
         Box::new(move |g| {
             let dx = if tx { Some(in_dtype(g, xdt)?) } else { None };
             let dgate = match &saved_y {
-                Some(y) => Some(in_dtype(&sum_to(&mul(g, y)?, &gshape)?, gdt)?),
+                Some(y) => Some(in_dtype(&super::sum_to_product(g, y, &gshape)?, gdt)?),
                 None => None,
             };
             let dy = match &saved_gate {

@@ -39,6 +39,35 @@ pub fn sum_to(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
     Ok(record("sum_to", out, &[x], Box::new(move |g| Ok(vec![Some(super::broadcast_to(g, &in_shape)?)]))))
 }
 
+/// `sum_to(mul(a, b), shape)`: the sum of a product onto a broadcast shape, as a gate's
+/// gradient is (`Σ g·y` over the tokens). With `SYNTHOS_CUDA_COLSUM=vec` on a GPU, when no
+/// tape node is needed, `a` and `b` share shape and dtype, and the sum is a split column
+/// sum (a reduced run of dimensions followed by a kept one), it is one pass over `a` and
+/// `b` with each product in fp32, instead of writing the product and summing it; else the
+/// two ops in turn.
+pub fn sum_to_product(a: &Tensor, b: &Tensor, shape: &[usize]) -> Result<Tensor> {
+    let fused = a.device().is_cuda()
+        && b.device() == a.device()
+        && a.shape() == b.shape()
+        && a.dtype() == b.dtype()
+        && !crate::autograd::needs_grad(&[a, b])
+        && cuda::reduce::vector_columns()?;
+    if fused && shape.len() <= a.rank() {
+        let mut padded = vec![1; a.rank() - shape.len()];
+        padded.extend_from_slice(shape);
+        if a.shape().iter().zip(&padded).any(|(n, m)| *m != 1 && n != m) {
+            // Not a broadcast shape of a: `sum_to` names the error.
+            return sum_to(&super::mul(a, b)?, shape);
+        }
+        let (sa, sb) = (a.storage(), b.storage());
+        let (ca, cb) = (sa.as_cuda()?, sb.as_cuda()?);
+        if let Some(buf) = cuda::reduce::sum_to_product(ca, cb, a.shape(), &padded)? {
+            return cuda_tensor(&ca.dev, buf, shape);
+        }
+    }
+    sum_to(&super::mul(a, b)?, shape)
+}
+
 /// `scale · Σ x` over every element, as a `[]` tensor.
 fn reduce_all(name: &'static str, x: &Tensor, mean: bool) -> Result<Tensor> {
     let n = x.numel();

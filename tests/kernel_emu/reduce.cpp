@@ -1,7 +1,8 @@
 // kernels/reduce.cu under emulation, launched as src/cuda/reduce.rs does: sum_to onto
 // broadcast shapes, the two-pass row sums (row_partial + row_finish, split by
 // `blocks_per_row`) and the column sums over a middle dimension (32x8 blocks), split or
-// not, with scalar or 16-byte vector reads.
+// not, with scalar or 16-byte vector reads, of one tensor or of the product of two (the
+// gate gradient).
 #include "harness.h"
 
 #include "reduce.cu"
@@ -42,6 +43,8 @@ struct K<float> {
                           row_finish = EMU_KERNEL(row_finish_f32), col_sum = EMU_KERNEL(col_sum_f32),
                           col_partial = EMU_KERNEL(col_partial_f32), col_finish = EMU_KERNEL(col_finish_f32),
                           col_partial_vec = EMU_KERNEL(col_partial_vec_f32),
+                          col_partial_mul = EMU_KERNEL(col_partial_mul_f32),
+                          col_partial_vec_mul = EMU_KERNEL(col_partial_vec_mul_f32),
                           row_partial_vec = EMU_KERNEL(row_partial_vec_f32);
 };
 template <>
@@ -50,6 +53,8 @@ struct K<bf16> {
                           row_finish = EMU_KERNEL(row_finish_bf16), col_sum = EMU_KERNEL(col_sum_bf16),
                           col_partial = EMU_KERNEL(col_partial_bf16), col_finish = EMU_KERNEL(col_finish_bf16),
                           col_partial_vec = EMU_KERNEL(col_partial_vec_bf16),
+                          col_partial_mul = EMU_KERNEL(col_partial_mul_bf16),
+                          col_partial_vec_mul = EMU_KERNEL(col_partial_vec_mul_bf16),
                           row_partial_vec = EMU_KERNEL(row_partial_vec_bf16);
 };
 
@@ -227,6 +232,45 @@ void col_sum_split_vec(size_t outer, size_t len, size_t inner, float scale) {
                   out.download(), want, sum_abs);
 }
 
+// `cuda::reduce::col_sum_split_product` (the gate gradient Σ_r g·y): col_partial_mul, or
+// col_partial_vec_mul with `vec` (inner a multiple of the vector width), over the split of
+// their blocks, then col_finish, against the sums of the exact products; with `vec`, also
+// its partials over col_partial_mul's split equal col_partial_mul's bit for bit.
+template <class T>
+void col_sum_split_mul(size_t outer, size_t len, size_t inner, float scale, bool vec) {
+    constexpr size_t kWidth = 16 / sizeof(T);
+    const size_t cols = vec ? 32 * kWidth : 32;
+    const auto x = rng.values<T>(outer * len * inner), y = rng.values<T>(outer * len * inner);
+    std::vector<double> xy(x.size());
+    for (size_t k = 0; k < x.size(); ++k) xy[k] = x[k] * y[k];
+    DeviceArray<T> dx(x), dy(y), out(outer * inner);
+    const auto kernel = vec ? K<T>::col_partial_vec_mul : K<T>::col_partial_mul;
+    const std::string shape = format("[%zu, %zu, %zu]", outer, len, inner);
+    if (vec) {
+        const auto [splits, chunk] = col_splits(outer, len, inner);
+        DeviceArray<float> scalar(outer * splits * inner), vector(outer * splits * inner);
+        emu::launch(emu::LaunchConfig{dim3((unsigned)(outer * splits * ceil_div(inner, 32))), dim3(32, 8), 0},
+                    K<T>::col_partial_mul, dx.ptr(), dy.ptr(), scalar.ptr(), (int64_t)len, (int64_t)inner,
+                    (int64_t)splits, (int64_t)chunk);
+        emu::launch(emu::LaunchConfig{dim3((unsigned)(outer * splits * ceil_div(inner, cols))), dim3(32, 8), 0},
+                    kernel, dx.ptr(), dy.ptr(), vector.ptr(), (int64_t)len, (int64_t)inner, (int64_t)splits,
+                    (int64_t)chunk);
+        report.close(format("col_partial_vec_mul_%s %s (%zu splits of %zu rows) = col_partial_mul", Elem<T>::name,
+                            shape.c_str(), splits, chunk),
+                     vector.download(), scalar.download(), 0, 0);
+    }
+    const auto [splits, chunk] = col_splits(outer, len, inner, cols);
+    DeviceArray<float> partials(outer * splits * inner);
+    emu::launch(emu::LaunchConfig{dim3((unsigned)(outer * splits * ceil_div(inner, cols))), dim3(32, 8), 0}, kernel,
+                dx.ptr(), dy.ptr(), partials.ptr(), (int64_t)len, (int64_t)inner, (int64_t)splits, (int64_t)chunk);
+    emu::launch(emu::LaunchConfig{dim3((unsigned)(outer * ceil_div(inner, 32))), dim3(32, 8), 0}, K<T>::col_finish,
+                partials.ptr(), out.ptr(), (int64_t)splits, (int64_t)inner, scale);
+    const auto [want, sum_abs] = col_ref(xy, outer, len, inner, scale);
+    check_sums<T>(format("col_sum_split of x·y%s %s %s (%zu splits of %zu rows) scale=%g", vec ? " vec" : "",
+                         Elem<T>::name, shape.c_str(), splits, chunk, scale),
+                  out.download(), want, sum_abs);
+}
+
 template <class T>
 void family() {
     sum_to<T>({3, 5, 7}, {3, 1, 7});
@@ -275,6 +319,14 @@ void family() {
         vec.push_back({3, 301, 520});
     }
     for (const ColCase& c : vec) col_sum_split_vec<T>(c.outer, c.len, c.inner, c.len % 2 ? 1.f : 0.25f);
+
+    // Column sums of products (the gate gradient), scalar and vector: one split and
+    // several, ragged last tiles and splits.
+    for (const ColCase& c : splits) col_sum_split_mul<T>(c.outer, c.len, c.inner, 1.f, false);
+    for (const ColCase& c : vec) {
+        col_sum_split_mul<T>(c.outer, c.len, c.inner, c.len % 2 ? 1.f : 0.25f, false);
+        col_sum_split_mul<T>(c.outer, c.len, c.inner, c.len % 2 ? 1.f : 0.25f, true);
+    }
 }
 
 }  // namespace
