@@ -317,7 +317,7 @@ pub fn gemm_gelu_aux(
     bias: Option<&CudaStorage>,
     g: &Gemm,
 ) -> Result<(CudaBuf, CudaBuf)> {
-    let rg = aux_operands("gemm with GELU aux", a, b, &bias.into_iter().collect::<Vec<_>>(), g)?;
+    let rg = aux_operands("gemm with GELU aux", a, b, bias.as_slice(), g)?;
     if bias.is_some_and(|c| c.buf.len() < g.n) {
         bail!("gemm with GELU aux: a bias shorter than {} for {g:?}", g.n);
     }

@@ -59,11 +59,13 @@ pub fn sum_to(x: &CudaStorage, in_shape: &[usize], out_shape: &[usize]) -> Resul
     if in_shape.len() != out_shape.len() {
         bail!("sum_to: unsupported shapes {in_shape:?} -> {out_shape:?}");
     }
-    match merged_runs(in_shape, out_shape).as_slice() {
+    let runs = merged_runs(in_shape, out_shape);
+    if let Some((outer, len, inner)) = column_layout(&runs) {
+        return col_sum_split(x, outer, len, inner, 1.0);
+    }
+    match runs.as_slice() {
         [(true, r)] => return row_sum(x, 1, *r, 1.0),
         [(false, k), (true, r)] => return row_sum(x, *k, *r, 1.0),
-        [(true, r), (false, k)] => return col_sum_split(x, 1, *r, *k, 1.0),
-        [(false, k1), (true, r), (false, k2)] => return col_sum_split(x, *k1, *r, *k2, 1.0),
         _ => {}
     }
     if in_shape.len() > 6 {
@@ -92,6 +94,16 @@ pub fn sum_to(x: &CudaStorage, in_shape: &[usize], out_shape: &[usize]) -> Resul
     // SAFETY: offsets stay inside `x` (strides from its contiguous shape); n_out writes.
     unsafe { lb.launch(grid_1d(n_out, 256)) }?;
     Ok(out)
+}
+
+/// The `[outer, len, inner]` view of a sum whose merged runs are a reduced run followed by
+/// a kept one (bias and gate gradients): the split column sums' layout.
+fn column_layout(runs: &[(bool, usize)]) -> Option<(usize, usize, usize)> {
+    match runs {
+        [(true, r), (false, k)] => Some((1, *r, *k)),
+        [(false, k1), (true, r), (false, k2)] => Some((*k1, *r, *k2)),
+        _ => None,
+    }
 }
 
 /// Blocks per row of the two-pass row sums (depends only on the sizes, so results are
@@ -306,11 +318,9 @@ pub fn sum_to_product(
     if in_shape.len() != out_shape.len() {
         return Ok(None);
     }
-    Ok(match merged_runs(in_shape, out_shape).as_slice() {
-        [(true, r), (false, k)] => Some(col_sum_split_product(x, y, 1, *r, *k, 1.0)?),
-        [(false, k1), (true, r), (false, k2)] => Some(col_sum_split_product(x, y, *k1, *r, *k2, 1.0)?),
-        _ => None,
-    })
+    column_layout(&merged_runs(in_shape, out_shape))
+        .map(|(outer, len, inner)| col_sum_split_product(x, y, outer, len, inner, 1.0))
+        .transpose()
 }
 
 /// `part` (fp32) viewed as `[outer, splits, inner]`: `out[o, i] = scale · Σ_s part[o, s, i]`

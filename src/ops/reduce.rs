@@ -13,17 +13,7 @@ pub fn sum_to(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
     if x.shape() == shape {
         return Ok(x.clone());
     }
-    let r = x.rank();
-    if shape.len() > r {
-        bail!("sum_to: cannot reduce shape {:?} to {shape:?}", x.shape());
-    }
-    let mut padded = vec![1; r - shape.len()];
-    padded.extend_from_slice(shape);
-    for (a, b) in x.shape().iter().zip(&padded) {
-        if *b != 1 && a != b {
-            bail!("sum_to: cannot reduce shape {:?} to {shape:?}", x.shape());
-        }
-    }
+    let padded = reduce_target(x.shape(), shape)?;
     let out = match x.device() {
         Device::Cpu => {
             let s = x.storage();
@@ -39,6 +29,20 @@ pub fn sum_to(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
     Ok(record("sum_to", out, &[x], Box::new(move |g| Ok(vec![Some(super::broadcast_to(g, &in_shape)?)]))))
 }
 
+/// `shape` padded with leading 1s to the rank of `from`, checked to be a shape `from` sums
+/// onto (each dimension 1 or `from`'s).
+fn reduce_target(from: &[usize], shape: &[usize]) -> Result<Vec<usize>> {
+    if shape.len() > from.len() {
+        bail!("sum_to: cannot reduce shape {from:?} to {shape:?}");
+    }
+    let mut padded = vec![1; from.len() - shape.len()];
+    padded.extend_from_slice(shape);
+    if from.iter().zip(&padded).any(|(a, b)| *b != 1 && a != b) {
+        bail!("sum_to: cannot reduce shape {from:?} to {shape:?}");
+    }
+    Ok(padded)
+}
+
 /// `sum_to(mul(a, b), shape)`: the sum of a product onto a broadcast shape, as a gate's
 /// gradient is (`Σ g·y` over the tokens). With `SYNTHOS_CUDA_COLSUM=vec` on a GPU, when no
 /// tape node is needed, `a` and `b` share shape and dtype, and the sum is a split column
@@ -52,13 +56,8 @@ pub fn sum_to_product(a: &Tensor, b: &Tensor, shape: &[usize]) -> Result<Tensor>
         && a.dtype() == b.dtype()
         && !crate::autograd::needs_grad(&[a, b])
         && cuda::reduce::vector_columns()?;
-    if fused && shape.len() <= a.rank() {
-        let mut padded = vec![1; a.rank() - shape.len()];
-        padded.extend_from_slice(shape);
-        if a.shape().iter().zip(&padded).any(|(n, m)| *m != 1 && n != m) {
-            // Not a broadcast shape of a: `sum_to` names the error.
-            return sum_to(&super::mul(a, b)?, shape);
-        }
+    if fused {
+        let padded = reduce_target(a.shape(), shape)?;
         let (sa, sb) = (a.storage(), b.storage());
         let (ca, cb) = (sa.as_cuda()?, sb.as_cuda()?);
         if let Some(buf) = cuda::reduce::sum_to_product(ca, cb, a.shape(), &padded)? {
