@@ -139,16 +139,20 @@ def opt_ins(cases):
     by_name = {c["name"]: c for c in cases}
     out = []
     for c in cases:
-        m = re.fullmatch(r"(.*) \{(.+)\}", c["name"]) or re.fullmatch(r"(.*) (optimizer after backward)", c["name"])
-        if m:
-            base, variant = m[1], m[2]
-        else:
-            m = re.fullmatch(r"([^\[]*)\[([^\]]+)\](.*)", c["name"])
-            if not m:
-                continue
-            base, variant = m[1] + m[3], m[2]
-        d = by_name.get(base)
-        if not d or not d.get("ours_s") or not c.get("ours_s"):
+        # Every reading of the name as (default, variant), in this order; the first whose
+        # default was run counts (`train step[graphs] … optimizer after backward` pairs
+        # with `train step … optimizer after backward`, its only difference).
+        pairs = []
+        for pattern in (r"(.*) \{(.+)\}", r"([^\[]*)\[([^\]]+)\](.*)", r"(.*) (optimizer after backward)"):
+            m = re.fullmatch(pattern, c["name"])
+            if m:
+                pairs.append((m[1] + (m[3] if m.re.groups == 3 else ""), m[2]))
+        found = [(b, v) for b, v in pairs if b in by_name]
+        if not found:
+            continue
+        base, variant = found[0]
+        d = by_name[base]
+        if not d.get("ours_s") or not c.get("ours_s"):
             continue
         out.append({"case": base, "variant": variant, "default_s": d["ours_s"], "variant_s": c["ours_s"],
                     "speedup": d["ours_s"] / c["ours_s"], "default_peak_gib": d.get("peak_gib"),

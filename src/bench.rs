@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::ops::{self, AttentionOptions, GeluApprox};
 use crate::train::CheckpointKeep;
-use crate::{autograd, cuda, Device, Result, Rng, Tensor};
+use crate::{autograd, bail, cuda, Device, Result, Rng, Tensor};
 
 /// Problem sizes: `Full` is what the GPU figures are recorded at; `Small` keeps a CPU
 /// run to seconds, at the shapes of the built-in demo's training step (batch 16, 64
@@ -721,9 +721,10 @@ pub struct LazyCase {
 /// through its trainer, plain and replayed as CUDA graphs ([`clip_demo_step_case`]), and
 /// at `Size::Full` only: the Wan2.1-1.3B training step (Synthos full fine-tune: every DiT
 /// tensor trained with AdamW on fp32 masters, activation checkpointing, encoders cached)
-/// at 480×480 batch 1 and 832×480 batch 4 (and both with no checkpointing, where every
-/// activation fits, and 832×480 batch 4 keeping the linear and attention outputs for the
-/// recompute), the 25-step guided 480×480 sample (the
+/// at 480×480 batch 1 and 832×480 batch 4 (both also with the update after the backward
+/// pass, the 480×480 one then also replayed as CUDA graphs, `train step[graphs] …`; both
+/// with no checkpointing, where every activation fits; and 832×480 batch 4 keeping the
+/// linear and attention outputs for the recompute), the 25-step guided 480×480 sample (the
 /// DiT forwards alone, and the whole pipeline: umT5 and CLIP at full width but 1 and 2
 /// layers, the DiT, the tiled VAE decode) and the 25-step guided sample of a demo batch
 /// (`demo_sample_case`), these two also with CUDA graphs (`sample[graphs] …`).
@@ -773,11 +774,20 @@ pub fn model_cases(device: Device, size: Size) -> Vec<LazyCase> {
         });
     }
     // The recipe's step with the AdamW update after the backward pass rather than inside
-    // it: the gradients of the whole model held at once (peak memory against time).
+    // it: the gradients of the whole model held at once (peak memory against time). At
+    // 480×480 b1 (whose GPU work is a fraction of its host work's time) also with the loss
+    // and backward pass replayed as CUDA graphs, beside it.
+    for (w, h, b) in [(480usize, 480usize, 1usize), (832, 480, 4)] {
+        v.push(LazyCase {
+            family: "model",
+            name: train_step_case_name(w, h, b, checkpointed, false, false),
+            build: Box::new(move || train_step_case_with(device, w, h, b, checkpointed, false, false)),
+        });
+    }
     v.push(LazyCase {
         family: "model",
-        name: format!("{}{OPTIMIZER_AFTER}", train_step_name(832, 480, 4, checkpointed)),
-        build: Box::new(move || train_step_case_with(device, 832, 480, 4, checkpointed, false)),
+        name: train_step_case_name(480, 480, 1, checkpointed, false, true),
+        build: Box::new(move || train_step_case_with(device, 480, 480, 1, checkpointed, false, true)),
     });
     // Selective checkpointing: the recompute reuses the attention outputs (about 0.6 GiB
     // kept at b4), or the linear and attention outputs (about 4 GiB).
@@ -1019,7 +1029,7 @@ pub fn demo_train_step_name() -> String {
 
 /// [`demo_train_step_name`] of the step replayed as CUDA graphs: `train step[graphs] demo …`.
 pub fn demo_train_step_graphs_name() -> String {
-    demo_train_step_name().replacen("train step", &format!("train step{}", graphs_tag(true)), 1)
+    graphed_train_step_name(&demo_train_step_name())
 }
 
 /// One optimizer step of the built-in demo (`synthos-engine train` with no arguments):
@@ -1067,11 +1077,12 @@ fn demo_train_step_case_named(device: Device, name: String) -> Result<BenchCase>
     // forward + backward (2×), no recompute; every sample counted with the image tokens
     // (the ~10% whose image is dropped attend over the text rows only).
     let flops = 3.0 * batch as f64 * dit_forward_flops(&dit_cfg, tokens, clip_tokens + dit_cfg.text_len);
-    Ok(train_case(name, flops, flops, batch, trainer, dir))
+    train_case(name, flops, flops, batch, trainer, dir)
 }
 
 /// A `model` case timing `trainer.train_step()` on `batch` samples, keeping the
-/// trainer's scratch folder alive as long as the case.
+/// trainer's scratch folder alive as long as the case. A case named `…[graphs]…` runs
+/// with CUDA graphs (`SYNTHOS_CUDA_GRAPHS=1`) and takes its first step here.
 fn train_case(
     name: String,
     flops: f64,
@@ -1079,13 +1090,19 @@ fn train_case(
     batch: usize,
     mut trainer: crate::train::Trainer,
     dir: ScratchDir,
-) -> BenchCase {
+) -> Result<BenchCase> {
     let graphs = name.contains(graphs_tag(true));
-    BenchCase::model(name, flops, ModelWork { samples: batch, model_flops }, move || {
+    if graphs {
+        // A batch layout's first step runs plainly (filling the caches) and its second is
+        // recorded: run the first here, so that the timing's warm-up call records and
+        // every timed call replays.
+        cuda::graph::with_graphs(true, || trainer.train_step())?;
+    }
+    Ok(BenchCase::model(name, flops, ModelWork { samples: batch, model_flops }, move || {
         let _keep = &dir;
         // A case named `…[graphs]…` runs with CUDA graphs, the others without.
         cuda::graph::with_graphs(graphs, || trainer.train_step().map(|_| ()))
-    })
+    }))
 }
 
 /// `train step 1.3b <w>x<h> b<batch>`, with ` no checkpointing` when every activation is
@@ -1105,6 +1122,31 @@ fn train_step_name(width: usize, height: usize, batch: usize, checkpointing: Opt
 /// Name suffix of the training step with the optimizer update after the backward pass.
 const OPTIMIZER_AFTER: &str = " optimizer after backward";
 
+/// [`train_step_name`] with ` optimizer after backward` when the update follows the
+/// backward pass, and `train step[graphs] …` when the step is replayed as CUDA graphs.
+fn train_step_case_name(
+    width: usize,
+    height: usize,
+    batch: usize,
+    checkpointing: Option<CheckpointKeep>,
+    optimizer_in_backward: bool,
+    graphs: bool,
+) -> String {
+    let mut name = train_step_name(width, height, batch, checkpointing);
+    if !optimizer_in_backward {
+        name.push_str(OPTIMIZER_AFTER);
+    }
+    if graphs {
+        name = graphed_train_step_name(&name);
+    }
+    name
+}
+
+/// `train step …` as `train step[graphs] …`.
+fn graphed_train_step_name(name: &str) -> String {
+    name.replacen("train step", &format!("train step{}", graphs_tag(true)), 1)
+}
+
 fn train_step_case(
     device: Device,
     width: usize,
@@ -1112,11 +1154,12 @@ fn train_step_case(
     batch: usize,
     checkpointing: Option<CheckpointKeep>,
 ) -> Result<BenchCase> {
-    train_step_case_with(device, width, height, batch, checkpointing, true)
+    train_step_case_with(device, width, height, batch, checkpointing, true, false)
 }
 
 /// [`train_step_case`] with the AdamW update inside the backward pass (the recipe's) or
-/// after it.
+/// after it, and with the loss and backward pass replayed as CUDA graphs (`graphs`, named
+/// `train step[graphs] …`; with the update after the pass only, as the run loop records).
 fn train_step_case_with(
     device: Device,
     width: usize,
@@ -1124,7 +1167,11 @@ fn train_step_case_with(
     batch: usize,
     checkpointing: Option<CheckpointKeep>,
     optimizer_in_backward: bool,
+    graphs: bool,
 ) -> Result<BenchCase> {
+    if graphs && optimizer_in_backward {
+        bail!("a training step with the update inside the backward pass is not recorded as a CUDA graph");
+    }
     use crate::train::{CacheMode, TrainConfig, Trainer};
     let dir = ScratchDir::new(&format!("train-{width}x{height}b{batch}"));
     // One epoch is one step, so the warm-up step fills the encoder cache and every timed
@@ -1159,11 +1206,8 @@ fn train_step_case_with(
         Some(_) => 4.0,
     };
     let forward = batch as f64 * dit_forward_flops(&dit_cfg, tokens, 257 + dit_cfg.text_len);
-    let mut name = train_step_name(width, height, batch, checkpointing);
-    if !optimizer_in_backward {
-        name.push_str(OPTIMIZER_AFTER);
-    }
-    Ok(train_case(name, passes * forward, 3.0 * forward, batch, trainer, dir))
+    let name = train_step_case_name(width, height, batch, checkpointing, optimizer_in_backward, graphs);
+    train_case(name, passes * forward, 3.0 * forward, batch, trainer, dir)
 }
 
 fn sample_dit_case(device: Device) -> Result<BenchCase> {

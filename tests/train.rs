@@ -375,6 +375,49 @@ fn the_optimizer_inside_the_backward_pass_changes_no_weight() {
     std::fs::remove_dir_all(base).unwrap();
 }
 
+/// Every checkpointing choice keeps the rule of a step recorded as a CUDA graph (nothing
+/// crosses between host and device inside it): with no dropout every batch has one
+/// layout, so from the second step on the run loop's graph runner runs the loss and the
+/// backward pass (each checkpointed block's recompute included) under that rule on the CPU,
+/// as it records them on a GPU. Every choice of what the recompute reuses gives the losses
+/// and weights of whole-block recompute bit for bit, and those of the run without
+/// checkpointing up to rounding (a block's input gradient sums its parts in another order).
+#[test]
+fn checkpointed_steps_keep_the_recording_rule() {
+    let base = common::temp_dir("train-ckpt-rule");
+    let run = |name: &str, checkpointing: Option<CheckpointKeep>| {
+        let cfg = TrainConfig {
+            max_steps: Some(3),
+            text_dropout: 0.0,
+            image_dropout: 0.0,
+            activation_checkpointing: checkpointing.is_some(),
+            checkpoint_keep: checkpointing.unwrap_or_default(),
+            log_metrics: false,
+            ..small(&base.join(name))
+        };
+        assert!(!cfg.loop_settings().optimizer_in_backward, "the step that is recorded updates after the pass");
+        let mut t = trainer(cfg);
+        let start = param_values(&t);
+        let losses: Vec<f64> = (0..3).map(|_| t.train_step().unwrap().loss).collect();
+        (t, start, losses)
+    };
+    let (plain, start, plain_losses) = run("plain", None);
+    let (whole, _, whole_losses) = run("whole", Some(CheckpointKeep::None));
+    for (a, b) in plain_losses.iter().zip(&whole_losses) {
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs(),
+            "losses {plain_losses:?} without checkpointing, {whole_losses:?} with"
+        );
+    }
+    common::assert_same_run(&start, &param_values(&plain), &param_values(&whole), 1e-4, "checkpointing");
+    for keep in [CheckpointKeep::Attention, CheckpointKeep::Linear, CheckpointKeep::All] {
+        let (t, _, losses) = run(&format!("{keep:?}"), Some(keep));
+        assert_eq!(losses, whole_losses, "losses, checkpointing keeping {keep:?}");
+        assert_same_params(&whole, &t, &format!("checkpointing keeping {keep:?}"));
+    }
+    std::fs::remove_dir_all(base).unwrap();
+}
+
 /// On a GPU (bf16 weights, fp32 masters), the update inside the backward pass moves every
 /// weight as the update after it does: the same weights to within the rounding the
 /// default attention backward's atomics leave run to run.
@@ -407,21 +450,24 @@ fn gpu_optimizer_inside_the_backward_pass_matches() {
 /// CUDA graphs (`SYNTHOS_CUDA_GRAPHS=1`): a training step whose loss and backward pass are
 /// replayed as a recorded graph moves every weight as the plain step does (to within the
 /// rounding the default attention backward's atomics leave run to run), with one input
-/// layout (no dropout: every step after the second replays) and with the demo's dropout
-/// (the batch's groups vary in size, so several layouts are recorded). GPU only.
+/// layout (no dropout: every step after the second replays), with the demo's dropout
+/// (the batch's groups vary in size, so several layouts are recorded), and with one
+/// layout and activation checkpointing (each block recomputed inside the recorded
+/// backward pass, as in the 1.3B steps). GPU only.
 #[test]
 fn gpu_training_steps_replayed_as_graphs_match() {
     use synthos_engine::cuda::graph::with_graphs;
     let Some(dev) = common::gpu() else { return };
     let _alone = common::recording_alone();
     let base = common::temp_dir("gpu-train-graphs");
-    for dropout in [0.0, 0.1] {
+    for (dropout, checkpointing) in [(0.0, false), (0.1, false), (0.0, true)] {
         let run = |name: &str, graphs: bool| {
             let cfg = TrainConfig {
                 text_dropout: dropout,
                 image_dropout: dropout,
+                activation_checkpointing: checkpointing,
                 log_metrics: false,
-                ..small(&base.join(format!("{name}-{dropout}")))
+                ..small(&base.join(format!("{name}-{dropout}-{checkpointing}")))
             };
             let mut t = Trainer::new(SynthosPipeline::demo(dev, DType::BF16, &[]).unwrap(), cfg).unwrap();
             t.set_quiet(true);
@@ -440,7 +486,13 @@ fn gpu_training_steps_replayed_as_graphs_match() {
         for (i, (a, b)) in plain_losses.iter().zip(&graphed_losses).enumerate() {
             assert!(a.is_finite() && (a - b).abs() <= 0.02 * a.abs().max(1e-3), "step {}: loss {a} vs {b}", i + 1);
         }
-        common::assert_same_run(&start, &plain, &graphed, 1e-3, &format!("graphs, dropout {dropout}"));
+        common::assert_same_run(
+            &start,
+            &plain,
+            &graphed,
+            1e-3,
+            &format!("graphs, dropout {dropout}, checkpointing {checkpointing}"),
+        );
     }
     std::fs::remove_dir_all(base).unwrap();
 }
