@@ -766,47 +766,34 @@ pub fn model_cases(device: Device, size: Size) -> Vec<LazyCase> {
         return v;
     }
     let checkpointed = Some(CheckpointKeep::None);
-    for (w, h, b) in [(480usize, 480usize, 1usize), (832, 480, 4)] {
-        v.push(LazyCase {
-            family: "model",
-            name: train_step_name(w, h, b, checkpointed),
-            build: Box::new(move || train_step_case(device, w, h, b, checkpointed)),
-        });
-    }
+    let recipe = |width, height, batch, checkpointing| StepCase {
+        width,
+        height,
+        batch,
+        checkpointing,
+        optimizer_in_backward: true,
+        graphs: false,
+    };
+    let mut steps: Vec<StepCase> = vec![recipe(480, 480, 1, checkpointed), recipe(832, 480, 4, checkpointed)];
     // The recipe's step with the AdamW update after the backward pass rather than inside
     // it: the gradients of the whole model held at once (peak memory against time). At
     // 480×480 b1 (whose GPU work is a fraction of its host work's time) also with the loss
     // and backward pass replayed as CUDA graphs, beside it.
-    for (w, h, b) in [(480usize, 480usize, 1usize), (832, 480, 4)] {
-        v.push(LazyCase {
-            family: "model",
-            name: train_step_case_name(w, h, b, checkpointed, false, false),
-            build: Box::new(move || train_step_case_with(device, w, h, b, checkpointed, false, false)),
-        });
+    for c in [recipe(480, 480, 1, checkpointed), recipe(832, 480, 4, checkpointed)] {
+        steps.push(StepCase { optimizer_in_backward: false, ..c });
     }
-    v.push(LazyCase {
-        family: "model",
-        name: train_step_case_name(480, 480, 1, checkpointed, false, true),
-        build: Box::new(move || train_step_case_with(device, 480, 480, 1, checkpointed, false, true)),
-    });
+    steps.push(StepCase { optimizer_in_backward: false, graphs: true, ..recipe(480, 480, 1, checkpointed) });
     // Selective checkpointing: the recompute reuses the attention outputs (about 0.6 GiB
     // kept at b4), or the linear and attention outputs (about 4 GiB).
-    for kept in [Some(CheckpointKeep::Attention), Some(CheckpointKeep::All)] {
-        v.push(LazyCase {
-            family: "model",
-            name: train_step_name(832, 480, 4, kept),
-            build: Box::new(move || train_step_case(device, 832, 480, 4, kept)),
-        });
+    for kept in [CheckpointKeep::Attention, CheckpointKeep::All] {
+        steps.push(recipe(832, 480, 4, Some(kept)));
     }
     // The steps without the recompute, where every activation fits (the weights, fp32
     // masters, gradients and Adam state take about 22 GiB; the case records its peak, and
     // reports the allocation error if the device is too small).
-    for (w, h, b) in [(480usize, 480usize, 1usize), (832, 480, 4)] {
-        v.push(LazyCase {
-            family: "model",
-            name: train_step_name(w, h, b, None),
-            build: Box::new(move || train_step_case(device, w, h, b, None)),
-        });
+    steps.extend([recipe(480, 480, 1, None), recipe(832, 480, 4, None)]);
+    for c in steps {
+        v.push(LazyCase { family: "model", name: c.name(), build: Box::new(move || train_step_case(device, c)) });
     }
     v.push(LazyCase {
         family: "model",
@@ -1029,7 +1016,7 @@ pub fn demo_train_step_name() -> String {
 
 /// [`demo_train_step_name`] of the step replayed as CUDA graphs: `train step[graphs] demo …`.
 pub fn demo_train_step_graphs_name() -> String {
-    graphed_train_step_name(&demo_train_step_name())
+    demo_train_step_name().replacen("train step", &format!("train step{}", graphs_tag(true)), 1)
 }
 
 /// One optimizer step of the built-in demo (`synthos-engine train` with no arguments):
@@ -1105,70 +1092,49 @@ fn train_case(
     }))
 }
 
-/// `train step 1.3b <w>x<h> b<batch>`, with ` no checkpointing` when every activation is
-/// kept (`checkpointing` None; PyTorch's reference checkpoints, so that case has no
-/// counterpart there) and ` keeping attention+linear` for selective checkpointing.
-fn train_step_name(width: usize, height: usize, batch: usize, checkpointing: Option<CheckpointKeep>) -> String {
-    let tail = match checkpointing {
-        None => " no checkpointing",
-        Some(CheckpointKeep::None) => "",
-        Some(CheckpointKeep::Attention) => " keeping attention",
-        Some(CheckpointKeep::Linear) => " keeping linear",
-        Some(CheckpointKeep::All) => " keeping attention+linear",
-    };
-    format!("train step 1.3b {width}x{height} b{batch}{tail}")
-}
-
-/// Name suffix of the training step with the optimizer update after the backward pass.
-const OPTIMIZER_AFTER: &str = " optimizer after backward";
-
-/// [`train_step_name`] with ` optimizer after backward` when the update follows the
-/// backward pass, and `train step[graphs] …` when the step is replayed as CUDA graphs.
-fn train_step_case_name(
+/// One Wan2.1-1.3B training step case of the bench (see [`model_cases`]).
+#[derive(Clone, Copy, Debug)]
+struct StepCase {
     width: usize,
     height: usize,
     batch: usize,
+    /// What checkpointed blocks keep for the recompute; `None`: no checkpointing.
     checkpointing: Option<CheckpointKeep>,
+    /// The AdamW update inside the backward pass (the recipe's) or after it.
     optimizer_in_backward: bool,
+    /// The loss and backward pass replayed as CUDA graphs (the update after the pass only,
+    /// as the run loop records).
     graphs: bool,
-) -> String {
-    let mut name = train_step_name(width, height, batch, checkpointing);
-    if !optimizer_in_backward {
-        name.push_str(OPTIMIZER_AFTER);
+}
+
+impl StepCase {
+    /// `train step 1.3b <w>x<h> b<batch>`, with ` no checkpointing` when every activation
+    /// is kept (PyTorch's reference checkpoints, so that case has no counterpart there),
+    /// ` keeping attention+linear` (and so on) for selective checkpointing, ` optimizer
+    /// after backward` when the update follows the pass, and `train step[graphs] …` when
+    /// the step is replayed as CUDA graphs.
+    fn name(&self) -> String {
+        let tail = match self.checkpointing {
+            None => " no checkpointing",
+            Some(CheckpointKeep::None) => "",
+            Some(CheckpointKeep::Attention) => " keeping attention",
+            Some(CheckpointKeep::Linear) => " keeping linear",
+            Some(CheckpointKeep::All) => " keeping attention+linear",
+        };
+        let after = if self.optimizer_in_backward { "" } else { " optimizer after backward" };
+        format!(
+            "train step{} 1.3b {}x{} b{}{tail}{after}",
+            graphs_tag(self.graphs),
+            self.width,
+            self.height,
+            self.batch
+        )
     }
-    if graphs {
-        name = graphed_train_step_name(&name);
-    }
-    name
 }
 
-/// `train step …` as `train step[graphs] …`.
-fn graphed_train_step_name(name: &str) -> String {
-    name.replacen("train step", &format!("train step{}", graphs_tag(true)), 1)
-}
-
-fn train_step_case(
-    device: Device,
-    width: usize,
-    height: usize,
-    batch: usize,
-    checkpointing: Option<CheckpointKeep>,
-) -> Result<BenchCase> {
-    train_step_case_with(device, width, height, batch, checkpointing, true, false)
-}
-
-/// [`train_step_case`] with the AdamW update inside the backward pass (the recipe's) or
-/// after it, and with the loss and backward pass replayed as CUDA graphs (`graphs`, named
-/// `train step[graphs] …`; with the update after the pass only, as the run loop records).
-fn train_step_case_with(
-    device: Device,
-    width: usize,
-    height: usize,
-    batch: usize,
-    checkpointing: Option<CheckpointKeep>,
-    optimizer_in_backward: bool,
-    graphs: bool,
-) -> Result<BenchCase> {
+/// The training step case `c` on a random Wan2.1-1.3B with the Synthos recipe.
+fn train_step_case(device: Device, c: StepCase) -> Result<BenchCase> {
+    let StepCase { width, height, batch, checkpointing, optimizer_in_backward, graphs } = c;
     if graphs && optimizer_in_backward {
         bail!("a training step with the update inside the backward pass is not recorded as a CUDA graph");
     }
@@ -1206,8 +1172,7 @@ fn train_step_case_with(
         Some(_) => 4.0,
     };
     let forward = batch as f64 * dit_forward_flops(&dit_cfg, tokens, 257 + dit_cfg.text_len);
-    let name = train_step_case_name(width, height, batch, checkpointing, optimizer_in_backward, graphs);
-    train_case(name, passes * forward, 3.0 * forward, batch, trainer, dir)
+    train_case(c.name(), passes * forward, 3.0 * forward, batch, trainer, dir)
 }
 
 fn sample_dit_case(device: Device) -> Result<BenchCase> {
@@ -1388,4 +1353,50 @@ pub fn run_all(
         results.push(r);
     }
     Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The whole-model case names are an interface: the PyTorch reference records its
+    /// times under them (`--compare`), `scripts/gpu-check.sh` selects by them and
+    /// `scripts/gpu-summary.py` pairs each opt-in with its default by them.
+    #[test]
+    fn full_size_training_step_names() {
+        let names: Vec<String> = model_cases(Device::Cpu, Size::Full)
+            .into_iter()
+            .map(|c| c.name)
+            .filter(|n| n.contains(" 1.3b ") && n.starts_with("train step"))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "train step 1.3b 480x480 b1",
+                "train step 1.3b 832x480 b4",
+                "train step 1.3b 480x480 b1 optimizer after backward",
+                "train step 1.3b 832x480 b4 optimizer after backward",
+                "train step[graphs] 1.3b 480x480 b1 optimizer after backward",
+                "train step 1.3b 832x480 b4 keeping attention",
+                "train step 1.3b 832x480 b4 keeping attention+linear",
+                "train step 1.3b 480x480 b1 no checkpointing",
+                "train step 1.3b 832x480 b4 no checkpointing",
+            ]
+        );
+        let e = train_step_case(
+            Device::Cpu,
+            StepCase {
+                width: 480,
+                height: 480,
+                batch: 1,
+                checkpointing: None,
+                optimizer_in_backward: true,
+                graphs: true,
+            },
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(e.contains("not recorded as a CUDA graph"), "{e}");
+    }
 }
