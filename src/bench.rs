@@ -727,43 +727,39 @@ pub struct LazyCase {
 /// linear and attention outputs for the recompute), the 25-step guided 480×480 sample (the
 /// DiT forwards alone, and the whole pipeline: umT5 and CLIP at full width but 1 and 2
 /// layers, the DiT, the tiled VAE decode) and the 25-step guided sample of a demo batch
-/// (`demo_sample_case`), these two also with CUDA graphs (`sample[graphs] …`).
+/// (`demo_sample_case`), these two also with CUDA graphs (`sample[graphs] …`). At
+/// `Size::Full` the list runs most decisive first (the demo's cases, the recipe's steps,
+/// the samples, SynthCLIP's step, then the variants), since a time limit may cut it.
 pub fn model_cases(device: Device, size: Size) -> Vec<LazyCase> {
-    let mut v = vec![
-        LazyCase { family: "model", name: dit_step_name(size), build: Box::new(move || dit_step_case(device, size)) },
-        LazyCase {
-            family: "model",
-            name: demo_train_step_name(),
-            build: Box::new(move || demo_train_step_case(device)),
-        },
-    ];
-    if device.is_cuda() {
-        v.push(LazyCase {
-            family: "model",
-            name: demo_train_step_graphs_name(),
-            build: Box::new(move || demo_train_step_graphs_case(device)),
-        });
-        // The CLIP demo's step through its trainer (`clip-train` and `synth demo`), plain and
-        // replayed as CUDA graphs: launch-bound on a GPU, as the generator's.
-        for graphs in [false, true] {
-            v.push(LazyCase {
-                family: "model",
-                name: clip_demo_step_name(graphs),
-                build: Box::new(move || clip_demo_step_case(device, graphs)),
-            });
-        }
-    }
+    let case = |name: String, build: Box<dyn FnOnce() -> Result<BenchCase>>| LazyCase { family: "model", name, build };
+    let dit_step = case(dit_step_name(size), Box::new(move || dit_step_case(device, size)));
     let (clip_preset, clip_batch) = match size {
         Size::Full => ("synthclip-vit-b16", 256),
         Size::Small => ("tiny", 64),
     };
-    v.push(LazyCase {
-        family: "model",
-        name: clip_train_step_name(clip_preset, clip_batch),
-        build: Box::new(move || clip_train_step_case(device, clip_preset, clip_batch)),
-    });
+    let clip_step = case(
+        clip_train_step_name(clip_preset, clip_batch),
+        Box::new(move || clip_train_step_case(device, clip_preset, clip_batch)),
+    );
+    let mut v = vec![case(demo_train_step_name(), Box::new(move || demo_train_step_case(device)))];
+    if device.is_cuda() {
+        v.push(case(demo_train_step_graphs_name(), Box::new(move || demo_train_step_graphs_case(device))));
+        // The CLIP demo's step through its trainer (`clip-train` and `synth demo`), plain and
+        // replayed as CUDA graphs: launch-bound on a GPU, as the generator's.
+        for graphs in [false, true] {
+            v.push(case(clip_demo_step_name(graphs), Box::new(move || clip_demo_step_case(device, graphs))));
+        }
+    }
     if size != Size::Full {
+        v.insert(0, dit_step);
+        v.push(clip_step);
         return v;
+    }
+    // At full size the most decisive first (a time limit may cut the list): the demo's
+    // cases (cheap), the recipe's training steps, the samples, SynthCLIP's step, then the
+    // variants of the training step and the DiT's forward and backward alone.
+    for graphs in [false, true] {
+        v.push(case(demo_sample_name(graphs), Box::new(move || demo_sample_case(device, graphs))));
     }
     let checkpointed = Some(CheckpointKeep::None);
     let recipe = |width, height, batch, checkpointing| StepCase {
@@ -774,46 +770,33 @@ pub fn model_cases(device: Device, size: Size) -> Vec<LazyCase> {
         optimizer_in_backward: true,
         graphs: false,
     };
-    let mut steps: Vec<StepCase> = vec![recipe(480, 480, 1, checkpointed), recipe(832, 480, 4, checkpointed)];
+    let step = |c: StepCase| case(c.name(), Box::new(move || train_step_case(device, c)));
+    v.extend([step(recipe(480, 480, 1, checkpointed)), step(recipe(832, 480, 4, checkpointed))]);
+    v.push(case("sample 1.3b 480x480 25 steps dit".into(), Box::new(move || sample_dit_case(device))));
+    for graphs in [false, true] {
+        // With the sampler's DiT forward replayed as a CUDA graph (SYNTHOS_CUDA_GRAPHS=1).
+        let name = format!("sample{} 1.3b 480x480 25 steps pipeline", graphs_tag(graphs));
+        v.push(case(name, Box::new(move || sample_pipeline_case(device, graphs))));
+    }
+    v.push(clip_step);
     // The recipe's step with the AdamW update after the backward pass rather than inside
     // it: the gradients of the whole model held at once (peak memory against time). At
     // 480×480 b1 (whose GPU work is a fraction of its host work's time) also with the loss
     // and backward pass replayed as CUDA graphs, beside it.
     for c in [recipe(480, 480, 1, checkpointed), recipe(832, 480, 4, checkpointed)] {
-        steps.push(StepCase { optimizer_in_backward: false, ..c });
+        v.push(step(StepCase { optimizer_in_backward: false, ..c }));
     }
-    steps.push(StepCase { optimizer_in_backward: false, graphs: true, ..recipe(480, 480, 1, checkpointed) });
+    v.push(step(StepCase { optimizer_in_backward: false, graphs: true, ..recipe(480, 480, 1, checkpointed) }));
     // Selective checkpointing: the recompute reuses the attention outputs (about 0.6 GiB
     // kept at b4), or the linear and attention outputs (about 4 GiB).
     for kept in [CheckpointKeep::Attention, CheckpointKeep::All] {
-        steps.push(recipe(832, 480, 4, Some(kept)));
+        v.push(step(recipe(832, 480, 4, Some(kept))));
     }
     // The steps without the recompute, where every activation fits (the weights, fp32
     // masters, gradients and Adam state take about 22 GiB; the case records its peak, and
     // reports the allocation error if the device is too small).
-    steps.extend([recipe(480, 480, 1, None), recipe(832, 480, 4, None)]);
-    for c in steps {
-        v.push(LazyCase { family: "model", name: c.name(), build: Box::new(move || train_step_case(device, c)) });
-    }
-    v.push(LazyCase {
-        family: "model",
-        name: "sample 1.3b 480x480 25 steps dit".into(),
-        build: Box::new(move || sample_dit_case(device)),
-    });
-    for graphs in [false, true] {
-        let tag = graphs_tag(graphs);
-        // With the sampler's DiT forward replayed as a CUDA graph (SYNTHOS_CUDA_GRAPHS=1).
-        v.push(LazyCase {
-            family: "model",
-            name: format!("sample{tag} 1.3b 480x480 25 steps pipeline"),
-            build: Box::new(move || sample_pipeline_case(device, graphs)),
-        });
-        v.push(LazyCase {
-            family: "model",
-            name: demo_sample_name(graphs),
-            build: Box::new(move || demo_sample_case(device, graphs)),
-        });
-    }
+    v.extend([step(recipe(480, 480, 1, None)), step(recipe(832, 480, 4, None))]);
+    v.push(dit_step);
     v
 }
 
@@ -1361,19 +1344,23 @@ mod tests {
 
     /// The whole-model case names are an interface: the PyTorch reference records its
     /// times under them (`--compare`), `scripts/gpu-check.sh` selects by them and
-    /// `scripts/gpu-summary.py` pairs each opt-in with its default by them.
+    /// `scripts/gpu-summary.py` pairs each opt-in with its default by them. At full size
+    /// they come most decisive first, as a time limit may cut the list.
     #[test]
-    fn full_size_training_step_names() {
-        let names: Vec<String> = model_cases(Device::Cpu, Size::Full)
-            .into_iter()
-            .map(|c| c.name)
-            .filter(|n| n.contains(" 1.3b ") && n.starts_with("train step"))
-            .collect();
+    fn model_case_names_in_order() {
+        let names = |size| model_cases(Device::Cpu, size).into_iter().map(|c| c.name).collect::<Vec<_>>();
         assert_eq!(
-            names,
+            names(Size::Full),
             [
+                "train step demo 64x64 b16",
+                "sample demo 64x64 b16 25 steps",
+                "sample[graphs] demo 64x64 b16 25 steps",
                 "train step 1.3b 480x480 b1",
                 "train step 1.3b 832x480 b4",
+                "sample 1.3b 480x480 25 steps dit",
+                "sample 1.3b 480x480 25 steps pipeline",
+                "sample[graphs] 1.3b 480x480 25 steps pipeline",
+                "clip train step synthclip-vit-b16 b256",
                 "train step 1.3b 480x480 b1 optimizer after backward",
                 "train step 1.3b 832x480 b4 optimizer after backward",
                 "train step[graphs] 1.3b 480x480 b1 optimizer after backward",
@@ -1381,7 +1368,12 @@ mod tests {
                 "train step 1.3b 832x480 b4 keeping attention+linear",
                 "train step 1.3b 480x480 b1 no checkpointing",
                 "train step 1.3b 832x480 b4 no checkpointing",
+                "dit fwd+bwd 1.3B 60x60 latent, 257+512 ctx",
             ]
+        );
+        assert_eq!(
+            names(Size::Small),
+            ["dit fwd+bwd tiny 16x16 latent, 257+512 ctx", "train step demo 64x64 b16", "clip train step tiny b64"]
         );
         let e = train_step_case(
             Device::Cpu,
