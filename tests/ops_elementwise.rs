@@ -164,7 +164,8 @@ fn gpu_full_sets_every_element() {
 }
 
 /// `Tensor::copy_from_slice` on the GPU writes the buffer in place (a recorded CUDA graph
-/// reads its address), rounding to nearest in bf16.
+/// reads its address), rounding to nearest in bf16; uploads and downloads of large buffers
+/// convert every value as small ones do.
 #[test]
 fn gpu_copy_from_slice_keeps_the_buffer() {
     let Some(dev) = gpu() else { return };
@@ -182,6 +183,17 @@ fn gpu_copy_from_slice_keeps_the_buffer() {
         let want: Vec<f32> =
             v.iter().map(|&x| if dt == DType::BF16 { half::bf16::from_f32(x).to_f32() } else { x }).collect();
         assert_eq!(t.to_vec().unwrap(), want, "{dt}");
+    }
+    // A buffer large enough that the host converts it on the thread pool, both ways.
+    let v = Rng::new(4).normal_vec(300_007, 5.0);
+    for dt in [DType::F32, DType::BF16] {
+        let t = Tensor::zeros(&[v.len()], dt, dev).unwrap();
+        t.copy_from_slice(&v).unwrap();
+        let want: Vec<f32> =
+            v.iter().map(|&x| if dt == DType::BF16 { half::bf16::from_f32(x).to_f32() } else { x }).collect();
+        assert!(t.to_vec().unwrap() == want, "{dt}: {} values", v.len());
+        let made = Tensor::from_vec_dtype(v.clone(), &[v.len()], dev, dt).unwrap();
+        assert!(made.to_vec().unwrap() == want, "{dt}: a tensor made from {} values", v.len());
     }
 }
 

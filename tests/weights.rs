@@ -118,6 +118,40 @@ fn bf16_round_trip_exact_and_rounds_to_nearest_even() {
     fs::remove_dir_all(dir).unwrap();
 }
 
+/// Large tensors (read on the thread pool) hold the values of their bytes element by
+/// element, in bf16, f16 and f32, with an odd count.
+#[test]
+fn large_tensors_read_element_by_element() {
+    let dir = temp_dir("weights-large");
+    let path = dir.join("large.safetensors");
+    let n = 200_003usize;
+    let values = Rng::new(9).normal_vec(n, 3.0);
+    let mut data = Vec::new();
+    for x in &values {
+        data.extend_from_slice(&half::bf16::from_f32(*x).to_le_bytes());
+    }
+    for x in &values {
+        data.extend_from_slice(&half::f16::from_f32(*x).to_le_bytes());
+    }
+    for x in &values {
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    let (b, h) = (2 * n, 4 * n);
+    let header = format!(
+        r#"{{"b":{{"dtype":"BF16","shape":[{n}],"data_offsets":[0,{b}]}},"h":{{"dtype":"F16","shape":[{n}],"data_offsets":[{b},{h}]}},"f":{{"dtype":"F32","shape":[{n}],"data_offsets":[{h},{}]}}}}"#,
+        h + 4 * n
+    );
+    let pad = (8 - header.len() % 8) % 8;
+    raw_file(&path, &format!("{header}{}", " ".repeat(pad)), &data);
+    let file = WeightFile::open(&path).unwrap();
+    let bf: Vec<f32> = values.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
+    let hf: Vec<f32> = values.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect();
+    assert_eq!(file.read_f32("b").unwrap(), bf);
+    assert_eq!(file.read_f32("h").unwrap(), hf);
+    assert_eq!(file.read_f32("f").unwrap(), values);
+    fs::remove_dir_all(dir).unwrap();
+}
+
 #[test]
 fn reads_python_fixture_in_bf16_f16_f32() {
     let file = WeightFile::open(fixture()).unwrap();

@@ -425,10 +425,7 @@ impl CudaDevice {
         }
         match buf {
             CudaBuf::F32(s) => self.stream.memcpy_htod(data, s)?,
-            CudaBuf::BF16(s) => {
-                let v: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
-                self.stream.memcpy_htod(&v, s)?
-            }
+            CudaBuf::BF16(s) => self.stream.memcpy_htod(&to_bf16(data), s)?,
         }
         Ok(())
     }
@@ -444,7 +441,7 @@ impl CudaDevice {
         self.check_fault()?;
         let mut v = match buf {
             CudaBuf::F32(s) => self.stream.clone_dtoh(s)?,
-            CudaBuf::BF16(s) => self.stream.clone_dtoh(s)?.into_iter().map(|x| x.to_f32()).collect(),
+            CudaBuf::BF16(s) => from_bf16(&self.stream.clone_dtoh(s)?),
         };
         v.truncate(n);
         Ok(v)
@@ -929,4 +926,26 @@ mod bcast_tests {
             }
         }
     }
+}
+
+/// Host conversions of at least this many values run on the thread pool (model weights
+/// on their way to and from the device).
+const PARALLEL_CONVERT: usize = 1 << 16;
+
+/// `data` rounded to bf16 (to nearest even).
+fn to_bf16(data: &[f32]) -> Vec<bf16> {
+    use rayon::prelude::*;
+    if data.len() < PARALLEL_CONVERT {
+        return data.iter().map(|&x| bf16::from_f32(x)).collect();
+    }
+    data.par_iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+/// `data` as f32 (exact).
+fn from_bf16(data: &[bf16]) -> Vec<f32> {
+    use rayon::prelude::*;
+    if data.len() < PARALLEL_CONVERT {
+        return data.iter().map(|x| x.to_f32()).collect();
+    }
+    data.par_iter().map(|x| x.to_f32()).collect()
 }

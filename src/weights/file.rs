@@ -272,9 +272,9 @@ impl WeightFile {
             self.tensors.get(name).ok_or_else(|| file_error(&self.path, format_args!("has no tensor '{name}'")))?;
         let bytes = self.data(info);
         Ok(match info.dtype {
-            FileDType::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            FileDType::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            FileDType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            FileDType::BF16 => convert(bytes, |b: [u8; 2]| bf16::from_le_bytes(b).to_f32()),
+            FileDType::F16 => convert(bytes, |b: [u8; 2]| f16::from_le_bytes(b).to_f32()),
+            FileDType::F32 => convert(bytes, f32::from_le_bytes),
             FileDType::F64 => bytes
                 .chunks_exact(8)
                 .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
@@ -289,6 +289,18 @@ impl WeightFile {
             }
         })
     }
+}
+
+/// The values of little-endian elements of `N` bytes, each converted by `f`; a large
+/// tensor's on the thread pool (its pages of a mapped file are then also read in
+/// parallel).
+fn convert<const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> f32 + Sync) -> Vec<f32> {
+    use rayon::prelude::*;
+    let one = |b: &[u8]| f(b.try_into().unwrap_or([0; N]));
+    if bytes.len() < (1 << 18) {
+        return bytes.chunks_exact(N).map(one).collect();
+    }
+    bytes.par_chunks_exact(N).map(one).collect()
 }
 
 type Header = (BTreeMap<String, TensorInfo>, HashMap<String, String>);
