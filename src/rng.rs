@@ -133,7 +133,7 @@ impl Rng {
     /// first, and the spare of an odd count kept), `chunk` (even) raw draws at a time.
     fn fill_normal(&mut self, out: &mut [f32], std: f32, chunk: usize) {
         use rayon::prelude::*;
-        debug_assert!(chunk % 2 == 0);
+        debug_assert!(chunk.is_multiple_of(2));
         let out = match (self.spare_normal.take(), out.split_first_mut()) {
             (Some(z), Some((first, rest))) => {
                 *first = z as f32 * std;

@@ -866,6 +866,28 @@ impl Bcast {
     }
 }
 
+/// Host conversions of at least this many values run on the thread pool (model weights
+/// on their way to and from the device).
+const PARALLEL_CONVERT: usize = 1 << 16;
+
+/// `data` rounded to bf16 (to nearest even).
+fn to_bf16(data: &[f32]) -> Vec<bf16> {
+    use rayon::prelude::*;
+    if data.len() < PARALLEL_CONVERT {
+        return data.iter().map(|&x| bf16::from_f32(x)).collect();
+    }
+    data.par_iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+/// `data` as f32 (exact).
+fn from_bf16(data: &[bf16]) -> Vec<f32> {
+    use rayon::prelude::*;
+    if data.len() < PARALLEL_CONVERT {
+        return data.iter().map(|x| x.to_f32()).collect();
+    }
+    data.par_iter().map(|x| x.to_f32()).collect()
+}
+
 #[cfg(test)]
 mod bcast_tests {
     use super::Bcast;
@@ -926,26 +948,4 @@ mod bcast_tests {
             }
         }
     }
-}
-
-/// Host conversions of at least this many values run on the thread pool (model weights
-/// on their way to and from the device).
-const PARALLEL_CONVERT: usize = 1 << 16;
-
-/// `data` rounded to bf16 (to nearest even).
-fn to_bf16(data: &[f32]) -> Vec<bf16> {
-    use rayon::prelude::*;
-    if data.len() < PARALLEL_CONVERT {
-        return data.iter().map(|&x| bf16::from_f32(x)).collect();
-    }
-    data.par_iter().map(|&x| bf16::from_f32(x)).collect()
-}
-
-/// `data` as f32 (exact).
-fn from_bf16(data: &[bf16]) -> Vec<f32> {
-    use rayon::prelude::*;
-    if data.len() < PARALLEL_CONVERT {
-        return data.iter().map(|x| x.to_f32()).collect();
-    }
-    data.par_iter().map(|x| x.to_f32()).collect()
 }
