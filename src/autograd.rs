@@ -62,16 +62,25 @@ pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
 /// a pool thread that waits inside one job (a parallel loop, a join) may run another,
 /// so without a tape of its own the second job would record onto, and be switched off
 /// by, the state of the first. For the same reason `f` starts outside any
-/// [`crate::forbid_host_transfers`] of the job it may run inside.
+/// [`crate::forbid_host_transfers`] of the job it may run inside, and outside any
+/// checkpointed block of it (a block's first pass would otherwise keep, and its recompute
+/// hand out, the outputs of the other job's ops).
 pub fn isolated<R>(recording: bool, f: impl FnOnce() -> R) -> R {
-    struct PopFrame;
-    impl Drop for PopFrame {
+    struct Restore(Vec<KeepFrame>, usize, usize);
+    impl Drop for Restore {
         fn drop(&mut self) {
             FRAMES.with(|fr| fr.borrow_mut().pop());
+            KEEP.with(|k| *k.borrow_mut() = std::mem::take(&mut self.0));
+            CHECKPOINTED.with(|c| c.set(self.1));
+            UNFUSED.with(|c| c.set(self.2));
         }
     }
     FRAMES.with(|fr| fr.borrow_mut().push(Vec::new()));
-    let _pop = PopFrame;
+    let _restore = Restore(
+        KEEP.with(|k| std::mem::take(&mut *k.borrow_mut())),
+        CHECKPOINTED.with(|c| c.replace(0)),
+        UNFUSED.with(|c| c.replace(0)),
+    );
     crate::tensor::allow_host_transfers(|| with_recording(recording, f))
 }
 
@@ -653,6 +662,37 @@ mod keep_tests {
             .unwrap();
         }
         assert_eq!(n.get(), 2);
+    }
+
+    /// Another job run inside a checkpointed block's first pass on the same thread (a pool
+    /// thread that waits may take one) through `isolated` neither keeps its outputs in the
+    /// block nor sees the block: the recompute gets the block's own outputs, and the job
+    /// runs outside any checkpoint.
+    #[test]
+    fn an_isolated_job_inside_a_block_keeps_nothing_in_it() {
+        let x = Tensor::from_vec(vec![1.0, 2.0], &[2], Device::Cpu).unwrap().requires_grad();
+        let pass = Rc::new(Cell::new(0));
+        let p = pass.clone();
+        let keep = Keep { attention: true, linear: true };
+        let y = checkpoint_keeping(std::slice::from_ref(&x), &[], keep, move |xs| {
+            p.set(p.get() + 1);
+            if p.get() == 1 {
+                super::isolated(true, || -> Result<()> {
+                    assert!(!super::inside_checkpoint() && super::linear_fusion_allowed());
+                    let other = Tensor::from_vec(vec![5.0; 6], &[3, 2], Device::Cpu)?;
+                    kept_or_compute(Kept::Linear, &[&[3, 2]], || Ok(vec![ops::scale(&other, 2.0)?]))?;
+                    Ok(())
+                })?;
+                assert!(super::inside_checkpoint(), "the block's state is back after the job");
+            }
+            let h = kept_or_compute(Kept::Linear, &[&[2]], || Ok(vec![ops::scale(&xs[0], 3.0)?]))?.remove(0);
+            ops::sum_all(&h)
+        })
+        .unwrap();
+        assert_eq!(y.item().unwrap(), 9.0);
+        // The recompute takes the block's own kept output (the job's would not fit).
+        backward(&y).unwrap();
+        assert_eq!(pass.get(), 2);
     }
 
     #[test]
