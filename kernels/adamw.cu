@@ -31,6 +31,11 @@
 // NaN high half. `master_join` and `master_split` convert to and from an fp32 master
 // (checkpoints, resume).
 //
+// Gate: every update entry point takes a last argument `gate` (may be null): a device
+// scalar (step_gate) that multiplies the gradient scale, or, when not finite, makes the
+// launch leave every tensor as it is. So a step's update can be queued before the host has
+// read its loss and norm, and a non-finite step still changes nothing.
+//
 // Sum of squares: per tensor (`sum_squares_<dtype>`, partials of a fixed grid), or for
 // all tensors at once (`sum_squares_multi`, one partial per chunk); `sum_partials` (one
 // block) adds the partials in a fixed order, so the global norm is deterministic run to
@@ -190,10 +195,21 @@ __device__ __forceinline__ void adamw_span(const G* __restrict__ grad, float* __
     }
 }
 
+// Applies a step's gate (see step_gate): false when the step must not update anything
+// (a non-finite gate); otherwise the gate multiplies the gradient scale. No gate: true.
+__device__ __forceinline__ bool apply_gate(const float* gate, AdamWStep& s) {
+    if (gate == nullptr) return true;
+    const float c = *gate;
+    if (!(fabsf(c) <= 3.402823466e38f)) return false;  // NaN or ±inf
+    s.grad_scale *= c;
+    return true;
+}
+
 template <typename G, int MODE>
 __device__ void adamw_impl(const G* __restrict__ grad, float* __restrict__ w, float* __restrict__ m,
                            float* __restrict__ v, bf16* __restrict__ copy, uint16_t* __restrict__ lo, AdamWStep s,
-                           int64_t n) {
+                           int64_t n, const float* gate) {
+    if (!apply_gate(gate, s)) return;
     adamw_span<G, MODE>(grad, w, m, v, copy, lo, s, 0, n, blockIdx.x * (int64_t)blockDim.x + threadIdx.x,
                         (int64_t)gridDim.x * blockDim.x);
 }
@@ -205,16 +221,16 @@ __device__ void adamw_impl(const G* __restrict__ grad, float* __restrict__ w, fl
 //   halves and `lo` the low ones.
 #define ADAMW_ENTRIES(G, SUFFIX)                                                                                  \
     extern "C" __global__ void adamw_##SUFFIX(const G* grad, float* w, float* m, float* v, AdamWStep s,          \
-                                              int64_t n) {                                                      \
-        adamw_impl<G, kWeightsPlain>(grad, w, m, v, nullptr, nullptr, s, n);                                    \
+                                              int64_t n, const float* gate) {                                   \
+        adamw_impl<G, kWeightsPlain>(grad, w, m, v, nullptr, nullptr, s, n, gate);                              \
     }                                                                                                           \
     extern "C" __global__ void adamw_master_##SUFFIX(const G* grad, float* w, float* m, float* v, bf16* param,   \
-                                                     AdamWStep s, int64_t n) {                                  \
-        adamw_impl<G, kWeightsCopy>(grad, w, m, v, param, nullptr, s, n);                                       \
+                                                     AdamWStep s, int64_t n, const float* gate) {               \
+        adamw_impl<G, kWeightsCopy>(grad, w, m, v, param, nullptr, s, n, gate);                                 \
     }                                                                                                           \
     extern "C" __global__ void adamw_split_##SUFFIX(const G* grad, bf16* param, uint16_t* lo, float* m, float* v, \
-                                                    AdamWStep s, int64_t n) {                                   \
-        adamw_impl<G, kWeightsSplit>(grad, nullptr, m, v, param, lo, s, n);                                     \
+                                                    AdamWStep s, int64_t n, const float* gate) {                \
+        adamw_impl<G, kWeightsSplit>(grad, nullptr, m, v, param, lo, s, n, gate);                               \
     }
 ADAMW_ENTRIES(float, f32)
 ADAMW_ENTRIES(bf16, bf16)
@@ -286,25 +302,28 @@ struct MultiChunk {
 // Elements [begin, end) of one tensor of a multi-tensor step, with its gradient g of type
 // G, updated in the tensor's weight mode (split master, master with a copy, or plain).
 template <typename G>
-__device__ __forceinline__ void adamw_tensor_span(const MultiTensor& t, const G* g, int64_t begin, int64_t end) {
+__device__ __forceinline__ void adamw_tensor_span(const MultiTensor& t, const G* g, const AdamWStep& s, int64_t begin,
+                                                  int64_t end) {
     const int64_t tid = threadIdx.x, stride = blockDim.x;
     if (t.lo != nullptr)
-        adamw_span<G, kWeightsSplit>(g, nullptr, t.m, t.v, t.copy, t.lo, t.s, begin, end, tid, stride);
+        adamw_span<G, kWeightsSplit>(g, nullptr, t.m, t.v, t.copy, t.lo, s, begin, end, tid, stride);
     else if (t.copy != nullptr)
-        adamw_span<G, kWeightsCopy>(g, t.w, t.m, t.v, t.copy, nullptr, t.s, begin, end, tid, stride);
+        adamw_span<G, kWeightsCopy>(g, t.w, t.m, t.v, t.copy, nullptr, s, begin, end, tid, stride);
     else
-        adamw_span<G, kWeightsPlain>(g, t.w, t.m, t.v, nullptr, nullptr, t.s, begin, end, tid, stride);
+        adamw_span<G, kWeightsPlain>(g, t.w, t.m, t.v, nullptr, nullptr, s, begin, end, tid, stride);
 }
 
 extern "C" __global__ void adamw_multi(const MultiTensor* __restrict__ tensors, const MultiChunk* __restrict__ chunks,
-                                       int64_t chunk) {
+                                       int64_t chunk, const float* gate) {
     const MultiChunk c = chunks[blockIdx.x];
     const MultiTensor& t = tensors[c.tensor];
+    AdamWStep s = t.s;
+    if (!apply_gate(gate, s)) return;
     const int64_t begin = c.chunk * chunk, end = min(begin + chunk, t.n);
     if (t.grad_bf16)
-        adamw_tensor_span(t, static_cast<const bf16*>(t.grad), begin, end);
+        adamw_tensor_span(t, static_cast<const bf16*>(t.grad), s, begin, end);
     else
-        adamw_tensor_span(t, static_cast<const float*>(t.grad), begin, end);
+        adamw_tensor_span(t, static_cast<const float*>(t.grad), s, begin, end);
 }
 
 template <typename T>
@@ -329,6 +348,24 @@ extern "C" __global__ void sum_squares_multi(const MultiTensor* __restrict__ ten
                             : sum_squares_span(static_cast<const float*>(t.grad), begin, end);
     acc = block_sum(acc, scratch);
     if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+}
+
+// The gate of a step whose update is queued before its loss and gradient norm are read
+// on the host (one thread): out[0] = the factor every gradient is multiplied by, which
+// is the clip coefficient min(1, max_norm / (norm + 1e-6)) of norm = sqrt(sumsq[0]) when
+// max_norm > 0 (torch.nn.utils.clip_grad_norm_; a NaN coefficient stays NaN) and 1
+// otherwise; or NaN when loss[0] or the norm is not finite, which makes every gated
+// update skip its tensors (apply_gate). `optim::clip_coefficient` is the host's form.
+extern "C" __global__ void step_gate(const float* sumsq, const float* loss, float max_norm, float* out) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    const float norm = sqrtf(sumsq[0]);
+    const bool finite = fabsf(loss[0]) <= 3.402823466e38f && norm <= 3.402823466e38f;
+    float c = 1.f;
+    if (max_norm > 0.f) {
+        c = max_norm / (norm + 1e-6f);
+        if (c == c) c = fminf(c, 1.f);
+    }
+    out[0] = finite ? c : __uint_as_float(0x7fc00000u);
 }
 
 // One block: out[0] = Σ partials[0..count), each thread a fixed strided subset, then a

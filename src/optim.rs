@@ -20,7 +20,11 @@
 //!
 //! Clipping: [`grad_norm`] gives the global L2 norm, [`clip_coefficient`] turns it into a
 //! factor that [`AdamW::step`] multiplies into every gradient inside the update kernel,
-//! together with any accumulation averaging — the gradients are never rewritten.
+//! together with any accumulation averaging — the gradients are never rewritten. The same
+//! factor can be made on the device ([`ops::step_gate`], from the gradients' sum of squares
+//! and the loss) and applied by [`AdamW::update_params_gated`], which leaves everything as
+//! it was when the loss or the norm is not finite: the update is then queued before the
+//! host has read either (what the trainers' single-micro-batch step does).
 
 use std::collections::{HashMap, HashSet};
 
@@ -184,6 +188,37 @@ impl AdamW {
     /// [`AdamW::end_step`] after the last group. Nothing changes unless every gradient
     /// matches its parameter.
     pub fn update_params(&mut self, grads: &[(usize, &Tensor)], lr: f32, grad_scale: f32) -> Result<()> {
+        self.update_with(grads, lr, grad_scale, None)
+    }
+
+    /// [`AdamW::update_params`] behind a step's `gate` ([`ops::step_gate`], a one-element
+    /// tensor on the parameters' device): every gradient is also multiplied by the gate's
+    /// value (the clip coefficient), and when that value is not finite nothing changes on
+    /// the device. The update is thus queued before the loss and the gradient norm are
+    /// read; the step counts advance here as in `update_params`, so a caller that then
+    /// finds the step not finite calls [`AdamW::rewind_params`] with the same indices.
+    pub fn update_params_gated(&mut self, grads: &[(usize, &Tensor)], lr: f32, gate: &Tensor) -> Result<()> {
+        self.update_with(grads, lr, 1.0, Some(gate))
+    }
+
+    /// Takes back the step counts that [`AdamW::update_params_gated`] advanced for the
+    /// parameters `indices`, after a gate that was not finite left their values as they
+    /// were (so the next update uses the bias corrections it would have).
+    pub fn rewind_params(&mut self, indices: &[usize]) {
+        for &i in indices {
+            if let Some(p) = self.params.get_mut(i) {
+                p.steps = p.steps.saturating_sub(1);
+            }
+        }
+    }
+
+    fn update_with(
+        &mut self,
+        grads: &[(usize, &Tensor)],
+        lr: f32,
+        grad_scale: f32,
+        gate: Option<&Tensor>,
+    ) -> Result<()> {
         // Check everything before the first parameter changes.
         for &(index, g) in grads {
             let Some(p) = self.params.get(index) else {
@@ -229,7 +264,11 @@ impl AdamW {
                 ops::AdamWItem { weights, exp_avg: &p.exp_avg, exp_avg_sq: &p.exp_avg_sq, grad: g, s }
             })
             .collect();
-        ops::adamw_update_many(&batch).map_err(|e| {
+        let updated = match gate {
+            Some(gate) => ops::adamw_update_many_gated(&batch, gate),
+            None => ops::adamw_update_many(&batch),
+        };
+        updated.map_err(|e| {
             let names: Vec<&str> = grads.iter().take(4).map(|(i, _)| self.params[*i].name.as_str()).collect();
             let more = if grads.len() > 4 { ", …" } else { "" };
             e.context(format!("AdamW step of {} parameters ({}{more})", grads.len(), names.join(", ")))

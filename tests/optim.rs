@@ -251,6 +251,123 @@ fn grad_norm_and_clipping() {
     assert!(clip_coefficient(f32::NAN, 1.0).is_nan());
 }
 
+/// The update queued behind a step's gate (`ops::step_gate` on the device, then
+/// `AdamW::update_params_gated`) equals, bit for bit, the update with the clip coefficient
+/// computed on the host from the same norm, with clipping and without; a loss or a
+/// gradient that is not finite makes the gate NaN and leaves every weight and moment as
+/// it was, and after `rewind_params` the next step is the one the other optimizer takes.
+/// On `dev` in `dtype` (bf16 parameters keep fp32 or split masters on a GPU).
+fn check_gated_update(dev: Device, dtype: DType) {
+    use synthos_engine::ops::{step_gate, sum_squares_tensor};
+    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.995, eps: 1e-6, weight_decay: 0.1 };
+    let mut rng = Rng::new(47);
+    let shapes: [&[usize]; 3] = [&[7, 13], &[1003], &[3]];
+    let (mut gated, mut plain) = (AdamW::new(cfg), AdamW::new(cfg));
+    let mut params = Vec::new();
+    for (i, shape) in shapes.iter().enumerate() {
+        let a = randn(shape, &mut rng).to_device(dev, dtype).unwrap();
+        let b = a.deep_copy().unwrap();
+        gated.add_param(&format!("p{i}"), &a, i != 1).unwrap();
+        plain.add_param(&format!("p{i}"), &b, i != 1).unwrap();
+        params.push((a, b));
+    }
+    let snapshot = |o: &AdamW| -> Vec<(String, Vec<u32>)> {
+        let mut v: Vec<(String, Vec<u32>)> = o
+            .state_tensors()
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| (k, t.to_vec().unwrap().iter().map(|x| x.to_bits()).collect()))
+            .collect();
+        v.extend(
+            o.params()
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (format!("param {i}"), p.to_vec().unwrap().iter().map(|x| x.to_bits()).collect())),
+        );
+        v
+    };
+    let scalar = |x: f32| Tensor::scalar(x, dev).unwrap().to_device(dev, DType::F32).unwrap();
+    let indices = [0usize, 1, 2];
+    for (step, (max_norm, loss, bad_grad)) in [
+        (Some(0.5f32), 1.5f32, false),
+        (None, 2.0, false),
+        (Some(0.5), f32::NAN, false),
+        (Some(1e6), 0.5, true),
+        (Some(3.0), 0.25, false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let grads: Vec<Tensor> = shapes
+            .iter()
+            .enumerate()
+            .map(|(k, s)| {
+                let mut g = randn(s, &mut rng).to_vec().unwrap();
+                if bad_grad && k == 1 {
+                    g[17] = f32::INFINITY;
+                }
+                Tensor::from_vec(g, s, Device::Cpu).unwrap().to_device(dev, dtype).unwrap()
+            })
+            .collect();
+        let refs: Vec<&Tensor> = grads.iter().collect();
+        let squares = sum_squares_tensor(&refs).unwrap();
+        let gate = step_gate(&squares, &scalar(loss), max_norm).unwrap();
+        let norm = squares.item().unwrap().sqrt();
+        let finite = loss.is_finite() && norm.is_finite();
+        let want = max_norm.map_or(1.0, |m| clip_coefficient(norm, m));
+        let what = format!("{dev} {dtype} step {step} (max_norm {max_norm:?}, loss {loss}, bad grad {bad_grad})");
+        let g = gate.item().unwrap();
+        if finite {
+            assert_eq!(g.to_bits(), want.to_bits(), "{what}: gate {g}, clip coefficient {want}");
+        } else {
+            assert!(g.is_nan(), "{what}: gate {g}");
+        }
+        let items: Vec<(usize, &Tensor)> = indices.iter().copied().zip(&grads).collect();
+        let before = snapshot(&gated);
+        gated.update_params_gated(&items, 1e-2, &gate).unwrap();
+        if !finite {
+            gated.rewind_params(&indices);
+            for ((k, a), (_, b)) in snapshot(&gated).iter().zip(&before) {
+                assert!(a == b, "{what}: a NaN gate changed {k}");
+            }
+            continue;
+        }
+        plain.update_params(&items, 1e-2, want).unwrap();
+        gated.end_step();
+        plain.end_step();
+        let (a, b) = (snapshot(&gated), snapshot(&plain));
+        for ((ka, va), (_, vb)) in a.iter().zip(&b) {
+            assert!(va == vb, "{what}: {ka} differs from the host-scaled update");
+        }
+        assert!(a != before, "{what}: the step updated nothing");
+    }
+}
+
+#[test]
+fn gated_update_is_the_host_scaled_update() {
+    check_gated_update(Device::Cpu, DType::F32);
+    // The gate's own errors.
+    let one = Tensor::scalar(1.0, Device::Cpu).unwrap();
+    let e = synthos_engine::ops::step_gate(&one, &one, Some(0.0)).unwrap_err().to_string();
+    assert!(e.contains("clipping norm 0"), "{e}");
+    let two = Tensor::zeros(&[2], DType::F32, Device::Cpu).unwrap();
+    let e = synthos_engine::ops::step_gate(&two, &one, None).unwrap_err().to_string();
+    assert!(e.contains("one value each"), "{e}");
+}
+
+#[test]
+fn gpu_gated_update_is_the_host_scaled_update() {
+    let Some(dev) = gpu() else { return };
+    use synthos_engine::cuda::adamw::{with_multi_tensor, with_split_masters};
+    for multi in [false, true] {
+        with_multi_tensor(multi, || {
+            check_gated_update(dev, DType::F32);
+            check_gated_update(dev, DType::BF16);
+            with_split_masters(true, || check_gated_update(dev, DType::BF16));
+        });
+    }
+}
+
 // ---------------------------------------------------------------- GPU vs CPU
 
 /// One GPU parameter and its CPU mirror holding the same initial values.

@@ -184,6 +184,25 @@ fn nan_loss_stops_and_keeps_the_last_checkpoint() {
         TrainConfig { resume: true, lr: 1e30, warmup_steps: 0, save_every: Some(1), max_steps: Some(5), ..small(&dir) },
     );
     assert!(resumed.is_ok_and(|r| r.step_count() >= 1));
+
+    // The failed step's update was queued behind the device's gate before its loss was
+    // read; the gate held it back: the weights in memory are the last good step's.
+    let dir = common::temp_dir("train-nan-memory");
+    let mut t =
+        trainer(TrainConfig { lr: 1e30, warmup_steps: 0, max_steps: Some(5), log_metrics: false, ..small(&dir) });
+    let bits = |t: &Trainer| -> Vec<Vec<u32>> {
+        param_values(t).into_iter().map(|(_, v)| v.iter().map(|x| x.to_bits()).collect()).collect()
+    };
+    let mut last = bits(&t);
+    let err = loop {
+        match t.train_step() {
+            Ok(_) => last = bits(&t),
+            Err(e) => break e.to_string(),
+        }
+    };
+    assert!(err.contains("not finite") && err.contains("were not updated"), "{err}");
+    assert!(bits(&t) == last, "the failed step changed the weights in memory");
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 fn write_dataset(dir: &Path, rows: &[[&str; 2]], header: [&str; 2]) {

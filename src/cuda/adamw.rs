@@ -72,8 +72,19 @@ impl Weights<'_> {
     }
 }
 
+/// A step's gate ([`step_gate`]) as a launch argument: its buffer, checked, or null.
+fn gate_arg<'a>(gate: Option<&'a CudaStorage>, dev: &Arc<super::CudaDevice>) -> Result<Option<&'a CudaSlice<f32>>> {
+    let Some(g) = gate else { return Ok(None) };
+    if !Arc::ptr_eq(&g.dev, dev) {
+        bail!("adamw: the step's gate lives on another GPU");
+    }
+    Ok(Some(f32::of(&g.buf).ctx("adamw: the step's gate")?))
+}
+
 /// One AdamW update of `n` elements: the weights (see [`Weights`]) and the fp32 moments
-/// `m`, `v` updated in place from `grad` (f32 or bf16).
+/// `m`, `v` updated in place from `grad` (f32 or bf16). With a `gate` (a one-element
+/// buffer from [`step_gate`]), the gradient scale is multiplied by it, and a non-finite
+/// gate leaves everything as it is.
 pub fn step(
     grad: &CudaStorage,
     weights: Weights<'_>,
@@ -81,9 +92,11 @@ pub fn step(
     v: &mut CudaStorage,
     s: &AdamWStep,
     n: usize,
+    gate: Option<&CudaStorage>,
 ) -> Result<()> {
     let dev = m.dev.clone();
     weights.check(n, "the parameter")?;
+    let gate = gate_arg(gate, &dev)?;
     let short = |c: &CudaStorage| c.buf.len() < n;
     if short(grad) || short(m) || short(v) {
         bail!("adamw: buffers shorter than the {n} elements to update");
@@ -115,9 +128,13 @@ pub fn step(
         lb.arg(bf16::of_mut(&mut copy.buf)?);
     }
     lb.arg(s).arg(&n64);
+    match gate {
+        Some(g) => lb.arg(g),
+        None => lb.arg(&super::NULL_PTR),
+    };
     // SAFETY: every buffer holds at least n elements (checked above) of the dtype the
-    // entry point expects (the low halves are 16-bit patterns, read as uint16_t); each
-    // thread reads and writes only its own elements.
+    // entry point expects (the low halves are 16-bit patterns, read as uint16_t), the gate
+    // (if any) at least one f32; each thread reads and writes only its own elements.
     unsafe { lb.launch(grid_1d(n.div_ceil(VEC), BLOCK)) }?;
     Ok(())
 }
@@ -241,13 +258,14 @@ pub struct AdamWEntry<'a> {
 }
 
 /// [`step`] for many parameters in one launch (`adamw_multi`): the same arithmetic per
-/// element, so the results equal one [`step`] per parameter bit for bit. All buffers must
-/// live on one GPU.
-pub fn step_many(entries: &mut [AdamWEntry<'_>]) -> Result<()> {
+/// element, so the results equal one [`step`] per parameter bit for bit, with the same
+/// `gate` for all. All buffers must live on one GPU.
+pub fn step_many(entries: &mut [AdamWEntry<'_>], gate: Option<&CudaStorage>) -> Result<()> {
     let Some(first) = entries.first() else {
         return Ok(());
     };
     let dev = first.m.dev.clone();
+    let gate = gate_arg(gate, &dev)?;
     let mut table = Vec::with_capacity(entries.len());
     for (i, e) in entries.iter().enumerate() {
         let n = e.n;
@@ -292,10 +310,15 @@ pub fn step_many(entries: &mut [AdamWEntry<'_>]) -> Result<()> {
     let chunk = MULTI_CHUNK as i64;
     let mut lb = dev.stream.launch_builder(&f);
     lb.arg(&tensors).arg(&chunks_dev).arg(&chunk);
+    match gate {
+        Some(g) => lb.arg(g),
+        None => lb.arg(&super::NULL_PTR),
+    };
     // SAFETY: every table entry holds live device addresses of buffers with at least n
     // elements of the dtypes it names (checked above; the caller's borrows keep them alive
     // and unaliased until the launch is queued, and frees are stream-ordered after it);
-    // block b updates only elements of chunk b, and chunks do not overlap.
+    // the gate (if any) is one f32; block b updates only elements of chunk b, and chunks
+    // do not overlap.
     unsafe { lb.launch(super::grid_rows(count, BLOCK)) }?;
     Ok(())
 }
@@ -327,6 +350,33 @@ pub fn multi_tensor() -> Result<bool> {
 /// Runs `f` with the multi-tensor launches on or off on this thread.
 pub fn with_multi_tensor<R>(on: bool, f: impl FnOnce() -> R) -> R {
     super::choice::with(MULTI_VAR, on as usize, f)
+}
+
+/// The gate of a step whose update is queued before the host reads its loss and gradient
+/// norm (`step_gate`): a new one-element buffer holding the gradient factor (the clip
+/// coefficient `min(1, max_norm / (sqrt(sumsq) + 1e-6))` when `max_norm` is given, else 1),
+/// or NaN when `loss` or the norm is not finite, which makes every update given the gate
+/// leave its tensors untouched. `sumsq` and `loss` are one-element f32 buffers.
+pub fn step_gate(sumsq: &CudaStorage, loss: &CudaStorage, max_norm: Option<f32>) -> Result<CudaBuf> {
+    let dev = sumsq.dev.clone();
+    if !Arc::ptr_eq(&loss.dev, &dev) {
+        bail!("step_gate: the loss and the sum of squares live on different GPUs");
+    }
+    let max_norm = match max_norm {
+        Some(m) if !(m > 0.0 && m.is_finite()) => bail!("step_gate: the clipping norm {m} is not a positive number"),
+        Some(m) => m,
+        None => 0.0,
+    };
+    let mut out = dev.alloc_t::<f32>(1)?;
+    let f = dev.func("adamw", "step_gate")?;
+    let mut lb = dev.stream.launch_builder(&f);
+    lb.arg(f32::of(&sumsq.buf).ctx("step_gate: the sum of squares")?);
+    lb.arg(f32::of(&loss.buf).ctx("step_gate: the loss")?);
+    lb.arg(&max_norm).arg(&mut out);
+    // SAFETY: reads one f32 of each input (every buffer has at least one element) and
+    // writes out[0], from one thread.
+    unsafe { lb.launch(super::grid_rows(1, 32)) }?;
+    Ok(CudaBuf::F32(out))
 }
 
 /// Most blocks one tensor's per-tensor sum of squares uses (beyond this, threads loop).

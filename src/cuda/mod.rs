@@ -866,6 +866,9 @@ impl Bcast {
     }
 }
 
+/// A null device pointer for absent optional arguments (the kernels test for it).
+pub(crate) static NULL_PTR: u64 = 0;
+
 /// Host conversions of at least this many values run on the thread pool (model weights
 /// on their way to and from the device).
 const PARALLEL_CONVERT: usize = 1 << 16;

@@ -61,9 +61,6 @@ pub fn with_warp_forward<R>(on: bool, f: impl FnOnce() -> R) -> R {
     super::choice::with(NORM_VAR, on as usize, f)
 }
 
-/// A null device pointer for absent optional arguments (the kernels test for it).
-static NULL_PTR: u64 = 0;
-
 /// Elements per vector: 16 bytes of `dtype` when `d` is a multiple of that, else 1.
 fn vec_width(dtype: DType, d: usize) -> usize {
     let v = match dtype {
@@ -94,14 +91,14 @@ fn norm_kernel(dir: &str, t: DType, p: DType, vectorised: bool) -> &'static str 
 fn push_opt<'a>(lb: &mut LaunchArgs<'a>, buf: Option<&'a CudaBuf>) {
     match buf {
         Some(b) => lb.buf(b),
-        None => lb.arg(&NULL_PTR),
+        None => lb.arg(&super::NULL_PTR),
     };
 }
 
 fn push_opt_mut<'a>(lb: &mut LaunchArgs<'a>, buf: Option<&'a mut CudaBuf>) {
     match buf {
         Some(b) => lb.buf_mut(b),
-        None => lb.arg(&NULL_PTR),
+        None => lb.arg(&super::NULL_PTR),
     };
 }
 
@@ -189,7 +186,7 @@ pub fn forward(
             lb.buf_mut(r);
         }
         None => {
-            lb.arg(&NULL_PTR).arg(&NULL_PTR);
+            lb.arg(&super::NULL_PTR).arg(&super::NULL_PTR);
         }
     }
     lb.arg(&rows).arg(&d).arg(&rpg).arg(&spec.w_offset).arg(&spec.eps).arg(&rms);

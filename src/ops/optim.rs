@@ -57,34 +57,53 @@ pub struct AdamWItem<'a> {
 /// One fused AdamW update in place: the weights (see [`AdamWWeights`]), the moments
 /// `exp_avg` and `exp_avg_sq`, from the gradient.
 pub fn adamw_update(item: &AdamWItem<'_>) -> Result<()> {
+    update_one(item, None)
+}
+
+/// [`adamw_update`], behind a step's `gate` ([`step_gate`]) when given.
+fn update_one(item: &AdamWItem<'_>, gate: Option<&Tensor>) -> Result<()> {
     let mut all = item.weights.tensors();
     all.extend([item.exp_avg, item.exp_avg_sq, item.grad]);
+    all.extend(gate);
     let device = super::same_device("adamw", &all)?;
     let gs = item.grad.storage();
     let mut ms = item.exp_avg.storage_mut();
     let mut vs = item.exp_avg_sq.storage_mut();
+    let gate_storage = gate.map(|g| g.storage());
     match (device, item.weights) {
         (Device::Cpu, AdamWWeights::Plain(w)) => {
+            // The kernels' gate (`apply_gate` in kernels/adamw.cu): a factor of the
+            // gradient scale, or no update at all when it is not finite.
+            let mut s = item.s;
+            if let Some(g) = &gate_storage {
+                let c = g.as_cpu()?[0];
+                if !c.is_finite() {
+                    return Ok(());
+                }
+                s.grad_scale *= c;
+            }
             let mut ws = w.storage_mut();
-            cpu::adamw::step(ws.as_cpu_mut()?, gs.as_cpu()?, ms.as_cpu_mut()?, vs.as_cpu_mut()?, &item.s)
+            cpu::adamw::step(ws.as_cpu_mut()?, gs.as_cpu()?, ms.as_cpu_mut()?, vs.as_cpu_mut()?, &s)
         }
         (Device::Cpu, _) => bail!("adamw: a CPU parameter is f32, its own master"),
         (Device::Cuda(_), weights) => {
             let n = item.grad.numel();
             let (g, m, v) = (gs.as_cuda()?, ms.as_cuda_mut()?, vs.as_cuda_mut()?);
+            let gate = gate_storage.as_ref().map(|g| g.as_cuda()).transpose()?;
             match weights {
                 AdamWWeights::Plain(w) => {
-                    cuda::adamw::step(g, cuda::adamw::Weights::Plain(w.storage_mut().as_cuda_mut()?), m, v, &item.s, n)
+                    let mut ws = w.storage_mut();
+                    cuda::adamw::step(g, cuda::adamw::Weights::Plain(ws.as_cuda_mut()?), m, v, &item.s, n, gate)
                 }
                 AdamWWeights::Master { master, param } => {
                     let (mut ws, mut ps) = (master.storage_mut(), param.storage_mut());
                     let w = cuda::adamw::Weights::Master { w: ws.as_cuda_mut()?, copy: ps.as_cuda_mut()? };
-                    cuda::adamw::step(g, w, m, v, &item.s, n)
+                    cuda::adamw::step(g, w, m, v, &item.s, n, gate)
                 }
                 AdamWWeights::Split { param, lo } => {
                     let (mut ps, mut ls) = (param.storage_mut(), lo.storage_mut());
                     let w = cuda::adamw::Weights::Split { param: ps.as_cuda_mut()?, lo: ls.as_cuda_mut()? };
-                    cuda::adamw::step(g, w, m, v, &item.s, n)
+                    cuda::adamw::step(g, w, m, v, &item.s, n, gate)
                 }
             }
         }
@@ -96,10 +115,66 @@ pub fn adamw_update(item: &AdamWItem<'_>) -> Result<()> {
 /// `cuda::adamw::multi_tensor`), otherwise one after another. Every tensor of
 /// one item must differ from those of the others.
 pub fn adamw_update_many(items: &[AdamWItem<'_>]) -> Result<()> {
+    update_many(items, None)
+}
+
+/// [`adamw_update_many`] behind a step's gate ([`step_gate`]): every gradient is scaled by
+/// the gate's value as well, and when that value is not finite no tensor changes. The
+/// update can thus be queued before the host has read the step's loss and gradient norm.
+pub fn adamw_update_many_gated(items: &[AdamWItem<'_>], gate: &Tensor) -> Result<()> {
+    if gate.numel() != 1 || gate.dtype() != DType::F32 {
+        bail!("adamw: the step's gate must be one f32 value, not {:?} {:?}", gate.shape(), gate.dtype());
+    }
+    update_many(items, Some(gate))
+}
+
+/// The gate of a step whose update is queued before its loss and gradient norm are read:
+/// a one-element f32 tensor holding the factor every gradient is multiplied by, the clip
+/// coefficient of the norm `sqrt(squares)` ([`crate::optim::clip_coefficient`]) with
+/// `max_norm`, 1 without; or NaN when `loss` or the norm is not finite, which makes
+/// [`adamw_update_many_gated`] change nothing. `squares` (the gradients' sum of squares,
+/// [`sum_squares_tensor`]) and `loss` are one-element tensors on one device; nothing is
+/// read on the host.
+pub fn step_gate(squares: &Tensor, loss: &Tensor, max_norm: Option<f32>) -> Result<Tensor> {
+    let device = super::same_device("step_gate", &[squares, loss])?;
+    if squares.numel() != 1 || loss.numel() != 1 {
+        bail!(
+            "step_gate: the sum of squares {:?} and the loss {:?} must be one value each",
+            squares.shape(),
+            loss.shape()
+        );
+    }
+    if let Some(m) = max_norm {
+        if !(m > 0.0 && m.is_finite()) {
+            bail!("step_gate: the clipping norm {m} is not a positive number");
+        }
+    }
+    let (ss, ls) = (squares.storage(), loss.storage());
+    match device {
+        Device::Cpu => {
+            let norm = ss.as_cpu()?[0].sqrt();
+            let c = match max_norm {
+                Some(m) => crate::optim::clip_coefficient(norm, m),
+                None => 1.0,
+            };
+            let gate = if ls.as_cpu()?[0].is_finite() && norm.is_finite() { c } else { f32::NAN };
+            // (A result, not a host transfer: it may be computed inside a recorded function.)
+            Tensor::from_storage(crate::tensor::Storage::Cpu(vec![gate]), &[])
+        }
+        Device::Cuda(_) => {
+            let (s, l) = (ss.as_cuda()?, ls.as_cuda()?);
+            let buf = cuda::adamw::step_gate(s, l, max_norm)?;
+            Tensor::from_storage(crate::tensor::Storage::Cuda(cuda::CudaStorage { dev: s.dev.clone(), buf }), &[])
+        }
+    }
+}
+
+/// [`adamw_update_many`], behind a step's `gate` when given.
+fn update_many(items: &[AdamWItem<'_>], gate: Option<&Tensor>) -> Result<()> {
     if items.is_empty() {
         return Ok(());
     }
-    let mut all: Vec<&Tensor> = Vec::with_capacity(items.len() * 5);
+    let mut all: Vec<&Tensor> = Vec::with_capacity(items.len() * 5 + 1);
     let mut seen = std::collections::HashSet::with_capacity(items.len() * 5);
     for (k, i) in items.iter().enumerate() {
         for t in i.weights.tensors().into_iter().chain([i.exp_avg, i.exp_avg_sq, i.grad]) {
@@ -109,13 +184,14 @@ pub fn adamw_update_many(items: &[AdamWItem<'_>]) -> Result<()> {
             all.push(t);
         }
     }
+    all.extend(gate);
     let batched = match super::same_device("adamw", &all)? {
         Device::Cpu => false,
         Device::Cuda(_) => cuda::adamw::multi_tensor()?,
     };
     if !batched {
         for i in items {
-            adamw_update(i)?;
+            update_one(i, gate)?;
         }
         return Ok(());
     }
@@ -147,7 +223,9 @@ pub fn adamw_update_many(items: &[AdamWItem<'_>]) -> Result<()> {
             n: i.grad.numel(),
         });
     }
-    cuda::adamw::step_many(&mut entries)
+    let gate_storage = gate.map(|g| g.storage());
+    let gate = gate_storage.as_ref().map(|g| g.as_cuda()).transpose()?;
+    cuda::adamw::step_many(&mut entries, gate)
 }
 
 /// The fp32 master of a split master ([`AdamWWeights::Split`]): a new f32 tensor on the
@@ -233,7 +311,8 @@ pub fn sum_squares_tensor(xs: &[&Tensor]) -> Result<Tensor> {
     }
     let device = super::same_device("sum_squares", xs)?;
     match device {
-        Device::Cpu => Tensor::scalar(sum_squares(xs)? as f32, Device::Cpu),
+        // (A result, not a host transfer: it may be computed inside a recorded function.)
+        Device::Cpu => Tensor::from_storage(crate::tensor::Storage::Cpu(vec![sum_squares(xs)? as f32]), &[]),
         Device::Cuda(_) => {
             let guards: Vec<_> = xs.iter().map(|g| g.storage()).collect();
             let parts =

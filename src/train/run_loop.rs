@@ -16,7 +16,7 @@ use crate::nn::NamedParam;
 use crate::optim::{clip_coefficient, AdamW, AdamWConfig};
 use crate::report::{plot_loss, read_metrics, series, MetricsRecord, MetricsWriter, Progress};
 use crate::weights::{self, SaveDType, WeightSet};
-use crate::{autograd, bail, ops, Device, Error, Gradients, Result, ResultExt, Tensor};
+use crate::{autograd, bail, ops, DType, Device, Error, Gradients, Result, ResultExt, Tensor};
 
 /// File name of the resume state in the run folder.
 pub const RESUME_FILE: &str = "resume.safetensors";
@@ -474,7 +474,9 @@ impl RunLoop {
     /// ([`TrainTask::micro_inputs`]): the loss and its backward pass run through the loop's
     /// [`ops::GraphRunner`] (replayed as a CUDA graph from the second step of an input
     /// layout on, with `SYNTHOS_CUDA_GRAPHS=1` on a GPU; plainly elsewhere), then the
-    /// update runs as in [`RunLoop::train_step`]. Returns (loss, gradient norm).
+    /// update is queued behind a device gate ([`ops::step_gate`]: the clip coefficient, or
+    /// no update when the loss or the norm is not finite) before the loss and the norm are
+    /// read. Returns (loss, gradient norm).
     fn step_from_inputs(
         &mut self,
         task: &mut impl TrainTask,
@@ -525,13 +527,26 @@ impl RunLoop {
         }
         let (extras, grads) = rest.split_at(graphed.extras);
         task.keep_step_outputs(extras.to_vec())?;
-        let loss_total = loss.item()? as f64;
+        // The update is queued behind a gate the device makes from the loss and the
+        // gradients' sum of squares (the clip coefficient, or no update at all when either
+        // is not finite), before the host reads them: the device goes from the backward
+        // pass to the update without waiting for the host.
         let grad_list: Vec<&Tensor> = grads.iter().collect();
-        let grad_norm = ops::sum_squares(&grad_list)?.sqrt() as f32 as f64;
-        self.check_finite(step, epoch, loss_total, grad_norm, "The weights were not updated")?;
-        let scale = self.settings.max_grad_norm.map_or(1.0, |m| clip_coefficient(grad_norm as f32, m));
+        let squares = match grad_list.as_slice() {
+            [] => Tensor::zeros(&[], DType::F32, loss.device())?,
+            gs => ops::sum_squares_tensor(gs)?,
+        };
+        let loss32 = autograd::no_grad(|| ops::cast(loss, DType::F32))?;
+        let gate = ops::step_gate(&squares, &loss32, self.settings.max_grad_norm)?;
         let items: Vec<(usize, &Tensor)> = present.iter().copied().zip(grads).collect();
-        self.opt.update_params(&items, lr as f32, scale)?;
+        self.opt.update_params_gated(&items, lr as f32, &gate)?;
+        let loss_total = loss32.item()? as f64;
+        let grad_norm = (squares.item()? as f64).sqrt();
+        if let Err(e) = self.check_finite(step, epoch, loss_total, grad_norm, "The weights were not updated") {
+            // (The gate kept every tensor as it was; the counts go back with them.)
+            self.opt.rewind_params(present);
+            return Err(e);
+        }
         self.opt.end_step();
         Ok((loss_total, grad_norm))
     }

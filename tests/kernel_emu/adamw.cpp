@@ -65,14 +65,14 @@ void step(size_t n, bool copy, Shift shift, double t) {
     const auto cfg = grid_1d(ceil_div(n, kVec), kBlock);
     if (copy) {
         if constexpr (std::is_same_v<G, float>)
-            emu::launch(cfg, EMU_KERNEL(adamw_master_f32), dg.ptr(), w.ptr(), m.ptr(), v.ptr(), c.ptr(), s, (int64_t)n);
+            emu::launch(cfg, EMU_KERNEL(adamw_master_f32), dg.ptr(), w.ptr(), m.ptr(), v.ptr(), c.ptr(), s, (int64_t)n, (const float*)nullptr);
         else
-            emu::launch(cfg, EMU_KERNEL(adamw_master_bf16), dg.ptr(), w.ptr(), m.ptr(), v.ptr(), c.ptr(), s, (int64_t)n);
+            emu::launch(cfg, EMU_KERNEL(adamw_master_bf16), dg.ptr(), w.ptr(), m.ptr(), v.ptr(), c.ptr(), s, (int64_t)n, (const float*)nullptr);
     } else {
         if constexpr (std::is_same_v<G, float>)
-            emu::launch(cfg, EMU_KERNEL(adamw_f32), dg.ptr(), w.ptr(), m.ptr(), v.ptr(), s, (int64_t)n);
+            emu::launch(cfg, EMU_KERNEL(adamw_f32), dg.ptr(), w.ptr(), m.ptr(), v.ptr(), s, (int64_t)n, (const float*)nullptr);
         else
-            emu::launch(cfg, EMU_KERNEL(adamw_bf16), dg.ptr(), w.ptr(), m.ptr(), v.ptr(), s, (int64_t)n);
+            emu::launch(cfg, EMU_KERNEL(adamw_bf16), dg.ptr(), w.ptr(), m.ptr(), v.ptr(), s, (int64_t)n, (const float*)nullptr);
     }
 
     // torch.optim.AdamW in double, from the same f32 hyper-parameters.
@@ -188,14 +188,14 @@ void step_split(size_t n, Shift shift, double t) {
     const auto cfg = grid_1d(ceil_div(n, kVec), kBlock);
     if constexpr (std::is_same_v<G, float>) {
         emu::launch(cfg, EMU_KERNEL(adamw_split_f32), (const float*)dg.ptr(), hi.ptr(), lo.ptr(), m.ptr(), v.ptr(), s,
-                    (int64_t)n);
+                    (int64_t)n, (const float*)nullptr);
         emu::launch(cfg, EMU_KERNEL(adamw_master_f32), (const float*)rg.ptr(), rw.ptr(), rm.ptr(), rv.ptr(),
-                    rc.ptr(), s, (int64_t)n);
+                    rc.ptr(), s, (int64_t)n, (const float*)nullptr);
     } else {
         emu::launch(cfg, EMU_KERNEL(adamw_split_bf16), (const bf16*)dg.ptr(), hi.ptr(), lo.ptr(), m.ptr(), v.ptr(),
-                    s, (int64_t)n);
+                    s, (int64_t)n, (const float*)nullptr);
         emu::launch(cfg, EMU_KERNEL(adamw_master_bf16), (const bf16*)rg.ptr(), rw.ptr(), rm.ptr(), rv.ptr(),
-                    rc.ptr(), s, (int64_t)n);
+                    rc.ptr(), s, (int64_t)n, (const float*)nullptr);
     }
     const std::string what =
         format("adamw_split_%s n=%zu step %g %s", Elem<G>::name, n, t, shift == kW ? "lo misaligned" : shift_name(shift));
@@ -289,7 +289,7 @@ void step_many(const std::vector<size_t>& sizes, size_t chunk) {
     Table<MultiTensor> tensors(table);
     Table<MultiChunk> chunks(chunk_table(sizes, chunk));
     emu::launch(grid_rows(chunks.host.size(), kBlock), EMU_KERNEL(adamw_multi), (const MultiTensor*)tensors.dev,
-                (const MultiChunk*)chunks.dev, (int64_t)chunk);
+                (const MultiChunk*)chunks.dev, (int64_t)chunk, (const float*)nullptr);
 
     std::string what = format("adamw_multi chunk %zu of", chunk);
     for (size_t n : sizes) what += format(" %zu", n);
@@ -301,28 +301,28 @@ void step_many(const std::vector<size_t>& sizes, size_t chunk) {
             if (o.bf16_grad) {
                 DeviceArray<bf16> g1(o.g);
                 emu::launch(cfg, EMU_KERNEL(adamw_split_bf16), (const bf16*)g1.ptr(), c1[k]->ptr(), lo1[k]->ptr(),
-                            m1[k]->ptr(), v1[k]->ptr(), o.s, (int64_t)n);
+                            m1[k]->ptr(), v1[k]->ptr(), o.s, (int64_t)n, (const float*)nullptr);
             } else {
                 DeviceArray<float> g1(o.g);
                 emu::launch(cfg, EMU_KERNEL(adamw_split_f32), (const float*)g1.ptr(), c1[k]->ptr(), lo1[k]->ptr(),
-                            m1[k]->ptr(), v1[k]->ptr(), o.s, (int64_t)n);
+                            m1[k]->ptr(), v1[k]->ptr(), o.s, (int64_t)n, (const float*)nullptr);
             }
         } else if (o.bf16_grad) {
             DeviceArray<bf16> g1(o.g);
             if (o.copy)
                 emu::launch(cfg, EMU_KERNEL(adamw_master_bf16), g1.ptr(), w1[k]->ptr(), m1[k]->ptr(), v1[k]->ptr(),
-                            c1[k]->ptr(), o.s, (int64_t)n);
+                            c1[k]->ptr(), o.s, (int64_t)n, (const float*)nullptr);
             else
                 emu::launch(cfg, EMU_KERNEL(adamw_bf16), g1.ptr(), w1[k]->ptr(), m1[k]->ptr(), v1[k]->ptr(), o.s,
-                            (int64_t)n);
+                            (int64_t)n, (const float*)nullptr);
         } else {
             DeviceArray<float> g1(o.g);
             if (o.copy)
                 emu::launch(cfg, EMU_KERNEL(adamw_master_f32), g1.ptr(), w1[k]->ptr(), m1[k]->ptr(), v1[k]->ptr(),
-                            c1[k]->ptr(), o.s, (int64_t)n);
+                            c1[k]->ptr(), o.s, (int64_t)n, (const float*)nullptr);
             else
                 emu::launch(cfg, EMU_KERNEL(adamw_f32), g1.ptr(), w1[k]->ptr(), m1[k]->ptr(), v1[k]->ptr(), o.s,
-                            (int64_t)n);
+                            (int64_t)n, (const float*)nullptr);
         }
         const std::string t = what + format(": tensor %zu (%s grad%s)", k, o.bf16_grad ? "bf16" : "f32",
                                             o.split ? ", split master" : o.copy ? ", copy" : "");
@@ -404,6 +404,149 @@ void sum_squares_per_tensor(const std::vector<std::pair<bool, size_t>>& tensors)
 
 }  // namespace
 
+// The gate (the last argument of every update entry point; `cuda::adamw::step_gate` makes
+// it): a finite gate c gives, bit for bit, the ungated update with the gradient scale
+// multiplied by c; a NaN or infinite gate leaves every buffer as it was. For a plain f32
+// parameter (f32 gradient), an fp32 master with its bf16 copy (bf16 gradient), a split
+// master (f32 gradient), and adamw_multi over all three.
+void gated(size_t n) {
+    struct Kind {
+        const char* name;
+        bool bf16_grad, copy, split;
+    };
+    const Kind kinds[] = {{"plain", false, false, false}, {"master", true, true, false}, {"split", false, false, true}};
+    const AdamWStep s0 = step_params(3.0, true, 0.75f);
+    const float c = 0.3712f;
+    struct State {
+        std::unique_ptr<DeviceArray<float>> gf, w, m, v;
+        std::unique_ptr<DeviceArray<bf16>> gb, copy;
+        std::unique_ptr<DeviceArray<uint16_t>> lo;
+        std::vector<std::vector<double>> all() const {
+            return {w->download(), m->download(), v->download(), copy->download(), lo->download()};
+        }
+    };
+    std::vector<std::vector<double>> g(3), w0(3), m0(3), v0(3);
+    for (int k = 0; k < 3; ++k) {
+        g[k] = kinds[k].bf16_grad ? rng.values<bf16>(n) : rng.values<float>(n);
+        w0[k] = rng.values<float>(n);
+        for (size_t i = 0; i < n; ++i) {
+            m0[k].push_back(round_to<float>(0.1 * rng.normal()));
+            v0[k].push_back(round_to<float>(0.01 * std::fabs(rng.normal())));
+        }
+    }
+    auto fresh = [&](int k) {
+        State st;
+        st.gf = std::make_unique<DeviceArray<float>>(g[k]);
+        st.gb = std::make_unique<DeviceArray<bf16>>(g[k]);
+        st.w = std::make_unique<DeviceArray<float>>(w0[k]);
+        st.m = std::make_unique<DeviceArray<float>>(m0[k]);
+        st.v = std::make_unique<DeviceArray<float>>(v0[k]);
+        st.copy = std::make_unique<DeviceArray<bf16>>(w0[k]);
+        st.lo = std::make_unique<DeviceArray<uint16_t>>(n);
+        st.lo->zero();
+        return st;
+    };
+    // One tensor's single-tensor launch with step constants s and gate.
+    auto single = [&](int k, State& st, AdamWStep s, const float* gate) {
+        const auto cfg = grid_1d(ceil_div(n, kVec), kBlock);
+        const Kind& kd = kinds[k];
+        if (kd.split)
+            emu::launch(cfg, EMU_KERNEL(adamw_split_f32), (const float*)st.gf->ptr(), st.copy->ptr(), st.lo->ptr(),
+                        st.m->ptr(), st.v->ptr(), s, (int64_t)n, gate);
+        else if (kd.copy)
+            emu::launch(cfg, EMU_KERNEL(adamw_master_bf16), (const bf16*)st.gb->ptr(), st.w->ptr(), st.m->ptr(),
+                        st.v->ptr(), st.copy->ptr(), s, (int64_t)n, gate);
+        else
+            emu::launch(cfg, EMU_KERNEL(adamw_f32), (const float*)st.gf->ptr(), st.w->ptr(), st.m->ptr(), st.v->ptr(), s,
+                        (int64_t)n, gate);
+    };
+    // All three tensors in one adamw_multi launch with step constants s and gate.
+    auto multi = [&](std::vector<State>& sts, AdamWStep s, const float* gate) {
+        std::vector<MultiTensor> table;
+        for (int k = 0; k < 3; ++k) {
+            const Kind& kd = kinds[k];
+            State& st = sts[k];
+            const void* grad = kd.bf16_grad ? (const void*)st.gb->ptr() : (const void*)st.gf->ptr();
+            table.push_back({grad, kd.split ? nullptr : st.w->ptr(), st.m->ptr(), st.v->ptr(),
+                             (kd.copy || kd.split) ? st.copy->ptr() : nullptr, kd.split ? st.lo->ptr() : nullptr,
+                             (int64_t)n, s, (int)kd.bf16_grad, 0});
+        }
+        Table<MultiTensor> tensors(table);
+        Table<MultiChunk> chunks(chunk_table({n, n, n}, 64));
+        emu::launch(grid_rows(chunks.host.size(), kBlock), EMU_KERNEL(adamw_multi), (const MultiTensor*)tensors.dev,
+                    (const MultiChunk*)chunks.dev, (int64_t)64, gate);
+    };
+    AdamWStep scaled = s0;
+    scaled.grad_scale = s0.grad_scale * c;
+    const char* parts[] = {"w", "m", "v", "copy", "lo"};
+    for (int form = 0; form < 2; ++form) {  // single-tensor launches, then adamw_multi
+        std::vector<State> gate_c, ref, skip_nan, skip_inf;
+        for (int k = 0; k < 3; ++k) {
+            gate_c.push_back(fresh(k));
+            ref.push_back(fresh(k));
+            skip_nan.push_back(fresh(k));
+            skip_inf.push_back(fresh(k));
+        }
+        DeviceArray<float> g_c(std::vector<double>{c}), g_nan(std::vector<double>{NAN}),
+            g_inf(std::vector<double>{INFINITY});
+        if (form == 0) {
+            for (int k = 0; k < 3; ++k) {
+                single(k, gate_c[k], s0, g_c.ptr());
+                single(k, ref[k], scaled, nullptr);
+                single(k, skip_nan[k], s0, g_nan.ptr());
+                single(k, skip_inf[k], s0, g_inf.ptr());
+            }
+        } else {
+            multi(gate_c, s0, g_c.ptr());
+            multi(ref, scaled, nullptr);
+            multi(skip_nan, s0, g_nan.ptr());
+            multi(skip_inf, s0, g_inf.ptr());
+        }
+        for (int k = 0; k < 3; ++k) {
+            const std::string what = format("gated %s n=%zu %s", form == 0 ? "single" : "multi", n, kinds[k].name);
+            const auto got = gate_c[k].all(), want = ref[k].all(), before = fresh(k).all();
+            const auto nan_after = skip_nan[k].all(), inf_after = skip_inf[k].all();
+            for (int q = 0; q < 5; ++q) {
+                report.close(what + format(" gate %g: %s", c, parts[q]), got[q], want[q], 0, 0);
+                report.close(what + format(" NaN gate: %s unchanged", parts[q]), nan_after[q], before[q], 0, 0);
+                report.close(what + format(" inf gate: %s unchanged", parts[q]), inf_after[q], before[q], 0, 0);
+            }
+            report.expect(got[1] != before[1], what + ": the finite gate updated m");
+        }
+    }
+}
+
+// step_gate against `optim::clip_coefficient` on the norm, for clipping and not, with the
+// loss or the sum of squares not finite.
+void step_gate_cases() {
+    const float inf = INFINITY, nan = NAN;
+    struct Case {
+        float sumsq, loss, max_norm;
+    };
+    const Case cases[] = {{4.0f, 1.5f, 1.0f},  {0.25f, 1.5f, 1.0f}, {1e-20f, -3.0f, 0.5f}, {7.0f, 2.0f, 0.0f},
+                          {0.0f, 0.0f, 1.0f},  {2.0f, nan, 1.0f},   {2.0f, inf, 0.0f},     {inf, 1.0f, 1.0f},
+                          {nan, 1.0f, 0.0f},   {3e38f, 1.0f, 2.0f}, {5.0f, -inf, 1.0f}};
+    for (const Case& k : cases) {
+        DeviceArray<float> sumsq(std::vector<double>{k.sumsq}), loss(std::vector<double>{k.loss}), out(1);
+        emu::launch(grid_1d(1, 1), EMU_KERNEL(step_gate), (const float*)sumsq.ptr(), (const float*)loss.ptr(),
+                    k.max_norm, out.ptr());
+        const float norm = std::sqrt(k.sumsq);
+        const bool finite = std::isfinite(k.loss) && std::isfinite(norm);
+        float want = 1.0f;
+        if (k.max_norm > 0.0f) {
+            want = k.max_norm / (norm + 1e-6f);
+            if (!std::isnan(want)) want = std::min(want, 1.0f);
+        }
+        const float got = out.ptr()[0];
+        const std::string what =
+            format("step_gate sumsq %g loss %g max_norm %g: %g", k.sumsq, k.loss, k.max_norm, (double)got);
+        if (finite)
+            report.expect(bits_of(got) == bits_of(want), what + format(", want %g", (double)want));
+        else
+            report.expect(std::isnan(got), what + ", want NaN");
+    }
+}
+
 int main() {
     emu::watchdog(300);
     std::vector<size_t> sizes = {1, 7, 8, 9, 100, 2049};
@@ -445,5 +588,7 @@ int main() {
     sum_squares({{false, 1}}, kMultiChunk);
     sum_squares({{true, 7}, {false, 300}, {true, 2049}, {false, 257}}, 64);
     if (!kTsan) sum_squares({{false, 140001}, {true, 5}}, kMultiChunk);
+    for (size_t n : {1, 9, 1000}) gated(n);
+    step_gate_cases();
     return report.finish();
 }
