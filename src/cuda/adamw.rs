@@ -356,17 +356,15 @@ pub fn with_multi_tensor<R>(on: bool, f: impl FnOnce() -> R) -> R {
 /// norm (`step_gate`): a new one-element buffer holding the gradient factor (the clip
 /// coefficient `min(1, max_norm / (sqrt(sumsq) + 1e-6))` when `max_norm` is given, else 1),
 /// or NaN when `loss` or the norm is not finite, which makes every update given the gate
-/// leave its tensors untouched. `sumsq` and `loss` are one-element f32 buffers.
+/// leave its tensors untouched. `sumsq` and `loss` are one-element f32 buffers; the
+/// caller (`ops::step_gate`) has checked that `max_norm` is positive.
 pub fn step_gate(sumsq: &CudaStorage, loss: &CudaStorage, max_norm: Option<f32>) -> Result<CudaBuf> {
     let dev = sumsq.dev.clone();
     if !Arc::ptr_eq(&loss.dev, &dev) {
         bail!("step_gate: the loss and the sum of squares live on different GPUs");
     }
-    let max_norm = match max_norm {
-        Some(m) if !(m > 0.0 && m.is_finite()) => bail!("step_gate: the clipping norm {m} is not a positive number"),
-        Some(m) => m,
-        None => 0.0,
-    };
+    // (The kernel's "no clipping".)
+    let max_norm = max_norm.unwrap_or(0.0);
     let mut out = dev.alloc_t::<f32>(1)?;
     let f = dev.func("adamw", "step_gate")?;
     let mut lb = dev.stream.launch_builder(&f);

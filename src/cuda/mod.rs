@@ -869,26 +869,26 @@ impl Bcast {
 /// A null device pointer for absent optional arguments (the kernels test for it).
 pub(crate) static NULL_PTR: u64 = 0;
 
-/// Host conversions of at least this many values run on the thread pool (model weights
-/// on their way to and from the device).
-const PARALLEL_CONVERT: usize = 1 << 16;
-
-/// `data` rounded to bf16 (to nearest even).
+/// `data` rounded to bf16 (to nearest even); a long slice on the thread pool (model
+/// weights on their way to the device).
 fn to_bf16(data: &[f32]) -> Vec<bf16> {
     use rayon::prelude::*;
-    if data.len() < PARALLEL_CONVERT {
+    if data.len() <= crate::cpu::par::CHUNK {
         return data.iter().map(|&x| bf16::from_f32(x)).collect();
     }
     data.par_iter().map(|&x| bf16::from_f32(x)).collect()
 }
 
-/// `data` as f32 (exact).
+/// `data` as f32 (exact), in chunks on the thread pool.
 fn from_bf16(data: &[bf16]) -> Vec<f32> {
-    use rayon::prelude::*;
-    if data.len() < PARALLEL_CONVERT {
-        return data.iter().map(|x| x.to_f32()).collect();
+    use std::mem::MaybeUninit;
+    // SAFETY: each chunk's elements are all written, from the elements of `data` at the
+    // same indices (the output has `data.len()` elements).
+    unsafe {
+        crate::cpu::par::fill_new(data.len(), |i0, o| {
+            o.iter_mut().zip(&data[i0..]).for_each(|(o, x)| *o = MaybeUninit::new(x.to_f32()))
+        })
     }
-    data.par_iter().map(|x| x.to_f32()).collect()
 }
 
 #[cfg(test)]

@@ -275,10 +275,7 @@ impl WeightFile {
             FileDType::BF16 => convert(bytes, |b: [u8; 2]| bf16::from_le_bytes(b).to_f32()),
             FileDType::F16 => convert(bytes, |b: [u8; 2]| f16::from_le_bytes(b).to_f32()),
             FileDType::F32 => convert(bytes, f32::from_le_bytes),
-            FileDType::F64 => bytes
-                .chunks_exact(8)
-                .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
-                .collect(),
+            FileDType::F64 => convert(bytes, |b: [u8; 8]| f64::from_le_bytes(b) as f32),
             other => {
                 return Err(file_error(
                     &self.path,
@@ -291,16 +288,19 @@ impl WeightFile {
     }
 }
 
-/// The values of little-endian elements of `N` bytes, each converted by `f`; a large
-/// tensor's on the thread pool (its pages of a mapped file are then also read in
-/// parallel).
-fn convert<const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> f32 + Sync) -> Vec<f32> {
-    use rayon::prelude::*;
-    let one = |b: &[u8]| f(b.try_into().unwrap_or([0; N]));
-    if bytes.len() < (1 << 18) {
-        return bytes.chunks_exact(N).map(one).collect();
+/// The values of little-endian elements of `N` bytes, each converted by `f`, in chunks on
+/// the thread pool (a mapped file's pages are then also read in parallel).
+fn convert<const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> f32 + Sync + Send) -> Vec<f32> {
+    use std::mem::MaybeUninit;
+    // SAFETY: each chunk's elements are all written, element i from bytes [N·i, N·i + N),
+    // which lie inside `bytes` for every i below its length / N.
+    unsafe {
+        crate::cpu::par::fill_new(bytes.len() / N, |i0, o| {
+            for (i, o) in (i0..).zip(o.iter_mut()) {
+                *o = MaybeUninit::new(f(std::array::from_fn(|j| bytes[N * i + j])));
+            }
+        })
     }
-    bytes.par_chunks_exact(N).map(one).collect()
 }
 
 type Header = (BTreeMap<String, TensorInfo>, HashMap<String, String>);
