@@ -134,7 +134,7 @@ gate ops_reduce gpu_sum_of_products_matches_cpu "[vec]"
 gate ops_matmul gpu_gelu_epilogue_matches_cpu "[epilogue]"
 gate ops_matmul gpu_mlp_gelu_epilogue_matches_cpu "[epilogue]"
 gate ops_conv gpu_im2col_by_rows_matches_the_element_kernel "[rows]"
-gate optim gpu_split_masters_match_fp32_masters "SPLIT_MASTER"  # no bench case: the stage below
+gate optim gpu_split_masters_match_fp32_masters "SPLIT_MASTER"  # no bench case: the steps below (STEP_ENV)
 gate pipeline gpu_graph_replays_match_plain_runs "[graphs]"
 gate pipeline gpu_graph_recording_errors_are_clear "[graphs]"
 gate train gpu_training_steps_replayed_as_graphs_match "[graphs]"
@@ -153,6 +153,23 @@ if [ "${SKIP_TESTS:-0}" != 1 ] && [ -z "${TEST_FILTER:-}" ]; then
   passed ops_matmul gpu_gemm_plans_are_bit_identical_to_uncached && passed ops_matmul gpu_gemm_plans_match_cpu \
     && DEMO_ENV+=(SYNTHOS_CUDA_GEMM_PLANS=1)
 fi
+# Every other opt-in whose parity tests passed, for the training steps with each attention
+# set (all of them when the tests did not run, as the gates above).
+STEP_ENV=()
+tests_ran() { [ "${SKIP_TESTS:-0}" != 1 ] && [ -z "${TEST_FILTER:-}" ]; }
+step_opt_in() {  # step_opt_in <VAR=value> <test executable> <test> ...
+  local e=$1; shift
+  if tests_ran; then
+    while [ $# -gt 0 ]; do passed "$1" "$2" || return 0; shift 2; done
+  fi
+  STEP_ENV+=("$e")
+}
+step_opt_in SYNTHOS_CUDA_MULTI_TENSOR=1 optim gpu_adamw_matches_cpu_multi_tensor optim gpu_grad_norm_matches_cpu_multi_tensor
+step_opt_in SYNTHOS_CUDA_GEMM_PLANS=1 ops_matmul gpu_gemm_plans_are_bit_identical_to_uncached ops_matmul gpu_gemm_plans_match_cpu
+step_opt_in SYNTHOS_CUDA_NORM=warp ops_norm gpu_warp_forward_norms_match_cpu ops_norm gpu_warp_backward_is_deterministic
+step_opt_in SYNTHOS_CUDA_COLSUM=vec ops_reduce gpu_vector_column_sums_match_cpu ops_reduce gpu_sum_of_products_matches_cpu
+step_opt_in SYNTHOS_CUDA_GELU_EPILOGUE=1 ops_matmul gpu_gelu_epilogue_matches_cpu ops_matmul gpu_mlp_gelu_epilogue_matches_cpu
+step_opt_in SYNTHOS_CUDA_SPLIT_MASTER=1 optim gpu_split_masters_match_fp32_masters
 if [ -d "$OUTDIR/tests" ]; then
   # One archive of the logs ($OUT returns at most 8 files).
   tar -C "$OUTDIR" -czf "$OUTDIR/test-logs.tar.gz" tests && rm -rf "$OUTDIR/tests"
@@ -211,17 +228,6 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     --json "$OUTDIR/bench.json" $(compare_args) ${BENCH_SKIP[@]+"${BENCH_SKIP[@]}"} 2>&1 | tee "$OUTDIR/bench.txt"
 fi
 
-if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left)" -gt 200 ] && [[ "${BENCH_SKIP[*]-}" != *SPLIT_MASTER* ]]; then
-  # Split fp32 masters (SYNTHOS_CUDA_SPLIT_MASTER=1): the recipe's b4 step, for its peak
-  # memory against the default's in bench.json (gpu_split_masters_match_fp32_masters
-  # tested the kernels above).
-  stage "the b4 training step with split masters"
-  SYNTHOS_CUDA_SPLIT_MASTER=1 timeout 45 "$ENGINE" bench --min-seconds 0.3 --filter "train step 1.3b 832x480 b4" \
-    --skip keeping --skip "no checkpointing" --skip "optimizer after" --json "$OUTDIR/bench-split-master.json" \
-    > "$OUTDIR/bench-split-master.txt" 2>&1
-  echo "rc $?"; grep -E "train step" "$OUTDIR/bench-split-master.txt" | head -2
-fi
-
 if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left)" -gt 190 ] && [[ "${BENCH_SKIP[*]-}" != *"[rows]"* ]]; then
   # The column matrix by rows (SYNTHOS_CUDA_IM2COL=rows) in the whole sampling pipeline,
   # whose VAE decode is all convolutions (the conv2d[rows] case times one alone).
@@ -232,19 +238,22 @@ if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left)" -gt 190 ] && [[ "${BENCH_SKIP[*]-}
 fi
 
 if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left)" -gt 150 ]; then
-  # The opt-in kernels (not yet the defaults) in the whole 1.3B training steps: the wgmma
-  # and mma attention, forward and backward (SYNTHOS_CUDA_ATTENTION; the bench above timed
-  # each alone, "attention fwd[wgmma]", "attention fwd+bwd[wgmma-det]" ..., and the tests
-  # compared them with the CPU) and the multi-tensor AdamW and
-  # gradient norm (SYNTHOS_CUDA_MULTI_TENSOR=1), and cached cuBLASLt plans
-  # (SYNTHOS_CUDA_GEMM_PLANS=1; host time, so the b1 step shows it). Defaults: the bench above.
+  # The 1.3B training steps with each opt-in attention set (SYNTHOS_CUDA_ATTENTION: the
+  # wgmma and mma kernels, forward and backward; the bench above timed each alone,
+  # "attention fwd[wgmma]", "attention fwd+bwd[wgmma-det]" ...) and, with it, every other
+  # opt-in whose GPU parity tests passed (STEP_ENV: multi-tensor AdamW and gradient norm,
+  # cached cuBLASLt plans, norms by warps, vector column sums, the GELU epilogues, split
+  # masters). Each row is then the step as it would run if this lease's proven opt-ins
+  # became the defaults, peak memory included (split masters are the memory change; the
+  # kernel pairs in bench-rest.json attribute the rest). Defaults: the bench above.
+  echo "with: ${STEP_ENV[*]:-no other opt-in}"
   for attn in wgmma wgmma-ws wgmma-ovl wgmma-det mma-det mma-r32; do
     [ "$(left)" -gt 140 ] || break
     case "$SKIP_ATTN" in *" $attn "*) echo "training steps with $attn: left out (its parity test did not pass)"; continue;; esac
-    stage "training steps with SYNTHOS_CUDA_ATTENTION=$attn, multi-tensor and GEMM plans"
-    SYNTHOS_CUDA_ATTENTION=$attn SYNTHOS_CUDA_MULTI_TENSOR=1 SYNTHOS_CUDA_GEMM_PLANS=1 timeout 100 "$ENGINE" bench \
-      --min-seconds 0.3 --filter "train step 1.3b" --skip "optimizer after" --json "$OUTDIR/bench-$attn-multi.json" > "$OUTDIR/bench-$attn-multi.txt" 2>&1
-    echo "rc $?"; grep -E "train step" "$OUTDIR/bench-$attn-multi.txt" | head -4
+    stage "training steps with SYNTHOS_CUDA_ATTENTION=$attn and the passed opt-ins"
+    env SYNTHOS_CUDA_ATTENTION=$attn ${STEP_ENV[@]+"${STEP_ENV[@]}"} timeout 100 "$ENGINE" bench \
+      --min-seconds 0.3 --filter "train step 1.3b" --skip "optimizer after" --json "$OUTDIR/bench-$attn-all.json" > "$OUTDIR/bench-$attn-all.txt" 2>&1
+    echo "rc $?"; grep -E "train step" "$OUTDIR/bench-$attn-all.txt" | head -4
   done
 fi
 

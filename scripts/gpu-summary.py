@@ -5,7 +5,8 @@ in the form of docs/perf/<date>-<device>.json:
 {"date", "device", "driver", "cublas", "tests": {"<binary>": {"passed", "failed",
  "ignored", "rc", "seconds"}}, "cases": [{"name", "ours_s", "torch_s", "ratio", "tflops",
  "gbps", ...}], "kernels": {"<kernel>": {"registers", "spill_stores", "spill_loads",
- "smem"}}, "sanitizer": [...], "demo": "..."}
+ "smem"}}, "sanitizer": [...], "demo": "...", "opt_ins": [{"case", "variant", "speedup", ...}],
+ "best_vs_torch": [{"case", "run", "ours_s", "torch_s", "ratio", "peak_gib", ...}]}
 
 `ratio` is PyTorch's time over ours (above 1: we are faster). Standard library only.
 Usage: gpu-summary.py DIR
@@ -107,7 +108,8 @@ def cases(d):
     rows = []
     seen = set()
     for r in bench.get("results", []):
-        t = torch.get(r["name"])
+        # A tagged run's case (`name {tag}`) is compared with PyTorch's `name`.
+        t = torch.get(r["name"]) or torch.get(base_name(r["name"]))
         ours = r.get("seconds")
         row = {"name": r["name"], "family": r.get("family"), "ours_s": ours,
                "torch_s": t["seconds"] if t else None,
@@ -129,6 +131,38 @@ def cases(d):
                          "torch_tflops": t.get("tflops"), "torch_gbps": t.get("gbps"),
                          "torch_peak_gib": t.get("peak_mem_gib"), "error": "not run by ours"})
     return rows
+
+
+def base_name(name):
+    """A case's name without the tag of the run that timed it (`name {tag}` → `name`)."""
+    return re.sub(r" \{[^}]+\}$", "", name)
+
+
+def same_computation(name):
+    """The case a run computes, whatever way it ran: without its run's tag, its `[variant]`
+    (another kernel, a CUDA graph) and `optimizer after backward` (the same update bit for
+    bit, after the pass instead of inside it)."""
+    name = re.sub(r"\[[^\]]+\]", "", base_name(name))
+    return re.sub(r" optimizer after backward$", "", name)
+
+
+def best_vs_torch(cases):
+    """For each case PyTorch timed, our fastest run of the same computation: the default,
+    a variant, or a tagged run (bench-<tag>.json, e.g. an attention set with the opt-ins
+    that passed), with both peaks."""
+    torch = {c["name"]: c for c in cases if c.get("torch_s")}
+    best = {}
+    for c in cases:
+        base = same_computation(c["name"])
+        t = torch.get(base)
+        if not c.get("ours_s") or not t:
+            continue
+        if base not in best or c["ours_s"] < best[base]["ours_s"]:
+            run = "default" if c["name"] == base else c["name"]
+            best[base] = {"case": base, "run": run, "ours_s": c["ours_s"], "torch_s": t["torch_s"],
+                          "ratio": t["torch_s"] / c["ours_s"], "peak_gib": c.get("peak_gib"),
+                          "torch_peak_gib": t.get("torch_peak_gib"), "torch_variant": t.get("torch_variant")}
+    return list(best.values())
 
 
 def opt_ins(cases):
@@ -181,6 +215,7 @@ def main():
         "torch_source": read(os.path.join(d, "torch-source.txt")).strip() or "this run",
     }
     summary["opt_ins"] = opt_ins(summary["cases"])
+    summary["best_vs_torch"] = best_vs_torch(summary["cases"])
     with open(os.path.join(d, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     t = summary["tests"]
@@ -193,6 +228,13 @@ def main():
             mfu = f"  MFU {100 * c['mfu']:.1f}%" if c.get("mfu") else ""
             print(f"{c['name']:<44} ours {c['ours_s']*1e3:10.3f} ms  torch {c['torch_s']*1e3:10.3f} ms  "
                   f"ratio {c['ratio']:.2f}{mfu}")
+    if any(b["run"] != "default" for b in summary["best_vs_torch"]):
+        print("our fastest run of each case against PyTorch (ratio > 1: ours is faster):")
+        for b in summary["best_vs_torch"]:
+            peak = ""
+            if b.get("peak_gib") and b.get("torch_peak_gib"):
+                peak = f"  peak {b['peak_gib']:.2f} / {b['torch_peak_gib']:.2f} GiB"
+            print(f"  {b['case']:<44} ratio {b['ratio']:.2f}{peak}  ({b['run']})")
     if summary["opt_ins"]:
         print("opt-in against default (speedup > 1: the opt-in is faster):")
     for o in summary["opt_ins"]:
