@@ -236,6 +236,19 @@ fn bad_tokenizer_files_are_named_errors() {
     let e = T5Tokenizer::from_file(&no_eos, 512).err().unwrap().to_string();
     assert!(e.contains("no_eos.json") && e.contains("</s>"), "{e}");
 
+    // A corrupt precompiled character map (the tokenizers library panics on it).
+    let mut tok: Value = json("tokenizer.json");
+    let charsmap = tok["normalizer"]["normalizers"][0]["precompiled_charsmap"]
+        .as_str()
+        .expect("the fixture's charsmap")
+        .to_string();
+    tok["normalizer"]["normalizers"][0]["precompiled_charsmap"] =
+        Value::String(format!("{}=", &charsmap[..charsmap.len() - 3]));
+    let corrupt = dir.join("corrupt_charsmap.json");
+    std::fs::write(&corrupt, serde_json::to_vec(&tok).unwrap()).unwrap();
+    let e = T5Tokenizer::from_file(&corrupt, 512).err().unwrap().to_string();
+    assert!(e.contains("corrupt_charsmap.json") && e.contains("not a valid tokenizer.json"), "{e}");
+
     let e = T5Tokenizer::from_file(fixture("tokenizer.json"), 0).err().unwrap().to_string();
     assert!(e.contains("text length"), "{e}");
     std::fs::remove_dir_all(dir).unwrap();

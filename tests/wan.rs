@@ -115,6 +115,14 @@ fn configs_from_json_and_presets() {
     let missing = serde_json::json!({"num_attention_heads": 2, "attention_head_dim": 32, "ffn_dim": 128});
     let e = WanConfig::from_json(&missing).unwrap_err().to_string();
     assert!(e.contains("num_layers"), "{e}");
+    // Sizes whose product overflows, or far above any model, are named errors.
+    let overflow = serde_json::json!({"num_attention_heads": 2, "attention_head_dim": u64::MAX, "ffn_dim": 128,
+        "num_layers": 2, "text_dim": 32});
+    let e = WanConfig::from_json(&overflow).unwrap_err().to_string();
+    assert!(e.contains("attention_head_dim") && e.contains(&u64::MAX.to_string()), "{e}");
+    let huge = serde_json::json!({"dim": 64, "num_heads": 2, "ffn_dim": 1u64 << 40, "num_layers": 2});
+    let e = WanConfig::from_json(&huge).unwrap_err().to_string();
+    assert!(e.contains("ffn_dim") && e.contains("above"), "{e}");
 }
 
 #[test]

@@ -8,6 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use synthos_engine::models::wan::{WanConfig, WanModel};
 use synthos_engine::weights::{save, FileDType, Loader, SaveDType, WeightFile, WeightSet};
 use synthos_engine::{DType, Device, Rng, Tensor};
 
@@ -487,6 +488,48 @@ fn loader_reports_missing_misshaped_and_unexpected_together() {
     ] {
         assert!(e.contains(part), "missing {part:?} in:\n{e}");
     }
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn loader_stops_before_zeros_for_a_config_far_larger_than_the_checkpoint() {
+    let dir = temp_dir("weights-standins");
+    let path = dir.join("small.safetensors");
+    save(&path, &[named("a.weight", cpu(vec![1.0; 6], &[2, 3]))], SaveDType::F32, None).unwrap();
+    let set = WeightSet::open(&path).unwrap();
+    // Stand-ins up to 2^28 elements (1 GiB of f32) are zeros; the request that passes it
+    // is the report, with the tensors so far.
+    let mut loader = Loader::new(&set, Device::Cpu, DType::F32);
+    let zeros = loader.get("a.weight", &[1 << 13, 1 << 13]).unwrap();
+    assert_eq!(zeros.numel(), 1 << 26);
+    drop(zeros);
+    let e = err_of(loader.get("b.weight", &[1 << 16, 1 << 13]));
+    for part in [
+        "small.safetensors",
+        "1 missing, 1 mis-shaped",
+        "mis-shaped 'a.weight'",
+        "missing 'b.weight' (expected shape [65536, 8192])",
+        "loading stopped at 'b.weight'",
+        "config",
+    ] {
+        assert!(e.contains(part), "missing {part:?} in:\n{e}");
+    }
+    assert!(!e.contains("unexpected"), "tensors not yet requested are not unexpected:\n{e}");
+    loader.finish().expect("the request's error was the report");
+    // A shape whose element count overflows stops at once.
+    let mut loader = Loader::new(&set, Device::Cpu, DType::F32);
+    let e = err_of(loader.get("c", &[usize::MAX, 2]));
+    assert!(e.contains("missing 'c'") && e.contains("loading stopped at 'c'"), "{e}");
+    // Through a model: a Wan config 2048 times the checkpoint's width is an error listing
+    // the tensors, not an allocation failure.
+    let mut cfg = WanConfig::from_json_file(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/wan/diffusers/config.json"),
+    )
+    .unwrap();
+    cfg.dim *= 2048;
+    let wan = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/wan/diffusers");
+    let e = err_of(WanModel::load(&cfg, &[wan], Device::Cpu, DType::F32).map(|_| ()));
+    assert!(e.contains("mis-shaped") && e.contains("loading stopped at"), "{e}");
     fs::remove_dir_all(dir).unwrap();
 }
 

@@ -137,17 +137,6 @@ impl Shared {
     }
 }
 
-/// The message of a caught panic.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        s.to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "(no message)".to_string()
-    }
-}
-
 /// Runs `source` on `plan`, turning a panic into an error.
 fn build<S: BatchSource>(source: &S, plan: &BatchPlan) -> Result<S::Batch> {
     match catch_unwind(AssertUnwindSafe(|| source.make_batch(plan))) {
@@ -156,7 +145,7 @@ fn build<S: BatchSource>(source: &S, plan: &BatchPlan) -> Result<S::Batch> {
             "data loader: building batch {} of epoch {} panicked: {}",
             plan.position,
             plan.epoch,
-            panic_message(p.as_ref())
+            crate::error::panic_message(p.as_ref())
         ))),
     }
 }

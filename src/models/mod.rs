@@ -21,10 +21,25 @@ pub(crate) fn read_json_config<T>(path: &Path, what: &str, parse: impl FnOnce(&V
     parse(&json).with_ctx(ctx)
 }
 
-/// A non-negative integer field of a config object; the error names the key.
+/// The largest value a size field of a config file may take (the widest size of the
+/// models here, umT5's vocabulary, is 256,384): far above any real model, and low enough
+/// that a product of three sizes cannot overflow.
+pub const MAX_CONFIG_SIZE: usize = 1 << 20;
+
+/// A size field's value: a non-negative integer up to [`MAX_CONFIG_SIZE`]; errors name
+/// the key.
+pub(crate) fn config_size(v: &Value, key: &str) -> Result<usize> {
+    match v.as_u64() {
+        Some(n) if n as usize <= MAX_CONFIG_SIZE => Ok(n as usize),
+        Some(n) => Err(Error::msg(format!("\"{key}\" = {n} is above {MAX_CONFIG_SIZE}, not a size of these models"))),
+        None => Err(Error::msg(format!("\"{key}\" must be a non-negative integer, got {v}"))),
+    }
+}
+
+/// A size field of a config object ([`config_size`]); the error names the key.
 pub(crate) fn json_usize(obj: &Map<String, Value>, key: &str) -> Result<usize> {
-    obj.get(key)
-        .and_then(Value::as_u64)
-        .map(|v| v as usize)
-        .ok_or_else(|| Error::msg(format!("missing or non-integer \"{key}\"")))
+    match obj.get(key) {
+        Some(v) => config_size(v, key),
+        None => Err(Error::msg(format!("missing \"{key}\""))),
+    }
 }

@@ -454,8 +454,15 @@ impl T5Tokenizer {
         if text_len == 0 {
             bail!("the text length must be at least 1 (the </s> token)");
         }
-        let mut inner =
-            Tokenizer::from_bytes(json).map_err(|e| Error::msg(format!("not a valid tokenizer.json: {e}")))?;
+        // The tokenizers library panics instead of failing on some malformed contents (a
+        // corrupt `precompiled_charsmap` in the normalizer): that becomes this error too.
+        let parsed = std::panic::catch_unwind(|| Tokenizer::from_bytes(json)).map_err(|p| {
+            Error::msg(format!(
+                "not a valid tokenizer.json: the tokenizers library could not read it ({})",
+                crate::error::panic_message(p.as_ref())
+            ))
+        })?;
+        let mut inner = parsed.map_err(|e| Error::msg(format!("not a valid tokenizer.json: {e}")))?;
         let id_of = |token: &str| {
             inner.token_to_id(token).ok_or_else(|| Error::msg(format!("no {token} token in the vocabulary")))
         };

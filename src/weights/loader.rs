@@ -9,6 +9,12 @@ use crate::{DType, Device, Error, Result, Tensor};
 /// checkpoint in the wrong naming scheme misses every tensor).
 const MAX_LISTED: usize = 20;
 
+/// How many elements of zero stand-ins (for missing and mis-shaped tensors) a loader makes
+/// before it stops construction and reports what it found so far: 1 GiB of f32. A config
+/// that does not match its checkpoint would otherwise allocate the config's whole model
+/// in zeros (or fail to, for absurd sizes) before the report.
+const STAND_IN_LIMIT: usize = 1 << 28;
+
 /// Loads a model's tensors from a [`WeightSet`] and collects what went wrong, so that a
 /// model reports every missing, mis-shaped and unexpected tensor in one error.
 ///
@@ -26,12 +32,25 @@ pub struct Loader<'a> {
     missing: Vec<(String, Vec<usize>)>,
     /// One line per mis-shaped or non-float tensor.
     mismatched: Vec<String>,
+    /// Elements of the zero stand-ins returned so far.
+    stand_ins: usize,
+    /// Whether a request stopped loading (its error was the report).
+    stopped: bool,
 }
 
 impl<'a> Loader<'a> {
     /// A loader placing tensors on `device` as `dtype` (CPU tensors are always f32).
     pub fn new(set: &'a WeightSet, device: Device, dtype: DType) -> Loader<'a> {
-        Loader { set, device, dtype, accounted: HashSet::new(), missing: Vec::new(), mismatched: Vec::new() }
+        Loader {
+            set,
+            device,
+            dtype,
+            accounted: HashSet::new(),
+            missing: Vec::new(),
+            mismatched: Vec::new(),
+            stand_ins: 0,
+            stopped: false,
+        }
     }
 
     /// The weights being loaded.
@@ -46,7 +65,9 @@ impl<'a> Loader<'a> {
 
     /// Loads `name`, which must have `shape`, in the loader's dtype. A missing or
     /// mis-shaped tensor is recorded for [`Loader::finish`] and zeros are returned; only
-    /// failures unrelated to the checkpoint's contents (e.g. device memory) are errors here.
+    /// failures unrelated to the checkpoint's contents (e.g. device memory) are errors
+    /// here, and the report of [`Loader::finish`] when the zeros so far would pass 1 GiB
+    /// (then the tensors not yet requested are not in it).
     pub fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.get_as(name, shape, self.dtype)
     }
@@ -80,6 +101,14 @@ impl<'a> Loader<'a> {
         };
         let dtype = if self.device == Device::Cpu { DType::F32 } else { dtype };
         if problem {
+            let n = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+            match n.and_then(|n| n.checked_add(self.stand_ins)) {
+                Some(t) if t <= STAND_IN_LIMIT => self.stand_ins = t,
+                _ => {
+                    self.stopped = true;
+                    return Err(self.report(Some(name)));
+                }
+            }
             return Tensor::zeros(shape, dtype, self.device);
         }
         let data = self.set.read_f32(name)?;
@@ -123,12 +152,20 @@ impl<'a> Loader<'a> {
 
     /// `Ok` when every requested tensor was present with its expected shape and every
     /// tensor of the checkpoint was requested or ignored; otherwise one error listing all
-    /// missing (with close names), mis-shaped and unexpected tensors.
+    /// missing (with close names), mis-shaped and unexpected tensors. `Ok` too after a
+    /// request that stopped loading ([`Loader::get`]): its error was the report.
     pub fn finish(self) -> Result<()> {
-        let unused = self.unused();
-        if self.missing.is_empty() && self.mismatched.is_empty() && unused.is_empty() {
+        if self.stopped || self.missing.is_empty() && self.mismatched.is_empty() && self.unused().is_empty() {
             return Ok(());
         }
+        Err(self.report(None))
+    }
+
+    /// The error listing every problem found; `stopped_at` names the tensor at which
+    /// construction stopped early (then tensors not yet requested are not called
+    /// unexpected).
+    fn report(&self, stopped_at: Option<&str>) -> Error {
+        let unused = if stopped_at.is_some() { Vec::new() } else { self.unused() };
         let counts: Vec<String> = [
             (self.missing.len(), "missing"),
             (self.mismatched.len(), "mis-shaped or unloadable"),
@@ -151,7 +188,14 @@ impl<'a> Loader<'a> {
             format!("unexpected '{name}' {shape}")
         });
         list(&mut msg, unexpected, unused.len(), "unexpected");
-        Err(Error::msg(msg))
+        if let Some(name) = stopped_at {
+            msg.push_str(&format!(
+                "\n  loading stopped at '{name}': zeros standing in for the tensors above would pass {} GiB (does \
+                 the model's config match the checkpoint?)",
+                (STAND_IN_LIMIT * 4) >> 30
+            ));
+        }
+        Error::msg(msg)
     }
 }
 

@@ -347,9 +347,7 @@ fn section<'a>(v: &'a Value, key: &str) -> Result<&'a Map<String, Value>> {
 }
 
 fn as_usize(v: &Value, key: &str) -> Result<usize> {
-    v.as_u64()
-        .map(|x| x as usize)
-        .ok_or_else(|| crate::Error::msg(format!("\"{key}\" must be a non-negative integer, got {v}")))
+    crate::models::config_size(v, key)
 }
 
 fn as_f32(v: &Value, key: &str) -> Result<f32> {

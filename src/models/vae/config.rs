@@ -97,11 +97,7 @@ impl VaeConfig {
             cfg.num_res_blocks = v;
         }
         if let Some(a) = list("dim_mult")? {
-            cfg.dim_mult = a
-                .iter()
-                .map(|v| v.as_u64().map(|x| x as usize))
-                .collect::<Option<_>>()
-                .ok_or_else(|| Error::msg("\"dim_mult\" must hold integers"))?;
+            cfg.dim_mult = a.iter().map(|v| crate::models::config_size(v, "dim_mult")).collect::<Result<_>>()?;
         }
         if let Some(a) = list("temperal_downsample")? {
             cfg.temperal_downsample = a

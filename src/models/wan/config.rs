@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
+use crate::models::MAX_CONFIG_SIZE;
 use crate::{bail, Result};
 
 /// Width of the CLIP ViT-H/14 tokens that the Synthos image projector reads.
@@ -130,6 +131,7 @@ impl WanConfig {
             ("num_heads", c.num_heads),
             ("num_layers", c.num_layers),
             ("text_dim", c.text_dim),
+            ("text_len", c.text_len),
             ("freq_dim", c.freq_dim),
             ("clip_dim", c.clip_dim),
             ("rope_max_seq_len", c.rope_max_seq_len),
@@ -137,8 +139,12 @@ impl WanConfig {
             if v == 0 {
                 bail!("Wan config: {name} must be positive");
             }
+            if v > MAX_CONFIG_SIZE {
+                bail!("Wan config: {name} {v} is above {MAX_CONFIG_SIZE}, not a size of these models");
+            }
         }
-        if c.patch_size[0] != 1 || c.patch_size[1] == 0 || c.patch_size[2] == 0 {
+        if c.patch_size[0] != 1 || c.patch_size[1] == 0 || c.patch_size[2] == 0 || c.patch_size.iter().any(|&p| p > 64)
+        {
             bail!("Wan config: patch_size {:?} is not supported (the frame patch must be 1)", c.patch_size);
         }
         if !c.dim.is_multiple_of(c.num_heads) {
@@ -194,10 +200,7 @@ impl Fields<'_> {
 
     fn usize_or(&self, key: &str, default: Option<usize>) -> Result<usize> {
         match self.present(key) {
-            Some(v) => match v.as_u64() {
-                Some(n) => Ok(n as usize),
-                None => bail!("field {key:?} must be a non-negative integer, got {v}"),
-            },
+            Some(v) => crate::models::config_size(v, key),
             None => default.ok_or_else(|| crate::Error::msg(format!("field {key:?} is missing"))),
         }
     }
@@ -257,12 +260,15 @@ fn from_diffusers(obj: &Map<String, Value>) -> Result<WanConfig> {
     }
     let heads = f.usize_or("num_attention_heads", None)?;
     let head_dim = f.usize_or("attention_head_dim", None)?;
+    let Some(dim) = heads.checked_mul(head_dim).filter(|&d| d <= MAX_CONFIG_SIZE) else {
+        bail!("Wan config: num_attention_heads {heads} × attention_head_dim {head_dim} is above {MAX_CONFIG_SIZE}");
+    };
     let in_channels = f.usize_or("in_channels", Some(16))?;
     Ok(WanConfig {
         patch_size: f.patch_size()?,
         in_channels,
         out_channels: f.usize_or("out_channels", Some(in_channels))?,
-        dim: heads * head_dim,
+        dim,
         ffn_dim: f.usize_or("ffn_dim", None)?,
         num_heads: heads,
         num_layers: f.usize_or("num_layers", None)?,
