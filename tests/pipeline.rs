@@ -88,6 +88,9 @@ fn bad_sizes_and_arguments_are_reported() {
     assert!(err.contains("30×32") && err.contains("multiple of 8"), "{err}");
     let err = pipe.generate(&GenerateOptions { steps: 0, ..small_opts() }, None).unwrap_err().to_string();
     assert!(err.contains("steps"), "{err}");
+    // A step count whose sigma table would not fit in memory is refused up front.
+    let err = pipe.generate(&GenerateOptions { steps: 1 << 32, ..small_opts() }, None).unwrap_err().to_string();
+    assert!(err.contains("steps must be between 1 and 10000") && err.contains("4294967296"), "{err}");
     // Sizes past the DiT's RoPE positions are refused before anything is allocated.
     let err = pipe
         .generate(&GenerateOptions { width: 100_000, height: 100_000, ..small_opts() }, None)

@@ -198,3 +198,30 @@ fn the_optimizer_inside_the_backward_pass_gives_the_same_run() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Settings a user can type that the loop must refuse or bound, never divide by zero or
+/// overflow on.
+#[test]
+fn extreme_settings_are_errors_or_bounded() {
+    let dir = temp_dir("runloop-extreme");
+    let task = Toy::new();
+    let params = || vec![("w".to_string(), task.w.clone())];
+    for (s, want) in [
+        (LoopSettings { save_every: Some(0), ..settings(&dir, 3, false) }, "intervals"),
+        (LoopSettings { validate_every: Some(0), ..settings(&dir, 3, false) }, "intervals"),
+        (LoopSettings { batch_size: 0, ..settings(&dir, 3, false) }, "batch size"),
+        (LoopSettings { grad_accum: 0, ..settings(&dir, 3, false) }, "accumulation"),
+    ] {
+        let e = RunLoop::new(s, params(), 37).err().expect("refused").to_string();
+        assert!(e.contains(want), "{want}: {e}");
+    }
+    // More epochs than a step count can hold: the run ends at max_steps.
+    let s = LoopSettings { epochs: u64::MAX, ..settings(&dir, 3, false) };
+    assert_eq!(RunLoop::new(s, params(), 37).unwrap().total_steps(), 3);
+    let s = LoopSettings { epochs: u64::MAX, max_steps: None, ..settings(&dir, 3, false) };
+    assert_eq!(RunLoop::new(s, params(), 37).unwrap().total_steps(), u64::MAX);
+    let s = LoopSettings { batch_size: usize::MAX, drop_last: true, ..settings(&dir, 3, false) };
+    let e = RunLoop::new(s, params(), 37).err().expect("refused").to_string();
+    assert!(e.contains("do not fill one step"), "{e}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

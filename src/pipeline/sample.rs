@@ -18,6 +18,9 @@ enum References<'a> {
 /// The negative prompt of the Synthos sampler.
 pub const DEFAULT_NEGATIVE_PROMPT: &str = "ugly, deformed, blurry, low quality";
 
+/// The most Euler steps a generation takes (the scheduler's training table has 1000).
+pub const MAX_SAMPLE_STEPS: usize = 10_000;
+
 /// Everything that determines a generated image besides the weights and the reference.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GenerateOptions {
@@ -131,8 +134,8 @@ impl SynthosPipeline {
         if seeds.len() != prompts.len() {
             bail!("generate: {} seeds for {} prompts", seeds.len(), prompts.len());
         }
-        if opts.steps == 0 {
-            bail!("generate: steps must be at least 1");
+        if !(1..=MAX_SAMPLE_STEPS).contains(&opts.steps) {
+            bail!("generate: steps must be between 1 and {MAX_SAMPLE_STEPS}, got {}", opts.steps);
         }
         if !opts.cfg_scale.is_finite() {
             bail!("generate: cfg scale {} is not a finite number", opts.cfg_scale);

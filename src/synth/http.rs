@@ -257,10 +257,14 @@ fn read_chunked(r: &mut impl BufRead, url: &HttpUrl) -> std::result::Result<Vec<
             .map_err(|_| HttpError::Io(format!("{}: bad chunk size {size_text:?}", url.url)))?;
         if size == 0 {
             // Trailers, then the blank line.
-            while !read_line(r, url)?.is_empty() {}
-            return Ok(body);
+            for _ in 0..=1000 {
+                if read_line(r, url)?.is_empty() {
+                    return Ok(body);
+                }
+            }
+            return Err(HttpError::Io(format!("{}: too many trailer lines", url.url)));
         }
-        if body.len() + size > MAX_BODY {
+        if size > MAX_BODY - body.len() {
             return Err(HttpError::Io(format!("{}: the response body is too large", url.url)));
         }
         let start = body.len();
@@ -306,5 +310,63 @@ mod tests {
         assert!(matches!(read_response(&mut &raw[..], &url), Err(HttpError::Io(_))));
         let raw = b"garbage\r\n";
         assert!(matches!(read_response(&mut &raw[..], &url), Err(HttpError::Io(_))));
+        // A chunk size near usize::MAX (it overflowed the body-size check once).
+        let raw =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\nffffffffffffffff\r\nxy\r\n0\r\n\r\n";
+        match read_response(&mut &raw[..], &url) {
+            Err(HttpError::Io(e)) => assert!(e.contains("too large"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Seeded damage to well-formed responses and URLs: errors, never panics.
+    #[test]
+    fn damaged_responses_and_urls_are_errors() {
+        let url = HttpUrl::parse("http://x/").unwrap();
+        let seeds: [&[u8]; 3] = [
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n3;x=y\r\nefg\r\n0\r\nT: 1\r\n\r\n",
+            b"HTTP/1.0 429 Too Many Requests\r\nContent-Length: 2\r\nRetry-After: 3\r\n\r\nhi",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+        ];
+        const TOKENS: [&[u8]; 8] =
+            [b"f", b"ffffffffffffffff", b"\r\n", b"\n", b":", b";", b" ", b"99999999999999999999"];
+        let mut rng = crate::Rng::new(5);
+        let mut below = |n: usize| (rng.next_u64() % n.max(1) as u64) as usize;
+        for seed in seeds {
+            for _ in 0..3000 {
+                let mut b = seed.to_vec();
+                match below(4) {
+                    0 => b.truncate(below(b.len())),
+                    1 => {
+                        let i = below(b.len());
+                        b[i] = below(256) as u8;
+                    }
+                    2 => {
+                        let i = below(b.len());
+                        let t = TOKENS[below(TOKENS.len())];
+                        b.splice(i..i, t.iter().copied());
+                    }
+                    _ => {
+                        let i = below(b.len());
+                        let j = (i + 1 + below(8)).min(b.len());
+                        b.drain(i..j);
+                    }
+                }
+                let _ = read_response(&mut &b[..], &url);
+                let _ = HttpUrl::parse(&String::from_utf8_lossy(&b));
+            }
+        }
+        for u in [
+            "http://",
+            "http://[",
+            "http://[::1",
+            "http://[::1]x",
+            "http://h:",
+            "http://h:-1",
+            "HTTP://H/\u{e9}",
+            "http://\u{e9}:80?q",
+        ] {
+            let _ = HttpUrl::parse(u);
+        }
     }
 }

@@ -283,6 +283,16 @@ impl RunLoop {
         dataset_len: usize,
         decays: &dyn Fn(&str, &[usize]) -> bool,
     ) -> Result<RunLoop> {
+        if settings.batch_size == 0 || settings.grad_accum == 0 {
+            bail!(
+                "the batch size and the accumulation steps must be at least 1 (batch {}, accumulation {})",
+                settings.batch_size,
+                settings.grad_accum
+            );
+        }
+        if settings.save_every == Some(0) || settings.validate_every == Some(0) {
+            bail!("checkpoint and validation intervals must be at least 1 step");
+        }
         check_run_folder(&settings.output, settings.resume)?;
         if settings.optimizer_in_backward && (settings.grad_accum > 1 || settings.max_grad_norm.is_some()) {
             bail!(
@@ -305,7 +315,7 @@ impl RunLoop {
             opt.add_param(name, t, decays(name, t.shape()))?;
         }
         let steps_per_epoch = if settings.drop_last {
-            let per_step = settings.batch_size * settings.grad_accum;
+            let per_step = settings.batch_size.saturating_mul(settings.grad_accum);
             if dataset_len < per_step {
                 bail!(
                     "{dataset_len} samples do not fill one step of {per_step} (batch {} × {})",
@@ -317,7 +327,8 @@ impl RunLoop {
         } else {
             (dataset_len.div_ceil(settings.batch_size) as u64).div_ceil(settings.grad_accum as u64)
         };
-        let by_epochs = steps_per_epoch * settings.epochs;
+        // (More epochs than steps can count: the run ends at --max-steps, or never.)
+        let by_epochs = steps_per_epoch.saturating_mul(settings.epochs);
         let total_steps = match settings.max_steps {
             Some(m) if settings.epochs == 0 => m,
             Some(m) => m.min(by_epochs),
