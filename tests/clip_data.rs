@@ -667,7 +667,15 @@ fn loader_prefetch_is_bounded_and_drop_is_clean() {
     assert_eq!(source.built.load(Ordering::SeqCst), after, "no worker is left running");
     assert_eq!(Arc::strong_count(&source), 1, "the workers released the source");
 
-    assert!(Loader::new(counting(None, None), plans, LoaderOptions { workers: 1, prefetch: 0 }).is_err());
+    assert!(Loader::new(counting(None, None), plans.clone(), LoaderOptions { workers: 1, prefetch: 0 }).is_err());
+    // Sizes a user can type that would try to start 2^32 threads or a 2^40-slot channel.
+    for (options, want) in [
+        (LoaderOptions { workers: 1 << 32, prefetch: 4 }, "at most 256 worker threads"),
+        (LoaderOptions { workers: 1, prefetch: 1 << 40 }, "prefetch must be 1 to 4096"),
+    ] {
+        let e = Loader::new(counting(None, None), plans.clone(), options).err().map(|e| e.to_string());
+        assert!(e.as_deref().is_some_and(|e| e.contains(want)), "{want}: {e:?}");
+    }
 }
 
 #[test]

@@ -228,6 +228,22 @@ fn bad_data_is_named() {
     let model = ClipModel::random(&ClipConfig::tiny(), 0, Device::Cpu, DType::F32).unwrap();
     let e = ClipTrainer::new(model, c).err().unwrap().to_string();
     assert!(e.contains("--accum-steps 3") && e.contains("--batch-size 16"), "{e}");
+    // Arguments that once divided by zero or tried to start 2^32 threads.
+    for (c, want) in [
+        (ClipTrainConfig { save_every: Some(0), ..short(&set.train_tsv, &dir.join("run3"), 16, 1, 2) }, "--save-every"),
+        (
+            ClipTrainConfig { validate_every: Some(0), ..short(&set.train_tsv, &dir.join("run3"), 16, 1, 2) },
+            "--validate-every",
+        ),
+        (
+            ClipTrainConfig { workers: 1 << 32, ..short(&set.train_tsv, &dir.join("run3"), 16, 1, 2) },
+            "--workers 4294967296",
+        ),
+    ] {
+        let model = ClipModel::random(&ClipConfig::tiny(), 0, Device::Cpu, DType::F32).unwrap();
+        let e = ClipTrainer::new(model, c).err().unwrap().to_string();
+        assert!(e.contains(want), "{want}: {e}");
+    }
 }
 
 /// A training step started on a pool thread that is itself inside `no_grad` (as happens

@@ -234,3 +234,26 @@ fn extreme_config_sizes_are_errors() {
     }
     assert!(panicked.is_empty(), "{} configs panicked, the first: {}", panicked.len(), panicked[0]);
 }
+
+#[test]
+fn damaged_dataset_tables_are_errors() {
+    let dir = temp_dir("malformed-datasets");
+    std::fs::copy(fixture("clip/ref.png"), dir.join("a.png")).unwrap();
+    std::fs::copy(fixture("clip/ref.jpg"), dir.join("b b.jpg")).unwrap();
+    let csv = b"video,prompt\na.png,\"a red, \"\"quoted\"\" circle\"\n\"b b.jpg\",plain\n".to_vec();
+    let tsv = b"filepath\ttitle\na.png\ta red circle\nb b.jpg\tplain words\n".to_vec();
+    no_panics("metadata.csv", &[csv], 256, 400, 11, |b| {
+        std::fs::write(dir.join("metadata.csv"), b).unwrap();
+        let _ = data::SynthosDataset::open(&dir, &data::DatasetOptions::default());
+    });
+    let table = dir.join("train.tsv");
+    no_panics("train.tsv", &[tsv], 256, 400, 12, |b| {
+        std::fs::write(&table, b).unwrap();
+        if let Ok(set) = data::CaptionDataset::open(&table, &data::CaptionOptions::default()) {
+            for i in 0..set.len() + 1 {
+                let _ = set.caption(i);
+            }
+        }
+    });
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -225,3 +225,44 @@ fn extreme_settings_are_errors_or_bounded() {
     assert!(e.contains("do not fill one step"), "{e}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A damaged resume state (cut short, bytes overwritten, the settings JSON edited) is an
+/// error when the run starts, never a panic.
+#[test]
+fn damaged_resume_states_are_errors() {
+    let dir = temp_dir("run-loop-damaged-resume");
+    let mut task = Toy::new();
+    train(&dir, 7, false, &mut task);
+    let state = std::fs::read(dir.join(RESUME_FILE)).unwrap();
+    let header_len = u64::from_le_bytes(state[..8].try_into().unwrap()) as usize;
+    let mut rng = Rng::new(21);
+    let mut panicked = 0;
+    for i in 0..300 {
+        let mut b = state.clone();
+        match i % 3 {
+            0 => b.truncate((rng.next_u64() % b.len() as u64) as usize),
+            1 => {
+                for _ in 0..3 {
+                    let at = 8 + (rng.next_u64() % header_len as u64) as usize;
+                    b[at] = b"0123456789-:,\"{}[]e"[(rng.next_u64() % 19) as usize];
+                }
+            }
+            _ => {
+                let at = 8 + header_len + (rng.next_u64() % (b.len() - 8 - header_len) as u64) as usize;
+                b[at] = rng.next_u64() as u8;
+            }
+        }
+        std::fs::write(dir.join(RESUME_FILE), &b).unwrap();
+        let task = Toy::new();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let s = LoopSettings { max_steps: Some(9), ..settings(&dir, 9, true) };
+            if let Ok(mut run) = RunLoop::new(s, vec![("w".into(), task.w.clone())], 37) {
+                run.set_quiet(true);
+                let _ = run.start(&task);
+            }
+        }));
+        panicked += outcome.is_err() as usize;
+    }
+    assert_eq!(panicked, 0, "damaged resume states that panicked");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -515,3 +515,15 @@ fn gpu_training_steps_replayed_as_graphs_match() {
     }
     std::fs::remove_dir_all(base).unwrap();
 }
+
+/// A demo set size past the bound is refused by name before anything is allocated (a
+/// count of 2^64 − 1 once overflowed a vector's capacity).
+#[test]
+fn demo_set_sizes_are_bounded() {
+    for n in [0, usize::MAX, 1 << 32] {
+        let e = TrainConfig { demo_images: n, ..TrainConfig::demo() }.validate().unwrap_err().to_string();
+        assert!(e.contains("demo set takes 1 to 1000000 images") && e.contains(&n.to_string()), "{e}");
+    }
+    let e = synthos_engine::data::demo::generate(std::env::temp_dir(), usize::MAX, 64, 0).unwrap_err().to_string();
+    assert!(e.contains("1 to 1000000"), "{e}");
+}

@@ -302,7 +302,7 @@ fn colour_at(attrs: &DemoAttrs, u: f64, v: f64) -> [u8; 3] {
 
 /// Draws the image for `attrs` at `size × size` pixels (`size` ≥ 8).
 pub fn render(attrs: &DemoAttrs, size: usize) -> Result<ImageRgb> {
-    ensure!(size >= 8, "demo::render: size {size} is too small (at least 8 pixels)");
+    ensure!((8..=4096).contains(&size), "demo::render: size {size} is out of range (8 to 4096 pixels)");
     let mut data = Vec::with_capacity(size * size * 3);
     let n = (SUPERSAMPLE * SUPERSAMPLE) as u32;
     for y in 0..size {
@@ -324,6 +324,9 @@ pub fn render(attrs: &DemoAttrs, size: usize) -> Result<ImageRgb> {
     ImageRgb::new(size, size, data)
 }
 
+/// The most images a demo set holds ([`generate`]).
+pub const MAX_DEMO_IMAGES: usize = 1_000_000;
+
 /// Writes a demo set of `n` images of `size × size` to `dir` in the Synthos layout
 /// (`images/00000.png`, …, and `metadata.csv` with columns `video`, `prompt`) and returns
 /// the attributes of each image in order. The attribute order is a seeded shuffle of all
@@ -331,7 +334,10 @@ pub fn render(attrs: &DemoAttrs, size: usize) -> Result<ImageRgb> {
 /// are varied and large ones balanced. Existing files of the same names are replaced.
 pub fn generate(dir: impl AsRef<Path>, n: usize, size: usize, seed: u64) -> Result<Vec<DemoAttrs>> {
     let dir = dir.as_ref();
-    ensure!(n > 0, "demo::generate: the number of images must be positive");
+    ensure!(
+        (1..=MAX_DEMO_IMAGES).contains(&n),
+        "demo::generate: the number of images must be 1 to {MAX_DEMO_IMAGES}, got {n}"
+    );
     let mut rng = Rng::new(seed);
     let mut order = DemoAttrs::all();
     let mut attrs = Vec::with_capacity(n);

@@ -109,6 +109,12 @@ impl Default for LoaderOptions {
     }
 }
 
+/// The most worker threads a [`Loader`] starts.
+pub const MAX_WORKERS: usize = 256;
+
+/// The most batches a [`Loader`] lets its workers build ahead.
+pub const MAX_PREFETCH: usize = 4096;
+
 /// Claim bookkeeping shared by the workers and the consumer.
 struct State {
     /// The next plan a worker may claim.
@@ -204,13 +210,23 @@ pub struct Loader<B: Send + 'static> {
 
 impl<B: Send + 'static> Loader<B> {
     /// Starts `options.workers` threads building the batches of `plans` from `source`.
-    /// Errors: `options.prefetch` of 0, or a thread that cannot be started.
+    /// Errors: `options.prefetch` of 0 or above [`MAX_PREFETCH`], more workers than
+    /// [`MAX_WORKERS`], or a thread that cannot be started.
     pub fn new<S: BatchSource<Batch = B>>(
         source: Arc<S>,
         plans: Vec<BatchPlan>,
         options: LoaderOptions,
     ) -> Result<Self> {
-        ensure!(options.prefetch > 0, "data loader: prefetch must be at least 1 batch");
+        ensure!(
+            (1..=MAX_PREFETCH).contains(&options.prefetch),
+            "data loader: prefetch must be 1 to {MAX_PREFETCH} batches, got {}",
+            options.prefetch
+        );
+        ensure!(
+            options.workers <= MAX_WORKERS,
+            "data loader: at most {MAX_WORKERS} worker threads, got {}",
+            options.workers
+        );
         let plans = Arc::new(plans);
         let shared = Arc::new(Shared {
             state: Mutex::new(State { next_claim: 0, handed: 0, stop: false }),

@@ -25,7 +25,7 @@ use serde_json::{json, Map, Value};
 
 use super::config::LrSchedule;
 use super::run_loop::{LoopSettings, RunLoop, StepStats, TrainSummary, TrainTask};
-use crate::data::loader::{BatchPlan, Loader, LoaderOptions};
+use crate::data::loader::{BatchPlan, Loader, LoaderOptions, MAX_PREFETCH, MAX_WORKERS};
 use crate::data::{BadRowPolicy, CaptionDataset, CaptionOptions, ClipBatch, ClipBatches};
 use crate::eval::{zero_shot_eval, ImageFolder, ZeroShotReport};
 use crate::fsutil::write_atomic;
@@ -186,6 +186,12 @@ impl ClipTrainConfig {
         }
         if self.keep_epochs == Some(0) {
             bail!("--keep-epochs must be at least 1 (the last epoch's checkpoint is the trained model)");
+        }
+        if self.save_every == Some(0) || self.validate_every == Some(0) {
+            bail!("--save-every and --validate-every must be at least 1 step");
+        }
+        if self.workers > MAX_WORKERS {
+            bail!("--workers {} is above {MAX_WORKERS}", self.workers);
         }
         if self.val_templates.iter().any(|t| !t.contains("{}")) {
             bail!("every zero-shot template needs a {{}} for the class name");
@@ -550,7 +556,8 @@ impl ClipTrainer {
             ClipTransform::train(self.task.model.config().vision.image_size),
             self.task.cfg.seed,
         );
-        let opts = LoaderOptions { workers: self.task.cfg.workers, prefetch: (2 * accum).max(4) };
+        let prefetch = accum.saturating_mul(2).clamp(4, MAX_PREFETCH);
+        let opts = LoaderOptions { workers: self.task.cfg.workers, prefetch };
         self.task.loader = Some(Loader::new(Arc::new(source), plans, opts)?);
         Ok(())
     }

@@ -260,8 +260,8 @@ impl TrainConfig {
         if self.validation_steps == 0 {
             bail!("validation sampling needs at least 1 step");
         }
-        if self.data.is_none() && self.demo_images == 0 {
-            bail!("the demo set needs at least 1 image");
+        if self.data.is_none() && !(1..=crate::data::demo::MAX_DEMO_IMAGES).contains(&self.demo_images) {
+            bail!("the demo set takes 1 to {} images, got {}", crate::data::demo::MAX_DEMO_IMAGES, self.demo_images);
         }
         if !(self.shift.is_finite() && self.shift > 0.0) {
             bail!("the sigma shift must be a positive number, got {}", self.shift);
