@@ -302,7 +302,8 @@ fn colour_at(attrs: &DemoAttrs, u: f64, v: f64) -> [u8; 3] {
 
 /// Draws the image for `attrs` at `size × size` pixels (`size` ≥ 8).
 pub fn render(attrs: &DemoAttrs, size: usize) -> Result<ImageRgb> {
-    ensure!((8..=4096).contains(&size), "demo::render: size {size} is out of range (8 to 4096 pixels)");
+    ensure!(size >= 8, "demo::render: size {size} is too small (at least 8 pixels)");
+    ensure!(size <= 4096, "demo::render: size {size} is too large (at most 4096 pixels)");
     let mut data = Vec::with_capacity(size * size * 3);
     let n = (SUPERSAMPLE * SUPERSAMPLE) as u32;
     for y in 0..size {
@@ -334,10 +335,8 @@ pub const MAX_DEMO_IMAGES: usize = 1_000_000;
 /// are varied and large ones balanced. Existing files of the same names are replaced.
 pub fn generate(dir: impl AsRef<Path>, n: usize, size: usize, seed: u64) -> Result<Vec<DemoAttrs>> {
     let dir = dir.as_ref();
-    ensure!(
-        (1..=MAX_DEMO_IMAGES).contains(&n),
-        "demo::generate: the number of images must be 1 to {MAX_DEMO_IMAGES}, got {n}"
-    );
+    ensure!(n > 0, "demo::generate: the number of images must be positive");
+    ensure!(n <= MAX_DEMO_IMAGES, "demo::generate: {n} images is more than a demo set holds ({MAX_DEMO_IMAGES})");
     let mut rng = Rng::new(seed);
     let mut order = DemoAttrs::all();
     let mut attrs = Vec::with_capacity(n);
