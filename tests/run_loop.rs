@@ -255,8 +255,7 @@ fn damaged_resume_states_are_errors() {
         std::fs::write(dir.join(RESUME_FILE), &b).unwrap();
         let task = Toy::new();
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let s = LoopSettings { max_steps: Some(9), ..settings(&dir, 9, true) };
-            if let Ok(mut run) = RunLoop::new(s, vec![("w".into(), task.w.clone())], 37) {
+            if let Ok(mut run) = RunLoop::new(settings(&dir, 9, true), vec![("w".into(), task.w.clone())], 37) {
                 run.set_quiet(true);
                 let _ = run.start(&task);
             }
